@@ -1,0 +1,131 @@
+//! The PTX build step (the role Rust-CUDA's `cuda_builder` plays, DESIGN §6).
+//!
+//! Called from a `build.rs`: runs the pinned nightly's `cargo rustc` on a `#![no_std]`
+//! kernels crate for `nvptx64-nvidia-cuda` with `-Zbuild-std=core` and `--emit=asm`, which
+//! makes rustc's LLVM NVPTX backend write PTX directly (no linker involved). Every failure is
+//! returned as a message that says what is missing, for the build script to turn into a
+//! build error; nothing is skipped silently.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Compiles a kernels crate to one PTX module.
+pub struct PtxBuilder {
+    crate_dir: PathBuf,
+    arch: String,
+}
+
+impl PtxBuilder {
+    /// `crate_dir` holds the kernels crate's `Cargo.toml`.
+    pub fn new(crate_dir: impl Into<PathBuf>) -> Self {
+        PtxBuilder {
+            crate_dir: crate_dir.into(),
+            arch: "sm_80".into(),
+        }
+    }
+
+    /// The PTX target (`sm_80` by default: runs on A100, H100, H200, Ada, Blackwell via JIT).
+    pub fn arch(mut self, arch: &str) -> Self {
+        self.arch = arch.into();
+        self
+    }
+
+    /// Builds the crate under `target_dir` and returns the PTX text.
+    pub fn build(&self, target_dir: &Path) -> Result<String, String> {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let manifest = self.crate_dir.join("Cargo.toml");
+        let mut cmd = Command::new(&cargo);
+        cmd.arg("rustc")
+            .arg("--release")
+            .arg("--target=nvptx64-nvidia-cuda")
+            .arg("-Zbuild-std=core")
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(target_dir)
+            .arg("--")
+            .arg(format!("-Ctarget-cpu={}", self.arch))
+            .arg("--emit=asm");
+        // The host build's flags (coverage, sanitizers, target features) must not leak into
+        // the device build.
+        for var in [
+            "RUSTFLAGS",
+            "CARGO_ENCODED_RUSTFLAGS",
+            "CARGO_BUILD_RUSTFLAGS",
+            "RUSTC_WORKSPACE_WRAPPER",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_TARGET",
+        ] {
+            cmd.env_remove(var);
+        }
+        let out = cmd
+            .output()
+            .map_err(|e| format!("could not run `{cargo}` to build the GPU kernels: {e}"))?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let hint = if stderr.contains("rust-src") || stderr.contains("build-std") {
+                "\nhint: the pinned nightly needs the rust-src component \
+                 (`rustup toolchain install` in the project root installs it from rust-toolchain.toml)"
+            } else if stderr.contains("-Z") || stderr.contains("nightly") {
+                "\nhint: the kernels need the pinned nightly toolchain from rust-toolchain.toml"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "building the GPU kernels ({}) for nvptx64-nvidia-cuda failed:\n{stderr}{hint}",
+                manifest.display()
+            ));
+        }
+        let ptx_path = find_ptx(&target_dir.join("nvptx64-nvidia-cuda/release/deps"), &self.crate_name()?)?;
+        let ptx = std::fs::read_to_string(&ptx_path)
+            .map_err(|e| format!("reading {}: {e}", ptx_path.display()))?;
+        check_self_contained(&ptx)?;
+        Ok(ptx)
+    }
+
+    fn crate_name(&self) -> Result<String, String> {
+        let manifest = self.crate_dir.join("Cargo.toml");
+        let text = std::fs::read_to_string(&manifest)
+            .map_err(|e| format!("reading {}: {e}", manifest.display()))?;
+        text.lines()
+            .find_map(|l| {
+                let l = l.trim();
+                let rest = l.strip_prefix("name")?.trim_start().strip_prefix('=')?;
+                Some(rest.trim().trim_matches('"').replace('-', "_"))
+            })
+            .ok_or_else(|| format!("no package name in {}", manifest.display()))
+    }
+}
+
+/// The newest `<crate>-<hash>.s` in `deps` (stale hashes from older builds may remain).
+fn find_ptx(deps: &Path, crate_name: &str) -> Result<PathBuf, String> {
+    let prefix = format!("{crate_name}-");
+    let entries = std::fs::read_dir(deps).map_err(|e| format!("reading {}: {e}", deps.display()))?;
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.starts_with(&prefix) && name.ends_with(".s")
+        })
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .ok_or_else(|| format!("the kernels build wrote no PTX ({prefix}*.s) in {}", deps.display()))
+}
+
+/// `--emit=asm` links nothing: a function or static of another crate that was not inlined
+/// into the kernels crate stays an unresolved `.extern` and would fail only when the driver
+/// loads the module.
+fn check_self_contained(ptx: &str) -> Result<(), String> {
+    let externs: Vec<&str> = ptx
+        .lines()
+        .filter(|l| l.trim_start().starts_with(".extern"))
+        .collect();
+    if externs.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the kernels PTX refers to symbols it does not contain (use #[inline] functions and \
+             `const` tables in the shared crates): {externs:?}"
+        ))
+    }
+}

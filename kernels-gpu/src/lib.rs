@@ -1,0 +1,20 @@
+//! 4Bit Forge GPU kernels: `#![no_std]` Rust compiled to PTX by rustc's
+//! `nvptx64-nvidia-cuda` target (DESIGN §6). One kernel per file; each file's rustdoc states
+//! the thread mapping and the safety contract the host launcher upholds.
+//!
+//! Kernels never panic: indexing goes through raw pointers with explicit bounds logic, and
+//! the panic handler (required by `no_std`) is unreachable by construction.
+#![no_std]
+#![feature(abi_ptx, stdarch_nvptx, asm_experimental_arch)]
+#![allow(clippy::missing_safety_doc)]
+
+pub mod device;
+
+pub mod qmeta_decode;
+
+#[panic_handler]
+fn unreachable_panic(_: &core::panic::PanicInfo) -> ! {
+    // SAFETY-NET only: kernel code has no panicking paths. `trap` aborts the launch, which
+    // the host sees as a launch error instead of a hang.
+    unsafe { core::arch::nvptx::trap() }
+}

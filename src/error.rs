@@ -1,0 +1,77 @@
+//! The crate's one error type: every bad input and every driver failure is a typed variant.
+
+use thiserror::Error;
+
+/// Result with [`ForgeError`].
+pub type Result<T, E = ForgeError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong, with a message a user can act on.
+#[derive(Debug, Error)]
+pub enum ForgeError {
+    /// `group_size` is not a multiple of 32 in `32..=1024`.
+    #[error("group_size {0} is not supported: it must be a multiple of 32 between 32 and 1024")]
+    GroupSize(usize),
+    /// `bits` is outside `2..=8`.
+    #[error("bits = {0} is not supported: it must be between 2 and 8")]
+    Bits(u32),
+    /// Shapes are empty or do not match each other.
+    #[error("bad shape: {0}")]
+    Shape(String),
+    /// A NaN or infinite value in an input tensor.
+    #[error("{tensor} has a non-finite value ({value}) at row {row}, column {col}")]
+    NonFinite {
+        /// Which input.
+        tensor: &'static str,
+        /// Row of the first offending element found.
+        row: usize,
+        /// Column of that element.
+        col: usize,
+        /// The value (NaN or ±inf).
+        value: f32,
+    },
+    /// A scale-search setting is out of range.
+    #[error("bad scale search: {0}")]
+    ScaleSearch(String),
+    /// An input dtype the engine does not read.
+    #[error("unsupported dtype {0}: supported are F32, F16, BF16 and F8_E4M3")]
+    Dtype(String),
+    /// No CUDA driver library (libcuda) could be loaded.
+    #[error("no CUDA driver: libcuda could not be loaded on this machine")]
+    NoDriver,
+    /// The driver loaded but reports no device with this ordinal.
+    #[error("no CUDA device {ordinal} (the driver reports {count})")]
+    NoDevice {
+        /// Requested ordinal.
+        ordinal: usize,
+        /// Devices present.
+        count: usize,
+    },
+    /// A CUDA driver call failed.
+    #[error("CUDA driver error while {op}: {source}")]
+    Driver {
+        /// What the engine was doing.
+        op: &'static str,
+        /// The driver's error.
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A safetensors file is malformed or lacks a tensor.
+    #[error("safetensors: {0}")]
+    Safetensors(String),
+}
+
+impl ForgeError {
+    /// Wraps a driver error with what the engine was doing.
+    pub fn driver(op: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> ForgeError {
+        move |source| ForgeError::Driver { op, source }
+    }
+}

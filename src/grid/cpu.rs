@@ -1,0 +1,90 @@
+//! CPU reference grid builder (ndarray + rayon over rows).
+
+use super::{GridConfig, QuantGrid, ScaleSearch};
+use crate::{QMetaPacked, Result, WeightView};
+use forge_numerics::{decode_log2_q88, dequantize, element_loss, encode_log2_q88, quantize, range_meta};
+use ndarray::Array3;
+use rayon::prelude::*;
+
+/// Builds the qmeta4 grid of `weight` on the CPU (the reference for the GPU builder).
+///
+/// Groups run along the last axis (input columns); the last group is zero-padded and the
+/// pad takes part in min/max and in the MSE loss, as in the seed spec.
+pub fn build_quant_grid(weight: WeightView<'_>, config: &GridConfig) -> Result<QuantGrid> {
+    let (rows, cols) = weight.dim();
+    config.validate(rows, cols)?;
+    let gs = config.group_size;
+    let n_groups = config.n_groups(cols);
+    let maxq = config.maxq() as f32;
+    let factors = match &config.scale_search {
+        ScaleSearch::Absmax => Vec::new(),
+        ScaleSearch::Mse(m) => m.factors()?,
+    };
+    let norm = match &config.scale_search {
+        ScaleSearch::Mse(m) => m.norm,
+        ScaleSearch::Absmax => 2.0,
+    };
+    let per_row: Vec<Result<Vec<u32>>> = (0..rows)
+        .into_par_iter()
+        .map_init(
+            || vec![0f32; n_groups * gs],
+            |buf, r| {
+                weight.read_row_f32(r, buf)?;
+                buf[cols..].fill(0.0);
+                Ok(buf
+                    .chunks_exact(gs)
+                    .map(|group| {
+                        let meta = absmax_meta(group, maxq, config.symmetric);
+                        let meta = if factors.is_empty() { meta } else { mse_refine(group, meta, &factors, norm, maxq) };
+                        meta.to_u32()
+                    })
+                    .collect())
+            },
+        )
+        .collect();
+    let mut records = Vec::with_capacity(rows * n_groups);
+    for row in per_row {
+        records.extend(row?);
+    }
+    let qmeta: Vec<u8> = records.iter().flat_map(|r| r.to_le_bytes()).collect();
+    Ok(QuantGrid {
+        qmeta: Array3::from_shape_vec((rows, n_groups, 4), qmeta).expect("rows·n_groups·4 bytes"),
+        maxq: config.maxq(),
+        pad: n_groups * gs - cols,
+        group_size: gs,
+    })
+}
+
+/// Range meta of one group, encoded.
+fn absmax_meta(group: &[f32], maxq: f32, symmetric: bool) -> QMetaPacked {
+    let (lo, hi) = group.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    let m = range_meta(lo, hi, maxq, symmetric);
+    QMetaPacked::encode(m.scale, m.qzero, symmetric)
+}
+
+/// Tries every shrink factor against the decoded absmax scale; keeps the first minimum.
+fn mse_refine(group: &[f32], base: QMetaPacked, factors: &[f32], norm: f32, maxq: f32) -> QMetaPacked {
+    let base_scale = base.scale();
+    let q0 = base.qzero_f32();
+    let mut best = (f64::INFINITY, base.log2_scale_q88);
+    for &p in factors {
+        let q88 = encode_log2_q88(base_scale * p);
+        let loss = candidate_loss_f64(group, decode_log2_q88(q88), q0, maxq, norm);
+        if loss < best.0 {
+            best = (loss, q88);
+        }
+    }
+    QMetaPacked { log2_scale_q88: best.1, ..base }
+}
+
+/// `Σ |dequant(quant(x)) − x|^norm` over a group, accumulated in f64 (the reference the GPU's
+/// f32 sums are checked against).
+pub fn candidate_loss_f64(group: &[f32], scale: f32, qzero: f32, maxq: f32, norm: f32) -> f64 {
+    group
+        .iter()
+        .map(|&x| {
+            let y = dequantize(quantize(x, scale, qzero, maxq), scale, qzero);
+            element_loss(y - x, norm) as f64
+        })
+        .sum()
+}
