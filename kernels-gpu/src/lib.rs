@@ -10,7 +10,9 @@
 
 pub mod device;
 
+pub mod mse_search;
 pub mod qmeta_decode;
+pub mod range_meta;
 
 #[panic_handler]
 fn unreachable_panic(_: &core::panic::PanicInfo) -> ! {

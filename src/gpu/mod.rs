@@ -5,8 +5,10 @@
 //! [`ForgeError::NoDevice`], [`ForgeError::Driver`]); nothing here panics, and the CPU
 //! path never touches this module.
 
+mod grid;
 mod launch;
 
+pub use grid::{build_quant_grid_device, build_quant_grid_gpu, launch_grid_kernel, DeviceGrid, DeviceWeight};
 pub use launch::{grid_for, LaunchDims};
 
 use crate::{ForgeError, Result};
@@ -21,6 +23,7 @@ pub struct GpuDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     module: Mutex<Option<Arc<CudaModule>>>,
+    constant_memory: Mutex<()>,
     name: String,
 }
 
@@ -44,7 +47,7 @@ impl GpuDevice {
         let ctx = CudaContext::new(ordinal).map_err(ForgeError::driver("creating a context"))?;
         let name = ctx.name().map_err(ForgeError::driver("reading the device name"))?;
         let stream = ctx.default_stream();
-        Ok(Arc::new(GpuDevice { ctx, stream, module: Mutex::new(None), name }))
+        Ok(Arc::new(GpuDevice { ctx, stream, module: Mutex::new(None), constant_memory: Mutex::new(()), name }))
     }
 
     /// Device 0, or why there is none (the usual entry point).
@@ -93,6 +96,11 @@ impl GpuDevice {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map(|v| v as u32)
             .map_err(ForgeError::driver("reading the SM count"))
+    }
+
+    /// Serialises writers of the module's constant memory (write, then launch, under it).
+    pub(crate) fn constant_memory_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.constant_memory.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits for all queued work; surfaces asynchronous kernel faults as errors.

@@ -118,7 +118,12 @@ fn find_ptx(deps: &Path, crate_name: &str) -> Result<PathBuf, String> {
 fn check_self_contained(ptx: &str) -> Result<(), String> {
     let externs: Vec<&str> = ptx
         .lines()
-        .filter(|l| l.trim_start().starts_with(".extern"))
+        .filter(|l| {
+            // `.extern .shared` is how a kernel declares its dynamic shared memory; anything
+            // else extern is a symbol the driver would have to resolve.
+            let l = l.trim_start();
+            l.starts_with(".extern") && !l.starts_with(".extern .shared")
+        })
         .collect();
     if externs.is_empty() {
         Ok(())

@@ -1,0 +1,217 @@
+//! GPU grid builder: host wrappers of the `range_meta_*` and `mse_search_*` kernels.
+//!
+//! Same semantics as [`crate::grid::build_quant_grid`] (the CPU reference): absmax records
+//! are bit-identical; the MSE choice is identical except where the two best candidates'
+//! losses agree within float tolerance (see `tests/gpu_grid_parity.rs`).
+
+use super::GpuDevice;
+use crate::grid::{GridConfig, QuantGrid, ScaleSearch};
+use crate::{ForgeError, Result, WeightDtype, WeightView};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+/// Weights resident on the device, row-major, in their own dtype.
+pub struct DeviceWeight {
+    bytes: CudaSlice<u8>,
+    dtype: WeightDtype,
+    rows: usize,
+    cols: usize,
+}
+
+impl DeviceWeight {
+    /// Uploads a host weight (a non-contiguous view is made contiguous first).
+    pub fn upload(dev: &GpuDevice, weight: WeightView<'_>) -> Result<Self> {
+        let (rows, cols) = weight.dim();
+        let owned;
+        let bytes: &[u8] = match weight.contiguous_bytes() {
+            Some(b) => b,
+            None => {
+                owned = contiguous_copy(weight);
+                &owned
+            }
+        };
+        let bytes = dev.stream().clone_htod(bytes).map_err(ForgeError::driver("uploading weights"))?;
+        Ok(DeviceWeight { bytes, dtype: weight.dtype(), rows, cols })
+    }
+
+    /// Wraps bytes already on the device (`rows·cols` elements of `dtype`, row-major).
+    pub fn from_device(bytes: CudaSlice<u8>, dtype: WeightDtype, rows: usize, cols: usize) -> Result<Self> {
+        if bytes.len() != rows * cols * dtype.size() {
+            return Err(ForgeError::Shape(format!(
+                "{} device bytes for a {rows}×{cols} {dtype:?} weight",
+                bytes.len()
+            )));
+        }
+        Ok(DeviceWeight { bytes, dtype, rows, cols })
+    }
+
+    /// `(rows, cols)`.
+    pub fn dim(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> WeightDtype {
+        self.dtype
+    }
+
+    /// The raw device bytes.
+    pub fn bytes(&self) -> &CudaSlice<u8> {
+        &self.bytes
+    }
+}
+
+fn contiguous_copy(weight: WeightView<'_>) -> Vec<u8> {
+    match weight {
+        WeightView::F32(a) => bytemuck::cast_slice(&a.iter().copied().collect::<Vec<_>>()).to_vec(),
+        WeightView::F16(a) => bytemuck::cast_slice(&a.iter().copied().collect::<Vec<_>>()).to_vec(),
+        WeightView::BF16(a) => bytemuck::cast_slice(&a.iter().copied().collect::<Vec<_>>()).to_vec(),
+        WeightView::Fp8E4M3(a) => a.iter().copied().collect(),
+    }
+}
+
+/// A grid whose qmeta4 records stay on the device (the solver consumes them in place).
+pub struct DeviceGrid {
+    /// `rows·n_groups` little-endian records, row-major.
+    pub qmeta: CudaSlice<u32>,
+    /// Weight rows.
+    pub rows: usize,
+    /// Groups per row.
+    pub n_groups: usize,
+    /// `2^bits − 1`.
+    pub maxq: u32,
+    /// Zero columns in the last group.
+    pub pad: usize,
+    /// Columns per group.
+    pub group_size: usize,
+}
+
+impl DeviceGrid {
+    /// Downloads the records into a host [`QuantGrid`].
+    pub fn to_host(&self, dev: &GpuDevice) -> Result<QuantGrid> {
+        let recs = dev.stream().clone_dtoh(&self.qmeta).map_err(ForgeError::driver("downloading qmeta"))?;
+        QuantGrid::from_u32(&recs, self.rows, self.n_groups, self.maxq, self.pad, self.group_size)
+    }
+}
+
+/// Threads per block of both grid kernels.
+const THREADS: u32 = 256;
+/// Shared-memory floats one MSE block stages (≈ 32 KiB, under the 48 KiB default limit).
+const MSE_STAGED_FLOATS: usize = 8192;
+
+fn kernel_name(search: &ScaleSearch, dtype: WeightDtype) -> &'static str {
+    match (search, dtype) {
+        (ScaleSearch::Absmax, WeightDtype::F32) => "range_meta_f32",
+        (ScaleSearch::Absmax, WeightDtype::F16) => "range_meta_f16",
+        (ScaleSearch::Absmax, WeightDtype::BF16) => "range_meta_bf16",
+        (ScaleSearch::Absmax, WeightDtype::Fp8E4M3) => "range_meta_fp8",
+        (ScaleSearch::Mse(_), WeightDtype::F32) => "mse_search_f32",
+        (ScaleSearch::Mse(_), WeightDtype::F16) => "mse_search_f16",
+        (ScaleSearch::Mse(_), WeightDtype::BF16) => "mse_search_bf16",
+        (ScaleSearch::Mse(_), WeightDtype::Fp8E4M3) => "mse_search_fp8",
+    }
+}
+
+/// Builds the grid on the device and leaves the records there. Reports NaN/inf weights as
+/// [`ForgeError::NonFinite`] (this reads back one u64, so it synchronises the stream).
+pub fn build_quant_grid_device(dev: &GpuDevice, weight: &DeviceWeight, config: &GridConfig) -> Result<DeviceGrid> {
+    let (rows, cols) = weight.dim();
+    config.validate(rows, cols)?;
+    let n_groups = config.n_groups(cols);
+    let stream = dev.stream();
+    let mut qmeta = stream.alloc_zeros::<u32>(rows * n_groups).map_err(ForgeError::driver("allocating qmeta"))?;
+    let mut first_bad = stream.alloc_zeros::<u64>(1).map_err(ForgeError::driver("allocating the NaN flag"))?;
+    launch_grid_kernel(dev, weight, config, &mut qmeta, &mut first_bad)?;
+    let bad = stream.clone_dtoh(&first_bad).map_err(ForgeError::driver("reading the NaN flag"))?;
+    if let Some(&flag) = bad.first().filter(|&&f| f != 0) {
+        let idx = !flag as usize;
+        let value = read_element(dev, weight, idx)?;
+        return Err(ForgeError::NonFinite { tensor: "weight", row: idx / cols, col: idx % cols, value });
+    }
+    let gs = config.group_size;
+    Ok(DeviceGrid { qmeta, rows, n_groups, maxq: config.maxq(), pad: n_groups * gs - cols, group_size: gs })
+}
+
+/// Enqueues the grid kernel for `weight` into caller-owned buffers, without synchronising:
+/// `qmeta` gets `rows·n_groups` records and `first_bad` (zeroed here) `!index` of the first
+/// NaN/inf weight, or stays 0. For callers that reuse buffers (benchmarks,
+/// expert batches); [`build_quant_grid_device`] is the checked entry point.
+pub fn launch_grid_kernel(
+    dev: &GpuDevice,
+    weight: &DeviceWeight,
+    config: &GridConfig,
+    qmeta: &mut CudaSlice<u32>,
+    first_bad: &mut CudaSlice<u64>,
+) -> Result<()> {
+    let (rows, cols) = weight.dim();
+    config.validate(rows, cols)?;
+    let gs = config.group_size;
+    let n_groups = config.n_groups(cols);
+    let total = rows * n_groups;
+    if qmeta.len() < total || first_bad.is_empty() {
+        return Err(ForgeError::Shape(format!("qmeta buffer of {} for {total} groups", qmeta.len())));
+    }
+    let stream = dev.stream();
+    stream.memset_zeros(first_bad).map_err(ForgeError::driver("resetting the NaN flag"))?;
+    let f = dev.function(kernel_name(&config.scale_search, weight.dtype))?;
+    let (rows32, cols32, gs32, ng32, bits, sym) =
+        (rows as u32, cols as u32, gs as u32, n_groups as u32, config.bits, config.symmetric as u32);
+    match &config.scale_search {
+        ScaleSearch::Absmax => {
+            let warps = (THREADS / 32) as usize;
+            let blocks = total.div_ceil(warps).min(1 << 30) as u32;
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            let mut l = stream.launch_builder(&f);
+            l.arg(weight.bytes()).arg(&rows32).arg(&cols32).arg(&gs32).arg(&ng32).arg(&bits).arg(&sym);
+            l.arg(qmeta).arg(first_bad);
+            // SAFETY: sizes as the kernel's contract: rows·cols elements, rows·n_groups records.
+            unsafe { l.launch(cfg) }.map_err(ForgeError::driver("launching range_meta"))?;
+        }
+        ScaleSearch::Mse(m) => {
+            let factors = m.factors()?;
+            let gpb = (MSE_STAGED_FLOATS / gs).max(1);
+            let shared = gpb * (gs + 1) * 4 + gpb * 4 + 8 + gpb * 8;
+            let (n_cand, norm, gpb32) = (factors.len() as u32, m.norm, gpb as u32);
+            // Constant memory is per module: hold the lock from the write to the launch so a
+            // concurrent search with other candidates cannot interleave.
+            let _guard = dev.constant_memory_lock();
+            let module = dev.module()?;
+            let mut symbol = module
+                .get_global("MSE_CANDIDATES", stream)
+                .map_err(ForgeError::driver("finding MSE_CANDIDATES"))?;
+            // SAFETY: the symbol is 4096 bytes of f32s; transmute_mut checks the length.
+            let mut cand = unsafe { symbol.transmute_mut::<f32>(factors.len()) }
+                .ok_or_else(|| ForgeError::ScaleSearch(format!("{} candidates exceed constant memory", factors.len())))?;
+            stream.memcpy_htod(&factors, &mut cand).map_err(ForgeError::driver("writing MSE candidates"))?;
+            let blocks = total.div_ceil(gpb) as u32;
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
+            let mut l = stream.launch_builder(&f);
+            l.arg(weight.bytes()).arg(&rows32).arg(&cols32).arg(&gs32).arg(&ng32).arg(&bits).arg(&sym);
+            l.arg(&n_cand).arg(&norm).arg(&gpb32).arg(qmeta).arg(first_bad);
+            // SAFETY: as above, plus n_cand ≤ 1024 candidates written and `shared` bytes sized
+            // by the kernel's formula.
+            unsafe { l.launch(cfg) }.map_err(ForgeError::driver("launching mse_search"))?;
+        }
+    }
+    Ok(())
+}
+
+/// One element of a device weight, widened to f32 (for error messages).
+fn read_element(dev: &GpuDevice, weight: &DeviceWeight, idx: usize) -> Result<f32> {
+    let size = weight.dtype.size();
+    let view = weight.bytes.slice(idx * size..(idx + 1) * size);
+    let b = dev.stream().clone_dtoh(&view).map_err(ForgeError::driver("reading a weight element"))?;
+    Ok(match weight.dtype {
+        WeightDtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        WeightDtype::F16 => forge_numerics::f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]])),
+        WeightDtype::BF16 => forge_numerics::bf16_bits_to_f32(u16::from_le_bytes([b[0], b[1]])),
+        WeightDtype::Fp8E4M3 => forge_numerics::fp8_e4m3_to_f32(b[0]),
+    })
+}
+
+/// Uploads `weight`, builds its grid on the GPU, and downloads the records.
+pub fn build_quant_grid_gpu(dev: &GpuDevice, weight: WeightView<'_>, config: &GridConfig) -> Result<QuantGrid> {
+    let (rows, cols) = weight.dim();
+    config.validate(rows, cols)?;
+    let w = DeviceWeight::upload(dev, weight)?;
+    build_quant_grid_device(dev, &w, config)?.to_host(dev)
+}
