@@ -47,11 +47,12 @@ enum Dt {
     Fp8,
 }
 
-/// Runs `f` on the weight converted to `dt` (fp8 via round-to-nearest of the f32 value).
+/// Runs `f` on the weight converted to `dt` (fp8 via round-to-nearest of the f32 value; f16
+/// saturated to its finite range, since an overflow to inf is, rightly, a NonFinite error).
 fn with_dtype<R>(w: &Array2<f32>, dt: Dt, f: impl FnOnce(WeightView<'_>) -> R) -> R {
     match dt {
         Dt::F32 => f(WeightView::F32(w.view())),
-        Dt::F16 => f(WeightView::F16(w.mapv(f16::from_f32).view())),
+        Dt::F16 => f(WeightView::F16(w.mapv(|v| f16::from_f32(v.clamp(-65504.0, 65504.0))).view())),
         Dt::Bf16 => f(WeightView::BF16(w.mapv(bf16::from_f32).view())),
         Dt::Fp8 => f(WeightView::Fp8E4M3(w.mapv(to_fp8).view())),
     }

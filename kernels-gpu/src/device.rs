@@ -125,12 +125,28 @@ pub trait Elem: Copy {
     /// # Safety
     /// `p.add(i)` must be in bounds of a live device allocation.
     unsafe fn load_f32(p: *const Self, i: usize) -> f32;
+
+    /// Loads elements `i..i+4` as f32 with one vector load.
+    ///
+    /// # Safety
+    /// As [`Elem::load_f32`] for all four, and `p.add(i)` aligned to four elements.
+    unsafe fn load4_f32(p: *const Self, i: usize) -> [f32; 4];
 }
+
+#[repr(C, align(16))]
+struct Align16([u32; 4]);
+#[repr(C, align(8))]
+struct Align8([u16; 4]);
 
 impl Elem for f32 {
     #[inline(always)]
     unsafe fn load_f32(p: *const f32, i: usize) -> f32 {
         *p.add(i)
+    }
+    #[inline(always)]
+    unsafe fn load4_f32(p: *const f32, i: usize) -> [f32; 4] {
+        let v = (*(p.add(i) as *const Align16)).0;
+        [f32::from_bits(v[0]), f32::from_bits(v[1]), f32::from_bits(v[2]), f32::from_bits(v[3])]
     }
 }
 
@@ -143,6 +159,11 @@ impl Elem for F16Bits {
     unsafe fn load_f32(p: *const F16Bits, i: usize) -> f32 {
         forge_numerics::f16_bits_to_f32((*p.add(i)).0)
     }
+    #[inline(always)]
+    unsafe fn load4_f32(p: *const F16Bits, i: usize) -> [f32; 4] {
+        let v = (*(p.add(i) as *const Align8)).0;
+        v.map(forge_numerics::f16_bits_to_f32)
+    }
 }
 
 /// bfloat16 bits.
@@ -153,6 +174,11 @@ impl Elem for Bf16Bits {
     #[inline(always)]
     unsafe fn load_f32(p: *const Bf16Bits, i: usize) -> f32 {
         forge_numerics::bf16_bits_to_f32((*p.add(i)).0)
+    }
+    #[inline(always)]
+    unsafe fn load4_f32(p: *const Bf16Bits, i: usize) -> [f32; 4] {
+        let v = (*(p.add(i) as *const Align8)).0;
+        v.map(forge_numerics::bf16_bits_to_f32)
     }
 }
 
@@ -165,6 +191,11 @@ impl Elem for Fp8E4M3 {
     unsafe fn load_f32(p: *const Fp8E4M3, i: usize) -> f32 {
         forge_numerics::fp8_e4m3_to_f32((*p.add(i)).0)
     }
+    #[inline(always)]
+    unsafe fn load4_f32(p: *const Fp8E4M3, i: usize) -> [f32; 4] {
+        let v = *(p.add(i) as *const u32);
+        v.to_le_bytes().map(forge_numerics::fp8_e4m3_to_f32)
+    }
 }
 
 /// `atomicMax` on a u64 in global memory.
@@ -176,29 +207,8 @@ pub unsafe fn atomic_max_u64_global(p: *mut u64, v: u64) {
     asm!("red.global.max.u64 [{p}], {v};", p = in(reg64) p, v = in(reg64) v);
 }
 
-/// `atomicMin` on a u64 in shared memory (generic address of a shared variable).
-///
-/// # Safety
-/// `p` must point to a live, 8-byte aligned u64 in this block's shared memory.
-#[inline(always)]
-pub unsafe fn atomic_min_u64_shared(p: *mut u64, v: u64) {
-    asm!("{{ .reg .u64 s; cvta.to.shared.u64 s, {p}; red.shared.min.u64 [s], {v}; }}",
-         p = in(reg64) p, v = in(reg64) v);
-}
-
-/// Base of this block's dynamic shared memory (`extern __shared__`), as a generic pointer.
-#[inline(always)]
-pub fn dynamic_shared_base() -> *mut u8 {
-    let p: u64;
-    // SAFETY: reads the address of the module-level `.extern .shared` array declared below.
-    unsafe {
-        asm!("{{ .reg .u64 s; mov.u64 s, forge_dynamic_shared; cvta.shared.u64 {p}, s; }}", p = out(reg64) p);
-    }
-    p as *mut u8
-}
-
-// The dynamic shared-memory window every kernel that needs one indexes from
-// `dynamic_shared_base` (its size is the launch's `shared_mem_bytes`).
+// The dynamic shared-memory window that kernels index from `shared_window_base` (its size
+// is the launch's `shared_mem_bytes`).
 core::arch::global_asm!(".extern .shared .align 16 .b8 forge_dynamic_shared[];");
 
 /// Finiteness check that records the smallest flat index of a NaN/inf element as `!index`
@@ -210,5 +220,96 @@ core::arch::global_asm!(".extern .shared .align 16 .b8 forge_dynamic_shared[];")
 pub unsafe fn note_if_non_finite(v: f32, flat_index: u64, first_bad: *mut u64) {
     if !(v.abs() <= f32::MAX) {
         atomic_max_u64_global(first_bad, !flat_index);
+    }
+}
+
+/// Shared-memory address (in the `.shared` window) of the dynamic shared memory's first byte.
+#[inline(always)]
+pub fn shared_window_base() -> u32 {
+    let a: u32;
+    // SAFETY: takes the address of the module's `.extern .shared` array.
+    unsafe { asm!("mov.u32 {a}, forge_dynamic_shared;", a = out(reg32) a) };
+    a
+}
+
+/// `ld.shared.v4.f32` at a 16-byte aligned shared address.
+///
+/// # Safety
+/// `addr` must be 16-byte aligned and inside the launch's dynamic shared memory.
+#[inline(always)]
+pub unsafe fn ld_shared_f32x4(addr: u32) -> [f32; 4] {
+    let (a, b, c, d): (f32, f32, f32, f32);
+    asm!("ld.shared.v4.f32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+         a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg32) addr);
+    [a, b, c, d]
+}
+
+/// `ld.shared.u32`.
+///
+/// # Safety
+/// `addr` must be 4-byte aligned and inside the launch's dynamic shared memory.
+#[inline(always)]
+pub unsafe fn ld_shared_u32(addr: u32) -> u32 {
+    let v: u32;
+    asm!("ld.shared.u32 {v}, [{p}];", v = out(reg32) v, p = in(reg32) addr);
+    v
+}
+
+/// `ld.shared.u64`.
+///
+/// # Safety
+/// `addr` must be 8-byte aligned and inside the launch's dynamic shared memory.
+#[inline(always)]
+pub unsafe fn ld_shared_u64(addr: u32) -> u64 {
+    let v: u64;
+    asm!("ld.shared.u64 {v}, [{p}];", v = out(reg64) v, p = in(reg32) addr);
+    v
+}
+
+/// `st.shared.u32` (f32 values go through `to_bits`).
+///
+/// # Safety
+/// As [`ld_shared_u32`].
+#[inline(always)]
+pub unsafe fn st_shared_u32(addr: u32, v: u32) {
+    asm!("st.shared.u32 [{p}], {v};", p = in(reg32) addr, v = in(reg32) v);
+}
+
+/// `st.shared.u64`.
+///
+/// # Safety
+/// As [`ld_shared_u64`].
+#[inline(always)]
+pub unsafe fn st_shared_u64(addr: u32, v: u64) {
+    asm!("st.shared.u64 [{p}], {v};", p = in(reg32) addr, v = in(reg64) v);
+}
+
+/// `atomicMin` on a u64 at a shared address.
+///
+/// # Safety
+/// As [`ld_shared_u64`].
+#[inline(always)]
+pub unsafe fn red_min_shared_u64(addr: u32, v: u64) {
+    asm!("red.shared.min.u64 [{p}], {v};", p = in(reg32) addr, v = in(reg64) v);
+}
+
+/// Hardware `lg2.approx.f32` (about 2^-22 absolute error; lg2(0) = -inf).
+#[inline(always)]
+pub fn log2_approx(x: f32) -> f32 {
+    let r: f32;
+    // SAFETY: register-only.
+    unsafe { asm!("lg2.approx.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x) };
+    r
+}
+
+/// Maps an f32 to a u32 whose unsigned order is the float order (-inf lowest), so floats of
+/// any sign can be compared by integer atomics.
+#[inline(always)]
+pub fn ordered_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
     }
 }

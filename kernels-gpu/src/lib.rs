@@ -5,7 +5,7 @@
 //! Kernels never panic: indexing goes through raw pointers with explicit bounds logic, and
 //! the panic handler (required by `no_std`) is unreachable by construction.
 #![no_std]
-#![feature(abi_ptx, stdarch_nvptx, asm_experimental_arch)]
+#![feature(abi_ptx, stdarch_nvptx, asm_experimental_arch, core_float_math)]
 #![allow(clippy::missing_safety_doc)]
 
 pub mod device;

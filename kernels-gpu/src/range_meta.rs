@@ -1,46 +1,24 @@
 //! `range_meta_*`: absmax qmeta4 of every (row, group) of a weight (DESIGN §3).
 //!
-//! Thread mapping: one warp per group; lane `l` reads columns `l, l+32, …` of the group
-//! (coalesced 32-wide loads), min/max by butterfly shuffles, lane 0 encodes and writes the
-//! record. Blocks of any multiple of 32 threads; groups are `blockIdx.x·warps + warp`, and a
-//! grid-stride loop covers any grid size. Columns past `cols` read as the zero pad.
+//! Thread mapping: a group is read by `lpg = min(32, gs/4)` lanes (lanes per group), each
+//! taking chunks of 4 consecutive elements (`c = lane, lane+lpg, …`), so a warp reads
+//! `32/lpg` whole groups per step with one 16-byte (f32), 8-byte (f16/bf16) or 4-byte (fp8)
+//! load per lane and chunk. Min/max reduce by butterfly shuffles inside the lane subgroup;
+//! the subgroup's first lane encodes and writes the record. A chunk that crosses `cols` (the
+//! zero-padded last group) or a row that is not 4-element aligned (`cols % 4 != 0`) is read
+//! element by element. Blocks of any multiple of 32 threads; a grid-stride loop covers any
+//! grid size.
 //!
 //! # Safety (upheld by the host launcher)
-//! `w` holds `rows·cols` elements row-major; `qmeta` has room for `rows·n_groups` u32;
-//! `first_bad` points to one zeroed u64 (receives `!index` of the first NaN/inf element); `n_groups = ceil(cols/gs)`, `gs` a multiple of 32.
+//! `w` holds `rows·cols` elements row-major, 16-byte aligned; `qmeta` has room for
+//! `rows·n_groups` u32; `first_bad` points to one zeroed u64 (receives `!index` of the first
+//! NaN/inf element); `n_groups = ceil(cols/gs)`, `gs` a multiple of 32 in 32..=1024.
 
 use crate::device::{
-    block_dim_x, block_x, grid_dim_x, lane, note_if_non_finite, thread_x, warp_min_max, Bf16Bits, Elem,
-    F16Bits, Fp8E4M3, WARP,
+    block_dim_x, block_x, grid_dim_x, lane, note_if_non_finite, shfl_xor_f32, thread_x, Bf16Bits, Elem, F16Bits,
+    Fp8E4M3, WARP,
 };
 use forge_numerics::{range_meta, QMetaPacked};
-
-/// Min and max of group `g` of row `r` (pad included), every lane gets them.
-///
-/// # Safety
-/// As the module's contract.
-#[inline(always)]
-pub unsafe fn group_min_max<T: Elem>(
-    w: *const T,
-    r: u32,
-    g: u32,
-    cols: u32,
-    gs: u32,
-    first_bad: *mut u64,
-) -> (f32, f32) {
-    let row = r as usize * cols as usize;
-    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-    let mut e = lane();
-    while e < gs {
-        let c = g * gs + e;
-        let v = if c < cols { T::load_f32(w, row + c as usize) } else { 0.0 };
-        note_if_non_finite(v, (row + c as usize) as u64, first_bad);
-        lo = lo.min(v);
-        hi = hi.max(v);
-        e += WARP;
-    }
-    warp_min_max(lo, hi)
-}
 
 #[inline(always)]
 unsafe fn range_meta_impl<T: Elem>(
@@ -54,22 +32,64 @@ unsafe fn range_meta_impl<T: Elem>(
     qmeta: *mut u32,
     first_bad: *mut u64,
 ) {
-    let warps = block_dim_x() / WARP;
-    // `max(1)` lets the compiler drop the division-by-zero panic path (the host never passes 0).
+    // `max(1)` lets the compiler drop the division-by-zero panic paths (the host never passes 0).
     let n_groups = n_groups.max(1);
+    let lpg = (gs / 4).clamp(1, WARP);
+    let groups_per_warp = WARP / lpg;
+    let sub = lane() / lpg; // which group of the warp's step
+    let sub_lane = lane() % lpg;
+    let aligned = cols % 4 == 0;
     let total = rows as u64 * n_groups as u64;
     let maxq = forge_numerics::maxq(bits);
-    let mut gid = block_x() as u64 * warps as u64 + (thread_x() / WARP) as u64;
+    let warps = block_dim_x() / WARP;
+    let mut step = block_x() as u64 * warps as u64 + (thread_x() / WARP) as u64;
     let stride = grid_dim_x() as u64 * warps as u64;
-    while gid < total {
-        let r = (gid / n_groups as u64) as u32;
-        let g = (gid % n_groups as u64) as u32;
-        let (lo, hi) = group_min_max(w, r, g, cols, gs, first_bad);
-        if lane() == 0 {
-            let m = range_meta(lo, hi, maxq, symmetric != 0);
-            *qmeta.add(gid as usize) = QMetaPacked::encode(m.scale, m.qzero, symmetric != 0).to_u32();
+    while step * (groups_per_warp as u64) < total {
+        let gid = step * groups_per_warp as u64 + sub as u64;
+        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        if gid < total {
+            let r = (gid / n_groups as u64) as u32;
+            let g = (gid % n_groups as u64) as u32;
+            let row = r as usize * cols as usize;
+            let mut c = sub_lane;
+            while c < gs / 4 {
+                let col = g * gs + 4 * c;
+                let i = row + col as usize;
+                let v = if aligned && col + 4 <= cols {
+                    T::load4_f32(w, i)
+                } else {
+                    let mut v = [0f32; 4];
+                    let mut j = 0;
+                    while j < 4 {
+                        if col + j < cols {
+                            v[j as usize] = T::load_f32(w, i + j as usize);
+                        }
+                        j += 1;
+                    }
+                    v
+                };
+                let mut j = 0;
+                while j < 4 {
+                    note_if_non_finite(v[j], (i + j) as u64, first_bad);
+                    lo = lo.min(v[j]);
+                    hi = hi.max(v[j]);
+                    j += 1;
+                }
+                c += lpg;
+            }
         }
-        gid += stride;
+        // Butterfly inside the subgroup (all 32 lanes take part in every shuffle).
+        let mut m = lpg / 2;
+        while m > 0 {
+            lo = lo.min(shfl_xor_f32(lo, m));
+            hi = hi.max(shfl_xor_f32(hi, m));
+            m /= 2;
+        }
+        if sub_lane == 0 && gid < total {
+            let meta = range_meta(lo, hi, maxq, symmetric != 0);
+            *qmeta.add(gid as usize) = QMetaPacked::encode(meta.scale, meta.qzero, symmetric != 0).to_u32();
+        }
+        step += stride;
     }
 }
 

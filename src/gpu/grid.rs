@@ -33,7 +33,9 @@ impl DeviceWeight {
         Ok(DeviceWeight { bytes, dtype: weight.dtype(), rows, cols })
     }
 
-    /// Wraps bytes already on the device (`rows·cols` elements of `dtype`, row-major).
+    /// Wraps bytes already on the device (`rows·cols` elements of `dtype`, row-major; a
+    /// `CudaSlice` is a whole allocation, so it has the 16-byte alignment the kernels' vector
+    /// loads need).
     pub fn from_device(bytes: CudaSlice<u8>, dtype: WeightDtype, rows: usize, cols: usize) -> Result<Self> {
         if bytes.len() != rows * cols * dtype.size() {
             return Err(ForgeError::Shape(format!(
@@ -157,8 +159,9 @@ pub fn launch_grid_kernel(
         (rows as u32, cols as u32, gs as u32, n_groups as u32, config.bits, config.symmetric as u32);
     match &config.scale_search {
         ScaleSearch::Absmax => {
-            let warps = (THREADS / 32) as usize;
-            let blocks = total.div_ceil(warps).min(1 << 30) as u32;
+            // The kernel reads a group with min(32, gs/4) lanes: 32/that groups per warp.
+            let groups_per_block = (THREADS / 32) as usize * (32 / (gs / 4).min(32));
+            let blocks = total.div_ceil(groups_per_block).min(1 << 30) as u32;
             let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
             let mut l = stream.launch_builder(&f);
             l.arg(weight.bytes()).arg(&rows32).arg(&cols32).arg(&gs32).arg(&ng32).arg(&bits).arg(&sym);

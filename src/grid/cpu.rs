@@ -2,7 +2,7 @@
 
 use super::{GridConfig, QuantGrid, ScaleSearch};
 use crate::{QMetaPacked, Result, WeightView};
-use forge_numerics::{decode_log2_q88, dequantize, element_loss, encode_log2_q88, quantize, range_meta};
+use forge_numerics::{decode_log2_q88, dequantize, encode_log2_q88, quantize, range_meta};
 use ndarray::Array3;
 use rayon::prelude::*;
 
@@ -66,25 +66,33 @@ fn absmax_meta(group: &[f32], maxq: f32, symmetric: bool) -> QMetaPacked {
 fn mse_refine(group: &[f32], base: QMetaPacked, factors: &[f32], norm: f32, maxq: f32) -> QMetaPacked {
     let base_scale = base.scale();
     let q0 = base.qzero_f32();
-    let mut best = (f64::INFINITY, base.log2_scale_q88);
+    let mut best: Option<(f64, i16)> = None;
     for &p in factors {
         let q88 = encode_log2_q88(base_scale * p);
         let loss = candidate_loss_f64(group, decode_log2_q88(q88), q0, maxq, norm);
-        if loss < best.0 {
-            best = (loss, q88);
+        // Strictly smaller wins: equal losses keep the lower index.
+        if best.is_none_or(|(b, _)| loss < b) {
+            best = Some((loss, q88));
         }
     }
-    QMetaPacked { log2_scale_q88: best.1, ..base }
+    QMetaPacked { log2_scale_q88: best.map_or(base.log2_scale_q88, |b| b.1), ..base }
 }
 
-/// `Σ |dequant(quant(x)) − x|^norm` over a group, accumulated in f64 (the reference the GPU's
-/// f32 sums are checked against).
+/// `Σ |dequant(quant(x)) − x|^norm` over a group: codes and dequantized values exactly as the
+/// shared numerics make them, the error and its power in f64 (no overflow for any f32 weight;
+/// the reference the GPU's f32 sums are checked against).
 pub fn candidate_loss_f64(group: &[f32], scale: f32, qzero: f32, maxq: f32, norm: f32) -> f64 {
+    let norm = norm as f64;
     group
         .iter()
         .map(|&x| {
             let y = dequantize(quantize(x, scale, qzero, maxq), scale, qzero);
-            element_loss(y - x, norm) as f64
+            let e = (y as f64 - x as f64).abs();
+            if norm == 2.0 {
+                e * e
+            } else {
+                e.powf(norm)
+            }
         })
         .sum()
 }
