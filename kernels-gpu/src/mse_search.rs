@@ -21,7 +21,7 @@
 //! such element. The solver, which emits codes, uses the exact division.
 //!
 //! Candidates live in constant memory (`MSE_CANDIDATES`, ≤ 1024 f32), written by the host.
-//! Dynamic shared memory: `gpb·(gs+4)·4 + gpb·4` bytes, rounded up to 8, `+ gpb·8`.
+//! Dynamic shared memory: `forge_numerics::MseSharedLayout::new(gs, gpb).total` bytes.
 //!
 //! # Safety (upheld by the host launcher)
 //! As `range_meta_*`, plus `1 ≤ n_cand ≤ 1024` candidates written to `MSE_CANDIDATES`, and
@@ -34,7 +34,7 @@ use crate::device::{
 };
 use forge_numerics::quant::reciprocal_is_safe;
 use core::f32::math::mul_add as fma;
-use forge_numerics::{abs_pow, decode_log2_q88, encode_log2_q88, range_meta, QMetaPacked};
+use forge_numerics::{abs_pow, decode_log2_q88, encode_log2_q88, range_meta, MseSharedLayout, QMetaPacked};
 
 core::arch::global_asm!(".const .align 4 .b8 MSE_CANDIDATES[4096];");
 
@@ -101,10 +101,11 @@ unsafe fn mse_search_impl<T: Elem>(
     let first = block_x() as u64 * gpb as u64;
     let maxq = forge_numerics::maxq(bits);
     let sym = symmetric != 0;
-    let row_bytes = (gs + 4) * 4;
+    let layout = MseSharedLayout::new(gs, gpb);
+    let row_bytes = layout.row_bytes;
     let xs = shared_window_base();
-    let base_meta = xs + gpb * row_bytes;
-    let best = (base_meta + gpb * 4 + 7) & !7;
+    let base_meta = xs + layout.base_meta;
+    let best = xs + layout.best;
 
     // 1. load + absmax meta
     let warps = block_dim_x() / WARP;

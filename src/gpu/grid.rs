@@ -172,7 +172,7 @@ pub fn launch_grid_kernel(
         ScaleSearch::Mse(m) => {
             let factors = m.factors()?;
             let gpb = (MSE_STAGED_FLOATS / gs).max(1);
-            let shared = gpb * (gs + 1) * 4 + gpb * 4 + 8 + gpb * 8;
+            let shared = forge_numerics::MseSharedLayout::new(gs as u32, gpb as u32).total as usize;
             let (n_cand, norm, gpb32) = (factors.len() as u32, m.norm, gpb as u32);
             // Constant memory is per module: hold the lock from the write to the launch so a
             // concurrent search with other candidates cannot interleave.

@@ -29,3 +29,29 @@ pub use quant::{
 pub fn round_ties_even(x: f32) -> f32 {
     core::f32::math::round_ties_even(x)
 }
+
+/// Shared-memory layout of one `mse_search` block, used by the kernel and its launcher so the
+/// two cannot disagree: `gpb` group rows of `gs + 4` f32 (16-byte aligned rows), then `gpb`
+/// u32 base records, then (8-aligned) `gpb` u64 best keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MseSharedLayout {
+    /// Bytes per staged group row.
+    pub row_bytes: u32,
+    /// Offset of the base qmeta records.
+    pub base_meta: u32,
+    /// Offset of the best (key, k) words.
+    pub best: u32,
+    /// Total bytes.
+    pub total: u32,
+}
+
+impl MseSharedLayout {
+    /// The layout for `gpb` groups of `gs` elements.
+    #[inline]
+    pub fn new(gs: u32, gpb: u32) -> Self {
+        let row_bytes = (gs + 4) * 4;
+        let base_meta = gpb * row_bytes;
+        let best = (base_meta + gpb * 4 + 7) & !7;
+        MseSharedLayout { row_bytes, base_meta, best, total: best + gpb * 8 }
+    }
+}
