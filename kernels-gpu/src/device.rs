@@ -66,7 +66,8 @@ pub fn shfl_xor_f32(v: f32, mask: u32) -> f32 {
     // SAFETY: register-only; all 32 lanes participate (callers run warp-uniform code).
     unsafe {
         asm!("shfl.sync.bfly.b32 {r}, {v}, {m}, 31, {f};",
-             r = out(reg32) r, v = in(reg32) v, m = in(reg32) mask, f = in(reg32) FULL_MASK);
+             r = out(reg32) r, v = in(reg32) v, m = in(reg32) mask, f = in(reg32) FULL_MASK,
+             options(pure, nomem, nostack));
     }
     r
 }
@@ -78,7 +79,8 @@ pub fn shfl_xor_u32(v: u32, mask: u32) -> u32 {
     // SAFETY: as `shfl_xor_f32`.
     unsafe {
         asm!("shfl.sync.bfly.b32 {r}, {v}, {m}, 31, {f};",
-             r = out(reg32) r, v = in(reg32) v, m = in(reg32) mask, f = in(reg32) FULL_MASK);
+             r = out(reg32) r, v = in(reg32) v, m = in(reg32) mask, f = in(reg32) FULL_MASK,
+             options(pure, nomem, nostack));
     }
     r
 }
@@ -90,7 +92,8 @@ pub fn shfl_idx_f32(v: f32, src: u32) -> f32 {
     // SAFETY: as `shfl_xor_f32`.
     unsafe {
         asm!("shfl.sync.idx.b32 {r}, {v}, {s}, 31, {f};",
-             r = out(reg32) r, v = in(reg32) v, s = in(reg32) src, f = in(reg32) FULL_MASK);
+             r = out(reg32) r, v = in(reg32) v, s = in(reg32) src, f = in(reg32) FULL_MASK,
+             options(pure, nomem, nostack));
     }
     r
 }
@@ -228,7 +231,7 @@ pub unsafe fn note_if_non_finite(v: f32, flat_index: u64, first_bad: *mut u64) {
 pub fn shared_window_base() -> u32 {
     let a: u32;
     // SAFETY: takes the address of the module's `.extern .shared` array.
-    unsafe { asm!("mov.u32 {a}, forge_dynamic_shared;", a = out(reg32) a) };
+    unsafe { asm!("mov.u32 {a}, forge_dynamic_shared;", a = out(reg32) a, options(pure, nomem, nostack)) };
     a
 }
 
@@ -240,7 +243,8 @@ pub fn shared_window_base() -> u32 {
 pub unsafe fn ld_shared_f32x4(addr: u32) -> [f32; 4] {
     let (a, b, c, d): (f32, f32, f32, f32);
     asm!("ld.shared.v4.f32 {{{a}, {b}, {c}, {d}}}, [{p}];",
-         a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg32) addr);
+         a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg32) addr,
+         options(readonly, nostack));
     [a, b, c, d]
 }
 
@@ -298,7 +302,7 @@ pub unsafe fn red_min_shared_u64(addr: u32, v: u64) {
 pub fn log2_approx(x: f32) -> f32 {
     let r: f32;
     // SAFETY: register-only.
-    unsafe { asm!("lg2.approx.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x) };
+    unsafe { asm!("lg2.approx.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) };
     r
 }
 

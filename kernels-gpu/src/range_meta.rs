@@ -1,13 +1,15 @@
 //! `range_meta_*`: absmax qmeta4 of every (row, group) of a weight (DESIGN §3).
 //!
-//! Thread mapping: a group is read by `lpg = min(32, gs/4)` lanes (lanes per group), each
-//! taking chunks of 4 consecutive elements (`c = lane, lane+lpg, …`), so a warp reads
-//! `32/lpg` whole groups per step with one 16-byte (f32), 8-byte (f16/bf16) or 4-byte (fp8)
-//! load per lane and chunk. Min/max reduce by butterfly shuffles inside the lane subgroup;
-//! the subgroup's first lane encodes and writes the record. A chunk that crosses `cols` (the
+//! Thread mapping: a warp owns a tile of 32 consecutive groups (grid-stride over tiles) and
+//! finishes with lane `l` holding group `l`'s min/max, so all 32 lanes encode and write at
+//! once (one coalesced 128-byte store; the f64 encode is not serialised on one lane).
+//! A group is read by `lpg` lanes (lanes per group: the largest power of two ≤ min(32, gs/4)),
+//! each taking chunks of 4 consecutive elements (`c = sub_lane, sub_lane+lpg, …`) with one
+//! 16-byte (f32), 8-byte (f16/bf16) or 4-byte (fp8) load, so a step reads `32/lpg` groups and a
+//! tile takes `lpg` steps, four at a time to keep loads in flight. Min/max reduce by
+//! butterfly shuffles inside each lane subgroup. A chunk that crosses `cols` (the
 //! zero-padded last group) or a row that is not 4-element aligned (`cols % 4 != 0`) is read
-//! element by element. Blocks of any multiple of 32 threads; a grid-stride loop covers any
-//! grid size.
+//! element by element.
 //!
 //! # Safety (upheld by the host launcher)
 //! `w` holds `rows·cols` elements row-major, 16-byte aligned; `qmeta` has room for
@@ -15,10 +17,72 @@
 //! NaN/inf element); `n_groups = ceil(cols/gs)`, `gs` a multiple of 32 in 32..=1024.
 
 use crate::device::{
-    block_dim_x, block_x, grid_dim_x, lane, note_if_non_finite, shfl_xor_f32, thread_x, Bf16Bits, Elem, F16Bits,
-    Fp8E4M3, WARP,
+    block_dim_x, block_x, grid_dim_x, lane, note_if_non_finite, shfl_idx_f32, shfl_xor_f32, thread_x, Bf16Bits,
+    Elem, F16Bits, Fp8E4M3, WARP,
 };
 use forge_numerics::{range_meta, QMetaPacked};
+
+/// Min/max of this lane's chunks of group `gid` (±inf when `gid` is past the end).
+#[inline(always)]
+unsafe fn partial_min_max<T: Elem>(
+    w: *const T,
+    gid: u64,
+    total: u64,
+    cols: u32,
+    gs: u32,
+    n_groups: u32,
+    lpg: u32,
+    sub_lane: u32,
+    first_bad: *mut u64,
+) -> (f32, f32) {
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    if gid >= total {
+        return (lo, hi);
+    }
+    let r = (gid / n_groups as u64) as u32;
+    let g = (gid % n_groups as u64) as u32;
+    let row = r as usize * cols as usize;
+    let aligned = cols % 4 == 0;
+    let mut c = sub_lane;
+    while c < gs / 4 {
+        let col = g * gs + 4 * c;
+        let i = row + col as usize;
+        let v = if aligned && col + 4 <= cols {
+            T::load4_f32(w, i)
+        } else {
+            let mut v = [0f32; 4];
+            let mut j = 0;
+            while j < 4 {
+                if col + j < cols {
+                    v[j as usize] = T::load_f32(w, i + j as usize);
+                }
+                j += 1;
+            }
+            v
+        };
+        let mut j = 0;
+        while j < 4 {
+            note_if_non_finite(v[j], (i + j) as u64, first_bad);
+            lo = lo.min(v[j]);
+            hi = hi.max(v[j]);
+            j += 1;
+        }
+        c += lpg;
+    }
+    (lo, hi)
+}
+
+/// Butterfly min/max inside aligned subgroups of `lpg` lanes (every lane takes part).
+#[inline(always)]
+fn subgroup_min_max(mut lo: f32, mut hi: f32, lpg: u32) -> (f32, f32) {
+    let mut m = lpg / 2;
+    while m > 0 {
+        lo = lo.min(shfl_xor_f32(lo, m));
+        hi = hi.max(shfl_xor_f32(hi, m));
+        m /= 2;
+    }
+    (lo, hi)
+}
 
 #[inline(always)]
 unsafe fn range_meta_impl<T: Elem>(
@@ -32,64 +96,50 @@ unsafe fn range_meta_impl<T: Elem>(
     qmeta: *mut u32,
     first_bad: *mut u64,
 ) {
+    const UNROLL: u32 = 4;
     // `max(1)` lets the compiler drop the division-by-zero panic paths (the host never passes 0).
     let n_groups = n_groups.max(1);
-    let lpg = (gs / 4).clamp(1, WARP);
-    let groups_per_warp = WARP / lpg;
-    let sub = lane() / lpg; // which group of the warp's step
-    let sub_lane = lane() % lpg;
-    let aligned = cols % 4 == 0;
+    let lpg = 1u32 << (31 - (gs / 4).clamp(UNROLL, WARP).leading_zeros()); // 8, 16 or 32
+    let gps = WARP / lpg; // groups per step
+    let (sub, sub_lane) = (lane() / lpg, lane() % lpg);
     let total = rows as u64 * n_groups as u64;
     let maxq = forge_numerics::maxq(bits);
     let warps = block_dim_x() / WARP;
-    let mut step = block_x() as u64 * warps as u64 + (thread_x() / WARP) as u64;
+    let mut tile = block_x() as u64 * warps as u64 + (thread_x() / WARP) as u64;
     let stride = grid_dim_x() as u64 * warps as u64;
-    while step * (groups_per_warp as u64) < total {
-        let gid = step * groups_per_warp as u64 + sub as u64;
-        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-        if gid < total {
-            let r = (gid / n_groups as u64) as u32;
-            let g = (gid % n_groups as u64) as u32;
-            let row = r as usize * cols as usize;
-            let mut c = sub_lane;
-            while c < gs / 4 {
-                let col = g * gs + 4 * c;
-                let i = row + col as usize;
-                let v = if aligned && col + 4 <= cols {
-                    T::load4_f32(w, i)
-                } else {
-                    let mut v = [0f32; 4];
-                    let mut j = 0;
-                    while j < 4 {
-                        if col + j < cols {
-                            v[j as usize] = T::load_f32(w, i + j as usize);
-                        }
-                        j += 1;
-                    }
-                    v
-                };
-                let mut j = 0;
-                while j < 4 {
-                    note_if_non_finite(v[j], (i + j) as u64, first_bad);
-                    lo = lo.min(v[j]);
-                    hi = hi.max(v[j]);
-                    j += 1;
+    while tile * (WARP as u64) < total {
+        let base = tile * WARP as u64;
+        let (mut my_lo, mut my_hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        let mut s = 0;
+        while s < lpg {
+            // Four groups' loads first (independent, in flight together), then their shuffles.
+            let gid = |u: u32| base + ((s + u) * gps + sub) as u64;
+            let p0 = partial_min_max(w, gid(0), total, cols, gs, n_groups, lpg, sub_lane, first_bad);
+            let p1 = partial_min_max(w, gid(1), total, cols, gs, n_groups, lpg, sub_lane, first_bad);
+            let p2 = partial_min_max(w, gid(2), total, cols, gs, n_groups, lpg, sub_lane, first_bad);
+            let p3 = partial_min_max(w, gid(3), total, cols, gs, n_groups, lpg, sub_lane, first_bad);
+            let mut keep = |u: u32, (lo, hi): (f32, f32)| {
+                let (lo, hi) = subgroup_min_max(lo, hi, lpg);
+                // Lane l keeps group l: it sits in step l/gps, subgroup l%gps.
+                let src = (lane() % gps) * lpg;
+                let (lo, hi) = (shfl_idx_f32(lo, src), shfl_idx_f32(hi, src));
+                if lane() / gps == s + u {
+                    my_lo = lo;
+                    my_hi = hi;
                 }
-                c += lpg;
-            }
+            };
+            keep(0, p0);
+            keep(1, p1);
+            keep(2, p2);
+            keep(3, p3);
+            s += UNROLL;
         }
-        // Butterfly inside the subgroup (all 32 lanes take part in every shuffle).
-        let mut m = lpg / 2;
-        while m > 0 {
-            lo = lo.min(shfl_xor_f32(lo, m));
-            hi = hi.max(shfl_xor_f32(hi, m));
-            m /= 2;
-        }
-        if sub_lane == 0 && gid < total {
-            let meta = range_meta(lo, hi, maxq, symmetric != 0);
+        let gid = base + lane() as u64;
+        if gid < total {
+            let meta = range_meta(my_lo, my_hi, maxq, symmetric != 0);
             *qmeta.add(gid as usize) = QMetaPacked::encode(meta.scale, meta.qzero, symmetric != 0).to_u32();
         }
-        step += stride;
+        tile += stride;
     }
 }
 

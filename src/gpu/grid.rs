@@ -95,10 +95,32 @@ impl DeviceGrid {
     }
 }
 
-/// Threads per block of both grid kernels.
+/// Threads per block of the range-meta kernel.
 const THREADS: u32 = 256;
-/// Shared-memory floats one MSE block stages (≈ 32 KiB, under the 48 KiB default limit).
-const MSE_STAGED_FLOATS: usize = 8192;
+/// Shared-memory floats one MSE block may stage (≈ 16 KiB: many small blocks per SM).
+const MSE_STAGED_FLOATS: usize = 4096;
+
+/// Groups per block and threads per block for the MSE search. The block's `gpb·n_cand`
+/// pairs are dealt round-robin to its threads, so the best shape wastes no lanes in the
+/// last round (`pairs % threads == 0`) with at least 4 rounds to amortise the load phase,
+/// and among those has the fewest groups, for many small blocks and a short tail.
+pub(crate) fn mse_block_shape(gs: usize, n_cand: usize) -> (usize, u32) {
+    let max_gpb = (MSE_STAGED_FLOATS / gs).max(1);
+    let mut best = (0.0f64, 1usize, 256u32);
+    for gpb in 1..=max_gpb {
+        for threads in (64..=256).step_by(32) {
+            let pairs = gpb * n_cand;
+            let rounds = pairs.div_ceil(threads as usize);
+            let used = pairs as f64 / (rounds * threads as usize) as f64;
+            // Fewer than 4 rounds: the load phase is not amortised; count it as waste.
+            let score = used * (rounds.min(4) as f64 / 4.0);
+            if score > best.0 + 1e-9 {
+                best = (score, gpb, threads);
+            }
+        }
+    }
+    (best.1, best.2)
+}
 
 fn kernel_name(search: &ScaleSearch, dtype: WeightDtype) -> &'static str {
     match (search, dtype) {
@@ -171,7 +193,7 @@ pub fn launch_grid_kernel(
         }
         ScaleSearch::Mse(m) => {
             let factors = m.factors()?;
-            let gpb = (MSE_STAGED_FLOATS / gs).max(1);
+            let (gpb, threads) = mse_block_shape(gs, factors.len());
             let shared = forge_numerics::MseSharedLayout::new(gs as u32, gpb as u32).total as usize;
             let (n_cand, norm, gpb32) = (factors.len() as u32, m.norm, gpb as u32);
             // Constant memory is per module: hold the lock from the write to the launch so a
@@ -186,7 +208,7 @@ pub fn launch_grid_kernel(
                 .ok_or_else(|| ForgeError::ScaleSearch(format!("{} candidates exceed constant memory", factors.len())))?;
             stream.memcpy_htod(&factors, &mut cand).map_err(ForgeError::driver("writing MSE candidates"))?;
             let blocks = total.div_ceil(gpb) as u32;
-            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared as u32 };
             let mut l = stream.launch_builder(&f);
             l.arg(weight.bytes()).arg(&rows32).arg(&cols32).arg(&gs32).arg(&ng32).arg(&bits).arg(&sym);
             l.arg(&n_cand).arg(&norm).arg(&gpb32).arg(qmeta).arg(first_bad);
@@ -217,4 +239,20 @@ pub fn build_quant_grid_gpu(dev: &GpuDevice, weight: WeightView<'_>, config: &Gr
     config.validate(rows, cols)?;
     let w = DeviceWeight::upload(dev, weight)?;
     build_quant_grid_device(dev, &w, config)?.to_host(dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mse_block_shape;
+
+    #[test]
+    fn mse_block_shape_wastes_no_lanes_for_the_default_grid() {
+        let (gpb, threads) = mse_block_shape(128, 100);
+        assert_eq!((gpb * 100) % threads as usize, 0, "gpb {gpb}, threads {threads}");
+        assert!((gpb * 100) / threads as usize >= 4);
+        for (gs, n) in [(32, 1), (1024, 1024), (96, 7), (128, 1000)] {
+            let (gpb, threads) = mse_block_shape(gs, n);
+            assert!(gpb >= 1 && gpb * gs <= 4096.max(gs) && threads % 32 == 0, "{gs} {n}: {gpb} {threads}");
+        }
+    }
 }

@@ -16,9 +16,9 @@ pub fn abs_pow(x: f32, p: f32) -> f32 {
         // SAFETY: pure register arithmetic; lg2(0) = -inf and ex2(-inf) = 0 give |0|^p = 0.
         // `.ftz` is the native unit's mode: subnormal |x|^p are < 2^-126, far below any sum.
         unsafe {
-            core::arch::asm!("lg2.approx.ftz.f32 {l}, {a};", l = out(reg32) l, a = in(reg32) a);
+            core::arch::asm!("lg2.approx.ftz.f32 {l}, {a};", l = out(reg32) l, a = in(reg32) a, options(pure, nomem, nostack));
             let y = l * p;
-            core::arch::asm!("ex2.approx.ftz.f32 {r}, {y};", r = out(reg32) r, y = in(reg32) y);
+            core::arch::asm!("ex2.approx.ftz.f32 {r}, {y};", r = out(reg32) r, y = in(reg32) y, options(pure, nomem, nostack));
         }
         r
     }
