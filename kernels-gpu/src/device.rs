@@ -59,6 +59,9 @@ pub unsafe fn sync_threads() {
     nvptx::_syncthreads()
 }
 
+// Shuffles are `nomem` (loads may move around them) but never `pure`: a pure asm may be sunk
+// into a branch, and a shuffle must run on every lane of the warp together.
+
 /// `__shfl_xor_sync(full, v, mask)` on an f32.
 #[inline(always)]
 pub fn shfl_xor_f32(v: f32, mask: u32) -> f32 {
@@ -67,7 +70,7 @@ pub fn shfl_xor_f32(v: f32, mask: u32) -> f32 {
     unsafe {
         asm!("shfl.sync.bfly.b32 {r}, {v}, {m}, 31, {f};",
              r = out(reg32) r, v = in(reg32) v, m = in(reg32) mask, f = in(reg32) FULL_MASK,
-             options(pure, nomem, nostack));
+             options(nomem, nostack));
     }
     r
 }
@@ -80,7 +83,7 @@ pub fn shfl_xor_u32(v: u32, mask: u32) -> u32 {
     unsafe {
         asm!("shfl.sync.bfly.b32 {r}, {v}, {m}, 31, {f};",
              r = out(reg32) r, v = in(reg32) v, m = in(reg32) mask, f = in(reg32) FULL_MASK,
-             options(pure, nomem, nostack));
+             options(nomem, nostack));
     }
     r
 }
@@ -93,7 +96,7 @@ pub fn shfl_idx_f32(v: f32, src: u32) -> f32 {
     unsafe {
         asm!("shfl.sync.idx.b32 {r}, {v}, {s}, 31, {f};",
              r = out(reg32) r, v = in(reg32) v, s = in(reg32) src, f = in(reg32) FULL_MASK,
-             options(pure, nomem, nostack));
+             options(nomem, nostack));
     }
     r
 }

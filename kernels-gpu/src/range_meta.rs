@@ -22,54 +22,55 @@ use crate::device::{
 };
 use forge_numerics::{range_meta, QMetaPacked};
 
-/// Min/max of this lane's chunks of group `gid` (±inf when `gid` is past the end).
+/// Chunk `c` (elements `4c..4c+4`) of group `gid`, widened; the zero pad past `cols`.
+/// Returns the flat index of its first element too.
 #[inline(always)]
-unsafe fn partial_min_max<T: Elem>(
-    w: *const T,
-    gid: u64,
-    total: u64,
-    cols: u32,
-    gs: u32,
-    n_groups: u32,
-    lpg: u32,
-    sub_lane: u32,
-    first_bad: *mut u64,
-) -> (f32, f32) {
-    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-    if gid >= total {
-        return (lo, hi);
-    }
+unsafe fn load_chunk<T: Elem>(w: *const T, gid: u64, c: u32, cols: u32, gs: u32, n_groups: u32) -> ([f32; 4], usize) {
+    let n_groups = n_groups.max(1); // no division-by-zero panic path
     let r = (gid / n_groups as u64) as u32;
     let g = (gid % n_groups as u64) as u32;
-    let row = r as usize * cols as usize;
-    let aligned = cols % 4 == 0;
+    let col = g * gs + 4 * c;
+    let i = r as usize * cols as usize + col as usize;
+    let v = if cols % 4 == 0 && col + 4 <= cols {
+        T::load4_f32(w, i)
+    } else {
+        let mut v = [0f32; 4];
+        let mut j = 0;
+        while j < 4 {
+            if col + j < cols {
+                v[j as usize] = T::load_f32(w, i + j as usize);
+            }
+            j += 1;
+        }
+        v
+    };
+    (v, i)
+}
+
+/// Folds a chunk into (min, max, all finite so far).
+#[inline(always)]
+fn fold(acc: (f32, f32, bool), v: [f32; 4]) -> (f32, f32, bool) {
+    let finite = v[0].abs() <= f32::MAX && v[1].abs() <= f32::MAX && v[2].abs() <= f32::MAX && v[3].abs() <= f32::MAX;
+    (
+        acc.0.min(v[0]).min(v[1]).min(v[2].min(v[3])),
+        acc.1.max(v[0]).max(v[1]).max(v[2].max(v[3])),
+        acc.2 & finite,
+    )
+}
+
+/// Rare path: reports this lane's first non-finite element of group `gid`.
+#[inline(never)]
+unsafe fn report_non_finite<T: Elem>(w: *const T, gid: u64, cols: u32, gs: u32, n_groups: u32, lpg: u32, sub_lane: u32, first_bad: *mut u64) {
     let mut c = sub_lane;
     while c < gs / 4 {
-        let col = g * gs + 4 * c;
-        let i = row + col as usize;
-        let v = if aligned && col + 4 <= cols {
-            T::load4_f32(w, i)
-        } else {
-            let mut v = [0f32; 4];
-            let mut j = 0;
-            while j < 4 {
-                if col + j < cols {
-                    v[j as usize] = T::load_f32(w, i + j as usize);
-                }
-                j += 1;
-            }
-            v
-        };
+        let (v, i) = load_chunk(w, gid, c, cols, gs, n_groups);
         let mut j = 0;
         while j < 4 {
             note_if_non_finite(v[j], (i + j) as u64, first_bad);
-            lo = lo.min(v[j]);
-            hi = hi.max(v[j]);
             j += 1;
         }
         c += lpg;
     }
-    (lo, hi)
 }
 
 /// Butterfly min/max inside aligned subgroups of `lpg` lanes (every lane takes part).
@@ -112,13 +113,31 @@ unsafe fn range_meta_impl<T: Elem>(
         let (mut my_lo, mut my_hi) = (f32::INFINITY, f32::NEG_INFINITY);
         let mut s = 0;
         while s < lpg {
-            // Four groups' loads first (independent, in flight together), then their shuffles.
-            let gid = |u: u32| base + ((s + u) * gps + sub) as u64;
-            let p0 = partial_min_max(w, gid(0), total, cols, gs, n_groups, lpg, sub_lane, first_bad);
-            let p1 = partial_min_max(w, gid(1), total, cols, gs, n_groups, lpg, sub_lane, first_bad);
-            let p2 = partial_min_max(w, gid(2), total, cols, gs, n_groups, lpg, sub_lane, first_bad);
-            let p3 = partial_min_max(w, gid(3), total, cols, gs, n_groups, lpg, sub_lane, first_bad);
-            let mut keep = |u: u32, (lo, hi): (f32, f32)| {
+            // Four groups at a time, each chunk's four loads issued before any is used. A group
+            // past the end reads the last group instead (its result is never written).
+            let gid = |u: u32| (base + ((s + u) * gps + sub) as u64).min(total - 1);
+            let (g0, g1, g2, g3) = (gid(0), gid(1), gid(2), gid(3));
+            let empty = (f32::INFINITY, f32::NEG_INFINITY, true);
+            let (mut p0, mut p1, mut p2, mut p3) = (empty, empty, empty, empty);
+            let mut c = sub_lane;
+            while c < gs / 4 {
+                let v0 = load_chunk(w, g0, c, cols, gs, n_groups).0;
+                let v1 = load_chunk(w, g1, c, cols, gs, n_groups).0;
+                let v2 = load_chunk(w, g2, c, cols, gs, n_groups).0;
+                let v3 = load_chunk(w, g3, c, cols, gs, n_groups).0;
+                p0 = fold(p0, v0);
+                p1 = fold(p1, v1);
+                p2 = fold(p2, v2);
+                p3 = fold(p3, v3);
+                c += lpg;
+            }
+            if !(p0.2 & p1.2 & p2.2 & p3.2) {
+                report_non_finite(w, g0, cols, gs, n_groups, lpg, sub_lane, first_bad);
+                report_non_finite(w, g1, cols, gs, n_groups, lpg, sub_lane, first_bad);
+                report_non_finite(w, g2, cols, gs, n_groups, lpg, sub_lane, first_bad);
+                report_non_finite(w, g3, cols, gs, n_groups, lpg, sub_lane, first_bad);
+            }
+            let mut keep = |u: u32, (lo, hi, _): (f32, f32, bool)| {
                 let (lo, hi) = subgroup_min_max(lo, hi, lpg);
                 // Lane l keeps group l: it sits in step l/gps, subgroup l%gps.
                 let src = (lane() % gps) * lpg;
