@@ -9,7 +9,9 @@
 pub mod error;
 pub mod gpu;
 pub mod grid;
+pub mod hessian;
 pub mod qmeta;
+pub mod solver;
 pub mod weights;
 
 pub use error::{ForgeError, Result};

@@ -1,0 +1,514 @@
+//! CPU reference GPTQ solver (rayon over chunks of rows, register-tiled lazy-batch updates)
+//! and the layer-output error.
+
+use super::{first_non_finite, validate_inputs, SolveOutput};
+use crate::{ForgeError, QuantGrid, Result};
+use faer::linalg::matmul::triangular::{self, BlockStructure};
+use faer::{Accum, Mat, Par};
+use forge_numerics::{dequantize, quantize};
+use ndarray::{Array1, Array2, ArrayView2};
+use rayon::prelude::*;
+
+/// Columns per lazy batch: updates inside a batch are applied eagerly, updates of later
+/// columns once per batch (GPTQ's blocking, for cache reuse of `U`).
+const BLOCK: usize = 128;
+/// Rows per register tile of the trailing update: each loaded piece of `U` serves them all.
+const ROW_TILE: usize = 4;
+/// Register tiles per rayon task: a `U` tile loaded once stays in L1 for all of them.
+const TILES: usize = 4;
+/// Rows per rayon task.
+const ROW_CHUNK: usize = ROW_TILE * TILES;
+
+/// Solves one layer with GPTQ on the CPU (the reference for the GPU solver, DESIGN §4).
+///
+/// For `t` in `0..cols`, `j = perm[t]` (identity without `perm`), every row `r`:
+/// `q = quantize(w[r,j], s, q0, maxq)` with the decoded meta of `(r, j / gs)` (static
+/// groups on original column indices), `deq = (q − q0)·s`, `err = (w[r,j] − deq) / U[t,t]`,
+/// and for every `k > t`: `w[r, perm[k]] = w[r, perm[k]] − err·U[t,k]`.
+///
+/// Numerics, all f32 except the loss: the quantize/dequantize are
+/// [`forge_numerics::quantize`] / [`forge_numerics::dequantize`] (shared with the GPU);
+/// `err` is a true division; each update is a separate multiply and subtract (never fused),
+/// and every working weight receives its updates in increasing `t`. Columns are processed
+/// in lazy batches of 128 (a later batch's columns get the whole batch's updates at once,
+/// still in increasing `t`), rows in chunks of 16 on rayon, and the batched updates by a
+/// SIMD kernel picked for the CPU (AVX-512F, AVX2 or portable). All of that changes only
+/// when an update happens, never its operands or order: the result is bit-identical to the
+/// straightforward recurrence, whatever the thread count or instruction set. The per-row loss `Σ_t err²/2` is accumulated in
+/// f64 in increasing `t` and returned as f32.
+///
+/// `hinv_factor` is `U` of the permuted Hessian (`H⁻¹ = UᵀU`); its strict lower triangle is
+/// never read. Bad shapes, a `perm` that is not a permutation, non-finite inputs, a
+/// diagonal of `U` that is not `> 0` (see [`super::validate_inputs`]), or a working weight
+/// that overflows during the solve give a typed error.
+pub fn solve_cpu(
+    weight: ArrayView2<'_, f32>,
+    hinv_factor: ArrayView2<'_, f32>,
+    grid: &QuantGrid,
+    perm: Option<&[usize]>,
+) -> Result<SolveOutput> {
+    validate_inputs(weight, hinv_factor, grid, perm)?;
+    solve_validated(weight, hinv_factor, grid, perm, TrailingKernel::detect())
+}
+
+/// [`solve_cpu`] after validation, with the trailing-update kernel chosen by the caller.
+fn solve_validated(
+    weight: ArrayView2<'_, f32>,
+    hinv_factor: ArrayView2<'_, f32>,
+    grid: &QuantGrid,
+    perm: Option<&[usize]>,
+    kernel: TrailingKernel,
+) -> Result<SolveOutput> {
+    let (rows, cols) = weight.dim();
+    let order: Vec<usize> = match perm {
+        Some(p) => p.to_vec(),
+        None => (0..cols).collect(),
+    };
+    let groups: Vec<usize> = order.iter().map(|&j| j / grid.group_size).collect();
+    // Row-major copy of U: the trailing update streams its rows.
+    let u: Vec<f32> = hinv_factor.iter().copied().collect();
+    let panels = Panels::pack(&u, cols, kernel.lanes());
+    let ctx = SolveCtx {
+        weight: weight.view(),
+        u: &u,
+        panels: &panels,
+        order: &order,
+        groups: &groups,
+        grid,
+        cols,
+        maxq: grid.maxq as f32,
+        kernel,
+    };
+
+    let mut codes = vec![0u8; rows * cols];
+    let mut deq = vec![0f32; rows * cols];
+    let mut loss = vec![0f32; rows];
+    codes
+        .par_chunks_mut(ROW_CHUNK * cols)
+        .zip(deq.par_chunks_mut(ROW_CHUNK * cols))
+        .zip(loss.par_chunks_mut(ROW_CHUNK))
+        .enumerate()
+        .try_for_each(|(chunk, ((c, d), l))| ctx.solve_chunk(chunk * ROW_CHUNK, c, d, l))?;
+
+    let shape_err = |e: ndarray::ShapeError| ForgeError::Shape(e.to_string());
+    Ok(SolveOutput {
+        qweight: Array2::from_shape_vec((rows, cols), codes).map_err(shape_err)?,
+        dequant: Array2::from_shape_vec((rows, cols), deq).map_err(shape_err)?,
+        loss: Array1::from_vec(loss),
+    })
+}
+
+/// Everything a chunk of rows reads.
+struct SolveCtx<'a> {
+    weight: ArrayView2<'a, f32>,
+    /// `U`, row-major `cols × cols`.
+    u: &'a [f32],
+    /// `U`'s lazy-batch updates packed for the kernel.
+    panels: &'a Panels,
+    /// Column processed at step `t` (original index).
+    order: &'a [usize],
+    /// Group of `order[t]`.
+    groups: &'a [usize],
+    grid: &'a QuantGrid,
+    cols: usize,
+    maxq: f32,
+    kernel: TrailingKernel,
+}
+
+impl SolveCtx<'_> {
+    /// Solves rows `r0 .. r0 + loss.len()` (at most [`ROW_CHUNK`]) into their output slices.
+    fn solve_chunk(
+        &self,
+        r0: usize,
+        codes: &mut [u8],
+        deq: &mut [f32],
+        loss: &mut [f32],
+    ) -> Result<()> {
+        let cols = self.cols;
+        let nrows = loss.len();
+        // Private working copy in processing order; rows past `nrows` stay zero and get
+        // zero errors, so the trailing update always works on full tiles.
+        let mut work = vec![0f32; ROW_CHUNK * cols];
+        for (i, row) in work.chunks_exact_mut(cols).take(nrows).enumerate() {
+            for (w, &j) in row.iter_mut().zip(self.order) {
+                *w = self.weight[[r0 + i, j]];
+            }
+        }
+        // Decoded (scale, qzero) per (row, group), decoded once instead of per element.
+        let n_groups = self.grid.dim().1;
+        let mut meta = Vec::with_capacity(nrows * n_groups);
+        for i in 0..nrows {
+            for g in 0..n_groups {
+                let m = self.grid.meta(r0 + i, g);
+                meta.push((m.scale(), m.qzero_f32()));
+            }
+        }
+        // errs[t − b0][tile][row in tile]: the layout the trailing kernel reads.
+        let mut errs = vec![[[0f32; ROW_TILE]; TILES]; BLOCK];
+        let mut loss_acc = [0f64; ROW_CHUNK];
+
+        for b0 in (0..cols).step_by(BLOCK) {
+            let b1 = (b0 + BLOCK).min(cols);
+            for t in b0..b1 {
+                let urow = &self.u[t * cols..(t + 1) * cols];
+                let d = urow[t];
+                let j = self.order[t];
+                for i in 0..nrows {
+                    let row = &mut work[i * cols..(i + 1) * cols];
+                    let x = row[t];
+                    let (s, z) = meta[i * n_groups + self.groups[t]];
+                    let q = quantize(x, s, z, self.maxq);
+                    let y = dequantize(q, s, z);
+                    let err = (x - y) / d;
+                    if !err.is_finite() {
+                        // Only an overflowing working weight gets here (inputs are finite).
+                        return Err(ForgeError::NonFinite {
+                            tensor: "solver working weight (overflow during updates)",
+                            row: r0 + i,
+                            col: j,
+                            value: err,
+                        });
+                    }
+                    codes[i * cols + j] = q as u8;
+                    deq[i * cols + j] = y;
+                    loss_acc[i] += f64::from(err) * f64::from(err);
+                    errs[t - b0][i / ROW_TILE][i % ROW_TILE] = err;
+                    for (w, &ut) in row[t + 1..b1].iter_mut().zip(&urow[t + 1..b1]) {
+                        *w -= err * ut;
+                    }
+                }
+            }
+            let batch = Batch {
+                errs: &errs[..b1 - b0],
+                panel: self.panels.block(b0 / BLOCK),
+                u_rows: &self.u[b0 * cols..b1 * cols],
+                cols,
+                k0: b1,
+            };
+            self.kernel.run(&mut work, batch);
+        }
+        for (l, acc) in loss.iter_mut().zip(loss_acc) {
+            *l = (acc / 2.0) as f32;
+        }
+        Ok(())
+    }
+}
+
+/// `U`'s pending updates packed once per solve so the kernel streams contiguous memory:
+/// for lazy batch `b` (rows `b0..b1`) and each full `lanes`-wide column tile `k` of
+/// `b1..cols`, the `(b1 − b0) × lanes` piece `U[b0..b1, k..k + lanes]`, row by row.
+struct Panels {
+    data: Vec<f32>,
+    /// Start of each batch's panels in `data`, plus the end.
+    offsets: Vec<usize>,
+}
+
+impl Panels {
+    fn pack(u: &[f32], cols: usize, lanes: usize) -> Self {
+        let mut data = Vec::new();
+        let mut offsets = vec![0];
+        for b0 in (0..cols).step_by(BLOCK) {
+            let b1 = (b0 + BLOCK).min(cols);
+            for k in (b1..cols).step_by(lanes).take((cols - b1) / lanes) {
+                for t in b0..b1 {
+                    data.extend_from_slice(&u[t * cols + k..t * cols + k + lanes]);
+                }
+            }
+            offsets.push(data.len());
+        }
+        Panels { data, offsets }
+    }
+
+    /// The panels of lazy batch `b`.
+    fn block(&self, b: usize) -> &[f32] {
+        &self.data[self.offsets[b]..self.offsets[b + 1]]
+    }
+}
+
+/// A batch's errors, `[t − b0][tile][row in tile]`.
+type Errs = [[[f32; ROW_TILE]; TILES]];
+
+/// One lazy batch's pending updates (rows `b0..b1` of `U`) and the batch's errors.
+#[derive(Clone, Copy)]
+struct Batch<'a> {
+    /// `errs[t − b0][tile][row in tile]`.
+    errs: &'a Errs,
+    /// The batch's packed full column tiles (see [`Panels`]).
+    panel: &'a [f32],
+    /// Rows `b0..b1` of `U`, row-major, `cols` wide (for the last, partial column tile).
+    u_rows: &'a [f32],
+    cols: usize,
+    /// First column the batch has not updated yet (`b1`).
+    k0: usize,
+}
+
+/// The trailing-update kernel for this CPU, picked once per solve. Every variant computes
+/// the same thing with the same operations in the same order (wider registers only).
+#[derive(Clone, Copy, Debug)]
+enum TrailingKernel {
+    /// Baseline x86-64 / other targets: 8 columns per row tile.
+    Portable,
+    /// x86-64 AVX2: 16 columns per row tile.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// x86-64 AVX-512F: 32 columns per row tile.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl TrailingKernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return TrailingKernel::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return TrailingKernel::Avx2;
+            }
+        }
+        TrailingKernel::Portable
+    }
+
+    /// Columns per register tile (the panel width).
+    fn lanes(self) -> usize {
+        match self {
+            TrailingKernel::Portable => 8,
+            #[cfg(target_arch = "x86_64")]
+            TrailingKernel::Avx2 => 16,
+            #[cfg(target_arch = "x86_64")]
+            TrailingKernel::Avx512 => 32,
+        }
+    }
+
+    fn run(self, work: &mut [f32], b: Batch<'_>) {
+        match self {
+            TrailingKernel::Portable => {
+                trailing_update::<8>(work, b.errs, b.panel, b.u_rows, b.cols, b.k0)
+            }
+            // SAFETY: `detect` chose this variant only after the CPU reported the feature.
+            #[cfg(target_arch = "x86_64")]
+            TrailingKernel::Avx2 => unsafe {
+                trailing_update_avx2(work, b.errs, b.panel, b.u_rows, b.cols, b.k0)
+            },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            TrailingKernel::Avx512 => unsafe {
+                trailing_update_avx512(work, b.errs, b.panel, b.u_rows, b.cols, b.k0)
+            },
+        }
+    }
+}
+
+// The slices are separate arguments (not fields of `Batch`) so the compiler knows `work`
+// aliases none of the inputs, which it needs to keep the tile in vector registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn trailing_update_avx2(
+    work: &mut [f32],
+    errs: &Errs,
+    panel: &[f32],
+    u_rows: &[f32],
+    cols: usize,
+    k0: usize,
+) {
+    trailing_update::<16>(work, errs, panel, u_rows, cols, k0)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn trailing_update_avx512(
+    work: &mut [f32],
+    errs: &Errs,
+    panel: &[f32],
+    u_rows: &[f32],
+    cols: usize,
+    k0: usize,
+) {
+    trailing_update::<32>(work, errs, panel, u_rows, cols, k0)
+}
+
+/// `w[i, k] −= Σ_t err[i, t]·U[t, k]` for every row of the chunk and every `k ≥ k0`, one
+/// multiply and one subtract per term, in increasing `t` (the recurrence's order, so the
+/// result does not depend on `LANES` or on the batching). Full `LANES`-wide column tiles
+/// come from the packed `panel`, the last partial one from `u_rows`.
+#[inline(always)]
+fn trailing_update<const LANES: usize>(
+    work: &mut [f32],
+    errs: &Errs,
+    panel: &[f32],
+    u_rows: &[f32],
+    cols: usize,
+    k0: usize,
+) {
+    let nb = errs.len();
+    if nb == 0 {
+        return;
+    }
+    let (pieces, _) = panel.as_chunks::<LANES>();
+    let mut k = k0;
+    for ktile in pieces.chunks_exact(nb) {
+        // The (batch × LANES) piece of U is read once from memory, then from L1 per tile.
+        for tile in 0..TILES {
+            let mut acc = [[0f32; LANES]; ROW_TILE];
+            for (r, a) in acc.iter_mut().enumerate() {
+                let at = (tile * ROW_TILE + r) * cols + k;
+                a.copy_from_slice(&work[at..at + LANES]);
+            }
+            for (ut, e) in ktile.iter().zip(errs) {
+                for (a, &er) in acc.iter_mut().zip(&e[tile]) {
+                    for (x, &v) in a.iter_mut().zip(ut) {
+                        *x -= er * v;
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let at = (tile * ROW_TILE + r) * cols + k;
+                work[at..at + LANES].copy_from_slice(a);
+            }
+        }
+        k += LANES;
+    }
+    for k in k..cols {
+        for i in 0..ROW_CHUNK {
+            let mut x = work[i * cols + k];
+            for (urow, e) in u_rows.chunks_exact(cols).zip(errs) {
+                x -= e[i / ROW_TILE][i % ROW_TILE] * urow[k];
+            }
+            work[i * cols + k] = x;
+        }
+    }
+}
+
+/// Rows of `W` and `Q − W` per matmul in [`layer_output_error`] (bounds its memory).
+const ERROR_ROW_CHUNK: usize = 512;
+
+/// Relative layer-output error `‖(Q−W)Xᵀ‖² / ‖WXᵀ‖²` written with `H = XᵀX`:
+/// `trace((Q−W) H (Q−W)ᵀ) / trace(W H Wᵀ)`, in f64 (faer triangular matmul over row chunks).
+///
+/// f64 matters: GPTQ drives `Q−W` towards the small-eigenvalue directions of `H`, where an
+/// f32 product would lose the value to cancellation. Any scale of `H` cancels out (`XᵀX`,
+/// `XᵀX/n` or the accumulator's `2XᵀX/n` give the same ratio). `0/0` (both zero) is 0.
+/// Mismatched shapes and non-finite inputs give a typed error.
+pub fn layer_output_error(
+    w: ArrayView2<'_, f32>,
+    q: ArrayView2<'_, f32>,
+    h: ArrayView2<'_, f32>,
+) -> Result<f64> {
+    let (rows, cols) = w.dim();
+    if q.dim() != (rows, cols) {
+        let (a, b) = q.dim();
+        return Err(ForgeError::Shape(format!(
+            "q is {a}×{b}, w is {rows}×{cols}"
+        )));
+    }
+    if h.dim() != (cols, cols) {
+        let (a, b) = h.dim();
+        return Err(ForgeError::Shape(format!(
+            "h is {a}×{b}, expected {cols}×{cols}"
+        )));
+    }
+    first_non_finite(w, "w")?;
+    first_non_finite(q, "q")?;
+    first_non_finite(h, "h")?;
+    // A quadratic form sees only the symmetric part of H: dᵀHd = 2·dᵀTd with T the upper
+    // triangle of (H + Hᵀ)/2 and its diagonal halved, which halves the matmul's work.
+    let t = Mat::<f64>::from_fn(cols, cols, |i, j| match i.cmp(&j) {
+        std::cmp::Ordering::Less => 0.5 * (f64::from(h[[i, j]]) + f64::from(h[[j, i]])),
+        std::cmp::Ordering::Equal => 0.5 * f64::from(h[[i, i]]),
+        std::cmp::Ordering::Greater => 0.0,
+    });
+    let mut num = 0f64;
+    let mut den = 0f64;
+    for r0 in (0..rows).step_by(ERROR_ROW_CHUNK) {
+        let n = (rows - r0).min(ERROR_ROW_CHUNK);
+        // Stack [Q−W; W] so one matmul serves numerator and denominator.
+        let s = Mat::<f64>::from_fn(2 * n, cols, |i, j| {
+            if i < n {
+                f64::from(q[[r0 + i, j]]) - f64::from(w[[r0 + i, j]])
+            } else {
+                f64::from(w[[r0 + i - n, j]])
+            }
+        });
+        let mut p = Mat::<f64>::zeros(2 * n, cols);
+        triangular::matmul(
+            p.as_mut(),
+            BlockStructure::Rectangular,
+            Accum::Replace,
+            s.as_ref(),
+            BlockStructure::Rectangular,
+            t.as_ref(),
+            BlockStructure::TriangularUpper,
+            2.0,
+            Par::rayon(0),
+        );
+        for j in 0..cols {
+            for i in 0..2 * n {
+                let v = p[(i, j)] * s[(i, j)];
+                if i < n {
+                    num += v;
+                } else {
+                    den += v;
+                }
+            }
+        }
+    }
+    if num == 0.0 && den == 0.0 {
+        return Ok(0.0);
+    }
+    Ok(num / den)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grid::build_quant_grid;
+    use crate::{GridConfig, WeightView};
+
+    /// Every kernel this CPU can run gives bit-identical results (the integration tests
+    /// only see the one `detect` picks).
+    #[test]
+    fn all_kernels_agree_bitwise() {
+        let (rows, cols) = (37, 331);
+        // A deterministic pseudo-random weight and an upper factor with a dominant diagonal.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let w = Array2::from_shape_fn((rows, cols), |_| next());
+        let u = Array2::from_shape_fn((cols, cols), |(i, j)| match i.cmp(&j) {
+            std::cmp::Ordering::Less => 0.2 * next(),
+            std::cmp::Ordering::Equal => 1.0 + next().abs(),
+            std::cmp::Ordering::Greater => 0.0,
+        });
+        let grid =
+            build_quant_grid(WeightView::F32(w.view()), &GridConfig::default()).expect("grid");
+        let perm: Vec<usize> = (0..cols).rev().collect();
+        let mut kernels = vec![TrailingKernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                kernels.push(TrailingKernel::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                kernels.push(TrailingKernel::Avx512);
+            }
+        }
+        let solve = |k| solve_validated(w.view(), u.view(), &grid, Some(&perm), k).expect("solves");
+        let reference = solve(TrailingKernel::Portable);
+        for k in kernels {
+            let out = solve(k);
+            assert_eq!(out.qweight, reference.qweight, "{k:?}");
+            let same = out
+                .dequant
+                .iter()
+                .zip(reference.dequant.iter())
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{k:?} dequant");
+            assert_eq!(out.loss, reference.loss, "{k:?}");
+        }
+    }
+}
