@@ -11,11 +11,13 @@ pub mod gpu;
 pub mod grid;
 pub mod hessian;
 pub mod qmeta;
+pub mod quantizer;
 pub mod solver;
 pub mod weights;
 
 pub use error::{ForgeError, Result};
 pub use forge_numerics as numerics;
 pub use forge_numerics::QMetaPacked;
+pub use quantizer::{Backend, Quantizer};
 pub use grid::{GridConfig, MseSearch, QuantGrid, ScaleSearch, ShrinkCandidates};
 pub use weights::{WeightDtype, WeightView};

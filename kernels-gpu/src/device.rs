@@ -320,3 +320,65 @@ pub fn ordered_bits(x: f32) -> u32 {
         b | 0x8000_0000
     }
 }
+
+/// `st.shared.v4.f32` at a 16-byte aligned shared address.
+///
+/// # Safety
+/// `addr` must be 16-byte aligned and inside the launch's dynamic shared memory.
+#[inline(always)]
+pub unsafe fn st_shared_f32x4(addr: u32, v: [f32; 4]) {
+    asm!("st.shared.v4.f32 [{p}], {{{a}, {b}, {c}, {d}}};",
+         p = in(reg32) addr, a = in(reg32) v[0], b = in(reg32) v[1], c = in(reg32) v[2], d = in(reg32) v[3],
+         options(nostack));
+}
+
+/// `ld.shared.v2.f32` at an 8-byte aligned shared address.
+///
+/// # Safety
+/// `addr` must be 8-byte aligned and inside the launch's dynamic shared memory.
+#[inline(always)]
+pub unsafe fn ld_shared_f32x2(addr: u32) -> [f32; 2] {
+    let (a, b): (f32, f32);
+    asm!("ld.shared.v2.f32 {{{a}, {b}}}, [{p}];", a = out(reg32) a, b = out(reg32) b, p = in(reg32) addr,
+         options(readonly, nostack));
+    [a, b]
+}
+
+/// `ld.shared.f32`.
+///
+/// # Safety
+/// As [`ld_shared_u32`].
+#[inline(always)]
+pub unsafe fn ld_shared_f32(addr: u32) -> f32 {
+    f32::from_bits(ld_shared_u32(addr))
+}
+
+/// `st.shared.u8`.
+///
+/// # Safety
+/// `addr` must be inside the launch's dynamic shared memory.
+#[inline(always)]
+pub unsafe fn st_shared_u8(addr: u32, v: u8) {
+    asm!("st.shared.u8 [{p}], {v};", p = in(reg32) addr, v = in(reg16) v as u16, options(nostack));
+}
+
+/// `ld.shared.u8`.
+///
+/// # Safety
+/// `addr` must be inside the launch's dynamic shared memory.
+#[inline(always)]
+pub unsafe fn ld_shared_u8(addr: u32) -> u8 {
+    let v: u16;
+    asm!("ld.shared.u8 {v}, [{p}];", v = out(reg16) v, p = in(reg32) addr, options(readonly, nostack));
+    v as u8
+}
+
+/// Four consecutive f32 from global memory with one 16-byte load.
+///
+/// # Safety
+/// `p` must be 16-byte aligned, in bounds for 4 floats.
+#[inline(always)]
+pub unsafe fn ld_global_f32x4(p: *const f32) -> [f32; 4] {
+    let v = (*(p as *const Align16)).0;
+    [f32::from_bits(v[0]), f32::from_bits(v[1]), f32::from_bits(v[2]), f32::from_bits(v[3])]
+}

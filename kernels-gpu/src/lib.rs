@@ -10,6 +10,7 @@
 
 pub mod device;
 
+pub mod gptq_solve;
 pub mod mse_search;
 pub mod qmeta_decode;
 pub mod range_meta;

@@ -88,6 +88,13 @@ pub struct DeviceGrid {
 }
 
 impl DeviceGrid {
+    /// Uploads a host grid (e.g. one built on the CPU or loaded from a checkpoint).
+    pub fn upload(dev: &GpuDevice, grid: &QuantGrid) -> Result<Self> {
+        let (rows, n_groups) = grid.dim();
+        let qmeta = dev.stream().clone_htod(&grid.to_u32_vec()).map_err(ForgeError::driver("uploading qmeta"))?;
+        Ok(DeviceGrid { qmeta, rows, n_groups, maxq: grid.maxq, pad: grid.pad, group_size: grid.group_size })
+    }
+
     /// Downloads the records into a host [`QuantGrid`].
     pub fn to_host(&self, dev: &GpuDevice) -> Result<QuantGrid> {
         let recs = dev.stream().clone_dtoh(&self.qmeta).map_err(ForgeError::driver("downloading qmeta"))?;

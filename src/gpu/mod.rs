@@ -7,9 +7,11 @@
 
 mod grid;
 mod launch;
+mod solver;
 
 pub use grid::{build_quant_grid_device, build_quant_grid_gpu, launch_grid_kernel, DeviceGrid, DeviceWeight};
 pub use launch::{grid_for, LaunchDims};
+pub use solver::{launch_solve, solve_gpu, DeviceFactor, DeviceSolveOutput, SolveWorkspace};
 
 use crate::{ForgeError, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};

@@ -55,3 +55,57 @@ impl MseSharedLayout {
         MseSharedLayout { row_bytes, base_meta, best, total: best + gpb * 8 }
     }
 }
+
+/// Columns the fused GPTQ solver handles per block (its in-block recurrence width).
+pub const SOLVER_BLOCK: u32 = 64;
+/// K-chunk of the solver's left-looking update (columns of earlier errors per stage).
+pub const SOLVER_KCHUNK: u32 = 32;
+/// Threads per solver block (4 warps).
+pub const SOLVER_THREADS: u32 = 128;
+
+/// Shared-memory layout of one `gptq_solve` block of `rpc` rows (16 or 32), used by the kernel
+/// and its launcher. Offsets in bytes; every f32 tile is 16-byte aligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SolverSharedLayout {
+    /// Earlier errors of this K-chunk, transposed: `[KCHUNK][rpc]` f32.
+    pub err_chunk: u32,
+    /// `U[chunk rows, block cols]`: `[KCHUNK][BLOCK]` f32.
+    pub u_chunk: u32,
+    /// The block's working weights, later its errors: `[rpc][BLOCK + 4]` f32.
+    pub x_tile: u32,
+    /// Dequantized values of the block: `[rpc][BLOCK + 4]` f32.
+    pub deq_tile: u32,
+    /// `U[block, block]`: `[BLOCK][BLOCK]` f32.
+    pub u_block: u32,
+    /// Original column of each block column: `[BLOCK]` u32.
+    pub perm: u32,
+    /// Errors of the current column, double-buffered: `[2][32]` f32.
+    pub col_err: u32,
+    /// Per-warp partial losses: `[4][32]` f32.
+    pub loss: u32,
+    /// Codes of the block: `[rpc][BLOCK]` u8.
+    pub codes: u32,
+    /// Total bytes.
+    pub total: u32,
+}
+
+impl SolverSharedLayout {
+    /// Row stride of the x and deq tiles, in floats (16-byte aligned, bank-skewed).
+    pub const TILE_STRIDE: u32 = SOLVER_BLOCK + 4;
+
+    /// The layout for `rpc` rows per block.
+    #[inline]
+    pub fn new(rpc: u32) -> Self {
+        let err_chunk = 0;
+        let u_chunk = err_chunk + SOLVER_KCHUNK * rpc * 4;
+        let x_tile = u_chunk + SOLVER_KCHUNK * SOLVER_BLOCK * 4;
+        let deq_tile = x_tile + rpc * Self::TILE_STRIDE * 4;
+        let u_block = deq_tile + rpc * Self::TILE_STRIDE * 4;
+        let perm = u_block + SOLVER_BLOCK * SOLVER_BLOCK * 4;
+        let col_err = perm + SOLVER_BLOCK * 4;
+        let loss = col_err + 2 * 32 * 4;
+        let codes = loss + 4 * 32 * 4;
+        let total = codes + rpc * SOLVER_BLOCK;
+        SolverSharedLayout { err_chunk, u_chunk, x_tile, deq_tile, u_block, perm, col_err, loss, codes, total }
+    }
+}

@@ -1,0 +1,320 @@
+//! `gptq_solve_r16` / `gptq_solve_r32`: the whole GPTQ solve of a layer in one launch
+//! (DESIGN §4), left-looking and blocked, f32 throughout.
+//!
+//! Rows are independent, so each block owns `RPC` rows (16 or 32) and walks all columns in
+//! blocks of `BLOCK = 64` (in act-order: block column `c` is original column `perm[c0+c]`):
+//! 1. stage `perm` and `U[block, block]` in shared memory;
+//! 2. left-looking update: `X = W[rows, perm[block]] − Err[rows, 0:c0] · U[0:c0, block]`,
+//!    the earlier blocks' errors times the factor, as a register-tiled product: thread
+//!    `(rs, cq) = (tid/16, tid%16)` owns rows `rs·RPC/8 ..` × columns `4cq .. 4cq+4`; K runs
+//!    in chunks of 32 staged in shared memory, the next chunk's global loads issued before
+//!    the current chunk's FMAs;
+//! 3. in-block recurrence: warp `w` keeps columns `16w .. 16w+16` of its lane's row (lane =
+//!    row) in registers; for each column `t` the owning warp quantizes it (qmeta4 decoded per
+//!    element, exact division as the CPU reference), publishes `err = (x − deq)/U[t,t]`
+//!    through shared memory, and after one barrier every warp applies `x −= err·U[t, ·]` to
+//!    its later columns;
+//! 4. the block's errors, codes and dequantized values are written coalesced (codes and
+//!    dequant go to original column positions).
+//! One barrier per column, no launch per column, the qmeta read in place.
+//!
+//! Device memory: weight (R·C f32, read-only), factor (Cp·Cp f32), qmeta, outputs (codes
+//! R·C u8, dequant R·C f32, loss R f32) and a workspace of R·Cp f32 errors, with
+//! `Cp = ceil(C/64)·64` (`U` padded with an identity diagonal). Shared memory:
+//! `forge_numerics::SolverSharedLayout::new(RPC).total` bytes (48 KiB at RPC = 32).
+//!
+//! # Safety (upheld by the host launcher)
+//! `w` is `rows·cols` f32; `u` is `cols_p·cols_p` f32, 16-byte aligned, `cols_p % 64 == 0`,
+//! upper triangle of the permuted factor with a positive diagonal (identity past `cols`);
+//! `perm` has `cols_p` entries, a permutation of `0..cols` then anything; `qmeta` has
+//! `rows·n_groups` records; `codes`/`deq` hold `rows·cols`, `err` `rows·cols_p`, `loss` `rows`;
+//! block size 128 threads, grid `ceil(rows/RPC)` blocks, dynamic shared memory as above.
+
+use crate::device::{
+    block_x, ld_global_f32x4, ld_shared_f32, ld_shared_f32x2, ld_shared_f32x4, ld_shared_u32, ld_shared_u8,
+    shared_window_base, st_shared_f32x4, st_shared_u32, st_shared_u8, sync_threads, thread_x,
+};
+use core::f32::math::mul_add as fma;
+use forge_numerics::{dequantize, quantize, QMetaPacked, SolverSharedLayout, SOLVER_BLOCK as BLOCK};
+
+const KC: u32 = forge_numerics::SOLVER_KCHUNK;
+const STRIDE: u32 = SolverSharedLayout::TILE_STRIDE;
+
+#[inline(always)]
+unsafe fn st_f32(addr: u32, v: f32) {
+    st_shared_u32(addr, v.to_bits());
+}
+
+/// Loads this thread's share of K-chunk `s0`: `F = RPC/4` errors of one row and 16 factor
+/// values of one chunk row.
+#[inline(always)]
+unsafe fn load_chunk<const RPC: usize, const F: usize>(
+    err: *const f32,
+    u: *const f32,
+    rows: u32,
+    row0: u32,
+    cols_p: u32,
+    c0: u32,
+    s0: u32,
+    tid: u32,
+) -> ([f32; F], [f32; 16]) {
+    let mut e = [0f32; F];
+    let per_row = 32 / F as u32; // threads per error row
+    let (erow, ek) = (tid / per_row, (tid % per_row) * F as u32);
+    if row0 + erow < rows {
+        let p = err.add(((row0 + erow) * cols_p + s0 + ek) as usize);
+        let mut q = 0;
+        while q < F {
+            let v = ld_global_f32x4(p.add(q));
+            e[q] = v[0];
+            e[q + 1] = v[1];
+            e[q + 2] = v[2];
+            e[q + 3] = v[3];
+            q += 4;
+        }
+    }
+    let mut uv = [0f32; 16];
+    let (uk, uc) = (tid / 4, (tid % 4) * 16);
+    let p = u.add(((s0 + uk) * cols_p + c0 + uc) as usize);
+    let mut q = 0;
+    while q < 16 {
+        let v = ld_global_f32x4(p.add(q));
+        uv[q] = v[0];
+        uv[q + 1] = v[1];
+        uv[q + 2] = v[2];
+        uv[q + 3] = v[3];
+        q += 4;
+    }
+    (e, uv)
+}
+
+/// Writes a loaded chunk to shared memory (errors transposed to `[k][row]`).
+#[inline(always)]
+unsafe fn store_chunk<const RPC: usize, const F: usize>(l: &SolverSharedLayout, base: u32, tid: u32, e: &[f32; F], uv: &[f32; 16]) {
+    let per_row = 32 / F as u32;
+    let (erow, ek) = (tid / per_row, (tid % per_row) * F as u32);
+    let mut q = 0;
+    while q < F {
+        st_f32(base + l.err_chunk + ((ek + q as u32) * RPC as u32 + erow) * 4, e[q]);
+        q += 1;
+    }
+    let (uk, uc) = (tid / 4, (tid % 4) * 16);
+    let mut q = 0;
+    while q < 16 {
+        st_shared_f32x4(base + l.u_chunk + (uk * BLOCK + uc + q as u32) * 4, [uv[q], uv[q + 1], uv[q + 2], uv[q + 3]]);
+        q += 4;
+    }
+}
+
+#[inline(always)]
+unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize, const F: usize>(
+    w: *const f32,
+    u: *const f32,
+    perm: *const u32,
+    qmeta: *const u32,
+    rows: u32,
+    cols: u32,
+    cols_p: u32,
+    gs: u32,
+    n_groups: u32,
+    bits: u32,
+    codes: *mut u8,
+    deq: *mut f32,
+    err: *mut f32,
+    loss: *mut f32,
+) {
+    let l = SolverSharedLayout::new(RPC as u32);
+    let base = shared_window_base();
+    let tid = thread_x();
+    let (warp, lane) = (tid / 32, tid % 32);
+    let row0 = block_x() * RPC as u32;
+    let maxq = forge_numerics::maxq(bits);
+    let gs = gs.max(1); // no division-by-zero panic path
+    let (rs, cq) = (tid / 16, tid % 16);
+    let grow = row0 + lane;
+    let row_ok = (lane as usize) < RPC && grow < rows;
+    let mut loss_acc = 0f32;
+
+    let mut c0 = 0;
+    while c0 < cols_p {
+        // 1. stage perm and U[block, block]
+        sync_threads();
+        if tid < BLOCK {
+            st_shared_u32(base + l.perm + tid * 4, *perm.add((c0 + tid) as usize));
+        }
+        let mut q = 0;
+        while q < 8 {
+            let idx = tid * 8 + q; // float4 index in the 64×64 block
+            let (r, c4) = (idx / 16, (idx % 16) * 4);
+            let v = ld_global_f32x4(u.add(((c0 + r) * cols_p + c0 + c4) as usize));
+            st_shared_f32x4(base + l.u_block + (r * BLOCK + c4) * 4, v);
+            q += 1;
+        }
+
+        // 2. X = W[rows, perm[block]] − Err[rows, 0:c0] · U[0:c0, block]
+        let mut acc = [[0f32; 4]; RT];
+        let chunks = c0 / KC;
+        let (mut e, mut uv) = ([0f32; F], [0f32; 16]);
+        if chunks > 0 {
+            (e, uv) = load_chunk::<RPC, F>(err, u, rows, row0, cols_p, c0, 0, tid);
+        }
+        let mut ch = 0;
+        while ch < chunks {
+            sync_threads();
+            store_chunk::<RPC, F>(&l, base, tid, &e, &uv);
+            sync_threads();
+            if ch + 1 < chunks {
+                (e, uv) = load_chunk::<RPC, F>(err, u, rows, row0, cols_p, c0, (ch + 1) * KC, tid);
+            }
+            let mut kk = 0;
+            while kk < KC {
+                let a_addr = base + l.err_chunk + (kk * RPC as u32 + rs * RT as u32) * 4;
+                let a: [f32; RT] = if RT == 4 {
+                    let v = ld_shared_f32x4(a_addr);
+                    core::array::from_fn(|i| v[i])
+                } else {
+                    let v = ld_shared_f32x2(a_addr);
+                    core::array::from_fn(|i| v[i])
+                };
+                let b = ld_shared_f32x4(base + l.u_chunk + (kk * BLOCK + 4 * cq) * 4);
+                let mut i = 0;
+                while i < RT {
+                    let mut j = 0;
+                    while j < 4 {
+                        acc[i][j] = fma(a[i], b[j], acc[i][j]);
+                        j += 1;
+                    }
+                    i += 1;
+                }
+                kk += 1;
+            }
+            ch += 1;
+        }
+        sync_threads(); // perm staged before it is read below
+        let mut i = 0;
+        while i < RT {
+            let r = rs * RT as u32 + i as u32;
+            let mut j = 0;
+            while j < 4 {
+                let c = 4 * cq + j as u32;
+                let wv = if row0 + r < rows && c0 + c < cols {
+                    *w.add(((row0 + r) * cols + ld_shared_u32(base + l.perm + c * 4)) as usize)
+                } else {
+                    0.0
+                };
+                st_f32(base + l.x_tile + (r * STRIDE + c) * 4, wv - acc[i][j]);
+                j += 1;
+            }
+            i += 1;
+        }
+        sync_threads();
+
+        // 3. in-block recurrence: warp `warp` owns columns 16·warp .. 16·warp+16, lane = row.
+        let mut x = [0f32; 16];
+        if (lane as usize) < RPC {
+            let mut c = 0;
+            while c < 16 {
+                x[c] = ld_shared_f32(base + l.x_tile + (lane * STRIDE + 16 * warp + c as u32) * 4);
+                c += 1;
+            }
+        }
+        let mut t = 0;
+        while t < BLOCK && c0 + t < cols {
+            if warp == t / 16 {
+                let mut xt = 0f32;
+                let mut c = 0;
+                while c < 16 {
+                    if c as u32 == t % 16 {
+                        xt = x[c];
+                    }
+                    c += 1;
+                }
+                let mut e = 0f32;
+                if row_ok {
+                    let j = ld_shared_u32(base + l.perm + t * 4);
+                    let m = QMetaPacked::from_u32(*qmeta.add((grow * n_groups + j / gs) as usize));
+                    let (s, q0) = (m.scale(), m.qzero_f32());
+                    let q = quantize(xt, s, q0, maxq);
+                    let dq = dequantize(q, s, q0);
+                    e = (xt - dq) / ld_shared_f32(base + l.u_block + (t * BLOCK + t) * 4);
+                    loss_acc += e * e;
+                    st_shared_u8(base + l.codes + lane * BLOCK + t, q as u8);
+                    st_f32(base + l.deq_tile + (lane * STRIDE + t) * 4, dq);
+                }
+                // The x slot of column t is free now: it keeps the error for the write-out.
+                st_f32(base + l.x_tile + (lane * STRIDE + t) * 4, e);
+                st_f32(base + l.col_err + ((t & 1) * 32 + lane) * 4, e);
+            }
+            sync_threads();
+            let e = ld_shared_f32(base + l.col_err + ((t & 1) * 32 + lane) * 4);
+            let mut c = 0;
+            while c < 16 {
+                let col = 16 * warp + c as u32;
+                if col > t {
+                    // Multiply then subtract, as the CPU reference (never fused).
+                    x[c] -= e * ld_shared_f32(base + l.u_block + (t * BLOCK + col) * 4);
+                }
+                c += 1;
+            }
+            t += 1;
+        }
+        sync_threads();
+
+        // 4. write the block's errors (permuted order), codes and dequant (original order)
+        let mut idx = tid;
+        while idx < RPC as u32 * BLOCK {
+            let (r, c) = (idx / BLOCK, idx % BLOCK);
+            if row0 + r < rows && c0 + c < cols {
+                let gr = (row0 + r) as usize;
+                let j = ld_shared_u32(base + l.perm + c * 4) as usize;
+                *err.add(gr * cols_p as usize + (c0 + c) as usize) = ld_shared_f32(base + l.x_tile + (r * STRIDE + c) * 4);
+                *deq.add(gr * cols as usize + j) = ld_shared_f32(base + l.deq_tile + (r * STRIDE + c) * 4);
+                *codes.add(gr * cols as usize + j) = ld_shared_u8(base + l.codes + r * BLOCK + c);
+            }
+            idx += 128;
+        }
+        c0 += BLOCK;
+    }
+
+    // Per-row loss: each warp summed the errors of the columns it owned.
+    sync_threads();
+    st_f32(base + l.loss + (warp * 32 + lane) * 4, loss_acc);
+    sync_threads();
+    if tid < 32 && row_ok {
+        let mut s = 0f32;
+        let mut wq = 0;
+        while wq < 4 {
+            s += ld_shared_f32(base + l.loss + (wq * 32 + lane) * 4);
+            wq += 1;
+        }
+        *loss.add(grow as usize) = 0.5 * s;
+    }
+}
+
+macro_rules! gptq_solve_entry {
+    ($name:ident, $rpc:literal, $rt:literal, $f:literal) => {
+        /// Fused GPTQ solver for blocks of this many rows; see the module docs.
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $name(
+            w: *const f32,
+            u: *const f32,
+            perm: *const u32,
+            qmeta: *const u32,
+            rows: u32,
+            cols: u32,
+            cols_p: u32,
+            gs: u32,
+            n_groups: u32,
+            bits: u32,
+            codes: *mut u8,
+            deq: *mut f32,
+            err: *mut f32,
+            loss: *mut f32,
+        ) {
+            gptq_solve_impl::<$rpc, $rt, $f>(w, u, perm, qmeta, rows, cols, cols_p, gs, n_groups, bits, codes, deq, err, loss)
+        }
+    };
+}
+
+gptq_solve_entry!(gptq_solve_r16, 16, 2, 4);
+gptq_solve_entry!(gptq_solve_r32, 32, 4, 8);
