@@ -10,6 +10,8 @@
 
 pub mod device;
 
+pub mod fma_throughput;
+
 pub mod gptq_solve;
 pub mod mse_search;
 pub mod qmeta_decode;
