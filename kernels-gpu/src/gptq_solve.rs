@@ -106,6 +106,42 @@ unsafe fn store_chunk<const RPC: usize, const F: usize>(l: &SolverSharedLayout, 
     }
 }
 
+/// Calls `f(0) … f(15)` written out, so register arrays indexed by `c` stay in registers
+/// (a loop LLVM declines to unroll would move them to local memory).
+#[inline(always)]
+fn for16(mut f: impl FnMut(usize)) {
+    f(0);
+    f(1);
+    f(2);
+    f(3);
+    f(4);
+    f(5);
+    f(6);
+    f(7);
+    f(8);
+    f(9);
+    f(10);
+    f(11);
+    f(12);
+    f(13);
+    f(14);
+    f(15);
+}
+
+/// Step `kk` of the staged chunk: this thread's `RT` error rows and 4 factor columns.
+#[inline(always)]
+unsafe fn load_operands<const RPC: usize, const RT: usize>(l: &SolverSharedLayout, base: u32, kk: u32, rs: u32, cq: u32) -> ([f32; RT], [f32; 4]) {
+    let a_addr = base + l.err_chunk + (kk * RPC as u32 + rs * RT as u32) * 4;
+    let a: [f32; RT] = if RT == 4 {
+        let v = ld_shared_f32x4(a_addr);
+        core::array::from_fn(|i| v[i])
+    } else {
+        let v = ld_shared_f32x2(a_addr);
+        core::array::from_fn(|i| v[i])
+    };
+    (a, ld_shared_f32x4(base + l.u_chunk + (kk * BLOCK + 4 * cq) * 4))
+}
+
 #[inline(always)]
 unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize, const F: usize>(
     w: *const f32,
@@ -151,6 +187,20 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize, const F: usize>(
             q += 1;
         }
 
+        sync_threads(); // perm staged
+        // The qmeta records this lane's row needs for its warp's 16 columns, loaded now so
+        // their latency hides behind the product below.
+        let mut metas = [0u32; 16];
+        if row_ok {
+            for16(|c| {
+                let col = 16 * warp + c as u32;
+                if c0 + col < cols {
+                    let j = ld_shared_u32(base + l.perm + col * 4);
+                    metas[c] = *qmeta.add((grow * n_groups + j / gs) as usize);
+                }
+            });
+        }
+
         // 2. X = W[rows, perm[block]] − Err[rows, 0:c0] · U[0:c0, block]
         let mut acc = [[0f32; 4]; RT];
         let chunks = c0 / KC;
@@ -166,17 +216,12 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize, const F: usize>(
             if ch + 1 < chunks {
                 (e, uv) = load_chunk::<RPC, F>(err, u, rows, row0, cols_p, c0, (ch + 1) * KC, tid);
             }
+            // Operands of step kk+1 are loaded before the FMAs of step kk (hides the
+            // shared-memory latency with only a few warps per SM).
+            let (mut a, mut b) = load_operands::<RPC, RT>(&l, base, 0, rs, cq);
             let mut kk = 0;
             while kk < KC {
-                let a_addr = base + l.err_chunk + (kk * RPC as u32 + rs * RT as u32) * 4;
-                let a: [f32; RT] = if RT == 4 {
-                    let v = ld_shared_f32x4(a_addr);
-                    core::array::from_fn(|i| v[i])
-                } else {
-                    let v = ld_shared_f32x2(a_addr);
-                    core::array::from_fn(|i| v[i])
-                };
-                let b = ld_shared_f32x4(base + l.u_chunk + (kk * BLOCK + 4 * cq) * 4);
+                let (a_next, b_next) = load_operands::<RPC, RT>(&l, base, (kk + 1) % KC, rs, cq);
                 let mut i = 0;
                 while i < RT {
                     let mut j = 0;
@@ -186,11 +231,11 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize, const F: usize>(
                     }
                     i += 1;
                 }
+                (a, b) = (a_next, b_next);
                 kk += 1;
             }
             ch += 1;
         }
-        sync_threads(); // perm staged before it is read below
         let mut i = 0;
         while i < RT {
             let r = rs * RT as u32 + i as u32;
@@ -221,18 +266,16 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize, const F: usize>(
         let mut t = 0;
         while t < BLOCK && c0 + t < cols {
             if warp == t / 16 {
-                let mut xt = 0f32;
-                let mut c = 0;
-                while c < 16 {
+                let (mut xt, mut meta) = (0f32, 0u32);
+                for16(|c| {
                     if c as u32 == t % 16 {
                         xt = x[c];
+                        meta = metas[c];
                     }
-                    c += 1;
-                }
+                });
                 let mut e = 0f32;
                 if row_ok {
-                    let j = ld_shared_u32(base + l.perm + t * 4);
-                    let m = QMetaPacked::from_u32(*qmeta.add((grow * n_groups + j / gs) as usize));
+                    let m = QMetaPacked::from_u32(meta);
                     let (s, q0) = (m.scale(), m.qzero_f32());
                     let q = quantize(xt, s, q0, maxq);
                     let dq = dequantize(q, s, q0);
@@ -241,21 +284,21 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize, const F: usize>(
                     st_shared_u8(base + l.codes + lane * BLOCK + t, q as u8);
                     st_f32(base + l.deq_tile + (lane * STRIDE + t) * 4, dq);
                 }
-                // The x slot of column t is free now: it keeps the error for the write-out.
-                st_f32(base + l.x_tile + (lane * STRIDE + t) * 4, e);
+                if (lane as usize) < RPC {
+                    // The x slot of column t is free now: it keeps the error for the write-out.
+                    st_f32(base + l.x_tile + (lane * STRIDE + t) * 4, e);
+                }
                 st_f32(base + l.col_err + ((t & 1) * 32 + lane) * 4, e);
             }
             sync_threads();
             let e = ld_shared_f32(base + l.col_err + ((t & 1) * 32 + lane) * 4);
-            let mut c = 0;
-            while c < 16 {
+            for16(|c| {
                 let col = 16 * warp + c as u32;
                 if col > t {
                     // Multiply then subtract, as the CPU reference (never fused).
                     x[c] -= e * ld_shared_f32(base + l.u_block + (t * BLOCK + col) * 4);
                 }
-                c += 1;
-            }
+            });
             t += 1;
         }
         sync_threads();

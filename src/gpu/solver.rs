@@ -123,10 +123,11 @@ impl SolveWorkspace {
     }
 }
 
-/// Rows per solver block: 32 when that still gives every SM a block, else 16.
+/// Rows per solver block: 32 when that still gives every SM two blocks (latency hiding
+/// needs more than one 4-warp block per SM), else 16.
 fn rows_per_block(dev: &GpuDevice, rows: usize) -> Result<u32> {
     let sms = dev.sm_count()? as usize;
-    Ok(if rows.div_ceil(32) >= sms { 32 } else { 16 })
+    Ok(if rows.div_ceil(32) >= 2 * sms { 32 } else { 16 })
 }
 
 /// Enqueues the fused solve of `weight` (f32) with `factor` and the device-resident `grid`
