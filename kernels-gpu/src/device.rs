@@ -382,3 +382,29 @@ pub unsafe fn ld_global_f32x4(p: *const f32) -> [f32; 4] {
     let v = (*(p as *const Align16)).0;
     [f32::from_bits(v[0]), f32::from_bits(v[1]), f32::from_bits(v[2]), f32::from_bits(v[3])]
 }
+
+/// `cp.async.cg.shared.global` of 16 bytes: an asynchronous global → shared copy (sm_80+),
+/// completed by [`cp_async_commit`] / [`cp_async_wait`].
+///
+/// # Safety
+/// `dst` is a 16-byte aligned shared address and `src` a 16-byte aligned global pointer, both
+/// in bounds; nothing reads `dst` before the matching wait and a barrier.
+#[inline(always)]
+pub unsafe fn cp_async_16(dst: u32, src: *const f32) {
+    asm!("{{ .reg .u64 g; cvta.to.global.u64 g, {s}; cp.async.cg.shared.global [{d}], [g], 16; }}",
+         d = in(reg32) dst, s = in(reg64) src, options(nostack));
+}
+
+/// `cp.async.commit_group`: closes the group of copies issued since the last commit.
+#[inline(always)]
+pub fn cp_async_commit() {
+    // SAFETY: bookkeeping of this thread's asynchronous copies only.
+    unsafe { asm!("cp.async.commit_group;", options(nostack)) };
+}
+
+/// `cp.async.wait_group N`: waits until at most `N` of this thread's groups are in flight.
+#[inline(always)]
+pub fn cp_async_wait<const N: u32>() {
+    // SAFETY: as `cp_async_commit`.
+    unsafe { asm!("cp.async.wait_group {n};", n = const N, options(nostack)) };
+}

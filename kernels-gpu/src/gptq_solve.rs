@@ -7,8 +7,9 @@
 //! 2. left-looking update: `X = W[rows, perm[block]] − Err[rows, 0:c0] · U[0:c0, block]`,
 //!    the earlier blocks' errors times the factor, as a register-tiled product: thread
 //!    `(rs, cq) = (tid/16, tid%16)` owns rows `rs·RPC/8 ..` × columns `4cq .. 4cq+4`; K runs
-//!    in chunks of 32 staged in shared memory, the next chunk's global loads issued before
-//!    the current chunk's FMAs;
+//!    in chunks of 32 staged in shared memory by `cp.async`, `SOLVER_STAGES − 1` chunks in
+//!    flight while one is multiplied (the errors are kept column-major, so a chunk row is
+//!    `RPC` contiguous floats);
 //! 3. in-block recurrence: warp `w` keeps columns `16w .. 16w+16` of its lane's row (lane =
 //!    row) in registers; for each column `t` the owning warp quantizes it (qmeta4 decoded per
 //!    element, exact division as the CPU reference), publishes `err = (x − deq)/U[t,t]`
@@ -19,23 +20,28 @@
 //! One barrier per column, no launch per column, the qmeta read in place.
 //!
 //! Device memory: weight (R·C f32, read-only), factor (Cp·Cp f32), qmeta, outputs (codes
-//! R·C u8, dequant R·C f32, loss R f32) and a workspace of R·Cp f32 errors, with
-//! `Cp = ceil(C/64)·64` (`U` padded with an identity diagonal). Shared memory:
-//! `forge_numerics::SolverSharedLayout::new(RPC).total` bytes (48 KiB at RPC = 32).
+//! R·C u8, dequant R·C f32, loss R f32) and a workspace of Cp·Rp f32 errors (column-major),
+//! with `Cp = ceil(C/64)·64` (`U` padded with an identity diagonal) and `Rp = ceil(R/32)·32`.
+//! Shared memory: `forge_numerics::SolverSharedLayout::new(RPC).total` bytes (66.5 KiB at
+//! RPC = 16, 84 KiB at 32; the launcher raises the block's dynamic limit).
 //!
 //! # Safety (upheld by the host launcher)
 //! `w` is `rows·cols` f32; `u` is `cols_p·cols_p` f32, 16-byte aligned, `cols_p % 64 == 0`,
 //! upper triangle of the permuted factor with a positive diagonal (identity past `cols`);
 //! `perm` has `cols_p` entries, a permutation of `0..cols` then anything; `qmeta` has
-//! `rows·n_groups` records; `codes`/`deq` hold `rows·cols`, `err` `rows·cols_p`, `loss` `rows`;
+//! `rows·n_groups` records; `codes`/`deq` hold `rows·cols`, `err_t` `cols_p·rows_p` (zeroed,
+//! `rows_p` a multiple of 32 ≥ rows), `loss` `rows`;
 //! block size 128 threads, grid `ceil(rows/RPC)` blocks, dynamic shared memory as above.
 
 use crate::device::{
-    block_x, ld_global_f32x4, ld_shared_f32, ld_shared_f32x2, ld_shared_f32x4, ld_shared_u32, ld_shared_u8,
-    shared_window_base, st_shared_f32x4, st_shared_u32, st_shared_u8, sync_threads, thread_x,
+    block_x, cp_async_16, cp_async_commit, cp_async_wait, ld_global_f32x4, ld_shared_f32, ld_shared_f32x2,
+    ld_shared_f32x4, ld_shared_u32, ld_shared_u8, shared_window_base, st_shared_f32x4, st_shared_u32, st_shared_u8,
+    sync_threads, thread_x,
 };
 use core::f32::math::mul_add as fma;
-use forge_numerics::{dequantize, quantize, QMetaPacked, SolverSharedLayout, SOLVER_BLOCK as BLOCK};
+use forge_numerics::{
+    dequantize, quantize, QMetaPacked, SolverSharedLayout, SOLVER_BLOCK as BLOCK, SOLVER_STAGES, SOLVER_THREADS,
+};
 
 const KC: u32 = forge_numerics::SOLVER_KCHUNK;
 const STRIDE: u32 = SolverSharedLayout::TILE_STRIDE;
@@ -45,64 +51,24 @@ unsafe fn st_f32(addr: u32, v: f32) {
     st_shared_u32(addr, v.to_bits());
 }
 
-/// Loads this thread's share of K-chunk `s0`: `F = RPC/4` errors of one row and 16 factor
-/// values of one chunk row.
+/// Issues the asynchronous copies of K-chunk `s0` into stage `st`: the chunk's errors
+/// (`err_t` is column-major, so chunk row `k` is `RPC` contiguous floats) and `U[s0.., block]`.
 #[inline(always)]
-unsafe fn load_chunk<const RPC: usize, const F: usize>(
-    err: *const f32,
-    u: *const f32,
-    rows: u32,
-    row0: u32,
-    cols_p: u32,
-    c0: u32,
-    s0: u32,
-    tid: u32,
-) -> ([f32; F], [f32; 16]) {
-    let mut e = [0f32; F];
-    let per_row = 32 / F as u32; // threads per error row
-    let (erow, ek) = (tid / per_row, (tid % per_row) * F as u32);
-    if row0 + erow < rows {
-        let p = err.add(((row0 + erow) * cols_p + s0 + ek) as usize);
-        let mut q = 0;
-        while q < F {
-            let v = ld_global_f32x4(p.add(q));
-            e[q] = v[0];
-            e[q + 1] = v[1];
-            e[q + 2] = v[2];
-            e[q + 3] = v[3];
-            q += 4;
-        }
+unsafe fn issue_chunk<const RPC: usize>(l: &SolverSharedLayout, base: u32, err_t: *const f32, u: *const f32, rows_p: u32, row0: u32, cols_p: u32, c0: u32, s0: u32, st: u32, tid: u32) {
+    let stage = base + l.stages + st * l.stage_bytes;
+    // errors: KC·RPC floats = KC·RPC/4 16-byte pieces
+    let mut piece = tid;
+    while piece < KC * RPC as u32 / 4 {
+        let (k, r4) = (piece / (RPC as u32 / 4), (piece % (RPC as u32 / 4)) * 4);
+        cp_async_16(stage + (k * RPC as u32 + r4) * 4, err_t.add(((s0 + k) * rows_p + row0 + r4) as usize));
+        piece += SOLVER_THREADS;
     }
-    let mut uv = [0f32; 16];
-    let (uk, uc) = (tid / 4, (tid % 4) * 16);
-    let p = u.add(((s0 + uk) * cols_p + c0 + uc) as usize);
-    let mut q = 0;
-    while q < 16 {
-        let v = ld_global_f32x4(p.add(q));
-        uv[q] = v[0];
-        uv[q + 1] = v[1];
-        uv[q + 2] = v[2];
-        uv[q + 3] = v[3];
-        q += 4;
-    }
-    (e, uv)
-}
-
-/// Writes a loaded chunk to shared memory (errors transposed to `[k][row]`).
-#[inline(always)]
-unsafe fn store_chunk<const RPC: usize, const F: usize>(l: &SolverSharedLayout, base: u32, tid: u32, e: &[f32; F], uv: &[f32; 16]) {
-    let per_row = 32 / F as u32;
-    let (erow, ek) = (tid / per_row, (tid % per_row) * F as u32);
-    let mut q = 0;
-    while q < F {
-        st_f32(base + l.err_chunk + ((ek + q as u32) * RPC as u32 + erow) * 4, e[q]);
-        q += 1;
-    }
-    let (uk, uc) = (tid / 4, (tid % 4) * 16);
-    let mut q = 0;
-    while q < 16 {
-        st_shared_f32x4(base + l.u_chunk + (uk * BLOCK + uc + q as u32) * 4, [uv[q], uv[q + 1], uv[q + 2], uv[q + 3]]);
-        q += 4;
+    // U: KC·64 floats = 512 pieces, 4 per thread
+    let mut piece = tid;
+    while piece < KC * BLOCK / 4 {
+        let (k, c4) = (piece / (BLOCK / 4), (piece % (BLOCK / 4)) * 4);
+        cp_async_16(stage + l.stage_u + (k * BLOCK + c4) * 4, u.add(((s0 + k) * cols_p + c0 + c4) as usize));
+        piece += SOLVER_THREADS;
     }
 }
 
@@ -128,10 +94,10 @@ fn for16(mut f: impl FnMut(usize)) {
     f(15);
 }
 
-/// Step `kk` of the staged chunk: this thread's `RT` error rows and 4 factor columns.
+/// Step `kk` of the chunk in `stage`: this thread's `RT` error rows and 4 factor columns.
 #[inline(always)]
-unsafe fn load_operands<const RPC: usize, const RT: usize>(l: &SolverSharedLayout, base: u32, kk: u32, rs: u32, cq: u32) -> ([f32; RT], [f32; 4]) {
-    let a_addr = base + l.err_chunk + (kk * RPC as u32 + rs * RT as u32) * 4;
+unsafe fn load_operands<const RPC: usize, const RT: usize>(l: &SolverSharedLayout, stage: u32, kk: u32, rs: u32, cq: u32) -> ([f32; RT], [f32; 4]) {
+    let a_addr = stage + (kk * RPC as u32 + rs * RT as u32) * 4;
     let a: [f32; RT] = if RT == 4 {
         let v = ld_shared_f32x4(a_addr);
         core::array::from_fn(|i| v[i])
@@ -139,11 +105,11 @@ unsafe fn load_operands<const RPC: usize, const RT: usize>(l: &SolverSharedLayou
         let v = ld_shared_f32x2(a_addr);
         core::array::from_fn(|i| v[i])
     };
-    (a, ld_shared_f32x4(base + l.u_chunk + (kk * BLOCK + 4 * cq) * 4))
+    (a, ld_shared_f32x4(stage + l.stage_u + (kk * BLOCK + 4 * cq) * 4))
 }
 
 #[inline(always)]
-unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize, const F: usize>(
+unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
     w: *const f32,
     u: *const f32,
     perm: *const u32,
@@ -154,9 +120,10 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize, const F: usize>(
     gs: u32,
     n_groups: u32,
     bits: u32,
+    rows_p: u32,
     codes: *mut u8,
     deq: *mut f32,
-    err: *mut f32,
+    err_t: *mut f32,
     loss: *mut f32,
 ) {
     let l = SolverSharedLayout::new(RPC as u32);
@@ -204,24 +171,31 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize, const F: usize>(
         // 2. X = W[rows, perm[block]] − Err[rows, 0:c0] · U[0:c0, block]
         let mut acc = [[0f32; 4]; RT];
         let chunks = c0 / KC;
-        let (mut e, mut uv) = ([0f32; F], [0f32; 16]);
-        if chunks > 0 {
-            (e, uv) = load_chunk::<RPC, F>(err, u, rows, row0, cols_p, c0, 0, tid);
+        // Pipeline: STAGES−1 chunks in flight while one is multiplied; a commit per step
+        // (empty or not) keeps the wait count uniform.
+        let mut ch = 0;
+        while ch < SOLVER_STAGES - 1 {
+            if ch < chunks {
+                issue_chunk::<RPC>(&l, base, err_t, u, rows_p, row0, cols_p, c0, ch * KC, ch, tid);
+            }
+            cp_async_commit();
+            ch += 1;
         }
         let mut ch = 0;
         while ch < chunks {
-            sync_threads();
-            store_chunk::<RPC, F>(&l, base, tid, &e, &uv);
-            sync_threads();
-            if ch + 1 < chunks {
-                (e, uv) = load_chunk::<RPC, F>(err, u, rows, row0, cols_p, c0, (ch + 1) * KC, tid);
+            cp_async_wait::<{ SOLVER_STAGES - 2 }>();
+            sync_threads(); // chunk ch visible to all; stage (ch−1) no longer read
+            let next = ch + SOLVER_STAGES - 1;
+            if next < chunks {
+                issue_chunk::<RPC>(&l, base, err_t, u, rows_p, row0, cols_p, c0, next * KC, next % SOLVER_STAGES, tid);
             }
-            // Operands of step kk+1 are loaded before the FMAs of step kk (hides the
-            // shared-memory latency with only a few warps per SM).
-            let (mut a, mut b) = load_operands::<RPC, RT>(&l, base, 0, rs, cq);
+            cp_async_commit();
+            let stage = base + l.stages + (ch % SOLVER_STAGES) * l.stage_bytes;
+            // Operands of step kk+1 are loaded before the FMAs of step kk.
+            let (mut a, mut b) = load_operands::<RPC, RT>(&l, stage, 0, rs, cq);
             let mut kk = 0;
             while kk < KC {
-                let (a_next, b_next) = load_operands::<RPC, RT>(&l, base, (kk + 1) % KC, rs, cq);
+                let (a_next, b_next) = load_operands::<RPC, RT>(&l, stage, (kk + 1) % KC, rs, cq);
                 let mut i = 0;
                 while i < RT {
                     let mut j = 0;
@@ -236,6 +210,7 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize, const F: usize>(
             }
             ch += 1;
         }
+        cp_async_wait::<0>();
         let mut i = 0;
         while i < RT {
             let r = rs * RT as u32 + i as u32;
@@ -306,15 +281,16 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize, const F: usize>(
         // 4. write the block's errors (permuted order), codes and dequant (original order)
         let mut idx = tid;
         while idx < RPC as u32 * BLOCK {
-            let (r, c) = (idx / BLOCK, idx % BLOCK);
+            // Rows fastest: the column-major error workspace is written in runs of RPC floats.
+            let (r, c) = (idx % RPC as u32, idx / RPC as u32);
             if row0 + r < rows && c0 + c < cols {
                 let gr = (row0 + r) as usize;
                 let j = ld_shared_u32(base + l.perm + c * 4) as usize;
-                *err.add(gr * cols_p as usize + (c0 + c) as usize) = ld_shared_f32(base + l.x_tile + (r * STRIDE + c) * 4);
+                *err_t.add((c0 + c) as usize * rows_p as usize + gr) = ld_shared_f32(base + l.x_tile + (r * STRIDE + c) * 4);
                 *deq.add(gr * cols as usize + j) = ld_shared_f32(base + l.deq_tile + (r * STRIDE + c) * 4);
                 *codes.add(gr * cols as usize + j) = ld_shared_u8(base + l.codes + r * BLOCK + c);
             }
-            idx += 128;
+            idx += SOLVER_THREADS;
         }
         c0 += BLOCK;
     }
@@ -335,7 +311,7 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize, const F: usize>(
 }
 
 macro_rules! gptq_solve_entry {
-    ($name:ident, $rpc:literal, $rt:literal, $f:literal) => {
+    ($name:ident, $rpc:literal, $rt:literal) => {
         /// Fused GPTQ solver for blocks of this many rows; see the module docs.
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(
@@ -349,15 +325,16 @@ macro_rules! gptq_solve_entry {
             gs: u32,
             n_groups: u32,
             bits: u32,
+            rows_p: u32,
             codes: *mut u8,
             deq: *mut f32,
-            err: *mut f32,
+            err_t: *mut f32,
             loss: *mut f32,
         ) {
-            gptq_solve_impl::<$rpc, $rt, $f>(w, u, perm, qmeta, rows, cols, cols_p, gs, n_groups, bits, codes, deq, err, loss)
+            gptq_solve_impl::<$rpc, $rt>(w, u, perm, qmeta, rows, cols, cols_p, gs, n_groups, bits, rows_p, codes, deq, err_t, loss)
         }
     };
 }
 
-gptq_solve_entry!(gptq_solve_r16, 16, 2, 4);
-gptq_solve_entry!(gptq_solve_r32, 32, 4, 8);
+gptq_solve_entry!(gptq_solve_r16, 16, 2);
+gptq_solve_entry!(gptq_solve_r32, 32, 4);

@@ -2,11 +2,13 @@
 //!
 //! Inputs stay on the device: the weight ([`DeviceWeight`], f32), the factor and act-order
 //! ([`DeviceFactor`], padded to a multiple of 64 columns), the grid ([`DeviceGrid`], read in
-//! place). Device memory beyond inputs and outputs: one `rows × Cp` f32 error workspace.
+//! place). Device memory beyond inputs and outputs: one `Cp × Rp` f32 error workspace
+//! (`Cp`, `Rp`: columns and rows rounded up to 64 and 32).
 
 use super::{DeviceGrid, DeviceWeight, GpuDevice};
 use crate::solver::{validate_inputs, SolveOutput};
 use crate::{ForgeError, QuantGrid, Result, WeightDtype, WeightView};
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use forge_numerics::{SolverSharedLayout, SOLVER_BLOCK, SOLVER_THREADS};
 use ndarray::{Array1, Array2, ArrayView2};
@@ -89,8 +91,10 @@ impl DeviceSolveOutput {
 /// of same-shape layers allocate once.
 pub struct SolveWorkspace {
     out: DeviceSolveOutput,
+    /// Errors, column-major `(cols_p, rows_p)`; rows past `rows` stay zero.
     err: CudaSlice<f32>,
     cols_p: usize,
+    rows_p: usize,
 }
 
 impl SolveWorkspace {
@@ -98,6 +102,7 @@ impl SolveWorkspace {
     pub fn new(dev: &GpuDevice, rows: usize, cols: usize) -> Result<Self> {
         let s = dev.stream();
         let cols_p = cols.div_ceil(SOLVER_BLOCK as usize) * SOLVER_BLOCK as usize;
+        let rows_p = rows.div_ceil(32) * 32;
         let alloc = ForgeError::driver("allocating solver buffers");
         Ok(SolveWorkspace {
             out: DeviceSolveOutput {
@@ -107,8 +112,9 @@ impl SolveWorkspace {
                 rows,
                 cols,
             },
-            err: s.alloc_zeros::<f32>(rows * cols_p).map_err(ForgeError::driver("allocating solver buffers"))?,
+            err: s.alloc_zeros::<f32>(rows_p * cols_p).map_err(ForgeError::driver("allocating solver buffers"))?,
             cols_p,
+            rows_p,
         })
     }
 
@@ -123,11 +129,12 @@ impl SolveWorkspace {
     }
 }
 
-/// Rows per solver block: 32 when that still gives every SM two blocks (latency hiding
-/// needs more than one 4-warp block per SM), else 16.
+/// Rows per solver block: 32 (half the factor traffic per row) once that gives the SMs
+/// 1.5 blocks each, else 16 (more blocks to hide latency). Measured on an H200: 32 rows won
+/// at 7168×2048, 16 at 4096×4096 (see the issue notes).
 fn rows_per_block(dev: &GpuDevice, rows: usize) -> Result<u32> {
     let sms = dev.sm_count()? as usize;
-    Ok(if rows.div_ceil(32) >= 2 * sms { 32 } else { 16 })
+    Ok(if 2 * rows.div_ceil(32) >= 3 * sms { 32 } else { 16 })
 }
 
 /// Enqueues the fused solve of `weight` (f32) with `factor` and the device-resident `grid`
@@ -145,18 +152,22 @@ pub fn launch_solve(dev: &GpuDevice, weight: &DeviceWeight, factor: &DeviceFacto
             factor.cols, grid.rows, grid.n_groups, ws.out.rows, ws.out.cols
         )));
     }
-    if rows > u32::MAX as usize / factor.cols_p.max(1) {
+    if ws.rows_p > u32::MAX as usize / factor.cols_p.max(1) {
         return Err(ForgeError::Shape(format!("{rows}×{cols} exceeds the solver's u32 indexing")));
     }
     let rpc = rows_per_block(dev, rows)?;
     let f = dev.function(if rpc == 32 { "gptq_solve_r32" } else { "gptq_solve_r16" })?;
     let shared = SolverSharedLayout::new(rpc).total;
+    // Above the 48 KiB default the block's dynamic shared-memory limit must be raised.
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
+        .map_err(ForgeError::driver("raising the solver's shared-memory limit"))?;
     let cfg = LaunchConfig { grid_dim: (rows.div_ceil(rpc as usize) as u32, 1, 1), block_dim: (SOLVER_THREADS, 1, 1), shared_mem_bytes: shared };
     let (r, c, cp, gs32, ng, bits) = (rows as u32, cols as u32, factor.cols_p as u32, gs as u32, grid.n_groups as u32, grid.maxq.count_ones());
+    let rp = ws.rows_p as u32;
     let stream = dev.stream();
     let mut l = stream.launch_builder(&f);
     l.arg(weight.bytes()).arg(&factor.u).arg(&factor.perm).arg(&grid.qmeta);
-    l.arg(&r).arg(&c).arg(&cp).arg(&gs32).arg(&ng).arg(&bits);
+    l.arg(&r).arg(&c).arg(&cp).arg(&gs32).arg(&ng).arg(&bits).arg(&rp);
     l.arg(&mut ws.out.codes).arg(&mut ws.out.dequant).arg(&mut ws.err).arg(&mut ws.out.loss);
     // SAFETY: buffer sizes checked above against the kernel's contract; the factor was padded
     // with an identity diagonal by DeviceFactor::upload; shared memory sized by the shared

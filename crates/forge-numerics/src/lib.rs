@@ -63,14 +63,19 @@ pub const SOLVER_KCHUNK: u32 = 32;
 /// Threads per solver block (4 warps).
 pub const SOLVER_THREADS: u32 = 128;
 
+/// Pipeline depth of the solver's K-chunk staging (chunks in flight while one is used).
+pub const SOLVER_STAGES: u32 = 4;
+
 /// Shared-memory layout of one `gptq_solve` block of `rpc` rows (16 or 32), used by the kernel
 /// and its launcher. Offsets in bytes; every f32 tile is 16-byte aligned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SolverSharedLayout {
-    /// Earlier errors of this K-chunk, transposed: `[KCHUNK][rpc]` f32.
-    pub err_chunk: u32,
-    /// `U[chunk rows, block cols]`: `[KCHUNK][BLOCK]` f32.
-    pub u_chunk: u32,
+    /// `SOLVER_STAGES` K-chunk stages, each `[KCHUNK][rpc]` errors then `[KCHUNK][BLOCK]` of `U`.
+    pub stages: u32,
+    /// Bytes of one stage.
+    pub stage_bytes: u32,
+    /// Offset of the `U` part inside a stage.
+    pub stage_u: u32,
     /// The block's working weights, later its errors: `[rpc][BLOCK + 4]` f32.
     pub x_tile: u32,
     /// Dequantized values of the block: `[rpc][BLOCK + 4]` f32.
@@ -96,9 +101,10 @@ impl SolverSharedLayout {
     /// The layout for `rpc` rows per block.
     #[inline]
     pub fn new(rpc: u32) -> Self {
-        let err_chunk = 0;
-        let u_chunk = err_chunk + SOLVER_KCHUNK * rpc * 4;
-        let x_tile = u_chunk + SOLVER_KCHUNK * SOLVER_BLOCK * 4;
+        let stage_u = SOLVER_KCHUNK * rpc * 4;
+        let stage_bytes = stage_u + SOLVER_KCHUNK * SOLVER_BLOCK * 4;
+        let stages = 0;
+        let x_tile = stages + SOLVER_STAGES * stage_bytes;
         let deq_tile = x_tile + rpc * Self::TILE_STRIDE * 4;
         let u_block = deq_tile + rpc * Self::TILE_STRIDE * 4;
         let perm = u_block + SOLVER_BLOCK * SOLVER_BLOCK * 4;
@@ -106,6 +112,6 @@ impl SolverSharedLayout {
         let loss = col_err + 2 * 32 * 4;
         let codes = loss + 4 * 32 * 4;
         let total = codes + rpc * SOLVER_BLOCK;
-        SolverSharedLayout { err_chunk, u_chunk, x_tile, deq_tile, u_block, perm, col_err, loss, codes, total }
+        SolverSharedLayout { stages, stage_bytes, stage_u, x_tile, deq_tile, u_block, perm, col_err, loss, codes, total }
     }
 }
