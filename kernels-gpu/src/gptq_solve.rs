@@ -94,6 +94,19 @@ fn for16(mut f: impl FnMut(usize)) {
     f(15);
 }
 
+/// K steps per software-pipelined operand group.
+const GROUP: u32 = 4;
+
+/// Operands of steps `kk .. kk+GROUP` of the chunk in `stage`.
+#[inline(always)]
+unsafe fn load_group<const RPC: usize, const RT: usize>(l: &SolverSharedLayout, stage: u32, kk: u32, rs: u32, cq: u32) -> ([[f32; RT]; GROUP as usize], [[f32; 4]; GROUP as usize]) {
+    let (a0, b0) = load_operands::<RPC, RT>(l, stage, kk, rs, cq);
+    let (a1, b1) = load_operands::<RPC, RT>(l, stage, kk + 1, rs, cq);
+    let (a2, b2) = load_operands::<RPC, RT>(l, stage, kk + 2, rs, cq);
+    let (a3, b3) = load_operands::<RPC, RT>(l, stage, kk + 3, rs, cq);
+    ([a0, a1, a2, a3], [b0, b1, b2, b3])
+}
+
 /// Step `kk` of the chunk in `stage`: this thread's `RT` error rows and 4 factor columns.
 #[inline(always)]
 unsafe fn load_operands<const RPC: usize, const RT: usize>(l: &SolverSharedLayout, stage: u32, kk: u32, rs: u32, cq: u32) -> ([f32; RT], [f32; 4]) {
@@ -155,15 +168,16 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
         }
 
         sync_threads(); // perm staged
-        // The qmeta records this lane's row needs for its warp's 16 columns, loaded now so
-        // their latency hides behind the product below.
-        let mut metas = [0u32; 16];
+        // The scales and zero points this lane's row needs for its warp's 16 columns, loaded
+        // and decoded now so their latency stays off the column-by-column recurrence.
+        let (mut scales, mut zeros) = ([1f32; 16], [0f32; 16]);
         if row_ok {
             for16(|c| {
                 let col = 16 * warp + c as u32;
                 if c0 + col < cols {
                     let j = ld_shared_u32(base + l.perm + col * 4);
-                    metas[c] = *qmeta.add((grow * n_groups + j / gs) as usize);
+                    let m = QMetaPacked::from_u32(*qmeta.add((grow * n_groups + j / gs) as usize));
+                    (scales[c], zeros[c]) = (m.scale(), m.qzero_f32());
                 }
             });
         }
@@ -191,22 +205,28 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
             }
             cp_async_commit();
             let stage = base + l.stages + (ch % SOLVER_STAGES) * l.stage_bytes;
-            // Operands of step kk+1 are loaded before the FMAs of step kk.
-            let (mut a, mut b) = load_operands::<RPC, RT>(&l, stage, 0, rs, cq);
+            // Operands of steps kk+4..kk+8 are loaded before the FMAs of steps kk..kk+4: with
+            // few warps per SM, 4·RT·4 FMAs must cover the shared-memory latency.
+            let mut cur = load_group::<RPC, RT>(&l, stage, 0, rs, cq);
             let mut kk = 0;
             while kk < KC {
-                let (a_next, b_next) = load_operands::<RPC, RT>(&l, stage, (kk + 1) % KC, rs, cq);
-                let mut i = 0;
-                while i < RT {
-                    let mut j = 0;
-                    while j < 4 {
-                        acc[i][j] = fma(a[i], b[j], acc[i][j]);
-                        j += 1;
+                let next = load_group::<RPC, RT>(&l, stage, (kk + GROUP) % KC, rs, cq);
+                let mut g = 0;
+                while g < GROUP as usize {
+                    let (a, b) = (cur.0[g], cur.1[g]);
+                    let mut i = 0;
+                    while i < RT {
+                        let mut j = 0;
+                        while j < 4 {
+                            acc[i][j] = fma(a[i], b[j], acc[i][j]);
+                            j += 1;
+                        }
+                        i += 1;
                     }
-                    i += 1;
+                    g += 1;
                 }
-                (a, b) = (a_next, b_next);
-                kk += 1;
+                cur = next;
+                kk += GROUP;
             }
             ch += 1;
         }
@@ -241,17 +261,14 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
         let mut t = 0;
         while t < BLOCK && c0 + t < cols {
             if warp == t / 16 {
-                let (mut xt, mut meta) = (0f32, 0u32);
+                let (mut xt, mut s, mut q0) = (0f32, 1f32, 0f32);
                 for16(|c| {
                     if c as u32 == t % 16 {
-                        xt = x[c];
-                        meta = metas[c];
+                        (xt, s, q0) = (x[c], scales[c], zeros[c]);
                     }
                 });
                 let mut e = 0f32;
                 if row_ok {
-                    let m = QMetaPacked::from_u32(meta);
-                    let (s, q0) = (m.scale(), m.qzero_f32());
                     let q = quantize(xt, s, q0, maxq);
                     let dq = dequantize(q, s, q0);
                     e = (xt - dq) / ld_shared_f32(base + l.u_block + (t * BLOCK + t) * 4);
