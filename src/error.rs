@@ -67,6 +67,24 @@ pub enum ForgeError {
     /// A safetensors file is malformed or lacks a tensor.
     #[error("safetensors: {0}")]
     Safetensors(String),
+    /// A CUDA library an operation needs (e.g. cuSOLVER for the GPU pre-step) could not be
+    /// loaded, or lacks a function the engine calls.
+    #[error("CUDA library {library} is not usable: {reason}")]
+    MissingLibrary {
+        /// The library, e.g. "cuSOLVER".
+        library: &'static str,
+        /// What was missing and how to provide it.
+        reason: String,
+    },
+    /// A cuSOLVER call failed (not a factorisation failure: those are retried and flagged).
+    #[error("cuSOLVER error while {op}: {source}")]
+    Cusolver {
+        /// What the engine was doing.
+        op: &'static str,
+        /// cuSOLVER's status.
+        #[source]
+        source: cudarc::cusolver::result::CusolverError,
+    },
 }
 
 impl ForgeError {

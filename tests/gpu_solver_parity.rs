@@ -70,7 +70,19 @@ fn compare(what: &str, l: &Layer, cpu: &SolveOutput, gpu: &SolveOutput) -> f64 {
     frac
 }
 
-fn run_case(dev: &fourbit_forge::gpu::GpuDevice, rows: usize, cols: usize, gs: usize, bits: u32, sym: bool, act_order: bool, seed: u64) {
+/// One parity case: shape, format, act-order, seed.
+struct Case {
+    rows: usize,
+    cols: usize,
+    gs: usize,
+    bits: u32,
+    sym: bool,
+    act_order: bool,
+    seed: u64,
+}
+
+fn run_case(dev: &fourbit_forge::gpu::GpuDevice, case: Case) {
+    let Case { rows, cols, gs, bits, sym, act_order, seed } = case;
     let l = layer(rows, cols, seed);
     let pre = pre_step_cpu(l.h.view(), None, &PreStepConfig { act_order, ..PreStepConfig::default() }).unwrap();
     let cfg = GridConfig { group_size: gs, bits, symmetric: sym, scale_search: ScaleSearch::Absmax };
@@ -86,12 +98,12 @@ fn gpu_solver_matches_cpu_on_awkward_shapes() {
     let Some(dev) = common::gpu_or_skip("gpu_solver_matches_cpu_on_awkward_shapes") else { return };
     // cols not a multiple of the 64-column block, a single row, gs = cols, act-order,
     // fewer rows than one 16-row block, and enough rows for the 32-row kernel.
-    run_case(&dev, 37, 200, 32, 4, true, false, 1);
-    run_case(&dev, 1, 130, 64, 3, false, true, 2);
-    run_case(&dev, 24, 256, 256, 4, true, true, 3);
-    run_case(&dev, 5, 64, 32, 8, false, false, 4);
-    run_case(&dev, 300, 512, 128, 4, true, true, 5);
-    run_case(&dev, 4400, 96, 32, 2, true, false, 6);
+    run_case(&dev, Case { rows: 37, cols: 200, gs: 32, bits: 4, sym: true, act_order: false, seed: 1 });
+    run_case(&dev, Case { rows: 1, cols: 130, gs: 64, bits: 3, sym: false, act_order: true, seed: 2 });
+    run_case(&dev, Case { rows: 24, cols: 256, gs: 256, bits: 4, sym: true, act_order: true, seed: 3 });
+    run_case(&dev, Case { rows: 5, cols: 64, gs: 32, bits: 8, sym: false, act_order: false, seed: 4 });
+    run_case(&dev, Case { rows: 300, cols: 512, gs: 128, bits: 4, sym: true, act_order: true, seed: 5 });
+    run_case(&dev, Case { rows: 4400, cols: 96, gs: 32, bits: 2, sym: true, act_order: false, seed: 6 });
 }
 
 #[test]
@@ -103,7 +115,7 @@ fn gpu_solver_matches_cpu_on_random_layers() {
         let cols = rng.gen_range(1..400);
         let gs = 32 * rng.gen_range(1..=8);
         let bits = rng.gen_range(2..=8);
-        run_case(&dev, rows, cols, gs, bits, rng.gen(), rng.gen(), 1000 + case);
+        run_case(&dev, Case { rows, cols, gs, bits, sym: rng.gen(), act_order: rng.gen(), seed: 1000 + case });
     }
 }
 

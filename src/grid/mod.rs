@@ -111,7 +111,7 @@ impl Default for GridConfig {
 impl GridConfig {
     /// Checks group size, bits and search settings against a weight of `rows × cols`.
     pub fn validate(&self, rows: usize, cols: usize) -> Result<()> {
-        if self.group_size % 32 != 0 || !(32..=1024).contains(&self.group_size) {
+        if !self.group_size.is_multiple_of(32) || !(32..=1024).contains(&self.group_size) {
             return Err(ForgeError::GroupSize(self.group_size));
         }
         if !(2..=8).contains(&self.bits) {

@@ -52,7 +52,7 @@ pub fn quantize_with_reciprocal(x: f32, scale: f32, inv_scale: f32, qzero: f32, 
 /// (a subnormal or infinite reciprocal loses the relative accuracy the proof needs).
 #[inline]
 pub fn reciprocal_is_safe(inv_scale: f32) -> bool {
-    inv_scale >= f32::MIN_POSITIVE && inv_scale <= f32::MAX
+    (f32::MIN_POSITIVE..=f32::MAX).contains(&inv_scale)
 }
 
 /// `(q − qzero) · scale`.
