@@ -146,7 +146,7 @@ unsafe fn mse_search_impl<T: Elem>(
         let k = p - i * n_cand;
         if first + (i as u64) < total {
             let m = QMetaPacked::from_u32(ld_shared_u32(base_meta + 4 * i));
-            let q88 = encode_fast(m.scale() * candidate(k));
+            let q88 = encode_log2_q88(m.scale() * candidate(k));
             let scale = decode_log2_q88(q88);
             let inv = 1.0 / scale;
             let (x, q0) = (xs + i * row_bytes, m.qzero_f32());
@@ -172,23 +172,6 @@ unsafe fn mse_search_impl<T: Elem>(
         let q88 = encode_log2_q88(m.scale() * candidate(k));
         *qmeta.add((first + i as u64) as usize) = QMetaPacked { log2_scale_q88: q88, ..m }.to_u32();
     }
-}
-
-/// `encode_log2_q88(s)` without the f64 log2 in almost every case: the hardware `lg2.approx`
-/// (≤ 2^-22 absolute error) decides the Q8.8 rounding unless `256·log2 s` lands within 2^-8
-/// of a midpoint, where the reference's own f32 rounding of log2 (≤ 2^-19 absolute for
-/// |log2 s| < 64, i.e. 2^-11 in Q8.8 units) could matter; those cases, the 1e-12 clamp and
-/// huge scales take the exact path. So the result always equals `encode_log2_q88(s)`.
-#[inline(always)]
-fn encode_fast(s: f32) -> i16 {
-    if s > 2e-12 && s < 1.8e19 {
-        let y = log2_approx(s) * 256.0;
-        let r = (y + 12_582_912.0) - 12_582_912.0; // round to nearest, |y| < 2^14
-        if ((y - r).abs() - 0.5).abs() > 1.0 / 256.0 {
-            return r as i16;
-        }
-    }
-    encode_log2_q88(s)
 }
 
 macro_rules! mse_search_entry {
