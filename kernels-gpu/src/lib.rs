@@ -12,7 +12,9 @@ pub mod device;
 
 pub mod fma_throughput;
 
-pub mod gptq_solve;
+pub mod gptq_panel;
+pub mod gptq_permute;
+pub mod gptq_trailing;
 pub mod mse_search;
 pub mod qmeta_decode;
 pub mod range_meta;

@@ -1,20 +1,24 @@
-//! Host side of the fused GPU solver (`gptq_solve_r16` / `gptq_solve_r32`).
+//! Host side of the GPU solver: `gptq_permute_weight` once, then per panel of
+//! `SOLVER_PANEL` (512) columns `gptq_panel_r16/_r32` (the column-by-column recurrence) and
+//! `gptq_trailing_update` (the panel's errors applied to all later columns): 1 + 2·⌈C/512⌉
+//! launches for the whole layer, none per column.
 //!
 //! Inputs stay on the device: the weight ([`DeviceWeight`], f32), the factor and act-order
-//! ([`DeviceFactor`], padded to a multiple of 64 columns), the grid ([`DeviceGrid`], read in
-//! place). Device memory beyond inputs and outputs: one `Cp × Rp` f32 error workspace
-//! (`Cp`, `Rp`: columns and rows rounded up to 64 and 32).
+//! ([`DeviceFactor`], padded to a multiple of 128 columns), the grid ([`DeviceGrid`], read in
+//! place). Device memory beyond inputs and outputs: the permuted working weights (`Rp × Cp`
+//! f32) and the errors (`Cp × Rp` f32), `Rp`, `Cp` = rows and columns rounded up to 128.
 
 use super::{DeviceGrid, DeviceWeight, GpuDevice};
 use crate::solver::{validate_inputs, SolveOutput};
 use crate::{ForgeError, QuantGrid, Result, WeightDtype, WeightView};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use forge_numerics::{SolverSharedLayout, SOLVER_BLOCK, SOLVER_THREADS};
+use super::grid_for;
+use forge_numerics::{SolverSharedLayout, SOLVER_PANEL, SOLVER_THREADS, TRAILING_STAGES};
 use ndarray::{Array1, Array2, ArrayView2};
 
 /// The factor `U` of the (permuted) inverse Hessian and the column order, on the device,
-/// padded to `cols_p = ceil(cols/64)·64` (identity on the padded diagonal, so padded
+/// padded to `cols_p = ceil(cols/128)·128` (identity on the padded diagonal, so padded
 /// columns never touch real ones).
 pub struct DeviceFactor {
     u: CudaSlice<f32>,
@@ -33,7 +37,7 @@ impl DeviceFactor {
         if let Some(p) = perm {
             crate::solver::check_permutation(p, cols)?;
         }
-        let cols_p = cols.div_ceil(SOLVER_BLOCK as usize) * SOLVER_BLOCK as usize;
+        let cols_p = padded(cols);
         let mut u = vec![0f32; cols_p * cols_p];
         for t in 0..cols_p {
             if t < cols {
@@ -91,18 +95,24 @@ impl DeviceSolveOutput {
 /// of same-shape layers allocate once.
 pub struct SolveWorkspace {
     out: DeviceSolveOutput,
+    /// Permuted working weights, `(rows_p, cols_p)`.
+    w_work: CudaSlice<f32>,
     /// Errors, column-major `(cols_p, rows_p)`; rows past `rows` stay zero.
     err: CudaSlice<f32>,
     cols_p: usize,
     rows_p: usize,
 }
 
+/// Rows and columns are padded to the trailing update's 128-wide tiles.
+fn padded(n: usize) -> usize {
+    n.div_ceil(128) * 128
+}
+
 impl SolveWorkspace {
     /// Buffers for a `rows × cols` layer.
     pub fn new(dev: &GpuDevice, rows: usize, cols: usize) -> Result<Self> {
         let s = dev.stream();
-        let cols_p = cols.div_ceil(SOLVER_BLOCK as usize) * SOLVER_BLOCK as usize;
-        let rows_p = rows.div_ceil(32) * 32;
+        let (cols_p, rows_p) = (padded(cols), padded(rows));
         let alloc = ForgeError::driver("allocating solver buffers");
         Ok(SolveWorkspace {
             out: DeviceSolveOutput {
@@ -112,6 +122,7 @@ impl SolveWorkspace {
                 rows,
                 cols,
             },
+            w_work: s.alloc_zeros::<f32>(rows_p * cols_p).map_err(ForgeError::driver("allocating solver buffers"))?,
             err: s.alloc_zeros::<f32>(rows_p * cols_p).map_err(ForgeError::driver("allocating solver buffers"))?,
             cols_p,
             rows_p,
@@ -155,24 +166,53 @@ pub fn launch_solve(dev: &GpuDevice, weight: &DeviceWeight, factor: &DeviceFacto
     if ws.rows_p > u32::MAX as usize / factor.cols_p.max(1) {
         return Err(ForgeError::Shape(format!("{rows}×{cols} exceeds the solver's u32 indexing")));
     }
+    let stream = dev.stream();
+    let (r, c, cp, rp) = (rows as u32, cols as u32, factor.cols_p as u32, ws.rows_p as u32);
+    let (gs32, ng, bits) = (gs as u32, grid.n_groups as u32, grid.maxq.count_ones());
+    stream.memset_zeros(&mut ws.out.loss).map_err(ForgeError::driver("clearing the loss"))?;
+
+    // Permuted working weights.
+    let f = dev.function("gptq_permute_weight")?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(weight.bytes()).arg(&factor.perm).arg(&r).arg(&c).arg(&rp).arg(&cp).arg(&mut ws.w_work);
+    // SAFETY: w is rows·cols f32, perm cols_p entries, w_work rows_p·cols_p.
+    unsafe { l.launch(grid_for(ws.rows_p * factor.cols_p, 256).into()) }.map_err(ForgeError::driver("launching gptq_permute_weight"))?;
+
     let rpc = rows_per_block(dev, rows)?;
-    let f = dev.function(if rpc == 32 { "gptq_solve_r32" } else { "gptq_solve_r16" })?;
+    let panel = dev.function(if rpc == 32 { "gptq_panel_r32" } else { "gptq_panel_r16" })?;
     let shared = SolverSharedLayout::new(rpc).total;
     // Above the 48 KiB default the block's dynamic shared-memory limit must be raised.
-    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
+    panel
+        .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
         .map_err(ForgeError::driver("raising the solver's shared-memory limit"))?;
-    let cfg = LaunchConfig { grid_dim: (rows.div_ceil(rpc as usize) as u32, 1, 1), block_dim: (SOLVER_THREADS, 1, 1), shared_mem_bytes: shared };
-    let (r, c, cp, gs32, ng, bits) = (rows as u32, cols as u32, factor.cols_p as u32, gs as u32, grid.n_groups as u32, grid.maxq.count_ones());
-    let rp = ws.rows_p as u32;
-    let stream = dev.stream();
-    let mut l = stream.launch_builder(&f);
-    l.arg(weight.bytes()).arg(&factor.u).arg(&factor.perm).arg(&grid.qmeta);
-    l.arg(&r).arg(&c).arg(&cp).arg(&gs32).arg(&ng).arg(&bits).arg(&rp);
-    l.arg(&mut ws.out.codes).arg(&mut ws.out.dequant).arg(&mut ws.err).arg(&mut ws.out.loss);
-    // SAFETY: buffer sizes checked above against the kernel's contract; the factor was padded
-    // with an identity diagonal by DeviceFactor::upload; shared memory sized by the shared
-    // layout function the kernel uses.
-    unsafe { l.launch(cfg) }.map_err(ForgeError::driver("launching gptq_solve"))?;
+    let panel_cfg = LaunchConfig { grid_dim: (rows.div_ceil(rpc as usize) as u32, 1, 1), block_dim: (SOLVER_THREADS, 1, 1), shared_mem_bytes: shared };
+    let trailing = dev.function("gptq_trailing_update")?;
+    let trailing_shared = TRAILING_STAGES * 16 * 1024;
+    trailing
+        .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, trailing_shared as i32)
+        .map_err(ForgeError::driver("raising the trailing update's shared-memory limit"))?;
+
+    let mut p0 = 0u32;
+    while p0 < cp {
+        let p1 = (p0 + SOLVER_PANEL).min(cp);
+        let mut l = stream.launch_builder(&panel);
+        l.arg(&ws.w_work).arg(&p0).arg(&p1).arg(&factor.u).arg(&factor.perm).arg(&grid.qmeta);
+        l.arg(&r).arg(&c).arg(&cp).arg(&gs32).arg(&ng).arg(&bits).arg(&rp);
+        l.arg(&mut ws.out.codes).arg(&mut ws.out.dequant).arg(&mut ws.err).arg(&mut ws.out.loss);
+        // SAFETY: buffer sizes checked above against the kernel's contract; p0 < p1 ≤ cols_p,
+        // multiples of 128; the factor was padded with an identity diagonal by
+        // DeviceFactor::upload; shared memory sized by the layout function the kernel uses.
+        unsafe { l.launch(panel_cfg) }.map_err(ForgeError::driver("launching gptq_panel"))?;
+        if p1 < cp {
+            let cfg = LaunchConfig { grid_dim: ((cp - p1) / 128, rp / 128, 1), block_dim: (256, 1, 1), shared_mem_bytes: trailing_shared };
+            let mut l = stream.launch_builder(&trailing);
+            l.arg(&mut ws.w_work).arg(&ws.err).arg(&factor.u).arg(&rp).arg(&cp).arg(&p0).arg(&p1);
+            // SAFETY: w_work rows_p·cols_p, err cols_p·rows_p, u cols_p·cols_p; all multiples
+            // of 128; the grid covers columns p1..cols_p and rows 0..rows_p.
+            unsafe { l.launch(cfg) }.map_err(ForgeError::driver("launching gptq_trailing_update"))?;
+        }
+        p0 = p1;
+    }
     Ok(())
 }
 

@@ -63,6 +63,12 @@ pub const SOLVER_KCHUNK: u32 = 32;
 /// Threads per solver block (4 warps).
 pub const SOLVER_THREADS: u32 = 128;
 
+/// Pipeline depth of the trailing update's K staging (16 KiB a stage).
+pub const TRAILING_STAGES: u32 = 3;
+/// Columns per solver panel: the column-by-column kernel works inside a panel, the trailing
+/// update applies a finished panel to all later columns (a multiple of 128).
+pub const SOLVER_PANEL: u32 = 512;
+
 /// Pipeline depth of the solver's K-chunk staging (chunks in flight while one is used).
 pub const SOLVER_STAGES: u32 = 4;
 
@@ -114,4 +120,47 @@ impl SolverSharedLayout {
         let total = codes + rpc * SOLVER_BLOCK;
         SolverSharedLayout { stages, stage_bytes, stage_u, x_tile, deq_tile, u_block, perm, col_err, loss, codes, total }
     }
+}
+
+/// Output tile side of the `hessian_xtx_*` kernels (a 64×64 tile of `XᵀX` per block).
+pub const HESSIAN_TILE: u32 = 64;
+/// Tokens staged in shared memory per step of the `hessian_xtx_*` kernels.
+pub const HESSIAN_KCHUNK: u32 = 16;
+/// Threads per `hessian_xtx_*` block: 16×16 threads, each a 4×4 register tile.
+pub const HESSIAN_THREADS: u32 = 256;
+
+/// Shared-memory layout of one `hessian_xtx_*` block, used by the kernel and its launcher:
+/// the two `[KCHUNK][TILE]` f32 panels `X[t0.., i0..i0+64]` and `X[t0.., j0..j0+64]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HessianSharedLayout {
+    /// Offset of the row panel (columns `i0..i0+64` of the chunk's tokens).
+    pub a: u32,
+    /// Offset of the column panel (columns `j0..j0+64`).
+    pub b: u32,
+    /// Total bytes.
+    pub total: u32,
+}
+
+impl HessianSharedLayout {
+    /// The layout (it has no parameters; a function so kernel and host share one formula).
+    #[inline]
+    pub const fn new() -> Self {
+        let panel = HESSIAN_KCHUNK * HESSIAN_TILE * 4;
+        HessianSharedLayout { a: 0, b: panel, total: 2 * panel }
+    }
+}
+
+impl Default for HessianSharedLayout {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Flat index, in the GPU pre-step's f64 work matrix (`n × n`, column-major, holding
+/// `R⁻¹` from `potrf(UPPER)` then `trtri(UPPER)` of the reversed Hessian), of the value that
+/// becomes `U[i][j]` (`i ≤ j`): `U = J L̂⁻¹ J` with `L̂ = Rᵀ`, so
+/// `U[i][j] = L̂⁻¹[n−1−i][n−1−j] = R⁻¹[n−1−j][n−1−i]`, stored at column `n−1−i`, row `n−1−j`.
+#[inline(always)]
+pub fn prestep_factor_source(n: usize, i: usize, j: usize) -> usize {
+    (n - 1 - i) * n + (n - 1 - j)
 }

@@ -1,37 +1,34 @@
-//! `gptq_solve_r16` / `gptq_solve_r32`: the whole GPTQ solve of a layer in one launch
-//! (DESIGN §4), left-looking and blocked, f32 throughout.
+//! `gptq_panel_r16` / `gptq_panel_r32`: the column-by-column part of the GPTQ solve for one
+//! panel of columns `[p0, p1)` (DESIGN §4), f32 throughout. The solver alternates this kernel
+//! with `gptq_trailing_update` (the panel's errors applied to all later columns at once).
 //!
-//! Rows are independent, so each block owns `RPC` rows (16 or 32) and walks all columns in
-//! blocks of `BLOCK = 64` (in act-order: block column `c` is original column `perm[c0+c]`):
-//! 1. stage `perm` and `U[block, block]` in shared memory;
-//! 2. left-looking update: `X = W[rows, perm[block]] − Err[rows, 0:c0] · U[0:c0, block]`,
-//!    the earlier blocks' errors times the factor, as a register-tiled product: thread
-//!    `(rs, cq) = (tid/16, tid%16)` owns rows `rs·RPC/8 ..` × columns `4cq .. 4cq+4`; K runs
-//!    in chunks of 32 staged in shared memory by `cp.async`, `SOLVER_STAGES − 1` chunks in
-//!    flight while one is multiplied (the errors are kept column-major, so a chunk row is
-//!    `RPC` contiguous floats);
+//! Rows are independent, so each block owns `RPC` rows (16 or 32) and walks the panel in
+//! blocks of `BLOCK = 64` permuted columns (block column `c` is original column `perm[c0+c]`):
+//! 1. stage `perm` and `U[block, block]` in shared memory; decode this lane's scales ahead;
+//! 2. left-looking update inside the panel: `X = Wwork[rows, block] − Err[rows, p0:c0] ·
+//!    U[p0:c0, block]` as a register-tiled product: thread `(rs, cq) = (tid/16, tid%16)` owns
+//!    rows `rs·RPC/8 ..` × columns `4cq .. 4cq+4`; K runs in chunks of 32 staged in shared
+//!    memory by `cp.async`, `SOLVER_STAGES − 1` chunks in flight while one is multiplied
+//!    (errors are kept column-major, so a chunk row is `RPC` contiguous floats), operands of
+//!    four K steps loaded ahead of their FMAs;
 //! 3. in-block recurrence: warp `w` keeps columns `16w .. 16w+16` of its lane's row (lane =
-//!    row) in registers; for each column `t` the owning warp quantizes it (qmeta4 decoded per
-//!    element, exact division as the CPU reference), publishes `err = (x − deq)/U[t,t]`
-//!    through shared memory, and after one barrier every warp applies `x −= err·U[t, ·]` to
-//!    its later columns;
-//! 4. the block's errors, codes and dequantized values are written coalesced (codes and
-//!    dequant go to original column positions).
-//! One barrier per column, no launch per column, the qmeta read in place.
+//!    row) in registers; for each column `t` the owning warp quantizes it (exact division as
+//!    the CPU reference), publishes `err = (x − deq)/U[t,t]` through shared memory, and after
+//!    one barrier every warp applies `x −= err·U[t, ·]` to its later columns;
+//! 4. the block's errors, codes and dequantized values are written (codes and dequant to
+//!    original column positions, errors column-major); the row's loss is added to `loss`.
 //!
-//! Device memory: weight (R·C f32, read-only), factor (Cp·Cp f32), qmeta, outputs (codes
-//! R·C u8, dequant R·C f32, loss R f32) and a workspace of Cp·Rp f32 errors (column-major),
-//! with `Cp = ceil(C/64)·64` (`U` padded with an identity diagonal) and `Rp = ceil(R/32)·32`.
 //! Shared memory: `forge_numerics::SolverSharedLayout::new(RPC).total` bytes (66.5 KiB at
 //! RPC = 16, 84 KiB at 32; the launcher raises the block's dynamic limit).
 //!
 //! # Safety (upheld by the host launcher)
-//! `w` is `rows·cols` f32; `u` is `cols_p·cols_p` f32, 16-byte aligned, `cols_p % 64 == 0`,
+//! `w_work` is `rows_p·cols_p` f32 (permuted working weights); `u` is `cols_p·cols_p` f32,
 //! upper triangle of the permuted factor with a positive diagonal (identity past `cols`);
-//! `perm` has `cols_p` entries, a permutation of `0..cols` then anything; `qmeta` has
-//! `rows·n_groups` records; `codes`/`deq` hold `rows·cols`, `err_t` `cols_p·rows_p` (zeroed,
-//! `rows_p` a multiple of 32 ≥ rows), `loss` `rows`;
-//! block size 128 threads, grid `ceil(rows/RPC)` blocks, dynamic shared memory as above.
+//! `perm` has `cols_p` entries, a permutation of `0..cols` then anything; `p0 < p1 ≤ cols_p`
+//! are multiples of 64; `qmeta` has `rows·n_groups` records; `codes`/`deq` hold `rows·cols`,
+//! `err_t` `cols_p·rows_p` (rows past `rows` zero), `loss` `rows` (zeroed before the first
+//! panel); `rows_p`, `cols_p` multiples of 128; block size 128 threads, grid
+//! `ceil(rows/RPC)` blocks, dynamic shared memory as above.
 
 use crate::device::{
     block_x, cp_async_16, cp_async_commit, cp_async_wait, ld_global_f32x4, ld_shared_f32, ld_shared_f32x2,
@@ -123,7 +120,9 @@ unsafe fn load_operands<const RPC: usize, const RT: usize>(l: &SolverSharedLayou
 
 #[inline(always)]
 unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
-    w: *const f32,
+    w_work: *const f32,
+    p0: u32,
+    p1: u32,
     u: *const f32,
     perm: *const u32,
     qmeta: *const u32,
@@ -151,8 +150,8 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
     let row_ok = (lane as usize) < RPC && grow < rows;
     let mut loss_acc = 0f32;
 
-    let mut c0 = 0;
-    while c0 < cols_p {
+    let mut c0 = p0;
+    while c0 < p1 {
         // 1. stage perm and U[block, block]
         sync_threads();
         if tid < BLOCK {
@@ -184,13 +183,13 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
 
         // 2. X = W[rows, perm[block]] − Err[rows, 0:c0] · U[0:c0, block]
         let mut acc = [[0f32; 4]; RT];
-        let chunks = c0 / KC;
+        let chunks = (c0 - p0) / KC; // left-looking inside the panel only
         // Pipeline: STAGES−1 chunks in flight while one is multiplied; a commit per step
         // (empty or not) keeps the wait count uniform.
         let mut ch = 0;
         while ch < SOLVER_STAGES - 1 {
             if ch < chunks {
-                issue_chunk::<RPC>(&l, base, err_t, u, rows_p, row0, cols_p, c0, ch * KC, ch, tid);
+                issue_chunk::<RPC>(&l, base, err_t, u, rows_p, row0, cols_p, c0, p0 + ch * KC, ch, tid);
             }
             cp_async_commit();
             ch += 1;
@@ -201,7 +200,7 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
             sync_threads(); // chunk ch visible to all; stage (ch−1) no longer read
             let next = ch + SOLVER_STAGES - 1;
             if next < chunks {
-                issue_chunk::<RPC>(&l, base, err_t, u, rows_p, row0, cols_p, c0, next * KC, next % SOLVER_STAGES, tid);
+                issue_chunk::<RPC>(&l, base, err_t, u, rows_p, row0, cols_p, c0, p0 + next * KC, next % SOLVER_STAGES, tid);
             }
             cp_async_commit();
             let stage = base + l.stages + (ch % SOLVER_STAGES) * l.stage_bytes;
@@ -237,11 +236,8 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
             let mut j = 0;
             while j < 4 {
                 let c = 4 * cq + j as u32;
-                let wv = if row0 + r < rows && c0 + c < cols {
-                    *w.add(((row0 + r) * cols + ld_shared_u32(base + l.perm + c * 4)) as usize)
-                } else {
-                    0.0
-                };
+                // The working weights are already permuted and carry every earlier panel's update.
+                let wv = *w_work.add(((row0 + r) * cols_p + c0 + c) as usize);
                 st_f32(base + l.x_tile + (r * STRIDE + c) * 4, wv - acc[i][j]);
                 j += 1;
             }
@@ -323,16 +319,18 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
             s += ld_shared_f32(base + l.loss + (wq * 32 + lane) * 4);
             wq += 1;
         }
-        *loss.add(grow as usize) = 0.5 * s;
+        *loss.add(grow as usize) += 0.5 * s; // panels add up
     }
 }
 
 macro_rules! gptq_solve_entry {
     ($name:ident, $rpc:literal, $rt:literal) => {
-        /// Fused GPTQ solver for blocks of this many rows; see the module docs.
+        /// Panel solve for blocks of this many rows; see the module docs.
         #[no_mangle]
         pub unsafe extern "ptx-kernel" fn $name(
-            w: *const f32,
+            w_work: *const f32,
+            p0: u32,
+            p1: u32,
             u: *const f32,
             perm: *const u32,
             qmeta: *const u32,
@@ -348,10 +346,10 @@ macro_rules! gptq_solve_entry {
             err_t: *mut f32,
             loss: *mut f32,
         ) {
-            gptq_solve_impl::<$rpc, $rt>(w, u, perm, qmeta, rows, cols, cols_p, gs, n_groups, bits, rows_p, codes, deq, err_t, loss)
+            gptq_solve_impl::<$rpc, $rt>(w_work, p0, p1, u, perm, qmeta, rows, cols, cols_p, gs, n_groups, bits, rows_p, codes, deq, err_t, loss)
         }
     };
 }
 
-gptq_solve_entry!(gptq_solve_r16, 16, 2);
-gptq_solve_entry!(gptq_solve_r32, 32, 4);
+gptq_solve_entry!(gptq_panel_r16, 16, 2);
+gptq_solve_entry!(gptq_panel_r32, 32, 4);

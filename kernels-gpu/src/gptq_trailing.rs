@@ -1,0 +1,118 @@
+//! `gptq_trailing_update`: applies a finished panel's errors to every later column,
+//! `Wwork[:, p1:] −= Err[:, p0:p1] · U[p0:p1, p1:]` (the right-looking step of blocked GPTQ;
+//! the bulk of the solve's R·C²/2 multiply-adds).
+//!
+//! Thread mapping: a block computes a 128×128 tile of `Wwork` (rows `128·blockIdx.y ..`,
+//! columns `p1 + 128·blockIdx.x ..`) with 256 threads; thread `(ty, tx) = (tid/16, tid%16)`
+//! owns rows `{4ty .. 4ty+4, 64+4ty .. 64+4ty+4}` × columns `{4tx .., 64+4tx ..}` (8×8 f32
+//! accumulators). K (the panel's columns) runs in steps of 16, staged by `cp.async` in
+//! `TRAILING_STAGES` shared-memory buffers (`[16][128]` errors, which are column-major in
+//! global memory, and `[16][128]` of `U`), two steps in flight while one is multiplied.
+//!
+//! # Safety (upheld by the host launcher)
+//! `w_work` is `rows_p·cols_p` f32, `err_t` `cols_p·rows_p`, `u` `cols_p·cols_p`; `rows_p`,
+//! `cols_p`, `p0`, `p1` multiples of 128 with `p0 < p1 < cols_p`; grid
+//! `((cols_p − p1)/128, rows_p/128)`, 256 threads, dynamic shared memory
+//! `TRAILING_STAGES · 16 KiB`.
+
+use crate::device::{
+    block_x, block_y, cp_async_16, cp_async_commit, cp_async_wait, ld_global_f32x4, ld_shared_f32x4,
+    shared_window_base, sync_threads, thread_x,
+};
+use core::f32::math::mul_add as fma;
+use forge_numerics::TRAILING_STAGES;
+
+const TILE: u32 = 128;
+const KSTEP: u32 = 16;
+const STAGE_BYTES: u32 = 2 * KSTEP * TILE * 4;
+
+/// Issues stage `st` ← K rows `k0 .. k0+16` of the error tile and of the factor tile.
+#[inline(always)]
+unsafe fn issue(base: u32, st: u32, err_t: *const f32, u: *const f32, rows_p: u32, cols_p: u32, m0: u32, n0: u32, k0: u32, tid: u32) {
+    let stage = base + st * STAGE_BYTES;
+    // 16 rows × 128 floats = 512 16-byte pieces per operand: 2 per thread each.
+    let mut q = 0;
+    while q < 2 {
+        let piece = tid + q * 256;
+        let (k, c4) = (piece / 32, (piece % 32) * 4);
+        cp_async_16(stage + (k * TILE + c4) * 4, err_t.add(((k0 + k) * rows_p + m0 + c4) as usize));
+        cp_async_16(stage + (KSTEP * TILE + k * TILE + c4) * 4, u.add(((k0 + k) * cols_p + n0 + c4) as usize));
+        q += 1;
+    }
+}
+
+/// See the module docs.
+#[no_mangle]
+pub unsafe extern "ptx-kernel" fn gptq_trailing_update(
+    w_work: *mut f32,
+    err_t: *const f32,
+    u: *const f32,
+    rows_p: u32,
+    cols_p: u32,
+    p0: u32,
+    p1: u32,
+) {
+    let base = shared_window_base();
+    let tid = thread_x();
+    let (ty, tx) = (tid / 16, tid % 16);
+    let (m0, n0) = (block_y() * TILE, p1 + block_x() * TILE);
+    let mut acc = [[0f32; 8]; 8];
+    let steps = (p1 - p0) / KSTEP;
+    let mut s = 0;
+    while s < TRAILING_STAGES - 1 {
+        if s < steps {
+            issue(base, s, err_t, u, rows_p, cols_p, m0, n0, p0 + s * KSTEP, tid);
+        }
+        cp_async_commit();
+        s += 1;
+    }
+    let mut s = 0;
+    while s < steps {
+        cp_async_wait::<{ TRAILING_STAGES - 2 }>();
+        sync_threads(); // step s visible to all; the stage it replaces is no longer read
+        let next = s + TRAILING_STAGES - 1;
+        if next < steps {
+            issue(base, next % TRAILING_STAGES, err_t, u, rows_p, cols_p, m0, n0, p0 + next * KSTEP, tid);
+        }
+        cp_async_commit();
+        let a_base = base + (s % TRAILING_STAGES) * STAGE_BYTES;
+        let b_base = a_base + KSTEP * TILE * 4;
+        let mut k = 0;
+        while k < KSTEP {
+            let a0 = ld_shared_f32x4(a_base + (k * TILE + 4 * ty) * 4);
+            let a1 = ld_shared_f32x4(a_base + (k * TILE + 64 + 4 * ty) * 4);
+            let b0 = ld_shared_f32x4(b_base + (k * TILE + 4 * tx) * 4);
+            let b1 = ld_shared_f32x4(b_base + (k * TILE + 64 + 4 * tx) * 4);
+            let a = [a0[0], a0[1], a0[2], a0[3], a1[0], a1[1], a1[2], a1[3]];
+            let b = [b0[0], b0[1], b0[2], b0[3], b1[0], b1[1], b1[2], b1[3]];
+            let mut i = 0;
+            while i < 8 {
+                let mut j = 0;
+                while j < 8 {
+                    acc[i][j] = fma(a[i], b[j], acc[i][j]);
+                    j += 1;
+                }
+                i += 1;
+            }
+            k += 1;
+        }
+        s += 1;
+    }
+    cp_async_wait::<0>();
+    // Wwork −= acc, 16-byte read-modify-writes.
+    let mut i = 0;
+    while i < 8 {
+        let r = m0 + if i < 4 { 4 * ty + i } else { 64 + 4 * ty + i - 4 };
+        let mut h = 0;
+        while h < 2 {
+            let c = n0 + 64 * h + 4 * tx;
+            let p = w_work.add((r * cols_p + c) as usize);
+            let v = ld_global_f32x4(p);
+            let o = 4 * h as usize;
+            let out = [v[0] - acc[i as usize][o], v[1] - acc[i as usize][o + 1], v[2] - acc[i as usize][o + 2], v[3] - acc[i as usize][o + 3]];
+            *(p as *mut [f32; 4]) = out;
+            h += 1;
+        }
+        i += 1;
+    }
+}
