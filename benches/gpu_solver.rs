@@ -50,16 +50,20 @@ fn main() -> Result<()> {
         let dw = DeviceWeight::upload(&dev, WeightView::F32(w.view()))?;
         let grid = build_quant_grid_device(&dev, &dw, &GridConfig::default())?;
         let factor = DeviceFactor::upload(&dev, u.view(), None)?;
-        let mut ws = SolveWorkspace::new(&dev, rows, cols)?;
-        let ms = common::median_ms(&dev, 2, 7, 1, || launch_solve(&dev, &dw, &factor, &grid, &mut ws))?;
-        ws.output().to_host(&dev)?; // surfaces any asynchronous fault and checks finiteness
         let floor_ms = (rows * cols * cols) as f64 / (2.0 * rate) * 1e3;
-        rows_out.push(vec![
-            format!("{rows}×{cols}"),
-            format!("{ms:.3}"),
-            format!("{floor_ms:.3}"),
-            format!("{:.2}", ms / floor_ms),
-        ]);
+        for panel in [256u32, 512, 1024] {
+            let mut ws = SolveWorkspace::new(&dev, rows, cols)?;
+            ws.set_panel(panel)?;
+            let ms = common::median_ms(&dev, 2, 7, 1, || launch_solve(&dev, &dw, &factor, &grid, &mut ws))?;
+            ws.output().to_host(&dev)?; // surfaces any asynchronous fault and checks finiteness
+            rows_out.push(vec![
+                format!("{rows}×{cols}"),
+                format!("{panel}{}", if panel == forge_numerics::SOLVER_PANEL { " (default)" } else { "" }),
+                format!("{ms:.3}"),
+                format!("{floor_ms:.3}"),
+                format!("{:.2}", ms / floor_ms),
+            ]);
+        }
     }
     common::print_table(
         &format!(
@@ -67,7 +71,7 @@ fn main() -> Result<()> {
             dev.name(),
             2.0 * rate / 1e12
         ),
-        &["shape", "solve ms", "fp32 floor ms (R·C² flops)", "solve / floor"],
+        &["shape", "panel", "solve ms", "fp32 floor ms (R·C² flops)", "solve / floor"],
         &rows_out,
     );
     Ok(())

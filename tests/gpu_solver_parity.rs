@@ -104,6 +104,9 @@ fn gpu_solver_matches_cpu_on_awkward_shapes() {
     run_case(&dev, Case { rows: 5, cols: 64, gs: 32, bits: 8, sym: false, act_order: false, seed: 4 });
     run_case(&dev, Case { rows: 300, cols: 512, gs: 128, bits: 4, sym: true, act_order: true, seed: 5 });
     run_case(&dev, Case { rows: 4400, cols: 96, gs: 32, bits: 2, sym: true, act_order: false, seed: 6 });
+    // More columns than one 512-column panel: the trailing update between panels.
+    run_case(&dev, Case { rows: 70, cols: 1300, gs: 128, bits: 4, sym: true, act_order: true, seed: 7 });
+    run_case(&dev, Case { rows: 33, cols: 700, gs: 64, bits: 3, sym: false, act_order: false, seed: 8 });
 }
 
 #[test]
@@ -150,3 +153,24 @@ fn gpu_quantize_from_hinv_keeps_data_on_device_and_matches_the_two_step_path() {
     assert!(e_gptq < e_rtn, "GPU GPTQ ({e_gptq}) must beat round-to-nearest ({e_rtn})");
 }
 
+
+#[test]
+fn gpu_solver_panel_width_does_not_change_the_result() {
+    use fourbit_forge::gpu::{launch_solve, DeviceFactor, DeviceGrid, DeviceWeight, SolveWorkspace};
+    let Some(dev) = common::gpu_or_skip("gpu_solver_panel_width_does_not_change_the_result") else { return };
+    let l = layer(48, 900, 31);
+    let pre = pre_step_cpu(l.h.view(), None, &PreStepConfig { act_order: true, ..PreStepConfig::default() }).unwrap();
+    let grid = build_quant_grid(WeightView::F32(l.w.view()), &GridConfig::default()).unwrap();
+    let cpu = solve_cpu(l.w.view(), pre.hinv_factor.view(), &grid, pre.perm.as_deref()).unwrap();
+    let dw = DeviceWeight::upload(&dev, WeightView::F32(l.w.view())).unwrap();
+    let factor = DeviceFactor::upload(&dev, pre.hinv_factor.view(), pre.perm.as_deref()).unwrap();
+    let dgrid = DeviceGrid::upload(&dev, &grid).unwrap();
+    for panel in [128u32, 256, 1024] {
+        let mut ws = SolveWorkspace::new(&dev, 48, 900).unwrap();
+        ws.set_panel(panel).unwrap();
+        launch_solve(&dev, &dw, &factor, &dgrid, &mut ws).unwrap();
+        let gpu = ws.output().to_host(&dev).unwrap();
+        compare(&format!("panel {panel}"), &l, &cpu, &gpu);
+    }
+    assert!(SolveWorkspace::new(&dev, 4, 4).unwrap().set_panel(100).is_err());
+}

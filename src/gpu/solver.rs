@@ -101,6 +101,7 @@ pub struct SolveWorkspace {
     err: CudaSlice<f32>,
     cols_p: usize,
     rows_p: usize,
+    panel: u32,
 }
 
 /// Rows and columns are padded to the trailing update's 128-wide tiles.
@@ -126,7 +127,18 @@ impl SolveWorkspace {
             err: s.alloc_zeros::<f32>(rows_p * cols_p).map_err(ForgeError::driver("allocating solver buffers"))?,
             cols_p,
             rows_p,
+            panel: SOLVER_PANEL,
         })
+    }
+
+    /// Sets the panel width (a multiple of 128; default `SOLVER_PANEL`): wider panels move
+    /// work from the trailing update into the column-by-column kernel. For tuning.
+    pub fn set_panel(&mut self, panel: u32) -> Result<()> {
+        if panel == 0 || !panel.is_multiple_of(128) {
+            return Err(ForgeError::Shape(format!("solver panel {panel} is not a positive multiple of 128")));
+        }
+        self.panel = panel;
+        Ok(())
     }
 
     /// The outputs of the last solve.
@@ -194,7 +206,7 @@ pub fn launch_solve(dev: &GpuDevice, weight: &DeviceWeight, factor: &DeviceFacto
 
     let mut p0 = 0u32;
     while p0 < cp {
-        let p1 = (p0 + SOLVER_PANEL).min(cp);
+        let p1 = (p0 + ws.panel).min(cp);
         let mut l = stream.launch_builder(&panel);
         l.arg(&ws.w_work).arg(&p0).arg(&p1).arg(&factor.u).arg(&factor.perm).arg(&grid.qmeta);
         l.arg(&r).arg(&c).arg(&cp).arg(&gs32).arg(&ng).arg(&bits).arg(&rp);
