@@ -11,10 +11,11 @@
 //!    memory by `cp.async`, `SOLVER_STAGES − 1` chunks in flight while one is multiplied
 //!    (errors are kept column-major, so a chunk row is `RPC` contiguous floats), operands of
 //!    four K steps loaded ahead of their FMAs;
-//! 3. in-block recurrence: warp `w` keeps columns `16w .. 16w+16` of its lane's row (lane =
-//!    row) in registers; for each column `t` the owning warp quantizes it (exact division as
-//!    the CPU reference), publishes `err = (x − deq)/U[t,t]` through shared memory, and after
-//!    one barrier every warp applies `x −= err·U[t, ·]` to its later columns;
+//! 3. in-block recurrence in slices of 16 columns: warp 0 (lane = row) keeps the slice in
+//!    registers and runs it column by column, fully unrolled and without barriers: quantize
+//!    (exact division as the CPU reference), `err = (x − deq)/U[t,t]`, `x −= err·U[t, ·]`
+//!    on the slice's later columns; then all warps apply the slice's errors to the block's
+//!    remaining columns in shared memory (two barriers per slice, not one per column);
 //! 4. the block's errors, codes and dequantized values are written (codes and dequant to
 //!    original column positions, errors column-major); the row's loss is added to `loss`.
 //!
@@ -169,14 +170,14 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
         sync_threads(); // perm staged
         // The scales and zero points this lane's row needs for its warp's 16 columns, loaded
         // and decoded now so their latency stays off the column-by-column recurrence.
-        let (mut scales, mut zeros) = ([1f32; 16], [0f32; 16]);
         if row_ok {
             for16(|c| {
                 let col = 16 * warp + c as u32;
                 if c0 + col < cols {
                     let j = ld_shared_u32(base + l.perm + col * 4);
                     let m = QMetaPacked::from_u32(*qmeta.add((grow * n_groups + j / gs) as usize));
-                    (scales[c], zeros[c]) = (m.scale(), m.qzero_f32());
+                    st_f32(base + l.scale_tile + (lane * BLOCK + col) * 4, m.scale());
+                    st_f32(base + l.zero_tile + (lane * BLOCK + col) * 4, m.qzero_f32());
                 }
             });
         }
@@ -245,51 +246,65 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
         }
         sync_threads();
 
-        // 3. in-block recurrence: warp `warp` owns columns 16·warp .. 16·warp+16, lane = row.
-        let mut x = [0f32; 16];
-        if (lane as usize) < RPC {
-            let mut c = 0;
-            while c < 16 {
-                x[c] = ld_shared_f32(base + l.x_tile + (lane * STRIDE + 16 * warp + c as u32) * 4);
-                c += 1;
-            }
-        }
-        let mut t = 0;
-        while t < BLOCK && c0 + t < cols {
-            if warp == t / 16 {
-                let (mut xt, mut s, mut q0) = (0f32, 1f32, 0f32);
+        // 3. in-block recurrence, 16 columns at a time: warp 0 (lane = row) runs the
+        //    column-by-column chain of a 16-column slice in registers (fully unrolled, no
+        //    barrier between columns), then all warps apply the slice's 16 errors to the
+        //    block's later columns in shared memory. Every weight still receives its updates
+        //    in increasing column order, one multiply and one subtract each (as the CPU).
+        let mut sb = 0;
+        while sb < BLOCK / 16 && c0 + 16 * sb < cols {
+            if warp == 0 && (lane as usize) < RPC {
+                let row_x = base + l.x_tile + lane * STRIDE * 4;
+                let mut xb = [0f32; 16];
+                for16(|c| xb[c] = ld_shared_f32(row_x + (16 * sb + c as u32) * 4));
                 for16(|c| {
-                    if c as u32 == t % 16 {
-                        (xt, s, q0) = (x[c], scales[c], zeros[c]);
+                    let t = 16 * sb + c as u32;
+                    if c0 + t < cols {
+                        let mut e = 0f32;
+                        if row_ok {
+                            let s = ld_shared_f32(base + l.scale_tile + (lane * BLOCK + t) * 4);
+                            let q0 = ld_shared_f32(base + l.zero_tile + (lane * BLOCK + t) * 4);
+                            let q = quantize(xb[c], s, q0, maxq);
+                            let dq = dequantize(q, s, q0);
+                            e = (xb[c] - dq) / ld_shared_f32(base + l.u_block + (t * BLOCK + t) * 4);
+                            loss_acc += e * e;
+                            st_shared_u8(base + l.codes + lane * BLOCK + t, q as u8);
+                            st_f32(base + l.deq_tile + (lane * STRIDE + t) * 4, dq);
+                        }
+                        // The x slot of column t is free now: it keeps the error.
+                        st_f32(row_x + t * 4, e);
+                        for16(|j| {
+                            if j > c {
+                                // Multiply then subtract, as the CPU reference (never fused).
+                                xb[j] -= e * ld_shared_f32(base + l.u_block + (t * BLOCK + 16 * sb + j as u32) * 4);
+                            }
+                        });
                     }
                 });
-                let mut e = 0f32;
-                if row_ok {
-                    let q = quantize(xt, s, q0, maxq);
-                    let dq = dequantize(q, s, q0);
-                    e = (xt - dq) / ld_shared_f32(base + l.u_block + (t * BLOCK + t) * 4);
-                    loss_acc += e * e;
-                    st_shared_u8(base + l.codes + lane * BLOCK + t, q as u8);
-                    st_f32(base + l.deq_tile + (lane * STRIDE + t) * 4, dq);
-                }
-                if (lane as usize) < RPC {
-                    // The x slot of column t is free now: it keeps the error for the write-out.
-                    st_f32(base + l.x_tile + (lane * STRIDE + t) * 4, e);
-                }
-                st_f32(base + l.col_err + ((t & 1) * 32 + lane) * 4, e);
             }
             sync_threads();
-            let e = ld_shared_f32(base + l.col_err + ((t & 1) * 32 + lane) * 4);
-            for16(|c| {
-                let col = 16 * warp + c as u32;
-                if col > t {
-                    // Multiply then subtract, as the CPU reference (never fused).
-                    x[c] -= e * ld_shared_f32(base + l.u_block + (t * BLOCK + col) * 4);
+            // Later columns of the block: x[r, col] −= Σ_k e[r, k]·U[k, col], k over the slice,
+            // in increasing k.
+            let first = 16 * (sb + 1);
+            let width = BLOCK - first;
+            let mut idx = tid;
+            while idx < RPC as u32 * width {
+                let (r, col) = (idx / width, first + idx % width);
+                let addr = base + l.x_tile + (r * STRIDE + col) * 4;
+                let mut v = ld_shared_f32(addr);
+                let mut k = 0;
+                while k < 16 {
+                    let t = 16 * sb + k;
+                    let e = ld_shared_f32(base + l.x_tile + (r * STRIDE + t) * 4);
+                    v -= e * ld_shared_f32(base + l.u_block + (t * BLOCK + col) * 4);
+                    k += 1;
                 }
-            });
-            t += 1;
+                st_f32(addr, v);
+                idx += SOLVER_THREADS;
+            }
+            sync_threads();
+            sb += 1;
         }
-        sync_threads();
 
         // 4. write the block's errors (permuted order), codes and dequant (original order)
         let mut idx = tid;
@@ -308,18 +323,9 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
         c0 += BLOCK;
     }
 
-    // Per-row loss: each warp summed the errors of the columns it owned.
-    sync_threads();
-    st_f32(base + l.loss + (warp * 32 + lane) * 4, loss_acc);
-    sync_threads();
-    if tid < 32 && row_ok {
-        let mut s = 0f32;
-        let mut wq = 0;
-        while wq < 4 {
-            s += ld_shared_f32(base + l.loss + (wq * 32 + lane) * 4);
-            wq += 1;
-        }
-        *loss.add(grow as usize) += 0.5 * s; // panels add up
+    // Per-row loss: warp 0's lanes summed their row's errors.
+    if warp == 0 && row_ok {
+        *loss.add(grow as usize) += 0.5 * loss_acc; // panels add up
     }
 }
 

@@ -90,10 +90,10 @@ pub struct SolverSharedLayout {
     pub u_block: u32,
     /// Original column of each block column: `[BLOCK]` u32.
     pub perm: u32,
-    /// Errors of the current column, double-buffered: `[2][32]` f32.
-    pub col_err: u32,
-    /// Per-warp partial losses: `[4][32]` f32.
-    pub loss: u32,
+    /// Decoded scale of every (row, block column): `[rpc][BLOCK]` f32.
+    pub scale_tile: u32,
+    /// Zero point of every (row, block column): `[rpc][BLOCK]` f32.
+    pub zero_tile: u32,
     /// Codes of the block: `[rpc][BLOCK]` u8.
     pub codes: u32,
     /// Total bytes.
@@ -114,11 +114,11 @@ impl SolverSharedLayout {
         let deq_tile = x_tile + rpc * Self::TILE_STRIDE * 4;
         let u_block = deq_tile + rpc * Self::TILE_STRIDE * 4;
         let perm = u_block + SOLVER_BLOCK * SOLVER_BLOCK * 4;
-        let col_err = perm + SOLVER_BLOCK * 4;
-        let loss = col_err + 2 * 32 * 4;
-        let codes = loss + 4 * 32 * 4;
+        let scale_tile = perm + SOLVER_BLOCK * 4;
+        let zero_tile = scale_tile + rpc * SOLVER_BLOCK * 4;
+        let codes = zero_tile + rpc * SOLVER_BLOCK * 4;
         let total = codes + rpc * SOLVER_BLOCK;
-        SolverSharedLayout { stages, stage_bytes, stage_u, x_tile, deq_tile, u_block, perm, col_err, loss, codes, total }
+        SolverSharedLayout { stages, stage_bytes, stage_u, x_tile, deq_tile, u_block, perm, scale_tile, zero_tile, codes, total }
     }
 }
 
