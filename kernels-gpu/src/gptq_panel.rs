@@ -37,9 +37,8 @@ use crate::device::{
     sync_threads, thread_x,
 };
 use core::f32::math::mul_add as fma;
-use forge_numerics::quant::reciprocal_is_safe;
 use forge_numerics::{
-    dequantize, quantize_with_reciprocal, QMetaPacked, SolverSharedLayout, SOLVER_BLOCK as BLOCK, SOLVER_STAGES, SOLVER_THREADS,
+    dequantize, quantize, QMetaPacked, SolverSharedLayout, SOLVER_BLOCK as BLOCK, SOLVER_STAGES, SOLVER_THREADS,
 };
 
 const KC: u32 = forge_numerics::SOLVER_KCHUNK;
@@ -68,18 +67,6 @@ unsafe fn issue_chunk<const RPC: usize>(l: &SolverSharedLayout, base: u32, err_t
         let (k, c4) = (piece / (BLOCK / 4), (piece % (BLOCK / 4)) * 4);
         cp_async_16(stage + l.stage_u + (k * BLOCK + c4) * 4, u.add(((s0 + k) * cols_p + c0 + c4) as usize));
         piece += SOLVER_THREADS;
-    }
-}
-
-/// `1/s` when [`quantize_with_reciprocal`] may use it, else NaN (which sends every element
-/// down its exact-division path).
-#[inline(always)]
-fn reciprocal_or_nan(s: f32) -> f32 {
-    let inv = 1.0 / s;
-    if reciprocal_is_safe(inv) {
-        inv
-    } else {
-        f32::NAN
     }
 }
 
@@ -190,7 +177,6 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
                     let j = ld_shared_u32(base + l.perm + col * 4);
                     let m = QMetaPacked::from_u32(*qmeta.add((grow * n_groups + j / gs) as usize));
                     st_f32(base + l.scale_tile + (lane * BLOCK + col) * 4, m.scale());
-                    st_f32(base + l.inv_scale_tile + (lane * BLOCK + col) * 4, reciprocal_or_nan(m.scale()));
                     st_f32(base + l.zero_tile + (lane * BLOCK + col) * 4, m.qzero_f32());
                 }
             });
@@ -278,10 +264,7 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
                         if row_ok {
                             let s = ld_shared_f32(base + l.scale_tile + (lane * BLOCK + t) * 4);
                             let q0 = ld_shared_f32(base + l.zero_tile + (lane * BLOCK + t) * 4);
-                            let inv = ld_shared_f32(base + l.inv_scale_tile + (lane * BLOCK + t) * 4);
-                            // Same code as `quantize` (proven in forge-numerics), minus a
-                            // division on the column chain.
-                            let q = quantize_with_reciprocal(xb[c], s, inv, q0, maxq);
+                            let q = quantize(xb[c], s, q0, maxq);
                             let dq = dequantize(q, s, q0);
                             e = (xb[c] - dq) / ld_shared_f32(base + l.u_block + (t * BLOCK + t) * 4);
                             loss_acc += e * e;

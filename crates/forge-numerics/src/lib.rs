@@ -94,8 +94,6 @@ pub struct SolverSharedLayout {
     pub scale_tile: u32,
     /// Zero point of every (row, block column): `[rpc][BLOCK]` f32.
     pub zero_tile: u32,
-    /// `1/scale` (or NaN where unsafe) of every (row, block column): `[rpc][BLOCK]` f32.
-    pub inv_scale_tile: u32,
     /// Codes of the block: `[rpc][BLOCK]` u8.
     pub codes: u32,
     /// Total bytes.
@@ -118,10 +116,9 @@ impl SolverSharedLayout {
         let perm = u_block + SOLVER_BLOCK * SOLVER_BLOCK * 4;
         let scale_tile = perm + SOLVER_BLOCK * 4;
         let zero_tile = scale_tile + rpc * SOLVER_BLOCK * 4;
-        let inv_scale_tile = zero_tile + rpc * SOLVER_BLOCK * 4;
-        let codes = inv_scale_tile + rpc * SOLVER_BLOCK * 4;
+        let codes = zero_tile + rpc * SOLVER_BLOCK * 4;
         let total = codes + rpc * SOLVER_BLOCK;
-        SolverSharedLayout { stages, stage_bytes, stage_u, x_tile, deq_tile, u_block, perm, scale_tile, zero_tile, inv_scale_tile, codes, total }
+        SolverSharedLayout { stages, stage_bytes, stage_u, x_tile, deq_tile, u_block, perm, scale_tile, zero_tile, codes, total }
     }
 }
 
