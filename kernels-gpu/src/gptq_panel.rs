@@ -4,7 +4,9 @@
 //!
 //! Rows are independent, so each block owns `RPC` rows (16 or 32) and walks the panel in
 //! blocks of `BLOCK = 64` permuted columns (block column `c` is original column `perm[c0+c]`):
-//! 1. stage `perm` and `U[block, block]` in shared memory; decode this lane's scales ahead;
+//! 1. issue the block's global loads up front (`U[block, block]` by `cp.async`, this lane's
+//!    qmeta records, the X tile's working weights, the next block's `perm`) so they land
+//!    while the product runs;
 //! 2. left-looking update inside the panel: `X = Wwork[rows, block] − Err[rows, p0:c0] ·
 //!    U[p0:c0, block]` as a register-tiled product: thread `(rs, cq) = (tid/16, tid%16)` owns
 //!    rows `rs·RPC/8 ..` × columns `4cq .. 4cq+4`; K runs in chunks of 32 staged in shared
@@ -33,7 +35,7 @@
 
 use crate::device::{
     block_x, cp_async_16, cp_async_commit, cp_async_wait, ld_global_f32x4, ld_shared_f32, ld_shared_f32x2,
-    ld_shared_f32x4, ld_shared_u32, ld_shared_u8, shared_window_base, st_shared_f32x4, st_shared_u32, st_shared_u8,
+    ld_shared_f32x4, ld_shared_u32, ld_shared_u8, shared_window_base, st_shared_u32, st_shared_u8,
     sync_threads, thread_x,
 };
 use core::f32::math::mul_add as fma;
@@ -151,38 +153,53 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
     let row_ok = (lane as usize) < RPC && grow < rows;
     let mut loss_acc = 0f32;
 
+    // Original columns of the first block, for the qmeta loads (later blocks get theirs one
+    // block ahead) and for the write-out's `perm` tile.
+    let mut pj = [0u32; 16];
+    for16(|c| pj[c] = *perm.add((p0 + 16 * warp + c as u32) as usize));
+    let mut perm_next = if tid < BLOCK { *perm.add((p0 + tid) as usize) } else { 0 };
+
     let mut c0 = p0;
     while c0 < p1 {
-        // 1. stage perm and U[block, block]
-        sync_threads();
-        if tid < BLOCK {
-            st_shared_u32(base + l.perm + tid * 4, *perm.add((c0 + tid) as usize));
-        }
+        // 1. issue every global load of this block up front, so their latency hides behind
+        //    the product: U[block, block] by cp.async (its own group, older than the product's),
+        //    this lane's qmeta records, the working weights of the X tile, next block's perm.
+        sync_threads(); // the previous block's tiles are no longer read
         let mut q = 0;
         while q < 8 {
             let idx = tid * 8 + q; // float4 index in the 64×64 block
             let (r, c4) = (idx / 16, (idx % 16) * 4);
-            let v = ld_global_f32x4(u.add(((c0 + r) * cols_p + c0 + c4) as usize));
-            st_shared_f32x4(base + l.u_block + (r * BLOCK + c4) * 4, v);
+            cp_async_16(base + l.u_block + (r * BLOCK + c4) * 4, u.add(((c0 + r) * cols_p + c0 + c4) as usize));
             q += 1;
         }
-
-        sync_threads(); // perm staged
-        // The scales and zero points this lane's row needs for its warp's 16 columns, loaded
-        // and decoded now so their latency stays off the column-by-column recurrence.
+        cp_async_commit();
+        let mut metas = [0u32; 16];
         if row_ok {
             for16(|c| {
-                let col = 16 * warp + c as u32;
-                if c0 + col < cols {
-                    let j = ld_shared_u32(base + l.perm + col * 4);
-                    let m = QMetaPacked::from_u32(*qmeta.add((grow * n_groups + j / gs) as usize));
-                    st_f32(base + l.scale_tile + (lane * BLOCK + col) * 4, m.scale());
-                    st_f32(base + l.zero_tile + (lane * BLOCK + col) * 4, m.qzero_f32());
+                if c0 + 16 * warp + (c as u32) < cols {
+                    metas[c] = *qmeta.add((grow * n_groups + pj[c] / gs) as usize);
                 }
             });
         }
+        let mut wv = [[0f32; 4]; RT];
+        let mut i = 0;
+        while i < RT {
+            let r = rs * RT as u32 + i as u32;
+            // The working weights are already permuted and carry every earlier panel's update.
+            wv[i] = ld_global_f32x4(w_work.add(((row0 + r) * cols_p + c0 + 4 * cq) as usize));
+            i += 1;
+        }
+        if tid < BLOCK {
+            st_shared_u32(base + l.perm + tid * 4, perm_next);
+        }
+        if c0 + BLOCK < p1 {
+            for16(|c| pj[c] = *perm.add((c0 + BLOCK + 16 * warp + c as u32) as usize));
+            if tid < BLOCK {
+                perm_next = *perm.add((c0 + BLOCK + tid) as usize);
+            }
+        }
 
-        // 2. X = W[rows, perm[block]] − Err[rows, 0:c0] · U[0:c0, block]
+        // 2. X = Wwork[rows, block] − Err[rows, p0:c0] · U[p0:c0, block]
         let mut acc = [[0f32; 4]; RT];
         let chunks = (c0 - p0) / KC; // left-looking inside the panel only
         // Pipeline: STAGES−1 chunks in flight while one is multiplied; a commit per step
@@ -230,16 +247,23 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
             }
             ch += 1;
         }
-        cp_async_wait::<0>();
+        cp_async_wait::<0>(); // the product's chunks and U[block, block]
+
+        // The scales and zero points this lane's row needs for its warp's 16 columns.
+        if row_ok {
+            for16(|c| {
+                let col = 16 * warp + c as u32;
+                let m = QMetaPacked::from_u32(metas[c]);
+                st_f32(base + l.scale_tile + (lane * BLOCK + col) * 4, m.scale());
+                st_f32(base + l.zero_tile + (lane * BLOCK + col) * 4, m.qzero_f32());
+            });
+        }
         let mut i = 0;
         while i < RT {
             let r = rs * RT as u32 + i as u32;
             let mut j = 0;
             while j < 4 {
-                let c = 4 * cq + j as u32;
-                // The working weights are already permuted and carry every earlier panel's update.
-                let wv = *w_work.add(((row0 + r) * cols_p + c0 + c) as usize);
-                st_f32(base + l.x_tile + (r * STRIDE + c) * 4, wv - acc[i][j]);
+                st_f32(base + l.x_tile + (r * STRIDE + 4 * cq + j as u32) * 4, wv[i][j] - acc[i][j]);
                 j += 1;
             }
             i += 1;
