@@ -15,6 +15,7 @@ pub mod fma_throughput;
 pub mod gptq_panel;
 pub mod gptq_permute;
 pub mod gptq_trailing;
+pub mod hessian_update;
 pub mod mse_search;
 pub mod qmeta_decode;
 pub mod range_meta;
