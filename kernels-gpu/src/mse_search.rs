@@ -71,49 +71,12 @@ unsafe fn scaled_loss<const NORM2: bool>(xs: u32, gs: u32, to_units: impl Fn(f32
             let v = to_units(x[j]);
             let q = (v.max(0.0).min(maxq) + ROUNDER) - ROUNDER;
             let d = q - v;
-            acc[j] = if NORM2 {
-                fma(d, d, acc[j])
-            } else if j == 3 {
-                // One element in four takes its log2 on the FMA pipe: the loop is bound by
-                // the lg2/ex2 unit, and this balances the two (≈ 12% fewer unit cycles).
-                acc[j] + ex2_approx(norm * log2_poly(d))
-            } else {
-                acc[j] + abs_pow(d, norm)
-            };
+            acc[j] = if NORM2 { fma(d, d, acc[j]) } else { acc[j] + abs_pow(d, norm) };
             j += 1;
         }
         e += 4;
     }
     (acc[0] + acc[1]) + (acc[2] + acc[3])
-}
-
-/// `log2|x|` as a degree-7 polynomial on the FMA pipe: ≤ 4e-7 absolute error for normal `x`
-/// (least-squares fit of log2(1+u), u ∈ [0,1), checked in f32); 0 and subnormals give about
-/// −127, whose powers vanish like the hardware path's.
-#[inline(always)]
-fn log2_poly(x: f32) -> f32 {
-    const C: [f32; 7] = [1.442_664, -0.720_515_5, 0.473_113_36, -0.324_616_37, 0.192_385_05, -0.078_158_21, 0.015_127_916];
-    let bits = x.to_bits() & 0x7fff_ffff;
-    // Exponent as f32 without an int→float conversion (that unit is as slow as lg2).
-    let e = f32::from_bits(0x4b00_0000 | (bits >> 23)) - 8_388_735.0; // 2^23 + 127
-    let u = f32::from_bits((bits & 0x7f_ffff) | 0x3f80_0000) - 1.0;
-    let mut p = C[6];
-    p = fma(p, u, C[5]);
-    p = fma(p, u, C[4]);
-    p = fma(p, u, C[3]);
-    p = fma(p, u, C[2]);
-    p = fma(p, u, C[1]);
-    p = fma(p, u, C[0]);
-    fma(p, u, e)
-}
-
-/// Hardware `ex2.approx.ftz.f32`.
-#[inline(always)]
-fn ex2_approx(x: f32) -> f32 {
-    let r: f32;
-    // SAFETY: register-only.
-    unsafe { core::arch::asm!("ex2.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) };
-    r
 }
 
 #[inline(always)]
