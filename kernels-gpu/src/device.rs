@@ -59,8 +59,6 @@ pub unsafe fn sync_threads() {
     nvptx::_syncthreads()
 }
 
-// Shared-memory loads are `pure, readonly`: the compiler may schedule them early, but not
-// across a store (non-readonly asm) or a barrier (a call that may write memory).
 // Shuffles are `nomem` (loads may move around them) but never `pure`: a pure asm may be sunk
 // into a branch, and a shuffle must run on every lane of the warp together.
 
@@ -249,7 +247,7 @@ pub unsafe fn ld_shared_f32x4(addr: u32) -> [f32; 4] {
     let (a, b, c, d): (f32, f32, f32, f32);
     asm!("ld.shared.v4.f32 {{{a}, {b}, {c}, {d}}}, [{p}];",
          a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg32) addr,
-         options(pure, readonly, nostack));
+         options(readonly, nostack));
     [a, b, c, d]
 }
 
@@ -260,7 +258,7 @@ pub unsafe fn ld_shared_f32x4(addr: u32) -> [f32; 4] {
 #[inline(always)]
 pub unsafe fn ld_shared_u32(addr: u32) -> u32 {
     let v: u32;
-    asm!("ld.shared.u32 {v}, [{p}];", v = out(reg32) v, p = in(reg32) addr, options(pure, readonly, nostack));
+    asm!("ld.shared.u32 {v}, [{p}];", v = out(reg32) v, p = in(reg32) addr);
     v
 }
 
@@ -271,7 +269,7 @@ pub unsafe fn ld_shared_u32(addr: u32) -> u32 {
 #[inline(always)]
 pub unsafe fn ld_shared_u64(addr: u32) -> u64 {
     let v: u64;
-    asm!("ld.shared.u64 {v}, [{p}];", v = out(reg64) v, p = in(reg32) addr, options(pure, readonly, nostack));
+    asm!("ld.shared.u64 {v}, [{p}];", v = out(reg64) v, p = in(reg32) addr);
     v
 }
 
@@ -342,7 +340,7 @@ pub unsafe fn st_shared_f32x4(addr: u32, v: [f32; 4]) {
 pub unsafe fn ld_shared_f32x2(addr: u32) -> [f32; 2] {
     let (a, b): (f32, f32);
     asm!("ld.shared.v2.f32 {{{a}, {b}}}, [{p}];", a = out(reg32) a, b = out(reg32) b, p = in(reg32) addr,
-         options(pure, readonly, nostack));
+         options(readonly, nostack));
     [a, b]
 }
 
@@ -371,7 +369,7 @@ pub unsafe fn st_shared_u8(addr: u32, v: u8) {
 #[inline(always)]
 pub unsafe fn ld_shared_u8(addr: u32) -> u8 {
     let v: u16;
-    asm!("ld.shared.u8 {v}, [{p}];", v = out(reg16) v, p = in(reg32) addr, options(pure, readonly, nostack));
+    asm!("ld.shared.u8 {v}, [{p}];", v = out(reg16) v, p = in(reg32) addr, options(readonly, nostack));
     v as u8
 }
 

@@ -279,43 +279,30 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
         while sb < BLOCK / 16 && c0 + 16 * sb < cols {
             if warp == 0 && (lane as usize) < RPC {
                 let row_x = base + l.x_tile + lane * STRIDE * 4;
-                let (mut xb, mut sc, mut zb, mut db) = ([0f32; 16], [1f32; 16], [0f32; 16], [1f32; 16]);
-                for16(|c| {
-                    let t = 16 * sb + c as u32;
-                    xb[c] = ld_shared_f32(row_x + t * 4);
-                    sc[c] = ld_shared_f32(base + l.scale_tile + (lane * BLOCK + t) * 4);
-                    zb[c] = ld_shared_f32(base + l.zero_tile + (lane * BLOCK + t) * 4);
-                    db[c] = ld_shared_f32(base + l.u_block + (t * BLOCK + t) * 4);
-                });
-                // Results stay in registers until the slice is done: no store sits on the chain.
-                let (mut eb, mut dqb, mut qb) = ([0f32; 16], [0f32; 16], [0f32; 16]);
+                let mut xb = [0f32; 16];
+                for16(|c| xb[c] = ld_shared_f32(row_x + (16 * sb + c as u32) * 4));
                 for16(|c| {
                     let t = 16 * sb + c as u32;
                     if c0 + t < cols {
                         let mut e = 0f32;
                         if row_ok {
-                            let q = quantize(xb[c], sc[c], zb[c], maxq);
-                            let dq = dequantize(q, sc[c], zb[c]);
-                            e = (xb[c] - dq) / db[c];
+                            let s = ld_shared_f32(base + l.scale_tile + (lane * BLOCK + t) * 4);
+                            let q0 = ld_shared_f32(base + l.zero_tile + (lane * BLOCK + t) * 4);
+                            let q = quantize(xb[c], s, q0, maxq);
+                            let dq = dequantize(q, s, q0);
+                            e = (xb[c] - dq) / ld_shared_f32(base + l.u_block + (t * BLOCK + t) * 4);
                             loss_acc += e * e;
-                            (qb[c], dqb[c]) = (q, dq);
+                            st_shared_u8(base + l.codes + lane * BLOCK + t, q as u8);
+                            st_f32(base + l.deq_tile + (lane * STRIDE + t) * 4, dq);
                         }
-                        eb[c] = e;
+                        // The x slot of column t is free now: it keeps the error.
+                        st_f32(row_x + t * 4, e);
                         for16(|j| {
                             if j > c {
                                 // Multiply then subtract, as the CPU reference (never fused).
                                 xb[j] -= e * ld_shared_f32(base + l.u_block + (t * BLOCK + 16 * sb + j as u32) * 4);
                             }
                         });
-                    }
-                });
-                for16(|c| {
-                    let t = 16 * sb + c as u32;
-                    // The x slot of column t is free now: it keeps the error.
-                    st_f32(row_x + t * 4, eb[c]);
-                    if row_ok && c0 + t < cols {
-                        st_shared_u8(base + l.codes + lane * BLOCK + t, qb[c] as u8);
-                        st_f32(base + l.deq_tile + (lane * STRIDE + t) * 4, dqb[c]);
                     }
                 });
             }
