@@ -122,7 +122,7 @@ unsafe fn load_operands<const RPC: usize, const RT: usize>(l: &SolverSharedLayou
 }
 
 #[inline(always)]
-unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
+unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
     w_work: *const f32,
     p0: u32,
     p1: u32,
@@ -353,7 +353,7 @@ unsafe fn gptq_solve_impl<const RPC: usize, const RT: usize>(
     }
 }
 
-macro_rules! gptq_solve_entry {
+macro_rules! gptq_panel_entry {
     ($name:ident, $rpc:literal, $rt:literal) => {
         /// Panel solve for blocks of this many rows; see the module docs.
         #[no_mangle]
@@ -376,10 +376,10 @@ macro_rules! gptq_solve_entry {
             err_t: *mut f32,
             loss: *mut f32,
         ) {
-            gptq_solve_impl::<$rpc, $rt>(w_work, p0, p1, u, perm, qmeta, rows, cols, cols_p, gs, n_groups, bits, rows_p, codes, deq, err_t, loss)
+            gptq_panel_impl::<$rpc, $rt>(w_work, p0, p1, u, perm, qmeta, rows, cols, cols_p, gs, n_groups, bits, rows_p, codes, deq, err_t, loss)
         }
     };
 }
 
-gptq_solve_entry!(gptq_panel_r16, 16, 2);
-gptq_solve_entry!(gptq_panel_r32, 32, 4);
+gptq_panel_entry!(gptq_panel_r16, 16, 2);
+gptq_panel_entry!(gptq_panel_r32, 32, 4);
