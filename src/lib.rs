@@ -6,6 +6,7 @@
 //! compare it with; the scalar math both use lives in [`forge_numerics`].
 #![deny(missing_docs)]
 
+pub mod calib;
 pub mod error;
 pub mod gpu;
 pub mod grid;

@@ -84,7 +84,7 @@ unsafe fn hessian_xtx_impl<E: Elem>(x: *const E, tokens: u32, cols: u32, s: *mut
     let (ty, tx) = (tid / 16, tid % 16);
     let (i0, j0) = (bi * TILE, bj * TILE);
     let (lk, lc) = (tid / 16, (tid % 16) * 4);
-    let vec_ok = cols % 4 == 0;
+    let vec_ok = cols.is_multiple_of(4);
     let mut acc = [[0f32; 4]; 4];
 
     let chunks = tokens.div_ceil(KC);
@@ -222,7 +222,7 @@ pub unsafe extern "ptx-kernel" fn prestep_extract(a: *const f64, cols: u32, u: *
         let mut v = 0f32;
         if j >= i {
             v = *a.add(prestep_factor_source(n, i, j)) as f32;
-            if !(v.abs() <= f32::MAX) || (i == j && !(v > 0.0)) {
+            if !v.is_finite() || (i == j && v <= 0.0) {
                 crate::device::atomic_max_u64_global(first_bad, !(idx as u64));
             }
         }

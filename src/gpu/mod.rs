@@ -6,10 +6,14 @@
 //! path never touches this module.
 
 mod grid;
+mod hessian;
 mod launch;
 mod solver;
 
 pub use grid::{build_quant_grid_device, build_quant_grid_gpu, launch_grid_kernel, DeviceGrid, DeviceWeight};
+pub use hessian::{
+    cusolver_available, pre_step_gpu, DeviceActivations, GpuHessian, GpuPreStepper, MAX_CHUNK_TOKENS, MAX_HESSIAN_COLS,
+};
 pub use launch::{grid_for, LaunchDims};
 pub use solver::{launch_solve, solve_gpu, DeviceFactor, DeviceSolveOutput, SolveWorkspace};
 

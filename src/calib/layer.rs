@@ -1,0 +1,478 @@
+//! One layer, or several layers that read the same inputs: Hessian, pre-step, quantize.
+
+use super::ActivationView;
+use crate::gpu::{self, DeviceFactor, DeviceWeight, GpuDevice, GpuHessian, GpuPreStepper, SolveWorkspace};
+use crate::hessian::{pre_step_cpu, HessianAccumulator, PreStep, PreStepConfig};
+use crate::quantizer::widen;
+use crate::solver::{solve_cpu, SolveOutput};
+use crate::{grid, Backend, ForgeError, GridConfig, QuantGrid, Quantizer, Result, WeightView};
+use ndarray::{Array2, ArrayView2};
+use std::sync::Arc;
+
+/// Where a layer's pre-step ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreStepRoute {
+    /// faer on the CPU ([`crate::hessian::pre_step_cpu`]): the CPU backend, or a GPU backend
+    /// on a machine where cuSOLVER could not be loaded.
+    Cpu,
+    /// cuSOLVER on the device ([`crate::gpu::GpuPreStepper`]).
+    Gpu,
+    /// No pre-step: the layer saw no calibration tokens and uses `U = I`.
+    NoTokens,
+}
+
+/// What the pre-step had to do for a layer (everything a user should know about its quality).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizeFlags {
+    /// Inputs with `diag H == 0`: their weight columns were zeroed before the grid was built.
+    pub dead_columns: Vec<usize>,
+    /// Factorisations retried with more damping.
+    pub retries: u32,
+    /// Every factorisation failed: `U = I`, the result is round-to-nearest.
+    pub fallback_identity: bool,
+    /// The layer saw no calibration tokens: `H = I`, the result is round-to-nearest.
+    pub no_tokens: bool,
+    /// Absolute damping added to `diag H` by the attempt that was used (0 without tokens).
+    pub damping_used: f32,
+    /// Where the pre-step ran.
+    pub route: PreStepRoute,
+}
+
+/// A quantized layer: grid, codes and dequantized weight, act-order, flags.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedLayer {
+    /// qmeta4 records of the (dead-column-zeroed) weight.
+    pub grid: QuantGrid,
+    /// Codes, dequantized weight and per-row GPTQ loss, original column order.
+    pub out: SolveOutput,
+    /// Act-order column order used by the solver, if any.
+    pub perm: Option<Vec<usize>>,
+    /// What the pre-step did.
+    pub flags: QuantizeFlags,
+}
+
+/// A pre-step result ready to quantize any number of weights with the same input columns
+/// (one Cholesky and inversion, then one solve per weight). On a GPU backend the factor is
+/// also kept on the device.
+pub struct PreparedFactor {
+    pre: PreStep,
+    route: PreStepRoute,
+    device: Option<(Arc<GpuDevice>, DeviceFactor)>,
+}
+
+impl std::fmt::Debug for PreparedFactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedFactor")
+            .field("cols", &self.cols())
+            .field("route", &self.route)
+            .field("on_device", &self.device.is_some())
+            .finish()
+    }
+}
+
+impl PreparedFactor {
+    /// Wraps a pre-step result (e.g. from [`crate::hessian::pre_step_cpu`]); on a GPU backend
+    /// the factor is uploaded once here.
+    pub fn new(pre: PreStep, route: PreStepRoute, backend: &Backend) -> Result<Self> {
+        let (n, c) = pre.hinv_factor.dim();
+        if n != c || n == 0 {
+            return Err(ForgeError::Shape(format!("hinv_factor is {n}×{c}, expected a non-empty square matrix")));
+        }
+        let device = match backend {
+            Backend::Cpu => None,
+            Backend::Gpu(dev) => Some((dev.clone(), DeviceFactor::upload(dev, pre.hinv_factor.view(), pre.perm.as_deref())?)),
+        };
+        Ok(PreparedFactor { pre, route, device })
+    }
+
+    /// `U = I`, no act-order, no damping: the factor of a layer that saw no tokens
+    /// (round-to-nearest, flagged [`QuantizeFlags::no_tokens`]).
+    pub fn no_tokens(cols: usize, backend: &Backend) -> Result<Self> {
+        if cols == 0 {
+            return Err(ForgeError::Shape("a layer needs at least one input column".into()));
+        }
+        let pre = PreStep {
+            hinv_factor: Array2::eye(cols),
+            perm: None,
+            dead_columns: Vec::new(),
+            damping_used: 0.0,
+            retries: 0,
+            fallback_identity: false,
+        };
+        Self::new(pre, PreStepRoute::NoTokens, backend)
+    }
+
+    /// The pre-step result (`U`, act-order, dead inputs, retries).
+    pub fn pre_step(&self) -> &PreStep {
+        &self.pre
+    }
+
+    /// Input columns.
+    pub fn cols(&self) -> usize {
+        self.pre.hinv_factor.nrows()
+    }
+
+    /// Where the pre-step ran.
+    pub fn route(&self) -> PreStepRoute {
+        self.route
+    }
+
+    /// The flags every layer quantized with this factor reports.
+    pub fn flags(&self) -> QuantizeFlags {
+        QuantizeFlags {
+            dead_columns: self.pre.dead_columns.clone(),
+            retries: self.pre.retries,
+            fallback_identity: self.pre.fallback_identity,
+            no_tokens: self.route == PreStepRoute::NoTokens,
+            damping_used: self.pre.damping_used,
+            route: self.route,
+        }
+    }
+}
+
+/// Where a Hessian lives.
+enum HessianState {
+    /// The CPU reference accumulator.
+    Cpu(HessianAccumulator),
+    /// A Hessian given on the host (not accumulated here), with its token count.
+    CpuGiven { h: Array2<f32>, tokens: u64 },
+    /// On the device.
+    Gpu(GpuHessian),
+}
+
+/// A running Hessian on the quantizer's backend, shareable by every layer that reads the
+/// same inputs (e.g. an expert's gate and up projections).
+pub struct SharedHessian {
+    state: HessianState,
+    backend: Backend,
+}
+
+impl std::fmt::Debug for SharedHessian {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedHessian").field("cols", &self.cols()).field("tokens", &self.tokens()).field("backend", &self.backend.name()).finish()
+    }
+}
+
+impl SharedHessian {
+    /// `H = 0`, no tokens, for `cols` input features.
+    pub fn new(cols: usize, backend: &Backend) -> Result<Self> {
+        let state = match backend {
+            Backend::Cpu => HessianState::Cpu(HessianAccumulator::new(cols)?),
+            Backend::Gpu(dev) => HessianState::Gpu(GpuHessian::new(dev, cols)?),
+        };
+        Ok(SharedHessian { state, backend: backend.clone() })
+    }
+
+    /// A Hessian accumulated elsewhere over `tokens` tokens (0 marks a layer without
+    /// calibration data: its pre-step is `U = I`, flagged). Must be square and finite.
+    pub fn from_host(h: ArrayView2<'_, f32>, tokens: u64, backend: &Backend) -> Result<Self> {
+        let state = match backend {
+            Backend::Cpu => {
+                let (n, c) = h.dim();
+                if n != c || n == 0 {
+                    return Err(ForgeError::Shape(format!("the Hessian must be square and non-empty, got {n}×{c}")));
+                }
+                if let Some(((row, col), &value)) = h.indexed_iter().find(|(_, v)| !v.is_finite()) {
+                    return Err(ForgeError::NonFinite { tensor: "hessian", row, col, value });
+                }
+                HessianState::CpuGiven { h: h.to_owned(), tokens }
+            }
+            Backend::Gpu(dev) => HessianState::Gpu(GpuHessian::from_host(dev, h, tokens)?),
+        };
+        Ok(SharedHessian { state, backend: backend.clone() })
+    }
+
+    /// Input features (the side of `H`).
+    pub fn cols(&self) -> usize {
+        match &self.state {
+            HessianState::Cpu(a) => a.cols(),
+            HessianState::CpuGiven { h, .. } => h.nrows(),
+            HessianState::Gpu(g) => g.cols(),
+        }
+    }
+
+    /// Tokens seen so far.
+    pub fn tokens(&self) -> u64 {
+        match &self.state {
+            HessianState::Cpu(a) => a.tokens(),
+            HessianState::CpuGiven { tokens, .. } => *tokens,
+            HessianState::Gpu(g) => g.tokens(),
+        }
+    }
+
+    /// Adds a batch of activations `(tokens, cols)`: `H ← β·H + α·XᵀX`, `α = 2/(n+m)`,
+    /// `β = n/(n+m)` (DESIGN §5). f16/bf16 are widened exactly to f32. NaN/inf activations
+    /// and f32 overflow are typed errors.
+    pub fn update(&mut self, x: ActivationView<'_>) -> Result<()> {
+        match &mut self.state {
+            HessianState::Cpu(acc) => match x {
+                ActivationView::F32(v) => acc.update(v),
+                _ => acc.update(x.to_f32().view()),
+            },
+            HessianState::CpuGiven { h, tokens } => {
+                // The batch's own Hessian Hb = 2/m·XᵀX, blended as the running mean:
+                // H ← n/(n+m)·H + m/(n+m)·Hb (the same average, rounded once more).
+                let mut batch = HessianAccumulator::new(h.nrows())?;
+                match x {
+                    ActivationView::F32(v) => batch.update(v)?,
+                    _ => batch.update(x.to_f32().view())?,
+                }
+                let m = batch.tokens();
+                if m == 0 {
+                    return Ok(());
+                }
+                let total = (*tokens + m) as f64;
+                let (a, b) = ((m as f64 / total) as f32, (*tokens as f64 / total) as f32);
+                h.zip_mut_with(batch.h(), |hv, &bv| *hv = b * *hv + a * bv);
+                *tokens += m;
+                Ok(())
+            }
+            HessianState::Gpu(g) => match &self.backend {
+                Backend::Gpu(dev) => g.update(dev, x),
+                Backend::Cpu => Err(ForgeError::Shape("a device Hessian without a device".into())),
+            },
+        }
+    }
+
+    /// `H` on the host.
+    pub fn to_host(&self) -> Result<Array2<f32>> {
+        match (&self.state, &self.backend) {
+            (HessianState::Cpu(a), _) => Ok(a.h().clone()),
+            (HessianState::CpuGiven { h, .. }, _) => Ok(h.clone()),
+            (HessianState::Gpu(g), Backend::Gpu(dev)) => g.to_host(dev),
+            (HessianState::Gpu(_), Backend::Cpu) => Err(ForgeError::Shape("a device Hessian without a device".into())),
+        }
+    }
+
+    /// The device Hessian, on a GPU backend.
+    pub fn device(&self) -> Option<&GpuHessian> {
+        match &self.state {
+            HessianState::Gpu(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The pre-step (DESIGN §5) on this Hessian's backend: on the GPU through cuSOLVER when
+    /// it loads, else on the CPU (the result's [`PreparedFactor::route`] says which). A
+    /// Hessian without tokens gives `U = I` ([`PreStepRoute::NoTokens`]).
+    pub fn pre_step(&self, cfg: &PreStepConfig) -> Result<PreparedFactor> {
+        let mut stepper = StepperSlot::default();
+        self.pre_step_with(cfg, &mut stepper)
+    }
+
+    pub(crate) fn pre_step_with(&self, cfg: &PreStepConfig, stepper: &mut StepperSlot) -> Result<PreparedFactor> {
+        if self.tokens() == 0 {
+            return PreparedFactor::no_tokens(self.cols(), &self.backend);
+        }
+        match &self.state {
+            HessianState::Cpu(a) => prepare(&self.backend, HSource::Host(a.h().view()), cfg, stepper),
+            HessianState::CpuGiven { h, .. } => prepare(&self.backend, HSource::Host(h.view()), cfg, stepper),
+            HessianState::Gpu(g) => prepare(&self.backend, HSource::Device(g), cfg, stepper),
+        }
+    }
+}
+
+/// A Hessian to run the pre-step on.
+pub(crate) enum HSource<'a> {
+    Host(ArrayView2<'a, f32>),
+    Device(&'a GpuHessian),
+}
+
+/// A lazily created [`GpuPreStepper`], or the reason there is none (cuSOLVER missing), so a
+/// batch of experts loads cuSOLVER once and falls back to the CPU once.
+#[derive(Default)]
+pub(crate) struct StepperSlot {
+    stepper: Option<GpuPreStepper>,
+    unavailable: bool,
+}
+
+impl StepperSlot {
+    fn get(&mut self, dev: &GpuDevice) -> Result<Option<&mut GpuPreStepper>> {
+        if self.stepper.is_none() && !self.unavailable {
+            match GpuPreStepper::new(dev) {
+                Ok(s) => self.stepper = Some(s),
+                Err(ForgeError::MissingLibrary { .. }) => self.unavailable = true,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.stepper.as_mut())
+    }
+}
+
+/// The pre-step of `h` on `backend` (GPU through cuSOLVER when available), as a factor ready
+/// for the solver.
+pub(crate) fn prepare(backend: &Backend, h: HSource<'_>, cfg: &PreStepConfig, slot: &mut StepperSlot) -> Result<PreparedFactor> {
+    match backend {
+        Backend::Cpu => {
+            let pre = match h {
+                HSource::Host(h) => pre_step_cpu(h, None, cfg)?,
+                HSource::Device(_) => return Err(ForgeError::Shape("a device Hessian without a device".into())),
+            };
+            PreparedFactor::new(pre, PreStepRoute::Cpu, backend)
+        }
+        Backend::Gpu(dev) => {
+            let (pre, route) = match slot.get(dev)? {
+                Some(stepper) => {
+                    let pre = match h {
+                        HSource::Host(h) => stepper.run_host(dev, h, cfg)?,
+                        HSource::Device(g) => stepper.run(dev, g.h(), g.cols(), cfg)?,
+                    };
+                    (pre, PreStepRoute::Gpu)
+                }
+                None => {
+                    let pre = match h {
+                        HSource::Host(h) => pre_step_cpu(h, None, cfg)?,
+                        HSource::Device(g) => pre_step_cpu(g.to_host(dev)?.view(), None, cfg)?,
+                    };
+                    (pre, PreStepRoute::Cpu)
+                }
+            };
+            PreparedFactor::new(pre, route, backend)
+        }
+    }
+}
+
+/// Device solve buffers kept across same-shape layers of a batch.
+#[derive(Default)]
+pub(crate) struct WorkspaceCache {
+    slots: Vec<((usize, usize), SolveWorkspace)>,
+}
+
+impl WorkspaceCache {
+    fn get(&mut self, dev: &GpuDevice, rows: usize, cols: usize) -> Result<&mut SolveWorkspace> {
+        let k = match self.slots.iter().position(|(s, _)| *s == (rows, cols)) {
+            Some(k) => k,
+            None => {
+                self.slots.push(((rows, cols), SolveWorkspace::new(dev, rows, cols)?));
+                self.slots.len() - 1
+            }
+        };
+        Ok(&mut self.slots[k].1)
+    }
+}
+
+/// Quantizes `weight` with a prepared factor of its Hessian: dead input columns zeroed, grid
+/// built from the zeroed weight, GPTQ solve with `U` and the act-order, all on the
+/// quantizer's backend. Several weights that read the same inputs share one factor.
+pub fn quantize_with(quantizer: &Quantizer, factor: &PreparedFactor, weight: WeightView<'_>) -> Result<QuantizedLayer> {
+    quantize_prepared(quantizer, factor, weight, &mut WorkspaceCache::default())
+}
+
+pub(crate) fn quantize_prepared(quantizer: &Quantizer, factor: &PreparedFactor, weight: WeightView<'_>, cache: &mut WorkspaceCache) -> Result<QuantizedLayer> {
+    let (rows, cols) = weight.dim();
+    quantizer.config.validate(rows, cols)?;
+    if cols != factor.cols() {
+        return Err(ForgeError::Shape(format!("weight has {cols} columns, the factor is {0}×{0}", factor.cols())));
+    }
+    // An f32 weight without dead inputs is used as it is (a copy costs more than the solve
+    // on the GPU); NaN/inf is then caught by the grid builder, with the same typed error.
+    let owned;
+    let w = match weight {
+        WeightView::F32(v) if factor.pre.dead_columns.is_empty() => v.reborrow(),
+        _ => {
+            let mut w = widen(weight)?;
+            for &j in &factor.pre.dead_columns {
+                w.column_mut(j).fill(0.0);
+            }
+            owned = w;
+            owned.view()
+        }
+    };
+    let perm = factor.pre.perm.as_deref();
+    let (grid, out) = match &quantizer.backend {
+        Backend::Cpu => {
+            let grid = grid::build_quant_grid(WeightView::F32(w), &quantizer.config)?;
+            let out = solve_cpu(w, factor.pre.hinv_factor.view(), &grid, perm)?;
+            (grid, out)
+        }
+        Backend::Gpu(dev) => solve_on_device(dev, &quantizer.config, factor, w, cache)?,
+    };
+    Ok(QuantizedLayer { grid, out, perm: factor.pre.perm.clone(), flags: factor.flags() })
+}
+
+/// Grid and solve on the device with the factor already there (uploaded now if it was
+/// prepared for another backend). The grid kernel rejects a non-finite weight and `U` comes
+/// from a checked pre-step, so only shapes are checked (by `launch_solve`).
+fn solve_on_device(dev: &Arc<GpuDevice>, config: &GridConfig, factor: &PreparedFactor, w: ArrayView2<'_, f32>, cache: &mut WorkspaceCache) -> Result<(QuantGrid, SolveOutput)> {
+    let (rows, cols) = w.dim();
+    let dw = DeviceWeight::upload(dev, WeightView::F32(w))?;
+    let dgrid = gpu::build_quant_grid_device(dev, &dw, config)?;
+    let grid = dgrid.to_host(dev)?;
+    let temp;
+    let dfactor = match &factor.device {
+        Some((d, f)) if Arc::ptr_eq(d, dev) => f,
+        _ => {
+            temp = DeviceFactor::upload(dev, factor.pre.hinv_factor.view(), factor.pre.perm.as_deref())?;
+            &temp
+        }
+    };
+    let ws = cache.get(dev, rows, cols)?;
+    gpu::launch_solve(dev, &dw, dfactor, &dgrid, ws)?;
+    Ok((grid, ws.output().to_host(dev)?))
+}
+
+/// One linear layer in MoE-Quant's `GPTQ` shape: `new`, `update` with calibration inputs,
+/// `quantization_pre_step`, `quantize`.
+#[derive(Debug)]
+pub struct GptqLayer {
+    weight: Array2<f32>,
+    quantizer: Quantizer,
+    hessian: SharedHessian,
+    factor: Option<PreparedFactor>,
+}
+
+impl GptqLayer {
+    /// A layer for `weight` (`(out_features, in_features)`, any supported dtype, widened to
+    /// f32; NaN/inf is an error) in format `config` on `backend`.
+    pub fn new(weight: WeightView<'_>, config: GridConfig, backend: Backend) -> Result<Self> {
+        let (rows, cols) = weight.dim();
+        config.validate(rows, cols)?;
+        let weight = widen(weight)?;
+        let hessian = SharedHessian::new(cols, &backend)?;
+        Ok(GptqLayer { weight, quantizer: Quantizer::new(config, backend), hessian, factor: None })
+    }
+
+    /// Adds a batch of the layer's inputs `(tokens, in_features)` to its Hessian (and drops
+    /// a pre-step computed before it).
+    pub fn update(&mut self, x: ActivationView<'_>) -> Result<()> {
+        self.factor = None;
+        self.hessian.update(x)
+    }
+
+    /// Tokens seen so far.
+    pub fn tokens(&self) -> u64 {
+        self.hessian.tokens()
+    }
+
+    /// The layer's Hessian.
+    pub fn hessian(&self) -> &SharedHessian {
+        &self.hessian
+    }
+
+    /// The (f32) weight being quantized.
+    pub fn weight(&self) -> &Array2<f32> {
+        &self.weight
+    }
+
+    /// Format and backend.
+    pub fn quantizer(&self) -> &Quantizer {
+        &self.quantizer
+    }
+
+    /// Dead inputs, damping, act-order and `U` (see [`SharedHessian::pre_step`]); kept for
+    /// [`GptqLayer::quantize`].
+    pub fn quantization_pre_step(&mut self, cfg: &PreStepConfig) -> Result<&PreparedFactor> {
+        let f = self.hessian.pre_step(cfg)?;
+        Ok(self.factor.insert(f))
+    }
+
+    /// Quantizes the layer (running the pre-step with [`PreStepConfig::default`] first if
+    /// [`GptqLayer::quantization_pre_step`] was not called since the last update).
+    pub fn quantize(&mut self) -> Result<QuantizedLayer> {
+        if self.factor.is_none() {
+            self.quantization_pre_step(&PreStepConfig::default())?;
+        }
+        let factor = self.factor.as_ref().ok_or_else(|| ForgeError::Shape("pre-step missing".into()))?;
+        quantize_with(&self.quantizer, factor, WeightView::F32(self.weight.view()))
+    }
+}
