@@ -6,7 +6,9 @@ use std::path::PathBuf;
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for dir in ["kernels-gpu/src", "kernels-gpu/Cargo.toml", "crates/forge-numerics/src", "crates/forge-numerics/Cargo.toml"] {
+    for dir in
+        ["kernels-gpu/src", "kernels-gpu/Cargo.toml", "crates/forge-numerics/src", "crates/forge-numerics/Cargo.toml"]
+    {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     let builder = forge_ptx_build::PtxBuilder::new(root.join("kernels-gpu")).arch("sm_80");

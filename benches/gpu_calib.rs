@@ -57,7 +57,10 @@ fn main() -> fourbit_forge::Result<()> {
         let x = randn(tokens, c, c as u64);
         let macs = (tokens * c * c) as f64;
         let mut h = GpuHessian::new(&dev, c)?;
-        for (dtype, view) in [("f32", ActivationView::F32(x.view())), ("bf16", ActivationView::BF16(x.mapv(half::bf16::from_f32).view()))] {
+        for (dtype, view) in [
+            ("f32", ActivationView::F32(x.view())),
+            ("bf16", ActivationView::BF16(x.mapv(half::bf16::from_f32).view())),
+        ] {
             let dx = DeviceActivations::upload(&dev, view)?;
             let ms = common::median_ms(&dev, 2, 7, 3, || h.update_device(&dev, &dx))?;
             rows.push(vec![
@@ -79,12 +82,24 @@ fn main() -> fourbit_forge::Result<()> {
 
         if let Some(st) = stepper.as_mut() {
             let ms = wall_ms(5, || st.run(&dev, h.h(), c, &pcfg).map(|_| ()))?;
-            rows.push(vec!["pre-step GPU (cuSOLVER f64, U to host)".into(), format!("C={c}"), "f32 H".into(), format!("{ms:.1}"), "wall clock".into()]);
+            rows.push(vec![
+                "pre-step GPU (cuSOLVER f64, U to host)".into(),
+                format!("C={c}"),
+                "f32 H".into(),
+                format!("{ms:.1}"),
+                "wall clock".into(),
+            ]);
         }
         let hh = h.to_host(&dev)?;
         let runs = if c >= 7168 { 1 } else { 3 };
         let ms = wall_ms(runs, || pre_step_cpu(hh.view(), None, &pcfg).map(|_| ()))?;
-        rows.push(vec!["pre-step CPU (faer f64)".into(), format!("C={c}"), "f32 H".into(), format!("{ms:.1}"), format!("wall clock, {runs} run(s)")]);
+        rows.push(vec![
+            "pre-step CPU (faer f64)".into(),
+            format!("C={c}"),
+            "f32 H".into(),
+            format!("{ms:.1}"),
+            format!("wall clock, {runs} run(s)"),
+        ]);
         hessians.push(hh);
     }
     drop(stepper);
@@ -98,7 +113,10 @@ fn main() -> fourbit_forge::Result<()> {
     let n_experts = 4;
     let mut experts = Vec::new();
     for _ in 0..n_experts {
-        experts.push(ExpertInput { weights: vec![WeightView::F32(gate.view()), WeightView::F32(up.view())], hessian: Some(h_in.view()) });
+        experts.push(ExpertInput {
+            weights: vec![WeightView::F32(gate.view()), WeightView::F32(up.view())],
+            hessian: Some(h_in.view()),
+        });
         experts.push(ExpertInput::single(WeightView::F32(down.view()), Some(h_mid.view())));
     }
     let backend = Backend::Gpu(dev.clone());

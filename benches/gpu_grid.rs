@@ -49,7 +49,18 @@ fn main() -> fourbit_forge::Result<()> {
     }
     common::print_table(
         &format!("grid builder, gs 128, 4-bit, symmetric, {} (median ms, device events)", dev.name()),
-        &["shape", "dtype", "MB", "d2d copy ms", "absmax ms", "absmax/copy", "MSE p=2.4 ms", "G evals/s", "MSE p=2 ms", "G evals/s"],
+        &[
+            "shape",
+            "dtype",
+            "MB",
+            "d2d copy ms",
+            "absmax ms",
+            "absmax/copy",
+            "MSE p=2.4 ms",
+            "G evals/s",
+            "MSE p=2 ms",
+            "G evals/s",
+        ],
         &rows_out,
     );
     Ok(())

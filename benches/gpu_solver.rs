@@ -8,7 +8,9 @@
 mod common;
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
-use fourbit_forge::gpu::{build_quant_grid_device, launch_solve, DeviceFactor, DeviceWeight, GpuDevice, SolveWorkspace};
+use fourbit_forge::gpu::{
+    build_quant_grid_device, launch_solve, DeviceFactor, DeviceWeight, GpuDevice, SolveWorkspace,
+};
 use fourbit_forge::{ForgeError, GridConfig, Result, WeightView};
 use ndarray::Array2;
 use rand::{Rng, SeedableRng};

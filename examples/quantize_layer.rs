@@ -19,14 +19,12 @@
 
 use clap::Parser;
 use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig};
-use fourbit_forge::numerics::{
-    bf16_bits_to_f32, dequantize, f16_bits_to_f32, fp8_e4m3_to_f32, quantize,
-};
+use fourbit_forge::numerics::{bf16_bits_to_f32, dequantize, f16_bits_to_f32, fp8_e4m3_to_f32, quantize};
 use fourbit_forge::quantizer::widen;
 use fourbit_forge::solver::layer_output_error;
 use fourbit_forge::{
-    Backend, ForgeError, GridConfig, MseSearch, QuantGrid, Quantizer, ScaleSearch,
-    ShrinkCandidates, WeightDtype, WeightView,
+    Backend, ForgeError, GridConfig, MseSearch, QuantGrid, Quantizer, ScaleSearch, ShrinkCandidates, WeightDtype,
+    WeightView,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{Array2, ArrayView2};
@@ -50,12 +48,7 @@ struct Args {
     tensor: Option<String>,
     /// Calibration inputs in the same file: (tokens, in_features), or any shape whose last
     /// axis is in_features; H = 2/n·XᵀX is built from them.
-    #[arg(
-        long,
-        value_name = "NAME",
-        requires = "weights",
-        conflicts_with = "hessian"
-    )]
+    #[arg(long, value_name = "NAME", requires = "weights", conflicts_with = "hessian")]
     activations: Option<String>,
     /// A stored Hessian (in_features × in_features) in the same file.
     #[arg(long, value_name = "NAME", requires = "weights")]
@@ -154,25 +147,16 @@ fn run(args: Args) -> Result<(), CliError> {
         symmetric: !args.asym,
         scale_search: if args.mse {
             ScaleSearch::Mse(MseSearch {
-                candidates: ShrinkCandidates::Linspace {
-                    max_shrink: args.max_shrink,
-                    n_grid: args.grid_points,
-                },
+                candidates: ShrinkCandidates::Linspace { max_shrink: args.max_shrink, n_grid: args.grid_points },
                 norm: args.norm,
             })
         } else {
             ScaleSearch::Absmax
         },
     };
-    let prestep_cfg = PreStepConfig {
-        rel_damp: args.damp,
-        act_order: args.act_order,
-    };
+    let prestep_cfg = PreStepConfig { rel_damp: args.damp, act_order: args.act_order };
     if !(args.damp.is_finite() && args.damp >= 0.0) {
-        return Err(CliError::usage(format!(
-            "--damp must be finite and >= 0, got {}",
-            args.damp
-        )));
+        return Err(CliError::usage(format!("--damp must be finite and >= 0, got {}", args.damp)));
     }
     // Settings that fail for every shape fail before any expensive work.
     config.validate(1, 1)?;
@@ -190,15 +174,10 @@ fn run(args: Args) -> Result<(), CliError> {
             )));
         }
     } else if args.rows == 0 || args.cols == 0 || args.tokens == Some(0) {
-        return Err(CliError::usage(
-            "--rows, --cols and --tokens must be > 0".into(),
-        ));
+        return Err(CliError::usage("--rows, --cols and --tokens must be > 0".into()));
     }
     if args.out.file_name().is_none() {
-        return Err(CliError::usage(format!(
-            "--out {} does not name a file",
-            args.out.display()
-        )));
+        return Err(CliError::usage(format!("--out {} does not name a file", args.out.display())));
     }
     let out_dir = output_dir(&args.out);
     if !out_dir.is_dir() {
@@ -219,11 +198,7 @@ fn run(args: Args) -> Result<(), CliError> {
             (Backend::Gpu(dev), _) => {
                 // Load (JIT) the kernels now so the stage timings below are the work itself.
                 dev.module()?;
-                println!(
-                    "backend: GPU {} (kernels loaded in {})",
-                    dev.name(),
-                    fmt_dur(t.elapsed())
-                );
+                println!("backend: GPU {} (kernels loaded in {})", dev.name(), fmt_dur(t.elapsed()));
                 Backend::Gpu(dev)
             }
             (cpu, reason) => {
@@ -256,11 +231,7 @@ fn run(args: Args) -> Result<(), CliError> {
             let (w, h) = synthetic_layer(args.rows, args.cols, tokens, args.seed)?;
             sp.finish_and_clear();
             timings.push(("calibration (H)", t.elapsed()));
-            (
-                OwnedWeight::F32(w),
-                h,
-                format!("synthetic {}×{} seed {}", args.rows, args.cols, args.seed),
-            )
+            (OwnedWeight::F32(w), h, format!("synthetic {}×{} seed {}", args.rows, args.cols, args.seed))
         }
     };
     let (rows, cols) = weight.view().dim();
@@ -273,10 +244,8 @@ fn run(args: Args) -> Result<(), CliError> {
         if config.symmetric { "sym" } else { "asym" },
         match &config.scale_search {
             ScaleSearch::Absmax => "absmax".to_string(),
-            ScaleSearch::Mse(_) => format!(
-                "mse (norm {}, {} points, max shrink {})",
-                args.norm, args.grid_points, args.max_shrink
-            ),
+            ScaleSearch::Mse(_) =>
+                format!("mse (norm {}, {} points, max shrink {})", args.norm, args.grid_points, args.max_shrink),
         },
         if args.act_order { "on" } else { "off" },
         args.damp
@@ -297,10 +266,7 @@ fn run(args: Args) -> Result<(), CliError> {
         if pre.dead_columns.is_empty() {
             String::new()
         } else {
-            format!(
-                " {:?} (weights zeroed)",
-                &pre.dead_columns[..pre.dead_columns.len().min(8)]
-            )
+            format!(" {:?} (weights zeroed)", &pre.dead_columns[..pre.dead_columns.len().min(8)])
         },
         pre.damping_used,
         pre.retries,
@@ -328,12 +294,7 @@ fn run(args: Args) -> Result<(), CliError> {
     // GPTQ solve.
     let t = Instant::now();
     let sp = spinner("GPTQ solve".into());
-    let out = quantizer.solve(
-        w32.view(),
-        pre.hinv_factor.view(),
-        &grid,
-        pre.perm.as_deref(),
-    )?;
+    let out = quantizer.solve(w32.view(), pre.hinv_factor.view(), &grid, pre.perm.as_deref())?;
     sp.finish_and_clear();
     timings.push(("solve", t.elapsed()));
 
@@ -348,7 +309,10 @@ fn run(args: Args) -> Result<(), CliError> {
 
     match &backend {
         Backend::Cpu => println!("\nstage times (CPU):"),
-        Backend::Gpu(d) => println!("\nstage times ({}; grid and solve include host↔device copies; pre-step and scoring run on the CPU):", d.name()),
+        Backend::Gpu(d) => println!(
+            "\nstage times ({}; grid and solve include host↔device copies; pre-step and scoring run on the CPU):",
+            d.name()
+        ),
     }
     for (name, d) in &timings {
         println!("  {name:<16} {:>10}", fmt_dur(*d));
@@ -362,16 +326,7 @@ fn run(args: Args) -> Result<(), CliError> {
     let total_loss: f64 = out.loss.iter().map(|&l| f64::from(l)).sum();
     println!("  GPTQ loss Σ_rows  {total_loss:.6e}");
 
-    write_output(
-        &args.out,
-        &out.qweight,
-        &grid,
-        pre.perm.as_deref(),
-        &out.loss.to_vec(),
-        &args,
-        &source,
-        &backend,
-    )?;
+    write_output(&args.out, &out.qweight, &grid, pre.perm.as_deref(), &out.loss.to_vec(), &args, &source, &backend)?;
     let n_groups = grid.dim().1;
     println!(
         "\nwrote {}: codes u8 [{rows}, {cols}], qmeta u8 [{rows}, {n_groups}, 4], pad i64 = {}{}, loss f32 [{rows}]",
@@ -403,16 +358,9 @@ impl OwnedWeight {
 
 /// The weight, the Hessian and a description of where they came from, from a safetensors file.
 fn load_layer(path: &Path, args: &Args) -> Result<(OwnedWeight, Array2<f32>, String)> {
-    let bytes = std::fs::read(path).map_err(|source| ForgeError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        ForgeError::Safetensors(format!(
-            "{}: not a valid safetensors file: {e}",
-            path.display()
-        ))
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| ForgeError::Io { path: path.display().to_string(), source })?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| ForgeError::Safetensors(format!("{}: not a valid safetensors file: {e}", path.display())))?;
     let others = [args.activations.as_deref(), args.hessian.as_deref()];
     let name = match &args.tensor {
         Some(n) => n.clone(),
@@ -455,29 +403,18 @@ fn load_layer(path: &Path, args: &Args) -> Result<(OwnedWeight, Array2<f32>, Str
         .map_err(|_| ForgeError::Dtype(format!("{} (weight '{name}')", tv.dtype())))?;
     let data = tv.data();
     let weight = match dtype {
-        WeightDtype::F32 => {
-            OwnedWeight::F32(Array2::from_shape_vec((rows, cols), le_f32(data)).map_err(shape_err)?)
-        }
+        WeightDtype::F32 => OwnedWeight::F32(Array2::from_shape_vec((rows, cols), le_f32(data)).map_err(shape_err)?),
         WeightDtype::F16 => OwnedWeight::F16(
-            Array2::from_shape_vec(
-                (rows, cols),
-                le_u16(data).into_iter().map(half::f16::from_bits).collect(),
-            )
-            .map_err(shape_err)?,
+            Array2::from_shape_vec((rows, cols), le_u16(data).into_iter().map(half::f16::from_bits).collect())
+                .map_err(shape_err)?,
         ),
         WeightDtype::BF16 => OwnedWeight::BF16(
-            Array2::from_shape_vec(
-                (rows, cols),
-                le_u16(data)
-                    .into_iter()
-                    .map(half::bf16::from_bits)
-                    .collect(),
-            )
-            .map_err(shape_err)?,
+            Array2::from_shape_vec((rows, cols), le_u16(data).into_iter().map(half::bf16::from_bits).collect())
+                .map_err(shape_err)?,
         ),
-        WeightDtype::Fp8E4M3 => OwnedWeight::Fp8E4M3(
-            Array2::from_shape_vec((rows, cols), data.to_vec()).map_err(shape_err)?,
-        ),
+        WeightDtype::Fp8E4M3 => {
+            OwnedWeight::Fp8E4M3(Array2::from_shape_vec((rows, cols), data.to_vec()).map_err(shape_err)?)
+        }
     };
 
     let h = if let Some(xname) = &args.activations {
@@ -490,9 +427,7 @@ fn load_layer(path: &Path, args: &Args) -> Result<(OwnedWeight, Array2<f32>, Str
         }
         let tokens: usize = xshape[..xshape.len() - 1].iter().product();
         if tokens == 0 {
-            return Err(ForgeError::Shape(format!(
-                "activations '{xname}' hold no tokens (shape {xshape:?})"
-            )));
+            return Err(ForgeError::Shape(format!("activations '{xname}' hold no tokens (shape {xshape:?})")));
         }
         let x = to_f32(&xv, xname)?;
         let x = ArrayView2::from_shape((tokens, cols), &x).map_err(shape_err)?;
@@ -532,11 +467,8 @@ fn get_tensor<'a>(st: &SafeTensors<'a>, path: &Path, name: &str) -> Result<Tenso
 
 /// "name dtype [shape], ..." of every tensor in the file, sorted by name.
 fn describe(st: &SafeTensors<'_>) -> String {
-    let mut all: Vec<String> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| format!("{n} {} {:?}", t.dtype(), t.shape()))
-        .collect();
+    let mut all: Vec<String> =
+        st.tensors().into_iter().map(|(n, t)| format!("{n} {} {:?}", t.dtype(), t.shape())).collect();
     all.sort();
     if all.is_empty() {
         "no tensors".into()
@@ -546,15 +478,11 @@ fn describe(st: &SafeTensors<'_>) -> String {
 }
 
 fn le_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 fn le_u16(b: &[u8]) -> Vec<u16> {
-    b.chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .collect()
+    b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
 }
 
 /// Any supported float tensor, widened exactly to f32.
@@ -573,12 +501,7 @@ fn to_f32(t: &TensorView<'_>, name: &str) -> Result<Vec<f32>> {
 /// (Student-t, 3 dof, ×0.02) with a few outlier input channels ×10, and correlated
 /// activations `X = Z·A` (Z standard normal, A a random mixing with a decaying spectrum and
 /// log-normal per-channel scales), fed to the Hessian in batches as calibration would be.
-fn synthetic_layer(
-    rows: usize,
-    cols: usize,
-    tokens: usize,
-    seed: u64,
-) -> Result<(Array2<f32>, Array2<f32>)> {
+fn synthetic_layer(rows: usize, cols: usize, tokens: usize, seed: u64) -> Result<(Array2<f32>, Array2<f32>)> {
     use faer::linalg::matmul::matmul;
     use faer::{Accum, MatMut, MatRef, Par};
     use rand::{Rng, SeedableRng};
@@ -651,51 +574,30 @@ fn write_output(
     source: &str,
     backend: &Backend,
 ) -> Result<()> {
-    let st_err = |e: safetensors::SafeTensorError| {
-        ForgeError::Safetensors(format!("{}: {e}", out.display()))
-    };
+    let st_err = |e: safetensors::SafeTensorError| ForgeError::Safetensors(format!("{}: {e}", out.display()));
     let (rows, cols) = codes.dim();
     let (_, n_groups) = grid.dim();
     let codes = codes.as_standard_layout();
     let qmeta = grid.qmeta.as_standard_layout();
     let pad = (grid.pad as i64).to_le_bytes();
-    let perm_bytes: Option<Vec<u8>> =
-        perm.map(|p| p.iter().flat_map(|&j| (j as i64).to_le_bytes()).collect());
+    let perm_bytes: Option<Vec<u8>> = perm.map(|p| p.iter().flat_map(|&j| (j as i64).to_le_bytes()).collect());
     let loss_bytes: Vec<u8> = loss.iter().flat_map(|l| l.to_le_bytes()).collect();
 
     let mut tensors = vec![
         (
             "codes".to_string(),
-            TensorView::new(
-                Dtype::U8,
-                vec![rows, cols],
-                codes.as_slice().unwrap_or_default(),
-            )
-            .map_err(st_err)?,
+            TensorView::new(Dtype::U8, vec![rows, cols], codes.as_slice().unwrap_or_default()).map_err(st_err)?,
         ),
         (
             "qmeta".to_string(),
-            TensorView::new(
-                Dtype::U8,
-                vec![rows, n_groups, 4],
-                qmeta.as_slice().unwrap_or_default(),
-            )
-            .map_err(st_err)?,
+            TensorView::new(Dtype::U8, vec![rows, n_groups, 4], qmeta.as_slice().unwrap_or_default())
+                .map_err(st_err)?,
         ),
-        (
-            "pad".to_string(),
-            TensorView::new(Dtype::I64, vec![], &pad).map_err(st_err)?,
-        ),
-        (
-            "loss".to_string(),
-            TensorView::new(Dtype::F32, vec![rows], &loss_bytes).map_err(st_err)?,
-        ),
+        ("pad".to_string(), TensorView::new(Dtype::I64, vec![], &pad).map_err(st_err)?),
+        ("loss".to_string(), TensorView::new(Dtype::F32, vec![rows], &loss_bytes).map_err(st_err)?),
     ];
     if let Some(p) = &perm_bytes {
-        tensors.push((
-            "perm".to_string(),
-            TensorView::new(Dtype::I64, vec![cols], p).map_err(st_err)?,
-        ));
+        tensors.push(("perm".to_string(), TensorView::new(Dtype::I64, vec![cols], p).map_err(st_err)?));
     }
     let meta: HashMap<String, String> = [
         ("format", "4bit-forge qmeta4: codes (rows, cols) in original column order; qmeta (rows, n_groups, 4) = [lo(log2_q88), hi(log2_q88), qzero, flags]; groups along input columns"),
@@ -723,24 +625,14 @@ fn write_output(
 
     let dir = output_dir(out);
     let file_name = out.file_name().unwrap_or_default();
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
     let result = safetensors::serialize_to_file(tensors, Some(meta), &tmp)
         .map_err(|e| match e {
-            safetensors::SafeTensorError::IoError(source) => ForgeError::Io {
-                path: tmp.display().to_string(),
-                source,
-            },
+            safetensors::SafeTensorError::IoError(source) => ForgeError::Io { path: tmp.display().to_string(), source },
             e => st_err(e),
         })
         .and_then(|()| {
-            std::fs::rename(&tmp, out).map_err(|source| ForgeError::Io {
-                path: out.display().to_string(),
-                source,
-            })
+            std::fs::rename(&tmp, out).map_err(|source| ForgeError::Io { path: out.display().to_string(), source })
         });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

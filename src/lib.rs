@@ -19,6 +19,6 @@ pub mod weights;
 pub use error::{ForgeError, Result};
 pub use forge_numerics as numerics;
 pub use forge_numerics::QMetaPacked;
-pub use quantizer::{Backend, Quantizer};
 pub use grid::{GridConfig, MseSearch, QuantGrid, ScaleSearch, ShrinkCandidates};
+pub use quantizer::{Backend, Quantizer};
 pub use weights::{WeightDtype, WeightView};

@@ -61,7 +61,13 @@ impl Quantizer {
 
     /// GPTQ with a given grid: `hinv_factor` is `U` of the (permuted) inverse Hessian,
     /// `perm` the act-order column order if any.
-    pub fn solve(&self, weight: ArrayView2<'_, f32>, hinv_factor: ArrayView2<'_, f32>, grid: &QuantGrid, perm: Option<&[usize]>) -> Result<SolveOutput> {
+    pub fn solve(
+        &self,
+        weight: ArrayView2<'_, f32>,
+        hinv_factor: ArrayView2<'_, f32>,
+        grid: &QuantGrid,
+        perm: Option<&[usize]>,
+    ) -> Result<SolveOutput> {
         match &self.backend {
             Backend::Cpu => solve_cpu(weight, hinv_factor, grid, perm),
             Backend::Gpu(dev) => gpu::solve_gpu(dev, weight, hinv_factor, grid, perm),
@@ -70,7 +76,12 @@ impl Quantizer {
 
     /// Grid, then solve. On the GPU the weight is uploaded once and the grid never leaves
     /// the device.
-    pub fn quantize_from_hinv(&self, weight: WeightView<'_>, hinv_factor: ArrayView2<'_, f32>, perm: Option<&[usize]>) -> Result<(QuantGrid, SolveOutput)> {
+    pub fn quantize_from_hinv(
+        &self,
+        weight: WeightView<'_>,
+        hinv_factor: ArrayView2<'_, f32>,
+        perm: Option<&[usize]>,
+    ) -> Result<(QuantGrid, SolveOutput)> {
         let (rows, cols) = weight.dim();
         self.config.validate(rows, cols)?;
         let w32 = widen(weight)?;

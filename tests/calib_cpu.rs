@@ -1,7 +1,10 @@
 //! The calibration layer on the CPU backend (DESIGN §5): MoE-Quant-shaped `GptqLayer`,
 //! shared Hessians, experts in bulk, and the documented errors and flags.
 
-use fourbit_forge::calib::{quantize_experts, quantize_with, ActivationView, ExpertInput, GptqLayer, PreStepRoute, QuantizedLayer, SharedHessian};
+use fourbit_forge::calib::{
+    quantize_experts, quantize_with, ActivationView, ExpertInput, GptqLayer, PreStepRoute, QuantizedLayer,
+    SharedHessian,
+};
 use fourbit_forge::grid::build_quant_grid;
 use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig, MAX_RETRIES};
 use fourbit_forge::numerics::{dequantize, quantize};
@@ -97,10 +100,9 @@ fn half_precision_activations_accumulate_their_widened_values() {
     let x = correlated_x(77, 96, &mut rng);
     let xh = x.mapv(f16::from_f32);
     let xb = x.mapv(bf16::from_f32);
-    for (view, widened) in [
-        (ActivationView::F16(xh.view()), xh.mapv(f32::from)),
-        (ActivationView::BF16(xb.view()), xb.mapv(f32::from)),
-    ] {
+    for (view, widened) in
+        [(ActivationView::F16(xh.view()), xh.mapv(f32::from)), (ActivationView::BF16(xb.view()), xb.mapv(f32::from))]
+    {
         let mut h = SharedHessian::new(96, &Backend::Cpu).unwrap();
         h.update(view).unwrap();
         let mut acc = HessianAccumulator::new(96).unwrap();
@@ -127,7 +129,9 @@ fn non_finite_activations_are_typed_errors_and_leave_the_hessian_unchanged() {
     let mut xh = correlated_x(20, 64, &mut rng).mapv(f16::from_f32);
     xh[[3, 60]] = f16::INFINITY;
     match layer.update(ActivationView::F16(xh.view())) {
-        Err(ForgeError::NonFinite { tensor: "activations", row: 3, col: 60, value }) => assert_eq!(value, f32::INFINITY),
+        Err(ForgeError::NonFinite { tensor: "activations", row: 3, col: 60, value }) => {
+            assert_eq!(value, f32::INFINITY)
+        }
         other => panic!("expected NonFinite at (3, 60), got {other:?}"),
     }
     assert_eq!(layer.tokens(), 50);
@@ -287,7 +291,8 @@ fn experts_in_bulk_equal_one_by_one() {
     let mut weights = Vec::new();
     let mut hessians = Vec::new();
     for _ in 0..3 {
-        let (gate, up, down) = (randn(inter, hidden, &mut rng), randn(inter, hidden, &mut rng), randn(hidden, inter, &mut rng));
+        let (gate, up, down) =
+            (randn(inter, hidden, &mut rng), randn(inter, hidden, &mut rng), randn(hidden, inter, &mut rng));
         let mut h_in = HessianAccumulator::new(hidden).unwrap();
         h_in.update(correlated_x(150, hidden, &mut rng).view()).unwrap();
         let mut h_mid = HessianAccumulator::new(inter).unwrap();
@@ -299,7 +304,8 @@ fn experts_in_bulk_equal_one_by_one() {
     for (e, ((gate, up, down), (h_in, h_mid))) in weights.iter().zip(&hessians).enumerate() {
         // Expert 1 saw no tokens.
         let (hi, hm) = if e == 1 { (None, None) } else { (Some(h_in.view()), Some(h_mid.view())) };
-        experts.push(ExpertInput { weights: vec![WeightView::F32(gate.view()), WeightView::F32(up.view())], hessian: hi });
+        experts
+            .push(ExpertInput { weights: vec![WeightView::F32(gate.view()), WeightView::F32(up.view())], hessian: hi });
         experts.push(ExpertInput::single(WeightView::F32(down.view()), hm));
     }
     let bulk = quantize_experts(&Backend::Cpu, &config, &pcfg, &experts).unwrap();
@@ -322,7 +328,8 @@ fn experts_in_bulk_equal_one_by_one() {
     let (gate, down) = (&weights[0].0, &weights[0].2);
     let bad = [ExpertInput::single(WeightView::F32(gate.view()), Some(hessians[0].1.view()))];
     assert!(matches!(quantize_experts(&Backend::Cpu, &config, &pcfg, &bad), Err(ForgeError::Shape(_))));
-    let bad = [ExpertInput { weights: vec![WeightView::F32(gate.view()), WeightView::F32(down.view())], hessian: None }];
+    let bad =
+        [ExpertInput { weights: vec![WeightView::F32(gate.view()), WeightView::F32(down.view())], hessian: None }];
     assert!(matches!(quantize_experts(&Backend::Cpu, &config, &pcfg, &bad), Err(ForgeError::Shape(_))));
     let bad = [ExpertInput { weights: vec![], hessian: None }];
     assert!(matches!(quantize_experts(&Backend::Cpu, &config, &pcfg, &bad), Err(ForgeError::Shape(_))));

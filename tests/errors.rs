@@ -3,9 +3,7 @@
 //! control: the same call with the value fixed succeeds, so the error is caused by that value.
 
 use fourbit_forge::grid::build_quant_grid;
-use fourbit_forge::{
-    ForgeError, GridConfig, MseSearch, ScaleSearch, ShrinkCandidates, WeightDtype, WeightView,
-};
+use fourbit_forge::{ForgeError, GridConfig, MseSearch, ScaleSearch, ShrinkCandidates, WeightDtype, WeightView};
 use ndarray::Array2;
 
 /// A 3×96 weight of small finite values.
@@ -14,12 +12,7 @@ fn weight() -> Array2<f32> {
 }
 
 fn cfg(group_size: usize, bits: u32) -> GridConfig {
-    GridConfig {
-        group_size,
-        bits,
-        symmetric: true,
-        scale_search: ScaleSearch::Absmax,
-    }
+    GridConfig { group_size, bits, symmetric: true, scale_search: ScaleSearch::Absmax }
 }
 
 fn build(w: &Array2<f32>, cfg: &GridConfig) -> Result<(), ForgeError> {
@@ -31,10 +24,7 @@ fn group_size_out_of_range_or_not_a_multiple_of_32() {
     let w = weight();
     for gs in [0usize, 16, 48, 1056] {
         let err = build(&w, &cfg(gs, 4)).expect_err("bad group size accepted");
-        assert!(
-            matches!(err, ForgeError::GroupSize(v) if v == gs),
-            "gs {gs}: {err:?}"
-        );
+        assert!(matches!(err, ForgeError::GroupSize(v) if v == gs), "gs {gs}: {err:?}");
         let msg = err.to_string();
         assert!(msg.contains(&format!("group_size {gs} ")), "{msg}");
     }
@@ -48,14 +38,8 @@ fn bits_out_of_range() {
     let w = weight();
     for bits in [0u32, 1, 9, 32] {
         let err = build(&w, &cfg(32, bits)).expect_err("bad bits accepted");
-        assert!(
-            matches!(err, ForgeError::Bits(b) if b == bits),
-            "bits {bits}: {err:?}"
-        );
-        assert!(
-            err.to_string().contains(&format!("bits = {bits} ")),
-            "{err}"
-        );
+        assert!(matches!(err, ForgeError::Bits(b) if b == bits), "bits {bits}: {err:?}");
+        assert!(err.to_string().contains(&format!("bits = {bits} ")), "{err}");
     }
     for bits in [2u32, 8] {
         build(&w, &cfg(32, bits)).unwrap_or_else(|e| panic!("bits {bits}: {e}"));
@@ -67,10 +51,7 @@ fn empty_weight() {
     for (rows, cols) in [(0usize, 64usize), (4, 0), (0, 0)] {
         let w = Array2::<f32>::zeros((rows, cols));
         let err = build(&w, &cfg(32, 4)).expect_err("empty weight accepted");
-        assert!(
-            matches!(err, ForgeError::Shape(_)),
-            "{rows}×{cols}: {err:?}"
-        );
+        assert!(matches!(err, ForgeError::Shape(_)), "{rows}×{cols}: {err:?}");
         let msg = err.to_string();
         assert!(msg.contains(&format!("{rows}×{cols}")), "{msg}");
     }
@@ -78,21 +59,12 @@ fn empty_weight() {
 
 #[test]
 fn non_finite_weights_report_row_and_column() {
-    for (value, r, c) in [
-        (f32::NAN, 1usize, 70usize),
-        (f32::INFINITY, 2, 0),
-        (f32::NEG_INFINITY, 0, 95),
-    ] {
+    for (value, r, c) in [(f32::NAN, 1usize, 70usize), (f32::INFINITY, 2, 0), (f32::NEG_INFINITY, 0, 95)] {
         let mut w = weight();
         w[[r, c]] = value;
         let err = build(&w, &cfg(32, 4)).expect_err("non-finite weight accepted");
         match &err {
-            ForgeError::NonFinite {
-                tensor,
-                row,
-                col,
-                value: v,
-            } => {
+            ForgeError::NonFinite { tensor, row, col, value: v } => {
                 assert_eq!(*tensor, "weight");
                 assert_eq!((*row, *col), (r, c), "{err}");
                 assert_eq!(v.is_nan(), value.is_nan());
@@ -112,9 +84,7 @@ fn non_finite_weights_report_row_and_column() {
     w[[1, 50]] = f32::INFINITY;
     w[[1, 60]] = f32::NAN;
     match build(&w, &cfg(32, 4)) {
-        Err(ForgeError::NonFinite {
-            row: 1, col: 50, ..
-        }) => {}
+        Err(ForgeError::NonFinite { row: 1, col: 50, .. }) => {}
         other => panic!("expected NonFinite at (1, 50), got {other:?}"),
     }
 }
@@ -125,12 +95,9 @@ fn fp8_nan_bytes_are_rejected() {
     for byte in [0x7fu8, 0xff] {
         let mut q = Array2::<u8>::from_elem((2, 64), 0x38); // 1.0
         q[[1, 33]] = byte;
-        let err = build_quant_grid(WeightView::Fp8E4M3(q.view()), &cfg(32, 4))
-            .expect_err("fp8 NaN accepted");
+        let err = build_quant_grid(WeightView::Fp8E4M3(q.view()), &cfg(32, 4)).expect_err("fp8 NaN accepted");
         match &err {
-            ForgeError::NonFinite {
-                row, col, value, ..
-            } => {
+            ForgeError::NonFinite { row, col, value, .. } => {
                 assert_eq!((*row, *col), (1, 33));
                 assert!(value.is_nan(), "{err}");
             }
@@ -144,20 +111,13 @@ fn fp8_nan_bytes_are_rejected() {
 }
 
 fn mse_cfg(search: MseSearch) -> GridConfig {
-    GridConfig {
-        group_size: 32,
-        bits: 4,
-        symmetric: false,
-        scale_search: ScaleSearch::Mse(search),
-    }
+    GridConfig { group_size: 32, bits: 4, symmetric: false, scale_search: ScaleSearch::Mse(search) }
 }
 
 /// The search fails validation with `ScaleSearch(msg)`, `msg` containing `needle`, both from
 /// `MseSearch::factors` and from the grid builder.
 fn assert_search_error(search: MseSearch, needle: &str) {
-    let err = search
-        .factors()
-        .expect_err("bad search accepted by factors()");
+    let err = search.factors().expect_err("bad search accepted by factors()");
     assert!(matches!(err, ForgeError::ScaleSearch(_)), "{err:?}");
     assert!(err.to_string().contains(needle), "{err} lacks {needle:?}");
     let err = build(&weight(), &mse_cfg(search)).expect_err("bad search accepted by the builder");
@@ -166,17 +126,11 @@ fn assert_search_error(search: MseSearch, needle: &str) {
 }
 
 fn linspace(max_shrink: f32, n_grid: usize) -> MseSearch {
-    MseSearch {
-        candidates: ShrinkCandidates::Linspace { max_shrink, n_grid },
-        norm: 2.4,
-    }
+    MseSearch { candidates: ShrinkCandidates::Linspace { max_shrink, n_grid }, norm: 2.4 }
 }
 
 fn list(v: Vec<f32>) -> MseSearch {
-    MseSearch {
-        candidates: ShrinkCandidates::List(v),
-        norm: 2.4,
-    }
+    MseSearch { candidates: ShrinkCandidates::List(v), norm: 2.4 }
 }
 
 #[test]
@@ -211,29 +165,14 @@ fn mse_candidate_lists_out_of_range() {
 
 #[test]
 fn mse_norm_out_of_range() {
-    for (norm, shown) in [
-        (0.0f32, "got 0"),
-        (f32::NAN, "got NaN"),
-        (-2.0, "got -2"),
-        (f32::INFINITY, "got inf"),
-    ] {
+    for (norm, shown) in [(0.0f32, "got 0"), (f32::NAN, "got NaN"), (-2.0, "got -2"), (f32::INFINITY, "got inf")] {
         assert_search_error(
-            MseSearch {
-                norm,
-                ..MseSearch::default()
-            },
+            MseSearch { norm, ..MseSearch::default() },
             &format!("norm must be finite and > 0, {shown}"),
         );
     }
     for norm in [2.0f32, 2.4, 1.0, 0.5] {
-        build(
-            &weight(),
-            &mse_cfg(MseSearch {
-                norm,
-                ..MseSearch::default()
-            }),
-        )
-        .unwrap();
+        build(&weight(), &mse_cfg(MseSearch { norm, ..MseSearch::default() })).unwrap();
     }
 }
 

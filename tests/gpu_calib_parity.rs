@@ -14,8 +14,12 @@
 
 mod common;
 
-use fourbit_forge::calib::{quantize_experts, quantize_with, ActivationView, ExpertInput, GptqLayer, PreStepRoute, SharedHessian};
-use fourbit_forge::gpu::{cusolver_available, DeviceActivations, GpuDevice, GpuHessian, GpuPreStepper, MAX_CHUNK_TOKENS};
+use fourbit_forge::calib::{
+    quantize_experts, quantize_with, ActivationView, ExpertInput, GptqLayer, PreStepRoute, SharedHessian,
+};
+use fourbit_forge::gpu::{
+    cusolver_available, DeviceActivations, GpuDevice, GpuHessian, GpuPreStepper, MAX_CHUNK_TOKENS,
+};
 use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig, MAX_RETRIES};
 use fourbit_forge::numerics::{dequantize, quantize};
 use fourbit_forge::solver::layer_output_error;
@@ -132,7 +136,9 @@ fn check_hessian_parity(dev: &GpuDevice, cols: usize, token_batches: &[usize], d
 
 #[test]
 fn gpu_hessian_matches_the_reference_across_shapes_dtypes_and_chunks() {
-    let Some(dev) = common::gpu_or_skip("gpu_hessian_matches_the_reference_across_shapes_dtypes_and_chunks") else { return };
+    let Some(dev) = common::gpu_or_skip("gpu_hessian_matches_the_reference_across_shapes_dtypes_and_chunks") else {
+        return;
+    };
     let mut seed = 0;
     // Ragged widths (tile edges at 64, vector path only when cols % 4 == 0), token counts
     // around the 16-token stage, several updates, and a batch over one chunk.
@@ -150,7 +156,10 @@ fn gpu_hessian_matches_the_reference_across_shapes_dtypes_and_chunks() {
 
 #[test]
 fn gpu_hessian_device_input_equals_host_input_and_empty_batches_are_no_ops() {
-    let Some(dev) = common::gpu_or_skip("gpu_hessian_device_input_equals_host_input_and_empty_batches_are_no_ops") else { return };
+    let Some(dev) = common::gpu_or_skip("gpu_hessian_device_input_equals_host_input_and_empty_batches_are_no_ops")
+    else {
+        return;
+    };
     let mut rng = StdRng::seed_from_u64(5);
     for (cols, tokens) in [(130usize, 77usize), (256, MAX_CHUNK_TOKENS + 50)] {
         let x = correlated_x(tokens, cols, &mut rng).mapv(bf16::from_f32);
@@ -162,7 +171,10 @@ fn gpu_hessian_device_input_equals_host_input_and_empty_batches_are_no_ops() {
         a.update(&dev, ActivationView::BF16(empty.view())).unwrap();
         assert_eq!(a.tokens(), b.tokens());
         let (ha, hb) = (a.to_host(&dev).unwrap(), b.to_host(&dev).unwrap());
-        assert!(ha.iter().zip(hb.iter()).all(|(p, q)| p.to_bits() == q.to_bits()), "cols {cols}: device and host input differ");
+        assert!(
+            ha.iter().zip(hb.iter()).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "cols {cols}: device and host input differ"
+        );
         // A non-contiguous (column-sliced) host view goes through a copy, same result.
         let wide = concatenate(Axis(1), &[x.view(), x.view()]).unwrap();
         let mut c = GpuHessian::new(&dev, cols).unwrap();
@@ -295,7 +307,9 @@ fn indefinite(cols: usize, c: f32) -> Array2<f32> {
 #[test]
 fn gpu_pre_step_retries_fallback_and_errors_match_the_cpu() {
     let Some(dev) = common::gpu_or_skip("gpu_pre_step_retries_fallback_and_errors_match_the_cpu") else { return };
-    let Some(mut stepper) = stepper_or_skip(&dev, "gpu_pre_step_retries_fallback_and_errors_match_the_cpu") else { return };
+    let Some(mut stepper) = stepper_or_skip(&dev, "gpu_pre_step_retries_fallback_and_errors_match_the_cpu") else {
+        return;
+    };
     let cfg = PreStepConfig::default();
     // 1 ± 3 needs damping > 2 (third retry, 10); 1 ± 30 never becomes definite.
     for (c, retries, fallback) in [(3.0f32, 3u32, false), (30.0, MAX_RETRIES, true)] {
@@ -393,7 +407,8 @@ fn gpu_experts_in_bulk_equal_one_by_one() {
     let mut experts = Vec::new();
     for (e, ((gate, up, down), (h_in, h_mid))) in weights.iter().zip(&hessians).enumerate() {
         let (hi, hm) = if e == 2 { (None, None) } else { (Some(h_in.view()), Some(h_mid.view())) };
-        experts.push(ExpertInput { weights: vec![WeightView::F32(gate.view()), WeightView::F32(up.view())], hessian: hi });
+        experts
+            .push(ExpertInput { weights: vec![WeightView::F32(gate.view()), WeightView::F32(up.view())], hessian: hi });
         experts.push(ExpertInput::single(WeightView::F32(down.view()), hm));
     }
     let bulk = quantize_experts(&backend, &config, &pcfg, &experts).unwrap();
@@ -413,7 +428,11 @@ fn gpu_experts_in_bulk_equal_one_by_one() {
     let cpu = quantize_experts(&Backend::Cpu, &config, &pcfg, &experts).unwrap();
     for (k, (g, c)) in bulk.iter().zip(&cpu).enumerate() {
         for (g, c) in g.iter().zip(c) {
-            assert_eq!((&g.grid, &g.perm, &g.flags.dead_columns, g.flags.no_tokens), (&c.grid, &c.perm, &c.flags.dead_columns, c.flags.no_tokens), "expert input {k}");
+            assert_eq!(
+                (&g.grid, &g.perm, &g.flags.dead_columns, g.flags.no_tokens),
+                (&c.grid, &c.perm, &c.flags.dead_columns, c.flags.no_tokens),
+                "expert input {k}"
+            );
         }
     }
 }

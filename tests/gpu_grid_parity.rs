@@ -63,7 +63,8 @@ fn to_fp8(x: f32) -> u8 {
     (0u8..=255)
         .filter(|&b| forge_numerics::fp8_e4m3_to_f32(b).is_finite())
         .min_by(|&a, &b| {
-            let (da, db) = ((forge_numerics::fp8_e4m3_to_f32(a) - x).abs(), (forge_numerics::fp8_e4m3_to_f32(b) - x).abs());
+            let (da, db) =
+                ((forge_numerics::fp8_e4m3_to_f32(a) - x).abs(), (forge_numerics::fp8_e4m3_to_f32(b) - x).abs());
             da.total_cmp(&db)
         })
         .unwrap()
@@ -81,7 +82,13 @@ fn assert_bit_identical(cpu: &QuantGrid, gpu: &QuantGrid, what: &str) {
 }
 
 /// Checks the MSE grids; returns (groups, groups where the GPU chose another scale).
-fn assert_mse_parity(w: &Array2<f32>, cfg: &GridConfig, cpu: &QuantGrid, gpu: &QuantGrid, what: &str) -> (usize, usize) {
+fn assert_mse_parity(
+    w: &Array2<f32>,
+    cfg: &GridConfig,
+    cpu: &QuantGrid,
+    gpu: &QuantGrid,
+    what: &str,
+) -> (usize, usize) {
     let ScaleSearch::Mse(m) = &cfg.scale_search else { unreachable!() };
     let (rows, groups) = cpu.dim();
     let gs = cfg.group_size;
@@ -193,7 +200,12 @@ fn gpu_mse_on_a_full_size_layer() {
     let w = weights(512, 2048, 7, 0.02);
     let mut total = (0, 0);
     for norm in [2.0f32, 2.4] {
-        let cfg = GridConfig { group_size: 128, bits: 4, symmetric: true, scale_search: ScaleSearch::Mse(MseSearch { norm, ..MseSearch::default() }) };
+        let cfg = GridConfig {
+            group_size: 128,
+            bits: 4,
+            symmetric: true,
+            scale_search: ScaleSearch::Mse(MseSearch { norm, ..MseSearch::default() }),
+        };
         let cpu = build_quant_grid(WeightView::F32(w.view()), &cfg).unwrap();
         let gpu = build_quant_grid_gpu(&dev, WeightView::F32(w.view()), &cfg).unwrap();
         let (n, d) = assert_mse_parity(&w, &cfg, &cpu, &gpu, &format!("512x2048 norm {norm}"));
@@ -228,7 +240,9 @@ fn gpu_fp8_extremes_match_cpu() {
     // Every finite fp8 code, max (±448) and subnormals included, in ragged groups.
     let codes: Vec<u8> = (0u8..=255).filter(|&b| forge_numerics::fp8_e4m3_to_f32(b).is_finite()).collect();
     let w = Array2::from_shape_fn((7, 254), |(r, c)| codes[(c * 7 + r * 31) % codes.len()]);
-    for cfg in [GridConfig::default(), GridConfig { symmetric: false, bits: 3, group_size: 64, ..GridConfig::default() }] {
+    for cfg in
+        [GridConfig::default(), GridConfig { symmetric: false, bits: 3, group_size: 64, ..GridConfig::default() }]
+    {
         let cpu = build_quant_grid(WeightView::Fp8E4M3(w.view()), &cfg).unwrap();
         let gpu = build_quant_grid_gpu(&dev, WeightView::Fp8E4M3(w.view()), &cfg).unwrap();
         assert_bit_identical(&cpu, &gpu, "fp8 extremes");

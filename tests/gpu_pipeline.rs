@@ -19,12 +19,7 @@ fn gpu_qmeta_decode_matches_cpu_on_every_q88() {
     let qmeta = Array3::from_shape_vec((256, 256, 4), bytes).unwrap();
     let cpu = decode_qmeta_cpu(qmeta.view()).unwrap();
     let gpu = decode_qmeta_gpu(&dev, qmeta.view()).unwrap();
-    let mismatches = cpu
-        .scale
-        .iter()
-        .zip(gpu.scale.iter())
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count();
+    let mismatches = cpu.scale.iter().zip(gpu.scale.iter()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
     assert_eq!(mismatches, 0, "GPU decode differs from CPU in {mismatches} of 65536 scales");
     assert_eq!(cpu.qzero, gpu.qzero);
 }

@@ -11,8 +11,8 @@
 
 mod common;
 
-use fourbit_forge::grid::build_quant_grid;
 use fourbit_forge::gpu::solve_gpu;
+use fourbit_forge::grid::build_quant_grid;
 use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig};
 use fourbit_forge::solver::{layer_output_error, solve_cpu, SolveOutput};
 use fourbit_forge::{Backend, GridConfig, Quantizer, ScaleSearch, WeightView};
@@ -137,22 +137,27 @@ fn gpu_identity_factor_is_exactly_round_to_nearest() {
 
 #[test]
 fn gpu_quantize_from_hinv_keeps_data_on_device_and_matches_the_two_step_path() {
-    let Some(dev) = common::gpu_or_skip("gpu_quantize_from_hinv_keeps_data_on_device_and_matches_the_two_step_path") else { return };
+    let Some(dev) = common::gpu_or_skip("gpu_quantize_from_hinv_keeps_data_on_device_and_matches_the_two_step_path")
+    else {
+        return;
+    };
     let l = layer(128, 384, 21);
     let pre = pre_step_cpu(l.h.view(), None, &PreStepConfig { act_order: true, ..PreStepConfig::default() }).unwrap();
     let cfg = GridConfig { scale_search: ScaleSearch::Mse(Default::default()), ..GridConfig::default() };
     let q = Quantizer::new(cfg.clone(), Backend::Gpu(dev.clone()));
-    let (grid, fused) = q.quantize_from_hinv(WeightView::F32(l.w.view()), pre.hinv_factor.view(), pre.perm.as_deref()).unwrap();
+    let (grid, fused) =
+        q.quantize_from_hinv(WeightView::F32(l.w.view()), pre.hinv_factor.view(), pre.perm.as_deref()).unwrap();
     let two_step = solve_gpu(&dev, l.w.view(), pre.hinv_factor.view(), &grid, pre.perm.as_deref()).unwrap();
     assert_eq!(fused, two_step);
-    let cpu = Quantizer::new(cfg, Backend::Cpu).solve(l.w.view(), pre.hinv_factor.view(), &grid, pre.perm.as_deref()).unwrap();
+    let cpu = Quantizer::new(cfg, Backend::Cpu)
+        .solve(l.w.view(), pre.hinv_factor.view(), &grid, pre.perm.as_deref())
+        .unwrap();
     compare("quantize_from_hinv", &l, &cpu, &fused);
     let rtn = solve_cpu(l.w.view(), Array2::<f32>::eye(384).view(), &grid, None).unwrap();
     let e_rtn = layer_output_error(l.w.view(), rtn.dequant.view(), l.h.view()).unwrap();
     let e_gptq = layer_output_error(l.w.view(), fused.dequant.view(), l.h.view()).unwrap();
     assert!(e_gptq < e_rtn, "GPU GPTQ ({e_gptq}) must beat round-to-nearest ({e_rtn})");
 }
-
 
 #[test]
 fn gpu_solver_panel_width_does_not_change_the_result() {

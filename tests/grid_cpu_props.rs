@@ -3,13 +3,9 @@
 //! losses, the zero-padded and truncated weights, other dtypes widened by the `half` crate or
 //! by the E4M3 definition.
 
-use forge_numerics::{
-    abs_pow, decode_log2_q88, dequantize, element_loss, encode_log2_q88, quantize,
-};
+use forge_numerics::{abs_pow, decode_log2_q88, dequantize, element_loss, encode_log2_q88, quantize};
 use fourbit_forge::grid::{build_quant_grid, candidate_loss_f64};
-use fourbit_forge::{
-    GridConfig, MseSearch, QMetaPacked, QuantGrid, ScaleSearch, ShrinkCandidates, WeightView,
-};
+use fourbit_forge::{GridConfig, MseSearch, QMetaPacked, QuantGrid, ScaleSearch, ShrinkCandidates, WeightView};
 use ndarray::{s, Array2};
 use proptest::prelude::*;
 
@@ -28,12 +24,7 @@ struct Case {
 
 impl Case {
     fn cfg(&self, scale_search: ScaleSearch) -> GridConfig {
-        GridConfig {
-            group_size: self.gs,
-            bits: self.bits,
-            symmetric: self.sym,
-            scale_search,
-        }
+        GridConfig { group_size: self.gs, bits: self.bits, symmetric: self.sym, scale_search }
     }
     fn maxq(&self) -> f32 {
         ((1u32 << self.bits) - 1) as f32
@@ -49,8 +40,7 @@ fn values(n: usize, mag: i32, offset: f32) -> impl Strategy<Value = Vec<f32>> {
         1 => -8f32..8f32,
         1 => Just(0.0f32),
     ];
-    prop::collection::vec(elem, n)
-        .prop_map(move |v| v.into_iter().map(|x| (x + offset) * scale).collect())
+    prop::collection::vec(elem, n).prop_map(move |v| v.into_iter().map(|x| (x + offset) * scale).collect())
 }
 
 /// Rows 1..=4, 1..=3 groups of 32/64/128 with a short last group when `rem < gs`.
@@ -88,16 +78,11 @@ fn grid(w: WeightView<'_>, cfg: &GridConfig) -> QuantGrid {
 /// Row `r`, group `g` of `w` with the short last group padded with zeros (DESIGN §1).
 fn padded_group(w: &Array2<f32>, gs: usize, r: usize, g: usize) -> Vec<f32> {
     let cols = w.ncols();
-    (g * gs..(g + 1) * gs)
-        .map(|c| if c < cols { w[[r, c]] } else { 0.0 })
-        .collect()
+    (g * gs..(g + 1) * gs).map(|c| if c < cols { w[[r, c]] } else { 0.0 }).collect()
 }
 
 fn mse(norm: f32) -> ScaleSearch {
-    ScaleSearch::Mse(MseSearch {
-        norm,
-        ..MseSearch::default()
-    })
+    ScaleSearch::Mse(MseSearch { norm, ..MseSearch::default() })
 }
 
 /// `Σ |dequant(quant(x)) − x|^norm` through the f32 `abs_pow` of the shared numerics (the GPU's
@@ -243,10 +228,7 @@ fn element_loss_fast_path_equals_abs_pow_at_norm_2() {
     // Every 4099th f32 pattern of both signs (≈ 2.1 million), plus the extremes.
     let mut differ = Vec::new();
     let mut n = 0u64;
-    let patterns =
-        (0..=u32::MAX)
-            .step_by(4099)
-            .chain([0, 1, 0x0080_0000, 0x7f7f_ffff, 0x5f80_0000]);
+    let patterns = (0..=u32::MAX).step_by(4099).chain([0, 1, 0x0080_0000, 0x7f7f_ffff, 0x5f80_0000]);
     for b in patterns {
         let e = f32::from_bits(b);
         if !e.is_finite() {
@@ -282,8 +264,7 @@ proptest! {
 fn shrink_candidates() -> impl Strategy<Value = ShrinkCandidates> {
     prop_oneof![
         Just(MseSearch::default().candidates),
-        (0.05f32..1.0, 1usize..=160)
-            .prop_map(|(max_shrink, n_grid)| ShrinkCandidates::Linspace { max_shrink, n_grid }),
+        (0.05f32..1.0, 1usize..=160).prop_map(|(max_shrink, n_grid)| ShrinkCandidates::Linspace { max_shrink, n_grid }),
         prop::collection::vec(0.05f32..1.5, 1..=40).prop_map(ShrinkCandidates::List),
     ]
 }
@@ -372,39 +353,19 @@ fn mse_ties_keep_the_lower_candidate_index() {
         w[[1, c]] = ((c as f32) * 0.7).sin() * 3.0;
     }
     for norm in [2.0f32, 2.4, 1.0] {
-        for list in [
-            vec![1.0f32, 2.0, 4.0],
-            vec![8.0, 4.0, 16.0],
-            vec![4.0, 0.5, 8.0],
-        ] {
-            let mk = |search| GridConfig {
-                group_size: 32,
-                bits: 2,
-                symmetric: true,
-                scale_search: search,
-            };
+        for list in [vec![1.0f32, 2.0, 4.0], vec![8.0, 4.0, 16.0], vec![4.0, 0.5, 8.0]] {
+            let mk = |search| GridConfig { group_size: 32, bits: 2, symmetric: true, scale_search: search };
             let abs = grid(WeightView::F32(w.view()), &mk(ScaleSearch::Absmax));
             let ms = grid(
                 WeightView::F32(w.view()),
-                &mk(ScaleSearch::Mse(MseSearch {
-                    candidates: ShrinkCandidates::List(list.clone()),
-                    norm,
-                })),
+                &mk(ScaleSearch::Mse(MseSearch { candidates: ShrinkCandidates::List(list.clone()), norm })),
             );
             for gi in 0..2 {
                 // Zero group: every candidate ties; the first one wins.
                 let base = abs.meta(0, gi);
                 let want = encode_log2_q88(base.scale() * list[0]);
-                assert_ne!(
-                    want,
-                    encode_log2_q88(base.scale() * list[1]),
-                    "distinct scales"
-                );
-                assert_eq!(
-                    ms.meta(0, gi).log2_scale_q88,
-                    want,
-                    "zeros, {list:?} norm {norm}"
-                );
+                assert_ne!(want, encode_log2_q88(base.scale() * list[1]), "distinct scales");
+                assert_eq!(ms.meta(0, gi).log2_scale_q88, want, "zeros, {list:?} norm {norm}");
                 // Non-zero group: candidates ≥ 4 tie; the first of them wins unless a smaller
                 // factor (0.5, 1.0, 2.0) is strictly better.
                 let base = abs.meta(1, gi);
@@ -417,16 +378,9 @@ fn mse_ties_keep_the_lower_candidate_index() {
                     })
                     .collect();
                 let ge4: Vec<usize> = (0..list.len()).filter(|&k| list[k] >= 4.0).collect();
-                let all_q0: f64 = grp
-                    .iter()
-                    .map(|&x| (x.abs() as f64).powf(norm as f64))
-                    .sum();
+                let all_q0: f64 = grp.iter().map(|&x| (x.abs() as f64).powf(norm as f64)).sum();
                 for &k in &ge4 {
-                    assert_eq!(
-                        losses[k], all_q0,
-                        "p = {} quantizes everything to q0",
-                        list[k]
-                    );
+                    assert_eq!(losses[k], all_q0, "p = {} quantizes everything to q0", list[k]);
                 }
                 let min = losses.iter().copied().fold(f64::INFINITY, f64::min);
                 let first = (0..list.len()).find(|&k| losses[k] == min).unwrap();
@@ -521,11 +475,7 @@ fn e4m3_definition(v: u8) -> f32 {
     let sign = if v & 0x80 != 0 { -1.0 } else { 1.0 };
     let e = ((v >> 3) & 0xf) as i32;
     let m = (v & 7) as f64;
-    let x = if e >= 1 {
-        2f64.powi(e - 7) * (1.0 + m / 8.0)
-    } else {
-        2f64.powi(-6) * m / 8.0
-    };
+    let x = if e >= 1 { 2f64.powi(e - 7) * (1.0 + m / 8.0) } else { 2f64.powi(-6) * m / 8.0 };
     (sign * x) as f32
 }
 
@@ -546,18 +496,7 @@ fn adversarial_rows() -> Vec<(&'static str, Vec<f32>)> {
         ("constant -3.25e-5", vec![-3.25e-5; 64]),
         ("constant 7e20", vec![7e20; 64]),
         ("smallest subnormal", vec![sub(1); 64]),
-        (
-            "±subnormals",
-            (0..64)
-                .map(|i| {
-                    if i % 3 == 0 {
-                        -sub(i * 977 + 1)
-                    } else {
-                        sub(i * 131_071 + 5)
-                    }
-                })
-                .collect(),
-        ),
+        ("±subnormals", (0..64).map(|i| if i % 3 == 0 { -sub(i * 977 + 1) } else { sub(i * 131_071 + 5) }).collect()),
         ("subnormal and zero", alt(sub(0x7f_ffff), 0.0)),
         ("huge ramp", ramp(1e30 / 32.0)),
         ("±1e30", alt(1e30, -1e30)),
@@ -565,18 +504,8 @@ fn adversarial_rows() -> Vec<(&'static str, Vec<f32>)> {
         ("f32::MAX and 0", alt(f32::MAX, 0.0)),
         ("tiny ramp", ramp(1e-30 / 32.0)),
         ("±1e-30", alt(1e-30, -1e-30)),
-        (
-            "one huge, rest tiny",
-            (0..64)
-                .map(|i| if i == 17 { 1e30 } else { 1e-30 })
-                .collect(),
-        ),
-        (
-            "one tiny, rest zero",
-            (0..64)
-                .map(|i| if i == 40 { -1e-30 } else { 0.0 })
-                .collect(),
-        ),
+        ("one huge, rest tiny", (0..64).map(|i| if i == 17 { 1e30 } else { 1e-30 }).collect()),
+        ("one tiny, rest zero", (0..64).map(|i| if i == 40 { -1e-30 } else { 0.0 }).collect()),
     ]
 }
 
@@ -592,28 +521,19 @@ fn adversarial_groups_give_finite_scales_and_no_errors() {
         let maxq = (1u32 << bits) - 1;
         for sym in [true, false] {
             for search in [ScaleSearch::Absmax, mse(2.4), mse(2.0)] {
-                let cfg = GridConfig {
-                    group_size: 32,
-                    bits,
-                    symmetric: sym,
-                    scale_search: search.clone(),
-                };
+                let cfg = GridConfig { group_size: 32, bits, symmetric: sym, scale_search: search.clone() };
                 let g = build_quant_grid(WeightView::F32(w.view()), &cfg)
                     .unwrap_or_else(|e| panic!("bits {bits} sym {sym} {search:?}: {e}"));
                 let absmax = build_quant_grid(
                     WeightView::F32(w.view()),
-                    &GridConfig {
-                        scale_search: ScaleSearch::Absmax,
-                        ..cfg.clone()
-                    },
+                    &GridConfig { scale_search: ScaleSearch::Absmax, ..cfg.clone() },
                 )
                 .unwrap();
                 assert_eq!(g.dim(), (names.len(), 2));
                 for (r, name) in names.iter().enumerate() {
                     for gi in 0..2 {
                         let m: QMetaPacked = g.meta(r, gi);
-                        let at =
-                            format!("{name} group {gi}, bits {bits} sym {sym} {search:?}: {m:?}");
+                        let at = format!("{name} group {gi}, bits {bits} sym {sym} {search:?}: {m:?}");
                         let scale = m.scale();
                         assert!(scale.is_finite() && scale > 0.0, "{at}: scale {scale:e}");
                         assert_eq!(m.is_symmetric(), sym, "{at}");

@@ -30,9 +30,7 @@ fn inverse(a: &Array2<f64>) -> Array2<f64> {
     let n = a.nrows();
     let mut m = concatenate![Axis(1), a.clone(), Array2::<f64>::eye(n)];
     for c in 0..n {
-        let p = (c..n)
-            .max_by(|&i, &j| m[[i, c]].abs().total_cmp(&m[[j, c]].abs()))
-            .expect("non-empty range");
+        let p = (c..n).max_by(|&i, &j| m[[i, c]].abs().total_cmp(&m[[j, c]].abs())).expect("non-empty range");
         if p != c {
             for k in 0..2 * n {
                 m.swap([p, k], [c, k]);
@@ -89,11 +87,7 @@ fn update_one_batch_is_two_over_n_xtx() {
     assert_eq!(acc.h(), &acc.h().t(), "H is exactly symmetric");
     let want = xtx(&x) * (2.0 / 50.0);
     let got = acc.h().mapv(f64::from);
-    assert!(
-        rel_frobenius(&got, &want) < 1e-6,
-        "{}",
-        rel_frobenius(&got, &want)
-    );
+    assert!(rel_frobenius(&got, &want) < 1e-6, "{}", rel_frobenius(&got, &want));
 }
 
 #[test]
@@ -108,8 +102,7 @@ fn update_is_order_independent() {
     b.update(x2.view()).expect("update");
     b.update(x1.view()).expect("update");
     let mut c = HessianAccumulator::new(24).expect("new");
-    c.update(concatenate![Axis(0), x1, x2].view())
-        .expect("update");
+    c.update(concatenate![Axis(0), x1, x2].view()).expect("update");
     assert_eq!((a.tokens(), b.tokens(), c.tokens()), (100, 100, 100));
     let want = (xtx(&x1) + xtx(&x2)) * (2.0 / 100.0);
     for acc in [&a, &b, &c] {
@@ -121,38 +114,20 @@ fn update_is_order_independent() {
 #[test]
 fn update_rejects_bad_input_and_keeps_state() {
     let mut rng = StdRng::seed_from_u64(3);
-    assert!(matches!(
-        HessianAccumulator::new(0),
-        Err(ForgeError::Shape(_))
-    ));
+    assert!(matches!(HessianAccumulator::new(0), Err(ForgeError::Shape(_))));
     let mut acc = HessianAccumulator::new(8).expect("new");
     acc.update(randn(5, 8, &mut rng).view()).expect("update");
     let before = acc.clone();
-    assert!(matches!(
-        acc.update(randn(5, 7, &mut rng).view()),
-        Err(ForgeError::Shape(_))
-    ));
+    assert!(matches!(acc.update(randn(5, 7, &mut rng).view()), Err(ForgeError::Shape(_))));
     let mut bad = randn(5, 8, &mut rng);
     bad[[3, 6]] = f32::NEG_INFINITY;
-    assert!(matches!(
-        acc.update(bad.view()),
-        Err(ForgeError::NonFinite {
-            tensor: "activations",
-            row: 3,
-            col: 6,
-            ..
-        })
-    ));
+    assert!(matches!(acc.update(bad.view()), Err(ForgeError::NonFinite { tensor: "activations", row: 3, col: 6, .. })));
     // f32 overflow of XᵀX is an error, not an inf in H.
     let huge = Array2::from_elem((4, 8), 1e30f32);
-    assert!(matches!(
-        acc.update(huge.view()),
-        Err(ForgeError::NonFinite { .. })
-    ));
+    assert!(matches!(acc.update(huge.view()), Err(ForgeError::NonFinite { .. })));
     assert_eq!(acc, before);
     // An empty batch is a no-op.
-    acc.update(Array2::<f32>::zeros((0, 8)).view())
-        .expect("empty batch");
+    acc.update(Array2::<f32>::zeros((0, 8)).view()).expect("empty batch");
     assert_eq!(acc, before);
     // A transposed (non-standard layout) view is read correctly.
     let xt = randn(8, 6, &mut rng);
@@ -170,10 +145,7 @@ fn factor_inverts_damped_hessian() {
     let pre = pre_step_cpu(h.view(), None, &PreStepConfig::default()).expect("pre-step");
     let damp = 0.01 * mean_diag(&h);
     assert!((f64::from(pre.damping_used) - damp).abs() <= 1e-6 * damp);
-    assert_eq!(
-        (pre.retries, pre.fallback_identity, pre.perm.as_ref()),
-        (0, false, None)
-    );
+    assert_eq!((pre.retries, pre.fallback_identity, pre.perm.as_ref()), (0, false, None));
     assert!(pre.dead_columns.is_empty());
     let e = rel_frobenius(&utu(&pre.hinv_factor), &inverse(&damped(&h, damp)));
     assert!(e < 1e-4, "relative error {e}");
@@ -189,10 +161,7 @@ fn act_order_permutes_the_hessian() {
     h.row_mut(7).mapv_inplace(|v| v * f);
     h.column_mut(7).mapv_inplace(|v| v * f);
     h[[7, 7]] = h[[3, 3]];
-    let cfg = PreStepConfig {
-        act_order: true,
-        ..PreStepConfig::default()
-    };
+    let cfg = PreStepConfig { act_order: true, ..PreStepConfig::default() };
     let pre = pre_step_cpu(h.view(), None, &cfg).expect("pre-step");
     let perm = pre.perm.clone().expect("act-order gives a perm");
     let mut want: Vec<usize> = (0..40).collect();
@@ -202,10 +171,7 @@ fn act_order_permutes_the_hessian() {
     let p7 = perm.iter().position(|&j| j == 7).expect("7 in perm");
     assert_eq!(p7, p3 + 1, "ties keep their original order");
     let hp = Array2::from_shape_fn((40, 40), |(i, j)| h[[perm[i], perm[j]]]);
-    let e = rel_frobenius(
-        &utu(&pre.hinv_factor),
-        &inverse(&damped(&hp, 0.01 * mean_diag(&h))),
-    );
+    let e = rel_frobenius(&utu(&pre.hinv_factor), &inverse(&damped(&hp, 0.01 * mean_diag(&h))));
     assert!(e < 1e-4, "relative error {e}");
 }
 
@@ -216,10 +182,7 @@ fn act_order_permutes_the_hessian() {
 #[test]
 fn recovers_hand_derived_factor() {
     let h = arr2(&[[17.0f32, 2.0], [2.0, 4.0]]) / 64.0;
-    let cfg = PreStepConfig {
-        rel_damp: 0.0,
-        act_order: false,
-    };
+    let cfg = PreStepConfig { rel_damp: 0.0, act_order: false };
     let pre = pre_step_cpu(h.view(), None, &cfg).expect("pre-step");
     let want = arr2(&[[2.0f32, -1.0], [0.0, 4.0]]);
     for (g, w) in pre.hinv_factor.iter().zip(want.iter()) {
@@ -255,12 +218,7 @@ fn dead_columns_are_fixed_and_zeroed() {
     assert!(e < 1e-4, "relative error {e}");
 
     // A Hessian with no signal at all: every input is dead, H becomes I.
-    let pre = pre_step_cpu(
-        Array2::<f32>::zeros((5, 5)).view(),
-        None,
-        &PreStepConfig::default(),
-    )
-    .expect("pre-step");
+    let pre = pre_step_cpu(Array2::<f32>::zeros((5, 5)).view(), None, &PreStepConfig::default()).expect("pre-step");
     assert_eq!(pre.dead_columns, vec![0, 1, 2, 3, 4]);
     let d = (1.0f32 / 1.01).sqrt();
     assert!(pre.hinv_factor.iter().enumerate().all(|(k, &v)| {
@@ -273,10 +231,7 @@ fn dead_columns_are_fixed_and_zeroed() {
 fn singular_hessian_without_damping_retries() {
     // Rank 1: the undamped Cholesky meets a zero pivot; retry 1 uses 10·1e-3 = 1% damping.
     let h = arr2(&[[1.0f32, 1.0], [1.0, 1.0]]);
-    let cfg = PreStepConfig {
-        rel_damp: 0.0,
-        act_order: false,
-    };
+    let cfg = PreStepConfig { rel_damp: 0.0, act_order: false };
     let pre = pre_step_cpu(h.view(), None, &cfg).expect("pre-step");
     assert_eq!((pre.retries, pre.fallback_identity), (1, false));
     assert!((pre.damping_used - 0.01).abs() < 1e-9);
@@ -310,40 +265,21 @@ fn hopeless_hessian_falls_back_to_identity_flagged() {
 fn pre_step_errors_are_typed() {
     let cfg = PreStepConfig::default();
     let shape = |r: Result<_, ForgeError>| matches!(r, Err(ForgeError::Shape(_)));
-    assert!(shape(pre_step_cpu(
-        Array2::<f32>::zeros((3, 4)).view(),
-        None,
-        &cfg
-    )));
-    assert!(shape(pre_step_cpu(
-        Array2::<f32>::zeros((0, 0)).view(),
-        None,
-        &cfg
-    )));
+    assert!(shape(pre_step_cpu(Array2::<f32>::zeros((3, 4)).view(), None, &cfg)));
+    assert!(shape(pre_step_cpu(Array2::<f32>::zeros((0, 0)).view(), None, &cfg)));
     let mut h = Array2::<f32>::eye(4);
     let mut w = Array2::<f32>::ones((2, 3));
     assert!(shape(pre_step_cpu(h.view(), Some(&mut w), &cfg)));
     for rel_damp in [-0.1f32, f32::NAN, f32::INFINITY] {
-        let bad = PreStepConfig {
-            rel_damp,
-            act_order: false,
-        };
-        assert!(
-            shape(pre_step_cpu(h.view(), None, &bad)),
-            "rel_damp {rel_damp}"
-        );
+        let bad = PreStepConfig { rel_damp, act_order: false };
+        assert!(shape(pre_step_cpu(h.view(), None, &bad)), "rel_damp {rel_damp}");
     }
     h[[1, 2]] = f32::NAN;
     h[[0, 0]] = 0.0; // dead column 0, but the NaN must stop the pre-step before any change
     let mut w = Array2::<f32>::ones((2, 4));
     assert!(matches!(
         pre_step_cpu(h.view(), Some(&mut w), &cfg),
-        Err(ForgeError::NonFinite {
-            tensor: "hessian",
-            row: 1,
-            col: 2,
-            ..
-        })
+        Err(ForgeError::NonFinite { tensor: "hessian", row: 1, col: 2, .. })
     ));
     assert_eq!(w, Array2::<f32>::ones((2, 4)));
 }

@@ -3,9 +3,9 @@
 mod common;
 
 use common::vector;
+use forge_numerics::decode_log2_q88;
 use fourbit_forge::grid::build_quant_grid;
 use fourbit_forge::{GridConfig, QMetaPacked, ScaleSearch, WeightView};
-use forge_numerics::decode_log2_q88;
 use ndarray::ArrayView2;
 
 #[test]

@@ -19,12 +19,7 @@ fn randn(rows: usize, cols: usize, rng: &mut StdRng) -> Array2<f32> {
 }
 
 fn grid(w: &Array2<f32>, bits: u32, gs: usize, symmetric: bool) -> QuantGrid {
-    let cfg = GridConfig {
-        group_size: gs,
-        bits,
-        symmetric,
-        scale_search: ScaleSearch::Absmax,
-    };
+    let cfg = GridConfig { group_size: gs, bits, symmetric, scale_search: ScaleSearch::Absmax };
     build_quant_grid(WeightView::F32(w.view()), &cfg).expect("grid builds")
 }
 
@@ -44,12 +39,7 @@ fn rtn(w: &Array2<f32>, g: &QuantGrid) -> (Array2<u8>, Array2<f32>) {
 
 /// The recurrence of DESIGN §4 written as plainly as possible (one row, one column at a
 /// time, every update applied immediately).
-fn naive_solve(
-    w: &Array2<f32>,
-    u: &Array2<f32>,
-    g: &QuantGrid,
-    perm: &[usize],
-) -> (Array2<u8>, Array2<f32>, Vec<f32>) {
+fn naive_solve(w: &Array2<f32>, u: &Array2<f32>, g: &QuantGrid, perm: &[usize]) -> (Array2<u8>, Array2<f32>, Vec<f32>) {
     let (rows, cols) = w.dim();
     let maxq = g.maxq as f32;
     let mut codes = Array2::zeros((rows, cols));
@@ -90,11 +80,7 @@ fn hessian_of(x: &Array2<f64>) -> Array2<f32> {
 
 fn assert_bits_eq(a: &Array2<f32>, b: &Array2<f32>, what: &str) {
     for ((idx, x), y) in a.indexed_iter().zip(b.iter()) {
-        assert_eq!(
-            x.to_bits(),
-            y.to_bits(),
-            "{what} differs at {idx:?}: {x} vs {y}"
-        );
+        assert_eq!(x.to_bits(), y.to_bits(), "{what} differs at {idx:?}: {x} vs {y}");
     }
 }
 
@@ -113,15 +99,8 @@ fn identity_factor_gives_round_to_nearest() {
             assert_eq!(out.qweight, codes, "bits {bits} sym {symmetric} d {d}");
             assert_bits_eq(&out.dequant, &deq, "dequant");
             for r in 0..7 {
-                let want: f64 = (0..200)
-                    .map(|c| f64::from((w[[r, c]] - deq[[r, c]]) / d).powi(2))
-                    .sum::<f64>()
-                    / 2.0;
-                assert!(
-                    (f64::from(out.loss[r]) - want).abs() <= 1e-6 * want,
-                    "row {r} loss {} vs {want}",
-                    out.loss[r]
-                );
+                let want: f64 = (0..200).map(|c| f64::from((w[[r, c]] - deq[[r, c]]) / d).powi(2)).sum::<f64>() / 2.0;
+                assert!((f64::from(out.loss[r]) - want).abs() <= 1e-6 * want, "row {r} loss {} vs {want}", out.loss[r]);
             }
         }
     }
@@ -151,11 +130,7 @@ fn hand_derived_two_column_case() {
     let out = solve_cpu(w.view(), u.view(), &g, None).expect("solves");
     assert_eq!(out.qweight, ndarray::arr2(&[[8u8, 9]]));
     assert_eq!(out.dequant, ndarray::arr2(&[[0.0f32, 1.0]]));
-    assert!(
-        (out.loss[0] - 0.026328125).abs() < 1e-6,
-        "loss {}",
-        out.loss[0]
-    );
+    assert!((out.loss[0] - 0.026328125).abs() < 1e-6, "loss {}", out.loss[0]);
     // The same problem in the other order: perm [1, 0] needs U of the permuted H⁻¹ (a
     // different matrix), so only check that round-to-nearest is what U = I gives.
     let rtn_out = solve_cpu(w.view(), Array2::eye(2).view(), &g, Some(&[1, 0])).expect("solves");
@@ -170,17 +145,13 @@ fn blocked_solver_equals_straightforward_recurrence() {
     let w = randn(rows, cols, &mut rng);
     let h = hessian_of(&correlated_x(2 * cols, cols, &mut rng));
     for act_order in [false, true] {
-        let cfg = PreStepConfig {
-            act_order,
-            ..PreStepConfig::default()
-        };
+        let cfg = PreStepConfig { act_order, ..PreStepConfig::default() };
         let pre = pre_step_cpu(h.view(), None, &cfg).expect("pre-step");
         assert!(!pre.fallback_identity);
         let perm: Vec<usize> = pre.perm.clone().unwrap_or_else(|| (0..cols).collect());
         for (bits, symmetric, gs) in [(4, true, 64), (3, false, 32), (2, true, 128)] {
             let g = grid(&w, bits, gs, symmetric);
-            let out = solve_cpu(w.view(), pre.hinv_factor.view(), &g, pre.perm.as_deref())
-                .expect("solves");
+            let out = solve_cpu(w.view(), pre.hinv_factor.view(), &g, pre.perm.as_deref()).expect("solves");
             let (codes, deq, loss) = naive_solve(&w, &pre.hinv_factor, &g, &perm);
             assert_eq!(out.qweight, codes, "act_order {act_order} bits {bits}");
             assert_bits_eq(&out.dequant, &deq, "dequant");
@@ -218,14 +189,9 @@ fn act_order_result_unpermutes() {
     let wp = w.select(Axis(1), &perm);
     let mut qmeta_p = Array3::zeros(g.qmeta.dim());
     for (gp, &gi) in gperm.iter().enumerate() {
-        qmeta_p
-            .slice_mut(s![.., gp, ..])
-            .assign(&g.qmeta.slice(s![.., gi, ..]));
+        qmeta_p.slice_mut(s![.., gp, ..]).assign(&g.qmeta.slice(s![.., gi, ..]));
     }
-    let gp = QuantGrid {
-        qmeta: qmeta_p,
-        ..g.clone()
-    };
+    let gp = QuantGrid { qmeta: qmeta_p, ..g.clone() };
     let outp = solve_cpu(wp.view(), u.view(), &gp, None).expect("solves");
     let mut codes = Array2::zeros((rows, cols));
     let mut deq = Array2::zeros((rows, cols));
@@ -248,24 +214,13 @@ fn diagonal_normalised_factor_gives_nearly_the_same_codes() {
     let w = randn(rows, cols, &mut rng);
     let g = grid(&w, 4, 64, true);
     let h = hessian_of(&correlated_x(2 * cols, cols, &mut rng));
-    let u = pre_step_cpu(h.view(), None, &PreStepConfig::default())
-        .expect("pre-step")
-        .hinv_factor;
+    let u = pre_step_cpu(h.view(), None, &PreStepConfig::default()).expect("pre-step").hinv_factor;
     let un = Array2::from_shape_fn((cols, cols), |(i, j)| u[[i, j]] / u[[i, i]]);
     let a = solve_cpu(w.view(), u.view(), &g, None).expect("solves");
     let b = solve_cpu(w.view(), un.view(), &g, None).expect("solves");
     // Same math, different f32 rounding of err·U[t,k]: codes may differ only rarely.
-    let differ = a
-        .qweight
-        .iter()
-        .zip(b.qweight.iter())
-        .filter(|(x, y)| x != y)
-        .count();
-    assert!(
-        differ * 100 <= rows * cols,
-        "{differ} of {} codes differ",
-        rows * cols
-    );
+    let differ = a.qweight.iter().zip(b.qweight.iter()).filter(|(x, y)| x != y).count();
+    assert!(differ * 100 <= rows * cols, "{differ} of {} codes differ", rows * cols);
 }
 
 fn is_shape<T>(r: Result<T, ForgeError>) -> bool {
@@ -280,48 +235,14 @@ fn errors_are_typed() {
     let u = Array2::<f32>::eye(64);
 
     assert!(solve_cpu(w.view(), u.view(), &g, None).is_ok());
-    assert!(is_shape(solve_cpu(
-        w.view(),
-        Array2::eye(63).view(),
-        &g,
-        None
-    )));
-    assert!(is_shape(solve_cpu(
-        w.view(),
-        Array2::zeros((64, 63)).view(),
-        &g,
-        None
-    )));
-    assert!(is_shape(solve_cpu(
-        w.slice(s![.., ..63]).view(),
-        Array2::eye(63).view(),
-        &g,
-        None
-    )));
-    assert!(is_shape(solve_cpu(
-        w.slice(s![..2, ..]).view(),
-        u.view(),
-        &g,
-        None
-    )));
-    assert!(is_shape(solve_cpu(
-        Array2::<f32>::zeros((0, 0)).view(),
-        Array2::zeros((0, 0)).view(),
-        &g,
-        None
-    )));
-    let bad_gs = QuantGrid {
-        group_size: 48,
-        ..g.clone()
-    };
-    assert!(matches!(
-        solve_cpu(w.view(), u.view(), &bad_gs, None),
-        Err(ForgeError::GroupSize(48))
-    ));
-    let bad_maxq = QuantGrid {
-        maxq: 10,
-        ..g.clone()
-    };
+    assert!(is_shape(solve_cpu(w.view(), Array2::eye(63).view(), &g, None)));
+    assert!(is_shape(solve_cpu(w.view(), Array2::zeros((64, 63)).view(), &g, None)));
+    assert!(is_shape(solve_cpu(w.slice(s![.., ..63]).view(), Array2::eye(63).view(), &g, None)));
+    assert!(is_shape(solve_cpu(w.slice(s![..2, ..]).view(), u.view(), &g, None)));
+    assert!(is_shape(solve_cpu(Array2::<f32>::zeros((0, 0)).view(), Array2::zeros((0, 0)).view(), &g, None)));
+    let bad_gs = QuantGrid { group_size: 48, ..g.clone() };
+    assert!(matches!(solve_cpu(w.view(), u.view(), &bad_gs, None), Err(ForgeError::GroupSize(48))));
+    let bad_maxq = QuantGrid { maxq: 10, ..g.clone() };
     assert!(is_shape(solve_cpu(w.view(), u.view(), &bad_maxq, None)));
 
     let mut p: Vec<usize> = (0..64).collect();
@@ -334,52 +255,28 @@ fn errors_are_typed() {
     let mut wn = w.clone();
     wn[[2, 9]] = f32::NAN;
     match solve_cpu(wn.view(), u.view(), &g, None) {
-        Err(ForgeError::NonFinite {
-            tensor: "weight",
-            row: 2,
-            col: 9,
-            value,
-        }) => assert!(value.is_nan()),
+        Err(ForgeError::NonFinite { tensor: "weight", row: 2, col: 9, value }) => assert!(value.is_nan()),
         other => panic!("expected NonFinite weight, got {other:?}"),
     }
     let mut ui = u.clone();
     ui[[3, 40]] = f32::INFINITY;
     assert!(matches!(
         solve_cpu(w.view(), ui.view(), &g, None),
-        Err(ForgeError::NonFinite {
-            tensor: "hinv_factor",
-            row: 3,
-            col: 40,
-            ..
-        })
+        Err(ForgeError::NonFinite { tensor: "hinv_factor", row: 3, col: 40, .. })
     ));
     for d in [0.0f32, -1.0] {
         let mut uz = u.clone();
         uz[[10, 10]] = d;
-        assert!(
-            is_shape(solve_cpu(w.view(), uz.view(), &g, None)),
-            "diagonal {d}"
-        );
+        assert!(is_shape(solve_cpu(w.view(), uz.view(), &g, None)), "diagonal {d}");
     }
     // An update large enough to overflow the working weight is reported, not propagated.
     let mut ub = u.clone();
     ub.row_mut(0).slice_mut(s![1..]).fill(f32::MAX);
     ub[[0, 0]] = 1e-30;
-    assert!(matches!(
-        solve_cpu(w.view(), ub.view(), &g, None),
-        Err(ForgeError::NonFinite { .. })
-    ));
+    assert!(matches!(solve_cpu(w.view(), ub.view(), &g, None), Err(ForgeError::NonFinite { .. })));
 
-    assert!(is_shape(layer_output_error(
-        w.view(),
-        w.slice(s![.., ..63]),
-        u.view()
-    )));
-    assert!(is_shape(layer_output_error(
-        w.view(),
-        w.view(),
-        Array2::eye(63).view()
-    )));
+    assert!(is_shape(layer_output_error(w.view(), w.slice(s![.., ..63]), u.view())));
+    assert!(is_shape(layer_output_error(w.view(), w.view(), Array2::eye(63).view())));
     assert!(matches!(
         layer_output_error(w.view(), wn.view(), u.view()),
         Err(ForgeError::NonFinite { tensor: "q", .. })
@@ -401,15 +298,8 @@ fn layer_output_error_matches_direct_formula() {
     let num = d64.dot(&x.t()).mapv(|v| v * v).sum();
     let den = w64.dot(&x.t()).mapv(|v| v * v).sum();
     let got = layer_output_error(w.view(), q.view(), h.view()).expect("computes");
-    assert!(
-        (got - num / den).abs() <= 1e-12 * (num / den),
-        "{got} vs {}",
-        num / den
-    );
-    assert_eq!(
-        layer_output_error(w.view(), w.view(), h.view()).expect("computes"),
-        0.0
-    );
+    assert!((got - num / den).abs() <= 1e-12 * (num / den), "{got} vs {}", num / den);
+    assert_eq!(layer_output_error(w.view(), w.view(), h.view()).expect("computes"), 0.0);
 }
 
 /// GPTQ (1% damping, with and without act-order) against round-to-nearest on the same grid,
@@ -427,10 +317,7 @@ fn gptq_and_rtn_error(
     let w = randn(rows, cols, &mut rng);
     let h = hessian_of(&correlated_x(2 * cols, cols, &mut rng));
     let g = grid(&w, bits, gs, symmetric);
-    let cfg = PreStepConfig {
-        act_order,
-        ..PreStepConfig::default()
-    };
+    let cfg = PreStepConfig { act_order, ..PreStepConfig::default() };
     let pre = pre_step_cpu(h.view(), None, &cfg).expect("pre-step");
     assert!(!pre.fallback_identity);
     let out = solve_cpu(w.view(), pre.hinv_factor.view(), &g, pre.perm.as_deref()).expect("solves");
@@ -446,10 +333,7 @@ fn gptq_beats_round_to_nearest_on_fixed_seeds() {
         for act_order in [false, true] {
             let (e_gptq, e_rtn) = gptq_and_rtn_error(100 + seed, 32, 256, 4, 128, true, act_order);
             // On strongly correlated inputs GPTQ removes most of the output error.
-            assert!(
-                e_gptq < 0.5 * e_rtn,
-                "seed {seed} act_order {act_order}: gptq {e_gptq} rtn {e_rtn}"
-            );
+            assert!(e_gptq < 0.5 * e_rtn, "seed {seed} act_order {act_order}: gptq {e_gptq} rtn {e_rtn}");
         }
     }
 }

@@ -8,7 +8,13 @@ use fourbit_forge::{ForgeError, Result};
 /// Median milliseconds per call of `f`, timed with device events: `warmup` calls, then
 /// `samples` batches of `batch` back-to-back calls each (a batch keeps the GPU busy while the
 /// host enqueues, so launch latency stays out of the number).
-pub fn median_ms(dev: &GpuDevice, warmup: usize, samples: usize, batch: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub fn median_ms(
+    dev: &GpuDevice,
+    warmup: usize,
+    samples: usize,
+    batch: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     for _ in 0..warmup {
         f()?;
     }
@@ -16,11 +22,15 @@ pub fn median_ms(dev: &GpuDevice, warmup: usize, samples: usize, batch: usize, m
     let stream = dev.stream();
     let mut times = Vec::with_capacity(samples);
     for _ in 0..samples {
-        let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(ForgeError::driver("recording an event"))?;
+        let start = stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(ForgeError::driver("recording an event"))?;
         for _ in 0..batch {
             f()?;
         }
-        let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(ForgeError::driver("recording an event"))?;
+        let end = stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(ForgeError::driver("recording an event"))?;
         end.synchronize().map_err(ForgeError::driver("waiting for an event"))?;
         times.push(start.elapsed_ms(&end).map_err(ForgeError::driver("reading an event"))? as f64 / batch as f64);
     }

@@ -35,8 +35,8 @@
 
 use crate::device::{
     block_x, cp_async_16, cp_async_commit, cp_async_wait, ld_global_f32x4, ld_shared_f32, ld_shared_f32x2,
-    ld_shared_f32x4, ld_shared_u32, ld_shared_u8, shared_window_base, st_shared_u32, st_shared_u8,
-    sync_threads, thread_x,
+    ld_shared_f32x4, ld_shared_u32, ld_shared_u8, shared_window_base, st_shared_u32, st_shared_u8, sync_threads,
+    thread_x,
 };
 use core::f32::math::mul_add as fma;
 use forge_numerics::{
@@ -54,7 +54,19 @@ unsafe fn st_f32(addr: u32, v: f32) {
 /// Issues the asynchronous copies of K-chunk `s0` into stage `st`: the chunk's errors
 /// (`err_t` is column-major, so chunk row `k` is `RPC` contiguous floats) and `U[s0.., block]`.
 #[inline(always)]
-unsafe fn issue_chunk<const RPC: usize>(l: &SolverSharedLayout, base: u32, err_t: *const f32, u: *const f32, rows_p: u32, row0: u32, cols_p: u32, c0: u32, s0: u32, st: u32, tid: u32) {
+unsafe fn issue_chunk<const RPC: usize>(
+    l: &SolverSharedLayout,
+    base: u32,
+    err_t: *const f32,
+    u: *const f32,
+    rows_p: u32,
+    row0: u32,
+    cols_p: u32,
+    c0: u32,
+    s0: u32,
+    st: u32,
+    tid: u32,
+) {
     let stage = base + l.stages + st * l.stage_bytes;
     // errors: KC·RPC floats = KC·RPC/4 16-byte pieces
     let mut piece = tid;
@@ -99,7 +111,13 @@ const GROUP: u32 = 4;
 
 /// Operands of steps `kk .. kk+GROUP` of the chunk in `stage`.
 #[inline(always)]
-unsafe fn load_group<const RPC: usize, const RT: usize>(l: &SolverSharedLayout, stage: u32, kk: u32, rs: u32, cq: u32) -> ([[f32; RT]; GROUP as usize], [[f32; 4]; GROUP as usize]) {
+unsafe fn load_group<const RPC: usize, const RT: usize>(
+    l: &SolverSharedLayout,
+    stage: u32,
+    kk: u32,
+    rs: u32,
+    cq: u32,
+) -> ([[f32; RT]; GROUP as usize], [[f32; 4]; GROUP as usize]) {
     let (a0, b0) = load_operands::<RPC, RT>(l, stage, kk, rs, cq);
     let (a1, b1) = load_operands::<RPC, RT>(l, stage, kk + 1, rs, cq);
     let (a2, b2) = load_operands::<RPC, RT>(l, stage, kk + 2, rs, cq);
@@ -109,7 +127,13 @@ unsafe fn load_group<const RPC: usize, const RT: usize>(l: &SolverSharedLayout, 
 
 /// Step `kk` of the chunk in `stage`: this thread's `RT` error rows and 4 factor columns.
 #[inline(always)]
-unsafe fn load_operands<const RPC: usize, const RT: usize>(l: &SolverSharedLayout, stage: u32, kk: u32, rs: u32, cq: u32) -> ([f32; RT], [f32; 4]) {
+unsafe fn load_operands<const RPC: usize, const RT: usize>(
+    l: &SolverSharedLayout,
+    stage: u32,
+    kk: u32,
+    rs: u32,
+    cq: u32,
+) -> ([f32; RT], [f32; 4]) {
     let a_addr = stage + (kk * RPC as u32 + rs * RT as u32) * 4;
     let a: [f32; RT] = if RT == 4 {
         let v = ld_shared_f32x4(a_addr);
@@ -202,8 +226,8 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
         // 2. X = Wwork[rows, block] − Err[rows, p0:c0] · U[p0:c0, block]
         let mut acc = [[0f32; 4]; RT];
         let chunks = (c0 - p0) / KC; // left-looking inside the panel only
-        // Pipeline: STAGES−1 chunks in flight while one is multiplied; a commit per step
-        // (empty or not) keeps the wait count uniform.
+                                     // Pipeline: STAGES−1 chunks in flight while one is multiplied; a commit per step
+                                     // (empty or not) keeps the wait count uniform.
         let mut ch = 0;
         while ch < SOLVER_STAGES - 1 {
             if ch < chunks {
@@ -218,7 +242,19 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
             sync_threads(); // chunk ch visible to all; stage (ch−1) no longer read
             let next = ch + SOLVER_STAGES - 1;
             if next < chunks {
-                issue_chunk::<RPC>(&l, base, err_t, u, rows_p, row0, cols_p, c0, p0 + next * KC, next % SOLVER_STAGES, tid);
+                issue_chunk::<RPC>(
+                    &l,
+                    base,
+                    err_t,
+                    u,
+                    rows_p,
+                    row0,
+                    cols_p,
+                    c0,
+                    p0 + next * KC,
+                    next % SOLVER_STAGES,
+                    tid,
+                );
             }
             cp_async_commit();
             let stage = base + l.stages + (ch % SOLVER_STAGES) * l.stage_bytes;
@@ -338,7 +374,8 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
             if row0 + r < rows && c0 + c < cols {
                 let gr = (row0 + r) as usize;
                 let j = ld_shared_u32(base + l.perm + c * 4) as usize;
-                *err_t.add((c0 + c) as usize * rows_p as usize + gr) = ld_shared_f32(base + l.x_tile + (r * STRIDE + c) * 4);
+                *err_t.add((c0 + c) as usize * rows_p as usize + gr) =
+                    ld_shared_f32(base + l.x_tile + (r * STRIDE + c) * 4);
                 *deq.add(gr * cols as usize + j) = ld_shared_f32(base + l.deq_tile + (r * STRIDE + c) * 4);
                 *codes.add(gr * cols as usize + j) = ld_shared_u8(base + l.codes + r * BLOCK + c);
             }
@@ -376,7 +413,9 @@ macro_rules! gptq_panel_entry {
             err_t: *mut f32,
             loss: *mut f32,
         ) {
-            gptq_panel_impl::<$rpc, $rt>(w_work, p0, p1, u, perm, qmeta, rows, cols, cols_p, gs, n_groups, bits, rows_p, codes, deq, err_t, loss)
+            gptq_panel_impl::<$rpc, $rt>(
+                w_work, p0, p1, u, perm, qmeta, rows, cols, cols_p, gs, n_groups, bits, rows_p, codes, deq, err_t, loss,
+            )
         }
     };
 }

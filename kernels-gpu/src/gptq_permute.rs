@@ -26,7 +26,11 @@ pub unsafe extern "ptx-kernel" fn gptq_permute_weight(
     let mut i = global_x() as u64;
     while i < total {
         let (r, t) = ((i / cols_p as u64) as u32, (i % cols_p as u64) as u32);
-        *w_work.add(i as usize) = if r < rows && t < cols { *w.add((r as u64 * cols as u64 + *perm.add(t as usize) as u64) as usize) } else { 0.0 };
+        *w_work.add(i as usize) = if r < rows && t < cols {
+            *w.add((r as u64 * cols as u64 + *perm.add(t as usize) as u64) as usize)
+        } else {
+            0.0
+        };
         i += stride;
     }
 }

@@ -28,7 +28,18 @@ const STAGE_BYTES: u32 = 2 * KSTEP * TILE * 4;
 
 /// Issues stage `st` ← K rows `k0 .. k0+16` of the error tile and of the factor tile.
 #[inline(always)]
-unsafe fn issue(base: u32, st: u32, err_t: *const f32, u: *const f32, rows_p: u32, cols_p: u32, m0: u32, n0: u32, k0: u32, tid: u32) {
+unsafe fn issue(
+    base: u32,
+    st: u32,
+    err_t: *const f32,
+    u: *const f32,
+    rows_p: u32,
+    cols_p: u32,
+    m0: u32,
+    n0: u32,
+    k0: u32,
+    tid: u32,
+) {
     let stage = base + st * STAGE_BYTES;
     // 16 rows × 128 floats = 512 16-byte pieces per operand: 2 per thread each.
     let mut q = 0;
@@ -109,7 +120,12 @@ pub unsafe extern "ptx-kernel" fn gptq_trailing_update(
             let p = w_work.add((r * cols_p + c) as usize);
             let v = ld_global_f32x4(p);
             let o = 4 * h as usize;
-            let out = [v[0] - acc[i as usize][o], v[1] - acc[i as usize][o + 1], v[2] - acc[i as usize][o + 2], v[3] - acc[i as usize][o + 3]];
+            let out = [
+                v[0] - acc[i as usize][o],
+                v[1] - acc[i as usize][o + 1],
+                v[2] - acc[i as usize][o + 2],
+                v[3] - acc[i as usize][o + 3],
+            ];
             *(p as *mut [f32; 4]) = out;
             h += 1;
         }

@@ -42,10 +42,22 @@ use forge_numerics::{prestep_factor_source, HessianSharedLayout, HESSIAN_KCHUNK 
 /// keep constant indices (a runtime index would demote them to local memory).
 macro_rules! unroll4 {
     ($i:ident, $body:block) => {{
-        { let $i: usize = 0; $body }
-        { let $i: usize = 1; $body }
-        { let $i: usize = 2; $body }
-        { let $i: usize = 3; $body }
+        {
+            let $i: usize = 0;
+            $body
+        }
+        {
+            let $i: usize = 1;
+            $body
+        }
+        {
+            let $i: usize = 2;
+            $body
+        }
+        {
+            let $i: usize = 3;
+            $body
+        }
     }};
 }
 
@@ -136,19 +148,37 @@ unsafe fn hessian_xtx_impl<E: Elem>(x: *const E, tokens: u32, cols: u32, s: *mut
 
 /// `S = XᵀX` of `tokens` f32 activations (`tokens × cols`, row-major); see the module docs.
 #[no_mangle]
-pub unsafe extern "ptx-kernel" fn hessian_xtx_f32(x: *const f32, tokens: u32, cols: u32, s: *mut f32, first_bad: *mut u64) {
+pub unsafe extern "ptx-kernel" fn hessian_xtx_f32(
+    x: *const f32,
+    tokens: u32,
+    cols: u32,
+    s: *mut f32,
+    first_bad: *mut u64,
+) {
     hessian_xtx_impl::<f32>(x, tokens, cols, s, first_bad)
 }
 
 /// `S = XᵀX` of f16 activations (widened exactly to f32); see the module docs.
 #[no_mangle]
-pub unsafe extern "ptx-kernel" fn hessian_xtx_f16(x: *const F16Bits, tokens: u32, cols: u32, s: *mut f32, first_bad: *mut u64) {
+pub unsafe extern "ptx-kernel" fn hessian_xtx_f16(
+    x: *const F16Bits,
+    tokens: u32,
+    cols: u32,
+    s: *mut f32,
+    first_bad: *mut u64,
+) {
     hessian_xtx_impl::<F16Bits>(x, tokens, cols, s, first_bad)
 }
 
 /// `S = XᵀX` of bf16 activations (widened exactly to f32); see the module docs.
 #[no_mangle]
-pub unsafe extern "ptx-kernel" fn hessian_xtx_bf16(x: *const Bf16Bits, tokens: u32, cols: u32, s: *mut f32, first_bad: *mut u64) {
+pub unsafe extern "ptx-kernel" fn hessian_xtx_bf16(
+    x: *const Bf16Bits,
+    tokens: u32,
+    cols: u32,
+    s: *mut f32,
+    first_bad: *mut u64,
+) {
     hessian_xtx_impl::<Bf16Bits>(x, tokens, cols, s, first_bad)
 }
 
@@ -182,7 +212,14 @@ pub unsafe extern "ptx-kernel" fn hessian_diag(h: *const f32, cols: u32, out: *m
 
 /// The damped, dead-fixed, act-order-reversed f64 matrix of the pre-step; see the module docs.
 #[no_mangle]
-pub unsafe extern "ptx-kernel" fn prestep_gather(h: *const f32, cols: u32, order: *const u32, damping: f64, a: *mut f64, first_bad: *mut u64) {
+pub unsafe extern "ptx-kernel" fn prestep_gather(
+    h: *const f32,
+    cols: u32,
+    order: *const u32,
+    damping: f64,
+    a: *mut f64,
+    first_bad: *mut u64,
+) {
     let n = cols as usize;
     if n == 0 {
         return; // also proves the divisions below are by a non-zero n

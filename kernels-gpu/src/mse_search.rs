@@ -28,12 +28,12 @@
 //! the launch's dynamic shared memory at least the size above.
 
 use crate::device::{
-    block_dim_x, block_x, ld_shared_f32x4, ld_shared_u32, ld_shared_u64, log2_approx, lane, note_if_non_finite,
+    block_dim_x, block_x, lane, ld_shared_f32x4, ld_shared_u32, ld_shared_u64, log2_approx, note_if_non_finite,
     ordered_bits, red_min_shared_u64, shared_window_base, st_shared_u32, st_shared_u64, sync_threads, thread_x,
     warp_min_max, Bf16Bits, Elem, F16Bits, Fp8E4M3, WARP,
 };
-use forge_numerics::quant::reciprocal_is_safe;
 use core::f32::math::mul_add as fma;
+use forge_numerics::quant::reciprocal_is_safe;
 use forge_numerics::{abs_pow, decode_log2_q88, encode_log2_q88, range_meta, MseSharedLayout, QMetaPacked};
 
 core::arch::global_asm!(".const .align 4 .b8 MSE_CANDIDATES[4096];");
@@ -61,7 +61,7 @@ fn candidate(k: u32) -> f32 {
 #[inline(always)]
 unsafe fn scaled_loss<const NORM2: bool>(xs: u32, gs: u32, to_units: impl Fn(f32) -> f32, maxq: f32, norm: f32) -> f32 {
     const ROUNDER: f32 = 12_582_912.0; // 1.5·2^23: v + ROUNDER has no fraction bits left
-    // Four partial sums: independent dependency chains and a smaller rounding bound.
+                                       // Four partial sums: independent dependency chains and a smaller rounding bound.
     let mut acc = [0f32; 4];
     let mut e = 0;
     while e < gs {

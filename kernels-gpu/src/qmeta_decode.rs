@@ -13,12 +13,7 @@ use forge_numerics::QMetaPacked;
 
 /// See the module docs.
 #[no_mangle]
-pub unsafe extern "ptx-kernel" fn qmeta_decode(
-    qmeta: *const u32,
-    n: u32,
-    scale: *mut f32,
-    qzero: *mut f32,
-) {
+pub unsafe extern "ptx-kernel" fn qmeta_decode(qmeta: *const u32, n: u32, scale: *mut f32, qzero: *mut f32) {
     let stride = block_dim_x() * grid_dim_x();
     let mut i = global_x();
     while i < n {

@@ -17,8 +17,8 @@
 //! NaN/inf element); `n_groups = ceil(cols/gs)`, `gs` a multiple of 32 in 32..=1024.
 
 use crate::device::{
-    block_dim_x, block_x, grid_dim_x, lane, note_if_non_finite, shfl_idx_f32, shfl_xor_f32, thread_x, Bf16Bits,
-    Elem, F16Bits, Fp8E4M3, WARP,
+    block_dim_x, block_x, grid_dim_x, lane, note_if_non_finite, shfl_idx_f32, shfl_xor_f32, thread_x, Bf16Bits, Elem,
+    F16Bits, Fp8E4M3, WARP,
 };
 use forge_numerics::{range_meta, QMetaPacked};
 
@@ -51,16 +51,21 @@ unsafe fn load_chunk<T: Elem>(w: *const T, gid: u64, c: u32, cols: u32, gs: u32,
 #[inline(always)]
 fn fold(acc: (f32, f32, bool), v: [f32; 4]) -> (f32, f32, bool) {
     let finite = v[0].abs() <= f32::MAX && v[1].abs() <= f32::MAX && v[2].abs() <= f32::MAX && v[3].abs() <= f32::MAX;
-    (
-        acc.0.min(v[0]).min(v[1]).min(v[2].min(v[3])),
-        acc.1.max(v[0]).max(v[1]).max(v[2].max(v[3])),
-        acc.2 & finite,
-    )
+    (acc.0.min(v[0]).min(v[1]).min(v[2].min(v[3])), acc.1.max(v[0]).max(v[1]).max(v[2].max(v[3])), acc.2 & finite)
 }
 
 /// Rare path: reports this lane's first non-finite element of group `gid`.
 #[inline(never)]
-unsafe fn report_non_finite<T: Elem>(w: *const T, gid: u64, cols: u32, gs: u32, n_groups: u32, lpg: u32, sub_lane: u32, first_bad: *mut u64) {
+unsafe fn report_non_finite<T: Elem>(
+    w: *const T,
+    gid: u64,
+    cols: u32,
+    gs: u32,
+    n_groups: u32,
+    lpg: u32,
+    sub_lane: u32,
+    first_bad: *mut u64,
+) {
     let mut c = sub_lane;
     while c < gs / 4 {
         let (v, i) = load_chunk(w, gid, c, cols, gs, n_groups);

@@ -30,7 +30,12 @@ impl<'a> ExpertInput<'a> {
 /// factor. Returns, per input, one [`QuantizedLayer`] per weight, in order. Results equal
 /// quantizing each expert on its own with [`super::SharedHessian`] and
 /// [`super::quantize_with`]. The first error stops the batch.
-pub fn quantize_experts(backend: &Backend, config: &GridConfig, pre_step: &PreStepConfig, experts: &[ExpertInput<'_>]) -> Result<Vec<Vec<QuantizedLayer>>> {
+pub fn quantize_experts(
+    backend: &Backend,
+    config: &GridConfig,
+    pre_step: &PreStepConfig,
+    experts: &[ExpertInput<'_>],
+) -> Result<Vec<Vec<QuantizedLayer>>> {
     let quantizer = Quantizer::new(config.clone(), backend.clone());
     let mut slot = StepperSlot::default();
     let mut cache = WorkspaceCache::default();
@@ -42,14 +47,19 @@ pub fn quantize_experts(backend: &Backend, config: &GridConfig, pre_step: &PreSt
         };
         let cols = first.dim().1;
         if let Some(w) = expert.weights.iter().find(|w| w.dim().1 != cols) {
-            return Err(ForgeError::Shape(format!("expert input {e}: weights with {} and {cols} columns share a Hessian", w.dim().1)));
+            return Err(ForgeError::Shape(format!(
+                "expert input {e}: weights with {} and {cols} columns share a Hessian",
+                w.dim().1
+            )));
         }
         let owned;
         let factor = match expert.hessian {
             Some(h) => {
                 if h.dim() != (cols, cols) {
                     let (a, b) = h.dim();
-                    return Err(ForgeError::Shape(format!("expert input {e}: Hessian is {a}×{b}, weights have {cols} columns")));
+                    return Err(ForgeError::Shape(format!(
+                        "expert input {e}: Hessian is {a}×{b}, weights have {cols} columns"
+                    )));
                 }
                 owned = prepare(backend, HSource::Host(h), pre_step, &mut slot)?;
                 &owned
@@ -65,7 +75,11 @@ pub fn quantize_experts(backend: &Backend, config: &GridConfig, pre_step: &PreSt
                 &identity[k]
             }
         };
-        let layers = expert.weights.iter().map(|&w| quantize_prepared(&quantizer, factor, w, &mut cache)).collect::<Result<Vec<_>>>()?;
+        let layers = expert
+            .weights
+            .iter()
+            .map(|&w| quantize_prepared(&quantizer, factor, w, &mut cache))
+            .collect::<Result<Vec<_>>>()?;
         out.push(layers);
     }
     Ok(out)

@@ -80,7 +80,9 @@ impl PreparedFactor {
         }
         let device = match backend {
             Backend::Cpu => None,
-            Backend::Gpu(dev) => Some((dev.clone(), DeviceFactor::upload(dev, pre.hinv_factor.view(), pre.perm.as_deref())?)),
+            Backend::Gpu(dev) => {
+                Some((dev.clone(), DeviceFactor::upload(dev, pre.hinv_factor.view(), pre.perm.as_deref())?))
+            }
         };
         Ok(PreparedFactor { pre, route, device })
     }
@@ -149,7 +151,11 @@ pub struct SharedHessian {
 
 impl std::fmt::Debug for SharedHessian {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedHessian").field("cols", &self.cols()).field("tokens", &self.tokens()).field("backend", &self.backend.name()).finish()
+        f.debug_struct("SharedHessian")
+            .field("cols", &self.cols())
+            .field("tokens", &self.tokens())
+            .field("backend", &self.backend.name())
+            .finish()
     }
 }
 
@@ -301,7 +307,12 @@ impl StepperSlot {
 
 /// The pre-step of `h` on `backend` (GPU through cuSOLVER when available), as a factor ready
 /// for the solver.
-pub(crate) fn prepare(backend: &Backend, h: HSource<'_>, cfg: &PreStepConfig, slot: &mut StepperSlot) -> Result<PreparedFactor> {
+pub(crate) fn prepare(
+    backend: &Backend,
+    h: HSource<'_>,
+    cfg: &PreStepConfig,
+    slot: &mut StepperSlot,
+) -> Result<PreparedFactor> {
     match backend {
         Backend::Cpu => {
             let pre = match h {
@@ -358,7 +369,12 @@ pub fn quantize_with(quantizer: &Quantizer, factor: &PreparedFactor, weight: Wei
     quantize_prepared(quantizer, factor, weight, &mut WorkspaceCache::default())
 }
 
-pub(crate) fn quantize_prepared(quantizer: &Quantizer, factor: &PreparedFactor, weight: WeightView<'_>, cache: &mut WorkspaceCache) -> Result<QuantizedLayer> {
+pub(crate) fn quantize_prepared(
+    quantizer: &Quantizer,
+    factor: &PreparedFactor,
+    weight: WeightView<'_>,
+    cache: &mut WorkspaceCache,
+) -> Result<QuantizedLayer> {
     let (rows, cols) = weight.dim();
     quantizer.config.validate(rows, cols)?;
     if cols != factor.cols() {
@@ -393,7 +409,13 @@ pub(crate) fn quantize_prepared(quantizer: &Quantizer, factor: &PreparedFactor, 
 /// Grid and solve on the device with the factor already there (uploaded now if it was
 /// prepared for another backend). The grid kernel rejects a non-finite weight and `U` comes
 /// from a checked pre-step, so only shapes are checked (by `launch_solve`).
-fn solve_on_device(dev: &Arc<GpuDevice>, config: &GridConfig, factor: &PreparedFactor, w: ArrayView2<'_, f32>, cache: &mut WorkspaceCache) -> Result<(QuantGrid, SolveOutput)> {
+fn solve_on_device(
+    dev: &Arc<GpuDevice>,
+    config: &GridConfig,
+    factor: &PreparedFactor,
+    w: ArrayView2<'_, f32>,
+    cache: &mut WorkspaceCache,
+) -> Result<(QuantGrid, SolveOutput)> {
     let (rows, cols) = w.dim();
     let dw = DeviceWeight::upload(dev, WeightView::F32(w))?;
     let dgrid = gpu::build_quant_grid_device(dev, &dw, config)?;

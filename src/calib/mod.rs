@@ -133,7 +133,9 @@ impl<'a> ActivationView<'a> {
             ActivationView::BF16(a) => find(a, |v| forge_numerics::bf16_bits_to_f32(v.to_bits())),
         };
         match bad {
-            Some(((row, col), value)) => Err(ForgeError::NonFinite { tensor: "activations", row: row_offset + row, col, value }),
+            Some(((row, col), value)) => {
+                Err(ForgeError::NonFinite { tensor: "activations", row: row_offset + row, col, value })
+            }
             None => Ok(()),
         }
     }
@@ -150,7 +152,12 @@ pub(crate) fn check_finite_bytes(bytes: &[u8], dtype: ActivationDtype, cols: usi
             ActivationDtype::BF16 => forge_numerics::bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]])),
         };
         if !value.is_finite() {
-            return Err(ForgeError::NonFinite { tensor: "activations", row: row_offset + k / cols.max(1), col: k % cols.max(1), value });
+            return Err(ForgeError::NonFinite {
+                tensor: "activations",
+                row: row_offset + k / cols.max(1),
+                col: k % cols.max(1),
+                value,
+            });
         }
     }
     Ok(())

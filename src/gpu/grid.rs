@@ -207,15 +207,16 @@ pub fn launch_grid_kernel(
             // concurrent search with other candidates cannot interleave.
             let _guard = dev.constant_memory_lock();
             let module = dev.module()?;
-            let mut symbol = module
-                .get_global("MSE_CANDIDATES", stream)
-                .map_err(ForgeError::driver("finding MSE_CANDIDATES"))?;
+            let mut symbol =
+                module.get_global("MSE_CANDIDATES", stream).map_err(ForgeError::driver("finding MSE_CANDIDATES"))?;
             // SAFETY: the symbol is 4096 bytes of f32s; transmute_mut checks the length.
-            let mut cand = unsafe { symbol.transmute_mut::<f32>(factors.len()) }
-                .ok_or_else(|| ForgeError::ScaleSearch(format!("{} candidates exceed constant memory", factors.len())))?;
+            let mut cand = unsafe { symbol.transmute_mut::<f32>(factors.len()) }.ok_or_else(|| {
+                ForgeError::ScaleSearch(format!("{} candidates exceed constant memory", factors.len()))
+            })?;
             stream.memcpy_htod(&factors, &mut cand).map_err(ForgeError::driver("writing MSE candidates"))?;
             let blocks = total.div_ceil(gpb) as u32;
-            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared as u32 };
+            let cfg =
+                LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared as u32 };
             let mut l = stream.launch_builder(&f);
             l.arg(weight.bytes()).arg(&rows32).arg(&cols32).arg(&gs32).arg(&ng32).arg(&bits).arg(&sym);
             l.arg(&n_cand).arg(&norm).arg(&gpb32).arg(qmeta).arg(first_bad);

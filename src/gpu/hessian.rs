@@ -73,7 +73,10 @@ impl DeviceActivations {
     /// a whole allocation, so it has the alignment the kernels' vector loads need).
     pub fn from_device(bytes: CudaSlice<u8>, dtype: ActivationDtype, tokens: usize, cols: usize) -> Result<Self> {
         if bytes.len() != tokens * cols * dtype.size() {
-            return Err(ForgeError::Shape(format!("{} device bytes for {tokens}×{cols} {dtype:?} activations", bytes.len())));
+            return Err(ForgeError::Shape(format!(
+                "{} device bytes for {tokens}×{cols} {dtype:?} activations",
+                bytes.len()
+            )));
         }
         Ok(DeviceActivations { bytes, dtype, tokens, cols })
     }
@@ -160,7 +163,8 @@ impl GpuHessian {
         if self.scratch.is_none() {
             let s = dev.stream();
             self.scratch = Some(Scratch {
-                s: s.alloc_zeros::<f32>(self.cols * self.cols).map_err(ForgeError::driver("allocating Hessian scratch"))?,
+                s: s.alloc_zeros::<f32>(self.cols * self.cols)
+                    .map_err(ForgeError::driver("allocating Hessian scratch"))?,
                 upload: None,
                 first_bad: s.alloc_zeros::<u64>(1).map_err(ForgeError::driver("allocating the NaN flag"))?,
             });
@@ -186,8 +190,10 @@ impl GpuHessian {
             let sc = self.scratch(dev)?;
             if sc.upload.as_ref().is_none_or(|u| u.len() < need) {
                 sc.upload = None; // free the old buffer before allocating the larger one
-                // SAFETY: every byte the kernel reads is written by the copy below first.
-                sc.upload = Some(unsafe { stream.alloc::<u8>(need) }.map_err(ForgeError::driver("allocating the upload buffer"))?);
+                                  // SAFETY: every byte the kernel reads is written by the copy below first.
+                sc.upload = Some(
+                    unsafe { stream.alloc::<u8>(need) }.map_err(ForgeError::driver("allocating the upload buffer"))?,
+                );
             }
             let up = sc.upload.as_mut().ok_or_else(|| ForgeError::Shape("upload buffer missing".into()))?;
             let mut dst = up.slice_mut(0..bytes.len());
@@ -291,12 +297,8 @@ fn launch_xtx_checked(
 
 /// The error for a non-finite `S` entry whose activations were all finite: f32 overflow.
 fn overflow_error(dev: &GpuDevice, s: &CudaSlice<f32>, idx: usize, cols: usize) -> ForgeError {
-    let value = dev
-        .stream()
-        .clone_dtoh(&s.slice(idx..idx + 1))
-        .ok()
-        .and_then(|v| v.first().copied())
-        .unwrap_or(f32::INFINITY);
+    let value =
+        dev.stream().clone_dtoh(&s.slice(idx..idx + 1)).ok().and_then(|v| v.first().copied()).unwrap_or(f32::INFINITY);
     ForgeError::NonFinite { tensor: "XᵀX (f32 overflow)", row: idx / cols, col: idx % cols, value }
 }
 
@@ -325,7 +327,10 @@ pub fn cusolver_available() -> Result<()> {
                 on LD_LIBRARY_PATH, e.g. <venv>/lib/python3.12/site-packages/nvidia/cu13/lib or /usr/local/cuda/lib64";
     // SAFETY: only tries to dlopen the library under its usual names.
     if !unsafe { cs::is_culib_present() } {
-        return Err(ForgeError::MissingLibrary { library: "cuSOLVER", reason: format!("libcusolver could not be loaded; {hint}") });
+        return Err(ForgeError::MissingLibrary {
+            library: "cuSOLVER",
+            reason: format!("libcusolver could not be loaded; {hint}"),
+        });
     }
     // SAFETY: the library is present (checked above), so culib() loads it instead of panicking;
     // symbols are only looked up, never called here.
@@ -333,7 +338,10 @@ pub fn cusolver_available() -> Result<()> {
     for sym in CUSOLVER_SYMBOLS {
         // SAFETY: a lookup; the fn-pointer type is never called through.
         if unsafe { lib.get::<unsafe extern "C" fn()>(sym.as_bytes()) }.is_err() {
-            return Err(ForgeError::MissingLibrary { library: "cuSOLVER", reason: format!("the loaded libcusolver lacks {sym} (CUDA ≥ 11.4 needed)") });
+            return Err(ForgeError::MissingLibrary {
+                library: "cuSOLVER",
+                reason: format!("the loaded libcusolver lacks {sym} (CUDA ≥ 11.4 needed)"),
+            });
         }
     }
     Ok(())
@@ -436,7 +444,9 @@ impl GpuPreStepper {
         let mut up = match b.h_upload.take() {
             Some(u) => u,
             // SAFETY: fully written by the copy below before any read.
-            None => unsafe { stream.alloc::<f32>(n * n) }.map_err(ForgeError::driver("allocating the Hessian upload"))?,
+            None => {
+                unsafe { stream.alloc::<f32>(n * n) }.map_err(ForgeError::driver("allocating the Hessian upload"))?
+            }
         };
         stream.memcpy_htod(slice, &mut up).map_err(ForgeError::driver("uploading the Hessian"))?;
         let r = self.run(dev, &up, n, cfg);
@@ -448,7 +458,12 @@ impl GpuPreStepper {
 }
 
 /// The buffers for size `n`, (re)allocated when the size changes.
-fn buffers<'b>(dn: &Dn, bufs: &'b mut Option<PreStepBuffers>, dev: &GpuDevice, n: usize) -> Result<&'b mut PreStepBuffers> {
+fn buffers<'b>(
+    dn: &Dn,
+    bufs: &'b mut Option<PreStepBuffers>,
+    dev: &GpuDevice,
+    n: usize,
+) -> Result<&'b mut PreStepBuffers> {
     if bufs.as_ref().is_some_and(|b| b.n == n) {
         return bufs.as_mut().ok_or_else(|| ForgeError::Shape("pre-step buffers missing".into()));
     }
@@ -461,12 +476,33 @@ fn buffers<'b>(dn: &Dn, bufs: &'b mut Option<PreStepBuffers>, dev: &GpuDevice, n
         let (a_ptr, _g) = a.device_ptr_mut(s);
         // SAFETY: size queries on a live handle with a valid n×n f64 matrix pointer.
         unsafe {
-            cs::cusolverDnXpotrf_bufferSize(dn.handle, dn.params, UPPER, n as i64, F64, a_ptr as *const _, n as i64, F64, &mut pd, &mut ph)
-                .result()
-                .map_err(cusolver("sizing potrf"))?;
-            cs::cusolverDnXtrtri_bufferSize(dn.handle, UPPER, cs::cublasDiagType_t::CUBLAS_DIAG_NON_UNIT, n as i64, F64, a_ptr as *mut _, n as i64, &mut td, &mut th)
-                .result()
-                .map_err(cusolver("sizing trtri"))?;
+            cs::cusolverDnXpotrf_bufferSize(
+                dn.handle,
+                dn.params,
+                UPPER,
+                n as i64,
+                F64,
+                a_ptr as *const _,
+                n as i64,
+                F64,
+                &mut pd,
+                &mut ph,
+            )
+            .result()
+            .map_err(cusolver("sizing potrf"))?;
+            cs::cusolverDnXtrtri_bufferSize(
+                dn.handle,
+                UPPER,
+                cs::cublasDiagType_t::CUBLAS_DIAG_NON_UNIT,
+                n as i64,
+                F64,
+                a_ptr as *mut _,
+                n as i64,
+                &mut td,
+                &mut th,
+            )
+            .result()
+            .map_err(cusolver("sizing trtri"))?;
         }
     }
     let alloc = || ForgeError::driver("allocating pre-step buffers");
@@ -488,7 +524,14 @@ fn buffers<'b>(dn: &Dn, bufs: &'b mut Option<PreStepBuffers>, dev: &GpuDevice, n
 }
 
 /// The pre-step proper, on a sized buffer set.
-fn run_prestep(dev: &GpuDevice, dn: &Dn, b: &mut PreStepBuffers, h: &CudaSlice<f32>, n: usize, cfg: &PreStepConfig) -> Result<PreStep> {
+fn run_prestep(
+    dev: &GpuDevice,
+    dn: &Dn,
+    b: &mut PreStepBuffers,
+    h: &CudaSlice<f32>,
+    n: usize,
+    cfg: &PreStepConfig,
+) -> Result<PreStep> {
     let stream = dev.stream().clone();
     let n32 = n as u32;
     let ew = ew_config(dev, n * n)?;
@@ -543,7 +586,14 @@ fn run_prestep(dev: &GpuDevice, dn: &Dn, b: &mut PreStepBuffers, h: &CudaSlice<f
     } else {
         Array2::eye(n)
     };
-    Ok(PreStep { hinv_factor, perm, dead_columns, damping_used: damping as f32, retries: attempt, fallback_identity: !ok })
+    Ok(PreStep {
+        hinv_factor,
+        perm,
+        dead_columns,
+        damping_used: damping as f32,
+        retries: attempt,
+        fallback_identity: !ok,
+    })
 }
 
 /// One factorisation with `damping`: gather, potrf, trtri, extract. `Ok(false)` when the
@@ -686,7 +736,9 @@ mod tests {
     fn reading_u_out_of_the_inverted_upper_factor_matches_the_cpu_pre_step() {
         let n = 23;
         // A deterministic SPD matrix with distinct diagonals (so act-order matters).
-        let x = Array2::from_shape_fn((3 * n, n), |(t, j)| (((t * 31 + j * 17) % 29) as f32 - 14.0) / 7.0 + if t % n == j { 3.0 } else { 0.0 });
+        let x = Array2::from_shape_fn((3 * n, n), |(t, j)| {
+            (((t * 31 + j * 17) % 29) as f32 - 14.0) / 7.0 + if t % n == j { 3.0 } else { 0.0 }
+        });
         let h = x.t().dot(&x) / (3 * n) as f32;
         for act_order in [false, true] {
             let cfg = PreStepConfig { rel_damp: 0.01, act_order };
@@ -697,7 +749,11 @@ mod tests {
             let a = Mat::<f64>::from_fn(n, n, |r, c| {
                 let (oi, oj) = (order[n - 1 - r], order[n - 1 - c]);
                 let v = 0.5 * (f64::from(h[[oi, oj]]) + f64::from(h[[oj, oi]]));
-                if r == c { v + 0.01 * mean } else { v }
+                if r == c {
+                    v + 0.01 * mean
+                } else {
+                    v
+                }
             });
             let l = a.llt(Side::Lower).expect("spd").L().to_owned();
             let r = l.transpose().to_owned(); // potrf(UPPER): A = RᵀR
@@ -714,7 +770,10 @@ mod tests {
                 for j in i..n {
                     let got = store[prestep_factor_source(n, i, j)] as f32;
                     let want = cpu.hinv_factor[[i, j]];
-                    assert!((got - want).abs() <= 1e-5 * want.abs().max(1e-3), "act_order {act_order} U[{i},{j}]: {got} vs {want}");
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1e-3),
+                        "act_order {act_order} U[{i},{j}]: {got} vs {want}"
+                    );
                 }
             }
         }

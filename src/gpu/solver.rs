@@ -8,12 +8,12 @@
 //! place). Device memory beyond inputs and outputs: the permuted working weights (`Rp × Cp`
 //! f32) and the errors (`Cp × Rp` f32), `Rp`, `Cp` = rows and columns rounded up to 128.
 
+use super::grid_for;
 use super::{DeviceGrid, DeviceWeight, GpuDevice};
 use crate::solver::{validate_inputs, SolveOutput};
 use crate::{ForgeError, QuantGrid, Result, WeightDtype, WeightView};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use super::grid_for;
 use forge_numerics::{SolverSharedLayout, SOLVER_PANEL, SOLVER_THREADS, TRAILING_STAGES};
 use ndarray::{Array1, Array2, ArrayView2};
 
@@ -32,7 +32,10 @@ impl DeviceFactor {
     pub fn upload(dev: &GpuDevice, hinv_factor: ArrayView2<'_, f32>, perm: Option<&[usize]>) -> Result<Self> {
         let cols = hinv_factor.nrows();
         if hinv_factor.ncols() != cols || cols == 0 {
-            return Err(ForgeError::Shape(format!("hinv_factor is {:?}, expected a non-empty square matrix", hinv_factor.dim())));
+            return Err(ForgeError::Shape(format!(
+                "hinv_factor is {:?}, expected a non-empty square matrix",
+                hinv_factor.dim()
+            )));
         }
         if let Some(p) = perm {
             crate::solver::check_permutation(p, cols)?;
@@ -80,7 +83,12 @@ impl DeviceSolveOutput {
         let deq = s.clone_dtoh(&self.dequant).map_err(ForgeError::driver("downloading dequant"))?;
         let loss = s.clone_dtoh(&self.loss).map_err(ForgeError::driver("downloading the loss"))?;
         if let Some(row) = loss.iter().position(|l| !l.is_finite()) {
-            return Err(ForgeError::NonFinite { tensor: "GPTQ loss (working weights overflowed)", row, col: 0, value: loss[row] });
+            return Err(ForgeError::NonFinite {
+                tensor: "GPTQ loss (working weights overflowed)",
+                row,
+                col: 0,
+                value: loss[row],
+            });
         }
         let shape = (self.rows, self.cols);
         Ok(SolveOutput {
@@ -163,13 +171,25 @@ fn rows_per_block(dev: &GpuDevice, rows: usize) -> Result<u32> {
 /// Enqueues the fused solve of `weight` (f32) with `factor` and the device-resident `grid`
 /// into `ws`. Shapes are checked here; value checks (finite inputs, positive diagonal) are
 /// the callers' (see [`solve_gpu`]).
-pub fn launch_solve(dev: &GpuDevice, weight: &DeviceWeight, factor: &DeviceFactor, grid: &DeviceGrid, ws: &mut SolveWorkspace) -> Result<()> {
+pub fn launch_solve(
+    dev: &GpuDevice,
+    weight: &DeviceWeight,
+    factor: &DeviceFactor,
+    grid: &DeviceGrid,
+    ws: &mut SolveWorkspace,
+) -> Result<()> {
     let (rows, cols) = weight.dim();
     if weight.dtype() != WeightDtype::F32 {
         return Err(ForgeError::Dtype(format!("{:?} weights for the solver (it works on f32)", weight.dtype())));
     }
     let gs = grid.group_size;
-    if factor.cols != cols || grid.rows != rows || grid.n_groups != cols.div_ceil(gs) || ws.out.rows != rows || ws.out.cols != cols || ws.cols_p != factor.cols_p {
+    if factor.cols != cols
+        || grid.rows != rows
+        || grid.n_groups != cols.div_ceil(gs)
+        || ws.out.rows != rows
+        || ws.out.cols != cols
+        || ws.cols_p != factor.cols_p
+    {
         return Err(ForgeError::Shape(format!(
             "solver inputs disagree: weight {rows}×{cols}, factor {}, grid {}×{} (gs {gs}), workspace {}×{}",
             factor.cols, grid.rows, grid.n_groups, ws.out.rows, ws.out.cols
@@ -188,7 +208,8 @@ pub fn launch_solve(dev: &GpuDevice, weight: &DeviceWeight, factor: &DeviceFacto
     let mut l = stream.launch_builder(&f);
     l.arg(weight.bytes()).arg(&factor.perm).arg(&r).arg(&c).arg(&rp).arg(&cp).arg(&mut ws.w_work);
     // SAFETY: w is rows·cols f32, perm cols_p entries, w_work rows_p·cols_p.
-    unsafe { l.launch(grid_for(ws.rows_p * factor.cols_p, 256).into()) }.map_err(ForgeError::driver("launching gptq_permute_weight"))?;
+    unsafe { l.launch(grid_for(ws.rows_p * factor.cols_p, 256).into()) }
+        .map_err(ForgeError::driver("launching gptq_permute_weight"))?;
 
     let rpc = rows_per_block(dev, rows)?;
     let panel = dev.function(if rpc == 32 { "gptq_panel_r32" } else { "gptq_panel_r16" })?;
@@ -197,7 +218,11 @@ pub fn launch_solve(dev: &GpuDevice, weight: &DeviceWeight, factor: &DeviceFacto
     panel
         .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
         .map_err(ForgeError::driver("raising the solver's shared-memory limit"))?;
-    let panel_cfg = LaunchConfig { grid_dim: (rows.div_ceil(rpc as usize) as u32, 1, 1), block_dim: (SOLVER_THREADS, 1, 1), shared_mem_bytes: shared };
+    let panel_cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(rpc as usize) as u32, 1, 1),
+        block_dim: (SOLVER_THREADS, 1, 1),
+        shared_mem_bytes: shared,
+    };
     let trailing = dev.function("gptq_trailing_update")?;
     let trailing_shared = TRAILING_STAGES * 16 * 1024;
     trailing
@@ -216,7 +241,11 @@ pub fn launch_solve(dev: &GpuDevice, weight: &DeviceWeight, factor: &DeviceFacto
         // DeviceFactor::upload; shared memory sized by the layout function the kernel uses.
         unsafe { l.launch(panel_cfg) }.map_err(ForgeError::driver("launching gptq_panel"))?;
         if p1 < cp {
-            let cfg = LaunchConfig { grid_dim: ((cp - p1) / 128, rp / 128, 1), block_dim: (256, 1, 1), shared_mem_bytes: trailing_shared };
+            let cfg = LaunchConfig {
+                grid_dim: ((cp - p1) / 128, rp / 128, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: trailing_shared,
+            };
             let mut l = stream.launch_builder(&trailing);
             l.arg(&mut ws.w_work).arg(&ws.err).arg(&factor.u).arg(&rp).arg(&cp).arg(&p0).arg(&p1);
             // SAFETY: w_work rows_p·cols_p, err cols_p·rows_p, u cols_p·cols_p; all multiples
@@ -229,7 +258,13 @@ pub fn launch_solve(dev: &GpuDevice, weight: &DeviceWeight, factor: &DeviceFacto
 }
 
 /// Solves one layer on the GPU from host arrays (validated exactly as [`crate::solver::solve_cpu`]).
-pub fn solve_gpu(dev: &GpuDevice, weight: ArrayView2<'_, f32>, hinv_factor: ArrayView2<'_, f32>, grid: &QuantGrid, perm: Option<&[usize]>) -> Result<SolveOutput> {
+pub fn solve_gpu(
+    dev: &GpuDevice,
+    weight: ArrayView2<'_, f32>,
+    hinv_factor: ArrayView2<'_, f32>,
+    grid: &QuantGrid,
+    perm: Option<&[usize]>,
+) -> Result<SolveOutput> {
     validate_inputs(weight, hinv_factor, grid, perm)?;
     let (rows, cols) = weight.dim();
     let w = DeviceWeight::upload(dev, WeightView::F32(weight))?;

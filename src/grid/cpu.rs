@@ -35,7 +35,8 @@ pub fn build_quant_grid(weight: WeightView<'_>, config: &GridConfig) -> Result<Q
                     .chunks_exact(gs)
                     .map(|group| {
                         let meta = absmax_meta(group, maxq, config.symmetric);
-                        let meta = if factors.is_empty() { meta } else { mse_refine(group, meta, &factors, norm, maxq) };
+                        let meta =
+                            if factors.is_empty() { meta } else { mse_refine(group, meta, &factors, norm, maxq) };
                         meta.to_u32()
                     })
                     .collect())

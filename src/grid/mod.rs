@@ -65,9 +65,7 @@ impl MseSearch {
                     )));
                 }
                 if !(*max_shrink > 0.0 && *max_shrink <= 1.0) {
-                    return Err(ForgeError::ScaleSearch(format!(
-                        "max_shrink must be in (0, 1], got {max_shrink}"
-                    )));
+                    return Err(ForgeError::ScaleSearch(format!("max_shrink must be in (0, 1], got {max_shrink}")));
                 }
                 let n = *n_grid as u32;
                 Ok((0..n).map(|i| forge_numerics::linspace_f32(1.0, *max_shrink, n, i)).collect())
@@ -178,12 +176,16 @@ impl QuantGrid {
     }
 
     /// A grid from u32 records (the kernels' layout).
-    pub fn from_u32(records: &[u32], rows: usize, n_groups: usize, maxq: u32, pad: usize, group_size: usize) -> Result<Self> {
+    pub fn from_u32(
+        records: &[u32],
+        rows: usize,
+        n_groups: usize,
+        maxq: u32,
+        pad: usize,
+        group_size: usize,
+    ) -> Result<Self> {
         if records.len() != rows * n_groups {
-            return Err(ForgeError::Shape(format!(
-                "{} qmeta records for a {rows}×{n_groups} grid",
-                records.len()
-            )));
+            return Err(ForgeError::Shape(format!("{} qmeta records for a {rows}×{n_groups} grid", records.len())));
         }
         let bytes: Vec<u8> = records.iter().flat_map(|r| r.to_le_bytes()).collect();
         let qmeta = Array3::from_shape_vec((rows, n_groups, 4), bytes).map_err(|e| ForgeError::Shape(e.to_string()))?;

@@ -19,14 +19,9 @@ impl HessianAccumulator {
     /// An empty accumulator (`H = 0`, no tokens) for a layer with `cols` input features.
     pub fn new(cols: usize) -> Result<Self> {
         if cols == 0 {
-            return Err(ForgeError::Shape(
-                "a Hessian needs at least one input column".into(),
-            ));
+            return Err(ForgeError::Shape("a Hessian needs at least one input column".into()));
         }
-        Ok(HessianAccumulator {
-            h: Array2::zeros((cols, cols)),
-            tokens: 0,
-        })
+        Ok(HessianAccumulator { h: Array2::zeros((cols, cols)), tokens: 0 })
     }
 
     /// Adds a batch `x: (tokens, cols)`: `H ← β·H + α·XᵀX`, `α = 2/(n+m)`, `β = n/(n+m)`
@@ -39,19 +34,14 @@ impl HessianAccumulator {
     pub fn update(&mut self, x: ArrayView2<'_, f32>) -> Result<()> {
         let (m, cols) = x.dim();
         if cols != self.cols() {
-            return Err(ForgeError::Shape(format!(
-                "activations have {cols} columns, the Hessian has {}",
-                self.cols()
-            )));
+            return Err(ForgeError::Shape(format!("activations have {cols} columns, the Hessian has {}", self.cols())));
         }
         if m == 0 {
             return Ok(());
         }
         first_non_finite(x, "activations")?;
         let xs = x.as_standard_layout();
-        let slice = xs
-            .as_slice()
-            .ok_or_else(|| ForgeError::Shape("activations are not contiguous".into()))?;
+        let slice = xs.as_slice().ok_or_else(|| ForgeError::Shape("activations are not contiguous".into()))?;
         let xf = MatRef::from_row_major_slice(slice, m, cols);
         // Only the lower triangle is computed (half the work) and mirrored below, so H stays
         // exactly symmetric.
@@ -72,12 +62,7 @@ impl HessianAccumulator {
             for i in j..cols {
                 let value = xtx[(i, j)];
                 if !value.is_finite() {
-                    return Err(ForgeError::NonFinite {
-                        tensor: "XᵀX (f32 overflow)",
-                        row: i,
-                        col: j,
-                        value,
-                    });
+                    return Err(ForgeError::NonFinite { tensor: "XᵀX (f32 overflow)", row: i, col: j, value });
                 }
             }
         }
@@ -113,37 +98,23 @@ impl HessianAccumulator {
 ///
 /// Errors: `h` not square or empty, a non-finite entry of `h`, `weight` with a column count
 /// other than `h`'s, or `rel_damp` not finite and `≥ 0`. On error `weight` is untouched.
-pub fn pre_step_cpu(
-    h: ArrayView2<'_, f32>,
-    weight: Option<&mut Array2<f32>>,
-    cfg: &PreStepConfig,
-) -> Result<PreStep> {
+pub fn pre_step_cpu(h: ArrayView2<'_, f32>, weight: Option<&mut Array2<f32>>, cfg: &PreStepConfig) -> Result<PreStep> {
     let (n, c) = h.dim();
     if n != c || n == 0 {
-        return Err(ForgeError::Shape(format!(
-            "the Hessian must be square and non-empty, got {n}×{c}"
-        )));
+        return Err(ForgeError::Shape(format!("the Hessian must be square and non-empty, got {n}×{c}")));
     }
     if let Some(w) = weight.as_deref() {
         if w.ncols() != n {
-            return Err(ForgeError::Shape(format!(
-                "weight has {} columns, the Hessian is {n}×{n}",
-                w.ncols()
-            )));
+            return Err(ForgeError::Shape(format!("weight has {} columns, the Hessian is {n}×{n}", w.ncols())));
         }
     }
     if !(cfg.rel_damp.is_finite() && cfg.rel_damp >= 0.0) {
         // No error variant for configuration values exists; Shape is the closest.
-        return Err(ForgeError::Shape(format!(
-            "rel_damp must be finite and >= 0, got {}",
-            cfg.rel_damp
-        )));
+        return Err(ForgeError::Shape(format!("rel_damp must be finite and >= 0, got {}", cfg.rel_damp)));
     }
     first_non_finite(h, "hessian")?;
 
-    let mut a = Mat::<f64>::from_fn(n, n, |i, j| {
-        0.5 * (f64::from(h[[i, j]]) + f64::from(h[[j, i]]))
-    });
+    let mut a = Mat::<f64>::from_fn(n, n, |i, j| 0.5 * (f64::from(h[[i, j]]) + f64::from(h[[j, i]])));
     let mut dead_columns = Vec::new();
     for j in 0..n {
         if a[(j, j)] == 0.0 {

@@ -54,10 +54,7 @@ pub struct PreStepConfig {
 impl Default for PreStepConfig {
     /// `rel_damp = 0.01`, no act-order: the GPTQ reference's defaults.
     fn default() -> Self {
-        PreStepConfig {
-            rel_damp: 0.01,
-            act_order: false,
-        }
+        PreStepConfig { rel_damp: 0.01, act_order: false }
     }
 }
 

@@ -117,13 +117,7 @@ struct SolveCtx<'a> {
 
 impl SolveCtx<'_> {
     /// Solves rows `r0 .. r0 + loss.len()` (at most [`ROW_CHUNK`]) into their output slices.
-    fn solve_chunk(
-        &self,
-        r0: usize,
-        codes: &mut [u8],
-        deq: &mut [f32],
-        loss: &mut [f32],
-    ) -> Result<()> {
+    fn solve_chunk(&self, r0: usize, codes: &mut [u8], deq: &mut [f32], loss: &mut [f32]) -> Result<()> {
         let cols = self.cols;
         let nrows = loss.len();
         // Private working copy in processing order; rows past `nrows` stay zero and get
@@ -283,19 +277,13 @@ impl TrailingKernel {
 
     fn run(self, work: &mut [f32], b: Batch<'_>) {
         match self {
-            TrailingKernel::Portable => {
-                trailing_update::<8>(work, b.errs, b.panel, b.u_rows, b.cols, b.k0)
-            }
+            TrailingKernel::Portable => trailing_update::<8>(work, b.errs, b.panel, b.u_rows, b.cols, b.k0),
             // SAFETY: `detect` chose this variant only after the CPU reported the feature.
             #[cfg(target_arch = "x86_64")]
-            TrailingKernel::Avx2 => unsafe {
-                trailing_update_avx2(work, b.errs, b.panel, b.u_rows, b.cols, b.k0)
-            },
+            TrailingKernel::Avx2 => unsafe { trailing_update_avx2(work, b.errs, b.panel, b.u_rows, b.cols, b.k0) },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
-            TrailingKernel::Avx512 => unsafe {
-                trailing_update_avx512(work, b.errs, b.panel, b.u_rows, b.cols, b.k0)
-            },
+            TrailingKernel::Avx512 => unsafe { trailing_update_avx512(work, b.errs, b.panel, b.u_rows, b.cols, b.k0) },
         }
     }
 }
@@ -304,27 +292,13 @@ impl TrailingKernel {
 // aliases none of the inputs, which it needs to keep the tile in vector registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn trailing_update_avx2(
-    work: &mut [f32],
-    errs: &Errs,
-    panel: &[f32],
-    u_rows: &[f32],
-    cols: usize,
-    k0: usize,
-) {
+fn trailing_update_avx2(work: &mut [f32], errs: &Errs, panel: &[f32], u_rows: &[f32], cols: usize, k0: usize) {
     trailing_update::<16>(work, errs, panel, u_rows, cols, k0)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn trailing_update_avx512(
-    work: &mut [f32],
-    errs: &Errs,
-    panel: &[f32],
-    u_rows: &[f32],
-    cols: usize,
-    k0: usize,
-) {
+fn trailing_update_avx512(work: &mut [f32], errs: &Errs, panel: &[f32], u_rows: &[f32], cols: usize, k0: usize) {
     trailing_update::<32>(work, errs, panel, u_rows, cols, k0)
 }
 
@@ -390,23 +364,15 @@ const ERROR_ROW_CHUNK: usize = 512;
 /// f32 product would lose the value to cancellation. Any scale of `H` cancels out (`XᵀX`,
 /// `XᵀX/n` or the accumulator's `2XᵀX/n` give the same ratio). `0/0` (both zero) is 0.
 /// Mismatched shapes and non-finite inputs give a typed error.
-pub fn layer_output_error(
-    w: ArrayView2<'_, f32>,
-    q: ArrayView2<'_, f32>,
-    h: ArrayView2<'_, f32>,
-) -> Result<f64> {
+pub fn layer_output_error(w: ArrayView2<'_, f32>, q: ArrayView2<'_, f32>, h: ArrayView2<'_, f32>) -> Result<f64> {
     let (rows, cols) = w.dim();
     if q.dim() != (rows, cols) {
         let (a, b) = q.dim();
-        return Err(ForgeError::Shape(format!(
-            "q is {a}×{b}, w is {rows}×{cols}"
-        )));
+        return Err(ForgeError::Shape(format!("q is {a}×{b}, w is {rows}×{cols}")));
     }
     if h.dim() != (cols, cols) {
         let (a, b) = h.dim();
-        return Err(ForgeError::Shape(format!(
-            "h is {a}×{b}, expected {cols}×{cols}"
-        )));
+        return Err(ForgeError::Shape(format!("h is {a}×{b}, expected {cols}×{cols}")));
     }
     first_non_finite(w, "w")?;
     first_non_finite(q, "q")?;
@@ -484,8 +450,7 @@ mod tests {
             std::cmp::Ordering::Equal => 1.0 + next().abs(),
             std::cmp::Ordering::Greater => 0.0,
         });
-        let grid =
-            build_quant_grid(WeightView::F32(w.view()), &GridConfig::default()).expect("grid");
+        let grid = build_quant_grid(WeightView::F32(w.view()), &GridConfig::default()).expect("grid");
         let perm: Vec<usize> = (0..cols).rev().collect();
         let mut kernels = vec![TrailingKernel::Portable];
         #[cfg(target_arch = "x86_64")]
@@ -502,11 +467,7 @@ mod tests {
         for k in kernels {
             let out = solve(k);
             assert_eq!(out.qweight, reference.qweight, "{k:?}");
-            let same = out
-                .dequant
-                .iter()
-                .zip(reference.dequant.iter())
-                .all(|(a, b)| a.to_bits() == b.to_bits());
+            let same = out.dequant.iter().zip(reference.dequant.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{k:?} dequant");
             assert_eq!(out.loss, reference.loss, "{k:?}");
         }

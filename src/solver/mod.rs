@@ -40,9 +40,7 @@ pub fn validate_inputs(
 ) -> Result<()> {
     let (rows, cols) = weight.dim();
     if rows == 0 || cols == 0 {
-        return Err(ForgeError::Shape(format!(
-            "weight is empty ({rows}×{cols})"
-        )));
+        return Err(ForgeError::Shape(format!("weight is empty ({rows}×{cols})")));
     }
     if hinv_factor.dim() != (cols, cols) {
         let (a, b) = hinv_factor.dim();
@@ -70,9 +68,7 @@ pub fn validate_inputs(
     }
     let maxq = grid.maxq;
     if !(3..=255).contains(&maxq) || !(maxq + 1).is_power_of_two() {
-        return Err(ForgeError::Shape(format!(
-            "grid maxq {maxq} is not 2^bits − 1 with bits in 2..=8"
-        )));
+        return Err(ForgeError::Shape(format!("grid maxq {maxq} is not 2^bits − 1 with bits in 2..=8")));
     }
     if let Some(p) = perm {
         check_permutation(p, cols)?;
@@ -95,19 +91,12 @@ pub fn validate_inputs(
 /// Checks that `perm` holds every index of `0..cols` exactly once.
 pub fn check_permutation(perm: &[usize], cols: usize) -> Result<()> {
     if perm.len() != cols {
-        return Err(ForgeError::Shape(format!(
-            "perm has {} entries, expected {cols}",
-            perm.len()
-        )));
+        return Err(ForgeError::Shape(format!("perm has {} entries, expected {cols}", perm.len())));
     }
     let mut seen = vec![false; cols];
     for (t, &j) in perm.iter().enumerate() {
         match seen.get_mut(j) {
-            None => {
-                return Err(ForgeError::Shape(format!(
-                    "perm[{t}] = {j} is out of range for {cols} columns"
-                )))
-            }
+            None => return Err(ForgeError::Shape(format!("perm[{t}] = {j} is out of range for {cols} columns"))),
             Some(true) => {
                 return Err(ForgeError::Shape(format!(
                     "perm[{t}] = {j} repeats an earlier entry: perm is not a permutation"
@@ -122,12 +111,7 @@ pub fn check_permutation(perm: &[usize], cols: usize) -> Result<()> {
 /// The first NaN / ±inf of `a` in row-major order, as a typed error.
 pub(crate) fn first_non_finite(a: ArrayView2<'_, f32>, tensor: &'static str) -> Result<()> {
     match a.indexed_iter().find(|(_, v)| !v.is_finite()) {
-        Some(((row, col), &value)) => Err(ForgeError::NonFinite {
-            tensor,
-            row,
-            col,
-            value,
-        }),
+        Some(((row, col), &value)) => Err(ForgeError::NonFinite { tensor, row, col, value }),
         None => Ok(()),
     }
 }

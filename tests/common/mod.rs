@@ -26,10 +26,6 @@ pub fn gpu_or_skip(test: &str) -> Option<Arc<GpuDevice>> {
 pub fn vector<T: bytemuck::Pod>(name: &str) -> (Vec<T>, Vec<usize>) {
     let st = safetensors::SafeTensors::deserialize(QMETA4_VECTORS).expect("vectors file parses");
     let t = st.tensor(name).unwrap_or_else(|e| panic!("vector {name}: {e}"));
-    let data: Vec<T> = t
-        .data()
-        .chunks_exact(std::mem::size_of::<T>())
-        .map(bytemuck::pod_read_unaligned)
-        .collect();
+    let data: Vec<T> = t.data().chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect();
     (data, t.shape().to_vec())
 }

@@ -18,8 +18,8 @@ pub use dtype::{bf16_bits_to_f32, f16_bits_to_f32, fp8_e4m3_to_f32};
 pub use loss::{abs_pow, element_loss};
 pub use qmeta::{decode_log2_q88, encode_log2_q88, encode_qzero, log2_f32_rn, QMetaPacked};
 pub use quant::{
-    dequantize, linspace_f32, maxq, quantize, quantize_with_reciprocal, range_meta,
-    reciprocal_is_safe, RangeMeta, MIN_SCALE,
+    dequantize, linspace_f32, maxq, quantize, quantize_with_reciprocal, range_meta, reciprocal_is_safe, RangeMeta,
+    MIN_SCALE,
 };
 
 /// Round half to even (torch's `round`, CUDA's `rintf`, PTX `cvt.rni`).
@@ -118,7 +118,19 @@ impl SolverSharedLayout {
         let zero_tile = scale_tile + rpc * SOLVER_BLOCK * 4;
         let codes = zero_tile + rpc * SOLVER_BLOCK * 4;
         let total = codes + rpc * SOLVER_BLOCK;
-        SolverSharedLayout { stages, stage_bytes, stage_u, x_tile, deq_tile, u_block, perm, scale_tile, zero_tile, codes, total }
+        SolverSharedLayout {
+            stages,
+            stage_bytes,
+            stage_u,
+            x_tile,
+            deq_tile,
+            u_block,
+            perm,
+            scale_tile,
+            zero_tile,
+            codes,
+            total,
+        }
     }
 }
 

@@ -77,16 +77,10 @@ pub struct RangeMeta {
 pub fn range_meta(xmin: f32, xmax: f32, maxq: f32, symmetric: bool) -> RangeMeta {
     if symmetric {
         let amax = xmin.abs().max(xmax.abs());
-        RangeMeta {
-            scale: (2.0 / maxq) * amax + MIN_SCALE,
-            qzero: (maxq + 1.0) * 0.5,
-        }
+        RangeMeta { scale: (2.0 / maxq) * amax + MIN_SCALE, qzero: (maxq + 1.0) * 0.5 }
     } else {
         let scale = (xmax - xmin) / maxq + MIN_SCALE;
-        RangeMeta {
-            scale,
-            qzero: clamp_code(round_ties_even(-xmin / scale), maxq),
-        }
+        RangeMeta { scale, qzero: clamp_code(round_ties_even(-xmin / scale), maxq) }
     }
 }
 

@@ -8,8 +8,8 @@
 
 use forge_numerics::qmeta::EXP2_FRAC_Q63;
 use forge_numerics::{
-    bf16_bits_to_f32, decode_log2_q88, encode_log2_q88, f16_bits_to_f32, fp8_e4m3_to_f32,
-    linspace_f32, log2_f32_rn, quantize, quantize_with_reciprocal, reciprocal_is_safe, MIN_SCALE,
+    bf16_bits_to_f32, decode_log2_q88, encode_log2_q88, f16_bits_to_f32, fp8_e4m3_to_f32, linspace_f32, log2_f32_rn,
+    quantize, quantize_with_reciprocal, reciprocal_is_safe, MIN_SCALE,
 };
 use proptest::prelude::*;
 
@@ -25,11 +25,7 @@ fn f16_widening_equals_half_crate_on_all_65536_patterns() {
         if theirs.is_nan() {
             assert!(ours.is_nan(), "f16 {h:#06x}: half gives NaN, ours {ours:e}");
         } else {
-            assert_eq!(
-                ours.to_bits(),
-                theirs.to_bits(),
-                "f16 {h:#06x}: ours {ours:e}, half {theirs:e}"
-            );
+            assert_eq!(ours.to_bits(), theirs.to_bits(), "f16 {h:#06x}: ours {ours:e}, half {theirs:e}");
         }
     }
 }
@@ -40,16 +36,9 @@ fn bf16_widening_equals_half_crate_on_all_65536_patterns() {
         let ours = bf16_bits_to_f32(b);
         let theirs = half::bf16::from_bits(b).to_f32();
         if theirs.is_nan() {
-            assert!(
-                ours.is_nan(),
-                "bf16 {b:#06x}: half gives NaN, ours {ours:e}"
-            );
+            assert!(ours.is_nan(), "bf16 {b:#06x}: half gives NaN, ours {ours:e}");
         } else {
-            assert_eq!(
-                ours.to_bits(),
-                theirs.to_bits(),
-                "bf16 {b:#06x}: ours {ours:e}, half {theirs:e}"
-            );
+            assert_eq!(ours.to_bits(), theirs.to_bits(), "bf16 {b:#06x}: ours {ours:e}, half {theirs:e}");
         }
     }
 }
@@ -83,11 +72,7 @@ fn fp8_e4m3_widening_equals_the_format_definition_on_all_256_patterns() {
                 let want32 = want as f32;
                 assert_eq!(want32 as f64, want, "every E4M3 value is an f32");
                 // Bits, so that the sign of zero (0x80 is -0.0) is checked too.
-                assert_eq!(
-                    ours.to_bits(),
-                    want32.to_bits(),
-                    "e4m3 {v:#04x}: ours {ours:e}, definition {want:e}"
-                );
+                assert_eq!(ours.to_bits(), want32.to_bits(), "e4m3 {v:#04x}: ours {ours:e}, definition {want:e}");
                 max_finite = max_finite.max(ours);
             }
         }
@@ -216,10 +201,7 @@ fn log2_encode_equals_f64_log2_on_every_positive_f32() {
         bad.len()
     );
     assert_eq!(n, (1u64 << 31) - (1 << 23) - 1);
-    assert!(
-        bad.is_empty(),
-        "encode differs (bits, ours, reference): {bad:?}"
-    );
+    assert!(bad.is_empty(), "encode differs (bits, ours, reference): {bad:?}");
 }
 
 /// A fast subset of the exhaustive check: every 97th pattern, every power of two (subnormal
@@ -228,23 +210,11 @@ fn log2_encode_equals_f64_log2_on_every_positive_f32() {
 #[test]
 fn log2_encode_equals_f64_log2_on_strided_powers_and_midpoints() {
     let strided = check_log2(POS_FINITE.step_by(97));
-    assert!(
-        strided.2.is_empty(),
-        "strided: encode differs: {:?}",
-        strided.2
-    );
+    assert!(strided.2.is_empty(), "strided: encode differs: {:?}", strided.2);
 
-    let powers = check_log2(
-        (0..254u32)
-            .map(|e| (e + 1) << 23)
-            .chain((0..23).map(|k| 1u32 << k)),
-    );
+    let powers = check_log2((0..254u32).map(|e| (e + 1) << 23).chain((0..23).map(|k| 1u32 << k)));
     assert_eq!(powers.0, 254 + 23);
-    assert!(
-        powers.2.is_empty(),
-        "powers of two: encode differs: {:?}",
-        powers.2
-    );
+    assert!(powers.2.is_empty(), "powers of two: encode differs: {:?}", powers.2);
     for e in -149i32..128 {
         let x = pow2(e);
         assert_eq!((x as f64).log2(), e as f64);
@@ -282,20 +252,8 @@ fn encode_clamps_tiny_and_saturates_huge() {
     let at_min = encode_log2_q88(MIN_SCALE);
     // Derived independently: round_half_even(RN_f32(log2(1e-12)) · 256).
     assert_eq!(at_min as f32, encode_reference_q(1e-12));
-    for tiny in [
-        0.0,
-        -0.0,
-        1e-30,
-        1e-13,
-        f32::from_bits(1),
-        -1.0,
-        f32::NEG_INFINITY,
-    ] {
-        assert_eq!(
-            encode_log2_q88(tiny),
-            at_min,
-            "encode({tiny:e}) takes the 1e-12 clamp"
-        );
+    for tiny in [0.0, -0.0, 1e-30, 1e-13, f32::from_bits(1), -1.0, f32::NEG_INFINITY] {
+        assert_eq!(encode_log2_q88(tiny), at_min, "encode({tiny:e}) takes the 1e-12 clamp");
     }
     // Just above the clamp, the encode is no longer the clamp's (unless equal after rounding).
     assert_eq!(encode_log2_q88(2e-12), encode_reference_q(2e-12) as i16);
@@ -314,10 +272,7 @@ fn decode_is_increasing_and_encode_inverts_it_above_the_clamp() {
     let mut prev = 0f32;
     for q in i16::MIN..=i16::MAX {
         let d = decode_log2_q88(q);
-        assert!(
-            d > prev && d.is_finite(),
-            "decode({q}) = {d:e} after {prev:e}"
-        );
+        assert!(d > prev && d.is_finite(), "decode({q}) = {d:e} after {prev:e}");
         prev = d;
         if d >= MIN_SCALE {
             assert_eq!(encode_log2_q88(d), q, "encode(decode({q}) = {d:e})");
@@ -432,10 +387,7 @@ proptest! {
 /// products with every half-integer code are exact.
 #[test]
 fn reciprocal_quantize_equals_division_on_exact_ties() {
-    let mut scales: Vec<f32> = (i16::MIN..=i16::MAX)
-        .step_by(7)
-        .map(decode_log2_q88)
-        .collect();
+    let mut scales: Vec<f32> = (i16::MIN..=i16::MAX).step_by(7).map(decode_log2_q88).collect();
     let n_decoded = scales.len();
     for e in [-140, -126, -60, -20, -9, -1, 0, 7, 40, 100] {
         for m in (1..2048u32).step_by(6) {
@@ -456,10 +408,7 @@ fn reciprocal_quantize_equals_division_on_exact_ties() {
                 if x as f64 == x_exact {
                     let want = (c as f32).round_ties_even().clamp(0.0, maxq);
                     let got = quantize(x, s, q0, maxq);
-                    assert_eq!(
-                        got, want,
-                        "quantize({x:e}, {s:e}, {q0}, {maxq}) at the exact tie {c}"
-                    );
+                    assert_eq!(got, want, "quantize({x:e}, {s:e}, {q0}, {maxq}) at the exact tie {c}");
                     exact_ties += 1;
                 }
                 if !safe {
@@ -503,11 +452,7 @@ fn default_linspace_runs_from_one_to_point_two() {
     assert_eq!(v[99], 0.2);
     for i in 0..100 {
         let exact = 1.0 - 0.8 * i as f64 / 99.0;
-        assert!(
-            (v[i] as f64 - exact).abs() <= 1e-6,
-            "linspace[{i}] = {} vs {exact}",
-            v[i]
-        );
+        assert!((v[i] as f64 - exact).abs() <= 1e-6, "linspace[{i}] = {} vs {exact}", v[i]);
         if i > 0 {
             assert!(v[i] < v[i - 1], "not strictly decreasing at {i}");
         }

@@ -18,10 +18,7 @@ pub struct PtxBuilder {
 impl PtxBuilder {
     /// `crate_dir` holds the kernels crate's `Cargo.toml`.
     pub fn new(crate_dir: impl Into<PathBuf>) -> Self {
-        PtxBuilder {
-            crate_dir: crate_dir.into(),
-            arch: "sm_80".into(),
-        }
+        PtxBuilder { crate_dir: crate_dir.into(), arch: "sm_80".into() }
     }
 
     /// The PTX target (`sm_80` by default: runs on A100, H100, H200, Ada, Blackwell via JIT).
@@ -58,9 +55,7 @@ impl PtxBuilder {
         ] {
             cmd.env_remove(var);
         }
-        let out = cmd
-            .output()
-            .map_err(|e| format!("could not run `{cargo}` to build the GPU kernels: {e}"))?;
+        let out = cmd.output().map_err(|e| format!("could not run `{cargo}` to build the GPU kernels: {e}"))?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let hint = if stderr.contains("rust-src") || stderr.contains("build-std") {
@@ -77,16 +72,14 @@ impl PtxBuilder {
             ));
         }
         let ptx_path = find_ptx(&target_dir.join("nvptx64-nvidia-cuda/release/deps"), &self.crate_name()?)?;
-        let ptx = std::fs::read_to_string(&ptx_path)
-            .map_err(|e| format!("reading {}: {e}", ptx_path.display()))?;
+        let ptx = std::fs::read_to_string(&ptx_path).map_err(|e| format!("reading {}: {e}", ptx_path.display()))?;
         check_self_contained(&ptx)?;
         Ok(ptx)
     }
 
     fn crate_name(&self) -> Result<String, String> {
         let manifest = self.crate_dir.join("Cargo.toml");
-        let text = std::fs::read_to_string(&manifest)
-            .map_err(|e| format!("reading {}: {e}", manifest.display()))?;
+        let text = std::fs::read_to_string(&manifest).map_err(|e| format!("reading {}: {e}", manifest.display()))?;
         text.lines()
             .find_map(|l| {
                 let l = l.trim();
