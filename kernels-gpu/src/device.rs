@@ -224,7 +224,7 @@ core::arch::global_asm!(".extern .shared .align 16 .b8 forge_dynamic_shared[];")
 /// `first_bad` as for [`atomic_max_u64_global`].
 #[inline(always)]
 pub unsafe fn note_if_non_finite(v: f32, flat_index: u64, first_bad: *mut u64) {
-    if !(v.abs() <= f32::MAX) {
+    if !v.is_finite() {
         atomic_max_u64_global(first_bad, !flat_index);
     }
 }

@@ -31,7 +31,7 @@ unsafe fn load_chunk<T: Elem>(w: *const T, gid: u64, c: u32, cols: u32, gs: u32,
     let g = (gid % n_groups as u64) as u32;
     let col = g * gs + 4 * c;
     let i = r as usize * cols as usize + col as usize;
-    let v = if cols % 4 == 0 && col + 4 <= cols {
+    let v = if cols.is_multiple_of(4) && col + 4 <= cols {
         T::load4_f32(w, i)
     } else {
         let mut v = [0f32; 4];
