@@ -1,24 +1,22 @@
 //! The calibration layer on the CPU backend (DESIGN §5): MoE-Quant-shaped `GptqLayer`,
 //! shared Hessians, experts in bulk, and the documented errors and flags.
 
+mod common;
+
+use common::{indefinite, randn, rtn};
+
 use fourbit_forge::calib::{
     quantize_experts, quantize_with, ActivationView, ExpertInput, GptqLayer, PreStepRoute, QuantizedLayer,
     SharedHessian,
 };
 use fourbit_forge::grid::build_quant_grid;
 use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig, MAX_RETRIES};
-use fourbit_forge::numerics::{dequantize, quantize};
 use fourbit_forge::solver::{layer_output_error, solve_cpu};
-use fourbit_forge::{Backend, ForgeError, GridConfig, QuantGrid, Quantizer, WeightView};
+use fourbit_forge::{Backend, ForgeError, GridConfig, Quantizer, WeightView};
 use half::{bf16, f16};
 use ndarray::Array2;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use rand_distr::StandardNormal;
-
-fn randn(rows: usize, cols: usize, rng: &mut StdRng) -> Array2<f32> {
-    Array2::from_shape_simple_fn((rows, cols), || rng.sample::<f32, _>(StandardNormal))
-}
+use rand::SeedableRng;
 
 /// `X = Z·A`: strongly correlated inputs (where GPTQ beats round-to-nearest clearly).
 fn correlated_x(tokens: usize, cols: usize, rng: &mut StdRng) -> Array2<f32> {
@@ -29,20 +27,6 @@ fn correlated_x(tokens: usize, cols: usize, rng: &mut StdRng) -> Array2<f32> {
 
 fn cfg(gs: usize) -> GridConfig {
     GridConfig { group_size: gs, ..GridConfig::default() }
-}
-
-/// Round-to-nearest on `grid`, element by element with the shared numerics.
-fn rtn(w: &Array2<f32>, g: &QuantGrid) -> (Array2<u8>, Array2<f32>) {
-    let maxq = g.maxq as f32;
-    let mut codes = Array2::zeros(w.dim());
-    let mut deq = Array2::zeros(w.dim());
-    for ((r, c), &x) in w.indexed_iter() {
-        let m = g.meta(r, c / g.group_size);
-        let q = quantize(x, m.scale(), m.qzero_f32(), maxq);
-        codes[[r, c]] = q as u8;
-        deq[[r, c]] = dequantize(q, m.scale(), m.qzero_f32());
-    }
-    (codes, deq)
 }
 
 fn assert_rtn(layer: &QuantizedLayer, w: &Array2<f32>, what: &str) {
@@ -176,14 +160,6 @@ fn non_finite_hessians_are_typed_errors() {
         quantize_experts(&Backend::Cpu, &cfg(32), &PreStepConfig::default(), &experts),
         Err(ForgeError::NonFinite { tensor: "hessian", row: 10, col: 3, .. })
     ));
-}
-
-/// `I` with a 2×2 block `[[1, c], [c, 1]]` at (0, 1): eigenvalues `1 ± c`, mean diagonal 1.
-fn indefinite(cols: usize, c: f32) -> Array2<f32> {
-    let mut h = Array2::<f32>::eye(cols);
-    h[[0, 1]] = c;
-    h[[1, 0]] = c;
-    h
 }
 
 #[test]

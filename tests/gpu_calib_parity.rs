@@ -14,6 +14,8 @@
 
 mod common;
 
+use common::{indefinite, randn, rtn};
+
 use fourbit_forge::calib::{
     quantize_experts, quantize_with, ActivationView, ExpertInput, GptqLayer, PreStepRoute, SharedHessian,
 };
@@ -21,18 +23,12 @@ use fourbit_forge::gpu::{
     cusolver_available, DeviceActivations, GpuDevice, GpuHessian, GpuPreStepper, MAX_CHUNK_TOKENS,
 };
 use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig, MAX_RETRIES};
-use fourbit_forge::numerics::{dequantize, quantize};
 use fourbit_forge::solver::layer_output_error;
-use fourbit_forge::{Backend, ForgeError, GridConfig, QuantGrid, Quantizer, WeightView};
+use fourbit_forge::{Backend, ForgeError, GridConfig, Quantizer, WeightView};
 use half::{bf16, f16};
 use ndarray::{concatenate, Array2, Axis};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use rand_distr::StandardNormal;
-
-fn randn(rows: usize, cols: usize, rng: &mut StdRng) -> Array2<f32> {
-    Array2::from_shape_simple_fn((rows, cols), || rng.sample::<f32, _>(StandardNormal))
-}
+use rand::SeedableRng;
 
 /// Correlated inputs with a per-column scale spread over two decades (act-order matters).
 fn correlated_x(tokens: usize, cols: usize, rng: &mut StdRng) -> Array2<f32> {
@@ -296,14 +292,6 @@ fn gpu_pre_step_matches_the_cpu_pre_step() {
     }
 }
 
-/// `I` with the block `[[1, c], [c, 1]]` at (0, 1): eigenvalues `1 ± c`, mean diagonal 1.
-fn indefinite(cols: usize, c: f32) -> Array2<f32> {
-    let mut h = Array2::<f32>::eye(cols);
-    h[[0, 1]] = c;
-    h[[1, 0]] = c;
-    h
-}
-
 #[test]
 fn gpu_pre_step_retries_fallback_and_errors_match_the_cpu() {
     let Some(dev) = common::gpu_or_skip("gpu_pre_step_retries_fallback_and_errors_match_the_cpu") else { return };
@@ -334,19 +322,6 @@ fn gpu_pre_step_retries_fallback_and_errors_match_the_cpu() {
     assert!(matches!(stepper.run_host(&dev, Array2::<f32>::eye(8).view(), &bad), Err(ForgeError::Shape(_))));
     // The stepper recovers for the next (valid) call.
     assert!(!stepper.run_host(&dev, indefinite(64, 0.5).view(), &PreStepConfig::default()).unwrap().fallback_identity);
-}
-
-fn rtn(w: &Array2<f32>, g: &QuantGrid) -> (Array2<u8>, Array2<f32>) {
-    let maxq = g.maxq as f32;
-    let mut codes = Array2::zeros(w.dim());
-    let mut deq = Array2::zeros(w.dim());
-    for ((r, c), &x) in w.indexed_iter() {
-        let m = g.meta(r, c / g.group_size);
-        let q = quantize(x, m.scale(), m.qzero_f32(), maxq);
-        codes[[r, c]] = q as u8;
-        deq[[r, c]] = dequantize(q, m.scale(), m.qzero_f32());
-    }
-    (codes, deq)
 }
 
 #[test]

@@ -2,6 +2,10 @@
 //! straightforward recurrence, a hand-derived case, act-order bookkeeping, typed errors,
 //! and the GPTQ objective against round-to-nearest on correlated activations.
 
+mod common;
+
+use common::rtn;
+
 use fourbit_forge::grid::build_quant_grid;
 use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig};
 use fourbit_forge::numerics::{dequantize, quantize};
@@ -21,20 +25,6 @@ fn randn(rows: usize, cols: usize, rng: &mut StdRng) -> Array2<f32> {
 fn grid(w: &Array2<f32>, bits: u32, gs: usize, symmetric: bool) -> QuantGrid {
     let cfg = GridConfig { group_size: gs, bits, symmetric, scale_search: ScaleSearch::Absmax };
     build_quant_grid(WeightView::F32(w.view()), &cfg).expect("grid builds")
-}
-
-/// Round-to-nearest codes and dequantized values, element by element with the shared numerics.
-fn rtn(w: &Array2<f32>, g: &QuantGrid) -> (Array2<u8>, Array2<f32>) {
-    let maxq = g.maxq as f32;
-    let mut codes = Array2::zeros(w.dim());
-    let mut deq = Array2::zeros(w.dim());
-    for ((r, c), &x) in w.indexed_iter() {
-        let m = g.meta(r, c / g.group_size);
-        let q = quantize(x, m.scale(), m.qzero_f32(), maxq);
-        codes[[r, c]] = q as u8;
-        deq[[r, c]] = dequantize(q, m.scale(), m.qzero_f32());
-    }
-    (codes, deq)
 }
 
 /// The recurrence of DESIGN §4 written as plainly as possible (one row, one column at a

@@ -29,3 +29,33 @@ pub fn vector<T: bytemuck::Pod>(name: &str) -> (Vec<T>, Vec<usize>) {
     let data: Vec<T> = t.data().chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect();
     (data, t.shape().to_vec())
 }
+
+/// Standard-normal `rows × cols` matrix.
+pub fn randn(rows: usize, cols: usize, rng: &mut rand::rngs::StdRng) -> ndarray::Array2<f32> {
+    use rand::Rng;
+    ndarray::Array2::from_shape_simple_fn((rows, cols), || rng.sample::<f32, _>(rand_distr::StandardNormal))
+}
+
+/// Round-to-nearest codes and dequantized values on `grid`, element by element with the
+/// shared numerics (what the solver must return for an identity factor).
+pub fn rtn(w: &ndarray::Array2<f32>, g: &fourbit_forge::QuantGrid) -> (ndarray::Array2<u8>, ndarray::Array2<f32>) {
+    use fourbit_forge::numerics::{dequantize, quantize};
+    let maxq = g.maxq as f32;
+    let mut codes = ndarray::Array2::zeros(w.dim());
+    let mut deq = ndarray::Array2::zeros(w.dim());
+    for ((r, c), &x) in w.indexed_iter() {
+        let m = g.meta(r, c / g.group_size);
+        let q = quantize(x, m.scale(), m.qzero_f32(), maxq);
+        codes[[r, c]] = q as u8;
+        deq[[r, c]] = dequantize(q, m.scale(), m.qzero_f32());
+    }
+    (codes, deq)
+}
+
+/// The identity with one symmetric off-diagonal pair `c` (indefinite for |c| > 1).
+pub fn indefinite(cols: usize, c: f32) -> ndarray::Array2<f32> {
+    let mut h = ndarray::Array2::<f32>::eye(cols);
+    h[[0, 1]] = c;
+    h[[1, 0]] = c;
+    h
+}
