@@ -408,3 +408,15 @@ pub fn cp_async_wait<const N: u32>() {
     // SAFETY: as `cp_async_commit`.
     unsafe { asm!("cp.async.wait_group {n};", n = const N, options(nostack)) };
 }
+
+/// The generic address of a shared-memory address (`cvta.shared`), for plain pointer access
+/// where compile-time offsets and free scheduling matter more than the `.shared` form.
+#[inline(always)]
+pub fn shared_generic(addr: u32) -> *mut u8 {
+    let g: u64;
+    // SAFETY: address arithmetic only.
+    unsafe {
+        asm!("cvta.shared.u64 {g}, {a};", g = out(reg64) g, a = in(reg64) addr as u64, options(pure, nomem, nostack))
+    };
+    g as *mut u8
+}

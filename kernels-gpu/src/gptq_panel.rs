@@ -35,7 +35,7 @@
 
 use crate::device::{
     block_x, cp_async_16, cp_async_commit, cp_async_wait, ld_global_f32x4, ld_shared_f32, ld_shared_f32x2,
-    ld_shared_f32x4, ld_shared_u32, ld_shared_u8, shared_window_base, st_shared_u32, st_shared_u8, sync_threads,
+    ld_shared_f32x4, ld_shared_u32, ld_shared_u8, shared_generic, shared_window_base, st_shared_u32, sync_threads,
     thread_x,
 };
 use core::f32::math::mul_add as fma;
@@ -82,6 +82,18 @@ unsafe fn issue_chunk<const RPC: usize>(
         cp_async_16(stage + l.stage_u + (k * BLOCK + c4) * 4, u.add(((s0 + k) * cols_p + c0 + c4) as usize));
         piece += SOLVER_THREADS;
     }
+}
+
+/// A generic pointer to the f32 at a shared-memory address.
+#[inline(always)]
+fn shared_f32(addr: u32) -> *mut f32 {
+    shared_generic(addr) as *mut f32
+}
+
+/// A generic pointer to the byte at a shared-memory address.
+#[inline(always)]
+fn shared_u8(addr: u32) -> *mut u8 {
+    shared_generic(addr)
 }
 
 /// Calls `f(0) … f(15)` written out, so register arrays indexed by `c` stay in registers
@@ -286,10 +298,11 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
         cp_async_wait::<0>(); // the product's chunks and U[block, block]
 
         // The scales and zero points this lane's row needs for its warp's 16 columns.
-        if row_ok {
+        if (lane as usize) < RPC {
             for16(|c| {
                 let col = 16 * warp + c as u32;
-                let m = QMetaPacked::from_u32(metas[c]);
+                // Rows past the end get scale 1 and zero 0: their (discarded) chain stays finite.
+                let m = if row_ok { QMetaPacked::from_u32(metas[c]) } else { QMetaPacked::encode(1.0, 0.0, false) };
                 st_f32(base + l.scale_tile + (lane * BLOCK + col) * 4, m.scale());
                 st_f32(base + l.zero_tile + (lane * BLOCK + col) * 4, m.qzero_f32());
             });
@@ -314,31 +327,45 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
         let mut sb = 0;
         while sb < BLOCK / 16 && c0 + 16 * sb < cols {
             if warp == 0 && (lane as usize) < RPC {
-                let row_x = base + l.x_tile + lane * STRIDE * 4;
+                // Plain pointers into shared memory with per-slice bases: every address in the
+                // unrolled slice is then a base plus a compile-time offset, and the compiler may
+                // schedule the loads freely (there are no stores until the slice is done).
+                let t0 = 16 * sb;
+                let x_row = shared_f32(base + l.x_tile + (lane * STRIDE + t0) * 4);
+                let u_blk = shared_f32(base + l.u_block + (t0 * BLOCK + t0) * 4); // U[t0.., t0..]
+                let scale = shared_f32(base + l.scale_tile + (lane * BLOCK + t0) * 4);
+                let zero = shared_f32(base + l.zero_tile + (lane * BLOCK + t0) * 4);
                 let mut xb = [0f32; 16];
-                for16(|c| xb[c] = ld_shared_f32(row_x + (16 * sb + c as u32) * 4));
+                let mut eb = [0f32; 16];
+                let mut qb = [0f32; 16];
+                let mut dqb = [0f32; 16];
+                for16(|c| xb[c] = *x_row.add(c));
+                // Columns past `cols` (only in the last slice) get e = 0 and no outputs.
+                let live = (cols - c0 - t0).min(16) as usize;
                 for16(|c| {
-                    let t = 16 * sb + c as u32;
-                    if c0 + t < cols {
-                        let mut e = 0f32;
-                        if row_ok {
-                            let s = ld_shared_f32(base + l.scale_tile + (lane * BLOCK + t) * 4);
-                            let q0 = ld_shared_f32(base + l.zero_tile + (lane * BLOCK + t) * 4);
-                            let q = quantize(xb[c], s, q0, maxq);
-                            let dq = dequantize(q, s, q0);
-                            e = (xb[c] - dq) / ld_shared_f32(base + l.u_block + (t * BLOCK + t) * 4);
-                            loss_acc += e * e;
-                            st_shared_u8(base + l.codes + lane * BLOCK + t, q as u8);
-                            st_f32(base + l.deq_tile + (lane * STRIDE + t) * 4, dq);
-                        }
-                        // The x slot of column t is free now: it keeps the error.
-                        st_f32(row_x + t * 4, e);
+                    if c < live {
+                        let (s, q0) = (*scale.add(c), *zero.add(c));
+                        let q = quantize(xb[c], s, q0, maxq);
+                        let dq = dequantize(q, s, q0);
+                        let e = (xb[c] - dq) / *u_blk.add(c * BLOCK as usize + c);
+                        (eb[c], qb[c], dqb[c]) = (e, q, dq);
                         for16(|j| {
                             if j > c {
                                 // Multiply then subtract, as the CPU reference (never fused).
-                                xb[j] -= e * ld_shared_f32(base + l.u_block + (t * BLOCK + 16 * sb + j as u32) * 4);
+                                xb[j] -= e * *u_blk.add(c * BLOCK as usize + j);
                             }
                         });
+                    }
+                });
+                let codes_row = shared_u8(base + l.codes + lane * BLOCK + t0);
+                let deq_row = shared_f32(base + l.deq_tile + (lane * STRIDE + t0) * 4);
+                for16(|c| {
+                    // The x slot of column t is free now: it keeps the error.
+                    *x_row.add(c) = eb[c];
+                    if row_ok {
+                        loss_acc += if c < live { eb[c] * eb[c] } else { 0.0 };
+                        *codes_row.add(c) = qb[c] as u8;
+                        *deq_row.add(c) = dqb[c];
                     }
                 });
             }
@@ -346,10 +373,13 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
             // Later columns of the block: x[r, col] −= Σ_k e[r, k]·U[k, col], k over the slice,
             // in increasing k.
             let first = 16 * (sb + 1);
-            let width = BLOCK - first;
             let mut idx = tid;
-            while idx < RPC as u32 * width {
-                let (r, col) = (idx / width, first + idx % width);
+            while idx < RPC as u32 * BLOCK {
+                let (r, col) = (idx / BLOCK, idx % BLOCK); // BLOCK is a power of two
+                if col < first {
+                    idx += SOLVER_THREADS;
+                    continue;
+                }
                 let addr = base + l.x_tile + (r * STRIDE + col) * 4;
                 let mut v = ld_shared_f32(addr);
                 let mut k = 0;
