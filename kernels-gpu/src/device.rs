@@ -75,19 +75,6 @@ pub fn shfl_xor_f32(v: f32, mask: u32) -> f32 {
     r
 }
 
-/// `__shfl_xor_sync(full, v, mask)` on a u32.
-#[inline(always)]
-pub fn shfl_xor_u32(v: u32, mask: u32) -> u32 {
-    let r: u32;
-    // SAFETY: as `shfl_xor_f32`.
-    unsafe {
-        asm!("shfl.sync.bfly.b32 {r}, {v}, {m}, 31, {f};",
-             r = out(reg32) r, v = in(reg32) v, m = in(reg32) mask, f = in(reg32) FULL_MASK,
-             options(nomem, nostack));
-    }
-    r
-}
-
 /// `__shfl_sync(full, v, src_lane)` on an f32.
 #[inline(always)]
 pub fn shfl_idx_f32(v: f32, src: u32) -> f32 {
@@ -111,17 +98,6 @@ pub fn warp_min_max(mut lo: f32, mut hi: f32) -> (f32, f32) {
         m >>= 1;
     }
     (lo, hi)
-}
-
-/// Warp-wide sum (butterfly: every lane gets the same bits).
-#[inline(always)]
-pub fn warp_sum(mut v: f32) -> f32 {
-    let mut m = 16;
-    while m > 0 {
-        v += shfl_xor_f32(v, m);
-        m >>= 1;
-    }
-    v
 }
 
 /// A weight element type the kernels read, widened exactly to f32 by the shared numerics.
@@ -351,15 +327,6 @@ pub unsafe fn ld_shared_f32x2(addr: u32) -> [f32; 2] {
 #[inline(always)]
 pub unsafe fn ld_shared_f32(addr: u32) -> f32 {
     f32::from_bits(ld_shared_u32(addr))
-}
-
-/// `st.shared.u8`.
-///
-/// # Safety
-/// `addr` must be inside the launch's dynamic shared memory.
-#[inline(always)]
-pub unsafe fn st_shared_u8(addr: u32, v: u8) {
-    asm!("st.shared.u8 [{p}], {v};", p = in(reg32) addr, v = in(reg16) v as u16, options(nostack));
 }
 
 /// `ld.shared.u8`.
