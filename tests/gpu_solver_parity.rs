@@ -179,3 +179,100 @@ fn gpu_solver_panel_width_does_not_change_the_result() {
     }
     assert!(SolveWorkspace::new(&dev, 4, 4).unwrap().set_panel(100).is_err());
 }
+
+/// A random f32 of magnitude `2^e`, `e` uniform in `lo..hi`, random mantissa and sign.
+fn random_magnitude(rng: &mut StdRng, lo: i32, hi: i32) -> f32 {
+    let e = rng.gen_range(lo..hi);
+    let m = f32::from_bits(0x3f80_0000 | (rng.gen::<u32>() & 0x007f_ffff)); // [1, 2)
+    let v = m * 2f32.powi(e);
+    if rng.gen() {
+        -v
+    } else {
+        v
+    }
+}
+
+#[test]
+fn gpu_fast_division_equals_ieee_division_in_the_solver_range() {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let Some(dev) = common::gpu_or_skip("gpu_fast_division_equals_ieee_division_in_the_solver_range") else { return };
+    // The chain divides working weights (zero, or |x| in [2^-100, 2^64]; `x − deq` up to
+    // ~2^65) by scales in [2^-60, 2^20] and by U's diagonal in [2^-40, 2^20].
+    let mut rng = StdRng::seed_from_u64(7);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..1 << 22 {
+        let d = if i % 2 == 0 {
+            random_magnitude(&mut rng, -60, 20).abs()
+        } else {
+            random_magnitude(&mut rng, -40, 20).abs()
+        };
+        let n = match i % 8 {
+            0 => 0.0,
+            // Quotients at or next to a rounding midpoint of a random quotient: the
+            // correction step's hard cases.
+            1..=3 => {
+                let q = random_magnitude(&mut rng, -20, 20);
+                let mid = (q as f64 + (q.next_up() as f64 - q as f64) / 2.0) * d as f64;
+                let m = mid as f32;
+                [m, m.next_up(), m.next_down()][(i / 8) % 3]
+            }
+            _ => random_magnitude(&mut rng, -100, 65),
+        };
+        a.push(n);
+        b.push(d);
+    }
+    // Exact boundaries of the admitted range.
+    for (n, d) in [(2f32.powi(-100), 2f32.powi(20)), (2f32.powi(64), 2f32.powi(-60)), (-1.0, 3.0), (-0.0, 0.75)] {
+        a.push(n);
+        b.push(d);
+    }
+    let s = dev.stream();
+    let (da, db) = (s.clone_htod(&a).unwrap(), s.clone_htod(&b).unwrap());
+    let mut out = s.alloc_zeros::<f32>(a.len()).unwrap();
+    let n = a.len() as u32;
+    let f = dev.function("fast_division").unwrap();
+    let mut l = s.launch_builder(&f);
+    l.arg(&da).arg(&db).arg(&n).arg(&mut out);
+    // SAFETY: a, b, out have n f32 each.
+    unsafe { l.launch(LaunchConfig::for_num_elems(n)) }.unwrap();
+    let got = s.clone_dtoh(&out).unwrap();
+    let mut bad = 0;
+    for ((x, y), g) in a.iter().zip(&b).zip(&got) {
+        let want = x / y;
+        if want.to_bits() != g.to_bits() {
+            if bad < 5 {
+                eprintln!("{x:e} / {y:e}: IEEE {want:e}, fast {g:e}");
+            }
+            bad += 1;
+        }
+    }
+    assert_eq!(bad, 0, "{bad} of {} quotients differ from IEEE division", a.len());
+}
+
+#[test]
+fn gpu_solver_falls_back_to_ieee_division_outside_the_fast_range() {
+    let Some(dev) = common::gpu_or_skip("gpu_solver_falls_back_to_ieee_division_outside_the_fast_range") else {
+        return;
+    };
+    // Rows whose scales exceed 2^20, rows of weights below 2^-100, and (second case) a
+    // Hessian so large that U's diagonal falls below 2^-40: each takes the IEEE fallback.
+    let mut l = layer(40, 300, 41);
+    for r in 0..40 {
+        let k = match r % 4 {
+            0 => 1e10,
+            1 => 1e-31,
+            _ => 1.0,
+        };
+        l.w.row_mut(r).mapv_inplace(|v| v * k);
+    }
+    let cfg = GridConfig { group_size: 64, ..GridConfig::default() };
+    let grid = build_quant_grid(WeightView::F32(l.w.view()), &cfg).unwrap();
+    for h_scale in [1.0f32, 1e30] {
+        let h = l.h.mapv(|v| v * h_scale);
+        let pre = pre_step_cpu(h.view(), None, &PreStepConfig::default()).unwrap();
+        let cpu = solve_cpu(l.w.view(), pre.hinv_factor.view(), &grid, None).unwrap();
+        let gpu = solve_gpu(&dev, l.w.view(), pre.hinv_factor.view(), &grid, None).unwrap();
+        let scaled = Layer { w: l.w.clone(), h };
+        compare(&format!("out-of-range operands, H×{h_scale:e}"), &scaled, &cpu, &gpu);
+    }
+}

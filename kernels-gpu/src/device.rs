@@ -3,6 +3,7 @@
 
 use core::arch::asm;
 use core::arch::nvptx;
+use core::f32::math::mul_add as fma;
 
 /// Threads per warp.
 pub const WARP: u32 = 32;
@@ -386,4 +387,55 @@ pub fn shared_generic(addr: u32) -> *mut u8 {
         asm!("cvta.shared.u64 {g}, {a};", g = out(reg64) g, a = in(reg64) addr as u64, options(pure, nomem, nostack))
     };
     g as *mut u8
+}
+
+/// `rcp.approx.ftz.f32`: the hardware reciprocal (about 1 ulp; subnormals flush to zero).
+#[inline(always)]
+pub fn rcp_approx(x: f32) -> f32 {
+    let r: f32;
+    // SAFETY: pure arithmetic.
+    unsafe { asm!("rcp.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) };
+    r
+}
+
+/// The reciprocal `div.rn.f32`'s fast path multiplies by: the hardware reciprocal after one
+/// Newton step. Computed once per divisor so a chain of divisions by it costs three FMAs.
+#[inline(always)]
+pub fn recip_for_division(b: f32) -> f32 {
+    let y0 = rcp_approx(b);
+    fma(y0, fma(-b, y0, 1.0), y0)
+}
+
+/// `a / b` correctly rounded, given `y = recip_for_division(b)`: the quotient, its exact
+/// remainder and one correction (Markstein), which is `div.rn.f32`'s fast path without its
+/// range check and branch. The caller guarantees the range that makes it exact:
+/// `b ∈ [2^-126, 2^126]`, `a = 0` or `|a| ≥ 2^-100`, and `|a/b| ∈ [2^-125, 2^126]` (no
+/// intermediate is subnormal or overflows, so the remainder is exact). The remainder is
+/// formed as `b·q − a` so a zero quotient keeps the sign IEEE division gives it.
+#[inline(always)]
+pub fn div_by_recip(a: f32, b: f32, y: f32) -> f32 {
+    let q = a * y;
+    let r = fma(b, q, -a);
+    fma(-r, y, q)
+}
+
+/// `vote.sync.all` over the full warp.
+///
+/// # Safety
+/// Every lane of the warp must reach it.
+#[inline(always)]
+pub unsafe fn vote_all(p: bool) -> bool {
+    let r: u32;
+    asm!("{{ .reg .pred p, q; setp.ne.u32 p, {v}, 0; vote.sync.all.pred q, p, {m}; selp.u32 {r}, 1, 0, q; }}",
+         v = in(reg32) p as u32, m = in(reg32) FULL_MASK, r = out(reg32) r, options(nostack));
+    r != 0
+}
+
+/// `__syncwarp()`: orders the warp's shared-memory accesses.
+///
+/// # Safety
+/// Every lane of the warp must reach it.
+#[inline(always)]
+pub unsafe fn sync_warp() {
+    asm!("bar.warp.sync {m};", m = in(reg32) FULL_MASK, options(nostack));
 }

@@ -34,13 +34,14 @@
 //! `ceil(rows/RPC)` blocks, dynamic shared memory as above.
 
 use crate::device::{
-    block_x, cp_async_16, cp_async_commit, cp_async_wait, ld_global_f32x4, ld_shared_f32, ld_shared_f32x2,
-    ld_shared_f32x4, ld_shared_u32, ld_shared_u8, shared_generic, shared_window_base, st_shared_u32, sync_threads,
-    thread_x,
+    block_x, cp_async_16, cp_async_commit, cp_async_wait, div_by_recip, ld_global_f32x4, ld_shared_f32,
+    ld_shared_f32x2, ld_shared_f32x4, ld_shared_u32, ld_shared_u8, recip_for_division, shared_generic,
+    shared_window_base, st_shared_u32, sync_threads, sync_warp, thread_x, vote_all,
 };
 use core::f32::math::mul_add as fma;
 use forge_numerics::{
-    dequantize, quantize, QMetaPacked, SolverSharedLayout, SOLVER_BLOCK as BLOCK, SOLVER_STAGES, SOLVER_THREADS,
+    dequantize, quantize, quantize_scaled, QMetaPacked, SolverSharedLayout, SOLVER_BLOCK as BLOCK, SOLVER_STAGES,
+    SOLVER_THREADS,
 };
 
 const KC: u32 = forge_numerics::SOLVER_KCHUNK;
@@ -90,12 +91,6 @@ fn shared_f32(addr: u32) -> *mut f32 {
     shared_generic(addr) as *mut f32
 }
 
-/// A generic pointer to the byte at a shared-memory address.
-#[inline(always)]
-fn shared_u8(addr: u32) -> *mut u8 {
-    shared_generic(addr)
-}
-
 /// Calls `f(0) … f(15)` written out, so register arrays indexed by `c` stay in registers
 /// (a loop LLVM declines to unroll would move them to local memory).
 #[inline(always)]
@@ -116,6 +111,168 @@ fn for16(mut f: impl FnMut(usize)) {
     f(13);
     f(14);
     f(15);
+}
+
+/// Calls `f(0) … f(3)` written out (see [`for16`]).
+#[inline(always)]
+fn for4(mut f: impl FnMut(usize)) {
+    f(0);
+    f(1);
+    f(2);
+    f(3);
+}
+
+/// Range in which the chain's branch-free division equals IEEE division (see
+/// [`crate::device::div_by_recip`]): scales in `[2^-60, 2^20]`, `U`'s diagonal in
+/// `[2^-40, 2^20]`, working weights zero or of magnitude in `[2^-100, 2^64]`. Then `x/s` and
+/// `(x − deq)/d` stay in `[2^-120, 2^124]` (a non-zero `x − deq` with `deq ≠ 0` is at least
+/// `2^-84`: `deq` is a non-zero integer times a scale ≥ `2^-60`), and every remainder is exact.
+const SCALE_MIN: f32 = 8.673617e-19; // 2^-60
+const SCALE_MAX: f32 = 1_048_576.0; // 2^20
+const DIAG_MIN: f32 = 9.094947e-13; // 2^-40
+const DIAG_MAX: f32 = 1_048_576.0; // 2^20
+const DIVIDEND_MAX: f32 = 1.8446744e19; // 2^64
+/// `key(2^-100)`, where `key(x) = 2·bits(|x|) − 1` wraps zero to the maximum, so one unsigned
+/// minimum over the keys bounds every non-zero magnitude from below.
+const DIVIDEND_MIN_KEY: u32 = (0x0d80_0000u32 << 1) - 1;
+
+/// 16-byte aligned view of four floats, for vector shared-memory accesses through generic
+/// pointers (the compiler schedules those freely; `asm!` accesses it would not move).
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+struct F4([f32; 4]);
+
+#[inline(always)]
+unsafe fn ld4(p: *const f32) -> [f32; 4] {
+    (*(p as *const F4)).0
+}
+
+/// One lane's row of the block tiles, and the block's `U` and diagonal reciprocals, as
+/// generic pointers at compile-time offsets from per-lane bases.
+struct RowTiles {
+    x: *mut f32,
+    scale: *const f32,
+    zero: *const f32,
+    scale_recip: *const f32,
+    u: *const f32,
+    diag_recip: *const f32,
+    codes: *mut [u32; 4],
+}
+
+impl RowTiles {
+    #[inline(always)]
+    fn new(l: &SolverSharedLayout, base: u32, lane: u32) -> Self {
+        let row = lane * STRIDE * 4;
+        RowTiles {
+            x: shared_f32(base + l.x_tile + row),
+            scale: shared_f32(base + l.scale_tile + row),
+            zero: shared_f32(base + l.zero_tile + row),
+            scale_recip: shared_f32(base + l.scale_recip_tile + row),
+            u: shared_f32(base + l.u_block),
+            diag_recip: shared_f32(base + l.diag_recip),
+            codes: shared_generic(base + l.codes + lane * BLOCK) as *mut [u32; 4],
+        }
+    }
+
+    /// The row's 64 working weights.
+    #[inline(always)]
+    unsafe fn load_x(&self) -> [f32; 64] {
+        let mut x = [0f32; 64];
+        for16(|q| {
+            let v = ld4(self.x.add(4 * q));
+            for4(|i| x[4 * q + i] = v[i]);
+        });
+        x
+    }
+
+    /// The row's errors (over its working weights) and codes.
+    #[inline(always)]
+    unsafe fn store(&self, e: &[f32; 64], codes: &[u32; 16]) {
+        for16(|q| *(self.x.add(4 * q) as *mut F4) = F4([e[4 * q], e[4 * q + 1], e[4 * q + 2], e[4 * q + 3]]));
+        for4(|w| *self.codes.add(w) = [codes[4 * w], codes[4 * w + 1], codes[4 * w + 2], codes[4 * w + 3]]);
+    }
+}
+
+/// What one row's chain over a block produced besides its errors.
+struct ChainOut {
+    /// Codes, four per word, little-endian.
+    codes: [u32; 16],
+    /// `Σ e²` over the block.
+    loss: f32,
+    /// Largest `|x|` quantized (fast chain only).
+    max_abs: f32,
+    /// Smallest `key(x)` quantized (fast chain only; see [`DIVIDEND_MIN_KEY`]).
+    min_key: u32,
+}
+
+impl ChainOut {
+    /// Whether every working weight stayed where the fast division is exact.
+    #[inline(always)]
+    fn fast_division_exact(&self) -> bool {
+        self.max_abs <= DIVIDEND_MAX && self.min_key >= DIVIDEND_MIN_KEY
+    }
+}
+
+/// One row's in-block recurrence, column by column, fully unrolled on registers: quantize
+/// `x[c]`, `e = (x[c] − deq)/U[c,c]`, `x[j] −= e·U[c,j]` for the later columns (fused; the
+/// CPU reference rounds the product first, one of the rounding-order differences the parity
+/// tests allow). `x[c]` then holds `e`. With `EXACT` the divisions are IEEE `/` (the
+/// fallback); otherwise [`div_by_recip`], whose range the returned [`ChainOut`] reports.
+/// The only stores are the caller's, after the chain, so every shared load may run early.
+#[inline(always)]
+unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, x: &mut [f32; 64], maxq: f32) -> ChainOut {
+    let mut out = ChainOut { codes: [0; 16], loss: 0.0, max_abs: 0.0, min_key: u32::MAX };
+    for16(
+        #[inline(always)]
+        |cq| {
+            let (s4, z4, ys4) = (ld4(t.scale.add(4 * cq)), ld4(t.zero.add(4 * cq)), ld4(t.scale_recip.add(4 * cq)));
+            let yd4 = ld4(t.diag_recip.add(4 * cq));
+            for4(
+                #[inline(always)]
+                |ci| {
+                    let c = 4 * cq + ci;
+                    let xc = x[c];
+                    let urow = t.u.add(c * BLOCK as usize);
+                    let own = ld4(urow.add(4 * cq)); // U[c, 4cq ..], holding the diagonal
+                    let (s, z, d) = (s4[ci], z4[ci], own[ci]);
+                    let e = if EXACT {
+                        let q = quantize(xc, s, z, maxq);
+                        out.codes[cq] |= (q as u32) << (8 * ci);
+                        (xc - dequantize(q, s, z)) / d
+                    } else {
+                        out.max_abs = out.max_abs.max(xc.abs());
+                        out.min_key = out.min_key.min((xc.to_bits() << 1).wrapping_sub(1));
+                        let q = quantize_scaled(div_by_recip(xc, s, ys4[ci]), z, maxq);
+                        out.codes[cq] |= (q as u32) << (8 * ci);
+                        div_by_recip(xc - dequantize(q, s, z), d, yd4[ci])
+                    };
+                    x[c] = e;
+                    out.loss = fma(e, e, out.loss);
+                    for4(
+                        #[inline(always)]
+                        |ji| {
+                            if ji > ci {
+                                x[4 * cq + ji] = fma(-e, own[ji], x[4 * cq + ji]);
+                            }
+                        },
+                    );
+                    for16(
+                        #[inline(always)]
+                        |jq| {
+                            if jq > cq {
+                                let u4 = ld4(urow.add(4 * jq));
+                                for4(
+                                    #[inline(always)]
+                                    |ji| x[4 * jq + ji] = fma(-e, u4[ji], x[4 * jq + ji]),
+                                );
+                            }
+                        },
+                    );
+                },
+            );
+        },
+    );
+    out
 }
 
 /// K steps per software-pipelined operand group.
@@ -188,6 +345,9 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
     let grow = row0 + lane;
     let row_ok = (lane as usize) < RPC && grow < rows;
     let mut loss_acc = 0f32;
+    if tid <= RPC as u32 {
+        st_shared_u32(base + l.slow_flags + tid * 4, 0); // visible after the first block's barrier
+    }
 
     // Original columns of the first block, for the qmeta loads (later blocks get theirs one
     // block ahead) and for the write-out's `perm` tile.
@@ -297,14 +457,21 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
         }
         cp_async_wait::<0>(); // the product's chunks and U[block, block]
 
-        // The scales and zero points this lane's row needs for its warp's 16 columns.
+        // The scale, zero point and division reciprocal of this lane's row for its warp's
+        // 16 columns. Rows past the end, and columns past `cols` (their record reads as 0),
+        // get scale 1 and zero 0: their zero working weights give zero errors.
         if (lane as usize) < RPC {
             for16(|c| {
                 let col = 16 * warp + c as u32;
-                // Rows past the end get scale 1 and zero 0: their (discarded) chain stays finite.
                 let m = if row_ok { QMetaPacked::from_u32(metas[c]) } else { QMetaPacked::encode(1.0, 0.0, false) };
-                st_f32(base + l.scale_tile + (lane * BLOCK + col) * 4, m.scale());
-                st_f32(base + l.zero_tile + (lane * BLOCK + col) * 4, m.qzero_f32());
+                let s = m.scale();
+                let at = (lane * STRIDE + col) * 4;
+                st_f32(base + l.scale_tile + at, s);
+                st_f32(base + l.zero_tile + at, m.qzero_f32());
+                st_f32(base + l.scale_recip_tile + at, recip_for_division(s));
+                if !(SCALE_MIN..=SCALE_MAX).contains(&s) {
+                    st_shared_u32(base + l.slow_flags + lane * 4, 1); // sticky for the panel
+                }
             });
         }
         let mut i = 0;
@@ -319,82 +486,40 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
         }
         sync_threads();
 
-        // 3. in-block recurrence, 16 columns at a time: warp 0 (lane = row) runs the
-        //    column-by-column chain of a 16-column slice in registers (fully unrolled, no
-        //    barrier between columns), then all warps apply the slice's 16 errors to the
-        //    block's later columns in shared memory. Every weight still receives its updates
-        //    in increasing column order, one multiply and one subtract each (as the CPU).
-        let mut sb = 0;
-        while sb < BLOCK / 16 && c0 + 16 * sb < cols {
-            if warp == 0 && (lane as usize) < RPC {
-                // Plain pointers into shared memory with per-slice bases: every address in the
-                // unrolled slice is then a base plus a compile-time offset, and the compiler may
-                // schedule the loads freely (there are no stores until the slice is done).
-                let t0 = 16 * sb;
-                let x_row = shared_f32(base + l.x_tile + (lane * STRIDE + t0) * 4);
-                let u_blk = shared_f32(base + l.u_block + (t0 * BLOCK + t0) * 4); // U[t0.., t0..]
-                let scale = shared_f32(base + l.scale_tile + (lane * BLOCK + t0) * 4);
-                let zero = shared_f32(base + l.zero_tile + (lane * BLOCK + t0) * 4);
-                let mut xb = [0f32; 16];
-                let mut eb = [0f32; 16];
-                let mut qb = [0f32; 16];
-                let mut dqb = [0f32; 16];
-                for16(|c| xb[c] = *x_row.add(c));
-                // Columns past `cols` (only in the last slice) get e = 0 and no outputs.
-                let live = (cols - c0 - t0).min(16) as usize;
-                for16(|c| {
-                    if c < live {
-                        let (s, q0) = (*scale.add(c), *zero.add(c));
-                        let q = quantize(xb[c], s, q0, maxq);
-                        let dq = dequantize(q, s, q0);
-                        let e = (xb[c] - dq) / *u_blk.add(c * BLOCK as usize + c);
-                        (eb[c], qb[c], dqb[c]) = (e, q, dq);
-                        for16(|j| {
-                            if j > c {
-                                // Multiply then subtract, as the CPU reference (never fused).
-                                xb[j] -= e * *u_blk.add(c * BLOCK as usize + j);
-                            }
-                        });
-                    }
-                });
-                let codes_row = shared_u8(base + l.codes + lane * BLOCK + t0);
-                let deq_row = shared_f32(base + l.deq_tile + (lane * STRIDE + t0) * 4);
-                for16(|c| {
-                    // The x slot of column t is free now: it keeps the error.
-                    *x_row.add(c) = eb[c];
-                    if row_ok {
-                        loss_acc += if c < live { eb[c] * eb[c] } else { 0.0 };
-                        *codes_row.add(c) = qb[c] as u8;
-                        *deq_row.add(c) = dqb[c];
-                    }
-                });
+        // 3. the in-block recurrence: warp 0, lane = row, runs all 64 columns in registers.
+        if warp == 0 {
+            // Reciprocals of U's diagonal, one per column, shared by every row.
+            let mut diag_ok = true;
+            let mut h = 0;
+            while h < 2 {
+                let c = lane + 32 * h;
+                let d = ld_shared_f32(base + l.u_block + (c * BLOCK + c) * 4);
+                st_f32(base + l.diag_recip + c * 4, recip_for_division(d));
+                diag_ok &= (DIAG_MIN..=DIAG_MAX).contains(&d);
+                h += 1;
             }
-            sync_threads();
-            // Later columns of the block: x[r, col] −= Σ_k e[r, k]·U[k, col], k over the slice,
-            // in increasing k.
-            let first = 16 * (sb + 1);
-            let mut idx = tid;
-            while idx < RPC as u32 * BLOCK {
-                let (r, col) = (idx / BLOCK, idx % BLOCK); // BLOCK is a power of two
-                if col < first {
-                    idx += SOLVER_THREADS;
-                    continue;
-                }
-                let addr = base + l.x_tile + (r * STRIDE + col) * 4;
-                let mut v = ld_shared_f32(addr);
-                let mut k = 0;
-                while k < 16 {
-                    let t = 16 * sb + k;
-                    let e = ld_shared_f32(base + l.x_tile + (r * STRIDE + t) * 4);
-                    v -= e * ld_shared_f32(base + l.u_block + (t * BLOCK + col) * 4);
-                    k += 1;
-                }
-                st_f32(addr, v);
-                idx += SOLVER_THREADS;
+            if !vote_all(diag_ok) && lane == 0 {
+                st_shared_u32(base + l.slow_flags + RPC as u32 * 4, 1); // sticky for the panel
             }
-            sync_threads();
-            sb += 1;
+            sync_warp();
+            if (lane as usize) < RPC {
+                let slow =
+                    ld_shared_u32(base + l.slow_flags + lane * 4) | ld_shared_u32(base + l.slow_flags + RPC as u32 * 4);
+                let rows = RowTiles::new(&l, base, lane);
+                let mut x = rows.load_x();
+                let mut out = column_chain::<false>(&rows, &mut x, maxq);
+                if slow != 0 || !out.fast_division_exact() {
+                    // Rare: an operand outside the fast division's range; redo with IEEE `/`.
+                    x = rows.load_x();
+                    out = column_chain::<true>(&rows, &mut x, maxq);
+                }
+                rows.store(&x, &out.codes);
+                if row_ok {
+                    loss_acc += out.loss;
+                }
+            }
         }
+        sync_threads();
 
         // 4. write the block's errors (permuted order), codes and dequant (original order)
         let mut idx = tid;
@@ -404,10 +529,15 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
             if row0 + r < rows && c0 + c < cols {
                 let gr = (row0 + r) as usize;
                 let j = ld_shared_u32(base + l.perm + c * 4) as usize;
-                *err_t.add((c0 + c) as usize * rows_p as usize + gr) =
-                    ld_shared_f32(base + l.x_tile + (r * STRIDE + c) * 4);
-                *deq.add(gr * cols as usize + j) = ld_shared_f32(base + l.deq_tile + (r * STRIDE + c) * 4);
-                *codes.add(gr * cols as usize + j) = ld_shared_u8(base + l.codes + r * BLOCK + c);
+                let at = (r * STRIDE + c) * 4;
+                *err_t.add((c0 + c) as usize * rows_p as usize + gr) = ld_shared_f32(base + l.x_tile + at);
+                let q = ld_shared_u8(base + l.codes + r * BLOCK + c);
+                *deq.add(gr * cols as usize + j) = dequantize(
+                    q as f32,
+                    ld_shared_f32(base + l.scale_tile + at),
+                    ld_shared_f32(base + l.zero_tile + at),
+                );
+                *codes.add(gr * cols as usize + j) = q;
             }
             idx += SOLVER_THREADS;
         }

@@ -12,6 +12,7 @@
 
 pub mod device;
 
+pub mod fast_division;
 pub mod fma_throughput;
 
 pub mod gptq_panel;

@@ -18,8 +18,8 @@ pub use dtype::{bf16_bits_to_f32, f16_bits_to_f32, fp8_e4m3_to_f32};
 pub use loss::{abs_pow, element_loss};
 pub use qmeta::{decode_log2_q88, encode_log2_q88, encode_qzero, log2_f32_rn, QMetaPacked};
 pub use quant::{
-    dequantize, linspace_f32, maxq, quantize, quantize_with_reciprocal, range_meta, reciprocal_is_safe, RangeMeta,
-    MIN_SCALE,
+    dequantize, linspace_f32, maxq, quantize, quantize_scaled, quantize_with_reciprocal, range_meta,
+    reciprocal_is_safe, RangeMeta, MIN_SCALE,
 };
 
 /// Round half to even (torch's `round`, CUDA's `rintf`, PTX `cvt.rni`).
@@ -72,8 +72,9 @@ pub const SOLVER_PANEL: u32 = 512;
 /// Pipeline depth of the solver's K-chunk staging (chunks in flight while one is used).
 pub const SOLVER_STAGES: u32 = 4;
 
-/// Shared-memory layout of one `gptq_solve` block of `rpc` rows (16 or 32), used by the kernel
-/// and its launcher. Offsets in bytes; every f32 tile is 16-byte aligned.
+/// Shared-memory layout of one `gptq_panel` block of `rpc` rows (16 or 32), used by the kernel
+/// and its launcher. Offsets in bytes; every f32 tile is 16-byte aligned, and per-row tiles
+/// use the bank-skewed stride [`Self::TILE_STRIDE`] (lanes read different rows at once).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SolverSharedLayout {
     /// `SOLVER_STAGES` K-chunk stages, each `[KCHUNK][rpc]` errors then `[KCHUNK][BLOCK]` of `U`.
@@ -82,18 +83,23 @@ pub struct SolverSharedLayout {
     pub stage_bytes: u32,
     /// Offset of the `U` part inside a stage.
     pub stage_u: u32,
-    /// The block's working weights, later its errors: `[rpc][BLOCK + 4]` f32.
+    /// The block's working weights, then its errors: `[rpc][TILE_STRIDE]` f32.
     pub x_tile: u32,
-    /// Dequantized values of the block: `[rpc][BLOCK + 4]` f32.
-    pub deq_tile: u32,
     /// `U[block, block]`: `[BLOCK][BLOCK]` f32.
     pub u_block: u32,
     /// Original column of each block column: `[BLOCK]` u32.
     pub perm: u32,
-    /// Decoded scale of every (row, block column): `[rpc][BLOCK]` f32.
+    /// Decoded scale of every (row, block column): `[rpc][TILE_STRIDE]` f32.
     pub scale_tile: u32,
-    /// Zero point of every (row, block column): `[rpc][BLOCK]` f32.
+    /// Zero point of every (row, block column): `[rpc][TILE_STRIDE]` f32.
     pub zero_tile: u32,
+    /// The division reciprocal of every scale: `[rpc][TILE_STRIDE]` f32.
+    pub scale_recip_tile: u32,
+    /// The division reciprocal of `U`'s diagonal in the block: `[BLOCK]` f32.
+    pub diag_recip: u32,
+    /// Per row, non-zero once a scale left the fast division's range: `[rpc]` u32, then one
+    /// u32 for the block (a diagonal of `U` out of range).
+    pub slow_flags: u32,
     /// Codes of the block: `[rpc][BLOCK]` u8.
     pub codes: u32,
     /// Total bytes.
@@ -101,33 +107,38 @@ pub struct SolverSharedLayout {
 }
 
 impl SolverSharedLayout {
-    /// Row stride of the x and deq tiles, in floats (16-byte aligned, bank-skewed).
+    /// Row stride of the per-row tiles, in floats (16-byte aligned, bank-skewed).
     pub const TILE_STRIDE: u32 = SOLVER_BLOCK + 4;
 
     /// The layout for `rpc` rows per block.
     #[inline]
     pub fn new(rpc: u32) -> Self {
+        let row_tile = rpc * Self::TILE_STRIDE * 4;
         let stage_u = SOLVER_KCHUNK * rpc * 4;
         let stage_bytes = stage_u + SOLVER_KCHUNK * SOLVER_BLOCK * 4;
         let stages = 0;
         let x_tile = stages + SOLVER_STAGES * stage_bytes;
-        let deq_tile = x_tile + rpc * Self::TILE_STRIDE * 4;
-        let u_block = deq_tile + rpc * Self::TILE_STRIDE * 4;
+        let u_block = x_tile + row_tile;
         let perm = u_block + SOLVER_BLOCK * SOLVER_BLOCK * 4;
         let scale_tile = perm + SOLVER_BLOCK * 4;
-        let zero_tile = scale_tile + rpc * SOLVER_BLOCK * 4;
-        let codes = zero_tile + rpc * SOLVER_BLOCK * 4;
+        let zero_tile = scale_tile + row_tile;
+        let scale_recip_tile = zero_tile + row_tile;
+        let diag_recip = scale_recip_tile + row_tile;
+        let slow_flags = diag_recip + SOLVER_BLOCK * 4;
+        let codes = slow_flags + (rpc + 4) * 4;
         let total = codes + rpc * SOLVER_BLOCK;
         SolverSharedLayout {
             stages,
             stage_bytes,
             stage_u,
             x_tile,
-            deq_tile,
             u_block,
             perm,
             scale_tile,
             zero_tile,
+            scale_recip_tile,
+            diag_recip,
+            slow_flags,
             codes,
             total,
         }

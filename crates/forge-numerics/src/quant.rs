@@ -14,7 +14,14 @@ pub fn maxq(bits: u32) -> f32 {
 /// `clamp(round_half_even(x / scale + qzero), 0, maxq)` with a true f32 division.
 #[inline]
 pub fn quantize(x: f32, scale: f32, qzero: f32, maxq: f32) -> f32 {
-    clamp_code(round_ties_even(x / scale + qzero), maxq)
+    quantize_scaled(x / scale, qzero, maxq)
+}
+
+/// [`quantize`] after its division: `clamp(round_half_even(x_over_scale + qzero), 0, maxq)`.
+/// The GPU solver divides its own way (the same correctly rounded quotient) and shares the rest.
+#[inline]
+pub fn quantize_scaled(x_over_scale: f32, qzero: f32, maxq: f32) -> f32 {
+    clamp_code(round_ties_even(x_over_scale + qzero), maxq)
 }
 
 #[inline(always)]
