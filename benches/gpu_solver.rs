@@ -48,19 +48,24 @@ fn main() -> Result<()> {
     let mut rows_out = Vec::new();
     // The last two shapes have almost no multiply-adds: their time is the solver's serial
     // column-by-column chain (a row block walks every column).
-    let shapes: &[(usize, usize)] = if std::env::var_os("FORGE_SOLVER_PROBE").is_some() {
-        &[(128, 4096)] // one shape, for profilers
-    } else {
-        &[(4096, 4096), (2048, 7168), (7168, 2048), (128, 4096), (128, 2048)]
+    // `FORGE_SOLVER_ONLY=ROWSxCOLS` runs one shape at the default panel (for profilers).
+    let only = std::env::var("FORGE_SOLVER_ONLY").ok().and_then(|s| {
+        let (r, c) = s.split_once('x')?;
+        Some((r.parse::<usize>().ok()?, c.parse::<usize>().ok()?))
+    });
+    let shapes = match only {
+        Some(shape) => vec![shape],
+        None => vec![(4096, 4096), (2048, 7168), (7168, 2048), (128, 4096), (128, 2048)],
     };
-    for &(rows, cols) in shapes {
+    let panels: &[u32] = if only.is_some() { &[forge_numerics::SOLVER_PANEL] } else { &[256, 512, 1024] };
+    for &(rows, cols) in &shapes {
         let w = common::heavy_tailed(rows, cols, 2);
         let u = synthetic_factor(cols, 3);
         let dw = DeviceWeight::upload(&dev, WeightView::F32(w.view()))?;
         let grid = build_quant_grid_device(&dev, &dw, &GridConfig::default())?;
         let factor = DeviceFactor::upload(&dev, u.view(), None)?;
         let floor_ms = (rows * cols * cols) as f64 / (2.0 * rate) * 1e3;
-        for panel in [256u32, 512, 1024] {
+        for &panel in panels {
             let mut ws = SolveWorkspace::new(&dev, rows, cols)?;
             ws.set_panel(panel)?;
             let ms = common::median_ms(&dev, 2, 7, 1, || launch_solve(&dev, &dw, &factor, &grid, &mut ws))?;

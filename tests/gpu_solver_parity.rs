@@ -254,25 +254,21 @@ fn gpu_solver_falls_back_to_ieee_division_outside_the_fast_range() {
     let Some(dev) = common::gpu_or_skip("gpu_solver_falls_back_to_ieee_division_outside_the_fast_range") else {
         return;
     };
-    // Rows whose scales exceed 2^20, rows of weights below 2^-100, and (second case) a
-    // Hessian so large that U's diagonal falls below 2^-40: each takes the IEEE fallback.
+    // Rows whose scales exceed 2^20 and rows of weights below 2^-100; then a Hessian so
+    // large that U's diagonal falls below 2^-40. Each takes the IEEE fallback.
     let mut l = layer(40, 300, 41);
     for r in 0..40 {
-        let k = match r % 4 {
-            0 => 1e10,
-            1 => 1e-31,
-            _ => 1.0,
-        };
+        let k = [1e10, 1e-31, 1.0, 1.0][r % 4];
         l.w.row_mut(r).mapv_inplace(|v| v * k);
     }
-    let cfg = GridConfig { group_size: 64, ..GridConfig::default() };
-    let grid = build_quant_grid(WeightView::F32(l.w.view()), &cfg).unwrap();
-    for h_scale in [1.0f32, 1e30] {
-        let h = l.h.mapv(|v| v * h_scale);
-        let pre = pre_step_cpu(h.view(), None, &PreStepConfig::default()).unwrap();
+    let big_h = layer(40, 300, 42);
+    let big_h = Layer { w: big_h.w, h: big_h.h.mapv(|v| v * 1e30) };
+    for (what, l) in [("out-of-range weights and scales", &l), ("U's diagonal below 2^-40", &big_h)] {
+        let cfg = GridConfig { group_size: 64, ..GridConfig::default() };
+        let grid = build_quant_grid(WeightView::F32(l.w.view()), &cfg).unwrap();
+        let pre = pre_step_cpu(l.h.view(), None, &PreStepConfig::default()).unwrap();
         let cpu = solve_cpu(l.w.view(), pre.hinv_factor.view(), &grid, None).unwrap();
         let gpu = solve_gpu(&dev, l.w.view(), pre.hinv_factor.view(), &grid, None).unwrap();
-        let scaled = Layer { w: l.w.clone(), h };
-        compare(&format!("out-of-range operands, H×{h_scale:e}"), &scaled, &cpu, &gpu);
+        compare(what, l, &cpu, &gpu);
     }
 }

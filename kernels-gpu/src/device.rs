@@ -439,3 +439,27 @@ pub unsafe fn vote_all(p: bool) -> bool {
 pub unsafe fn sync_warp() {
     asm!("bar.warp.sync {m};", m = in(reg32) FULL_MASK, options(nostack));
 }
+
+/// Barrier 1 over the first `N` threads of the block (`bar.sync 1, N`), for the warps that
+/// share a task while others run something else (barrier 0 is `__syncthreads`).
+///
+/// # Safety
+/// Exactly the first `N` threads (whole warps) must reach it.
+#[inline(always)]
+pub unsafe fn sync_first<const N: u32>() {
+    asm!("bar.sync 1, {n};", n = const N, options(nostack));
+}
+
+/// `ld.shared.v4.f32` the compiler may schedule and merge like a plain load (it is ordered
+/// only against `asm!` that may write memory).
+///
+/// # Safety
+/// As [`ld_shared_f32x4`].
+#[inline(always)]
+pub unsafe fn ld_shared_f32x4_pure(addr: u32) -> [f32; 4] {
+    let (a, b, c, d): (f32, f32, f32, f32);
+    asm!("ld.shared.v4.f32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+         a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg32) addr,
+         options(pure, readonly, nostack));
+    [a, b, c, d]
+}

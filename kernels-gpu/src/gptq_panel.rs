@@ -35,13 +35,13 @@
 
 use crate::device::{
     block_x, cp_async_16, cp_async_commit, cp_async_wait, div_by_recip, ld_global_f32x4, ld_shared_f32,
-    ld_shared_f32x2, ld_shared_f32x4, ld_shared_u32, ld_shared_u8, recip_for_division, shared_generic,
-    shared_window_base, st_shared_u32, sync_threads, sync_warp, thread_x, vote_all,
+    ld_shared_f32x2, ld_shared_f32x4, ld_shared_f32x4_pure, ld_shared_u32, ld_shared_u8, recip_for_division, shared_generic,
+    shared_window_base, st_shared_f32x4, st_shared_u32, sync_first, sync_threads, sync_warp, thread_x, vote_all,
 };
 use core::f32::math::mul_add as fma;
 use forge_numerics::{
     dequantize, quantize, quantize_scaled, QMetaPacked, SolverSharedLayout, SOLVER_BLOCK as BLOCK, SOLVER_STAGES,
-    SOLVER_THREADS,
+    SOLVER_WORKER_THREADS as WORKERS,
 };
 
 const KC: u32 = forge_numerics::SOLVER_KCHUNK;
@@ -52,43 +52,29 @@ unsafe fn st_f32(addr: u32, v: f32) {
     st_shared_u32(addr, v.to_bits());
 }
 
-/// Issues the asynchronous copies of K-chunk `s0` into stage `st`: the chunk's errors
-/// (`err_t` is column-major, so chunk row `k` is `RPC` contiguous floats) and `U[s0.., block]`.
+/// Issues the asynchronous copies of K-chunk `s0` into stage `st`: `U[s0.., block]` and, when
+/// `with_errors`, the chunk's errors (`err_t` is column-major, so chunk row `k` is `RPC`
+/// contiguous floats; the last two chunks of a product take theirs from the error tile).
 #[inline(always)]
-unsafe fn issue_chunk<const RPC: usize>(
-    l: &SolverSharedLayout,
-    base: u32,
-    err_t: *const f32,
-    u: *const f32,
-    rows_p: u32,
-    row0: u32,
-    cols_p: u32,
-    c0: u32,
-    s0: u32,
-    st: u32,
-    tid: u32,
-) {
-    let stage = base + l.stages + st * l.stage_bytes;
-    // errors: KC·RPC floats = KC·RPC/4 16-byte pieces
-    let mut piece = tid;
-    while piece < KC * RPC as u32 / 4 {
-        let (k, r4) = (piece / (RPC as u32 / 4), (piece % (RPC as u32 / 4)) * 4);
-        cp_async_16(stage + (k * RPC as u32 + r4) * 4, err_t.add(((s0 + k) * rows_p + row0 + r4) as usize));
-        piece += SOLVER_THREADS;
+unsafe fn issue_chunk<const RPC: usize>(p: &Panel, c0: u32, s0: u32, st: u32, with_errors: bool, tid: u32) {
+    let stage = p.base + p.l.stages + st * p.l.stage_bytes;
+    if with_errors {
+        // KC·RPC floats = KC·RPC/4 16-byte pieces
+        let mut piece = tid;
+        while piece < KC * RPC as u32 / 4 {
+            let (k, r4) = (piece / (RPC as u32 / 4), (piece % (RPC as u32 / 4)) * 4);
+            let src = p.err_t.add(((s0 + k) * p.rows_p + p.row0 + r4) as usize);
+            cp_async_16(stage + (k * RPC as u32 + r4) * 4, src);
+            piece += WORKERS;
+        }
     }
-    // U: KC·64 floats = 512 pieces, 4 per thread
+    // U: KC·64 floats = 512 pieces, 4 per worker
     let mut piece = tid;
     while piece < KC * BLOCK / 4 {
         let (k, c4) = (piece / (BLOCK / 4), (piece % (BLOCK / 4)) * 4);
-        cp_async_16(stage + l.stage_u + (k * BLOCK + c4) * 4, u.add(((s0 + k) * cols_p + c0 + c4) as usize));
-        piece += SOLVER_THREADS;
+        cp_async_16(stage + p.l.stage_u + (k * BLOCK + c4) * 4, p.u.add(((s0 + k) * p.cols_p + c0 + c4) as usize));
+        piece += WORKERS;
     }
-}
-
-/// A generic pointer to the f32 at a shared-memory address.
-#[inline(always)]
-fn shared_f32(addr: u32) -> *mut f32 {
-    shared_generic(addr) as *mut f32
 }
 
 /// Calls `f(0) … f(15)` written out, so register arrays indexed by `c` stay in registers
@@ -136,41 +122,32 @@ const DIVIDEND_MAX: f32 = 1.8446744e19; // 2^64
 /// minimum over the keys bounds every non-zero magnitude from below.
 const DIVIDEND_MIN_KEY: u32 = (0x0d80_0000u32 << 1) - 1;
 
-/// 16-byte aligned view of four floats, for vector shared-memory accesses through generic
-/// pointers (the compiler schedules those freely; `asm!` accesses it would not move).
-#[repr(C, align(16))]
-#[derive(Clone, Copy)]
-struct F4([f32; 4]);
-
-#[inline(always)]
-unsafe fn ld4(p: *const f32) -> [f32; 4] {
-    (*(p as *const F4)).0
-}
-
 /// One lane's row of the block tiles, and the block's `U` and diagonal reciprocals, as
-/// generic pointers at compile-time offsets from per-lane bases.
+/// shared addresses; accesses add compile-time offsets.
 struct RowTiles {
-    x: *mut f32,
-    scale: *const f32,
-    zero: *const f32,
-    scale_recip: *const f32,
-    u: *const f32,
-    diag_recip: *const f32,
-    codes: *mut [u32; 4],
+    x: u32,
+    err: u32,
+    scale: u32,
+    zero: u32,
+    scale_recip: u32,
+    u: u32,
+    diag_recip: u32,
+    codes: u32,
 }
 
 impl RowTiles {
     #[inline(always)]
-    fn new(l: &SolverSharedLayout, base: u32, lane: u32) -> Self {
-        let row = lane * STRIDE * 4;
+    fn new(l: &SolverSharedLayout, base: u32, lane: u32, buf: u32) -> Self {
+        let row = lane * STRIDE * 4 + buf * l.row_tile;
         RowTiles {
-            x: shared_f32(base + l.x_tile + row),
-            scale: shared_f32(base + l.scale_tile + row),
-            zero: shared_f32(base + l.zero_tile + row),
-            scale_recip: shared_f32(base + l.scale_recip_tile + row),
-            u: shared_f32(base + l.u_block),
-            diag_recip: shared_f32(base + l.diag_recip),
-            codes: shared_generic(base + l.codes + lane * BLOCK) as *mut [u32; 4],
+            x: base + l.x_tile + lane * STRIDE * 4,
+            err: base + l.err_tile + row,
+            scale: base + l.scale_tile + row,
+            zero: base + l.zero_tile + row,
+            scale_recip: base + l.scale_recip_tile + row,
+            u: base + l.u_block + buf * SolverSharedLayout::U_BLOCK_BYTES,
+            diag_recip: base + l.diag_recip,
+            codes: base + l.codes + buf * l.codes_bytes() + lane * BLOCK,
         }
     }
 
@@ -179,24 +156,22 @@ impl RowTiles {
     unsafe fn load_x(&self) -> [f32; 64] {
         let mut x = [0f32; 64];
         for16(|q| {
-            let v = ld4(self.x.add(4 * q));
+            let v = ld_shared_f32x4_pure(self.x + 16 * q as u32);
             for4(|i| x[4 * q + i] = v[i]);
         });
         x
     }
 
-    /// The row's errors (over its working weights) and codes.
+    /// Stores four errors and their packed codes (columns `4cq ..`).
     #[inline(always)]
-    unsafe fn store(&self, e: &[f32; 64], codes: &[u32; 16]) {
-        for16(|q| *(self.x.add(4 * q) as *mut F4) = F4([e[4 * q], e[4 * q + 1], e[4 * q + 2], e[4 * q + 3]]));
-        for4(|w| *self.codes.add(w) = [codes[4 * w], codes[4 * w + 1], codes[4 * w + 2], codes[4 * w + 3]]);
+    unsafe fn store_quad(&self, cq: usize, e4: [f32; 4], code4: u32) {
+        st_shared_f32x4(self.err + 16 * cq as u32, e4);
+        st_shared_u32(self.codes + 4 * cq as u32, code4);
     }
 }
 
 /// What one row's chain over a block produced besides its errors.
 struct ChainOut {
-    /// Codes, four per word, little-endian.
-    codes: [u32; 16],
     /// `Σ e²` over the block.
     loss: f32,
     /// Largest `|x|` quantized (fast chain only).
@@ -216,37 +191,39 @@ impl ChainOut {
 /// One row's in-block recurrence, column by column, fully unrolled on registers: quantize
 /// `x[c]`, `e = (x[c] − deq)/U[c,c]`, `x[j] −= e·U[c,j]` for the later columns (fused; the
 /// CPU reference rounds the product first, one of the rounding-order differences the parity
-/// tests allow). `x[c]` then holds `e`. With `EXACT` the divisions are IEEE `/` (the
-/// fallback); otherwise [`div_by_recip`], whose range the returned [`ChainOut`] reports.
-/// The only stores are the caller's, after the chain, so every shared load may run early.
+/// tests allow). Errors and codes are stored four columns at a time (few live registers;
+/// the stores also bound how far the compiler hoists the factor loads). With `EXACT` the
+/// divisions are IEEE `/` (the fallback); otherwise [`div_by_recip`], whose range the
+/// returned [`ChainOut`] reports.
 #[inline(always)]
 unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, x: &mut [f32; 64], maxq: f32) -> ChainOut {
-    let mut out = ChainOut { codes: [0; 16], loss: 0.0, max_abs: 0.0, min_key: u32::MAX };
+    let mut out = ChainOut { loss: 0.0, max_abs: 0.0, min_key: u32::MAX };
     for16(
         #[inline(always)]
         |cq| {
-            let (s4, z4, ys4) = (ld4(t.scale.add(4 * cq)), ld4(t.zero.add(4 * cq)), ld4(t.scale_recip.add(4 * cq)));
-            let yd4 = ld4(t.diag_recip.add(4 * cq));
+            let q16 = 16 * cq as u32;
+            let (s4, z4) = (ld_shared_f32x4_pure(t.scale + q16), ld_shared_f32x4_pure(t.zero + q16));
+            let (ys4, yd4) = (ld_shared_f32x4_pure(t.scale_recip + q16), ld_shared_f32x4_pure(t.diag_recip + q16));
+            let (mut e4, mut code4) = ([0f32; 4], 0u32);
             for4(
                 #[inline(always)]
                 |ci| {
                     let c = 4 * cq + ci;
                     let xc = x[c];
-                    let urow = t.u.add(c * BLOCK as usize);
-                    let own = ld4(urow.add(4 * cq)); // U[c, 4cq ..], holding the diagonal
+                    let urow = t.u + (c as u32) * BLOCK * 4;
+                    let own = ld_shared_f32x4_pure(urow + q16); // U[c, 4cq ..], holding the diagonal
                     let (s, z, d) = (s4[ci], z4[ci], own[ci]);
-                    let e = if EXACT {
+                    let (q, e) = if EXACT {
                         let q = quantize(xc, s, z, maxq);
-                        out.codes[cq] |= (q as u32) << (8 * ci);
-                        (xc - dequantize(q, s, z)) / d
+                        (q, (xc - dequantize(q, s, z)) / d)
                     } else {
                         out.max_abs = out.max_abs.max(xc.abs());
                         out.min_key = out.min_key.min((xc.to_bits() << 1).wrapping_sub(1));
                         let q = quantize_scaled(div_by_recip(xc, s, ys4[ci]), z, maxq);
-                        out.codes[cq] |= (q as u32) << (8 * ci);
-                        div_by_recip(xc - dequantize(q, s, z), d, yd4[ci])
+                        (q, div_by_recip(xc - dequantize(q, s, z), d, yd4[ci]))
                     };
-                    x[c] = e;
+                    code4 |= (q as u32) << (8 * ci);
+                    e4[ci] = e;
                     out.loss = fma(e, e, out.loss);
                     for4(
                         #[inline(always)]
@@ -260,7 +237,7 @@ unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, x: &mut [f32; 64], maxq:
                         #[inline(always)]
                         |jq| {
                             if jq > cq {
-                                let u4 = ld4(urow.add(4 * jq));
+                                let u4 = ld_shared_f32x4_pure(urow + 16 * jq as u32);
                                 for4(
                                     #[inline(always)]
                                     |ji| x[4 * jq + ji] = fma(-e, u4[ji], x[4 * jq + ji]),
@@ -270,6 +247,7 @@ unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, x: &mut [f32; 64], maxq:
                     );
                 },
             );
+            t.store_quad(cq, e4, code4);
         },
     );
     out
@@ -314,6 +292,306 @@ unsafe fn load_operands<const RPC: usize, const RT: usize>(
     (a, ld_shared_f32x4(stage + l.stage_u + (kk * BLOCK + 4 * cq) * 4))
 }
 
+/// The kernel's arguments and per-block constants.
+struct Panel {
+    w_work: *const f32,
+    p0: u32,
+    p1: u32,
+    u: *const f32,
+    perm: *const u32,
+    qmeta: *const u32,
+    rows: u32,
+    cols: u32,
+    cols_p: u32,
+    gs: u32,
+    n_groups: u32,
+    maxq: f32,
+    rows_p: u32,
+    codes: *mut u8,
+    deq: *mut f32,
+    err_t: *mut f32,
+    loss: *mut f32,
+    row0: u32,
+    base: u32,
+    l: SolverSharedLayout,
+}
+
+/// The chain warp: for each block of the panel, once the workers have staged its working
+/// weights and tiles (barrier B1), every lane runs its row's recurrence; then barrier B2
+/// hands the errors and codes back.
+#[inline(always)]
+unsafe fn chain_warp<const RPC: usize>(p: &Panel, lane: u32) {
+    let (l, base) = (&p.l, p.base);
+    let row_ok = (lane as usize) < RPC && p.row0 + lane < p.rows;
+    let mut loss_acc = 0f32;
+    let nb = (p.p1 - p.p0) / BLOCK;
+    sync_threads(); // B1 of block 0
+    let mut b = 0;
+    while b < nb {
+        let buf = b % 2;
+        // Reciprocals of U's diagonal, one per column, shared by every row.
+        let u_blk = base + l.u_block + buf * SolverSharedLayout::U_BLOCK_BYTES;
+        let mut diag_ok = true;
+        let mut h = 0;
+        while h < 2 {
+            let c = lane + 32 * h;
+            let d = ld_shared_f32(u_blk + (c * BLOCK + c) * 4);
+            st_f32(base + l.diag_recip + c * 4, recip_for_division(d));
+            diag_ok &= (DIAG_MIN..=DIAG_MAX).contains(&d);
+            h += 1;
+        }
+        if !vote_all(diag_ok) && lane == 0 {
+            st_shared_u32(base + l.slow_flags + RPC as u32 * 4, 1); // sticky for the panel
+        }
+        sync_warp();
+        if (lane as usize) < RPC {
+            let slow =
+                ld_shared_u32(base + l.slow_flags + lane * 4) | ld_shared_u32(base + l.slow_flags + RPC as u32 * 4);
+            let rows = RowTiles::new(l, base, lane, buf);
+            let mut x = rows.load_x();
+            let mut out = column_chain::<false>(&rows, &mut x, p.maxq);
+            if slow != 0 || !out.fast_division_exact() {
+                // Rare: an operand outside the fast division's range; redo with IEEE `/`.
+                x = rows.load_x();
+                out = column_chain::<true>(&rows, &mut x, p.maxq);
+            }
+            if row_ok {
+                loss_acc += out.loss;
+            }
+        }
+        sync_threads(); // B2 of block b
+        if b + 1 < nb {
+            sync_threads(); // B1 of block b + 1
+        }
+        b += 1;
+    }
+    if row_ok {
+        *p.loss.add((p.row0 + lane) as usize) += 0.5 * loss_acc; // panels add up
+    }
+}
+
+/// Issues the global loads a block needs before its chain: `U[block, block]` (cp.async, its
+/// own group), the block's `perm` tile, this lane's qmeta records for its warp's 16 columns
+/// and the working weights of this thread's X tile. Returns the records and the weights.
+#[inline(always)]
+unsafe fn stage_block_loads<const RPC: usize, const RT: usize>(
+    p: &Panel,
+    c0: u32,
+    buf: u32,
+    tid: u32,
+) -> ([u32; 16], [[f32; 4]; RT]) {
+    let (warp, lane) = (tid / 32, tid % 32);
+    let u_blk = p.base + p.l.u_block + buf * SolverSharedLayout::U_BLOCK_BYTES;
+    let mut q = 0;
+    while q < 8 {
+        let idx = tid * 8 + q; // float4 index in the 64×64 block
+        let (r, c4) = (idx / 16, (idx % 16) * 4);
+        cp_async_16(u_blk + (r * BLOCK + c4) * 4, p.u.add(((c0 + r) * p.cols_p + c0 + c4) as usize));
+        q += 1;
+    }
+    cp_async_commit();
+    if tid < BLOCK {
+        st_shared_u32(p.base + p.l.perm + (buf * BLOCK + tid) * 4, *p.perm.add((c0 + tid) as usize));
+    }
+    let mut metas = [0u32; 16];
+    let grow = p.row0 + lane;
+    if (lane as usize) < RPC && grow < p.rows {
+        for16(|c| {
+            let t = c0 + 16 * warp + c as u32;
+            if t < p.cols {
+                metas[c] = *p.qmeta.add((grow * p.n_groups + *p.perm.add(t as usize) / p.gs) as usize);
+            }
+        });
+    }
+    let (rs, cq) = (tid / 16, tid % 16);
+    let mut wv = [[0f32; 4]; RT];
+    let mut i = 0;
+    while i < RT {
+        let r = rs * RT as u32 + i as u32;
+        // The working weights are already permuted and carry every earlier panel's update.
+        wv[i] = ld_global_f32x4(p.w_work.add(((p.row0 + r) * p.cols_p + c0 + 4 * cq) as usize));
+        i += 1;
+    }
+    (metas, wv)
+}
+
+/// Decodes this lane's records into the scale, zero-point and reciprocal tiles of buffer
+/// `buf`. Rows past the end and columns past `cols` (their record reads as 0) get scale 1
+/// and zero 0: their zero working weights give zero errors.
+#[inline(always)]
+unsafe fn decode_block_meta<const RPC: usize>(p: &Panel, metas: &[u32; 16], buf: u32, tid: u32) {
+    let (warp, lane) = (tid / 32, tid % 32);
+    if (lane as usize) < RPC {
+        let row_ok = p.row0 + lane < p.rows;
+        for16(|c| {
+            let col = 16 * warp + c as u32;
+            let m = if row_ok { QMetaPacked::from_u32(metas[c]) } else { QMetaPacked::encode(1.0, 0.0, false) };
+            let s = m.scale();
+            let at = buf * p.l.row_tile + (lane * STRIDE + col) * 4;
+            st_f32(p.base + p.l.scale_tile + at, s);
+            st_f32(p.base + p.l.zero_tile + at, m.qzero_f32());
+            st_f32(p.base + p.l.scale_recip_tile + at, recip_for_division(s));
+            if !(SCALE_MIN..=SCALE_MAX).contains(&s) {
+                st_shared_u32(p.base + p.l.slow_flags + lane * 4, 1); // sticky for the panel
+            }
+        });
+    }
+}
+
+/// `acc += Err[rows, chunk] · U[chunk, block]` for the chunk in `stage`.
+#[inline(always)]
+unsafe fn multiply_chunk<const RPC: usize, const RT: usize>(
+    l: &SolverSharedLayout,
+    stage: u32,
+    rs: u32,
+    cq: u32,
+    acc: &mut [[f32; 4]; RT],
+) {
+    // Operands of steps kk+4..kk+8 are loaded before the FMAs of steps kk..kk+4: with few
+    // warps per SM, 4·RT·4 FMAs must cover the shared-memory latency.
+    let mut cur = load_group::<RPC, RT>(l, stage, 0, rs, cq);
+    let mut kk = 0;
+    while kk < KC {
+        let next = load_group::<RPC, RT>(l, stage, (kk + GROUP) % KC, rs, cq);
+        let mut g = 0;
+        while g < GROUP as usize {
+            let (a, b) = (cur.0[g], cur.1[g]);
+            let mut i = 0;
+            while i < RT {
+                let mut j = 0;
+                while j < 4 {
+                    acc[i][j] = fma(a[i], b[j], acc[i][j]);
+                    j += 1;
+                }
+                i += 1;
+            }
+            g += 1;
+        }
+        cur = next;
+        kk += GROUP;
+    }
+}
+
+/// Writes block `wb`'s errors (permuted order, column-major), codes and dequantized values
+/// (original column order) from buffer `wb % 2`.
+#[inline(always)]
+unsafe fn write_block<const RPC: usize>(p: &Panel, wb: u32, tid: u32) {
+    let (l, base) = (&p.l, p.base);
+    let (c0, buf) = (p.p0 + wb * BLOCK, wb % 2);
+    let mut idx = tid;
+    while idx < RPC as u32 * BLOCK {
+        // Rows fastest: the column-major error workspace is written in runs of RPC floats.
+        let (r, c) = (idx % RPC as u32, idx / RPC as u32);
+        if p.row0 + r < p.rows && c0 + c < p.cols {
+            let gr = (p.row0 + r) as usize;
+            let j = ld_shared_u32(base + l.perm + (buf * BLOCK + c) * 4) as usize;
+            let at = buf * l.row_tile + (r * STRIDE + c) * 4;
+            *p.err_t.add((c0 + c) as usize * p.rows_p as usize + gr) = ld_shared_f32(base + l.err_tile + at);
+            let q = ld_shared_u8(base + l.codes + buf * l.codes_bytes() + r * BLOCK + c);
+            let (s, z) = (ld_shared_f32(base + l.scale_tile + at), ld_shared_f32(base + l.zero_tile + at));
+            *p.deq.add(gr * p.cols as usize + j) = dequantize(q as f32, s, z);
+            *p.codes.add(gr * p.cols as usize + j) = q;
+        }
+        idx += WORKERS;
+    }
+}
+
+/// The four worker warps. While the chain warp runs block `b`, they write out block `b − 1`,
+/// issue block `b + 1`'s loads and multiply its left-looking product over every error that is
+/// already final (`K = p0 .. c0(b)`); after the chain (barrier B2) they add block `b`'s own 64
+/// errors from shared memory, stage `X = Wwork − Err·U` and release block `b + 1` (B1).
+#[inline(always)]
+unsafe fn workers<const RPC: usize, const RT: usize>(p: &Panel, tid: u32) {
+    let l = &p.l;
+    let (rs, cq) = (tid / 16, tid % 16);
+    let nb = (p.p1 - p.p0) / BLOCK;
+    // Block 0 has no product inside the panel: X = Wwork.
+    let (metas, wv) = stage_block_loads::<RPC, RT>(p, p.p0, 0, tid);
+    cp_async_wait::<0>();
+    decode_block_meta::<RPC>(p, &metas, 0, tid);
+    store_x::<RT>(p, &wv, &[[0f32; 4]; RT], rs, cq);
+    sync_threads(); // B1 of block 0
+    let mut b = 0;
+    while b < nb {
+        if b > 0 {
+            write_block::<RPC>(p, b - 1, tid);
+        }
+        sync_first::<WORKERS>(); // buffers of block b − 1 are free for block b + 1
+        let has_next = b + 1 < nb;
+        let c1 = p.p0 + (b + 1) * BLOCK;
+        let nbuf = (b + 1) % 2;
+        let mut acc = [[0f32; 4]; RT];
+        let mut wv = [[0f32; 4]; RT];
+        // Chunks of block b + 1's product: all but the last two have their errors in global
+        // memory already; the last two are block b's, still being computed.
+        let n = (c1 - p.p0) / KC;
+        if has_next {
+            let metas;
+            (metas, wv) = stage_block_loads::<RPC, RT>(p, c1, nbuf, tid);
+            let mut ch = 0;
+            while ch < SOLVER_STAGES - 1 {
+                if ch < n {
+                    issue_chunk::<RPC>(p, c1, p.p0 + ch * KC, ch, ch + 2 < n, tid);
+                }
+                cp_async_commit();
+                ch += 1;
+            }
+            let mut ch = 0;
+            while ch + 2 < n {
+                cp_async_wait::<{ SOLVER_STAGES - 2 }>();
+                sync_first::<WORKERS>(); // chunk ch visible to all workers; stage (ch−1) no longer read
+                let next = ch + SOLVER_STAGES - 1;
+                if next < n {
+                    issue_chunk::<RPC>(p, c1, p.p0 + next * KC, next % SOLVER_STAGES, next + 2 < n, tid);
+                }
+                cp_async_commit();
+                multiply_chunk::<RPC, RT>(l, p.base + l.stages + (ch % SOLVER_STAGES) * l.stage_bytes, rs, cq, &mut acc);
+                ch += 1;
+            }
+            decode_block_meta::<RPC>(p, &metas, nbuf, tid);
+        }
+        sync_threads(); // B2 of block b: its errors and codes are in buffer b % 2
+        if has_next {
+            // Block b's errors into the error parts of the last two stages (k-major).
+            let err = p.base + l.err_tile + (b % 2) * l.row_tile;
+            let mut idx = tid;
+            while idx < BLOCK * RPC as u32 {
+                let (r, k) = (idx % RPC as u32, idx / RPC as u32);
+                let ch = n - 2 + k / KC;
+                let stage = p.base + l.stages + (ch % SOLVER_STAGES) * l.stage_bytes;
+                st_f32(stage + ((k % KC) * RPC as u32 + r) * 4, ld_shared_f32(err + (r * STRIDE + k) * 4));
+                idx += WORKERS;
+            }
+            cp_async_wait::<0>(); // the last chunks' U and block b + 1's U[block, block]
+            sync_first::<WORKERS>();
+            let mut ch = n - 2;
+            while ch < n {
+                multiply_chunk::<RPC, RT>(l, p.base + l.stages + (ch % SOLVER_STAGES) * l.stage_bytes, rs, cq, &mut acc);
+                ch += 1;
+            }
+            store_x::<RT>(p, &wv, &acc, rs, cq);
+            sync_threads(); // B1 of block b + 1
+        }
+        b += 1;
+    }
+    write_block::<RPC>(p, nb - 1, tid);
+}
+
+/// `X = Wwork − acc` into the x tile (this thread's `RT` rows × 4 columns).
+#[inline(always)]
+unsafe fn store_x<const RT: usize>(p: &Panel, wv: &[[f32; 4]; RT], acc: &[[f32; 4]; RT], rs: u32, cq: u32) {
+    let mut i = 0;
+    while i < RT {
+        let r = rs * RT as u32 + i as u32;
+        let mut j = 0;
+        while j < 4 {
+            st_f32(p.base + p.l.x_tile + (r * STRIDE + 4 * cq + j as u32) * 4, wv[i][j] - acc[i][j]);
+            j += 1;
+        }
+        i += 1;
+    }
+}
+
 #[inline(always)]
 unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
     w_work: *const f32,
@@ -334,219 +612,36 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
     err_t: *mut f32,
     loss: *mut f32,
 ) {
-    let l = SolverSharedLayout::new(RPC as u32);
-    let base = shared_window_base();
+    let p = Panel {
+        w_work,
+        p0,
+        p1,
+        u,
+        perm,
+        qmeta,
+        rows,
+        cols,
+        cols_p,
+        gs: gs.max(1), // no division-by-zero panic path
+        n_groups,
+        maxq: forge_numerics::maxq(bits),
+        rows_p,
+        codes,
+        deq,
+        err_t,
+        loss,
+        row0: block_x() * RPC as u32,
+        base: shared_window_base(),
+        l: SolverSharedLayout::new(RPC as u32),
+    };
     let tid = thread_x();
-    let (warp, lane) = (tid / 32, tid % 32);
-    let row0 = block_x() * RPC as u32;
-    let maxq = forge_numerics::maxq(bits);
-    let gs = gs.max(1); // no division-by-zero panic path
-    let (rs, cq) = (tid / 16, tid % 16);
-    let grow = row0 + lane;
-    let row_ok = (lane as usize) < RPC && grow < rows;
-    let mut loss_acc = 0f32;
     if tid <= RPC as u32 {
-        st_shared_u32(base + l.slow_flags + tid * 4, 0); // visible after the first block's barrier
+        st_shared_u32(p.base + p.l.slow_flags + tid * 4, 0); // visible after barrier B1 of block 0
     }
-
-    // Original columns of the first block, for the qmeta loads (later blocks get theirs one
-    // block ahead) and for the write-out's `perm` tile.
-    let mut pj = [0u32; 16];
-    for16(|c| pj[c] = *perm.add((p0 + 16 * warp + c as u32) as usize));
-    let mut perm_next = if tid < BLOCK { *perm.add((p0 + tid) as usize) } else { 0 };
-
-    let mut c0 = p0;
-    while c0 < p1 {
-        // 1. issue every global load of this block up front, so their latency hides behind
-        //    the product: U[block, block] by cp.async (its own group, older than the product's),
-        //    this lane's qmeta records, the working weights of the X tile, next block's perm.
-        sync_threads(); // the previous block's tiles are no longer read
-        let mut q = 0;
-        while q < 8 {
-            let idx = tid * 8 + q; // float4 index in the 64×64 block
-            let (r, c4) = (idx / 16, (idx % 16) * 4);
-            cp_async_16(base + l.u_block + (r * BLOCK + c4) * 4, u.add(((c0 + r) * cols_p + c0 + c4) as usize));
-            q += 1;
-        }
-        cp_async_commit();
-        let mut metas = [0u32; 16];
-        if row_ok {
-            for16(|c| {
-                if c0 + 16 * warp + (c as u32) < cols {
-                    metas[c] = *qmeta.add((grow * n_groups + pj[c] / gs) as usize);
-                }
-            });
-        }
-        let mut wv = [[0f32; 4]; RT];
-        let mut i = 0;
-        while i < RT {
-            let r = rs * RT as u32 + i as u32;
-            // The working weights are already permuted and carry every earlier panel's update.
-            wv[i] = ld_global_f32x4(w_work.add(((row0 + r) * cols_p + c0 + 4 * cq) as usize));
-            i += 1;
-        }
-        if tid < BLOCK {
-            st_shared_u32(base + l.perm + tid * 4, perm_next);
-        }
-        if c0 + BLOCK < p1 {
-            for16(|c| pj[c] = *perm.add((c0 + BLOCK + 16 * warp + c as u32) as usize));
-            if tid < BLOCK {
-                perm_next = *perm.add((c0 + BLOCK + tid) as usize);
-            }
-        }
-
-        // 2. X = Wwork[rows, block] − Err[rows, p0:c0] · U[p0:c0, block]
-        let mut acc = [[0f32; 4]; RT];
-        let chunks = (c0 - p0) / KC; // left-looking inside the panel only
-                                     // Pipeline: STAGES−1 chunks in flight while one is multiplied; a commit per step
-                                     // (empty or not) keeps the wait count uniform.
-        let mut ch = 0;
-        while ch < SOLVER_STAGES - 1 {
-            if ch < chunks {
-                issue_chunk::<RPC>(&l, base, err_t, u, rows_p, row0, cols_p, c0, p0 + ch * KC, ch, tid);
-            }
-            cp_async_commit();
-            ch += 1;
-        }
-        let mut ch = 0;
-        while ch < chunks {
-            cp_async_wait::<{ SOLVER_STAGES - 2 }>();
-            sync_threads(); // chunk ch visible to all; stage (ch−1) no longer read
-            let next = ch + SOLVER_STAGES - 1;
-            if next < chunks {
-                issue_chunk::<RPC>(
-                    &l,
-                    base,
-                    err_t,
-                    u,
-                    rows_p,
-                    row0,
-                    cols_p,
-                    c0,
-                    p0 + next * KC,
-                    next % SOLVER_STAGES,
-                    tid,
-                );
-            }
-            cp_async_commit();
-            let stage = base + l.stages + (ch % SOLVER_STAGES) * l.stage_bytes;
-            // Operands of steps kk+4..kk+8 are loaded before the FMAs of steps kk..kk+4: with
-            // few warps per SM, 4·RT·4 FMAs must cover the shared-memory latency.
-            let mut cur = load_group::<RPC, RT>(&l, stage, 0, rs, cq);
-            let mut kk = 0;
-            while kk < KC {
-                let next = load_group::<RPC, RT>(&l, stage, (kk + GROUP) % KC, rs, cq);
-                let mut g = 0;
-                while g < GROUP as usize {
-                    let (a, b) = (cur.0[g], cur.1[g]);
-                    let mut i = 0;
-                    while i < RT {
-                        let mut j = 0;
-                        while j < 4 {
-                            acc[i][j] = fma(a[i], b[j], acc[i][j]);
-                            j += 1;
-                        }
-                        i += 1;
-                    }
-                    g += 1;
-                }
-                cur = next;
-                kk += GROUP;
-            }
-            ch += 1;
-        }
-        cp_async_wait::<0>(); // the product's chunks and U[block, block]
-
-        // The scale, zero point and division reciprocal of this lane's row for its warp's
-        // 16 columns. Rows past the end, and columns past `cols` (their record reads as 0),
-        // get scale 1 and zero 0: their zero working weights give zero errors.
-        if (lane as usize) < RPC {
-            for16(|c| {
-                let col = 16 * warp + c as u32;
-                let m = if row_ok { QMetaPacked::from_u32(metas[c]) } else { QMetaPacked::encode(1.0, 0.0, false) };
-                let s = m.scale();
-                let at = (lane * STRIDE + col) * 4;
-                st_f32(base + l.scale_tile + at, s);
-                st_f32(base + l.zero_tile + at, m.qzero_f32());
-                st_f32(base + l.scale_recip_tile + at, recip_for_division(s));
-                if !(SCALE_MIN..=SCALE_MAX).contains(&s) {
-                    st_shared_u32(base + l.slow_flags + lane * 4, 1); // sticky for the panel
-                }
-            });
-        }
-        let mut i = 0;
-        while i < RT {
-            let r = rs * RT as u32 + i as u32;
-            let mut j = 0;
-            while j < 4 {
-                st_f32(base + l.x_tile + (r * STRIDE + 4 * cq + j as u32) * 4, wv[i][j] - acc[i][j]);
-                j += 1;
-            }
-            i += 1;
-        }
-        sync_threads();
-
-        // 3. the in-block recurrence: warp 0, lane = row, runs all 64 columns in registers.
-        if warp == 0 {
-            // Reciprocals of U's diagonal, one per column, shared by every row.
-            let mut diag_ok = true;
-            let mut h = 0;
-            while h < 2 {
-                let c = lane + 32 * h;
-                let d = ld_shared_f32(base + l.u_block + (c * BLOCK + c) * 4);
-                st_f32(base + l.diag_recip + c * 4, recip_for_division(d));
-                diag_ok &= (DIAG_MIN..=DIAG_MAX).contains(&d);
-                h += 1;
-            }
-            if !vote_all(diag_ok) && lane == 0 {
-                st_shared_u32(base + l.slow_flags + RPC as u32 * 4, 1); // sticky for the panel
-            }
-            sync_warp();
-            if (lane as usize) < RPC {
-                let slow =
-                    ld_shared_u32(base + l.slow_flags + lane * 4) | ld_shared_u32(base + l.slow_flags + RPC as u32 * 4);
-                let rows = RowTiles::new(&l, base, lane);
-                let mut x = rows.load_x();
-                let mut out = column_chain::<false>(&rows, &mut x, maxq);
-                if slow != 0 || !out.fast_division_exact() {
-                    // Rare: an operand outside the fast division's range; redo with IEEE `/`.
-                    x = rows.load_x();
-                    out = column_chain::<true>(&rows, &mut x, maxq);
-                }
-                rows.store(&x, &out.codes);
-                if row_ok {
-                    loss_acc += out.loss;
-                }
-            }
-        }
-        sync_threads();
-
-        // 4. write the block's errors (permuted order), codes and dequant (original order)
-        let mut idx = tid;
-        while idx < RPC as u32 * BLOCK {
-            // Rows fastest: the column-major error workspace is written in runs of RPC floats.
-            let (r, c) = (idx % RPC as u32, idx / RPC as u32);
-            if row0 + r < rows && c0 + c < cols {
-                let gr = (row0 + r) as usize;
-                let j = ld_shared_u32(base + l.perm + c * 4) as usize;
-                let at = (r * STRIDE + c) * 4;
-                *err_t.add((c0 + c) as usize * rows_p as usize + gr) = ld_shared_f32(base + l.x_tile + at);
-                let q = ld_shared_u8(base + l.codes + r * BLOCK + c);
-                *deq.add(gr * cols as usize + j) = dequantize(
-                    q as f32,
-                    ld_shared_f32(base + l.scale_tile + at),
-                    ld_shared_f32(base + l.zero_tile + at),
-                );
-                *codes.add(gr * cols as usize + j) = q;
-            }
-            idx += SOLVER_THREADS;
-        }
-        c0 += BLOCK;
-    }
-
-    // Per-row loss: warp 0's lanes summed their row's errors.
-    if warp == 0 && row_ok {
-        *loss.add(grow as usize) += 0.5 * loss_acc; // panels add up
+    if tid >= WORKERS {
+        chain_warp::<RPC>(&p, tid - WORKERS);
+    } else {
+        workers::<RPC, RT>(&p, tid);
     }
 }
 

@@ -160,12 +160,11 @@ impl SolveWorkspace {
     }
 }
 
-/// Rows per solver block: 32 (half the factor traffic per row) once that gives the SMs
-/// 1.5 blocks each, else 16 (more blocks to hide latency). Measured on an H200: 32 rows won
-/// at 7168×2048, 16 at 4096×4096 (see the issue notes).
+/// Rows per solver block: 16 (two blocks per SM, each with its own chain warp) while that
+/// covers the rows in one wave, else 32 (one block per SM: its tiles need the shared memory).
 fn rows_per_block(dev: &GpuDevice, rows: usize) -> Result<u32> {
     let sms = dev.sm_count()? as usize;
-    Ok(if 2 * rows.div_ceil(32) >= 3 * sms { 32 } else { 16 })
+    Ok(if rows.div_ceil(16) <= 2 * sms { 16 } else { 32 })
 }
 
 /// Enqueues the fused solve of `weight` (f32) with `factor` and the device-resident `grid`

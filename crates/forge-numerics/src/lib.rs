@@ -60,8 +60,11 @@ impl MseSharedLayout {
 pub const SOLVER_BLOCK: u32 = 64;
 /// K-chunk of the solver's left-looking update (columns of earlier errors per stage).
 pub const SOLVER_KCHUNK: u32 = 32;
-/// Threads per solver block (4 warps).
-pub const SOLVER_THREADS: u32 = 128;
+/// Threads per solver block: four worker warps (loads, products, write-out) and one chain
+/// warp (the column-by-column recurrence), which run concurrently on different blocks.
+pub const SOLVER_THREADS: u32 = SOLVER_WORKER_THREADS + 32;
+/// Worker threads per solver block.
+pub const SOLVER_WORKER_THREADS: u32 = 128;
 
 /// Pipeline depth of the trailing update's K staging (16 KiB a stage).
 pub const TRAILING_STAGES: u32 = 3;
@@ -70,37 +73,45 @@ pub const TRAILING_STAGES: u32 = 3;
 pub const SOLVER_PANEL: u32 = 512;
 
 /// Pipeline depth of the solver's K-chunk staging (chunks in flight while one is used).
-pub const SOLVER_STAGES: u32 = 4;
+pub const SOLVER_STAGES: u32 = 3;
 
 /// Shared-memory layout of one `gptq_panel` block of `rpc` rows (16 or 32), used by the kernel
 /// and its launcher. Offsets in bytes; every f32 tile is 16-byte aligned, and per-row tiles
 /// use the bank-skewed stride [`Self::TILE_STRIDE`] (lanes read different rows at once).
+/// Tiles marked "×2" are double-buffered by block parity: the chain warp works on block `b`
+/// while the workers write out block `b − 1` and prepare block `b + 1`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SolverSharedLayout {
+    /// Rows per block.
+    pub rpc: u32,
     /// `SOLVER_STAGES` K-chunk stages, each `[KCHUNK][rpc]` errors then `[KCHUNK][BLOCK]` of `U`.
     pub stages: u32,
     /// Bytes of one stage.
     pub stage_bytes: u32,
     /// Offset of the `U` part inside a stage.
     pub stage_u: u32,
-    /// The block's working weights, then its errors: `[rpc][TILE_STRIDE]` f32.
+    /// Bytes of one `[rpc][TILE_STRIDE]` f32 tile (the buffer stride of the ×2 row tiles).
+    pub row_tile: u32,
+    /// The block's working weights: `[rpc][TILE_STRIDE]` f32.
     pub x_tile: u32,
-    /// `U[block, block]`: `[BLOCK][BLOCK]` f32.
+    /// The block's errors: `[rpc][TILE_STRIDE]` f32, ×2.
+    pub err_tile: u32,
+    /// `U[block, block]`: `[BLOCK][BLOCK]` f32, ×2 (buffer stride [`Self::U_BLOCK_BYTES`]).
     pub u_block: u32,
-    /// Original column of each block column: `[BLOCK]` u32.
+    /// Original column of each block column: `[BLOCK]` u32, ×2.
     pub perm: u32,
-    /// Decoded scale of every (row, block column): `[rpc][TILE_STRIDE]` f32.
+    /// Decoded scale of every (row, block column): `[rpc][TILE_STRIDE]` f32, ×2.
     pub scale_tile: u32,
-    /// Zero point of every (row, block column): `[rpc][TILE_STRIDE]` f32.
+    /// Zero point of every (row, block column): `[rpc][TILE_STRIDE]` f32, ×2.
     pub zero_tile: u32,
-    /// The division reciprocal of every scale: `[rpc][TILE_STRIDE]` f32.
+    /// The division reciprocal of every scale: `[rpc][TILE_STRIDE]` f32, ×2.
     pub scale_recip_tile: u32,
     /// The division reciprocal of `U`'s diagonal in the block: `[BLOCK]` f32.
     pub diag_recip: u32,
     /// Per row, non-zero once a scale left the fast division's range: `[rpc]` u32, then one
     /// u32 for the block (a diagonal of `U` out of range).
     pub slow_flags: u32,
-    /// Codes of the block: `[rpc][BLOCK]` u8.
+    /// Codes of the block: `[rpc][BLOCK]` u8, ×2 (buffer stride `rpc·BLOCK`).
     pub codes: u32,
     /// Total bytes.
     pub total: u32,
@@ -109,6 +120,14 @@ pub struct SolverSharedLayout {
 impl SolverSharedLayout {
     /// Row stride of the per-row tiles, in floats (16-byte aligned, bank-skewed).
     pub const TILE_STRIDE: u32 = SOLVER_BLOCK + 4;
+    /// Bytes of one `U[block, block]` buffer.
+    pub const U_BLOCK_BYTES: u32 = SOLVER_BLOCK * SOLVER_BLOCK * 4;
+
+    /// Bytes of one codes buffer.
+    #[inline]
+    pub const fn codes_bytes(&self) -> u32 {
+        self.rpc * SOLVER_BLOCK
+    }
 
     /// The layout for `rpc` rows per block.
     #[inline]
@@ -118,20 +137,24 @@ impl SolverSharedLayout {
         let stage_bytes = stage_u + SOLVER_KCHUNK * SOLVER_BLOCK * 4;
         let stages = 0;
         let x_tile = stages + SOLVER_STAGES * stage_bytes;
-        let u_block = x_tile + row_tile;
-        let perm = u_block + SOLVER_BLOCK * SOLVER_BLOCK * 4;
-        let scale_tile = perm + SOLVER_BLOCK * 4;
-        let zero_tile = scale_tile + row_tile;
-        let scale_recip_tile = zero_tile + row_tile;
-        let diag_recip = scale_recip_tile + row_tile;
+        let err_tile = x_tile + row_tile;
+        let u_block = err_tile + 2 * row_tile;
+        let perm = u_block + 2 * Self::U_BLOCK_BYTES;
+        let scale_tile = perm + 2 * SOLVER_BLOCK * 4;
+        let zero_tile = scale_tile + 2 * row_tile;
+        let scale_recip_tile = zero_tile + 2 * row_tile;
+        let diag_recip = scale_recip_tile + 2 * row_tile;
         let slow_flags = diag_recip + SOLVER_BLOCK * 4;
         let codes = slow_flags + (rpc + 4) * 4;
-        let total = codes + rpc * SOLVER_BLOCK;
+        let total = codes + 2 * rpc * SOLVER_BLOCK;
         SolverSharedLayout {
+            rpc,
             stages,
             stage_bytes,
             stage_u,
+            row_tile,
             x_tile,
+            err_tile,
             u_block,
             perm,
             scale_tile,

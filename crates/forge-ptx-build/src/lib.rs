@@ -13,12 +13,21 @@ use std::process::Command;
 pub struct PtxBuilder {
     crate_dir: PathBuf,
     arch: String,
+    launch_bounds: Vec<(String, u32, u32)>,
 }
 
 impl PtxBuilder {
     /// `crate_dir` holds the kernels crate's `Cargo.toml`.
     pub fn new(crate_dir: impl Into<PathBuf>) -> Self {
-        PtxBuilder { crate_dir: crate_dir.into(), arch: "sm_80".into() }
+        PtxBuilder { crate_dir: crate_dir.into(), arch: "sm_80".into(), launch_bounds: Vec::new() }
+    }
+
+    /// Declares CUDA's `__launch_bounds__(max_threads, min_blocks)` for kernel `entry`
+    /// (PTX `.maxntid` / `.minnctapersm`, which rustc cannot emit): the assembler then keeps
+    /// the kernel's registers within what `min_blocks` resident blocks per SM allow.
+    pub fn launch_bounds(mut self, entry: &str, max_threads: u32, min_blocks: u32) -> Self {
+        self.launch_bounds.push((entry.into(), max_threads, min_blocks));
+        self
     }
 
     /// The PTX target (`sm_80` by default: runs on A100, H100, H200, Ada, Blackwell via JIT).
@@ -74,7 +83,9 @@ impl PtxBuilder {
         let ptx_path = find_ptx(&target_dir.join("nvptx64-nvidia-cuda/release/deps"), &self.crate_name()?)?;
         let ptx = std::fs::read_to_string(&ptx_path).map_err(|e| format!("reading {}: {e}", ptx_path.display()))?;
         check_self_contained(&ptx)?;
-        Ok(ptx)
+        self.launch_bounds.iter().try_fold(ptx, |ptx, (entry, threads, blocks)| {
+            with_launch_bounds(&ptx, entry, *threads, *blocks)
+        })
     }
 
     fn crate_name(&self) -> Result<String, String> {
@@ -125,5 +136,30 @@ fn check_self_contained(ptx: &str) -> Result<(), String> {
             "the kernels PTX refers to symbols it does not contain (use #[inline] functions and \
              `const` tables in the shared crates): {externs:?}"
         ))
+    }
+}
+
+/// Inserts `.maxntid` / `.minnctapersm` after the parameter list of `.entry name(`.
+fn with_launch_bounds(ptx: &str, entry: &str, threads: u32, blocks: u32) -> Result<String, String> {
+    let header = format!(".entry {entry}(");
+    let start = ptx.find(&header).ok_or_else(|| format!("no kernel `{entry}` in the PTX for its launch bounds"))?;
+    // The parameter list ends at the first line that is just `)`.
+    let close = ptx[start..]
+        .find("\n)\n")
+        .map(|i| start + i + 3)
+        .ok_or_else(|| format!("unexpected PTX layout after `.entry {entry}(`"))?;
+    Ok(format!("{}.maxntid {threads}, 1, 1\n.minnctapersm {blocks}\n{}", &ptx[..close], &ptx[close..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_bounds_go_between_the_parameters_and_the_body() {
+        let ptx = ".visible .entry k(\n\t.param .u32 k_param_0\n)\n{\n\tret;\n}\n";
+        let out = with_launch_bounds(ptx, "k", 160, 2).unwrap();
+        assert_eq!(out, ".visible .entry k(\n\t.param .u32 k_param_0\n)\n.maxntid 160, 1, 1\n.minnctapersm 2\n{\n\tret;\n}\n");
+        assert!(with_launch_bounds(ptx, "other", 1, 1).is_err());
     }
 }
