@@ -440,14 +440,24 @@ pub unsafe fn sync_warp() {
     asm!("bar.warp.sync {m};", m = in(reg32) FULL_MASK, options(nostack));
 }
 
-/// Barrier 1 over the first `N` threads of the block (`bar.sync 1, N`), for the warps that
-/// share a task while others run something else (barrier 0 is `__syncthreads`).
+/// `bar.sync ID, N`: waits at named barrier `ID` until `N` threads (whole warps) arrived or
+/// synced there.
 ///
 /// # Safety
-/// Exactly the first `N` threads (whole warps) must reach it.
+/// Exactly `N` threads must arrive at or sync on barrier `ID` per use.
 #[inline(always)]
-pub unsafe fn sync_first<const N: u32>() {
-    asm!("bar.sync 1, {n};", n = const N, options(nostack));
+pub unsafe fn sync_named<const ID: u32, const N: u32>() {
+    asm!("bar.sync {id}, {n};", id = const ID, n = const N, options(nostack));
+}
+
+/// `bar.arrive ID, N`: counts this warp at named barrier `ID` without waiting (its earlier
+/// shared-memory writes are visible to the threads that `sync_named` there).
+///
+/// # Safety
+/// As [`sync_named`].
+#[inline(always)]
+pub unsafe fn arrive_named<const ID: u32, const N: u32>() {
+    asm!("bar.arrive {id}, {n};", id = const ID, n = const N, options(nostack));
 }
 
 /// `ld.shared.v4.f32` the compiler may schedule and merge like a plain load (it is ordered

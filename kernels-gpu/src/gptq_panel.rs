@@ -34,17 +34,26 @@
 //! `ceil(rows/RPC)` blocks, dynamic shared memory as above.
 
 use crate::device::{
-    block_x, cp_async_16, cp_async_commit, cp_async_wait, div_by_recip, ld_global_f32x4, ld_shared_f32,
-    ld_shared_f32x2, ld_shared_f32x4, ld_shared_f32x4_pure, ld_shared_u32, ld_shared_u8, recip_for_division, shared_generic,
-    shared_window_base, st_shared_f32x4, st_shared_u32, sync_first, sync_threads, sync_warp, thread_x, vote_all,
+    arrive_named, block_x, cp_async_16, cp_async_commit, cp_async_wait, div_by_recip, ld_global_f32x4, ld_shared_f32,
+    ld_shared_f32x2, ld_shared_f32x4, ld_shared_f32x4_pure, ld_shared_u32, ld_shared_u8, recip_for_division,
+    shared_window_base, st_shared_f32x4, st_shared_u32, sync_named, sync_threads, sync_warp, thread_x, vote_all,
 };
 use core::f32::math::mul_add as fma;
 use forge_numerics::{
     dequantize, quantize, quantize_scaled, QMetaPacked, SolverSharedLayout, SOLVER_BLOCK as BLOCK, SOLVER_STAGES,
-    SOLVER_WORKER_THREADS as WORKERS,
+    SOLVER_UPDATER_THREADS as UPDATERS, SOLVER_WORKER_THREADS as WORKERS,
 };
 
 const KC: u32 = forge_numerics::SOLVER_KCHUNK;
+/// Columns of one chain slice, and slices per block.
+const SLICE: usize = 16;
+const SLICES: u32 = BLOCK / SLICE as u32;
+/// Named barriers: 0 is the block's (`sync_threads`), 1 the worker warps'; 2 and 3 pair the
+/// chain warp with the updater warps: "slice errors stored" and "next slice updated".
+const WORKER_BARRIER: u32 = 1;
+const SLICE_ERRORS: u32 = 2;
+const SLICE_READY: u32 = 3;
+const CHAIN_AND_UPDATERS: u32 = UPDATERS + 32;
 const STRIDE: u32 = SolverSharedLayout::TILE_STRIDE;
 
 #[inline(always)]
@@ -151,22 +160,23 @@ impl RowTiles {
         }
     }
 
-    /// The row's 64 working weights.
+    /// The row's 16 working weights of slice `sl`.
     #[inline(always)]
-    unsafe fn load_x(&self) -> [f32; 64] {
-        let mut x = [0f32; 64];
-        for16(|q| {
-            let v = ld_shared_f32x4_pure(self.x + 16 * q as u32);
+    unsafe fn load_x(&self, sl: u32) -> [f32; SLICE] {
+        let mut x = [0f32; SLICE];
+        for4(|q| {
+            let v = ld_shared_f32x4_pure(self.x + (SLICE as u32 * sl + 4 * q as u32) * 4);
             for4(|i| x[4 * q + i] = v[i]);
         });
         x
     }
 
-    /// Stores four errors and their packed codes (columns `4cq ..`).
+    /// Stores four errors and their packed codes (columns `16·sl + 4cq ..`).
     #[inline(always)]
-    unsafe fn store_quad(&self, cq: usize, e4: [f32; 4], code4: u32) {
-        st_shared_f32x4(self.err + 16 * cq as u32, e4);
-        st_shared_u32(self.codes + 4 * cq as u32, code4);
+    unsafe fn store_quad(&self, sl: u32, cq: usize, e4: [f32; 4], code4: u32) {
+        let col = SLICE as u32 * sl + 4 * cq as u32;
+        st_shared_f32x4(self.err + col * 4, e4);
+        st_shared_u32(self.codes + col, code4);
     }
 }
 
@@ -188,20 +198,20 @@ impl ChainOut {
     }
 }
 
-/// One row's in-block recurrence, column by column, fully unrolled on registers: quantize
-/// `x[c]`, `e = (x[c] − deq)/U[c,c]`, `x[j] −= e·U[c,j]` for the later columns (fused; the
-/// CPU reference rounds the product first, one of the rounding-order differences the parity
-/// tests allow). Errors and codes are stored four columns at a time (few live registers;
-/// the stores also bound how far the compiler hoists the factor loads). With `EXACT` the
-/// divisions are IEEE `/` (the fallback); otherwise [`div_by_recip`], whose range the
-/// returned [`ChainOut`] reports.
+/// One row's recurrence over slice `sl` (16 columns) of the block, unrolled on registers:
+/// quantize `x[c]`, `e = (x[c] − deq)/U[c,c]`, `x[j] −= e·U[c,j]` for the slice's later
+/// columns (fused; the CPU reference rounds the product first, one of the rounding-order
+/// differences the parity tests allow). Errors and codes are stored four columns at a time.
+/// With `EXACT` the divisions are IEEE `/` (the fallback); otherwise [`div_by_recip`], whose
+/// range the returned [`ChainOut`] reports.
 #[inline(always)]
-unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, x: &mut [f32; 64], maxq: f32) -> ChainOut {
+unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, sl: u32, x: &mut [f32; SLICE], maxq: f32) -> ChainOut {
     let mut out = ChainOut { loss: 0.0, max_abs: 0.0, min_key: u32::MAX };
-    for16(
+    let s0 = SLICE as u32 * sl;
+    for4(
         #[inline(always)]
         |cq| {
-            let q16 = 16 * cq as u32;
+            let q16 = (s0 + 4 * cq as u32) * 4;
             let (s4, z4) = (ld_shared_f32x4_pure(t.scale + q16), ld_shared_f32x4_pure(t.zero + q16));
             let (ys4, yd4) = (ld_shared_f32x4_pure(t.scale_recip + q16), ld_shared_f32x4_pure(t.diag_recip + q16));
             let (mut e4, mut code4) = ([0f32; 4], 0u32);
@@ -210,8 +220,8 @@ unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, x: &mut [f32; 64], maxq:
                 |ci| {
                     let c = 4 * cq + ci;
                     let xc = x[c];
-                    let urow = t.u + (c as u32) * BLOCK * 4;
-                    let own = ld_shared_f32x4_pure(urow + q16); // U[c, 4cq ..], holding the diagonal
+                    let urow = t.u + (s0 + c as u32) * BLOCK * 4 + s0 * 4; // U[s0 + c, s0 ..]
+                    let own = ld_shared_f32x4_pure(urow + 16 * cq as u32); // holds the diagonal
                     let (s, z, d) = (s4[ci], z4[ci], own[ci]);
                     let (q, e) = if EXACT {
                         let q = quantize(xc, s, z, maxq);
@@ -233,7 +243,7 @@ unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, x: &mut [f32; 64], maxq:
                             }
                         },
                     );
-                    for16(
+                    for4(
                         #[inline(always)]
                         |jq| {
                             if jq > cq {
@@ -247,7 +257,7 @@ unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, x: &mut [f32; 64], maxq:
                     );
                 },
             );
-            t.store_quad(cq, e4, code4);
+            t.store_quad(sl, cq, e4, code4);
         },
     );
     out
@@ -317,8 +327,9 @@ struct Panel {
 }
 
 /// The chain warp: for each block of the panel, once the workers have staged its working
-/// weights and tiles (barrier B1), every lane runs its row's recurrence; then barrier B2
-/// hands the errors and codes back.
+/// weights and tiles (barrier B1), every lane runs its row's recurrence slice by slice,
+/// handing each slice's errors to the updater warps and waiting for the next slice to carry
+/// them; barrier B2 hands the block's errors and codes back.
 #[inline(always)]
 unsafe fn chain_warp<const RPC: usize>(p: &Panel, lane: u32) {
     let (l, base) = (&p.l, p.base);
@@ -344,20 +355,33 @@ unsafe fn chain_warp<const RPC: usize>(p: &Panel, lane: u32) {
             st_shared_u32(base + l.slow_flags + RPC as u32 * 4, 1); // sticky for the panel
         }
         sync_warp();
-        if (lane as usize) < RPC {
-            let slow =
-                ld_shared_u32(base + l.slow_flags + lane * 4) | ld_shared_u32(base + l.slow_flags + RPC as u32 * 4);
-            let rows = RowTiles::new(l, base, lane, buf);
-            let mut x = rows.load_x();
-            let mut out = column_chain::<false>(&rows, &mut x, p.maxq);
-            if slow != 0 || !out.fast_division_exact() {
-                // Rare: an operand outside the fast division's range; redo with IEEE `/`.
-                x = rows.load_x();
-                out = column_chain::<true>(&rows, &mut x, p.maxq);
+        let slow = if (lane as usize) < RPC {
+            ld_shared_u32(base + l.slow_flags + lane * 4) | ld_shared_u32(base + l.slow_flags + RPC as u32 * 4)
+        } else {
+            0
+        };
+        let rows = RowTiles::new(l, base, lane, buf);
+        let mut sl = 0;
+        while sl < SLICES {
+            if sl > 0 {
+                sync_named::<SLICE_READY, CHAIN_AND_UPDATERS>(); // slice sl has every earlier update
             }
-            if row_ok {
-                loss_acc += out.loss;
+            if (lane as usize) < RPC {
+                let mut x = rows.load_x(sl);
+                let mut out = column_chain::<false>(&rows, sl, &mut x, p.maxq);
+                if slow != 0 || !out.fast_division_exact() {
+                    // Rare: an operand outside the fast division's range; redo with IEEE `/`.
+                    x = rows.load_x(sl);
+                    out = column_chain::<true>(&rows, sl, &mut x, p.maxq);
+                }
+                if row_ok {
+                    loss_acc += out.loss;
+                }
             }
+            if sl + 1 < SLICES {
+                arrive_named::<SLICE_ERRORS, CHAIN_AND_UPDATERS>(); // slice sl's errors are stored
+            }
+            sl += 1;
         }
         sync_threads(); // B2 of block b
         if b + 1 < nb {
@@ -367,6 +391,57 @@ unsafe fn chain_warp<const RPC: usize>(p: &Panel, lane: u32) {
     }
     if row_ok {
         *p.loss.add((p.row0 + lane) as usize) += 0.5 * loss_acc; // panels add up
+    }
+}
+
+/// The two updater warps: for each slice `sl` the chain finishes, apply its 16 errors to the
+/// next slice first (the chain waits for that one), then to the block's later slices.
+/// Thread `ut` owns row `ut / (64/RPC)` and `4/(64/RPC)` column quads of every slice, so each
+/// working weight receives its updates in increasing column order from one thread.
+#[inline(always)]
+unsafe fn slice_updaters<const RPC: usize>(p: &Panel, ut: u32) {
+    let (l, base) = (&p.l, p.base);
+    let tpr = UPDATERS / RPC as u32; // threads per row
+    let qpt = 4 / tpr; // column quads per thread and slice
+    let (r, q0) = (ut / tpr, (ut % tpr) * qpt);
+    let x_row = base + l.x_tile + r * STRIDE * 4;
+    let nb = (p.p1 - p.p0) / BLOCK;
+    sync_threads(); // B1 of block 0
+    let mut b = 0;
+    while b < nb {
+        let buf = b % 2;
+        let err_row = base + l.err_tile + buf * l.row_tile + r * STRIDE * 4;
+        let u_blk = base + l.u_block + buf * SolverSharedLayout::U_BLOCK_BYTES;
+        let mut sl = 0;
+        while sl + 1 < SLICES {
+            sync_named::<SLICE_ERRORS, CHAIN_AND_UPDATERS>();
+            let s0 = SLICE as u32 * sl;
+            let e: [[f32; 4]; 4] = core::array::from_fn(|q| ld_shared_f32x4(err_row + (s0 + 4 * q as u32) * 4));
+            let mut target = sl + 1;
+            while target < SLICES {
+                let mut q = 0;
+                while q < qpt {
+                    let col = SLICE as u32 * target + 4 * (q0 + q);
+                    let mut v = ld_shared_f32x4(x_row + col * 4);
+                    for16(|k| {
+                        let u4 = ld_shared_f32x4(u_blk + ((s0 + k as u32) * BLOCK + col) * 4);
+                        for4(|i| v[i] = fma(-e[k / 4][k % 4], u4[i], v[i]));
+                    });
+                    st_shared_f32x4(x_row + col * 4, v);
+                    q += 1;
+                }
+                if target == sl + 1 {
+                    arrive_named::<SLICE_READY, CHAIN_AND_UPDATERS>();
+                }
+                target += 1;
+            }
+            sl += 1;
+        }
+        sync_threads(); // B2 of block b
+        if b + 1 < nb {
+            sync_threads(); // B1 of block b + 1
+        }
+        b += 1;
     }
 }
 
@@ -516,7 +591,7 @@ unsafe fn workers<const RPC: usize, const RT: usize>(p: &Panel, tid: u32) {
         if b > 0 {
             write_block::<RPC>(p, b - 1, tid);
         }
-        sync_first::<WORKERS>(); // buffers of block b − 1 are free for block b + 1
+        sync_named::<WORKER_BARRIER, WORKERS>(); // buffers of block b − 1 are free for block b + 1
         let has_next = b + 1 < nb;
         let c1 = p.p0 + (b + 1) * BLOCK;
         let nbuf = (b + 1) % 2;
@@ -539,13 +614,19 @@ unsafe fn workers<const RPC: usize, const RT: usize>(p: &Panel, tid: u32) {
             let mut ch = 0;
             while ch + 2 < n {
                 cp_async_wait::<{ SOLVER_STAGES - 2 }>();
-                sync_first::<WORKERS>(); // chunk ch visible to all workers; stage (ch−1) no longer read
+                sync_named::<WORKER_BARRIER, WORKERS>(); // chunk ch visible to all workers; stage (ch−1) no longer read
                 let next = ch + SOLVER_STAGES - 1;
                 if next < n {
                     issue_chunk::<RPC>(p, c1, p.p0 + next * KC, next % SOLVER_STAGES, next + 2 < n, tid);
                 }
                 cp_async_commit();
-                multiply_chunk::<RPC, RT>(l, p.base + l.stages + (ch % SOLVER_STAGES) * l.stage_bytes, rs, cq, &mut acc);
+                multiply_chunk::<RPC, RT>(
+                    l,
+                    p.base + l.stages + (ch % SOLVER_STAGES) * l.stage_bytes,
+                    rs,
+                    cq,
+                    &mut acc,
+                );
                 ch += 1;
             }
             decode_block_meta::<RPC>(p, &metas, nbuf, tid);
@@ -563,10 +644,16 @@ unsafe fn workers<const RPC: usize, const RT: usize>(p: &Panel, tid: u32) {
                 idx += WORKERS;
             }
             cp_async_wait::<0>(); // the last chunks' U and block b + 1's U[block, block]
-            sync_first::<WORKERS>();
+            sync_named::<WORKER_BARRIER, WORKERS>();
             let mut ch = n - 2;
             while ch < n {
-                multiply_chunk::<RPC, RT>(l, p.base + l.stages + (ch % SOLVER_STAGES) * l.stage_bytes, rs, cq, &mut acc);
+                multiply_chunk::<RPC, RT>(
+                    l,
+                    p.base + l.stages + (ch % SOLVER_STAGES) * l.stage_bytes,
+                    rs,
+                    cq,
+                    &mut acc,
+                );
                 ch += 1;
             }
             store_x::<RT>(p, &wv, &acc, rs, cq);
@@ -638,10 +725,12 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
     if tid <= RPC as u32 {
         st_shared_u32(p.base + p.l.slow_flags + tid * 4, 0); // visible after barrier B1 of block 0
     }
-    if tid >= WORKERS {
-        chain_warp::<RPC>(&p, tid - WORKERS);
-    } else {
+    if tid < WORKERS {
         workers::<RPC, RT>(&p, tid);
+    } else if tid < WORKERS + UPDATERS {
+        slice_updaters::<RPC>(&p, tid - WORKERS);
+    } else {
+        chain_warp::<RPC>(&p, tid - WORKERS - UPDATERS);
     }
 }
 

@@ -60,9 +60,12 @@ impl MseSharedLayout {
 pub const SOLVER_BLOCK: u32 = 64;
 /// K-chunk of the solver's left-looking update (columns of earlier errors per stage).
 pub const SOLVER_KCHUNK: u32 = 32;
-/// Threads per solver block: four worker warps (loads, products, write-out) and one chain
-/// warp (the column-by-column recurrence), which run concurrently on different blocks.
-pub const SOLVER_THREADS: u32 = SOLVER_WORKER_THREADS + 32;
+/// Threads per solver block: four worker warps (loads, products, write-out), two updater
+/// warps (updates between the chain's 16-column slices) and one chain warp (the
+/// column-by-column recurrence), working concurrently.
+pub const SOLVER_THREADS: u32 = SOLVER_WORKER_THREADS + SOLVER_UPDATER_THREADS + 32;
+/// Updater threads per solver block.
+pub const SOLVER_UPDATER_THREADS: u32 = 64;
 /// Worker threads per solver block.
 pub const SOLVER_WORKER_THREADS: u32 = 128;
 
