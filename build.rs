@@ -11,13 +11,13 @@ fn main() {
     {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
-    // The 16-row solver runs two blocks per SM (so its registers are capped to fit), the
-    // 32-row one a single block (its shared memory allows no more).
+    // Both solver panels run two blocks per SM (their shared memory is sized for it), so
+    // their registers are capped to fit.
     let threads = forge_numerics::SOLVER_THREADS;
     let builder = forge_ptx_build::PtxBuilder::new(root.join("kernels-gpu"))
         .arch("sm_80")
         .launch_bounds("gptq_panel_r16", threads, 2)
-        .launch_bounds("gptq_panel_r32", threads, 1);
+        .launch_bounds("gptq_panel_r32", threads, 2);
     match builder.build(&out.join("kernels-target")) {
         Ok(ptx) => {
             std::fs::write(out.join("forge_kernels.ptx"), ptx).expect("writing the PTX into OUT_DIR");

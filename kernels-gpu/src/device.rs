@@ -473,3 +473,14 @@ pub unsafe fn ld_shared_f32x4_pure(addr: u32) -> [f32; 4] {
          options(pure, readonly, nostack));
     [a, b, c, d]
 }
+
+/// `st.shared.v4.u32` at a 16-byte aligned shared address.
+///
+/// # Safety
+/// `addr` must be 16-byte aligned and inside the launch's dynamic shared memory.
+#[inline(always)]
+pub unsafe fn st_shared_u32x4(addr: u32, v: [u32; 4]) {
+    asm!("st.shared.v4.u32 [{p}], {{{a}, {b}, {c}, {d}}};",
+         p = in(reg32) addr, a = in(reg32) v[0], b = in(reg32) v[1], c = in(reg32) v[2], d = in(reg32) v[3],
+         options(nostack));
+}

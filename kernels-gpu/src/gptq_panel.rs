@@ -36,7 +36,8 @@
 use crate::device::{
     arrive_named, block_x, cp_async_16, cp_async_commit, cp_async_wait, div_by_recip, ld_global_f32x4, ld_shared_f32,
     ld_shared_f32x2, ld_shared_f32x4, ld_shared_f32x4_pure, ld_shared_u32, ld_shared_u8, recip_for_division,
-    shared_window_base, st_shared_f32x4, st_shared_u32, sync_named, sync_threads, sync_warp, thread_x, vote_all,
+    shared_window_base, st_shared_f32x4, st_shared_u32, st_shared_u32x4, sync_named, sync_threads, sync_warp, thread_x,
+    vote_all,
 };
 use core::f32::math::mul_add as fma;
 use forge_numerics::{
@@ -134,11 +135,10 @@ const DIVIDEND_MIN_KEY: u32 = (0x0d80_0000u32 << 1) - 1;
 /// One lane's row of the block tiles, and the block's `U` and diagonal reciprocals, as
 /// shared addresses; accesses add compile-time offsets.
 struct RowTiles {
-    x: u32,
-    err: u32,
+    /// Working weights, overwritten by their errors.
+    work: u32,
     scale: u32,
     zero: u32,
-    scale_recip: u32,
     u: u32,
     diag_recip: u32,
     codes: u32,
@@ -147,16 +147,14 @@ struct RowTiles {
 impl RowTiles {
     #[inline(always)]
     fn new(l: &SolverSharedLayout, base: u32, lane: u32, buf: u32) -> Self {
-        let row = lane * STRIDE * 4 + buf * l.row_tile;
+        let bytes = buf * l.byte_tile_bytes() + lane * BLOCK;
         RowTiles {
-            x: base + l.x_tile + lane * STRIDE * 4,
-            err: base + l.err_tile + row,
-            scale: base + l.scale_tile + row,
-            zero: base + l.zero_tile + row,
-            scale_recip: base + l.scale_recip_tile + row,
+            work: base + l.work_tile + lane * STRIDE * 4,
+            scale: base + l.scale_tile + buf * l.row_tile_bytes() + lane * STRIDE * 4,
+            zero: base + l.zero_tile + bytes,
             u: base + l.u_block + buf * SolverSharedLayout::U_BLOCK_BYTES,
             diag_recip: base + l.diag_recip,
-            codes: base + l.codes + buf * l.codes_bytes() + lane * BLOCK,
+            codes: base + l.codes + bytes,
         }
     }
 
@@ -165,24 +163,28 @@ impl RowTiles {
     unsafe fn load_x(&self, sl: u32) -> [f32; SLICE] {
         let mut x = [0f32; SLICE];
         for4(|q| {
-            let v = ld_shared_f32x4_pure(self.x + (SLICE as u32 * sl + 4 * q as u32) * 4);
+            let v = ld_shared_f32x4_pure(self.work + (SLICE as u32 * sl + 4 * q as u32) * 4);
             for4(|i| x[4 * q + i] = v[i]);
         });
         x
     }
 
-    /// Stores four errors and their packed codes (columns `16·sl + 4cq ..`).
+    /// Replaces slice `sl`'s working weights by their errors and stores its codes.
     #[inline(always)]
-    unsafe fn store_quad(&self, sl: u32, cq: usize, e4: [f32; 4], code4: u32) {
-        let col = SLICE as u32 * sl + 4 * cq as u32;
-        st_shared_f32x4(self.err + col * 4, e4);
-        st_shared_u32(self.codes + col, code4);
+    unsafe fn store_slice(&self, sl: u32, e: &[f32; SLICE], codes: &[u32; 4]) {
+        let s0 = SLICE as u32 * sl;
+        for4(|q| {
+            st_shared_f32x4(self.work + (s0 + 4 * q as u32) * 4, [e[4 * q], e[4 * q + 1], e[4 * q + 2], e[4 * q + 3]]);
+        });
+        st_shared_u32x4(self.codes + s0, *codes);
     }
 }
 
 /// What one row's chain over a block produced besides its errors.
 struct ChainOut {
-    /// `Σ e²` over the block.
+    /// The slice's codes, four per word, little-endian.
+    codes: [u32; 4],
+    /// `Σ e²` over the slice.
     loss: f32,
     /// Largest `|x|` quantized (fast chain only).
     max_abs: f32,
@@ -201,20 +203,19 @@ impl ChainOut {
 /// One row's recurrence over slice `sl` (16 columns) of the block, unrolled on registers:
 /// quantize `x[c]`, `e = (x[c] − deq)/U[c,c]`, `x[j] −= e·U[c,j]` for the slice's later
 /// columns (fused; the CPU reference rounds the product first, one of the rounding-order
-/// differences the parity tests allow). Errors and codes are stored four columns at a time.
-/// With `EXACT` the divisions are IEEE `/` (the fallback); otherwise [`div_by_recip`], whose
-/// range the returned [`ChainOut`] reports.
+/// differences the parity tests allow). `x[c]` then holds the error. With `EXACT` the
+/// divisions are IEEE `/` (the fallback); otherwise [`div_by_recip`], whose range the
+/// returned [`ChainOut`] reports. Nothing is stored, so the fallback can start over.
 #[inline(always)]
 unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, sl: u32, x: &mut [f32; SLICE], maxq: f32) -> ChainOut {
-    let mut out = ChainOut { loss: 0.0, max_abs: 0.0, min_key: u32::MAX };
+    let mut out = ChainOut { codes: [0; 4], loss: 0.0, max_abs: 0.0, min_key: u32::MAX };
     let s0 = SLICE as u32 * sl;
     for4(
         #[inline(always)]
         |cq| {
             let q16 = (s0 + 4 * cq as u32) * 4;
-            let (s4, z4) = (ld_shared_f32x4_pure(t.scale + q16), ld_shared_f32x4_pure(t.zero + q16));
-            let (ys4, yd4) = (ld_shared_f32x4_pure(t.scale_recip + q16), ld_shared_f32x4_pure(t.diag_recip + q16));
-            let (mut e4, mut code4) = ([0f32; 4], 0u32);
+            let (s4, yd4) = (ld_shared_f32x4_pure(t.scale + q16), ld_shared_f32x4_pure(t.diag_recip + q16));
+            let zeros = ld_shared_u32(t.zero + s0 + 4 * cq as u32);
             for4(
                 #[inline(always)]
                 |ci| {
@@ -222,18 +223,18 @@ unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, sl: u32, x: &mut [f32; S
                     let xc = x[c];
                     let urow = t.u + (s0 + c as u32) * BLOCK * 4 + s0 * 4; // U[s0 + c, s0 ..]
                     let own = ld_shared_f32x4_pure(urow + 16 * cq as u32); // holds the diagonal
-                    let (s, z, d) = (s4[ci], z4[ci], own[ci]);
+                    let (s, z, d) = (s4[ci], ((zeros >> (8 * ci)) & 0xff) as f32, own[ci]);
                     let (q, e) = if EXACT {
                         let q = quantize(xc, s, z, maxq);
                         (q, (xc - dequantize(q, s, z)) / d)
                     } else {
                         out.max_abs = out.max_abs.max(xc.abs());
                         out.min_key = out.min_key.min((xc.to_bits() << 1).wrapping_sub(1));
-                        let q = quantize_scaled(div_by_recip(xc, s, ys4[ci]), z, maxq);
+                        let q = quantize_scaled(div_by_recip(xc, s, recip_for_division(s)), z, maxq);
                         (q, div_by_recip(xc - dequantize(q, s, z), d, yd4[ci]))
                     };
-                    code4 |= (q as u32) << (8 * ci);
-                    e4[ci] = e;
+                    out.codes[cq] |= (q as u32) << (8 * ci);
+                    x[c] = e;
                     out.loss = fma(e, e, out.loss);
                     for4(
                         #[inline(always)]
@@ -257,7 +258,6 @@ unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, sl: u32, x: &mut [f32; S
                     );
                 },
             );
-            t.store_quad(sl, cq, e4, code4);
         },
     );
     out
@@ -374,6 +374,7 @@ unsafe fn chain_warp<const RPC: usize>(p: &Panel, lane: u32) {
                     x = rows.load_x(sl);
                     out = column_chain::<true>(&rows, sl, &mut x, p.maxq);
                 }
+                rows.store_slice(sl, &x, &out.codes);
                 if row_ok {
                     loss_acc += out.loss;
                 }
@@ -404,19 +405,18 @@ unsafe fn slice_updaters<const RPC: usize>(p: &Panel, ut: u32) {
     let tpr = UPDATERS / RPC as u32; // threads per row
     let qpt = 4 / tpr; // column quads per thread and slice
     let (r, q0) = (ut / tpr, (ut % tpr) * qpt);
-    let x_row = base + l.x_tile + r * STRIDE * 4;
+    let x_row = base + l.work_tile + r * STRIDE * 4; // errors of finished slices, weights after
     let nb = (p.p1 - p.p0) / BLOCK;
     sync_threads(); // B1 of block 0
     let mut b = 0;
     while b < nb {
         let buf = b % 2;
-        let err_row = base + l.err_tile + buf * l.row_tile + r * STRIDE * 4;
         let u_blk = base + l.u_block + buf * SolverSharedLayout::U_BLOCK_BYTES;
         let mut sl = 0;
         while sl + 1 < SLICES {
             sync_named::<SLICE_ERRORS, CHAIN_AND_UPDATERS>();
             let s0 = SLICE as u32 * sl;
-            let e: [[f32; 4]; 4] = core::array::from_fn(|q| ld_shared_f32x4(err_row + (s0 + 4 * q as u32) * 4));
+            let e: [[f32; 4]; 4] = core::array::from_fn(|q| ld_shared_f32x4(x_row + (s0 + 4 * q as u32) * 4));
             let mut target = sl + 1;
             while target < SLICES {
                 let mut q = 0;
@@ -498,18 +498,20 @@ unsafe fn decode_block_meta<const RPC: usize>(p: &Panel, metas: &[u32; 16], buf:
     let (warp, lane) = (tid / 32, tid % 32);
     if (lane as usize) < RPC {
         let row_ok = p.row0 + lane < p.rows;
+        let mut zeros = [0u32; 4];
         for16(|c| {
-            let col = 16 * warp + c as u32;
             let m = if row_ok { QMetaPacked::from_u32(metas[c]) } else { QMetaPacked::encode(1.0, 0.0, false) };
             let s = m.scale();
-            let at = buf * p.l.row_tile + (lane * STRIDE + col) * 4;
-            st_f32(p.base + p.l.scale_tile + at, s);
-            st_f32(p.base + p.l.zero_tile + at, m.qzero_f32());
-            st_f32(p.base + p.l.scale_recip_tile + at, recip_for_division(s));
+            st_f32(
+                p.base + p.l.scale_tile + buf * p.l.row_tile_bytes() + (lane * STRIDE + 16 * warp + c as u32) * 4,
+                s,
+            );
+            zeros[c / 4] |= (m.qzero as u32) << (8 * (c % 4));
             if !(SCALE_MIN..=SCALE_MAX).contains(&s) {
                 st_shared_u32(p.base + p.l.slow_flags + lane * 4, 1); // sticky for the panel
             }
         });
+        st_shared_u32x4(p.base + p.l.zero_tile + buf * p.l.byte_tile_bytes() + lane * BLOCK + 16 * warp, zeros);
     }
 }
 
@@ -548,11 +550,14 @@ unsafe fn multiply_chunk<const RPC: usize, const RT: usize>(
 }
 
 /// Writes block `wb`'s errors (permuted order, column-major), codes and dequantized values
-/// (original column order) from buffer `wb % 2`.
+/// (original column order). The errors come from the last two product stages, where the
+/// workers copied them for block `wb + 1`'s product, or, for the panel's last block, from
+/// the work tile.
 #[inline(always)]
 unsafe fn write_block<const RPC: usize>(p: &Panel, wb: u32, tid: u32) {
     let (l, base) = (&p.l, p.base);
     let (c0, buf) = (p.p0 + wb * BLOCK, wb % 2);
+    let from_stages = c0 + BLOCK < p.p1;
     let mut idx = tid;
     while idx < RPC as u32 * BLOCK {
         // Rows fastest: the column-major error workspace is written in runs of RPC floats.
@@ -560,11 +565,19 @@ unsafe fn write_block<const RPC: usize>(p: &Panel, wb: u32, tid: u32) {
         if p.row0 + r < p.rows && c0 + c < p.cols {
             let gr = (p.row0 + r) as usize;
             let j = ld_shared_u32(base + l.perm + (buf * BLOCK + c) * 4) as usize;
-            let at = buf * l.row_tile + (r * STRIDE + c) * 4;
-            *p.err_t.add((c0 + c) as usize * p.rows_p as usize + gr) = ld_shared_f32(base + l.err_tile + at);
-            let q = ld_shared_u8(base + l.codes + buf * l.codes_bytes() + r * BLOCK + c);
-            let (s, z) = (ld_shared_f32(base + l.scale_tile + at), ld_shared_f32(base + l.zero_tile + at));
-            *p.deq.add(gr * p.cols as usize + j) = dequantize(q as f32, s, z);
+            let err_at = if from_stages {
+                // chunks 2wb and 2wb + 1 of block wb + 1's product
+                let stage = (2 * wb + c / KC) % SOLVER_STAGES;
+                base + l.stages + stage * l.stage_bytes + ((c % KC) * RPC as u32 + r) * 4
+            } else {
+                base + l.work_tile + (r * STRIDE + c) * 4
+            };
+            *p.err_t.add((c0 + c) as usize * p.rows_p as usize + gr) = ld_shared_f32(err_at);
+            let at = buf * l.byte_tile_bytes() + r * BLOCK + c;
+            let q = ld_shared_u8(base + l.codes + at);
+            let s = ld_shared_f32(base + l.scale_tile + buf * l.row_tile_bytes() + (r * STRIDE + c) * 4);
+            *p.deq.add(gr * p.cols as usize + j) =
+                dequantize(q as f32, s, ld_shared_u8(base + l.zero_tile + at) as f32);
             *p.codes.add(gr * p.cols as usize + j) = q;
         }
         idx += WORKERS;
@@ -634,7 +647,7 @@ unsafe fn workers<const RPC: usize, const RT: usize>(p: &Panel, tid: u32) {
         sync_threads(); // B2 of block b: its errors and codes are in buffer b % 2
         if has_next {
             // Block b's errors into the error parts of the last two stages (k-major).
-            let err = p.base + l.err_tile + (b % 2) * l.row_tile;
+            let err = p.base + l.work_tile;
             let mut idx = tid;
             while idx < BLOCK * RPC as u32 {
                 let (r, k) = (idx % RPC as u32, idx / RPC as u32);
@@ -672,7 +685,7 @@ unsafe fn store_x<const RT: usize>(p: &Panel, wv: &[[f32; 4]; RT], acc: &[[f32; 
         let r = rs * RT as u32 + i as u32;
         let mut j = 0;
         while j < 4 {
-            st_f32(p.base + p.l.x_tile + (r * STRIDE + 4 * cq + j as u32) * 4, wv[i][j] - acc[i][j]);
+            st_f32(p.base + p.l.work_tile + (r * STRIDE + 4 * cq + j as u32) * 4, wv[i][j] - acc[i][j]);
             j += 1;
         }
         i += 1;

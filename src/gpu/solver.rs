@@ -160,8 +160,8 @@ impl SolveWorkspace {
     }
 }
 
-/// Rows per solver block: 16 (two blocks per SM, each with its own chain warp) while that
-/// covers the rows in one wave, else 32 (one block per SM: its tiles need the shared memory).
+/// Rows per solver block: 16 while two blocks per SM cover the rows in one wave, else 32
+/// (half the blocks; the same two per SM).
 fn rows_per_block(dev: &GpuDevice, rows: usize) -> Result<u32> {
     let sms = dev.sm_count()? as usize;
     Ok(if rows.div_ceil(16) <= 2 * sms { 16 } else { 32 })

@@ -79,10 +79,11 @@ pub const SOLVER_PANEL: u32 = 512;
 pub const SOLVER_STAGES: u32 = 3;
 
 /// Shared-memory layout of one `gptq_panel` block of `rpc` rows (16 or 32), used by the kernel
-/// and its launcher. Offsets in bytes; every f32 tile is 16-byte aligned, and per-row tiles
+/// and its launcher. Offsets in bytes; every tile is 16-byte aligned, and per-row f32 tiles
 /// use the bank-skewed stride [`Self::TILE_STRIDE`] (lanes read different rows at once).
 /// Tiles marked "×2" are double-buffered by block parity: the chain warp works on block `b`
-/// while the workers write out block `b − 1` and prepare block `b + 1`.
+/// while the workers write out block `b − 1` and prepare block `b + 1`. Kept under ~105 KiB
+/// at 32 rows so two blocks share an SM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SolverSharedLayout {
     /// Rows per block.
@@ -93,42 +94,45 @@ pub struct SolverSharedLayout {
     pub stage_bytes: u32,
     /// Offset of the `U` part inside a stage.
     pub stage_u: u32,
-    /// Bytes of one `[rpc][TILE_STRIDE]` f32 tile (the buffer stride of the ×2 row tiles).
-    pub row_tile: u32,
-    /// The block's working weights: `[rpc][TILE_STRIDE]` f32.
-    pub x_tile: u32,
-    /// The block's errors: `[rpc][TILE_STRIDE]` f32, ×2.
-    pub err_tile: u32,
+    /// The block's working weights, which the chain overwrites with their errors slice by
+    /// slice: `[rpc][TILE_STRIDE]` f32.
+    pub work_tile: u32,
     /// `U[block, block]`: `[BLOCK][BLOCK]` f32, ×2 (buffer stride [`Self::U_BLOCK_BYTES`]).
     pub u_block: u32,
     /// Original column of each block column: `[BLOCK]` u32, ×2.
     pub perm: u32,
-    /// Decoded scale of every (row, block column): `[rpc][TILE_STRIDE]` f32, ×2.
+    /// Decoded scale of every (row, block column): `[rpc][TILE_STRIDE]` f32, ×2 (buffer
+    /// stride [`Self::row_tile_bytes`]).
     pub scale_tile: u32,
-    /// Zero point of every (row, block column): `[rpc][TILE_STRIDE]` f32, ×2.
+    /// Zero point of every (row, block column): `[rpc][BLOCK]` u8, ×2 (buffer stride
+    /// [`Self::byte_tile_bytes`]).
     pub zero_tile: u32,
-    /// The division reciprocal of every scale: `[rpc][TILE_STRIDE]` f32, ×2.
-    pub scale_recip_tile: u32,
     /// The division reciprocal of `U`'s diagonal in the block: `[BLOCK]` f32.
     pub diag_recip: u32,
     /// Per row, non-zero once a scale left the fast division's range: `[rpc]` u32, then one
     /// u32 for the block (a diagonal of `U` out of range).
     pub slow_flags: u32,
-    /// Codes of the block: `[rpc][BLOCK]` u8, ×2 (buffer stride `rpc·BLOCK`).
+    /// Codes of the block: `[rpc][BLOCK]` u8, ×2.
     pub codes: u32,
     /// Total bytes.
     pub total: u32,
 }
 
 impl SolverSharedLayout {
-    /// Row stride of the per-row tiles, in floats (16-byte aligned, bank-skewed).
+    /// Row stride of the per-row f32 tiles, in floats (16-byte aligned, bank-skewed).
     pub const TILE_STRIDE: u32 = SOLVER_BLOCK + 4;
     /// Bytes of one `U[block, block]` buffer.
     pub const U_BLOCK_BYTES: u32 = SOLVER_BLOCK * SOLVER_BLOCK * 4;
 
-    /// Bytes of one codes buffer.
+    /// Bytes of one `[rpc][TILE_STRIDE]` f32 tile.
     #[inline]
-    pub const fn codes_bytes(&self) -> u32 {
+    pub const fn row_tile_bytes(&self) -> u32 {
+        self.rpc * Self::TILE_STRIDE * 4
+    }
+
+    /// Bytes of one `[rpc][BLOCK]` u8 tile (codes, zero points).
+    #[inline]
+    pub const fn byte_tile_bytes(&self) -> u32 {
         self.rpc * SOLVER_BLOCK
     }
 
@@ -136,33 +140,29 @@ impl SolverSharedLayout {
     #[inline]
     pub fn new(rpc: u32) -> Self {
         let row_tile = rpc * Self::TILE_STRIDE * 4;
+        let byte_tile = rpc * SOLVER_BLOCK;
         let stage_u = SOLVER_KCHUNK * rpc * 4;
         let stage_bytes = stage_u + SOLVER_KCHUNK * SOLVER_BLOCK * 4;
         let stages = 0;
-        let x_tile = stages + SOLVER_STAGES * stage_bytes;
-        let err_tile = x_tile + row_tile;
-        let u_block = err_tile + 2 * row_tile;
+        let work_tile = stages + SOLVER_STAGES * stage_bytes;
+        let u_block = work_tile + row_tile;
         let perm = u_block + 2 * Self::U_BLOCK_BYTES;
         let scale_tile = perm + 2 * SOLVER_BLOCK * 4;
         let zero_tile = scale_tile + 2 * row_tile;
-        let scale_recip_tile = zero_tile + 2 * row_tile;
-        let diag_recip = scale_recip_tile + 2 * row_tile;
+        let diag_recip = zero_tile + 2 * byte_tile;
         let slow_flags = diag_recip + SOLVER_BLOCK * 4;
         let codes = slow_flags + (rpc + 4) * 4;
-        let total = codes + 2 * rpc * SOLVER_BLOCK;
+        let total = codes + 2 * byte_tile;
         SolverSharedLayout {
             rpc,
             stages,
             stage_bytes,
             stage_u,
-            row_tile,
-            x_tile,
-            err_tile,
+            work_tile,
             u_block,
             perm,
             scale_tile,
             zero_tile,
-            scale_recip_tile,
             diag_recip,
             slow_flags,
             codes,

@@ -83,9 +83,9 @@ impl PtxBuilder {
         let ptx_path = find_ptx(&target_dir.join("nvptx64-nvidia-cuda/release/deps"), &self.crate_name()?)?;
         let ptx = std::fs::read_to_string(&ptx_path).map_err(|e| format!("reading {}: {e}", ptx_path.display()))?;
         check_self_contained(&ptx)?;
-        self.launch_bounds.iter().try_fold(ptx, |ptx, (entry, threads, blocks)| {
-            with_launch_bounds(&ptx, entry, *threads, *blocks)
-        })
+        self.launch_bounds
+            .iter()
+            .try_fold(ptx, |ptx, (entry, threads, blocks)| with_launch_bounds(&ptx, entry, *threads, *blocks))
     }
 
     fn crate_name(&self) -> Result<String, String> {
@@ -159,7 +159,10 @@ mod tests {
     fn launch_bounds_go_between_the_parameters_and_the_body() {
         let ptx = ".visible .entry k(\n\t.param .u32 k_param_0\n)\n{\n\tret;\n}\n";
         let out = with_launch_bounds(ptx, "k", 160, 2).unwrap();
-        assert_eq!(out, ".visible .entry k(\n\t.param .u32 k_param_0\n)\n.maxntid 160, 1, 1\n.minnctapersm 2\n{\n\tret;\n}\n");
+        assert_eq!(
+            out,
+            ".visible .entry k(\n\t.param .u32 k_param_0\n)\n.maxntid 160, 1, 1\n.minnctapersm 2\n{\n\tret;\n}\n"
+        );
         assert!(with_launch_bounds(ptx, "other", 1, 1).is_err());
     }
 }
