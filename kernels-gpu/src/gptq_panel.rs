@@ -39,9 +39,10 @@ use crate::device::{
     shared_window_base, st_shared_f32x4, st_shared_u32, st_shared_u32x4, sync_named, sync_threads, sync_warp, thread_x,
     vote_all,
 };
+use crate::gptq_expand_meta::ScaleZero;
 use core::f32::math::mul_add as fma;
 use forge_numerics::{
-    dequantize, quantize, quantize_scaled, QMetaPacked, SolverSharedLayout, SOLVER_BLOCK as BLOCK, SOLVER_STAGES,
+    dequantize, quantize, quantize_scaled, SolverSharedLayout, SOLVER_BLOCK as BLOCK, SOLVER_STAGES, SOLVER_THREADS,
     SOLVER_UPDATER_THREADS as UPDATERS, SOLVER_WORKER_THREADS as WORKERS,
 };
 
@@ -308,12 +309,10 @@ struct Panel {
     p0: u32,
     p1: u32,
     u: *const f32,
-    perm: *const u32,
-    qmeta: *const u32,
+    scale_zero: *const ScaleZero,
     rows: u32,
     cols: u32,
     cols_p: u32,
-    gs: u32,
     n_groups: u32,
     maxq: f32,
     rows_p: u32,
@@ -446,15 +445,16 @@ unsafe fn slice_updaters<const RPC: usize>(p: &Panel, ut: u32) {
 }
 
 /// Issues the global loads a block needs before its chain: `U[block, block]` (cp.async, its
-/// own group), the block's `perm` tile, this lane's qmeta records for its warp's 16 columns
-/// and the working weights of this thread's X tile. Returns the records and the weights.
+/// own group), the block's `perm` tile, this lane's scales and zero points for its warp's 16
+/// columns and the working weights of this thread's X tile. Rows past the end and columns
+/// past `cols` get scale 1 and zero 0 (their zero working weights then give zero errors).
 #[inline(always)]
 unsafe fn stage_block_loads<const RPC: usize, const RT: usize>(
     p: &Panel,
     c0: u32,
     buf: u32,
     tid: u32,
-) -> ([u32; 16], [[f32; 4]; RT]) {
+) -> ([ScaleZero; 16], [[f32; 4]; RT]) {
     let (warp, lane) = (tid / 32, tid % 32);
     let u_blk = p.base + p.l.u_block + buf * SolverSharedLayout::U_BLOCK_BYTES;
     let mut q = 0;
@@ -465,20 +465,18 @@ unsafe fn stage_block_loads<const RPC: usize, const RT: usize>(
         q += 1;
     }
     cp_async_commit();
-    if tid < BLOCK {
-        st_shared_u32(p.base + p.l.perm + (buf * BLOCK + tid) * 4, *p.perm.add((c0 + tid) as usize));
-    }
-    let mut metas = [0u32; 16];
+    let mut metas = [ScaleZero { scale: 1.0, zero: 0 }; 16];
     let grow = p.row0 + lane;
     if (lane as usize) < RPC && grow < p.rows {
         for16(|c| {
             let t = c0 + 16 * warp + c as u32;
             if t < p.cols {
-                metas[c] = *p.qmeta.add((grow * p.n_groups + *p.perm.add(t as usize) / p.gs) as usize);
+                let g = ld_shared_u32(p.base + p.l.group_of + (t - p.p0) * 4);
+                metas[c] = *p.scale_zero.add((grow * p.n_groups + g) as usize);
             }
         });
     }
-    let (rs, cq) = (tid / 16, tid % 16);
+    let (rs, cq) = product_tile(tid);
     let mut wv = [[0f32; 4]; RT];
     let mut i = 0;
     while i < RT {
@@ -490,29 +488,36 @@ unsafe fn stage_block_loads<const RPC: usize, const RT: usize>(
     (metas, wv)
 }
 
-/// Decodes this lane's records into the scale, zero-point and reciprocal tiles of buffer
-/// `buf`. Rows past the end and columns past `cols` (their record reads as 0) get scale 1
-/// and zero 0: their zero working weights give zero errors.
+/// Stores this lane's scales and zero points into the tiles of buffer `buf`.
 #[inline(always)]
-unsafe fn decode_block_meta<const RPC: usize>(p: &Panel, metas: &[u32; 16], buf: u32, tid: u32) {
+unsafe fn store_block_meta<const RPC: usize>(p: &Panel, metas: &[ScaleZero; 16], buf: u32, tid: u32) {
     let (warp, lane) = (tid / 32, tid % 32);
     if (lane as usize) < RPC {
-        let row_ok = p.row0 + lane < p.rows;
         let mut zeros = [0u32; 4];
+        let mut in_range = true;
         for16(|c| {
-            let m = if row_ok { QMetaPacked::from_u32(metas[c]) } else { QMetaPacked::encode(1.0, 0.0, false) };
-            let s = m.scale();
+            let s = metas[c].scale;
             st_f32(
                 p.base + p.l.scale_tile + buf * p.l.row_tile_bytes() + (lane * STRIDE + 16 * warp + c as u32) * 4,
                 s,
             );
-            zeros[c / 4] |= (m.qzero as u32) << (8 * (c % 4));
-            if !(SCALE_MIN..=SCALE_MAX).contains(&s) {
-                st_shared_u32(p.base + p.l.slow_flags + lane * 4, 1); // sticky for the panel
-            }
+            zeros[c / 4] |= (metas[c].zero & 0xff) << (8 * (c % 4));
+            in_range &= (SCALE_MIN..=SCALE_MAX).contains(&s);
         });
+        if !in_range {
+            st_shared_u32(p.base + p.l.slow_flags + lane * 4, 1); // sticky for the panel
+        }
         st_shared_u32x4(p.base + p.l.zero_tile + buf * p.l.byte_tile_bytes() + lane * BLOCK + 16 * warp, zeros);
     }
+}
+
+/// This worker's product tile: rows `rs·RT ..` and column quad `cq`. Warp `w` covers the
+/// block's 16 columns `16w ..` over all rows (8 row groups × 4 quads), so a K step loads
+/// 8 error groups and 4 factor quads per warp: two shared-memory wavefronts.
+#[inline(always)]
+fn product_tile(tid: u32) -> (u32, u32) {
+    let lane = tid % 32;
+    (lane / 4, (tid / 32) * 4 + lane % 4)
 }
 
 /// `acc += Err[rows, chunk] · U[chunk, block]` for the chunk in `stage`.
@@ -549,22 +554,22 @@ unsafe fn multiply_chunk<const RPC: usize, const RT: usize>(
     }
 }
 
-/// Writes block `wb`'s errors (permuted order, column-major), codes and dequantized values
-/// (original column order). The errors come from the last two product stages, where the
-/// workers copied them for block `wb + 1`'s product, or, for the panel's last block, from
-/// the work tile.
+/// Writes block `wb`'s errors (permuted order, column-major; rows fastest), then its codes
+/// and dequantized values (original column order; columns fastest, so rows are written in
+/// runs when there is no act-order). The errors come from the last two product stages,
+/// where the workers copied them for block `wb + 1`'s product, or, for the panel's last
+/// block, from the work tile.
 #[inline(always)]
 unsafe fn write_block<const RPC: usize>(p: &Panel, wb: u32, tid: u32) {
     let (l, base) = (&p.l, p.base);
     let (c0, buf) = (p.p0 + wb * BLOCK, wb % 2);
+    let live_rows = p.rows.saturating_sub(p.row0).min(RPC as u32);
+    let live_cols = p.cols.saturating_sub(c0).min(BLOCK);
     let from_stages = c0 + BLOCK < p.p1;
     let mut idx = tid;
     while idx < RPC as u32 * BLOCK {
-        // Rows fastest: the column-major error workspace is written in runs of RPC floats.
         let (r, c) = (idx % RPC as u32, idx / RPC as u32);
-        if p.row0 + r < p.rows && c0 + c < p.cols {
-            let gr = (p.row0 + r) as usize;
-            let j = ld_shared_u32(base + l.perm + (buf * BLOCK + c) * 4) as usize;
+        if r < live_rows && c < live_cols {
             let err_at = if from_stages {
                 // chunks 2wb and 2wb + 1 of block wb + 1's product
                 let stage = (2 * wb + c / KC) % SOLVER_STAGES;
@@ -572,13 +577,21 @@ unsafe fn write_block<const RPC: usize>(p: &Panel, wb: u32, tid: u32) {
             } else {
                 base + l.work_tile + (r * STRIDE + c) * 4
             };
-            *p.err_t.add((c0 + c) as usize * p.rows_p as usize + gr) = ld_shared_f32(err_at);
+            *p.err_t.add(((c0 + c) * p.rows_p + p.row0 + r) as usize) = ld_shared_f32(err_at);
+        }
+        idx += WORKERS;
+    }
+    let mut idx = tid;
+    while idx < RPC as u32 * BLOCK {
+        let (r, c) = (idx / BLOCK, idx % BLOCK);
+        if r < live_rows && c < live_cols {
+            let j = ld_shared_u32(base + l.perm + (c0 - p.p0 + c) * 4);
             let at = buf * l.byte_tile_bytes() + r * BLOCK + c;
             let q = ld_shared_u8(base + l.codes + at);
             let s = ld_shared_f32(base + l.scale_tile + buf * l.row_tile_bytes() + (r * STRIDE + c) * 4);
-            *p.deq.add(gr * p.cols as usize + j) =
-                dequantize(q as f32, s, ld_shared_u8(base + l.zero_tile + at) as f32);
-            *p.codes.add(gr * p.cols as usize + j) = q;
+            let out = ((p.row0 + r) * p.cols + j) as usize;
+            *p.deq.add(out) = dequantize(q as f32, s, ld_shared_u8(base + l.zero_tile + at) as f32);
+            *p.codes.add(out) = q;
         }
         idx += WORKERS;
     }
@@ -591,12 +604,12 @@ unsafe fn write_block<const RPC: usize>(p: &Panel, wb: u32, tid: u32) {
 #[inline(always)]
 unsafe fn workers<const RPC: usize, const RT: usize>(p: &Panel, tid: u32) {
     let l = &p.l;
-    let (rs, cq) = (tid / 16, tid % 16);
+    let (rs, cq) = product_tile(tid);
     let nb = (p.p1 - p.p0) / BLOCK;
     // Block 0 has no product inside the panel: X = Wwork.
     let (metas, wv) = stage_block_loads::<RPC, RT>(p, p.p0, 0, tid);
     cp_async_wait::<0>();
-    decode_block_meta::<RPC>(p, &metas, 0, tid);
+    store_block_meta::<RPC>(p, &metas, 0, tid);
     store_x::<RT>(p, &wv, &[[0f32; 4]; RT], rs, cq);
     sync_threads(); // B1 of block 0
     let mut b = 0;
@@ -642,7 +655,7 @@ unsafe fn workers<const RPC: usize, const RT: usize>(p: &Panel, tid: u32) {
                 );
                 ch += 1;
             }
-            decode_block_meta::<RPC>(p, &metas, nbuf, tid);
+            store_block_meta::<RPC>(p, &metas, nbuf, tid);
         }
         sync_threads(); // B2 of block b: its errors and codes are in buffer b % 2
         if has_next {
@@ -699,11 +712,11 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
     p1: u32,
     u: *const f32,
     perm: *const u32,
-    qmeta: *const u32,
+    group_of: *const u32,
+    scale_zero: *const ScaleZero,
     rows: u32,
     cols: u32,
     cols_p: u32,
-    gs: u32,
     n_groups: u32,
     bits: u32,
     rows_p: u32,
@@ -717,12 +730,10 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
         p0,
         p1,
         u,
-        perm,
-        qmeta,
+        scale_zero,
         rows,
         cols,
         cols_p,
-        gs: gs.max(1), // no division-by-zero panic path
         n_groups,
         maxq: forge_numerics::maxq(bits),
         rows_p,
@@ -732,12 +743,20 @@ unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
         loss,
         row0: block_x() * RPC as u32,
         base: shared_window_base(),
-        l: SolverSharedLayout::new(RPC as u32),
+        l: SolverSharedLayout::new(RPC as u32, p1 - p0),
     };
     let tid = thread_x();
     if tid <= RPC as u32 {
         st_shared_u32(p.base + p.l.slow_flags + tid * 4, 0); // visible after barrier B1 of block 0
     }
+    // The panel's column order and groups, read by every block step.
+    let mut t = tid;
+    while t < p1 - p0 {
+        st_shared_u32(p.base + p.l.perm + t * 4, *perm.add((p0 + t) as usize));
+        st_shared_u32(p.base + p.l.group_of + t * 4, *group_of.add((p0 + t) as usize));
+        t += SOLVER_THREADS;
+    }
+    sync_threads();
     if tid < WORKERS {
         workers::<RPC, RT>(&p, tid);
     } else if tid < WORKERS + UPDATERS {
@@ -757,11 +776,11 @@ macro_rules! gptq_panel_entry {
             p1: u32,
             u: *const f32,
             perm: *const u32,
-            qmeta: *const u32,
+            group_of: *const u32,
+            scale_zero: *const ScaleZero,
             rows: u32,
             cols: u32,
             cols_p: u32,
-            gs: u32,
             n_groups: u32,
             bits: u32,
             rows_p: u32,
@@ -771,7 +790,8 @@ macro_rules! gptq_panel_entry {
             loss: *mut f32,
         ) {
             gptq_panel_impl::<$rpc, $rt>(
-                w_work, p0, p1, u, perm, qmeta, rows, cols, cols_p, gs, n_groups, bits, rows_p, codes, deq, err_t, loss,
+                w_work, p0, p1, u, perm, group_of, scale_zero, rows, cols, cols_p, n_groups, bits, rows_p, codes, deq,
+                err_t, loss,
             )
         }
     };

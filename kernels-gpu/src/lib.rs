@@ -15,6 +15,7 @@ pub mod device;
 pub mod fast_division;
 pub mod fma_throughput;
 
+pub mod gptq_expand_meta;
 pub mod gptq_panel;
 pub mod gptq_permute;
 pub mod gptq_trailing;

@@ -110,6 +110,10 @@ pub struct SolveWorkspace {
     cols_p: usize,
     rows_p: usize,
     panel: u32,
+    /// Decoded `(scale, zero)` of every grid record (8 bytes each), sized at first use.
+    scale_zero: Option<CudaSlice<u32>>,
+    /// Group of every permuted column, `cols_p` entries.
+    group_of: CudaSlice<u32>,
 }
 
 /// Rows and columns are padded to the trailing update's 128-wide tiles.
@@ -136,14 +140,16 @@ impl SolveWorkspace {
             cols_p,
             rows_p,
             panel: SOLVER_PANEL,
+            scale_zero: None,
+            group_of: s.alloc_zeros::<u32>(cols_p).map_err(ForgeError::driver("allocating solver buffers"))?,
         })
     }
 
-    /// Sets the panel width (a multiple of 128; default `SOLVER_PANEL`): wider panels move
-    /// work from the trailing update into the column-by-column kernel. For tuning.
+    /// Sets the panel width (a multiple of 128 up to 1024; default `SOLVER_PANEL`): wider
+    /// panels move work from the trailing update into the column-by-column kernel. For tuning.
     pub fn set_panel(&mut self, panel: u32) -> Result<()> {
-        if panel == 0 || !panel.is_multiple_of(128) {
-            return Err(ForgeError::Shape(format!("solver panel {panel} is not a positive multiple of 128")));
+        if panel == 0 || panel > 1024 || !panel.is_multiple_of(128) {
+            return Err(ForgeError::Shape(format!("solver panel {panel} is not a multiple of 128 in 128..=1024")));
         }
         self.panel = panel;
         Ok(())
@@ -202,6 +208,28 @@ pub fn launch_solve(
     let (gs32, ng, bits) = (gs as u32, grid.n_groups as u32, grid.maxq.count_ones());
     stream.memset_zeros(&mut ws.out.loss).map_err(ForgeError::driver("clearing the loss"))?;
 
+    // Decoded grid records and the group of every permuted column, read by the panels.
+    let n_records = rows * grid.n_groups;
+    let mut scale_zero = match ws.scale_zero.take() {
+        Some(b) if b.len() >= 2 * n_records => b,
+        _ => stream.alloc_zeros::<u32>(2 * n_records).map_err(ForgeError::driver("allocating solver buffers"))?,
+    };
+    let f = dev.function("gptq_expand_meta")?;
+    let mut l = stream.launch_builder(&f);
+    let nr = n_records as u32;
+    l.arg(&grid.qmeta)
+        .arg(&nr)
+        .arg(&factor.perm)
+        .arg(&c)
+        .arg(&cp)
+        .arg(&gs32)
+        .arg(&mut scale_zero)
+        .arg(&mut ws.group_of);
+    // SAFETY: qmeta has rows·n_groups records and scale_zero room for as many (8 bytes each);
+    // perm and group_of have cols_p entries; gs > 0 (validated grid).
+    unsafe { l.launch(grid_for(n_records.max(factor.cols_p), 256).into()) }
+        .map_err(ForgeError::driver("launching gptq_expand_meta"))?;
+
     // Permuted working weights.
     let f = dev.function("gptq_permute_weight")?;
     let mut l = stream.launch_builder(&f);
@@ -212,7 +240,7 @@ pub fn launch_solve(
 
     let rpc = rows_per_block(dev, rows)?;
     let panel = dev.function(if rpc == 32 { "gptq_panel_r32" } else { "gptq_panel_r16" })?;
-    let shared = SolverSharedLayout::new(rpc).total;
+    let shared = SolverSharedLayout::new(rpc, ws.panel).total;
     // Above the 48 KiB default the block's dynamic shared-memory limit must be raised.
     panel
         .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32)
@@ -232,8 +260,8 @@ pub fn launch_solve(
     while p0 < cp {
         let p1 = (p0 + ws.panel).min(cp);
         let mut l = stream.launch_builder(&panel);
-        l.arg(&ws.w_work).arg(&p0).arg(&p1).arg(&factor.u).arg(&factor.perm).arg(&grid.qmeta);
-        l.arg(&r).arg(&c).arg(&cp).arg(&gs32).arg(&ng).arg(&bits).arg(&rp);
+        l.arg(&ws.w_work).arg(&p0).arg(&p1).arg(&factor.u).arg(&factor.perm).arg(&ws.group_of);
+        l.arg(&scale_zero).arg(&r).arg(&c).arg(&cp).arg(&ng).arg(&bits).arg(&rp);
         l.arg(&mut ws.out.codes).arg(&mut ws.out.dequant).arg(&mut ws.err).arg(&mut ws.out.loss);
         // SAFETY: buffer sizes checked above against the kernel's contract; p0 < p1 ≤ cols_p,
         // multiples of 128; the factor was padded with an identity diagonal by
@@ -253,6 +281,7 @@ pub fn launch_solve(
         }
         p0 = p1;
     }
+    ws.scale_zero = Some(scale_zero);
     Ok(())
 }
 

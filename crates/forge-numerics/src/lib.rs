@@ -82,8 +82,8 @@ pub const SOLVER_STAGES: u32 = 3;
 /// and its launcher. Offsets in bytes; every tile is 16-byte aligned, and per-row f32 tiles
 /// use the bank-skewed stride [`Self::TILE_STRIDE`] (lanes read different rows at once).
 /// Tiles marked "×2" are double-buffered by block parity: the chain warp works on block `b`
-/// while the workers write out block `b − 1` and prepare block `b + 1`. Kept under ~105 KiB
-/// at 32 rows so two blocks share an SM.
+/// while the workers write out block `b − 1` and prepare block `b + 1`. Kept under ~110 KiB
+/// at 32 rows and 512-column panels so two blocks share an SM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SolverSharedLayout {
     /// Rows per block.
@@ -99,8 +99,10 @@ pub struct SolverSharedLayout {
     pub work_tile: u32,
     /// `U[block, block]`: `[BLOCK][BLOCK]` f32, ×2 (buffer stride [`Self::U_BLOCK_BYTES`]).
     pub u_block: u32,
-    /// Original column of each block column: `[BLOCK]` u32, ×2.
+    /// Original column of each of the panel's columns: `[panel]` u32.
     pub perm: u32,
+    /// Group of each of the panel's columns: `[panel]` u32.
+    pub group_of: u32,
     /// Decoded scale of every (row, block column): `[rpc][TILE_STRIDE]` f32, ×2 (buffer
     /// stride [`Self::row_tile_bytes`]).
     pub scale_tile: u32,
@@ -136,9 +138,9 @@ impl SolverSharedLayout {
         self.rpc * SOLVER_BLOCK
     }
 
-    /// The layout for `rpc` rows per block.
+    /// The layout for `rpc` rows per block and panels of at most `panel` columns.
     #[inline]
-    pub fn new(rpc: u32) -> Self {
+    pub fn new(rpc: u32, panel: u32) -> Self {
         let row_tile = rpc * Self::TILE_STRIDE * 4;
         let byte_tile = rpc * SOLVER_BLOCK;
         let stage_u = SOLVER_KCHUNK * rpc * 4;
@@ -147,7 +149,8 @@ impl SolverSharedLayout {
         let work_tile = stages + SOLVER_STAGES * stage_bytes;
         let u_block = work_tile + row_tile;
         let perm = u_block + 2 * Self::U_BLOCK_BYTES;
-        let scale_tile = perm + 2 * SOLVER_BLOCK * 4;
+        let group_of = perm + panel * 4;
+        let scale_tile = group_of + panel * 4;
         let zero_tile = scale_tile + 2 * row_tile;
         let diag_recip = zero_tile + 2 * byte_tile;
         let slow_flags = diag_recip + SOLVER_BLOCK * 4;
@@ -161,6 +164,7 @@ impl SolverSharedLayout {
             work_tile,
             u_block,
             perm,
+            group_of,
             scale_tile,
             zero_tile,
             diag_recip,
