@@ -26,13 +26,11 @@ pub fn quantize_scaled(x_over_scale: f32, qzero: f32, maxq: f32) -> f32 {
 
 #[inline(always)]
 fn clamp_code(q: f32, maxq: f32) -> f32 {
-    // torch.clamp order: lower bound first; a NaN code (never produced from finite data) → 0.
+    // torch.clamp order: lower bound first; a NaN code (never produced from finite data) → 0,
+    // and −0 → +0 (the select, unlike a min/max, fixes the zero's sign on every target).
+    // Then q ≥ +0 and maxq ≥ 1, where `min` is exact: one instruction on the GPU.
     let q = if q > 0.0 { q } else { 0.0 };
-    if q < maxq {
-        q
-    } else {
-        maxq
-    }
+    q.min(maxq)
 }
 
 /// The same code as [`quantize`], computed with a multiply by `inv_scale = 1/scale` and an
