@@ -1,13 +1,15 @@
 //! `gptq_permute_weight`: the solver's working weights `Wwork[r, t] = W[r, perm[t]]`, zero
 //! past the real rows and columns, so later kernels read panels contiguously.
 //!
-//! Thread mapping: one thread per working element, grid-stride over `rows_p·cols_p`.
+//! Thread mapping: block `(x, y)` covers columns `256·x ..` of rows `y, y + gridDim.y, …`;
+//! one thread per column, so a warp reads `perm` and writes `Wwork` in 128-byte runs (and,
+//! without act-order, reads `W` in runs too).
 //!
 //! # Safety (upheld by the host launcher)
 //! `w` is `rows·cols` f32; `perm` has `cols_p` entries, a permutation of `0..cols` first;
-//! `w_work` holds `rows_p·cols_p` f32.
+//! `w_work` holds `rows_p·cols_p` f32; 256 threads per block, `gridDim.x·256 ≥ cols_p`.
 
-use crate::device::{block_dim_x, global_x, grid_dim_x};
+use crate::device::{block_x, block_y, grid_dim_y, thread_x};
 
 /// See the module docs.
 #[no_mangle]
@@ -20,17 +22,15 @@ pub unsafe extern "ptx-kernel" fn gptq_permute_weight(
     cols_p: u32,
     w_work: *mut f32,
 ) {
-    let total = rows_p as u64 * cols_p as u64;
-    let cols_p = cols_p.max(1); // no division-by-zero panic path
-    let stride = (block_dim_x() * grid_dim_x()) as u64;
-    let mut i = global_x() as u64;
-    while i < total {
-        let (r, t) = ((i / cols_p as u64) as u32, (i % cols_p as u64) as u32);
-        *w_work.add(i as usize) = if r < rows && t < cols {
-            *w.add((r as u64 * cols as u64 + *perm.add(t as usize) as u64) as usize)
-        } else {
-            0.0
-        };
-        i += stride;
+    let t = block_x() * 256 + thread_x();
+    if t >= cols_p {
+        return;
+    }
+    let j = if t < cols { *perm.add(t as usize) } else { 0 };
+    let mut r = block_y();
+    while r < rows_p {
+        *w_work.add(r as usize * cols_p as usize + t as usize) =
+            if r < rows && t < cols { *w.add(r as usize * cols as usize + j as usize) } else { 0.0 };
+        r += grid_dim_y();
     }
 }

@@ -234,9 +234,11 @@ pub fn launch_solve(
     let f = dev.function("gptq_permute_weight")?;
     let mut l = stream.launch_builder(&f);
     l.arg(weight.bytes()).arg(&factor.perm).arg(&r).arg(&c).arg(&rp).arg(&cp).arg(&mut ws.w_work);
-    // SAFETY: w is rows·cols f32, perm cols_p entries, w_work rows_p·cols_p.
-    unsafe { l.launch(grid_for(ws.rows_p * factor.cols_p, 256).into()) }
-        .map_err(ForgeError::driver("launching gptq_permute_weight"))?;
+    let permute_cfg =
+        LaunchConfig { grid_dim: (cp.div_ceil(256), rp.min(4096), 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: w is rows·cols f32, perm cols_p entries, w_work rows_p·cols_p; 256 threads per
+    // block and gridDim.x·256 ≥ cols_p.
+    unsafe { l.launch(permute_cfg) }.map_err(ForgeError::driver("launching gptq_permute_weight"))?;
 
     let rpc = rows_per_block(dev, rows)?;
     let panel = dev.function(if rpc == 32 { "gptq_panel_r32" } else { "gptq_panel_r16" })?;
