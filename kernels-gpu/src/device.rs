@@ -490,3 +490,16 @@ pub unsafe fn st_shared_u32x4(addr: u32, v: [u32; 4]) {
          p = in(reg32) addr, a = in(reg32) v[0], b = in(reg32) v[1], c = in(reg32) v[2], d = in(reg32) v[3],
          options(nostack));
 }
+
+/// `ld.shared.v4.u32` at a 16-byte aligned shared address.
+///
+/// # Safety
+/// `addr` must be 16-byte aligned and inside the launch's dynamic shared memory.
+#[inline(always)]
+pub unsafe fn ld_shared_u32x4(addr: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("ld.shared.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+         a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg32) addr,
+         options(readonly, nostack));
+    [a, b, c, d]
+}

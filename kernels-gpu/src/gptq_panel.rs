@@ -35,9 +35,9 @@
 
 use crate::device::{
     arrive_named, block_x, cp_async_16, cp_async_commit, cp_async_wait, div_by_recip, ld_global_f32x4, ld_shared_f32,
-    ld_shared_f32x2, ld_shared_f32x4, ld_shared_f32x4_pure, ld_shared_u32, ld_shared_u8, recip_for_division,
-    shared_window_base, st_shared_f32x4, st_shared_u32, st_shared_u32x4, sync_named, sync_threads, sync_warp, thread_x,
-    vote_all,
+    ld_shared_f32x2, ld_shared_f32x4, ld_shared_f32x4_pure, ld_shared_u32, ld_shared_u32x4, ld_shared_u8,
+    recip_for_division, shared_window_base, st_shared_f32x4, st_shared_u32, st_shared_u32x4, sync_named, sync_threads,
+    sync_warp, thread_x, vote_all,
 };
 use crate::gptq_expand_meta::ScaleZero;
 use core::f32::math::mul_add as fma;
@@ -554,44 +554,59 @@ unsafe fn multiply_chunk<const RPC: usize, const RT: usize>(
     }
 }
 
-/// Writes block `wb`'s errors (permuted order, column-major; rows fastest), then its codes
-/// and dequantized values (original column order; columns fastest, so rows are written in
-/// runs when there is no act-order). The errors come from the last two product stages,
-/// where the workers copied them for block `wb + 1`'s product, or, for the panel's last
-/// block, from the work tile.
+/// Writes block `wb`'s errors (permuted order, column-major), codes and dequantized values
+/// (original column order), four elements per access. The errors come from the last two
+/// product stages, where the workers copied them for block `wb + 1`'s product, or, for the
+/// panel's last block, from the work tile. Errors of padded rows and columns are exactly
+/// zero, so the padded error workspace is written whole.
 #[inline(always)]
 unsafe fn write_block<const RPC: usize>(p: &Panel, wb: u32, tid: u32) {
     let (l, base) = (&p.l, p.base);
     let (c0, buf) = (p.p0 + wb * BLOCK, wb % 2);
-    let live_rows = p.rows.saturating_sub(p.row0).min(RPC as u32);
-    let live_cols = p.cols.saturating_sub(c0).min(BLOCK);
     let from_stages = c0 + BLOCK < p.p1;
+    // Errors: thread → 4 consecutive rows of one column (a 16-byte run of err_t).
     let mut idx = tid;
-    while idx < RPC as u32 * BLOCK {
-        let (r, c) = (idx % RPC as u32, idx / RPC as u32);
-        if r < live_rows && c < live_cols {
-            let err_at = if from_stages {
-                // chunks 2wb and 2wb + 1 of block wb + 1's product
-                let stage = (2 * wb + c / KC) % SOLVER_STAGES;
-                base + l.stages + stage * l.stage_bytes + ((c % KC) * RPC as u32 + r) * 4
-            } else {
-                base + l.work_tile + (r * STRIDE + c) * 4
-            };
-            *p.err_t.add(((c0 + c) * p.rows_p + p.row0 + r) as usize) = ld_shared_f32(err_at);
-        }
+    while idx < RPC as u32 / 4 * BLOCK {
+        let (r, c) = ((idx % (RPC as u32 / 4)) * 4, idx / (RPC as u32 / 4));
+        let e = if from_stages {
+            // chunks 2wb and 2wb + 1 of block wb + 1's product, k-major
+            let stage = (2 * wb + c / KC) % SOLVER_STAGES;
+            ld_shared_f32x4(base + l.stages + stage * l.stage_bytes + ((c % KC) * RPC as u32 + r) * 4)
+        } else {
+            core::array::from_fn(|i| ld_shared_f32(base + l.work_tile + ((r + i as u32) * STRIDE + c) * 4))
+        };
+        *(p.err_t.add(((c0 + c) * p.rows_p + p.row0 + r) as usize) as *mut [f32; 4]) = e;
         idx += WORKERS;
     }
+    // Codes and dequantized values: thread → 4 consecutive block columns of one row.
+    let live_rows = p.rows.saturating_sub(p.row0).min(RPC as u32);
+    let live_cols = p.cols.saturating_sub(c0).min(BLOCK);
     let mut idx = tid;
-    while idx < RPC as u32 * BLOCK {
-        let (r, c) = (idx / BLOCK, idx % BLOCK);
+    while idx < RPC as u32 * BLOCK / 4 {
+        let (r, c) = (idx / (BLOCK / 4), (idx % (BLOCK / 4)) * 4);
         if r < live_rows && c < live_cols {
-            let j = ld_shared_u32(base + l.perm + (c0 - p.p0 + c) * 4);
+            let j = ld_shared_u32x4(base + l.perm + (c0 - p.p0 + c) * 4);
             let at = buf * l.byte_tile_bytes() + r * BLOCK + c;
-            let q = ld_shared_u8(base + l.codes + at);
-            let s = ld_shared_f32(base + l.scale_tile + buf * l.row_tile_bytes() + (r * STRIDE + c) * 4);
-            let out = ((p.row0 + r) * p.cols + j) as usize;
-            *p.deq.add(out) = dequantize(q as f32, s, ld_shared_u8(base + l.zero_tile + at) as f32);
-            *p.codes.add(out) = q;
+            let (q4, z4) = (ld_shared_u32(base + l.codes + at), ld_shared_u32(base + l.zero_tile + at));
+            let s4 = ld_shared_f32x4(base + l.scale_tile + buf * l.row_tile_bytes() + (r * STRIDE + c) * 4);
+            let deq: [f32; 4] = core::array::from_fn(|i| {
+                let byte = |w: u32| ((w >> (8 * i)) & 0xff) as f32;
+                dequantize(byte(q4), s4[i], byte(z4))
+            });
+            let row = ((p.row0 + r) * p.cols) as usize;
+            // Without act-order the four columns are one aligned run: one vector store each.
+            let run = c + 4 <= live_cols && j[0] % 4 == 0 && j[1] == j[0] + 1 && j[2] == j[0] + 2 && j[3] == j[0] + 3;
+            if run && p.cols % 4 == 0 {
+                *(p.deq.add(row + j[0] as usize) as *mut [f32; 4]) = deq;
+                *(p.codes.add(row + j[0] as usize) as *mut u32) = q4;
+            } else {
+                for4(|i| {
+                    if c + (i as u32) < live_cols {
+                        *p.deq.add(row + j[i] as usize) = deq[i];
+                        *p.codes.add(row + j[i] as usize) = (q4 >> (8 * i)) as u8;
+                    }
+                });
+            }
         }
         idx += WORKERS;
     }
