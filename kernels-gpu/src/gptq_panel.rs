@@ -211,11 +211,15 @@ impl ChainOut {
 unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, sl: u32, x: &mut [f32; SLICE], maxq: f32) -> ChainOut {
     let mut out = ChainOut { codes: [0; 4], loss: 0.0, max_abs: 0.0, min_key: u32::MAX };
     let s0 = SLICE as u32 * sl;
+    // The slice's scales and their reciprocals up front: independent of the chain, so their
+    // loads and the reciprocal's latency stay off its critical path.
+    let scales: [[f32; 4]; 4] = core::array::from_fn(|q| ld_shared_f32x4_pure(t.scale + (s0 + 4 * q as u32) * 4));
+    let recips: [[f32; 4]; 4] = core::array::from_fn(|q| core::array::from_fn(|i| recip_for_division(scales[q][i])));
     for4(
         #[inline(always)]
         |cq| {
             let q16 = (s0 + 4 * cq as u32) * 4;
-            let (s4, yd4) = (ld_shared_f32x4_pure(t.scale + q16), ld_shared_f32x4_pure(t.diag_recip + q16));
+            let (s4, yd4) = (scales[cq], ld_shared_f32x4_pure(t.diag_recip + q16));
             let zeros = ld_shared_u32(t.zero + s0 + 4 * cq as u32);
             for4(
                 #[inline(always)]
@@ -231,7 +235,7 @@ unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, sl: u32, x: &mut [f32; S
                     } else {
                         out.max_abs = out.max_abs.max(xc.abs());
                         out.min_key = out.min_key.min((xc.to_bits() << 1).wrapping_sub(1));
-                        let q = quantize_scaled(div_by_recip(xc, s, recip_for_division(s)), z, maxq);
+                        let q = quantize_scaled(div_by_recip(xc, s, recips[cq][ci]), z, maxq);
                         (q, div_by_recip(xc - dequantize(q, s, z), d, yd4[ci]))
                     };
                     out.codes[cq] |= (q as u32) << (8 * ci);

@@ -21,7 +21,18 @@ pub fn quantize(x: f32, scale: f32, qzero: f32, maxq: f32) -> f32 {
 /// The GPU solver divides its own way (the same correctly rounded quotient) and shares the rest.
 #[inline]
 pub fn quantize_scaled(x_over_scale: f32, qzero: f32, maxq: f32) -> f32 {
-    clamp_code(round_ties_even(x_over_scale + qzero), maxq)
+    clamp_code(round_for_code(x_over_scale + qzero), maxq)
+}
+
+/// `round_half_even(v)` as far as [`clamp_code`] can tell: `(v + 1.5·2^23) − 1.5·2^23` rounds
+/// ties to even exactly for `|v| ≤ 2^23`; beyond that it stays within 1 of `v` (same sign,
+/// far outside `0..=maxq`), and NaN and ±inf pass through, so the clamped code is the same.
+/// Two adds: on the GPU a dependent chain of fixed-latency ops instead of a round, whose
+/// variable latency sits on the solver's critical path.
+#[inline(always)]
+fn round_for_code(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2^23
+    (v + MAGIC) - MAGIC
 }
 
 #[inline(always)]

@@ -9,7 +9,7 @@
 use forge_numerics::qmeta::EXP2_FRAC_Q63;
 use forge_numerics::{
     bf16_bits_to_f32, decode_log2_q88, encode_log2_q88, f16_bits_to_f32, fp8_e4m3_to_f32, linspace_f32, log2_f32_rn,
-    quantize, quantize_with_reciprocal, reciprocal_is_safe, MIN_SCALE,
+    maxq, quantize, quantize_scaled, quantize_with_reciprocal, reciprocal_is_safe, MIN_SCALE,
 };
 use proptest::prelude::*;
 
@@ -470,6 +470,71 @@ proptest! {
             prop_assert!((v[i] as f64 - exact).abs() <= 1e-6, "[{}] {} vs {}", i, v[i], exact);
             if i > 0 {
                 prop_assert!(v[i] < v[i - 1], "not decreasing at {}", i);
+            }
+        }
+    }
+}
+
+/// The clamp the spec applies after rounding (`torch.clamp`, lower bound first, NaN → 0).
+fn spec_clamp(q: f32, maxq: f32) -> f32 {
+    let q = if q > 0.0 { q } else { 0.0 };
+    if q < maxq {
+        q
+    } else {
+        maxq
+    }
+}
+
+/// `quantize_scaled` rounds with two adds instead of a round; the clamped code must equal
+/// the spec's `clamp(round_half_even(t + q0))` for every f32 `t`, midpoints and huge values
+/// included.
+#[test]
+fn quantize_scaled_equals_round_half_even_then_clamp() {
+    let mut cases: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        0.5,
+        -0.5,
+        1.5,
+        2.5,
+        -1.5,
+        254.5,
+        255.5,
+        256.5,
+        4_194_304.5,
+        8_388_607.5,
+        8_388_608.0,
+        12_582_912.0,
+        -12_582_912.0,
+        16_777_216.0,
+        -8_388_609.0,
+        f32::MAX,
+        f32::MIN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MIN_POSITIVE,
+        -f32::MIN_POSITIVE,
+        1e-45,
+        -1e-45,
+    ];
+    // Every half-integer and its neighbours up to 2^12, and a sweep of raw bit patterns.
+    for k in -8192i32..8192 {
+        let m = k as f32 + 0.5;
+        cases.extend([m, m.next_up(), m.next_down()]);
+    }
+    let mut bits = 0x1234_5678u32;
+    for _ in 0..400_000 {
+        bits = bits.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        cases.push(f32::from_bits(bits));
+    }
+    for &t in &cases {
+        for bits in [2u32, 3, 4, 8] {
+            let maxq = maxq(bits);
+            for q0 in [0.0f32, 1.0, (maxq + 1.0) / 2.0, maxq] {
+                let want = spec_clamp((t + q0).round_ties_even(), maxq);
+                let got = quantize_scaled(t, q0, maxq);
+                assert_eq!(got.to_bits(), want.to_bits(), "t = {t:e} ({:#x}), q0 = {q0}, bits = {bits}", t.to_bits());
             }
         }
     }
