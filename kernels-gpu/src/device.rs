@@ -503,3 +503,34 @@ pub unsafe fn ld_shared_u32x4(addr: u32) -> [u32; 4] {
          options(readonly, nostack));
     [a, b, c, d]
 }
+
+/// Calls `f(0) … f(15)` written out, so register arrays indexed by `c` stay in registers
+/// (a loop LLVM declines to unroll would move them to local memory).
+#[inline(always)]
+pub fn for16(mut f: impl FnMut(usize)) {
+    f(0);
+    f(1);
+    f(2);
+    f(3);
+    f(4);
+    f(5);
+    f(6);
+    f(7);
+    f(8);
+    f(9);
+    f(10);
+    f(11);
+    f(12);
+    f(13);
+    f(14);
+    f(15);
+}
+
+/// Calls `f(0) … f(3)` written out (see [`for16`]).
+#[inline(always)]
+pub fn for4(mut f: impl FnMut(usize)) {
+    f(0);
+    f(1);
+    f(2);
+    f(3);
+}

@@ -34,8 +34,8 @@
 //! `ceil(rows/RPC)` blocks, dynamic shared memory as above.
 
 use crate::device::{
-    arrive_named, block_x, cp_async_16, cp_async_commit, cp_async_wait, div_by_recip, ld_global_f32x4, ld_shared_f32,
-    ld_shared_f32x2, ld_shared_f32x4, ld_shared_f32x4_pure, ld_shared_u32, ld_shared_u32x4, ld_shared_u8,
+    arrive_named, block_x, cp_async_16, cp_async_commit, cp_async_wait, div_by_recip, for16, for4, ld_global_f32x4,
+    ld_shared_f32, ld_shared_f32x2, ld_shared_f32x4, ld_shared_f32x4_pure, ld_shared_u32, ld_shared_u32x4,
     recip_for_division, shared_window_base, st_shared_f32x4, st_shared_u32, st_shared_u32x4, sync_named, sync_threads,
     sync_warp, thread_x, vote_all,
 };
@@ -86,37 +86,6 @@ unsafe fn issue_chunk<const RPC: usize>(p: &Panel, c0: u32, s0: u32, st: u32, wi
         cp_async_16(stage + p.l.stage_u + (k * BLOCK + c4) * 4, p.u.add(((s0 + k) * p.cols_p + c0 + c4) as usize));
         piece += WORKERS;
     }
-}
-
-/// Calls `f(0) … f(15)` written out, so register arrays indexed by `c` stay in registers
-/// (a loop LLVM declines to unroll would move them to local memory).
-#[inline(always)]
-fn for16(mut f: impl FnMut(usize)) {
-    f(0);
-    f(1);
-    f(2);
-    f(3);
-    f(4);
-    f(5);
-    f(6);
-    f(7);
-    f(8);
-    f(9);
-    f(10);
-    f(11);
-    f(12);
-    f(13);
-    f(14);
-    f(15);
-}
-
-/// Calls `f(0) … f(3)` written out (see [`for16`]).
-#[inline(always)]
-fn for4(mut f: impl FnMut(usize)) {
-    f(0);
-    f(1);
-    f(2);
-    f(3);
 }
 
 /// Range in which the chain's branch-free division equals IEEE division (see

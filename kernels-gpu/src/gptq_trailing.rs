@@ -16,7 +16,7 @@
 //! `TRAILING_STAGES · 16 KiB`.
 
 use crate::device::{
-    block_x, block_y, cp_async_16, cp_async_commit, cp_async_wait, ld_global_f32x4, ld_shared_f32x4,
+    block_x, block_y, cp_async_16, cp_async_commit, cp_async_wait, for16, ld_global_f32x4, ld_shared_f32x4_pure,
     shared_window_base, sync_threads, thread_x,
 };
 use core::f32::math::mul_add as fma;
@@ -87,48 +87,79 @@ pub unsafe extern "ptx-kernel" fn gptq_trailing_update(
         }
         cp_async_commit();
         let a_base = base + (s % TRAILING_STAGES) * STAGE_BYTES;
-        let b_base = a_base + KSTEP * TILE * 4;
-        let mut k = 0;
-        while k < KSTEP {
-            let a0 = ld_shared_f32x4(a_base + (k * TILE + 4 * ty) * 4);
-            let a1 = ld_shared_f32x4(a_base + (k * TILE + 64 + 4 * ty) * 4);
-            let b0 = ld_shared_f32x4(b_base + (k * TILE + 4 * tx) * 4);
-            let b1 = ld_shared_f32x4(b_base + (k * TILE + 64 + 4 * tx) * 4);
-            let a = [a0[0], a0[1], a0[2], a0[3], a1[0], a1[1], a1[2], a1[3]];
-            let b = [b0[0], b0[1], b0[2], b0[3], b1[0], b1[1], b1[2], b1[3]];
-            let mut i = 0;
-            while i < 8 {
-                let mut j = 0;
-                while j < 8 {
-                    acc[i][j] = fma(a[i], b[j], acc[i][j]);
-                    j += 1;
-                }
-                i += 1;
-            }
-            k += 1;
-        }
+        // Fragments of step k + 1 are loaded before the 64 FMAs of step k, so the
+        // shared-memory latency hides behind this warp's own arithmetic.
+        let mut frag = load_fragments(a_base, 0, ty, tx);
+        for16(
+            #[inline(always)]
+            |k| {
+                let next = load_fragments(a_base, (k as u32 + 1) % KSTEP, ty, tx);
+                outer_product(&mut acc, &frag);
+                frag = next;
+            },
+        );
         s += 1;
     }
     cp_async_wait::<0>();
-    // Wwork −= acc, 16-byte read-modify-writes.
+    // Wwork −= acc, 16-byte read-modify-writes; each half's eight loads are issued together
+    // so their latency is paid once, not once per row.
+    write_back::<0>(w_work, &acc, m0, n0, ty, tx, cols_p);
+    write_back::<1>(w_work, &acc, m0, n0, ty, tx, cols_p);
+}
+
+/// `acc += a ⊗ b`.
+#[inline(always)]
+fn outer_product(acc: &mut [[f32; 8]; 8], (a, b): &([f32; 8], [f32; 8])) {
     let mut i = 0;
     while i < 8 {
-        let r = m0 + if i < 4 { 4 * ty + i } else { 64 + 4 * ty + i - 4 };
-        let mut h = 0;
-        while h < 2 {
-            let c = n0 + 64 * h + 4 * tx;
-            let p = w_work.add((r * cols_p + c) as usize);
-            let v = ld_global_f32x4(p);
-            let o = 4 * h as usize;
-            let out = [
-                v[0] - acc[i as usize][o],
-                v[1] - acc[i as usize][o + 1],
-                v[2] - acc[i as usize][o + 2],
-                v[3] - acc[i as usize][o + 3],
-            ];
-            *(p as *mut [f32; 4]) = out;
-            h += 1;
+        let mut j = 0;
+        while j < 8 {
+            acc[i][j] = fma(a[i], b[j], acc[i][j]);
+            j += 1;
         }
         i += 1;
     }
+}
+
+/// Step `k`'s operands: this thread's 8 error rows and 8 factor columns.
+#[inline(always)]
+unsafe fn load_fragments(a_base: u32, k: u32, ty: u32, tx: u32) -> ([f32; 8], [f32; 8]) {
+    let b_base = a_base + KSTEP * TILE * 4;
+    let ld = |addr: u32| ld_shared_f32x4_pure(addr);
+    let a0 = ld(a_base + (k * TILE + 4 * ty) * 4);
+    let a1 = ld(a_base + (k * TILE + 64 + 4 * ty) * 4);
+    let b0 = ld(b_base + (k * TILE + 4 * tx) * 4);
+    let b1 = ld(b_base + (k * TILE + 64 + 4 * tx) * 4);
+    ([a0[0], a0[1], a0[2], a0[3], a1[0], a1[1], a1[2], a1[3]], [b0[0], b0[1], b0[2], b0[3], b1[0], b1[1], b1[2], b1[3]])
+}
+
+/// Rows `4·HALF .. 4·HALF + 4` of this thread's accumulator block subtracted from `Wwork`.
+#[inline(always)]
+unsafe fn write_back<const HALF: usize>(
+    w_work: *mut f32,
+    acc: &[[f32; 8]; 8],
+    m0: u32,
+    n0: u32,
+    ty: u32,
+    tx: u32,
+    cols_p: u32,
+) {
+    let v: [[f32; 4]; 8] = core::array::from_fn(|q| {
+        ld_global_f32x4(w_work.add(tile_offset(m0, n0, HALF * 4 + q / 2, q % 2, ty, tx, cols_p)))
+    });
+    let mut q = 0;
+    while q < 8 {
+        let (i, o) = (HALF * 4 + q / 2, 4 * (q % 2));
+        let out = [v[q][0] - acc[i][o], v[q][1] - acc[i][o + 1], v[q][2] - acc[i][o + 2], v[q][3] - acc[i][o + 3]];
+        *(w_work.add(tile_offset(m0, n0, i, q % 2, ty, tx, cols_p)) as *mut [f32; 4]) = out;
+        q += 1;
+    }
+}
+
+/// Row `i` (0..8) and column half `h` of this thread's 8×8 accumulator block, as an offset
+/// into `Wwork`.
+#[inline(always)]
+fn tile_offset(m0: u32, n0: u32, i: usize, h: usize, ty: u32, tx: u32, cols_p: u32) -> usize {
+    let r = m0 + if i < 4 { 4 * ty + i as u32 } else { 64 + 4 * ty + i as u32 - 4 };
+    (r * cols_p + n0 + 64 * h as u32 + 4 * tx) as usize
 }
