@@ -3,35 +3,41 @@
 //! with `gptq_trailing_update` (the panel's errors applied to all later columns at once).
 //!
 //! Rows are independent, so each block owns `RPC` rows (16 or 32) and walks the panel in
-//! blocks of `BLOCK = 64` permuted columns (block column `c` is original column `perm[c0+c]`):
-//! 1. issue the block's global loads up front (`U[block, block]` by `cp.async`, this lane's
-//!    qmeta records, the X tile's working weights, the next block's `perm`) so they land
-//!    while the product runs;
-//! 2. left-looking update inside the panel: `X = Wwork[rows, block] − Err[rows, p0:c0] ·
-//!    U[p0:c0, block]` as a register-tiled product: thread `(rs, cq) = (tid/16, tid%16)` owns
-//!    rows `rs·RPC/8 ..` × columns `4cq .. 4cq+4`; K runs in chunks of 32 staged in shared
-//!    memory by `cp.async`, `SOLVER_STAGES − 1` chunks in flight while one is multiplied
-//!    (errors are kept column-major, so a chunk row is `RPC` contiguous floats), operands of
-//!    four K steps loaded ahead of their FMAs;
-//! 3. in-block recurrence in slices of 16 columns: warp 0 (lane = row) keeps the slice in
-//!    registers and runs it column by column, fully unrolled and without barriers: quantize
-//!    (exact division as the CPU reference), `err = (x − deq)/U[t,t]`, `x −= err·U[t, ·]`
-//!    on the slice's later columns; then all warps apply the slice's errors to the block's
-//!    remaining columns in shared memory (two barriers per slice, not one per column);
-//! 4. the block's errors, codes and dequantized values are written (codes and dequant to
-//!    original column positions, errors column-major); the row's loss is added to `loss`.
+//! blocks of `BLOCK = 64` permuted columns. Its 224 threads have three roles that work on
+//! different blocks at once (warp specialisation), handing over at two block-wide barriers
+//! per block (B1: block `b` staged; B2: block `b` solved):
+//! * **chain warp** (threads 192..224, lane = row): the recurrence, in slices of 16 columns.
+//!   A slice's working weights sit in registers and are run column by column, fully
+//!   unrolled: quantize, `err = (x − deq)/U[t,t]`, `x −= err·U[t, ·]` on the slice's later
+//!   columns. Both divisions are correctly rounded without a division instruction: the
+//!   reciprocal of the divisor is refined once, then each quotient costs three FMAs
+//!   (`device::div_by_recip`, the fast path of `div.rn.f32`); operands outside the range
+//!   where that is exact send the row's slice through IEEE `/` instead (`column_chain`).
+//! * **updater warps** (threads 128..192): after each slice (named barrier 2) they apply its
+//!   16 errors to the next slice first, release it to the chain (named barrier 3), then
+//!   update the block's later slices.
+//! * **worker warps** (threads 0..128): while block `b` is in the chain they write out block
+//!   `b − 1` (errors column-major, codes and dequantized values at original column
+//!   positions), issue block `b + 1`'s loads (`U[block, block]` by `cp.async`, scales and
+//!   zero points, working weights) and multiply its left-looking product
+//!   `Err[rows, p0:c0(b)] · U[p0:c0(b), block b+1]` on a `cp.async` pipeline of 32-column
+//!   K chunks; after B2 they add block `b`'s own 64 errors, stage
+//!   `X = Wwork − product` and release block `b + 1` (B1).
 //!
-//! Shared memory: `forge_numerics::SolverSharedLayout::new(RPC).total` bytes (66.5 KiB at
-//! RPC = 16, 84 KiB at 32; the launcher raises the block's dynamic limit).
+//! Shared memory: `forge_numerics::SolverSharedLayout::new(RPC, p1 − p0).total` bytes
+//! (≈ 80 KiB at RPC = 16 and 103 KiB at 32 for 512-column panels, so two blocks share an SM;
+//! the launcher raises the block's dynamic limit). `.maxntid 224` / `.minnctapersm 2` cap the
+//! registers at 128.
 //!
 //! # Safety (upheld by the host launcher)
 //! `w_work` is `rows_p·cols_p` f32 (permuted working weights); `u` is `cols_p·cols_p` f32,
 //! upper triangle of the permuted factor with a positive diagonal (identity past `cols`);
-//! `perm` has `cols_p` entries, a permutation of `0..cols` then anything; `p0 < p1 ≤ cols_p`
-//! are multiples of 64; `qmeta` has `rows·n_groups` records; `codes`/`deq` hold `rows·cols`,
-//! `err_t` `cols_p·rows_p` (rows past `rows` zero), `loss` `rows` (zeroed before the first
-//! panel); `rows_p`, `cols_p` multiples of 128; block size 128 threads, grid
-//! `ceil(rows/RPC)` blocks, dynamic shared memory as above.
+//! `perm` and `group_of` have `cols_p` entries (`perm` a permutation of `0..cols` first,
+//! `group_of` from `gptq_expand_meta`); `scale_zero` has `rows·n_groups` records;
+//! `p0 < p1 ≤ cols_p` are multiples of 128 with `p1 − p0 ≤ 1024`; `codes`/`deq` hold
+//! `rows·cols`, `err_t` `cols_p·rows_p` (rows past `rows` zero), `loss` `rows` (zeroed before
+//! the first panel); `rows_p`, `cols_p` multiples of 128; block size `SOLVER_THREADS` (224),
+//! grid `ceil(rows/RPC)` blocks, dynamic shared memory as above.
 
 use crate::device::{
     arrive_named, block_x, cp_async_16, cp_async_commit, cp_async_wait, div_by_recip, for16, for4, ld_global_f32x4,
@@ -568,8 +574,12 @@ unsafe fn write_block<const RPC: usize>(p: &Panel, wb: u32, tid: u32) {
             });
             let row = ((p.row0 + r) * p.cols) as usize;
             // Without act-order the four columns are one aligned run: one vector store each.
-            let run = c + 4 <= live_cols && j[0] % 4 == 0 && j[1] == j[0] + 1 && j[2] == j[0] + 2 && j[3] == j[0] + 3;
-            if run && p.cols % 4 == 0 {
+            let run = c + 4 <= live_cols
+                && j[0].is_multiple_of(4)
+                && j[1] == j[0] + 1
+                && j[2] == j[0] + 2
+                && j[3] == j[0] + 3;
+            if run && p.cols.is_multiple_of(4) {
                 *(p.deq.add(row + j[0] as usize) as *mut [f32; 4]) = deq;
                 *(p.codes.add(row + j[0] as usize) as *mut u32) = q4;
             } else {

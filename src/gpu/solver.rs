@@ -1,12 +1,14 @@
-//! Host side of the GPU solver: `gptq_permute_weight` once, then per panel of
-//! `SOLVER_PANEL` (512) columns `gptq_panel_r16/_r32` (the column-by-column recurrence) and
-//! `gptq_trailing_update` (the panel's errors applied to all later columns): 1 + 2·⌈C/512⌉
-//! launches for the whole layer, none per column.
+//! Host side of the GPU solver: `gptq_expand_meta` (decoded scales, column groups) and
+//! `gptq_permute_weight` once, then per panel of `SOLVER_PANEL` (512) columns
+//! `gptq_panel_r16/_r32` (the column-by-column recurrence) and, except after the last,
+//! `gptq_trailing_update` (the panel's errors applied to all later columns):
+//! 2·⌈C/512⌉ + 1 launches for the whole layer, none per column.
 //!
 //! Inputs stay on the device: the weight ([`DeviceWeight`], f32), the factor and act-order
 //! ([`DeviceFactor`], padded to a multiple of 128 columns), the grid ([`DeviceGrid`], read in
 //! place). Device memory beyond inputs and outputs: the permuted working weights (`Rp × Cp`
-//! f32) and the errors (`Cp × Rp` f32), `Rp`, `Cp` = rows and columns rounded up to 128.
+//! f32), the errors (`Cp × Rp` f32), 8 bytes per grid record and 4 per column, `Rp`, `Cp` =
+//! rows and columns rounded up to 128.
 
 use super::grid_for;
 use super::{DeviceGrid, DeviceWeight, GpuDevice};
