@@ -336,17 +336,6 @@ pub unsafe fn ld_shared_f32(addr: u32) -> f32 {
     f32::from_bits(ld_shared_u32(addr))
 }
 
-/// `ld.shared.u8`.
-///
-/// # Safety
-/// `addr` must be inside the launch's dynamic shared memory.
-#[inline(always)]
-pub unsafe fn ld_shared_u8(addr: u32) -> u8 {
-    let v: u16;
-    asm!("ld.shared.u8 {v}, [{p}];", v = out(reg16) v, p = in(reg32) addr, options(readonly, nostack));
-    v as u8
-}
-
 /// Four consecutive f32 from global memory with one 16-byte load.
 ///
 /// # Safety
@@ -383,21 +372,9 @@ pub fn cp_async_wait<const N: u32>() {
     unsafe { asm!("cp.async.wait_group {n};", n = const N, options(nostack)) };
 }
 
-/// The generic address of a shared-memory address (`cvta.shared`), for plain pointer access
-/// where compile-time offsets and free scheduling matter more than the `.shared` form.
-#[inline(always)]
-pub fn shared_generic(addr: u32) -> *mut u8 {
-    let g: u64;
-    // SAFETY: address arithmetic only.
-    unsafe {
-        asm!("cvta.shared.u64 {g}, {a};", g = out(reg64) g, a = in(reg64) addr as u64, options(pure, nomem, nostack))
-    };
-    g as *mut u8
-}
-
 /// `rcp.approx.ftz.f32`: the hardware reciprocal (about 1 ulp; subnormals flush to zero).
 #[inline(always)]
-pub fn rcp_approx(x: f32) -> f32 {
+fn rcp_approx(x: f32) -> f32 {
     let r: f32;
     // SAFETY: pure arithmetic.
     unsafe { asm!("rcp.approx.ftz.f32 {r}, {x};", r = out(reg32) r, x = in(reg32) x, options(pure, nomem, nostack)) };

@@ -71,7 +71,7 @@ unsafe fn st_f32(addr: u32, v: f32) {
 
 /// Issues the asynchronous copies of K-chunk `s0` into stage `st`: `U[s0.., block]` and, when
 /// `with_errors`, the chunk's errors (`err_t` is column-major, so chunk row `k` is `RPC`
-/// contiguous floats; the last two chunks of a product take theirs from the error tile).
+/// contiguous floats; the last two chunks of a product take theirs from the work tile).
 #[inline(always)]
 unsafe fn issue_chunk<const RPC: usize>(p: &Panel, c0: u32, s0: u32, st: u32, with_errors: bool, tid: u32) {
     let stage = p.base + p.l.stages + st * p.l.stage_bytes;
@@ -703,64 +703,28 @@ unsafe fn store_x<const RT: usize>(p: &Panel, wv: &[[f32; 4]; RT], acc: &[[f32; 
     }
 }
 
+/// Loads the panel's column tables and dispatches the three roles (see the module docs).
+/// `perm` and `group_of` are the kernel arguments of those names.
 #[inline(always)]
-unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(
-    w_work: *const f32,
-    p0: u32,
-    p1: u32,
-    u: *const f32,
-    perm: *const u32,
-    group_of: *const u32,
-    scale_zero: *const ScaleZero,
-    rows: u32,
-    cols: u32,
-    cols_p: u32,
-    n_groups: u32,
-    bits: u32,
-    rows_p: u32,
-    codes: *mut u8,
-    deq: *mut f32,
-    err_t: *mut f32,
-    loss: *mut f32,
-) {
-    let p = Panel {
-        w_work,
-        p0,
-        p1,
-        u,
-        scale_zero,
-        rows,
-        cols,
-        cols_p,
-        n_groups,
-        maxq: forge_numerics::maxq(bits),
-        rows_p,
-        codes,
-        deq,
-        err_t,
-        loss,
-        row0: block_x() * RPC as u32,
-        base: shared_window_base(),
-        l: SolverSharedLayout::new(RPC as u32, p1 - p0),
-    };
+unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(p: &Panel, perm: *const u32, group_of: *const u32) {
     let tid = thread_x();
     if tid <= RPC as u32 {
         st_shared_u32(p.base + p.l.slow_flags + tid * 4, 0); // visible after barrier B1 of block 0
     }
     // The panel's column order and groups, read by every block step.
     let mut t = tid;
-    while t < p1 - p0 {
-        st_shared_u32(p.base + p.l.perm + t * 4, *perm.add((p0 + t) as usize));
-        st_shared_u32(p.base + p.l.group_of + t * 4, *group_of.add((p0 + t) as usize));
+    while t < p.p1 - p.p0 {
+        st_shared_u32(p.base + p.l.perm + t * 4, *perm.add((p.p0 + t) as usize));
+        st_shared_u32(p.base + p.l.group_of + t * 4, *group_of.add((p.p0 + t) as usize));
         t += SOLVER_THREADS;
     }
     sync_threads();
     if tid < WORKERS {
-        workers::<RPC, RT>(&p, tid);
+        workers::<RPC, RT>(p, tid);
     } else if tid < WORKERS + UPDATERS {
-        slice_updaters::<RPC>(&p, tid - WORKERS);
+        slice_updaters::<RPC>(p, tid - WORKERS);
     } else {
-        chain_warp::<RPC>(&p, tid - WORKERS - UPDATERS);
+        chain_warp::<RPC>(p, tid - WORKERS - UPDATERS);
     }
 }
 
@@ -787,10 +751,27 @@ macro_rules! gptq_panel_entry {
             err_t: *mut f32,
             loss: *mut f32,
         ) {
-            gptq_panel_impl::<$rpc, $rt>(
-                w_work, p0, p1, u, perm, group_of, scale_zero, rows, cols, cols_p, n_groups, bits, rows_p, codes, deq,
-                err_t, loss,
-            )
+            let p = Panel {
+                w_work,
+                p0,
+                p1,
+                u,
+                scale_zero,
+                rows,
+                cols,
+                cols_p,
+                n_groups,
+                maxq: forge_numerics::maxq(bits),
+                rows_p,
+                codes,
+                deq,
+                err_t,
+                loss,
+                row0: block_x() * $rpc,
+                base: shared_window_base(),
+                l: SolverSharedLayout::new($rpc, p1 - p0),
+            };
+            gptq_panel_impl::<$rpc, $rt>(&p, perm, group_of)
         }
     };
 }

@@ -93,7 +93,7 @@ pub unsafe extern "ptx-kernel" fn gptq_trailing_update(
         for16(
             #[inline(always)]
             |k| {
-                let next = load_fragments(a_base, (k as u32 + 1) % KSTEP, ty, tx);
+                let next = if k + 1 < KSTEP as usize { load_fragments(a_base, k as u32 + 1, ty, tx) } else { frag };
                 outer_product(&mut acc, &frag);
                 frag = next;
             },

@@ -112,11 +112,15 @@ pub struct SolveWorkspace {
     cols_p: usize,
     rows_p: usize,
     panel: u32,
-    /// Decoded `(scale, zero)` of every grid record (8 bytes each), sized at first use.
-    scale_zero: Option<CudaSlice<u32>>,
+    /// Decoded `(scale, zero)` of every grid record (8 bytes each), room for the smallest
+    /// group size (32).
+    scale_zero: CudaSlice<u32>,
     /// Group of every permuted column, `cols_p` entries.
     group_of: CudaSlice<u32>,
 }
+
+/// The smallest group size a grid may have (validated with the grid).
+const MIN_GROUP_SIZE: usize = 32;
 
 /// Rows and columns are padded to the trailing update's 128-wide tiles.
 fn padded(n: usize) -> usize {
@@ -142,7 +146,9 @@ impl SolveWorkspace {
             cols_p,
             rows_p,
             panel: SOLVER_PANEL,
-            scale_zero: None,
+            scale_zero: s
+                .alloc_zeros::<u32>(2 * rows * cols.div_ceil(MIN_GROUP_SIZE))
+                .map_err(ForgeError::driver("allocating solver buffers"))?,
             group_of: s.alloc_zeros::<u32>(cols_p).map_err(ForgeError::driver("allocating solver buffers"))?,
         })
     }
@@ -212,10 +218,9 @@ pub fn launch_solve(
 
     // Decoded grid records and the group of every permuted column, read by the panels.
     let n_records = rows * grid.n_groups;
-    let mut scale_zero = match ws.scale_zero.take() {
-        Some(b) if b.len() >= 2 * n_records => b,
-        _ => stream.alloc_zeros::<u32>(2 * n_records).map_err(ForgeError::driver("allocating solver buffers"))?,
-    };
+    if 2 * n_records > ws.scale_zero.len() {
+        return Err(ForgeError::Shape(format!("group size {gs} is below the solver's minimum of {MIN_GROUP_SIZE}")));
+    }
     let f = dev.function("gptq_expand_meta")?;
     let mut l = stream.launch_builder(&f);
     let nr = n_records as u32;
@@ -225,7 +230,7 @@ pub fn launch_solve(
         .arg(&c)
         .arg(&cp)
         .arg(&gs32)
-        .arg(&mut scale_zero)
+        .arg(&mut ws.scale_zero)
         .arg(&mut ws.group_of);
     // SAFETY: qmeta has rows·n_groups records and scale_zero room for as many (8 bytes each);
     // perm and group_of have cols_p entries; gs > 0 (validated grid).
@@ -265,7 +270,7 @@ pub fn launch_solve(
         let p1 = (p0 + ws.panel).min(cp);
         let mut l = stream.launch_builder(&panel);
         l.arg(&ws.w_work).arg(&p0).arg(&p1).arg(&factor.u).arg(&factor.perm).arg(&ws.group_of);
-        l.arg(&scale_zero).arg(&r).arg(&c).arg(&cp).arg(&ng).arg(&bits).arg(&rp);
+        l.arg(&ws.scale_zero).arg(&r).arg(&c).arg(&cp).arg(&ng).arg(&bits).arg(&rp);
         l.arg(&mut ws.out.codes).arg(&mut ws.out.dequant).arg(&mut ws.err).arg(&mut ws.out.loss);
         // SAFETY: buffer sizes checked above against the kernel's contract; p0 < p1 ≤ cols_p,
         // multiples of 128; the factor was padded with an identity diagonal by
@@ -285,7 +290,6 @@ pub fn launch_solve(
         }
         p0 = p1;
     }
-    ws.scale_zero = Some(scale_zero);
     Ok(())
 }
 
