@@ -14,8 +14,8 @@
 mod common;
 
 use fourbit_forge::calib::{quantize_experts, ActivationView, ExpertInput, PreStepRoute};
-use fourbit_forge::gpu::{DeviceActivations, GpuHessian, GpuPreStepper};
 use fourbit_forge::hessian::{pre_step_cpu, PreStepConfig};
+use fourbit_forge::hessian::{DeviceActivations, GpuHessian, GpuPreStepper};
 use fourbit_forge::{Backend, GridConfig, WeightView};
 use ndarray::Array2;
 use rand::{Rng, SeedableRng};

@@ -5,7 +5,7 @@
 
 mod common;
 
-use fourbit_forge::gpu::{launch_grid_kernel, DeviceWeight};
+use fourbit_forge::grid::{launch_grid_kernel, DeviceWeight};
 use fourbit_forge::{ForgeError, GridConfig, MseSearch, ScaleSearch, WeightView};
 
 fn main() -> fourbit_forge::Result<()> {

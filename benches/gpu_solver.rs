@@ -7,25 +7,25 @@
 
 mod common;
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
-use fourbit_forge::gpu::{
-    build_quant_grid_device, launch_solve, DeviceFactor, DeviceWeight, GpuDevice, SolveWorkspace,
-};
+use cudarc::driver::LaunchConfig;
+use forge_kernel_abi::solver::SOLVER_PANEL;
+use forge_kernel_abi::testing::FmaThroughputArgs;
+use fourbit_forge::device::{DeviceBufferMut, GpuDevice};
+use fourbit_forge::grid::{build_quant_grid_device, DeviceWeight};
+use fourbit_forge::solver::{launch_solve, DeviceFactor, SolveWorkspace};
 use fourbit_forge::{ForgeError, GridConfig, Result, WeightView};
 use ndarray::Array2;
 use rand::{Rng, SeedableRng};
 
 /// Measured f32 FMA throughput of the card, in FMA/s.
 fn fma_rate(dev: &GpuDevice) -> Result<f64> {
-    let f = dev.function("fma_throughput")?;
     let (blocks, threads, iters) = (dev.sm_count()? * 32, 256u32, 4096u32);
     let mut out = dev.stream().alloc_zeros::<f32>((blocks * threads) as usize).map_err(ForgeError::driver("alloc"))?;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
     let ms = common::median_ms(dev, 3, 11, 5, || {
-        let mut l = dev.stream().launch_builder(&f);
-        l.arg(&iters).arg(&1.0f32).arg(&mut out);
+        let args = FmaThroughputArgs { iters, seed: 1.0, out: out.dev_ptr_mut() };
         // SAFETY: one output per launched thread.
-        unsafe { l.launch(cfg) }.map(|_| ()).map_err(ForgeError::driver("launching fma_throughput"))
+        unsafe { dev.launch::<forge_kernel_abi::FmaThroughput>(cfg, &args) }
     })?;
     Ok((blocks * threads) as f64 * iters as f64 * 8.0 / (ms * 1e-3))
 }
@@ -57,7 +57,7 @@ fn main() -> Result<()> {
         Some(shape) => vec![shape],
         None => vec![(4096, 4096), (2048, 7168), (7168, 2048), (128, 4096), (128, 2048)],
     };
-    let panels: &[u32] = if only.is_some() { &[forge_numerics::SOLVER_PANEL] } else { &[256, 512, 1024] };
+    let panels: &[u32] = if only.is_some() { &[SOLVER_PANEL] } else { &[256, 512, 1024] };
     for &(rows, cols) in &shapes {
         let w = common::heavy_tailed(rows, cols, 2);
         let u = synthetic_factor(cols, 3);
@@ -72,7 +72,7 @@ fn main() -> Result<()> {
             ws.output().to_host(&dev)?; // surfaces any asynchronous fault and checks finiteness
             rows_out.push(vec![
                 format!("{rows}×{cols}"),
-                format!("{panel}{}", if panel == forge_numerics::SOLVER_PANEL { " (default)" } else { "" }),
+                format!("{panel}{}", if panel == SOLVER_PANEL { " (default)" } else { "" }),
                 format!("{ms:.3}"),
                 format!("{floor_ms:.3}"),
                 format!("{:.2}", ms / floor_ms),

@@ -7,7 +7,24 @@ pub type Result<T, E = ForgeError> = std::result::Result<T, E>;
 
 /// Everything that can go wrong, with a message a user can act on.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum ForgeError {
+    /// A setting is out of range or settings contradict each other (independent of the data).
+    #[error("bad configuration: {0}")]
+    Config(String),
+    /// An invariant of the engine itself broke: a bug, never the user's input. The message
+    /// says which.
+    #[error("internal error (please report): {0}")]
+    Internal(String),
+    /// A kernel could not be found in the module or launched.
+    #[error("CUDA driver error while launching kernel {kernel}: {source}")]
+    Launch {
+        /// The kernel's entry name.
+        kernel: &'static str,
+        /// The driver's error.
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
     /// `group_size` is not a multiple of 32 in `32..=1024`.
     #[error("group_size {0} is not supported: it must be a multiple of 32 between 32 and 1024")]
     GroupSize(usize),

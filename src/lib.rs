@@ -1,18 +1,20 @@
 //! 4Bit Forge: a GPTQ quantization engine with Rust GPU kernels and a CPU reference.
 //!
-//! The data path reads like the algorithm (DESIGN.md, README):
-//! weights ([`WeightView`]) → grid ([`grid::build_quant_grid`], qmeta4 per group) →
-//! solver → u8 codes → packing. Every GPU kernel has a CPU reference here that the tests
-//! compare it with; the scalar math both use lives in [`forge_numerics`].
+//! The modules follow the data path (docs/design.md): [`weights`] → [`grid`] (qmeta4 per
+//! group) → [`hessian`] (accumulation and pre-step) → [`solver`] (GPTQ) → u8 codes, with
+//! [`quantize`] running grid + factor + solve as one job and [`calib`] the MoE-Quant-shaped
+//! layer API beside it. Each stage holds its CPU reference (`cpu.rs`) and its device
+//! launcher (`cuda.rs`); its kernels live in `kernels-gpu/src/<stage>/`, their launch
+//! arguments in `forge-kernel-abi`, and the scalar math both sides use in
+//! [`forge_numerics`]. [`device`] is the CUDA runtime.
 #![deny(missing_docs)]
 
 pub mod calib;
+pub mod device;
 pub mod error;
-pub mod gpu;
 pub mod grid;
 pub mod hessian;
-pub mod qmeta;
-pub mod quantizer;
+pub mod quantize;
 pub mod solver;
 pub mod weights;
 
@@ -20,5 +22,5 @@ pub use error::{ForgeError, Result};
 pub use forge_numerics as numerics;
 pub use forge_numerics::QMetaPacked;
 pub use grid::{GridConfig, MseSearch, QuantGrid, ScaleSearch, ShrinkCandidates};
-pub use quantizer::{Backend, Quantizer};
+pub use quantize::{Backend, Quantizer};
 pub use weights::{WeightDtype, WeightView};

@@ -333,7 +333,7 @@ fn a_given_hessian_keeps_averaging_over_tokens() {
 fn the_cusolver_probe_answers_without_panicking() {
     // On a machine without libcusolver this must be a typed error, never a panic (cudarc
     // panics on a missing library or symbol, so the probe runs first).
-    match fourbit_forge::gpu::cusolver_available() {
+    match fourbit_forge::device::cusolver::cusolver_available() {
         Ok(()) => eprintln!("cuSOLVER is loadable here"),
         Err(ForgeError::MissingLibrary { library: "cuSOLVER", reason }) => eprintln!("cuSOLVER missing: {reason}"),
         Err(e) => panic!("unexpected error from the probe: {e}"),

@@ -9,7 +9,8 @@
 
 mod common;
 
-use fourbit_forge::gpu::{build_quant_grid_gpu, GpuDevice};
+use fourbit_forge::device::GpuDevice;
+use fourbit_forge::grid::build_quant_grid_gpu;
 use fourbit_forge::grid::{build_quant_grid, candidate_loss_f64};
 use fourbit_forge::{ForgeError, GridConfig, MseSearch, QuantGrid, ScaleSearch, ShrinkCandidates, WeightView};
 use half::{bf16, f16};

@@ -3,7 +3,7 @@
 
 mod common;
 
-use fourbit_forge::qmeta::{decode_qmeta_cpu, decode_qmeta_gpu};
+use fourbit_forge::grid::{decode_qmeta_cpu, decode_qmeta_gpu};
 use ndarray::Array3;
 
 #[test]
@@ -26,10 +26,28 @@ fn gpu_qmeta_decode_matches_cpu_on_every_q88() {
 
 #[test]
 fn the_embedded_ptx_targets_sm80_and_is_self_contained() {
-    let ptx = fourbit_forge::gpu::KERNELS_PTX;
+    let ptx = fourbit_forge::device::KERNELS_PTX;
     assert!(ptx.contains(".target sm_80"), "PTX must run on sm_80 and newer");
-    for kernel in ["qmeta_decode", "range_meta_f32", "mse_search_bf16"] {
-        assert!(ptx.contains(&format!(".entry {kernel}(")), "kernel {kernel} missing from the PTX");
-    }
     assert!(!ptx.lines().any(|l| l.starts_with(".extern .func")), "PTX has unresolved functions");
+}
+
+/// Every kernel of forge-kernel-abi's table is in the PTX with the parameter kinds of its
+/// argument struct, and the PTX has no other entry (the build checks the same; a test keeps
+/// it visible). The tests build with the `test-kernels` feature, so those are in it too.
+#[test]
+fn every_kernel_in_the_abi_table_is_in_the_ptx_with_its_parameters() {
+    let expected: Vec<(&str, Vec<&str>)> =
+        forge_kernel_abi::KERNELS.iter().map(|k| (k.name, k.params.iter().map(|p| p.ptx()).collect())).collect();
+    assert!(expected.iter().any(|(n, _)| *n == "fast_division"), "tests build with the test kernels");
+    forge_ptx_build::check_entries(fourbit_forge::device::KERNELS_PTX, &expected).unwrap();
+    // Launch bounds from the table made it into the PTX.
+    for k in forge_kernel_abi::KERNELS {
+        if let Some((threads, blocks)) = k.launch_bounds {
+            let at = fourbit_forge::device::KERNELS_PTX.find(&format!(".entry {}(", k.name)).unwrap();
+            let tail = &fourbit_forge::device::KERNELS_PTX[at..];
+            let body = tail.find('{').unwrap();
+            assert!(tail[..body].contains(&format!(".maxntid {threads}, 1, 1")), "{}", k.name);
+            assert!(tail[..body].contains(&format!(".minnctapersm {blocks}")), "{}", k.name);
+        }
+    }
 }

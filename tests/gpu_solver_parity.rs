@@ -11,9 +11,9 @@
 
 mod common;
 
-use fourbit_forge::gpu::solve_gpu;
 use fourbit_forge::grid::build_quant_grid;
 use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig};
+use fourbit_forge::solver::solve_gpu;
 use fourbit_forge::solver::{layer_output_error, solve_cpu, SolveOutput};
 use fourbit_forge::{Backend, GridConfig, Quantizer, ScaleSearch, WeightView};
 use ndarray::Array2;
@@ -81,7 +81,7 @@ struct Case {
     seed: u64,
 }
 
-fn run_case(dev: &fourbit_forge::gpu::GpuDevice, case: Case) {
+fn run_case(dev: &fourbit_forge::device::GpuDevice, case: Case) {
     let Case { rows, cols, gs, bits, sym, act_order, seed } = case;
     let l = layer(rows, cols, seed);
     let pre = pre_step_cpu(l.h.view(), None, &PreStepConfig { act_order, ..PreStepConfig::default() }).unwrap();
@@ -161,7 +161,8 @@ fn gpu_quantize_from_hinv_keeps_data_on_device_and_matches_the_two_step_path() {
 
 #[test]
 fn gpu_solver_panel_width_does_not_change_the_result() {
-    use fourbit_forge::gpu::{launch_solve, DeviceFactor, DeviceGrid, DeviceWeight, SolveWorkspace};
+    use fourbit_forge::grid::{DeviceGrid, DeviceWeight};
+    use fourbit_forge::solver::{launch_solve, DeviceFactor, SolveWorkspace};
     let Some(dev) = common::gpu_or_skip("gpu_solver_panel_width_does_not_change_the_result") else { return };
     let l = layer(48, 900, 31);
     let pre = pre_step_cpu(l.h.view(), None, &PreStepConfig { act_order: true, ..PreStepConfig::default() }).unwrap();
@@ -194,7 +195,9 @@ fn random_magnitude(rng: &mut StdRng, lo: i32, hi: i32) -> f32 {
 
 #[test]
 fn gpu_fast_division_equals_ieee_division_in_the_solver_range() {
-    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    use cudarc::driver::LaunchConfig;
+    use forge_kernel_abi::testing::FastDivisionArgs;
+    use fourbit_forge::device::{DeviceBuffer, DeviceBufferMut};
     let Some(dev) = common::gpu_or_skip("gpu_fast_division_equals_ieee_division_in_the_solver_range") else { return };
     // The chain divides working weights (zero, or |x| in [2^-100, 2^64]; `x − deq` up to
     // ~2^65) by scales in [2^-60, 2^20] and by U's diagonal in [2^-40, 2^20].
@@ -230,11 +233,9 @@ fn gpu_fast_division_equals_ieee_division_in_the_solver_range() {
     let (da, db) = (s.clone_htod(&a).unwrap(), s.clone_htod(&b).unwrap());
     let mut out = s.alloc_zeros::<f32>(a.len()).unwrap();
     let n = a.len() as u32;
-    let f = dev.function("fast_division").unwrap();
-    let mut l = s.launch_builder(&f);
-    l.arg(&da).arg(&db).arg(&n).arg(&mut out);
+    let args = FastDivisionArgs { a: da.dev_ptr(), b: db.dev_ptr(), n, out: out.dev_ptr_mut() };
     // SAFETY: a, b, out have n f32 each.
-    unsafe { l.launch(LaunchConfig::for_num_elems(n)) }.unwrap();
+    unsafe { dev.launch::<forge_kernel_abi::FastDivision>(LaunchConfig::for_num_elems(n), &args) }.unwrap();
     let got = s.clone_dtoh(&out).unwrap();
     let mut bad = 0;
     for ((x, y), g) in a.iter().zip(&b).zip(&got) {

@@ -272,7 +272,8 @@ fn pre_step_errors_are_typed() {
     assert!(shape(pre_step_cpu(h.view(), Some(&mut w), &cfg)));
     for rel_damp in [-0.1f32, f32::NAN, f32::INFINITY] {
         let bad = PreStepConfig { rel_damp, act_order: false };
-        assert!(shape(pre_step_cpu(h.view(), None, &bad)), "rel_damp {rel_damp}");
+        let r = pre_step_cpu(h.view(), None, &bad);
+        assert!(matches!(r, Err(ForgeError::Config(_))), "rel_damp {rel_damp}: {r:?}");
     }
     h[[1, 2]] = f32::NAN;
     h[[0, 0]] = 0.0; // dead column 0, but the NaN must stop the pre-step before any change

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use cudarc::driver::sys::CUevent_flags;
-use fourbit_forge::gpu::GpuDevice;
+use fourbit_forge::device::GpuDevice;
 use fourbit_forge::{ForgeError, Result};
 
 /// Median milliseconds per call of `f`, timed with device events: `warmup` calls, then

@@ -4,6 +4,7 @@
 use core::arch::asm;
 use core::arch::nvptx;
 use core::f32::math::mul_add as fma;
+use forge_kernel_abi::elem::{Bf16Bits, F16Bits, Fp8E4M3};
 
 /// Threads per warp.
 pub const WARP: u32 = 32;
@@ -139,10 +140,6 @@ impl Elem for f32 {
     }
 }
 
-/// IEEE binary16 bits.
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-pub struct F16Bits(pub u16);
 impl Elem for F16Bits {
     #[inline(always)]
     unsafe fn load_f32(p: *const F16Bits, i: usize) -> f32 {
@@ -155,10 +152,6 @@ impl Elem for F16Bits {
     }
 }
 
-/// bfloat16 bits.
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-pub struct Bf16Bits(pub u16);
 impl Elem for Bf16Bits {
     #[inline(always)]
     unsafe fn load_f32(p: *const Bf16Bits, i: usize) -> f32 {
@@ -171,10 +164,6 @@ impl Elem for Bf16Bits {
     }
 }
 
-/// fp8 E4M3 byte.
-#[derive(Clone, Copy)]
-#[repr(transparent)]
-pub struct Fp8E4M3(pub u8);
 impl Elem for Fp8E4M3 {
     #[inline(always)]
     unsafe fn load_f32(p: *const Fp8E4M3, i: usize) -> f32 {

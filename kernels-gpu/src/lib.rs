@@ -1,28 +1,27 @@
 //! 4Bit Forge GPU kernels: `#![no_std]` Rust compiled to PTX by rustc's
-//! `nvptx64-nvidia-cuda` target (DESIGN §6). One kernel per file; each file's rustdoc states
-//! the thread mapping and the safety contract the host launcher upholds.
+//! `nvptx64-nvidia-cuda` target (docs/toolchain.md). One folder per stage of the data path
+//! (grid → hessian → solver), one kernel per file; each file's rustdoc states the thread
+//! mapping and the safety contract the host launcher upholds.
+//!
+//! Every kernel takes one by-value argument struct from `forge-kernel-abi` (its marker type
+//! there names it), so host and device cannot disagree on argument order; the build checks
+//! the PTX against the ABI crate's kernel table.
 //!
 //! Kernels never panic: indexing goes through raw pointers with explicit bounds logic, and
 //! the panic handler (required by `no_std`) is unreachable by construction.
 #![no_std]
 #![feature(abi_ptx, stdarch_nvptx, asm_experimental_arch, core_float_math)]
 #![allow(clippy::missing_safety_doc)]
-// Kernel entry points and their inlined bodies take every buffer and size as a parameter.
+// Inlined kernel bodies take every buffer and size as a parameter.
 #![allow(clippy::too_many_arguments)]
 
 pub mod device;
 
-pub mod fast_division;
-pub mod fma_throughput;
-
-pub mod gptq_expand_meta;
-pub mod gptq_panel;
-pub mod gptq_permute;
-pub mod gptq_trailing;
-pub mod hessian_update;
-pub mod mse_search;
-pub mod qmeta_decode;
-pub mod range_meta;
+pub mod grid;
+pub mod hessian;
+pub mod solver;
+#[cfg(feature = "test-kernels")]
+pub mod testing;
 
 #[panic_handler]
 fn unreachable_panic(_: &core::panic::PanicInfo) -> ! {

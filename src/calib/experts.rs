@@ -2,8 +2,9 @@
 //! buffers (cuSOLVER handle and workspaces, solver workspaces, the identity factor of
 //! token-less experts) reused across experts of the same shape.
 
-use super::layer::{prepare, quantize_prepared, HSource, PreparedFactor, QuantizedLayer, StepperSlot, WorkspaceCache};
+use super::layer::{prepare, quantize_prepared, HSource, PreparedFactor, QuantizedLayer, StepperSlot};
 use crate::hessian::PreStepConfig;
+use crate::quantize::WorkspaceCache;
 use crate::{Backend, ForgeError, GridConfig, Quantizer, Result, WeightView};
 use ndarray::ArrayView2;
 

@@ -1,11 +1,11 @@
 //! One layer, or several layers that read the same inputs: Hessian, pre-step, quantize.
 
 use super::ActivationView;
-use crate::gpu::{self, DeviceFactor, DeviceWeight, GpuDevice, GpuHessian, GpuPreStepper, SolveWorkspace};
-use crate::hessian::{pre_step_cpu, HessianAccumulator, PreStep, PreStepConfig};
-use crate::quantizer::widen;
-use crate::solver::{solve_cpu, SolveOutput};
-use crate::{grid, Backend, ForgeError, GridConfig, QuantGrid, Quantizer, Result, WeightView};
+use crate::device::GpuDevice;
+use crate::hessian::{pre_step_cpu, GpuHessian, GpuPreStepper, HessianAccumulator, PreStep, PreStepConfig};
+use crate::quantize::{cpu, cuda, widen, WorkspaceCache};
+use crate::solver::{DeviceFactor, SolveOutput};
+use crate::{Backend, ForgeError, GridConfig, QuantGrid, Quantizer, Result, WeightView};
 use ndarray::{Array2, ArrayView2};
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ pub enum PreStepRoute {
     /// faer on the CPU ([`crate::hessian::pre_step_cpu`]): the CPU backend, or a GPU backend
     /// on a machine where cuSOLVER could not be loaded.
     Cpu,
-    /// cuSOLVER on the device ([`crate::gpu::GpuPreStepper`]).
+    /// cuSOLVER on the device ([`crate::hessian::GpuPreStepper`]).
     Gpu,
     /// No pre-step: the layer saw no calibration tokens and uses `U = I`.
     NoTokens,
@@ -235,7 +235,7 @@ impl SharedHessian {
             }
             HessianState::Gpu(g) => match &self.backend {
                 Backend::Gpu(dev) => g.update(dev, x),
-                Backend::Cpu => Err(ForgeError::Shape("a device Hessian without a device".into())),
+                Backend::Cpu => Err(ForgeError::Internal("a device Hessian without a device".into())),
             },
         }
     }
@@ -246,7 +246,9 @@ impl SharedHessian {
             (HessianState::Cpu(a), _) => Ok(a.h().clone()),
             (HessianState::CpuGiven { h, .. }, _) => Ok(h.clone()),
             (HessianState::Gpu(g), Backend::Gpu(dev)) => g.to_host(dev),
-            (HessianState::Gpu(_), Backend::Cpu) => Err(ForgeError::Shape("a device Hessian without a device".into())),
+            (HessianState::Gpu(_), Backend::Cpu) => {
+                Err(ForgeError::Internal("a device Hessian without a device".into()))
+            }
         }
     }
 
@@ -317,7 +319,7 @@ pub(crate) fn prepare(
         Backend::Cpu => {
             let pre = match h {
                 HSource::Host(h) => pre_step_cpu(h, None, cfg)?,
-                HSource::Device(_) => return Err(ForgeError::Shape("a device Hessian without a device".into())),
+                HSource::Device(_) => return Err(ForgeError::Internal("a device Hessian without a device".into())),
             };
             PreparedFactor::new(pre, PreStepRoute::Cpu, backend)
         }
@@ -340,25 +342,6 @@ pub(crate) fn prepare(
             };
             PreparedFactor::new(pre, route, backend)
         }
-    }
-}
-
-/// Device solve buffers kept across same-shape layers of a batch.
-#[derive(Default)]
-pub(crate) struct WorkspaceCache {
-    slots: Vec<((usize, usize), SolveWorkspace)>,
-}
-
-impl WorkspaceCache {
-    fn get(&mut self, dev: &GpuDevice, rows: usize, cols: usize) -> Result<&mut SolveWorkspace> {
-        let k = match self.slots.iter().position(|(s, _)| *s == (rows, cols)) {
-            Some(k) => k,
-            None => {
-                self.slots.push(((rows, cols), SolveWorkspace::new(dev, rows, cols)?));
-                self.slots.len() - 1
-            }
-        };
-        Ok(&mut self.slots[k].1)
     }
 }
 
@@ -397,9 +380,7 @@ pub(crate) fn quantize_prepared(
     let perm = factor.pre.perm.as_deref();
     let (grid, out) = match &quantizer.backend {
         Backend::Cpu => {
-            let grid = grid::build_quant_grid(WeightView::F32(w), &quantizer.config)?;
-            let out = solve_cpu(w, factor.pre.hinv_factor.view(), &grid, perm)?;
-            (grid, out)
+            cpu::grid_and_solve(&quantizer.config, WeightView::F32(w), factor.pre.hinv_factor.view(), perm)?
         }
         Backend::Gpu(dev) => solve_on_device(dev, &quantizer.config, factor, w, cache)?,
     };
@@ -407,8 +388,7 @@ pub(crate) fn quantize_prepared(
 }
 
 /// Grid and solve on the device with the factor already there (uploaded now if it was
-/// prepared for another backend). The grid kernel rejects a non-finite weight and `U` comes
-/// from a checked pre-step, so only shapes are checked (by `launch_solve`).
+/// prepared for another backend), through the one orchestration path.
 fn solve_on_device(
     dev: &Arc<GpuDevice>,
     config: &GridConfig,
@@ -416,10 +396,6 @@ fn solve_on_device(
     w: ArrayView2<'_, f32>,
     cache: &mut WorkspaceCache,
 ) -> Result<(QuantGrid, SolveOutput)> {
-    let (rows, cols) = w.dim();
-    let dw = DeviceWeight::upload(dev, WeightView::F32(w))?;
-    let dgrid = gpu::build_quant_grid_device(dev, &dw, config)?;
-    let grid = dgrid.to_host(dev)?;
     let temp;
     let dfactor = match &factor.device {
         Some((d, f)) if Arc::ptr_eq(d, dev) => f,
@@ -428,9 +404,7 @@ fn solve_on_device(
             &temp
         }
     };
-    let ws = cache.get(dev, rows, cols)?;
-    gpu::launch_solve(dev, &dw, dfactor, &dgrid, ws)?;
-    Ok((grid, ws.output().to_host(dev)?))
+    cuda::grid_and_solve(dev, config, w, dfactor, cache)
 }
 
 /// One linear layer in MoE-Quant's `GPTQ` shape: `new`, `update` with calibration inputs,
@@ -494,7 +468,8 @@ impl GptqLayer {
         if self.factor.is_none() {
             self.quantization_pre_step(&PreStepConfig::default())?;
         }
-        let factor = self.factor.as_ref().ok_or_else(|| ForgeError::Shape("pre-step missing".into()))?;
+        let factor =
+            self.factor.as_ref().ok_or_else(|| ForgeError::Internal("pre-step missing after running it".into()))?;
         quantize_with(&self.quantizer, factor, WeightView::F32(self.weight.view()))
     }
 }

@@ -14,8 +14,8 @@
 //! What runs where: on [`crate::Backend::Cpu`] everything is the ndarray/faer reference
 //! ([`crate::hessian::HessianAccumulator`], [`crate::hessian::pre_step_cpu`],
 //! [`crate::solver::solve_cpu`]). On [`crate::Backend::Gpu`] the Hessian is accumulated on the
-//! device ([`crate::gpu::GpuHessian`]), the pre-step runs on the device through cuSOLVER
-//! ([`crate::gpu::GpuPreStepper`], f64 like the CPU) when cuSOLVER can be loaded and on the
+//! device ([`crate::hessian::GpuHessian`]), the pre-step runs on the device through cuSOLVER
+//! ([`crate::hessian::GpuPreStepper`], f64 like the CPU) when cuSOLVER can be loaded and on the
 //! CPU otherwise (reported as [`PreStepRoute::Cpu`] in the result), and grid and solve run
 //! on the device.
 

@@ -1,9 +1,9 @@
 //! CPU reference grid builder (ndarray + rayon over rows).
 
-use super::{GridConfig, QuantGrid, ScaleSearch};
-use crate::{QMetaPacked, Result, WeightView};
+use super::{DecodedQMeta, GridConfig, QuantGrid, ScaleSearch};
+use crate::{ForgeError, QMetaPacked, Result, WeightView};
 use forge_numerics::{decode_log2_q88, dequantize, encode_log2_q88, quantize, range_meta};
-use ndarray::Array3;
+use ndarray::{Array2, Array3, ArrayView3};
 use rayon::prelude::*;
 
 /// Builds the qmeta4 grid of `weight` on the CPU (the reference for the GPU builder).
@@ -96,4 +96,28 @@ pub fn candidate_loss_f64(group: &[f32], scale: f32, qzero: f32, maxq: f32, norm
             }
         })
         .sum()
+}
+
+pub(crate) fn qmeta_records(qmeta: ArrayView3<'_, u8>) -> Result<(usize, usize, Vec<u32>)> {
+    let (rows, groups, four) = qmeta.dim();
+    if four != 4 {
+        return Err(ForgeError::Shape(format!("qmeta must be (rows, n_groups, 4), got last dim {four}")));
+    }
+    let recs = qmeta
+        .outer_iter()
+        .flat_map(|row| row.outer_iter().map(|r| u32::from_le_bytes([r[0], r[1], r[2], r[3]])).collect::<Vec<_>>())
+        .collect();
+    Ok((rows, groups, recs))
+}
+
+/// CPU decode of a `(rows, n_groups, 4)` qmeta tensor.
+pub fn decode_qmeta_cpu(qmeta: ArrayView3<'_, u8>) -> Result<DecodedQMeta> {
+    let (rows, groups, recs) = qmeta_records(qmeta)?;
+    let metas: Vec<QMetaPacked> = recs.into_iter().map(QMetaPacked::from_u32).collect();
+    let scale = metas.iter().map(|m| m.scale()).collect();
+    let qzero = metas.iter().map(|m| m.qzero_f32()).collect();
+    Ok(DecodedQMeta {
+        scale: Array2::from_shape_vec((rows, groups), scale).map_err(|e| ForgeError::Internal(e.to_string()))?,
+        qzero: Array2::from_shape_vec((rows, groups), qzero).map_err(|e| ForgeError::Internal(e.to_string()))?,
+    })
 }

@@ -1,14 +1,28 @@
 //! The grid: one qmeta4 record per (row, group of `group_size` input columns) (DESIGN §3).
 //!
-//! [`build_quant_grid`] is the CPU reference; the GPU builder in [`crate::gpu`] produces the
-//! same records (bit-identical for absmax, same MSE choice up to the documented tolerance).
+//! [`build_quant_grid`] is the CPU reference; the GPU builder ([`build_quant_grid_gpu`],
+//! [`build_quant_grid_device`]) produces the same records (bit-identical for absmax, same MSE
+//! choice up to the documented tolerance, docs/design.md §3).
 
 mod cpu;
+mod cuda;
 
-pub use cpu::{build_quant_grid, candidate_loss_f64};
+pub use cpu::{build_quant_grid, candidate_loss_f64, decode_qmeta_cpu};
+pub use cuda::{
+    build_quant_grid_device, build_quant_grid_gpu, decode_qmeta_gpu, launch_grid_kernel, DeviceGrid, DeviceWeight,
+};
 
 use crate::{ForgeError, QMetaPacked, Result};
-use ndarray::Array3;
+use ndarray::{Array2, Array3};
+
+/// Decoded grid: `(rows, n_groups)` scales and zero points.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodedQMeta {
+    /// `2^(q88/256)`, correctly rounded.
+    pub scale: Array2<f32>,
+    /// The u8 zero point as f32.
+    pub qzero: Array2<f32>,
+}
 
 /// The most MSE candidates a search may use (the GPU keeps them in constant memory).
 pub const MAX_CANDIDATES: usize = 1024;

@@ -1,19 +1,12 @@
 //! CPU Hessian accumulation and pre-step (faer).
 
-use super::{HessianAccumulator, PreStep, PreStepConfig};
+use super::{HessianAccumulator, PreStep, PreStepConfig, PreStepPlan};
 use crate::solver::first_non_finite;
 use crate::{ForgeError, Result};
 use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::linalg::triangular_inverse::invert_lower_triangular;
 use faer::{Accum, Mat, MatRef, Par, Side};
 use ndarray::{Array2, ArrayView2};
-
-/// Factorisations retried with 10× the damping before falling back to `U = I`.
-pub const MAX_RETRIES: u32 = 3;
-
-/// Relative damping the retries start from when `rel_damp` is 0 (10× of nothing would
-/// retry the same failing matrix).
-pub const MIN_RETRY_REL_DAMP: f64 = 1e-3;
 
 impl HessianAccumulator {
     /// An empty accumulator (`H = 0`, no tokens) for a layer with `cols` input features.
@@ -92,9 +85,10 @@ impl HessianAccumulator {
 ///    inverse, against GPTQ's Cholesky, `cholesky_inverse` and second Cholesky).
 ///
 /// If the Cholesky fails (not positive definite) or `U` does not fit f32 with a positive
-/// diagonal, retry `k` (1 to [`MAX_RETRIES`]) uses the relative damping
+/// diagonal, retry `k` (1 to [`super::MAX_RETRIES`]) uses the relative damping
 /// `10^k · max(rel_damp, MIN_RETRY_REL_DAMP)`; after that `U = I` is returned
-/// with `fallback_identity = true` (round-to-nearest, flagged, never silent).
+/// with `fallback_identity = true` (round-to-nearest, flagged, never silent). Steps 2–4 and
+/// the retries are [`PreStepPlan`], which the GPU pre-step follows too.
 ///
 /// Errors: `h` not square or empty, a non-finite entry of `h`, `weight` with a column count
 /// other than `h`'s, or `rel_damp` not finite and `≥ 0`. On error `weight` is untouched.
@@ -108,62 +102,31 @@ pub fn pre_step_cpu(h: ArrayView2<'_, f32>, weight: Option<&mut Array2<f32>>, cf
             return Err(ForgeError::Shape(format!("weight has {} columns, the Hessian is {n}×{n}", w.ncols())));
         }
     }
-    if !(cfg.rel_damp.is_finite() && cfg.rel_damp >= 0.0) {
-        // No error variant for configuration values exists; Shape is the closest.
-        return Err(ForgeError::Shape(format!("rel_damp must be finite and >= 0, got {}", cfg.rel_damp)));
-    }
     first_non_finite(h, "hessian")?;
+    // The diagonal of the f64 symmetrisation is the f32 diagonal exactly.
+    let plan = PreStepPlan::new((0..n).map(|j| f64::from(h[[j, j]])).collect(), cfg)?;
 
     let mut a = Mat::<f64>::from_fn(n, n, |i, j| 0.5 * (f64::from(h[[i, j]]) + f64::from(h[[j, i]])));
-    let mut dead_columns = Vec::new();
-    for j in 0..n {
-        if a[(j, j)] == 0.0 {
-            a[(j, j)] = 1.0;
-            dead_columns.push(j);
-        }
+    for &j in &plan.dead_columns {
+        a[(j, j)] = 1.0;
     }
-    let diag: Vec<f64> = (0..n).map(|j| a[(j, j)]).collect();
-    let mean_abs_diag = diag.iter().map(|d| d.abs()).sum::<f64>() / n as f64;
-    let perm = cfg.act_order.then(|| {
-        let mut p: Vec<usize> = (0..n).collect();
-        // sort_by is stable: equal diagonals keep their original order.
-        p.sort_by(|&x, &y| diag[y].total_cmp(&diag[x]));
-        p
-    });
     // Processing order t → original column, reversed for the exchange-matrix trick.
-    let order: Vec<usize> = match &perm {
-        Some(p) => p.clone(),
-        None => (0..n).collect(),
-    };
+    let order = plan.order(n);
     let reversed = Mat::<f64>::from_fn(n, n, |i, j| a[(order[n - 1 - i], order[n - 1 - j])]);
-
-    let rel_damp = f64::from(cfg.rel_damp);
-    let retry_base = rel_damp.max(MIN_RETRY_REL_DAMP);
-    let mut damping = rel_damp * mean_abs_diag;
-    let mut attempt = 0u32;
-    let factor = loop {
-        if let Some(u) = factor_attempt(&reversed, damping) {
-            break Some(u);
-        }
-        if attempt == MAX_RETRIES {
-            break None;
-        }
-        attempt += 1;
-        damping = retry_base * 10f64.powi(attempt as i32) * mean_abs_diag;
-    };
+    let (factor, damping, retries) = plan.factor_with_retries(|damping, _| Ok(factor_attempt(&reversed, damping)))?;
 
     if let Some(w) = weight {
-        for &j in &dead_columns {
+        for &j in &plan.dead_columns {
             w.column_mut(j).fill(0.0);
         }
     }
     let fallback_identity = factor.is_none();
     Ok(PreStep {
         hinv_factor: factor.unwrap_or_else(|| Array2::eye(n)),
-        perm,
-        dead_columns,
+        perm: plan.perm,
+        dead_columns: plan.dead_columns,
         damping_used: damping as f32,
-        retries: attempt,
+        retries,
         fallback_identity,
     })
 }

@@ -2,12 +2,24 @@
 //! calibration batches, and the pre-step that turns it into what the solver consumes
 //! (dead inputs, damping, act-order permutation, `U = chol_upper(H⁻¹)`).
 //!
-//! Both run on the CPU with faer; the factorisation is done in f64 and returned as f32.
+//! The CPU reference ([`cpu`], faer) and the device path ([`cuda`]: tiled `XᵀX` kernels,
+//! cuSOLVER) follow one pre-step policy ([`PreStepPlan`]): the factorisation is done in f64
+//! and returned as f32.
 
 mod cpu;
+mod cuda;
 
-pub use cpu::{pre_step_cpu, MAX_RETRIES, MIN_RETRY_REL_DAMP};
+pub use cpu::pre_step_cpu;
+pub use cuda::{pre_step_gpu, DeviceActivations, GpuHessian, GpuPreStepper, MAX_CHUNK_TOKENS, MAX_HESSIAN_COLS};
 
+/// Factorisations retried with 10× the damping before falling back to `U = I`.
+pub const MAX_RETRIES: u32 = 3;
+
+/// Relative damping the retries start from when `rel_damp` is 0 (10× of nothing would
+/// retry the same failing matrix).
+pub const MIN_RETRY_REL_DAMP: f64 = 1e-3;
+
+use crate::{ForgeError, Result};
 use ndarray::Array2;
 
 /// Running Hessian of one linear layer over its input features: after batches of
@@ -51,6 +63,16 @@ pub struct PreStepConfig {
     pub act_order: bool,
 }
 
+impl PreStepConfig {
+    /// `rel_damp` finite and `≥ 0`.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.rel_damp.is_finite() && self.rel_damp >= 0.0) {
+            return Err(ForgeError::Config(format!("rel_damp must be finite and >= 0, got {}", self.rel_damp)));
+        }
+        Ok(())
+    }
+}
+
 impl Default for PreStepConfig {
     /// `rel_damp = 0.01`, no act-order: the GPTQ reference's defaults.
     fn default() -> Self {
@@ -76,4 +98,78 @@ pub struct PreStep {
     pub retries: u32,
     /// Every attempt failed and `U = I` (round-to-nearest) was returned instead.
     pub fallback_identity: bool,
+}
+
+/// The pre-step policy both backends follow (docs/design.md §5), from `diag H` alone:
+/// dead inputs (`diag H == 0` becomes 1), the damping scale `mean(|diag H|)`, and the
+/// act-order permutation (stable argsort of the diagonal, descending). The factorisation is
+/// then tried with [`PreStepPlan::damping`] for attempts `0..=MAX_RETRIES` by
+/// [`PreStepPlan::factor_with_retries`].
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct PreStepPlan {
+    /// Original indices of inputs with `diag H == 0`.
+    pub dead_columns: Vec<usize>,
+    /// `mean(|diag H|)` after the dead fix.
+    pub mean_abs_diag: f64,
+    /// Act-order permutation, if asked for.
+    pub perm: Option<Vec<usize>>,
+    rel_damp: f64,
+}
+
+impl PreStepPlan {
+    /// The plan for a Hessian with diagonal `diag` (in f64, exactly the f32 diagonal).
+    pub fn new(mut diag: Vec<f64>, cfg: &PreStepConfig) -> Result<Self> {
+        cfg.validate()?;
+        let n = diag.len();
+        let mut dead_columns = Vec::new();
+        for (j, d) in diag.iter_mut().enumerate() {
+            if *d == 0.0 {
+                *d = 1.0;
+                dead_columns.push(j);
+            }
+        }
+        let mean_abs_diag = diag.iter().map(|d| d.abs()).sum::<f64>() / n.max(1) as f64;
+        let perm = cfg.act_order.then(|| {
+            let mut p: Vec<usize> = (0..n).collect();
+            // sort_by is stable: equal diagonals keep their original order.
+            p.sort_by(|&x, &y| diag[y].total_cmp(&diag[x]));
+            p
+        });
+        Ok(PreStepPlan { dead_columns, mean_abs_diag, perm, rel_damp: f64::from(cfg.rel_damp) })
+    }
+
+    /// Processing order `t → original column` (the permutation, or the identity).
+    pub fn order(&self, n: usize) -> Vec<usize> {
+        self.perm.clone().unwrap_or_else(|| (0..n).collect())
+    }
+
+    /// Absolute damping of attempt `k`: `rel_damp · mean(|diag H|)` first, then
+    /// `10^k · max(rel_damp, MIN_RETRY_REL_DAMP) · mean(|diag H|)`.
+    pub fn damping(&self, attempt: u32) -> f64 {
+        if attempt == 0 {
+            self.rel_damp * self.mean_abs_diag
+        } else {
+            self.rel_damp.max(MIN_RETRY_REL_DAMP) * 10f64.powi(attempt as i32) * self.mean_abs_diag
+        }
+    }
+
+    /// Runs `attempt(damping, k)` for `k = 0..=MAX_RETRIES` until one returns a factor;
+    /// returns it (or `None`: every attempt failed), the damping of the last attempt and the
+    /// retries used. Errors from `attempt` stop the loop.
+    pub fn factor_with_retries<U>(
+        &self,
+        mut attempt: impl FnMut(f64, u32) -> Result<Option<U>>,
+    ) -> Result<(Option<U>, f64, u32)> {
+        let mut k = 0;
+        loop {
+            let damping = self.damping(k);
+            if let Some(u) = attempt(damping, k)? {
+                return Ok((Some(u), damping, k));
+            }
+            if k == MAX_RETRIES {
+                return Ok((None, damping, k));
+            }
+            k += 1;
+        }
+    }
 }

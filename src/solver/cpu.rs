@@ -425,6 +425,19 @@ pub fn layer_output_error(w: ArrayView2<'_, f32>, q: ArrayView2<'_, f32>, h: Arr
     Ok(num / den)
 }
 
+/// Round-to-nearest with the grid's own (decoded) scales: the baseline GPTQ must beat, and
+/// what a layer without calibration data gets.
+pub fn round_to_nearest(w: ArrayView2<'_, f32>, grid: &QuantGrid) -> Array2<f32> {
+    let maxq = grid.maxq as f32;
+    let gs = grid.group_size.max(1);
+    Array2::from_shape_fn(w.dim(), |(r, c)| {
+        let m = grid.meta(r, c / gs);
+        let (s, q0) = (m.scale(), m.qzero_f32());
+        dequantize(quantize(w[[r, c]], s, q0, maxq), s, q0)
+    })
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;

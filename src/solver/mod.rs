@@ -3,12 +3,15 @@
 //! Inputs are the weight in `nn.Linear` layout `(rows, cols)`, `U` (the upper Cholesky
 //! factor of `H⁻¹` of the permuted Hessian, raw or diagonal-normalised), a built
 //! [`QuantGrid`] and an optional act-order column order. [`solve_cpu`] is the reference
-//! the GPU solver is checked against; [`validate_inputs`] is the one place the input
-//! contract is checked, so every backend reports the same typed errors.
+//! the GPU solver ([`launch_solve`], docs/kernels.md §4) is checked against;
+//! [`validate_inputs`] is the one place the input contract is checked, so every backend
+//! reports the same typed errors.
 
 mod cpu;
+mod cuda;
 
-pub use cpu::{layer_output_error, solve_cpu};
+pub use cpu::{layer_output_error, round_to_nearest, solve_cpu};
+pub use cuda::{launch_solve, solve_gpu, DeviceFactor, DeviceSolveOutput, SolveWorkspace};
 
 use crate::{ForgeError, QuantGrid, Result};
 use ndarray::{Array1, Array2, ArrayView2};
@@ -70,10 +73,22 @@ pub fn validate_inputs(
     if !(3..=255).contains(&maxq) || !(maxq + 1).is_power_of_two() {
         return Err(ForgeError::Shape(format!("grid maxq {maxq} is not 2^bits − 1 with bits in 2..=8")));
     }
+    first_non_finite(weight, "weight")?;
+    validate_factor(hinv_factor, cols, perm)
+}
+
+/// The factor's part of the contract: `(cols, cols)`, finite, a diagonal `> 0`, and `perm`
+/// (when given) a permutation of `0..cols`.
+pub fn validate_factor(hinv_factor: ArrayView2<'_, f32>, cols: usize, perm: Option<&[usize]>) -> Result<()> {
+    if hinv_factor.dim() != (cols, cols) {
+        let (a, b) = hinv_factor.dim();
+        return Err(ForgeError::Shape(format!(
+            "hinv_factor is {a}×{b}, expected {cols}×{cols} for a weight with {cols} columns"
+        )));
+    }
     if let Some(p) = perm {
         check_permutation(p, cols)?;
     }
-    first_non_finite(weight, "weight")?;
     first_non_finite(hinv_factor, "hinv_factor")?;
     for t in 0..cols {
         let d = hinv_factor[[t, t]];

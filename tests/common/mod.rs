@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use fourbit_forge::gpu::GpuDevice;
+use fourbit_forge::device::GpuDevice;
 use std::sync::Arc;
 
 /// The reference vectors generated from the seed spec's PyTorch reference

@@ -14,12 +14,24 @@ pub struct PtxBuilder {
     crate_dir: PathBuf,
     arch: String,
     launch_bounds: Vec<(String, u32, u32)>,
+    features: Vec<String>,
 }
 
 impl PtxBuilder {
     /// `crate_dir` holds the kernels crate's `Cargo.toml`.
     pub fn new(crate_dir: impl Into<PathBuf>) -> Self {
-        PtxBuilder { crate_dir: crate_dir.into(), arch: "sm_80".into(), launch_bounds: Vec::new() }
+        PtxBuilder {
+            crate_dir: crate_dir.into(),
+            arch: "sm_80".into(),
+            launch_bounds: Vec::new(),
+            features: Vec::new(),
+        }
+    }
+
+    /// Enables a cargo feature of the kernels crate.
+    pub fn feature(mut self, name: &str) -> Self {
+        self.features.push(name.into());
+        self
     }
 
     /// Declares CUDA's `__launch_bounds__(max_threads, min_blocks)` for kernel `entry`
@@ -48,10 +60,11 @@ impl PtxBuilder {
             .arg("--manifest-path")
             .arg(&manifest)
             .arg("--target-dir")
-            .arg(target_dir)
-            .arg("--")
-            .arg(format!("-Ctarget-cpu={}", self.arch))
-            .arg("--emit=asm");
+            .arg(target_dir);
+        if !self.features.is_empty() {
+            cmd.arg("--features").arg(self.features.join(","));
+        }
+        cmd.arg("--").arg(format!("-Ctarget-cpu={}", self.arch)).arg("--emit=asm");
         // The host build's flags (coverage, sanitizers, target features) must not leak into
         // the device build.
         for var in [
@@ -139,6 +152,57 @@ fn check_self_contained(ptx: &str) -> Result<(), String> {
     }
 }
 
+/// Every `.entry` of a PTX module with its parameter types in order (`.u64 .ptr`, `.u32`,
+/// `.f32`, `.f64`, …: the text between `.param` and the parameter name, alignment dropped).
+pub fn entries(ptx: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut rest = ptx;
+    while let Some(at) = rest.find(".entry ") {
+        let after = &rest[at + ".entry ".len()..];
+        let Some(open) = after.find('(') else { break };
+        let name = after[..open].trim().to_string();
+        let Some(close) = after[open..].find(')') else { break };
+        let params = after[open + 1..open + close]
+            .split(',')
+            .filter_map(|p| {
+                let words: Vec<&str> =
+                    p.split_whitespace().filter(|w| *w != ".align" && w.parse::<u32>().is_err()).collect();
+                // [".param", type words..., name]
+                (words.len() >= 3 && words[0] == ".param").then(|| words[1..words.len() - 1].join(" "))
+            })
+            .collect();
+        out.push((name, params));
+        rest = &after[open + close..];
+    }
+    out
+}
+
+/// Checks a PTX module against the table of kernels the host launches: every expected entry
+/// exists with exactly the expected parameter types, and the module has no other entry.
+pub fn check_entries(ptx: &str, expected: &[(&str, Vec<&str>)]) -> Result<(), String> {
+    let found = entries(ptx);
+    let mut problems = Vec::new();
+    for (name, params) in expected {
+        match found.iter().find(|(n, _)| n == name) {
+            None => problems.push(format!("kernel `{name}` is in the table but not in the PTX")),
+            Some((_, got)) if got != params => {
+                problems.push(format!("kernel `{name}`: the PTX has parameters {got:?}, the table says {params:?}"))
+            }
+            Some(_) => {}
+        }
+    }
+    for (name, _) in &found {
+        if !expected.iter().any(|(n, _)| n == name) {
+            problems.push(format!("the PTX has an entry `{name}` that the kernel table lacks"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("the kernels PTX does not match forge-kernel-abi's table:\n  {}", problems.join("\n  ")))
+    }
+}
+
 /// Inserts `.maxntid` / `.minnctapersm` after the parameter list of `.entry name(`.
 fn with_launch_bounds(ptx: &str, entry: &str, threads: u32, blocks: u32) -> Result<String, String> {
     let header = format!(".entry {entry}(");
@@ -164,5 +228,23 @@ mod tests {
             ".visible .entry k(\n\t.param .u32 k_param_0\n)\n.maxntid 160, 1, 1\n.minnctapersm 2\n{\n\tret;\n}\n"
         );
         assert!(with_launch_bounds(ptx, "other", 1, 1).is_err());
+    }
+
+    #[test]
+    fn entries_are_checked_against_the_table() {
+        let ptx = ".visible .entry k(\n\t.param .u64 .ptr .align 1 k_param_0,\n\t.param .u32 k_param_1\n)\n{\n}\n\
+                   .visible .entry j(\n\t.param .f64 j_param_0\n)\n{\n}\n";
+        assert_eq!(
+            entries(ptx),
+            vec![
+                ("k".to_string(), vec![".u64 .ptr".to_string(), ".u32".to_string()]),
+                ("j".to_string(), vec![".f64".to_string()])
+            ]
+        );
+        assert!(check_entries(ptx, &[("k", vec![".u64 .ptr", ".u32"]), ("j", vec![".f64"])]).is_ok());
+        // A swapped parameter kind, a missing entry and an extra entry are all reported.
+        assert!(check_entries(ptx, &[("k", vec![".u32", ".u64 .ptr"]), ("j", vec![".f64"])]).is_err());
+        assert!(check_entries(ptx, &[("k", vec![".u64 .ptr", ".u32"])]).is_err());
+        assert!(check_entries(ptx, &[("k", vec![".u64 .ptr", ".u32"]), ("j", vec![".f64"]), ("x", vec![])]).is_err());
     }
 }

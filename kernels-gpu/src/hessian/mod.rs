@@ -1,0 +1,4 @@
+//! Hessian stage kernels: `XᵀX` accumulation and the pre-step around cuSOLVER.
+
+pub mod prestep;
+pub mod xtx;

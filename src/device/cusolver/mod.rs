@@ -1,0 +1,168 @@
+//! cuSOLVER, loaded at run time (cudarc, dynamic loading), wrapped in the layers cudarc
+//! uses: cudarc's `cusolver::sys` is the FFI, [`result`] our checked calls, and this module
+//! the safe layer: a [`DenseSolver`] owns a handle bound to a stream and its workspaces.
+//!
+//! `libcusolver.so` (and the `libcublas`, `libcublasLt`, `libcusparse`, `libnvJitLink` it
+//! links) must be on the loader's path, e.g.
+//! `LD_LIBRARY_PATH=$VENV/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda/lib64`.
+//! Without it [`DenseSolver::new`] returns [`ForgeError::MissingLibrary`] (never a panic:
+//! presence and every symbol called are probed first).
+
+mod result;
+
+use super::{DeviceBufferMut, GpuDevice};
+use crate::{ForgeError, Result};
+use cudarc::cusolver::sys as cs;
+use cudarc::driver::{CudaSlice, CudaStream};
+
+/// `Ok` when cuSOLVER (with the libraries it links) loads and has every function the GPU
+/// pre-step calls; else [`ForgeError::MissingLibrary`] saying what to put on `LD_LIBRARY_PATH`.
+pub fn cusolver_available() -> Result<()> {
+    let hint = "put the directory holding libcusolver.so.* (and libcublas, libcublasLt, libcusparse, libnvJitLink) \
+                on LD_LIBRARY_PATH, e.g. <venv>/lib/python3.12/site-packages/nvidia/cu13/lib or /usr/local/cuda/lib64";
+    // SAFETY: only tries to dlopen the library under its usual names.
+    if !unsafe { cs::is_culib_present() } {
+        return Err(ForgeError::MissingLibrary {
+            library: "cuSOLVER",
+            reason: format!("libcusolver could not be loaded; {hint}"),
+        });
+    }
+    // SAFETY: the library is present (checked above), so culib() loads it instead of panicking;
+    // symbols are only looked up, never called here.
+    let lib = unsafe { cs::culib() };
+    for sym in result::SYMBOLS {
+        // SAFETY: a lookup; the fn-pointer type is never called through.
+        if unsafe { lib.get::<unsafe extern "C" fn()>(sym.as_bytes()) }.is_err() {
+            return Err(ForgeError::MissingLibrary {
+                library: "cuSOLVER",
+                reason: format!("the loaded libcusolver lacks {sym} (CUDA ≥ 11.4 needed)"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Owned cuSOLVER dense handle and 64-bit-API parameters (destroyed on drop, errors ignored:
+/// nothing can be done about a failing destroy).
+struct Handle {
+    handle: cs::cusolverDnHandle_t,
+    params: cs::cusolverDnParams_t,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // SAFETY: both were created by this struct and are destroyed once.
+        unsafe {
+            if !self.params.is_null() {
+                let _ = cudarc::cusolver::result::dn_destroy_params(self.params);
+            }
+            if !self.handle.is_null() {
+                let _ = cudarc::cusolver::result::dn_destroy(self.handle);
+            }
+        }
+    }
+}
+
+/// Workspaces of one matrix side `n`.
+struct Workspace {
+    n: usize,
+    potrf_dev: CudaSlice<u8>,
+    potrf_host: Vec<u8>,
+    trtri_dev: CudaSlice<u8>,
+    trtri_host: Vec<u8>,
+    info: CudaSlice<i32>,
+}
+
+/// A cuSOLVER dense handle on one stream with workspaces sized for the last matrix side
+/// (reused across calls of the same size).
+pub struct DenseSolver {
+    handle: Handle,
+    stream: std::sync::Arc<CudaStream>,
+    work: Option<Workspace>,
+}
+
+// SAFETY: cuSOLVER handles may be used from any thread, one call at a time (&mut self).
+unsafe impl Send for DenseSolver {}
+
+impl DenseSolver {
+    /// Loads cuSOLVER ([`cusolver_available`]) and creates a handle on `dev`'s stream.
+    pub fn new(dev: &GpuDevice) -> Result<Self> {
+        cusolver_available()?;
+        dev.context().bind_to_thread().map_err(ForgeError::driver("binding the context"))?;
+        let h = cudarc::cusolver::result::dn_create().map_err(result::err("creating a cuSOLVER handle"))?;
+        let mut handle = Handle { handle: h, params: std::ptr::null_mut() };
+        handle.params =
+            cudarc::cusolver::result::dn_create_params().map_err(result::err("creating cuSOLVER params"))?;
+        let stream = dev.stream().clone();
+        // SAFETY: a live handle and the device's live stream (kept alive by `self.stream`).
+        unsafe { cudarc::cusolver::result::dn_set_stream(handle.handle, stream.cu_stream() as _) }
+            .map_err(result::err("setting the cuSOLVER stream"))?;
+        Ok(DenseSolver { handle, stream, work: None })
+    }
+
+    /// Workspaces for side `n`, (re)made when the side changes.
+    fn workspace(&mut self, a: &mut CudaSlice<f64>, n: usize) -> Result<&mut Workspace> {
+        if !self.work.as_ref().is_some_and(|w| w.n == n) {
+            self.work = None; // free the old size first
+            let a_ptr = a.dev_ptr_mut().addr();
+            // SAFETY: size queries on a live handle with a valid n×n f64 matrix address.
+            let (pd, ph) =
+                unsafe { result::potrf_buffer_size(self.handle.handle, self.handle.params, n as i64, a_ptr) }?;
+            let (td, th) = unsafe { result::trtri_buffer_size(self.handle.handle, n as i64, a_ptr) }?;
+            let alloc = || ForgeError::driver("allocating cuSOLVER workspaces");
+            self.work = Some(Workspace {
+                n,
+                potrf_dev: self.stream.alloc_zeros::<u8>(pd.max(1)).map_err(alloc())?,
+                potrf_host: vec![0u8; ph.max(1)],
+                trtri_dev: self.stream.alloc_zeros::<u8>(td.max(1)).map_err(alloc())?,
+                trtri_host: vec![0u8; th.max(1)],
+                info: self.stream.alloc_zeros::<i32>(1).map_err(alloc())?,
+            });
+        }
+        self.work.as_mut().ok_or_else(|| ForgeError::Internal("cuSOLVER workspace missing after sizing".into()))
+    }
+
+    fn check_square(a: &CudaSlice<f64>, n: usize) -> Result<()> {
+        if n == 0 || a.len() != n * n {
+            return Err(ForgeError::Internal(format!("{} f64 on the device for a {n}×{n} matrix", a.len())));
+        }
+        Ok(())
+    }
+
+    /// Cholesky `A = RᵀR` in place (upper `R`; `A` column-major or symmetric). `Ok(false)`
+    /// when a leading minor is not positive definite. Waits for the result (reads `info`).
+    pub fn potrf_upper(&mut self, a: &mut CudaSlice<f64>, n: usize) -> Result<bool> {
+        Self::check_square(a, n)?;
+        let (h, p) = (self.handle.handle, self.handle.params);
+        let a_ptr = a.dev_ptr_mut().addr();
+        let w = self.workspace(a, n)?;
+        let work = (w.potrf_dev.dev_ptr_mut().addr(), w.potrf_dev.len());
+        // SAFETY: `a` is n×n f64 on this stream; workspaces sized for n; info one i32.
+        unsafe { result::potrf(h, p, n as i64, a_ptr, work, &mut w.potrf_host, w.info.dev_ptr_mut().addr()) }?;
+        Ok(self.read_info("potrf")? == 0)
+    }
+
+    /// In-place inverse of the upper triangular `n × n` matrix `a` (column-major). `Ok(false)`
+    /// on a zero pivot.
+    pub fn trtri_upper(&mut self, a: &mut CudaSlice<f64>, n: usize) -> Result<bool> {
+        Self::check_square(a, n)?;
+        let h = self.handle.handle;
+        let a_ptr = a.dev_ptr_mut().addr();
+        let w = self.workspace(a, n)?;
+        let work = (w.trtri_dev.dev_ptr_mut().addr(), w.trtri_dev.len());
+        // SAFETY: as potrf_upper.
+        unsafe { result::trtri(h, n as i64, a_ptr, work, &mut w.trtri_host, w.info.dev_ptr_mut().addr()) }?;
+        Ok(self.read_info("trtri")? == 0)
+    }
+
+    /// cuSOLVER's `info` after a call; a negative value (a bad argument) is an internal error.
+    fn read_info(&self, op: &'static str) -> Result<i32> {
+        let w = self.work.as_ref().ok_or_else(|| ForgeError::Internal("cuSOLVER workspace missing".into()))?;
+        let info = self.stream.clone_dtoh(&w.info).map_err(ForgeError::driver("reading cuSOLVER info"))?;
+        let v = info.first().copied().unwrap_or(0);
+        if v < 0 {
+            return Err(ForgeError::Internal(format!("cuSOLVER {op} rejected argument {} (info {v})", -v)));
+        }
+        Ok(v)
+    }
+}

@@ -1,0 +1,113 @@
+//! Weight tensors as the grid builder and solver read them: `(rows = out_features,
+//! cols = in_features)` in one of the supported dtypes, widened exactly to f32; one layer
+//! read from a safetensors file ([`load_layer`]) or made up ([`synthetic_layer`]).
+
+mod file;
+mod synthetic;
+
+pub use file::{load_layer, HessianSource, LayerFile, LayerStats, OwnedWeight};
+pub use synthetic::synthetic_layer;
+
+use crate::{ForgeError, Result};
+use forge_numerics::{bf16_bits_to_f32, f16_bits_to_f32, fp8_e4m3_to_f32};
+use ndarray::ArrayView2;
+
+/// Element types the engine reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightDtype {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// OCP fp8 E4M3 (`float8_e4m3fn`), as raw bytes.
+    Fp8E4M3,
+}
+
+impl WeightDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            WeightDtype::F32 => 4,
+            WeightDtype::F16 | WeightDtype::BF16 => 2,
+            WeightDtype::Fp8E4M3 => 1,
+        }
+    }
+
+    /// Parses a safetensors / PyTorch dtype name (`F32`, `float16`, `bf16`, `F8_E4M3`, ...).
+    pub fn parse(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "f32" | "float32" | "float" => Ok(WeightDtype::F32),
+            "f16" | "float16" | "half" => Ok(WeightDtype::F16),
+            "bf16" | "bfloat16" => Ok(WeightDtype::BF16),
+            "f8_e4m3" | "float8_e4m3fn" | "fp8_e4m3" | "e4m3" => Ok(WeightDtype::Fp8E4M3),
+            _ => Err(ForgeError::Dtype(name.to_string())),
+        }
+    }
+}
+
+/// A borrowed 2-D weight in any supported dtype.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightView<'a> {
+    /// f32 weights.
+    F32(ArrayView2<'a, f32>),
+    /// f16 weights.
+    F16(ArrayView2<'a, half::f16>),
+    /// bf16 weights.
+    BF16(ArrayView2<'a, half::bf16>),
+    /// fp8 E4M3 weights as raw bytes.
+    Fp8E4M3(ArrayView2<'a, u8>),
+}
+
+impl<'a> WeightView<'a> {
+    /// `(rows, cols)`.
+    pub fn dim(&self) -> (usize, usize) {
+        match self {
+            WeightView::F32(a) => a.dim(),
+            WeightView::F16(a) => a.dim(),
+            WeightView::BF16(a) => a.dim(),
+            WeightView::Fp8E4M3(a) => a.dim(),
+        }
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> WeightDtype {
+        match self {
+            WeightView::F32(_) => WeightDtype::F32,
+            WeightView::F16(_) => WeightDtype::F16,
+            WeightView::BF16(_) => WeightDtype::BF16,
+            WeightView::Fp8E4M3(_) => WeightDtype::Fp8E4M3,
+        }
+    }
+
+    /// Reads row `r` widened to f32 into `out[..cols]`; errors on the first NaN/inf.
+    pub fn read_row_f32(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        fn fill<T: Copy>(row: ndarray::ArrayView1<T>, out: &mut [f32], f: impl Fn(T) -> f32) {
+            for (o, &v) in out.iter_mut().zip(row.iter()) {
+                *o = f(v);
+            }
+        }
+        match self {
+            WeightView::F32(a) => fill(a.row(r), out, |v| v),
+            WeightView::F16(a) => fill(a.row(r), out, |v| f16_bits_to_f32(v.to_bits())),
+            WeightView::BF16(a) => fill(a.row(r), out, |v| bf16_bits_to_f32(v.to_bits())),
+            WeightView::Fp8E4M3(a) => fill(a.row(r), out, fp8_e4m3_to_f32),
+        }
+        let cols = self.dim().1;
+        match out[..cols].iter().position(|v| !v.is_finite()) {
+            None => Ok(()),
+            Some(col) => Err(ForgeError::NonFinite { tensor: "weight", row: r, col, value: out[col] }),
+        }
+    }
+
+    /// The raw bytes of a standard-layout (row-major, contiguous) view, for upload.
+    pub fn contiguous_bytes(&self) -> Option<&'a [u8]> {
+        match *self {
+            WeightView::F32(a) => a.to_slice().map(bytemuck::cast_slice),
+            WeightView::F16(a) => a.to_slice().map(bytemuck::cast_slice),
+            WeightView::BF16(a) => a.to_slice().map(bytemuck::cast_slice),
+            WeightView::Fp8E4M3(a) => a.to_slice(),
+        }
+    }
+}
