@@ -1,4 +1,4 @@
-//! GPU grid benchmark: absmax and MSE (100 candidates, norm 2.4 and 2) for the DESIGN §8
+//! GPU grid benchmark: absmax and MSE (100 candidates, norm 2.4 and 2) for the docs/design.md §8
 //! shapes in f32 and bf16, beside a device-to-device copy of the same bytes, one table.
 //!
 //! Run on a GPU machine: `cargo bench --bench gpu_grid` (or the staged `bench-gpu_grid`).

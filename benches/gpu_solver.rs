@@ -1,4 +1,4 @@
-//! GPU solver benchmark: the fused solve for the DESIGN §8 shapes (gs 128, 4-bit,
+//! GPU solver benchmark: the fused solve for the docs/design.md §8 shapes (gs 128, 4-bit,
 //! symmetric), beside the fp32 arithmetic floor `R·C² flops / measured f32 FMA rate` (the
 //! rate measured in the same run by the `fma_throughput` kernel). One table; device events,
 //! warm-up, median of repeats.

@@ -1,4 +1,4 @@
-//! The calibration layer on the CPU backend (DESIGN §5): MoE-Quant-shaped `GptqLayer`,
+//! The calibration layer on the CPU backend (docs/design.md §5): MoE-Quant-shaped `GptqLayer`,
 //! shared Hessians, experts in bulk, and the documented errors and flags.
 
 mod common;

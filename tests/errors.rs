@@ -1,5 +1,5 @@
 //! Every bad input gives its typed `ForgeError`, whose message names the offending value
-//! (DESIGN §3: "a typed error, never a panic and never silent garbage"). Each case also has a
+//! (docs/design.md §3: "a typed error, never a panic and never silent garbage"). Each case also has a
 //! control: the same call with the value fixed succeeds, so the error is caused by that value.
 
 use fourbit_forge::grid::build_quant_grid;

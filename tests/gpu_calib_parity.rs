@@ -1,4 +1,4 @@
-//! GPU calibration against the CPU reference (DESIGN §5, §7). Runs on a GPU machine; skips
+//! GPU calibration against the CPU reference (docs/design.md §5, §7). Runs on a GPU machine; skips
 //! with the reason elsewhere. The pre-step tests need cuSOLVER on the loader path (see
 //! `src/gpu/hessian.rs`); without it they print why and skip, unless
 //! `FORGE_REQUIRE_CUSOLVER=1`, which turns the skip into a failure.

@@ -1,4 +1,4 @@
-//! GPU grid builder against the CPU reference (DESIGN §7). Runs on a GPU machine; skips with
+//! GPU grid builder against the CPU reference (docs/design.md §7). Runs on a GPU machine; skips with
 //! the reason elsewhere.
 //!
 //! * absmax: qmeta4 bit-identical, every dtype, bits, group size, sym/asym, ragged shapes;

@@ -1,4 +1,4 @@
-//! The fused GPU solver against the CPU reference solver (DESIGN §4, §7). Runs on a GPU
+//! The fused GPU solver against the CPU reference solver (docs/design.md §4, §7). Runs on a GPU
 //! machine; skips with the reason elsewhere.
 //!
 //! Both solvers compute in f32 but sum the updates in different orders (the GPU's

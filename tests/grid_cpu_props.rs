@@ -1,4 +1,4 @@
-//! Properties of the CPU grid builder (DESIGN §1, §3, §7), each checked against a quantity
+//! Properties of the CPU grid builder (docs/design.md §1, §3, §7), each checked against a quantity
 //! computed independently of the builder: the group range in f64, brute-force candidate
 //! losses, the zero-padded and truncated weights, other dtypes widened by the `half` crate or
 //! by the E4M3 definition.
@@ -75,7 +75,7 @@ fn grid(w: WeightView<'_>, cfg: &GridConfig) -> QuantGrid {
     build_quant_grid(w, cfg).unwrap_or_else(|e| panic!("grid failed: {e}"))
 }
 
-/// Row `r`, group `g` of `w` with the short last group padded with zeros (DESIGN §1).
+/// Row `r`, group `g` of `w` with the short last group padded with zeros (docs/design.md §1).
 fn padded_group(w: &Array2<f32>, gs: usize, r: usize, g: usize) -> Vec<f32> {
     let cols = w.ncols();
     (g * gs..(g + 1) * gs).map(|c| if c < cols { w[[r, c]] } else { 0.0 }).collect()

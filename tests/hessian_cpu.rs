@@ -1,4 +1,4 @@
-//! Hessian accumulation and the CPU pre-step (DESIGN §5).
+//! Hessian accumulation and the CPU pre-step (docs/design.md §5).
 
 use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig, MAX_RETRIES};
 use fourbit_forge::ForgeError;

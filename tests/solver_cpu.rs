@@ -1,4 +1,4 @@
-//! CPU reference GPTQ solver (DESIGN §4): exactness against round-to-nearest and the
+//! CPU reference GPTQ solver (docs/design.md §4): exactness against round-to-nearest and the
 //! straightforward recurrence, a hand-derived case, act-order bookkeeping, typed errors,
 //! and the GPTQ objective against round-to-nearest on correlated activations.
 
@@ -27,7 +27,7 @@ fn grid(w: &Array2<f32>, bits: u32, gs: usize, symmetric: bool) -> QuantGrid {
     build_quant_grid(WeightView::F32(w.view()), &cfg).expect("grid builds")
 }
 
-/// The recurrence of DESIGN §4 written as plainly as possible (one row, one column at a
+/// The recurrence of docs/design.md §4 written as plainly as possible (one row, one column at a
 /// time, every update applied immediately).
 fn naive_solve(w: &Array2<f32>, u: &Array2<f32>, g: &QuantGrid, perm: &[usize]) -> (Array2<u8>, Array2<f32>, Vec<f32>) {
     let (rows, cols) = w.dim();

@@ -500,3 +500,139 @@ pub fn for4(mut f: impl FnMut(usize)) {
     f(2);
     f(3);
 }
+
+/// A typed address in the block's dynamic shared memory: offsets count elements of `T`, and
+/// the loads and stores below pick the PTX access from `T`, so tile code reads as indexing
+/// instead of byte arithmetic. A view adds nothing at run time (one `u32` address).
+#[derive(Clone, Copy)]
+pub struct Smem<T> {
+    addr: u32,
+    _elem: core::marker::PhantomData<T>,
+}
+
+impl<T> Smem<T> {
+    /// The view at byte address `addr` of the shared window.
+    #[inline(always)]
+    pub const fn at_byte(addr: u32) -> Self {
+        Smem { addr, _elem: core::marker::PhantomData }
+    }
+
+    /// Element `n` past this one.
+    #[inline(always)]
+    pub const fn at(self, n: u32) -> Self {
+        Smem::at_byte(self.addr + n * core::mem::size_of::<T>() as u32)
+    }
+
+    /// The byte address (for `cp.async` and other raw PTX).
+    #[inline(always)]
+    pub const fn addr(self) -> u32 {
+        self.addr
+    }
+}
+
+impl Smem<f32> {
+    /// Loads this element.
+    ///
+    /// # Safety
+    /// Inside the launch's dynamic shared memory.
+    #[inline(always)]
+    pub unsafe fn ld(self) -> f32 {
+        ld_shared_f32(self.addr)
+    }
+
+    /// Stores this element.
+    ///
+    /// # Safety
+    /// As [`Smem::ld`].
+    #[inline(always)]
+    pub unsafe fn st(self, v: f32) {
+        st_shared_u32(self.addr, v.to_bits())
+    }
+
+    /// Loads this element and the next three (one 16-byte access, ordered against other
+    /// shared-memory `asm!`).
+    ///
+    /// # Safety
+    /// 16-byte aligned, inside the launch's dynamic shared memory.
+    #[inline(always)]
+    pub unsafe fn ld4(self) -> [f32; 4] {
+        ld_shared_f32x4(self.addr)
+    }
+
+    /// As [`Smem::ld4`], but a load the compiler may schedule and merge like a plain one.
+    ///
+    /// # Safety
+    /// As [`Smem::ld4`], and no write to these bytes may be pending in this thread's program
+    /// order without an intervening barrier or `asm!` that writes memory.
+    #[inline(always)]
+    pub unsafe fn ld4_pure(self) -> [f32; 4] {
+        ld_shared_f32x4_pure(self.addr)
+    }
+
+    /// Stores four elements (one 16-byte access).
+    ///
+    /// # Safety
+    /// As [`Smem::ld4`].
+    #[inline(always)]
+    pub unsafe fn st4(self, v: [f32; 4]) {
+        st_shared_f32x4(self.addr, v)
+    }
+}
+
+impl Smem<u32> {
+    /// Loads this element.
+    ///
+    /// # Safety
+    /// Inside the launch's dynamic shared memory, 4-byte aligned.
+    #[inline(always)]
+    pub unsafe fn ld(self) -> u32 {
+        ld_shared_u32(self.addr)
+    }
+
+    /// Stores this element.
+    ///
+    /// # Safety
+    /// As [`Smem::ld`].
+    #[inline(always)]
+    pub unsafe fn st(self, v: u32) {
+        st_shared_u32(self.addr, v)
+    }
+
+    /// Loads four elements (one 16-byte access).
+    ///
+    /// # Safety
+    /// 16-byte aligned, inside the launch's dynamic shared memory.
+    #[inline(always)]
+    pub unsafe fn ld4(self) -> [u32; 4] {
+        ld_shared_u32x4(self.addr)
+    }
+
+    /// Stores four elements (one 16-byte access).
+    ///
+    /// # Safety
+    /// As [`Smem::ld4`].
+    #[inline(always)]
+    pub unsafe fn st4(self, v: [u32; 4]) {
+        st_shared_u32x4(self.addr, v)
+    }
+}
+
+impl Smem<u8> {
+    /// Loads this byte and the next three as one little-endian word.
+    ///
+    /// # Safety
+    /// 4-byte aligned, inside the launch's dynamic shared memory.
+    #[inline(always)]
+    pub unsafe fn ld_word(self) -> u32 {
+        ld_shared_u32(self.addr)
+    }
+
+    /// Stores 16 bytes given as four little-endian words.
+    ///
+    /// # Safety
+    /// 16-byte aligned, inside the launch's dynamic shared memory.
+    #[inline(always)]
+    pub unsafe fn st_words4(self, v: [u32; 4]) {
+        st_shared_u32x4(self.addr, v)
+    }
+}

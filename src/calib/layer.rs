@@ -207,7 +207,7 @@ impl SharedHessian {
     }
 
     /// Adds a batch of activations `(tokens, cols)`: `H ← β·H + α·XᵀX`, `α = 2/(n+m)`,
-    /// `β = n/(n+m)` (DESIGN §5). f16/bf16 are widened exactly to f32. NaN/inf activations
+    /// `β = n/(n+m)` (docs/design.md §5). f16/bf16 are widened exactly to f32. NaN/inf activations
     /// and f32 overflow are typed errors.
     pub fn update(&mut self, x: ActivationView<'_>) -> Result<()> {
         match &mut self.state {
@@ -260,7 +260,7 @@ impl SharedHessian {
         }
     }
 
-    /// The pre-step (DESIGN §5) on this Hessian's backend: on the GPU through cuSOLVER when
+    /// The pre-step (docs/design.md §5) on this Hessian's backend: on the GPU through cuSOLVER when
     /// it loads, else on the CPU (the result's [`PreparedFactor::route`] says which). A
     /// Hessian without tokens gives `U = I` ([`PreStepRoute::NoTokens`]).
     pub fn pre_step(&self, cfg: &PreStepConfig) -> Result<PreparedFactor> {

@@ -1,4 +1,4 @@
-//! Calibration and layer quantization in the shape of MoE-Quant's `GPTQ` class (DESIGN §5):
+//! Calibration and layer quantization in the shape of MoE-Quant's `GPTQ` class (docs/design.md §5):
 //! feed a layer's input activations with `update`, run the `quantization_pre_step`, then
 //! `quantize`.
 //!

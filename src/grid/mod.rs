@@ -1,4 +1,4 @@
-//! The grid: one qmeta4 record per (row, group of `group_size` input columns) (DESIGN §3).
+//! The grid: one qmeta4 record per (row, group of `group_size` input columns) (docs/design.md §3).
 //!
 //! [`build_quant_grid`] is the CPU reference; the GPU builder ([`build_quant_grid_gpu`],
 //! [`build_quant_grid_device`]) produces the same records (bit-identical for absmax, same MSE

@@ -71,7 +71,7 @@ impl HessianAccumulator {
     }
 }
 
-/// Prepares `U` for the solver from a Hessian (DESIGN §5), in f64 with faer:
+/// Prepares `U` for the solver from a Hessian (docs/design.md §5), in f64 with faer:
 ///
 /// 1. `H` is symmetrised as `(H + Hᵀ)/2` (exact for a symmetric input).
 /// 2. Dead inputs, `diag H == 0`: the diagonal entry becomes 1 and, when `weight` is given,

@@ -1,4 +1,4 @@
-//! The layer above the solver (DESIGN §5): the Hessian `H = 2/n·XᵀX` accumulated over
+//! The layer above the solver (docs/design.md §5): the Hessian `H = 2/n·XᵀX` accumulated over
 //! calibration batches, and the pre-step that turns it into what the solver consumes
 //! (dead inputs, damping, act-order permutation, `U = chol_upper(H⁻¹)`).
 //!

@@ -19,7 +19,7 @@ const TILES: usize = 4;
 /// Rows per rayon task.
 const ROW_CHUNK: usize = ROW_TILE * TILES;
 
-/// Solves one layer with GPTQ on the CPU (the reference for the GPU solver, DESIGN §4).
+/// Solves one layer with GPTQ on the CPU (the reference for the GPU solver, docs/design.md §4).
 ///
 /// For `t` in `0..cols`, `j = perm[t]` (identity without `perm`), every row `r`:
 /// `q = quantize(w[r,j], s, q0, maxq)` with the decoded meta of `(r, j / gs)` (static
@@ -436,7 +436,6 @@ pub fn round_to_nearest(w: ArrayView2<'_, f32>, grid: &QuantGrid) -> Array2<f32>
         dequantize(quantize(w[[r, c]], s, q0, maxq), s, q0)
     })
 }
-
 
 #[cfg(test)]
 mod tests {

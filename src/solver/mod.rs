@@ -1,4 +1,4 @@
-//! The GPTQ solver with static groups (DESIGN §4).
+//! The GPTQ solver with static groups (docs/design.md §4).
 //!
 //! Inputs are the weight in `nn.Linear` layout `(rows, cols)`, `U` (the upper Cholesky
 //! factor of `H⁻¹` of the permuted Hessian, raw or diagonal-normalised), a built
@@ -27,7 +27,7 @@ pub struct SolveOutput {
     pub loss: Array1<f32>,
 }
 
-/// Checks the solver's input contract (DESIGN §4) and returns the typed error of the first
+/// Checks the solver's input contract (docs/design.md §4) and returns the typed error of the first
 /// violation found.
 ///
 /// * `weight` is `(rows, cols)`, non-empty, all finite;

@@ -1,5 +1,5 @@
 //! Scalar numerics of 4Bit Forge, compiled by BOTH the host library (CPU reference) and the
-//! GPU kernels (`nvptx64-nvidia-cuda`), so the two cannot drift apart (DESIGN §2).
+//! GPU kernels (`nvptx64-nvidia-cuda`), so the two cannot drift apart (docs/design.md §2).
 //!
 //! Everything here is `#[inline]`: the kernels crate is emitted as PTX straight from its own
 //! codegen unit (`--emit=asm`, no linker), so every function it uses must be instantiated

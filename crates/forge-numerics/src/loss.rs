@@ -1,4 +1,4 @@
-//! The MSE / Lᵖ scale-search loss of one element: `|ŷ − x|^norm` (DESIGN §3).
+//! The MSE / Lᵖ scale-search loss of one element: `|ŷ − x|^norm` (docs/design.md §3).
 //!
 //! `norm == 2` is a plain square on both sides. For other norms the host uses libm's `powf`
 //! (accurate to < 1 ulp) and the GPU uses the hardware `lg2.approx` / `ex2.approx`

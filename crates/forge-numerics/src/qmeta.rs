@@ -1,4 +1,4 @@
-//! qmeta4: the 4-byte per-group record `[lo(q88), hi(q88), qzero, flags]` (DESIGN §2).
+//! qmeta4: the 4-byte per-group record `[lo(q88), hi(q88), qzero, flags]` (docs/design.md §2).
 //!
 //! * encode: `q88 = round_half_even(RN_f32(log2(max(scale, 1e-12))) * 256)`, saturating to
 //!   i16. The f32 rounding of log2 is part of the spec (it decides ties at Q8.8 midpoints),

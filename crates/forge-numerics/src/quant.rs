@@ -1,4 +1,4 @@
-//! Quantize / dequantize and the range (absmax) meta of one group (DESIGN §2–3).
+//! Quantize / dequantize and the range (absmax) meta of one group (docs/design.md §2–3).
 
 use crate::round_ties_even;
 
@@ -86,7 +86,7 @@ pub struct RangeMeta {
     pub qzero: f32,
 }
 
-/// Range (absmax) meta from a group's min and max, as the seed's CUDA kernel (DESIGN §3):
+/// Range (absmax) meta from a group's min and max, as the seed's CUDA kernel (docs/design.md §3):
 /// symmetric `s = (2/maxq)·max(|min|,|max|) + 1e-12, q0 = (maxq+1)/2`;
 /// asymmetric `s = (max−min)/maxq + 1e-12, q0 = clamp(round(−min/s), 0, maxq)`.
 #[inline]

@@ -1,4 +1,4 @@
-//! Scalar numerics of `forge-numerics` against independent references (DESIGN §2, §7):
+//! Scalar numerics of `forge-numerics` against independent references (docs/design.md §2, §7):
 //! the `half` crate for f16/bf16, the E4M3 formula evaluated in f64, std's f64 `exp2`/`log2`
 //! for the qmeta4 tables and encode, and the true-division `quantize` for its fast path.
 //!

@@ -1,4 +1,4 @@
-//! The PTX build step (the role Rust-CUDA's `cuda_builder` plays, DESIGN §6).
+//! The PTX build step (the role Rust-CUDA's `cuda_builder` plays, docs/design.md §6).
 //!
 //! Called from a `build.rs`: runs the pinned nightly's `cargo rustc` on a `#![no_std]`
 //! kernels crate for `nvptx64-nvidia-cuda` with `-Zbuild-std=core` and `--emit=asm`, which

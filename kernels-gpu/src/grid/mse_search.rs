@@ -1,4 +1,4 @@
-//! `mse_search_*`: absmax meta, then the MSE / Lᵖ shrink search, fused (DESIGN §3).
+//! `mse_search_*`: absmax meta, then the MSE / Lᵖ shrink search, fused (docs/design.md §3).
 //!
 //! Each block owns `gpb` consecutive groups (groups per block, chosen by the host so they fit
 //! in shared memory). Thread mapping:
@@ -21,7 +21,7 @@
 //! such element. The solver, which emits codes, uses the exact division.
 //!
 //! Candidates live in constant memory (`MSE_CANDIDATES`, ≤ 1024 f32), written by the host.
-//! Dynamic shared memory: `forge_numerics::MseSharedLayout::new(gs, gpb).total` bytes.
+//! Dynamic shared memory: `forge_kernel_abi::grid::MseSharedLayout::new(gs, gpb).total` bytes.
 //!
 //! # Safety (upheld by the host launcher)
 //! As `range_meta_*`, plus `1 ≤ n_cand ≤ 1024` candidates written to `MSE_CANDIDATES`, and

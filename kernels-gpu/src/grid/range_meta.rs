@@ -1,4 +1,4 @@
-//! `range_meta_*`: absmax qmeta4 of every (row, group) of a weight (DESIGN §3).
+//! `range_meta_*`: absmax qmeta4 of every (row, group) of a weight (docs/design.md §3).
 //!
 //! Thread mapping: a warp owns a tile of 32 consecutive groups (grid-stride over tiles) and
 //! finishes with lane `l` holding group `l`'s min/max, so all 32 lanes encode and write at

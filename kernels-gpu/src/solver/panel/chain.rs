@@ -3,13 +3,10 @@
 //! barriers: [`CHAIN_B1_B2`], [`CHAIN_WAITS_SLICE`], [`CHAIN_STORES_SLICE`].
 
 use super::protocol::{meet, CHAIN_B1_B2, CHAIN_STORES_SLICE, CHAIN_WAITS_SLICE, SLICE, SLICES};
-use super::{st_f32, Panel, STRIDE};
-use crate::device::{
-    div_by_recip, for4, ld_shared_f32, ld_shared_f32x4_pure, ld_shared_u32, recip_for_division, st_shared_f32x4,
-    st_shared_u32, st_shared_u32x4, sync_warp, vote_all,
-};
+use super::Panel;
+use crate::device::{div_by_recip, for4, recip_for_division, sync_warp, vote_all, Smem};
 use core::f32::math::mul_add as fma;
-use forge_kernel_abi::solver::{SolverSharedLayout, SOLVER_BLOCK as BLOCK};
+use forge_kernel_abi::solver::SOLVER_BLOCK as BLOCK;
 use forge_numerics::{dequantize, quantize, quantize_scaled};
 
 /// Range in which the chain's branch-free division equals IEEE division (see
@@ -26,29 +23,28 @@ const DIVIDEND_MAX: f32 = 1.8446744e19; // 2^64
 /// minimum over the keys bounds every non-zero magnitude from below.
 const DIVIDEND_MIN_KEY: u32 = (0x0d80_0000u32 << 1) - 1;
 
-/// One lane's row of the block tiles, and the block's `U` and diagonal reciprocals, as
-/// shared addresses; accesses add compile-time offsets.
+/// One lane's row of the block tiles, and the block's `U` and diagonal reciprocals;
+/// accesses add compile-time offsets.
 struct RowTiles {
     /// Working weights, overwritten by their errors.
-    work: u32,
-    scale: u32,
-    zero: u32,
-    u: u32,
-    diag_recip: u32,
-    codes: u32,
+    work: Smem<f32>,
+    scale: Smem<f32>,
+    zero: Smem<u8>,
+    u: Smem<f32>,
+    diag_recip: Smem<f32>,
+    codes: Smem<u8>,
 }
 
 impl RowTiles {
     #[inline(always)]
-    fn new(l: &SolverSharedLayout, base: u32, lane: u32, buf: u32) -> Self {
-        let bytes = buf * l.byte_tile_bytes() + lane * BLOCK;
+    fn new(p: &Panel, lane: u32, buf: u32) -> Self {
         RowTiles {
-            work: base + l.work_tile + lane * STRIDE * 4,
-            scale: base + l.scale_tile + buf * l.row_tile_bytes() + lane * STRIDE * 4,
-            zero: base + l.zero_tile + bytes,
-            u: base + l.u_block + buf * SolverSharedLayout::U_BLOCK_BYTES,
-            diag_recip: base + l.diag_recip,
-            codes: base + l.codes + bytes,
+            work: p.work_row(lane),
+            scale: p.scale_row(buf, lane),
+            zero: p.zero_row(buf, lane),
+            u: p.u_block(buf),
+            diag_recip: p.diag_recip(),
+            codes: p.codes_row(buf, lane),
         }
     }
 
@@ -57,7 +53,7 @@ impl RowTiles {
     unsafe fn load_x(&self, sl: u32) -> [f32; SLICE] {
         let mut x = [0f32; SLICE];
         for4(|q| {
-            let v = ld_shared_f32x4_pure(self.work + (SLICE as u32 * sl + 4 * q as u32) * 4);
+            let v = self.work.at(SLICE as u32 * sl + 4 * q as u32).ld4_pure();
             for4(|i| x[4 * q + i] = v[i]);
         });
         x
@@ -68,9 +64,9 @@ impl RowTiles {
     unsafe fn store_slice(&self, sl: u32, e: &[f32; SLICE], codes: &[u32; 4]) {
         let s0 = SLICE as u32 * sl;
         for4(|q| {
-            st_shared_f32x4(self.work + (s0 + 4 * q as u32) * 4, [e[4 * q], e[4 * q + 1], e[4 * q + 2], e[4 * q + 3]]);
+            self.work.at(s0 + 4 * q as u32).st4([e[4 * q], e[4 * q + 1], e[4 * q + 2], e[4 * q + 3]]);
         });
-        st_shared_u32x4(self.codes + s0, *codes);
+        self.codes.at(s0).st_words4(*codes);
     }
 }
 
@@ -106,21 +102,20 @@ unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, sl: u32, x: &mut [f32; S
     let s0 = SLICE as u32 * sl;
     // The slice's scales and their reciprocals up front: independent of the chain, so their
     // loads and the reciprocal's latency stay off its critical path.
-    let scales: [[f32; 4]; 4] = core::array::from_fn(|q| ld_shared_f32x4_pure(t.scale + (s0 + 4 * q as u32) * 4));
+    let scales: [[f32; 4]; 4] = core::array::from_fn(|q| t.scale.at(s0 + 4 * q as u32).ld4_pure());
     let recips: [[f32; 4]; 4] = core::array::from_fn(|q| core::array::from_fn(|i| recip_for_division(scales[q][i])));
     for4(
         #[inline(always)]
         |cq| {
-            let q16 = (s0 + 4 * cq as u32) * 4;
-            let (s4, yd4) = (scales[cq], ld_shared_f32x4_pure(t.diag_recip + q16));
-            let zeros = ld_shared_u32(t.zero + s0 + 4 * cq as u32);
+            let (s4, yd4) = (scales[cq], t.diag_recip.at(s0 + 4 * cq as u32).ld4_pure());
+            let zeros = t.zero.at(s0 + 4 * cq as u32).ld_word();
             for4(
                 #[inline(always)]
                 |ci| {
                     let c = 4 * cq + ci;
                     let xc = x[c];
-                    let urow = t.u + (s0 + c as u32) * BLOCK * 4 + s0 * 4; // U[s0 + c, s0 ..]
-                    let own = ld_shared_f32x4_pure(urow + 16 * cq as u32); // holds the diagonal
+                    let urow = t.u.at((s0 + c as u32) * BLOCK + s0); // U[s0 + c, s0 ..]
+                    let own = urow.at(4 * cq as u32).ld4_pure(); // holds the diagonal
                     let (s, z, d) = (s4[ci], ((zeros >> (8 * ci)) & 0xff) as f32, own[ci]);
                     let (q, e) = if EXACT {
                         let q = quantize(xc, s, z, maxq);
@@ -146,7 +141,7 @@ unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, sl: u32, x: &mut [f32; S
                         #[inline(always)]
                         |jq| {
                             if jq > cq {
-                                let u4 = ld_shared_f32x4_pure(urow + 16 * jq as u32);
+                                let u4 = urow.at(4 * jq as u32).ld4_pure();
                                 for4(
                                     #[inline(always)]
                                     |ji| x[4 * jq + ji] = fma(-e, u4[ji], x[4 * jq + ji]),
@@ -167,7 +162,6 @@ unsafe fn column_chain<const EXACT: bool>(t: &RowTiles, sl: u32, x: &mut [f32; S
 /// them; barrier B2 hands the block's errors and codes back.
 #[inline(always)]
 pub(super) unsafe fn chain_warp<const RPC: usize>(p: &Panel, lane: u32) {
-    let (l, base) = (&p.l, p.base);
     let row_ok = (lane as usize) < RPC && p.row0 + lane < p.rows;
     let mut loss_acc = 0f32;
     let nb = (p.p1 - p.p0) / BLOCK;
@@ -176,26 +170,23 @@ pub(super) unsafe fn chain_warp<const RPC: usize>(p: &Panel, lane: u32) {
     while b < nb {
         let buf = b % 2;
         // Reciprocals of U's diagonal, one per column, shared by every row.
-        let u_blk = base + l.u_block + buf * SolverSharedLayout::U_BLOCK_BYTES;
+        let u_blk = p.u_block(buf);
         let mut diag_ok = true;
         let mut h = 0;
         while h < 2 {
             let c = lane + 32 * h;
-            let d = ld_shared_f32(u_blk + (c * BLOCK + c) * 4);
-            st_f32(base + l.diag_recip + c * 4, recip_for_division(d));
+            let d = u_blk.at(c * BLOCK + c).ld();
+            p.diag_recip().at(c).st(recip_for_division(d));
             diag_ok &= (DIAG_MIN..=DIAG_MAX).contains(&d);
             h += 1;
         }
+        let flags = p.slow_flags();
         if !vote_all(diag_ok) && lane == 0 {
-            st_shared_u32(base + l.slow_flags + RPC as u32 * 4, 1); // sticky for the panel
+            flags.at(RPC as u32).st(1); // sticky for the panel
         }
         sync_warp();
-        let slow = if (lane as usize) < RPC {
-            ld_shared_u32(base + l.slow_flags + lane * 4) | ld_shared_u32(base + l.slow_flags + RPC as u32 * 4)
-        } else {
-            0
-        };
-        let rows = RowTiles::new(l, base, lane, buf);
+        let slow = if (lane as usize) < RPC { flags.at(lane).ld() | flags.at(RPC as u32).ld() } else { 0 };
+        let rows = RowTiles::new(p, lane, buf);
         let mut sl = 0;
         while sl < SLICES {
             if sl > 0 {

@@ -1,5 +1,5 @@
 //! `gptq_panel_r16` / `gptq_panel_r32`: the column-by-column part of the GPTQ solve for one
-//! panel of columns `[p0, p1)` (DESIGN §4), f32 throughout. The solver alternates this kernel
+//! panel of columns `[p0, p1)` (docs/design.md §4), f32 throughout. The solver alternates this kernel
 //! with `gptq_trailing_update` (the panel's errors applied to all later columns at once).
 //!
 //! Rows are independent, so each block owns `RPC` rows (16 or 32) and walks the panel in
@@ -24,7 +24,11 @@
 //!   K chunks; after B2 they add block `b`'s own 64 errors, stage
 //!   `X = Wwork − product` and release block `b + 1` (B1).
 //!
-//! Shared memory: `forge_numerics::SolverSharedLayout::new(RPC, p1 − p0).total` bytes
+//! Each role is its own file (`chain.rs`, `updaters.rs`, `workers.rs`); `protocol.rs` holds
+//! the barrier protocol as a table the roles name their barriers through, checked at compile
+//! time (docs/kernels.md §4).
+//!
+//! Shared memory: `forge_kernel_abi::solver::SolverSharedLayout::new(RPC, p1 − p0).total` bytes
 //! (≈ 80 KiB at RPC = 16 and 103 KiB at 32 for 512-column panels, so two blocks share an SM;
 //! the launcher raises the block's dynamic limit). `.maxntid 224` / `.minnctapersm 2` cap the
 //! registers at 128.
@@ -44,18 +48,14 @@ mod protocol;
 mod updaters;
 mod workers;
 
-use crate::device::{block_x, shared_window_base, st_shared_u32, sync_threads, thread_x};
+use crate::device::{block_x, shared_window_base, sync_threads, thread_x, Smem};
 use forge_kernel_abi::solver::{
-    ScaleZero, SolverSharedLayout, SOLVER_THREADS, SOLVER_UPDATER_THREADS as UPDATERS, SOLVER_WORKER_THREADS as WORKERS,
+    ScaleZero, SolverSharedLayout, SOLVER_BLOCK as BLOCK, SOLVER_THREADS, SOLVER_UPDATER_THREADS as UPDATERS,
+    SOLVER_WORKER_THREADS as WORKERS,
 };
 
 /// Row stride of the per-row f32 tiles, in floats.
 const STRIDE: u32 = SolverSharedLayout::TILE_STRIDE;
-
-#[inline(always)]
-unsafe fn st_f32(addr: u32, v: f32) {
-    st_shared_u32(addr, v.to_bits());
-}
 
 /// The kernel's arguments and per-block constants.
 struct Panel {
@@ -79,19 +79,83 @@ struct Panel {
     l: SolverSharedLayout,
 }
 
+/// Typed views of the block's shared-memory tiles ([`SolverSharedLayout`] gives the byte
+/// offsets; "×2" tiles are double-buffered by block parity `buf`).
+impl Panel {
+    /// Row `r` of the work tile (working weights, overwritten by their errors).
+    #[inline(always)]
+    fn work_row(&self, r: u32) -> Smem<f32> {
+        Smem::at_byte(self.base + self.l.work_tile).at(r * STRIDE)
+    }
+
+    /// `U[block, block]` of buffer `buf`, row-major `[BLOCK][BLOCK]`.
+    #[inline(always)]
+    fn u_block(&self, buf: u32) -> Smem<f32> {
+        Smem::at_byte(self.base + self.l.u_block + buf * SolverSharedLayout::U_BLOCK_BYTES)
+    }
+
+    /// Row `r` of buffer `buf`'s decoded scales.
+    #[inline(always)]
+    fn scale_row(&self, buf: u32, r: u32) -> Smem<f32> {
+        Smem::at_byte(self.base + self.l.scale_tile + buf * self.l.row_tile_bytes()).at(r * STRIDE)
+    }
+
+    /// Row `r` of buffer `buf`'s zero points (`[BLOCK]` bytes).
+    #[inline(always)]
+    fn zero_row(&self, buf: u32, r: u32) -> Smem<u8> {
+        Smem::at_byte(self.base + self.l.zero_tile + buf * self.l.byte_tile_bytes()).at(r * BLOCK)
+    }
+
+    /// Row `r` of buffer `buf`'s codes (`[BLOCK]` bytes).
+    #[inline(always)]
+    fn codes_row(&self, buf: u32, r: u32) -> Smem<u8> {
+        Smem::at_byte(self.base + self.l.codes + buf * self.l.byte_tile_bytes()).at(r * BLOCK)
+    }
+
+    /// Reciprocals of the block's `U` diagonal (`[BLOCK]`).
+    #[inline(always)]
+    fn diag_recip(&self) -> Smem<f32> {
+        Smem::at_byte(self.base + self.l.diag_recip)
+    }
+
+    /// Per-row slow-division flags (`[rpc]`), then the block's flag.
+    #[inline(always)]
+    fn slow_flags(&self) -> Smem<u32> {
+        Smem::at_byte(self.base + self.l.slow_flags)
+    }
+
+    /// The panel's original column of each of its columns.
+    #[inline(always)]
+    fn perm_tile(&self) -> Smem<u32> {
+        Smem::at_byte(self.base + self.l.perm)
+    }
+
+    /// The panel's group of each of its columns.
+    #[inline(always)]
+    fn group_tile(&self) -> Smem<u32> {
+        Smem::at_byte(self.base + self.l.group_of)
+    }
+
+    /// The error part of product stage `st` (`[KCHUNK][rpc]`, k-major).
+    #[inline(always)]
+    fn stage_errors(&self, st: u32) -> Smem<f32> {
+        Smem::at_byte(self.base + self.l.stages + st * self.l.stage_bytes)
+    }
+}
+
 /// Loads the panel's column tables and dispatches the three roles (see the module docs).
 /// `perm` and `group_of` are the kernel arguments of those names.
 #[inline(always)]
 unsafe fn gptq_panel_impl<const RPC: usize, const RT: usize>(p: &Panel, perm: *const u32, group_of: *const u32) {
     let tid = thread_x();
     if tid <= RPC as u32 {
-        st_shared_u32(p.base + p.l.slow_flags + tid * 4, 0); // visible after barrier B1 of block 0
+        p.slow_flags().at(tid).st(0); // visible after barrier B1 of block 0
     }
     // The panel's column order and groups, read by every block step.
     let mut t = tid;
     while t < p.p1 - p.p0 {
-        st_shared_u32(p.base + p.l.perm + t * 4, *perm.add((p.p0 + t) as usize));
-        st_shared_u32(p.base + p.l.group_of + t * 4, *group_of.add((p.p0 + t) as usize));
+        p.perm_tile().at(t).st(*perm.add((p.p0 + t) as usize));
+        p.group_tile().at(t).st(*group_of.add((p.p0 + t) as usize));
         t += SOLVER_THREADS;
     }
     sync_threads();

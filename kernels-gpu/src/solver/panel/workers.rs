@@ -4,10 +4,9 @@
 
 use super::chain::{SCALE_MAX, SCALE_MIN};
 use super::protocol::{meet, WORKERS_B1_B2, WORKERS_PIPELINE};
-use super::{st_f32, Panel, STRIDE};
+use super::Panel;
 use crate::device::{
-    cp_async_16, cp_async_commit, cp_async_wait, for16, for4, ld_global_f32x4, ld_shared_f32, ld_shared_f32x2,
-    ld_shared_f32x4, ld_shared_u32, ld_shared_u32x4, st_shared_u32, st_shared_u32x4,
+    cp_async_16, cp_async_commit, cp_async_wait, for16, for4, ld_global_f32x4, ld_shared_f32x2, ld_shared_f32x4,
 };
 use core::f32::math::mul_add as fma;
 use forge_kernel_abi::solver::{
@@ -92,12 +91,12 @@ unsafe fn stage_block_loads<const RPC: usize, const RT: usize>(
     tid: u32,
 ) -> ([ScaleZero; 16], [[f32; 4]; RT]) {
     let (warp, lane) = (tid / 32, tid % 32);
-    let u_blk = p.base + p.l.u_block + buf * SolverSharedLayout::U_BLOCK_BYTES;
+    let u_blk = p.u_block(buf);
     let mut q = 0;
     while q < 8 {
         let idx = tid * 8 + q; // float4 index in the 64×64 block
         let (r, c4) = (idx / 16, (idx % 16) * 4);
-        cp_async_16(u_blk + (r * BLOCK + c4) * 4, p.u.add(((c0 + r) * p.cols_p + c0 + c4) as usize));
+        cp_async_16(u_blk.at(r * BLOCK + c4).addr(), p.u.add(((c0 + r) * p.cols_p + c0 + c4) as usize));
         q += 1;
     }
     cp_async_commit();
@@ -107,7 +106,7 @@ unsafe fn stage_block_loads<const RPC: usize, const RT: usize>(
         for16(|c| {
             let t = c0 + 16 * warp + c as u32;
             if t < p.cols {
-                let g = ld_shared_u32(p.base + p.l.group_of + (t - p.p0) * 4);
+                let g = p.group_tile().at(t - p.p0).ld();
                 metas[c] = *p.scale_zero.add((grow * p.n_groups + g) as usize);
             }
         });
@@ -131,19 +130,17 @@ unsafe fn store_block_meta<const RPC: usize>(p: &Panel, metas: &[ScaleZero; 16],
     if (lane as usize) < RPC {
         let mut zeros = [0u32; 4];
         let mut in_range = true;
+        let scales = p.scale_row(buf, lane).at(16 * warp);
         for16(|c| {
             let s = metas[c].scale;
-            st_f32(
-                p.base + p.l.scale_tile + buf * p.l.row_tile_bytes() + (lane * STRIDE + 16 * warp + c as u32) * 4,
-                s,
-            );
+            scales.at(c as u32).st(s);
             zeros[c / 4] |= (metas[c].zero & 0xff) << (8 * (c % 4));
             in_range &= (SCALE_MIN..=SCALE_MAX).contains(&s);
         });
         if !in_range {
-            st_shared_u32(p.base + p.l.slow_flags + lane * 4, 1); // sticky for the panel
+            p.slow_flags().at(lane).st(1); // sticky for the panel
         }
-        st_shared_u32x4(p.base + p.l.zero_tile + buf * p.l.byte_tile_bytes() + lane * BLOCK + 16 * warp, zeros);
+        p.zero_row(buf, lane).at(16 * warp).st_words4(zeros);
     }
 }
 
@@ -197,7 +194,6 @@ unsafe fn multiply_chunk<const RPC: usize, const RT: usize>(
 /// zero, so the padded error workspace is written whole.
 #[inline(always)]
 unsafe fn write_block<const RPC: usize>(p: &Panel, wb: u32, tid: u32) {
-    let (l, base) = (&p.l, p.base);
     let (c0, buf) = (p.p0 + wb * BLOCK, wb % 2);
     let from_stages = c0 + BLOCK < p.p1;
     // Errors: thread → 4 consecutive rows of one column (a 16-byte run of err_t).
@@ -207,9 +203,9 @@ unsafe fn write_block<const RPC: usize>(p: &Panel, wb: u32, tid: u32) {
         let e = if from_stages {
             // chunks 2wb and 2wb + 1 of block wb + 1's product, k-major
             let stage = (2 * wb + c / KC) % SOLVER_STAGES;
-            ld_shared_f32x4(base + l.stages + stage * l.stage_bytes + ((c % KC) * RPC as u32 + r) * 4)
+            p.stage_errors(stage).at((c % KC) * RPC as u32 + r).ld4()
         } else {
-            core::array::from_fn(|i| ld_shared_f32(base + l.work_tile + ((r + i as u32) * STRIDE + c) * 4))
+            core::array::from_fn(|i| p.work_row(r + i as u32).at(c).ld())
         };
         *(p.err_t.add(((c0 + c) * p.rows_p + p.row0 + r) as usize) as *mut [f32; 4]) = e;
         idx += WORKERS;
@@ -221,10 +217,9 @@ unsafe fn write_block<const RPC: usize>(p: &Panel, wb: u32, tid: u32) {
     while idx < RPC as u32 * BLOCK / 4 {
         let (r, c) = (idx / (BLOCK / 4), (idx % (BLOCK / 4)) * 4);
         if r < live_rows && c < live_cols {
-            let j = ld_shared_u32x4(base + l.perm + (c0 - p.p0 + c) * 4);
-            let at = buf * l.byte_tile_bytes() + r * BLOCK + c;
-            let (q4, z4) = (ld_shared_u32(base + l.codes + at), ld_shared_u32(base + l.zero_tile + at));
-            let s4 = ld_shared_f32x4(base + l.scale_tile + buf * l.row_tile_bytes() + (r * STRIDE + c) * 4);
+            let j = p.perm_tile().at(c0 - p.p0 + c).ld4();
+            let (q4, z4) = (p.codes_row(buf, r).at(c).ld_word(), p.zero_row(buf, r).at(c).ld_word());
+            let s4 = p.scale_row(buf, r).at(c).ld4();
             let deq: [f32; 4] = core::array::from_fn(|i| {
                 let byte = |w: u32| ((w >> (8 * i)) & 0xff) as f32;
                 dequantize(byte(q4), s4[i], byte(z4))
@@ -315,13 +310,11 @@ pub(super) unsafe fn workers<const RPC: usize, const RT: usize>(p: &Panel, tid: 
         meet!(WORKERS_B1_B2); // B2 of block b: its errors and codes are in buffer b % 2
         if has_next {
             // Block b's errors into the error parts of the last two stages (k-major).
-            let err = p.base + l.work_tile;
             let mut idx = tid;
             while idx < BLOCK * RPC as u32 {
                 let (r, k) = (idx % RPC as u32, idx / RPC as u32);
                 let ch = n - 2 + k / KC;
-                let stage = p.base + l.stages + (ch % SOLVER_STAGES) * l.stage_bytes;
-                st_f32(stage + ((k % KC) * RPC as u32 + r) * 4, ld_shared_f32(err + (r * STRIDE + k) * 4));
+                p.stage_errors(ch % SOLVER_STAGES).at((k % KC) * RPC as u32 + r).st(p.work_row(r).at(k).ld());
                 idx += WORKERS;
             }
             cp_async_wait::<0>(); // the last chunks' U and block b + 1's U[block, block]
@@ -350,10 +343,10 @@ pub(super) unsafe fn workers<const RPC: usize, const RT: usize>(p: &Panel, tid: 
 unsafe fn store_x<const RT: usize>(p: &Panel, wv: &[[f32; 4]; RT], acc: &[[f32; 4]; RT], rs: u32, cq: u32) {
     let mut i = 0;
     while i < RT {
-        let r = rs * RT as u32 + i as u32;
+        let x = p.work_row(rs * RT as u32 + i as u32).at(4 * cq);
         let mut j = 0;
         while j < 4 {
-            st_f32(p.base + p.l.work_tile + (r * STRIDE + 4 * cq + j as u32) * 4, wv[i][j] - acc[i][j]);
+            x.at(j as u32).st(wv[i][j] - acc[i][j]);
             j += 1;
         }
         i += 1;
