@@ -18,9 +18,10 @@
 //! Without a usable GPU (or with `--cpu`) everything runs on the CPU reference.
 
 use clap::Parser;
+use fourbit_forge::calib::PreStepRoute;
 use fourbit_forge::hessian::{pre_step_cpu, PreStepConfig};
 use fourbit_forge::quantize::output::{output_dir, write_layer, LayerOutput};
-use fourbit_forge::quantize::widen;
+use fourbit_forge::quantize::{widen, with_engine, HessianInput, LayerJob, PreStepSummary};
 use fourbit_forge::solver::{layer_output_error, round_to_nearest};
 use fourbit_forge::weights::{load_layer, synthetic_layer, HessianSource, LayerStats, OwnedWeight};
 use fourbit_forge::{Backend, ForgeError, GridConfig, MseSearch, Quantizer, ScaleSearch, ShrinkCandidates, WeightView};
@@ -260,14 +261,52 @@ fn run(args: Args) -> Result<(), CliError> {
     let w_orig = widen(weight.view())?;
     let mut w32 = w_orig.clone();
 
-    // Pre-step.
+    // Pre-step, grid and GPTQ solve. On a GPU: the device's engine does all three with the
+    // weight uploaded once in its stored dtype and U never leaving the device; on the CPU:
+    // the references, pre-step first.
     let t = Instant::now();
-    let sp = spinner("pre-step: dead inputs, damping, act-order, Cholesky of H⁻¹".into());
-    let pre = pre_step_cpu(h.view(), Some(&mut w32), &prestep_cfg)?;
+    let sp = spinner("pre-step (dead inputs, damping, act-order, U = chol(H⁻¹)), grid and GPTQ solve".into());
+    let (pre, grid, codes, deq, loss, device_times) = match &backend {
+        Backend::Gpu(dev) => {
+            let job = LayerJob {
+                weights: vec![weight.view()],
+                hessian: HessianInput::Host(h.view()),
+                grid: &config,
+                pre_step: prestep_cfg.clone(),
+                want_dequant: true,
+                profile: true,
+            };
+            let mut out = with_engine(dev, |e| e.quantize(&job))?;
+            let w = out.weights.pop().ok_or_else(|| CliError::usage("the engine returned no weight".into()))?;
+            for &j in &out.pre_step.dead_columns {
+                w32.column_mut(j).fill(0.0);
+            }
+            let deq = w.dequant.ok_or_else(|| CliError::usage("the engine returned no dequantized weight".into()))?;
+            (out.pre_step, w.grid, w.codes, deq, w.loss, out.timings)
+        }
+        Backend::Cpu => {
+            let p = pre_step_cpu(h.view(), Some(&mut w32), &prestep_cfg)?;
+            let quantizer = Quantizer::new(config.clone(), backend.clone());
+            // Widening is exact: the native-dtype view gives the same grid as the f32 copy
+            // unless the pre-step zeroed dead columns.
+            let view = if p.dead_columns.is_empty() { weight.view() } else { WeightView::F32(w32.view()) };
+            let (grid, out) = quantizer.quantize_from_hinv(view, p.hinv_factor.view(), p.perm.as_deref())?;
+            let summary = PreStepSummary {
+                perm: p.perm,
+                dead_columns: p.dead_columns,
+                damping_used: p.damping_used,
+                retries: p.retries,
+                fallback_identity: p.fallback_identity,
+                route: PreStepRoute::Cpu,
+            };
+            (summary, grid, out.qweight, out.dequant, out.loss, None)
+        }
+    };
     sp.finish_and_clear();
-    timings.push(("pre-step", t.elapsed()));
+    timings.push(("quantize", t.elapsed()));
     println!(
-        "pre-step: {} dead input column(s){}, damping {:.4e}, {} retr{}{}",
+        "pre-step ({:?}): {} dead input column(s){}, damping {:.4e}, {} retr{}{}",
+        pre.route,
         pre.dead_columns.len(),
         if pre.dead_columns.is_empty() {
             String::new()
@@ -284,35 +323,30 @@ fn run(args: Args) -> Result<(), CliError> {
         }
     );
 
-    // Grid and GPTQ solve: the library's one orchestration path (on a GPU the weight is
-    // uploaded once and the grid stays on the device). Widening is exact, so the native-dtype
-    // view gives the same grid as the f32 copy unless the pre-step zeroed dead columns.
-    let quantizer = Quantizer::new(config.clone(), backend.clone());
-    let t = Instant::now();
-    let sp = spinner("grid (qmeta4 per row and group) and GPTQ solve".into());
-    let view = if pre.dead_columns.is_empty() { weight.view() } else { WeightView::F32(w32.view()) };
-    let (grid, out) = quantizer.quantize_from_hinv(view, pre.hinv_factor.view(), pre.perm.as_deref())?;
-    sp.finish_and_clear();
-    timings.push(("grid + solve", t.elapsed()));
-
     // Scores.
     let t = Instant::now();
     let sp = spinner("scoring: round-to-nearest baseline and layer-output errors".into());
     let rtn = round_to_nearest(w32.view(), &grid);
     let err_rtn = layer_output_error(w_orig.view(), rtn.view(), h.view())?;
-    let err_gptq = layer_output_error(w_orig.view(), out.dequant.view(), h.view())?;
+    let err_gptq = layer_output_error(w_orig.view(), deq.view(), h.view())?;
     sp.finish_and_clear();
     timings.push(("scoring", t.elapsed()));
 
     match &backend {
         Backend::Cpu => println!("\nstage times (CPU):"),
         Backend::Gpu(d) => println!(
-            "\nstage times ({}; grid + solve includes host↔device copies; pre-step and scoring run on the CPU):",
+            "\nstage times ({}; quantize = pre-step + grid + solve with host↔device copies; scoring on the CPU):",
             d.name()
         ),
     }
     for (name, d) in &timings {
         println!("  {name:<16} {:>10}", fmt_dur(*d));
+    }
+    if let Some(t) = device_times {
+        println!(
+            "  device events: upload {:.2} ms, grid {:.2} ms, pre-step {:.2} ms, solve {:.2} ms, download {:.2} ms",
+            t.upload_ms, t.grid_ms, t.pre_step_ms, t.solve_ms, t.download_ms
+        );
     }
     println!("\nrelative layer-output error ‖(Q−W)Xᵀ‖²/‖WXᵀ‖²:");
     println!("  round-to-nearest  {err_rtn:.6}");
@@ -320,12 +354,12 @@ fn run(args: Args) -> Result<(), CliError> {
     if err_gptq > 0.0 {
         println!("  (GPTQ / RTN = {:.3})", err_gptq / err_rtn);
     }
-    let total_loss: f64 = out.loss.iter().map(|&l| f64::from(l)).sum();
+    let total_loss: f64 = loss.iter().map(|&l| f64::from(l)).sum();
     println!("  GPTQ loss Σ_rows  {total_loss:.6e}");
 
-    let loss = out.loss.to_vec();
+    let loss = loss.to_vec();
     let layer = LayerOutput {
-        codes: &out.qweight,
+        codes: &codes,
         grid: &grid,
         perm: pre.perm.as_deref(),
         loss: &loss,

@@ -16,6 +16,16 @@ pub enum ForgeError {
     /// says which.
     #[error("internal error (please report): {0}")]
     Internal(String),
+    /// A device allocation would not fit in the device's free memory.
+    #[error("not enough device memory for {what}: {requested} bytes requested, {free} bytes free")]
+    DeviceMemory {
+        /// What the buffer is for.
+        what: &'static str,
+        /// Bytes asked for (`u64::MAX` when the size overflowed).
+        requested: u64,
+        /// Free device memory.
+        free: u64,
+    },
     /// A kernel could not be found in the module or launched.
     #[error("CUDA driver error while launching kernel {kernel}: {source}")]
     Launch {
@@ -92,6 +102,15 @@ pub enum ForgeError {
         library: &'static str,
         /// What was missing and how to provide it.
         reason: String,
+    },
+    /// A cuBLAS call failed.
+    #[error("cuBLAS error while {op}: {source}")]
+    Cublas {
+        /// What the engine was doing.
+        op: &'static str,
+        /// cuBLAS's status.
+        #[source]
+        source: cudarc::cublas::result::CublasError,
     },
     /// A cuSOLVER call failed (not a factorisation failure: those are retried and flagged).
     #[error("cuSOLVER error while {op}: {source}")]

@@ -344,8 +344,8 @@ fn gpu_layer_end_to_end_has_cpu_quality() {
     let (gq, cq) = (gl.quantize().unwrap(), cl.quantize().unwrap());
     let h = cl.hessian().to_host().unwrap();
     let (_, rtn_deq) = rtn(&w, &cq.grid);
-    let e_gpu = layer_output_error(w.view(), gq.out.dequant.view(), h.view()).unwrap();
-    let e_cpu = layer_output_error(w.view(), cq.out.dequant.view(), h.view()).unwrap();
+    let e_gpu = layer_output_error(w.view(), gq.dequant().view(), h.view()).unwrap();
+    let e_cpu = layer_output_error(w.view(), cq.dequant().view(), h.view()).unwrap();
     let e_rtn = layer_output_error(w.view(), rtn_deq.view(), h.view()).unwrap();
     eprintln!("route {:?}: gptq gpu {e_gpu:.5}, cpu {e_cpu:.5}, rtn {e_rtn:.5}", gq.flags.route);
     assert!(gq.flags.route == PreStepRoute::Gpu || cusolver_available().is_err());
@@ -361,7 +361,7 @@ fn gpu_layer_end_to_end_has_cpu_quality() {
     let q = empty.quantize().unwrap();
     assert!(q.flags.no_tokens && q.flags.route == PreStepRoute::NoTokens);
     let (codes, _) = rtn(&w, &q.grid);
-    assert_eq!(q.out.qweight, codes);
+    assert_eq!(q.codes, codes);
 }
 
 #[test]

@@ -22,6 +22,12 @@ pub fn block_x() -> u32 {
     unsafe { nvptx::_block_idx_x() as u32 }
 }
 
+/// `threadIdx.y`.
+#[inline(always)]
+pub fn thread_y() -> u32 {
+    unsafe { nvptx::_thread_idx_y() as u32 }
+}
+
 /// `blockIdx.y`.
 #[inline(always)]
 pub fn block_y() -> u32 {

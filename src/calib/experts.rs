@@ -1,12 +1,15 @@
-//! Experts of an MoE layer in bulk: one pre-step per Hessian, one solve per weight, device
-//! buffers (cuSOLVER handle and workspaces, solver workspaces, the identity factor of
-//! token-less experts) reused across experts of the same shape.
+//! Experts of an MoE layer in bulk: one pre-step per Hessian, one solve per weight. On a GPU
+//! each expert is one job of the device's engine (its weights share one factorisation), two
+//! experts in flight so one uploads while the other computes; on the CPU the references run
+//! expert by expert.
 
-use super::layer::{prepare, quantize_prepared, HSource, PreparedFactor, QuantizedLayer, StepperSlot};
-use crate::hessian::PreStepConfig;
-use crate::quantize::WorkspaceCache;
+use super::layer::{flags_of, quantize_with, PreparedFactor, QuantizedLayer};
+use crate::hessian::{pre_step_cpu, PreStepConfig};
+use crate::quantize::{with_engine, HessianInput, LayerJob, LayerOutcome, Ticket};
 use crate::{Backend, ForgeError, GridConfig, Quantizer, Result, WeightView};
 use ndarray::ArrayView2;
+
+use super::PreStepRoute;
 
 /// The weights of one expert that read the same inputs, with their Hessian.
 #[derive(Clone, Debug)]
@@ -26,62 +29,94 @@ impl<'a> ExpertInput<'a> {
     }
 }
 
-/// Quantizes experts in bulk: for each input, the pre-step of its Hessian (GPU through
-/// cuSOLVER when available, else CPU; identity without tokens), then every weight with that
-/// factor. Returns, per input, one [`QuantizedLayer`] per weight, in order. Results equal
-/// quantizing each expert on its own with [`super::SharedHessian`] and
-/// [`super::quantize_with`]. The first error stops the batch.
+/// Checks an expert input: at least one weight, one column count, a Hessian of that size.
+fn check(e: usize, expert: &ExpertInput<'_>) -> Result<usize> {
+    let Some(first) = expert.weights.first() else {
+        return Err(ForgeError::Shape(format!("expert input {e} has no weights")));
+    };
+    let cols = first.dim().1;
+    if let Some(w) = expert.weights.iter().find(|w| w.dim().1 != cols) {
+        return Err(ForgeError::Shape(format!(
+            "expert input {e}: weights with {} and {cols} columns share a Hessian",
+            w.dim().1
+        )));
+    }
+    if let Some(h) = expert.hessian {
+        if h.dim() != (cols, cols) {
+            let (a, b) = h.dim();
+            return Err(ForgeError::Shape(format!(
+                "expert input {e}: Hessian is {a}×{b}, weights have {cols} columns"
+            )));
+        }
+    }
+    Ok(cols)
+}
+
+/// Quantizes experts in bulk: for each input, the pre-step of its Hessian (identity without
+/// tokens), then every weight with that factor. Returns, per input, one [`QuantizedLayer`]
+/// per weight, in order. Results equal quantizing each expert on its own with
+/// [`super::SharedHessian`] and [`super::quantize_with`]. The first error stops the batch.
 pub fn quantize_experts(
     backend: &Backend,
     config: &GridConfig,
     pre_step: &PreStepConfig,
     experts: &[ExpertInput<'_>],
 ) -> Result<Vec<Vec<QuantizedLayer>>> {
-    let quantizer = Quantizer::new(config.clone(), backend.clone());
-    let mut slot = StepperSlot::default();
-    let mut cache = WorkspaceCache::default();
-    let mut identity: Vec<PreparedFactor> = Vec::new();
-    let mut out = Vec::with_capacity(experts.len());
     for (e, expert) in experts.iter().enumerate() {
-        let Some(first) = expert.weights.first() else {
-            return Err(ForgeError::Shape(format!("expert input {e} has no weights")));
-        };
-        let cols = first.dim().1;
-        if let Some(w) = expert.weights.iter().find(|w| w.dim().1 != cols) {
-            return Err(ForgeError::Shape(format!(
-                "expert input {e}: weights with {} and {cols} columns share a Hessian",
-                w.dim().1
-            )));
-        }
-        let owned;
-        let factor = match expert.hessian {
-            Some(h) => {
-                if h.dim() != (cols, cols) {
-                    let (a, b) = h.dim();
-                    return Err(ForgeError::Shape(format!(
-                        "expert input {e}: Hessian is {a}×{b}, weights have {cols} columns"
-                    )));
-                }
-                owned = prepare(backend, HSource::Host(h), pre_step, &mut slot)?;
-                &owned
-            }
-            None => {
-                let k = match identity.iter().position(|f| f.cols() == cols) {
-                    Some(k) => k,
-                    None => {
-                        identity.push(PreparedFactor::no_tokens(cols, backend)?);
-                        identity.len() - 1
-                    }
-                };
-                &identity[k]
-            }
-        };
-        let layers = expert
-            .weights
-            .iter()
-            .map(|&w| quantize_prepared(&quantizer, factor, w, &mut cache))
-            .collect::<Result<Vec<_>>>()?;
-        out.push(layers);
+        check(e, expert)?;
     }
-    Ok(out)
+    pre_step.validate()?;
+    match backend {
+        Backend::Cpu => {
+            let quantizer = Quantizer::new(config.clone(), backend.clone());
+            experts
+                .iter()
+                .map(|expert| {
+                    let cols = expert.weights.first().map_or(0, |w| w.dim().1);
+                    let factor = match expert.hessian {
+                        Some(h) => PreparedFactor::new(pre_step_cpu(h, None, pre_step)?, PreStepRoute::Cpu)?,
+                        None => PreparedFactor::no_tokens(cols)?,
+                    };
+                    expert.weights.iter().map(|&w| quantize_with(&quantizer, &factor, w)).collect()
+                })
+                .collect()
+        }
+        Backend::Gpu(dev) => with_engine(dev, |engine| {
+            let finish = |outcome: LayerOutcome| -> Vec<QuantizedLayer> {
+                let flags = flags_of(&outcome.pre_step);
+                let perm = outcome.pre_step.perm.clone();
+                outcome
+                    .weights
+                    .into_iter()
+                    .map(|w| QuantizedLayer {
+                        grid: w.grid,
+                        codes: w.codes,
+                        loss: w.loss,
+                        perm: perm.clone(),
+                        flags: flags.clone(),
+                    })
+                    .collect()
+            };
+            // Two experts in flight: the next one uploads while this one computes.
+            let mut out = Vec::with_capacity(experts.len());
+            let mut in_flight: Option<Ticket> = None;
+            for expert in experts {
+                let t = engine.submit(&expert_job(expert, config, pre_step))?;
+                if let Some(prev) = in_flight.replace(t) {
+                    out.push(finish(engine.collect(prev)?));
+                }
+            }
+            if let Some(prev) = in_flight {
+                out.push(finish(engine.collect(prev)?));
+            }
+            Ok(out)
+        }),
+    }
+}
+
+/// The engine job of one expert: its weights, its Hessian (or none: `U = I`).
+fn expert_job<'b>(expert: &'b ExpertInput<'_>, config: &'b GridConfig, pre_step: &PreStepConfig) -> LayerJob<'b> {
+    let weights: Vec<WeightView<'b>> = expert.weights.iter().map(|w| w.reborrow()).collect();
+    let hessian = expert.hessian.as_ref().map_or(HessianInput::NoTokens, |h| HessianInput::Host(h.view()));
+    LayerJob { weights, hessian, grid: config, pre_step: pre_step.clone(), want_dequant: false, profile: false }
 }

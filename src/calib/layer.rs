@@ -2,11 +2,13 @@
 
 use super::ActivationView;
 use crate::device::GpuDevice;
-use crate::hessian::{pre_step_cpu, GpuHessian, GpuPreStepper, HessianAccumulator, PreStep, PreStepConfig};
-use crate::quantize::{cpu, cuda, widen, WorkspaceCache};
-use crate::solver::{DeviceFactor, SolveOutput};
+use crate::hessian::{pre_step_cpu, GpuHessian, HessianAccumulator, PreStep, PreStepConfig};
+use crate::quantize::{cpu, widen, with_engine, HessianInput, LayerJob, PreStepSummary, QuantizedWeight};
+use crate::solver::DeviceFactor;
 use crate::{Backend, ForgeError, GridConfig, QuantGrid, Quantizer, Result, WeightView};
-use ndarray::{Array2, ArrayView2};
+use forge_numerics::{dequantize, QMetaPacked};
+use ndarray::{Array1, Array2, ArrayView2};
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Where a layer's pre-step ran.
@@ -15,10 +17,12 @@ pub enum PreStepRoute {
     /// faer on the CPU ([`crate::hessian::pre_step_cpu`]): the CPU backend, or a GPU backend
     /// on a machine where cuSOLVER could not be loaded.
     Cpu,
-    /// cuSOLVER on the device ([`crate::hessian::GpuPreStepper`]).
+    /// On the device: cuSOLVER `potrf` and cuBLAS `trsm` in f64 ([`crate::quantize::QuantEngine`]).
     Gpu,
     /// No pre-step: the layer saw no calibration tokens and uses `U = I`.
     NoTokens,
+    /// The caller gave the factor `U` (the pre-step ran elsewhere).
+    Given,
 }
 
 /// What the pre-step had to do for a layer (everything a user should know about its quality).
@@ -38,58 +42,99 @@ pub struct QuantizeFlags {
     pub route: PreStepRoute,
 }
 
-/// A quantized layer: grid, codes and dequantized weight, act-order, flags.
+/// A quantized layer: grid, codes, loss, act-order, flags. The dequantized weight is computed
+/// on request ([`QuantizedLayer::dequant`]): it is exactly what the solver produced, and most
+/// callers only need the codes and the grid.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantizedLayer {
     /// qmeta4 records of the (dead-column-zeroed) weight.
     pub grid: QuantGrid,
-    /// Codes, dequantized weight and per-row GPTQ loss, original column order.
-    pub out: SolveOutput,
+    /// `(rows, cols)` codes, original column order.
+    pub codes: Array2<u8>,
+    /// GPTQ loss per row.
+    pub loss: Array1<f32>,
     /// Act-order column order used by the solver, if any.
     pub perm: Option<Vec<usize>>,
     /// What the pre-step did.
     pub flags: QuantizeFlags,
 }
 
+impl QuantizedLayer {
+    /// The dequantized weight `(q − q0)·s`, bit-identical to the solver's (the same scalar
+    /// numerics on the same codes and records), computed on all cores.
+    pub fn dequant(&self) -> Array2<f32> {
+        dequant_codes(&self.codes, &self.grid)
+    }
+
+    fn from_weight(w: QuantizedWeight, perm: Option<Vec<usize>>, flags: QuantizeFlags) -> Self {
+        QuantizedLayer { grid: w.grid, codes: w.codes, loss: w.loss, perm, flags }
+    }
+}
+
+/// `(q − q0)·s` of every code with its group's record.
+pub(crate) fn dequant_codes(codes: &Array2<u8>, grid: &QuantGrid) -> Array2<f32> {
+    let (rows, cols) = codes.dim();
+    let gs = grid.group_size.max(1);
+    let mut out = Array2::<f32>::zeros((rows, cols));
+    if let (Some(dst), Some(src)) = (out.as_slice_mut(), codes.as_slice()) {
+        dst.par_chunks_mut(cols.max(1)).zip(src.par_chunks(cols.max(1))).enumerate().for_each(|(r, (d, q))| {
+            for (c, (d, &q)) in d.iter_mut().zip(q).enumerate() {
+                let m = grid.qmeta.slice(ndarray::s![r, c / gs, ..]);
+                let rec = QMetaPacked::from_bytes([m[0], m[1], m[2], m[3]]);
+                *d = dequantize(f32::from(q), rec.scale(), rec.qzero_f32());
+            }
+        });
+    }
+    out
+}
+
 /// A pre-step result ready to quantize any number of weights with the same input columns
-/// (one Cholesky and inversion, then one solve per weight). On a GPU backend the factor is
-/// also kept on the device.
+/// (one factorisation, then one solve per weight). On a GPU backend `U` stays on the device.
 pub struct PreparedFactor {
-    pre: PreStep,
-    route: PreStepRoute,
-    device: Option<(Arc<GpuDevice>, DeviceFactor)>,
+    summary: PreStepSummary,
+    cols: usize,
+    data: FactorData,
+}
+
+/// Where a prepared factor's `U` is.
+enum FactorData {
+    /// On the host.
+    Host(Array2<f32>),
+    /// On this device.
+    Device(Arc<GpuDevice>, DeviceFactor),
 }
 
 impl std::fmt::Debug for PreparedFactor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PreparedFactor")
-            .field("cols", &self.cols())
-            .field("route", &self.route)
-            .field("on_device", &self.device.is_some())
+            .field("cols", &self.cols)
+            .field("route", &self.summary.route)
+            .field("on_device", &matches!(self.data, FactorData::Device(..)))
             .finish()
     }
 }
 
 impl PreparedFactor {
-    /// Wraps a pre-step result (e.g. from [`crate::hessian::pre_step_cpu`]); on a GPU backend
-    /// the factor is uploaded once here.
-    pub fn new(pre: PreStep, route: PreStepRoute, backend: &Backend) -> Result<Self> {
+    /// Wraps a pre-step result computed on the host (e.g. by [`crate::hessian::pre_step_cpu`]).
+    pub fn new(pre: PreStep, route: PreStepRoute) -> Result<Self> {
         let (n, c) = pre.hinv_factor.dim();
         if n != c || n == 0 {
             return Err(ForgeError::Shape(format!("hinv_factor is {n}×{c}, expected a non-empty square matrix")));
         }
-        let device = match backend {
-            Backend::Cpu => None,
-            Backend::Gpu(dev) => {
-                Some((dev.clone(), DeviceFactor::upload(dev, pre.hinv_factor.view(), pre.perm.as_deref())?))
-            }
+        let summary = PreStepSummary {
+            perm: pre.perm,
+            dead_columns: pre.dead_columns,
+            damping_used: pre.damping_used,
+            retries: pre.retries,
+            fallback_identity: pre.fallback_identity,
+            route,
         };
-        Ok(PreparedFactor { pre, route, device })
+        Ok(PreparedFactor { summary, cols: n, data: FactorData::Host(pre.hinv_factor) })
     }
 
     /// `U = I`, no act-order, no damping: the factor of a layer that saw no tokens
     /// (round-to-nearest, flagged [`QuantizeFlags::no_tokens`]).
-    pub fn no_tokens(cols: usize, backend: &Backend) -> Result<Self> {
+    pub fn no_tokens(cols: usize) -> Result<Self> {
         if cols == 0 {
             return Err(ForgeError::Shape("a layer needs at least one input column".into()));
         }
@@ -101,34 +146,47 @@ impl PreparedFactor {
             retries: 0,
             fallback_identity: false,
         };
-        Self::new(pre, PreStepRoute::NoTokens, backend)
+        Self::new(pre, PreStepRoute::NoTokens)
     }
 
-    /// The pre-step result (`U`, act-order, dead inputs, retries).
-    pub fn pre_step(&self) -> &PreStep {
-        &self.pre
+    /// What the pre-step did (act-order, dead inputs, damping, retries, route).
+    pub fn summary(&self) -> &PreStepSummary {
+        &self.summary
+    }
+
+    /// `U` on the host, when the pre-step ran there.
+    pub fn host_factor(&self) -> Option<&Array2<f32>> {
+        match &self.data {
+            FactorData::Host(u) => Some(u),
+            FactorData::Device(..) => None,
+        }
     }
 
     /// Input columns.
     pub fn cols(&self) -> usize {
-        self.pre.hinv_factor.nrows()
+        self.cols
     }
 
     /// Where the pre-step ran.
     pub fn route(&self) -> PreStepRoute {
-        self.route
+        self.summary.route
     }
 
     /// The flags every layer quantized with this factor reports.
     pub fn flags(&self) -> QuantizeFlags {
-        QuantizeFlags {
-            dead_columns: self.pre.dead_columns.clone(),
-            retries: self.pre.retries,
-            fallback_identity: self.pre.fallback_identity,
-            no_tokens: self.route == PreStepRoute::NoTokens,
-            damping_used: self.pre.damping_used,
-            route: self.route,
-        }
+        flags_of(&self.summary)
+    }
+}
+
+/// The flags of a pre-step summary.
+pub(crate) fn flags_of(s: &PreStepSummary) -> QuantizeFlags {
+    QuantizeFlags {
+        dead_columns: s.dead_columns.clone(),
+        retries: s.retries,
+        fallback_identity: s.fallback_identity,
+        no_tokens: s.route == PreStepRoute::NoTokens,
+        damping_used: s.damping_used,
+        route: s.route,
     }
 }
 
@@ -260,151 +318,79 @@ impl SharedHessian {
         }
     }
 
-    /// The pre-step (docs/design.md §5) on this Hessian's backend: on the GPU through cuSOLVER when
-    /// it loads, else on the CPU (the result's [`PreparedFactor::route`] says which). A
-    /// Hessian without tokens gives `U = I` ([`PreStepRoute::NoTokens`]).
+    /// The pre-step (docs/design.md §5) on this Hessian's backend: on the GPU through the
+    /// device's engine (`U` stays on the device; on the CPU when cuSOLVER/cuBLAS cannot be
+    /// loaded, as the result's [`PreparedFactor::route`] says), else on the CPU. A Hessian
+    /// without tokens gives `U = I` ([`PreStepRoute::NoTokens`]).
     pub fn pre_step(&self, cfg: &PreStepConfig) -> Result<PreparedFactor> {
-        let mut stepper = StepperSlot::default();
-        self.pre_step_with(cfg, &mut stepper)
-    }
-
-    pub(crate) fn pre_step_with(&self, cfg: &PreStepConfig, stepper: &mut StepperSlot) -> Result<PreparedFactor> {
+        cfg.validate()?;
         if self.tokens() == 0 {
-            return PreparedFactor::no_tokens(self.cols(), &self.backend);
+            return PreparedFactor::no_tokens(self.cols());
         }
-        match &self.state {
-            HessianState::Cpu(a) => prepare(&self.backend, HSource::Host(a.h().view()), cfg, stepper),
-            HessianState::CpuGiven { h, .. } => prepare(&self.backend, HSource::Host(h.view()), cfg, stepper),
-            HessianState::Gpu(g) => prepare(&self.backend, HSource::Device(g), cfg, stepper),
-        }
-    }
-}
-
-/// A Hessian to run the pre-step on.
-pub(crate) enum HSource<'a> {
-    Host(ArrayView2<'a, f32>),
-    Device(&'a GpuHessian),
-}
-
-/// A lazily created [`GpuPreStepper`], or the reason there is none (cuSOLVER missing), so a
-/// batch of experts loads cuSOLVER once and falls back to the CPU once.
-#[derive(Default)]
-pub(crate) struct StepperSlot {
-    stepper: Option<GpuPreStepper>,
-    unavailable: bool,
-}
-
-impl StepperSlot {
-    fn get(&mut self, dev: &GpuDevice) -> Result<Option<&mut GpuPreStepper>> {
-        if self.stepper.is_none() && !self.unavailable {
-            match GpuPreStepper::new(dev) {
-                Ok(s) => self.stepper = Some(s),
-                Err(ForgeError::MissingLibrary { .. }) => self.unavailable = true,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(self.stepper.as_mut())
-    }
-}
-
-/// The pre-step of `h` on `backend` (GPU through cuSOLVER when available), as a factor ready
-/// for the solver.
-pub(crate) fn prepare(
-    backend: &Backend,
-    h: HSource<'_>,
-    cfg: &PreStepConfig,
-    slot: &mut StepperSlot,
-) -> Result<PreparedFactor> {
-    match backend {
-        Backend::Cpu => {
-            let pre = match h {
-                HSource::Host(h) => pre_step_cpu(h, None, cfg)?,
-                HSource::Device(_) => return Err(ForgeError::Internal("a device Hessian without a device".into())),
-            };
-            PreparedFactor::new(pre, PreStepRoute::Cpu, backend)
-        }
-        Backend::Gpu(dev) => {
-            let (pre, route) = match slot.get(dev)? {
-                Some(stepper) => {
-                    let pre = match h {
-                        HSource::Host(h) => stepper.run_host(dev, h, cfg)?,
-                        HSource::Device(g) => stepper.run(dev, g.h(), g.cols(), cfg)?,
-                    };
-                    (pre, PreStepRoute::Gpu)
-                }
-                None => {
-                    let pre = match h {
-                        HSource::Host(h) => pre_step_cpu(h, None, cfg)?,
-                        HSource::Device(g) => pre_step_cpu(g.to_host(dev)?.view(), None, cfg)?,
-                    };
-                    (pre, PreStepRoute::Cpu)
-                }
-            };
-            PreparedFactor::new(pre, route, backend)
+        let host = match &self.state {
+            HessianState::Cpu(a) => Some(a.h().view()),
+            HessianState::CpuGiven { h, .. } => Some(h.view()),
+            HessianState::Gpu(_) => None,
+        };
+        match (&self.backend, host, &self.state) {
+            (Backend::Cpu, Some(h), _) => PreparedFactor::new(pre_step_cpu(h, None, cfg)?, PreStepRoute::Cpu),
+            (Backend::Gpu(dev), Some(h), _) => prepare_on_device(dev, HessianInput::Host(h), cfg),
+            (Backend::Gpu(dev), None, HessianState::Gpu(g)) => prepare_on_device(dev, HessianInput::Device(g), cfg),
+            _ => Err(ForgeError::Internal("a device Hessian without a device".into())),
         }
     }
+}
+
+/// The engine's pre-step into a prepared factor (device-resident unless it ran on the CPU).
+fn prepare_on_device(dev: &Arc<GpuDevice>, h: HessianInput<'_>, cfg: &PreStepConfig) -> Result<PreparedFactor> {
+    let (factor, summary) = with_engine(dev, |e| e.prepare_factor(h, cfg))?;
+    Ok(PreparedFactor { cols: factor.cols(), summary, data: FactorData::Device(dev.clone(), factor) })
 }
 
 /// Quantizes `weight` with a prepared factor of its Hessian: dead input columns zeroed, grid
 /// built from the zeroed weight, GPTQ solve with `U` and the act-order, all on the
-/// quantizer's backend. Several weights that read the same inputs share one factor.
+/// quantizer's backend (on a GPU: the device's engine, the weight uploaded once in its stored
+/// dtype). Several weights that read the same inputs share one factor.
 pub fn quantize_with(quantizer: &Quantizer, factor: &PreparedFactor, weight: WeightView<'_>) -> Result<QuantizedLayer> {
-    quantize_prepared(quantizer, factor, weight, &mut WorkspaceCache::default())
-}
-
-pub(crate) fn quantize_prepared(
-    quantizer: &Quantizer,
-    factor: &PreparedFactor,
-    weight: WeightView<'_>,
-    cache: &mut WorkspaceCache,
-) -> Result<QuantizedLayer> {
     let (rows, cols) = weight.dim();
     quantizer.config.validate(rows, cols)?;
     if cols != factor.cols() {
         return Err(ForgeError::Shape(format!("weight has {cols} columns, the factor is {0}×{0}", factor.cols())));
     }
-    // An f32 weight without dead inputs is used as it is (a copy costs more than the solve
-    // on the GPU); NaN/inf is then caught by the grid builder, with the same typed error.
-    let owned;
-    let w = match weight {
-        WeightView::F32(v) if factor.pre.dead_columns.is_empty() => v.reborrow(),
-        _ => {
+    let perm = factor.summary.perm.clone();
+    let flags = factor.flags();
+    match (&quantizer.backend, &factor.data) {
+        (Backend::Cpu, FactorData::Host(u)) => {
             let mut w = widen(weight)?;
-            for &j in &factor.pre.dead_columns {
+            for &j in &factor.summary.dead_columns {
                 w.column_mut(j).fill(0.0);
             }
-            owned = w;
-            owned.view()
+            let (grid, out) =
+                cpu::grid_and_solve(&quantizer.config, WeightView::F32(w.view()), u.view(), perm.as_deref())?;
+            Ok(QuantizedLayer { grid, codes: out.qweight, loss: out.loss, perm, flags })
         }
-    };
-    let perm = factor.pre.perm.as_deref();
-    let (grid, out) = match &quantizer.backend {
-        Backend::Cpu => {
-            cpu::grid_and_solve(&quantizer.config, WeightView::F32(w), factor.pre.hinv_factor.view(), perm)?
+        (Backend::Gpu(dev), data) => {
+            let uploaded;
+            let f = match data {
+                FactorData::Device(d, f) if Arc::ptr_eq(d, dev) => f,
+                FactorData::Device(..) => {
+                    return Err(ForgeError::Config("the factor was prepared on another device".into()))
+                }
+                FactorData::Host(u) => {
+                    uploaded = DeviceFactor::upload(dev, u.view(), perm.as_deref())?;
+                    &uploaded
+                }
+            };
+            let hessian = HessianInput::Prepared { factor: f, summary: &factor.summary };
+            let job = LayerJob::new(weight.reborrow(), hessian, &quantizer.config);
+            let mut out = with_engine(dev, |e| e.quantize(&job))?;
+            let w = out.weights.pop().ok_or_else(|| ForgeError::Internal("engine returned no weight".into()))?;
+            Ok(QuantizedLayer::from_weight(w, perm, flags))
         }
-        Backend::Gpu(dev) => solve_on_device(dev, &quantizer.config, factor, w, cache)?,
-    };
-    Ok(QuantizedLayer { grid, out, perm: factor.pre.perm.clone(), flags: factor.flags() })
-}
-
-/// Grid and solve on the device with the factor already there (uploaded now if it was
-/// prepared for another backend), through the one orchestration path.
-fn solve_on_device(
-    dev: &Arc<GpuDevice>,
-    config: &GridConfig,
-    factor: &PreparedFactor,
-    w: ArrayView2<'_, f32>,
-    cache: &mut WorkspaceCache,
-) -> Result<(QuantGrid, SolveOutput)> {
-    let temp;
-    let dfactor = match &factor.device {
-        Some((d, f)) if Arc::ptr_eq(d, dev) => f,
-        _ => {
-            temp = DeviceFactor::upload(dev, factor.pre.hinv_factor.view(), factor.pre.perm.as_deref())?;
-            &temp
+        (Backend::Cpu, FactorData::Device(..)) => {
+            Err(ForgeError::Config("a factor prepared on a device cannot be used on the CPU backend".into()))
         }
-    };
-    cuda::grid_and_solve(dev, config, w, dfactor, cache)
+    }
 }
 
 /// One linear layer in MoE-Quant's `GPTQ` shape: `new`, `update` with calibration inputs,

@@ -1,20 +1,24 @@
 //! The device runtime on cudarc (driver API, libcuda loaded at run time): one context, its
-//! stream, the kernels module loaded lazily from the PTX that `build.rs` embedded, typed
-//! launches ([`GpuDevice::launch`]) and the CUDA libraries the stages call (cuSOLVER,
-//! [`cusolver`]).
+//! compute stream (non-blocking: it never serialises with other streams implicitly), the
+//! kernels module loaded lazily from the PTX that `build.rs` embedded, typed launches
+//! ([`GpuDevice::launch`]), counted and checked allocations ([`GpuDevice::alloc`],
+//! [`DeviceBuf`]), and the CUDA libraries the stages call ([`cusolver`], [`cublas`]), one
+//! handle each per device, bound to the compute stream.
 //!
 //! No driver, no device and driver failures are typed errors ([`ForgeError::NoDriver`],
 //! [`ForgeError::NoDevice`], [`ForgeError::Driver`]); nothing here panics, and the CPU path
 //! never touches this module.
 
+pub mod cublas;
 pub mod cusolver;
 mod launch;
 
 pub use launch::{grid_for, view_ptr, view_ptr_mut, DeviceBuffer, DeviceBufferMut, LaunchDims};
 
 use crate::{ForgeError, Result};
-use cudarc::driver::{CudaContext, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The kernels crate compiled to PTX (sm_80 baseline) by `build.rs`.
@@ -28,6 +32,12 @@ pub struct GpuDevice {
     functions: Mutex<HashMap<&'static str, cudarc::driver::CudaFunction>>,
     constant_memory: Mutex<()>,
     name: String,
+    dense: Mutex<Option<cusolver::DenseSolver>>,
+    blas: Mutex<Option<cublas::Blas>>,
+    allocations: AtomicU64,
+    allocated_bytes: AtomicU64,
+    /// One per-device object of the layers above (the quantization engine), made on first use.
+    extension: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 impl std::fmt::Debug for GpuDevice {
@@ -53,7 +63,9 @@ impl GpuDevice {
         // events would only add work.
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().map_err(ForgeError::driver("reading the device name"))?;
-        let stream = ctx.default_stream();
+        // A non-blocking stream: work here never waits for the legacy NULL stream, so copies
+        // on the engine's other streams overlap with it.
+        let stream = ctx.new_stream().map_err(ForgeError::driver("creating the compute stream"))?;
         Ok(Arc::new(GpuDevice {
             ctx,
             stream,
@@ -61,6 +73,11 @@ impl GpuDevice {
             functions: Mutex::new(HashMap::new()),
             constant_memory: Mutex::new(()),
             name,
+            dense: Mutex::new(None),
+            blas: Mutex::new(None),
+            allocations: AtomicU64::new(0),
+            allocated_bytes: AtomicU64::new(0),
+            extension: Mutex::new(None),
         }))
     }
 
@@ -115,6 +132,117 @@ impl GpuDevice {
     /// Waits for all queued work; surfaces asynchronous kernel faults as errors.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(ForgeError::driver("synchronizing the stream"))
+    }
+
+    /// `len` elements on the compute stream, zeroed, after checking the request against the
+    /// device's free memory (a typed error naming both, never a driver abort), counted in
+    /// [`GpuDevice::allocation_count`].
+    pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize, what: &'static str) -> Result<CudaSlice<T>> {
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| ForgeError::DeviceMemory {
+            what,
+            requested: u64::MAX,
+            free: 0,
+        })?;
+        let (free, _) = self.ctx.mem_get_info().map_err(ForgeError::driver("reading free device memory"))?;
+        if bytes > free {
+            return Err(ForgeError::DeviceMemory { what, requested: bytes as u64, free: free as u64 });
+        }
+        let s = self.stream.alloc_zeros::<T>(len.max(1)).map_err(ForgeError::driver(what))?;
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+        self.allocated_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        Ok(s)
+    }
+
+    /// Device allocations made through [`GpuDevice::alloc`] so far (benches show that none
+    /// happen per layer after warm-up).
+    pub fn allocation_count(&self) -> u64 {
+        self.allocations.load(Ordering::Relaxed)
+    }
+
+    /// Bytes allocated through [`GpuDevice::alloc`] so far (freed ones included).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` with the device's one object of type `T` (made by `init` on first use): the
+    /// per-device engine of the layers above lives here, so every caller shares it. It must
+    /// not hold the device strongly (a cycle would keep both alive forever).
+    pub fn with_extension<T: std::any::Any + Send, R>(
+        &self,
+        init: impl FnOnce() -> Result<T>,
+        f: impl FnOnce(&mut T) -> Result<R>,
+    ) -> Result<R> {
+        let mut slot = self.extension.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(Box::new(init()?));
+        }
+        match slot.as_mut().and_then(|b| b.downcast_mut::<T>()) {
+            Some(t) => f(t),
+            None => Err(ForgeError::Internal("the device's extension slot holds another type".into())),
+        }
+    }
+
+    /// Runs `f` with the device's cuSOLVER handle (created on first use, bound to the compute
+    /// stream).
+    pub fn with_dense_solver<R>(&self, f: impl FnOnce(&mut cusolver::DenseSolver) -> Result<R>) -> Result<R> {
+        let mut slot = self.dense.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(cusolver::DenseSolver::new(self)?);
+        }
+        match slot.as_mut() {
+            Some(s) => f(s),
+            None => Err(ForgeError::Internal("cuSOLVER handle missing after creation".into())),
+        }
+    }
+
+    /// Runs `f` with the device's cuBLAS handle (created on first use, bound to the compute
+    /// stream).
+    pub fn with_blas<R>(&self, f: impl FnOnce(&mut cublas::Blas) -> Result<R>) -> Result<R> {
+        let mut slot = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(cublas::Blas::new(self, &self.stream)?);
+        }
+        match slot.as_mut() {
+            Some(b) => f(b),
+            None => Err(ForgeError::Internal("cuBLAS handle missing after creation".into())),
+        }
+    }
+}
+
+/// A device buffer that grows to the largest size asked for and is then reused: the
+/// engine's workspaces, so that after the largest layer has been seen no layer allocates.
+pub struct DeviceBuf<T> {
+    slice: Option<CudaSlice<T>>,
+}
+
+impl<T> Default for DeviceBuf<T> {
+    fn default() -> Self {
+        DeviceBuf { slice: None }
+    }
+}
+
+impl<T: DeviceRepr + ValidAsZeroBits> DeviceBuf<T> {
+    /// The buffer with room for at least `len` elements (grown, zeroed, if smaller). The
+    /// caller guarantees no queued work still uses the old buffer on another stream.
+    pub fn ensure(&mut self, dev: &GpuDevice, len: usize, what: &'static str) -> Result<&mut CudaSlice<T>> {
+        if !self.slice.as_ref().is_some_and(|s| s.len() >= len) {
+            self.slice = None; // free the old one first
+            self.slice = Some(dev.alloc::<T>(len, what)?);
+        }
+        self.slice.as_mut().ok_or_else(|| ForgeError::Internal(format!("{what}: buffer missing after growing")))
+    }
+
+    /// The buffer, if it has room for `len` elements.
+    pub fn get(&self, len: usize) -> Result<&CudaSlice<T>> {
+        match self.slice.as_ref() {
+            Some(s) if s.len() >= len => Ok(s),
+            _ => Err(ForgeError::Internal(format!("device buffer smaller than {len} elements"))),
+        }
+    }
+
+    /// Capacity in elements (0 before the first `ensure`).
+    pub fn capacity(&self) -> usize {
+        self.slice.as_ref().map_or(0, |s| s.len())
     }
 }
 

@@ -11,6 +11,7 @@ use crate::{ForgeError, Result, WeightDtype, WeightView};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use forge_kernel_abi::grid::{MseSearchArgs, MseSharedLayout, RangeMetaArgs};
 use forge_kernel_abi::qmeta::QmetaDecodeArgs;
+use forge_kernel_abi::{DevPtr, DevPtrMut};
 use forge_kernel_abi::{
     MseSearchBf16, MseSearchF16, MseSearchF32, MseSearchFp8, QmetaDecode, RangeMetaBf16, RangeMetaF16, RangeMetaF32,
     RangeMetaFp8,
@@ -68,6 +69,42 @@ impl DeviceWeight {
     pub fn bytes(&self) -> &CudaSlice<u8> {
         &self.bytes
     }
+
+    /// By address.
+    pub fn as_ref(&self) -> WeightRef {
+        WeightRef { bytes: self.bytes.dev_ptr(), dtype: self.dtype, rows: self.rows, cols: self.cols }
+    }
+}
+
+/// A weight on the device by address: `rows·cols` elements of `dtype`, row-major, in an
+/// allocation aligned for the kernels' vector loads.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightRef {
+    /// Start address.
+    pub bytes: DevPtr<u8>,
+    /// Element type.
+    pub dtype: WeightDtype,
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+}
+
+/// A grid on the device by address: `rows·n_groups` qmeta4 records, row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct GridRef {
+    /// Start address.
+    pub qmeta: DevPtr<u32>,
+    /// Weight rows.
+    pub rows: usize,
+    /// Groups per row.
+    pub n_groups: usize,
+    /// `2^bits − 1`.
+    pub maxq: u32,
+    /// Zero columns in the last group.
+    pub pad: usize,
+    /// Columns per group.
+    pub group_size: usize,
 }
 
 fn contiguous_copy(weight: WeightView<'_>) -> Vec<u8> {
@@ -101,6 +138,18 @@ impl DeviceGrid {
         let (rows, n_groups) = grid.dim();
         let qmeta = dev.stream().clone_htod(&grid.to_u32_vec()).map_err(ForgeError::driver("uploading qmeta"))?;
         Ok(DeviceGrid { qmeta, rows, n_groups, maxq: grid.maxq, pad: grid.pad, group_size: grid.group_size })
+    }
+
+    /// By address.
+    pub fn as_ref(&self) -> GridRef {
+        GridRef {
+            qmeta: self.qmeta.dev_ptr(),
+            rows: self.rows,
+            n_groups: self.n_groups,
+            maxq: self.maxq,
+            pad: self.pad,
+            group_size: self.group_size,
+        }
     }
 
     /// Downloads the records into a host [`QuantGrid`].
@@ -170,17 +219,37 @@ pub fn launch_grid_kernel(
 ) -> Result<()> {
     let (rows, cols) = weight.dim();
     config.validate(rows, cols)?;
-    let gs = config.group_size;
-    let n_groups = config.n_groups(cols);
-    let total = rows * n_groups;
+    let total = rows * config.n_groups(cols);
     if qmeta.len() < total || first_bad.is_empty() {
         return Err(ForgeError::Shape(format!("qmeta buffer of {} for {total} groups", qmeta.len())));
     }
-    let stream = dev.stream();
-    stream.memset_zeros(first_bad).map_err(ForgeError::driver("resetting the NaN flag"))?;
+    dev.stream().memset_zeros(first_bad).map_err(ForgeError::driver("resetting the NaN flag"))?;
+    // SAFETY: qmeta holds rows·n_groups records and first_bad one u64 (checked above).
+    unsafe { launch_grid_into(dev, weight.as_ref(), config, qmeta.dev_ptr_mut(), first_bad.dev_ptr_mut()) }
+}
+
+/// Enqueues the grid kernel for `weight` by address (the engine's entry point): `qmeta`
+/// receives `rows·n_groups` records and `first_bad` (not cleared here) `!index` of the first
+/// NaN/inf weight.
+///
+/// # Safety
+/// `qmeta` is the device address of at least `rows·n_groups` u32 and `first_bad` of one u64.
+pub unsafe fn launch_grid_into(
+    dev: &GpuDevice,
+    weight: WeightRef,
+    config: &GridConfig,
+    qmeta: DevPtrMut<u32>,
+    first_bad: DevPtrMut<u64>,
+) -> Result<()> {
+    let (rows, cols) = (weight.rows, weight.cols);
+    config.validate(rows, cols)?;
+    let gs = config.group_size;
+    let n_groups = config.n_groups(cols);
+    let total = rows * n_groups;
     let (rows, cols, gs, n_groups, bits, symmetric) =
         (rows as u32, cols as u32, gs as u32, n_groups as u32, config.bits, config.symmetric as u32);
-    let (w, qmeta, first_bad) = (weight.bytes().dev_ptr(), qmeta.dev_ptr_mut(), first_bad.dev_ptr_mut());
+    let w = weight.bytes;
+    let stream = dev.stream();
     match &config.scale_search {
         ScaleSearch::Absmax => {
             // The kernel reads a group with min(32, gs/4) lanes: 32/that groups per warp.

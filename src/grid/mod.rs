@@ -9,7 +9,8 @@ mod cuda;
 
 pub use cpu::{build_quant_grid, candidate_loss_f64, decode_qmeta_cpu};
 pub use cuda::{
-    build_quant_grid_device, build_quant_grid_gpu, decode_qmeta_gpu, launch_grid_kernel, DeviceGrid, DeviceWeight,
+    build_quant_grid_device, build_quant_grid_gpu, decode_qmeta_gpu, launch_grid_into, launch_grid_kernel, DeviceGrid,
+    DeviceWeight, GridRef, WeightRef,
 };
 
 use crate::{ForgeError, QMetaPacked, Result};

@@ -10,21 +10,23 @@
 //!
 //! Pre-step: the same policy as [`super::pre_step_cpu`] ([`PreStepPlan`]), in f64 on the
 //! device: the reversed, permuted, dead-fixed, damped Hessian is factored by cuSOLVER
-//! `potrf(UPPER)` (`R = L̂ᵀ`), inverted in place by `trtri(UPPER)`, and `U = J L̂⁻¹ J` is
-//! read out of `R⁻¹` with [`forge_kernel_abi::hessian::prestep_factor_source`]. cuSOLVER is
-//! loaded at run time ([`crate::device::cusolver`]).
+//! `potrf(UPPER)` (`R = L̂ᵀ`), `R⁻¹` comes from one cuBLAS triangular solve against the
+//! identity, and `U = J L̂⁻¹ J` is read out of `R⁻¹` with
+//! [`forge_kernel_abi::hessian::prestep_factor_source`] straight into the solver's padded
+//! layout. cuSOLVER and cuBLAS are loaded at run time ([`crate::device`]).
 
 use super::{PreStep, PreStepConfig, PreStepPlan};
 use crate::calib::{check_finite_bytes, ActivationDtype, ActivationView};
-use crate::device::cusolver::DenseSolver;
-use crate::device::{view_ptr, DeviceBuffer, DeviceBufferMut, GpuDevice};
+use crate::device::{view_ptr, DeviceBuf, DeviceBuffer, DeviceBufferMut, GpuDevice};
 use crate::{ForgeError, Result};
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 use forge_kernel_abi::hessian::{
-    BlendArgs, DiagArgs, ExtractArgs, GatherArgs, HessianSharedLayout, XtxArgs, HESSIAN_THREADS, HESSIAN_TILE,
+    BlendArgs, BlendSymArgs, DiagArgs, ExtractArgs, GatherArgs, HessianSharedLayout, IdentityArgs, XtxArgs,
+    ZeroColumnsArgs, HESSIAN_THREADS, HESSIAN_TILE,
 };
 use forge_kernel_abi::{
-    HessianBlend, HessianDiag, HessianXtxBf16, HessianXtxF16, HessianXtxF32, PrestepExtract, PrestepGather,
+    DevPtr, DevPtrMut, HessianBlend, HessianBlendSym, HessianDiag, HessianXtxBf16, HessianXtxF16, HessianXtxF32,
+    PrestepExtract, PrestepGather, PrestepIdentity, PrestepZeroColumns,
 };
 use ndarray::{Array2, ArrayView2};
 
@@ -92,11 +94,13 @@ impl DeviceActivations {
     }
 }
 
-/// Scratch of the accumulation: `S` of one chunk, the host-upload buffer, the NaN flag.
+/// Scratch of the accumulation: `S` of one chunk, the host-upload buffer, the NaN flag, and
+/// (tensor-core path) the blended `H` before it replaces the old one.
 struct Scratch {
     s: CudaSlice<f32>,
     upload: Option<CudaSlice<u8>>,
     first_bad: CudaSlice<u64>,
+    next_h: Option<CudaSlice<f32>>,
 }
 
 /// A running Hessian on the device: `H = (2/N)·Σ XᵀX` over the `N` tokens seen so far,
@@ -167,6 +171,7 @@ impl GpuHessian {
                     .map_err(ForgeError::driver("allocating Hessian scratch"))?,
                 upload: None,
                 first_bad: s.alloc_zeros::<u64>(1).map_err(ForgeError::driver("allocating the NaN flag"))?,
+                next_h: None,
             });
         }
         self.scratch.as_mut().ok_or_else(|| ForgeError::Internal("Hessian scratch missing".into()))
@@ -210,8 +215,18 @@ impl GpuHessian {
         Ok(())
     }
 
-    /// As [`GpuHessian::update`] for activations already on the device.
+    /// As [`GpuHessian::update`] for activations already on the device. f16/bf16 activations
+    /// go through the tensor cores when cuBLAS loads (exact products, f32 accumulation,
+    /// [`GpuHessian::update_device_tensor_cores`]); f32 ones through the tiled SYRK kernel.
     pub fn update_device(&mut self, dev: &GpuDevice, x: &DeviceActivations) -> Result<()> {
+        if x.dtype != ActivationDtype::F32 && crate::device::cublas::cublas_available().is_ok() {
+            return self.update_device_tensor_cores(dev, x);
+        }
+        self.update_device_syrk(dev, x)
+    }
+
+    /// The tiled SYRK path of [`GpuHessian::update_device`] (any dtype, CUDA cores).
+    pub fn update_device_syrk(&mut self, dev: &GpuDevice, x: &DeviceActivations) -> Result<()> {
         let (m, cols) = x.dim();
         self.check_batch_cols(cols)?;
         let size = x.dtype.size();
@@ -228,6 +243,76 @@ impl GpuHessian {
                 return Err(overflow_error(dev, &sc.s, idx, cols));
             }
             self.blend(dev, (t1 - t0) as u64)?;
+            t0 = t1;
+        }
+        Ok(())
+    }
+
+    /// The tensor-core path: per chunk of at most [`MAX_CHUNK_TOKENS`] tokens, `S = XᵀX` by
+    /// cuBLAS (bf16/f16 products are exact in f32, sums in f32 on the tensor cores), then one
+    /// kernel forms `β·H + α·S` from `S`'s upper triangle into a second buffer, exactly
+    /// symmetric and checked for NaN/inf; only a clean chunk replaces `H`, so a failing chunk
+    /// leaves it as it was. f32 activations are rejected here (they have no exact tensor-core
+    /// product; use [`GpuHessian::update_device_syrk`]).
+    pub fn update_device_tensor_cores(&mut self, dev: &GpuDevice, x: &DeviceActivations) -> Result<()> {
+        let (m, cols) = x.dim();
+        self.check_batch_cols(cols)?;
+        let input = match x.dtype {
+            ActivationDtype::F16 => crate::device::cublas::BlasInput::F16,
+            ActivationDtype::BF16 => crate::device::cublas::BlasInput::BF16,
+            ActivationDtype::F32 => {
+                return Err(ForgeError::Config("f32 activations have no exact tensor-core product".into()))
+            }
+        };
+        let size = x.dtype.size();
+        let stream = dev.stream().clone();
+        let nt = cols.div_ceil(32) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (nt, nt, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: forge_kernel_abi::hessian::BLEND_SYM_SHARED_BYTES,
+        };
+        let mut t0 = 0;
+        while t0 < m {
+            let t1 = (t0 + MAX_CHUNK_TOKENS).min(m);
+            let x_addr = x.bytes.dev_ptr().addr() + (t0 * cols * size) as u64;
+            let (h_now, n) = (self.h.dev_ptr(), self.tokens as f64);
+            self.scratch(dev)?;
+            let Some(sc) = self.scratch.as_mut() else {
+                return Err(ForgeError::Internal("Hessian scratch missing".into()));
+            };
+            let s_addr = sc.s.dev_ptr_mut().addr();
+            // SAFETY: x holds (t1 − t0)·cols elements from x_addr; s cols² f32.
+            dev.with_blas(|b| unsafe { b.gemm_aat(input, cols, t1 - t0, x_addr, s_addr) })?;
+            if sc.next_h.is_none() {
+                sc.next_h = Some(dev.alloc::<f32>(cols * cols, "Hessian blend buffer")?);
+            }
+            stream.memset_zeros(&mut sc.first_bad).map_err(ForgeError::driver("resetting the NaN flag"))?;
+            let total = n + (t1 - t0) as f64;
+            let next = sc.next_h.as_mut().ok_or_else(|| ForgeError::Internal("blend buffer missing".into()))?;
+            let args = BlendSymArgs {
+                h: h_now,
+                out: next.dev_ptr_mut(),
+                s: sc.s.dev_ptr(),
+                cols: cols as u32,
+                alpha: (2.0 / total) as f32,
+                beta: (n / total) as f32,
+                first_bad: sc.first_bad.dev_ptr_mut(),
+            };
+            // SAFETY: h, out, s hold cols² f32 (out distinct); grid and shared memory as the
+            // kernel's contract.
+            unsafe { dev.launch::<HessianBlendSym>(cfg, &args) }?;
+            let flag = stream.clone_dtoh(&sc.first_bad).map_err(ForgeError::driver("reading the NaN flag"))?;
+            if let Some(&f) = flag.first().filter(|&&f| f != 0) {
+                let view = x.bytes.slice(t0 * cols * size..t1 * cols * size);
+                let host = stream.clone_dtoh(&view).map_err(ForgeError::driver("downloading activations"))?;
+                check_finite_bytes(&host, x.dtype, cols, t0)?;
+                return Err(overflow_error(dev, &sc.s, !f as usize, cols));
+            }
+            if let Some(next) = sc.next_h.as_mut() {
+                std::mem::swap(&mut self.h, next);
+            }
+            self.tokens += (t1 - t0) as u64;
             t0 = t1;
         }
         Ok(())
@@ -303,31 +388,200 @@ fn overflow_error(dev: &GpuDevice, s: &CudaSlice<f32>, idx: usize, cols: usize) 
 }
 
 // ---------------------------------------------------------------------------------------
-// Pre-step on the GPU (cuSOLVER)
+// Pre-step on the GPU: gather (f64), cuSOLVER potrf (f64), cuBLAS trsm (f64), extract (f32)
 // ---------------------------------------------------------------------------------------
 
-/// Device buffers of one pre-step size `n`.
-struct PreStepBuffers {
-    n: usize,
-    a: CudaSlice<f64>,
-    u: CudaSlice<f32>,
-    h_upload: Option<CudaSlice<f32>>,
-    diag: CudaSlice<f32>,
-    order: CudaSlice<u32>,
-    first_bad: CudaSlice<u64>,
+/// Device addresses a factorisation attempt reports to (slots of a status word the caller
+/// zeroes first): `!index` of the first non-finite Hessian entry, `!index` of the first bad
+/// factor entry, and cuSOLVER's i32 `info`.
+#[derive(Clone, Copy)]
+pub(crate) struct FactorStatus {
+    pub hessian_bad: DevPtrMut<u64>,
+    pub factor_bad: DevPtrMut<u64>,
+    pub info: u64,
 }
 
-/// The GPU pre-step: a cuSOLVER handle and device buffers reused across calls of the same
-/// size (one per process or per expert batch is enough).
+/// Device buffers of the GPU pre-step, grown to the largest side seen and then reused.
+/// Where f64 is used and why (docs/design.md §5): the gathered, damped matrix and its
+/// Cholesky factor `R` and inverse `R⁻¹` are f64 (a damped Hessian's condition number can
+/// reach 1e8, which f32 cannot factor reliably); `U` comes out in f32, the solver's precision.
+#[derive(Default)]
+pub(crate) struct FactorWork {
+    a: DeviceBuf<f64>,
+    inv: DeviceBuf<f64>,
+    diag: DeviceBuf<f32>,
+    order: DeviceBuf<u32>,
+}
+
+impl FactorWork {
+    /// `diag H` of a device Hessian on the host (one small copy that waits for `H`).
+    pub(crate) fn diag_to_host(&mut self, dev: &GpuDevice, h: DevPtr<f32>, n: usize) -> Result<Vec<f64>> {
+        let diag = self.diag.ensure(dev, n, "pre-step diagonal")?;
+        let args = DiagArgs { h, cols: n as u32, out: diag.dev_ptr_mut() };
+        // SAFETY: h holds n² f32 (caller), diag at least n.
+        unsafe { dev.launch::<HessianDiag>(ew_config(dev, n)?, &args) }?;
+        let d = dev.stream().clone_dtoh(&diag.slice(0..n)).map_err(ForgeError::driver("downloading diag(H)"))?;
+        Ok(d.into_iter().map(f64::from).collect())
+    }
+
+    /// Uploads the processing order of a plan (`n` entries).
+    pub(crate) fn set_order(&mut self, dev: &GpuDevice, plan: &PreStepPlan, n: usize) -> Result<()> {
+        let order: Vec<u32> = plan.order(n).iter().map(|&j| j as u32).collect();
+        let buf = self.order.ensure(dev, n, "pre-step column order")?;
+        dev.stream()
+            .memcpy_htod(&order, &mut buf.slice_mut(0..n))
+            .map_err(ForgeError::driver("uploading the column order"))
+    }
+
+    /// Enqueues one factorisation with `damping` on the compute stream, without waiting:
+    /// gather (reversed, permuted, dead-fixed, damped, symmetrised f64 matrix, and the
+    /// identity), `potrf(UPPER)` (`R`), `trsm` (`R⁻¹`), and `U` extracted into `u`, a
+    /// `cols_p × cols_p` f32 buffer (identity in the padding). Failures land in `status`.
+    ///
+    /// # Safety
+    /// `h` is the device address of `n²` f32 ready on the compute stream, `u` of at least
+    /// `cols_p²` f32, `cols_p ≥ n`; the order was set for this `n`; `status` points to live
+    /// device memory.
+    pub(crate) unsafe fn enqueue_attempt(
+        &mut self,
+        dev: &GpuDevice,
+        h: DevPtr<f32>,
+        n: usize,
+        damping: f64,
+        u: DevPtrMut<f32>,
+        cols_p: usize,
+        status: FactorStatus,
+    ) -> Result<()> {
+        let nn = n.checked_mul(n).ok_or_else(|| ForgeError::Shape(format!("a {n}×{n} Hessian is too large")))?;
+        let a = self.a.ensure(dev, nn, "pre-step matrix")?.dev_ptr_mut();
+        let inv = self.inv.ensure(dev, nn, "pre-step inverse factor")?.dev_ptr_mut();
+        let order = self.order.get(n)?.dev_ptr();
+        let args = GatherArgs { h, cols: n as u32, order, damping, a, inv, first_bad: status.hessian_bad };
+        dev.launch::<PrestepGather>(ew_config(dev, nn)?, &args)?;
+        dev.with_dense_solver(|s| s.potrf_upper_async(dev, a.addr(), n, status.info))?;
+        // R⁻¹ by one triangular solve against the identity: cuBLAS's blocked trsm runs on
+        // the f64 tensor cores, where cuSOLVER's trtri is several times slower.
+        dev.with_blas(|b| b.trsm_upper_left(n, n, a.addr(), n, inv.addr(), n))?;
+        let args =
+            ExtractArgs { a: inv.as_const(), cols: n as u32, cols_p: cols_p as u32, u, first_bad: status.factor_bad };
+        dev.launch::<PrestepExtract>(ew_config(dev, cols_p * cols_p)?, &args)
+    }
+}
+
+/// `u = I` (`cols_p × cols_p`): the factor of a layer without calibration data or whose
+/// factorisations all failed.
+///
+/// # Safety
+/// `u` is the device address of at least `cols_p²` f32.
+pub(crate) unsafe fn enqueue_identity(dev: &GpuDevice, u: DevPtrMut<f32>, cols_p: usize) -> Result<()> {
+    let args = IdentityArgs { u, cols_p: cols_p as u32 };
+    dev.launch::<PrestepIdentity>(ew_config(dev, cols_p * cols_p)?, &args)
+}
+
+/// Zeroes the dead input columns `dead` of a `rows × cols` device weight of `elem_bytes`
+/// bytes per element (uploading the list through `list`).
+///
+/// # Safety
+/// `w` is the device address of `rows·cols·elem_bytes` bytes ready on the compute stream.
+pub(crate) unsafe fn enqueue_zero_columns(
+    dev: &GpuDevice,
+    list: &mut DeviceBuf<u32>,
+    w: DevPtrMut<u8>,
+    rows: usize,
+    cols: usize,
+    elem_bytes: usize,
+    dead: &[usize],
+) -> Result<()> {
+    if dead.is_empty() {
+        return Ok(());
+    }
+    let idx: Vec<u32> = dead.iter().map(|&j| j as u32).collect();
+    let buf = list.ensure(dev, idx.len(), "dead-column list")?;
+    dev.stream()
+        .memcpy_htod(&idx, &mut buf.slice_mut(0..idx.len()))
+        .map_err(ForgeError::driver("uploading dead columns"))?;
+    let args = ZeroColumnsArgs {
+        w,
+        rows: rows as u32,
+        cols: cols as u32,
+        elem_bytes: elem_bytes as u32,
+        dead: buf.dev_ptr(),
+        n_dead: idx.len() as u32,
+    };
+    dev.launch::<PrestepZeroColumns>(ew_config(dev, rows * idx.len())?, &args)
+}
+
+/// Runs factorisation attempts `first..=MAX_RETRIES` of `plan` on `h` (`n²` f32 on the
+/// device) into `u` (`cols_p²` f32), each checked before the next (one small status read
+/// each): `(succeeded, damping of the last attempt, its index)`. A non-finite Hessian entry
+/// is an error on the first attempt. `status` is 3 u64 of scratch.
+///
+/// # Safety
+/// `h` holds `n²` f32 and `u` at least `cols_p²` f32, both on the device, ready on the compute
+/// stream; the plan's order was set in `work` for this `n`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn factor_checked(
+    dev: &GpuDevice,
+    work: &mut FactorWork,
+    status_buf: &mut CudaSlice<u64>,
+    h: DevPtr<f32>,
+    n: usize,
+    plan: &PreStepPlan,
+    u: DevPtrMut<f32>,
+    cols_p: usize,
+    first: u32,
+) -> Result<(bool, f64, u32)> {
+    let stream = dev.stream().clone();
+    let mut k = first;
+    loop {
+        let damping = plan.damping(k);
+        stream.memset_zeros(status_buf).map_err(ForgeError::driver("clearing the pre-step status"))?;
+        let base = status_buf.dev_ptr_mut().addr();
+        let status = FactorStatus {
+            hessian_bad: DevPtrMut::from_addr(base),
+            factor_bad: DevPtrMut::from_addr(base + 8),
+            info: base + 16,
+        };
+        work.enqueue_attempt(dev, h, n, damping, u, cols_p, status)?;
+        let st =
+            stream.clone_dtoh(&status_buf.slice(0..3)).map_err(ForgeError::driver("reading the pre-step status"))?;
+        if k == first && st[0] != 0 {
+            let idx = !st[0] as usize;
+            let mut one = [f32::NAN];
+            let _ = cudarc::driver::result::memcpy_dtoh_async(&mut one, h.addr() + 4 * idx as u64, stream.cu_stream())
+                .and_then(|()| stream.synchronize());
+            return Err(ForgeError::NonFinite { tensor: "hessian", row: idx / n, col: idx % n, value: one[0] });
+        }
+        let info = st[2] as u32 as i32;
+        if info < 0 {
+            return Err(ForgeError::Internal(format!("cuSOLVER potrf rejected argument {} (info {info})", -info)));
+        }
+        if info == 0 && st[1] == 0 {
+            return Ok((true, damping, k));
+        }
+        if k >= super::MAX_RETRIES {
+            return Ok((false, damping, k));
+        }
+        k += 1;
+    }
+}
+
+/// The GPU pre-step as a host-facing call (tests, benches, layers on the CPU side): plan from
+/// `diag H`, attempts with retries checked one by one, `U` back to the host. The engine
+/// ([`crate::quantize::QuantEngine`]) runs the same attempts, optimistically, and keeps `U` on
+/// the device.
 pub struct GpuPreStepper {
-    solver: DenseSolver,
-    bufs: Option<PreStepBuffers>,
+    work: FactorWork,
+    status: Option<CudaSlice<u64>>,
+    u: DeviceBuf<f32>,
 }
 
 impl GpuPreStepper {
-    /// Loads cuSOLVER and creates a handle on `dev`'s stream.
+    /// Loads cuSOLVER and cuBLAS (typed errors when they are missing).
     pub fn new(dev: &GpuDevice) -> Result<Self> {
-        Ok(GpuPreStepper { solver: DenseSolver::new(dev)?, bufs: None })
+        dev.with_dense_solver(|_| Ok(()))?;
+        dev.with_blas(|_| Ok(()))?;
+        Ok(GpuPreStepper { work: FactorWork::default(), status: None, u: DeviceBuf::default() })
     }
 
     /// The pre-step of a Hessian already on the device (`h`: `cols²` f32, row-major).
@@ -339,11 +593,37 @@ impl GpuPreStepper {
         if h.len() != cols * cols {
             return Err(ForgeError::Shape(format!("{} Hessian elements on the device for {cols}×{cols}", h.len())));
         }
-        let b = buffers(&mut self.bufs, dev, cols)?;
-        run_prestep(dev, &mut self.solver, b, h, cols, cfg)
+        let n = cols;
+        let plan = PreStepPlan::new(self.work.diag_to_host(dev, h.dev_ptr(), n)?, cfg)?;
+        self.work.set_order(dev, &plan, n)?;
+        if self.status.is_none() {
+            self.status = Some(dev.alloc::<u64>(3, "pre-step status")?);
+        }
+        let status = self.status.as_mut().ok_or_else(|| ForgeError::Internal("status missing".into()))?;
+        let u = self.u.ensure(dev, n * n, "pre-step factor")?.dev_ptr_mut();
+        // SAFETY: h holds n² f32 (checked), u n²; the order was set above.
+        let (ok, damping, retries) =
+            unsafe { factor_checked(dev, &mut self.work, status, h.dev_ptr(), n, &plan, u, n, 0) }?;
+        let hinv_factor = if ok {
+            let v = dev
+                .stream()
+                .clone_dtoh(&self.u.get(n * n)?.slice(0..n * n))
+                .map_err(ForgeError::driver("downloading the factor"))?;
+            Array2::from_shape_vec((n, n), v).map_err(|e| ForgeError::Internal(e.to_string()))?
+        } else {
+            Array2::eye(n)
+        };
+        Ok(PreStep {
+            hinv_factor,
+            perm: plan.perm,
+            dead_columns: plan.dead_columns,
+            damping_used: damping as f32,
+            retries,
+            fallback_identity: !ok,
+        })
     }
 
-    /// The pre-step of a host Hessian (uploaded into a buffer the stepper keeps).
+    /// The pre-step of a host Hessian (uploaded first).
     pub fn run_host(&mut self, dev: &GpuDevice, h: ArrayView2<'_, f32>, cfg: &PreStepConfig) -> Result<PreStep> {
         cfg.validate()?;
         let (n, c) = h.dim();
@@ -353,133 +633,9 @@ impl GpuPreStepper {
         check_cols(n)?;
         let data = h.as_standard_layout();
         let slice = data.as_slice().ok_or_else(|| ForgeError::Internal("standard layout is not contiguous".into()))?;
-        let stream = dev.stream().clone();
-        let b = buffers(&mut self.bufs, dev, n)?;
-        let mut up = match b.h_upload.take() {
-            Some(u) => u,
-            // SAFETY: fully written by the copy below before any read.
-            None => {
-                unsafe { stream.alloc::<f32>(n * n) }.map_err(ForgeError::driver("allocating the Hessian upload"))?
-            }
-        };
-        stream.memcpy_htod(slice, &mut up).map_err(ForgeError::driver("uploading the Hessian"))?;
-        let r = self.run(dev, &up, n, cfg);
-        if let Some(b) = self.bufs.as_mut() {
-            b.h_upload = Some(up);
-        }
-        r
+        let up = dev.stream().clone_htod(slice).map_err(ForgeError::driver("uploading the Hessian"))?;
+        self.run(dev, &up, n, cfg)
     }
-}
-
-/// The buffers for size `n`, (re)allocated when the size changes.
-fn buffers<'b>(bufs: &'b mut Option<PreStepBuffers>, dev: &GpuDevice, n: usize) -> Result<&'b mut PreStepBuffers> {
-    if !bufs.as_ref().is_some_and(|b| b.n == n) {
-        *bufs = None; // free the old size first
-        let s = dev.stream();
-        let alloc = || ForgeError::driver("allocating pre-step buffers");
-        *bufs = Some(PreStepBuffers {
-            n,
-            a: s.alloc_zeros::<f64>(n * n).map_err(alloc())?,
-            u: s.alloc_zeros::<f32>(n * n).map_err(alloc())?,
-            h_upload: None,
-            diag: s.alloc_zeros::<f32>(n).map_err(alloc())?,
-            order: s.alloc_zeros::<u32>(n).map_err(alloc())?,
-            first_bad: s.alloc_zeros::<u64>(1).map_err(alloc())?,
-        });
-    }
-    bufs.as_mut().ok_or_else(|| ForgeError::Internal("pre-step buffers missing after sizing".into()))
-}
-
-/// The pre-step proper, on a sized buffer set.
-fn run_prestep(
-    dev: &GpuDevice,
-    solver: &mut DenseSolver,
-    b: &mut PreStepBuffers,
-    h: &CudaSlice<f32>,
-    n: usize,
-    cfg: &PreStepConfig,
-) -> Result<PreStep> {
-    let stream = dev.stream().clone();
-    // diag(H) to the host: the plan needs only it (the f64 symmetrisation's diagonal is the
-    // f32 diagonal exactly).
-    let args = DiagArgs { h: h.dev_ptr(), cols: n as u32, out: b.diag.dev_ptr_mut() };
-    // SAFETY: h holds n² f32, diag n.
-    unsafe { dev.launch::<HessianDiag>(ew_config(dev, n)?, &args) }?;
-    let diag32 = stream.clone_dtoh(&b.diag).map_err(ForgeError::driver("downloading diag(H)"))?;
-    let plan = PreStepPlan::new(diag32.iter().map(|&d| f64::from(d)).collect(), cfg)?;
-    let order: Vec<u32> = plan.order(n).iter().map(|&j| j as u32).collect();
-    stream.memcpy_htod(&order, &mut b.order).map_err(ForgeError::driver("uploading the column order"))?;
-
-    let (ok, damping, retries) = plan.factor_with_retries(|damping, attempt| {
-        Ok(factor_attempt(dev, solver, b, h, n, damping, attempt == 0)?.then_some(()))
-    })?;
-    let hinv_factor = if ok.is_some() {
-        let u = stream.clone_dtoh(&b.u).map_err(ForgeError::driver("downloading the factor"))?;
-        Array2::from_shape_vec((n, n), u).map_err(|e| ForgeError::Internal(e.to_string()))?
-    } else {
-        Array2::eye(n)
-    };
-    Ok(PreStep {
-        hinv_factor,
-        perm: plan.perm,
-        dead_columns: plan.dead_columns,
-        damping_used: damping as f32,
-        retries,
-        fallback_identity: ok.is_none(),
-    })
-}
-
-/// One factorisation with `damping`: gather, potrf, trtri, extract. `Ok(false)` when the
-/// matrix is not positive definite or `U` does not fit f32 with a positive diagonal (retry);
-/// errors for a non-finite `H` (checked on the first attempt) and for cuSOLVER failures.
-fn factor_attempt(
-    dev: &GpuDevice,
-    solver: &mut DenseSolver,
-    b: &mut PreStepBuffers,
-    h: &CudaSlice<f32>,
-    n: usize,
-    damping: f64,
-    check_h: bool,
-) -> Result<bool> {
-    let stream = dev.stream().clone();
-    let ew = ew_config(dev, n * n)?;
-    stream.memset_zeros(&mut b.first_bad).map_err(ForgeError::driver("resetting the NaN flag"))?;
-    let args = GatherArgs {
-        h: h.dev_ptr(),
-        cols: n as u32,
-        order: b.order.dev_ptr(),
-        damping,
-        a: b.a.dev_ptr_mut(),
-        first_bad: b.first_bad.dev_ptr_mut(),
-    };
-    // SAFETY: h n² f32, order a permutation of 0..n, a n² f64.
-    unsafe { dev.launch::<PrestepGather>(ew, &args) }?;
-    if check_h {
-        let flag = stream.clone_dtoh(&b.first_bad).map_err(ForgeError::driver("reading the NaN flag"))?;
-        if let Some(&f) = flag.first().filter(|&&f| f != 0) {
-            let idx = !f as usize;
-            let value = stream
-                .clone_dtoh(&h.slice(idx..idx + 1))
-                .map_err(ForgeError::driver("reading a Hessian element"))?
-                .first()
-                .copied()
-                .unwrap_or(f32::NAN);
-            return Err(ForgeError::NonFinite { tensor: "hessian", row: idx / n, col: idx % n, value });
-        }
-    }
-    if !solver.potrf_upper(&mut b.a, n)? {
-        return Ok(false); // a leading minor is not positive definite
-    }
-    if !solver.trtri_upper(&mut b.a, n)? {
-        return Ok(false); // a zero pivot: cannot follow a successful potrf, but never trust it
-    }
-    stream.memset_zeros(&mut b.first_bad).map_err(ForgeError::driver("resetting the NaN flag"))?;
-    let args =
-        ExtractArgs { a: b.a.dev_ptr(), cols: n as u32, u: b.u.dev_ptr_mut(), first_bad: b.first_bad.dev_ptr_mut() };
-    // SAFETY: a n² f64, u n² f32.
-    unsafe { dev.launch::<PrestepExtract>(ew, &args) }?;
-    let flag = stream.clone_dtoh(&b.first_bad).map_err(ForgeError::driver("reading the factor check"))?;
-    Ok(flag.first().is_none_or(|&f| f == 0))
 }
 
 /// The pre-step of a device Hessian with a one-off [`GpuPreStepper`].

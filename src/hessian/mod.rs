@@ -7,7 +7,7 @@
 //! and returned as f32.
 
 mod cpu;
-mod cuda;
+pub(crate) mod cuda;
 
 pub use cpu::pre_step_cpu;
 pub use cuda::{pre_step_gpu, DeviceActivations, GpuHessian, GpuPreStepper, MAX_CHUNK_TOKENS, MAX_HESSIAN_COLS};

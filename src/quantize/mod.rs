@@ -2,18 +2,22 @@
 //! ([`GridConfig`]) and a [`Backend`]; `build_quant_grid`, `solve` and `quantize_from_hinv`
 //! run on either. [`quantize_from_hinv`](Quantizer::quantize_from_hinv) is the one
 //! orchestration path of grid + factor + solve: on the CPU the references ([`cpu`]), on the
-//! device [`cuda::grid_and_solve`] (weight uploaded once, grid records never leave the
-//! device), which the calibration layer and the example use too.
+//! device the per-device [`QuantEngine`] (weight uploaded once in its stored dtype, pre-step,
+//! grid and solve on the device, only codes, qmeta and loss back), which the calibration layer
+//! and the example use too.
 
 pub(crate) mod cpu;
-pub(crate) mod cuda;
+mod engine;
 pub mod output;
 
-pub use cuda::WorkspaceCache;
+pub use engine::{
+    with_engine, EngineStats, HessianInput, LayerJob, LayerOutcome, LayerTimings, PreStepSummary, QuantEngine,
+    QuantizedWeight, Ticket,
+};
 
 use crate::device::GpuDevice;
 use crate::grid::{self, GridConfig, QuantGrid};
-use crate::solver::{self, DeviceFactor, SolveOutput};
+use crate::solver::{self, SolveOutput};
 use crate::{Result, WeightView};
 use ndarray::{Array2, ArrayView2};
 use std::sync::Arc;
@@ -96,11 +100,17 @@ impl Quantizer {
         match &self.backend {
             Backend::Cpu => cpu::grid_and_solve(&self.config, weight, hinv_factor, perm),
             Backend::Gpu(dev) => {
-                let w32 = widen(weight)?;
-                // The weight is checked by the grid kernel; the factor before any device work.
-                solver::validate_factor(hinv_factor, cols, perm)?;
-                let factor = DeviceFactor::upload(dev, hinv_factor, perm)?;
-                cuda::grid_and_solve(dev, &self.config, w32.view(), &factor, &mut WorkspaceCache::default())
+                // The device engine: the weight uploaded once in its stored dtype (checked by
+                // the grid kernel), the factor checked on the host before any device work.
+                let u = hinv_factor.view();
+                let mut job = LayerJob::new(weight.reborrow(), HessianInput::Factor { u, perm }, &self.config);
+                job.want_dequant = true;
+                let mut out = with_engine(dev, |e| e.quantize(&job))?;
+                let w =
+                    out.weights.pop().ok_or_else(|| crate::ForgeError::Internal("engine returned no weight".into()))?;
+                let dequant = w.dequant.ok_or_else(|| crate::ForgeError::Internal("dequant not downloaded".into()))?;
+                let _ = cols;
+                Ok((w.grid, SolveOutput { qweight: w.codes, dequant, loss: w.loss }))
             }
         }
     }

@@ -11,7 +11,11 @@ mod cpu;
 mod cuda;
 
 pub use cpu::{layer_output_error, round_to_nearest, solve_cpu};
-pub use cuda::{launch_solve, solve_gpu, DeviceFactor, DeviceSolveOutput, SolveWorkspace};
+pub use cuda::{
+    launch_solve, launch_solve_into, padded, solve_gpu, DeviceFactor, DeviceSolveOutput, FactorRef, SolveOutputs,
+    SolveWorkspace,
+};
+pub(crate) use cuda::{padded_factor, padded_perm};
 
 use crate::{ForgeError, QuantGrid, Result};
 use ndarray::{Array1, Array2, ArrayView2};

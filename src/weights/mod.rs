@@ -71,6 +71,16 @@ impl<'a> WeightView<'a> {
         }
     }
 
+    /// The same view with a shorter lifetime.
+    pub fn reborrow(&self) -> WeightView<'_> {
+        match self {
+            WeightView::F32(a) => WeightView::F32(a.view()),
+            WeightView::F16(a) => WeightView::F16(a.view()),
+            WeightView::BF16(a) => WeightView::BF16(a.view()),
+            WeightView::Fp8E4M3(a) => WeightView::Fp8E4M3(a.view()),
+        }
+    }
+
     /// The element type.
     pub fn dtype(&self) -> WeightDtype {
         match self {

@@ -72,6 +72,46 @@ crate::kernel_args! {
         pub damping: f64,
         /// Work matrix.
         pub a: forge_kernel_abi::DevPtrMut<f64>,
+        /// Set to the `cols × cols` identity: the right-hand side the triangular solve turns
+        /// into the inverse factor.
+        pub inv: forge_kernel_abi::DevPtrMut<f64>,
+        /// Non-finite report.
+        pub first_bad: forge_kernel_abi::DevPtrMut<u64>,
+    }
+}
+
+crate::kernel_args! {
+    /// `prestep_identity`: `u = I` (`cols_p × cols_p` f32), the factor of a layer without
+    /// calibration data or whose every factorisation failed (round-to-nearest). Grid-stride.
+    /// Safety: `u` holds `cols_p²` f32.
+    pub struct IdentityArgs in hessian => identity_kernel {
+        /// The factor.
+        pub u: forge_kernel_abi::DevPtrMut<f32>,
+        /// Side.
+        pub cols_p: u32,
+    }
+}
+
+crate::kernel_args! {
+    /// `hessian_blend_sym`: `out = beta·H + alpha·S` where only `S`'s upper triangle is read
+    /// and mirrored (a GEMM's `XᵀX` is symmetric only up to rounding; the result is exactly
+    /// symmetric), every `S` entry read checked for NaN/inf (`first_bad` ← `!index` of the
+    /// smallest). Out of place, so a failed check leaves `H` as it was. Blocks of 32×8 threads own a 32×32 tile pair `(bi, bj)`, `bi ≤ bj`, grid
+    /// `(⌈cols/32⌉, ⌈cols/32⌉)`, [`BLEND_SYM_SHARED_BYTES`] of dynamic shared memory. Safety: `h`, `s`,
+    /// `out` hold `cols²` f32 (`out` distinct from both), `first_bad` one u64.
+    pub struct BlendSymArgs in hessian => blend_sym_kernel {
+        /// Running Hessian.
+        pub h: forge_kernel_abi::DevPtr<f32>,
+        /// The blended Hessian.
+        pub out: forge_kernel_abi::DevPtrMut<f32>,
+        /// This chunk's `XᵀX` (upper triangle read).
+        pub s: forge_kernel_abi::DevPtr<f32>,
+        /// Side.
+        pub cols: u32,
+        /// `2/(n+m)`.
+        pub alpha: f32,
+        /// `n/(n+m)`.
+        pub beta: f32,
         /// Non-finite report.
         pub first_bad: forge_kernel_abi::DevPtrMut<u64>,
     }
@@ -79,19 +119,46 @@ crate::kernel_args! {
 
 crate::kernel_args! {
     /// `prestep_extract`: `U` (f32, row-major, upper) read out of the inverted factor with
-    /// [`prestep_factor_source`]; a non-finite entry or a diagonal `≤ 0` is reported. Safety:
-    /// `a` `cols²` f64, `u` `cols²` f32, `first_bad` one u64.
+    /// [`prestep_factor_source`], written into a `cols_p × cols_p` layout whose padding is the
+    /// identity (the solver's layout, `cols_p ≥ cols`); a non-finite entry or a diagonal `≤ 0`
+    /// is reported. Safety: `a` `cols²` f64, `u` `cols_p²` f32, `first_bad` one u64.
     pub struct ExtractArgs in hessian => extract_kernel {
         /// `R⁻¹`, column-major f64.
         pub a: forge_kernel_abi::DevPtr<f64>,
         /// Side.
         pub cols: u32,
+        /// Side of the padded output.
+        pub cols_p: u32,
         /// The factor.
         pub u: forge_kernel_abi::DevPtrMut<f32>,
         /// Bad-entry report.
         pub first_bad: forge_kernel_abi::DevPtrMut<u64>,
     }
 }
+
+crate::kernel_args! {
+    /// `prestep_zero_columns`: zeroes columns `dead[0..n_dead]` of a `rows × cols` weight of
+    /// `elem_bytes`-byte elements (zero bits are +0 in every supported dtype): the dead inputs
+    /// of the pre-step. One thread per (row, dead column), grid-stride. Safety: `w` holds
+    /// `rows·cols·elem_bytes` bytes, `dead` `n_dead` column indices `< cols`.
+    pub struct ZeroColumnsArgs in hessian => zero_columns_kernel {
+        /// Weight bytes.
+        pub w: forge_kernel_abi::DevPtrMut<u8>,
+        /// Rows.
+        pub rows: u32,
+        /// Columns.
+        pub cols: u32,
+        /// Bytes per element (1, 2 or 4).
+        pub elem_bytes: u32,
+        /// Columns to zero.
+        pub dead: forge_kernel_abi::DevPtr<u32>,
+        /// How many.
+        pub n_dead: u32,
+    }
+}
+
+/// Dynamic shared memory of a `hessian_blend_sym` block: one 32×33 f32 tile.
+pub const BLEND_SYM_SHARED_BYTES: u32 = 32 * 33 * 4;
 
 /// Shared-memory layout of one `hessian_xtx_*` block: the two `[KCHUNK][TILE]` f32 panels
 /// `X[t0.., i0..i0+64]` and `X[t0.., j0..j0+64]`.

@@ -55,6 +55,24 @@ pub struct DevPtrMut<T> {
     _elem: PhantomData<*mut T>,
 }
 
+impl<T> core::fmt::Debug for DevPtr<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        #[cfg(not(target_arch = "nvptx64"))]
+        return write!(f, "DevPtr({:#x})", self.addr);
+        #[cfg(target_arch = "nvptx64")]
+        return write!(f, "DevPtr");
+    }
+}
+
+impl<T> core::fmt::Debug for DevPtrMut<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        #[cfg(not(target_arch = "nvptx64"))]
+        return write!(f, "DevPtrMut({:#x})", self.addr);
+        #[cfg(target_arch = "nvptx64")]
+        return write!(f, "DevPtrMut");
+    }
+}
+
 // Manual impls: derives would require `T: Copy`.
 impl<T> Clone for DevPtr<T> {
     fn clone(&self) -> Self {
@@ -102,6 +120,11 @@ impl<T> DevPtrMut<T> {
     /// The same address written as elements of another type.
     pub const fn cast<U>(self) -> DevPtrMut<U> {
         DevPtrMut::from_addr(self.addr)
+    }
+
+    /// The same address, read-only.
+    pub const fn as_const(self) -> DevPtr<T> {
+        DevPtr::from_addr(self.addr)
     }
 }
 
@@ -374,9 +397,15 @@ kernels! {
     HessianDiag = "hessian_diag" (hessian::DiagArgs);
     PrestepGather = "prestep_gather" (hessian::GatherArgs);
     PrestepExtract = "prestep_extract" (hessian::ExtractArgs);
+    PrestepZeroColumns = "prestep_zero_columns" (hessian::ZeroColumnsArgs);
+    PrestepIdentity = "prestep_identity" (hessian::IdentityArgs);
+    HessianBlendSym = "hessian_blend_sym" (hessian::BlendSymArgs);
     // solver (docs/kernels.md §4)
     GptqExpandMeta = "gptq_expand_meta" (solver::ExpandMetaArgs);
-    GptqPermuteWeight = "gptq_permute_weight" (solver::PermuteArgs);
+    GptqPermuteWeightF32 = "gptq_permute_weight_f32" (solver::PermuteArgs);
+    GptqPermuteWeightF16 = "gptq_permute_weight_f16" (solver::PermuteArgs);
+    GptqPermuteWeightBf16 = "gptq_permute_weight_bf16" (solver::PermuteArgs);
+    GptqPermuteWeightFp8 = "gptq_permute_weight_fp8" (solver::PermuteArgs);
     // Both panels run two blocks per SM (their shared memory is sized for it), so their
     // registers are capped to fit.
     GptqPanelR16 = "gptq_panel_r16" (solver::PanelArgs) bounds(solver::SOLVER_THREADS, 2);

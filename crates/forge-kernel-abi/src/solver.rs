@@ -38,12 +38,13 @@ crate::kernel_args! {
 }
 
 crate::kernel_args! {
-    /// `gptq_permute_weight`: `w_work[r, t] = w[r, perm[t]]`, zero in the padding. Grid
-    /// `(⌈cols_p/256⌉, ≤ rows_p)`, 256 threads. Safety: `w` `rows·cols` f32, `perm` `cols_p`
-    /// entries, `w_work` `rows_p·cols_p` f32.
+    /// `gptq_permute_weight_*`: `w_work[r, t] = f32(w[r, perm[t]])`, zero in the padding
+    /// (the weight's own dtype widened exactly, so a bf16 weight needs no separate widening
+    /// pass). Grid `(⌈cols_p/256⌉, ≤ rows_p)`, 256 threads. Safety: `w` `rows·cols` elements
+    /// of the kernel's dtype, `perm` `cols_p` entries, `w_work` `rows_p·cols_p` f32.
     pub struct PermuteArgs in solver => permute_kernel {
-        /// Weight, original order.
-        pub w: forge_kernel_abi::DevPtr<f32>,
+        /// Weight bytes, original order.
+        pub w: forge_kernel_abi::DevPtr<u8>,
         /// Column order.
         pub perm: forge_kernel_abi::DevPtr<u32>,
         /// Rows.

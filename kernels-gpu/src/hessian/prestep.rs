@@ -1,32 +1,59 @@
 //! The GPU pre-step's element-wise passes around cuSOLVER (docs/design.md §5).
 //!
-//! * `prestep_gather`: the f64 matrix cuSOLVER factors: `A[r][c] = (H[o_r, o_c] + H[o_c, o_r])/2`
+//! * `prestep_identity`: `U = I` in the padded layout (no calibration data, or every
+//!   factorisation failed).
+//! * `prestep_gather`: the f64 matrix cuSOLVER factors (and the identity the triangular solve
+//!   inverts against): `A[r][c] = (H[o_r, o_c] + H[o_c, o_r])/2`
 //!   with `o_r = order[n−1−r]` (act-order, reversed), a zero diagonal replaced by 1 (dead
 //!   input), then `+ damping` on the diagonal: the CPU pre-step's `reversed` matrix, value for
 //!   value. Non-finite `H` entries are reported in `first_bad`.
 //! * `prestep_extract`: `U[i][j] = f32(A[prestep_factor_source(n, i, j)])` for `i ≤ j`,
-//!   0 below; a non-finite value or a diagonal that is not `> 0` is reported in `first_bad`.
+//!   0 below, into the solver's `cols_p × cols_p` layout with an identity in the padding; a
+//!   non-finite value or a diagonal that is not `> 0` is reported in `first_bad`.
+//! * `prestep_zero_columns`: the dead inputs' weight columns set to +0 on the device.
 //!
 //! Thread mapping: one thread per element of the `n × n` matrix, grid-stride (any 1-D grid).
 //!
 //! # Safety (upheld by the host launcher)
 //! `prestep_gather`: `h` `cols²` f32, `order` a permutation of `0..cols`, `a` `cols²` f64,
-//! `first_bad` one u64. `prestep_extract`: `a` `cols²` f64, `u` `cols²` f32, `first_bad` one u64.
+//! `first_bad` one u64. `prestep_extract`: `a` `cols²` f64, `u` `cols_p²` f32, `first_bad` one
+//! u64. `prestep_zero_columns`: as its argument struct says.
 
 use super::xtx::stride;
 use crate::device::{global_x, note_if_non_finite};
-use forge_kernel_abi::hessian::{prestep_factor_source, ExtractArgs, GatherArgs};
+use forge_kernel_abi::hessian::{prestep_factor_source, ExtractArgs, GatherArgs, ZeroColumnsArgs};
 
 forge_kernel_abi::gather_kernel! {
     /// The damped, dead-fixed, act-order-reversed f64 matrix of the pre-step; see the module docs.
     PrestepGather => fn prestep_gather(args) {
-        let GatherArgs { h, cols, order, damping, a, first_bad } = args;
-        gather(h.ptr(), cols, order.ptr(), damping, a.ptr(), first_bad.ptr())
+        let GatherArgs { h, cols, order, damping, a, inv, first_bad } = args;
+        gather(h.ptr(), cols, order.ptr(), damping, a.ptr(), inv.ptr(), first_bad.ptr())
+    }
+}
+
+forge_kernel_abi::identity_kernel! {
+    /// `u = I`; see the module docs.
+    PrestepIdentity => fn prestep_identity(args) {
+        let (u, np) = (args.u.ptr(), args.cols_p as usize);
+        let total = np * np;
+        let mut idx = global_x() as usize;
+        while idx < total {
+            *u.add(idx) = if idx % (np + 1) == 0 { 1.0 } else { 0.0 };
+            idx += stride();
+        }
     }
 }
 
 #[inline(always)]
-unsafe fn gather(h: *const f32, cols: u32, order: *const u32, damping: f64, a: *mut f64, first_bad: *mut u64) {
+unsafe fn gather(
+    h: *const f32,
+    cols: u32,
+    order: *const u32,
+    damping: f64,
+    a: *mut f64,
+    inv: *mut f64,
+    first_bad: *mut u64,
+) {
     let n = cols as usize;
     if n == 0 {
         return; // also proves the divisions below are by a non-zero n
@@ -48,6 +75,7 @@ unsafe fn gather(h: *const f32, cols: u32, order: *const u32, damping: f64, a: *
             v += damping;
         }
         *a.add(idx) = v;
+        *inv.add(idx) = if r == c { 1.0 } else { 0.0 };
         idx += stride();
     }
 }
@@ -55,29 +83,57 @@ unsafe fn gather(h: *const f32, cols: u32, order: *const u32, damping: f64, a: *
 forge_kernel_abi::extract_kernel! {
     /// `U` (row-major f32, zero below the diagonal) from the inverted factor; see the module docs.
     PrestepExtract => fn prestep_extract(args) {
-        let ExtractArgs { a, cols, u, first_bad } = args;
-        extract(a.ptr(), cols, u.ptr(), first_bad.ptr())
+        let ExtractArgs { a, cols, cols_p, u, first_bad } = args;
+        extract(a.ptr(), cols, cols_p, u.ptr(), first_bad.ptr())
     }
 }
 
 #[inline(always)]
-unsafe fn extract(a: *const f64, cols: u32, u: *mut f32, first_bad: *mut u64) {
-    let n = cols as usize;
-    if n == 0 {
-        return; // also proves the divisions below are by a non-zero n
+unsafe fn extract(a: *const f64, cols: u32, cols_p: u32, u: *mut f32, first_bad: *mut u64) {
+    let (n, np) = (cols as usize, cols_p as usize);
+    if np == 0 {
+        return; // also proves the divisions below are by a non-zero np
     }
-    let total = n * n;
+    let total = np * np;
     let mut idx = global_x() as usize;
     while idx < total {
-        let (i, j) = (idx / n, idx % n);
+        let (i, j) = (idx / np, idx % np);
         let mut v = 0f32;
-        if j >= i {
-            v = *a.add(prestep_factor_source(n, i, j)) as f32;
-            if !v.is_finite() || (i == j && v <= 0.0) {
-                crate::device::atomic_max_u64_global(first_bad, !(idx as u64));
+        if i < n && j < n {
+            if j >= i {
+                v = *a.add(prestep_factor_source(n, i, j)) as f32;
+                if !v.is_finite() || (i == j && v <= 0.0) {
+                    // Reported as an index of the unpadded n × n factor.
+                    crate::device::atomic_max_u64_global(first_bad, !((i * n + j) as u64));
+                }
             }
+        } else if i == j {
+            v = 1.0; // padded columns never touch real ones
         }
         *u.add(idx) = v;
         idx += stride();
+    }
+}
+
+forge_kernel_abi::zero_columns_kernel! {
+    /// Dead input columns of the weight set to +0; see the module docs.
+    PrestepZeroColumns => fn prestep_zero_columns(args) {
+        let ZeroColumnsArgs { w, rows, cols, elem_bytes, dead, n_dead } = args;
+        let (w, dead) = (w.ptr(), dead.ptr());
+        let total = rows as usize * n_dead as usize;
+        let mut idx = global_x() as usize;
+        while idx < total {
+            let (r, k) = (idx / n_dead.max(1) as usize, idx % n_dead.max(1) as usize);
+            let col = *dead.add(k);
+            if col < cols {
+                let at = (r * cols as usize + col as usize) * elem_bytes as usize;
+                let mut b = 0;
+                while b < elem_bytes as usize {
+                    *w.add(at + b) = 0;
+                    b += 1;
+                }
+            }
+            idx += stride();
+        }
     }
 }

@@ -26,12 +26,12 @@
 
 use crate::device::{
     block_dim_x, block_x, block_y, global_x, grid_dim_x, ld_shared_f32x4, note_if_non_finite, shared_window_base,
-    st_shared_f32x4, sync_threads, thread_x, Elem,
+    st_shared_f32x4, sync_threads, thread_x, thread_y, Elem, Smem,
 };
 use core::f32::math::mul_add as fma;
 use forge_kernel_abi::elem::{Bf16Bits, F16Bits};
 use forge_kernel_abi::hessian::{
-    BlendArgs, DiagArgs, HessianSharedLayout, XtxArgs, HESSIAN_KCHUNK as KC, HESSIAN_TILE as TILE,
+    BlendArgs, BlendSymArgs, DiagArgs, HessianSharedLayout, XtxArgs, HESSIAN_KCHUNK as KC, HESSIAN_TILE as TILE,
 };
 
 /// Repeats `$body` with `$i` bound to the literals 0..4, so register arrays indexed by `$i`
@@ -187,6 +187,55 @@ forge_kernel_abi::diag_kernel! {
         while i < cols as usize {
             *out.ptr().add(i) = *h.ptr().add(i * cols as usize + i);
             i += stride();
+        }
+    }
+}
+
+forge_kernel_abi::blend_sym_kernel! {
+    /// `H ← β·H + α·sym(S)` from `S`'s upper triangle, checked; see `BlendSymArgs`. Thread
+    /// `(tx, ty)` of a 32×8 block handles rows `ty, ty+8, ty+16, ty+24` × column `tx` of the
+    /// tile pair `(bi, bj)`, `bi ≤ bj`: the upper tile reads `S` row-wise (coalesced), the
+    /// mirrored tile is written from the transposed shared tile.
+    HessianBlendSym => fn hessian_blend_sym(args) {
+        let BlendSymArgs { h, out, s, cols, alpha, beta, first_bad } = args;
+        let (h, out, s, first_bad) = (h.ptr(), out.ptr(), s.ptr(), first_bad.ptr());
+        let (bi, bj) = (block_y(), block_x());
+        let (tx, ty) = (thread_x(), thread_y());
+        if bi <= bj {
+            let n = cols as usize;
+            // The 32×33 tile in dynamic shared memory (padded rows: transposed reads hit
+            // distinct banks).
+            let tile = |r: usize, c: usize| Smem::<f32>::at_byte(shared_window_base()).at((r * 33 + c) as u32);
+            let (r0, c0) = (bi * 32, bj * 32);
+            let mut k = 0;
+            while k < 4 {
+                let (li, lj) = (ty + 8 * k, tx);
+                let (i, j) = ((r0 + li) as usize, (c0 + lj) as usize);
+                let mut v = 0f32;
+                if i < n && j < n && i <= j {
+                    v = *s.add(i * n + j);
+                    note_if_non_finite(v, (i * n + j) as u64, first_bad);
+                }
+                tile(li as usize, lj as usize).st(v);
+                k += 1;
+            }
+            crate::device::sync_threads();
+            let mut k = 0;
+            while k < 4 {
+                let (li, lj) = ((ty + 8 * k) as usize, tx as usize);
+                // Upper tile (bi, bj): on the diagonal tile, entries below it come mirrored.
+                let (i, j) = (r0 as usize + li, c0 as usize + lj);
+                if i < n && j < n {
+                    let v = if bi != bj || li <= lj { tile(li, lj).ld() } else { tile(lj, li).ld() };
+                    *out.add(i * n + j) = beta * *h.add(i * n + j) + alpha * v;
+                }
+                // Mirrored tile (bj, bi): row c0 + li, column r0 + lj holds S[r0 + lj][c0 + li].
+                let (i, j) = (c0 as usize + li, r0 as usize + lj);
+                if bi != bj && i < n && j < n {
+                    *out.add(i * n + j) = beta * *h.add(i * n + j) + alpha * tile(lj, li).ld();
+                }
+                k += 1;
+            }
         }
     }
 }

@@ -68,12 +68,9 @@ struct Workspace {
     n: usize,
     potrf_dev: CudaSlice<u8>,
     potrf_host: Vec<u8>,
-    trtri_dev: CudaSlice<u8>,
-    trtri_host: Vec<u8>,
-    info: CudaSlice<i32>,
 }
 
-/// A cuSOLVER dense handle on one stream with workspaces sized for the last matrix side
+/// A cuSOLVER dense handle on one stream with the workspace for the last matrix side
 /// (reused across calls of the same size).
 pub struct DenseSolver {
     handle: Handle,
@@ -100,69 +97,35 @@ impl DenseSolver {
         Ok(DenseSolver { handle, stream, work: None })
     }
 
-    /// Workspaces for side `n`, (re)made when the side changes.
-    fn workspace(&mut self, a: &mut CudaSlice<f64>, n: usize) -> Result<&mut Workspace> {
+    /// Enqueues the Cholesky factorisation `A = RᵀR` in place (upper `R`; `A` an `n × n` f64
+    /// matrix, column-major or symmetric) on the compute stream, without waiting: `info`
+    /// (a device i32) receives 0, or the first leading minor that is not positive definite.
+    /// The workspace is (re)made when `n` changes, through `dev`'s checked allocation.
+    ///
+    /// # Safety
+    /// `a` is the device address of a live `n × n` f64 matrix and `info` of a live i32, both
+    /// ready on the device's compute stream.
+    pub unsafe fn potrf_upper_async(&mut self, dev: &GpuDevice, a: u64, n: usize, info: u64) -> Result<()> {
+        if n == 0 {
+            return Err(ForgeError::Internal("potrf of an empty matrix".into()));
+        }
+        let (h, p) = (self.handle.handle, self.handle.params);
         if !self.work.as_ref().is_some_and(|w| w.n == n) {
             self.work = None; // free the old size first
-            let a_ptr = a.dev_ptr_mut().addr();
-            // SAFETY: size queries on a live handle with a valid n×n f64 matrix address.
-            let (pd, ph) =
-                unsafe { result::potrf_buffer_size(self.handle.handle, self.handle.params, n as i64, a_ptr) }?;
-            let (td, th) = unsafe { result::trtri_buffer_size(self.handle.handle, n as i64, a_ptr) }?;
-            let alloc = || ForgeError::driver("allocating cuSOLVER workspaces");
+            let (pd, ph) = result::potrf_buffer_size(h, p, n as i64, a)?;
             self.work = Some(Workspace {
                 n,
-                potrf_dev: self.stream.alloc_zeros::<u8>(pd.max(1)).map_err(alloc())?,
+                potrf_dev: dev.alloc::<u8>(pd.max(1), "cuSOLVER potrf workspace")?,
                 potrf_host: vec![0u8; ph.max(1)],
-                trtri_dev: self.stream.alloc_zeros::<u8>(td.max(1)).map_err(alloc())?,
-                trtri_host: vec![0u8; th.max(1)],
-                info: self.stream.alloc_zeros::<i32>(1).map_err(alloc())?,
             });
         }
-        self.work.as_mut().ok_or_else(|| ForgeError::Internal("cuSOLVER workspace missing after sizing".into()))
-    }
-
-    fn check_square(a: &CudaSlice<f64>, n: usize) -> Result<()> {
-        if n == 0 || a.len() != n * n {
-            return Err(ForgeError::Internal(format!("{} f64 on the device for a {n}×{n} matrix", a.len())));
-        }
-        Ok(())
-    }
-
-    /// Cholesky `A = RᵀR` in place (upper `R`; `A` column-major or symmetric). `Ok(false)`
-    /// when a leading minor is not positive definite. Waits for the result (reads `info`).
-    pub fn potrf_upper(&mut self, a: &mut CudaSlice<f64>, n: usize) -> Result<bool> {
-        Self::check_square(a, n)?;
-        let (h, p) = (self.handle.handle, self.handle.params);
-        let a_ptr = a.dev_ptr_mut().addr();
-        let w = self.workspace(a, n)?;
+        let w = self.work.as_mut().ok_or_else(|| ForgeError::Internal("cuSOLVER workspace missing".into()))?;
         let work = (w.potrf_dev.dev_ptr_mut().addr(), w.potrf_dev.len());
-        // SAFETY: `a` is n×n f64 on this stream; workspaces sized for n; info one i32.
-        unsafe { result::potrf(h, p, n as i64, a_ptr, work, &mut w.potrf_host, w.info.dev_ptr_mut().addr()) }?;
-        Ok(self.read_info("potrf")? == 0)
+        result::potrf(h, p, n as i64, a, work, &mut w.potrf_host, info)
     }
 
-    /// In-place inverse of the upper triangular `n × n` matrix `a` (column-major). `Ok(false)`
-    /// on a zero pivot.
-    pub fn trtri_upper(&mut self, a: &mut CudaSlice<f64>, n: usize) -> Result<bool> {
-        Self::check_square(a, n)?;
-        let h = self.handle.handle;
-        let a_ptr = a.dev_ptr_mut().addr();
-        let w = self.workspace(a, n)?;
-        let work = (w.trtri_dev.dev_ptr_mut().addr(), w.trtri_dev.len());
-        // SAFETY: as potrf_upper.
-        unsafe { result::trtri(h, n as i64, a_ptr, work, &mut w.trtri_host, w.info.dev_ptr_mut().addr()) }?;
-        Ok(self.read_info("trtri")? == 0)
-    }
-
-    /// cuSOLVER's `info` after a call; a negative value (a bad argument) is an internal error.
-    fn read_info(&self, op: &'static str) -> Result<i32> {
-        let w = self.work.as_ref().ok_or_else(|| ForgeError::Internal("cuSOLVER workspace missing".into()))?;
-        let info = self.stream.clone_dtoh(&w.info).map_err(ForgeError::driver("reading cuSOLVER info"))?;
-        let v = info.first().copied().unwrap_or(0);
-        if v < 0 {
-            return Err(ForgeError::Internal(format!("cuSOLVER {op} rejected argument {} (info {v})", -v)));
-        }
-        Ok(v)
+    /// The stream the handle runs on.
+    pub fn stream(&self) -> &std::sync::Arc<CudaStream> {
+        &self.stream
     }
 }

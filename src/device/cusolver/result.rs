@@ -1,6 +1,6 @@
 //! The `result` layer of our cuSOLVER wrapper (cudarc's own `cusolver::sys` is the raw FFI):
 //! thin `unsafe` calls of the 64-bit dense API that turn status codes into typed errors.
-//! cudarc's `cusolver::result` lacks `Xpotrf`/`Xtrtri`, which is why these exist.
+//! cudarc's `cusolver::result` lacks `Xpotrf`, which is why these exist.
 
 use crate::{ForgeError, Result};
 use cudarc::cusolver::sys as cs;
@@ -10,7 +10,7 @@ pub(super) const F64: cs::cudaDataType = cs::cudaDataType::CUDA_R_64F;
 
 /// Every cuSOLVER function this module calls: probed before the first call, since cudarc
 /// panics on a missing symbol.
-pub(super) const SYMBOLS: [&str; 9] = [
+pub(super) const SYMBOLS: [&str; 7] = [
     "cusolverDnCreate",
     "cusolverDnDestroy",
     "cusolverDnSetStream",
@@ -18,8 +18,6 @@ pub(super) const SYMBOLS: [&str; 9] = [
     "cusolverDnDestroyParams",
     "cusolverDnXpotrf_bufferSize",
     "cusolverDnXpotrf",
-    "cusolverDnXtrtri_bufferSize",
-    "cusolverDnXtrtri",
 ];
 
 pub(super) fn err(op: &'static str) -> impl FnOnce(cudarc::cusolver::result::CusolverError) -> ForgeError {
@@ -40,28 +38,6 @@ pub(super) unsafe fn potrf_buffer_size(
     cs::cusolverDnXpotrf_bufferSize(handle, params, UPPER, n, F64, a as *const _, n, F64, &mut dev, &mut host)
         .result()
         .map_err(err("sizing potrf"))?;
-    Ok((dev, host))
-}
-
-/// `(device bytes, host bytes)` of workspace `Xtrtri(UPPER, NON_UNIT)` needs.
-///
-/// # Safety
-/// As [`potrf_buffer_size`].
-pub(super) unsafe fn trtri_buffer_size(handle: cs::cusolverDnHandle_t, n: i64, a: u64) -> Result<(usize, usize)> {
-    let (mut dev, mut host) = (0usize, 0usize);
-    cs::cusolverDnXtrtri_bufferSize(
-        handle,
-        UPPER,
-        cs::cublasDiagType_t::CUBLAS_DIAG_NON_UNIT,
-        n,
-        F64,
-        a as *mut _,
-        n,
-        &mut dev,
-        &mut host,
-    )
-    .result()
-    .map_err(err("sizing trtri"))?;
     Ok((dev, host))
 }
 
@@ -98,34 +74,4 @@ pub(super) unsafe fn potrf(
     )
     .result()
     .map_err(err("running potrf"))
-}
-
-/// Enqueues the in-place inverse of an upper triangular `n × n` f64 matrix.
-///
-/// # Safety
-/// As [`potrf`], with [`trtri_buffer_size`]'s workspace sizes.
-pub(super) unsafe fn trtri(
-    handle: cs::cusolverDnHandle_t,
-    n: i64,
-    a: u64,
-    work_dev: (u64, usize),
-    work_host: &mut [u8],
-    info: u64,
-) -> Result<()> {
-    cs::cusolverDnXtrtri(
-        handle,
-        UPPER,
-        cs::cublasDiagType_t::CUBLAS_DIAG_NON_UNIT,
-        n,
-        F64,
-        a as *mut _,
-        n,
-        work_dev.0 as *mut _,
-        work_dev.1,
-        work_host.as_mut_ptr() as *mut _,
-        work_host.len(),
-        info as *mut _,
-    )
-    .result()
-    .map_err(err("running trtri"))
 }

@@ -1,0 +1,105 @@
+//! cuBLAS, loaded at run time (cudarc, dynamic loading) from the same place as cuSOLVER
+//! (see [`super::cusolver`]), in cudarc's layers: its `cublas::sys` FFI, our [`result`]
+//! calls, and the safe [`Blas`] handle bound to a stream.
+
+mod result;
+
+use super::GpuDevice;
+use crate::{ForgeError, Result};
+use cudarc::cublas::sys as cb;
+use cudarc::driver::CudaStream;
+use std::sync::Arc;
+
+/// `Ok` when cuBLAS loads and has every function this module calls.
+pub fn cublas_available() -> Result<()> {
+    let hint = "put the directory holding libcublas.so.* (and libcublasLt) on LD_LIBRARY_PATH, e.g. \
+                <venv>/lib/python3.12/site-packages/nvidia/cu13/lib or /usr/local/cuda/lib64";
+    // SAFETY: only tries to dlopen the library under its usual names.
+    if !unsafe { cb::is_culib_present() } {
+        return Err(ForgeError::MissingLibrary {
+            library: "cuBLAS",
+            reason: format!("libcublas could not be loaded; {hint}"),
+        });
+    }
+    // SAFETY: present (checked above); symbols are only looked up.
+    let lib = unsafe { cb::culib() };
+    for sym in result::SYMBOLS {
+        // SAFETY: a lookup; the fn-pointer type is never called through.
+        if unsafe { lib.get::<unsafe extern "C" fn()>(sym.as_bytes()) }.is_err() {
+            return Err(ForgeError::MissingLibrary {
+                library: "cuBLAS",
+                reason: format!("the loaded libcublas lacks {sym}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Element types of a matrix cuBLAS multiplies here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlasInput {
+    /// f32.
+    F32,
+    /// f16 (tensor cores, f32 accumulation).
+    F16,
+    /// bf16 (tensor cores, f32 accumulation).
+    BF16,
+}
+
+/// A cuBLAS handle on one stream (destroyed on drop).
+pub struct Blas {
+    handle: cb::cublasHandle_t,
+    _stream: Arc<CudaStream>,
+}
+
+// SAFETY: a cuBLAS handle may be used from any thread, one call at a time (&mut self).
+unsafe impl Send for Blas {}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // SAFETY: created by this struct, destroyed once.
+        unsafe {
+            let _ = cudarc::cublas::result::destroy_handle(self.handle);
+        }
+    }
+}
+
+impl Blas {
+    /// Loads cuBLAS and creates a handle on `stream` of `dev`.
+    pub fn new(dev: &GpuDevice, stream: &Arc<CudaStream>) -> Result<Self> {
+        cublas_available()?;
+        dev.context().bind_to_thread().map_err(ForgeError::driver("binding the context"))?;
+        let handle = cudarc::cublas::result::create_handle().map_err(result::err("creating a cuBLAS handle"))?;
+        let blas = Blas { handle, _stream: stream.clone() };
+        // SAFETY: a live handle and a live stream (kept alive by `_stream`).
+        unsafe { cudarc::cublas::result::set_stream(blas.handle, stream.cu_stream() as _) }
+            .map_err(result::err("setting the cuBLAS stream"))?;
+        Ok(blas)
+    }
+
+    /// `B ← R⁻¹ · B` in place: `R` upper triangular non-unit `m × m` (column-major, `lda`),
+    /// `B` `m × n` (`ldb`), f64.
+    ///
+    /// # Safety
+    /// `a` and `b` are device addresses of live buffers of those shapes, ready on the
+    /// handle's stream.
+    pub unsafe fn trsm_upper_left(&mut self, m: usize, n: usize, a: u64, lda: usize, b: u64, ldb: usize) -> Result<()> {
+        let c = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
+        result::trsm_left_upper(self.handle, c(m)?, c(n)?, 1.0, a, c(lda)?, b, c(ldb)?)
+    }
+
+    /// `C = A·Aᵀ` for `A` column-major `n × k` (a row-major `k × n` activation matrix `X`,
+    /// so `C = XᵀX`), f32 output `n × n`.
+    ///
+    /// # Safety
+    /// `a` holds `n·k` elements of `input`, `c` `n²` f32, both ready on the handle's stream.
+    pub unsafe fn gemm_aat(&mut self, input: BlasInput, n: usize, k: usize, a: u64, c: u64) -> Result<()> {
+        let cv = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
+        let t = match input {
+            BlasInput::F32 => cb::cudaDataType::CUDA_R_32F,
+            BlasInput::F16 => cb::cudaDataType::CUDA_R_16F,
+            BlasInput::BF16 => cb::cudaDataType::CUDA_R_16BF,
+        };
+        result::gemm_aat(self.handle, cv(n)?, cv(k)?, a, t, c)
+    }
+}

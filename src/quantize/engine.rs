@@ -1,0 +1,1022 @@
+//! [`QuantEngine`]: the persistent per-device engine that quantizes layers with everything
+//! from the Hessian to the codes on the device.
+//!
+//! It owns three streams (upload, the device's compute stream, download) linked by events,
+//! pinned staging buffers filled by several host threads, and two job slots of device buffers
+//! grown to the largest job seen, plus one solver workspace and the pre-step buffers: after
+//! the largest job has been seen, no job allocates device memory
+//! ([`EngineStats::device_allocations`]). A job is one Hessian and the weights that read its
+//! inputs (an MoE expert's gate and up projections: one factorisation, two solves). It goes
+//!
+//! ```text
+//! upload stream:   weight (stored dtype) and Hessian (or factor) → slot buffers  ─ event ─┐
+//! compute stream:  dead columns → grid → gather, potrf, trsm, extract (U, padded) → solve ◄┘ ─ event ─┐
+//! download stream: codes, qmeta, loss, status word (and the dequantized weight on request) ◄─────────┘
+//! ```
+//!
+//! so [`QuantEngine::submit`] of the next layer overlaps its upload with this layer's compute
+//! and download. The pre-step runs optimistically (first damping); the input checks of the
+//! grid, the gather, cuSOLVER and the factor extraction land in one status word read once per
+//! layer by [`QuantEngine::collect`], which only then retries a failed factorisation with more
+//! damping (docs/design.md §5) and re-solves. cuSOLVER/cuBLAS missing: the pre-step runs on
+//! the CPU (route [`PreStepRoute::Cpu`]) and the rest stays on the device.
+
+use crate::calib::PreStepRoute;
+use crate::device::{DeviceBuf, DeviceBuffer, DeviceBufferMut, GpuDevice};
+use crate::grid::{launch_grid_into, GridConfig, GridRef, QuantGrid, WeightRef};
+use crate::hessian::cuda::{enqueue_identity, enqueue_zero_columns, factor_checked, FactorStatus, FactorWork};
+use crate::hessian::{pre_step_cpu, GpuHessian, PreStepConfig, PreStepPlan};
+use crate::solver::{self, padded, DeviceFactor, FactorRef, SolveOutputs, SolveWorkspace};
+use crate::{ForgeError, Result, WeightDtype, WeightView};
+use cudarc::driver::sys::{CUevent_flags, CU_MEMHOSTALLOC_WRITECOMBINED};
+use cudarc::driver::{CudaEvent, CudaStream, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
+use forge_kernel_abi::DevPtrMut;
+use ndarray::{Array1, Array2, ArrayView2};
+use rayon::prelude::*;
+use std::sync::{Arc, Weak};
+
+/// Where a job's Hessian (or factor) comes from.
+#[derive(Clone, Copy)]
+pub enum HessianInput<'a> {
+    /// `H` on the host, `(cols, cols)` f32.
+    Host(ArrayView2<'a, f32>),
+    /// `H` on this engine's device (copied into the job's slot at submit).
+    Device(&'a GpuHessian),
+    /// A pre-step done elsewhere: `U` `(cols, cols)` (upper triangle read) and the act-order.
+    Factor {
+        /// `U`.
+        u: ArrayView2<'a, f32>,
+        /// Act-order column order.
+        perm: Option<&'a [usize]>,
+    },
+    /// A factor already on the device (from [`QuantEngine::prepare_factor`]) and what its
+    /// pre-step did: several jobs reuse one factorisation.
+    Prepared {
+        /// The padded factor and column order.
+        factor: &'a DeviceFactor,
+        /// Its pre-step's summary (dead columns are zeroed in the weights).
+        summary: &'a PreStepSummary,
+    },
+    /// No calibration data: `U = I` (round-to-nearest), flagged.
+    NoTokens,
+}
+
+/// One Hessian and the weights that read its inputs (same input columns).
+#[derive(Clone)]
+pub struct LayerJob<'a> {
+    /// The weights, `(out_features, in_features)` each, in their stored dtypes (uploaded as is).
+    pub weights: Vec<WeightView<'a>>,
+    /// Their Hessian or factor.
+    pub hessian: HessianInput<'a>,
+    /// Grid format and scale search.
+    pub grid: &'a GridConfig,
+    /// Pre-step settings (ignored for [`HessianInput::Factor`] and [`HessianInput::NoTokens`]).
+    pub pre_step: PreStepConfig,
+    /// Download the dequantized weights too (`rows·cols` f32 each; off by default).
+    pub want_dequant: bool,
+    /// Time the stages with device events ([`LayerOutcome::timings`]).
+    pub profile: bool,
+}
+
+impl<'a> LayerJob<'a> {
+    /// One weight with default pre-step settings, no dequantized weight, no profiling.
+    pub fn new(weight: WeightView<'a>, hessian: HessianInput<'a>, grid: &'a GridConfig) -> Self {
+        LayerJob {
+            weights: vec![weight],
+            hessian,
+            grid,
+            pre_step: PreStepConfig::default(),
+            want_dequant: false,
+            profile: false,
+        }
+    }
+}
+
+/// What the pre-step of a job did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreStepSummary {
+    /// Act-order column order, if used.
+    pub perm: Option<Vec<usize>>,
+    /// Inputs with `diag H == 0` (their weight columns were zeroed before the grid).
+    pub dead_columns: Vec<usize>,
+    /// Absolute damping of the attempt used (0 without a Hessian).
+    pub damping_used: f32,
+    /// Factorisations retried with more damping.
+    pub retries: u32,
+    /// Every factorisation failed: `U = I`, round-to-nearest.
+    pub fallback_identity: bool,
+    /// Where the pre-step ran.
+    pub route: PreStepRoute,
+}
+
+/// Device-event times of a job's stages, in ms (with [`LayerJob::profile`]; without retries).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LayerTimings {
+    /// Host → device copies (upload stream).
+    pub upload_ms: f32,
+    /// Dead columns and grid kernels.
+    pub grid_ms: f32,
+    /// Gather, potrf, trsm, extract.
+    pub pre_step_ms: f32,
+    /// The fused solves.
+    pub solve_ms: f32,
+    /// Device → host copies (download stream).
+    pub download_ms: f32,
+}
+
+impl LayerTimings {
+    /// Grid + pre-step + solve: the compute stream's busy time.
+    pub fn kernel_ms(&self) -> f32 {
+        self.grid_ms + self.pre_step_ms + self.solve_ms
+    }
+}
+
+/// One quantized weight.
+#[derive(Clone, Debug)]
+pub struct QuantizedWeight {
+    /// The qmeta4 grid.
+    pub grid: QuantGrid,
+    /// `(rows, cols)` codes, original column order.
+    pub codes: Array2<u8>,
+    /// GPTQ loss per row.
+    pub loss: Array1<f32>,
+    /// The dequantized weight, when asked for.
+    pub dequant: Option<Array2<f32>>,
+}
+
+/// A finished job: one result per weight, in order, and what the pre-step did.
+#[derive(Clone, Debug)]
+pub struct LayerOutcome {
+    /// The weights' results.
+    pub weights: Vec<QuantizedWeight>,
+    /// What the pre-step did.
+    pub pre_step: PreStepSummary,
+    /// Stage times, when profiled.
+    pub timings: Option<LayerTimings>,
+}
+
+/// Counters of an engine's life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Jobs collected.
+    pub jobs: u64,
+    /// Weights quantized.
+    pub weights: u64,
+    /// Device allocations the device has made so far (all users).
+    pub device_allocations: u64,
+    /// Bytes uploaded by the engine.
+    pub upload_bytes: u64,
+    /// Bytes downloaded by the engine.
+    pub download_bytes: u64,
+}
+
+/// A submitted job; pass it to [`QuantEngine::collect`].
+#[derive(Debug)]
+#[must_use = "a submitted job must be collected"]
+pub struct Ticket {
+    slot: usize,
+    seq: u64,
+}
+
+/// Page-locked host memory that grows to the largest size asked for.
+struct PinnedBuf<T> {
+    slice: Option<PinnedHostSlice<T>>,
+    flags: u32,
+}
+
+impl<T: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync> PinnedBuf<T> {
+    fn new(write_combined: bool) -> Self {
+        PinnedBuf { slice: None, flags: if write_combined { CU_MEMHOSTALLOC_WRITECOMBINED } else { 0 } }
+    }
+
+    /// The first `len` elements, growing first if needed. The caller guarantees no copy
+    /// still uses the buffer (the slot's events).
+    fn get(&mut self, dev: &GpuDevice, len: usize) -> Result<&mut [T]> {
+        if !self.slice.as_ref().is_some_and(|s| s.len() >= len) {
+            self.slice = None;
+            // SAFETY: page-locked allocation; the engine reads only elements a copy wrote.
+            let s = unsafe { dev.context().alloc_pinned_with_flags::<T>(len.max(1), self.flags) }
+                .map_err(ForgeError::driver("allocating pinned host memory"))?;
+            self.slice = Some(s);
+        }
+        let s = self.slice.as_mut().ok_or_else(|| ForgeError::Internal("pinned buffer missing".into()))?;
+        // The slice's own event is never recorded (the engine orders copies with the slots'
+        // events), so this does not wait.
+        let all = s.as_mut_slice().map_err(ForgeError::driver("mapping pinned host memory"))?;
+        all.get_mut(..len).ok_or_else(|| ForgeError::Internal("pinned buffer too small".into()))
+    }
+}
+
+/// Copies `src` into `dst` on several threads (one thread copies ~10 GB/s; staging a layer
+/// must not be the pipeline's bottleneck).
+fn parallel_copy<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
+    const CHUNK_BYTES: usize = 1 << 20;
+    let chunk = (CHUNK_BYTES / std::mem::size_of::<T>().max(1)).max(1);
+    dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+}
+
+/// Device-event marks of a profiled job.
+struct Profile {
+    up0: CudaEvent,
+    up1: CudaEvent,
+    c0: CudaEvent,
+    c_grid: CudaEvent,
+    c_pre: CudaEvent,
+    c_solve: CudaEvent,
+    d0: CudaEvent,
+    d1: CudaEvent,
+}
+
+/// One weight's buffers in a slot.
+struct WeightBufs {
+    weight: DeviceBuf<u8>,
+    qmeta: DeviceBuf<u32>,
+    codes: DeviceBuf<u8>,
+    dequant: DeviceBuf<f32>,
+    loss: DeviceBuf<f32>,
+    staged: PinnedBuf<u8>,
+    out_codes: PinnedBuf<u8>,
+    out_qmeta: PinnedBuf<u32>,
+    out_loss: PinnedBuf<f32>,
+    out_dequant: PinnedBuf<f32>,
+}
+
+impl WeightBufs {
+    fn new() -> Self {
+        WeightBufs {
+            weight: DeviceBuf::default(),
+            qmeta: DeviceBuf::default(),
+            codes: DeviceBuf::default(),
+            dequant: DeviceBuf::default(),
+            loss: DeviceBuf::default(),
+            staged: PinnedBuf::new(true),
+            out_codes: PinnedBuf::new(false),
+            out_qmeta: PinnedBuf::new(false),
+            out_loss: PinnedBuf::new(false),
+            out_dequant: PinnedBuf::new(false),
+        }
+    }
+}
+
+/// A job's shapes and settings, kept in its slot from submit to collect.
+struct Pending {
+    seq: u64,
+    rows: Vec<usize>,
+    dtypes: Vec<WeightDtype>,
+    cols: usize,
+    grid: GridConfig,
+    want_dequant: bool,
+    profile: bool,
+    /// The plan, when the factorisation runs on the device (for retries at collect).
+    plan: Option<PreStepPlan>,
+    summary: PreStepSummary,
+}
+
+impl Pending {
+    fn n_groups(&self) -> usize {
+        self.grid.n_groups(self.cols)
+    }
+    fn cols_p(&self) -> usize {
+        padded(self.cols)
+    }
+}
+
+/// Byte offsets in a slot's status word: `!index` of the first non-finite Hessian entry and
+/// factor entry, cuSOLVER's i32 `info`, then per weight `!index` of its first non-finite
+/// element.
+const ST_HESSIAN: u64 = 0;
+const ST_FACTOR: u64 = 8;
+const ST_INFO: u64 = 16;
+const ST_WEIGHTS: u64 = 24;
+
+/// One job's device buffers, pinned staging and events.
+struct Slot {
+    weights: Vec<WeightBufs>,
+    hessian: DeviceBuf<f32>,
+    u: DeviceBuf<f32>,
+    perm: DeviceBuf<u32>,
+    status: DeviceBuf<u64>,
+    staged_matrix: PinnedBuf<f32>,
+    out_status: PinnedBuf<u64>,
+    uploaded: CudaEvent,
+    computed: CudaEvent,
+    downloaded: CudaEvent,
+    profile: Profile,
+    pending: Option<Pending>,
+}
+
+impl Slot {
+    fn new(dev: &GpuDevice) -> Result<Self> {
+        let ctx = dev.context();
+        let ev = || ctx.new_event(None).map_err(ForgeError::driver("creating an event"));
+        let timed =
+            || ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(ForgeError::driver("creating an event"));
+        Ok(Slot {
+            weights: Vec::new(),
+            hessian: DeviceBuf::default(),
+            u: DeviceBuf::default(),
+            perm: DeviceBuf::default(),
+            status: DeviceBuf::default(),
+            staged_matrix: PinnedBuf::new(true),
+            out_status: PinnedBuf::new(false),
+            uploaded: ev()?,
+            computed: ev()?,
+            downloaded: ev()?,
+            profile: Profile {
+                up0: timed()?,
+                up1: timed()?,
+                c0: timed()?,
+                c_grid: timed()?,
+                c_pre: timed()?,
+                c_solve: timed()?,
+                d0: timed()?,
+                d1: timed()?,
+            },
+            pending: None,
+        })
+    }
+
+    /// The status word (`3 + weights` u64), its base address, and the pre-step's slots in it.
+    fn status(&mut self, dev: &GpuDevice, n_weights: usize) -> Result<(u64, FactorStatus)> {
+        let base = self.status.ensure(dev, 3 + n_weights, "status word")?.dev_ptr_mut().addr();
+        let st = FactorStatus {
+            hessian_bad: DevPtrMut::from_addr(base + ST_HESSIAN),
+            factor_bad: DevPtrMut::from_addr(base + ST_FACTOR),
+            info: base + ST_INFO,
+        };
+        Ok((base, st))
+    }
+}
+
+fn record(ev: &CudaEvent, s: &CudaStream) -> Result<()> {
+    ev.record(s).map_err(ForgeError::driver("recording an event"))
+}
+
+/// The persistent per-device engine (see the module docs).
+pub struct QuantEngine {
+    /// Weak: the device keeps its shared engine ([`with_engine`]); a strong reference back
+    /// would keep both alive forever.
+    dev: Weak<GpuDevice>,
+    upload: Arc<CudaStream>,
+    download: Arc<CudaStream>,
+    slots: [Slot; 2],
+    seq: u64,
+    ws: SolveWorkspace,
+    factor_work: FactorWork,
+    dead_list: DeviceBuf<u32>,
+    /// Host Hessians of [`QuantEngine::prepare_factor`] and its status word.
+    prep_hessian: DeviceBuf<f32>,
+    prep_status: DeviceBuf<u64>,
+    stats: EngineStats,
+    /// Why the pre-step cannot run on the device (cuSOLVER or cuBLAS missing).
+    no_device_pre_step: Option<String>,
+}
+
+impl QuantEngine {
+    /// An engine on `dev` (streams, events; buffers come with the first jobs).
+    pub fn new(dev: Arc<GpuDevice>) -> Result<Self> {
+        let ctx = dev.context();
+        let upload = ctx.new_stream().map_err(ForgeError::driver("creating the upload stream"))?;
+        let download = ctx.new_stream().map_err(ForgeError::driver("creating the download stream"))?;
+        let slots = [Slot::new(&dev)?, Slot::new(&dev)?];
+        let no_device_pre_step =
+            dev.with_dense_solver(|_| Ok(())).and_then(|()| dev.with_blas(|_| Ok(()))).err().map(|e| e.to_string());
+        Ok(QuantEngine {
+            dev: Arc::downgrade(&dev),
+            upload,
+            download,
+            slots,
+            seq: 0,
+            ws: SolveWorkspace::empty(),
+            factor_work: FactorWork::default(),
+            dead_list: DeviceBuf::default(),
+            prep_hessian: DeviceBuf::default(),
+            prep_status: DeviceBuf::default(),
+            stats: EngineStats::default(),
+            no_device_pre_step,
+        })
+    }
+
+    /// The device (an error once it has been dropped).
+    pub fn device(&self) -> Result<Arc<GpuDevice>> {
+        self.dev.upgrade().ok_or_else(|| ForgeError::Config("the engine's device was dropped".into()))
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> EngineStats {
+        let device_allocations = self.dev.upgrade().map_or(0, |d| d.allocation_count());
+        EngineStats { device_allocations, ..self.stats }
+    }
+
+    /// Why the pre-step runs on the CPU, if it does (cuSOLVER or cuBLAS could not be loaded).
+    pub fn cpu_pre_step_reason(&self) -> Option<&str> {
+        self.no_device_pre_step.as_deref()
+    }
+
+    /// Quantizes one job: [`QuantEngine::submit`] then [`QuantEngine::collect`].
+    pub fn quantize(&mut self, job: &LayerJob<'_>) -> Result<LayerOutcome> {
+        let t = self.submit(job)?;
+        self.collect(t)
+    }
+
+    /// Validates `job`, stages its inputs and enqueues upload, compute and download without
+    /// waiting for the device (except to read `diag H` of a device Hessian). At most two jobs
+    /// are in flight; collect them in submission order. On an error nothing of the job stays
+    /// queued and its slot is free again.
+    pub fn submit(&mut self, job: &LayerJob<'_>) -> Result<Ticket> {
+        let k = (self.seq % 2) as usize;
+        if self.slots[k].pending.is_some() {
+            return Err(ForgeError::Config("two jobs are in flight: collect the oldest before submitting".into()));
+        }
+        let r = self.submit_into(k, job);
+        if r.is_err() {
+            // Whatever was enqueued finishes before the slot is reused.
+            if let Ok(dev) = self.device() {
+                let _ = dev.synchronize();
+            }
+            let _ = self.upload.synchronize();
+            let _ = self.download.synchronize();
+            self.slots[k].pending = None;
+        }
+        r
+    }
+
+    fn submit_into(&mut self, k: usize, job: &LayerJob<'_>) -> Result<Ticket> {
+        let Some(first) = job.weights.first() else {
+            return Err(ForgeError::Config("a job needs at least one weight".into()));
+        };
+        let cols = first.dim().1;
+        for w in &job.weights {
+            let (rows, c) = w.dim();
+            if c != cols {
+                return Err(ForgeError::Shape(format!("weights with {c} and {cols} columns cannot share a Hessian")));
+            }
+            job.grid.validate(rows, cols)?;
+        }
+        match job.hessian {
+            HessianInput::Host(h) if h.dim() != (cols, cols) => {
+                return Err(ForgeError::Shape(format!("the Hessian is {:?}, the weights have {cols} columns", h.dim())))
+            }
+            HessianInput::Device(g) if g.cols() != cols => {
+                return Err(ForgeError::Shape(format!(
+                    "the Hessian is {0}×{0}, the weights have {cols} columns",
+                    g.cols()
+                )))
+            }
+            HessianInput::Factor { u, perm } => solver::validate_factor(u, cols, perm)?,
+            HessianInput::Prepared { factor, .. } if factor.cols() != cols => {
+                return Err(ForgeError::Shape(format!("the factor has {} columns, the weights {cols}", factor.cols())))
+            }
+            HessianInput::Host(_) | HessianInput::Device(_) => job.pre_step.validate()?,
+            HessianInput::Prepared { .. } | HessianInput::NoTokens => {}
+        }
+        let n_weights = job.weights.len();
+        let cols_p = padded(cols);
+        let dev = self.device()?;
+        let cs = dev.stream().clone();
+        let up = self.upload.clone();
+        let slot = &mut self.slots[k];
+        while slot.weights.len() < n_weights {
+            slot.weights.push(WeightBufs::new());
+        }
+        if job.profile {
+            record(&slot.profile.up0, &up)?;
+        }
+
+        // --- upload stream: the weights in their stored dtypes, then the Hessian or factor.
+        let mut rows = Vec::with_capacity(n_weights);
+        let mut dtypes = Vec::with_capacity(n_weights);
+        for (w, b) in job.weights.iter().zip(slot.weights.iter_mut()) {
+            let r = w.dim().0;
+            let bytes = r
+                .checked_mul(cols)
+                .and_then(|n| n.checked_mul(w.dtype().size()))
+                .ok_or_else(|| ForgeError::Shape(format!("a {r}×{cols} weight is too large")))?;
+            let dst = b.weight.ensure(&dev, bytes, "weight upload")?.dev_ptr_mut();
+            let staged = b.staged.get(&dev, bytes)?;
+            match w.contiguous_bytes() {
+                Some(src) => parallel_copy(staged, src),
+                None => staged.copy_from_slice(&contiguous_copy(*w)),
+            }
+            // SAFETY: the pinned bytes stay untouched until this slot is collected (its
+            // events); the device buffer holds `bytes`.
+            unsafe { cudarc::driver::result::memcpy_htod_async(dst.addr(), staged, up.cu_stream()) }
+                .map_err(ForgeError::driver("uploading a weight"))?;
+            self.stats.upload_bytes += bytes as u64;
+            rows.push(r);
+            dtypes.push(w.dtype());
+        }
+        let mut summary = PreStepSummary {
+            perm: None,
+            dead_columns: Vec::new(),
+            damping_used: 0.0,
+            retries: 0,
+            fallback_identity: false,
+            route: PreStepRoute::Gpu,
+        };
+        let mut plan = None;
+        // A factor made on the host (given, or the CPU pre-step) is uploaded padded.
+        let mut host_factor: Option<Array2<f32>> = None;
+        match job.hessian {
+            HessianInput::Host(h) if self.no_device_pre_step.is_none() => {
+                let p = PreStepPlan::new((0..cols).map(|j| f64::from(h[[j, j]])).collect(), &job.pre_step)?;
+                let dst = slot.hessian.ensure(&dev, cols * cols, "Hessian upload")?.dev_ptr_mut();
+                let staged = slot.staged_matrix.get(&dev, cols * cols)?;
+                let std = h.as_standard_layout();
+                let src = std.as_slice().ok_or_else(|| ForgeError::Internal("non-contiguous Hessian".into()))?;
+                parallel_copy(staged, src);
+                // SAFETY: as the weights' copies.
+                unsafe { cudarc::driver::result::memcpy_htod_async(dst.addr(), staged, up.cu_stream()) }
+                    .map_err(ForgeError::driver("uploading the Hessian"))?;
+                self.stats.upload_bytes += (cols * cols * 4) as u64;
+                plan = Some(p);
+            }
+            HessianInput::Device(g) if self.no_device_pre_step.is_none() => {
+                // Copied into the slot on the compute stream (which produced it): the caller's
+                // Hessian may change or go once this returns.
+                let dst = slot.hessian.ensure(&dev, cols * cols, "Hessian copy")?.dev_ptr_mut();
+                // SAFETY: both hold cols² f32; stream order puts the copy after the Hessian's
+                // last update.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        dst.addr(),
+                        g.h().dev_ptr().addr(),
+                        cols * cols * 4,
+                        cs.cu_stream(),
+                    )
+                }
+                .map_err(ForgeError::driver("copying the Hessian"))?;
+                let diag = self.factor_work.diag_to_host(&dev, dst.as_const(), cols)?;
+                plan = Some(PreStepPlan::new(diag, &job.pre_step)?);
+            }
+            HessianInput::Host(h) => {
+                let pre = pre_step_cpu(h, None, &job.pre_step)?;
+                summary = cpu_summary(&pre);
+                host_factor = Some(pre.hinv_factor);
+            }
+            HessianInput::Device(g) => {
+                let pre = pre_step_cpu(g.to_host(&dev)?.view(), None, &job.pre_step)?;
+                summary = cpu_summary(&pre);
+                host_factor = Some(pre.hinv_factor);
+            }
+            HessianInput::Factor { u, perm } => {
+                summary.route = PreStepRoute::Given;
+                summary.perm = perm.map(|p| p.to_vec());
+                host_factor = Some(u.to_owned());
+            }
+            HessianInput::Prepared { factor, summary: s } => {
+                summary = s.clone();
+                let f = factor.as_ref();
+                let u = slot.u.ensure(&dev, cols_p * cols_p, "factor")?.dev_ptr_mut();
+                // SAFETY: both factors hold cols_p² f32 (same cols); stream order puts the copy
+                // after the factor was made, and the caller's factor may go once this returns.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(u.addr(), f.u.addr(), cols_p * cols_p * 4, cs.cu_stream())
+                }
+                .map_err(ForgeError::driver("copying the factor"))?;
+            }
+            HessianInput::NoTokens => summary.route = PreStepRoute::NoTokens,
+        }
+        if let Some(p) = &plan {
+            summary.perm = p.perm.clone();
+            summary.dead_columns = p.dead_columns.clone();
+            summary.damping_used = p.damping(0) as f32;
+        }
+        let slot = &mut self.slots[k];
+        let u_dev = slot.u.ensure(&dev, cols_p * cols_p, "factor")?.dev_ptr_mut();
+        if let Some(u) = &host_factor {
+            let staged = slot.staged_matrix.get(&dev, cols_p * cols_p)?;
+            parallel_copy(staged, &solver::padded_factor(u.view(), cols_p)?);
+            // SAFETY: as the weights' copies; u holds cols_p² f32.
+            unsafe { cudarc::driver::result::memcpy_htod_async(u_dev.addr(), staged, up.cu_stream()) }
+                .map_err(ForgeError::driver("uploading the factor"))?;
+            self.stats.upload_bytes += (cols_p * cols_p * 4) as u64;
+        }
+        let slot = &mut self.slots[k];
+        record(&slot.uploaded, &up)?;
+        if job.profile {
+            record(&slot.profile.up1, &up)?;
+        }
+
+        // --- compute stream: dead columns, grids, factor, solves.
+        cs.wait(&slot.uploaded).map_err(ForgeError::driver("ordering compute after the upload"))?;
+        if job.profile {
+            record(&slot.profile.c0, &cs)?;
+        }
+        let perm_host = solver::padded_perm(summary.perm.as_deref(), cols, cols_p);
+        let perm_buf = slot.perm.ensure(&dev, cols_p, "column order")?;
+        cs.memcpy_htod(&perm_host, &mut perm_buf.slice_mut(0..cols_p))
+            .map_err(ForgeError::driver("uploading the column order"))?;
+        let (status_base, status) = slot.status(&dev, n_weights)?;
+        cs.memset_zeros(slot.status.ensure(&dev, 3 + n_weights, "status word")?)
+            .map_err(ForgeError::driver("clearing the status word"))?;
+        let n_groups = job.grid.n_groups(cols);
+        for (i, (&r, &dtype)) in rows.iter().zip(&dtypes).enumerate() {
+            let b = &mut self.slots[k].weights[i];
+            let w_dev = b.weight.get(r * cols * dtype.size())?.dev_ptr().addr();
+            let qmeta = b.qmeta.ensure(&dev, r * n_groups, "grid records")?.dev_ptr_mut();
+            // SAFETY: the weight buffer holds r·cols elements of its dtype; qmeta r·n_groups
+            // records; the status word 3 + n_weights u64.
+            unsafe {
+                enqueue_zero_columns(
+                    &dev,
+                    &mut self.dead_list,
+                    DevPtrMut::from_addr(w_dev),
+                    r,
+                    cols,
+                    dtype.size(),
+                    &summary.dead_columns,
+                )?;
+                let wref = WeightRef { bytes: DevPtrMut::<u8>::from_addr(w_dev).as_const(), dtype, rows: r, cols };
+                let bad = DevPtrMut::from_addr(status_base + ST_WEIGHTS + 8 * i as u64);
+                launch_grid_into(&dev, wref, job.grid, qmeta, bad)?;
+            }
+        }
+        if job.profile {
+            record(&self.slots[k].profile.c_grid, &cs)?;
+        }
+        match (&plan, job.hessian) {
+            (Some(p), _) => {
+                self.factor_work.set_order(&dev, p, cols)?;
+                let h = self.slots[k].hessian.get(cols * cols)?.dev_ptr();
+                // SAFETY: h cols², u cols_p², status live; the order was set above.
+                unsafe { self.factor_work.enqueue_attempt(&dev, h, cols, p.damping(0), u_dev, cols_p, status) }?;
+            }
+            // SAFETY: u holds cols_p² f32.
+            (None, HessianInput::NoTokens) => unsafe { enqueue_identity(&dev, u_dev, cols_p) }?,
+            (None, _) => {} // the factor was uploaded or copied
+        }
+        let pending = Pending {
+            seq: self.seq,
+            rows,
+            dtypes,
+            cols,
+            grid: job.grid.clone(),
+            want_dequant: job.want_dequant,
+            profile: job.profile,
+            plan,
+            summary,
+        };
+        if job.profile {
+            record(&self.slots[k].profile.c_pre, &cs)?;
+        }
+        self.enqueue_solves(k, &pending)?;
+        let slot = &mut self.slots[k];
+        if job.profile {
+            record(&slot.profile.c_solve, &cs)?;
+        }
+        record(&slot.computed, &cs)?;
+
+        // --- download stream.
+        self.enqueue_download(k, &pending)?;
+        let seq = pending.seq;
+        self.slots[k].pending = Some(pending);
+        self.seq += 1;
+        Ok(Ticket { slot: k, seq })
+    }
+
+    /// Enqueues the solves of slot `k`'s weights with its factor into the slot's outputs.
+    fn enqueue_solves(&mut self, k: usize, job: &Pending) -> Result<()> {
+        let dev = self.device()?;
+        let (cols, cols_p, n_groups) = (job.cols, job.cols_p(), job.n_groups());
+        let fref = {
+            let slot = &self.slots[k];
+            FactorRef {
+                u: slot.u.get(cols_p * cols_p)?.dev_ptr(),
+                perm: slot.perm.get(cols_p)?.dev_ptr(),
+                cols,
+                cols_p,
+            }
+        };
+        for (i, (&rows, &dtype)) in job.rows.iter().zip(&job.dtypes).enumerate() {
+            self.ws.ensure(&dev, rows, cols)?;
+            let b = &mut self.slots[k].weights[i];
+            let codes = b.codes.ensure(&dev, rows * cols, "codes")?.dev_ptr_mut();
+            let loss = b.loss.ensure(&dev, rows, "loss")?.dev_ptr_mut();
+            let dequant = if job.want_dequant {
+                b.dequant.ensure(&dev, rows * cols, "dequantized weight")?.dev_ptr_mut()
+            } else {
+                self.ws.dequant_scratch()?
+            };
+            let wref = WeightRef { bytes: b.weight.get(rows * cols * dtype.size())?.dev_ptr(), dtype, rows, cols };
+            let gref = GridRef {
+                qmeta: b.qmeta.get(rows * n_groups)?.dev_ptr(),
+                rows,
+                n_groups,
+                maxq: job.grid.maxq(),
+                pad: n_groups * job.grid.group_size - cols,
+                group_size: job.grid.group_size,
+            };
+            solver::launch_solve_into(&dev, wref, fref, gref, &mut self.ws, SolveOutputs { codes, dequant, loss })?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues slot `k`'s results to its pinned buffers on the download stream.
+    fn enqueue_download(&mut self, k: usize, job: &Pending) -> Result<()> {
+        let dev = self.device()?;
+        let down = self.download.clone();
+        let (cols, n_groups) = (job.cols, job.n_groups());
+        let slot = &mut self.slots[k];
+        down.wait(&slot.computed).map_err(ForgeError::driver("ordering the download after compute"))?;
+        if job.profile {
+            record(&slot.profile.d0, &down)?;
+        }
+        let s = down.cu_stream();
+        use cudarc::driver::result::memcpy_dtoh_async as dtoh;
+        let mut bytes = 8 * (3 + job.rows.len());
+        for (b, &rows) in slot.weights.iter_mut().zip(&job.rows) {
+            // SAFETY: every source holds at least the elements copied (ensured at submit); the
+            // pinned destinations are not read before `downloaded` completes.
+            unsafe {
+                dtoh(b.out_codes.get(&dev, rows * cols)?, b.codes.get(rows * cols)?.dev_ptr().addr(), s)
+                    .map_err(ForgeError::driver("downloading codes"))?;
+                dtoh(b.out_qmeta.get(&dev, rows * n_groups)?, b.qmeta.get(rows * n_groups)?.dev_ptr().addr(), s)
+                    .map_err(ForgeError::driver("downloading the grid"))?;
+                dtoh(b.out_loss.get(&dev, rows)?, b.loss.get(rows)?.dev_ptr().addr(), s)
+                    .map_err(ForgeError::driver("downloading the loss"))?;
+                if job.want_dequant {
+                    dtoh(b.out_dequant.get(&dev, rows * cols)?, b.dequant.get(rows * cols)?.dev_ptr().addr(), s)
+                        .map_err(ForgeError::driver("downloading the dequantized weight"))?;
+                    bytes += rows * cols * 4;
+                }
+            }
+            bytes += rows * cols + rows * n_groups * 4 + rows * 4;
+        }
+        let n_status = 3 + job.rows.len();
+        // SAFETY: as above.
+        unsafe { dtoh(slot.out_status.get(&dev, n_status)?, slot.status.get(n_status)?.dev_ptr().addr(), s) }
+            .map_err(ForgeError::driver("downloading the status word"))?;
+        self.stats.download_bytes += bytes as u64;
+        if job.profile {
+            record(&slot.profile.d1, &down)?;
+        }
+        record(&slot.downloaded, &down)
+    }
+
+    /// Waits for a submitted job and returns it: reads the status word once, retries a failed
+    /// factorisation with more damping (re-solving on the device), reports bad inputs as typed
+    /// errors. The slot is free again afterwards, whatever the outcome.
+    pub fn collect(&mut self, ticket: Ticket) -> Result<LayerOutcome> {
+        let k = ticket.slot;
+        let job = match self.slots.get_mut(k).and_then(|s| s.pending.take()) {
+            Some(p) if p.seq == ticket.seq => p,
+            other => {
+                if let (Some(p), Some(s)) = (other, self.slots.get_mut(k)) {
+                    s.pending = Some(p);
+                }
+                return Err(ForgeError::Config("this ticket's job was already collected".into()));
+            }
+        };
+        let r = self.finish(k, job);
+        self.stats.jobs += 1;
+        r
+    }
+
+    fn finish(&mut self, k: usize, mut job: Pending) -> Result<LayerOutcome> {
+        let dev = self.device()?;
+        self.slots[k].downloaded.synchronize().map_err(ForgeError::driver("waiting for the job"))?;
+        let cols = job.cols;
+        let n_weights = job.rows.len();
+        let status: Vec<u64> = self.slots[k].out_status.get(&dev, 3 + n_weights)?.to_vec();
+        for (i, &bad) in status[3..].iter().enumerate() {
+            if bad != 0 {
+                let idx = !bad as usize;
+                let value = self.staged_weight_value(k, &job, i, idx)?;
+                return Err(ForgeError::NonFinite { tensor: "weight", row: idx / cols, col: idx % cols, value });
+            }
+        }
+        if status[0] != 0 {
+            let idx = !status[0] as usize;
+            let h = self.slots[k].hessian.get(cols * cols)?;
+            let value = dev.stream().clone_dtoh(&h.slice(idx..idx + 1)).ok().and_then(|v| v.first().copied());
+            return Err(ForgeError::NonFinite {
+                tensor: "hessian",
+                row: idx / cols,
+                col: idx % cols,
+                value: value.unwrap_or(f32::NAN),
+            });
+        }
+        let info = status[2] as u32 as i32;
+        if info < 0 {
+            return Err(ForgeError::Internal(format!("cuSOLVER potrf rejected argument {} (info {info})", -info)));
+        }
+        let timings = if job.profile { Some(self.timings(k)?) } else { None };
+        if job.plan.is_some() && (info > 0 || status[1] != 0) {
+            self.retry_factor(k, &mut job)?;
+        }
+        let n_groups = job.n_groups();
+        let gs = job.grid.group_size;
+        let mut weights = Vec::with_capacity(n_weights);
+        for (i, &rows) in job.rows.iter().enumerate() {
+            let b = &mut self.slots[k].weights[i];
+            let loss = b.out_loss.get(&dev, rows)?.to_vec();
+            if let Some(row) = loss.iter().position(|l| !l.is_finite()) {
+                return Err(ForgeError::NonFinite {
+                    tensor: "GPTQ loss (working weights overflowed)",
+                    row,
+                    col: 0,
+                    value: loss[row],
+                });
+            }
+            let mut codes = vec![0u8; rows * cols];
+            parallel_copy(&mut codes, b.out_codes.get(&dev, rows * cols)?);
+            let qmeta = b.out_qmeta.get(&dev, rows * n_groups)?.to_vec();
+            let dequant = if job.want_dequant {
+                let mut d = vec![0f32; rows * cols];
+                parallel_copy(&mut d, b.out_dequant.get(&dev, rows * cols)?);
+                Some(Array2::from_shape_vec((rows, cols), d).map_err(|e| ForgeError::Internal(e.to_string()))?)
+            } else {
+                None
+            };
+            weights.push(QuantizedWeight {
+                grid: QuantGrid::from_u32(&qmeta, rows, n_groups, job.grid.maxq(), n_groups * gs - cols, gs)?,
+                codes: Array2::from_shape_vec((rows, cols), codes).map_err(|e| ForgeError::Internal(e.to_string()))?,
+                loss: Array1::from(loss),
+                dequant,
+            });
+        }
+        self.stats.weights += n_weights as u64;
+        Ok(LayerOutcome { weights, pre_step: job.summary, timings })
+    }
+
+    /// Element `idx` of weight `i`'s staged copy in slot `k`, widened (for error messages).
+    fn staged_weight_value(&mut self, k: usize, job: &Pending, i: usize, idx: usize) -> Result<f32> {
+        let dtype = job.dtypes[i];
+        let size = dtype.size();
+        let dev = self.device()?;
+        let bytes = self.slots[k].weights[i].staged.get(&dev, job.rows[i] * job.cols * size)?;
+        let b = bytes
+            .get(idx * size..(idx + 1) * size)
+            .ok_or_else(|| ForgeError::Internal("reported index past the weight".into()))?;
+        Ok(match dtype {
+            WeightDtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            WeightDtype::F16 => forge_numerics::f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]])),
+            WeightDtype::BF16 => forge_numerics::bf16_bits_to_f32(u16::from_le_bytes([b[0], b[1]])),
+            WeightDtype::Fp8E4M3 => forge_numerics::fp8_e4m3_to_f32(b[0]),
+        })
+    }
+
+    /// The rare path: the optimistic factorisation failed. Attempts `1..=MAX_RETRIES` with
+    /// more damping, each checked before the next; then `U = I` (flagged). Re-solves and
+    /// re-downloads the slot. Runs when the slot's first pass has finished.
+    fn retry_factor(&mut self, k: usize, job: &mut Pending) -> Result<()> {
+        let dev = self.device()?;
+        let plan = job.plan.clone().ok_or_else(|| ForgeError::Internal("retry without a plan".into()))?;
+        let (cols, cols_p) = (job.cols, job.cols_p());
+        self.factor_work.set_order(&dev, &plan, cols)?;
+        let status = self.prep_status.ensure(&dev, 3, "pre-step status")?;
+        let slot = &mut self.slots[k];
+        let h = slot.hessian.get(cols * cols)?.dev_ptr();
+        let u = slot.u.ensure(&dev, cols_p * cols_p, "factor")?.dev_ptr_mut();
+        // SAFETY: as at submit; the slot's first pass has finished (collect waited for it).
+        let (ok, damping, retries) =
+            unsafe { factor_checked(&dev, &mut self.factor_work, status, h, cols, &plan, u, cols_p, 1) }?;
+        job.summary.damping_used = damping as f32;
+        job.summary.retries = retries;
+        if !ok {
+            job.summary.fallback_identity = true;
+            // SAFETY: u holds cols_p² f32.
+            unsafe { enqueue_identity(&dev, u, cols_p) }?;
+        }
+        self.enqueue_solves(k, job)?;
+        record(&self.slots[k].computed, dev.stream())?;
+        self.enqueue_download(k, job)?;
+        self.slots[k].downloaded.synchronize().map_err(ForgeError::driver("waiting for the re-solved job"))
+    }
+
+    /// The pre-step alone, checked before returning (retries included), into a factor kept on
+    /// the device for any number of later jobs ([`HessianInput::Prepared`]): an expert's gate
+    /// and up projections, or a layer whose weight comes later. Allocates the factor.
+    pub fn prepare_factor(
+        &mut self,
+        hessian: HessianInput<'_>,
+        cfg: &PreStepConfig,
+    ) -> Result<(DeviceFactor, PreStepSummary)> {
+        let dev = self.device()?;
+        let summary_of = |plan: &PreStepPlan, ok: bool, damping: f64, retries: u32| PreStepSummary {
+            perm: plan.perm.clone(),
+            dead_columns: plan.dead_columns.clone(),
+            damping_used: damping as f32,
+            retries,
+            fallback_identity: !ok,
+            route: PreStepRoute::Gpu,
+        };
+        let cpu = |pre: crate::hessian::PreStep| -> Result<(DeviceFactor, PreStepSummary)> {
+            let f = DeviceFactor::upload(&dev, pre.hinv_factor.view(), pre.perm.as_deref())?;
+            Ok((f, cpu_summary(&pre)))
+        };
+        match hessian {
+            HessianInput::Host(h) if self.no_device_pre_step.is_some() => cpu(pre_step_cpu(h, None, cfg)?),
+            HessianInput::Device(g) if self.no_device_pre_step.is_some() => {
+                cpu(pre_step_cpu(g.to_host(&dev)?.view(), None, cfg)?)
+            }
+            HessianInput::Host(h) => {
+                cfg.validate()?;
+                let n = h.nrows();
+                if h.dim() != (n, n) || n == 0 {
+                    return Err(ForgeError::Shape(format!(
+                        "the Hessian must be square and non-empty, got {:?}",
+                        h.dim()
+                    )));
+                }
+                let plan = PreStepPlan::new((0..n).map(|j| f64::from(h[[j, j]])).collect(), cfg)?;
+                let std = h.as_standard_layout();
+                let src = std.as_slice().ok_or_else(|| ForgeError::Internal("non-contiguous Hessian".into()))?;
+                let buf = self.prep_hessian.ensure(&dev, n * n, "Hessian upload")?;
+                dev.stream()
+                    .memcpy_htod(src, &mut buf.slice_mut(0..n * n))
+                    .map_err(ForgeError::driver("uploading the Hessian"))?;
+                let hp = buf.dev_ptr();
+                self.prepare_on_device(&dev, hp, n, plan, summary_of)
+            }
+            HessianInput::Device(g) => {
+                cfg.validate()?;
+                let n = g.cols();
+                let plan = PreStepPlan::new(self.factor_work.diag_to_host(&dev, g.h().dev_ptr(), n)?, cfg)?;
+                self.prepare_on_device(&dev, g.h().dev_ptr(), n, plan, summary_of)
+            }
+            HessianInput::Factor { u, perm } => {
+                solver::validate_factor(u, u.nrows(), perm)?;
+                let f = DeviceFactor::upload(&dev, u, perm)?;
+                let s = PreStepSummary {
+                    perm: perm.map(|p| p.to_vec()),
+                    dead_columns: Vec::new(),
+                    damping_used: 0.0,
+                    retries: 0,
+                    fallback_identity: false,
+                    route: PreStepRoute::Given,
+                };
+                Ok((f, s))
+            }
+            HessianInput::Prepared { .. } => {
+                Err(ForgeError::Config("this factor is prepared already: use it in a job".into()))
+            }
+            HessianInput::NoTokens => Err(ForgeError::Config(
+                "a layer without calibration tokens needs no factor: submit it with HessianInput::NoTokens".into(),
+            )),
+        }
+    }
+
+    fn prepare_on_device(
+        &mut self,
+        dev: &GpuDevice,
+        h: forge_kernel_abi::DevPtr<f32>,
+        n: usize,
+        plan: PreStepPlan,
+        summary_of: impl Fn(&PreStepPlan, bool, f64, u32) -> PreStepSummary,
+    ) -> Result<(DeviceFactor, PreStepSummary)> {
+        self.factor_work.set_order(dev, &plan, n)?;
+        let mut f = DeviceFactor::alloc(dev, n, plan.perm.as_deref())?;
+        let cols_p = padded(n);
+        let status = self.prep_status.ensure(dev, 3, "pre-step status")?;
+        // SAFETY: h holds n² f32 on the device; the factor cols_p² f32; the order was set.
+        let (ok, damping, retries) =
+            unsafe { factor_checked(dev, &mut self.factor_work, status, h, n, &plan, f.u_mut(), cols_p, 0) }?;
+        if !ok {
+            // SAFETY: the factor holds cols_p² f32.
+            unsafe { enqueue_identity(dev, f.u_mut(), cols_p) }?;
+        }
+        Ok((f, summary_of(&plan, ok, damping, retries)))
+    }
+
+    /// Stage times of slot `k`'s profiled job.
+    fn timings(&self, k: usize) -> Result<LayerTimings> {
+        let p = &self.slots[k].profile;
+        let ms = |a: &CudaEvent, b: &CudaEvent| a.elapsed_ms(b).map_err(ForgeError::driver("reading event times"));
+        Ok(LayerTimings {
+            upload_ms: ms(&p.up0, &p.up1)?,
+            grid_ms: ms(&p.c0, &p.c_grid)?,
+            pre_step_ms: ms(&p.c_grid, &p.c_pre)?,
+            solve_ms: ms(&p.c_pre, &p.c_solve)?,
+            download_ms: ms(&p.d0, &p.d1)?,
+        })
+    }
+}
+
+/// A non-contiguous weight view's bytes, row-major.
+fn contiguous_copy(weight: WeightView<'_>) -> Vec<u8> {
+    match weight {
+        WeightView::F32(a) => bytemuck::cast_slice(&a.iter().copied().collect::<Vec<_>>()).to_vec(),
+        WeightView::F16(a) => bytemuck::cast_slice(&a.iter().copied().collect::<Vec<_>>()).to_vec(),
+        WeightView::BF16(a) => bytemuck::cast_slice(&a.iter().copied().collect::<Vec<_>>()).to_vec(),
+        WeightView::Fp8E4M3(a) => a.iter().copied().collect(),
+    }
+}
+
+fn cpu_summary(pre: &crate::hessian::PreStep) -> PreStepSummary {
+    PreStepSummary {
+        perm: pre.perm.clone(),
+        dead_columns: pre.dead_columns.clone(),
+        damping_used: pre.damping_used,
+        retries: pre.retries,
+        fallback_identity: pre.fallback_identity,
+        route: PreStepRoute::Cpu,
+    }
+}
+
+/// Runs `f` with `dev`'s shared engine (made on first use; one per device, reused by every
+/// caller: [`crate::Quantizer`], the calibration layer, expert batches).
+pub fn with_engine<R>(dev: &Arc<GpuDevice>, f: impl FnOnce(&mut QuantEngine) -> Result<R>) -> Result<R> {
+    dev.with_extension(|| QuantEngine::new(dev.clone()), f)
+}
