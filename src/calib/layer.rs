@@ -197,7 +197,7 @@ enum HessianState {
     /// A Hessian given on the host (not accumulated here), with its token count.
     CpuGiven { h: Array2<f32>, tokens: u64 },
     /// On the device.
-    Gpu(GpuHessian),
+    Gpu(Box<GpuHessian>),
 }
 
 /// A running Hessian on the quantizer's backend, shareable by every layer that reads the
@@ -222,7 +222,7 @@ impl SharedHessian {
     pub fn new(cols: usize, backend: &Backend) -> Result<Self> {
         let state = match backend {
             Backend::Cpu => HessianState::Cpu(HessianAccumulator::new(cols)?),
-            Backend::Gpu(dev) => HessianState::Gpu(GpuHessian::new(dev, cols)?),
+            Backend::Gpu(dev) => HessianState::Gpu(Box::new(GpuHessian::new(dev, cols)?)),
         };
         Ok(SharedHessian { state, backend: backend.clone() })
     }
@@ -241,7 +241,7 @@ impl SharedHessian {
                 }
                 HessianState::CpuGiven { h: h.to_owned(), tokens }
             }
-            Backend::Gpu(dev) => HessianState::Gpu(GpuHessian::from_host(dev, h, tokens)?),
+            Backend::Gpu(dev) => HessianState::Gpu(Box::new(GpuHessian::from_host(dev, h, tokens)?)),
         };
         Ok(SharedHessian { state, backend: backend.clone() })
     }

@@ -138,7 +138,7 @@ impl GpuDevice {
     /// device's free memory (a typed error naming both, never a driver abort), counted in
     /// [`GpuDevice::allocation_count`].
     pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize, what: &'static str) -> Result<CudaSlice<T>> {
-        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or_else(|| ForgeError::DeviceMemory {
+        let bytes = len.checked_mul(std::mem::size_of::<T>()).ok_or(ForgeError::DeviceMemory {
             what,
             requested: u64::MAX,
             free: 0,

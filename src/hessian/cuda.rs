@@ -158,6 +158,14 @@ impl GpuHessian {
         Array2::from_shape_vec((self.cols, self.cols), v).map_err(|e| ForgeError::Shape(e.to_string()))
     }
 
+    /// Back to `H = 0` with no tokens, keeping every buffer (a calibration loop reuses one
+    /// Hessian per shape instead of allocating one per layer or expert).
+    pub fn reset(&mut self, dev: &GpuDevice) -> Result<()> {
+        dev.stream().memset_zeros(&mut self.h).map_err(ForgeError::driver("clearing the Hessian"))?;
+        self.tokens = 0;
+        Ok(())
+    }
+
     /// Frees the scratch buffers (`S` and the upload buffer); the next update allocates them again.
     pub fn release_scratch(&mut self) {
         self.scratch = None;
@@ -203,6 +211,16 @@ impl GpuHessian {
             let up = sc.upload.as_mut().ok_or_else(|| ForgeError::Internal("upload buffer missing".into()))?;
             let mut dst = up.slice_mut(0..bytes.len());
             stream.memcpy_htod(&bytes[..], &mut dst).map_err(ForgeError::driver("uploading activations"))?;
+            if tensor_core_input(x.dtype()).is_some() {
+                // 16-bit activations: the same tensor-core accumulation as device input.
+                let addr = up.dev_ptr().addr();
+                if let Err(e) = self.tensor_core_chunk(dev, addr, x.dtype(), t1 - t0) {
+                    chunk.check_finite(t0)?;
+                    return Err(e);
+                }
+                t0 = t1;
+                continue;
+            }
             let view = up.slice(0..bytes.len());
             let bad = launch_xtx_checked(dev, &view, x.dtype(), t1 - t0, cols, &mut sc.s, &mut sc.first_bad)?;
             if let Some(idx) = bad {
@@ -216,25 +234,27 @@ impl GpuHessian {
     }
 
     /// As [`GpuHessian::update`] for activations already on the device. f16/bf16 activations
-    /// go through the tensor cores when cuBLAS loads (exact products, f32 accumulation,
-    /// [`GpuHessian::update_device_tensor_cores`]); f32 ones through the tiled SYRK kernel.
+    /// go through the tensor cores when cuBLAS loads (exact products, f32 accumulation; see
+    /// [`GpuHessian::tensor_core_chunk`]), f32 ones through the tiled SYRK kernel.
     pub fn update_device(&mut self, dev: &GpuDevice, x: &DeviceActivations) -> Result<()> {
-        if x.dtype != ActivationDtype::F32 && crate::device::cublas::cublas_available().is_ok() {
-            return self.update_device_tensor_cores(dev, x);
-        }
-        self.update_device_syrk(dev, x)
-    }
-
-    /// The tiled SYRK path of [`GpuHessian::update_device`] (any dtype, CUDA cores).
-    pub fn update_device_syrk(&mut self, dev: &GpuDevice, x: &DeviceActivations) -> Result<()> {
         let (m, cols) = x.dim();
         self.check_batch_cols(cols)?;
         let size = x.dtype.size();
         let mut t0 = 0;
         while t0 < m {
             let t1 = (t0 + MAX_CHUNK_TOKENS).min(m);
-            // Chunks start at multiples of `cols` elements: the alignment the kernel needs.
+            // Chunks start at multiples of `cols` elements: the alignment the kernels need.
             let view = x.bytes.slice(t0 * cols * size..t1 * cols * size);
+            if tensor_core_input(x.dtype).is_some() {
+                let addr = view_ptr(&view, dev.stream()).addr();
+                if let Err(e) = self.tensor_core_chunk(dev, addr, x.dtype, t1 - t0) {
+                    let host = dev.stream().clone_dtoh(&view).map_err(ForgeError::driver("downloading activations"))?;
+                    check_finite_bytes(&host, x.dtype, cols, t0)?;
+                    return Err(e);
+                }
+                t0 = t1;
+                continue;
+            }
             let sc = self.scratch(dev)?;
             let bad = launch_xtx_checked(dev, &view, x.dtype, t1 - t0, cols, &mut sc.s, &mut sc.first_bad)?;
             if let Some(idx) = bad {
@@ -248,23 +268,15 @@ impl GpuHessian {
         Ok(())
     }
 
-    /// The tensor-core path: per chunk of at most [`MAX_CHUNK_TOKENS`] tokens, `S = XᵀX` by
-    /// cuBLAS (bf16/f16 products are exact in f32, sums in f32 on the tensor cores), then one
-    /// kernel forms `β·H + α·S` from `S`'s upper triangle into a second buffer, exactly
-    /// symmetric and checked for NaN/inf; only a clean chunk replaces `H`, so a failing chunk
-    /// leaves it as it was. f32 activations are rejected here (they have no exact tensor-core
-    /// product; use [`GpuHessian::update_device_syrk`]).
-    pub fn update_device_tensor_cores(&mut self, dev: &GpuDevice, x: &DeviceActivations) -> Result<()> {
-        let (m, cols) = x.dim();
-        self.check_batch_cols(cols)?;
-        let input = match x.dtype {
-            ActivationDtype::F16 => crate::device::cublas::BlasInput::F16,
-            ActivationDtype::BF16 => crate::device::cublas::BlasInput::BF16,
-            ActivationDtype::F32 => {
-                return Err(ForgeError::Config("f32 activations have no exact tensor-core product".into()))
-            }
-        };
-        let size = x.dtype.size();
+    /// One chunk of `m ≤ MAX_CHUNK_TOKENS` 16-bit tokens at device address `x` on the tensor
+    /// cores: `S = XᵀX` by cuBLAS (bf16/f16 products are exact in f32; the sums are f32 on the
+    /// tensor cores), then one kernel forms `β·H + α·S` from `S`'s upper triangle into a second
+    /// buffer, exactly symmetric and checked for NaN/inf; only a clean chunk replaces `H`, so a
+    /// failing chunk (an error naming the first bad entry of `S`) leaves it as it was.
+    fn tensor_core_chunk(&mut self, dev: &GpuDevice, x: u64, dtype: ActivationDtype, m: usize) -> Result<()> {
+        let input = tensor_core_input(dtype)
+            .ok_or_else(|| ForgeError::Internal("f32 activations have no exact tensor-core product".into()))?;
+        let cols = self.cols;
         let stream = dev.stream().clone();
         let nt = cols.div_ceil(32) as u32;
         let cfg = LaunchConfig {
@@ -272,49 +284,40 @@ impl GpuHessian {
             block_dim: (32, 8, 1),
             shared_mem_bytes: forge_kernel_abi::hessian::BLEND_SYM_SHARED_BYTES,
         };
-        let mut t0 = 0;
-        while t0 < m {
-            let t1 = (t0 + MAX_CHUNK_TOKENS).min(m);
-            let x_addr = x.bytes.dev_ptr().addr() + (t0 * cols * size) as u64;
-            let (h_now, n) = (self.h.dev_ptr(), self.tokens as f64);
-            self.scratch(dev)?;
-            let Some(sc) = self.scratch.as_mut() else {
-                return Err(ForgeError::Internal("Hessian scratch missing".into()));
-            };
-            let s_addr = sc.s.dev_ptr_mut().addr();
-            // SAFETY: x holds (t1 − t0)·cols elements from x_addr; s cols² f32.
-            dev.with_blas(|b| unsafe { b.gemm_aat(input, cols, t1 - t0, x_addr, s_addr) })?;
-            if sc.next_h.is_none() {
-                sc.next_h = Some(dev.alloc::<f32>(cols * cols, "Hessian blend buffer")?);
-            }
-            stream.memset_zeros(&mut sc.first_bad).map_err(ForgeError::driver("resetting the NaN flag"))?;
-            let total = n + (t1 - t0) as f64;
-            let next = sc.next_h.as_mut().ok_or_else(|| ForgeError::Internal("blend buffer missing".into()))?;
-            let args = BlendSymArgs {
-                h: h_now,
-                out: next.dev_ptr_mut(),
-                s: sc.s.dev_ptr(),
-                cols: cols as u32,
-                alpha: (2.0 / total) as f32,
-                beta: (n / total) as f32,
-                first_bad: sc.first_bad.dev_ptr_mut(),
-            };
-            // SAFETY: h, out, s hold cols² f32 (out distinct); grid and shared memory as the
-            // kernel's contract.
-            unsafe { dev.launch::<HessianBlendSym>(cfg, &args) }?;
-            let flag = stream.clone_dtoh(&sc.first_bad).map_err(ForgeError::driver("reading the NaN flag"))?;
-            if let Some(&f) = flag.first().filter(|&&f| f != 0) {
-                let view = x.bytes.slice(t0 * cols * size..t1 * cols * size);
-                let host = stream.clone_dtoh(&view).map_err(ForgeError::driver("downloading activations"))?;
-                check_finite_bytes(&host, x.dtype, cols, t0)?;
-                return Err(overflow_error(dev, &sc.s, !f as usize, cols));
-            }
-            if let Some(next) = sc.next_h.as_mut() {
-                std::mem::swap(&mut self.h, next);
-            }
-            self.tokens += (t1 - t0) as u64;
-            t0 = t1;
+        let (h_now, n) = (self.h.dev_ptr(), self.tokens as f64);
+        self.scratch(dev)?;
+        let Some(sc) = self.scratch.as_mut() else {
+            return Err(ForgeError::Internal("Hessian scratch missing".into()));
+        };
+        let s_addr = sc.s.dev_ptr_mut().addr();
+        // SAFETY: x holds m·cols elements of dtype from its address; s cols² f32.
+        dev.with_blas(|b| unsafe { b.gemm_aat(input, cols, m, x, s_addr) })?;
+        if sc.next_h.is_none() {
+            sc.next_h = Some(dev.alloc::<f32>(cols * cols, "Hessian blend buffer")?);
         }
+        stream.memset_zeros(&mut sc.first_bad).map_err(ForgeError::driver("resetting the NaN flag"))?;
+        let total = n + m as f64;
+        let next = sc.next_h.as_mut().ok_or_else(|| ForgeError::Internal("blend buffer missing".into()))?;
+        let args = BlendSymArgs {
+            h: h_now,
+            out: next.dev_ptr_mut(),
+            s: sc.s.dev_ptr(),
+            cols: cols as u32,
+            alpha: (2.0 / total) as f32,
+            beta: (n / total) as f32,
+            first_bad: sc.first_bad.dev_ptr_mut(),
+        };
+        // SAFETY: h, out, s hold cols² f32 (out distinct); grid and shared memory as the
+        // kernel's contract.
+        unsafe { dev.launch::<HessianBlendSym>(cfg, &args) }?;
+        let flag = stream.clone_dtoh(&sc.first_bad).map_err(ForgeError::driver("reading the NaN flag"))?;
+        if let Some(&f) = flag.first().filter(|&&f| f != 0) {
+            return Err(overflow_error(dev, &sc.s, !f as usize, cols));
+        }
+        if let Some(next) = sc.next_h.as_mut() {
+            std::mem::swap(&mut self.h, next);
+        }
+        self.tokens += m as u64;
         Ok(())
     }
 
@@ -338,6 +341,17 @@ impl GpuHessian {
         self.tokens += m;
         Ok(())
     }
+}
+
+/// The cuBLAS input type of activations that accumulate on the tensor cores (16-bit ones,
+/// when cuBLAS loads); `None` for f32 or without cuBLAS.
+fn tensor_core_input(dtype: ActivationDtype) -> Option<crate::device::cublas::BlasInput> {
+    let input = match dtype {
+        ActivationDtype::F16 => crate::device::cublas::BlasInput::F16,
+        ActivationDtype::BF16 => crate::device::cublas::BlasInput::BF16,
+        ActivationDtype::F32 => return None,
+    };
+    crate::device::cublas::cublas_available().is_ok().then_some(input)
 }
 
 /// Enqueues `S = XᵀX` of `tokens` rows of `x` and waits for it; `Some(flat index)` of the
@@ -442,6 +456,7 @@ impl FactorWork {
     /// `h` is the device address of `n²` f32 ready on the compute stream, `u` of at least
     /// `cols_p²` f32, `cols_p ≥ n`; the order was set for this `n`; `status` points to live
     /// device memory.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn enqueue_attempt(
         &mut self,
         dev: &GpuDevice,

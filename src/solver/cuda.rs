@@ -107,6 +107,13 @@ impl DeviceFactor {
     pub fn cols(&self) -> usize {
         self.cols
     }
+
+    /// `U` (`cols × cols`, the padding dropped) on the host.
+    pub fn to_host(&self, dev: &GpuDevice) -> Result<Array2<f32>> {
+        let all = dev.stream().clone_dtoh(&self.u).map_err(ForgeError::driver("downloading the factor"))?;
+        let (n, np) = (self.cols, self.cols_p);
+        Ok(Array2::from_shape_fn((n, n), |(i, j)| all[i * np + j]))
+    }
 }
 
 /// `U` (`cols × cols`, upper triangle read) in the solver's `cols_p × cols_p` layout, identity

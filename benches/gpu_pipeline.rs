@@ -1,0 +1,277 @@
+//! The device-resident pipeline (`QuantEngine`), one run, tables:
+//! 1. copy bandwidth measured here: pinned host→device, device→host, device→device;
+//! 2. per layer, host weight (f32 and bf16) and host Hessian → host codes, qmeta and loss,
+//!    for 4096×4096, 2048×7168, 7168×2048 (gs 128, 4-bit, symmetric absmax, act-order off):
+//!    the wall time of one layer at a time (median), beside the kernel sum from device events
+//!    (grid + pre-step + solve) and the transfer floor (inputs at the host→device rate,
+//!    outputs at the device→host rate, both measured above), and the time per layer of 8
+//!    layers back to back (two in flight);
+//! 3. DeepSeek-like experts (gate and up 2048×7168 sharing one factor, down 7168×2048), 64
+//!    back to back: with Hessians given on the device, and with Hessians from 8192 bf16
+//!    tokens per expert (activations on the device, tensor-core accumulation); experts/s and
+//!    the device allocations made during the 64;
+//! 4. Hessian accumulation rate, tokens·C² multiply-adds per second, bf16 (tensor cores) and
+//!    f32 (SYRK kernel), 8192 tokens on the device.
+//!
+//! Run on a GPU machine: `cargo bench --bench gpu_pipeline` (cuSOLVER and cuBLAS on
+//! LD_LIBRARY_PATH).
+
+mod common;
+
+use cudarc::driver::sys::CUevent_flags;
+use fourbit_forge::calib::ActivationView;
+use fourbit_forge::device::GpuDevice;
+use fourbit_forge::hessian::{DeviceActivations, GpuHessian, HessianAccumulator, PreStepConfig};
+use fourbit_forge::quantize::{HessianInput, LayerJob, QuantEngine, Ticket};
+use fourbit_forge::{ForgeError, GridConfig, Result, WeightView};
+use half::bf16;
+use ndarray::Array2;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use std::time::Instant;
+
+fn randn(rows: usize, cols: usize, seed: u64) -> Array2<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    Array2::from_shape_simple_fn((rows, cols), || rng.sample::<f32, _>(StandardNormal))
+}
+
+/// A realistic Hessian: `2/n·XᵀX` of `2·cols` correlated tokens (damped well enough that the
+/// first factorisation succeeds, as for real layers).
+fn hessian(cols: usize, seed: u64) -> Array2<f32> {
+    let x = randn(2 * cols, cols, seed);
+    let mut acc = HessianAccumulator::new(cols).expect("cols > 0");
+    acc.update(x.view()).expect("finite");
+    acc.into_h()
+}
+
+/// GB/s of `bytes` copied by `f`, device events, median of 9 after 2 warm-ups.
+fn copy_rate(dev: &GpuDevice, bytes: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    Ok(bytes as f64 / (common::median_ms(dev, 2, 9, 1, &mut f)? * 1e-3) / 1e9)
+}
+
+/// The two jobs of a DeepSeek-like expert: gate and up sharing one factor, then down.
+fn expert_jobs<'a>(
+    gate: &'a Array2<f32>,
+    up: &'a Array2<f32>,
+    down: &'a Array2<f32>,
+    h_in: &'a GpuHessian,
+    h_down: &'a GpuHessian,
+    cfg: &'a GridConfig,
+    pcfg: &PreStepConfig,
+) -> [LayerJob<'a>; 2] {
+    let mut a = LayerJob::new(WeightView::F32(gate.view()), HessianInput::Device(h_in), cfg);
+    a.weights.push(WeightView::F32(up.view()));
+    a.pre_step = pcfg.clone();
+    let mut b = LayerJob::new(WeightView::F32(down.view()), HessianInput::Device(h_down), cfg);
+    b.pre_step = pcfg.clone();
+    [a, b]
+}
+
+/// Submits `job` and collects the one before it (two in flight).
+fn submit(engine: &mut QuantEngine, pending: &mut Option<Ticket>, job: &LayerJob<'_>) -> Result<()> {
+    let t = engine.submit(job)?;
+    if let Some(p) = pending.replace(t) {
+        engine.collect(p)?;
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> Result<()> {
+    let Some(dev) = common::device_or_explain("gpu_pipeline") else { return Ok(()) };
+    let mut engine = QuantEngine::new(dev.clone())?;
+    if let Some(why) = engine.cpu_pre_step_reason() {
+        println!("note: the pre-step runs on the CPU here ({why})");
+    }
+    let stream = dev.stream().clone();
+
+    // 1. Copy bandwidth.
+    let n = 256 << 20;
+    // SAFETY: pinned buffers fully written by the copies timed below before any host read.
+    let mut pinned = unsafe { dev.context().alloc_pinned::<u8>(n) }.map_err(ForgeError::driver("pinned"))?;
+    let mut d = dev.alloc::<u8>(n, "bench buffer")?;
+    let mut d2 = dev.alloc::<u8>(n, "bench buffer")?;
+    let h2d = copy_rate(&dev, n, || stream.memcpy_htod(&pinned, &mut d).map_err(ForgeError::driver("h2d")))?;
+    let d2h = copy_rate(&dev, n, || stream.memcpy_dtoh(&d, &mut pinned).map_err(ForgeError::driver("d2h")))?;
+    let d2d = copy_rate(&dev, 2 * n, || stream.memcpy_dtod(&d, &mut d2).map_err(ForgeError::driver("d2d")))?;
+    drop((d, d2, pinned));
+    common::print_table(
+        &format!("copy bandwidth, {} (256 MiB, pinned host memory, device events)", dev.name()),
+        &["copy", "GB/s"],
+        &[
+            vec!["host → device".into(), format!("{h2d:.1}")],
+            vec!["device → host".into(), format!("{d2h:.1}")],
+            vec!["device → device (read + write)".into(), format!("{d2d:.0}")],
+        ],
+    );
+
+    // 2. Per layer.
+    let cfg = GridConfig::default();
+    let mut rows_out = Vec::new();
+    for (r, c) in [(4096usize, 4096usize), (2048, 7168), (7168, 2048)] {
+        let w = common::heavy_tailed(r, c, (r + c) as u64);
+        let wb = w.mapv(bf16::from_f32);
+        let h = hessian(c, c as u64);
+        for (name, view) in [("f32", WeightView::F32(w.view())), ("bf16", WeightView::BF16(wb.view()))] {
+            let mut job = LayerJob::new(view, HessianInput::Host(h.view()), &cfg);
+            job.profile = true;
+            engine.quantize(&job)?; // warm-up: buffers grow, kernels load
+            let mut walls = Vec::new();
+            let mut kernels = Vec::new();
+            let mut retries = 0;
+            for _ in 0..7 {
+                let t = Instant::now();
+                let out = engine.quantize(&job)?;
+                walls.push(t.elapsed().as_secs_f64() * 1e3);
+                kernels.push(out.timings.map_or(f64::NAN, |t| t.kernel_ms() as f64));
+                retries += out.pre_step.retries;
+            }
+            let (wall, kernel) = (median(walls), median(kernels));
+            let in_bytes = r * c * view.dtype().size() + c * c * 4;
+            let out_bytes = r * c + r * cfg.n_groups(c) * 4 + r * 4;
+            let floor = in_bytes as f64 / (h2d * 1e9) * 1e3 + out_bytes as f64 / (d2h * 1e9) * 1e3;
+            // Back to back, two in flight: uploads overlap the previous layer's compute.
+            let t = Instant::now();
+            let mut pending = None;
+            for _ in 0..8 {
+                let tk = engine.submit(&LayerJob { profile: false, ..job.clone() })?;
+                if let Some(p) = pending.replace(tk) {
+                    engine.collect(p)?;
+                }
+            }
+            if let Some(p) = pending {
+                engine.collect(p)?;
+            }
+            let streamed = t.elapsed().as_secs_f64() * 1e3 / 8.0;
+            rows_out.push(vec![
+                format!("{r}×{c}"),
+                name.into(),
+                format!("{wall:.2}"),
+                format!("{kernel:.2}"),
+                format!("{floor:.2}"),
+                format!("{:.2}", wall / (kernel + floor)),
+                format!("{streamed:.2}"),
+                format!("{retries}"),
+            ]);
+        }
+    }
+    common::print_table(
+        &format!(
+            "per layer, host weight + host Hessian → host codes + qmeta + loss, gs 128, 4-bit, {} (ms; kernel sum from device events; floor = transfers at the rates above)",
+            dev.name()
+        ),
+        &["shape", "weight", "wall", "kernel sum", "transfer floor", "wall / (kernels + floor)", "back to back, per layer", "retries (7 runs)"],
+        &rows_out,
+    );
+
+    // 3. Experts.
+    let (gate, up, down) =
+        (common::heavy_tailed(2048, 7168, 1), common::heavy_tailed(2048, 7168, 2), common::heavy_tailed(7168, 2048, 3));
+    let pcfg = PreStepConfig::default();
+    let distinct = 4;
+    let h_in: Vec<GpuHessian> = (0..distinct)
+        .map(|i| GpuHessian::from_host(&dev, hessian(7168, 10 + i as u64).view(), 1))
+        .collect::<Result<_>>()?;
+    let h_down: Vec<GpuHessian> = (0..distinct)
+        .map(|i| GpuHessian::from_host(&dev, hessian(2048, 20 + i as u64).view(), 1))
+        .collect::<Result<_>>()?;
+    // Warm-up (buffers grow to the largest job), then 64 experts, two jobs in flight.
+    let mut pending = None;
+    let mut given = (0.0, 0);
+    for (count, timed) in [(2usize, false), (64, true)] {
+        let allocs = dev.allocation_count();
+        let t = Instant::now();
+        for e in 0..count {
+            let [a, b] = expert_jobs(&gate, &up, &down, &h_in[e % distinct], &h_down[e % distinct], &cfg, &pcfg);
+            submit(&mut engine, &mut pending, &a)?;
+            submit(&mut engine, &mut pending, &b)?;
+        }
+        if let Some(p) = pending.take() {
+            engine.collect(p)?;
+        }
+        if timed {
+            given = (count as f64 / t.elapsed().as_secs_f64(), dev.allocation_count() - allocs);
+        }
+    }
+
+    // Hessians from 8192 bf16 tokens per expert, activations on the device.
+    let tokens = 8192;
+    let x_in =
+        DeviceActivations::upload(&dev, ActivationView::BF16(randn(tokens, 7168, 5).mapv(bf16::from_f32).view()))?;
+    let x_down =
+        DeviceActivations::upload(&dev, ActivationView::BF16(randn(tokens, 2048, 6).mapv(bf16::from_f32).view()))?;
+    let mut acc_in = GpuHessian::new(&dev, 7168)?;
+    let mut acc_down = GpuHessian::new(&dev, 2048)?;
+    let mut from_tokens = (0.0, 0);
+    for (count, timed) in [(2usize, false), (64, true)] {
+        let allocs = dev.allocation_count();
+        let t = Instant::now();
+        for _ in 0..count {
+            acc_in.reset(&dev)?;
+            acc_down.reset(&dev)?;
+            acc_in.update_device(&dev, &x_in)?;
+            acc_down.update_device(&dev, &x_down)?;
+            // The engine copies a device Hessian into its slot at submit: the accumulators
+            // are free again once both jobs are submitted.
+            let [a, b] = expert_jobs(&gate, &up, &down, &acc_in, &acc_down, &cfg, &pcfg);
+            submit(&mut engine, &mut pending, &a)?;
+            submit(&mut engine, &mut pending, &b)?;
+        }
+        if let Some(p) = pending.take() {
+            engine.collect(p)?;
+        }
+        if timed {
+            from_tokens = (count as f64 / t.elapsed().as_secs_f64(), dev.allocation_count() - allocs);
+        }
+    }
+    common::print_table(
+        &format!("DeepSeek-like experts, 64 back to back, f32 weights, gs 128, 4-bit, {}", dev.name()),
+        &["Hessians", "experts/s", "ms per expert", "device allocations during the 64"],
+        &[
+            vec![
+                "given on the device".into(),
+                format!("{:.1}", given.0),
+                format!("{:.1}", 1e3 / given.0),
+                given.1.to_string(),
+            ],
+            vec![
+                format!("from {tokens} bf16 tokens per expert (tensor cores)"),
+                format!("{:.1}", from_tokens.0),
+                format!("{:.1}", 1e3 / from_tokens.0),
+                from_tokens.1.to_string(),
+            ],
+        ],
+    );
+
+    // 4. Hessian accumulation rate.
+    let mut rows = Vec::new();
+    for c in [2048usize, 4096, 7168] {
+        let x = randn(tokens, c, c as u64);
+        let macs = (tokens * c * c) as f64;
+        let mut h = GpuHessian::new(&dev, c)?;
+        for (name, view) in [
+            ("bf16 (tensor cores)", ActivationView::BF16(x.mapv(bf16::from_f32).view())),
+            ("f32 (SYRK)", ActivationView::F32(x.view())),
+        ] {
+            let dx = DeviceActivations::upload(&dev, view)?;
+            let ms = common::median_ms(&dev, 2, 7, 3, || h.update_device(&dev, &dx))?;
+            rows.push(vec![
+                format!("C={c}"),
+                name.into(),
+                format!("{ms:.3}"),
+                format!("{:.0}", macs / (ms * 1e-3) / 1e12),
+            ]);
+        }
+    }
+    common::print_table(
+        &format!("Hessian update, {tokens} tokens on the device, {} (device events, median)", dev.name()),
+        &["shape", "activations", "ms", "T MAC/s (tokens·C²)"],
+        &rows,
+    );
+    let _ = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+    Ok(())
+}

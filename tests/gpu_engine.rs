@@ -1,0 +1,251 @@
+//! The device-resident engine (`QuantEngine`) against today's GPU path and the CPU reference.
+//! Skips (printing why) without a GPU.
+//!
+//! Tolerances: with the same factor the engine runs the same kernels on the same bits, so its
+//! codes, records, loss and dequantized weight equal the per-call GPU path bit for bit. With
+//! its own pre-step, `U` equals the CPU pre-step's within `U_RTOL` (both factor the same f64
+//! matrix; see tests/gpu_calib_parity.rs for the derivation), so codes may flip where a
+//! working weight sits on a rounding midpoint: at most 2 % of codes, by one step, and the
+//! layer-output error within 2e-3 relative (the solver parity tolerance,
+//! tests/gpu_solver_parity.rs).
+
+mod common;
+
+use common::{indefinite, randn, rtn};
+use fourbit_forge::calib::PreStepRoute;
+use fourbit_forge::grid::build_quant_grid_gpu;
+use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig, MAX_RETRIES};
+use fourbit_forge::quantize::{HessianInput, LayerJob, QuantEngine};
+use fourbit_forge::solver::{layer_output_error, solve_cpu, solve_gpu};
+use fourbit_forge::{ForgeError, GridConfig, MseSearch, ScaleSearch, WeightView};
+use half::bf16;
+use ndarray::Array2;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+const U_RTOL: f64 = 1e-6;
+
+fn hessian(cols: usize, tokens: usize, rng: &mut StdRng) -> Array2<f32> {
+    let x = randn(tokens, cols, rng);
+    let mut acc = HessianAccumulator::new(cols).unwrap();
+    acc.update(x.view()).unwrap();
+    acc.into_h()
+}
+
+fn frob(a: &Array2<f64>) -> f64 {
+    a.iter().map(|v| v * v).sum::<f64>().sqrt()
+}
+
+fn engine_or_skip(test: &str) -> Option<QuantEngine> {
+    let dev = common::gpu_or_skip(test)?;
+    let e = QuantEngine::new(dev).unwrap();
+    if let Some(why) = e.cpu_pre_step_reason() {
+        assert!(std::env::var_os("FORGE_REQUIRE_CUSOLVER").is_none(), "cuSOLVER/cuBLAS required: {why}");
+        eprintln!("[{test}] the pre-step runs on the CPU here: {why}");
+    }
+    Some(e)
+}
+
+#[test]
+fn engine_with_a_given_factor_equals_the_per_call_gpu_path_bit_for_bit() {
+    let Some(mut engine) = engine_or_skip("engine_with_a_given_factor_equals_the_per_call_gpu_path_bit_for_bit") else {
+        return;
+    };
+    let dev = engine.device().unwrap();
+    let mut rng = StdRng::seed_from_u64(1);
+    let mse = GridConfig { scale_search: ScaleSearch::Mse(MseSearch::default()), ..GridConfig::default() };
+    for (rows, cols, act_order, cfg) in [
+        (64, 256, false, GridConfig::default()),
+        (100, 700, true, GridConfig { group_size: 64, bits: 3, symmetric: false, ..GridConfig::default() }),
+        (257, 1000, true, mse),
+    ] {
+        let what = format!("{rows}×{cols} act_order {act_order}");
+        let w = randn(rows, cols, &mut rng);
+        let wb = w.mapv(bf16::from_f32);
+        let h = hessian(cols, 2 * cols, &mut rng);
+        let pre = pre_step_cpu(h.view(), None, &PreStepConfig { act_order, ..PreStepConfig::default() }).unwrap();
+        for view in [WeightView::F32(w.view()), WeightView::BF16(wb.view())] {
+            let w32 = fourbit_forge::quantize::widen(view).unwrap();
+            let grid = build_quant_grid_gpu(&dev, view, &cfg).unwrap();
+            let old = solve_gpu(&dev, w32.view(), pre.hinv_factor.view(), &grid, pre.perm.as_deref()).unwrap();
+            let hessian = HessianInput::Factor { u: pre.hinv_factor.view(), perm: pre.perm.as_deref() };
+            let mut job = LayerJob::new(view, hessian, &cfg);
+            job.want_dequant = true;
+            let out = engine.quantize(&job).unwrap();
+            let q = &out.weights[0];
+            assert_eq!(q.grid, grid, "{what} {:?}: grid", view.dtype());
+            assert_eq!(q.codes, old.qweight, "{what} {:?}: codes", view.dtype());
+            assert_eq!(q.loss, old.loss, "{what}: loss");
+            let deq = q.dequant.as_ref().unwrap();
+            assert!(deq.iter().zip(old.dequant.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: dequant");
+            assert_eq!(out.pre_step.route, PreStepRoute::Given);
+        }
+    }
+}
+
+#[test]
+fn engine_pre_step_matches_the_cpu_and_its_layers_have_cpu_quality() {
+    let Some(mut engine) = engine_or_skip("engine_pre_step_matches_the_cpu_and_its_layers_have_cpu_quality") else {
+        return;
+    };
+    let dev = engine.device().unwrap();
+    let mut rng = StdRng::seed_from_u64(2);
+    let cfg = GridConfig::default();
+    for (rows, cols, act_order, dead) in [(96, 384, false, vec![]), (128, 515, true, vec![0usize, 200, 514])] {
+        let what = format!("{rows}×{cols} act_order {act_order} dead {dead:?}");
+        let w = randn(rows, cols, &mut rng);
+        let mut h = hessian(cols, 3 * cols, &mut rng);
+        for &j in &dead {
+            h.row_mut(j).fill(0.0);
+            h.column_mut(j).fill(0.0);
+        }
+        let pcfg = PreStepConfig { act_order, ..PreStepConfig::default() };
+        let cpu_pre = pre_step_cpu(h.view(), None, &pcfg).unwrap();
+        // The factor itself.
+        let (factor, summary) = engine.prepare_factor(HessianInput::Host(h.view()), &pcfg).unwrap();
+        let u = factor.to_host(&dev).unwrap();
+        let d = u.mapv(f64::from) - cpu_pre.hinv_factor.mapv(f64::from);
+        let rel = frob(&d) / frob(&cpu_pre.hinv_factor.mapv(f64::from));
+        assert!(rel <= U_RTOL, "{what}: ‖U_gpu − U_cpu‖/‖U_cpu‖ = {rel:e}");
+        assert_eq!(summary.perm, cpu_pre.perm, "{what}");
+        assert_eq!(summary.dead_columns, dead, "{what}");
+        assert_eq!(summary.damping_used.to_bits(), cpu_pre.damping_used.to_bits(), "{what}");
+        // A whole layer through the optimistic path against the CPU reference.
+        let mut job = LayerJob::new(WeightView::F32(w.view()), HessianInput::Host(h.view()), &cfg);
+        job.pre_step = pcfg.clone();
+        job.want_dequant = true;
+        let out = engine.quantize(&job).unwrap();
+        assert_eq!(out.pre_step.route, PreStepRoute::Gpu);
+        assert_eq!(out.pre_step.perm, cpu_pre.perm, "{what}");
+        assert_eq!(out.pre_step.dead_columns, dead, "{what}");
+        let mut w0 = w.clone();
+        for &j in &dead {
+            w0.column_mut(j).fill(0.0);
+        }
+        let grid = fourbit_forge::grid::build_quant_grid(WeightView::F32(w0.view()), &cfg).unwrap();
+        let cpu = solve_cpu(w0.view(), cpu_pre.hinv_factor.view(), &grid, cpu_pre.perm.as_deref()).unwrap();
+        let q = &out.weights[0];
+        assert_eq!(q.grid, grid, "{what}: the grid of the dead-zeroed weight");
+        let differ = q.codes.iter().zip(cpu.qweight.iter()).filter(|(a, b)| a != b).count();
+        let worst = q.codes.iter().zip(cpu.qweight.iter()).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
+        assert!(
+            differ as f64 <= 0.02 * (rows * cols) as f64 && worst <= 1,
+            "{what}: {differ} codes differ (max {worst})"
+        );
+        let e_gpu = layer_output_error(w0.view(), q.dequant.as_ref().unwrap().view(), h.view()).unwrap();
+        let e_cpu = layer_output_error(w0.view(), cpu.dequant.view(), h.view()).unwrap();
+        assert!((e_gpu - e_cpu).abs() <= 2e-3 * e_cpu, "{what}: output error {e_gpu} vs {e_cpu}");
+        for &j in &dead {
+            assert!(q.dequant.as_ref().unwrap().column(j).iter().all(|&v| v == 0.0), "{what}: dead column {j}");
+        }
+    }
+}
+
+#[test]
+fn engine_retries_falls_back_and_reports_bad_inputs_from_the_status_word() {
+    let Some(mut engine) = engine_or_skip("engine_retries_falls_back_and_reports_bad_inputs_from_the_status_word")
+    else {
+        return;
+    };
+    let mut rng = StdRng::seed_from_u64(3);
+    let cfg = GridConfig::default();
+    let w = randn(32, 64, &mut rng);
+    // 1 ± 3 needs the third retry; 1 ± 30 never becomes definite (U = I, round-to-nearest).
+    for (c, retries, fallback) in [(3.0f32, 3u32, false), (30.0, MAX_RETRIES, true)] {
+        let h = indefinite(64, c);
+        let cpu = pre_step_cpu(h.view(), None, &PreStepConfig::default()).unwrap();
+        let out =
+            engine.quantize(&LayerJob::new(WeightView::F32(w.view()), HessianInput::Host(h.view()), &cfg)).unwrap();
+        assert_eq!((out.pre_step.retries, out.pre_step.fallback_identity), (retries, fallback), "c = {c}");
+        assert_eq!(out.pre_step.damping_used, cpu.damping_used, "c = {c}");
+        if fallback {
+            let (codes, _) = rtn(&w, &out.weights[0].grid);
+            assert_eq!(out.weights[0].codes, codes, "the fallback is round-to-nearest");
+        }
+    }
+    // No calibration tokens: U = I.
+    let out = engine.quantize(&LayerJob::new(WeightView::F32(w.view()), HessianInput::NoTokens, &cfg)).unwrap();
+    assert_eq!(out.pre_step.route, PreStepRoute::NoTokens);
+    assert_eq!(out.weights[0].codes, rtn(&w, &out.weights[0].grid).0);
+    // A NaN weight and a NaN Hessian entry: typed errors at their exact place.
+    let h = hessian(64, 200, &mut rng);
+    let mut bad = w.clone();
+    bad[[7, 33]] = f32::NAN;
+    bad[[9, 1]] = f32::INFINITY;
+    match engine.quantize(&LayerJob::new(WeightView::F32(bad.view()), HessianInput::Host(h.view()), &cfg)) {
+        Err(ForgeError::NonFinite { tensor: "weight", row: 7, col: 33, value }) => assert!(value.is_nan()),
+        other => panic!("expected NonFinite weight at (7, 33), got {other:?}"),
+    }
+    let mut hb = h.clone();
+    hb[[5, 6]] = f32::NAN;
+    hb[[6, 5]] = f32::NAN;
+    match engine.quantize(&LayerJob::new(WeightView::F32(w.view()), HessianInput::Host(hb.view()), &cfg)) {
+        Err(ForgeError::NonFinite { tensor: "hessian", row: 5, col: 6, .. }) => {}
+        other => panic!("expected NonFinite hessian at (5, 6), got {other:?}"),
+    }
+    // The engine recovers: the next good job is the same as before the errors.
+    let a = engine.quantize(&LayerJob::new(WeightView::F32(w.view()), HessianInput::Host(h.view()), &cfg)).unwrap();
+    let b = engine.quantize(&LayerJob::new(WeightView::F32(w.view()), HessianInput::Host(h.view()), &cfg)).unwrap();
+    assert_eq!(a.weights[0].codes, b.weights[0].codes);
+}
+
+#[test]
+fn engine_pipelines_groups_and_allocates_nothing_after_warm_up() {
+    let Some(mut engine) = engine_or_skip("engine_pipelines_groups_and_allocates_nothing_after_warm_up") else {
+        return;
+    };
+    let dev = engine.device().unwrap();
+    let mut rng = StdRng::seed_from_u64(4);
+    let cfg = GridConfig::default();
+    let (cols, rows) = (512, [128usize, 256, 96]);
+    let ws: Vec<Array2<f32>> = rows.iter().map(|&r| randn(r, cols, &mut rng)).collect();
+    let hs: Vec<Array2<f32>> = (0..4).map(|_| hessian(cols, 2 * cols, &mut rng)).collect();
+    // One at a time.
+    let single: Vec<_> = hs
+        .iter()
+        .map(|h| {
+            let views: Vec<_> = ws.iter().map(|w| WeightView::F32(w.view())).collect();
+            let job = fourbit_forge::quantize::LayerJob {
+                weights: views,
+                ..LayerJob::new(WeightView::F32(ws[0].view()), HessianInput::Host(h.view()), &cfg)
+            };
+            engine.quantize(&job).unwrap()
+        })
+        .collect();
+    // A group equals its weights quantized alone with the same Hessian.
+    for (i, w) in ws.iter().enumerate() {
+        let alone =
+            engine.quantize(&LayerJob::new(WeightView::F32(w.view()), HessianInput::Host(hs[0].view()), &cfg)).unwrap();
+        assert_eq!(alone.weights[0].codes, single[0].weights[i].codes, "weight {i}");
+    }
+    let allocs = dev.allocation_count();
+    // Pipelined: two in flight, collected in order.
+    let mut got = Vec::new();
+    let mut pending = None;
+    for h in &hs {
+        let views: Vec<_> = ws.iter().map(|w| WeightView::F32(w.view())).collect();
+        let job = LayerJob {
+            weights: views,
+            ..LayerJob::new(WeightView::F32(ws[0].view()), HessianInput::Host(h.view()), &cfg)
+        };
+        let t = engine.submit(&job).unwrap();
+        if let Some(p) = pending.replace(t) {
+            got.push(engine.collect(p).unwrap());
+        }
+    }
+    got.push(engine.collect(pending.unwrap()).unwrap());
+    for (a, b) in got.iter().zip(&single) {
+        for (x, y) in a.weights.iter().zip(&b.weights) {
+            assert_eq!(x.codes, y.codes);
+            assert_eq!(x.grid, y.grid);
+        }
+    }
+    assert_eq!(dev.allocation_count(), allocs, "no device allocation after warm-up");
+    // Three in flight is refused, and the refusal changes nothing.
+    let job = LayerJob::new(WeightView::F32(ws[0].view()), HessianInput::Host(hs[0].view()), &cfg);
+    let t1 = engine.submit(&job).unwrap();
+    let t2 = engine.submit(&job).unwrap();
+    assert!(matches!(engine.submit(&job), Err(ForgeError::Config(_))));
+    let (a, b) = (engine.collect(t1).unwrap(), engine.collect(t2).unwrap());
+    assert_eq!(a.weights[0].codes, b.weights[0].codes);
+}
