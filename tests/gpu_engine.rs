@@ -38,6 +38,7 @@ fn frob(a: &Array2<f64>) -> f64 {
 
 fn engine_or_skip(test: &str) -> Option<QuantEngine> {
     let dev = common::gpu_or_skip(test)?;
+    // The engine keeps the device alive (QuantEngine::new holds it).
     let e = QuantEngine::new(dev).unwrap();
     if let Some(why) = e.cpu_pre_step_reason() {
         assert!(std::env::var_os("FORGE_REQUIRE_CUSOLVER").is_none(), "cuSOLVER/cuBLAS required: {why}");

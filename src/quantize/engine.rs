@@ -348,15 +348,20 @@ impl Slot {
     }
 }
 
+/// How an engine holds its device: strongly when made by the caller, weakly when the device
+/// itself keeps it ([`with_engine`]; a strong reference back would keep both alive forever).
+enum DevRef {
+    Strong(Arc<GpuDevice>),
+    Weak(Weak<GpuDevice>),
+}
+
 fn record(ev: &CudaEvent, s: &CudaStream) -> Result<()> {
     ev.record(s).map_err(ForgeError::driver("recording an event"))
 }
 
 /// The persistent per-device engine (see the module docs).
 pub struct QuantEngine {
-    /// Weak: the device keeps its shared engine ([`with_engine`]); a strong reference back
-    /// would keep both alive forever.
-    dev: Weak<GpuDevice>,
+    dev: DevRef,
     upload: Arc<CudaStream>,
     download: Arc<CudaStream>,
     slots: [Slot; 2],
@@ -373,16 +378,23 @@ pub struct QuantEngine {
 }
 
 impl QuantEngine {
-    /// An engine on `dev` (streams, events; buffers come with the first jobs).
+    /// An engine on `dev` (streams, events; buffers come with the first jobs). It keeps the
+    /// device alive; [`with_engine`] gives the device's shared one instead.
     pub fn new(dev: Arc<GpuDevice>) -> Result<Self> {
+        let mut e = Self::build(&dev)?;
+        e.dev = DevRef::Strong(dev);
+        Ok(e)
+    }
+
+    fn build(dev: &Arc<GpuDevice>) -> Result<Self> {
         let ctx = dev.context();
         let upload = ctx.new_stream().map_err(ForgeError::driver("creating the upload stream"))?;
         let download = ctx.new_stream().map_err(ForgeError::driver("creating the download stream"))?;
-        let slots = [Slot::new(&dev)?, Slot::new(&dev)?];
+        let slots = [Slot::new(dev)?, Slot::new(dev)?];
         let no_device_pre_step =
             dev.with_dense_solver(|_| Ok(())).and_then(|()| dev.with_blas(|_| Ok(()))).err().map(|e| e.to_string());
         Ok(QuantEngine {
-            dev: Arc::downgrade(&dev),
+            dev: DevRef::Weak(Arc::downgrade(dev)),
             upload,
             download,
             slots,
@@ -397,14 +409,17 @@ impl QuantEngine {
         })
     }
 
-    /// The device (an error once it has been dropped).
+    /// The device (an error once a device-owned engine's device has been dropped).
     pub fn device(&self) -> Result<Arc<GpuDevice>> {
-        self.dev.upgrade().ok_or_else(|| ForgeError::Config("the engine's device was dropped".into()))
+        match &self.dev {
+            DevRef::Strong(d) => Ok(d.clone()),
+            DevRef::Weak(w) => w.upgrade().ok_or_else(|| ForgeError::Config("the engine's device was dropped".into())),
+        }
     }
 
     /// Counters so far.
     pub fn stats(&self) -> EngineStats {
-        let device_allocations = self.dev.upgrade().map_or(0, |d| d.allocation_count());
+        let device_allocations = self.device().map_or(0, |d| d.allocation_count());
         EngineStats { device_allocations, ..self.stats }
     }
 
@@ -1018,5 +1033,5 @@ fn cpu_summary(pre: &crate::hessian::PreStep) -> PreStepSummary {
 /// Runs `f` with `dev`'s shared engine (made on first use; one per device, reused by every
 /// caller: [`crate::Quantizer`], the calibration layer, expert batches).
 pub fn with_engine<R>(dev: &Arc<GpuDevice>, f: impl FnOnce(&mut QuantEngine) -> Result<R>) -> Result<R> {
-    dev.with_extension(|| QuantEngine::new(dev.clone()), f)
+    dev.with_extension(|| QuantEngine::build(dev), f)
 }

@@ -111,13 +111,23 @@ impl DenseSolver {
         }
         let (h, p) = (self.handle.handle, self.handle.params);
         if !self.work.as_ref().is_some_and(|w| w.n == n) {
-            self.work = None; // free the old size first
+            // Grow-only: a layer of another size reuses a workspace that is large enough, so
+            // alternating sizes (an expert's gate/up and down) allocate nothing.
             let (pd, ph) = result::potrf_buffer_size(h, p, n as i64, a)?;
-            self.work = Some(Workspace {
-                n,
-                potrf_dev: dev.alloc::<u8>(pd.max(1), "cuSOLVER potrf workspace")?,
-                potrf_host: vec![0u8; ph.max(1)],
-            });
+            let fits =
+                self.work.as_ref().is_some_and(|w| w.potrf_dev.len() >= pd.max(1) && w.potrf_host.len() >= ph.max(1));
+            if fits {
+                if let Some(w) = self.work.as_mut() {
+                    w.n = n;
+                }
+            } else {
+                self.work = None; // free the old size first
+                self.work = Some(Workspace {
+                    n,
+                    potrf_dev: dev.alloc::<u8>(pd.max(1), "cuSOLVER potrf workspace")?,
+                    potrf_host: vec![0u8; ph.max(1)],
+                });
+            }
         }
         let w = self.work.as_mut().ok_or_else(|| ForgeError::Internal("cuSOLVER workspace missing".into()))?;
         let work = (w.potrf_dev.dev_ptr_mut().addr(), w.potrf_dev.len());
