@@ -7,10 +7,12 @@
 #![deny(missing_docs)]
 
 pub mod calib;
+pub mod checkpoint;
 pub mod error;
 pub mod gpu;
 pub mod grid;
 pub mod hessian;
+pub mod pack;
 pub mod qmeta;
 pub mod quantizer;
 pub mod solver;
