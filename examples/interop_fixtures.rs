@@ -167,7 +167,12 @@ fn linear_case(dir: &Path, s: &QuantSettings, rows: usize, cols: usize, seed: u6
     write_safetensors(&dir.join(format!("{id}.safetensors")), &tensors, None)?;
     let expected = vec![
         tensor("codes", Dtype::U8, &[rows, cols], dec.codes.iter().copied().collect()),
-        tensor("zeros", Dtype::U16, &[rows, dec.zeros.ncols()], dec.zeros.iter().flat_map(|z| z.to_le_bytes()).collect()),
+        tensor(
+            "zeros",
+            Dtype::U16,
+            &[rows, dec.zeros.ncols()],
+            dec.zeros.iter().flat_map(|z| z.to_le_bytes()).collect(),
+        ),
         f32_tensor("scales", &dec.scales),
         f32_tensor("dequant", &dec.dequant),
     ];

@@ -44,6 +44,8 @@ from safetensors.torch import load_file as load_pt  # noqa: E402
 
 import compressed_tensors  # noqa: E402
 import transformers  # noqa: E402
+
+transformers.utils.logging.disable_progress_bar()
 from compressed_tensors.compressors import PackedQuantizationCompressor, pack_to_int32, unpack_from_int32  # noqa: E402
 from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
 
