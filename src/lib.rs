@@ -10,10 +10,12 @@
 #![deny(missing_docs)]
 
 pub mod calib;
+pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod grid;
 pub mod hessian;
+pub mod pack;
 pub mod quantize;
 pub mod solver;
 pub mod weights;
