@@ -85,6 +85,13 @@ pub enum ForgeError {
         #[source]
         source: cudarc::cusolver::result::CusolverError,
     },
+    /// A model configuration, tokenizer or calibration setting the engine cannot use
+    /// (unknown architecture, missing or inconsistent field, unreadable tokenizer).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A broken internal invariant (a bug, never bad input).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ForgeError {
