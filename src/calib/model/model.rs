@@ -23,33 +23,65 @@ impl<'a> CpuModel<'a> {
 
     /// Embedding rows of `tokens`, `(seq, hidden)`; an id outside the vocabulary is a typed error.
     pub fn embed(&self, tokens: &[u32]) -> Result<Array2<f32>> {
+        let mut v = self.embed_sequences(std::slice::from_ref(&tokens.to_vec()))?;
+        v.pop().ok_or_else(|| ForgeError::Internal("one sequence in, none out".into()))
+    }
+
+    /// Embedding rows of every sequence (the table is read once).
+    pub fn embed_sequences(&self, sequences: &[Vec<u32>]) -> Result<Vec<Array2<f32>>> {
         let c = self.config;
         let table = matrix(self.weights, c.embed_name(), (c.vocab_size, c.hidden_size))?;
-        let rows = tokens
+        sequences
             .iter()
-            .map(|&t| {
-                let t = t as usize;
-                if t < c.vocab_size {
-                    Ok(t)
-                } else {
-                    Err(ForgeError::Config(format!("token id {t} is outside the vocabulary of {}", c.vocab_size)))
-                }
+            .map(|tokens| {
+                let rows = tokens
+                    .iter()
+                    .map(|&t| {
+                        let t = t as usize;
+                        if t < c.vocab_size {
+                            Ok(t)
+                        } else {
+                            Err(ForgeError::Config(format!(
+                                "token id {t} is outside the vocabulary of {}",
+                                c.vocab_size
+                            )))
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(table.select(Axis(0), &rows))
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(table.select(Axis(0), &rows))
+            .collect()
     }
 
     /// Final RMSNorm and lm_head: `(seq, hidden)` → logits `(seq, vocab)`.
     pub fn logits(&self, hidden: ArrayView2<'_, f32>) -> Result<Array2<f32>> {
+        let mut v = self.logits_sequences(&[hidden.to_owned()])?;
+        v.pop().ok_or_else(|| ForgeError::Internal("one sequence in, none out".into()))
+    }
+
+    /// Logits of every sequence's last hidden states (norm and lm_head read once).
+    pub fn logits_sequences(&self, hidden: &[Array2<f32>]) -> Result<Vec<Array2<f32>>> {
         let c = self.config;
         let norm = vector(self.weights, c.final_norm_name(), c.hidden_size)?;
         let head = matrix(self.weights, c.lm_head_name(), (c.vocab_size, c.hidden_size))?;
-        Ok(rms_norm(hidden, &norm, c.rms_norm_eps).dot(&head.t()))
+        hidden
+            .iter()
+            .map(|h| {
+                if h.ncols() != c.hidden_size {
+                    return Err(ForgeError::Shape(format!(
+                        "hidden states have {} features, expected {}",
+                        h.ncols(),
+                        c.hidden_size
+                    )));
+                }
+                Ok(rms_norm(h.view(), &norm, c.rms_norm_eps).dot(&head.t()))
+            })
+            .collect()
     }
 
     /// Logits of every sequence (each at positions `0..len`), layers loaded one at a time.
     pub fn forward_logits(&self, sequences: &[Vec<u32>]) -> Result<Vec<Array2<f32>>> {
-        let mut hidden = sequences.iter().map(|s| self.embed(s)).collect::<Result<Vec<_>>>()?;
+        let mut hidden = self.embed_sequences(sequences)?;
         for layer in 0..self.config.num_layers {
             let l = DecoderLayer::load(self.config, layer, self.weights)?;
             for h in hidden.iter_mut() {
@@ -57,7 +89,7 @@ impl<'a> CpuModel<'a> {
                 *h = l.forward(h.view(), &positions, None)?;
             }
         }
-        hidden.iter().map(|h| self.logits(h.view())).collect()
+        self.logits_sequences(&hidden)
     }
 }
 
