@@ -3,7 +3,9 @@
 //! ([`InputGroup`], [`LinearGroup`]), weights by name ([`WeightSource`]), and one decoder
 //! layer in f32 ([`DecoderLayer`]) that reports each Linear group's inputs to an
 //! [`ActivationSink`] (Hessians: [`HessianSink`]). The full model and the KL check are in
-//! [`CpuModel`] and [`next_token_kl`].
+//! [`CpuModel`] and [`next_token_kl`]; the whole sequential pipeline (Hessians per layer,
+//! GPTQ or round-to-nearest, quantized propagation) as a CPU reference in
+//! [`quantize_model_cpu`].
 //!
 //! Supported: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Qwen3-MoE, Mixtral. DeepSeek-V3 slots in
 //! as a second [`AttentionConfig`] variant (MLA), a new [`RouterKind`] (sigmoid, grouped
@@ -17,6 +19,7 @@ mod layer;
 mod model;
 mod names;
 mod rope;
+mod sequential;
 mod weights;
 
 pub use config::{
@@ -28,4 +31,5 @@ pub use layer::{rms_norm, route, DecoderLayer, Ffn, Linear, Routing, SwiGlu};
 pub use model::{kl_from_logits, next_token_kl, CpuModel, KlStats};
 pub use names::{InputGroup, LayerTensorNames, LinearGroup, LinearRole, LinearSpec};
 pub use rope::Rope;
+pub use sequential::{quantize_model_cpu, GroupReport, Method, Propagation, SequentialConfig, SequentialResult};
 pub use weights::{matrix, vector, MemoryWeights, SafetensorsDir, Substituted, WeightSource};

@@ -240,6 +240,17 @@ impl<'a> Substituted<'a> {
         Substituted { base, replaced: MemoryWeights::new() }
     }
 
+    /// `base` with every tensor of `replaced` substituted (each checked like [`Self::replace`]).
+    pub fn from_memory(base: &'a dyn WeightSource, replaced: &MemoryWeights) -> Result<Self> {
+        let mut s = Substituted::new(base);
+        for name in replaced.names() {
+            if let Some(t) = replaced.get(name) {
+                s.replace(name, t.clone())?;
+            }
+        }
+        Ok(s)
+    }
+
     /// Replaces `name` (which must exist in `base` with the same shape).
     pub fn replace(&mut self, name: &str, tensor: ArrayD<f32>) -> Result<()> {
         let old = self.base.tensor_f32(name)?;
