@@ -9,7 +9,9 @@ pub type Result<T, E = ForgeError> = std::result::Result<T, E>;
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum ForgeError {
-    /// A setting is out of range or settings contradict each other (independent of the data).
+    /// A setting is out of range or settings contradict each other (independent of the
+    /// data), or a model configuration, tokenizer or calibration setting the engine cannot
+    /// use (unknown architecture, missing or inconsistent field, unreadable tokenizer).
     #[error("bad configuration: {0}")]
     Config(String),
     /// An invariant of the engine itself broke: a bug, never the user's input. The message

@@ -19,8 +19,10 @@
 //! CPU otherwise (reported as [`PreStepRoute::Cpu`] in the result), and grid and solve run
 //! on the device.
 
+pub mod data;
 mod experts;
 mod layer;
+pub mod model;
 
 pub use experts::{quantize_experts, ExpertInput};
 pub use layer::{quantize_with, GptqLayer, PreStepRoute, PreparedFactor, QuantizeFlags, QuantizedLayer, SharedHessian};
