@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod calib;
+pub mod checkpoint;
 pub mod error;
 pub mod gpu;
 pub mod grid;
