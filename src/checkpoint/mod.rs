@@ -15,7 +15,7 @@
 //! * [`demo`]: deterministic Llama- and DeepSeek-shaped checkpoints for the demo and tests.
 
 pub mod demo;
-pub mod format;
+pub mod writer;
 pub mod fp8;
 pub mod memory;
 pub mod model;

@@ -5,7 +5,7 @@
 //! The plan is a pure function of the model directory, the Hessian files and the
 //! settings, which is what makes a resumed run byte-identical to an uninterrupted one.
 
-use super::format::{format_by_name, LinearFormat};
+use super::writer::{format_by_name, LinearFormat};
 use super::model::{ModelDir, TensorRef};
 use super::select::{classify, fused_group, layer_of, module_of, Glob, TensorKind};
 use super::st::{encode_header, nbytes, SafetensorsFile, TensorSpec};
@@ -48,7 +48,7 @@ pub struct JobSettings {
     pub grid: GridConfig,
     /// RTN or GPTQ.
     pub method: Method,
-    /// Output format name (see [`super::format::FORMAT_NAMES`]).
+    /// Output format name (see [`super::writer::FORMAT_NAMES`]).
     pub format: String,
     /// Only Linear weights matching one of these globs are quantized (all when empty).
     pub include: Vec<String>,

@@ -315,7 +315,7 @@ fn run_item(
             let mut stats = Vec::new();
             let mut outs = item.outputs.iter();
             for (m, r) in members.iter().zip(&results) {
-                let encoded = plan.format.encode(super::format::QuantizedLinear {
+                let encoded = plan.format.encode(super::writer::QuantizedLinear {
                     module: &m.module,
                     grid: &r.grid,
                     codes: r.codes.view(),
