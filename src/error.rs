@@ -64,6 +64,10 @@ pub enum ForgeError {
         #[source]
         source: std::io::Error,
     },
+    /// A checkpoint format cannot hold this data, or a stored checkpoint disagrees with its
+    /// format (missing or misshapen tensors, values out of range, unknown format names).
+    #[error("checkpoint format: {0}")]
+    Format(String),
     /// A safetensors file is malformed or lacks a tensor.
     #[error("safetensors: {0}")]
     Safetensors(String),

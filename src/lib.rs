@@ -12,6 +12,7 @@ pub mod error;
 pub mod gpu;
 pub mod grid;
 pub mod hessian;
+pub mod pack;
 pub mod qmeta;
 pub mod quantizer;
 pub mod solver;

@@ -7,15 +7,21 @@ mod ckpt_util;
 
 use ckpt_util::{dequant_ct, dir_files, read_all, run};
 use fourbit_forge::calib::{quantize_experts, quantize_with, ExpertInput, PreparedFactor};
-use fourbit_forge::checkpoint::demo::{write_deepseek_demo, write_demo_hessians, write_llama_demo, DeepSeekDemo, LlamaDemo};
+use fourbit_forge::checkpoint::demo::{
+    write_deepseek_demo, write_demo_hessians, write_llama_demo, DeepSeekDemo, LlamaDemo,
+};
+use fourbit_forge::checkpoint::format::{
+    decode_linear, expected_dequant, CheckpointFormat, LinearQuant, QuantSettings, ScaleDtype, TensorOut,
+};
 use fourbit_forge::checkpoint::fp8::{dequantize_fp8_blocks, BlockScales};
 use fourbit_forge::checkpoint::plan::{GptqSettings, JobSettings, Method};
 use fourbit_forge::checkpoint::select::{classify, module_of};
 use fourbit_forge::checkpoint::ModelDir;
 use fourbit_forge::hessian::PreStepConfig;
+use fourbit_forge::numerics::{quantize, stored_scale};
 use fourbit_forge::{Backend, GridConfig, MseSearch, Quantizer, ScaleSearch, WeightView};
 use ndarray::{Array2, ArrayView2};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// The input weight of `name` as f32 (FP8 through the reference dequantization).
 fn input_f32(model: &ModelDir, name: &str) -> Array2<f32> {
@@ -37,22 +43,59 @@ fn input_f32(model: &ModelDir, name: &str) -> Array2<f32> {
     }
 }
 
-/// Round-to-nearest by the library's own GPTQ path with `U = I`.
-fn reference_rtn(config: &GridConfig, w: ArrayView2<'_, f32>) -> (Vec<u8>, Vec<f32>) {
+/// Round-to-nearest references. With f32 scales: the library's own GPTQ path with `U = I`.
+/// With f16/bf16 scales: the library's grid, each element quantized against the stored
+/// (rounded) scale, and the dequantized weight as issue 12's `expected_dequant` defines it.
+fn reference_rtn(config: &GridConfig, scale: ScaleDtype, w: ArrayView2<'_, f32>) -> (Vec<u8>, Vec<f32>) {
     let q = Quantizer::new(config.clone(), Backend::Cpu);
-    let f = PreparedFactor::no_tokens(w.ncols(), &Backend::Cpu).unwrap();
-    let l = quantize_with(&q, &f, WeightView::F32(w)).unwrap();
-    (l.out.qweight.iter().copied().collect(), l.out.dequant.iter().copied().collect())
+    if scale == ScaleDtype::F32 {
+        let f = PreparedFactor::no_tokens(w.ncols(), &Backend::Cpu).unwrap();
+        let l = quantize_with(&q, &f, WeightView::F32(w)).unwrap();
+        return (l.out.qweight.iter().copied().collect(), l.out.dequant.iter().copied().collect());
+    }
+    let grid = q.build_quant_grid(WeightView::F32(w)).unwrap();
+    let codes = Array2::from_shape_fn(w.dim(), |(r, c)| {
+        let m = grid.meta(r, c / config.group_size);
+        quantize(w[[r, c]], stored_scale(m.log2_scale_q88, scale), m.qzero_f32(), grid.maxq as f32) as u8
+    });
+    let mut settings =
+        QuantSettings::new(CheckpointFormat::CompressedTensors, config.bits, Some(config.group_size), config.symmetric);
+    settings.scale_dtype = scale;
+    let deq = expected_dequant(&settings, &LinearQuant { codes: codes.view(), grid: &grid }).unwrap();
+    (codes.iter().copied().collect(), deq.iter().copied().collect())
+}
+
+/// Issue 12's settings for a job's output.
+fn format_settings(job: &JobSettings) -> QuantSettings {
+    let format = CheckpointFormat::parse(&job.format).unwrap();
+    let mut s = QuantSettings::new(format, job.grid.bits, Some(job.grid.group_size), job.grid.symmetric);
+    if let Some(d) = job.scale_dtype {
+        s.scale_dtype = d;
+    }
+    s
+}
+
+/// A module's tensors as issue 12's reader takes them.
+fn module_tensors(out: &BTreeMap<String, ckpt_util::Read>, module: &str) -> HashMap<String, TensorOut> {
+    out.iter()
+        .filter(|(n, _)| n.starts_with(&format!("{module}.")))
+        .map(|(n, r)| {
+            let dtype = fourbit_forge::checkpoint::st::parse_dtype(&r.dtype).unwrap();
+            (n.clone(), TensorOut { name: n.clone(), dtype, shape: r.shape.clone(), data: r.data.clone() })
+        })
+        .collect()
 }
 
 fn check_rtn_model(model_dir: &std::path::Path, out_dir: &std::path::Path, settings: &JobSettings) -> usize {
     let report = run(model_dir, out_dir, settings).unwrap();
     let model = ModelDir::open(model_dir).unwrap();
     let out = read_all(out_dir);
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(out_dir.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("config.json")).unwrap()).unwrap();
     let qc = &config["quantization_config"];
     assert_eq!(qc["quant_method"], "compressed-tensors");
-    let ignore: Vec<String> = qc["ignore"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let ignore: Vec<String> =
+        qc["ignore"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     assert!(ignore.contains(&"lm_head".to_string()));
     let (bits, gs) = (settings.grid.bits, settings.grid.group_size);
     let mut quantized = 0;
@@ -70,12 +113,16 @@ fn check_rtn_model(model_dir: &std::path::Path, out_dir: &std::path::Path, setti
             let w = input_f32(&model, name);
             let (codes, deq, dims) = dequant_ct(&out, module, bits, gs);
             assert_eq!(dims, w.dim());
-            let (ref_codes, ref_deq) = reference_rtn(&settings.grid, w.view());
+            let scale = settings.scale_dtype.unwrap_or(ScaleDtype::BF16);
+            let (ref_codes, ref_deq) = reference_rtn(&settings.grid, scale, w.view());
             assert_eq!(codes, ref_codes, "{module}: codes differ from the quantizer's");
             assert!(
                 deq.iter().zip(&ref_deq).all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{module}: dequantized checkpoint differs from the quantizer's dequantized weight"
             );
+            // Issue 12's reader agrees with the independent unpacker.
+            let decoded = decode_linear(&format_settings(settings), module, &module_tensors(&out, module)).unwrap();
+            assert_eq!(decoded.codes.iter().copied().collect::<Vec<_>>(), codes, "{module}");
             quantized += 1;
             continue;
         }
@@ -117,7 +164,8 @@ fn dense_llama_rtn_sharded_roundtrip() {
     // 704 = 5.5 groups of 128: down_proj does not fit and stays BF16.
     write_llama_demo(&model, &LlamaDemo { intermediate: 704, shard_bytes: 900_000, layers: 3, ..LlamaDemo::default() })
         .unwrap();
-    let settings = JobSettings { max_shard_size: 600_000, ..JobSettings::default() };
+    let settings =
+        JobSettings { max_shard_size: 600_000, scale_dtype: Some(ScaleDtype::F32), ..JobSettings::default() };
     let out = tmp.path().join("out");
     let n = check_rtn_model(&model, &out, &settings);
     assert_eq!(n, 3 * 6, "q/k/v/o/gate/up of every layer; down_proj does not fit");
@@ -131,7 +179,12 @@ fn dense_llama_mse_grid_three_bits() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("llama");
     write_llama_demo(&model, &LlamaDemo { layers: 1, ..LlamaDemo::default() }).unwrap();
-    let grid = GridConfig { bits: 3, group_size: 64, scale_search: ScaleSearch::Mse(MseSearch::default()), ..GridConfig::default() };
+    let grid = GridConfig {
+        bits: 3,
+        group_size: 64,
+        scale_search: ScaleSearch::Mse(MseSearch::default()),
+        ..GridConfig::default()
+    };
     let settings = JobSettings { grid, ..JobSettings::default() };
     assert_eq!(check_rtn_model(&model, &tmp.path().join("out"), &settings), 7);
 }
@@ -176,8 +229,10 @@ fn dense_llama_gptq_with_shared_hessians() {
     assert!(!hess.join("model.layers.0.self_attn.q_proj.safetensors").exists());
     assert!(!hess.join("model.layers.0.mlp.up_proj.safetensors").exists());
     let pre_step = PreStepConfig { rel_damp: 0.01, act_order: true };
+    // f32 scales: the checkpoint holds exactly the scales GPTQ solved against.
     let settings = JobSettings {
         method: Method::Gptq(GptqSettings { hessians: hess.clone(), pre_step: pre_step.clone(), allow_missing: false }),
+        scale_dtype: Some(ScaleDtype::F32),
         ..JobSettings::default()
     };
     let out = tmp.path().join("out");
@@ -201,12 +256,16 @@ fn dense_llama_gptq_with_shared_hessians() {
             .map(|s| format!("{parent}.{s}"))
             .find(|m| hess.join(format!("{m}.safetensors")).exists())
             .unwrap();
-        let hfile = fourbit_forge::checkpoint::st::SafetensorsFile::open(&hess.join(format!("{first}.safetensors"))).unwrap();
+        let hfile =
+            fourbit_forge::checkpoint::st::SafetensorsFile::open(&hess.join(format!("{first}.safetensors"))).unwrap();
         let ht = hfile.tensor("hessian").unwrap();
         let hb = hfile.bytes(ht).unwrap();
         let c = t.info.dims2().unwrap().1;
-        let h = Array2::from_shape_vec((c, c), hb.chunks_exact(4).map(|x| f32::from_le_bytes(x.try_into().unwrap())).collect())
-            .unwrap();
+        let h = Array2::from_shape_vec(
+            (c, c),
+            hb.chunks_exact(4).map(|x| f32::from_le_bytes(x.try_into().unwrap())).collect(),
+        )
+        .unwrap();
         let w = input_f32(&model, name);
         let want = quantize_experts(
             &Backend::Cpu,
@@ -234,7 +293,11 @@ fn gptq_without_hessian_is_refused_or_flagged() {
     let hess = tmp.path().join("hess");
     std::fs::create_dir(&hess).unwrap();
     let gptq = |allow_missing| JobSettings {
-        method: Method::Gptq(GptqSettings { hessians: hess.clone(), pre_step: PreStepConfig::default(), allow_missing }),
+        method: Method::Gptq(GptqSettings {
+            hessians: hess.clone(),
+            pre_step: PreStepConfig::default(),
+            allow_missing,
+        }),
         ..JobSettings::default()
     };
     let model = ModelDir::open(&model_dir).unwrap();
@@ -249,4 +312,34 @@ fn gptq_without_hessian_is_refused_or_flagged() {
         .collect();
     assert_eq!(methods.len(), 7);
     assert!(methods.values().all(|m| m == "rtn (no hessian)"));
+}
+
+#[test]
+fn dense_llama_gptq_format_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tmp.path().join("llama");
+    write_llama_demo(&model_dir, &LlamaDemo { layers: 1, ..LlamaDemo::default() }).unwrap();
+    let settings = JobSettings { format: "gptq".into(), ..JobSettings::default() };
+    let out = tmp.path().join("out");
+    run(&model_dir, &out, &settings).unwrap();
+    let read = read_all(&out);
+    let model = ModelDir::open(&model_dir).unwrap();
+    let fs = format_settings(&settings);
+    assert_eq!(fs.scale_dtype, ScaleDtype::F16);
+    let mut n = 0;
+    for (name, t) in &model.tensors {
+        let module = module_of(name);
+        if !read.contains_key(&format!("{module}.qweight")) {
+            continue;
+        }
+        let w = input_f32(&model, name);
+        let (codes, deq) = reference_rtn(&settings.grid, ScaleDtype::F16, w.view());
+        let decoded = decode_linear(&fs, module, &module_tensors(&read, module)).unwrap();
+        assert_eq!(decoded.codes.iter().copied().collect::<Vec<_>>(), codes, "{module}");
+        assert!(decoded.dequant.iter().zip(&deq).all(|(a, b)| a.to_bits() == b.to_bits()), "{module}");
+        assert_eq!(t.info.dims2().unwrap(), decoded.codes.dim());
+        n += 1;
+    }
+    assert_eq!(n, 7);
+    assert!(out.join("quantize_config.json").exists(), "GPTQ checkpoints carry quantize_config.json");
 }

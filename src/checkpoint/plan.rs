@@ -5,10 +5,11 @@
 //! The plan is a pure function of the model directory, the Hessian files and the
 //! settings, which is what makes a resumed run byte-identical to an uninterrupted one.
 
-use super::writer::{format_by_name, LinearFormat};
+use super::format::{require_loadable, LinearShape, RuntimeIssue, ScaleDtype};
 use super::model::{ModelDir, TensorRef};
 use super::select::{classify, fused_group, layer_of, module_of, Glob, TensorKind};
 use super::st::{encode_header, nbytes, SafetensorsFile, TensorSpec};
+use super::writer::WriterFormat;
 use crate::hessian::PreStepConfig;
 use crate::{ForgeError, GridConfig, Result, ScaleSearch, ShrinkCandidates};
 use safetensors::Dtype;
@@ -50,6 +51,9 @@ pub struct JobSettings {
     pub method: Method,
     /// Output format name (see [`super::writer::FORMAT_NAMES`]).
     pub format: String,
+    /// The dtype scales are stored in (`None`: the format's default). Round-to-nearest
+    /// quantizes against the stored scale, so the checkpoint dequantizes exactly.
+    pub scale_dtype: Option<ScaleDtype>,
     /// Only Linear weights matching one of these globs are quantized (all when empty).
     pub include: Vec<String>,
     /// Linear weights matching one of these globs are kept in full precision.
@@ -65,6 +69,7 @@ impl Default for JobSettings {
             grid: GridConfig::default(),
             method: Method::Rtn,
             format: "compressed-tensors".into(),
+            scale_dtype: None,
             include: Vec::new(),
             exclude: Vec::new(),
             max_shard_size: 5_000_000_000,
@@ -103,6 +108,7 @@ impl JobSettings {
             "scale_search": search,
             "method": method,
             "format": self.format,
+            "scale_dtype": self.scale_dtype.map(|d| super::format::dtype_name(d)),
             "include": self.include,
             "exclude": self.exclude,
             "max_shard_size": self.max_shard_size,
@@ -217,7 +223,9 @@ pub struct Plan {
     /// The output `config.json`.
     pub config_json: serde_json::Value,
     /// The format.
-    pub format: Box<dyn LinearFormat>,
+    pub format: WriterFormat,
+    /// What vLLM thinks of the checkpoint (none blocking: those are errors).
+    pub runtime_issues: Vec<RuntimeIssue>,
     /// The settings.
     pub settings: JobSettings,
     /// Hex xxh3-128 of input identity and settings.
@@ -299,9 +307,9 @@ fn natural_key(name: &str) -> Vec<(u8, u64, String)> {
 
 /// Builds the plan of quantizing `model` with `settings`.
 pub fn build_plan(model: &ModelDir, settings: &JobSettings) -> Result<Plan> {
-    let format = format_by_name(&settings.format)?;
     settings.grid.validate(1, 1)?;
-    format.check_settings(&settings.grid)?;
+    let act_order = matches!(&settings.method, Method::Gptq(g) if g.pre_step.act_order);
+    let format = WriterFormat::new(&settings.format, &settings.grid, settings.scale_dtype, act_order)?;
     if settings.max_shard_size == 0 {
         return Err(ForgeError::Config("--max-shard-size must be > 0".into()));
     }
@@ -366,7 +374,7 @@ pub fn build_plan(model: &ModelDir, settings: &JobSettings) -> Result<Plan> {
                 )));
             }
             let (rows, cols) = t.info.dims2().unwrap_or((0, 0));
-            if let Err(reason) = format.check_fit(rows, cols, &settings.grid) {
+            if let Err(reason) = format.check_fit(rows, cols) {
                 why.push((i, format!("shape {rows}×{cols} does not fit the format: {reason}")));
             }
         }
@@ -449,7 +457,7 @@ pub fn build_plan(model: &ModelDir, settings: &JobSettings) -> Result<Plan> {
                     input_bytes += model.tensors[s].info.len as u64;
                 }
                 input_bytes += mt.info.len as u64;
-                out_specs.extend(format.specs(module_of(m), dims.0, dims.1, &settings.grid));
+                out_specs.extend(format.specs(module_of(m), dims.0, dims.1)?);
                 members.push(Member {
                     module: module_of(m).to_string(),
                     weight: m.to_string(),
@@ -556,8 +564,22 @@ pub fn build_plan(model: &ModelDir, settings: &JobSettings) -> Result<Plan> {
     ignore.sort_by_cached_key(|n| natural_key(n));
     let mut config_json = model.config.clone();
     if let Some(obj) = config_json.as_object_mut() {
-        obj.insert("quantization_config".into(), format.quantization_config(&settings.grid, &ignore)?);
+        obj.insert("quantization_config".into(), format.quantization_config(&ignore)?);
     }
+    let linear_shapes: Vec<LinearShape> = linears
+        .iter()
+        .map(|n| {
+            let (out_features, in_features) = model.tensors[*n].info.dims2().unwrap_or((0, 0));
+            LinearShape {
+                name: module_of(n).to_string(),
+                out_features,
+                in_features,
+                quantized: quantized.contains_key(n),
+            }
+        })
+        .collect();
+    let runtime_issues = format.runtime_issues(&linear_shapes);
+    require_loadable(&runtime_issues)?;
     let fingerprint = fingerprint(model, settings, format.id(), &items)?;
     Ok(Plan {
         items,
@@ -567,6 +589,7 @@ pub fn build_plan(model: &ModelDir, settings: &JobSettings) -> Result<Plan> {
         kept,
         config_json,
         format,
+        runtime_issues,
         settings: settings.clone(),
         fingerprint,
         census,

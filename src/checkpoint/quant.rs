@@ -7,7 +7,7 @@ use super::model::ModelDir;
 use super::plan::{GptqSettings, Member};
 use super::st::SafetensorsFile;
 use crate::calib::{quantize_experts, ExpertInput, QuantizedLayer};
-use crate::numerics::{dequantize, quantize};
+use crate::numerics::{dequantize, quantize, stored_scale, ScaleDtype};
 use crate::{ForgeError, QuantGrid, Quantizer, Result, WeightView};
 use half::{bf16, f16};
 use ndarray::{Array2, ArrayView2};
@@ -123,9 +123,11 @@ pub struct MemberResult {
 }
 
 /// Round to nearest on the quantizer's grid: the grid from the quantizer's backend, then
-/// each element with the shared numerics' `quantize`/`dequantize`, exactly what the GPTQ
-/// solver does with `U = I` (without its O(rows·cols²) update work).
-pub fn quantize_rtn(quantizer: &Quantizer, weight: WeightView<'_>) -> Result<MemberResult> {
+/// each element with the shared numerics' `quantize`/`dequantize` against the scale as the
+/// checkpoint stores it (`stored_scale` in `scale_dtype`), so the written checkpoint
+/// dequantizes to exactly this result. With f32 scales this is what the GPTQ solver does
+/// with `U = I` (without its O(rows·cols²) update work).
+pub fn quantize_rtn(quantizer: &Quantizer, weight: WeightView<'_>, scale_dtype: ScaleDtype) -> Result<MemberResult> {
     let (rows, cols) = weight.dim();
     let grid = quantizer.build_quant_grid(weight)?;
     let gs = grid.group_size;
@@ -142,7 +144,7 @@ pub fn quantize_rtn(quantizer: &Quantizer, weight: WeightView<'_>) -> Result<Mem
                 let meta: Vec<(f32, f32)> = (0..n_groups)
                     .map(|g| {
                         let m = grid.meta(r, g);
-                        (m.scale(), m.qzero_f32())
+                        (stored_scale(m.log2_scale_q88, scale_dtype), m.qzero_f32())
                     })
                     .collect();
                 let (mut err, mut norm) = (0f64, 0f64);

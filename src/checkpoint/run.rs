@@ -200,6 +200,9 @@ pub fn quantize_checkpoint(model: &ModelDir, plan: &Plan, opts: &RunOptions, obs
         out.write_file(INDEX_FILE, &pretty(&index)?)?;
     }
     out.write_file("config.json", &pretty(&plan.config_json)?)?;
+    for (name, value) in plan.format.extra_files(&plan.ignore)? {
+        out.write_file(name, &pretty(&value)?)?;
+    }
     for f in &model.aux_files {
         out.copy_file(&model.path.join(f), f)?;
     }
@@ -272,7 +275,7 @@ fn run_item(
                 Method::Rtn => {
                     for m in members {
                         let w = load_weight(model, m, block)?;
-                        results.push(quantize_rtn(quantizer, w.view())?);
+                        results.push(quantize_rtn(quantizer, w.view(), plan.format.scale_dtype())?);
                         drop(w);
                         release_weight(model, m);
                     }
@@ -319,7 +322,6 @@ fn run_item(
                     module: &m.module,
                     grid: &r.grid,
                     codes: r.codes.view(),
-                    config: &plan.settings.grid,
                 })?;
                 for bytes in encoded {
                     let o = *outs.next().ok_or_else(|| {
@@ -446,7 +448,7 @@ pub fn estimate_seconds(plan: &Plan, backend: &Backend) -> Result<f64> {
         let t = Instant::now();
         match &plan.settings.method {
             Method::Rtn => {
-                quantize_rtn(&quantizer, WeightView::F32(w.view()))?;
+                quantize_rtn(&quantizer, WeightView::F32(w.view()), plan.format.scale_dtype())?;
             }
             Method::Gptq(g) => {
                 quantize_gptq(&quantizer, g, &[WeightView::F32(w.view())], Some(h.view()))?;

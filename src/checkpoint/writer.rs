@@ -1,17 +1,22 @@
-//! How a quantized Linear is stored: the small interface the checkpoint writer needs from
-//! an output format (tensor layout known before the data exists, encoding, the config's
-//! `quantization_config`), and the formats available.
+//! The checkpoint format (issue 12's [`super::format`]) as the streaming writer uses it.
 //!
 //! The writer places every tensor before it is computed (shards of bounded size, resumable
-//! at any point), so a format states its tensors' names, dtypes and shapes up front
-//! ([`LinearFormat::specs`]) and [`LinearFormat::encode`] must produce exactly those.
+//! at any point), so it needs each quantized Linear's tensor names, dtypes and shapes up
+//! front. [`WriterFormat::specs`] gets them by encoding a placeholder Linear of the same
+//! shape once per distinct shape (a model has a handful) and [`WriterFormat::encode`]
+//! checks that the real encoding matches them.
 
+use super::format::{
+    check_runtime_support, encode_linear, quantization_config, quantize_config_file, CheckpointFormat, LinearQuant,
+    LinearShape, QuantSettings, RuntimeIssue, ScaleDtype, Severity,
+};
 use super::st::TensorSpec;
-use crate::{ForgeError, GridConfig, QuantGrid, Result};
-use ndarray::ArrayView2;
-use safetensors::Dtype;
+use crate::{ForgeError, GridConfig, QMetaPacked, QuantGrid, Result};
+use ndarray::{Array2, Array3, ArrayView2};
+use std::collections::HashMap;
+use std::sync::Mutex;
 
-/// One quantized Linear, as the engine hands it to a format.
+/// One quantized Linear, as the engine hands it to the writer.
 #[derive(Clone, Copy, Debug)]
 pub struct QuantizedLinear<'a> {
     /// The module (`model.layers.0.self_attn.q_proj`).
@@ -20,156 +25,137 @@ pub struct QuantizedLinear<'a> {
     pub grid: &'a QuantGrid,
     /// Codes `(rows, cols)` in `0..=maxq`, original column order.
     pub codes: ArrayView2<'a, u8>,
-    /// The format settings the grid was built with.
-    pub config: &'a GridConfig,
 }
 
-/// An output format for quantized Linear weights.
-pub trait LinearFormat: Send + Sync {
-    /// The name used by `--format` and in reports.
-    fn id(&self) -> &'static str;
+/// Names `--format` accepts.
+pub const FORMAT_NAMES: &[&str] = &["compressed-tensors", "gptq", "gptq_v2", "qmeta4"];
 
-    /// Rejects settings the format cannot store at all (before any work).
-    fn check_settings(&self, config: &GridConfig) -> Result<()>;
-
-    /// Why a `rows × cols` weight cannot be stored in this format with `config` (it is then
-    /// kept in full precision and listed in the ignore list), or `Ok` when it can.
-    fn check_fit(&self, rows: usize, cols: usize, config: &GridConfig) -> std::result::Result<(), String>;
-
-    /// The tensors that replace `<module>.weight`, in the order [`LinearFormat::encode`]
-    /// returns their bytes.
-    fn specs(&self, module: &str, rows: usize, cols: usize, config: &GridConfig) -> Vec<TensorSpec>;
-
-    /// The bytes of each tensor of [`LinearFormat::specs`], little-endian, row-major.
-    fn encode(&self, q: QuantizedLinear<'_>) -> Result<Vec<Vec<u8>>>;
-
-    /// The `quantization_config` for `config.json`; `ignore` lists the Linear modules kept in
-    /// full precision.
-    fn quantization_config(&self, config: &GridConfig, ignore: &[String]) -> Result<serde_json::Value>;
+/// A checkpoint format with its settings, for the writer.
+pub struct WriterFormat {
+    settings: QuantSettings,
+    grid: GridConfig,
+    /// Tensor suffixes, dtypes and shapes per `(rows, cols)`, or why that shape cannot be
+    /// stored.
+    templates: Mutex<HashMap<(usize, usize), std::result::Result<Vec<TensorSpec>, String>>>,
 }
 
-/// The formats `--format` accepts.
-pub const FORMAT_NAMES: &[&str] = &["compressed-tensors"];
-
-/// The format called `name`.
-pub fn format_by_name(name: &str) -> Result<Box<dyn LinearFormat>> {
-    match name {
-        "compressed-tensors" | "pack-quantized" => Ok(Box::new(CompressedTensorsPacked)),
-        other => {
-            Err(ForgeError::Config(format!("unknown output format {other:?}; available: {}", FORMAT_NAMES.join(", "))))
-        }
+impl std::fmt::Debug for WriterFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriterFormat").field("settings", &self.settings).finish()
     }
 }
 
-/// compressed-tensors `pack-quantized` (what llm-compressor writes and vLLM loads as
-/// W4A16): per Linear `weight_packed` I32 `[rows, cols·bits/32]` (element `j` of a row at
-/// bits `[j·b, j·b+b)` of the row's little-endian bit stream), `weight_scale`
-/// `[rows, n_groups]` and `weight_shape` I64 `[2]`. Stored values are the unsigned codes
-/// (`q_signed + 2^(b−1)`, which is our code for a symmetric grid). Symmetric only here; the
-/// scales are stored as f32, exactly the decoded qmeta4 scales the codes were solved with.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CompressedTensorsPacked;
-
-impl LinearFormat for CompressedTensorsPacked {
-    fn id(&self) -> &'static str {
-        "compressed-tensors"
+impl WriterFormat {
+    /// `format` (a [`CheckpointFormat`] name) for grids built with `grid`; `scale_dtype`
+    /// defaults to the format's.
+    pub fn new(format: &str, grid: &GridConfig, scale_dtype: Option<ScaleDtype>, act_order: bool) -> Result<Self> {
+        let format = CheckpointFormat::parse(format)?;
+        let mut settings = QuantSettings::new(format, grid.bits, Some(grid.group_size), grid.symmetric);
+        if let Some(d) = scale_dtype {
+            settings.scale_dtype = d;
+        }
+        settings.act_order = act_order;
+        settings.validate()?;
+        Ok(WriterFormat { settings, grid: grid.clone(), templates: Mutex::new(HashMap::new()) })
     }
 
-    fn check_settings(&self, config: &GridConfig) -> Result<()> {
-        if !config.symmetric {
-            return Err(ForgeError::Config(
-                "the compressed-tensors writer stores symmetric grids only (asymmetric zero points are not written yet)"
-                    .into(),
-            ));
-        }
-        Ok(())
+    /// The format's settings.
+    pub fn settings(&self) -> &QuantSettings {
+        &self.settings
     }
 
-    fn check_fit(&self, rows: usize, cols: usize, config: &GridConfig) -> std::result::Result<(), String> {
-        if rows == 0 || cols == 0 {
-            return Err("empty weight".into());
-        }
-        if !cols.is_multiple_of(config.group_size) {
-            return Err(format!("{cols} input columns are not a multiple of the group size {}", config.group_size));
-        }
-        if !(cols * config.bits as usize).is_multiple_of(32) {
-            return Err(format!("{cols} input columns of {} bits do not fill whole 32-bit words", config.bits));
-        }
-        Ok(())
+    /// The format's name.
+    pub fn id(&self) -> &'static str {
+        self.settings.format.name()
     }
 
-    fn specs(&self, module: &str, rows: usize, cols: usize, config: &GridConfig) -> Vec<TensorSpec> {
-        vec![
-            TensorSpec::new(
-                format!("{module}.weight_packed"),
-                Dtype::I32,
-                vec![rows, cols * config.bits as usize / 32],
-            ),
-            TensorSpec::new(format!("{module}.weight_scale"), Dtype::F32, vec![rows, config.n_groups(cols)]),
-            TensorSpec::new(format!("{module}.weight_shape"), Dtype::I64, vec![2]),
-        ]
+    /// The dtype scales are stored in (what round-to-nearest quantizes against).
+    pub fn scale_dtype(&self) -> ScaleDtype {
+        self.settings.scale_dtype
     }
 
-    fn encode(&self, q: QuantizedLinear<'_>) -> Result<Vec<Vec<u8>>> {
+    fn template(&self, rows: usize, cols: usize) -> std::result::Result<Vec<TensorSpec>, String> {
+        let mut cache = self.templates.lock().map_err(|_| "format template cache poisoned".to_string())?;
+        if let Some(t) = cache.get(&(rows, cols)) {
+            return t.clone();
+        }
+        let t = self.build_template(rows, cols);
+        cache.insert((rows, cols), t.clone());
+        t
+    }
+
+    /// Encodes a placeholder Linear (every code at the zero point, scale 1) of this shape.
+    fn build_template(&self, rows: usize, cols: usize) -> std::result::Result<Vec<TensorSpec>, String> {
+        self.grid.validate(rows, cols).map_err(|e| e.to_string())?;
+        let zero = if self.settings.symmetric { self.settings.symmetric_zero() } else { 0 };
+        let n_groups = self.grid.n_groups(cols);
+        let record = QMetaPacked::encode(1.0, f32::from(zero), self.settings.symmetric).to_bytes();
+        let qmeta = Array3::from_shape_fn((rows, n_groups, 4), |(_, _, k)| record[k]);
+        let grid = QuantGrid {
+            qmeta,
+            maxq: self.grid.maxq(),
+            pad: n_groups * self.grid.group_size - cols,
+            group_size: self.grid.group_size,
+        };
+        let codes = Array2::from_elem((rows, cols), zero);
+        let out = encode_linear(&self.settings, "", &LinearQuant { codes: codes.view(), grid: &grid })
+            .map_err(|e| e.to_string())?;
+        Ok(out.into_iter().map(|t| TensorSpec::new(t.name, t.dtype, t.shape)).collect())
+    }
+
+    /// Why a `rows × cols` weight cannot be stored (then it is kept in full precision and
+    /// listed in the ignore list): the format cannot lay it out, or vLLM would refuse it.
+    pub fn check_fit(&self, rows: usize, cols: usize) -> std::result::Result<(), String> {
+        self.template(rows, cols)?;
+        let lin = LinearShape { name: "linear".into(), out_features: rows, in_features: cols, quantized: true };
+        let blocking: Vec<String> = check_runtime_support(&self.settings, &[lin])
+            .into_iter()
+            .filter(|i| i.severity == Severity::Blocking && i.module.is_some())
+            .map(|i| i.constraint)
+            .collect();
+        if blocking.is_empty() {
+            Ok(())
+        } else {
+            Err(blocking.join("; "))
+        }
+    }
+
+    /// The tensors that replace `<module>.weight`, in the order [`WriterFormat::encode`]
+    /// returns them.
+    pub fn specs(&self, module: &str, rows: usize, cols: usize) -> Result<Vec<TensorSpec>> {
+        let t = self.template(rows, cols).map_err(|why| ForgeError::Format(format!("{module}: {why}")))?;
+        Ok(t.into_iter().map(|s| TensorSpec::new(format!("{module}.{}", s.name), s.dtype, s.shape)).collect())
+    }
+
+    /// The bytes of each tensor of [`WriterFormat::specs`], checked against them.
+    pub fn encode(&self, q: QuantizedLinear<'_>) -> Result<Vec<Vec<u8>>> {
         let (rows, cols) = q.codes.dim();
-        let bits = q.config.bits;
-        self.check_fit(rows, cols, q.config).map_err(|why| ForgeError::Shape(format!("{}: {why}", q.module)))?;
-        if q.grid.dim() != (rows, q.config.n_groups(cols)) {
-            return Err(ForgeError::Shape(format!("{}: grid {:?} for codes {rows}×{cols}", q.module, q.grid.dim())));
+        let specs = self.specs(q.module, rows, cols)?;
+        let out = encode_linear(&self.settings, q.module, &LinearQuant { codes: q.codes, grid: q.grid })?;
+        if out.len() != specs.len()
+            || out.iter().zip(&specs).any(|(t, s)| t.name != s.name || t.dtype != s.dtype || t.shape != s.shape)
+        {
+            return Err(ForgeError::Format(format!(
+                "{}: the {} encoder returned tensors that differ from its planned layout",
+                q.module,
+                self.id()
+            )));
         }
-        let words_per_row = cols * bits as usize / 32;
-        let mut packed = Vec::with_capacity(rows * words_per_row * 4);
-        for row in q.codes.rows() {
-            let (mut acc, mut nbits) = (0u64, 0u32);
-            for &c in row {
-                acc |= u64::from(c) << nbits;
-                nbits += bits;
-                if nbits >= 32 {
-                    packed.extend_from_slice(&(acc as u32).to_le_bytes());
-                    acc >>= 32;
-                    nbits -= 32;
-                }
-            }
-        }
-        let (_, n_groups) = q.grid.dim();
-        let mut scales = Vec::with_capacity(rows * n_groups * 4);
-        for r in 0..rows {
-            for g in 0..n_groups {
-                scales.extend_from_slice(&q.grid.meta(r, g).scale().to_le_bytes());
-            }
-        }
-        let shape: Vec<u8> = [rows as i64, cols as i64].iter().flat_map(|v| v.to_le_bytes()).collect();
-        Ok(vec![packed, scales, shape])
+        Ok(out.into_iter().map(|t| t.data).collect())
     }
 
-    fn quantization_config(&self, config: &GridConfig, ignore: &[String]) -> Result<serde_json::Value> {
-        let weights = serde_json::json!({
-            "num_bits": config.bits,
-            "type": "int",
-            "symmetric": config.symmetric,
-            "group_size": config.group_size,
-            "strategy": "group",
-            "dynamic": false,
-            "actorder": null,
-            "observer": match config.scale_search { crate::ScaleSearch::Absmax => "minmax", _ => "mse" },
-            "observer_kwargs": {},
-        });
-        Ok(serde_json::json!({
-            "quant_method": "compressed-tensors",
-            "format": "pack-quantized",
-            "quantization_status": "compressed",
-            "config_groups": {
-                "group_0": {
-                    "targets": ["Linear"],
-                    "weights": weights,
-                    "input_activations": null,
-                    "output_activations": null,
-                    "format": "pack-quantized",
-                }
-            },
-            "ignore": ignore,
-            "kv_cache_scheme": null,
-            "global_compression_ratio": null,
-        }))
+    /// The `quantization_config` for `config.json`.
+    pub fn quantization_config(&self, ignore: &[String]) -> Result<serde_json::Value> {
+        quantization_config(&self.settings, ignore)
+    }
+
+    /// Further config files the format expects (GPTQ's `quantize_config.json`).
+    pub fn extra_files(&self, ignore: &[String]) -> Result<Vec<(&'static str, serde_json::Value)>> {
+        Ok(quantize_config_file(&self.settings, ignore)?.into_iter().collect())
+    }
+
+    /// What vLLM thinks of the whole checkpoint.
+    pub fn runtime_issues(&self, linears: &[LinearShape]) -> Vec<RuntimeIssue> {
+        check_runtime_support(&self.settings, linears)
     }
 }

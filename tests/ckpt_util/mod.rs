@@ -38,7 +38,10 @@ pub fn read_all(dir: &Path) -> BTreeMap<String, Read> {
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{f}: {e}"));
         for (name, t) in st.tensors() {
             located.insert(name.clone(), f.clone());
-            let prev = out.insert(name.clone(), Read { dtype: t.dtype().to_string(), shape: t.shape().to_vec(), data: t.data().to_vec() });
+            let prev = out.insert(
+                name.clone(),
+                Read { dtype: t.dtype().to_string(), shape: t.shape().to_vec(), data: t.data().to_vec() },
+            );
             assert!(prev.is_none(), "{name} is in two files");
         }
     }
@@ -85,7 +88,12 @@ pub fn f32s(r: &Read) -> Vec<f32> {
 }
 
 /// The dequantized weight of a compressed-tensors symmetric module: `(code − 2^(b−1))·scale`.
-pub fn dequant_ct(out: &BTreeMap<String, Read>, module: &str, bits: u32, group: usize) -> (Vec<u8>, Vec<f32>, (usize, usize)) {
+pub fn dequant_ct(
+    out: &BTreeMap<String, Read>,
+    module: &str,
+    bits: u32,
+    group: usize,
+) -> (Vec<u8>, Vec<f32>, (usize, usize)) {
     let shape = &out[&format!("{module}.weight_shape")];
     let dims: Vec<i64> = shape.data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
     let (rows, cols) = (dims[0] as usize, dims[1] as usize);
@@ -93,9 +101,16 @@ pub fn dequant_ct(out: &BTreeMap<String, Read>, module: &str, bits: u32, group: 
     let scale_t = &out[&format!("{module}.weight_scale")];
     let n_groups = cols.div_ceil(group);
     assert_eq!(scale_t.shape, vec![rows, n_groups]);
-    let scales = f32s(scale_t);
+    let scales: Vec<f32> = match scale_t.dtype.as_str() {
+        "F32" => f32s(scale_t),
+        "BF16" => scale_t.data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        "F16" => scale_t.data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        other => panic!("scale dtype {other}"),
+    };
     let zero = (1u32 << (bits - 1)) as f32;
-    let deq = (0..rows * cols).map(|k| (codes[k] as f32 - zero) * scales[(k / cols) * n_groups + (k % cols) / group]).collect();
+    let deq = (0..rows * cols)
+        .map(|k| (codes[k] as f32 - zero) * scales[(k / cols) * n_groups + (k % cols) / group])
+        .collect();
     (codes, deq, (rows, cols))
 }
 

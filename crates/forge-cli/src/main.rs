@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use fourbit_forge::checkpoint::demo::{
     write_deepseek_demo, write_demo_hessians, write_llama_demo, DeepSeekDemo, LlamaDemo,
 };
+use fourbit_forge::checkpoint::format::{dtype_name, ScaleDtype};
 use fourbit_forge::checkpoint::memory::{default_budget, human_bytes, parse_size, peak_rss};
 use fourbit_forge::checkpoint::output::{check_target, ItemStats};
 use fourbit_forge::checkpoint::plan::Item;
@@ -43,6 +44,13 @@ enum Command {
     Inspect(InspectArgs),
     /// Write a generated demo checkpoint (Llama-shaped, or DeepSeek-shaped FP8 MoE).
     Demo(DemoArgs),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum ScaleDtypeArg {
+    F32,
+    F16,
+    Bf16,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -100,9 +108,14 @@ struct QuantOpts {
     /// Keep Linear weights matching this glob in full precision (fused partners too). Repeatable.
     #[arg(long, value_name = "GLOB")]
     exclude: Vec<String>,
-    /// Output format.
+    /// Output format: compressed-tensors (pack-quantized; vLLM, transformers), gptq,
+    /// gptq_v2, or qmeta4 (4Bit Forge's own runtime).
     #[arg(long, default_value = "compressed-tensors")]
     format: String,
+    /// dtype the scales are stored in (default: bf16 for compressed-tensors, f16 for GPTQ,
+    /// f32 for qmeta4). Round-to-nearest quantizes against the stored scale.
+    #[arg(long, value_enum)]
+    scale_dtype: Option<ScaleDtypeArg>,
     /// Largest output shard (e.g. 5GB, 500MB, 2GiB).
     #[arg(long, default_value = "5GB", value_parser = size_arg)]
     max_shard_size: u64,
@@ -246,6 +259,11 @@ impl QuantOpts {
             grid,
             method,
             format: self.format.clone(),
+            scale_dtype: self.scale_dtype.map(|d| match d {
+                ScaleDtypeArg::F32 => ScaleDtype::F32,
+                ScaleDtypeArg::F16 => ScaleDtype::F16,
+                ScaleDtypeArg::Bf16 => ScaleDtype::BF16,
+            }),
             include: self.include.clone(),
             exclude: self.exclude.clone(),
             max_shard_size: self.max_shard_size,
@@ -265,9 +283,9 @@ impl QuantOpts {
         }
     }
 
-    fn describe(&self) -> String {
+    fn describe(&self, plan: &Plan) -> String {
         format!(
-            "W{} g{} {} {}, {}{}",
+            "W{} g{} {} {}, {}, {} with {} scales",
             self.bits,
             self.group_size,
             if self.asym { "asym" } else { "sym" },
@@ -277,7 +295,8 @@ impl QuantOpts {
                 MethodArg::Gptq =>
                     format!("gptq (damp {}{})", self.damp, if self.act_order { ", act-order" } else { "" }),
             },
-            format!(", {}", self.format)
+            plan.format.id(),
+            dtype_name(plan.format.scale_dtype())
         )
     }
 }
@@ -412,7 +431,7 @@ fn print_plan(model: &ModelDir, plan: &Plan, q: &QuantOpts) {
         plan.items.iter().filter(|i| matches!(i.work, fourbit_forge::checkpoint::plan::Work::Quantize { .. })).count();
     println!(
         "plan ({}): quantize {} Linear weights in {groups} step{}, keep {} in full precision, {} tensors unchanged",
-        q.describe(),
+        q.describe(plan),
         plan.quantized_modules(),
         if groups == 1 { "" } else { "s" },
         plan.kept.len(),
@@ -431,6 +450,15 @@ fn print_plan(model: &ModelDir, plan: &Plan, q: &QuantOpts) {
         plan.items.iter().filter(|i| matches!(i.work, fourbit_forge::checkpoint::plan::Work::Fp8ToBf16 { .. })).count();
     if fp8 > 0 {
         println!("{fp8} FP8 block-scaled weight(s) kept in full precision are written as BF16 (dequantized)");
+    }
+    for issue in &plan.runtime_issues {
+        println!("warning: {issue}");
+    }
+    if matches!(plan.settings.method, Method::Gptq(_)) && plan.format.scale_dtype() != ScaleDtype::F32 {
+        println!(
+            "note: GPTQ solves against the f32 qmeta4 scales; they are stored as {} (pass --scale-dtype f32 to store exactly those)",
+            dtype_name(plan.format.scale_dtype())
+        );
     }
     let before = model.total_bytes();
     let after = plan.total_tensor_bytes();

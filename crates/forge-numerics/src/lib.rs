@@ -13,6 +13,7 @@ pub mod dtype;
 pub mod loss;
 pub mod qmeta;
 pub mod quant;
+pub mod scale;
 
 pub use dtype::{bf16_bits_to_f32, f16_bits_to_f32, fp8_e4m3_to_f32};
 pub use loss::{abs_pow, element_loss};
@@ -21,6 +22,7 @@ pub use quant::{
     dequantize, linspace_f32, maxq, quantize, quantize_scaled, quantize_with_reciprocal, range_meta,
     reciprocal_is_safe, RangeMeta, MIN_SCALE,
 };
+pub use scale::{f32_to_bf16_bits, f32_to_f16_bits, round_to_dtype, stored_scale, ScaleDtype};
 
 /// Round half to even (torch's `round`, CUDA's `rintf`, PTX `cvt.rni`).
 ///
