@@ -28,7 +28,8 @@ fn write_index(dir: &Path, v: &serde_json::Value) {
 
 fn single_file(dir: &Path, specs: &[(TensorSpec, Vec<u8>)]) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("config.json"), br#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}"#).unwrap();
+    std::fs::write(dir.join("config.json"), br#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}"#)
+        .unwrap();
     let list: Vec<TensorSpec> = specs.iter().map(|(s, _)| s.clone()).collect();
     let (header, offsets, len) = encode_header(&list, &Default::default()).unwrap();
     let mut bytes = header.clone();
@@ -60,7 +61,10 @@ fn index_naming_a_missing_tensor_is_a_typed_error() {
     v["weight_map"]["model.layers.0.self_attn.q_norm.weight"] = shard;
     write_index(&dir, &v);
     let err = ModelDir::open(&dir).unwrap_err();
-    assert!(matches!(err, ForgeError::MissingTensor { ref tensor, .. } if tensor == "model.layers.0.self_attn.q_norm.weight"), "{err}");
+    assert!(
+        matches!(err, ForgeError::MissingTensor { ref tensor, .. } if tensor == "model.layers.0.self_attn.q_norm.weight"),
+        "{err}"
+    );
     // A shard name that leaves the directory is refused too.
     v["weight_map"]["lm_head.weight"] = serde_json::json!("../elsewhere.safetensors");
     write_index(&dir, &v);
@@ -82,7 +86,10 @@ fn unsupported_dtypes_are_typed_errors() {
 
     // A Linear weight stored as I8: a clear error naming the tensor (or --exclude it).
     let dir = tmp.path().join("int8");
-    single_file(&dir, &[(TensorSpec::new("model.layers.0.mlp.down_proj.weight", Dtype::I8, vec![128, 128]), vec![1; 128 * 128])]);
+    single_file(
+        &dir,
+        &[(TensorSpec::new("model.layers.0.mlp.down_proj.weight", Dtype::I8, vec![128, 128]), vec![1; 128 * 128])],
+    );
     let model = ModelDir::open(&dir).unwrap();
     let err = build_plan(&model, &JobSettings::default()).unwrap_err();
     assert!(matches!(err, ForgeError::Dtype(ref m) if m.contains("down_proj")), "{err}");
@@ -92,7 +99,13 @@ fn unsupported_dtypes_are_typed_errors() {
 
     // FP8 without block scales.
     let dir = tmp.path().join("fp8");
-    single_file(&dir, &[(TensorSpec::new("model.layers.0.mlp.up_proj.weight", Dtype::F8_E4M3, vec![128, 128]), vec![0x38; 128 * 128])]);
+    single_file(
+        &dir,
+        &[(
+            TensorSpec::new("model.layers.0.mlp.up_proj.weight", Dtype::F8_E4M3, vec![128, 128]),
+            vec![0x38; 128 * 128],
+        )],
+    );
     let err = build_plan(&ModelDir::open(&dir).unwrap(), &JobSettings::default()).unwrap_err();
     assert!(matches!(err, ForgeError::Config(ref m) if m.contains("weight_scale_inv")), "{err}");
 }
@@ -125,14 +138,18 @@ fn malformed_safetensors_are_refused() {
     bytes.extend_from_slice(json);
     bytes.extend_from_slice(&[0u8; 12]);
     std::fs::write(&path, &bytes).unwrap();
-    assert!(matches!(SafetensorsFile::open(&path).unwrap_err(), ForgeError::Safetensors(ref m) if m.contains("overlap")));
+    assert!(
+        matches!(SafetensorsFile::open(&path).unwrap_err(), ForgeError::Safetensors(ref m) if m.contains("overlap"))
+    );
     // A shape that does not match its byte range.
     let json = br#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
     let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(json);
     bytes.extend_from_slice(&[0u8; 8]);
     std::fs::write(&path, &bytes).unwrap();
-    assert!(matches!(SafetensorsFile::open(&path).unwrap_err(), ForgeError::Safetensors(ref m) if m.contains("needs 12")));
+    assert!(
+        matches!(SafetensorsFile::open(&path).unwrap_err(), ForgeError::Safetensors(ref m) if m.contains("needs 12"))
+    );
     std::fs::write(&path, &good).unwrap();
     assert_eq!(SafetensorsFile::open(&path).unwrap().tensors().len(), 1);
 }

@@ -34,12 +34,12 @@ const SCALES: [f32; 6] = [0.5, 2.0, 0.25, 3.0, 1.5, 0.125];
 
 fn expected_hand() -> Vec<((usize, usize), f32)> {
     vec![
-        ((0, 0), 0.5),          // 1.0 · s[0][0] = 0.5
-        ((127, 127), 1.0),      // 2.0 · 0.5
-        ((127, 128), 4.0),      // 2.0 · s[0][1] = 2.0
-        ((128, 0), -3.0),       // −1.0 · s[1][0] = 3.0
-        ((0, 256), 112.0),      // 448 · s[0][2] = 0.25
-        ((129, 200), 2.25),     // 1.5 · s[1][1] = 1.5
+        ((0, 0), 0.5),              // 1.0 · s[0][0] = 0.5
+        ((127, 127), 1.0),          // 2.0 · 0.5
+        ((127, 128), 4.0),          // 2.0 · s[0][1] = 2.0
+        ((128, 0), -3.0),           // −1.0 · s[1][0] = 3.0
+        ((0, 256), 112.0),          // 448 · s[0][2] = 0.25
+        ((129, 200), 2.25),         // 1.5 · s[1][1] = 1.5
         ((129, 258), 1.0 / 4096.0), // 2^-9 · 2^-3
         ((1, 1), 0.0),
     ]
@@ -70,7 +70,8 @@ fn non_square_blocks_and_single_tile() {
     // 3 × 5 with 2 × 4 blocks: scales 2 × 2; element (2, 4) is in tile (1, 1).
     let q: Vec<u8> = vec![0x38; 15];
     let s = f32_bytes(&[1.0, 10.0, 100.0, 1000.0]);
-    let w = dequantize_fp8_blocks(&q, 3, 5, BlockScales { bytes: &s, dtype: Dtype::F32, shape: (2, 2) }, (2, 4)).unwrap();
+    let w =
+        dequantize_fp8_blocks(&q, 3, 5, BlockScales { bytes: &s, dtype: Dtype::F32, shape: (2, 2) }, (2, 4)).unwrap();
     let want = [[1.0, 1.0, 1.0, 1.0, 10.0], [1.0, 1.0, 1.0, 1.0, 10.0], [100.0, 100.0, 100.0, 100.0, 1000.0]];
     for r in 0..3 {
         for c in 0..5 {
@@ -79,8 +80,14 @@ fn non_square_blocks_and_single_tile() {
     }
     // A weight smaller than one block has a single scale.
     let s = f32_bytes(&[0.25]);
-    let w = dequantize_fp8_blocks(&[0x40, 0xc0], 1, 2, BlockScales { bytes: &s, dtype: Dtype::F32, shape: (1, 1) }, (128, 128))
-        .unwrap();
+    let w = dequantize_fp8_blocks(
+        &[0x40, 0xc0],
+        1,
+        2,
+        BlockScales { bytes: &s, dtype: Dtype::F32, shape: (1, 1) },
+        (128, 128),
+    )
+    .unwrap();
     assert_eq!(w.as_slice().unwrap(), &[0.5, -0.5]);
 }
 
@@ -91,8 +98,14 @@ fn bad_inputs_are_typed_errors() {
     let scales = BlockScales { bytes: &s, dtype: Dtype::F32, shape: (2, 3) };
     // Scales of the wrong shape (the full-tile count 1 × 2 instead of the ceil 2 × 3).
     let short = f32_bytes(&SCALES[..2]);
-    let err = dequantize_fp8_blocks(&q, rows, cols, BlockScales { bytes: &short, dtype: Dtype::F32, shape: (1, 2) }, (128, 128))
-        .unwrap_err();
+    let err = dequantize_fp8_blocks(
+        &q,
+        rows,
+        cols,
+        BlockScales { bytes: &short, dtype: Dtype::F32, shape: (1, 2) },
+        (128, 128),
+    )
+    .unwrap_err();
     assert!(matches!(err, ForgeError::Shape(_)), "{err}");
     // Weight bytes that disagree with the shape.
     assert!(matches!(dequantize_fp8_blocks(&q[1..], rows, cols, scales, (128, 128)), Err(ForgeError::Shape(_))));
@@ -105,8 +118,9 @@ fn bad_inputs_are_typed_errors() {
     let mut bad = SCALES;
     bad[4] = f32::INFINITY;
     let b = f32_bytes(&bad);
-    let err = dequantize_fp8_blocks(&q, rows, cols, BlockScales { bytes: &b, dtype: Dtype::F32, shape: (2, 3) }, (128, 128))
-        .unwrap_err();
+    let err =
+        dequantize_fp8_blocks(&q, rows, cols, BlockScales { bytes: &b, dtype: Dtype::F32, shape: (2, 3) }, (128, 128))
+            .unwrap_err();
     assert!(matches!(err, ForgeError::NonFinite { row: 1, col: 1, .. }), "{err}");
     // Unsupported scale dtype and zero block size.
     assert!(matches!(
@@ -117,7 +131,11 @@ fn bad_inputs_are_typed_errors() {
     // The header-level check used when planning.
     let w = TensorInfo { name: "w".into(), dtype: Dtype::F8_E4M3, shape: vec![576, 7168], offset: 0, len: 576 * 7168 };
     let ok = TensorInfo { name: "s".into(), dtype: Dtype::F32, shape: vec![5, 56], offset: 0, len: 5 * 56 * 4 };
-    assert_eq!(check_scale_shape(&w, &ok, (128, 128)).unwrap(), (5, 56), "DeepSeek's kv_a_proj_with_mqa: 4.5 row tiles");
+    assert_eq!(
+        check_scale_shape(&w, &ok, (128, 128)).unwrap(),
+        (5, 56),
+        "DeepSeek's kv_a_proj_with_mqa: 4.5 row tiles"
+    );
     let floor = TensorInfo { shape: vec![4, 56], len: 4 * 56 * 4, ..ok.clone() };
     assert!(check_scale_shape(&w, &floor, (128, 128)).is_err());
 }

@@ -29,7 +29,13 @@ fn output(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     f
 }
 
-fn interrupted_then_resumed(model_dir: &Path, settings: &JobSettings, reference: &BTreeMap<String, Vec<u8>>, stops: &[usize], tag: &str) {
+fn interrupted_then_resumed(
+    model_dir: &Path,
+    settings: &JobSettings,
+    reference: &BTreeMap<String, Vec<u8>>,
+    stops: &[usize],
+    tag: &str,
+) {
     let model = ModelDir::open(model_dir).unwrap();
     let plan = build_plan(&model, settings).unwrap();
     let out = model_dir.parent().unwrap().join(format!("out-{tag}"));
@@ -48,8 +54,7 @@ fn interrupted_then_resumed(model_dir: &Path, settings: &JobSettings, reference:
         assert!(got[name] == *bytes, "{tag}: {name} differs from the uninterrupted run");
     }
     // The summary covers every quantized module, including those of the first runs.
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join(SUMMARY_FILE)).unwrap()).unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join(SUMMARY_FILE)).unwrap()).unwrap();
     assert_eq!(summary["tensors"].as_array().unwrap().len(), plan.quantized_modules());
 }
 
@@ -132,7 +137,8 @@ fn resume_refuses_changed_settings_or_input() {
     assert!(matches!(err, ForgeError::Config(ref m) if m.contains("--resume")), "{err}");
 
     // Other settings.
-    let bits3 = JobSettings { grid: fourbit_forge::GridConfig { bits: 3, ..settings.grid.clone() }, ..settings.clone() };
+    let bits3 =
+        JobSettings { grid: fourbit_forge::GridConfig { bits: 3, ..settings.grid.clone() }, ..settings.clone() };
     let plan3 = build_plan(&model, &bits3).unwrap();
     let err = quantize_checkpoint(&model, &plan3, &options(&out, true, None), &Silent).unwrap_err();
     assert!(matches!(err, ForgeError::Resume(ref m) if m.contains("settings changed")), "{err}");

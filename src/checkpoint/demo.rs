@@ -1,7 +1,11 @@
-//! Small checkpoints generated deterministically, for the built-in demo of `forge quantize`
-//! and for the tests: a Llama-shaped dense model (BF16) and a DeepSeek-V3-shaped MoE with
+//! Checkpoints generated deterministically, for the built-in demo of `forge quantize`, the
+//! tests and benchmarks: a Llama-shaped dense model and a DeepSeek-V3-shaped MoE with
 //! block-scaled FP8 weights (`weight_scale_inv`, partial edge tiles), both sharded with an
 //! index at boundaries that do not follow the layers, plus Hessian files for GPTQ.
+//!
+//! Every tensor has its own generator seeded from its name and the model seed, so shards are
+//! generated one at a time (in parallel within a shard) and memory stays bounded by one
+//! shard whatever the model size.
 
 use super::fp8::{quantize_fp8_blocks, DEFAULT_BLOCK};
 use super::model::INDEX_FILE;
@@ -9,6 +13,7 @@ use super::select::{classify, fused_group, module_of};
 use super::st::{encode_header, TensorSpec};
 use crate::{ForgeError, Result};
 use ndarray::Array2;
+use rayon::prelude::*;
 use safetensors::Dtype;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -44,10 +49,10 @@ impl DemoRng {
         (s - 2.0) * 3f32.sqrt()
     }
 
-    /// A weight matrix like a trained one: `std/sqrt(cols)`-scaled, a few outlier input
+    /// A weight matrix like a trained one: `1/sqrt(cols)`-scaled, a few outlier input
     /// channels (×6) and rare large elements (×8), so quantization has something to do.
     pub fn weight(&mut self, rows: usize, cols: usize) -> Array2<f32> {
-        let scale = 1.0 / (cols as f32).sqrt();
+        let scale = 1.0 / (cols.max(1) as f32).sqrt();
         let outlier: Vec<bool> = (0..cols).map(|_| self.uniform() < 0.01).collect();
         Array2::from_shape_fn((rows, cols), |(_, j)| {
             let mut v = self.normal() * scale;
@@ -62,48 +67,90 @@ impl DemoRng {
     }
 }
 
-/// A tensor to write: spec and bytes.
-struct Tensor {
-    spec: TensorSpec,
-    data: Vec<u8>,
+/// What a generated tensor is.
+#[derive(Clone, Debug)]
+enum Gen {
+    /// A weight matrix in this dtype.
+    Weight(Dtype),
+    /// A norm weight (near 1) in this dtype, 1-D.
+    Norm(Dtype),
+    /// A small F32 bias, 1-D.
+    Bias,
+    /// A block-scaled FP8 weight (the f32 weight quantized DeepSeek's way).
+    Fp8Weight,
+    /// The block scales of the FP8 weight `weight` of `dims` (regenerated from its seed).
+    Fp8Scale { weight: String, dims: (usize, usize) },
 }
 
-fn bf16_tensor(name: &str, a: &Array2<f32>) -> Tensor {
-    let data = a.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect();
-    Tensor { spec: TensorSpec::new(name, Dtype::BF16, a.shape().to_vec()), data }
+/// A tensor to generate.
+#[derive(Clone, Debug)]
+struct GenSpec {
+    name: String,
+    shape: Vec<usize>,
+    kind: Gen,
 }
 
-fn typed_tensor(name: &str, a: &Array2<f32>, dtype: Dtype) -> Tensor {
+fn seed_of(name: &str, seed: u64) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(name.as_bytes(), seed)
+}
+
+fn encode(a: &Array2<f32>, dtype: Dtype) -> Vec<u8> {
     match dtype {
-        Dtype::F32 => {
-            let data = a.iter().flat_map(|v| v.to_le_bytes()).collect();
-            Tensor { spec: TensorSpec::new(name, Dtype::F32, a.shape().to_vec()), data }
-        }
-        Dtype::F16 => {
-            let data = a.iter().flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes()).collect();
-            Tensor { spec: TensorSpec::new(name, Dtype::F16, a.shape().to_vec()), data }
-        }
-        _ => bf16_tensor(name, a),
+        Dtype::F32 => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::F16 => a.iter().flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes()).collect(),
+        _ => a.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect(),
     }
 }
 
-fn norm_tensor(name: &str, n: usize, rng: &mut DemoRng, dtype: Dtype) -> Tensor {
-    let a = Array2::from_shape_fn((1, n), |_| 1.0 + 0.1 * rng.normal());
-    let mut t = typed_tensor(name, &a, dtype);
-    t.spec.shape = vec![n];
-    t
-}
+impl GenSpec {
+    fn new(name: impl Into<String>, shape: Vec<usize>, kind: Gen) -> Self {
+        GenSpec { name: name.into(), shape, kind }
+    }
 
-fn fp8_tensors(name: &str, w: &Array2<f32>) -> [Tensor; 2] {
-    let (q, s) = quantize_fp8_blocks(w, DEFAULT_BLOCK);
-    let module = module_of(name);
-    [
-        Tensor { spec: TensorSpec::new(name, Dtype::F8_E4M3, w.shape().to_vec()), data: q },
-        Tensor {
-            spec: TensorSpec::new(format!("{module}.weight_scale_inv"), Dtype::F32, s.shape().to_vec()),
-            data: s.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        },
-    ]
+    /// An FP8 weight and its scales, as two tensors (they may land in different shards).
+    fn fp8(name: String, rows: usize, cols: usize) -> [GenSpec; 2] {
+        let scale = format!("{}.weight_scale_inv", module_of(&name));
+        let sdims = vec![rows.div_ceil(DEFAULT_BLOCK.0), cols.div_ceil(DEFAULT_BLOCK.1)];
+        [
+            GenSpec::new(name.clone(), vec![rows, cols], Gen::Fp8Weight),
+            GenSpec::new(scale, sdims, Gen::Fp8Scale { weight: name, dims: (rows, cols) }),
+        ]
+    }
+
+    fn dtype(&self) -> Dtype {
+        match &self.kind {
+            Gen::Weight(d) | Gen::Norm(d) => *d,
+            Gen::Bias | Gen::Fp8Scale { .. } => Dtype::F32,
+            Gen::Fp8Weight => Dtype::F8_E4M3,
+        }
+    }
+
+    fn spec(&self) -> TensorSpec {
+        TensorSpec::new(self.name.clone(), self.dtype(), self.shape.clone())
+    }
+
+    fn nbytes(&self) -> u64 {
+        super::st::nbytes(self.dtype(), &self.shape).unwrap_or(0) as u64
+    }
+
+    fn generate(&self, seed: u64) -> Vec<u8> {
+        let weight = |name: &str, r: usize, c: usize| DemoRng::new(seed_of(name, seed)).weight(r, c);
+        let (rows, cols) = match self.shape.as_slice() {
+            [r, c] => (*r, *c),
+            [n] => (1, *n),
+            _ => (0, 0),
+        };
+        let mut rng = DemoRng::new(seed_of(&self.name, seed));
+        match &self.kind {
+            Gen::Weight(d) => encode(&weight(&self.name, rows, cols), *d),
+            Gen::Norm(d) => encode(&Array2::from_shape_fn((1, cols), |_| 1.0 + 0.1 * rng.normal()), *d),
+            Gen::Bias => encode(&Array2::from_shape_fn((1, cols), |_| 0.01 * rng.normal()), Dtype::F32),
+            Gen::Fp8Weight => quantize_fp8_blocks(&weight(&self.name, rows, cols), DEFAULT_BLOCK).0,
+            Gen::Fp8Scale { weight: w, dims } => {
+                encode(&quantize_fp8_blocks(&weight(w, dims.0, dims.1), DEFAULT_BLOCK).1, Dtype::F32)
+            }
+        }
+    }
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ForgeError + '_ {
@@ -124,17 +171,18 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     write_atomic(path, &s)
 }
 
-/// Writes `tensors` as shards of about `shard_bytes` (a new file once a file reaches it),
-/// in the order given, with an index when there is more than one file.
-fn write_shards(dir: &Path, tensors: Vec<Tensor>, shard_bytes: u64) -> Result<Vec<String>> {
-    let mut groups: Vec<Vec<Tensor>> = vec![Vec::new()];
+/// Writes the tensors as shards of about `shard_bytes` (a new file once a file reaches it),
+/// in the order given, one shard in memory at a time, with an index when there is more
+/// than one file.
+fn write_shards(dir: &Path, specs: Vec<GenSpec>, shard_bytes: u64, seed: u64) -> Result<()> {
+    let mut groups: Vec<Vec<GenSpec>> = vec![Vec::new()];
     let mut size = 0u64;
-    for t in tensors {
+    for t in specs {
         if size >= shard_bytes {
             groups.push(Vec::new());
             size = 0;
         }
-        size += t.data.len() as u64;
+        size += t.nbytes();
         if let Some(g) = groups.last_mut() {
             g.push(t);
         }
@@ -142,29 +190,31 @@ fn write_shards(dir: &Path, tensors: Vec<Tensor>, shard_bytes: u64) -> Result<Ve
     let n = groups.len();
     let mut weight_map = BTreeMap::new();
     let mut total = 0u64;
-    let mut names = Vec::new();
     for (i, g) in groups.into_iter().enumerate() {
         let file =
             if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) };
-        let specs: Vec<TensorSpec> = g.iter().map(|t| t.spec.clone()).collect();
+        let specs: Vec<TensorSpec> = g.iter().map(GenSpec::spec).collect();
         let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
         let (header, offsets, data_len) = encode_header(&specs, &meta)?;
+        let data: Vec<Vec<u8>> = g.par_iter().map(|t| t.generate(seed)).collect();
         let mut bytes = header.clone();
         bytes.resize(header.len() + data_len, 0);
-        for (t, off) in g.iter().zip(offsets) {
+        for ((t, d), off) in g.iter().zip(&data).zip(offsets) {
             let at = header.len() + off;
-            bytes[at..at + t.data.len()].copy_from_slice(&t.data);
-            weight_map.insert(t.spec.name.clone(), file.clone());
-            total += t.data.len() as u64;
+            let dst = bytes
+                .get_mut(at..at + d.len())
+                .ok_or_else(|| ForgeError::Shape(format!("demo tensor {} does not fit its file", t.name)))?;
+            dst.copy_from_slice(d);
+            weight_map.insert(t.name.clone(), file.clone());
+            total += d.len() as u64;
         }
         write_atomic(&dir.join(&file), &bytes)?;
-        names.push(file);
     }
     if n > 1 {
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         write_json(&dir.join(INDEX_FILE), &index)?;
     }
-    Ok(names)
+    Ok(())
 }
 
 fn write_aux(dir: &Path) -> Result<()> {
@@ -203,7 +253,7 @@ pub struct LlamaDemo {
 }
 
 impl Default for LlamaDemo {
-    /// 4 layers, hidden 256, intermediate 640, GQA 4/2 heads, vocab 1024, BF16, about 7 MB
+    /// 4 layers, hidden 256, intermediate 640, GQA 4/2 heads, vocab 1024, BF16, about 6.6 MB
     /// in three shards.
     fn default() -> Self {
         LlamaDemo {
@@ -222,12 +272,14 @@ impl Default for LlamaDemo {
 
 /// Writes the Llama-shaped demo model into `dir` (created if needed).
 pub fn write_llama_demo(dir: &Path, d: &LlamaDemo) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
     if d.heads == 0 || d.kv_heads == 0 || !d.hidden.is_multiple_of(d.heads) {
         return Err(ForgeError::Config(format!("hidden {} is not divisible into {} heads", d.hidden, d.heads)));
     }
+    if !matches!(d.dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+        return Err(ForgeError::Dtype(format!("{} (demo weights are BF16, F16 or F32)", d.dtype)));
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
     let head_dim = d.hidden / d.heads;
-    let mut rng = DemoRng::new(d.seed);
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -249,33 +301,31 @@ pub fn write_llama_demo(dir: &Path, d: &LlamaDemo) -> Result<()> {
     });
     write_json(&dir.join("config.json"), &config)?;
     write_aux(dir)?;
-    let mut tensors = Vec::new();
-    let (h, kv) = (d.hidden, d.kv_heads * head_dim);
-    tensors.push(typed_tensor("model.embed_tokens.weight", &rng.weight(d.vocab, h), d.dtype));
+    let (h, kv, w) = (d.hidden, d.kv_heads * head_dim, Gen::Weight(d.dtype));
+    let mut specs = vec![GenSpec::new("model.embed_tokens.weight", vec![d.vocab, h], w.clone())];
     for l in 0..d.layers {
         let p = format!("model.layers.{l}");
-        tensors.push(norm_tensor(&format!("{p}.input_layernorm.weight"), h, &mut rng, d.dtype));
+        specs.push(GenSpec::new(format!("{p}.input_layernorm.weight"), vec![h], Gen::Norm(d.dtype)));
         for (name, rows, cols) in [
             ("self_attn.q_proj", h, h),
             ("self_attn.k_proj", kv, h),
             ("self_attn.v_proj", kv, h),
             ("self_attn.o_proj", h, h),
         ] {
-            tensors.push(typed_tensor(&format!("{p}.{name}.weight"), &rng.weight(rows, cols), d.dtype));
+            specs.push(GenSpec::new(format!("{p}.{name}.weight"), vec![rows, cols], w.clone()));
         }
-        tensors.push(norm_tensor(&format!("{p}.post_attention_layernorm.weight"), h, &mut rng, d.dtype));
+        specs.push(GenSpec::new(format!("{p}.post_attention_layernorm.weight"), vec![h], Gen::Norm(d.dtype)));
         for (name, rows, cols) in [
             ("mlp.gate_proj", d.intermediate, h),
             ("mlp.up_proj", d.intermediate, h),
             ("mlp.down_proj", h, d.intermediate),
         ] {
-            tensors.push(typed_tensor(&format!("{p}.{name}.weight"), &rng.weight(rows, cols), d.dtype));
+            specs.push(GenSpec::new(format!("{p}.{name}.weight"), vec![rows, cols], w.clone()));
         }
     }
-    tensors.push(norm_tensor("model.norm.weight", h, &mut rng, d.dtype));
-    tensors.push(typed_tensor("lm_head.weight", &rng.weight(d.vocab, h), d.dtype));
-    write_shards(dir, tensors, d.shard_bytes)?;
-    Ok(())
+    specs.push(GenSpec::new("model.norm.weight", vec![h], Gen::Norm(d.dtype)));
+    specs.push(GenSpec::new("lm_head.weight", vec![d.vocab, h], w));
+    write_shards(dir, specs, d.shard_bytes, d.seed)
 }
 
 /// A DeepSeek-V3-shaped MoE with block-scaled FP8 Linear weights.
@@ -317,7 +367,7 @@ pub struct DeepSeekDemo {
 
 impl Default for DeepSeekDemo {
     /// 2 layers (one dense, one MoE with 4 routed and 1 shared expert), hidden 256, about
-    /// 1.6 MB in five shards, tensors scattered across shards (an FP8 weight and its scales
+    /// 1.7 MB in five shards, tensors scattered across shards (an FP8 weight and its scales
     /// often in different files).
     fn default() -> Self {
         DeepSeekDemo {
@@ -344,7 +394,6 @@ impl Default for DeepSeekDemo {
 /// Writes the DeepSeek-shaped demo model into `dir` (created if needed).
 pub fn write_deepseek_demo(dir: &Path, d: &DeepSeekDemo) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut rng = DemoRng::new(d.seed);
     let config = serde_json::json!({
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -386,14 +435,15 @@ pub fn write_deepseek_demo(dir: &Path, d: &DeepSeekDemo) -> Result<()> {
     write_json(&dir.join("config.json"), &config)?;
     write_aux(dir)?;
     let h = d.hidden;
-    let mut tensors = Vec::new();
-    tensors.push(bf16_tensor("model.embed_tokens.weight", &rng.weight(d.vocab, h)));
+    let bf16 = Gen::Weight(Dtype::BF16);
+    let norm = Gen::Norm(Dtype::BF16);
+    let mut specs = vec![GenSpec::new("model.embed_tokens.weight", vec![d.vocab, h], bf16.clone())];
     for l in 0..d.layers {
         let p = format!("model.layers.{l}");
-        tensors.push(norm_tensor(&format!("{p}.input_layernorm.weight"), h, &mut rng, Dtype::BF16));
-        tensors.push(norm_tensor(&format!("{p}.post_attention_layernorm.weight"), h, &mut rng, Dtype::BF16));
-        tensors.push(norm_tensor(&format!("{p}.self_attn.q_a_layernorm.weight"), d.q_lora, &mut rng, Dtype::BF16));
-        tensors.push(norm_tensor(&format!("{p}.self_attn.kv_a_layernorm.weight"), d.kv_lora, &mut rng, Dtype::BF16));
+        specs.push(GenSpec::new(format!("{p}.input_layernorm.weight"), vec![h], norm.clone()));
+        specs.push(GenSpec::new(format!("{p}.post_attention_layernorm.weight"), vec![h], norm.clone()));
+        specs.push(GenSpec::new(format!("{p}.self_attn.q_a_layernorm.weight"), vec![d.q_lora], norm.clone()));
+        specs.push(GenSpec::new(format!("{p}.self_attn.kv_a_layernorm.weight"), vec![d.kv_lora], norm.clone()));
         let qk = d.nope + d.rope;
         let mut linears = vec![
             ("self_attn.q_a_proj".to_string(), d.q_lora, h),
@@ -407,11 +457,8 @@ pub fn write_deepseek_demo(dir: &Path, d: &DeepSeekDemo) -> Result<()> {
             linears.push(("mlp.up_proj".into(), d.intermediate, h));
             linears.push(("mlp.down_proj".into(), h, d.intermediate));
         } else {
-            tensors.push(bf16_tensor(&format!("{p}.mlp.gate.weight"), &rng.weight(d.experts, h)));
-            let bias = Array2::from_shape_fn((1, d.experts), |_| 0.01 * rng.normal());
-            let mut b = typed_tensor(&format!("{p}.mlp.gate.e_score_correction_bias"), &bias, Dtype::F32);
-            b.spec.shape = vec![d.experts];
-            tensors.push(b);
+            specs.push(GenSpec::new(format!("{p}.mlp.gate.weight"), vec![d.experts, h], bf16.clone()));
+            specs.push(GenSpec::new(format!("{p}.mlp.gate.e_score_correction_bias"), vec![d.experts], Gen::Bias));
             for e in 0..d.experts {
                 linears.push((format!("mlp.experts.{e}.gate_proj"), d.moe_intermediate, h));
                 linears.push((format!("mlp.experts.{e}.up_proj"), d.moe_intermediate, h));
@@ -423,22 +470,21 @@ pub fn write_deepseek_demo(dir: &Path, d: &DeepSeekDemo) -> Result<()> {
             linears.push(("mlp.shared_experts.down_proj".into(), h, si));
         }
         for (name, rows, cols) in linears {
-            tensors.extend(fp8_tensors(&format!("{p}.{name}.weight"), &rng.weight(rows, cols)));
+            specs.extend(GenSpec::fp8(format!("{p}.{name}.weight"), rows, cols));
         }
     }
-    tensors.push(norm_tensor("model.norm.weight", h, &mut rng, Dtype::BF16));
-    tensors.push(bf16_tensor("lm_head.weight", &rng.weight(d.vocab, h)));
+    specs.push(GenSpec::new("model.norm.weight", vec![h], norm));
+    specs.push(GenSpec::new("lm_head.weight", vec![d.vocab, h], bf16));
     // Scatter tensors across shards, as real checkpoints sometimes do.
-    let seed = d.seed;
-    tensors.sort_by_key(|t| xxhash_rust::xxh3::xxh3_64_with_seed(t.spec.name.as_bytes(), seed));
-    write_shards(dir, tensors, d.shard_bytes)?;
-    Ok(())
+    specs.sort_by_key(|t| seed_of(&t.name, d.seed));
+    write_shards(dir, specs, d.shard_bytes, d.seed)
 }
 
 /// Writes a Hessian file `<module>.safetensors` (`hessian` F32 `cols × cols`, metadata
-/// `tokens`) for every Linear weight of the model in `model_dir` that is 2-D: `H = 2/n·XᵀX`
-/// of `tokens` random correlated inputs. With `share_fused`, only the first member of each
-/// fused group (q/k/v, gate/up, ...) gets a file, which the others then share.
+/// `tokens`) for every Linear weight of the model in `model_dir`: `H = 2/n·XᵀX` of `tokens`
+/// random correlated inputs (one per input width, reused). With `share_fused`, only the
+/// first member (by name) of each fused group (q/k/v, gate/up, ...) gets a file, which the
+/// others then share.
 pub fn write_demo_hessians(
     model_dir: &Path,
     out_dir: &Path,
@@ -450,7 +496,7 @@ pub fn write_demo_hessians(
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let mut rng = DemoRng::new(seed);
     let mut seen_groups = std::collections::HashSet::new();
-    let mut by_cols: BTreeMap<usize, Array2<f32>> = BTreeMap::new();
+    let mut by_cols: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
     for (name, t) in &model.tensors {
         let Some((_, cols)) = t.info.dims2() else { continue };
         if !classify(name, &t.info.shape).is_linear() || !name.ends_with(".weight") {
@@ -460,28 +506,24 @@ pub fn write_demo_hessians(
         if share_fused && !seen_groups.insert(fused_group(module)) {
             continue;
         }
-        // One Hessian per input width, reused: the tests only need valid inputs.
-        let hm = by_cols
-            .entry(cols)
-            .or_insert_with(|| {
-                let mix = Array2::from_shape_fn((cols, cols), |(i, j)| {
-                    if i == j {
-                        1.0
-                    } else {
-                        0.3 * rng.normal() / (cols as f32).sqrt()
-                    }
-                });
-                let z = Array2::from_shape_fn((tokens, cols), |_| rng.normal());
-                let x = z.dot(&mix);
-                x.t().dot(&x) * (2.0 / tokens as f32)
-            })
-            .clone();
-        let data: Vec<u8> = hm.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let data = by_cols.entry(cols).or_insert_with(|| {
+            let mix = Array2::from_shape_fn((cols, cols), |(i, j)| {
+                if i == j {
+                    1.0
+                } else {
+                    0.3 * rng.normal() / (cols as f32).sqrt()
+                }
+            });
+            let z = Array2::from_shape_fn((tokens.max(1), cols), |_| rng.normal());
+            let x = z.dot(&mix);
+            let h = x.t().dot(&x) * (2.0 / tokens.max(1) as f32);
+            h.iter().flat_map(|v| v.to_le_bytes()).collect()
+        });
         let spec = TensorSpec::new("hessian", Dtype::F32, vec![cols, cols]);
         let meta = [("tokens".to_string(), tokens.to_string())].into_iter().collect();
         let (header, _, _) = encode_header(std::slice::from_ref(&spec), &meta)?;
         let mut bytes = header;
-        bytes.extend_from_slice(&data);
+        bytes.extend_from_slice(data);
         write_atomic(&out_dir.join(format!("{module}.safetensors")), &bytes)?;
     }
     Ok(())

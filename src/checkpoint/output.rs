@@ -241,7 +241,7 @@ impl OutputDir {
             resumed.shards.remove(&s);
         }
         let mut bad = Vec::new();
-        for (&item, _) in resumed.items.iter() {
+        for &item in resumed.items.keys() {
             let Some(it) = plan.items.get(item) else {
                 bad.push(item);
                 continue;

@@ -108,7 +108,7 @@ impl JobSettings {
             "scale_search": search,
             "method": method,
             "format": self.format,
-            "scale_dtype": self.scale_dtype.map(|d| super::format::dtype_name(d)),
+            "scale_dtype": self.scale_dtype.map(super::format::dtype_name),
             "include": self.include,
             "exclude": self.exclude,
             "max_shard_size": self.max_shard_size,

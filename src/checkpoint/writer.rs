@@ -27,6 +27,9 @@ pub struct QuantizedLinear<'a> {
     pub codes: ArrayView2<'a, u8>,
 }
 
+/// A shape's tensor layout, or why the format cannot store that shape.
+type Template = std::result::Result<Vec<TensorSpec>, String>;
+
 /// Names `--format` accepts.
 pub const FORMAT_NAMES: &[&str] = &["compressed-tensors", "gptq", "gptq_v2", "qmeta4"];
 
@@ -36,7 +39,7 @@ pub struct WriterFormat {
     grid: GridConfig,
     /// Tensor suffixes, dtypes and shapes per `(rows, cols)`, or why that shape cannot be
     /// stored.
-    templates: Mutex<HashMap<(usize, usize), std::result::Result<Vec<TensorSpec>, String>>>,
+    templates: Mutex<HashMap<(usize, usize), Template>>,
 }
 
 impl std::fmt::Debug for WriterFormat {
@@ -98,8 +101,13 @@ impl WriterFormat {
             group_size: self.grid.group_size,
         };
         let codes = Array2::from_elem((rows, cols), zero);
-        let out = encode_linear(&self.settings, "", &LinearQuant { codes: codes.view(), grid: &grid })
-            .map_err(|e| e.to_string())?;
+        let out = encode_linear(&self.settings, "", &LinearQuant { codes: codes.view(), grid: &grid }).map_err(
+            |e| match e {
+                // The placeholder's module name is empty; the caller names the module.
+                ForgeError::Format(m) => m.trim_start_matches("linear: ").to_string(),
+                e => e.to_string(),
+            },
+        )?;
         Ok(out.into_iter().map(|t| TensorSpec::new(t.name, t.dtype, t.shape)).collect())
     }
 

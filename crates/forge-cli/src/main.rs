@@ -170,6 +170,24 @@ struct DemoArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Decoder layers (default 4 dense, 2 MoE).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// hidden_size (default 256); heads of 64 (128 from 1024 up).
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// intermediate_size (MoE: of the dense layer; experts get a third).
+    #[arg(long)]
+    intermediate: Option<usize>,
+    /// Routed experts (MoE).
+    #[arg(long)]
+    experts: Option<usize>,
+    /// vocab_size.
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Approximate shard size, e.g. 2GB.
+    #[arg(long, value_parser = size_arg)]
+    shard_size: Option<u64>,
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -621,15 +639,42 @@ fn fmt_secs(s: f64) -> String {
 
 fn demo(a: DemoArgs) -> Result<(), CliError> {
     check_target(&a.output)?;
+    let t = Instant::now();
     if a.moe {
-        write_deepseek_demo(&a.output, &DeepSeekDemo { seed: a.seed.wrapping_add(1), ..DeepSeekDemo::default() })?;
+        let mut d = DeepSeekDemo { seed: a.seed.wrapping_add(1), ..DeepSeekDemo::default() };
+        d.layers = a.layers.unwrap_or(d.layers);
+        d.experts = a.experts.unwrap_or(d.experts);
+        d.vocab = a.vocab.unwrap_or(d.vocab);
+        d.shard_bytes = a.shard_size.unwrap_or(d.shard_bytes);
+        if let Some(h) = a.hidden {
+            d.hidden = h;
+            d.heads = (h / 128).max(1);
+        }
+        if let Some(i) = a.intermediate {
+            d.intermediate = i;
+            d.moe_intermediate = (i / 3).max(1);
+        }
+        write_deepseek_demo(&a.output, &d)?;
     } else {
-        write_llama_demo(&a.output, &LlamaDemo { seed: a.seed, ..LlamaDemo::default() })?;
+        let mut d = LlamaDemo { seed: a.seed, ..LlamaDemo::default() };
+        d.layers = a.layers.unwrap_or(d.layers);
+        d.vocab = a.vocab.unwrap_or(d.vocab);
+        d.intermediate = a.intermediate.unwrap_or(d.intermediate);
+        d.shard_bytes = a.shard_size.unwrap_or(d.shard_bytes);
+        if let Some(h) = a.hidden {
+            d.hidden = h;
+            d.heads = if h >= 1024 { (h / 128).max(1) } else { (h / 64).max(1) };
+            d.kv_heads = (d.heads / 4).max(1);
+        }
+        write_llama_demo(&a.output, &d)?;
     }
+    let bytes = ModelDir::open(&a.output)?.total_bytes();
     println!(
-        "wrote {} demo model to {}",
+        "wrote {} demo model to {} ({}, {:.1} s)",
         if a.moe { "a DeepSeek-shaped FP8 MoE" } else { "a Llama-shaped" },
-        a.output.display()
+        a.output.display(),
+        human_bytes(bytes),
+        t.elapsed().as_secs_f64()
     );
     if let Some(h) = &a.hessians {
         write_demo_hessians(&a.output, h, 512, a.seed, true)?;

@@ -140,8 +140,18 @@ fn gptq_from_hessian_files() {
     ok(&["demo", "-o", s(&model), "--hessians", s(&hess)]);
     let out_dir = tmp.path().join("out");
     let out = ok(&[
-        "quantize", s(&model), "-o", s(&out_dir), "--cpu", "--method", "gptq", "--hessians", s(&hess), "--act-order",
-        "--scale-dtype", "f32",
+        "quantize",
+        s(&model),
+        "-o",
+        s(&out_dir),
+        "--cpu",
+        "--method",
+        "gptq",
+        "--hessians",
+        s(&hess),
+        "--act-order",
+        "--scale-dtype",
+        "f32",
     ]);
     assert!(out.contains("GPTQ loss"), "{out}");
     let summary: serde_json::Value =
