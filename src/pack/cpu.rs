@@ -160,19 +160,7 @@ fn pack_line_b<const B: usize>(line: &[u8], dst: &mut [u32]) {
     let Some((full, tail_words)) = dst.split_at_mut_checked(codes32.len() * B) else { return };
     let (words_b, _) = full.as_chunks_mut::<B>();
     for (c, w) in codes32.iter().zip(words_b.iter_mut()) {
-        let mut acc = 0u64;
-        let mut n = 0usize;
-        let mut k = 0usize;
-        for &code in c {
-            acc |= (code as u64) << n;
-            n += B;
-            if n >= 32 {
-                w[k] = acc as u32;
-                k += 1;
-                acc >>= 32;
-                n -= 32;
-            }
-        }
+        pack32::<B>(c, w);
     }
     // Tail: fewer than 32 codes into the last ceil(tail·B/32) words.
     let mut acc = 0u64;
@@ -204,19 +192,7 @@ fn unpack_line_b<const B: usize>(line: &[u32], dst: &mut [u8]) {
     let Some((full, tail_words)) = line.split_at_checked(codes32.len() * B) else { return };
     let (words_b, _) = full.as_chunks::<B>();
     for (w, c) in words_b.iter().zip(codes32.iter_mut()) {
-        let mut acc = 0u64;
-        let mut n = 0usize;
-        let mut k = 0usize;
-        for code in c.iter_mut() {
-            if n < B {
-                acc |= (w[k] as u64) << n;
-                k += 1;
-                n += 32;
-            }
-            *code = (acc & mask) as u8;
-            acc >>= B;
-            n -= B;
-        }
+        unpack32::<B>(w, c);
     }
     let mut acc = 0u64;
     let mut n = 0usize;
@@ -232,4 +208,46 @@ fn unpack_line_b<const B: usize>(line: &[u32], dst: &mut [u8]) {
         acc >>= B;
         n -= B;
     }
+}
+
+/// 32 codes → `B` words. Each word gathers the codes overlapping its 32 bits; every index and
+/// shift is a constant once `B` is, so this compiles to straight-line shifts and ors.
+#[inline(always)]
+fn pack32<const B: usize>(c: &[u8; 32], w: &mut [u32; B]) {
+    for (k, word) in w.iter_mut().enumerate() {
+        let lo = 32 * k;
+        let mut acc = 0u64;
+        for (i, &code) in c.iter().enumerate().take((lo + 32).div_ceil(B)).skip(lo / B) {
+            // Code i starts at stream bit i·B; relative to this word's first bit it may start
+            // up to B−1 bits earlier (its high bits land here) or later.
+            let start = i * B;
+            acc |= if start >= lo { (code as u64) << (start - lo) } else { (code as u64) >> (lo - start) };
+        }
+        *word = acc as u32;
+    }
+}
+
+/// Repeats `$body` for `$i` = 0..32 as straight-line code (LLVM does not always unroll a
+/// 32-step loop whose shifts depend on the step, and then keeps the bounds checks).
+macro_rules! unroll32 {
+    ($i:ident => $body:block) => {
+        unroll32!(@ $i $body; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31)
+    };
+    (@ $i:ident $body:block; $($n:literal)*) => {
+        $( { let $i: usize = $n; $body } )*
+    };
+}
+
+/// `B` words → 32 codes: each code reads the (at most two) words its bits span.
+#[inline(always)]
+fn unpack32<const B: usize>(w: &[u32; B], c: &mut [u8; 32]) {
+    let mask = (1u64 << B) - 1;
+    unroll32!(i => {
+        let start = i * B;
+        let k = start / 32;
+        // The next word, or this one again for the last word (whose codes never straddle).
+        let k1 = if k + 1 < B { k + 1 } else { k };
+        let v = ((w[k] as u64) | ((w[k1] as u64) << 32)) >> (start % 32);
+        c[i] = (v & mask) as u8;
+    });
 }
