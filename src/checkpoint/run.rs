@@ -153,6 +153,10 @@ pub fn quantize_checkpoint(model: &ModelDir, plan: &Plan, opts: &RunOptions, obs
             since_sync = (Instant::now(), 0);
         }
         last_layer = Some(&item.layer);
+        // Let the kernel read the next step's input while this one is quantized.
+        if let Some(next) = plan.items.get(k + 1) {
+            prefetch(model, next);
+        }
         obs.item_started(k, item);
         let t = Instant::now();
         let (hashes, members) = run_item(model, plan, item, &mut out, &quantizer, block)?;
@@ -211,6 +215,22 @@ pub fn quantize_checkpoint(model: &ModelDir, plan: &Plan, opts: &RunOptions, obs
     out.write_file(SUMMARY_FILE, &pretty(&summary)?)?;
     let output = out.commit()?;
     Ok(RunReport { output, items: stats, resumed_items, seconds, peak_rss: peak_rss(), summary })
+}
+
+/// Asks the kernel to read a step's input tensors ahead (advisory).
+fn prefetch(model: &ModelDir, item: &Item) {
+    let names: Vec<&String> = match &item.work {
+        Work::Copy { tensor } => vec![tensor],
+        Work::Fp8ToBf16 { weight, scale } => vec![weight, scale],
+        Work::Quantize { members } => members.iter().flat_map(|m| std::iter::once(&m.weight).chain(&m.scale)).collect(),
+    };
+    for n in names {
+        if let Some(t) = model.tensor(n) {
+            if let Ok(shard) = model.shard(t) {
+                shard.prefetch(&t.info);
+            }
+        }
+    }
 }
 
 fn pretty(v: &serde_json::Value) -> Result<Vec<u8>> {
@@ -393,6 +413,8 @@ pub fn layer_rows(stats: &BTreeMap<usize, ItemStats>) -> Vec<(String, usize, f64
             r.2 /= r.1 as f64;
         }
     }
+    // Decoder layers in order, tensors outside them last.
+    rows.sort_by_key(|r| (super::select::layer_index(&r.0).is_none(), super::select::layer_index(&r.0)));
     rows
 }
 
