@@ -2,8 +2,12 @@
 """Checks a whole `forge quantize` output directory against the real libraries (issue 13).
 
 Usage: check_model_dir.py OUT_DIR MODEL_DIR
+       check_model_dir.py --load-only OUT_DIR
   OUT_DIR    what `forge quantize MODEL_DIR -o OUT_DIR` wrote (compressed-tensors, symmetric)
   MODEL_DIR  the model it was made from (BF16/F16/F32 weights)
+  --load-only  for models whose weights transformers reshapes at load (MoE experts fused
+             into 3-D tensors) or that came from FP8: (a), then both load paths with no
+             missing/unexpected/mismatched keys and the same finite logits.
 
 Checks:
 (a) the quantization_config validates as compressed-tensors' `QuantizationConfig` (pydantic,
@@ -36,7 +40,6 @@ warnings.filterwarnings("ignore", message="You passed `quantization_config`")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file as load_pt  # noqa: E402
-from safetensors.numpy import load_file as load_np  # noqa: E402
 
 import compressed_tensors  # noqa: E402
 import transformers  # noqa: E402
@@ -92,8 +95,8 @@ def load_dir(d: Path, loader):
 def unpack_ct(t: dict, module: str, bits: int, group: int) -> np.ndarray:
     """compressed-tensors pack-quantized, from its definition: element j of a row at bits
     [j*b, j*b+b) of the row's little-endian int32 stream; stored value = signed + 2^(b-1)."""
-    rows, cols = (int(x) for x in t[f"{module}.weight_shape"])
-    words = t[f"{module}.weight_packed"].view(np.uint32).astype(np.uint64)
+    rows, cols = (int(x) for x in t[f"{module}.weight_shape"].tolist())
+    words = t[f"{module}.weight_packed"].numpy().view(np.uint32).astype(np.uint64)
     assert words.shape == (rows, -(-cols * bits // 32)), words.shape
     j = np.arange(cols)
     bit = j * bits
@@ -105,7 +108,30 @@ def unpack_ct(t: dict, module: str, bits: int, group: int) -> np.ndarray:
     return codes, (rows, cols)
 
 
+def load_only(out_dir: Path):
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    config = json.loads((out_dir / "config.json").read_text())
+    QuantizationConfig.model_validate(config["quantization_config"])
+    load_dir(out_dir, load_pt)
+    ids = (torch.arange(24).reshape(2, 12) * 7) % config["vocab_size"]
+    logits = []
+    for kw in (dict(quantization_config=CompressedTensorsConfig(dequantize=True)), {}):
+        m, info = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=torch.bfloat16, output_loading_info=True, **kw)
+        for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+            assert not info.get(key), f"{key}: {info.get(key)}"
+        with torch.no_grad():
+            logits.append(m.eval()(ids).logits)
+    assert torch.isfinite(logits[0]).all()
+    assert torch.equal(logits[0], logits[1]), f"logits differ by {(logits[0] - logits[1]).abs().max()}"
+    return f"{config['architectures'][0]}: both load paths, no missing/unexpected keys, same finite logits"
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--load-only":
+        check("(a)+(b)+(c) load only", lambda: load_only(Path(sys.argv[2])))
+        print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
+        sys.exit(1 if RESULTS["failed"] else 0)
     if len(sys.argv) != 3:
         print(__doc__)
         sys.exit(2)
@@ -124,7 +150,7 @@ def main():
 
     def config_and_index():
         QuantizationConfig.model_validate(qc)
-        ours.update(load_dir(out_dir, load_np))
+        ours.update(load_dir(out_dir, load_pt))
         n = sum(1 for k in ours if k.endswith("weight_packed"))
         return f"{len(ours)} tensors in {len(shards(out_dir)[0])} shard(s), {n} quantized modules, ignore {len(qc['ignore'])}"
 
@@ -139,20 +165,13 @@ def main():
             module = name[: -len(".weight")] if name.endswith(".weight") else name
             if module in quantized:
                 codes, (rows, cols) = unpack_ct(ours, module, bits, group)
-                scale_t = load_pt_tensor(module + ".weight_scale")
+                scale_t = ours[module + ".weight_scale"]
                 scale = scale_t.float().numpy()
                 deq = (codes - float(1 << (bits - 1))) * np.repeat(scale, group, axis=1)[:, :cols]
                 want[name] = torch.from_numpy(deq.astype(np.float32)).to(scale_t.dtype).to(model_dtype)
             else:
                 want[name] = v
         return want
-
-    pt_cache = {}
-
-    def load_pt_tensor(name):
-        if not pt_cache:
-            pt_cache.update(load_dir(out_dir, load_pt))
-        return pt_cache[name]
 
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
