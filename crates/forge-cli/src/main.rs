@@ -569,7 +569,8 @@ impl Observer for Progress {
     }
 
     fn note(&self, msg: &str) {
-        self.bar.println(msg);
+        // Shown with or without a terminal (the bar itself hides when stderr is not one).
+        self.bar.suspend(|| println!("{msg}"));
     }
 }
 

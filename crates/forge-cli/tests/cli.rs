@@ -91,7 +91,7 @@ fn inspect_quantize_crash_and_resume() {
     let err = fails(&args, &[]);
     assert!(err.contains("--resume"), "{err}");
     let out = ok(&[&args[..], &["--resume"]].concat());
-    assert!(out.contains("steps resumed"), "{out}");
+    assert!(out.contains("steps resumed") && out.contains("already done"), "{out}");
     assert_eq!(files(&crashed), files(&full), "a resumed run must write the bytes of an uninterrupted one");
 
     // Resuming with other settings is refused, the partial output kept.
