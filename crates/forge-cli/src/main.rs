@@ -371,7 +371,7 @@ fn quantize(a: QuantizeArgs) -> Result<(), CliError> {
     progress.bar.finish_and_clear();
     let report = report.map_err(|e| {
         let tmp = fourbit_forge::checkpoint::output::temp_dir_for(&output).ok();
-        match tmp.filter(|p| p.exists()) {
+        match tmp.filter(|p| p.exists() && !e.to_string().contains("--resume")) {
             Some(p) => usage(format!(
                 "{e}\nthe partial output stays in {} (nothing is at {}); rerun with --resume to continue",
                 p.display(),
