@@ -8,7 +8,7 @@
 //!   the tokenizer/generation files.
 //! * [`fp8`]: block-scaled FP8-E4M3 (DeepSeek-V3 `weight_scale_inv`), CPU reference.
 //! * [`select`]: tensor kinds, fused groups (q/k/v, gate/up, w1/w3, q_a/kv_a), globs.
-//! * [`format`] (issue 12): one quantized Linear (u8 codes + qmeta4 grid) as the tensors of
+//! * [`format`](mod@format) (issue 12): one quantized Linear (u8 codes + qmeta4 grid) as the tensors of
 //!   a checkpoint format and back, and the `quantization_config` that goes with them;
 //!   [`writer`] adapts it to the streaming writer (tensor layout known up front).
 //! * [`plan::build_plan`]: every step, output tensor, shard and offset fixed up front.

@@ -15,7 +15,7 @@
 //!   "10 | 1 | 10 | 1 | 10" word pattern is this stream for 32 elements in 3 words.
 //!
 //! Words are `u32` here; checkpoints store the same bits as `int32`. `docs/formats.md` cites
-//! the sources. [`cpu`] holds the reference implementation (rayon over lines).
+//! the sources. The `cpu` module holds the reference implementation (rayon over lines).
 
 mod cpu;
 
