@@ -127,6 +127,46 @@ pub enum ForgeError {
         #[source]
         source: cudarc::cusolver::result::CusolverError,
     },
+    /// A model directory's index names a shard file that is not there.
+    #[error("{index} names the shard {shard}, which does not exist in the model directory")]
+    MissingShard {
+        /// The index file.
+        index: String,
+        /// The missing shard's file name.
+        shard: String,
+    },
+    /// A tensor the index (or a caller) names is not in the file it should be in.
+    #[error("tensor {tensor} is not in {file}")]
+    MissingTensor {
+        /// The tensor's name.
+        tensor: String,
+        /// Where it was looked for.
+        file: String,
+    },
+    /// An input path is not a regular file (a FIFO, a device, a directory, ...).
+    #[error("{path} is not a regular file ({kind}); refusing to read it")]
+    NotRegularFile {
+        /// The path.
+        path: String,
+        /// What it is instead.
+        kind: String,
+    },
+    /// `--resume` cannot continue the partial output it found.
+    #[error("cannot resume: {0}")]
+    Resume(String),
+    /// One unit of work needs more host memory than the budget allows.
+    #[error("{what} needs about {needed} bytes of host memory, over the budget of {budget} bytes (raise --max-host-memory or exclude it)")]
+    MemoryBudget {
+        /// The tensor or group.
+        what: String,
+        /// Estimated bytes.
+        needed: u64,
+        /// The budget.
+        budget: u64,
+    },
+    /// The run was stopped on purpose (a test hook standing in for a crash).
+    #[error("interrupted after {0} work items (test hook)")]
+    Interrupted(usize),
 }
 
 impl ForgeError {

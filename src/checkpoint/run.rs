@@ -1,0 +1,508 @@
+//! The streaming engine: runs a [`Plan`] step by step (one fused group or one tensor in
+//! flight), writing into an [`OutputDir`], with progress reported to an [`Observer`].
+//!
+//! Host memory: the inputs are mapped and each step's pages are dropped from the process
+//! when it is done, unchanged tensors are copied in chunks of at most
+//! [`super::plan::COPY_CHUNK`], and every step's estimated working set is checked against
+//! the budget before the run starts, so the peak is bounded by the largest step, not by
+//! the model.
+
+use super::fp8::{dequantize_fp8_blocks, f32_to_bf16_bytes, BlockScales};
+use super::memory::{human_bytes, peak_rss};
+use super::model::{ModelDir, INDEX_FILE};
+use super::output::{ItemStats, MemberStats, OutputDir, Resumed};
+use super::plan::{Item, Method, Plan, Work};
+use super::quant::{load_hessian, load_weight, quantize_gptq, quantize_rtn, release_weight, MemberResult};
+use crate::{Backend, ForgeError, Quantizer, Result, WeightView};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// The summary's file name in the output directory.
+pub const SUMMARY_FILE: &str = "forge_summary.json";
+
+/// Progress callbacks (all optional).
+pub trait Observer: Sync {
+    /// The run starts: `done_items` steps (`done_bytes` input bytes) were finished by an
+    /// earlier run.
+    fn started(&self, _plan: &Plan, _done_items: usize, _done_bytes: u64) {}
+    /// A step starts.
+    fn item_started(&self, _index: usize, _item: &Item) {}
+    /// A step is finished.
+    fn item_finished(&self, _index: usize, _item: &Item, _stats: &ItemStats) {}
+    /// Something the user should know.
+    fn note(&self, _msg: &str) {}
+}
+
+/// An observer that shows nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The output directory (must not exist, or be empty).
+    pub output: PathBuf,
+    /// Continue the partial output of an interrupted run.
+    pub resume: bool,
+    /// Host-memory budget in bytes.
+    pub max_host_memory: u64,
+    /// Where the grid and the solver run.
+    pub backend: Backend,
+    /// Test hook: stop with [`ForgeError::Interrupted`] after this many steps of this run,
+    /// without making the last records durable (as a crash would).
+    #[doc(hidden)]
+    pub fail_after_items: Option<usize>,
+    /// Test hook: `abort()` the process after this many steps of this run.
+    #[doc(hidden)]
+    pub abort_after_items: Option<usize>,
+}
+
+impl RunOptions {
+    /// Options with the default budget and no test hooks.
+    pub fn new(output: PathBuf, backend: Backend) -> Self {
+        RunOptions {
+            output,
+            resume: false,
+            max_host_memory: super::memory::default_budget(),
+            backend,
+            fail_after_items: None,
+            abort_after_items: None,
+        }
+    }
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    /// The output directory.
+    pub output: PathBuf,
+    /// Every step's statistics, by step index.
+    pub items: BTreeMap<usize, ItemStats>,
+    /// Steps taken over from an interrupted run.
+    pub resumed_items: usize,
+    /// Wall time of this run.
+    pub seconds: f64,
+    /// Peak resident set of the process, if known.
+    pub peak_rss: Option<u64>,
+    /// The summary JSON (also in the output directory as [`SUMMARY_FILE`]).
+    pub summary: serde_json::Value,
+}
+
+/// Checks every step's estimated memory against the budget.
+pub fn check_budget(plan: &Plan, budget: u64) -> Result<()> {
+    match plan.items.iter().find(|i| i.memory > budget) {
+        Some(i) => Err(ForgeError::MemoryBudget { what: i.label.clone(), needed: i.memory, budget }),
+        None => Ok(()),
+    }
+}
+
+/// Runs `plan` on `model` into `opts.output`.
+pub fn quantize_checkpoint(model: &ModelDir, plan: &Plan, opts: &RunOptions, obs: &dyn Observer) -> Result<RunReport> {
+    let t0 = Instant::now();
+    check_budget(plan, opts.max_host_memory)?;
+    let block = model.fp8_block()?;
+    let (mut out, resumed) = OutputDir::open(&opts.output, plan, opts.resume)?;
+    let Resumed { items: mut stats, shards: done_shards, invalid, .. } = resumed;
+    let resumed_items = stats.len();
+    if resumed_items > 0 || invalid > 0 {
+        obs.note(&format!(
+            "resuming {}: {resumed_items} of {} steps already done{}",
+            out.temp_path().display(),
+            plan.items.len(),
+            if invalid > 0 {
+                format!(", {invalid} recorded steps no longer matched and are redone")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    let done_bytes: u64 = stats.keys().filter_map(|&k| plan.items.get(k)).map(|i| i.input_bytes).sum();
+    obs.started(plan, resumed_items, done_bytes);
+
+    // Steps left per shard, to finish each shard when its last step is written.
+    let shard_of = |item: &Item| item.outputs.first().and_then(|&o| plan.outputs.get(o)).map(|t| t.shard);
+    let mut left = vec![0usize; plan.shards.len()];
+    for (k, item) in plan.items.iter().enumerate() {
+        if let Some(s) = shard_of(item) {
+            if !stats.contains_key(&k) {
+                left[s] += 1;
+            }
+        }
+    }
+    for (s, &n) in left.iter().enumerate() {
+        if n == 0 && !done_shards.contains(&s) {
+            out.finish_shard(plan, s)?;
+        }
+    }
+
+    let quantizer = Quantizer::new(plan.settings.grid.clone(), opts.backend.clone());
+    let mut ran = 0usize;
+    let mut since_sync = (Instant::now(), 0u64);
+    let mut last_layer: Option<&str> = None;
+    for (k, item) in plan.items.iter().enumerate() {
+        if stats.contains_key(&k) {
+            continue;
+        }
+        // Durable progress at layer boundaries, and at least every 30 s or 1 GB.
+        if last_layer.is_some_and(|l| l != item.layer)
+            || since_sync.0.elapsed().as_secs() >= 30
+            || since_sync.1 >= 1 << 30
+        {
+            out.checkpoint()?;
+            since_sync = (Instant::now(), 0);
+        }
+        last_layer = Some(&item.layer);
+        // Let the kernel read the next step's input while this one is quantized.
+        if let Some(next) = plan.items.get(k + 1) {
+            prefetch(model, next);
+        }
+        obs.item_started(k, item);
+        let t = Instant::now();
+        let (hashes, members) = run_item(model, plan, item, &mut out, &quantizer, block)?;
+        let output_bytes: u64 = item.outputs.iter().filter_map(|&o| plan.outputs.get(o)).map(|t| t.nbytes).sum();
+        let st = ItemStats {
+            label: item.label.clone(),
+            layer: item.layer.clone(),
+            action: match item.work {
+                Work::Copy { .. } => "copy",
+                Work::Fp8ToBf16 { .. } => "fp8->bf16",
+                Work::Quantize { .. } => "quantize",
+            }
+            .into(),
+            seconds: t.elapsed().as_secs_f64(),
+            input_bytes: item.input_bytes,
+            output_bytes,
+            members,
+        };
+        out.record_item(k, hashes, st.clone())?;
+        since_sync.1 += output_bytes;
+        obs.item_finished(k, item, &st);
+        stats.insert(k, st);
+        if let Some(s) = shard_of(item) {
+            left[s] -= 1;
+            if left[s] == 0 {
+                out.finish_shard(plan, s)?;
+            }
+        }
+        ran += 1;
+        if opts.fail_after_items == Some(ran) {
+            return Err(ForgeError::Interrupted(ran));
+        }
+        if opts.abort_after_items == Some(ran) {
+            std::process::abort();
+        }
+    }
+    out.checkpoint()?;
+
+    // The small files, then the rename.
+    if plan.shards.len() > 1 {
+        let index = serde_json::json!({
+            "metadata": {"total_size": plan.total_tensor_bytes()},
+            "weight_map": plan.weight_map(),
+        });
+        out.write_file(INDEX_FILE, &pretty(&index)?)?;
+    }
+    out.write_file("config.json", &pretty(&plan.config_json)?)?;
+    for (name, value) in plan.format.extra_files(&plan.ignore)? {
+        out.write_file(name, &pretty(&value)?)?;
+    }
+    for f in &model.aux_files {
+        out.copy_file(&model.path.join(f), f)?;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let summary = summary_json(model, plan, &stats, &opts.backend, seconds, peak_rss());
+    out.write_file(SUMMARY_FILE, &pretty(&summary)?)?;
+    let output = out.commit()?;
+    Ok(RunReport { output, items: stats, resumed_items, seconds, peak_rss: peak_rss(), summary })
+}
+
+/// Asks the kernel to read a step's input tensors ahead (advisory).
+fn prefetch(model: &ModelDir, item: &Item) {
+    let names: Vec<&String> = match &item.work {
+        Work::Copy { tensor } => vec![tensor],
+        Work::Fp8ToBf16 { weight, scale } => vec![weight, scale],
+        Work::Quantize { members } => members.iter().flat_map(|m| std::iter::once(&m.weight).chain(&m.scale)).collect(),
+    };
+    for n in names {
+        if let Some(t) = model.tensor(n) {
+            if let Ok(shard) = model.shard(t) {
+                shard.prefetch(&t.info);
+            }
+        }
+    }
+}
+
+fn pretty(v: &serde_json::Value) -> Result<Vec<u8>> {
+    let mut s = serde_json::to_vec_pretty(v).map_err(|e| ForgeError::Config(e.to_string()))?;
+    s.push(b'\n');
+    Ok(s)
+}
+
+/// xxh3-64, hex.
+fn hex_hash(bytes: &[u8]) -> String {
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
+}
+
+type ItemOutcome = (Vec<(usize, String)>, Vec<MemberStats>);
+
+fn run_item(
+    model: &ModelDir,
+    plan: &Plan,
+    item: &Item,
+    out: &mut OutputDir,
+    quantizer: &Quantizer,
+    block: (usize, usize),
+) -> Result<ItemOutcome> {
+    let first_out = *item.outputs.first().ok_or_else(|| ForgeError::Config(format!("{} has no output", item.label)))?;
+    match &item.work {
+        Work::Copy { tensor } => {
+            let t = model.tensor(tensor).ok_or_else(|| ForgeError::MissingTensor {
+                tensor: tensor.clone(),
+                file: model.path.display().to_string(),
+            })?;
+            let shard = model.shard(t)?;
+            let bytes = shard.bytes(&t.info)?;
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            let mut pos = 0usize;
+            for chunk in bytes.chunks(super::plan::COPY_CHUNK) {
+                out.write(plan, first_out, pos as u64, chunk)?;
+                h.update(chunk);
+                shard.release(&t.info, pos, chunk.len());
+                pos += chunk.len();
+            }
+            Ok((vec![(first_out, format!("{:016x}", h.digest()))], Vec::new()))
+        }
+        Work::Fp8ToBf16 { weight, scale } => {
+            let missing =
+                |n: &String| ForgeError::MissingTensor { tensor: n.clone(), file: model.path.display().to_string() };
+            let w = model.tensor(weight).ok_or_else(|| missing(weight))?;
+            let s = model.tensor(scale).ok_or_else(|| missing(scale))?;
+            let (rows, cols) = w.info.dims2().unwrap_or((0, 0));
+            let scales =
+                BlockScales { bytes: model.bytes(s)?, dtype: s.info.dtype, shape: s.info.dims2().unwrap_or((0, 0)) };
+            let f = dequantize_fp8_blocks(model.bytes(w)?, rows, cols, scales, block)?;
+            let bytes = f32_to_bf16_bytes(f.as_slice().unwrap_or_default());
+            out.write(plan, first_out, 0, &bytes)?;
+            for t in [w, s] {
+                model.shard(t)?.release(&t.info, 0, t.info.len);
+            }
+            Ok((vec![(first_out, hex_hash(&bytes))], Vec::new()))
+        }
+        Work::Quantize { members } => {
+            let mut results: Vec<MemberResult> = Vec::with_capacity(members.len());
+            match &plan.settings.method {
+                Method::Rtn => {
+                    for m in members {
+                        let w = load_weight(model, m, block)?;
+                        results.push(quantize_rtn(quantizer, w.view(), plan.format.scale_dtype())?);
+                        drop(w);
+                        release_weight(model, m);
+                    }
+                }
+                Method::Gptq(g) => {
+                    // Members with the same Hessian file share one pre-step.
+                    let mut sets: Vec<(Option<&PathBuf>, Vec<usize>)> = Vec::new();
+                    for (i, m) in members.iter().enumerate() {
+                        match sets.iter_mut().find(|(h, _)| *h == m.hessian.as_ref()) {
+                            Some((_, v)) => v.push(i),
+                            None => sets.push((m.hessian.as_ref(), vec![i])),
+                        }
+                    }
+                    let mut by_member: Vec<Option<MemberResult>> = (0..members.len()).map(|_| None).collect();
+                    for (h, idx) in sets {
+                        let cols = members[idx[0]].dims.1;
+                        let hess = match h {
+                            Some(p) => Some(load_hessian(p, cols)?),
+                            None => None,
+                        };
+                        let hview = hess.as_ref().filter(|(_, tokens)| *tokens > 0).map(|(a, _)| a.view());
+                        let loaded =
+                            idx.iter().map(|&i| load_weight(model, &members[i], block)).collect::<Result<Vec<_>>>()?;
+                        let views: Vec<WeightView<'_>> = loaded.iter().map(|l| l.view()).collect();
+                        let res = quantize_gptq(quantizer, g, &views, hview)?;
+                        drop(loaded);
+                        for (&i, r) in idx.iter().zip(res) {
+                            release_weight(model, &members[i]);
+                            by_member[i] = Some(r);
+                        }
+                    }
+                    for r in by_member {
+                        results.push(r.ok_or_else(|| {
+                            ForgeError::Config(format!("{}: a member was not quantized", item.label))
+                        })?);
+                    }
+                }
+            }
+            let mut hashes = Vec::new();
+            let mut stats = Vec::new();
+            let mut outs = item.outputs.iter();
+            for (m, r) in members.iter().zip(&results) {
+                let encoded = plan.format.encode(super::writer::QuantizedLinear {
+                    module: &m.module,
+                    grid: &r.grid,
+                    codes: r.codes.view(),
+                })?;
+                for bytes in encoded {
+                    let o = *outs.next().ok_or_else(|| {
+                        ForgeError::Shape(format!(
+                            "format {} wrote more tensors for {} than planned",
+                            plan.format.id(),
+                            m.module
+                        ))
+                    })?;
+                    let planned = plan.outputs.get(o).map(|t| t.nbytes).unwrap_or(0);
+                    if bytes.len() as u64 != planned {
+                        return Err(ForgeError::Shape(format!(
+                            "format {} wrote {} bytes for {}, planned {planned}",
+                            plan.format.id(),
+                            bytes.len(),
+                            plan.outputs.get(o).map(|t| t.spec.name.as_str()).unwrap_or("?")
+                        )));
+                    }
+                    out.write(plan, o, 0, &bytes)?;
+                    hashes.push((o, hex_hash(&bytes)));
+                }
+                stats.push(MemberStats {
+                    module: m.module.clone(),
+                    rows: m.dims.0,
+                    cols: m.dims.1,
+                    method: r.method.into(),
+                    rel_weight_error: r.rel_weight_error,
+                    gptq_loss: r.gptq_loss,
+                    flags: r.flags.clone(),
+                });
+            }
+            if outs.next().is_some() {
+                return Err(ForgeError::Shape(format!(
+                    "format {} wrote fewer tensors for {} than planned",
+                    plan.format.id(),
+                    item.label
+                )));
+            }
+            Ok((hashes, stats))
+        }
+    }
+}
+
+/// Per-layer rows of the summary: `(layer, quantized weights, mean / max relative weight
+/// error, summed GPTQ loss, seconds)`.
+pub fn layer_rows(stats: &BTreeMap<usize, ItemStats>) -> Vec<(String, usize, f64, f64, Option<f64>, f64)> {
+    let mut rows: Vec<(String, usize, f64, f64, Option<f64>, f64)> = Vec::new();
+    for s in stats.values() {
+        let k = match rows.iter().position(|r| r.0 == s.layer) {
+            Some(k) => k,
+            None => {
+                rows.push((s.layer.clone(), 0, 0.0, 0.0, None, 0.0));
+                rows.len() - 1
+            }
+        };
+        let r = &mut rows[k];
+        for m in &s.members {
+            r.1 += 1;
+            r.2 += m.rel_weight_error;
+            r.3 = r.3.max(m.rel_weight_error);
+            if let Some(l) = m.gptq_loss {
+                r.4 = Some(r.4.unwrap_or(0.0) + l);
+            }
+        }
+        r.5 += s.seconds;
+    }
+    for r in &mut rows {
+        if r.1 > 0 {
+            r.2 /= r.1 as f64;
+        }
+    }
+    // Decoder layers in order, tensors outside them last.
+    rows.sort_by_key(|r| (super::select::layer_index(&r.0).is_none(), super::select::layer_index(&r.0)));
+    rows
+}
+
+fn summary_json(
+    model: &ModelDir,
+    plan: &Plan,
+    stats: &BTreeMap<usize, ItemStats>,
+    backend: &Backend,
+    seconds: f64,
+    rss: Option<u64>,
+) -> serde_json::Value {
+    let layers: Vec<serde_json::Value> = layer_rows(stats)
+        .into_iter()
+        .map(|(layer, n, mean, max, loss, secs)| {
+            serde_json::json!({
+                "layer": layer, "quantized": n, "mean_rel_weight_error": mean,
+                "max_rel_weight_error": max, "gptq_loss": loss, "seconds": secs,
+            })
+        })
+        .collect();
+    let tensors: Vec<&MemberStats> = stats.values().flat_map(|s| &s.members).collect();
+    serde_json::json!({
+        "forge_version": env!("CARGO_PKG_VERSION"),
+        "model": model.path.display().to_string(),
+        "architecture": model.architecture(),
+        "backend": backend.name(),
+        "settings": plan.settings.to_json(),
+        "format": plan.format.id(),
+        "quantized_modules": plan.quantized_modules(),
+        "kept_in_full_precision": plan.kept.iter().map(|k| serde_json::json!({"module": k.module, "reason": k.reason})).collect::<Vec<_>>(),
+        "ignore": plan.ignore,
+        "input_bytes": plan.input_bytes(),
+        "output_bytes": plan.output_bytes(),
+        "shards": plan.shards.len(),
+        "seconds": seconds,
+        "peak_rss_bytes": rss,
+        "layers": layers,
+        "tensors": tensors,
+        "fingerprint": plan.fingerprint,
+    })
+}
+
+/// A rough time estimate for `plan` on `backend`: a small layer is quantized once to
+/// measure the per-element cost (RTN: `rows·cols`; GPTQ: `rows·cols²` for the solve plus
+/// `cols³` for the pre-step), and copies are assumed to run at 1 GB/s.
+pub fn estimate_seconds(plan: &Plan, backend: &Backend) -> Result<f64> {
+    let (r, c) = (256usize, 1024usize);
+    let w = ndarray::Array2::from_shape_fn((r, c), |(i, j)| (((i * 31 + j * 17) % 97) as f32 - 48.0) / 97.0);
+    let quantizer = Quantizer::new(plan.settings.grid.clone(), backend.clone());
+    let gptq = matches!(plan.settings.method, Method::Gptq(_));
+    let h = ndarray::Array2::<f32>::from_shape_fn((c, c), |(i, j)| if i == j { 2.0 } else { 0.01 });
+    let measure = || -> Result<f64> {
+        let t = Instant::now();
+        match &plan.settings.method {
+            Method::Rtn => {
+                quantize_rtn(&quantizer, WeightView::F32(w.view()), plan.format.scale_dtype())?;
+            }
+            Method::Gptq(g) => {
+                quantize_gptq(&quantizer, g, &[WeightView::F32(w.view())], Some(h.view()))?;
+            }
+        }
+        Ok(t.elapsed().as_secs_f64())
+    };
+    measure()?; // warm-up (kernel load, thread pool)
+    let per = measure()?;
+    let unit = if gptq { (r * c * c + c * c * c) as f64 } else { (r * c) as f64 };
+    let mut total = 0f64;
+    for item in &plan.items {
+        match &item.work {
+            Work::Quantize { members } => {
+                for m in members {
+                    let (mr, mc) = (m.dims.0 as f64, m.dims.1 as f64);
+                    let work = if gptq { mr * mc * mc + mc * mc * mc } else { mr * mc };
+                    total += per * work / unit;
+                }
+            }
+            _ => total += item.input_bytes as f64 / 1e9,
+        }
+    }
+    Ok(total)
+}
+
+/// One line per step kind for reports: `"N steps, X in, Y out"`.
+pub fn describe_sizes(plan: &Plan) -> String {
+    format!(
+        "{} steps, {} in, {} out",
+        plan.items.len(),
+        human_bytes(plan.input_bytes()),
+        human_bytes(plan.output_bytes())
+    )
+}
