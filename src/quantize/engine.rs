@@ -215,6 +215,30 @@ fn parallel_copy<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
     dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
 }
 
+/// Stages `src` into the pinned `staged` and enqueues its upload to device address `dst`, in
+/// pieces: the DMA of one piece runs while the host copies the next, so staging and the
+/// transfer overlap instead of adding up.
+///
+/// # Safety
+/// `dst` holds `src.len()` elements on the device; `staged` (at least as long) is not touched
+/// by anything else until the uploads complete.
+unsafe fn stage_and_upload<T: Copy + Send + Sync>(
+    staged: &mut [T],
+    src: &[T],
+    dst: u64,
+    stream: &CudaStream,
+) -> Result<()> {
+    const PIECE_BYTES: usize = 16 << 20;
+    let piece = (PIECE_BYTES / std::mem::size_of::<T>().max(1)).max(1);
+    for (k, (d, s)) in staged[..src.len()].chunks_mut(piece).zip(src.chunks(piece)).enumerate() {
+        parallel_copy(d, s);
+        let at = dst + (k * piece * std::mem::size_of::<T>()) as u64;
+        cudarc::driver::result::memcpy_htod_async(at, d, stream.cu_stream())
+            .map_err(ForgeError::driver("uploading to the device"))?;
+    }
+    Ok(())
+}
+
 /// Device-event marks of a profiled job.
 struct Profile {
     up0: CudaEvent,
@@ -509,14 +533,17 @@ impl QuantEngine {
                 .ok_or_else(|| ForgeError::Shape(format!("a {r}×{cols} weight is too large")))?;
             let dst = b.weight.ensure(&dev, bytes, "weight upload")?.dev_ptr_mut();
             let staged = b.staged.get(&dev, bytes)?;
-            match w.contiguous_bytes() {
-                Some(src) => parallel_copy(staged, src),
-                None => staged.copy_from_slice(&contiguous_copy(*w)),
-            }
+            let owned;
+            let src = match w.contiguous_bytes() {
+                Some(src) => src,
+                None => {
+                    owned = contiguous_copy(*w);
+                    &owned
+                }
+            };
             // SAFETY: the pinned bytes stay untouched until this slot is collected (its
             // events); the device buffer holds `bytes`.
-            unsafe { cudarc::driver::result::memcpy_htod_async(dst.addr(), staged, up.cu_stream()) }
-                .map_err(ForgeError::driver("uploading a weight"))?;
+            unsafe { stage_and_upload(staged, src, dst.addr(), &up) }?;
             self.stats.upload_bytes += bytes as u64;
             rows.push(r);
             dtypes.push(w.dtype());
@@ -539,10 +566,8 @@ impl QuantEngine {
                 let staged = slot.staged_matrix.get(&dev, cols * cols)?;
                 let std = h.as_standard_layout();
                 let src = std.as_slice().ok_or_else(|| ForgeError::Internal("non-contiguous Hessian".into()))?;
-                parallel_copy(staged, src);
                 // SAFETY: as the weights' copies.
-                unsafe { cudarc::driver::result::memcpy_htod_async(dst.addr(), staged, up.cu_stream()) }
-                    .map_err(ForgeError::driver("uploading the Hessian"))?;
+                unsafe { stage_and_upload(staged, src, dst.addr(), &up) }?;
                 self.stats.upload_bytes += (cols * cols * 4) as u64;
                 plan = Some(p);
             }
@@ -601,10 +626,8 @@ impl QuantEngine {
         let u_dev = slot.u.ensure(&dev, cols_p * cols_p, "factor")?.dev_ptr_mut();
         if let Some(u) = &host_factor {
             let staged = slot.staged_matrix.get(&dev, cols_p * cols_p)?;
-            parallel_copy(staged, &solver::padded_factor(u.view(), cols_p)?);
             // SAFETY: as the weights' copies; u holds cols_p² f32.
-            unsafe { cudarc::driver::result::memcpy_htod_async(u_dev.addr(), staged, up.cu_stream()) }
-                .map_err(ForgeError::driver("uploading the factor"))?;
+            unsafe { stage_and_upload(staged, &solver::padded_factor(u.view(), cols_p)?, u_dev.addr(), &up) }?;
             self.stats.upload_bytes += (cols_p * cols_p * 4) as u64;
         }
         let slot = &mut self.slots[k];
