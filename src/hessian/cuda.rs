@@ -1,5 +1,5 @@
 //! Host side of the GPU Hessian (`hessian_xtx_*`, `hessian_blend`) and of the GPU pre-step
-//! (`hessian_diag`, `prestep_gather`, cuSOLVER `Xpotrf` + `Xtrtri`, `prestep_extract`).
+//! (`hessian_diag`, `prestep_gather`, cuSOLVER `Xpotrf`, cuBLAS `R⁻¹`, `prestep_extract`).
 //!
 //! Accumulation: `H ← β·H + α·XᵀX` per chunk of at most [`MAX_CHUNK_TOKENS`] tokens, with
 //! `α = 2/(n+m)`, `β = n/(n+m)` counted in tokens, so `H = (2/N)·Σ XᵀX` as the CPU
@@ -10,8 +10,8 @@
 //!
 //! Pre-step: the same policy as [`super::pre_step_cpu`] ([`PreStepPlan`]), in f64 on the
 //! device: the reversed, permuted, dead-fixed, damped Hessian is factored by cuSOLVER
-//! `potrf(UPPER)` (`R = L̂ᵀ`), `R⁻¹` comes from one cuBLAS triangular solve against the
-//! identity, and `U = J L̂⁻¹ J` is read out of `R⁻¹` with
+//! `potrf(UPPER)` (`R = L̂ᵀ`), `R⁻¹` comes from cuBLAS ([`FactorInverse`]: block recursion
+//! of dgemm/trmm over trsm leaves by default), and `U = J L̂⁻¹ J` is read out of `R⁻¹` with
 //! [`forge_kernel_abi::hessian::prestep_factor_source`] straight into the solver's padded
 //! layout. cuSOLVER and cuBLAS are loaded at run time ([`crate::device`]).
 
@@ -425,6 +425,7 @@ pub(crate) struct FactorWork {
     inv: DeviceBuf<f64>,
     diag: DeviceBuf<f32>,
     order: DeviceBuf<u32>,
+    pub(crate) inverse: FactorInverse,
 }
 
 impl FactorWork {
@@ -449,8 +450,8 @@ impl FactorWork {
 
     /// Enqueues one factorisation with `damping` on the compute stream, without waiting:
     /// gather (reversed, permuted, dead-fixed, damped, symmetrised f64 matrix, and the
-    /// identity), `potrf(UPPER)` (`R`), `trsm` (`R⁻¹`), and `U` extracted into `u`, a
-    /// `cols_p × cols_p` f32 buffer (identity in the padding). Failures land in `status`.
+    /// identity), `potrf(UPPER)` (`R`), `R⁻¹` ([`FactorInverse`]), and `U` extracted into `u`,
+    /// a `cols_p × cols_p` f32 buffer (identity in the padding). Failures land in `status`.
     ///
     /// # Safety
     /// `h` is the device address of `n²` f32 ready on the compute stream, `u` of at least
@@ -467,29 +468,127 @@ impl FactorWork {
         cols_p: usize,
         status: FactorStatus,
     ) -> Result<()> {
+        self.enqueue_attempt_marked(dev, h, n, damping, (u, cols_p), status, &mut |_| Ok(()))
+    }
+
+    /// [`Self::enqueue_attempt`], calling `mark(k)` on the compute stream before the gather
+    /// (0) and after the gather, potrf, inverse and extract (1–4): the profile's events.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn enqueue_attempt_marked(
+        &mut self,
+        dev: &GpuDevice,
+        h: DevPtr<f32>,
+        n: usize,
+        damping: f64,
+        (u, cols_p): (DevPtrMut<f32>, usize),
+        status: FactorStatus,
+        mark: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
         let nn = n.checked_mul(n).ok_or_else(|| ForgeError::Shape(format!("a {n}×{n} Hessian is too large")))?;
         let a = self.a.ensure(dev, nn, "pre-step matrix")?.dev_ptr_mut();
         let inv = self.inv.ensure(dev, nn, "pre-step inverse factor")?.dev_ptr_mut();
         let order = self.order.get(n)?.dev_ptr();
         let args = GatherArgs { h, cols: n as u32, order, damping, a, inv, first_bad: status.hessian_bad };
+        mark(0)?;
         dev.launch::<PrestepGather>(ew_config(dev, nn)?, &args)?;
+        mark(1)?;
         dev.with_dense_solver(|s| s.potrf_upper_async(dev, a.addr(), n, status.info))?;
-        // R⁻¹ by triangular solves against the identity (cuBLAS's trsm runs on the f64 tensor
-        // cores; cuSOLVER's trtri was several times slower), one per block of columns: column
-        // block [j0, j1) of R⁻¹ is zero below row j1, so only R[..j1, ..j1] takes part and the
-        // solves cost n³/3 multiply-adds instead of n³.
-        const INV_BLOCK: usize = 512;
-        let mut j0 = 0;
-        while j0 < n {
-            let j1 = (j0 + INV_BLOCK).min(n);
-            let rhs = inv.addr() + (j0 * n * 8) as u64; // column j0 of the column-major inverse
-            dev.with_blas(|b| b.trsm_upper_left(j1, j1 - j0, a.addr(), n, rhs, n))?;
-            j0 = j1;
-        }
+        mark(2)?;
+        let (r, x) = (a.addr(), inv.addr());
+        dev.with_blas(|b| match self.inverse {
+            FactorInverse::Trsm { block } => invert_by_trsm(b, n, r, x, block),
+            FactorInverse::Recursive { leaf, gemm } => invert_recursive(b, n, r, x, (0, n), leaf.max(1), gemm),
+        })?;
+        mark(3)?;
         let args =
             ExtractArgs { a: inv.as_const(), cols: n as u32, cols_p: cols_p as u32, u, first_bad: status.factor_bad };
-        dev.launch::<PrestepExtract>(ew_config(dev, cols_p * cols_p)?, &args)
+        dev.launch::<PrestepExtract>(ew_config(dev, cols_p * cols_p)?, &args)?;
+        mark(4)
     }
+}
+
+/// How the GPU pre-step computes `R⁻¹` from the Cholesky factor `R` (f64 throughout; the
+/// methods differ only in rounding and speed — `gpu_pipeline` prints each one's time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FactorInverse {
+    /// cuBLAS trsm against the identity, `block` columns per solve (0: all at once). Column
+    /// block `[j0, j1)` of `R⁻¹` is zero below row `j1`, so blocks cost n³/3 instead of n³.
+    Trsm {
+        /// Columns per solve; 0 solves all at once.
+        block: usize,
+    },
+    /// 2×2 block recursion `[[A, B], [0, C]]⁻¹ = [[A⁻¹, −A⁻¹·B·C⁻¹], [0, C⁻¹]]` down to
+    /// `leaf`-sized diagonal blocks (trsm), the off-diagonal block by `B·C⁻¹` (a dgemm when
+    /// `gemm`, else a trmm) and then `−A⁻¹·(…)` (an in-place trmm): large, square-ish calls
+    /// where the column-blocked trsm makes tall, thin ones.
+    Recursive {
+        /// Side of the diagonal blocks inverted by trsm.
+        leaf: usize,
+        /// `B·C⁻¹` by dgemm (else by trmm).
+        gemm: bool,
+    },
+}
+
+impl Default for FactorInverse {
+    fn default() -> Self {
+        FactorInverse::Recursive { leaf: 256, gemm: true }
+    }
+}
+
+/// Column-major element address of an f64 `n × n` matrix at `base`.
+fn at(base: u64, n: usize, row: usize, col: usize) -> u64 {
+    base + ((col * n + row) * 8) as u64
+}
+
+/// `x ← R⁻¹` by column-blocked trsm; `x` holds the identity on entry.
+///
+/// # Safety
+/// `r` and `x` are live `n × n` f64 device matrices ready on the handle's stream.
+unsafe fn invert_by_trsm(b: &mut crate::device::cublas::Blas, n: usize, r: u64, x: u64, block: usize) -> Result<()> {
+    let block = if block == 0 { n } else { block };
+    let mut j0 = 0;
+    while j0 < n {
+        let j1 = (j0 + block).min(n);
+        b.trsm_upper_left(j1, j1 - j0, r, n, at(x, n, 0, j0), n)?;
+        j0 = j1;
+    }
+    Ok(())
+}
+
+/// `x[s..e, s..e] ← R[s..e, s..e]⁻¹` by block recursion; `x` holds the identity on entry (so
+/// a leaf is one trsm in place, and blocks below the diagonal stay exactly zero, which lets
+/// the dgemm treat `C⁻¹` as a full matrix).
+///
+/// # Safety
+/// As [`invert_by_trsm`].
+unsafe fn invert_recursive(
+    b: &mut crate::device::cublas::Blas,
+    n: usize,
+    r: u64,
+    x: u64,
+    (s, e): (usize, usize),
+    leaf: usize,
+    gemm: bool,
+) -> Result<()> {
+    let m = e - s;
+    if m <= leaf {
+        return b.trsm_upper_left(m, m, at(r, n, s, s), n, at(x, n, s, s), n);
+    }
+    // Split at a multiple of the leaf near the middle, so leaves stay full-sized.
+    let m1 = (m / 2).div_ceil(leaf).max(1) * leaf;
+    let m1 = m1.min(m - 1);
+    let mid = s + m1;
+    invert_recursive(b, n, r, x, (s, mid), leaf, gemm)?;
+    invert_recursive(b, n, r, x, (mid, e), leaf, gemm)?;
+    let m2 = e - mid;
+    let (b12, x12) = (at(r, n, s, mid), at(x, n, s, mid));
+    let (a_inv, c_inv) = (at(x, n, s, s), at(x, n, mid, mid));
+    if gemm {
+        b.dgemm((m1, m2, m2), 1.0, (b12, n), (c_inv, n), (x12, n))?;
+    } else {
+        b.trmm_upper(false, (m1, m2), 1.0, (c_inv, n), (b12, n), (x12, n))?;
+    }
+    b.trmm_upper(true, (m1, m2), -1.0, (a_inv, n), (x12, n), (x12, n))
 }
 
 /// `u = I` (`cols_p × cols_p`): the factor of a layer without calibration data or whose
@@ -645,6 +744,67 @@ impl GpuPreStepper {
             retries,
             fallback_identity: !ok,
         })
+    }
+
+    /// Chooses how `R⁻¹` is computed (tests and benches compare the methods).
+    pub fn set_inverse(&mut self, inverse: FactorInverse) {
+        self.work.inverse = inverse;
+    }
+
+    /// Device-event times (ms) of the parts of one factorisation of a device Hessian without
+    /// retries — `[gather, potrf, R⁻¹, extract]` — with `inverse` as the `R⁻¹` method; the
+    /// benches' breakdown of the pre-step.
+    pub fn profile(
+        &mut self,
+        dev: &GpuDevice,
+        h: &CudaSlice<f32>,
+        cols: usize,
+        cfg: &PreStepConfig,
+        inverse: FactorInverse,
+    ) -> Result<[f32; 4]> {
+        cfg.validate()?;
+        check_cols(cols)?;
+        if h.len() != cols * cols {
+            return Err(ForgeError::Shape(format!("{} Hessian elements on the device for {cols}×{cols}", h.len())));
+        }
+        let n = cols;
+        let plan = PreStepPlan::new(self.work.diag_to_host(dev, h.dev_ptr(), n)?, cfg)?;
+        self.work.set_order(dev, &plan, n)?;
+        if self.status.is_none() {
+            self.status = Some(dev.alloc::<u64>(3, "pre-step status")?);
+        }
+        let status_buf = self.status.as_mut().ok_or_else(|| ForgeError::Internal("status missing".into()))?;
+        let stream = dev.stream().clone();
+        stream.memset_zeros(status_buf).map_err(ForgeError::driver("clearing the pre-step status"))?;
+        let base = status_buf.dev_ptr_mut().addr();
+        let status = FactorStatus {
+            hessian_bad: DevPtrMut::from_addr(base),
+            factor_bad: DevPtrMut::from_addr(base + 8),
+            info: base + 16,
+        };
+        let u = self.u.ensure(dev, n * n, "pre-step factor")?.dev_ptr_mut();
+        let ctx = dev.context();
+        let events = (0..5)
+            .map(|_| {
+                ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(ForgeError::driver("creating an event"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let saved = std::mem::replace(&mut self.work.inverse, inverse);
+        // SAFETY: h holds n² f32 (checked), u n²; the order was set above.
+        let enqueued = unsafe {
+            self.work.enqueue_attempt_marked(dev, h.dev_ptr(), n, plan.damping(0), (u, n), status, &mut |k| {
+                events[k].record(&stream).map_err(ForgeError::driver("recording an event"))
+            })
+        };
+        self.work.inverse = saved;
+        enqueued?;
+        stream.synchronize().map_err(ForgeError::driver("waiting for the pre-step"))?;
+        let mut t = [0f32; 4];
+        for (k, slot) in t.iter_mut().enumerate() {
+            *slot = events[k].elapsed_ms(&events[k + 1]).map_err(ForgeError::driver("reading event times"))?;
+        }
+        Ok(t)
     }
 
     /// The pre-step of a host Hessian (uploaded first).

@@ -88,6 +88,42 @@ impl Blas {
         result::trsm_left_upper(self.handle, c(m)?, c(n)?, 1.0, a, c(lda)?, b, c(ldb)?)
     }
 
+    /// `C ← alpha · R · B` (`left`) or `C ← alpha · B · R`: `R` upper triangular non-unit
+    /// (`lda`), `B` and `C` `m × n` (`ldb`, `ldc`), f64; `c == b` is in place.
+    ///
+    /// # Safety
+    /// Live buffers of those shapes ready on the handle's stream; `c` overlaps `b` only as
+    /// `c == b` (with the same leading dimension).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn trmm_upper(
+        &mut self,
+        left: bool,
+        (m, n): (usize, usize),
+        alpha: f64,
+        (a, lda): (u64, usize),
+        (b, ldb): (u64, usize),
+        (c, ldc): (u64, usize),
+    ) -> Result<()> {
+        let i = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
+        result::trmm_upper(self.handle, left, i(m)?, i(n)?, alpha, a, i(lda)?, b, i(ldb)?, c, i(ldc)?)
+    }
+
+    /// `C ← alpha · A · B`, f64 column-major, `A` `m × k`, `B` `k × n`, `C` `m × n`.
+    ///
+    /// # Safety
+    /// Live buffers of those shapes ready on the handle's stream; `C` overlaps neither input.
+    pub unsafe fn dgemm(
+        &mut self,
+        (m, n, k): (usize, usize, usize),
+        alpha: f64,
+        (a, lda): (u64, usize),
+        (b, ldb): (u64, usize),
+        (c, ldc): (u64, usize),
+    ) -> Result<()> {
+        let i = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
+        result::dgemm(self.handle, (i(m)?, i(n)?, i(k)?), alpha, (a, i(lda)?), (b, i(ldb)?), (c, i(ldc)?))
+    }
+
     /// `C = A·Aᵀ` for `A` column-major `n × k` (a row-major `k × n` activation matrix `X`,
     /// so `C = XᵀX`), f32 output `n × n`.
     ///

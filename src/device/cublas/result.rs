@@ -6,8 +6,15 @@ use cudarc::cublas::sys as cb;
 
 /// Every cuBLAS function this module calls (probed before the first call: cudarc panics on a
 /// missing symbol).
-pub(super) const SYMBOLS: [&str; 5] =
-    ["cublasCreate_v2", "cublasDestroy_v2", "cublasSetStream_v2", "cublasDtrsm_v2", "cublasGemmEx"];
+pub(super) const SYMBOLS: [&str; 7] = [
+    "cublasCreate_v2",
+    "cublasDestroy_v2",
+    "cublasSetStream_v2",
+    "cublasDtrsm_v2",
+    "cublasDtrmm_v2",
+    "cublasDgemm_v2",
+    "cublasGemmEx",
+];
 
 pub(super) fn err(op: &'static str) -> impl FnOnce(cudarc::cublas::result::CublasError) -> ForgeError {
     move |source| ForgeError::Cublas { op, source }
@@ -46,6 +53,82 @@ pub(super) unsafe fn trsm_left_upper(
     )
     .result()
     .map_err(err("running trsm"))
+}
+
+/// `C ← alpha · R · B` (`left`) or `C ← alpha · B · R` for an upper triangular, non-unit f64
+/// `R` (`lda`) and an `m × n` f64 `B` (`ldb`) into `C` (`ldc`; `C = B` is in place, cuBLAS's
+/// out-of-place trmm allows exactly that overlap).
+///
+/// # Safety
+/// As [`trsm_left_upper`]; `c` holds an `m × n` matrix and overlaps `b` only as `c == b`.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn trmm_upper(
+    handle: cb::cublasHandle_t,
+    left: bool,
+    m: i32,
+    n: i32,
+    alpha: f64,
+    a: u64,
+    lda: i32,
+    b: u64,
+    ldb: i32,
+    c: u64,
+    ldc: i32,
+) -> Result<()> {
+    let side = if left { cb::cublasSideMode_t::CUBLAS_SIDE_LEFT } else { cb::cublasSideMode_t::CUBLAS_SIDE_RIGHT };
+    cb::cublasDtrmm_v2(
+        handle,
+        side,
+        cb::cublasFillMode_t::CUBLAS_FILL_MODE_UPPER,
+        cb::cublasOperation_t::CUBLAS_OP_N,
+        cb::cublasDiagType_t::CUBLAS_DIAG_NON_UNIT,
+        m,
+        n,
+        &alpha,
+        a as *const f64,
+        lda,
+        b as *const f64,
+        ldb,
+        c as *mut f64,
+        ldc,
+    )
+    .result()
+    .map_err(err("running trmm"))
+}
+
+/// `C ← alpha · A · B` for column-major f64 `A` (`m × k`, `lda`), `B` (`k × n`, `ldb`) and
+/// `C` (`m × n`, `ldc`; no overlap with `A` or `B`).
+///
+/// # Safety
+/// As [`trsm_left_upper`], the buffers of those shapes.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn dgemm(
+    handle: cb::cublasHandle_t,
+    (m, n, k): (i32, i32, i32),
+    alpha: f64,
+    (a, lda): (u64, i32),
+    (b, ldb): (u64, i32),
+    (c, ldc): (u64, i32),
+) -> Result<()> {
+    let beta = 0f64;
+    cb::cublasDgemm_v2(
+        handle,
+        cb::cublasOperation_t::CUBLAS_OP_N,
+        cb::cublasOperation_t::CUBLAS_OP_N,
+        m,
+        n,
+        k,
+        &alpha,
+        a as *const f64,
+        lda,
+        b as *const f64,
+        ldb,
+        &beta,
+        c as *mut f64,
+        ldc,
+    )
+    .result()
+    .map_err(err("running dgemm"))
 }
 
 /// `C ← A · Aᵀ` (column-major `n × n` f32 `C`) for `A` column-major `n × k` of `a_type`
