@@ -9,13 +9,16 @@
 //! [`forge_numerics`]. [`device`] is the CUDA runtime.
 #![deny(missing_docs)]
 
+pub mod budget;
 pub mod calib;
 pub mod device;
 pub mod error;
+pub mod fsio;
 pub mod grid;
 pub mod hessian;
 pub mod quantize;
 pub mod solver;
+pub mod warning;
 pub mod weights;
 
 pub use error::{ForgeError, Result};
@@ -23,4 +26,5 @@ pub use forge_numerics as numerics;
 pub use forge_numerics::QMetaPacked;
 pub use grid::{GridConfig, MseSearch, QuantGrid, ScaleSearch, ShrinkCandidates};
 pub use quantize::{Backend, Quantizer};
+pub use warning::Warning;
 pub use weights::{WeightDtype, WeightView};

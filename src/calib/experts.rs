@@ -37,6 +37,8 @@ pub fn quantize_experts(
     pre_step: &PreStepConfig,
     experts: &[ExpertInput<'_>],
 ) -> Result<Vec<Vec<QuantizedLayer>>> {
+    // Checked up front: experts without tokens never reach the pre-step that checks it.
+    pre_step.validate()?;
     let quantizer = Quantizer::new(config.clone(), backend.clone());
     let mut slot = StepperSlot::default();
     let mut cache = WorkspaceCache::default();

@@ -4,8 +4,8 @@ use super::ActivationView;
 use crate::device::GpuDevice;
 use crate::hessian::{pre_step_cpu, GpuHessian, GpuPreStepper, HessianAccumulator, PreStep, PreStepConfig};
 use crate::quantize::{cpu, cuda, widen, WorkspaceCache};
-use crate::solver::{DeviceFactor, SolveOutput};
-use crate::{Backend, ForgeError, GridConfig, QuantGrid, Quantizer, Result, WeightView};
+use crate::solver::{flushed_groups, validate_factor, DeviceFactor, SolveOutput};
+use crate::{budget, Backend, ForgeError, GridConfig, QuantGrid, Quantizer, Result, Warning, WeightView};
 use ndarray::{Array2, ArrayView2};
 use std::sync::Arc;
 
@@ -49,6 +49,9 @@ pub struct QuantizedLayer {
     pub perm: Option<Vec<usize>>,
     /// What the pre-step did.
     pub flags: QuantizeFlags,
+    /// Everything legal but surprising about this result, from the pre-step (asymmetric `H`,
+    /// dead inputs, retries, identity fallback, no tokens) and the solve (flushed groups).
+    pub warnings: Vec<Warning>,
 }
 
 /// A pre-step result ready to quantize any number of weights with the same input columns
@@ -71,12 +74,21 @@ impl std::fmt::Debug for PreparedFactor {
 }
 
 impl PreparedFactor {
-    /// Wraps a pre-step result (e.g. from [`crate::hessian::pre_step_cpu`]); on a GPU backend
-    /// the factor is uploaded once here.
+    /// Wraps a pre-step result (e.g. from [`crate::hessian::pre_step_cpu`], or built by the
+    /// caller); on a GPU backend the factor is uploaded once here. The result is checked like
+    /// solver input: `U` square, finite, with a positive diagonal; `perm` a permutation;
+    /// every dead column in range; the damping finite.
     pub fn new(pre: PreStep, route: PreStepRoute, backend: &Backend) -> Result<Self> {
         let (n, c) = pre.hinv_factor.dim();
         if n != c || n == 0 {
             return Err(ForgeError::Shape(format!("hinv_factor is {n}×{c}, expected a non-empty square matrix")));
+        }
+        validate_factor(pre.hinv_factor.view(), n, pre.perm.as_deref())?;
+        if let Some(&j) = pre.dead_columns.iter().find(|&&j| j >= n) {
+            return Err(ForgeError::Shape(format!("dead column {j} is out of range for a {n}×{n} factor")));
+        }
+        if !pre.damping_used.is_finite() {
+            return Err(ForgeError::Config(format!("damping_used = {} is not finite", pre.damping_used)));
         }
         let device = match backend {
             Backend::Cpu => None,
@@ -100,6 +112,7 @@ impl PreparedFactor {
             damping_used: 0.0,
             retries: 0,
             fallback_identity: false,
+            warnings: vec![Warning::NoCalibrationTokens],
         };
         Self::new(pre, PreStepRoute::NoTokens, backend)
     }
@@ -147,6 +160,9 @@ enum HessianState {
 pub struct SharedHessian {
     state: HessianState,
     backend: Backend,
+    /// The asymmetry of a host `H` uploaded to the device (the GPU pre-step symmetrises
+    /// without looking, so it is checked on the host copy).
+    asymmetry: Option<Warning>,
 }
 
 impl std::fmt::Debug for SharedHessian {
@@ -166,11 +182,12 @@ impl SharedHessian {
             Backend::Cpu => HessianState::Cpu(HessianAccumulator::new(cols)?),
             Backend::Gpu(dev) => HessianState::Gpu(GpuHessian::new(dev, cols)?),
         };
-        Ok(SharedHessian { state, backend: backend.clone() })
+        Ok(SharedHessian { state, backend: backend.clone(), asymmetry: None })
     }
 
     /// A Hessian accumulated elsewhere over `tokens` tokens (0 marks a layer without
-    /// calibration data: its pre-step is `U = I`, flagged). Must be square and finite.
+    /// calibration data: its pre-step is `U = I`, flagged). Must be square and finite; the
+    /// copy is checked against the host budget.
     pub fn from_host(h: ArrayView2<'_, f32>, tokens: u64, backend: &Backend) -> Result<Self> {
         let state = match backend {
             Backend::Cpu => {
@@ -178,6 +195,7 @@ impl SharedHessian {
                 if n != c || n == 0 {
                     return Err(ForgeError::Shape(format!("the Hessian must be square and non-empty, got {n}×{c}")));
                 }
+                budget::Request::new().array::<f32>(&[n, n]).check(&format!("a copy of a {n}×{n} Hessian"))?;
                 if let Some(((row, col), &value)) = h.indexed_iter().find(|(_, v)| !v.is_finite()) {
                     return Err(ForgeError::NonFinite { tensor: "hessian", row, col, value });
                 }
@@ -185,7 +203,11 @@ impl SharedHessian {
             }
             Backend::Gpu(dev) => HessianState::Gpu(GpuHessian::from_host(dev, h, tokens)?),
         };
-        Ok(SharedHessian { state, backend: backend.clone() })
+        let asymmetry = match backend {
+            Backend::Gpu(_) => crate::hessian::asymmetry_warning(h),
+            Backend::Cpu => None,
+        };
+        Ok(SharedHessian { state, backend: backend.clone(), asymmetry })
     }
 
     /// Input features (the side of `H`).
@@ -207,30 +229,47 @@ impl SharedHessian {
     }
 
     /// Adds a batch of activations `(tokens, cols)`: `H ← β·H + α·XᵀX`, `α = 2/(n+m)`,
-    /// `β = n/(n+m)` (docs/design.md §5). f16/bf16 are widened exactly to f32. NaN/inf activations
-    /// and f32 overflow are typed errors.
+    /// `β = n/(n+m)` (docs/design.md §5). f16/bf16 are widened exactly to f32. NaN/inf
+    /// activations, f32 overflow and a token count that overflows u64 are typed errors; a
+    /// failed update leaves the Hessian as it was (on the CPU backend; on the GPU see
+    /// [`GpuHessian::update`]).
     pub fn update(&mut self, x: ActivationView<'_>) -> Result<()> {
         match &mut self.state {
             HessianState::Cpu(acc) => match x {
                 ActivationView::F32(v) => acc.update(v),
-                _ => acc.update(x.to_f32().view()),
+                _ => acc.update(x.to_f32()?.view()),
             },
             HessianState::CpuGiven { h, tokens } => {
+                let (m, cols) = x.dim();
+                if cols != h.nrows() {
+                    return Err(ForgeError::Shape(format!(
+                        "activations have {cols} columns, the Hessian has {}",
+                        h.nrows()
+                    )));
+                }
+                if m == 0 {
+                    return Ok(());
+                }
+                let total_tokens = crate::hessian::add_tokens(*tokens, m)?;
                 // The batch's own Hessian Hb = 2/m·XᵀX, blended as the running mean:
                 // H ← n/(n+m)·H + m/(n+m)·Hb (the same average, rounded once more).
                 let mut batch = HessianAccumulator::new(h.nrows())?;
                 match x {
                     ActivationView::F32(v) => batch.update(v)?,
-                    _ => batch.update(x.to_f32().view())?,
+                    _ => batch.update(x.to_f32()?.view())?,
                 }
-                let m = batch.tokens();
-                if m == 0 {
-                    return Ok(());
-                }
-                let total = (*tokens + m) as f64;
+                let total = total_tokens as f64;
                 let (a, b) = ((m as f64 / total) as f32, (*tokens as f64 / total) as f32);
-                h.zip_mut_with(batch.h(), |hv, &bv| *hv = b * *hv + a * bv);
-                *tokens += m;
+                let blend = |hv: f32, bv: f32| b * hv + a * bv;
+                // Checked before anything is written, so an overflow leaves H as it was.
+                if let Some(((row, col), &hv)) =
+                    h.indexed_iter().find(|&((i, j), &hv)| !blend(hv, batch.h()[[i, j]]).is_finite())
+                {
+                    let value = blend(hv, batch.h()[[row, col]]);
+                    return Err(ForgeError::NonFinite { tensor: "H (f32 overflow in the blend)", row, col, value });
+                }
+                h.zip_mut_with(batch.h(), |hv, &bv| *hv = blend(*hv, bv));
+                *tokens = total_tokens;
                 Ok(())
             }
             HessianState::Gpu(g) => match &self.backend {
@@ -269,13 +308,23 @@ impl SharedHessian {
     }
 
     pub(crate) fn pre_step_with(&self, cfg: &PreStepConfig, stepper: &mut StepperSlot) -> Result<PreparedFactor> {
+        // Settings are checked even where they end up unused (no tokens): a bad setting is a
+        // bug in the caller either way.
+        cfg.validate()?;
         if self.tokens() == 0 {
             return PreparedFactor::no_tokens(self.cols(), &self.backend);
         }
         match &self.state {
             HessianState::Cpu(a) => prepare(&self.backend, HSource::Host(a.h().view()), cfg, stepper),
             HessianState::CpuGiven { h, .. } => prepare(&self.backend, HSource::Host(h.view()), cfg, stepper),
-            HessianState::Gpu(g) => prepare(&self.backend, HSource::Device(g), cfg, stepper),
+            HessianState::Gpu(g) => {
+                let mut f = prepare(&self.backend, HSource::Device(g), cfg, stepper)?;
+                // The CPU fallback saw the downloaded H itself; the GPU pre-step did not.
+                if f.route == PreStepRoute::Gpu {
+                    f.pre.warnings.splice(0..0, self.asymmetry.iter().cloned());
+                }
+                Ok(f)
+            }
         }
     }
 }
@@ -327,7 +376,12 @@ pub(crate) fn prepare(
             let (pre, route) = match slot.get(dev)? {
                 Some(stepper) => {
                     let pre = match h {
-                        HSource::Host(h) => stepper.run_host(dev, h, cfg)?,
+                        HSource::Host(h) => {
+                            let mut pre = stepper.run_host(dev, h, cfg)?;
+                            // The device symmetrises without looking: check on the host copy.
+                            pre.warnings.splice(0..0, crate::hessian::asymmetry_warning(h));
+                            pre
+                        }
                         HSource::Device(g) => stepper.run(dev, g.h(), g.cols(), cfg)?,
                     };
                     (pre, PreStepRoute::Gpu)
@@ -382,9 +436,16 @@ pub(crate) fn quantize_prepared(
         Backend::Cpu => {
             cpu::grid_and_solve(&quantizer.config, WeightView::F32(w), factor.pre.hinv_factor.view(), perm)?
         }
-        Backend::Gpu(dev) => solve_on_device(dev, &quantizer.config, factor, w, cache)?,
+        Backend::Gpu(dev) => {
+            let (grid, mut out) = solve_on_device(dev, &quantizer.config, factor, w, cache)?;
+            // solve_cpu reports these itself; the device solve leaves them to the host.
+            out.warnings.extend(flushed_groups(w, out.dequant.view(), grid.group_size)?);
+            (grid, out)
+        }
     };
-    Ok(QuantizedLayer { grid, out, perm: factor.pre.perm.clone(), flags: factor.flags() })
+    let mut warnings = factor.pre.warnings.clone();
+    warnings.extend(out.warnings.iter().cloned());
+    Ok(QuantizedLayer { grid, out, perm: factor.pre.perm.clone(), flags: factor.flags(), warnings })
 }
 
 /// Grid and solve on the device with the factor already there (uploaded now if it was
@@ -429,10 +490,17 @@ impl GptqLayer {
     }
 
     /// Adds a batch of the layer's inputs `(tokens, in_features)` to its Hessian (and drops
-    /// a pre-step computed before it).
+    /// a pre-step computed before it). A batch rejected on the CPU backend changes nothing:
+    /// the Hessian and the pre-step stay as they were.
     pub fn update(&mut self, x: ActivationView<'_>) -> Result<()> {
-        self.factor = None;
-        self.hessian.update(x)
+        let before = self.hessian.tokens();
+        let result = self.hessian.update(x);
+        // A device update that failed part-way keeps the chunks before the failure (see
+        // GpuHessian::update): H changed, so the old pre-step no longer fits it.
+        if self.hessian.tokens() != before {
+            self.factor = None;
+        }
+        result
     }
 
     /// Tokens seen so far.

@@ -14,7 +14,7 @@ pub use cuda::WorkspaceCache;
 use crate::device::GpuDevice;
 use crate::grid::{self, GridConfig, QuantGrid};
 use crate::solver::{self, DeviceFactor, SolveOutput};
-use crate::{Result, WeightView};
+use crate::{budget, Result, WeightView};
 use ndarray::{Array2, ArrayView2};
 use std::sync::Arc;
 
@@ -79,7 +79,12 @@ impl Quantizer {
     ) -> Result<SolveOutput> {
         match &self.backend {
             Backend::Cpu => solver::solve_cpu(weight, hinv_factor, grid, perm),
-            Backend::Gpu(dev) => solver::solve_gpu(dev, weight, hinv_factor, grid, perm),
+            Backend::Gpu(dev) => {
+                let mut out = solver::solve_gpu(dev, weight, hinv_factor, grid, perm)?;
+                // solve_cpu reports these itself; the device solve leaves them to the host.
+                out.warnings.extend(solver::flushed_groups(weight, out.dequant.view(), grid.group_size)?);
+                Ok(out)
+            }
         }
     }
 
@@ -100,15 +105,20 @@ impl Quantizer {
                 // The weight is checked by the grid kernel; the factor before any device work.
                 solver::validate_factor(hinv_factor, cols, perm)?;
                 let factor = DeviceFactor::upload(dev, hinv_factor, perm)?;
-                cuda::grid_and_solve(dev, &self.config, w32.view(), &factor, &mut WorkspaceCache::default())
+                let (grid, mut out) =
+                    cuda::grid_and_solve(dev, &self.config, w32.view(), &factor, &mut WorkspaceCache::default())?;
+                out.warnings.extend(solver::flushed_groups(w32.view(), out.dequant.view(), grid.group_size)?);
+                Ok((grid, out))
             }
         }
     }
 }
 
-/// The weight as f32 (the solver's working precision), NaN/inf rejected.
+/// The weight as f32 (the solver's working precision), NaN/inf rejected; the copy is checked
+/// against the host budget first.
 pub fn widen(weight: WeightView<'_>) -> Result<Array2<f32>> {
     let (rows, cols) = weight.dim();
+    budget::Request::new().array::<f32>(&[rows, cols]).check(&format!("an f32 copy of a {rows}×{cols} weight"))?;
     let mut out = Array2::zeros((rows, cols));
     for r in 0..rows {
         let mut row = out.row_mut(r);

@@ -101,6 +101,7 @@ impl DeviceSolveOutput {
             qweight: Array2::from_shape_vec(shape, codes).map_err(|e| ForgeError::Internal(e.to_string()))?,
             dequant: Array2::from_shape_vec(shape, deq).map_err(|e| ForgeError::Internal(e.to_string()))?,
             loss: Array1::from(loss),
+            warnings: Vec::new(),
         })
     }
 }

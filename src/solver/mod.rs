@@ -10,10 +10,10 @@
 mod cpu;
 mod cuda;
 
-pub use cpu::{layer_output_error, round_to_nearest, solve_cpu};
+pub use cpu::{flushed_groups, layer_output_error, round_to_nearest, solve_cpu};
 pub use cuda::{launch_solve, solve_gpu, DeviceFactor, DeviceSolveOutput, SolveWorkspace};
 
-use crate::{ForgeError, QuantGrid, Result};
+use crate::{ForgeError, QuantGrid, Result, Warning};
 use ndarray::{Array1, Array2, ArrayView2};
 
 /// What the solver returns for one layer.
@@ -25,6 +25,8 @@ pub struct SolveOutput {
     pub dequant: Array2<f32>,
     /// GPTQ loss per row: `Σ_t ((w − deq)/U[t,t])² / 2`, accumulated in f64.
     pub loss: Array1<f32>,
+    /// Legal but surprising outcomes (e.g. [`Warning::FlushedGroups`]).
+    pub warnings: Vec<Warning>,
 }
 
 /// Checks the solver's input contract (docs/design.md §4) and returns the typed error of the first
@@ -33,7 +35,9 @@ pub struct SolveOutput {
 /// * `weight` is `(rows, cols)`, non-empty, all finite;
 /// * `hinv_factor` is `(cols, cols)`, all finite, with a diagonal that is `> 0`;
 /// * `grid` has `(rows, ceil(cols/gs))` records of 4 bytes, a group size that is a multiple
-///   of 32 in `32..=1024`, `pad = n_groups·gs − cols` and `maxq = 2^bits − 1`, bits in 2..=8;
+///   of 32 in `32..=1024`, `pad = n_groups·gs − cols` and `maxq = 2^bits − 1`, bits in 2..=8,
+///   and records that agree with `maxq` ([`QuantGrid::check_records`]: no reserved flag bits,
+///   zero points in range, symmetric zero points at `(maxq + 1)/2`);
 /// * `perm`, when given, is a permutation of `0..cols`.
 pub fn validate_inputs(
     weight: ArrayView2<'_, f32>,
@@ -63,7 +67,7 @@ pub fn validate_inputs(
              weight with group size {gs}"
         )));
     }
-    if grid.pad != n_groups * gs - cols {
+    if Some(grid.pad) != (n_groups * gs).checked_sub(cols) {
         return Err(ForgeError::Shape(format!(
             "grid pad {} does not match {cols} columns in {n_groups} groups of {gs}",
             grid.pad
@@ -73,6 +77,7 @@ pub fn validate_inputs(
     if !(3..=255).contains(&maxq) || !(maxq + 1).is_power_of_two() {
         return Err(ForgeError::Shape(format!("grid maxq {maxq} is not 2^bits − 1 with bits in 2..=8")));
     }
+    grid.check_records()?;
     first_non_finite(weight, "weight")?;
     validate_factor(hinv_factor, cols, perm)
 }
