@@ -18,12 +18,17 @@
 //! Without a usable GPU (or with `--cpu`) everything runs on the CPU reference.
 
 use clap::Parser;
+use fourbit_forge::fsio::prepare_output;
 use fourbit_forge::hessian::{pre_step_cpu, PreStepConfig};
-use fourbit_forge::quantize::output::{output_dir, write_layer, LayerOutput};
+use fourbit_forge::quantize::output::{write_layer, LayerOutput};
 use fourbit_forge::quantize::widen;
 use fourbit_forge::solver::{layer_output_error, round_to_nearest};
-use fourbit_forge::weights::{load_layer, synthetic_layer, HessianSource, LayerStats, OwnedWeight};
-use fourbit_forge::{Backend, ForgeError, GridConfig, MseSearch, Quantizer, ScaleSearch, ShrinkCandidates, WeightView};
+use fourbit_forge::weights::{
+    load_layer, synthetic_layer, HessianSource, LayerStats, OwnedWeight, MAX_SYNTHETIC_TOKENS,
+};
+use fourbit_forge::{
+    Backend, ForgeError, GridConfig, MseSearch, Quantizer, ScaleSearch, ShrinkCandidates, Warning, WeightView,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -74,6 +79,10 @@ struct Args {
     /// Damping relative to mean(diag H).
     #[arg(long, default_value_t = 0.01)]
     damp: f32,
+    /// Accept a Hessian with negative diagonal entries (not positive semi-definite: no
+    /// activations give one) and factor it with raised damping; refused by default.
+    #[arg(long)]
+    allow_indefinite: bool,
     /// Run on the CPU reference even if a GPU is present.
     #[arg(long)]
     cpu: bool,
@@ -148,12 +157,15 @@ fn run(args: Args) -> Result<(), CliError> {
             ScaleSearch::Absmax
         },
     };
-    let prestep_cfg = PreStepConfig { rel_damp: args.damp, act_order: args.act_order };
+    let prestep_cfg =
+        PreStepConfig { rel_damp: args.damp, act_order: args.act_order, allow_indefinite: args.allow_indefinite };
     if !(args.damp.is_finite() && args.damp >= 0.0) {
         return Err(CliError::usage(format!("--damp must be finite and >= 0, got {}", args.damp)));
     }
     // Settings that fail for every shape fail before any expensive work.
     config.validate(1, 1)?;
+    prestep_cfg.validate()?;
+    let mut synthetic_tokens = 0;
     if let Some(w) = &args.weights {
         if args.activations.is_none() && args.hessian.is_none() {
             return Err(CliError::usage(format!(
@@ -167,20 +179,28 @@ fn run(args: Args) -> Result<(), CliError> {
                 args.out.display()
             )));
         }
-    } else if args.rows == 0 || args.cols == 0 || args.tokens == Some(0) {
-        return Err(CliError::usage("--rows, --cols and --tokens must be > 0".into()));
+    } else {
+        if args.rows == 0 || args.cols == 0 || args.tokens == Some(0) {
+            return Err(CliError::usage("--rows, --cols and --tokens must be > 0".into()));
+        }
+        // The synthetic layer's shape is known now: check it against the format before
+        // anything is built (the layer checks its own memory and token count).
+        config.validate(args.rows, args.cols)?;
+        synthetic_tokens = match args.tokens {
+            Some(t) => t,
+            None => args.cols.checked_mul(2).ok_or_else(|| CliError::usage("--cols is too large".into()))?,
+        };
+        if synthetic_tokens > MAX_SYNTHETIC_TOKENS {
+            let given = if args.tokens.is_some() { "--tokens" } else { "the default 2·--cols tokens," };
+            return Err(CliError::usage(format!(
+                "{given} {synthetic_tokens} is more than the synthetic layer's maximum of {MAX_SYNTHETIC_TOKENS} \
+                 calibration tokens"
+            )));
+        }
     }
-    if args.out.file_name().is_none() {
-        return Err(CliError::usage(format!("--out {} does not name a file", args.out.display())));
-    }
-    let out_dir = output_dir(&args.out);
-    if !out_dir.is_dir() {
-        return Err(CliError::usage(format!(
-            "--out {}: the directory {} does not exist",
-            args.out.display(),
-            out_dir.display()
-        )));
-    }
+    // The output target is checked (and stale temporary files of ours cleaned) before any
+    // compute: a directory, a missing parent or an unwritable directory fail now, not after.
+    prepare_output(&args.out).map_err(|e| CliError::usage(format!("--out: {e}")))?;
 
     // Backend.
     let t = Instant::now();
@@ -227,7 +247,7 @@ fn run(args: Args) -> Result<(), CliError> {
             (layer.weight, layer.hessian, source)
         }
         None => {
-            let tokens = args.tokens.unwrap_or(2 * args.cols);
+            let tokens = synthetic_tokens;
             println!(
                 "synthetic layer {}×{} (Student-t(3)·0.02 weights, outlier input channels ×10), {} correlated calibration tokens; --rows/--cols set the shape",
                 args.rows, args.cols, tokens
@@ -263,11 +283,16 @@ fn run(args: Args) -> Result<(), CliError> {
     // Pre-step.
     let t = Instant::now();
     let sp = spinner("pre-step: dead inputs, damping, act-order, Cholesky of H⁻¹".into());
-    let pre = pre_step_cpu(h.view(), Some(&mut w32), &prestep_cfg)?;
+    let pre = pre_step_cpu(h.view(), Some(&mut w32), &prestep_cfg).map_err(|e| match e {
+        ForgeError::Hessian(m) if m.contains("allow_indefinite") => {
+            CliError::from(ForgeError::Hessian(format!("{m} (--allow-indefinite on the command line)")))
+        }
+        e => CliError::from(e),
+    })?;
     sp.finish_and_clear();
     timings.push(("pre-step", t.elapsed()));
     println!(
-        "pre-step: {} dead input column(s){}, damping {:.4e}, {} retr{}{}",
+        "pre-step: {} dead input column(s){}, damping {:.4e}, {} retr{}",
         pre.dead_columns.len(),
         if pre.dead_columns.is_empty() {
             String::new()
@@ -277,12 +302,9 @@ fn run(args: Args) -> Result<(), CliError> {
         pre.damping_used,
         pre.retries,
         if pre.retries == 1 { "y" } else { "ies" },
-        if pre.fallback_identity {
-            "\nWARNING: the Hessian could not be factorised even with more damping: U = I, the result is round-to-nearest"
-        } else {
-            ""
-        }
     );
+    let mut warnings: Vec<Warning> = pre.warnings.clone();
+    print_warnings(&pre.warnings);
 
     // Grid and GPTQ solve: the library's one orchestration path (on a GPU the weight is
     // uploaded once and the grid stays on the device). Widening is exact, so the native-dtype
@@ -294,13 +316,25 @@ fn run(args: Args) -> Result<(), CliError> {
     let (grid, out) = quantizer.quantize_from_hinv(view, pre.hinv_factor.view(), pre.perm.as_deref())?;
     sp.finish_and_clear();
     timings.push(("grid + solve", t.elapsed()));
+    print_warnings(&out.warnings);
+    warnings.extend(out.warnings.iter().cloned());
 
     // Scores.
     let t = Instant::now();
     let sp = spinner("scoring: round-to-nearest baseline and layer-output errors".into());
-    let rtn = round_to_nearest(w32.view(), &grid);
-    let err_rtn = layer_output_error(w_orig.view(), rtn.view(), h.view())?;
-    let err_gptq = layer_output_error(w_orig.view(), out.dequant.view(), h.view())?;
+    let rtn = round_to_nearest(w32.view(), &grid)?;
+    // The codes are valid even where the score is undefined (e.g. a weight H does not see):
+    // say why and still write them.
+    let score = |q: ndarray::ArrayView2<'_, f32>| match layer_output_error(w_orig.view(), q, h.view()) {
+        Ok(e) => Ok(Some(e)),
+        Err(e @ (ForgeError::Numeric(_) | ForgeError::Hessian(_))) => {
+            eprintln!("warning: no layer-output error: {e}");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    };
+    let err_rtn = score(rtn.view())?;
+    let err_gptq = score(out.dequant.view())?;
     sp.finish_and_clear();
     timings.push(("scoring", t.elapsed()));
 
@@ -315,10 +349,13 @@ fn run(args: Args) -> Result<(), CliError> {
         println!("  {name:<16} {:>10}", fmt_dur(*d));
     }
     println!("\nrelative layer-output error ‖(Q−W)Xᵀ‖²/‖WXᵀ‖²:");
-    println!("  round-to-nearest  {err_rtn:.6}");
-    println!("  GPTQ              {err_gptq:.6}");
-    if err_gptq > 0.0 {
-        println!("  (GPTQ / RTN = {:.3})", err_gptq / err_rtn);
+    let shown = |e: Option<f64>| e.map_or_else(|| "undefined".to_string(), |e| format!("{e:.6}"));
+    println!("  round-to-nearest  {}", shown(err_rtn));
+    println!("  GPTQ              {}", shown(err_gptq));
+    if let (Some(g), Some(r)) = (err_gptq, err_rtn) {
+        if g > 0.0 && r > 0.0 {
+            println!("  (GPTQ / RTN = {:.3})", g / r);
+        }
     }
     let total_loss: f64 = out.loss.iter().map(|&l| f64::from(l)).sum();
     println!("  GPTQ loss Σ_rows  {total_loss:.6e}");
@@ -332,6 +369,9 @@ fn run(args: Args) -> Result<(), CliError> {
         metadata: settings_metadata(&args, &source, &backend),
     };
     write_layer(&args.out, &layer)?;
+    if !warnings.is_empty() {
+        println!("\n{} warning(s), printed above", warnings.len());
+    }
     let n_groups = grid.dim().1;
     println!(
         "\nwrote {}: codes u8 [{rows}, {cols}], qmeta u8 [{rows}, {n_groups}, 4], pad i64 = {}{}, loss f32 [{rows}]",
@@ -351,6 +391,7 @@ fn settings_metadata(args: &Args, source: &str, backend: &Backend) -> Vec<(Strin
         ("scale_search", if args.mse { "mse" } else { "absmax" }.to_string()),
         ("act_order", args.act_order.to_string()),
         ("damp", args.damp.to_string()),
+        ("allow_indefinite", args.allow_indefinite.to_string()),
         ("source", source.to_string()),
         ("backend", backend.name()),
     ]
@@ -363,6 +404,13 @@ fn settings_metadata(args: &Args, source: &str, backend: &Backend) -> Vec<(Strin
         meta.push(("mse_max_shrink".into(), args.max_shrink.to_string()));
     }
     meta
+}
+
+/// Legal but surprising outcomes, one line each on stderr.
+fn print_warnings(warnings: &[Warning]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
