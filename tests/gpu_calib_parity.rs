@@ -94,7 +94,7 @@ impl Batch {
 
     /// The values both sides must accumulate.
     fn widened(&self) -> Array2<f32> {
-        self.view().to_f32()
+        self.view().to_f32().expect("widened")
     }
 }
 
@@ -267,7 +267,7 @@ fn gpu_pre_step_matches_the_cpu_pre_step() {
     for (cols, dead) in [(1usize, vec![]), (64, vec![]), (200, vec![3, 150]), (515, vec![0, 514])] {
         let h = random_hessian(cols, 3 * cols + 10, &dead, &mut rng);
         for (act_order, rel_damp) in [(false, 0.01f32), (true, 0.01), (true, 0.1)] {
-            let cfg = PreStepConfig { act_order, rel_damp };
+            let cfg = PreStepConfig { act_order, rel_damp, ..PreStepConfig::default() };
             let what = format!("cols {cols} act_order {act_order} rel_damp {rel_damp}");
             let cpu = pre_step_cpu(h.view(), None, &cfg).unwrap();
             let gpu = stepper.run_host(&dev, h.view(), &cfg).unwrap();
