@@ -105,6 +105,7 @@ impl PreparedFactor {
         if cols == 0 {
             return Err(ForgeError::Shape("a layer needs at least one input column".into()));
         }
+        budget::Request::new().array::<f32>(&[cols, cols]).check(&format!("the {cols}×{cols} identity factor"))?;
         let pre = PreStep {
             hinv_factor: Array2::eye(cols),
             perm: None,
