@@ -10,6 +10,7 @@
 //!    back to back: with Hessians given on the device, and with Hessians from 8192 bf16
 //!    tokens per expert (activations on the device, tensor-core accumulation); experts/s and
 //!    the device allocations made during the 64;
+//!
 //! 1b. the GPU pre-step's parts (gather, cuSOLVER potrf, `R⁻¹`, extract; device events) for
 //!    C = 2048, 4096, 7168 and each `R⁻¹` method, beside the f64 dgemm rate measured here;
 //! 4. Hessian accumulation rate, tokens·C² multiply-adds per second, bf16 (tensor cores) and

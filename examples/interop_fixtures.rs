@@ -133,10 +133,11 @@ fn rtn(w: &Array2<f32>, s: &QuantSettings) -> Result<(QuantGrid, Array2<u8>)> {
         }
     };
     let maxq = s.maxq() as f32;
-    let codes = Array2::from_shape_fn((rows, cols), |(r, c)| {
-        let m = grid.meta(r, c / grid.group_size);
-        quantize(w[[r, c]], stored_scale(m.log2_scale_q88, s.scale_dtype), m.qzero_f32(), maxq) as u8
-    });
+    let mut codes = Array2::<u8>::zeros((rows, cols));
+    for ((r, c), q) in codes.indexed_iter_mut() {
+        let m = grid.meta(r, c / grid.group_size)?;
+        *q = quantize(w[[r, c]], stored_scale(m.log2_scale_q88, s.scale_dtype), m.qzero_f32(), maxq) as u8;
+    }
     Ok((grid, codes))
 }
 

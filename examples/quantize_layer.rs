@@ -19,12 +19,17 @@
 
 use clap::Parser;
 use fourbit_forge::calib::PreStepRoute;
-use fourbit_forge::hessian::{pre_step_cpu, PreStepConfig};
-use fourbit_forge::quantize::output::{output_dir, write_layer, LayerOutput};
+use fourbit_forge::fsio::prepare_output;
+use fourbit_forge::hessian::{asymmetry_warning, pre_step_cpu, PreStepConfig};
+use fourbit_forge::quantize::output::{write_layer, LayerOutput};
 use fourbit_forge::quantize::{widen, with_engine, HessianInput, LayerJob, PreStepSummary};
-use fourbit_forge::solver::{layer_output_error, round_to_nearest};
-use fourbit_forge::weights::{load_layer, synthetic_layer, HessianSource, LayerStats, OwnedWeight};
-use fourbit_forge::{Backend, ForgeError, GridConfig, MseSearch, Quantizer, ScaleSearch, ShrinkCandidates, WeightView};
+use fourbit_forge::solver::{flushed_groups, layer_output_error, round_to_nearest};
+use fourbit_forge::weights::{
+    load_layer, synthetic_layer, HessianSource, LayerStats, OwnedWeight, MAX_SYNTHETIC_TOKENS,
+};
+use fourbit_forge::{
+    Backend, ForgeError, GridConfig, MseSearch, Quantizer, ScaleSearch, ShrinkCandidates, Warning, WeightView,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -75,6 +80,10 @@ struct Args {
     /// Damping relative to mean(diag H).
     #[arg(long, default_value_t = 0.01)]
     damp: f32,
+    /// Accept a Hessian with negative diagonal entries (not positive semi-definite: no
+    /// activations give one) and factor it with raised damping; refused by default.
+    #[arg(long)]
+    allow_indefinite: bool,
     /// Run on the CPU reference even if a GPU is present.
     #[arg(long)]
     cpu: bool,
@@ -149,12 +158,15 @@ fn run(args: Args) -> Result<(), CliError> {
             ScaleSearch::Absmax
         },
     };
-    let prestep_cfg = PreStepConfig { rel_damp: args.damp, act_order: args.act_order };
+    let prestep_cfg =
+        PreStepConfig { rel_damp: args.damp, act_order: args.act_order, allow_indefinite: args.allow_indefinite };
     if !(args.damp.is_finite() && args.damp >= 0.0) {
         return Err(CliError::usage(format!("--damp must be finite and >= 0, got {}", args.damp)));
     }
     // Settings that fail for every shape fail before any expensive work.
     config.validate(1, 1)?;
+    prestep_cfg.validate()?;
+    let mut synthetic_tokens = 0;
     if let Some(w) = &args.weights {
         if args.activations.is_none() && args.hessian.is_none() {
             return Err(CliError::usage(format!(
@@ -168,20 +180,28 @@ fn run(args: Args) -> Result<(), CliError> {
                 args.out.display()
             )));
         }
-    } else if args.rows == 0 || args.cols == 0 || args.tokens == Some(0) {
-        return Err(CliError::usage("--rows, --cols and --tokens must be > 0".into()));
+    } else {
+        if args.rows == 0 || args.cols == 0 || args.tokens == Some(0) {
+            return Err(CliError::usage("--rows, --cols and --tokens must be > 0".into()));
+        }
+        // The synthetic layer's shape is known now: check it against the format before
+        // anything is built (the layer checks its own memory and token count).
+        config.validate(args.rows, args.cols)?;
+        synthetic_tokens = match args.tokens {
+            Some(t) => t,
+            None => args.cols.checked_mul(2).ok_or_else(|| CliError::usage("--cols is too large".into()))?,
+        };
+        if synthetic_tokens > MAX_SYNTHETIC_TOKENS {
+            let given = if args.tokens.is_some() { "--tokens" } else { "the default 2·--cols tokens," };
+            return Err(CliError::usage(format!(
+                "{given} {synthetic_tokens} is more than the synthetic layer's maximum of {MAX_SYNTHETIC_TOKENS} \
+                 calibration tokens"
+            )));
+        }
     }
-    if args.out.file_name().is_none() {
-        return Err(CliError::usage(format!("--out {} does not name a file", args.out.display())));
-    }
-    let out_dir = output_dir(&args.out);
-    if !out_dir.is_dir() {
-        return Err(CliError::usage(format!(
-            "--out {}: the directory {} does not exist",
-            args.out.display(),
-            out_dir.display()
-        )));
-    }
+    // The output target is checked (and stale temporary files of ours cleaned) before any
+    // compute: a directory, a missing parent or an unwritable directory fail now, not after.
+    prepare_output(&args.out).map_err(|e| CliError::usage(format!("--out: {e}")))?;
 
     // Backend.
     let t = Instant::now();
@@ -228,7 +248,7 @@ fn run(args: Args) -> Result<(), CliError> {
             (layer.weight, layer.hessian, source)
         }
         None => {
-            let tokens = args.tokens.unwrap_or(2 * args.cols);
+            let tokens = synthetic_tokens;
             println!(
                 "synthetic layer {}×{} (Student-t(3)·0.02 weights, outlier input channels ×10), {} correlated calibration tokens; --rows/--cols set the shape",
                 args.rows, args.cols, tokens
@@ -266,7 +286,13 @@ fn run(args: Args) -> Result<(), CliError> {
     // the references, pre-step first.
     let t = Instant::now();
     let sp = spinner("pre-step (dead inputs, damping, act-order, U = chol(H⁻¹)), grid and GPTQ solve".into());
-    let (pre, grid, codes, deq, loss, device_times) = match &backend {
+    let indefinite_hint = |e: ForgeError| match e {
+        ForgeError::Hessian(m) if m.contains("allow_indefinite") => {
+            CliError::from(ForgeError::Hessian(format!("{m} (--allow-indefinite on the command line)")))
+        }
+        e => CliError::from(e),
+    };
+    let (pre, grid, codes, deq, loss, solve_warnings, device_times) = match &backend {
         Backend::Gpu(dev) => {
             let job = LayerJob {
                 weights: vec![weight.view()],
@@ -276,16 +302,24 @@ fn run(args: Args) -> Result<(), CliError> {
                 want_dequant: true,
                 profile: true,
             };
-            let mut out = with_engine(dev, |e| e.quantize(&job))?;
+            let mut out = with_engine(dev, |e| e.quantize(&job)).map_err(indefinite_hint)?;
             let w = out.weights.pop().ok_or_else(|| CliError::usage("the engine returned no weight".into()))?;
             for &j in &out.pre_step.dead_columns {
                 w32.column_mut(j).fill(0.0);
             }
             let deq = w.dequant.ok_or_else(|| CliError::usage("the engine returned no dequantized weight".into()))?;
-            (out.pre_step, w.grid, w.codes, deq, w.loss, out.timings)
+            let mut pre = out.pre_step;
+            // The device symmetrises H without looking: its asymmetry is checked on the host
+            // copy; flushed groups are the host's to find too (the CPU solve reports them).
+            if pre.route == PreStepRoute::Gpu {
+                pre.warnings.splice(0..0, asymmetry_warning(h.view()));
+            }
+            let flushed: Vec<Warning> =
+                flushed_groups(w32.view(), deq.view(), w.grid.group_size)?.into_iter().collect();
+            (pre, w.grid, w.codes, deq, w.loss, flushed, out.timings)
         }
         Backend::Cpu => {
-            let p = pre_step_cpu(h.view(), Some(&mut w32), &prestep_cfg)?;
+            let p = pre_step_cpu(h.view(), Some(&mut w32), &prestep_cfg).map_err(indefinite_hint)?;
             let quantizer = Quantizer::new(config.clone(), backend.clone());
             // Widening is exact: the native-dtype view gives the same grid as the f32 copy
             // unless the pre-step zeroed dead columns.
@@ -298,14 +332,15 @@ fn run(args: Args) -> Result<(), CliError> {
                 retries: p.retries,
                 fallback_identity: p.fallback_identity,
                 route: PreStepRoute::Cpu,
+                warnings: p.warnings,
             };
-            (summary, grid, out.qweight, out.dequant, out.loss, None)
+            (summary, grid, out.qweight, out.dequant, out.loss, out.warnings, None)
         }
     };
     sp.finish_and_clear();
     timings.push(("quantize", t.elapsed()));
     println!(
-        "pre-step ({:?}): {} dead input column(s){}, damping {:.4e}, {} retr{}{}",
+        "pre-step ({:?}): {} dead input column(s){}, damping {:.4e}, {} retr{}",
         pre.route,
         pre.dead_columns.len(),
         if pre.dead_columns.is_empty() {
@@ -316,19 +351,27 @@ fn run(args: Args) -> Result<(), CliError> {
         pre.damping_used,
         pre.retries,
         if pre.retries == 1 { "y" } else { "ies" },
-        if pre.fallback_identity {
-            "\nWARNING: the Hessian could not be factorised even with more damping: U = I, the result is round-to-nearest"
-        } else {
-            ""
-        }
     );
+    let mut warnings: Vec<Warning> = pre.warnings.clone();
+    warnings.extend(solve_warnings);
+    print_warnings(&warnings);
 
     // Scores.
     let t = Instant::now();
     let sp = spinner("scoring: round-to-nearest baseline and layer-output errors".into());
-    let rtn = round_to_nearest(w32.view(), &grid);
-    let err_rtn = layer_output_error(w_orig.view(), rtn.view(), h.view())?;
-    let err_gptq = layer_output_error(w_orig.view(), deq.view(), h.view())?;
+    let rtn = round_to_nearest(w32.view(), &grid)?;
+    // The codes are valid even where the score is undefined (e.g. a weight H does not see):
+    // say why and still write them.
+    let score = |q: ndarray::ArrayView2<'_, f32>| match layer_output_error(w_orig.view(), q, h.view()) {
+        Ok(e) => Ok(Some(e)),
+        Err(e @ (ForgeError::Numeric(_) | ForgeError::Hessian(_))) => {
+            eprintln!("warning: no layer-output error: {e}");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    };
+    let err_rtn = score(rtn.view())?;
+    let err_gptq = score(deq.view())?;
     sp.finish_and_clear();
     timings.push(("scoring", t.elapsed()));
 
@@ -349,10 +392,13 @@ fn run(args: Args) -> Result<(), CliError> {
         );
     }
     println!("\nrelative layer-output error ‖(Q−W)Xᵀ‖²/‖WXᵀ‖²:");
-    println!("  round-to-nearest  {err_rtn:.6}");
-    println!("  GPTQ              {err_gptq:.6}");
-    if err_gptq > 0.0 {
-        println!("  (GPTQ / RTN = {:.3})", err_gptq / err_rtn);
+    let shown = |e: Option<f64>| e.map_or_else(|| "undefined".to_string(), |e| format!("{e:.6}"));
+    println!("  round-to-nearest  {}", shown(err_rtn));
+    println!("  GPTQ              {}", shown(err_gptq));
+    if let (Some(g), Some(r)) = (err_gptq, err_rtn) {
+        if g > 0.0 && r > 0.0 {
+            println!("  (GPTQ / RTN = {:.3})", g / r);
+        }
     }
     let total_loss: f64 = loss.iter().map(|&l| f64::from(l)).sum();
     println!("  GPTQ loss Σ_rows  {total_loss:.6e}");
@@ -366,6 +412,9 @@ fn run(args: Args) -> Result<(), CliError> {
         metadata: settings_metadata(&args, &source, &backend),
     };
     write_layer(&args.out, &layer)?;
+    if !warnings.is_empty() {
+        println!("\n{} warning(s), printed above", warnings.len());
+    }
     let n_groups = grid.dim().1;
     println!(
         "\nwrote {}: codes u8 [{rows}, {cols}], qmeta u8 [{rows}, {n_groups}, 4], pad i64 = {}{}, loss f32 [{rows}]",
@@ -385,6 +434,7 @@ fn settings_metadata(args: &Args, source: &str, backend: &Backend) -> Vec<(Strin
         ("scale_search", if args.mse { "mse" } else { "absmax" }.to_string()),
         ("act_order", args.act_order.to_string()),
         ("damp", args.damp.to_string()),
+        ("allow_indefinite", args.allow_indefinite.to_string()),
         ("source", source.to_string()),
         ("backend", backend.name()),
     ]
@@ -397,6 +447,13 @@ fn settings_metadata(args: &Args, source: &str, backend: &Backend) -> Vec<(Strin
         meta.push(("mse_max_shrink".into(), args.max_shrink.to_string()));
     }
     meta
+}
+
+/// Legal but surprising outcomes, one line each on stderr.
+fn print_warnings(warnings: &[Warning]) {
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

@@ -118,6 +118,34 @@ pub enum ForgeError {
         #[source]
         source: cudarc::cublas::result::CublasError,
     },
+    /// An allocation whose size comes from the input would exceed the host memory budget
+    /// ([`crate::budget`]), or its size does not even fit the address space; or a checkpoint
+    /// step's estimate exceeds the run's budget (origin [`crate::budget::RUN_BUDGET_ORIGIN`]).
+    /// Nothing was allocated.
+    #[error("{}", crate::budget::describe_oom(what, *requested, *limit, origin))]
+    OutOfMemory {
+        /// What the memory was for.
+        what: String,
+        /// Bytes requested; `None` when the size computation itself overflows `u64`.
+        requested: Option<u64>,
+        /// The budget in bytes.
+        limit: u64,
+        /// Where the budget came from (`FORGE_MAX_HOST_MEMORY`, MemAvailable, ...).
+        origin: String,
+    },
+    /// A count or size computed from the input overflows its integer type (e.g. the running
+    /// token count of a Hessian).
+    #[error("arithmetic overflow: {0}")]
+    Overflow(String),
+    /// A Hessian the pre-step or the error metric refuses: it cannot come from calibration
+    /// data (all zero, a negative diagonal entry) and would give a meaningless result. The
+    /// message says what was found and how to opt in where that is possible.
+    #[error("Hessian rejected: {0}")]
+    Hessian(String),
+    /// A result that would be numerically meaningless (an f32 overflow in the loss, a relative
+    /// error with a zero reference): refused rather than returned as inf/NaN.
+    #[error("numerically meaningless result: {0}")]
+    Numeric(String),
     /// A cuSOLVER call failed (not a factorisation failure: those are retried and flagged).
     #[error("cuSOLVER error while {op}: {source}")]
     Cusolver {
@@ -154,16 +182,6 @@ pub enum ForgeError {
     /// `--resume` cannot continue the partial output it found.
     #[error("cannot resume: {0}")]
     Resume(String),
-    /// One unit of work needs more host memory than the budget allows.
-    #[error("{what} needs about {needed} bytes of host memory, over the budget of {budget} bytes (raise --max-host-memory or exclude it)")]
-    MemoryBudget {
-        /// The tensor or group.
-        what: String,
-        /// Estimated bytes.
-        needed: u64,
-        /// The budget.
-        budget: u64,
-    },
     /// The run was stopped on purpose (a test hook standing in for a crash).
     #[error("interrupted after {0} work items (test hook)")]
     Interrupted(usize),

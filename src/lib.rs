@@ -9,15 +9,18 @@
 //! [`forge_numerics`]. [`device`] is the CUDA runtime.
 #![deny(missing_docs)]
 
+pub mod budget;
 pub mod calib;
 pub mod checkpoint;
 pub mod device;
 pub mod error;
+pub mod fsio;
 pub mod grid;
 pub mod hessian;
 pub mod pack;
 pub mod quantize;
 pub mod solver;
+pub mod warning;
 pub mod weights;
 
 pub use error::{ForgeError, Result};
@@ -25,4 +28,5 @@ pub use forge_numerics as numerics;
 pub use forge_numerics::QMetaPacked;
 pub use grid::{GridConfig, MseSearch, QuantGrid, ScaleSearch, ShrinkCandidates};
 pub use quantize::{Backend, Quantizer};
+pub use warning::Warning;
 pub use weights::{WeightDtype, WeightView};

@@ -213,7 +213,8 @@ fn memory_budget_is_checked_before_any_work() {
     opts.max_host_memory = 100_000;
     let err = fourbit_forge::checkpoint::quantize_checkpoint(&model, &plan, &opts, &fourbit_forge::checkpoint::Silent)
         .unwrap_err();
-    assert!(matches!(err, ForgeError::MemoryBudget { budget: 100_000, .. }), "{err}");
+    assert!(matches!(err, ForgeError::OutOfMemory { limit: 100_000, .. }), "{err}");
+    assert!(err.to_string().contains("--max-host-memory"), "{err}");
     assert!(!out.exists() && !temp_dir_for(&out).unwrap().exists());
 }
 

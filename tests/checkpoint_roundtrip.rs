@@ -55,7 +55,7 @@ fn reference_rtn(config: &GridConfig, scale: ScaleDtype, w: ArrayView2<'_, f32>)
     }
     let grid = q.build_quant_grid(WeightView::F32(w)).unwrap();
     let codes = Array2::from_shape_fn(w.dim(), |(r, c)| {
-        let m = grid.meta(r, c / config.group_size);
+        let m = grid.meta(r, c / config.group_size).unwrap();
         quantize(w[[r, c]], stored_scale(m.log2_scale_q88, scale), m.qzero_f32(), grid.maxq as f32) as u8
     });
     let mut settings =
@@ -228,7 +228,7 @@ fn dense_llama_gptq_with_shared_hessians() {
     assert!(hess.join("model.layers.0.self_attn.k_proj.safetensors").exists());
     assert!(!hess.join("model.layers.0.self_attn.q_proj.safetensors").exists());
     assert!(!hess.join("model.layers.0.mlp.up_proj.safetensors").exists());
-    let pre_step = PreStepConfig { rel_damp: 0.01, act_order: true };
+    let pre_step = PreStepConfig { rel_damp: 0.01, act_order: true, ..PreStepConfig::default() };
     // f32 scales: the checkpoint holds exactly the scales GPTQ solved against.
     let settings = JobSettings {
         method: Method::Gptq(GptqSettings { hessians: hess.clone(), pre_step: pre_step.clone(), allow_missing: false }),

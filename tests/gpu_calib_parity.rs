@@ -101,7 +101,7 @@ impl Batch {
 
     /// The values both sides must accumulate.
     fn widened(&self) -> Array2<f32> {
-        self.view().to_f32()
+        self.view().to_f32().expect("widened")
     }
 }
 
@@ -274,7 +274,7 @@ fn gpu_pre_step_matches_the_cpu_pre_step() {
     for (cols, dead) in [(1usize, vec![]), (64, vec![]), (200, vec![3, 150]), (515, vec![0, 514])] {
         let h = random_hessian(cols, 3 * cols + 10, &dead, &mut rng);
         for (act_order, rel_damp) in [(false, 0.01f32), (true, 0.01), (true, 0.1)] {
-            let cfg = PreStepConfig { act_order, rel_damp };
+            let cfg = PreStepConfig { act_order, rel_damp, ..PreStepConfig::default() };
             let what = format!("cols {cols} act_order {act_order} rel_damp {rel_damp}");
             let cpu = pre_step_cpu(h.view(), None, &cfg).unwrap();
             let gpu = stepper.run_host(&dev, h.view(), &cfg).unwrap();
@@ -315,7 +315,7 @@ fn every_factor_inverse_method_matches_the_cpu_pre_step() {
     ];
     for cols in [1usize, 33, 300, 1031] {
         let h = random_hessian(cols, 2 * cols + 10, &[], &mut rng);
-        let cfg = PreStepConfig { act_order: true, rel_damp: 0.01 };
+        let cfg = PreStepConfig { act_order: true, rel_damp: 0.01, ..PreStepConfig::default() };
         let cpu = pre_step_cpu(h.view(), None, &cfg).unwrap();
         for m in methods {
             stepper.set_inverse(m);

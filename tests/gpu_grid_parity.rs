@@ -77,7 +77,7 @@ fn assert_bit_identical(cpu: &QuantGrid, gpu: &QuantGrid, what: &str) {
     let (rows, groups) = cpu.dim();
     for r in 0..rows {
         for g in 0..groups {
-            assert_eq!(cpu.meta(r, g), gpu.meta(r, g), "{what}: record ({r}, {g})");
+            assert_eq!(cpu.meta(r, g).unwrap(), gpu.meta(r, g).unwrap(), "{what}: record ({r}, {g})");
         }
     }
 }
@@ -98,7 +98,7 @@ fn assert_mse_parity(
     let mut group = vec![0f32; gs];
     for r in 0..rows {
         for g in 0..groups {
-            let (c, q) = (cpu.meta(r, g), gpu.meta(r, g));
+            let (c, q) = (cpu.meta(r, g).unwrap(), gpu.meta(r, g).unwrap());
             assert_eq!((c.qzero, c.flags), (q.qzero, q.flags), "{what}: zero point/flags of ({r}, {g})");
             if c == q {
                 continue;

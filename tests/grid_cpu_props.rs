@@ -137,7 +137,7 @@ proptest! {
         for r in 0..rows {
             for gi in 0..n_groups {
                 let grp = padded_group(&c.w, c.gs, r, gi);
-                let meta = g.meta(r, gi);
+                let meta = g.meta(r, gi).unwrap();
                 let d = meta.scale() as f64;
                 let q0 = meta.qzero_f32();
                 let min = grp.iter().fold(f64::INFINITY, |m, &x| m.min(x as f64));
@@ -211,7 +211,7 @@ proptest! {
         for r in 0..rows {
             for gi in 0..n_groups {
                 let grp = padded_group(&c.w, c.gs, r, gi);
-                let (a, m) = (abs.meta(r, gi), ms.meta(r, gi));
+                let (a, m) = (abs.meta(r, gi).unwrap(), ms.meta(r, gi).unwrap());
                 prop_assert_eq!(m.qzero, a.qzero);
                 prop_assert_eq!(m.flags, a.flags);
                 prop_assert!(m.log2_scale_q88 <= a.log2_scale_q88, "shrink factors are ≤ 1");
@@ -291,7 +291,7 @@ proptest! {
         for r in 0..rows {
             for gi in 0..n_groups {
                 let grp = padded_group(&c.w, c.gs, r, gi);
-                let base = abs.meta(r, gi);
+                let base = abs.meta(r, gi).unwrap();
                 let q0 = base.qzero_f32();
                 let cands: Vec<(i16, f64, f64)> = factors
                     .iter()
@@ -303,7 +303,7 @@ proptest! {
                     .collect();
                 let min = cands.iter().map(|c| c.1).fold(f64::INFINITY, f64::min);
                 let min32 = cands.iter().map(|c| c.2).fold(f64::INFINITY, f64::min);
-                let chosen = ms.meta(r, gi);
+                let chosen = ms.meta(r, gi).unwrap();
                 let at = format!("row {r} group {gi}: chosen {}, candidates {cands:?}", chosen.log2_scale_q88);
                 let lc = powf_loss_f64(&grp, chosen.scale(), q0, maxq, 2.0);
                 prop_assert!(lc <= min * (1.0 + 1e-12), "{}: loss {:e} > min {:e}", at, lc, min);
@@ -329,7 +329,7 @@ proptest! {
         for r in 0..rows {
             for gi in 0..n_groups {
                 let grp = padded_group(&c.w, c.gs, r, gi);
-                let m = abs.meta(r, gi);
+                let m = abs.meta(r, gi).unwrap();
                 let s = decode_log2_q88(encode_log2_q88(m.scale() * shrink));
                 let fast = candidate_loss_f64(&grp, s, m.qzero_f32(), maxq, 2.0);
                 let general = powf_loss_f64(&grp, s, m.qzero_f32(), maxq, 2.0);
@@ -362,13 +362,13 @@ fn mse_ties_keep_the_lower_candidate_index() {
             );
             for gi in 0..2 {
                 // Zero group: every candidate ties; the first one wins.
-                let base = abs.meta(0, gi);
+                let base = abs.meta(0, gi).unwrap();
                 let want = encode_log2_q88(base.scale() * list[0]);
                 assert_ne!(want, encode_log2_q88(base.scale() * list[1]), "distinct scales");
-                assert_eq!(ms.meta(0, gi).log2_scale_q88, want, "zeros, {list:?} norm {norm}");
+                assert_eq!(ms.meta(0, gi).unwrap().log2_scale_q88, want, "zeros, {list:?} norm {norm}");
                 // Non-zero group: candidates ≥ 4 tie; the first of them wins unless a smaller
                 // factor (0.5, 1.0, 2.0) is strictly better.
-                let base = abs.meta(1, gi);
+                let base = abs.meta(1, gi).unwrap();
                 let grp = padded_group(&w, 32, 1, gi);
                 let losses: Vec<f64> = list
                     .iter()
@@ -386,7 +386,7 @@ fn mse_ties_keep_the_lower_candidate_index() {
                 let first = (0..list.len()).find(|&k| losses[k] == min).unwrap();
                 let want = encode_log2_q88(base.scale() * list[first]);
                 assert_eq!(
-                    ms.meta(1, gi).log2_scale_q88,
+                    ms.meta(1, gi).unwrap().log2_scale_q88,
                     want,
                     "sin group {gi}, {list:?} norm {norm}: losses {losses:?}"
                 );
@@ -532,7 +532,7 @@ fn adversarial_groups_give_finite_scales_and_no_errors() {
                 assert_eq!(g.dim(), (names.len(), 2));
                 for (r, name) in names.iter().enumerate() {
                     for gi in 0..2 {
-                        let m: QMetaPacked = g.meta(r, gi);
+                        let m: QMetaPacked = g.meta(r, gi).unwrap();
                         let at = format!("{name} group {gi}, bits {bits} sym {sym} {search:?}: {m:?}");
                         let scale = m.scale();
                         assert!(scale.is_finite() && scale > 0.0, "{at}: scale {scale:e}");
@@ -552,7 +552,7 @@ fn adversarial_groups_give_finite_scales_and_no_errors() {
                         // MSE: the first candidate reaching the minimum loss (ties keep the
                         // lower k); q0 stays the absmax one.
                         if let ScaleSearch::Mse(search) = &search {
-                            let base = absmax.meta(r, gi);
+                            let base = absmax.meta(r, gi).unwrap();
                             let grp = &w.row(r).to_vec()[gi * 32..(gi + 1) * 32];
                             let losses: Vec<(f64, i16)> = search
                                 .factors()

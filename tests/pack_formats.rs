@@ -164,7 +164,7 @@ fn quantized(rows: usize, cols: usize, s: &QuantSettings, seed: u64) -> (QuantGr
     // RTN against the stored scale, as the solver will quantize.
     let maxq = s.maxq() as f32;
     let codes = Array2::from_shape_fn((rows, cols), |(r, c)| {
-        let m = grid.meta(r, c / grid.group_size);
+        let m = grid.meta(r, c / grid.group_size).unwrap();
         quantize(w[[r, c]], stored_scale(m.log2_scale_q88, s.scale_dtype), m.qzero_f32(), maxq) as u8
     });
     (grid, codes)
@@ -210,12 +210,12 @@ fn round_trip(s: &QuantSettings, rows: usize, cols: usize, seed: u64) -> Result<
     prop_assert_eq!(dec.group_cols, gcols);
     for r in 0..rows {
         for g in 0..n_groups {
-            let m = grid.meta(r, g);
+            let m = grid.meta(r, g).unwrap();
             prop_assert_eq!(dec.scales[[r, g]].to_bits(), stored_scale(m.log2_scale_q88, s.scale_dtype).to_bits());
             prop_assert_eq!(dec.zeros[[r, g]], m.qzero as u16);
         }
         for c in 0..cols {
-            let m = grid.meta(r, c / gcols);
+            let m = grid.meta(r, c / gcols).unwrap();
             let want = dequantize(codes[[r, c]] as f32, stored_scale(m.log2_scale_q88, s.scale_dtype), m.qzero_f32());
             prop_assert_eq!(dec.dequant[[r, c]].to_bits(), want.to_bits(), "({}, {})", r, c);
             prop_assert_eq!(expected[[r, c]].to_bits(), want.to_bits());

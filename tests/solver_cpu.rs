@@ -40,7 +40,7 @@ fn naive_solve(w: &Array2<f32>, u: &Array2<f32>, g: &QuantGrid, perm: &[usize]) 
         let mut acc = 0f64;
         for t in 0..cols {
             let j = perm[t];
-            let m = g.meta(r, j / g.group_size);
+            let m = g.meta(r, j / g.group_size).unwrap();
             let q = quantize(row[j], m.scale(), m.qzero_f32(), maxq);
             let y = dequantize(q, m.scale(), m.qzero_f32());
             let err = (row[j] - y) / u[[t, t]];

@@ -3,8 +3,8 @@
 //! experts in flight so one uploads while the other computes; on the CPU the references run
 //! expert by expert.
 
-use super::layer::{flags_of, quantize_with, PreparedFactor, QuantizedLayer};
-use crate::hessian::{pre_step_cpu, PreStepConfig};
+use super::layer::{quantize_with, PreparedFactor, QuantizedLayer};
+use crate::hessian::{asymmetry_warning, pre_step_cpu, PreStepConfig};
 use crate::quantize::{with_engine, HessianInput, LayerJob, LayerOutcome, Ticket};
 use crate::{Backend, ForgeError, GridConfig, Quantizer, Result, WeightView};
 use ndarray::ArrayView2;
@@ -82,34 +82,41 @@ pub fn quantize_experts(
                 .collect()
         }
         Backend::Gpu(dev) => with_engine(dev, |engine| {
-            let finish = |outcome: LayerOutcome| -> Vec<QuantizedLayer> {
-                let flags = flags_of(&outcome.pre_step);
-                let perm = outcome.pre_step.perm.clone();
+            let finish = |mut outcome: LayerOutcome, expert: &ExpertInput<'_>| -> Result<Vec<QuantizedLayer>> {
+                // The device symmetrises H without looking: its asymmetry is checked on the
+                // host copy (the CPU fallback reported it itself).
+                if let (Some(h), PreStepRoute::Gpu) = (expert.hessian, outcome.pre_step.route) {
+                    outcome.pre_step.warnings.splice(0..0, asymmetry_warning(h));
+                }
+                let summary = &outcome.pre_step;
                 outcome
                     .weights
                     .into_iter()
-                    .map(|w| QuantizedLayer {
-                        grid: w.grid,
-                        codes: w.codes,
-                        loss: w.loss,
-                        perm: perm.clone(),
-                        flags: flags.clone(),
-                    })
+                    .zip(&expert.weights)
+                    .map(|(w, &weight)| QuantizedLayer::from_engine(w, weight, summary))
                     .collect()
             };
             // Two experts in flight: the next one uploads while this one computes.
             let mut out = Vec::with_capacity(experts.len());
-            let mut in_flight: Option<Ticket> = None;
-            for expert in experts {
-                let t = engine.submit(&expert_job(expert, config, pre_step))?;
-                if let Some(prev) = in_flight.replace(t) {
-                    out.push(finish(engine.collect(prev)?));
+            let mut in_flight: Option<(Ticket, &ExpertInput<'_>)> = None;
+            let result = (|| {
+                for expert in experts {
+                    let t = engine.submit(&expert_job(expert, config, pre_step))?;
+                    if let Some((prev, prev_expert)) = in_flight.replace((t, expert)) {
+                        out.push(finish(engine.collect(prev)?, prev_expert)?);
+                    }
                 }
+                if let Some((prev, prev_expert)) = in_flight.take() {
+                    out.push(finish(engine.collect(prev)?, prev_expert)?);
+                }
+                Ok(())
+            })();
+            // A job left in flight by an error is drained, so the device's shared engine
+            // stays usable for the next caller.
+            if let Some((t, _)) = in_flight.take() {
+                let _ = engine.collect(t);
             }
-            if let Some(prev) = in_flight {
-                out.push(finish(engine.collect(prev)?));
-            }
-            Ok(out)
+            result.map(|()| out)
         }),
     }
 }

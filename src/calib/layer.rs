@@ -2,10 +2,11 @@
 
 use super::ActivationView;
 use crate::device::GpuDevice;
+use crate::hessian::{add_tokens, asymmetry_warning};
 use crate::hessian::{pre_step_cpu, GpuHessian, HessianAccumulator, PreStep, PreStepConfig};
 use crate::quantize::{cpu, widen, with_engine, HessianInput, LayerJob, PreStepSummary, QuantizedWeight};
-use crate::solver::DeviceFactor;
-use crate::{Backend, ForgeError, GridConfig, QuantGrid, Quantizer, Result, WeightView};
+use crate::solver::{flushed_groups_codes, validate_factor, DeviceFactor};
+use crate::{budget, Backend, ForgeError, GridConfig, QuantGrid, Quantizer, Result, Warning, WeightView};
 use forge_numerics::{dequantize, QMetaPacked};
 use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
@@ -57,6 +58,9 @@ pub struct QuantizedLayer {
     pub perm: Option<Vec<usize>>,
     /// What the pre-step did.
     pub flags: QuantizeFlags,
+    /// Everything legal but surprising about this result, from the pre-step (asymmetric `H`,
+    /// dead inputs, retries, identity fallback, no tokens) and the solve (flushed groups).
+    pub warnings: Vec<Warning>,
 }
 
 impl QuantizedLayer {
@@ -66,8 +70,19 @@ impl QuantizedLayer {
         dequant_codes(&self.codes, &self.grid)
     }
 
-    fn from_weight(w: QuantizedWeight, perm: Option<Vec<usize>>, flags: QuantizeFlags) -> Self {
-        QuantizedLayer { grid: w.grid, codes: w.codes, loss: w.loss, perm, flags }
+    /// A result of the device engine for `weight` (the weight it was computed from): the
+    /// pre-step's warnings, then the flushed groups, which the device leaves to the host.
+    pub(crate) fn from_engine(w: QuantizedWeight, weight: WeightView<'_>, summary: &PreStepSummary) -> Result<Self> {
+        let mut warnings = summary.warnings.clone();
+        warnings.extend(flushed_groups_codes(weight, w.codes.view(), &w.grid, &summary.dead_columns)?);
+        Ok(QuantizedLayer {
+            grid: w.grid,
+            codes: w.codes,
+            loss: w.loss,
+            perm: summary.perm.clone(),
+            flags: flags_of(summary),
+            warnings,
+        })
     }
 }
 
@@ -115,11 +130,21 @@ impl std::fmt::Debug for PreparedFactor {
 }
 
 impl PreparedFactor {
-    /// Wraps a pre-step result computed on the host (e.g. by [`crate::hessian::pre_step_cpu`]).
+    /// Wraps a pre-step result computed on the host (e.g. by [`crate::hessian::pre_step_cpu`],
+    /// or built by the caller). The result is checked like solver input: `U` square, finite,
+    /// with a positive diagonal; `perm` a permutation; every dead column in range; the
+    /// damping finite.
     pub fn new(pre: PreStep, route: PreStepRoute) -> Result<Self> {
         let (n, c) = pre.hinv_factor.dim();
         if n != c || n == 0 {
             return Err(ForgeError::Shape(format!("hinv_factor is {n}×{c}, expected a non-empty square matrix")));
+        }
+        validate_factor(pre.hinv_factor.view(), n, pre.perm.as_deref())?;
+        if let Some(&j) = pre.dead_columns.iter().find(|&&j| j >= n) {
+            return Err(ForgeError::Shape(format!("dead column {j} is out of range for a {n}×{n} factor")));
+        }
+        if !pre.damping_used.is_finite() {
+            return Err(ForgeError::Config(format!("damping_used = {} is not finite", pre.damping_used)));
         }
         let summary = PreStepSummary {
             perm: pre.perm,
@@ -128,6 +153,7 @@ impl PreparedFactor {
             retries: pre.retries,
             fallback_identity: pre.fallback_identity,
             route,
+            warnings: pre.warnings,
         };
         Ok(PreparedFactor { summary, cols: n, data: FactorData::Host(pre.hinv_factor) })
     }
@@ -138,6 +164,7 @@ impl PreparedFactor {
         if cols == 0 {
             return Err(ForgeError::Shape("a layer needs at least one input column".into()));
         }
+        budget::Request::new().array::<f32>(&[cols, cols]).check(&format!("the {cols}×{cols} identity factor"))?;
         let pre = PreStep {
             hinv_factor: Array2::eye(cols),
             perm: None,
@@ -145,11 +172,12 @@ impl PreparedFactor {
             damping_used: 0.0,
             retries: 0,
             fallback_identity: false,
+            warnings: vec![Warning::NoCalibrationTokens],
         };
         Self::new(pre, PreStepRoute::NoTokens)
     }
 
-    /// What the pre-step did (act-order, dead inputs, damping, retries, route).
+    /// What the pre-step did (act-order, dead inputs, damping, retries, route, warnings).
     pub fn summary(&self) -> &PreStepSummary {
         &self.summary
     }
@@ -205,6 +233,9 @@ enum HessianState {
 pub struct SharedHessian {
     state: HessianState,
     backend: Backend,
+    /// The asymmetry of a host `H` uploaded to the device (the GPU pre-step symmetrises
+    /// without looking, so it is checked on the host copy).
+    asymmetry: Option<Warning>,
 }
 
 impl std::fmt::Debug for SharedHessian {
@@ -224,11 +255,12 @@ impl SharedHessian {
             Backend::Cpu => HessianState::Cpu(HessianAccumulator::new(cols)?),
             Backend::Gpu(dev) => HessianState::Gpu(Box::new(GpuHessian::new(dev, cols)?)),
         };
-        Ok(SharedHessian { state, backend: backend.clone() })
+        Ok(SharedHessian { state, backend: backend.clone(), asymmetry: None })
     }
 
     /// A Hessian accumulated elsewhere over `tokens` tokens (0 marks a layer without
-    /// calibration data: its pre-step is `U = I`, flagged). Must be square and finite.
+    /// calibration data: its pre-step is `U = I`, flagged). Must be square and finite; the
+    /// copy is checked against the host budget.
     pub fn from_host(h: ArrayView2<'_, f32>, tokens: u64, backend: &Backend) -> Result<Self> {
         let state = match backend {
             Backend::Cpu => {
@@ -236,6 +268,7 @@ impl SharedHessian {
                 if n != c || n == 0 {
                     return Err(ForgeError::Shape(format!("the Hessian must be square and non-empty, got {n}×{c}")));
                 }
+                budget::Request::new().array::<f32>(&[n, n]).check(&format!("a copy of a {n}×{n} Hessian"))?;
                 if let Some(((row, col), &value)) = h.indexed_iter().find(|(_, v)| !v.is_finite()) {
                     return Err(ForgeError::NonFinite { tensor: "hessian", row, col, value });
                 }
@@ -243,7 +276,11 @@ impl SharedHessian {
             }
             Backend::Gpu(dev) => HessianState::Gpu(Box::new(GpuHessian::from_host(dev, h, tokens)?)),
         };
-        Ok(SharedHessian { state, backend: backend.clone() })
+        let asymmetry = match backend {
+            Backend::Gpu(_) => asymmetry_warning(h),
+            Backend::Cpu => None,
+        };
+        Ok(SharedHessian { state, backend: backend.clone(), asymmetry })
     }
 
     /// Input features (the side of `H`).
@@ -265,30 +302,47 @@ impl SharedHessian {
     }
 
     /// Adds a batch of activations `(tokens, cols)`: `H ← β·H + α·XᵀX`, `α = 2/(n+m)`,
-    /// `β = n/(n+m)` (docs/design.md §5). f16/bf16 are widened exactly to f32. NaN/inf activations
-    /// and f32 overflow are typed errors.
+    /// `β = n/(n+m)` (docs/design.md §5). f16/bf16 are widened exactly to f32. NaN/inf
+    /// activations, f32 overflow and a token count that overflows u64 are typed errors; a
+    /// failed update leaves the Hessian as it was (on the CPU backend; on the GPU see
+    /// [`GpuHessian::update`]).
     pub fn update(&mut self, x: ActivationView<'_>) -> Result<()> {
         match &mut self.state {
             HessianState::Cpu(acc) => match x {
                 ActivationView::F32(v) => acc.update(v),
-                _ => acc.update(x.to_f32().view()),
+                _ => acc.update(x.to_f32()?.view()),
             },
             HessianState::CpuGiven { h, tokens } => {
+                let (m, cols) = x.dim();
+                if cols != h.nrows() {
+                    return Err(ForgeError::Shape(format!(
+                        "activations have {cols} columns, the Hessian has {}",
+                        h.nrows()
+                    )));
+                }
+                if m == 0 {
+                    return Ok(());
+                }
+                let total_tokens = add_tokens(*tokens, m)?;
                 // The batch's own Hessian Hb = 2/m·XᵀX, blended as the running mean:
                 // H ← n/(n+m)·H + m/(n+m)·Hb (the same average, rounded once more).
                 let mut batch = HessianAccumulator::new(h.nrows())?;
                 match x {
                     ActivationView::F32(v) => batch.update(v)?,
-                    _ => batch.update(x.to_f32().view())?,
+                    _ => batch.update(x.to_f32()?.view())?,
                 }
-                let m = batch.tokens();
-                if m == 0 {
-                    return Ok(());
-                }
-                let total = (*tokens + m) as f64;
+                let total = total_tokens as f64;
                 let (a, b) = ((m as f64 / total) as f32, (*tokens as f64 / total) as f32);
-                h.zip_mut_with(batch.h(), |hv, &bv| *hv = b * *hv + a * bv);
-                *tokens += m;
+                let blend = |hv: f32, bv: f32| b * hv + a * bv;
+                // Checked before anything is written, so an overflow leaves H as it was.
+                if let Some(((row, col), &hv)) =
+                    h.indexed_iter().find(|&((i, j), &hv)| !blend(hv, batch.h()[[i, j]]).is_finite())
+                {
+                    let value = blend(hv, batch.h()[[row, col]]);
+                    return Err(ForgeError::NonFinite { tensor: "H (f32 overflow in the blend)", row, col, value });
+                }
+                h.zip_mut_with(batch.h(), |hv, &bv| *hv = blend(*hv, bv));
+                *tokens = total_tokens;
                 Ok(())
             }
             HessianState::Gpu(g) => match &self.backend {
@@ -321,7 +375,8 @@ impl SharedHessian {
     /// The pre-step (docs/design.md §5) on this Hessian's backend: on the GPU through the
     /// device's engine (`U` stays on the device; on the CPU when cuSOLVER/cuBLAS cannot be
     /// loaded, as the result's [`PreparedFactor::route`] says), else on the CPU. A Hessian
-    /// without tokens gives `U = I` ([`PreStepRoute::NoTokens`]).
+    /// without tokens gives `U = I` ([`PreStepRoute::NoTokens`]). Settings are checked even
+    /// where they end up unused (no tokens): a bad setting is a bug in the caller either way.
     pub fn pre_step(&self, cfg: &PreStepConfig) -> Result<PreparedFactor> {
         cfg.validate()?;
         if self.tokens() == 0 {
@@ -334,16 +389,30 @@ impl SharedHessian {
         };
         match (&self.backend, host, &self.state) {
             (Backend::Cpu, Some(h), _) => PreparedFactor::new(pre_step_cpu(h, None, cfg)?, PreStepRoute::Cpu),
-            (Backend::Gpu(dev), Some(h), _) => prepare_on_device(dev, HessianInput::Host(h), cfg),
-            (Backend::Gpu(dev), None, HessianState::Gpu(g)) => prepare_on_device(dev, HessianInput::Device(g), cfg),
+            (Backend::Gpu(dev), Some(h), _) => {
+                prepare_on_device(dev, HessianInput::Host(h), cfg, || asymmetry_warning(h))
+            }
+            (Backend::Gpu(dev), None, HessianState::Gpu(g)) => {
+                prepare_on_device(dev, HessianInput::Device(g), cfg, || self.asymmetry.clone())
+            }
             _ => Err(ForgeError::Internal("a device Hessian without a device".into())),
         }
     }
 }
 
 /// The engine's pre-step into a prepared factor (device-resident unless it ran on the CPU).
-fn prepare_on_device(dev: &Arc<GpuDevice>, h: HessianInput<'_>, cfg: &PreStepConfig) -> Result<PreparedFactor> {
-    let (factor, summary) = with_engine(dev, |e| e.prepare_factor(h, cfg))?;
+/// `asymmetry` is asked for when the pre-step ran on the device, which symmetrises `H`
+/// without looking (the CPU pre-step reports it itself).
+fn prepare_on_device(
+    dev: &Arc<GpuDevice>,
+    h: HessianInput<'_>,
+    cfg: &PreStepConfig,
+    asymmetry: impl FnOnce() -> Option<Warning>,
+) -> Result<PreparedFactor> {
+    let (factor, mut summary) = with_engine(dev, |e| e.prepare_factor(h, cfg))?;
+    if summary.route == PreStepRoute::Gpu {
+        summary.warnings.splice(0..0, asymmetry());
+    }
     Ok(PreparedFactor { cols: factor.cols(), summary, data: FactorData::Device(dev.clone(), factor) })
 }
 
@@ -367,7 +436,10 @@ pub fn quantize_with(quantizer: &Quantizer, factor: &PreparedFactor, weight: Wei
             }
             let (grid, out) =
                 cpu::grid_and_solve(&quantizer.config, WeightView::F32(w.view()), u.view(), perm.as_deref())?;
-            Ok(QuantizedLayer { grid, codes: out.qweight, loss: out.loss, perm, flags })
+            // The pre-step's warnings, then the solve's (flushed groups).
+            let mut warnings = factor.summary.warnings.clone();
+            warnings.extend(out.warnings);
+            Ok(QuantizedLayer { grid, codes: out.qweight, loss: out.loss, perm, flags, warnings })
         }
         (Backend::Gpu(dev), data) => {
             let uploaded;
@@ -385,7 +457,7 @@ pub fn quantize_with(quantizer: &Quantizer, factor: &PreparedFactor, weight: Wei
             let job = LayerJob::new(weight.reborrow(), hessian, &quantizer.config);
             let mut out = with_engine(dev, |e| e.quantize(&job))?;
             let w = out.weights.pop().ok_or_else(|| ForgeError::Internal("engine returned no weight".into()))?;
-            Ok(QuantizedLayer::from_weight(w, perm, flags))
+            QuantizedLayer::from_engine(w, weight, &factor.summary)
         }
         (Backend::Cpu, FactorData::Device(..)) => {
             Err(ForgeError::Config("a factor prepared on a device cannot be used on the CPU backend".into()))
@@ -415,10 +487,17 @@ impl GptqLayer {
     }
 
     /// Adds a batch of the layer's inputs `(tokens, in_features)` to its Hessian (and drops
-    /// a pre-step computed before it).
+    /// a pre-step computed before it). A batch rejected on the CPU backend changes nothing:
+    /// the Hessian and the pre-step stay as they were.
     pub fn update(&mut self, x: ActivationView<'_>) -> Result<()> {
-        self.factor = None;
-        self.hessian.update(x)
+        let before = self.hessian.tokens();
+        let result = self.hessian.update(x);
+        // A device update that failed part-way keeps the chunks before the failure (see
+        // GpuHessian::update): H changed, so the old pre-step no longer fits it.
+        if self.hessian.tokens() != before {
+            self.factor = None;
+        }
+        result
     }
 
     /// Tokens seen so far.

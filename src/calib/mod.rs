@@ -83,13 +83,18 @@ impl<'a> ActivationView<'a> {
         }
     }
 
-    /// Tokens `t0..t1` (a view, no copy).
-    pub fn rows(&self, t0: usize, t1: usize) -> ActivationView<'a> {
-        match *self {
+    /// Tokens `t0..t1` (a view, no copy); `t0 > t1` or `t1` past the last token is a
+    /// [`ForgeError::Shape`].
+    pub fn rows(&self, t0: usize, t1: usize) -> Result<ActivationView<'a>> {
+        let tokens = self.dim().0;
+        if t0 > t1 || t1 > tokens {
+            return Err(ForgeError::Shape(format!("tokens {t0}..{t1} of a batch of {tokens}")));
+        }
+        Ok(match *self {
             ActivationView::F32(a) => ActivationView::F32(a.slice_move(s![t0..t1, ..])),
             ActivationView::F16(a) => ActivationView::F16(a.slice_move(s![t0..t1, ..])),
             ActivationView::BF16(a) => ActivationView::BF16(a.slice_move(s![t0..t1, ..])),
-        }
+        })
     }
 
     /// The raw little-endian bytes of a standard-layout (row-major, contiguous) view.
@@ -114,13 +119,17 @@ impl<'a> ActivationView<'a> {
         std::borrow::Cow::Owned(bytes)
     }
 
-    /// The activations widened exactly to f32.
-    pub fn to_f32(&self) -> Array2<f32> {
-        match *self {
+    /// The activations widened exactly to f32 (the copy is checked against the host budget).
+    pub fn to_f32(&self) -> Result<Array2<f32>> {
+        let (m, cols) = self.dim();
+        crate::budget::Request::new()
+            .array::<f32>(&[m, cols])
+            .check(&format!("widening {m}×{cols} activations to f32"))?;
+        Ok(match *self {
             ActivationView::F32(a) => a.to_owned(),
             ActivationView::F16(a) => a.mapv(|v| forge_numerics::f16_bits_to_f32(v.to_bits())),
             ActivationView::BF16(a) => a.mapv(|v| forge_numerics::bf16_bits_to_f32(v.to_bits())),
-        }
+        })
     }
 
     /// The first NaN/inf in row-major order as a typed error (`row` counted from

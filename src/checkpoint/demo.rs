@@ -11,12 +11,11 @@ use super::fp8::{quantize_fp8_blocks, DEFAULT_BLOCK};
 use super::model::INDEX_FILE;
 use super::select::{classify, fused_group, module_of};
 use super::st::{encode_header, TensorSpec};
-use crate::{ForgeError, Result};
+use crate::{fsio, ForgeError, Result};
 use ndarray::Array2;
 use rayon::prelude::*;
 use safetensors::Dtype;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 /// A deterministic generator (SplitMix64), so the demo is the same on every machine.
@@ -157,18 +156,10 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> ForgeError + '_ {
     move |source| ForgeError::Io { path: path.display().to_string(), source }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp-demo");
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
-}
-
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let mut s = serde_json::to_vec_pretty(v).map_err(|e| ForgeError::Config(e.to_string()))?;
     s.push(b'\n');
-    write_atomic(path, &s)
+    fsio::write_file_atomic(path, &s)
 }
 
 /// Writes the tensors as shards of about `shard_bytes` (a new file once a file reaches it),
@@ -208,7 +199,7 @@ fn write_shards(dir: &Path, specs: Vec<GenSpec>, shard_bytes: u64, seed: u64) ->
             weight_map.insert(t.name.clone(), file.clone());
             total += d.len() as u64;
         }
-        write_atomic(&dir.join(&file), &bytes)?;
+        fsio::write_file_atomic(&dir.join(&file), &bytes)?;
     }
     if n > 1 {
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
@@ -524,7 +515,7 @@ pub fn write_demo_hessians(
         let (header, _, _) = encode_header(std::slice::from_ref(&spec), &meta)?;
         let mut bytes = header;
         bytes.extend_from_slice(data);
-        write_atomic(&out_dir.join(format!("{module}.safetensors")), &bytes)?;
+        fsio::write_file_atomic(&out_dir.join(format!("{module}.safetensors")), &bytes)?;
     }
     Ok(())
 }

@@ -16,6 +16,11 @@ pub fn mem_available() -> Option<u64> {
     proc_kb("/proc/meminfo", "MemAvailable")
 }
 
+/// `MemTotal` in bytes (Linux), if known.
+pub fn mem_total() -> Option<u64> {
+    proc_kb("/proc/meminfo", "MemTotal")
+}
+
 /// The process's peak resident set (`VmHWM`) in bytes (Linux), if known.
 pub fn peak_rss() -> Option<u64> {
     proc_kb("/proc/self/status", "VmHWM")
@@ -63,5 +68,26 @@ pub fn human_bytes(b: u64) -> String {
         format!("{:.1} kB", b / 1e3)
     } else {
         format!("{b} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_decimal_and_binary_units() {
+        assert_eq!(parse_size("1024"), Some(1024));
+        assert_eq!(parse_size("64G"), Some(64 << 30));
+        assert_eq!(parse_size("64GiB"), Some(64 << 30));
+        assert_eq!(parse_size("64GB"), Some(64_000_000_000));
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("5MB"), Some(5_000_000));
+        assert_eq!(parse_size(" 2k "), Some(2048));
+        assert_eq!(parse_size("1.5g"), Some(3 << 29));
+        assert_eq!(parse_size("8B"), Some(8));
+        for bad in ["", "abc", "-1", "G", "1e999", "NaN", "99999999999T", "1.5.2G", "5XB"] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
     }
 }

@@ -11,7 +11,7 @@
 //! shard still hash to what the record says.
 
 use super::plan::Plan;
-use super::st::open_regular;
+use crate::fsio::{self, open_regular};
 use crate::{ForgeError, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,7 +40,8 @@ pub struct MemberStats {
     pub rel_weight_error: f64,
     /// GPTQ's loss `Σ_rows Σ_t err²/2` (GPTQ only).
     pub gptq_loss: Option<f64>,
-    /// What the pre-step had to do (dead columns, retries, identity fallback).
+    /// What the pre-step had to do (dead columns, retries, identity fallback) and the layer's
+    /// other warnings (asymmetric Hessian, flushed groups).
     pub flags: Vec<String>,
 }
 
@@ -141,10 +142,6 @@ pub fn check_target(target: &Path) -> Result<()> {
     }
 }
 
-fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|f| f.sync_all()).map_err(io_err(dir))
-}
-
 impl OutputDir {
     /// Starts (or with `resume`, continues) writing `plan` to `target`. Returns the directory
     /// and what a previous run already finished.
@@ -199,7 +196,7 @@ impl OutputDir {
             let line = serde_json::to_string(&header).map_err(|e| ForgeError::Config(e.to_string()))?;
             manifest.write_all(format!("{line}\n").as_bytes()).map_err(io_err(&manifest_path))?;
             manifest.sync_all().map_err(io_err(&manifest_path))?;
-            fsync_dir(&tmp)?;
+            fsio::sync_dir(&tmp)?;
         } else {
             // A torn last line from a crash: end it so new records start on their own line.
             manifest.write_all(b"\n").map_err(io_err(&manifest_path))?;
@@ -359,6 +356,9 @@ impl OutputDir {
     }
 
     /// Writes a small file (index, config, summary) into the temporary directory, synced.
+    /// Not through [`fsio::write_atomic`]: the whole directory is renamed into place at the
+    /// commit, and a resumed run rewrites these files (a stray temporary file of a crashed
+    /// write would end up in the output).
     pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let path = self.tmp.join(name);
         let mut f = File::create(&path).map_err(io_err(&path))?;
@@ -368,7 +368,7 @@ impl OutputDir {
 
     /// Copies a file from the model directory (regular files only), synced.
     pub fn copy_file(&self, from: &Path, name: &str) -> Result<()> {
-        let mut src = open_regular(from)?;
+        let (mut src, _) = open_regular(from)?;
         let path = self.tmp.join(name);
         let mut f = File::create(&path).map_err(io_err(&path))?;
         std::io::copy(&mut src, &mut f).map_err(io_err(&path))?;
@@ -386,12 +386,9 @@ impl OutputDir {
             let p = self.tmp.join(name);
             std::fs::remove_file(&p).map_err(io_err(&p))?;
         }
-        fsync_dir(&self.tmp)?;
+        fsio::sync_dir(&self.tmp)?;
         check_target(&self.target)?;
-        std::fs::rename(&self.tmp, &self.target).map_err(io_err(&self.target))?;
-        if let Some(parent) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fsync_dir(parent)?;
-        }
+        fsio::rename_durable(&self.tmp, &self.target)?;
         Ok(self.target.clone())
     }
 }

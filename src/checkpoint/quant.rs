@@ -8,7 +8,7 @@ use super::plan::{GptqSettings, Member};
 use super::st::SafetensorsFile;
 use crate::calib::{quantize_experts, ExpertInput, QuantizedLayer};
 use crate::numerics::{dequantize, quantize, stored_scale, ScaleDtype};
-use crate::{ForgeError, QuantGrid, Quantizer, Result, WeightView};
+use crate::{ForgeError, QuantGrid, Quantizer, Result, Warning, WeightView};
 use half::{bf16, f16};
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
@@ -118,7 +118,7 @@ pub struct MemberResult {
     pub gptq_loss: Option<f64>,
     /// `"rtn"`, `"gptq"` or `"rtn (no hessian)"`.
     pub method: &'static str,
-    /// Pre-step notes.
+    /// Pre-step notes and the layer's other warnings.
     pub flags: Vec<String>,
 }
 
@@ -143,10 +143,10 @@ pub fn quantize_rtn(quantizer: &Quantizer, weight: WeightView<'_>, scale_dtype: 
                 weight.read_row_f32(r, buf)?;
                 let meta: Vec<(f32, f32)> = (0..n_groups)
                     .map(|g| {
-                        let m = grid.meta(r, g);
-                        (stored_scale(m.log2_scale_q88, scale_dtype), m.qzero_f32())
+                        let m = grid.meta(r, g)?;
+                        Ok((stored_scale(m.log2_scale_q88, scale_dtype), m.qzero_f32()))
                     })
-                    .collect();
+                    .collect::<Result<_>>()?;
                 let (mut err, mut norm) = (0f64, 0f64);
                 for (c, (o, &x)) in out.iter_mut().zip(buf.iter()).enumerate() {
                     let (s, z) = meta[c / gs];
@@ -271,6 +271,19 @@ fn gptq_result(l: QuantizedLayer, w: WeightView<'_>) -> Result<MemberResult> {
     let no_h = f.no_tokens;
     if no_h {
         flags.push("no calibration tokens: round-to-nearest".into());
+    }
+    // The rest of the layer's warnings (asymmetric H, flushed groups, ...), in their words.
+    for w in &l.warnings {
+        let covered = matches!(
+            w,
+            Warning::DeadInputs { .. }
+                | Warning::DampingRetries { .. }
+                | Warning::FallbackIdentity { .. }
+                | Warning::NoCalibrationTokens
+        );
+        if !covered {
+            flags.push(w.to_string());
+        }
     }
     Ok(MemberResult {
         grid: l.grid,

@@ -92,7 +92,12 @@ pub struct RunReport {
 /// Checks every step's estimated memory against the budget.
 pub fn check_budget(plan: &Plan, budget: u64) -> Result<()> {
     match plan.items.iter().find(|i| i.memory > budget) {
-        Some(i) => Err(ForgeError::MemoryBudget { what: i.label.clone(), needed: i.memory, budget }),
+        Some(i) => Err(ForgeError::OutOfMemory {
+            what: format!("step {}", i.label),
+            requested: Some(i.memory),
+            limit: budget,
+            origin: crate::budget::RUN_BUDGET_ORIGIN.into(),
+        }),
         None => Ok(()),
     }
 }

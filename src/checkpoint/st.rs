@@ -1,20 +1,20 @@
 //! safetensors files, read memory-mapped and written with a precomputed header.
 //!
-//! Reading: the file must be a regular file (a FIFO or device is refused before it is
-//! opened for reading, so the open cannot block), the header is read with bounded reads
+//! Reading: the file must be a regular file ([`crate::fsio::open_regular`]: a FIFO or device
+//! is refused before it is opened for reading, so the open cannot block), the header is read with bounded reads
 //! (at most [`MAX_HEADER_BYTES`]), every tensor's dtype, shape and byte range is checked
 //! against the file, and the data section is memory-mapped. Writing: [`encode_header`]
 //! gives the exact header bytes for a list of tensors, so a writer can place every tensor
 //! at its final offset before the data exists.
 
+use crate::fsio::open_regular;
 use crate::{ForgeError, Result};
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// The largest header accepted (the safetensors library's own limit).
@@ -61,43 +61,10 @@ pub fn dtype_name(dtype: Dtype) -> String {
     dtype.to_string()
 }
 
-/// Opens `path` for reading after checking that it is a regular file (symlinks followed,
-/// as in a Hugging Face cache). The open is non-blocking and the check is repeated on the
-/// open descriptor, so a file swapped for a FIFO in between is still refused.
-pub fn open_regular(path: &Path) -> Result<File> {
-    let io = |source| ForgeError::Io { path: path.display().to_string(), source };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    check_regular(path, &meta)?;
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    check_regular(path, &meta)?;
-    Ok(file)
-}
-
-fn check_regular(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
-    let ft = meta.file_type();
-    if ft.is_file() {
-        return Ok(());
-    }
-    let kind = if ft.is_dir() {
-        "a directory"
-    } else if ft.is_fifo() {
-        "a FIFO"
-    } else if ft.is_socket() {
-        "a socket"
-    } else if ft.is_block_device() || ft.is_char_device() {
-        "a device"
-    } else {
-        "not a file"
-    };
-    Err(ForgeError::NotRegularFile { path: path.display().to_string(), kind: kind.into() })
-}
-
 /// A whole small file (JSON, tokenizer), refused past `max` bytes.
 pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
     let io = |source| ForgeError::Io { path: path.display().to_string(), source };
-    let file = open_regular(path)?;
-    let len = file.metadata().map_err(io)?.len();
+    let (file, len) = open_regular(path)?;
     if len > max {
         return Err(ForgeError::Config(format!(
             "{} is {len} bytes, more than the {max} bytes allowed",
@@ -143,7 +110,7 @@ impl SafetensorsFile {
         let shown = path.display().to_string();
         let io = |source| ForgeError::Io { path: shown.clone(), source };
         let bad = |msg: String| ForgeError::Safetensors(format!("{shown}: {msg}"));
-        let mut file = open_regular(path)?;
+        let (mut file, _) = open_regular(path)?;
         let meta = file.metadata().map_err(io)?;
         let file_len = meta.len();
         let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());

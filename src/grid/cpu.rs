@@ -1,7 +1,7 @@
 //! CPU reference grid builder (ndarray + rayon over rows).
 
 use super::{DecodedQMeta, GridConfig, QuantGrid, ScaleSearch};
-use crate::{ForgeError, QMetaPacked, Result, WeightView};
+use crate::{budget, ForgeError, QMetaPacked, Result, WeightView};
 use forge_numerics::{decode_log2_q88, dequantize, encode_log2_q88, quantize, range_meta};
 use ndarray::{Array2, Array3, ArrayView3};
 use rayon::prelude::*;
@@ -9,12 +9,18 @@ use rayon::prelude::*;
 /// Builds the qmeta4 grid of `weight` on the CPU (the reference for the GPU builder).
 ///
 /// Groups run along the last axis (input columns); the last group is zero-padded and the
-/// pad takes part in min/max and in the MSE loss, as in the seed spec.
+/// pad takes part in min/max and in the MSE loss, as in the seed spec. The records
+/// (`rows · n_groups · 4` bytes) are checked against the host budget ([`crate::budget`])
+/// before they are allocated; each worker reads one group at a time. A NaN/inf weight is
+/// reported at the first position in row-major order.
 pub fn build_quant_grid(weight: WeightView<'_>, config: &GridConfig) -> Result<QuantGrid> {
     let (rows, cols) = weight.dim();
     config.validate(rows, cols)?;
     let gs = config.group_size;
     let n_groups = config.n_groups(cols);
+    budget::Request::new()
+        .array::<u32>(&[rows, n_groups])
+        .check(&format!("the qmeta4 records of a {rows}×{cols} weight (group size {gs})"))?;
     let maxq = config.maxq() as f32;
     let factors = match &config.scale_search {
         ScaleSearch::Absmax => Vec::new(),
@@ -24,32 +30,34 @@ pub fn build_quant_grid(weight: WeightView<'_>, config: &GridConfig) -> Result<Q
         ScaleSearch::Mse(m) => m.norm,
         ScaleSearch::Absmax => 2.0,
     };
-    let per_row: Vec<Result<Vec<u32>>> = (0..rows)
-        .into_par_iter()
+    let row_bytes = n_groups * 4;
+    let mut qmeta = vec![0u8; budget::elements(&[rows, row_bytes], "qmeta4 records")?];
+    let first_error = qmeta
+        .par_chunks_mut(row_bytes)
+        .enumerate()
         .map_init(
-            || vec![0f32; n_groups * gs],
-            |buf, r| {
-                weight.read_row_f32(r, buf)?;
-                buf[cols..].fill(0.0);
-                Ok(buf
-                    .chunks_exact(gs)
-                    .map(|group| {
-                        let meta = absmax_meta(group, maxq, config.symmetric);
-                        let meta =
-                            if factors.is_empty() { meta } else { mse_refine(group, meta, &factors, norm, maxq) };
-                        meta.to_u32()
-                    })
-                    .collect())
+            || vec![0f32; gs],
+            |group, (r, out)| -> Result<()> {
+                for (g, rec) in out.chunks_exact_mut(4).enumerate() {
+                    let c0 = g * gs;
+                    let n = gs.min(cols - c0);
+                    weight.read_f32(r, c0, &mut group[..n])?;
+                    group[n..].fill(0.0);
+                    let meta = absmax_meta(group, maxq, config.symmetric);
+                    let meta = if factors.is_empty() { meta } else { mse_refine(group, meta, &factors, norm, maxq) };
+                    rec.copy_from_slice(&meta.to_bytes());
+                }
+                Ok(())
             },
         )
-        .collect();
-    let mut records = Vec::with_capacity(rows * n_groups);
-    for row in per_row {
-        records.extend(row?);
+        // The first failing row in order: the error names the first bad weight in row-major
+        // order whatever the thread count.
+        .find_first(|r| r.is_err());
+    if let Some(Err(e)) = first_error {
+        return Err(e);
     }
-    let qmeta: Vec<u8> = records.iter().flat_map(|r| r.to_le_bytes()).collect();
     Ok(QuantGrid {
-        qmeta: Array3::from_shape_vec((rows, n_groups, 4), qmeta).expect("rows·n_groups·4 bytes"),
+        qmeta: Array3::from_shape_vec((rows, n_groups, 4), qmeta).map_err(|e| ForgeError::Internal(e.to_string()))?,
         maxq: config.maxq(),
         pad: n_groups * gs - cols,
         group_size: gs,

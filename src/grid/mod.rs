@@ -134,7 +134,11 @@ impl GridConfig {
             return Err(ForgeError::Shape(format!("weight is empty ({rows}×{cols})")));
         }
         if rows > u32::MAX as usize || cols > u32::MAX as usize / 2 {
-            return Err(ForgeError::Shape(format!("weight {rows}×{cols} is too large")));
+            return Err(ForgeError::Shape(format!(
+                "weight {rows}×{cols} is too large: at most {} rows and {} columns (the kernels index in u32)",
+                u32::MAX,
+                u32::MAX / 2
+            )));
         }
         if let ScaleSearch::Mse(m) = &self.scale_search {
             m.factors()?;
@@ -142,14 +146,16 @@ impl GridConfig {
         Ok(())
     }
 
-    /// `ceil(cols / group_size)`.
+    /// `ceil(cols / group_size)` (meaningful for a validated config; a group size of 0
+    /// counts as 1 instead of dividing by zero).
     pub fn n_groups(&self, cols: usize) -> usize {
-        cols.div_ceil(self.group_size)
+        cols.div_ceil(self.group_size.max(1))
     }
 
-    /// `2^bits − 1`.
+    /// `2^bits − 1` (meaningful for a validated config; `bits ≥ 32` gives `u32::MAX` instead
+    /// of overflowing the shift).
     pub fn maxq(&self) -> u32 {
-        (1u32 << self.bits) - 1
+        1u32.checked_shl(self.bits).map_or(u32::MAX, |v| v - 1)
     }
 }
 
@@ -173,21 +179,59 @@ impl QuantGrid {
         (r, g)
     }
 
-    /// The record of `(row, group)`.
-    pub fn meta(&self, row: usize, group: usize) -> QMetaPacked {
+    /// The record of `(row, group)`; a position outside the grid is a [`ForgeError::Shape`].
+    pub fn meta(&self, row: usize, group: usize) -> Result<QMetaPacked> {
+        self.get(row, group).ok_or_else(|| {
+            let (r, g) = self.dim();
+            ForgeError::Shape(format!("grid record ({row}, {group}) is outside the {r}×{g} grid"))
+        })
+    }
+
+    /// The record of `(row, group)`, `None` outside the grid.
+    pub fn get(&self, row: usize, group: usize) -> Option<QMetaPacked> {
         let m = &self.qmeta;
-        QMetaPacked::from_bytes([m[[row, group, 0]], m[[row, group, 1]], m[[row, group, 2]], m[[row, group, 3]]])
+        Some(QMetaPacked::from_bytes([
+            *m.get([row, group, 0])?,
+            *m.get([row, group, 1])?,
+            *m.get([row, group, 2])?,
+            *m.get([row, group, 3])?,
+        ]))
     }
 
     /// All records as little-endian u32s, row-major (the kernels' layout).
     pub fn to_u32_vec(&self) -> Vec<u32> {
-        let bytes = self.qmeta.as_standard_layout();
-        bytes
-            .as_slice()
-            .expect("standard layout is contiguous")
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
+        let bytes: Vec<u8> = self.qmeta.iter().copied().collect();
+        bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    }
+
+    /// Checks the records against the grid's own `maxq` (docs/design.md §2): flag bits 1..7
+    /// are reserved and must be 0, a zero point lies in `0..=maxq`, and a symmetric record's
+    /// zero point is `(maxq + 1)/2`. A grid whose records disagree with its `maxq` (e.g. a
+    /// 4-bit grid relabelled `maxq = 255`) is refused: its codes would mean other values.
+    pub fn check_records(&self) -> Result<()> {
+        let maxq = self.maxq;
+        let (rows, groups) = self.dim();
+        for (r, g) in (0..rows).flat_map(|r| (0..groups).map(move |g| (r, g))) {
+            let Some(m) = self.get(r, g) else { continue };
+            let bad = if m.flags & !1 != 0 {
+                Some(format!("flags {:#04x} set reserved bits (only bit 0, symmetric, is defined)", m.flags))
+            } else if u32::from(m.qzero) > maxq {
+                Some(format!("zero point {} is above maxq {maxq}", m.qzero))
+            } else if m.flags & 1 == 1 && u32::from(m.qzero) != maxq.div_ceil(2) {
+                Some(format!(
+                    "symmetric record with zero point {}, but maxq {maxq} makes it {}: the records and maxq \
+                     disagree about the bit width",
+                    m.qzero,
+                    maxq.div_ceil(2)
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = bad {
+                return Err(ForgeError::Shape(format!("grid record ({r}, {g}): {why}")));
+            }
+        }
+        Ok(())
     }
 
     /// A grid from u32 records (the kernels' layout).
@@ -199,7 +243,7 @@ impl QuantGrid {
         pad: usize,
         group_size: usize,
     ) -> Result<Self> {
-        if records.len() != rows * n_groups {
+        if Some(records.len()) != rows.checked_mul(n_groups) {
             return Err(ForgeError::Shape(format!("{} qmeta records for a {rows}×{n_groups} grid", records.len())));
         }
         let bytes: Vec<u8> = records.iter().flat_map(|r| r.to_le_bytes()).collect();

@@ -192,12 +192,13 @@ impl GpuHessian {
     pub fn update(&mut self, dev: &GpuDevice, x: ActivationView<'_>) -> Result<()> {
         let (m, cols) = x.dim();
         self.check_batch_cols(cols)?;
+        super::cpu::add_tokens(self.tokens, m)?;
         let size = x.dtype().size();
         let stream = dev.stream().clone();
         let mut t0 = 0;
         while t0 < m {
             let t1 = (t0 + MAX_CHUNK_TOKENS).min(m);
-            let chunk = x.rows(t0, t1);
+            let chunk = x.rows(t0, t1)?;
             let bytes = chunk.to_bytes();
             let need = MAX_CHUNK_TOKENS.min(m) * cols * size;
             let sc = self.scratch(dev)?;
@@ -239,6 +240,7 @@ impl GpuHessian {
     pub fn update_device(&mut self, dev: &GpuDevice, x: &DeviceActivations) -> Result<()> {
         let (m, cols) = x.dim();
         self.check_batch_cols(cols)?;
+        super::cpu::add_tokens(self.tokens, m)?;
         let size = x.dtype.size();
         let mut t0 = 0;
         while t0 < m {
@@ -736,6 +738,7 @@ impl GpuPreStepper {
         } else {
             Array2::eye(n)
         };
+        let warnings = plan.warnings(retries, !ok, damping);
         Ok(PreStep {
             hinv_factor,
             perm: plan.perm,
@@ -743,6 +746,7 @@ impl GpuPreStepper {
             damping_used: damping as f32,
             retries,
             fallback_identity: !ok,
+            warnings,
         })
     }
 
@@ -848,7 +852,7 @@ mod tests {
         });
         let h = x.t().dot(&x) / (3 * n) as f32;
         for act_order in [false, true] {
-            let cfg = PreStepConfig { rel_damp: 0.01, act_order };
+            let cfg = PreStepConfig { rel_damp: 0.01, act_order, ..PreStepConfig::default() };
             let cpu = pre_step_cpu(h.view(), None, &cfg).expect("cpu pre-step");
             let order: Vec<usize> = cpu.perm.clone().unwrap_or_else(|| (0..n).collect());
             let mean = (0..n).map(|j| f64::from(h[[j, j]]).abs()).sum::<f64>() / n as f64;

@@ -9,7 +9,8 @@
 mod cpu;
 pub(crate) mod cuda;
 
-pub use cpu::pre_step_cpu;
+pub(crate) use cpu::add_tokens;
+pub use cpu::{asymmetry_warning, pre_step_cpu};
 pub use cuda::{
     pre_step_gpu, DeviceActivations, FactorInverse, GpuHessian, GpuPreStepper, MAX_CHUNK_TOKENS, MAX_HESSIAN_COLS,
 };
@@ -21,7 +22,7 @@ pub const MAX_RETRIES: u32 = 3;
 /// retry the same failing matrix).
 pub const MIN_RETRY_REL_DAMP: f64 = 1e-3;
 
-use crate::{ForgeError, Result};
+use crate::{ForgeError, Result, Warning};
 use ndarray::Array2;
 
 /// Running Hessian of one linear layer over its input features: after batches of
@@ -63,6 +64,11 @@ pub struct PreStepConfig {
     pub rel_damp: f32,
     /// Process columns in order of decreasing `diag H` (default false).
     pub act_order: bool,
+    /// Accept a Hessian with negative diagonal entries (default false: an error). No
+    /// activations give one (`diag(2/n·XᵀX) ≥ 0`), so it is negative-definite or indefinite,
+    /// typically a bug upstream; with this set it is factored with raised damping as far as
+    /// that goes, and [`Warning::IndefiniteAccepted`] is reported.
+    pub allow_indefinite: bool,
 }
 
 impl PreStepConfig {
@@ -78,7 +84,7 @@ impl PreStepConfig {
 impl Default for PreStepConfig {
     /// `rel_damp = 0.01`, no act-order: the GPTQ reference's defaults.
     fn default() -> Self {
-        PreStepConfig { rel_damp: 0.01, act_order: false }
+        PreStepConfig { rel_damp: 0.01, act_order: false, allow_indefinite: false }
     }
 }
 
@@ -100,6 +106,9 @@ pub struct PreStep {
     pub retries: u32,
     /// Every attempt failed and `U = I` (round-to-nearest) was returned instead.
     pub fallback_identity: bool,
+    /// Legal but surprising outcomes: an asymmetric `H` symmetrised, dead inputs, damping
+    /// retries, the identity fallback, an indefinite `H` accepted on request.
+    pub warnings: Vec<Warning>,
 }
 
 /// The pre-step policy both backends follow (docs/design.md §5), from `diag H` alone:
@@ -116,13 +125,39 @@ pub(crate) struct PreStepPlan {
     /// Act-order permutation, if asked for.
     pub perm: Option<Vec<usize>>,
     rel_damp: f64,
+    /// Negative diagonal entries (count, first), accepted with `allow_indefinite`.
+    negative: Option<(usize, usize)>,
 }
 
 impl PreStepPlan {
     /// The plan for a Hessian with diagonal `diag` (in f64, exactly the f32 diagonal).
+    ///
+    /// Errors, each because the result would be meaningless: a bad `cfg`; an all-zero
+    /// diagonal (every input dead: the whole weight would be zeroed); a negative diagonal
+    /// entry unless `cfg.allow_indefinite`; a damping that overflows f32.
     pub fn new(mut diag: Vec<f64>, cfg: &PreStepConfig) -> Result<Self> {
         cfg.validate()?;
         let n = diag.len();
+        let negatives = diag.iter().filter(|&&d| d < 0.0).count();
+        let negative = diag.iter().position(|&d| d < 0.0).map(|first| (negatives, first));
+        if let Some((count, first)) = negative {
+            if !cfg.allow_indefinite {
+                return Err(ForgeError::Hessian(format!(
+                    "H[{first},{first}] = {} is negative ({count} of {n} diagonal entries are): H is not positive \
+                     semi-definite (negative-definite or indefinite), which no activations give (diag(2/n·XᵀX) ≥ 0). \
+                     Check how it was computed; set PreStepConfig::allow_indefinite to factor it anyway with \
+                     raised damping",
+                    diag[first]
+                )));
+            }
+        }
+        if n > 0 && diag.iter().all(|&d| d == 0.0) {
+            return Err(ForgeError::Hessian(format!(
+                "every diagonal entry of H is 0 ({n} of {n} inputs never fired): quantizing would zero the whole \
+                 weight. The calibration activations are all zero; give real calibration data, or quantize \
+                 without a Hessian (round-to-nearest) on purpose"
+            )));
+        }
         let mut dead_columns = Vec::new();
         for (j, d) in diag.iter_mut().enumerate() {
             if *d == 0.0 {
@@ -137,7 +172,36 @@ impl PreStepPlan {
             p.sort_by(|&x, &y| diag[y].total_cmp(&diag[x]));
             p
         });
-        Ok(PreStepPlan { dead_columns, mean_abs_diag, perm, rel_damp: f64::from(cfg.rel_damp) })
+        let plan = PreStepPlan { dead_columns, mean_abs_diag, perm, rel_damp: f64::from(cfg.rel_damp), negative };
+        let first = plan.damping(0);
+        if !(first as f32).is_finite() {
+            return Err(ForgeError::Config(format!(
+                "the damping rel_damp·mean(|diag H|) = {} · {mean_abs_diag:e} = {first:e} overflows f32",
+                cfg.rel_damp
+            )));
+        }
+        Ok(plan)
+    }
+
+    /// The warnings of a pre-step that followed this plan and ended with `retries` retries,
+    /// the last damping `damping`, and the identity fallback if `fallback`.
+    pub fn warnings(&self, retries: u32, fallback: bool, damping: f64) -> Vec<Warning> {
+        let mut w = Vec::new();
+        if let Some((count, first)) = self.negative {
+            w.push(Warning::IndefiniteAccepted { count, first });
+        }
+        if !self.dead_columns.is_empty() {
+            w.push(Warning::DeadInputs {
+                count: self.dead_columns.len(),
+                first: self.dead_columns.iter().take(8).copied().collect(),
+            });
+        }
+        if fallback {
+            w.push(Warning::FallbackIdentity { retries });
+        } else if retries > 0 {
+            w.push(Warning::DampingRetries { retries, damping: damping as f32 });
+        }
+        w
     }
 
     /// Processing order `t → original column` (the permutation, or the identity).

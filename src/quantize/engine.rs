@@ -27,7 +27,7 @@ use crate::grid::{launch_grid_into, GridConfig, GridRef, QuantGrid, WeightRef};
 use crate::hessian::cuda::{enqueue_identity, enqueue_zero_columns, factor_checked, FactorStatus, FactorWork};
 use crate::hessian::{pre_step_cpu, GpuHessian, PreStepConfig, PreStepPlan};
 use crate::solver::{self, padded, DeviceFactor, FactorRef, SolveOutputs, SolveWorkspace};
-use crate::{ForgeError, Result, WeightDtype, WeightView};
+use crate::{ForgeError, Result, Warning, WeightDtype, WeightView};
 use cudarc::driver::sys::{CUevent_flags, CU_MEMHOSTALLOC_WRITECOMBINED};
 use cudarc::driver::{CudaEvent, CudaStream, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
 use forge_kernel_abi::DevPtrMut;
@@ -107,6 +107,10 @@ pub struct PreStepSummary {
     pub fallback_identity: bool,
     /// Where the pre-step ran.
     pub route: PreStepRoute,
+    /// What was legal but surprising (dead inputs, retries, the identity fallback, no tokens,
+    /// an indefinite `H` accepted on request; an asymmetric `H` only where the pre-step ran on
+    /// the CPU: the device symmetrises without looking).
+    pub warnings: Vec<Warning>,
 }
 
 /// Device-event times of a job's stages, in ms (with [`LayerJob::profile`]; without retries).
@@ -555,6 +559,7 @@ impl QuantEngine {
             retries: 0,
             fallback_identity: false,
             route: PreStepRoute::Gpu,
+            warnings: Vec::new(),
         };
         let mut plan = None;
         // A factor made on the host (given, or the CPU pre-step) is uploaded padded.
@@ -615,12 +620,17 @@ impl QuantEngine {
                 }
                 .map_err(ForgeError::driver("copying the factor"))?;
             }
-            HessianInput::NoTokens => summary.route = PreStepRoute::NoTokens,
+            HessianInput::NoTokens => {
+                summary.route = PreStepRoute::NoTokens;
+                summary.warnings = vec![Warning::NoCalibrationTokens];
+            }
         }
         if let Some(p) = &plan {
             summary.perm = p.perm.clone();
             summary.dead_columns = p.dead_columns.clone();
             summary.damping_used = p.damping(0) as f32;
+            // The first attempt's; collect redoes them if it has to retry.
+            summary.warnings = p.warnings(0, false, p.damping(0));
         }
         let slot = &mut self.slots[k];
         let u_dev = slot.u.ensure(&dev, cols_p * cols_p, "factor")?.dev_ptr_mut();
@@ -912,6 +922,7 @@ impl QuantEngine {
             unsafe { factor_checked(&dev, &mut self.factor_work, status, h, cols, &plan, u, cols_p, 1) }?;
         job.summary.damping_used = damping as f32;
         job.summary.retries = retries;
+        job.summary.warnings = plan.warnings(retries, !ok, damping);
         if !ok {
             job.summary.fallback_identity = true;
             // SAFETY: u holds cols_p² f32.
@@ -939,6 +950,7 @@ impl QuantEngine {
             retries,
             fallback_identity: !ok,
             route: PreStepRoute::Gpu,
+            warnings: plan.warnings(retries, !ok, damping),
         };
         let cpu = |pre: crate::hessian::PreStep| -> Result<(DeviceFactor, PreStepSummary)> {
             let f = DeviceFactor::upload(&dev, pre.hinv_factor.view(), pre.perm.as_deref())?;
@@ -984,6 +996,7 @@ impl QuantEngine {
                     retries: 0,
                     fallback_identity: false,
                     route: PreStepRoute::Given,
+                    warnings: Vec::new(),
                 };
                 Ok((f, s))
             }
@@ -1050,6 +1063,7 @@ fn cpu_summary(pre: &crate::hessian::PreStep) -> PreStepSummary {
         retries: pre.retries,
         fallback_identity: pre.fallback_identity,
         route: PreStepRoute::Cpu,
+        warnings: pre.warnings.clone(),
     }
 }
 

@@ -18,7 +18,7 @@ pub use engine::{
 use crate::device::GpuDevice;
 use crate::grid::{self, GridConfig, QuantGrid};
 use crate::solver::{self, SolveOutput};
-use crate::{Result, WeightView};
+use crate::{budget, Result, WeightView};
 use ndarray::{Array2, ArrayView2};
 use std::sync::Arc;
 
@@ -83,7 +83,12 @@ impl Quantizer {
     ) -> Result<SolveOutput> {
         match &self.backend {
             Backend::Cpu => solver::solve_cpu(weight, hinv_factor, grid, perm),
-            Backend::Gpu(dev) => solver::solve_gpu(dev, weight, hinv_factor, grid, perm),
+            Backend::Gpu(dev) => {
+                let mut out = solver::solve_gpu(dev, weight, hinv_factor, grid, perm)?;
+                // solve_cpu reports these itself; the device solve leaves them to the host.
+                out.warnings.extend(solver::flushed_groups(weight, out.dequant.view(), grid.group_size)?);
+                Ok(out)
+            }
         }
     }
 
@@ -110,15 +115,20 @@ impl Quantizer {
                     out.weights.pop().ok_or_else(|| crate::ForgeError::Internal("engine returned no weight".into()))?;
                 let dequant = w.dequant.ok_or_else(|| crate::ForgeError::Internal("dequant not downloaded".into()))?;
                 let _ = cols;
-                Ok((w.grid, SolveOutput { qweight: w.codes, dequant, loss: w.loss }))
+                // The device solve leaves flushed groups to the host (solve_cpu reports them).
+                let warnings =
+                    solver::flushed_groups_of(weight, dequant.view(), w.grid.group_size)?.into_iter().collect();
+                Ok((w.grid, SolveOutput { qweight: w.codes, dequant, loss: w.loss, warnings }))
             }
         }
     }
 }
 
-/// The weight as f32 (the solver's working precision), NaN/inf rejected.
+/// The weight as f32 (the solver's working precision), NaN/inf rejected; the copy is checked
+/// against the host budget first.
 pub fn widen(weight: WeightView<'_>) -> Result<Array2<f32>> {
     let (rows, cols) = weight.dim();
+    budget::Request::new().array::<f32>(&[rows, cols]).check(&format!("an f32 copy of a {rows}×{cols} weight"))?;
     let mut out = Array2::zeros((rows, cols));
     for r in 0..rows {
         let mut row = out.row_mut(r);

@@ -1,13 +1,13 @@
 //! The quantized-layer file `quantize_layer` writes: codes, qmeta4 records, the act-order
 //! and the GPTQ loss as one safetensors file, with the settings as metadata (docs/design.md
-//! §2 for the record layout). Written to a temporary file beside the target, then renamed,
-//! so a reader never sees a partial file.
+//! §2 for the record layout). Written through [`crate::fsio::write_atomic`], so a reader never
+//! sees a partial file.
 
-use crate::{ForgeError, QuantGrid, Result};
+use crate::{budget, fsio, ForgeError, QuantGrid, Result};
 use ndarray::Array2;
 use safetensors::tensor::{Dtype, TensorView};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// What goes into the file.
 pub struct LayerOutput<'a> {
@@ -23,19 +23,32 @@ pub struct LayerOutput<'a> {
     pub metadata: Vec<(String, String)>,
 }
 
-/// The directory `out` goes to (its temp file is created there too, so the rename is atomic).
-pub fn output_dir(out: &Path) -> PathBuf {
-    match out.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
+pub use crate::fsio::output_dir;
 
-/// Writes `layer` to `out` through a temporary file in the same directory and a rename.
+/// Writes `layer` to `out` atomically ([`crate::fsio::write_atomic`]: a temporary file in
+/// the same directory, `fsync`, rename, directory `fsync`): a reader, or a crash, sees the old
+/// file or the whole new one. Call [`crate::fsio::prepare_output`] before the compute to catch
+/// an unusable target early.
 pub fn write_layer(out: &Path, layer: &LayerOutput<'_>) -> Result<()> {
     let st_err = |e: safetensors::SafeTensorError| ForgeError::Safetensors(format!("{}: {e}", out.display()));
     let (rows, cols) = layer.codes.dim();
-    let (_, n_groups) = layer.grid.dim();
+    let (grows, n_groups) = layer.grid.dim();
+    if grows != rows || layer.loss.len() != rows || layer.perm.is_some_and(|p| p.len() != cols) {
+        return Err(ForgeError::Shape(format!(
+            "layer output: codes {rows}×{cols}, grid {grows}×{n_groups}, loss {}, perm {:?}",
+            layer.loss.len(),
+            layer.perm.map(<[usize]>::len)
+        )));
+    }
+    // The serialized file is built in memory (safetensors writes a header first): about the
+    // codes, twice over with the copies below.
+    budget::Request::new()
+        .array::<u8>(&[rows, cols])
+        .array::<u32>(&[rows, n_groups])
+        .array::<i64>(&[cols])
+        .array::<f32>(&[rows])
+        .times(2)
+        .check(&format!("serializing a {rows}×{cols} quantized layer"))?;
     let codes = layer.codes.as_standard_layout();
     let qmeta = layer.grid.qmeta.as_standard_layout();
     let pad = (layer.grid.pad as i64).to_le_bytes();
@@ -66,21 +79,6 @@ pub fn write_layer(out: &Path, layer: &LayerOutput<'_>) -> Result<()> {
          [lo(log2_q88), hi(log2_q88), qzero, flags]; groups along input columns"
             .into(),
     );
-
-    let dir = output_dir(out);
-    let file_name =
-        out.file_name().ok_or_else(|| ForgeError::Config(format!("{} does not name a file", out.display())))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
-    let result = safetensors::serialize_to_file(tensors, Some(meta), &tmp)
-        .map_err(|e| match e {
-            safetensors::SafeTensorError::IoError(source) => ForgeError::Io { path: tmp.display().to_string(), source },
-            e => st_err(e),
-        })
-        .and_then(|()| {
-            std::fs::rename(&tmp, out).map_err(|source| ForgeError::Io { path: out.display().to_string(), source })
-        });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let bytes = safetensors::serialize(tensors, Some(meta)).map_err(st_err)?;
+    fsio::write_file_atomic(out, &bytes)
 }

@@ -2,7 +2,7 @@
 //! and the layer-output error.
 
 use super::{first_non_finite, validate_inputs, SolveOutput};
-use crate::{ForgeError, QuantGrid, Result};
+use crate::{budget, ForgeError, QuantGrid, Result, Warning, WeightView};
 use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, Mat, Par};
 use forge_numerics::{dequantize, quantize};
@@ -39,16 +39,130 @@ const ROW_CHUNK: usize = ROW_TILE * TILES;
 ///
 /// `hinv_factor` is `U` of the permuted Hessian (`H⁻¹ = UᵀU`); its strict lower triangle is
 /// never read. Bad shapes, a `perm` that is not a permutation, non-finite inputs, a
-/// diagonal of `U` that is not `> 0` (see [`super::validate_inputs`]), or a working weight
-/// that overflows during the solve give a typed error.
+/// diagonal of `U` that is not `> 0`, a grid whose records disagree with its `maxq` (see
+/// [`super::validate_inputs`]), a dequantized value, working weight or per-row loss that
+/// overflows f32, or a solve larger than the host memory budget give a typed error. Groups
+/// whose nonzero weights all dequantize to 0 are reported in
+/// [`SolveOutput::warnings`] ([`Warning::FlushedGroups`]).
 pub fn solve_cpu(
     weight: ArrayView2<'_, f32>,
     hinv_factor: ArrayView2<'_, f32>,
     grid: &QuantGrid,
     perm: Option<&[usize]>,
 ) -> Result<SolveOutput> {
+    // The memory first (it depends only on the shape): the full validation reads every input.
+    let (rows, cols) = weight.dim();
+    let kernel = TrailingKernel::detect();
+    let per_worker = budget::Request::new().array::<f32>(&[ROW_CHUNK, cols]).times(rayon::current_num_threads());
+    budget::Request::new()
+        .array::<u8>(&[rows, cols])
+        .array::<f32>(&[rows, cols])
+        .array::<f32>(&[cols, cols])
+        .array::<f32>(&[cols, cols])
+        .array::<usize>(&[cols, 2])
+        .plus(per_worker)
+        .check(&format!("the CPU solve of a {rows}×{cols} layer"))?;
     validate_inputs(weight, hinv_factor, grid, perm)?;
-    solve_validated(weight, hinv_factor, grid, perm, TrailingKernel::detect())
+    let mut out = solve_validated(weight, hinv_factor, grid, perm, kernel)?;
+    out.warnings.extend(flushed_groups(weight, out.dequant.view(), grid.group_size)?);
+    Ok(out)
+}
+
+/// [`Warning::FlushedGroups`] when some `(row, group)` of `weight` holds a nonzero value but
+/// every dequantized value of it is 0 (relative error 1 there). Groups of `group_size`
+/// columns; `weight` and `dequant` must have the same shape.
+pub fn flushed_groups(
+    weight: ArrayView2<'_, f32>,
+    dequant: ArrayView2<'_, f32>,
+    group_size: usize,
+) -> Result<Option<Warning>> {
+    flushed_groups_of(WeightView::F32(weight), dequant, group_size)
+}
+
+/// [`flushed_groups`] of a weight in any stored dtype (zero is zero in every one of them).
+pub fn flushed_groups_of(
+    weight: WeightView<'_>,
+    dequant: ArrayView2<'_, f32>,
+    group_size: usize,
+) -> Result<Option<Warning>> {
+    if weight.dim() != dequant.dim() || group_size == 0 {
+        let ((a, b), (c, d)) = (weight.dim(), dequant.dim());
+        return Err(ForgeError::Shape(format!(
+            "flushed_groups: weight {a}×{b}, dequant {c}×{d}, group size {group_size}"
+        )));
+    }
+    flushed_scan(weight, group_size, &[], |r, c0, c1| dequant.slice(ndarray::s![r, c0..c1]).iter().all(|&q| q == 0.0))
+}
+
+/// [`flushed_groups`] of a result given as codes and grid (the dequantized values are
+/// evaluated on the fly with the solver's numerics, never stored). `dead_columns` of `weight`
+/// count as 0, as the solver saw them.
+pub(crate) fn flushed_groups_codes(
+    weight: WeightView<'_>,
+    codes: ArrayView2<'_, u8>,
+    grid: &QuantGrid,
+    dead_columns: &[usize],
+) -> Result<Option<Warning>> {
+    let (rows, cols) = weight.dim();
+    let gs = grid.group_size;
+    if codes.dim() != (rows, cols) || gs == 0 || grid.dim() != (rows, cols.div_ceil(gs)) {
+        let ((a, b), (g0, g1)) = (codes.dim(), grid.dim());
+        return Err(ForgeError::Shape(format!(
+            "flushed_groups: weight {rows}×{cols}, codes {a}×{b}, grid {g0}×{g1} with group size {gs}"
+        )));
+    }
+    flushed_scan(weight, gs, dead_columns, |r, c0, c1| {
+        grid.get(r, c0 / gs).is_some_and(|m| {
+            let (s, z) = (m.scale(), m.qzero_f32());
+            codes.slice(ndarray::s![r, c0..c1]).iter().all(|&q| dequantize(f32::from(q), s, z) == 0.0)
+        })
+    })
+}
+
+/// Counts the groups of `weight` (with `zeroed` columns read as 0) with a nonzero value for
+/// which `all_zero(row, c0, c1)` (every dequantized value of columns `c0..c1` of the row is
+/// 0); rows on all cores.
+fn flushed_scan(
+    weight: WeightView<'_>,
+    group_size: usize,
+    zeroed: &[usize],
+    all_zero: impl Fn(usize, usize, usize) -> bool + Sync,
+) -> Result<Option<Warning>> {
+    let (rows, cols) = weight.dim();
+    let n_groups = cols.div_ceil(group_size);
+    let per_row: Vec<Result<(usize, Option<usize>)>> = (0..rows)
+        .into_par_iter()
+        .map_init(
+            || vec![0f32; cols],
+            |w, r| {
+                weight.read_row_f32(r, w)?;
+                for &j in zeroed {
+                    if let Some(v) = w.get_mut(j) {
+                        *v = 0.0;
+                    }
+                }
+                let mut count = 0;
+                let mut first = None;
+                for g in 0..n_groups {
+                    let (c0, c1) = (g * group_size, ((g + 1) * group_size).min(cols));
+                    if w[c0..c1].iter().any(|&v| v != 0.0) && all_zero(r, c0, c1) {
+                        count += 1;
+                        first.get_or_insert(g);
+                    }
+                }
+                Ok((count, first))
+            },
+        )
+        .collect();
+    let (mut groups, mut first) = (0, None);
+    for (r, p) in per_row.into_iter().enumerate() {
+        let (count, g) = p?;
+        groups += count;
+        if first.is_none() {
+            first = g.map(|g| (r, g));
+        }
+    }
+    Ok(first.map(|first| Warning::FlushedGroups { groups, total: rows * n_groups, first }))
 }
 
 /// [`solve_cpu`] after validation, with the trailing-update kernel chosen by the caller.
@@ -95,6 +209,7 @@ fn solve_validated(
         qweight: Array2::from_shape_vec((rows, cols), codes).map_err(shape_err)?,
         dequant: Array2::from_shape_vec((rows, cols), deq).map_err(shape_err)?,
         loss: Array1::from_vec(loss),
+        warnings: Vec::new(),
     })
 }
 
@@ -133,7 +248,7 @@ impl SolveCtx<'_> {
         let mut meta = Vec::with_capacity(nrows * n_groups);
         for i in 0..nrows {
             for g in 0..n_groups {
-                let m = self.grid.meta(r0 + i, g);
+                let m = self.grid.meta(r0 + i, g)?;
                 meta.push((m.scale(), m.qzero_f32()));
             }
         }
@@ -155,13 +270,21 @@ impl SolveCtx<'_> {
                     let y = dequantize(q, s, z);
                     let err = (x - y) / d;
                     if !err.is_finite() {
-                        // Only an overflowing working weight gets here (inputs are finite).
-                        return Err(ForgeError::NonFinite {
-                            tensor: "solver working weight (overflow during updates)",
-                            row: r0 + i,
-                            col: j,
-                            value: err,
-                        });
+                        // Inputs are finite: say which step overflowed.
+                        let (tensor, value) = if !y.is_finite() {
+                            (
+                                "dequantized weight (q − q0)·scale (f32 overflow: the group's scale is too large, \
+                                 weights this close to f32::MAX cannot be represented in this format)",
+                                y,
+                            )
+                        } else if !x.is_finite() {
+                            ("solver working weight (f32 overflow during the updates of earlier columns)", x)
+                        } else if t == 0 {
+                            ("quantization error (w − deq)/U[t,t] at the first column (f32 overflow)", err)
+                        } else {
+                            ("quantization error (w − deq)/U[t,t] (f32 overflow)", err)
+                        };
+                        return Err(ForgeError::NonFinite { tensor, row: r0 + i, col: j, value });
                     }
                     codes[i * cols + j] = q as u8;
                     deq[i * cols + j] = y;
@@ -181,8 +304,16 @@ impl SolveCtx<'_> {
             };
             self.kernel.run(&mut work, batch);
         }
-        for (l, acc) in loss.iter_mut().zip(loss_acc) {
+        for (i, (l, acc)) in loss.iter_mut().zip(loss_acc).enumerate() {
             *l = (acc / 2.0) as f32;
+            if !l.is_finite() {
+                return Err(ForgeError::Numeric(format!(
+                    "the GPTQ loss of row {} is {:.3e}, beyond f32: the weights (or 1/U[t,t]) are too large for \
+                     a meaningful result; rescale the layer",
+                    r0 + i,
+                    acc / 2.0
+                )));
+            }
         }
         Ok(())
     }
@@ -362,8 +493,13 @@ const ERROR_ROW_CHUNK: usize = 512;
 ///
 /// f64 matters: GPTQ drives `Q−W` towards the small-eigenvalue directions of `H`, where an
 /// f32 product would lose the value to cancellation. Any scale of `H` cancels out (`XᵀX`,
-/// `XᵀX/n` or the accumulator's `2XᵀX/n` give the same ratio). `0/0` (both zero) is 0.
-/// Mismatched shapes and non-finite inputs give a typed error.
+/// `XᵀX/n` or the accumulator's `2XᵀX/n` give the same ratio). `0/0` (both zero: `Q = W`
+/// where `H` sees anything) is 0.
+///
+/// Errors: mismatched shapes, non-finite inputs, an `H` with a negative diagonal entry or a
+/// quadratic form below `−`[`PSD_TOLERANCE`] of its bound (`H` is not positive
+/// semi-definite: the "error" would be meaningless), a zero reference `trace(W H Wᵀ)` with a
+/// nonzero numerator (the ratio is undefined), and a buffer set beyond the host budget.
 pub fn layer_output_error(w: ArrayView2<'_, f32>, q: ArrayView2<'_, f32>, h: ArrayView2<'_, f32>) -> Result<f64> {
     let (rows, cols) = w.dim();
     if q.dim() != (rows, cols) {
@@ -374,9 +510,22 @@ pub fn layer_output_error(w: ArrayView2<'_, f32>, q: ArrayView2<'_, f32>, h: Arr
         let (a, b) = h.dim();
         return Err(ForgeError::Shape(format!("h is {a}×{b}, expected {cols}×{cols}")));
     }
+    let chunk = rows.min(ERROR_ROW_CHUNK);
+    budget::Request::new()
+        .array::<f64>(&[cols, cols])
+        .array::<f64>(&[2 * chunk, cols])
+        .array::<f64>(&[2 * chunk, cols])
+        .check(&format!("the layer-output error of a {rows}×{cols} layer"))?;
     first_non_finite(w, "w")?;
     first_non_finite(q, "q")?;
     first_non_finite(h, "h")?;
+    if let Some(j) = (0..cols).find(|&j| h[[j, j]] < 0.0) {
+        return Err(ForgeError::Hessian(format!(
+            "H[{j},{j}] = {} is negative: H is not positive semi-definite (no activations give it), so the \
+             layer-output error ‖(Q−W)Xᵀ‖²/‖WXᵀ‖² is meaningless",
+            h[[j, j]]
+        )));
+    }
     // A quadratic form sees only the symmetric part of H: dᵀHd = 2·dᵀTd with T the upper
     // triangle of (H + Hᵀ)/2 and its diagonal halved, which halves the matmul's work.
     let t = Mat::<f64>::from_fn(cols, cols, |i, j| match i.cmp(&j) {
@@ -384,8 +533,10 @@ pub fn layer_output_error(w: ArrayView2<'_, f32>, q: ArrayView2<'_, f32>, h: Arr
         std::cmp::Ordering::Equal => 0.5 * f64::from(h[[i, i]]),
         std::cmp::Ordering::Greater => 0.0,
     });
-    let mut num = 0f64;
-    let mut den = 0f64;
+    // |dᵀHd| ≤ (Σ_j |d_j|·sqrt(H_jj))² for a PSD H (Cauchy–Schwarz): the scale a negative
+    // quadratic form is judged against.
+    let sqrt_diag: Vec<f64> = (0..cols).map(|j| f64::from(h[[j, j]]).sqrt()).collect();
+    let (mut num, mut den, mut num_bound, mut den_bound) = (0f64, 0f64, 0f64, 0f64);
     for r0 in (0..rows).step_by(ERROR_ROW_CHUNK) {
         let n = (rows - r0).min(ERROR_ROW_CHUNK);
         // Stack [Q−W; W] so one matmul serves numerator and denominator.
@@ -418,23 +569,82 @@ pub fn layer_output_error(w: ArrayView2<'_, f32>, q: ArrayView2<'_, f32>, h: Arr
                 }
             }
         }
+        for i in 0..2 * n {
+            let b: f64 = (0..cols).map(|j| s[(i, j)].abs() * sqrt_diag[j]).sum();
+            if i < n {
+                num_bound += b * b;
+            } else {
+                den_bound += b * b;
+            }
+        }
     }
-    if num == 0.0 && den == 0.0 {
+    let num = psd_form(num, num_bound, "trace((Q−W) H (Q−W)ᵀ)")?;
+    let den = psd_form(den, den_bound, "trace(W H Wᵀ)")?;
+    if den == 0.0 {
+        if num == 0.0 {
+            return Ok(0.0);
+        }
+        return Err(ForgeError::Numeric(format!(
+            "the reference output ‖WXᵀ‖² = trace(W H Wᵀ) is 0 (W is zero where H sees anything) while the \
+             quantization error is {num:.3e}: the relative layer-output error is undefined"
+        )));
+    }
+    let ratio = num / den;
+    if !ratio.is_finite() {
+        return Err(ForgeError::Numeric(format!("the relative layer-output error {num:.3e} / {den:.3e} overflows")));
+    }
+    Ok(ratio)
+}
+
+/// A quadratic form `dᵀHd` more negative than this fraction of its bound
+/// `(Σ|d_j|·sqrt(H_jj))²` proves `H` is not positive semi-definite; smaller negative values
+/// are rounding (of `H` in f32 and of the sums) and count as 0.
+pub const PSD_TOLERANCE: f64 = 1e-4;
+
+/// `value` if it is a plausible PSD quadratic form (tiny negatives rounded to 0), else an
+/// error naming `what`.
+fn psd_form(value: f64, bound: f64, what: &str) -> Result<f64> {
+    if value >= 0.0 {
+        return Ok(value);
+    }
+    if -value <= PSD_TOLERANCE * bound {
         return Ok(0.0);
     }
-    Ok(num / den)
+    Err(ForgeError::Hessian(format!(
+        "{what} = {value:.3e} is negative (beyond the rounding bound {:.3e}): H is not positive \
+         semi-definite, so the layer-output error is meaningless",
+        PSD_TOLERANCE * bound
+    )))
 }
 
 /// Round-to-nearest with the grid's own (decoded) scales: the baseline GPTQ must beat, and
-/// what a layer without calibration data gets.
-pub fn round_to_nearest(w: ArrayView2<'_, f32>, grid: &QuantGrid) -> Array2<f32> {
+/// what a layer without calibration data gets. The grid must fit `w` (records for
+/// `(rows, ceil(cols/group_size))`, a valid group size and `maxq`), else a typed error.
+pub fn round_to_nearest(w: ArrayView2<'_, f32>, grid: &QuantGrid) -> Result<Array2<f32>> {
+    let (rows, cols) = w.dim();
+    let gs = grid.group_size;
+    if !gs.is_multiple_of(32) || !(32..=1024).contains(&gs) {
+        return Err(ForgeError::GroupSize(gs));
+    }
+    if grid.dim() != (rows, cols.div_ceil(gs)) {
+        let (a, b) = grid.dim();
+        return Err(ForgeError::Shape(format!(
+            "the grid has {a}×{b} records, a {rows}×{cols} weight with group size {gs} needs {rows}×{}",
+            cols.div_ceil(gs)
+        )));
+    }
+    if !(3..=255).contains(&grid.maxq) || !(grid.maxq + 1).is_power_of_two() {
+        return Err(ForgeError::Shape(format!("grid maxq {} is not 2^bits − 1 with bits in 2..=8", grid.maxq)));
+    }
+    budget::Request::new().array::<f32>(&[rows, cols]).check(&format!("round-to-nearest of a {rows}×{cols} layer"))?;
     let maxq = grid.maxq as f32;
-    let gs = grid.group_size.max(1);
-    Array2::from_shape_fn(w.dim(), |(r, c)| {
-        let m = grid.meta(r, c / gs);
+    let mut out = Array2::zeros((rows, cols));
+    for ((r, c), o) in out.indexed_iter_mut() {
+        let m = grid.meta(r, c / gs)?;
         let (s, q0) = (m.scale(), m.qzero_f32());
-        dequantize(quantize(w[[r, c]], s, q0, maxq), s, q0)
-    })
+        *o = dequantize(quantize(w[[r, c]], s, q0, maxq), s, q0);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

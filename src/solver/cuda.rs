@@ -195,6 +195,7 @@ pub(crate) fn solve_output_from_host(
         qweight: Array2::from_shape_vec(shape, codes).map_err(|e| ForgeError::Internal(e.to_string()))?,
         dequant: Array2::from_shape_vec(shape, dequant).map_err(|e| ForgeError::Internal(e.to_string()))?,
         loss: Array1::from(loss),
+        warnings: Vec::new(),
     })
 }
 

@@ -10,14 +10,15 @@
 mod cpu;
 mod cuda;
 
-pub use cpu::{layer_output_error, round_to_nearest, solve_cpu};
+pub(crate) use cpu::flushed_groups_codes;
+pub use cpu::{flushed_groups, flushed_groups_of, layer_output_error, round_to_nearest, solve_cpu};
 pub use cuda::{
     launch_solve, launch_solve_into, padded, solve_gpu, DeviceFactor, DeviceSolveOutput, FactorRef, SolveOutputs,
     SolveWorkspace,
 };
 pub(crate) use cuda::{padded_factor, padded_perm};
 
-use crate::{ForgeError, QuantGrid, Result};
+use crate::{ForgeError, QuantGrid, Result, Warning};
 use ndarray::{Array1, Array2, ArrayView2};
 
 /// What the solver returns for one layer.
@@ -29,6 +30,8 @@ pub struct SolveOutput {
     pub dequant: Array2<f32>,
     /// GPTQ loss per row: `Σ_t ((w − deq)/U[t,t])² / 2`, accumulated in f64.
     pub loss: Array1<f32>,
+    /// Legal but surprising outcomes (e.g. [`Warning::FlushedGroups`]).
+    pub warnings: Vec<Warning>,
 }
 
 /// Checks the solver's input contract (docs/design.md §4) and returns the typed error of the first
@@ -37,7 +40,9 @@ pub struct SolveOutput {
 /// * `weight` is `(rows, cols)`, non-empty, all finite;
 /// * `hinv_factor` is `(cols, cols)`, all finite, with a diagonal that is `> 0`;
 /// * `grid` has `(rows, ceil(cols/gs))` records of 4 bytes, a group size that is a multiple
-///   of 32 in `32..=1024`, `pad = n_groups·gs − cols` and `maxq = 2^bits − 1`, bits in 2..=8;
+///   of 32 in `32..=1024`, `pad = n_groups·gs − cols` and `maxq = 2^bits − 1`, bits in 2..=8,
+///   and records that agree with `maxq` ([`QuantGrid::check_records`]: no reserved flag bits,
+///   zero points in range, symmetric zero points at `(maxq + 1)/2`);
 /// * `perm`, when given, is a permutation of `0..cols`.
 pub fn validate_inputs(
     weight: ArrayView2<'_, f32>,
@@ -67,7 +72,7 @@ pub fn validate_inputs(
              weight with group size {gs}"
         )));
     }
-    if grid.pad != n_groups * gs - cols {
+    if Some(grid.pad) != (n_groups * gs).checked_sub(cols) {
         return Err(ForgeError::Shape(format!(
             "grid pad {} does not match {cols} columns in {n_groups} groups of {gs}",
             grid.pad
@@ -77,6 +82,7 @@ pub fn validate_inputs(
     if !(3..=255).contains(&maxq) || !(maxq + 1).is_power_of_two() {
         return Err(ForgeError::Shape(format!("grid maxq {maxq} is not 2^bits − 1 with bits in 2..=8")));
     }
+    grid.check_records()?;
     first_non_finite(weight, "weight")?;
     validate_factor(hinv_factor, cols, perm)
 }

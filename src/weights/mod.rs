@@ -5,8 +5,8 @@
 mod file;
 mod synthetic;
 
-pub use file::{load_layer, HessianSource, LayerFile, LayerStats, OwnedWeight};
-pub use synthetic::synthetic_layer;
+pub use file::{load_layer, HessianSource, LayerFile, LayerStats, OwnedWeight, MAX_HEADER_BYTES};
+pub use synthetic::{synthetic_layer, MAX_SYNTHETIC_TOKENS};
 
 use crate::{ForgeError, Result};
 use forge_numerics::{bf16_bits_to_f32, f16_bits_to_f32, fp8_e4m3_to_f32};
@@ -91,23 +91,44 @@ impl<'a> WeightView<'a> {
         }
     }
 
-    /// Reads row `r` widened to f32 into `out[..cols]`; errors on the first NaN/inf.
+    /// Reads row `r` widened to f32 into `out[..cols]`; errors on the first NaN/inf, on a row
+    /// out of range and on an `out` shorter than a row.
     pub fn read_row_f32(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        let cols = self.dim().1;
+        let len = out.len();
+        let out = out.get_mut(..cols).ok_or_else(|| {
+            ForgeError::Shape(format!("read_row_f32: the output holds {len} values, a row has {cols}"))
+        })?;
+        self.read_f32(r, 0, out)
+    }
+
+    /// Reads `out.len()` values of row `r` from column `c0` on, widened to f32; errors on the
+    /// first NaN/inf (reported with its row and column), a row out of range or columns past
+    /// the end.
+    pub fn read_f32(&self, r: usize, c0: usize, out: &mut [f32]) -> Result<()> {
+        let (rows, cols) = self.dim();
+        let c1 = c0.checked_add(out.len()).filter(|&c1| c1 <= cols);
+        let Some(c1) = c1.filter(|_| r < rows) else {
+            return Err(ForgeError::Shape(format!(
+                "reading row {r}, columns {c0}..+{} of a {rows}×{cols} weight: out of range",
+                out.len()
+            )));
+        };
         fn fill<T: Copy>(row: ndarray::ArrayView1<T>, out: &mut [f32], f: impl Fn(T) -> f32) {
             for (o, &v) in out.iter_mut().zip(row.iter()) {
                 *o = f(v);
             }
         }
+        let s = ndarray::s![r, c0..c1];
         match self {
-            WeightView::F32(a) => fill(a.row(r), out, |v| v),
-            WeightView::F16(a) => fill(a.row(r), out, |v| f16_bits_to_f32(v.to_bits())),
-            WeightView::BF16(a) => fill(a.row(r), out, |v| bf16_bits_to_f32(v.to_bits())),
-            WeightView::Fp8E4M3(a) => fill(a.row(r), out, fp8_e4m3_to_f32),
+            WeightView::F32(a) => fill(a.slice(s), out, |v| v),
+            WeightView::F16(a) => fill(a.slice(s), out, |v| f16_bits_to_f32(v.to_bits())),
+            WeightView::BF16(a) => fill(a.slice(s), out, |v| bf16_bits_to_f32(v.to_bits())),
+            WeightView::Fp8E4M3(a) => fill(a.slice(s), out, fp8_e4m3_to_f32),
         }
-        let cols = self.dim().1;
-        match out[..cols].iter().position(|v| !v.is_finite()) {
+        match out.iter().position(|v| !v.is_finite()) {
             None => Ok(()),
-            Some(col) => Err(ForgeError::NonFinite { tensor: "weight", row: r, col, value: out[col] }),
+            Some(k) => Err(ForgeError::NonFinite { tensor: "weight", row: r, col: c0 + k, value: out[k] }),
         }
     }
 

@@ -2,14 +2,25 @@
 //! when no checkpoint is given.
 
 use crate::hessian::HessianAccumulator;
-use crate::{ForgeError, Result};
+use crate::{budget, ForgeError, Result};
 use ndarray::{Array2, ArrayView2};
+
+/// The most calibration tokens [`synthetic_layer`] makes: 2^24, above the largest real
+/// calibration sets (8192 sequences × 2048 tokens), so a mistyped count fails at once instead
+/// of running for years.
+pub const MAX_SYNTHETIC_TOKENS: usize = 1 << 24;
+
+/// Tokens per calibration batch.
+const BATCH: usize = 2048;
 
 /// Heavy-tailed weights (Student-t, 3 dof, ×0.02) with a few outlier input channels ×10,
 /// and the Hessian of `tokens` correlated activations `X = Z·A` (Z standard normal, A a
 /// random mixing with a decaying spectrum and log-normal per-channel scales), fed to the
-/// accumulator in batches as calibration would be. Deterministic in `seed`. The mixing
-/// matrix is `cols × cols` f32, so its size is checked first.
+/// accumulator in batches as calibration would be. Deterministic in `seed`.
+///
+/// Everything is checked before any work: `rows`, `cols`, `tokens` > 0, `tokens` at most
+/// [`MAX_SYNTHETIC_TOKENS`], and the memory (weight, `cols × cols` mixing matrix, Hessian and
+/// its scratch, one batch) against the host budget ([`crate::budget`]).
 pub fn synthetic_layer(rows: usize, cols: usize, tokens: usize, seed: u64) -> Result<(Array2<f32>, Array2<f32>)> {
     use faer::linalg::matmul::matmul;
     use faer::{Accum, MatMut, MatRef, Par};
@@ -20,6 +31,20 @@ pub fn synthetic_layer(rows: usize, cols: usize, tokens: usize, seed: u64) -> Re
             "a synthetic layer needs rows, cols and tokens > 0, got {rows}×{cols} with {tokens} tokens"
         )));
     }
+    if tokens > MAX_SYNTHETIC_TOKENS {
+        return Err(ForgeError::Config(format!(
+            "{tokens} calibration tokens is more than the synthetic layer's maximum of {MAX_SYNTHETIC_TOKENS} \
+             (2^24: real calibration sets are 128–8192 sequences of at most 2048 tokens)"
+        )));
+    }
+    budget::Request::new()
+        .array::<f32>(&[rows, cols])
+        .array::<f32>(&[cols, cols])
+        .array::<f32>(&[cols, cols])
+        .array::<f32>(&[cols, cols])
+        .array::<f32>(&[BATCH, cols])
+        .array::<f32>(&[BATCH, cols])
+        .check(&format!("a synthetic {rows}×{cols} layer with its Hessian"))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let t3 = StudentT::new(3.0f32).map_err(|e| ForgeError::Internal(format!("Student-t(3): {e}")))?;
     let mut w = Array2::from_shape_fn((rows, cols), |_| t3.sample(&mut rng) * 0.02);
@@ -43,7 +68,6 @@ pub fn synthetic_layer(rows: usize, cols: usize, tokens: usize, seed: u64) -> Re
         }
     }
     let mut acc = HessianAccumulator::new(cols)?;
-    const BATCH: usize = 2048;
     let mut z = Vec::with_capacity(BATCH * k);
     let mut x = vec![0f32; BATCH * cols];
     let mut done = 0;

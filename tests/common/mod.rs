@@ -44,7 +44,7 @@ pub fn rtn(w: &ndarray::Array2<f32>, g: &fourbit_forge::QuantGrid) -> (ndarray::
     let mut codes = ndarray::Array2::zeros(w.dim());
     let mut deq = ndarray::Array2::zeros(w.dim());
     for ((r, c), &x) in w.indexed_iter() {
-        let m = g.meta(r, c / g.group_size);
+        let m = g.meta(r, c / g.group_size).unwrap();
         let q = quantize(x, m.scale(), m.qzero_f32(), maxq);
         codes[[r, c]] = q as u8;
         deq[[r, c]] = dequantize(q, m.scale(), m.qzero_f32());
@@ -58,4 +58,26 @@ pub fn indefinite(cols: usize, c: f32) -> ndarray::Array2<f32> {
     h[[0, 1]] = c;
     h[[1, 0]] = c;
     h
+}
+
+/// The `quantize_layer` example binary of this build (`target/<profile>/examples/`), which
+/// `cargo test` builds before it runs the tests. Panics with what to run when it is missing
+/// (e.g. after `cargo test --test <name>` alone, which builds no examples).
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> → target/<profile>/examples/<name>
+    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    let bin = profile_dir.join("examples").join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is missing: run the whole suite (`cargo test --workspace --release`) or build it first \
+         (`cargo build --release --example {name}`)",
+        bin.display()
+    );
+    if let (Ok(b), Ok(t)) = (bin.metadata().and_then(|m| m.modified()), exe.metadata().and_then(|m| m.modified())) {
+        if b < t {
+            eprintln!("note: {} is older than this test binary; rebuild it if the library changed", bin.display());
+        }
+    }
+    bin
 }

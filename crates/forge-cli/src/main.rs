@@ -265,7 +265,11 @@ impl QuantOpts {
                 }
                 Method::Gptq(GptqSettings {
                     hessians: dir.clone(),
-                    pre_step: PreStepConfig { rel_damp: self.damp, act_order: self.act_order },
+                    pre_step: PreStepConfig {
+                        rel_damp: self.damp,
+                        act_order: self.act_order,
+                        ..PreStepConfig::default()
+                    },
                     allow_missing: self.allow_missing_hessians,
                 })
             }

@@ -46,7 +46,7 @@ mod runtime;
 pub use runtime::{check_runtime_support, require_loadable, LinearShape, Runtime, RuntimeIssue, Severity};
 
 use crate::pack::check_bits;
-use crate::{ForgeError, QuantGrid, Result};
+use crate::{fsio, ForgeError, QuantGrid, Result};
 use forge_numerics::{dequantize, f32_to_bf16_bits, f32_to_f16_bits};
 pub use forge_numerics::{stored_scale, ScaleDtype};
 use ndarray::{Array2, ArrayView2};
@@ -55,7 +55,6 @@ use safetensors::Dtype;
 use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 /// The compressed-tensors release whose layout and config we write (dense packing, ≥ 0.18).
@@ -389,49 +388,20 @@ pub fn quantize_config_file(settings: &QuantSettings, ignore: &[String]) -> Resu
     }
 }
 
-/// Writes `tensors` (and `metadata`) as one safetensors file: a temporary file next to
-/// `path`, fsynced, then renamed over it, so a crash never leaves half a file.
+/// Writes `tensors` (and `metadata`) as one safetensors file atomically
+/// ([`crate::fsio::write_atomic`]: a temporary file next to `path`, fsynced, renamed over it,
+/// the directory fsynced), so a crash never leaves half a file.
 pub fn write_safetensors(path: &Path, tensors: &[TensorOut], metadata: Option<HashMap<String, String>>) -> Result<()> {
     let bytes = safetensors::serialize(tensors.iter().map(|t| (t.name.clone(), t)), metadata)
         .map_err(|e| ForgeError::Safetensors(format!("{}: {e}", path.display())))?;
-    write_atomic(path, &bytes)
+    fsio::write_file_atomic(path, &bytes)
 }
 
 /// Writes `value` as pretty JSON atomically (see [`write_safetensors`]).
 pub fn write_json(path: &Path, value: &Value) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value).map_err(|e| ForgeError::Format(e.to_string()))?;
     text.push('\n');
-    write_atomic(path, text.as_bytes())
-}
-
-/// Temp file in the target's directory + fsync + rename (+ directory fsync where possible).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |p: &Path| {
-        let p = p.display().to_string();
-        move |source| ForgeError::Io { path: p, source }
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io(path))?;
-        // Persist the rename itself; not every platform lets a directory be opened.
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    fsio::write_file_atomic(path, text.as_bytes())
 }
 
 // ---------------------------------------------------------------------------------------------
