@@ -399,6 +399,7 @@ kernels! {
     PrestepExtract = "prestep_extract" (hessian::ExtractArgs);
     PrestepZeroColumns = "prestep_zero_columns" (hessian::ZeroColumnsArgs);
     PrestepIdentity = "prestep_identity" (hessian::IdentityArgs);
+    PrestepFirstFailure = "prestep_first_failure" (hessian::FirstFailureArgs);
     HessianBlendSym = "hessian_blend_sym" (hessian::BlendSymArgs);
     // solver (docs/kernels.md §4)
     GptqExpandMeta = "gptq_expand_meta" (solver::ExpandMetaArgs);

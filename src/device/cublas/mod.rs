@@ -88,8 +88,9 @@ impl Blas {
         result::trsm_left_upper(self.handle, c(m)?, c(n)?, 1.0, a, c(lda)?, b, c(ldb)?)
     }
 
-    /// `C ← alpha · R · B` (`left`) or `C ← alpha · B · R`: `R` upper triangular non-unit
-    /// (`lda`), `B` and `C` `m × n` (`ldb`, `ldc`), f64; `c == b` is in place.
+    /// `C ← alpha · op(R) · B` (`left`) or `C ← alpha · B · op(R)`, `op(R) = Rᵀ` when `trans`:
+    /// `R` upper triangular non-unit (`lda`), `B` and `C` `m × n` (`ldb`, `ldc`), f64;
+    /// `c == b` is in place.
     ///
     /// # Safety
     /// Live buffers of those shapes ready on the handle's stream; `c` overlaps `b` only as
@@ -97,7 +98,7 @@ impl Blas {
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn trmm_upper(
         &mut self,
-        left: bool,
+        (left, trans): (bool, bool),
         (m, n): (usize, usize),
         alpha: f64,
         (a, lda): (u64, usize),
@@ -105,7 +106,23 @@ impl Blas {
         (c, ldc): (u64, usize),
     ) -> Result<()> {
         let i = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
-        result::trmm_upper(self.handle, left, i(m)?, i(n)?, alpha, a, i(lda)?, b, i(ldb)?, c, i(ldc)?)
+        result::trmm_upper(self.handle, (left, trans), i(m)?, i(n)?, alpha, a, i(lda)?, b, i(ldb)?, c, i(ldc)?)
+    }
+
+    /// `C ← alpha · AᵀA + beta · C` on the upper triangle of the `n × n` f64 `C`; `A` `k × n`.
+    ///
+    /// # Safety
+    /// Live buffers of those shapes ready on the handle's stream; `C` does not overlap `A`.
+    pub unsafe fn syrk_upper_t(
+        &mut self,
+        (n, k): (usize, usize),
+        alpha: f64,
+        (a, lda): (u64, usize),
+        beta: f64,
+        (c, ldc): (u64, usize),
+    ) -> Result<()> {
+        let i = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
+        result::syrk_upper_t(self.handle, (i(n)?, i(k)?), alpha, (a, i(lda)?), beta, (c, i(ldc)?))
     }
 
     /// `C ← alpha · A · B`, f64 column-major, `A` `m × k`, `B` `k × n`, `C` `m × n`.

@@ -6,12 +6,13 @@ use cudarc::cublas::sys as cb;
 
 /// Every cuBLAS function this module calls (probed before the first call: cudarc panics on a
 /// missing symbol).
-pub(super) const SYMBOLS: [&str; 7] = [
+pub(super) const SYMBOLS: [&str; 8] = [
     "cublasCreate_v2",
     "cublasDestroy_v2",
     "cublasSetStream_v2",
     "cublasDtrsm_v2",
     "cublasDtrmm_v2",
+    "cublasDsyrk_v2",
     "cublasDgemm_v2",
     "cublasGemmEx",
 ];
@@ -55,8 +56,8 @@ pub(super) unsafe fn trsm_left_upper(
     .map_err(err("running trsm"))
 }
 
-/// `C ← alpha · R · B` (`left`) or `C ← alpha · B · R` for an upper triangular, non-unit f64
-/// `R` (`lda`) and an `m × n` f64 `B` (`ldb`) into `C` (`ldc`; `C = B` is in place, cuBLAS's
+/// `C ← alpha · op(R) · B` (`left`) or `C ← alpha · B · op(R)` (`op(R) = Rᵀ` when `trans`) for
+/// an upper triangular, non-unit f64 `R` (`lda`) and an `m × n` f64 `B` (`ldb`) into `C` (`ldc`; `C = B` is in place, cuBLAS's
 /// out-of-place trmm allows exactly that overlap).
 ///
 /// # Safety
@@ -64,7 +65,7 @@ pub(super) unsafe fn trsm_left_upper(
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn trmm_upper(
     handle: cb::cublasHandle_t,
-    left: bool,
+    (left, trans): (bool, bool),
     m: i32,
     n: i32,
     alpha: f64,
@@ -80,7 +81,7 @@ pub(super) unsafe fn trmm_upper(
         handle,
         side,
         cb::cublasFillMode_t::CUBLAS_FILL_MODE_UPPER,
-        cb::cublasOperation_t::CUBLAS_OP_N,
+        if trans { cb::cublasOperation_t::CUBLAS_OP_T } else { cb::cublasOperation_t::CUBLAS_OP_N },
         cb::cublasDiagType_t::CUBLAS_DIAG_NON_UNIT,
         m,
         n,
@@ -94,6 +95,37 @@ pub(super) unsafe fn trmm_upper(
     )
     .result()
     .map_err(err("running trmm"))
+}
+
+/// `C ← alpha · AᵀA + beta · C`, upper triangle of the `n × n` f64 `C` only (`ldc`), `A`
+/// `k × n` (`lda`).
+///
+/// # Safety
+/// As [`trsm_left_upper`], the buffers of those shapes, `C` not overlapping `A`.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn syrk_upper_t(
+    handle: cb::cublasHandle_t,
+    (n, k): (i32, i32),
+    alpha: f64,
+    (a, lda): (u64, i32),
+    beta: f64,
+    (c, ldc): (u64, i32),
+) -> Result<()> {
+    cb::cublasDsyrk_v2(
+        handle,
+        cb::cublasFillMode_t::CUBLAS_FILL_MODE_UPPER,
+        cb::cublasOperation_t::CUBLAS_OP_T,
+        n,
+        k,
+        &alpha,
+        a as *const f64,
+        lda,
+        &beta,
+        c as *mut f64,
+        ldc,
+    )
+    .result()
+    .map_err(err("running syrk"))
 }
 
 /// `C ← alpha · A · B` for column-major f64 `A` (`m × k`, `lda`), `B` (`k × n`, `ldb`) and
