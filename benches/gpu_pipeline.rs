@@ -122,17 +122,20 @@ fn main() -> Result<()> {
     let (a, b, c) = (mats[0].dev_ptr().addr(), mats[1].dev_ptr().addr(), mats[2].dev_ptr_mut().addr());
     let dgemm_ms = common::median_ms(&dev, 2, 7, 1, || {
         // SAFETY: three live side² f64 buffers on the compute stream.
-        dev.with_blas(|bl| unsafe { bl.dgemm((side, side, side), 1.0, (a, side), (b, side), (c, side)) })
+        dev.with_blas(|bl| unsafe {
+            bl.dgemm((false, false), (side, side, side), 1.0, (a, side), (b, side), 0.0, (c, side))
+        })
     })?;
     drop(mats);
     let dgemm_tflops = 2.0 * (side as f64).powi(3) / (dgemm_ms * 1e-3) / 1e12;
     let methods = [
         ("potrf; trsm, all columns", FactorMethod::PotrfTrsm { block: 0 }),
         ("potrf; recursive inverse, dgemm, leaf 512", FactorMethod::PotrfRecursiveInverse { leaf: 512, gemm: true }),
-        ("blocked R and R⁻¹, leaf 128", FactorMethod::Blocked { leaf: 128 }),
-        ("blocked R and R⁻¹, leaf 256 (default)", FactorMethod::default()),
-        ("blocked R and R⁻¹, leaf 512", FactorMethod::Blocked { leaf: 512 }),
-        ("blocked R and R⁻¹, leaf 1024", FactorMethod::Blocked { leaf: 1024 }),
+        ("blocked R and R⁻¹ (trmm/syrk), leaf 512", FactorMethod::Blocked { leaf: 512 }),
+        ("blocked R and R⁻¹ (dgemm), leaf 128", FactorMethod::BlockedGemm { leaf: 128 }),
+        ("blocked R and R⁻¹ (dgemm), leaf 256 (default)", FactorMethod::default()),
+        ("blocked R and R⁻¹ (dgemm), leaf 512", FactorMethod::BlockedGemm { leaf: 512 }),
+        ("blocked R and R⁻¹ (dgemm), leaf 1024", FactorMethod::BlockedGemm { leaf: 1024 }),
     ];
     let mut stepper = GpuPreStepper::new(&dev)?;
     let mut rows_pre = Vec::new();

@@ -313,6 +313,8 @@ fn every_factor_method_matches_the_cpu_pre_step() {
         FactorMethod::PotrfRecursiveInverse { leaf: 48, gemm: false },
         FactorMethod::Blocked { leaf: 32 },
         FactorMethod::Blocked { leaf: 100 },
+        FactorMethod::BlockedGemm { leaf: 32 },
+        FactorMethod::BlockedGemm { leaf: 100 },
         FactorMethod::default(),
     ];
     for cols in [1usize, 33, 300, 1031] {

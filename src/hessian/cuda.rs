@@ -495,15 +495,15 @@ impl FactorWork {
         mark(1)?;
         let (r, x) = (a.addr(), inv.addr());
         match self.method {
-            FactorMethod::Blocked { leaf } => {
-                let leaf = leaf.max(1);
+            FactorMethod::Blocked { leaf } | FactorMethod::BlockedGemm { leaf } => {
+                let (leaf, gemm) = (leaf.max(1), matches!(self.method, FactorMethod::BlockedGemm { .. }));
                 let infos = self.infos.ensure(dev, n, "pre-step block infos")?.dev_ptr_mut().addr();
                 cudarc::driver::result::memset_d8_async(infos, 0, 4 * n, dev.stream().cu_stream())
                     .map_err(ForgeError::driver("clearing the block infos"))?;
                 let mut leaves = 0usize;
                 dev.with_blas(|b| {
                     dev.with_dense_solver(|sol| {
-                        factor_blocked((b, sol), dev, (n, r, x), (0, n), leaf, (infos, &mut leaves))
+                        factor_blocked((b, sol), dev, (n, r, x), (0, n), (leaf, gemm), (infos, &mut leaves))
                     })
                 })?;
                 mark(2)?;
@@ -547,6 +547,15 @@ pub enum FactorMethod {
         /// Side of the diagonal blocks factored by cuSOLVER.
         leaf: usize,
     },
+    /// The recursion of [`FactorMethod::Blocked`] with every off-diagonal step a full dgemm
+    /// (the f64 tensor-core path): `R₁₂ᵀ = A₁₂ᵀ·R₁₁⁻¹` is written into the free lower block
+    /// `A₂₁`, `A₂₂ −= R₁₂ᵀR₁₂`, then `T = R₁₁⁻¹·R₁₂` into `A₁₂` (no longer needed) and
+    /// `(R⁻¹)₁₂ = −T·R₂₂⁻¹`. Twice the triangular flop count, at dgemm's rate; no scratch
+    /// (the exact zeros below the diagonals of `R⁻¹`'s blocks make full products right).
+    BlockedGemm {
+        /// Side of the diagonal blocks factored by cuSOLVER.
+        leaf: usize,
+    },
     /// cuSOLVER potrf of the whole matrix, then cuBLAS trsm against the identity, `block`
     /// columns per solve (0: all at once; column block `[j0, j1)` of `R⁻¹` is zero below row
     /// `j1`, so blocks cost n³/3 instead of n³).
@@ -567,7 +576,7 @@ pub enum FactorMethod {
 
 impl Default for FactorMethod {
     fn default() -> Self {
-        FactorMethod::Blocked { leaf: 256 }
+        FactorMethod::BlockedGemm { leaf: 256 }
     }
 }
 
@@ -589,7 +598,7 @@ unsafe fn factor_blocked(
     dev: &GpuDevice,
     (n, r, x): (usize, u64, u64),
     (s, e): (usize, usize),
-    leaf: usize,
+    (leaf, gemm): (usize, bool),
     infos: (u64, &mut usize),
 ) -> Result<()> {
     let m = e - s;
@@ -601,13 +610,24 @@ unsafe fn factor_blocked(
     }
     let mid = s + split(m, leaf);
     let (m1, m2) = (mid - s, e - mid);
-    factor_blocked((b, sol), dev, (n, r, x), (s, mid), leaf, (infos.0, infos.1))?;
-    let (a12, a22, x11, x12) = (at(r, n, s, mid), at(r, n, mid, mid), at(x, n, s, s), at(x, n, s, mid));
-    b.trmm_upper((true, true), (m1, m2), 1.0, (x11, n), (a12, n), (a12, n))?;
-    b.syrk_upper_t((m2, m1), -1.0, (a12, n), 1.0, (a22, n))?;
-    factor_blocked((b, sol), dev, (n, r, x), (mid, e), leaf, (infos.0, infos.1))?;
-    b.trmm_upper((false, false), (m1, m2), 1.0, (at(x, n, mid, mid), n), (a12, n), (x12, n))?;
-    b.trmm_upper((true, false), (m1, m2), -1.0, (x11, n), (x12, n), (x12, n))
+    let (a12, a21, a22) = (at(r, n, s, mid), at(r, n, mid, s), at(r, n, mid, mid));
+    let (x11, x12, x22) = (at(x, n, s, s), at(x, n, s, mid), at(x, n, mid, mid));
+    factor_blocked((b, sol), dev, (n, r, x), (s, mid), (leaf, gemm), (infos.0, infos.1))?;
+    if gemm {
+        b.dgemm((true, false), (m2, m1, m1), 1.0, (a12, n), (x11, n), 0.0, (a21, n))?;
+        b.dgemm((false, true), (m2, m2, m1), -1.0, (a21, n), (a21, n), 1.0, (a22, n))?;
+    } else {
+        b.trmm_upper((true, true), (m1, m2), 1.0, (x11, n), (a12, n), (a12, n))?;
+        b.syrk_upper_t((m2, m1), -1.0, (a12, n), 1.0, (a22, n))?;
+    }
+    factor_blocked((b, sol), dev, (n, r, x), (mid, e), (leaf, gemm), (infos.0, infos.1))?;
+    if gemm {
+        b.dgemm((false, true), (m1, m2, m1), 1.0, (x11, n), (a21, n), 0.0, (a12, n))?;
+        b.dgemm((false, false), (m1, m2, m2), -1.0, (a12, n), (x22, n), 0.0, (x12, n))
+    } else {
+        b.trmm_upper((false, false), (m1, m2), 1.0, (x22, n), (a12, n), (x12, n))?;
+        b.trmm_upper((true, false), (m1, m2), -1.0, (x11, n), (x12, n), (x12, n))
+    }
 }
 
 /// Column-major element address of an f64 `n × n` matrix at `base`.
@@ -658,7 +678,7 @@ unsafe fn invert_recursive(
     let (b12, x12) = (at(r, n, s, mid), at(x, n, s, mid));
     let (a_inv, c_inv) = (at(x, n, s, s), at(x, n, mid, mid));
     if gemm {
-        b.dgemm((m1, m2, m2), 1.0, (b12, n), (c_inv, n), (x12, n))?;
+        b.dgemm((false, false), (m1, m2, m2), 1.0, (b12, n), (c_inv, n), 0.0, (x12, n))?;
     } else {
         b.trmm_upper((false, false), (m1, m2), 1.0, (c_inv, n), (b12, n), (x12, n))?;
     }

@@ -125,20 +125,24 @@ impl Blas {
         result::syrk_upper_t(self.handle, (i(n)?, i(k)?), alpha, (a, i(lda)?), beta, (c, i(ldc)?))
     }
 
-    /// `C ← alpha · A · B`, f64 column-major, `A` `m × k`, `B` `k × n`, `C` `m × n`.
+    /// `C ← alpha · op(A) · op(B) + beta · C`, f64 column-major, `op(A)` `m × k`, `op(B)`
+    /// `k × n`, `C` `m × n`; `op` transposes when `(ta, tb)` says so.
     ///
     /// # Safety
     /// Live buffers of those shapes ready on the handle's stream; `C` overlaps neither input.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn dgemm(
         &mut self,
+        trans: (bool, bool),
         (m, n, k): (usize, usize, usize),
         alpha: f64,
         (a, lda): (u64, usize),
         (b, ldb): (u64, usize),
+        beta: f64,
         (c, ldc): (u64, usize),
     ) -> Result<()> {
         let i = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
-        result::dgemm(self.handle, (i(m)?, i(n)?, i(k)?), alpha, (a, i(lda)?), (b, i(ldb)?), (c, i(ldc)?))
+        result::dgemm(self.handle, trans, (i(m)?, i(n)?, i(k)?), alpha, (a, i(lda)?), (b, i(ldb)?), beta, (c, i(ldc)?))
     }
 
     /// `C = A·Aᵀ` for `A` column-major `n × k` (a row-major `k × n` activation matrix `X`,

@@ -128,25 +128,27 @@ pub(super) unsafe fn syrk_upper_t(
     .map_err(err("running syrk"))
 }
 
-/// `C ← alpha · A · B` for column-major f64 `A` (`m × k`, `lda`), `B` (`k × n`, `ldb`) and
-/// `C` (`m × n`, `ldc`; no overlap with `A` or `B`).
+/// `C ← alpha · op(A) · op(B) + beta · C` for column-major f64 `op(A)` `m × k`, `op(B)`
+/// `k × n`, `C` `m × n` (`op` transposes when its flag is set; `C` overlaps neither input).
 ///
 /// # Safety
 /// As [`trsm_left_upper`], the buffers of those shapes.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn dgemm(
     handle: cb::cublasHandle_t,
+    (ta, tb): (bool, bool),
     (m, n, k): (i32, i32, i32),
     alpha: f64,
     (a, lda): (u64, i32),
     (b, ldb): (u64, i32),
+    beta: f64,
     (c, ldc): (u64, i32),
 ) -> Result<()> {
-    let beta = 0f64;
+    let op = |t: bool| if t { cb::cublasOperation_t::CUBLAS_OP_T } else { cb::cublasOperation_t::CUBLAS_OP_N };
     cb::cublasDgemm_v2(
         handle,
-        cb::cublasOperation_t::CUBLAS_OP_N,
-        cb::cublasOperation_t::CUBLAS_OP_N,
+        op(ta),
+        op(tb),
         m,
         n,
         k,
