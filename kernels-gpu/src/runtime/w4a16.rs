@@ -25,12 +25,10 @@
 
 use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, fence_gpu, ld_cg_f32x4, ldmatrix_x4, Half};
 use crate::device::{
-    block_x, cp_async_commit, cp_async_wait, ld_shared_u32, ld_shared_u32x4, shared_window_base,
-    st_shared_u32, st_shared_u64, sync_threads, thread_x,
+    block_x, cp_async_commit, cp_async_wait, ld_shared_u32, ld_shared_u32x4, shared_window_base, st_shared_u32,
+    st_shared_u64, sync_threads, thread_x,
 };
-use forge_kernel_abi::runtime::{
-    W4a16Args, W4a16Shape, DEC_Q_STRIDE, PACK_TILE_BYTES, W4A16_STAGES, W4A16_THREADS,
-};
+use forge_kernel_abi::runtime::{W4a16Args, W4a16Shape, DEC_Q_STRIDE, PACK_TILE_BYTES, W4A16_STAGES, W4A16_THREADS};
 
 /// Compile-time shape of the `mb` instance.
 struct Cfg<const MB: usize>;
@@ -91,20 +89,44 @@ impl GroupCursor {
 /// registers (a loop LLVM declines to unroll would move them to local memory).
 macro_rules! unroll {
     ($i:ident < 2, $b:block) => {{
-        { let $i: usize = 0; $b }
-        { let $i: usize = 1; $b }
+        {
+            let $i: usize = 0;
+            $b
+        }
+        {
+            let $i: usize = 1;
+            $b
+        }
     }};
     ($i:ident < 4, $b:block) => {{
         unroll!($i < 2, $b);
-        { let $i: usize = 2; $b }
-        { let $i: usize = 3; $b }
+        {
+            let $i: usize = 2;
+            $b
+        }
+        {
+            let $i: usize = 3;
+            $b
+        }
     }};
     ($i:ident < 8, $b:block) => {{
         unroll!($i < 4, $b);
-        { let $i: usize = 4; $b }
-        { let $i: usize = 5; $b }
-        { let $i: usize = 6; $b }
-        { let $i: usize = 7; $b }
+        {
+            let $i: usize = 4;
+            $b
+        }
+        {
+            let $i: usize = 5;
+            $b
+        }
+        {
+            let $i: usize = 6;
+            $b
+        }
+        {
+            let $i: usize = 7;
+            $b
+        }
     }};
 }
 
@@ -270,8 +292,7 @@ pub unsafe fn w4a16<T: Half, const MB: usize>(a: W4a16Args) {
                 }
                 // This lane's 8 columns' records, two per 16-byte load.
                 let recs = dec + ((gslot * Cfg::<MB>::WN + wn) * 8 + lane / 4) * DEC_Q_STRIDE * 8;
-                let words =
-                    ld_shared_u32x4(sb + lay.b + (wn * Cfg::<MB>::KSTEPS + ks) * PACK_TILE_BYTES + lane * 16);
+                let words = ld_shared_u32x4(sb + lay.b + (wn * Cfg::<MB>::KSTEPS + ks) * PACK_TILE_BYTES + lane * 16);
                 let mut afrag = [[0u32; 4]; MB];
                 unroll!(mb < 4, {
                     if mb < MB {
@@ -365,7 +386,8 @@ pub unsafe fn w4a16<T: Half, const MB: usize>(a: W4a16Args) {
                     unroll!(h < 2, {
                         let row = m0 + mb as u32 * 16 + lane / 4 + 8 * h as u32;
                         if row < m {
-                            let at = ws.add((split as usize * m as usize + row as usize) * a.n_pad as usize + col as usize);
+                            let at =
+                                ws.add((split as usize * m as usize + row as usize) * a.n_pad as usize + col as usize);
                             *(at as *mut [f32; 2]) = [acc[mb][t][2 * h], acc[mb][t][2 * h + 1]];
                         }
                     });
@@ -404,7 +426,8 @@ pub unsafe fn w4a16<T: Half, const MB: usize>(a: W4a16Args) {
             unroll!(j < 8, {
                 let p = p0 + j as u32;
                 if p < a.splits {
-                    v[j] = ld_cg_f32x4(ws.add((p as usize * m as usize + row as usize) * a.n_pad as usize + col as usize));
+                    v[j] =
+                        ld_cg_f32x4(ws.add((p as usize * m as usize + row as usize) * a.n_pad as usize + col as usize));
                 }
             });
             unroll!(j < 8, {
