@@ -145,6 +145,7 @@ fn gpu_dequant_is_bit_exact_for_every_group_size() {
 }
 
 /// Integer activations and power-of-two scales `2^(e0 + {0..3})`: exact sums (module docs).
+#[allow(clippy::too_many_arguments)]
 fn exact_case(
     m: usize,
     n: usize,

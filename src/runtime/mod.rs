@@ -138,12 +138,12 @@ pub fn check_dims(n: usize, k: usize, group_size: usize) -> Result<()> {
     if n == 0 || k == 0 {
         return Err(ForgeError::Shape(format!("W4A16 weight {n}×{k} is empty")));
     }
-    if k % 8 != 0 {
+    if !k.is_multiple_of(8) {
         return Err(ForgeError::Shape(format!(
             "W4A16 kernel: in_features K = {k} must be a multiple of 8 (rows of X are read in 16-byte chunks)"
         )));
     }
-    if group_size < 32 || group_size % 32 != 0 {
+    if group_size < 32 || !group_size.is_multiple_of(32) {
         return Err(ForgeError::GroupSize(group_size));
     }
     if n.max(k) > (i32::MAX as usize) - PACK_N_ALIGN as usize {

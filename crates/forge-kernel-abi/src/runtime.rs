@@ -159,12 +159,12 @@ const _: () = {
         let s = W4a16Shape::for_mb(mb);
         assert!(s.reduce_bytes() <= s.stages * s.layout().stage_bytes);
         // The kernel unrolls a warp's steps of a stage by two.
-        assert!(s.ksteps / s.wk == 2 && s.ksteps % s.wk == 0);
+        assert!(s.ksteps / s.wk == 2 && s.ksteps.is_multiple_of(s.wk));
         assert!(s.wn * s.wk * 32 == W4A16_THREADS);
         assert!(s.b_stage_bytes() / 16 == 2 * W4A16_THREADS);
         assert!(s.raw_stage_bytes() / 16 <= W4A16_THREADS);
         assert!(s.max_groups_per_stage() * s.n_block() <= 2 * W4A16_THREADS);
-        assert!(PACK_K_ALIGN % s.k_stage() == 0 && PACK_N_ALIGN % s.n_block() == 0);
+        assert!(PACK_K_ALIGN.is_multiple_of(s.k_stage()) && PACK_N_ALIGN.is_multiple_of(s.n_block()));
         mb += 1;
     }
 };

@@ -155,7 +155,7 @@ pub const STORED_FRAC_F16: [u16; 256] = frac_table_16(10, 15);
 #[inline(always)]
 pub fn stored_scale_bits_bf16(q88: i16) -> u16 {
     let e = (q88 as i32) >> 8;
-    if -126 <= e && e <= 126 {
+    if (-126..=126).contains(&e) {
         (STORED_FRAC_BF16[(q88 as i32 & 0xff) as usize] as i32 + (e << 7)) as u16
     } else {
         f32_to_bf16_bits(decode_log2_q88(q88))
@@ -167,7 +167,7 @@ pub fn stored_scale_bits_bf16(q88: i16) -> u16 {
 #[inline(always)]
 pub fn stored_scale_bits_f16(q88: i16) -> u16 {
     let e = (q88 as i32) >> 8;
-    if -14 <= e && e <= 14 {
+    if (-14..=14).contains(&e) {
         (STORED_FRAC_F16[(q88 as i32 & 0xff) as usize] as i32 + (e << 10)) as u16
     } else {
         f32_to_f16_bits(decode_log2_q88(q88))

@@ -31,7 +31,7 @@ unsafe fn dequant<T: Half>(a: W4DequantArgs) {
         let g = kt * 16 / a.gs.max(1);
         let rec = |t: u32| *a.meta.ptr().add(g as usize * a.n_pad as usize + (nt * 64 + 8 * t + lane / 4) as usize);
         // Written out so `words` stays in registers.
-        let mut word = |i: u32, w: u32| {
+        let word = |i: u32, w: u32| {
             let b = dequant_word::<T>(w, T::decode_record(rec(2 * i)), T::decode_record(rec(2 * i + 1)));
             let n0 = nt * 64 + 16 * i + lane / 4;
             store(&a, n0, k0, b[0]);
@@ -54,7 +54,7 @@ unsafe fn store(a: &W4DequantArgs, n: u32, k: u32, pair: u32) {
         return;
     }
     let at = a.wd.ptr().add(n as usize * a.k as usize + k as usize);
-    if k + 1 < a.k && a.k % 2 == 0 {
+    if k + 1 < a.k && a.k.is_multiple_of(2) {
         *(at as *mut u32) = pair;
     } else {
         *at = pair as u16;

@@ -233,7 +233,9 @@ pub unsafe fn w4a16<T: Half, const MB: usize>(a: W4a16Args) {
 
     // Prologue: stage s_begin's records alone, then stages s_begin .. s_begin + stages − 1
     // (each with the records of the stage after it).
-    issue_records::<MB>(&a, base + lay.raw0, cur, cur.groups_in(ks_len, gs, a.g_pad), cb, tid);
+    // (An empty split issues nothing: its first stage may lie past the last group.)
+    let first_groups = if s_begin < s_end { cur.groups_in(ks_len, gs, a.g_pad) } else { 0 };
+    issue_records::<MB>(&a, base + lay.raw0, cur, first_groups, cb, tid);
     cp_async_commit();
     let mut issue_cur = cur; // cursor of the stage whose records the next issue carries, minus one
     let mut s_issue = s_begin;
@@ -253,7 +255,7 @@ pub unsafe fn w4a16<T: Half, const MB: usize>(a: W4a16Args) {
     }
     cp_async_wait::<{ W4A16_STAGES - 1 }>();
     sync_threads();
-    decode_records::<T, MB>(base + lay.raw0, dec_base(s_begin), dec_cur.groups_in(ks_len, gs, a.g_pad), tid);
+    decode_records::<T, MB>(base + lay.raw0, dec_base(s_begin), first_groups, tid);
 
     let mut acc = [[[0f32; 4]; 8]; MB];
     let mut s = s_begin;
@@ -453,7 +455,7 @@ unsafe fn store_pair<T: Half>(y: *mut u16, row: u32, col: u32, m: u32, n: u32, v
     }
     let p = T::pack2(v0, v1);
     let at = y.add(row as usize * n as usize + col as usize);
-    if col + 1 < n && n % 2 == 0 {
+    if col + 1 < n && n.is_multiple_of(2) {
         *(at as *mut u32) = p;
     } else {
         *at = p as u16;

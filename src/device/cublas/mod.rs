@@ -109,6 +109,7 @@ impl Blas {
     /// # Safety
     /// `x`, `w`, `y` are device addresses of live buffers of `m·k`, `n·k`, `m·n` elements of
     /// `input`, ready on the handle's stream.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn gemm_xwt(
         &mut self,
         input: BlasInput,
