@@ -62,7 +62,7 @@ fn time_graph(dev: &GpuDevice, reps: usize, mut enqueue: impl FnMut(usize) -> Re
     Ok(times[times.len() / 2])
 }
 
-/// Device-to-device copy bandwidth, (read + written bytes) per second, on a 2 GiB buffer.
+/// Device-to-device copy bandwidth, (read + written bytes) per second, on a 1 GiB buffer.
 fn copy_bandwidth(dev: &GpuDevice) -> Result<f64> {
     let bytes = 1usize << 30;
     let src = dev.alloc::<u8>(bytes, "bench copy source")?;
