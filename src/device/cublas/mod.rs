@@ -159,4 +159,30 @@ impl Blas {
         };
         result::gemm_aat(self.handle, cv(n)?, cv(k)?, a, t, c)
     }
+
+    /// `Y = X · Wᵀ` in 16-bit (`BF16` or `F16`; f32 accumulation): row-major `X [m, k]`,
+    /// `W [n, k]`, `Y [m, n]` — the dense baseline of the W4A16 kernel and its large-`M` path.
+    ///
+    /// # Safety
+    /// `x`, `w`, `y` are device addresses of live buffers of `m·k`, `n·k`, `m·n` elements of
+    /// `input`, ready on the handle's stream.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm_xwt(
+        &mut self,
+        input: BlasInput,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: u64,
+        w: u64,
+        y: u64,
+    ) -> Result<()> {
+        let cv = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
+        let t = match input {
+            BlasInput::F16 => cb::cudaDataType::CUDA_R_16F,
+            BlasInput::BF16 => cb::cudaDataType::CUDA_R_16BF,
+            BlasInput::F32 => return Err(ForgeError::Internal("gemm_xwt takes 16-bit inputs".into())),
+        };
+        result::gemm_xwt(self.handle, cv(m)?, cv(n)?, cv(k)?, x, w, y, t)
+    }
 }

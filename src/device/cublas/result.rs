@@ -202,3 +202,45 @@ pub(super) unsafe fn gemm_aat(
     )
     .map_err(err("running gemm_ex"))
 }
+
+/// `Y = X · Wᵀ` for row-major `X [m, k]`, `W [n, k]`, `Y [m, n]`, all of `t` (f16 or bf16),
+/// f32 accumulation (`CUBLAS_COMPUTE_32F`). Column-major view: `Yᶜ [n, m] = op_T(Wᶜ [k, n]) ·
+/// Xᶜ [k, m]`.
+///
+/// # Safety
+/// As [`trsm_left_upper`], `x`, `w`, `y` holding `m·k`, `n·k`, `m·n` elements of `t`.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_xwt(
+    handle: cb::cublasHandle_t,
+    m: i32,
+    n: i32,
+    k: i32,
+    x: u64,
+    w: u64,
+    y: u64,
+    t: cb::cudaDataType,
+) -> Result<()> {
+    let (alpha, beta) = (1f32, 0f32);
+    cudarc::cublas::result::gemm_ex(
+        handle,
+        cb::cublasOperation_t::CUBLAS_OP_T,
+        cb::cublasOperation_t::CUBLAS_OP_N,
+        n,
+        m,
+        k,
+        (&alpha) as *const f32 as *const _,
+        w as *const _,
+        t,
+        k,
+        x as *const _,
+        t,
+        k,
+        (&beta) as *const f32 as *const _,
+        y as *mut _,
+        t,
+        n,
+        cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+    )
+    .map_err(err("running gemm_ex (16-bit X·Wᵀ)"))
+}
