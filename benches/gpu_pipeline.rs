@@ -11,8 +11,8 @@
 //!    tokens per expert (activations on the device, tensor-core accumulation); experts/s and
 //!    the device allocations made during the 64;
 //!
-//! 1b. the GPU pre-step's parts (gather, cuSOLVER potrf, `R⁻¹`, extract; device events) for
-//!    C = 2048, 4096, 7168 and each `R⁻¹` method, beside the f64 dgemm rate measured here;
+//! 1b. the GPU pre-step's parts (gather, factor, `R⁻¹`, extract; device events) for
+//!    C = 2048, 4096, 7168 and each factor method, beside the f64 dgemm rate measured here;
 //! 4. Hessian accumulation rate, tokens·C² multiply-adds per second, bf16 (tensor cores) and
 //!    f32 (SYRK kernel), 8192 tokens on the device.
 //!
@@ -25,7 +25,7 @@ use cudarc::driver::sys::CUevent_flags;
 use fourbit_forge::calib::ActivationView;
 use fourbit_forge::device::{DeviceBuffer, DeviceBufferMut, GpuDevice};
 use fourbit_forge::hessian::{
-    DeviceActivations, FactorInverse, GpuHessian, GpuPreStepper, HessianAccumulator, PreStepConfig,
+    DeviceActivations, FactorMethod, GpuHessian, GpuPreStepper, HessianAccumulator, PreStepConfig,
 };
 use fourbit_forge::quantize::{HessianInput, LayerJob, QuantEngine, Ticket};
 use fourbit_forge::{ForgeError, GridConfig, Result, WeightView};
@@ -123,17 +123,20 @@ fn main() -> Result<()> {
     let (a, b, c) = (mats[0].dev_ptr().addr(), mats[1].dev_ptr().addr(), mats[2].dev_ptr_mut().addr());
     let dgemm_ms = common::median_ms(&dev, 2, 7, 1, || {
         // SAFETY: three live side² f64 buffers on the compute stream.
-        dev.with_blas(|bl| unsafe { bl.dgemm((side, side, side), 1.0, (a, side), (b, side), (c, side)) })
+        dev.with_blas(|bl| unsafe {
+            bl.dgemm((false, false), (side, side, side), 1.0, (a, side), (b, side), 0.0, (c, side))
+        })
     })?;
     drop(mats);
     let dgemm_tflops = 2.0 * (side as f64).powi(3) / (dgemm_ms * 1e-3) / 1e12;
     let methods = [
-        ("trsm, all columns", FactorInverse::Trsm { block: 0 }),
-        ("trsm, 512-column blocks", FactorInverse::Trsm { block: 512 }),
-        ("recursive, trmm, leaf 256", FactorInverse::Recursive { leaf: 256, gemm: false }),
-        ("recursive, dgemm, leaf 128", FactorInverse::Recursive { leaf: 128, gemm: true }),
-        ("recursive, dgemm, leaf 256 (default)", FactorInverse::default()),
-        ("recursive, dgemm, leaf 512", FactorInverse::Recursive { leaf: 512, gemm: true }),
+        ("potrf; trsm, all columns", FactorMethod::PotrfTrsm { block: 0 }),
+        ("potrf; recursive inverse, dgemm, leaf 512", FactorMethod::PotrfRecursiveInverse { leaf: 512, gemm: true }),
+        ("blocked R and R⁻¹ (trmm/syrk), leaf 512", FactorMethod::Blocked { leaf: 512 }),
+        ("blocked R and R⁻¹ (dgemm), leaf 128", FactorMethod::BlockedGemm { leaf: 128 }),
+        ("blocked R and R⁻¹ (dgemm), leaf 256 (default)", FactorMethod::default()),
+        ("blocked R and R⁻¹ (dgemm), leaf 512", FactorMethod::BlockedGemm { leaf: 512 }),
+        ("blocked R and R⁻¹ (dgemm), leaf 1024", FactorMethod::BlockedGemm { leaf: 1024 }),
     ];
     let mut stepper = GpuPreStepper::new(&dev)?;
     let mut rows_pre = Vec::new();
@@ -165,10 +168,11 @@ fn main() -> Result<()> {
     common::print_table(
         &format!(
             "GPU pre-step parts, {} (ms, device events, median of 5; f64; rates count n³/3 flops each; \
+             blocked: R and R⁻¹ together in the potrf column, the info reduction in the R⁻¹ column; \
              dgemm 4096³ f64 measured here: {dgemm_tflops:.1} TF/s)",
             dev.name()
         ),
-        &["side", "R⁻¹ method", "gather", "potrf", "R⁻¹", "extract", "total"],
+        &["side", "method", "gather", "potrf", "R⁻¹", "extract", "total"],
         &rows_pre,
     );
 

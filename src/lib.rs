@@ -19,6 +19,7 @@ pub mod grid;
 pub mod hessian;
 pub mod pack;
 pub mod quantize;
+pub mod runtime;
 pub mod solver;
 pub mod warning;
 pub mod weights;

@@ -19,6 +19,7 @@ pub mod device;
 
 pub mod grid;
 pub mod hessian;
+pub mod runtime;
 pub mod solver;
 #[cfg(feature = "test-kernels")]
 pub mod testing;

@@ -9,6 +9,8 @@
 //! is a typed error that says how many tokens there were; nothing is ever padded or repeated.
 //! Deterministic (no random sampling), so the fingerprint pins the samples down.
 
+use crate::checkpoint::model::MAX_JSON_BYTES;
+use crate::checkpoint::st::read_bounded;
 use crate::{ForgeError, Result};
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -53,16 +55,27 @@ pub fn parse_documents(text: &str, format: CalibFormat) -> Result<Vec<String>> {
 }
 
 /// Reads the documents of a calibration file (format from its extension).
+/// The file must be a regular file; it is read whole, so it is checked against the host
+/// budget first (the text and the documents split from it).
 pub fn read_documents(path: &Path) -> Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ForgeError::Io { path: path.display().to_string(), source })?;
+    let (_, len) = crate::fsio::open_regular(path)?;
+    crate::budget::Request::new()
+        .bytes(1, &[usize::try_from(len).unwrap_or(usize::MAX)])
+        .times(2)
+        .check(&format!("the calibration text {}", path.display()))?;
+    let bytes = read_bounded(path, len)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| ForgeError::Config(format!("calibration file {} is not UTF-8: {e}", path.display())))?;
     parse_documents(&text, CalibFormat::from_path(path))
 }
 
 /// Loads `tokenizer.json` from a model directory.
 pub fn load_tokenizer(model_dir: &Path) -> Result<Tokenizer> {
     let path = model_dir.join("tokenizer.json");
-    Tokenizer::from_file(&path).map_err(|e| ForgeError::Config(format!("{}: {e}", path.display())))
+    // Read here (a regular file, bounded) rather than by the tokenizers crate, which would
+    // block on a FIFO.
+    let bytes = read_bounded(&path, MAX_JSON_BYTES)?;
+    Tokenizer::from_bytes(bytes).map_err(|e| ForgeError::Config(format!("{}: {e}", path.display())))
 }
 
 /// How many samples of what length, and the special tokens that frame them.

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// Largest `config.json` / index accepted (real ones are kilobytes / a few megabytes).
-const MAX_JSON_BYTES: u64 = 256 * 1024 * 1024;
+pub(crate) const MAX_JSON_BYTES: u64 = 256 * 1024 * 1024;
 /// The index file's name.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// The single-file weights' name.

@@ -12,7 +12,7 @@ pub(crate) mod cuda;
 pub(crate) use cpu::add_tokens;
 pub use cpu::{asymmetry_warning, pre_step_cpu};
 pub use cuda::{
-    pre_step_gpu, DeviceActivations, FactorInverse, GpuHessian, GpuPreStepper, MAX_CHUNK_TOKENS, MAX_HESSIAN_COLS,
+    pre_step_gpu, DeviceActivations, FactorMethod, GpuHessian, GpuPreStepper, MAX_CHUNK_TOKENS, MAX_HESSIAN_COLS,
 };
 
 /// Factorisations retried with 10× the damping before falling back to `U = I`.

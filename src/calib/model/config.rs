@@ -4,6 +4,8 @@
 //! transformers v5's (`rope_parameters`); both are read. Fields a config may omit take the
 //! default of the transformers config class of that architecture (cited per field).
 
+use crate::checkpoint::model::MAX_JSON_BYTES;
+use crate::checkpoint::st::read_bounded;
 use crate::{ForgeError, Result};
 use serde_json::{Map, Value};
 
@@ -336,8 +338,9 @@ impl ModelConfig {
     /// Reads `config.json` from a model directory.
     pub fn from_dir(dir: &std::path::Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|source| ForgeError::Io { path: path.display().to_string(), source })?;
+        let bytes = read_bounded(&path, MAX_JSON_BYTES)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| ForgeError::Config(format!("{} is not UTF-8: {e}", path.display())))?;
         Self::from_json_str(&text)
     }
 

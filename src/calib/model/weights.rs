@@ -2,6 +2,8 @@
 //! directory, an in-memory map (test fixtures, quantized copies) and an overlay that
 //! substitutes some tensors (dequantized weights) over another source.
 
+use crate::checkpoint::model::MAX_JSON_BYTES;
+use crate::checkpoint::st::read_bounded;
 use crate::{ForgeError, Result};
 use forge_numerics::{bf16_bits_to_f32, f16_bits_to_f32};
 use memmap2::Mmap;
@@ -72,7 +74,7 @@ struct MappedFile {
 impl MappedFile {
     fn open(path: &Path) -> Result<Self> {
         let io = |source| ForgeError::Io { path: path.display().to_string(), source };
-        let file = std::fs::File::open(path).map_err(io)?;
+        let (file, _) = crate::fsio::open_regular(path)?;
         // SAFETY: the map is read-only; a checkpoint modified by another process while we read
         // it is outside what any loader can guard against (safetensors' own docs map the same way).
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
@@ -117,9 +119,8 @@ impl SafetensorsDir {
         let index_path = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let shard_names: Vec<String> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|source| ForgeError::Io { path: index_path.display().to_string(), source })?;
-            let v: serde_json::Value = serde_json::from_str(&text)
+            let text = read_bounded(&index_path, MAX_JSON_BYTES)?;
+            let v: serde_json::Value = serde_json::from_slice(&text)
                 .map_err(|e| ForgeError::Safetensors(format!("{}: {e}", index_path.display())))?;
             let map = v
                 .get("weight_map")
