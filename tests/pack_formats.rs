@@ -142,8 +142,13 @@ fn quantized(rows: usize, cols: usize, s: &QuantSettings, seed: u64) -> (QuantGr
     let w = common::randn(rows, cols, &mut rng);
     let grid = match s.group_size {
         Some(gs) => {
-            let cfg =
-                GridConfig { group_size: gs, bits: s.bits, symmetric: s.symmetric, scale_search: ScaleSearch::Absmax };
+            let cfg = GridConfig {
+                group_size: gs,
+                bits: s.bits,
+                symmetric: s.symmetric,
+                scale_search: ScaleSearch::Absmax,
+                scale_dtype: s.scale_dtype,
+            };
             build_quant_grid(WeightView::F32(w.view()), &cfg).unwrap()
         }
         None => {
@@ -158,7 +163,7 @@ fn quantized(rows: usize, cols: usize, s: &QuantSettings, seed: u64) -> (QuantGr
                     qmeta[[r, 0, k]] = rec[k];
                 }
             }
-            QuantGrid { qmeta, maxq: s.maxq(), pad: 0, group_size: cols }
+            QuantGrid { qmeta, maxq: s.maxq(), pad: 0, group_size: cols, scale_dtype: s.scale_dtype }
         }
     };
     // RTN against the stored scale, as the solver will quantize.
@@ -361,6 +366,9 @@ fn checkpoint_disagreeing_with_its_config_is_refused() {
     assert!(matches!(&err, ForgeError::Format(m) if m.contains("m.weight_packed")), "{err}");
     // A symmetric setting over an asymmetric grid cannot be written.
     let (grid, codes) = quantized(64, 128, &s, 3);
+    // Nor codes solved against other scales than the ones the settings store.
+    let err = encode_linear(&f32_scales, "m", &LinearQuant { codes: codes.view(), grid: &grid }).unwrap_err();
+    assert!(matches!(&err, ForgeError::Format(m) if m.contains("solved against")), "{err}");
     let err =
         encode_linear(&ct(4, Some(32), true), "m", &LinearQuant { codes: codes.view(), grid: &grid }).unwrap_err();
     assert!(matches!(&err, ForgeError::Format(m) if m.contains("zero point")), "{err}");

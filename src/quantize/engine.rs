@@ -721,6 +721,7 @@ impl QuantEngine {
                 maxq: job.grid.maxq(),
                 pad: n_groups * job.grid.group_size - cols,
                 group_size: job.grid.group_size,
+                scale_dtype: job.grid.scale_dtype,
             };
             solver::launch_solve_into(&dev, wref, fref, gref, &mut self.ws, SolveOutputs { codes, dequant, loss })?;
         }
@@ -825,6 +826,18 @@ impl QuantEngine {
         let mut weights = Vec::with_capacity(n_weights);
         for (i, &rows) in job.rows.iter().enumerate() {
             let b = &mut self.slots[k].weights[i];
+            let qmeta = b.out_qmeta.get(&dev, rows * n_groups)?.to_vec();
+            let grid = QuantGrid::from_u32(
+                &qmeta,
+                rows,
+                n_groups,
+                job.grid.maxq(),
+                n_groups * gs - cols,
+                gs,
+                job.grid.scale_dtype,
+            )?;
+            // An f16 overflow makes the solve non-finite: name the cause before the symptom.
+            grid.check_stored_scales()?;
             let loss = b.out_loss.get(&dev, rows)?.to_vec();
             if let Some(row) = loss.iter().position(|l| !l.is_finite()) {
                 return Err(ForgeError::NonFinite {
@@ -836,7 +849,6 @@ impl QuantEngine {
             }
             let mut codes = vec![0u8; rows * cols];
             parallel_copy(&mut codes, b.out_codes.get(&dev, rows * cols)?);
-            let qmeta = b.out_qmeta.get(&dev, rows * n_groups)?.to_vec();
             let dequant = if job.want_dequant {
                 let mut d = vec![0f32; rows * cols];
                 parallel_copy(&mut d, b.out_dequant.get(&dev, rows * cols)?);
@@ -845,7 +857,7 @@ impl QuantEngine {
                 None
             };
             weights.push(QuantizedWeight {
-                grid: QuantGrid::from_u32(&qmeta, rows, n_groups, job.grid.maxq(), n_groups * gs - cols, gs)?,
+                grid,
                 codes: Array2::from_shape_vec((rows, cols), codes).map_err(|e| ForgeError::Internal(e.to_string()))?,
                 loss: Array1::from(loss),
                 dequant,
