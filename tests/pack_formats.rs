@@ -337,6 +337,34 @@ fn replace(tensors: &[TensorOut], name: &str, f: impl FnOnce(&mut TensorOut)) ->
     t
 }
 
+/// `PackLayout` names exactly the packed weight of each format: compressed-tensors and
+/// qmeta4-native store `Rows`, GPTQ `Transposed` (what the GPU packer and the engine produce).
+#[test]
+fn pack_layouts_are_the_formats_packed_weights() {
+    use fourbit_forge::pack::{PackLayout, PackedCodes};
+    for format in CheckpointFormat::ALL {
+        let bits = 4;
+        let mut s = QuantSettings::new(format, bits, Some(32), true);
+        s.scale_dtype = scale_dtypes(format)[0];
+        let (grid, codes) = quantized(64, 256, &s, 4);
+        let t = encode_linear(&s, "m", &LinearQuant { codes: codes.view(), grid: &grid }).unwrap();
+        let name = match format {
+            CheckpointFormat::CompressedTensors => "m.weight_packed",
+            CheckpointFormat::Gptq | CheckpointFormat::GptqV2 => "m.qweight",
+            CheckpointFormat::Qmeta4Native => "m.qweight_packed",
+        };
+        let stored = t.iter().find(|t| t.name == name).unwrap();
+        let layout = PackLayout::for_format(format);
+        let words = layout.pack_cpu(codes.view(), bits).unwrap();
+        assert_eq!(stored.shape, vec![words.nrows(), words.ncols()], "{format:?}");
+        assert_eq!(layout.shape(64, 256, bits).unwrap(), words.dim());
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(stored.data, bytes, "{format:?}");
+        let p = PackedCodes { layout, bits, rows: 64, cols: 256, words };
+        assert_eq!(p.unpack().unwrap(), codes);
+    }
+}
+
 #[test]
 fn unknown_format_name_is_a_typed_error() {
     let err = CheckpointFormat::parse("awq").unwrap_err();

@@ -24,6 +24,7 @@ extern crate self as forge_kernel_abi;
 pub mod elem;
 pub mod grid;
 pub mod hessian;
+pub mod pack;
 pub mod qmeta;
 pub mod solver;
 #[cfg(feature = "test-kernels")]
@@ -411,6 +412,9 @@ kernels! {
     GptqPanelR16 = "gptq_panel_r16" (solver::PanelArgs) bounds(solver::SOLVER_THREADS, 2);
     GptqPanelR32 = "gptq_panel_r32" (solver::PanelArgs) bounds(solver::SOLVER_THREADS, 2);
     GptqTrailingUpdate = "gptq_trailing_update" (solver::TrailingArgs);
+    // pack: codes → int32 words (docs/kernels.md §5)
+    PackRows = "pack_rows" (pack::PackArgs);
+    PackRowsTransposed = "pack_rows_transposed" (pack::PackArgs);
     // test-only
     #[cfg(feature = "test-kernels")]
     FastDivision = "fast_division" (testing::FastDivisionArgs);
