@@ -412,9 +412,10 @@ kernels! {
     GptqPanelR16 = "gptq_panel_r16" (solver::PanelArgs) bounds(solver::SOLVER_THREADS, 2);
     GptqPanelR32 = "gptq_panel_r32" (solver::PanelArgs) bounds(solver::SOLVER_THREADS, 2);
     GptqTrailingUpdate = "gptq_trailing_update" (solver::TrailingArgs);
-    // pack: codes → int32 words (docs/kernels.md §5)
-    PackRows = "pack_rows" (pack::PackArgs);
-    PackRowsTransposed = "pack_rows_transposed" (pack::PackArgs);
+    // pack: codes → int32 words (docs/kernels.md §5). Memory-bound: at least four 256-thread
+    // blocks per SM keep enough loads in flight, so registers are capped to allow them.
+    PackRows = "pack_rows" (pack::PackArgs) bounds(pack::PACK_THREADS, 4);
+    PackRowsTransposed = "pack_rows_transposed" (pack::PackArgs) bounds(pack::PACK_THREADS, 4);
     // test-only
     #[cfg(feature = "test-kernels")]
     FastDivision = "fast_division" (testing::FastDivisionArgs);

@@ -12,10 +12,11 @@
 //!    group, with `v = x/s + q0` and `q = clamp(rint(v), 0, maxq)`: the loss in units of `s`
 //!    (`|ŷ − x| = s·|q − v|`). Loads are 16-byte shared broadcasts. The candidate's key is
 //!    `log2(Σ) + norm·log2(s/base)`, which orders candidates as the loss does without
-//!    overflowing for any weight magnitude (`log2 decode(q88)` is exactly q88/256; the dtype
-//!    rounding adds `log2(s/decode)`, 0 for f32). A stored scale of 0 (f16 below 2^-25)
-//!    dequantizes everything to 0, key `log2(Σ|x/base|^norm)`; an infinite one (f16 ≥ 65520)
-//!    gets key +inf, as the CPU ranks it;
+//!    overflowing for any weight magnitude (f32: `log2 s` is exactly q88/256; f16/bf16:
+//!    `lg2(s)`, a function of the stored scale alone, so candidates rounding to the same
+//!    stored scale tie exactly). A stored scale of 0 (f16 below 2^-25) dequantizes everything
+//!    to 0, key `log2(Σ|x/base|^norm)`; an infinite one (f16 ≥ 65520) gets key +inf, as the
+//!    CPU ranks it;
 //!    `(ordered key << 32) | k` is folded into the group's best with a shared atomic min, so
 //!    equal keys keep the lower `k`;
 //! 3. write: thread `i < gpb` encodes the winner into the group's qmeta4 record.
@@ -155,8 +156,7 @@ unsafe fn mse_search_impl<T: Elem>(
         if first + (i as u64) < total {
             let m = QMetaPacked::from_u32(ld_shared_u32(base_meta + 4 * i));
             let q88 = encode_log2_q88(m.scale() * candidate(k));
-            let decoded = decode_log2_q88(q88);
-            let scale = round_to_dtype(decoded, dtype);
+            let scale = round_to_dtype(decode_log2_q88(q88), dtype);
             let (x, q0) = (xs + i * row_bytes, m.qzero_f32());
             let key = if scale > 0.0 && scale < f32::INFINITY {
                 let inv = 1.0 / scale;
@@ -166,9 +166,14 @@ unsafe fn mse_search_impl<T: Elem>(
                     // Scales beyond 2^±126 (absurd weights): the exact division keeps precision.
                     (false, _) => scaled_loss::<false>(x, gs, |v| v / scale + q0, maxq, norm),
                 };
-                // log2(scale / base): the Q8.8 difference, plus the dtype rounding's (0 for f32).
-                let rounding = if scale == decoded { 0.0 } else { log2_approx(scale / decoded) };
-                let rel_log2_scale = (q88 as i32 - m.log2_scale_q88 as i32) as f32 * (1.0 / 256.0) + rounding;
+                // log2(scale / base). f32: exactly the Q8.8 difference. f16/bf16: a function of
+                // the stored scale alone, so candidates that round to the same stored scale tie
+                // exactly and the lower k wins, as on the CPU.
+                let rel_log2_scale = if dtype == ScaleDtype::F32 {
+                    (q88 as i32 - m.log2_scale_q88 as i32) as f32 * (1.0 / 256.0)
+                } else {
+                    log2_approx(scale) - m.log2_scale_q88 as f32 * (1.0 / 256.0)
+                };
                 log2_approx(sum) + norm * rel_log2_scale
             } else if scale == 0.0 {
                 // An f16 scale below 2^-25 is stored as 0: every element dequantizes to 0, the
