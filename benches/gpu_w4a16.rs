@@ -20,7 +20,7 @@ use fourbit_forge::runtime::{
     launch_dequant, pack_for_kernel, w4a16_matmul, ActDtype, DevicePackedWeight, MatmulPath, W4a16Options, W4a16Plan,
     W4a16Workspace,
 };
-use fourbit_forge::{ForgeError, QMetaPacked, QuantGrid, Result};
+use fourbit_forge::{ForgeError, QMetaPacked, QuantGrid, Result, ScaleDtype};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const SHAPES: [(usize, usize); 5] = [(4096, 4096), (14336, 4096), (4096, 14336), (2048, 7168), (7168, 2048)];
@@ -80,7 +80,7 @@ fn packed_layer(n: usize, k: usize, seed: u64) -> Result<fourbit_forge::runtime:
     let recs: Vec<u32> = (0..n * n_groups)
         .map(|_| QMetaPacked { log2_scale_q88: rng.gen_range(-8 * 256..-6 * 256), qzero: 8, flags: 1 }.to_u32())
         .collect();
-    let grid = QuantGrid::from_u32(&recs, n, n_groups, 15, n_groups * GS - k, GS)?;
+    let grid = QuantGrid::from_u32(&recs, n, n_groups, 15, n_groups * GS - k, GS, ScaleDtype::F32)?;
     pack_for_kernel(codes.view(), &grid)
 }
 

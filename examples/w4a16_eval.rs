@@ -142,6 +142,7 @@ fn main() -> Result<()> {
         bits: 4,
         symmetric: !args.asym,
         scale_search: if args.mse { ScaleSearch::Mse(MseSearch::default()) } else { ScaleSearch::Absmax },
+        ..GridConfig::default()
     };
     let quantizer = Quantizer::new(cfg, Backend::Cpu);
     let grid = quantizer.build_quant_grid(WeightView::F32(w.view()))?;

@@ -27,7 +27,7 @@ pub mod weights;
 pub use error::{ForgeError, Result};
 pub use forge_numerics as numerics;
 pub use forge_numerics::QMetaPacked;
-pub use grid::{GridConfig, MseSearch, QuantGrid, ScaleSearch, ShrinkCandidates};
+pub use grid::{GridConfig, MseSearch, QuantGrid, ScaleDtype, ScaleSearch, ShrinkCandidates};
 pub use quantize::{Backend, Quantizer};
 pub use warning::Warning;
 pub use weights::{WeightDtype, WeightView};

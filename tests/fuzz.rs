@@ -25,7 +25,8 @@ use fourbit_forge::quantize::widen;
 use fourbit_forge::solver::{layer_output_error, round_to_nearest, solve_cpu};
 use fourbit_forge::weights::{load_layer, LayerStats};
 use fourbit_forge::{
-    budget, Backend, ForgeError, GridConfig, MseSearch, Quantizer, ScaleSearch, ShrinkCandidates, WeightView,
+    budget, Backend, ForgeError, GridConfig, MseSearch, Quantizer, ScaleDtype, ScaleSearch, ShrinkCandidates,
+    WeightView,
 };
 use ndarray::Array2;
 use proptest::prelude::*;
@@ -612,6 +613,7 @@ enum Call {
         mse: Option<(f32, usize, f32)>,
         poison: (Index, f32),
         dtype: u8,
+        scale: ScaleDtype,
     },
     GridHuge {
         rows: usize,
@@ -684,8 +686,9 @@ fn call() -> impl Strategy<Value = Call> {
         prop::sample::select(vec![0.2f32, 1.0, 0.0, 1.5, f32::NAN]),
     ));
     prop_oneof![
-        3 => (small_dim(), small_dim(), gs(), bits, any::<bool>(), mse, (any::<Index>(), value()), 0u8..4)
-            .prop_map(|(rows, cols, gs, bits, sym, mse, poison, dtype)| Call::Grid { rows, cols, gs, bits, sym, mse, poison, dtype }),
+        3 => (small_dim(), small_dim(), gs(), bits, any::<bool>(), mse, (any::<Index>(), value()), 0u8..4,
+              prop::sample::select(vec![ScaleDtype::F32, ScaleDtype::F16, ScaleDtype::BF16]))
+            .prop_map(|(rows, cols, gs, bits, sym, mse, poison, dtype, scale)| Call::Grid { rows, cols, gs, bits, sym, mse, poison, dtype, scale }),
         1 => (huge_dim(), prop_oneof![Just(32usize), huge_dim()], gs()).prop_map(|(rows, cols, gs)| Call::GridHuge { rows, cols, gs }),
         3 => (small_dim(), hkind(), damp(), any::<bool>(), any::<bool>(), prop_oneof![4 => Just(0usize), 1 => small_dim()])
             .prop_map(|(n, h, rel_damp, act_order, allow, wcols)| Call::PreStep { n, h, rel_damp, act_order, allow, wcols }),
@@ -722,7 +725,7 @@ fn run_call(c: &Call) -> Result<String, String> {
     };
     let one = Array2::<f32>::from_elem((1, 1), 1.0);
     Ok(match c {
-        Call::Grid { rows, cols, gs, bits, sym, mse, poison, dtype } => {
+        Call::Grid { rows, cols, gs, bits, sym, mse, poison, dtype, scale } => {
             let mut w = weight(*rows, *cols, 1, 2.0);
             if rows * cols > 0 {
                 let k = poison.0.index(rows * cols);
@@ -735,7 +738,8 @@ fn run_call(c: &Call) -> Result<String, String> {
                     norm: *norm,
                 }),
             };
-            let config = GridConfig { group_size: *gs, bits: *bits, symmetric: *sym, scale_search };
+            let config =
+                GridConfig { group_size: *gs, bits: *bits, symmetric: *sym, scale_search, scale_dtype: *scale };
             let h16 = w.mapv(half::f16::from_f32);
             let b16 = w.mapv(half::bf16::from_f32);
             let f8 = w.mapv(|v| (v.abs().min(448.0) as u8) & 0x7e);

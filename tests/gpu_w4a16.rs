@@ -24,7 +24,7 @@ use fourbit_forge::runtime::{
     dequant_for_kernel, dequant_gpu, pack_for_kernel, round_to_act, unpack_for_kernel, w4a16_matmul_cpu,
     w4a16_matmul_host, ActDtype, MatmulPath, PackedWeight, W4a16Options,
 };
-use fourbit_forge::{ForgeError, GridConfig, MseSearch, QMetaPacked, QuantGrid, ScaleSearch, WeightView};
+use fourbit_forge::{ForgeError, GridConfig, MseSearch, QMetaPacked, QuantGrid, ScaleDtype, ScaleSearch, WeightView};
 use ndarray::Array2;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal, StudentT};
@@ -35,7 +35,7 @@ const MS: [usize; 7] = [1, 2, 7, 16, 33, 128, 257];
 fn grid_of(records: &[QMetaPacked], n: usize, k: usize, gs: usize, maxq: u32) -> QuantGrid {
     let n_groups = k.div_ceil(gs);
     let r: Vec<u32> = records.iter().map(|m| m.to_u32()).collect();
-    QuantGrid::from_u32(&r, n, n_groups, maxq, n_groups * gs - k, gs).unwrap()
+    QuantGrid::from_u32(&r, n, n_groups, maxq, n_groups * gs - k, gs, ScaleDtype::F32).unwrap()
 }
 
 /// Random 4-bit codes and records: scales `2^(q88/256)` with `q88` drawn by `q88`, zero points
@@ -263,6 +263,7 @@ fn gpu_matmul_matches_the_reference_on_quantized_layers() {
             bits: 4,
             symmetric,
             scale_search: if mse { ScaleSearch::Mse(MseSearch::default()) } else { ScaleSearch::Absmax },
+            ..GridConfig::default()
         };
         let grid = fourbit_forge::grid::build_quant_grid(WeightView::F32(w.view()), &cfg).unwrap();
         let (codes, _) = common::rtn(&w, &grid);

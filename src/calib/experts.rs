@@ -125,5 +125,13 @@ pub fn quantize_experts(
 fn expert_job<'b>(expert: &'b ExpertInput<'_>, config: &'b GridConfig, pre_step: &PreStepConfig) -> LayerJob<'b> {
     let weights: Vec<WeightView<'b>> = expert.weights.iter().map(|w| w.reborrow()).collect();
     let hessian = expert.hessian.as_ref().map_or(HessianInput::NoTokens, |h| HessianInput::Host(h.view()));
-    LayerJob { weights, hessian, grid: config, pre_step: pre_step.clone(), want_dequant: false, profile: false }
+    LayerJob {
+        weights,
+        hessian,
+        grid: config,
+        pre_step: pre_step.clone(),
+        want_dequant: false,
+        profile: false,
+        pack: None,
+    }
 }

@@ -7,7 +7,7 @@ use super::model::ModelDir;
 use super::plan::{GptqSettings, Member};
 use super::st::SafetensorsFile;
 use crate::calib::{quantize_experts, ExpertInput, QuantizedLayer};
-use crate::numerics::{dequantize, quantize, stored_scale, ScaleDtype};
+use crate::numerics::{dequantize, quantize};
 use crate::{ForgeError, QuantGrid, Quantizer, Result, Warning, WeightView};
 use half::{bf16, f16};
 use ndarray::{Array2, ArrayView2};
@@ -124,12 +124,13 @@ pub struct MemberResult {
 
 /// Round to nearest on the quantizer's grid: the grid from the quantizer's backend, then
 /// each element with the shared numerics' `quantize`/`dequantize` against the scale as the
-/// checkpoint stores it (`stored_scale` in `scale_dtype`), so the written checkpoint
-/// dequantizes to exactly this result. With f32 scales this is what the GPTQ solver does
-/// with `U = I` (without its O(rows·cols²) update work).
-pub fn quantize_rtn(quantizer: &Quantizer, weight: WeightView<'_>, scale_dtype: ScaleDtype) -> Result<MemberResult> {
+/// checkpoint stores it (the grid's `scale_dtype`, set from the format by
+/// [`super::plan::Plan::grid_config`]), so the written checkpoint dequantizes to exactly this
+/// result: what the GPTQ solver does with `U = I`, without its O(rows·cols²) update work.
+pub fn quantize_rtn(quantizer: &Quantizer, weight: WeightView<'_>) -> Result<MemberResult> {
     let (rows, cols) = weight.dim();
     let grid = quantizer.build_quant_grid(weight)?;
+    grid.check_stored_scales()?;
     let gs = grid.group_size;
     let maxq = grid.maxq as f32;
     let n_groups = grid.dim().1;
@@ -141,12 +142,7 @@ pub fn quantize_rtn(quantizer: &Quantizer, weight: WeightView<'_>, scale_dtype: 
             || vec![0f32; cols],
             |buf, (r, out)| {
                 weight.read_row_f32(r, buf)?;
-                let meta: Vec<(f32, f32)> = (0..n_groups)
-                    .map(|g| {
-                        let m = grid.meta(r, g)?;
-                        Ok((stored_scale(m.log2_scale_q88, scale_dtype), m.qzero_f32()))
-                    })
-                    .collect::<Result<_>>()?;
+                let meta: Vec<(f32, f32)> = (0..n_groups).map(|g| grid.scale_zero(r, g)).collect::<Result<_>>()?;
                 let (mut err, mut norm) = (0f64, 0f64);
                 for (c, (o, &x)) in out.iter_mut().zip(buf.iter()).enumerate() {
                     let (s, z) = meta[c / gs];

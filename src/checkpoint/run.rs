@@ -141,7 +141,7 @@ pub fn quantize_checkpoint(model: &ModelDir, plan: &Plan, opts: &RunOptions, obs
         }
     }
 
-    let quantizer = Quantizer::new(plan.settings.grid.clone(), opts.backend.clone());
+    let quantizer = Quantizer::new(plan.grid_config(), opts.backend.clone());
     let mut ran = 0usize;
     let mut since_sync = (Instant::now(), 0u64);
     let mut last_layer: Option<&str> = None;
@@ -300,7 +300,7 @@ fn run_item(
                 Method::Rtn => {
                     for m in members {
                         let w = load_weight(model, m, block)?;
-                        results.push(quantize_rtn(quantizer, w.view(), plan.format.scale_dtype())?);
+                        results.push(quantize_rtn(quantizer, w.view())?);
                         drop(w);
                         release_weight(model, m);
                     }
@@ -468,14 +468,14 @@ fn summary_json(
 pub fn estimate_seconds(plan: &Plan, backend: &Backend) -> Result<f64> {
     let (r, c) = (256usize, 1024usize);
     let w = ndarray::Array2::from_shape_fn((r, c), |(i, j)| (((i * 31 + j * 17) % 97) as f32 - 48.0) / 97.0);
-    let quantizer = Quantizer::new(plan.settings.grid.clone(), backend.clone());
+    let quantizer = Quantizer::new(plan.grid_config(), backend.clone());
     let gptq = matches!(plan.settings.method, Method::Gptq(_));
     let h = ndarray::Array2::<f32>::from_shape_fn((c, c), |(i, j)| if i == j { 2.0 } else { 0.01 });
     let measure = || -> Result<f64> {
         let t = Instant::now();
         match &plan.settings.method {
             Method::Rtn => {
-                quantize_rtn(&quantizer, WeightView::F32(w.view()), plan.format.scale_dtype())?;
+                quantize_rtn(&quantizer, WeightView::F32(w.view()))?;
             }
             Method::Gptq(g) => {
                 quantize_gptq(&quantizer, g, &[WeightView::F32(w.view())], Some(h.view()))?;

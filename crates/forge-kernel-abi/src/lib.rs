@@ -24,6 +24,7 @@ extern crate self as forge_kernel_abi;
 pub mod elem;
 pub mod grid;
 pub mod hessian;
+pub mod pack;
 pub mod qmeta;
 pub mod runtime;
 pub mod solver;
@@ -425,6 +426,10 @@ kernels! {
     W4a16F16M4 = "w4a16_f16_m4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
     W4DequantBf16 = "w4_dequant_bf16" (runtime::W4DequantArgs);
     W4DequantF16 = "w4_dequant_f16" (runtime::W4DequantArgs);
+    // pack: codes → int32 words (docs/kernels.md §5). Memory-bound: at least four 256-thread
+    // blocks per SM keep enough loads in flight, so registers are capped to allow them.
+    PackRows = "pack_rows" (pack::PackArgs) bounds(pack::PACK_THREADS, 4);
+    PackRowsTransposed = "pack_rows_transposed" (pack::PackArgs) bounds(pack::PACK_THREADS, 4);
     // test-only
     #[cfg(feature = "test-kernels")]
     FastDivision = "fast_division" (testing::FastDivisionArgs);

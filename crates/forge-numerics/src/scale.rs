@@ -9,9 +9,10 @@
 use crate::{bf16_bits_to_f32, decode_log2_q88, f16_bits_to_f32};
 
 /// The element type a checkpoint stores its scales in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ScaleDtype {
     /// IEEE binary32: the decoded qmeta4 scale unchanged.
+    #[default]
     F32,
     /// IEEE binary16 (GPTQ checkpoints; fp16 serving).
     F16,
@@ -26,6 +27,26 @@ impl ScaleDtype {
         match self {
             ScaleDtype::F32 => 4,
             ScaleDtype::F16 | ScaleDtype::BF16 => 2,
+        }
+    }
+
+    /// The dtype as a kernel argument: 0 = f32, 1 = f16, 2 = bf16.
+    #[inline]
+    pub const fn to_u32(self) -> u32 {
+        match self {
+            ScaleDtype::F32 => 0,
+            ScaleDtype::F16 => 1,
+            ScaleDtype::BF16 => 2,
+        }
+    }
+
+    /// Inverse of [`ScaleDtype::to_u32`]; any other value is f32 (hosts pass only the three).
+    #[inline]
+    pub const fn from_u32(code: u32) -> Self {
+        match code {
+            1 => ScaleDtype::F16,
+            2 => ScaleDtype::BF16,
+            _ => ScaleDtype::F32,
         }
     }
 }

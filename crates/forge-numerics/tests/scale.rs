@@ -110,3 +110,13 @@ fn fast_stored_scale_bits_equal_stored_scale_on_all_65536_records() {
     }
     assert!(fast > 0 && slow > 0);
 }
+
+/// The kernel argument code round-trips, and an unknown code means f32 (the decode as is).
+#[test]
+fn scale_dtype_kernel_codes_round_trip() {
+    for d in [ScaleDtype::F32, ScaleDtype::F16, ScaleDtype::BF16] {
+        assert_eq!(ScaleDtype::from_u32(d.to_u32()), d);
+    }
+    assert_eq!(ScaleDtype::from_u32(7), ScaleDtype::F32);
+    assert_eq!(ScaleDtype::default(), ScaleDtype::F32);
+}

@@ -60,7 +60,7 @@ forge_kernel_abi::identity_kernel! {
         let total = np * np;
         let mut idx = global_x() as usize;
         while idx < total {
-            *u.add(idx) = if idx % (np + 1) == 0 { 1.0 } else { 0.0 };
+            *u.add(idx) = if idx.is_multiple_of(np + 1) { 1.0 } else { 0.0 };
             idx += stride();
         }
     }

@@ -74,6 +74,15 @@ impl Blas {
         // SAFETY: a live handle and a live stream (kept alive by `_stream`).
         unsafe { cudarc::cublas::result::set_stream(blas.handle, stream.cu_stream() as _) }
             .map_err(result::err("setting the cuBLAS stream"))?;
+        // Reductions (split-K) in the f32 compute type, never in a 16-bit output type: the
+        // W4A16 cuBLAS path's error bound counts f32 accumulation only (on the H200, bf16
+        // split-K reductions put an output 6 bf16 ulps off).
+        // SAFETY: a live handle.
+        unsafe {
+            cb::cublasSetMathMode(blas.handle, cb::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)
+        }
+        .result()
+        .map_err(result::err("setting the cuBLAS math mode"))?;
         Ok(blas)
     }
 

@@ -6,10 +6,11 @@ use cudarc::cublas::sys as cb;
 
 /// Every cuBLAS function this module calls (probed before the first call: cudarc panics on a
 /// missing symbol).
-pub(super) const SYMBOLS: [&str; 8] = [
+pub(super) const SYMBOLS: [&str; 9] = [
     "cublasCreate_v2",
     "cublasDestroy_v2",
     "cublasSetStream_v2",
+    "cublasSetMathMode",
     "cublasDtrsm_v2",
     "cublasDtrmm_v2",
     "cublasDsyrk_v2",
