@@ -275,6 +275,7 @@ fn run(args: Args) -> Result<(), CliError> {
                 pre_step: prestep_cfg.clone(),
                 want_dequant: true,
                 profile: true,
+                block_scales: Vec::new(),
             };
             let mut out = with_engine(dev, |e| e.quantize(&job))?;
             let w = out.weights.pop().ok_or_else(|| CliError::usage("the engine returned no weight".into()))?;

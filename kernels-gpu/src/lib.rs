@@ -20,6 +20,7 @@ pub mod device;
 pub mod grid;
 pub mod hessian;
 pub mod solver;
+pub mod weights;
 #[cfg(feature = "test-kernels")]
 pub mod testing;
 

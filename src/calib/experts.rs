@@ -82,41 +82,54 @@ pub fn quantize_experts(
                 .collect()
         }
         Backend::Gpu(dev) => with_engine(dev, |engine| {
-            let finish = |outcome: LayerOutcome| -> Vec<QuantizedLayer> {
-                let flags = flags_of(&outcome.pre_step);
-                let perm = outcome.pre_step.perm.clone();
-                outcome
-                    .weights
-                    .into_iter()
-                    .map(|w| QuantizedLayer {
-                        grid: w.grid,
-                        codes: w.codes,
-                        loss: w.loss,
-                        perm: perm.clone(),
-                        flags: flags.clone(),
-                    })
-                    .collect()
-            };
             // Two experts in flight: the next one uploads while this one computes.
             let mut out = Vec::with_capacity(experts.len());
             let mut in_flight: Option<Ticket> = None;
-            for expert in experts {
-                let t = engine.submit(&expert_job(expert, config, pre_step))?;
-                if let Some(prev) = in_flight.replace(t) {
-                    out.push(finish(engine.collect(prev)?));
+            let mut run = |engine: &mut crate::quantize::QuantEngine| -> Result<()> {
+                for expert in experts {
+                    let t = engine.submit(&expert_job(expert, config, pre_step))?;
+                    if let Some(prev) = in_flight.replace(t) {
+                        out.push(layers_of(engine.collect(prev)?));
+                    }
                 }
+                if let Some(prev) = in_flight.take() {
+                    out.push(layers_of(engine.collect(prev)?));
+                }
+                Ok(())
+            };
+            let r = run(engine);
+            // After an error the job still in flight is collected, so the device's shared
+            // engine has no slot left occupied.
+            if let Some(prev) = in_flight.take() {
+                let _ = engine.collect(prev);
             }
-            if let Some(prev) = in_flight {
-                out.push(finish(engine.collect(prev)?));
-            }
-            Ok(out)
+            r.map(|()| out)
         }),
     }
+}
+
+/// An engine job's results as layers (one per weight, in order), with its pre-step's flags.
+pub(crate) fn layers_of(outcome: LayerOutcome) -> Vec<QuantizedLayer> {
+    let flags = flags_of(&outcome.pre_step);
+    let perm = outcome.pre_step.perm.clone();
+    outcome
+        .weights
+        .into_iter()
+        .map(|w| QuantizedLayer { grid: w.grid, codes: w.codes, loss: w.loss, perm: perm.clone(), flags: flags.clone() })
+        .collect()
 }
 
 /// The engine job of one expert: its weights, its Hessian (or none: `U = I`).
 fn expert_job<'b>(expert: &'b ExpertInput<'_>, config: &'b GridConfig, pre_step: &PreStepConfig) -> LayerJob<'b> {
     let weights: Vec<WeightView<'b>> = expert.weights.iter().map(|w| w.reborrow()).collect();
     let hessian = expert.hessian.as_ref().map_or(HessianInput::NoTokens, |h| HessianInput::Host(h.view()));
-    LayerJob { weights, hessian, grid: config, pre_step: pre_step.clone(), want_dequant: false, profile: false }
+    LayerJob {
+        weights,
+        hessian,
+        grid: config,
+        pre_step: pre_step.clone(),
+        want_dequant: false,
+        profile: false,
+        block_scales: Vec::new(),
+    }
 }

@@ -1,10 +1,16 @@
 //! Weight tensors as the grid builder and solver read them: `(rows = out_features,
 //! cols = in_features)` in one of the supported dtypes, widened exactly to f32; one layer
-//! read from a safetensors file ([`load_layer`]) or made up ([`synthetic_layer`]).
+//! read from a safetensors file ([`load_layer`]) or made up ([`synthetic_layer`]); block-scaled
+//! FP8 weights and their device dequantization ([`Fp8Blocks`]).
 
 mod file;
+mod fp8;
 mod synthetic;
 
+pub(crate) use fp8::enqueue_fp8_block_dequant;
+pub use fp8::{
+    dequantize_fp8_blocks_gpu, dequantize_fp8_blocks_gpu_bf16, BlockScaleDtype, Fp8Blocks, Fp8Output,
+};
 pub use file::{load_layer, HessianSource, LayerFile, LayerStats, OwnedWeight};
 pub use synthetic::synthetic_layer;
 

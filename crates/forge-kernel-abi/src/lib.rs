@@ -28,6 +28,7 @@ pub mod qmeta;
 pub mod solver;
 #[cfg(feature = "test-kernels")]
 pub mod testing;
+pub mod weights;
 
 #[cfg(not(target_arch = "nvptx64"))]
 use core::marker::PhantomData;
@@ -411,6 +412,9 @@ kernels! {
     GptqPanelR16 = "gptq_panel_r16" (solver::PanelArgs) bounds(solver::SOLVER_THREADS, 2);
     GptqPanelR32 = "gptq_panel_r32" (solver::PanelArgs) bounds(solver::SOLVER_THREADS, 2);
     GptqTrailingUpdate = "gptq_trailing_update" (solver::TrailingArgs);
+    // weights: block-scaled FP8 checkpoints (docs/kernels.md §5)
+    Fp8BlockDequantF32 = "fp8_block_dequant_f32" (weights::Fp8BlockDequantArgs);
+    Fp8BlockDequantBf16 = "fp8_block_dequant_bf16" (weights::Fp8BlockDequantArgs);
     // test-only
     #[cfg(feature = "test-kernels")]
     FastDivision = "fast_division" (testing::FastDivisionArgs);
