@@ -324,10 +324,14 @@ fn forge_mse_on_gpu_matches_the_cpu_run_up_to_equally_good_scales() {
     write_deepseek_demo(&moe_dir, &DeepSeekDemo::default()).unwrap();
     for (model_dir, name) in [(&dense_dir, "dense"), (&moe_dir, "fp8-moe")] {
         for norm in [2.0f32, 2.4] {
-            let grid = GridConfig { scale_search: ScaleSearch::Mse(MseSearch { norm, ..MseSearch::default() }), ..GridConfig::default() };
+            let grid = GridConfig {
+                scale_search: ScaleSearch::Mse(MseSearch { norm, ..MseSearch::default() }),
+                ..GridConfig::default()
+            };
             let settings = JobSettings { grid, format: "qmeta4".into(), ..JobSettings::default() };
             let what = format!("{name} mse norm {norm}");
-            let (cpu, gpu) = (tmp.path().join(format!("cpu-{name}-{norm}")), tmp.path().join(format!("gpu-{name}-{norm}")));
+            let (cpu, gpu) =
+                (tmp.path().join(format!("cpu-{name}-{norm}")), tmp.path().join(format!("gpu-{name}-{norm}")));
             run(model_dir, &cpu, &settings, Backend::Cpu, false);
             run(model_dir, &gpu, &settings, Backend::Gpu(dev.clone()), false);
             let model = ModelDir::open(model_dir).unwrap();
@@ -352,7 +356,11 @@ fn forge_mse_on_gpu_matches_the_cpu_run_up_to_equally_good_scales() {
                             let (a, b) = (rc[r * n_groups + gi], rg[r * n_groups + gi]);
                             let span = gi * gs..((gi + 1) * gs).min(cols);
                             if a == b {
-                                assert!(cc.row(r).slice(ndarray::s![span.clone()]) == cg.row(r).slice(ndarray::s![span]), "{what}: {} ({r}, {gi}): same record, other codes", m.module);
+                                assert!(
+                                    cc.row(r).slice(ndarray::s![span.clone()]) == cg.row(r).slice(ndarray::s![span]),
+                                    "{what}: {} ({r}, {gi}): same record, other codes",
+                                    m.module
+                                );
                                 continue;
                             }
                             differ += 1;
@@ -360,7 +368,11 @@ fn forge_mse_on_gpu_matches_the_cpu_run_up_to_equally_good_scales() {
                             x.resize(gs, 0.0);
                             let lc = candidate_loss_f64(&x, a.scale(), a.qzero_f32(), maxq, norm);
                             let lg = candidate_loss_f64(&x, b.scale(), b.qzero_f32(), maxq, norm);
-                            assert!(lg - lc <= MSE_LOSS_RTOL * lc.max(f64::MIN_POSITIVE), "{what}: {} ({r}, {gi}) loss {lg} vs {lc}", m.module);
+                            assert!(
+                                lg - lc <= MSE_LOSS_RTOL * lc.max(f64::MIN_POSITIVE),
+                                "{what}: {} ({r}, {gi}) loss {lg} vs {lc}",
+                                m.module
+                            );
                             for (j, &xv) in row[span.clone()].iter().enumerate() {
                                 let want = quantize(xv, b.scale(), b.qzero_f32(), maxq) as u8;
                                 assert_eq!(cg[[r, gi * gs + j]], want, "{what}: codes of the device's record");
@@ -396,7 +408,8 @@ fn forge_gptq_on_gpu_follows_the_solver_parity_rules() {
             });
             let settings = JobSettings { method, format: "qmeta4".into(), ..JobSettings::default() };
             let what = format!("{name} gptq act_order {act_order}");
-            let (cpu, gpu) = (tmp.path().join(format!("c-{name}-{act_order}")), tmp.path().join(format!("g-{name}-{act_order}")));
+            let (cpu, gpu) =
+                (tmp.path().join(format!("c-{name}-{act_order}")), tmp.path().join(format!("g-{name}-{act_order}")));
             let rc = run(model_dir, &cpu, &settings, Backend::Cpu, false);
             let rg = run(model_dir, &gpu, &settings, Backend::Gpu(dev.clone()), false);
             let model = ModelDir::open(model_dir).unwrap();
@@ -407,8 +420,12 @@ fn forge_gptq_on_gpu_follows_the_solver_parity_rules() {
                 assert!(rec_c == rec_g, "{what}: {module}: grid records");
                 let n = codes_c.len();
                 let differ = codes_c.iter().zip(codes_g.iter()).filter(|(a, b)| a != b).count();
-                let worst = codes_c.iter().zip(codes_g.iter()).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
-                assert!(differ as f64 <= GPTQ_CODE_FRACTION * n as f64 && worst <= 1, "{what}: {module}: {differ} of {n} codes differ (max {worst})");
+                let worst =
+                    codes_c.iter().zip(codes_g.iter()).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
+                assert!(
+                    differ as f64 <= GPTQ_CODE_FRACTION * n as f64 && worst <= 1,
+                    "{what}: {module}: {differ} of {n} codes differ (max {worst})"
+                );
             }
             let tensors = |r: &RunReport| -> BTreeMap<String, fourbit_forge::checkpoint::output::MemberStats> {
                 r.items.values().flat_map(|s| s.members.iter().map(|m| (m.module.clone(), m.clone()))).collect()
@@ -419,8 +436,18 @@ fn forge_gptq_on_gpu_follows_the_solver_parity_rules() {
                 let b = &tg[module];
                 assert_eq!((&a.method, &a.flags), (&b.method, &b.flags), "{what}: {module}");
                 let close = |x: f64, y: f64| (x - y).abs() <= GPTQ_OBJECTIVE_RTOL * x.abs().max(y.abs());
-                assert!(close(a.rel_weight_error, b.rel_weight_error), "{what}: {module}: rel error {} vs {}", a.rel_weight_error, b.rel_weight_error);
-                assert!(close(a.gptq_loss.unwrap(), b.gptq_loss.unwrap()), "{what}: {module}: loss {:?} vs {:?}", a.gptq_loss, b.gptq_loss);
+                assert!(
+                    close(a.rel_weight_error, b.rel_weight_error),
+                    "{what}: {module}: rel error {} vs {}",
+                    a.rel_weight_error,
+                    b.rel_weight_error
+                );
+                assert!(
+                    close(a.gptq_loss.unwrap(), b.gptq_loss.unwrap()),
+                    "{what}: {module}: loss {:?} vs {:?}",
+                    a.gptq_loss,
+                    b.gptq_loss
+                );
             }
             // Everything not quantized is the same bytes.
             let (fa, fb) = (read_all(&cpu), read_all(&gpu));

@@ -115,7 +115,13 @@ pub(crate) fn layers_of(outcome: LayerOutcome) -> Vec<QuantizedLayer> {
     outcome
         .weights
         .into_iter()
-        .map(|w| QuantizedLayer { grid: w.grid, codes: w.codes, loss: w.loss, perm: perm.clone(), flags: flags.clone() })
+        .map(|w| QuantizedLayer {
+            grid: w.grid,
+            codes: w.codes,
+            loss: w.loss,
+            perm: perm.clone(),
+            flags: flags.clone(),
+        })
         .collect()
 }
 

@@ -3,8 +3,8 @@
 //!
 //! A run has more than one step in flight ([`super::run`]): on the CPU the step being
 //! quantized and the one being written ([`CPU_WINDOW`]); on a GPU the one being written, the
-//! one handed to the writer and the one on the device ([`GPU_WINDOW`]), plus the engine's
-//! page-locked staging buffers. The device engine's buffers grow to the largest job and stay
+//! one collected and waiting for the writer, and the two on the device ([`GPU_WINDOW`]),
+//! plus the engine's page-locked staging buffers. The device engine's buffers grow to the largest job and stay
 //! ([`FootprintTracker`]), so the GPU check walks the plan's jobs in order and names the
 //! first step at which they would pass the budget.
 
@@ -18,8 +18,9 @@ use std::path::PathBuf;
 
 /// Steps in flight on the CPU: one quantized while the previous one is written.
 pub const CPU_WINDOW: usize = 2;
-/// Quantization steps in flight on a GPU: written, handed over, on the device.
-pub const GPU_WINDOW: usize = 3;
+/// Quantization steps in flight on a GPU: written, collected and waiting for the writer, and
+/// two on the device (the newest one staged while the producer waits).
+pub const GPU_WINDOW: usize = 4;
 
 /// What a run is estimated to hold at its peak.
 #[derive(Clone, Debug, PartialEq, Eq)]

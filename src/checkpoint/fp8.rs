@@ -118,7 +118,9 @@ pub fn dequantize_fp8_blocks(
 /// kernel uses too.
 pub fn f32_to_bf16_bytes(values: &[f32]) -> Vec<u8> {
     let mut out = vec![0u8; values.len() * 2];
-    out.par_chunks_mut(2).zip(values.par_iter()).for_each(|(o, &v)| o.copy_from_slice(&f32_to_bf16_bits(v).to_le_bytes()));
+    out.par_chunks_mut(2)
+        .zip(values.par_iter())
+        .for_each(|(o, &v)| o.copy_from_slice(&f32_to_bf16_bits(v).to_le_bytes()));
     out
 }
 

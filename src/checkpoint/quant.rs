@@ -79,7 +79,9 @@ pub fn load_weight<'a>(model: &'a ModelDir, m: &Member, block: (usize, usize)) -
             Ok(v) => LoadedWeight::View(WeightView::BF16(v)),
             Err(a) => LoadedWeight::BF16(a),
         },
-        Dtype::F8_E4M3 => LoadedWeight::F32(dequantize_fp8_blocks(bytes, dims.0, dims.1, scale_tensor(model, m)?, block)?),
+        Dtype::F8_E4M3 => {
+            LoadedWeight::F32(dequantize_fp8_blocks(bytes, dims.0, dims.1, scale_tensor(model, m)?, block)?)
+        }
         other => return Err(ForgeError::Dtype(format!("{other} (tensor {})", m.weight))),
     })
 }
@@ -88,9 +90,10 @@ pub fn load_weight<'a>(model: &'a ModelDir, m: &Member, block: (usize, usize)) -
 fn scale_tensor<'a>(model: &'a ModelDir, m: &Member) -> Result<BlockScales<'a>> {
     let sname =
         m.scale.as_deref().ok_or_else(|| ForgeError::Config(format!("{} is FP8 without block scales", m.weight)))?;
-    let s = model
-        .tensor(sname)
-        .ok_or_else(|| ForgeError::MissingTensor { tensor: sname.to_string(), file: model.path.display().to_string() })?;
+    let s = model.tensor(sname).ok_or_else(|| ForgeError::MissingTensor {
+        tensor: sname.to_string(),
+        file: model.path.display().to_string(),
+    })?;
     Ok(BlockScales { bytes: model.bytes(s)?, dtype: s.info.dtype, shape: s.info.dims2().unwrap_or((0, 0)) })
 }
 
@@ -112,9 +115,10 @@ pub fn fp8_blocks<'a>(model: &'a ModelDir, m: &Member, block: (usize, usize)) ->
 
 /// A member's raw bytes as mapped (FP8 codes, or the stored elements of any dtype).
 pub fn raw_weight<'a>(model: &'a ModelDir, m: &Member) -> Result<&'a [u8]> {
-    let t = model
-        .tensor(&m.weight)
-        .ok_or_else(|| ForgeError::MissingTensor { tensor: m.weight.clone(), file: model.path.display().to_string() })?;
+    let t = model.tensor(&m.weight).ok_or_else(|| ForgeError::MissingTensor {
+        tensor: m.weight.clone(),
+        file: model.path.display().to_string(),
+    })?;
     model.bytes(t)
 }
 
@@ -199,7 +203,7 @@ impl<'a> HostInput<'a> {
         match self {
             HostInput::Loaded(l) => Ok((l.view(), None)),
             HostInput::Fp8 { q, blocks, dims } => {
-                let v = ndarray::ArrayView2::from_shape(*dims, *q).map_err(|e| ForgeError::Shape(e.to_string()))?;
+                let v = ndarray::ArrayView2::from_shape(*dims, q).map_err(|e| ForgeError::Shape(e.to_string()))?;
                 Ok((WeightView::Fp8E4M3(v), Some(*blocks)))
             }
         }
@@ -209,7 +213,7 @@ impl<'a> HostInput<'a> {
     pub fn rows(&self) -> RowSource<'_> {
         match self {
             HostInput::Loaded(l) => RowSource::View(l.view()),
-            HostInput::Fp8 { q, blocks, dims } => RowSource::Fp8 { q: *q, blocks: *blocks, dims: *dims },
+            HostInput::Fp8 { q, blocks, dims } => RowSource::Fp8 { q, blocks: *blocks, dims: *dims },
         }
     }
 }

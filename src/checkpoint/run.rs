@@ -22,6 +22,7 @@ use super::fp8::{dequantize_fp8_blocks, f32_to_bf16_bytes, BlockScales};
 use super::memory::{human_bytes, peak_rss};
 use super::model::{ModelDir, INDEX_FILE};
 use super::output::{ItemStats, MemberStats, OutputDir, Resumed};
+use super::pipeline::{produce_gpu, produce_reference, ProducerArgs};
 use super::plan::{Item, Member, Method, Plan, Work};
 use super::quant::{
     engine_codes_are_rtn, gptq_result, load_hessian, load_weight, quantize_gptq, quantize_rtn, release_weight,
@@ -78,6 +79,10 @@ pub struct RunOptions {
     /// Test hook: `abort()` the process after this many steps of this run.
     #[doc(hidden)]
     pub abort_after_items: Option<usize>,
+    /// Test hook: with the CPU backend, run the device path's pipeline (engine jobs, two in
+    /// flight, the host's finishing) with the CPU references standing in for the engine.
+    #[doc(hidden)]
+    pub reference_pipeline: bool,
 }
 
 impl RunOptions {
@@ -92,6 +97,7 @@ impl RunOptions {
             profile: false,
             fail_after_items: None,
             abort_after_items: None,
+            reference_pipeline: false,
         }
     }
 }
@@ -188,7 +194,7 @@ pub fn quantize_checkpoint(model: &ModelDir, plan: &Plan, opts: &RunOptions, obs
         Backend::Gpu(d) => Some(d.clone()),
         Backend::Cpu => None,
     };
-    let memory = estimate_memory(model, plan, gpu_dev.is_some());
+    let memory = estimate_memory(model, plan, gpu_dev.is_some() || opts.reference_pipeline);
     check_host_budget(&memory, opts.max_host_memory)?;
     let mut gpu_stats = match &gpu_dev {
         Some(dev) => {
@@ -240,8 +246,10 @@ pub fn quantize_checkpoint(model: &ModelDir, plan: &Plan, opts: &RunOptions, obs
     let (produced, written) = std::thread::scope(|scope| {
         let (tx, rx) = sync_channel::<Done>(0);
         let handle = scope.spawn(move || writer.run(rx));
+        let args = ProducerArgs { model, plan, todo: &todo, block, profile: opts.profile, obs, tx: &tx };
         let produced = match &gpu_dev {
-            Some(dev) => super::pipeline::produce_gpu(dev, model, plan, &todo, block, opts.profile, obs, &tx),
+            Some(dev) => produce_gpu(dev, args),
+            None if opts.reference_pipeline => produce_reference(args),
             None => produce_cpu(model, plan, &todo, block, &opts.backend, obs, &tx).map(|()| None),
         };
         drop(tx);
@@ -366,9 +374,8 @@ fn quantize_cpu(
                 }
             }
             for r in by_member {
-                results.push(
-                    r.ok_or_else(|| ForgeError::Config(format!("{}: a member was not quantized", item.label)))?,
-                );
+                results
+                    .push(r.ok_or_else(|| ForgeError::Config(format!("{}: a member was not quantized", item.label)))?);
             }
         }
     }
@@ -529,7 +536,9 @@ impl Writer<'_> {
             }
             (Work::Quantize { .. }, Done::Cpu { results, .. }) => results,
             (Work::Quantize { members }, Done::Engine { jobs, .. }) => self.finish_engine(item, members, jobs)?,
-            _ => return Err(ForgeError::Internal(format!("{}: the producer sent the wrong kind of result", item.label))),
+            _ => {
+                return Err(ForgeError::Internal(format!("{}: the producer sent the wrong kind of result", item.label)))
+            }
         };
         let Work::Quantize { members } = &item.work else {
             return Err(ForgeError::Internal(format!("{} is not a quantization step", item.label)));

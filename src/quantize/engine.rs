@@ -1222,7 +1222,8 @@ impl FootprintTracker {
             // errors (padded), decoded grid, column groups.
             let rp = padded(w.rows) as u64;
             let ws = rc + 4 * rc + 4 * r + 8 * rp * cp + 8 * r * c.div_ceil(32) + 4 * cp;
-            self.shared = self.shared.max(ws + if job.hessian { 16 * c * c + 8 * c + POTRF_BYTES_PER_COL * c } else { 0 });
+            self.shared =
+                self.shared.max(ws + if job.hessian { 16 * c * c + 8 * c + POTRF_BYTES_PER_COL * c } else { 0 });
         }
         let n = job.weights.len() as u64;
         let hessian_dev = if job.hessian { 4 * c * c } else { 0 };

@@ -200,7 +200,14 @@ pub(crate) unsafe fn enqueue_fp8_block_dequant(
 }
 
 /// The raw device output of [`dequantize_fp8_blocks_gpu_raw`], checked for NaN codes.
-fn dequantize_raw(dev: &GpuDevice, q: &[u8], rows: usize, cols: usize, blocks: &Fp8Blocks<'_>, output: Fp8Output) -> Result<Vec<u8>> {
+fn dequantize_raw(
+    dev: &GpuDevice,
+    q: &[u8],
+    rows: usize,
+    cols: usize,
+    blocks: &Fp8Blocks<'_>,
+    output: Fp8Output,
+) -> Result<Vec<u8>> {
     let n = rows.checked_mul(cols).ok_or_else(|| ForgeError::Shape(format!("{rows}×{cols} overflows")))?;
     if q.len() != n {
         return Err(ForgeError::Shape(format!("fp8 weight has {} bytes, expected {rows}×{cols}", q.len())));
@@ -211,7 +218,9 @@ fn dequantize_raw(dev: &GpuDevice, q: &[u8], rows: usize, cols: usize, blocks: &
         Fp8Output::BF16 => 2,
     };
     let stream = dev.stream();
-    let q_dev = stream.clone_htod(if q.is_empty() { &[0u8][..] } else { q }).map_err(ForgeError::driver("uploading fp8 codes"))?;
+    let q_dev = stream
+        .clone_htod(if q.is_empty() { &[0u8][..] } else { q })
+        .map_err(ForgeError::driver("uploading fp8 codes"))?;
     let s_dev = stream
         .clone_htod(if blocks.scales.is_empty() { &[0u8][..] } else { blocks.scales })
         .map_err(ForgeError::driver("uploading block scales"))?;

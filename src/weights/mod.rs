@@ -7,11 +7,9 @@ mod file;
 mod fp8;
 mod synthetic;
 
-pub(crate) use fp8::enqueue_fp8_block_dequant;
-pub use fp8::{
-    dequantize_fp8_blocks_gpu, dequantize_fp8_blocks_gpu_bf16, BlockScaleDtype, Fp8Blocks, Fp8Output,
-};
 pub use file::{load_layer, HessianSource, LayerFile, LayerStats, OwnedWeight};
+pub(crate) use fp8::enqueue_fp8_block_dequant;
+pub use fp8::{dequantize_fp8_blocks_gpu, dequantize_fp8_blocks_gpu_bf16, BlockScaleDtype, Fp8Blocks, Fp8Output};
 pub use synthetic::synthetic_layer;
 
 use crate::{ForgeError, Result};

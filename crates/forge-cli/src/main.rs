@@ -9,6 +9,9 @@
 //! ```
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use fourbit_forge::checkpoint::budget::{
+    check_gpu_budget, check_host_budget, default_gpu_budget, estimate_memory, CPU_WINDOW, GPU_WINDOW,
+};
 use fourbit_forge::checkpoint::demo::{
     write_deepseek_demo, write_demo_hessians, write_llama_demo, DeepSeekDemo, LlamaDemo,
 };
@@ -16,9 +19,6 @@ use fourbit_forge::checkpoint::format::{dtype_name, ScaleDtype};
 use fourbit_forge::checkpoint::memory::{default_budget, human_bytes, parse_size, peak_rss};
 use fourbit_forge::checkpoint::output::{check_target, ItemStats};
 use fourbit_forge::checkpoint::plan::Item;
-use fourbit_forge::checkpoint::budget::{
-    check_gpu_budget, check_host_budget, default_gpu_budget, estimate_memory, CPU_WINDOW, GPU_WINDOW,
-};
 use fourbit_forge::checkpoint::run::{estimate_seconds, layer_rows, SUMMARY_FILE};
 use fourbit_forge::checkpoint::select::TensorKind;
 use fourbit_forge::checkpoint::{
@@ -355,7 +355,11 @@ fn quantize(a: QuantizeArgs) -> Result<(), CliError> {
     let budget = a.max_host_memory.unwrap_or_else(default_budget);
     let est = estimate_memory(&model, &plan, matches!(backend, Backend::Gpu(_)));
     let window = if matches!(backend, Backend::Gpu(_)) {
-        format!("{GPU_WINDOW} quantization steps in flight from {}, engine staging {}", est.host_step, human_bytes(est.pinned))
+        format!(
+            "{GPU_WINDOW} quantization steps in flight from {}, engine staging {}",
+            est.host_step,
+            human_bytes(est.pinned)
+        )
     } else {
         format!("{CPU_WINDOW} steps in flight from {}", est.host_step)
     };
