@@ -304,13 +304,15 @@ pub fn rtn_from_grid(
                     })
                     .collect();
                 let (mut err, mut norm) = (0f64, 0f64);
-                for (c, (o, &x)) in out.iter_mut().zip(buf.iter()).enumerate() {
-                    let (s, z) = meta[c / gs];
-                    let q = if given { f32::from(*o) } else { quantize(x, s, z, maxq) };
-                    *o = q as u8;
-                    let d = f64::from(dequantize(q, s, z)) - f64::from(x);
-                    err += d * d;
-                    norm += f64::from(x) * f64::from(x);
+                // Group by group (no division per element), columns in order.
+                for ((o, xs), &(s, z)) in out.chunks_mut(gs.max(1)).zip(buf.chunks(gs.max(1))).zip(&meta) {
+                    for (o, &x) in o.iter_mut().zip(xs) {
+                        let q = if given { f32::from(*o) } else { quantize(x, s, z, maxq) };
+                        *o = q as u8;
+                        let d = f64::from(dequantize(q, s, z)) - f64::from(x);
+                        err += d * d;
+                        norm += f64::from(x) * f64::from(x);
+                    }
                 }
                 Ok((err, norm))
             },
@@ -421,11 +423,22 @@ pub fn gptq_result(l: QuantizedLayer, w: &RowSource<'_>) -> Result<MemberResult>
                     })
                     .collect();
                 let (mut err, mut norm) = (0f64, 0f64);
-                for (c, (&x, &q)) in buf.iter().zip(l.codes.row(r)).enumerate() {
-                    let (s, z) = meta[c / gs];
-                    let e = f64::from(dequantize(f32::from(q), s, z)) - f64::from(x);
-                    err += e * e;
-                    norm += f64::from(x) * f64::from(x);
+                let row = l.codes.row(r);
+                let owned;
+                let codes = match row.as_slice() {
+                    Some(c) => c,
+                    None => {
+                        owned = row.to_vec();
+                        &owned
+                    }
+                };
+                // Group by group (no division per element), columns in order.
+                for ((xs, qs), &(s, z)) in buf.chunks(gs).zip(codes.chunks(gs)).zip(&meta) {
+                    for (&x, &q) in xs.iter().zip(qs) {
+                        let e = f64::from(dequantize(f32::from(q), s, z)) - f64::from(x);
+                        err += e * e;
+                        norm += f64::from(x) * f64::from(x);
+                    }
                 }
                 Ok((err, norm))
             },
