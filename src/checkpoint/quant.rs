@@ -303,17 +303,18 @@ pub fn rtn_from_grid(
                         (stored_scale(m.log2_scale_q88, scale_dtype), m.qzero_f32())
                     })
                     .collect();
-                let (mut err, mut norm) = (0f64, 0f64);
-                // Group by group (no division per element), columns in order.
+                // Group by group (no division per element): the codes, then the error in
+                // LANES independent f64 sums (the loops vectorize), added up in lane order.
+                let (mut err, mut norm) = ([0f64; LANES], [0f64; LANES]);
                 for ((o, xs), &(s, z)) in out.chunks_mut(gs.max(1)).zip(buf.chunks(gs.max(1))).zip(&meta) {
-                    for (o, &x) in o.iter_mut().zip(xs) {
-                        let q = if given { f32::from(*o) } else { quantize(x, s, z, maxq) };
-                        *o = q as u8;
-                        let d = f64::from(dequantize(q, s, z)) - f64::from(x);
-                        err += d * d;
-                        norm += f64::from(x) * f64::from(x);
+                    if !given {
+                        for (o, &x) in o.iter_mut().zip(xs) {
+                            *o = quantize(x, s, z, maxq) as u8;
+                        }
                     }
+                    lane_sums(o, xs, s, z, &mut err, &mut norm);
                 }
+                let (err, norm) = (err.iter().sum::<f64>(), norm.iter().sum::<f64>());
                 Ok((err, norm))
             },
         )
@@ -332,6 +333,31 @@ pub fn rtn_from_grid(
         method: "rtn",
         flags: Vec::new(),
     })
+}
+
+/// Independent f64 partial sums of the host's error passes (enough to hide the add latency).
+const LANES: usize = 8;
+
+/// Adds `((q − z)·s − x)²` and `x²` of a group's codes `qs` and values `xs` into `LANES`
+/// partial sums, element `i` into lane `i % LANES`.
+#[inline]
+fn lane_sums(qs: &[u8], xs: &[f32], s: f32, z: f32, err: &mut [f64; LANES], norm: &mut [f64; LANES]) {
+    let mut qc = qs.chunks_exact(LANES);
+    let mut xc = xs.chunks_exact(LANES);
+    for (q8, x8) in (&mut qc).zip(&mut xc) {
+        for l in 0..LANES {
+            let x = f64::from(x8[l]);
+            let d = f64::from(dequantize(f32::from(q8[l]), s, z)) - x;
+            err[l] += d * d;
+            norm[l] += x * x;
+        }
+    }
+    for (l, (&q, &x)) in qc.remainder().iter().zip(xc.remainder()).enumerate() {
+        let x = f64::from(x);
+        let d = f64::from(dequantize(f32::from(q), s, z)) - x;
+        err[l] += d * d;
+        norm[l] += x * x;
+    }
 }
 
 /// A Hessian file: `hessian` (or the only 2-D tensor), F32/F16/BF16, `cols × cols`, and
@@ -422,7 +448,6 @@ pub fn gptq_result(l: QuantizedLayer, w: &RowSource<'_>) -> Result<MemberResult>
                         (m.scale(), m.qzero_f32())
                     })
                     .collect();
-                let (mut err, mut norm) = (0f64, 0f64);
                 let row = l.codes.row(r);
                 let owned;
                 let codes = match row.as_slice() {
@@ -432,14 +457,12 @@ pub fn gptq_result(l: QuantizedLayer, w: &RowSource<'_>) -> Result<MemberResult>
                         &owned
                     }
                 };
-                // Group by group (no division per element), columns in order.
+                // Group by group (no division per element), as in `rtn_from_grid`.
+                let (mut err, mut norm) = ([0f64; LANES], [0f64; LANES]);
                 for ((xs, qs), &(s, z)) in buf.chunks(gs).zip(codes.chunks(gs)).zip(&meta) {
-                    for (&x, &q) in xs.iter().zip(qs) {
-                        let e = f64::from(dequantize(f32::from(q), s, z)) - f64::from(x);
-                        err += e * e;
-                        norm += f64::from(x) * f64::from(x);
-                    }
+                    lane_sums(qs, xs, s, z, &mut err, &mut norm);
                 }
+                let (err, norm) = (err.iter().sum::<f64>(), norm.iter().sum::<f64>());
                 Ok((err, norm))
             },
         )

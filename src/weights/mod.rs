@@ -98,8 +98,19 @@ impl<'a> WeightView<'a> {
     /// Reads row `r` widened to f32 into `out[..cols]`; errors on the first NaN/inf.
     pub fn read_row_f32(&self, r: usize, out: &mut [f32]) -> Result<()> {
         fn fill<T: Copy>(row: ndarray::ArrayView1<T>, out: &mut [f32], f: impl Fn(T) -> f32) {
-            for (o, &v) in out.iter_mut().zip(row.iter()) {
-                *o = f(v);
+            // A contiguous row as a slice: the loop vectorizes (the host passes of a checkpoint
+            // run read every weight through here).
+            match row.as_slice() {
+                Some(s) => {
+                    for (o, &v) in out.iter_mut().zip(s) {
+                        *o = f(v);
+                    }
+                }
+                None => {
+                    for (o, &v) in out.iter_mut().zip(row.iter()) {
+                        *o = f(v);
+                    }
+                }
             }
         }
         match self {
@@ -109,7 +120,12 @@ impl<'a> WeightView<'a> {
             WeightView::Fp8E4M3(a) => fill(a.row(r), out, fp8_e4m3_to_f32),
         }
         let cols = self.dim().1;
-        match out[..cols].iter().position(|v| !v.is_finite()) {
+        let row = &out[..cols];
+        // A branch-free pass first; the position only on the rare bad row.
+        if row.iter().fold(true, |ok, v| ok & v.is_finite()) {
+            return Ok(());
+        }
+        match row.iter().position(|v| !v.is_finite()) {
             None => Ok(()),
             Some(col) => Err(ForgeError::NonFinite { tensor: "weight", row: r, col, value: out[col] }),
         }
