@@ -168,7 +168,8 @@ pub(crate) unsafe fn enqueue_fp8_block_dequant(
     first_nan: DevPtrMut<u64>,
 ) -> Result<()> {
     let (_, sc) = blocks.scale_dims(rows, cols)?;
-    let fits = |v: usize| u32::try_from(v).ok();
+    // Half the u32 range: the kernel's grid-stride indices (`+ stride`) cannot wrap.
+    let fits = |v: usize| u32::try_from(v).ok().filter(|&v| v <= u32::MAX / 2);
     let (Some(r32), Some(c32), Some(bm), Some(bn), Some(sc32)) =
         (fits(rows), fits(cols), fits(blocks.block.0), fits(blocks.block.1), fits(sc))
     else {
