@@ -130,7 +130,7 @@ fn host_stages(dir: &Path) -> Vec<Vec<String>> {
     let w = DemoRng::new(3).weight(rows, cols).mapv(half::bf16::from_f32);
     let bytes = (rows * cols * 2) as u64;
     let view = WeightView::BF16(w.view());
-    let cfg = GridConfig::default();
+    let cfg = GridConfig { scale_dtype: ScaleDtype::BF16, ..GridConfig::default() };
     let grid = fourbit_forge::grid::build_quant_grid(view, &cfg).expect("grid");
     let mut out = Vec::new();
     let mut time = |name: &str, f: &mut dyn FnMut()| {
@@ -147,11 +147,11 @@ fn host_stages(dir: &Path) -> Vec<Vec<String>> {
     });
     let mut codes = None;
     time("host RTN against bf16 stored scales (codes + error)", &mut || {
-        codes = Some(rtn_from_grid(&RowSource::View(view), grid.clone(), ScaleDtype::BF16, None).expect("rtn").codes);
+        codes = Some(rtn_from_grid(&RowSource::View(view), grid.clone(), None).expect("rtn").codes);
     });
     let codes = codes.expect("codes");
-    time("relative error only (engine's codes)", &mut || {
-        rtn_from_grid(&RowSource::View(view), grid.clone(), ScaleDtype::F32, Some(codes.clone())).expect("rtn");
+    time("relative error only (the engine's codes)", &mut || {
+        rtn_from_grid(&RowSource::View(view), grid.clone(), Some(codes.clone())).expect("rtn");
     });
     let format = WriterFormat::new("compressed-tensors", &cfg, None, false).expect("format");
     let mut encoded = Vec::new();

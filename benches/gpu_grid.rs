@@ -26,7 +26,13 @@ fn main() -> fourbit_forge::Result<()> {
             let mut qmeta = stream.alloc_zeros::<u32>(rows * n_groups).map_err(ForgeError::driver("alloc"))?;
             let mut flag = stream.alloc_zeros::<u64>(1).map_err(ForgeError::driver("alloc"))?;
             let mut time = |search: ScaleSearch, batch: usize| {
-                let cfg = GridConfig { group_size: 128, bits: 4, symmetric: true, scale_search: search };
+                let cfg = GridConfig {
+                    group_size: 128,
+                    bits: 4,
+                    symmetric: true,
+                    scale_search: search,
+                    ..GridConfig::default()
+                };
                 common::median_ms(&dev, 3, 15, batch, || launch_grid_kernel(&dev, &dw, &cfg, &mut qmeta, &mut flag))
             };
             let absmax = time(ScaleSearch::Absmax, 20)?;

@@ -10,6 +10,8 @@
 //!    back to back: with Hessians given on the device, and with Hessians from 8192 bf16
 //!    tokens per expert (activations on the device, tensor-core accumulation); experts/s and
 //!    the device allocations made during the 64;
+//! 1b. the GPU pre-step's parts (gather, factor, `R⁻¹`, extract; device events) for
+//!    C = 2048, 4096, 7168 and each factor method, beside the f64 dgemm rate measured here;
 //! 4. Hessian accumulation rate, tokens·C² multiply-adds per second, bf16 (tensor cores) and
 //!    f32 (SYRK kernel), 8192 tokens on the device.
 //!
@@ -20,8 +22,10 @@ mod common;
 
 use cudarc::driver::sys::CUevent_flags;
 use fourbit_forge::calib::ActivationView;
-use fourbit_forge::device::GpuDevice;
-use fourbit_forge::hessian::{DeviceActivations, GpuHessian, HessianAccumulator, PreStepConfig};
+use fourbit_forge::device::{DeviceBuffer, DeviceBufferMut, GpuDevice};
+use fourbit_forge::hessian::{
+    DeviceActivations, FactorMethod, GpuHessian, GpuPreStepper, HessianAccumulator, PreStepConfig,
+};
 use fourbit_forge::quantize::{HessianInput, LayerJob, QuantEngine, Ticket};
 use fourbit_forge::{ForgeError, GridConfig, Result, WeightView};
 use half::bf16;
@@ -107,6 +111,68 @@ fn main() -> Result<()> {
             vec!["device → host".into(), format!("{d2h:.1}")],
             vec!["device → device (read + write)".into(), format!("{d2d:.0}")],
         ],
+    );
+
+    // 1b. The pre-step's parts, per R⁻¹ method, beside the f64 dgemm rate.
+    let side = 4096usize;
+    let mut mats = (0..3).map(|_| dev.alloc::<f64>(side * side, "dgemm")).collect::<Result<Vec<_>>>()?;
+    for m in &mut mats {
+        stream.memset_zeros(m).map_err(ForgeError::driver("clearing a matrix"))?;
+    }
+    let (a, b, c) = (mats[0].dev_ptr().addr(), mats[1].dev_ptr().addr(), mats[2].dev_ptr_mut().addr());
+    let dgemm_ms = common::median_ms(&dev, 2, 7, 1, || {
+        // SAFETY: three live side² f64 buffers on the compute stream.
+        dev.with_blas(|bl| unsafe {
+            bl.dgemm((false, false), (side, side, side), 1.0, (a, side), (b, side), 0.0, (c, side))
+        })
+    })?;
+    drop(mats);
+    let dgemm_tflops = 2.0 * (side as f64).powi(3) / (dgemm_ms * 1e-3) / 1e12;
+    let methods = [
+        ("potrf; trsm, all columns", FactorMethod::PotrfTrsm { block: 0 }),
+        ("potrf; recursive inverse, dgemm, leaf 512", FactorMethod::PotrfRecursiveInverse { leaf: 512, gemm: true }),
+        ("blocked R and R⁻¹ (trmm/syrk), leaf 512", FactorMethod::Blocked { leaf: 512 }),
+        ("blocked R and R⁻¹ (dgemm), leaf 128", FactorMethod::BlockedGemm { leaf: 128 }),
+        ("blocked R and R⁻¹ (dgemm), leaf 256 (default)", FactorMethod::default()),
+        ("blocked R and R⁻¹ (dgemm), leaf 512", FactorMethod::BlockedGemm { leaf: 512 }),
+        ("blocked R and R⁻¹ (dgemm), leaf 1024", FactorMethod::BlockedGemm { leaf: 1024 }),
+    ];
+    let mut stepper = GpuPreStepper::new(&dev)?;
+    let mut rows_pre = Vec::new();
+    for c in [2048usize, 4096, 7168] {
+        let h = GpuHessian::from_host(&dev, hessian(c, c as u64 + 1).view(), 1)?;
+        let flops = (c as f64).powi(3) / 3.0;
+        for (name, m) in methods {
+            let mut parts: Vec<[f32; 4]> = Vec::new();
+            for k in 0..6 {
+                let t = stepper.profile(&dev, h.h(), c, &PreStepConfig::default(), m)?;
+                if k > 0 {
+                    parts.push(t); // the first grows the buffers
+                }
+            }
+            let med = |i: usize| median(parts.iter().map(|p| f64::from(p[i])).collect());
+            let (g, p, inv, e) = (med(0), med(1), med(2), med(3));
+            rows_pre.push(vec![
+                format!("C={c}"),
+                name.into(),
+                format!("{g:.2}"),
+                format!("{p:.2} ({:.1} TF/s)", flops / (p * 1e-3) / 1e12),
+                format!("{inv:.2} ({:.1} TF/s)", flops / (inv * 1e-3) / 1e12),
+                format!("{e:.2}"),
+                format!("{:.2}", g + p + inv + e),
+            ]);
+        }
+    }
+    drop(stepper);
+    common::print_table(
+        &format!(
+            "GPU pre-step parts, {} (ms, device events, median of 5; f64; rates count n³/3 flops each; \
+             blocked: R and R⁻¹ together in the potrf column, the info reduction in the R⁻¹ column; \
+             dgemm 4096³ f64 measured here: {dgemm_tflops:.1} TF/s)",
+            dev.name()
+        ),
+        &["side", "method", "gather", "potrf", "R⁻¹", "extract", "total"],
+        &rows_pre,
     );
 
     // 2. Per layer.

@@ -117,7 +117,13 @@ fn rtn(w: &Array2<f32>, s: &QuantSettings) -> Result<(QuantGrid, Array2<u8>)> {
     let grid = match s.group_size {
         Some(gs) => build_quant_grid(
             WeightView::F32(w.view()),
-            &GridConfig { group_size: gs, bits: s.bits, symmetric: s.symmetric, scale_search: ScaleSearch::Absmax },
+            &GridConfig {
+                group_size: gs,
+                bits: s.bits,
+                symmetric: s.symmetric,
+                scale_search: ScaleSearch::Absmax,
+                scale_dtype: s.scale_dtype,
+            },
         )?,
         None => {
             // One group per row: the grid builder's groups are at most 1024 columns.
@@ -129,7 +135,7 @@ fn rtn(w: &Array2<f32>, s: &QuantSettings) -> Result<(QuantGrid, Array2<u8>)> {
                     qmeta[[r, 0, k]] = b;
                 }
             }
-            QuantGrid { qmeta, maxq: s.maxq(), pad: 0, group_size: cols }
+            QuantGrid { qmeta, maxq: s.maxq(), pad: 0, group_size: cols, scale_dtype: s.scale_dtype }
         }
     };
     let maxq = s.maxq() as f32;

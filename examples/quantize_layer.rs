@@ -17,19 +17,29 @@
 //!
 //! Without a usable GPU (or with `--cpu`) everything runs on the CPU reference.
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use fourbit_forge::calib::PreStepRoute;
 use fourbit_forge::hessian::{pre_step_cpu, PreStepConfig};
 use fourbit_forge::quantize::output::{output_dir, write_layer, LayerOutput};
 use fourbit_forge::quantize::{widen, with_engine, HessianInput, LayerJob, PreStepSummary};
 use fourbit_forge::solver::{layer_output_error, round_to_nearest};
 use fourbit_forge::weights::{load_layer, synthetic_layer, HessianSource, LayerStats, OwnedWeight};
-use fourbit_forge::{Backend, ForgeError, GridConfig, MseSearch, Quantizer, ScaleSearch, ShrinkCandidates, WeightView};
+use fourbit_forge::{
+    Backend, ForgeError, GridConfig, MseSearch, Quantizer, ScaleDtype, ScaleSearch, ShrinkCandidates, WeightView,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Quantize one nn.Linear layer with GPTQ (4Bit Forge).
+/// Scale dtypes `--scale-dtype` accepts.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum ScaleDtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
 #[derive(Parser, Debug)]
 #[command(version, allow_negative_numbers = true)]
 struct Args {
@@ -69,6 +79,10 @@ struct Args {
     /// Smallest shrink factor tried.
     #[arg(long, default_value_t = 0.2, requires = "mse")]
     max_shrink: f32,
+    /// dtype a checkpoint will store the scales in: the MSE search, the solver and the
+    /// round-to-nearest baseline all use each scale rounded to it.
+    #[arg(long, value_enum, default_value = "f32")]
+    scale_dtype: ScaleDtypeArg,
     /// Process input columns in order of decreasing diag(H).
     #[arg(long)]
     act_order: bool,
@@ -147,6 +161,11 @@ fn run(args: Args) -> Result<(), CliError> {
             })
         } else {
             ScaleSearch::Absmax
+        },
+        scale_dtype: match args.scale_dtype {
+            ScaleDtypeArg::F32 => ScaleDtype::F32,
+            ScaleDtypeArg::F16 => ScaleDtype::F16,
+            ScaleDtypeArg::Bf16 => ScaleDtype::BF16,
         },
     };
     let prestep_cfg = PreStepConfig { rel_damp: args.damp, act_order: args.act_order };
@@ -275,6 +294,7 @@ fn run(args: Args) -> Result<(), CliError> {
                 pre_step: prestep_cfg.clone(),
                 want_dequant: true,
                 profile: true,
+                pack: None,
                 block_scales: Vec::new(),
             };
             let mut out = with_engine(dev, |e| e.quantize(&job))?;
@@ -384,6 +404,7 @@ fn settings_metadata(args: &Args, source: &str, backend: &Backend) -> Vec<(Strin
         ("group_size", args.group_size.to_string()),
         ("symmetric", (!args.asym).to_string()),
         ("scale_search", if args.mse { "mse" } else { "absmax" }.to_string()),
+        ("scale_dtype", format!("{:?}", args.scale_dtype).to_lowercase()),
         ("act_order", args.act_order.to_string()),
         ("damp", args.damp.to_string()),
         ("source", source.to_string()),

@@ -17,12 +17,13 @@ pub mod grid;
 pub mod hessian;
 pub mod pack;
 pub mod quantize;
+pub mod runtime;
 pub mod solver;
 pub mod weights;
 
 pub use error::{ForgeError, Result};
 pub use forge_numerics as numerics;
 pub use forge_numerics::QMetaPacked;
-pub use grid::{GridConfig, MseSearch, QuantGrid, ScaleSearch, ShrinkCandidates};
+pub use grid::{GridConfig, MseSearch, QuantGrid, ScaleDtype, ScaleSearch, ShrinkCandidates};
 pub use quantize::{Backend, Quantizer};
 pub use weights::{WeightDtype, WeightView};

@@ -140,12 +140,14 @@ fn rtn_from_given_codes_equals_rtn_computed_on_the_host() {
     let w = rng.weight(67, 300);
     let wb = w.mapv(half::bf16::from_f32);
     for search in [ScaleSearch::Absmax, ScaleSearch::Mse(MseSearch::default())] {
-        let cfg = GridConfig { group_size: 64, bits: 3, symmetric: false, scale_search: search };
-        let q = Quantizer::new(cfg, Backend::Cpu);
         for sd in [ScaleDtype::F32, ScaleDtype::BF16, ScaleDtype::F16] {
+            let cfg =
+                GridConfig { group_size: 64, bits: 3, symmetric: false, scale_search: search.clone(), scale_dtype: sd };
+            let q = Quantizer::new(cfg, Backend::Cpu);
             let view = WeightView::BF16(wb.view());
-            let host = quantize_rtn(&q, view, sd).unwrap();
-            let given = rtn_from_grid(&RowSource::View(view), host.grid.clone(), sd, Some(host.codes.clone())).unwrap();
+            let host = quantize_rtn(&q, view).unwrap();
+            assert_eq!(host.grid.scale_dtype, sd);
+            let given = rtn_from_grid(&RowSource::View(view), host.grid.clone(), Some(host.codes.clone())).unwrap();
             assert_eq!(given.codes, host.codes);
             assert_eq!(given.grid, host.grid);
             assert_eq!(given.rel_weight_error.to_bits(), host.rel_weight_error.to_bits(), "{sd:?}");
@@ -154,10 +156,10 @@ fn rtn_from_given_codes_equals_rtn_computed_on_the_host() {
     }
     let view = WeightView::F32(w.view());
     let g = fourbit_forge::grid::build_quant_grid(view, &GridConfig::default()).unwrap();
-    let bad = rtn_from_grid(&RowSource::View(view), g.clone(), ScaleDtype::F32, Some(Array2::zeros((3, 3))));
+    let bad = rtn_from_grid(&RowSource::View(view), g.clone(), Some(Array2::zeros((3, 3))));
     assert!(matches!(bad, Err(ForgeError::Shape(_))));
     let small = w.slice(ndarray::s![..10, ..]).to_owned();
-    let bad = rtn_from_grid(&RowSource::View(WeightView::F32(small.view())), g, ScaleDtype::F32, None);
+    let bad = rtn_from_grid(&RowSource::View(WeightView::F32(small.view())), g, None);
     assert!(matches!(bad, Err(ForgeError::Shape(_))), "a grid of another weight");
 }
 

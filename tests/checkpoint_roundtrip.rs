@@ -43,16 +43,15 @@ fn input_f32(model: &ModelDir, name: &str) -> Array2<f32> {
     }
 }
 
-/// Round-to-nearest references. With f32 scales: the library's own GPTQ path with `U = I`.
-/// With f16/bf16 scales: the library's grid, each element quantized against the stored
-/// (rounded) scale, and the dequantized weight as issue 12's `expected_dequant` defines it.
+/// Round-to-nearest references with scales stored in `scale`: the library's own GPTQ path
+/// with `U = I`, checked against an independent computation (the library's grid, each element
+/// quantized against the stored scale, the dequantized weight as issue 12's `expected_dequant`
+/// defines it).
 fn reference_rtn(config: &GridConfig, scale: ScaleDtype, w: ArrayView2<'_, f32>) -> (Vec<u8>, Vec<f32>) {
+    let config = GridConfig { scale_dtype: scale, ..config.clone() };
     let q = Quantizer::new(config.clone(), Backend::Cpu);
-    if scale == ScaleDtype::F32 {
-        let f = PreparedFactor::no_tokens(w.ncols()).unwrap();
-        let l = quantize_with(&q, &f, WeightView::F32(w)).unwrap();
-        return (l.codes.iter().copied().collect(), l.dequant().iter().copied().collect());
-    }
+    let f = PreparedFactor::no_tokens(w.ncols()).unwrap();
+    let l = quantize_with(&q, &f, WeightView::F32(w)).unwrap();
     let grid = q.build_quant_grid(WeightView::F32(w)).unwrap();
     let codes = Array2::from_shape_fn(w.dim(), |(r, c)| {
         let m = grid.meta(r, c / config.group_size);
@@ -62,6 +61,8 @@ fn reference_rtn(config: &GridConfig, scale: ScaleDtype, w: ArrayView2<'_, f32>)
         QuantSettings::new(CheckpointFormat::CompressedTensors, config.bits, Some(config.group_size), config.symmetric);
     settings.scale_dtype = scale;
     let deq = expected_dequant(&settings, &LinearQuant { codes: codes.view(), grid: &grid }).unwrap();
+    assert_eq!(l.codes, codes, "the solver with U = I is round-to-nearest at the stored scale");
+    assert!(l.dequant().iter().zip(deq.iter()).all(|(a, b)| a.to_bits() == b.to_bits()));
     (codes.iter().copied().collect(), deq.iter().copied().collect())
 }
 
@@ -229,60 +230,70 @@ fn dense_llama_gptq_with_shared_hessians() {
     assert!(!hess.join("model.layers.0.self_attn.q_proj.safetensors").exists());
     assert!(!hess.join("model.layers.0.mlp.up_proj.safetensors").exists());
     let pre_step = PreStepConfig { rel_damp: 0.01, act_order: true };
-    // f32 scales: the checkpoint holds exactly the scales GPTQ solved against.
-    let settings = JobSettings {
-        method: Method::Gptq(GptqSettings { hessians: hess.clone(), pre_step: pre_step.clone(), allow_missing: false }),
-        scale_dtype: Some(ScaleDtype::F32),
-        ..JobSettings::default()
-    };
-    let out = tmp.path().join("out");
-    let report = run(&model_dir, &out, &settings).unwrap();
-    let model = ModelDir::open(&model_dir).unwrap();
-    let read = read_all(&out);
-    let mut checked = 0;
-    for (name, t) in &model.tensors {
-        let module = module_of(name);
-        if !read.contains_key(&format!("{module}.weight_packed")) {
-            continue;
-        }
-        let (parent, last) = module.rsplit_once('.').unwrap();
-        let siblings: &[&str] = match last {
-            "q_proj" | "k_proj" | "v_proj" => &["k_proj", "q_proj", "v_proj"],
-            "gate_proj" | "up_proj" => &["gate_proj", "up_proj"],
-            _ => &[last],
+    // GPTQ solves against the scales as stored, so with f32 scales and with the format's
+    // default (bf16) the checkpoint dequantizes to exactly the weights GPTQ compensated.
+    for (scale_dtype, stored) in [(Some(ScaleDtype::F32), ScaleDtype::F32), (None, ScaleDtype::BF16)] {
+        let settings = JobSettings {
+            method: Method::Gptq(GptqSettings {
+                hessians: hess.clone(),
+                pre_step: pre_step.clone(),
+                allow_missing: false,
+            }),
+            scale_dtype,
+            ..JobSettings::default()
         };
-        let first = siblings
-            .iter()
-            .map(|s| format!("{parent}.{s}"))
-            .find(|m| hess.join(format!("{m}.safetensors")).exists())
+        let out = tmp.path().join(format!("out-{stored:?}"));
+        let report = run(&model_dir, &out, &settings).unwrap();
+        let model = ModelDir::open(&model_dir).unwrap();
+        let read = read_all(&out);
+        let mut checked = 0;
+        for (name, t) in &model.tensors {
+            let module = module_of(name);
+            if !read.contains_key(&format!("{module}.weight_packed")) {
+                continue;
+            }
+            let (parent, last) = module.rsplit_once('.').unwrap();
+            let siblings: &[&str] = match last {
+                "q_proj" | "k_proj" | "v_proj" => &["k_proj", "q_proj", "v_proj"],
+                "gate_proj" | "up_proj" => &["gate_proj", "up_proj"],
+                _ => &[last],
+            };
+            let first = siblings
+                .iter()
+                .map(|s| format!("{parent}.{s}"))
+                .find(|m| hess.join(format!("{m}.safetensors")).exists())
+                .unwrap();
+            let hfile =
+                fourbit_forge::checkpoint::st::SafetensorsFile::open(&hess.join(format!("{first}.safetensors")))
+                    .unwrap();
+            let ht = hfile.tensor("hessian").unwrap();
+            let hb = hfile.bytes(ht).unwrap();
+            let c = t.info.dims2().unwrap().1;
+            let h = Array2::from_shape_vec(
+                (c, c),
+                hb.chunks_exact(4).map(|x| f32::from_le_bytes(x.try_into().unwrap())).collect(),
+            )
             .unwrap();
-        let hfile =
-            fourbit_forge::checkpoint::st::SafetensorsFile::open(&hess.join(format!("{first}.safetensors"))).unwrap();
-        let ht = hfile.tensor("hessian").unwrap();
-        let hb = hfile.bytes(ht).unwrap();
-        let c = t.info.dims2().unwrap().1;
-        let h = Array2::from_shape_vec(
-            (c, c),
-            hb.chunks_exact(4).map(|x| f32::from_le_bytes(x.try_into().unwrap())).collect(),
-        )
-        .unwrap();
-        let w = input_f32(&model, name);
-        let want = quantize_experts(
-            &Backend::Cpu,
-            &settings.grid,
-            &pre_step,
-            &[ExpertInput::single(WeightView::F32(w.view()), Some(h.view()))],
-        )
-        .unwrap();
-        let (codes, deq, _) = dequant_ct(&read, module, 4, 128);
-        let l = &want[0][0];
-        assert_eq!(codes, l.codes.iter().copied().collect::<Vec<_>>(), "{module}");
-        assert!(deq.iter().zip(l.dequant().iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{module}");
-        checked += 1;
+            let w = input_f32(&model, name);
+            let want = quantize_experts(
+                &Backend::Cpu,
+                &GridConfig { scale_dtype: stored, ..settings.grid.clone() },
+                &pre_step,
+                &[ExpertInput::single(WeightView::F32(w.view()), Some(h.view()))],
+            )
+            .unwrap();
+            let (codes, deq, _) = dequant_ct(&read, module, 4, 128);
+            let l = &want[0][0];
+            assert_eq!(codes, l.codes.iter().copied().collect::<Vec<_>>(), "{module}");
+            assert!(deq.iter().zip(l.dequant().iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{module}");
+            checked += 1;
+        }
+        assert_eq!(checked, 2 * 7);
+        let tensors = report.summary["tensors"].as_array().unwrap();
+        assert!(tensors.iter().all(|t| t["method"] == "gptq" && t["gptq_loss"].as_f64().unwrap() > 0.0));
+        let scales = &read["model.layers.0.mlp.down_proj.weight_scale"];
+        assert_eq!(scales.dtype, if stored == ScaleDtype::F32 { "F32" } else { "BF16" });
     }
-    assert_eq!(checked, 2 * 7);
-    let tensors = report.summary["tensors"].as_array().unwrap();
-    assert!(tensors.iter().all(|t| t["method"] == "gptq" && t["gptq_loss"].as_f64().unwrap() > 0.0));
 }
 
 #[test]

@@ -12,7 +12,7 @@ fn weight() -> Array2<f32> {
 }
 
 fn cfg(group_size: usize, bits: u32) -> GridConfig {
-    GridConfig { group_size, bits, symmetric: true, scale_search: ScaleSearch::Absmax }
+    GridConfig { group_size, bits, symmetric: true, scale_search: ScaleSearch::Absmax, ..GridConfig::default() }
 }
 
 fn build(w: &Array2<f32>, cfg: &GridConfig) -> Result<(), ForgeError> {
@@ -111,7 +111,13 @@ fn fp8_nan_bytes_are_rejected() {
 }
 
 fn mse_cfg(search: MseSearch) -> GridConfig {
-    GridConfig { group_size: 32, bits: 4, symmetric: false, scale_search: ScaleSearch::Mse(search) }
+    GridConfig {
+        group_size: 32,
+        bits: 4,
+        symmetric: false,
+        scale_search: ScaleSearch::Mse(search),
+        ..GridConfig::default()
+    }
 }
 
 /// The search fails validation with `ScaleSearch(msg)`, `msg` containing `needle`, both from

@@ -22,7 +22,7 @@ use fourbit_forge::calib::{
 use fourbit_forge::device::cusolver::cusolver_available;
 use fourbit_forge::device::GpuDevice;
 use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig, MAX_RETRIES};
-use fourbit_forge::hessian::{DeviceActivations, GpuHessian, GpuPreStepper, MAX_CHUNK_TOKENS};
+use fourbit_forge::hessian::{DeviceActivations, FactorMethod, GpuHessian, GpuPreStepper, MAX_CHUNK_TOKENS};
 use fourbit_forge::solver::layer_output_error;
 use fourbit_forge::{Backend, ForgeError, GridConfig, Quantizer, WeightView};
 use half::{bf16, f16};
@@ -295,6 +295,44 @@ fn gpu_pre_step_matches_the_cpu_pre_step() {
             let g = GpuHessian::from_host(&dev, h.view(), 1).unwrap();
             let again = stepper.run(&dev, g.h(), cols, &cfg).unwrap();
             assert_eq!(again, gpu, "{what}: run and run_host differ");
+        }
+    }
+}
+
+#[test]
+fn every_factor_method_matches_the_cpu_pre_step() {
+    let test = "every_factor_method_matches_the_cpu_pre_step";
+    let Some(dev) = common::gpu_or_skip(test) else { return };
+    let Some(mut stepper) = stepper_or_skip(&dev, test) else { return };
+    let mut rng = StdRng::seed_from_u64(11);
+    // Small leaves make the recursion several levels deep on these sizes, with uneven splits.
+    let methods = [
+        FactorMethod::PotrfTrsm { block: 0 },
+        FactorMethod::PotrfTrsm { block: 96 },
+        FactorMethod::PotrfRecursiveInverse { leaf: 32, gemm: true },
+        FactorMethod::PotrfRecursiveInverse { leaf: 48, gemm: false },
+        FactorMethod::Blocked { leaf: 32 },
+        FactorMethod::Blocked { leaf: 100 },
+        FactorMethod::BlockedGemm { leaf: 32 },
+        FactorMethod::BlockedGemm { leaf: 100 },
+        FactorMethod::default(),
+    ];
+    for cols in [1usize, 33, 300, 1031] {
+        let h = random_hessian(cols, 2 * cols + 10, &[], &mut rng);
+        let cfg = PreStepConfig { act_order: true, rel_damp: 0.01 };
+        let cpu = pre_step_cpu(h.view(), None, &cfg).unwrap();
+        for m in methods {
+            stepper.set_method(m);
+            let gpu = stepper.run_host(&dev, h.view(), &cfg).unwrap();
+            assert_eq!(gpu.perm, cpu.perm);
+            for ((i, j), v) in gpu.hinv_factor.indexed_iter() {
+                if j < i {
+                    assert_eq!(*v, 0.0, "{m:?} cols {cols}: U[{i},{j}] below the diagonal");
+                }
+            }
+            let d = gpu.hinv_factor.mapv(f64::from) - cpu.hinv_factor.mapv(f64::from);
+            let rel = frob(&d) / frob(&cpu.hinv_factor.mapv(f64::from));
+            assert!(rel <= U_RTOL, "{m:?} cols {cols}: ‖U_gpu − U_cpu‖/‖U_cpu‖ = {rel:e}");
         }
     }
 }

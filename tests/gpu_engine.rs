@@ -17,7 +17,7 @@ use fourbit_forge::grid::build_quant_grid_gpu;
 use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig, MAX_RETRIES};
 use fourbit_forge::quantize::{HessianInput, LayerJob, QuantEngine};
 use fourbit_forge::solver::{layer_output_error, solve_cpu, solve_gpu};
-use fourbit_forge::{ForgeError, GridConfig, MseSearch, ScaleSearch, WeightView};
+use fourbit_forge::{ForgeError, GridConfig, MseSearch, ScaleDtype, ScaleSearch, WeightView};
 use half::bf16;
 use ndarray::Array2;
 use rand::rngs::StdRng;
@@ -55,10 +55,15 @@ fn engine_with_a_given_factor_equals_the_per_call_gpu_path_bit_for_bit() {
     let dev = engine.device().unwrap();
     let mut rng = StdRng::seed_from_u64(1);
     let mse = GridConfig { scale_search: ScaleSearch::Mse(MseSearch::default()), ..GridConfig::default() };
+    let mse_bf16 = GridConfig { scale_dtype: ScaleDtype::BF16, ..mse.clone() };
+    let f16 =
+        GridConfig { group_size: 64, bits: 3, symmetric: false, scale_dtype: ScaleDtype::F16, ..GridConfig::default() };
     for (rows, cols, act_order, cfg) in [
         (64, 256, false, GridConfig::default()),
         (100, 700, true, GridConfig { group_size: 64, bits: 3, symmetric: false, ..GridConfig::default() }),
         (257, 1000, true, mse),
+        (100, 700, true, f16),
+        (130, 600, false, mse_bf16),
     ] {
         let what = format!("{rows}×{cols} act_order {act_order}");
         let w = randn(rows, cols, &mut rng);
@@ -75,6 +80,7 @@ fn engine_with_a_given_factor_equals_the_per_call_gpu_path_bit_for_bit() {
             let out = engine.quantize(&job).unwrap();
             let q = &out.weights[0];
             assert_eq!(q.grid, grid, "{what} {:?}: grid", view.dtype());
+            assert_eq!(q.grid.scale_dtype, cfg.scale_dtype, "{what}: the grid says which scales it was solved with");
             assert_eq!(q.codes, old.qweight, "{what} {:?}: codes", view.dtype());
             assert_eq!(q.loss, old.loss, "{what}: loss");
             let deq = q.dequant.as_ref().unwrap();
@@ -249,4 +255,47 @@ fn engine_pipelines_groups_and_allocates_nothing_after_warm_up() {
     assert!(matches!(engine.submit(&job), Err(ForgeError::Config(_))));
     let (a, b) = (engine.collect(t1).unwrap(), engine.collect(t2).unwrap());
     assert_eq!(a.weights[0].codes, b.weights[0].codes);
+}
+
+/// With scales stored in f16 or bf16 the engine's own pre-step and solve keep CPU quality, and
+/// what it returns dequantizes exactly as a checkpoint would: the downloaded dequantized weight
+/// equals `(q − q0)·stored_scale` of its codes and records, bit for bit.
+#[test]
+fn engine_with_stored_f16_and_bf16_scales_matches_the_cpu() {
+    let Some(mut engine) = engine_or_skip("engine_with_stored_f16_and_bf16_scales_matches_the_cpu") else {
+        return;
+    };
+    let mut rng = StdRng::seed_from_u64(5);
+    let (rows, cols) = (96, 448);
+    let w = randn(rows, cols, &mut rng);
+    let h = hessian(cols, 3 * cols, &mut rng);
+    for scale_dtype in [ScaleDtype::F16, ScaleDtype::BF16] {
+        let cfg = GridConfig { group_size: 64, bits: 4, scale_dtype, ..GridConfig::default() };
+        let pcfg = PreStepConfig { act_order: true, ..PreStepConfig::default() };
+        let mut job = LayerJob::new(WeightView::F32(w.view()), HessianInput::Host(h.view()), &cfg);
+        job.pre_step = pcfg.clone();
+        job.want_dequant = true;
+        let out = engine.quantize(&job).unwrap();
+        let q = &out.weights[0];
+        let grid = fourbit_forge::grid::build_quant_grid(WeightView::F32(w.view()), &cfg).unwrap();
+        assert_eq!(q.grid, grid, "{scale_dtype:?}: absmax records are the CPU's");
+        let deq = q.dequant.as_ref().unwrap();
+        assert!(q.codes.iter().all(|&c| u32::from(c) <= cfg.maxq()));
+        for ((r, c), &d) in deq.indexed_iter() {
+            let (s, z) = q.grid.scale_zero(r, c / cfg.group_size);
+            let want = fourbit_forge::numerics::dequantize(f32::from(q.codes[[r, c]]), s, z);
+            assert_eq!(d.to_bits(), want.to_bits(), "{scale_dtype:?}: ({r}, {c}) dequantizes at the stored scale");
+        }
+        let cpu_pre = pre_step_cpu(h.view(), None, &pcfg).unwrap();
+        let cpu = solve_cpu(w.view(), cpu_pre.hinv_factor.view(), &grid, cpu_pre.perm.as_deref()).unwrap();
+        let differ = q.codes.iter().zip(cpu.qweight.iter()).filter(|(a, b)| a != b).count();
+        let worst = q.codes.iter().zip(cpu.qweight.iter()).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap();
+        assert!(
+            differ as f64 <= 0.02 * (rows * cols) as f64 && worst <= 1,
+            "{scale_dtype:?}: {differ} codes differ (max {worst})"
+        );
+        let e_gpu = layer_output_error(w.view(), deq.view(), h.view()).unwrap();
+        let e_cpu = layer_output_error(w.view(), cpu.dequant.view(), h.view()).unwrap();
+        assert!((e_gpu - e_cpu).abs() <= 2e-3 * e_cpu, "{scale_dtype:?}: output error {e_gpu} vs {e_cpu}");
+    }
 }

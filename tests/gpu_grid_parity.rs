@@ -12,7 +12,10 @@ mod common;
 use fourbit_forge::device::GpuDevice;
 use fourbit_forge::grid::build_quant_grid_gpu;
 use fourbit_forge::grid::{build_quant_grid, candidate_loss_f64};
-use fourbit_forge::{ForgeError, GridConfig, MseSearch, QuantGrid, ScaleSearch, ShrinkCandidates, WeightView};
+use fourbit_forge::numerics::stored_scale;
+use fourbit_forge::{
+    ForgeError, GridConfig, MseSearch, QMetaPacked, QuantGrid, ScaleDtype, ScaleSearch, ShrinkCandidates, WeightView,
+};
 use half::{bf16, f16};
 use ndarray::Array2;
 use proptest::prelude::*;
@@ -110,11 +113,20 @@ fn assert_mse_parity(
                     *v = w[[r, g * gs + i]];
                 }
             }
-            let lc = candidate_loss_f64(&group, c.scale(), c.qzero_f32(), maxq, m.norm);
-            let lg = candidate_loss_f64(&group, q.scale(), q.qzero_f32(), maxq, m.norm);
+            // Each choice's loss at its scale as stored (an f16 overflow's NaN ranks last).
+            let loss = |r: QMetaPacked| {
+                let s = stored_scale(r.log2_scale_q88, cfg.scale_dtype);
+                let l = candidate_loss_f64(&group, s, r.qzero_f32(), maxq, m.norm);
+                if l.is_nan() {
+                    f64::INFINITY
+                } else {
+                    l
+                }
+            };
+            let (lc, lg) = (loss(c), loss(q));
             assert!(lc <= lg, "{what}: ({r}, {g}) CPU choice is not the CPU minimum ({lc} > {lg})");
             assert!(
-                lg - lc <= MSE_LOSS_RTOL * lc.max(f64::MIN_POSITIVE),
+                lg == lc || lg - lc <= MSE_LOSS_RTOL * lc.max(f64::MIN_POSITIVE),
                 "{what}: ({r}, {g}) GPU chose q88 {} (loss {lg}) over CPU's {} (loss {lc})",
                 q.log2_scale_q88,
                 c.log2_scale_q88
@@ -122,6 +134,10 @@ fn assert_mse_parity(
         }
     }
     (rows * groups, differ)
+}
+
+fn scale_dtypes() -> impl Strategy<Value = ScaleDtype> {
+    prop_oneof![Just(ScaleDtype::F32), Just(ScaleDtype::F16), Just(ScaleDtype::BF16)]
 }
 
 fn dev_or_skip(name: &str) -> Option<std::sync::Arc<GpuDevice>> {
@@ -138,7 +154,13 @@ fn gpu_absmax_matches_the_reference_vectors() {
             for sym in [true, false] {
                 let name = format!("grid.gs{gs}.b{bits}.{}.qmeta", if sym { "sym" } else { "asym" });
                 let (expected, _) = common::vector::<u8>(&name);
-                let cfg = GridConfig { group_size: gs, bits, symmetric: sym, scale_search: ScaleSearch::Absmax };
+                let cfg = GridConfig {
+                    group_size: gs,
+                    bits,
+                    symmetric: sym,
+                    scale_search: ScaleSearch::Absmax,
+                    ..GridConfig::default()
+                };
                 let grid = build_quant_grid_gpu(&dev, WeightView::F32(x.view()), &cfg).unwrap();
                 assert_eq!(grid.qmeta.as_slice().unwrap(), &expected[..], "{name}");
             }
@@ -157,11 +179,13 @@ proptest! {
         bits in 2u32..=8,
         sym in any::<bool>(),
         dt in prop_oneof![Just(Dt::F32), Just(Dt::F16), Just(Dt::Bf16), Just(Dt::Fp8)],
+        scale_dtype in scale_dtypes(),
         seed in any::<u64>(),
     ) {
         let Some(dev) = dev_or_skip("gpu_absmax_is_bit_identical_to_cpu") else { return Ok(()) };
         let w = weights(rows, cols, seed, 0.02);
-        let cfg = GridConfig { group_size: 32 * gs_units, bits, symmetric: sym, scale_search: ScaleSearch::Absmax };
+        // Absmax records do not depend on the scale dtype (a record is a log2 scale).
+        let cfg = GridConfig { group_size: 32 * gs_units, bits, symmetric: sym, scale_search: ScaleSearch::Absmax, scale_dtype };
         let (cpu, gpu) = with_dtype(&w, dt, |v| (build_quant_grid(v, &cfg).unwrap(), build_quant_grid_gpu(&dev, v, &cfg).unwrap()));
         assert_bit_identical(&cpu, &gpu, &format!("{dt:?} {rows}x{cols} {cfg:?}"));
     }
@@ -176,6 +200,7 @@ proptest! {
         norm in prop_oneof![Just(2.0f32), Just(2.4f32), 1.0f32..4.0],
         list in proptest::option::of(proptest::collection::vec(0.05f32..1.5, 1..200)),
         dt in prop_oneof![Just(Dt::F32), Just(Dt::Bf16), Just(Dt::Fp8)],
+        scale_dtype in scale_dtypes(),
         seed in any::<u64>(),
     ) {
         let Some(dev) = dev_or_skip("gpu_mse_choice_matches_cpu") else { return Ok(()) };
@@ -184,7 +209,7 @@ proptest! {
             Some(l) => ShrinkCandidates::List(l),
             None => ShrinkCandidates::Linspace { max_shrink: 0.2, n_grid: 100 },
         };
-        let cfg = GridConfig { group_size: 32 * gs_units, bits, symmetric: sym, scale_search: ScaleSearch::Mse(MseSearch { candidates, norm }) };
+        let cfg = GridConfig { group_size: 32 * gs_units, bits, symmetric: sym, scale_search: ScaleSearch::Mse(MseSearch { candidates, norm }), scale_dtype };
         // Compare on the values the GPU saw (the dtype's, widened).
         let (cpu, gpu, seen) = with_dtype(&w, dt, |v| {
             let mut seen = Array2::zeros(v.dim());
@@ -200,16 +225,19 @@ fn gpu_mse_on_a_full_size_layer() {
     let Some(dev) = dev_or_skip("gpu_mse_on_a_full_size_layer") else { return };
     let w = weights(512, 2048, 7, 0.02);
     let mut total = (0, 0);
-    for norm in [2.0f32, 2.4] {
+    for (norm, scale_dtype) in
+        [(2.0f32, ScaleDtype::F32), (2.4, ScaleDtype::F32), (2.4, ScaleDtype::BF16), (2.0, ScaleDtype::F16)]
+    {
         let cfg = GridConfig {
             group_size: 128,
             bits: 4,
             symmetric: true,
             scale_search: ScaleSearch::Mse(MseSearch { norm, ..MseSearch::default() }),
+            scale_dtype,
         };
         let cpu = build_quant_grid(WeightView::F32(w.view()), &cfg).unwrap();
         let gpu = build_quant_grid_gpu(&dev, WeightView::F32(w.view()), &cfg).unwrap();
-        let (n, d) = assert_mse_parity(&w, &cfg, &cpu, &gpu, &format!("512x2048 norm {norm}"));
+        let (n, d) = assert_mse_parity(&w, &cfg, &cpu, &gpu, &format!("512x2048 norm {norm} {scale_dtype:?}"));
         total = (total.0 + n, total.1 + d);
     }
     eprintln!("MSE parity: {} of {} groups chose another (equally good within 1e-4) scale", total.1, total.0);
@@ -247,5 +275,31 @@ fn gpu_fp8_extremes_match_cpu() {
         let cpu = build_quant_grid(WeightView::Fp8E4M3(w.view()), &cfg).unwrap();
         let gpu = build_quant_grid_gpu(&dev, WeightView::Fp8E4M3(w.view()), &cfg).unwrap();
         assert_bit_identical(&cpu, &gpu, "fp8 extremes");
+    }
+}
+
+/// Rows whose stored f16 scales fall below 2^-25 (stored as 0: the zero-scale loss), into the
+/// f16 subnormals, around 1, and past 65520 (overflow: never chosen, unless every candidate
+/// overflows), plus all-zero and bf16 rows: the MSE choice at the stored scale matches the CPU.
+#[test]
+fn gpu_mse_at_the_stored_scale_limits_matches_cpu() {
+    let Some(dev) = dev_or_skip("gpu_mse_at_the_stored_scale_limits_matches_cpu") else { return };
+    let base = weights(64, 320, 11, 1.0);
+    let mult = [1e-7f32, 3e-7, 1e-6, 3e-6, 3e-5, 1e-3, 1.0, 3e4, 1e5, 4e5, 1e6, 0.0];
+    let w = ndarray::Array2::from_shape_fn((64, 320), |(r, c)| base[[r, c]] * 0.05 * mult[r % mult.len()]);
+    for scale_dtype in [ScaleDtype::F16, ScaleDtype::BF16] {
+        for (bits, sym, norm) in [(4u32, true, 2.0f32), (3, false, 2.4), (8, true, 2.4), (2, false, 2.0)] {
+            let cfg = GridConfig {
+                group_size: 64,
+                bits,
+                symmetric: sym,
+                scale_search: ScaleSearch::Mse(MseSearch { norm, ..MseSearch::default() }),
+                scale_dtype,
+            };
+            let cpu = build_quant_grid(WeightView::F32(w.view()), &cfg).unwrap();
+            let gpu = build_quant_grid_gpu(&dev, WeightView::F32(w.view()), &cfg).unwrap();
+            let (n, d) = assert_mse_parity(&w, &cfg, &cpu, &gpu, &format!("limits {scale_dtype:?} b{bits} sym {sym}"));
+            eprintln!("{scale_dtype:?} b{bits} sym {sym} p {norm}: {d} of {n} groups chose another scale");
+        }
     }
 }

@@ -15,7 +15,8 @@ use fourbit_forge::grid::build_quant_grid;
 use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig};
 use fourbit_forge::solver::solve_gpu;
 use fourbit_forge::solver::{layer_output_error, solve_cpu, SolveOutput};
-use fourbit_forge::{Backend, GridConfig, Quantizer, ScaleSearch, WeightView};
+use fourbit_forge::ScaleDtype::{self, BF16, F16, F32};
+use fourbit_forge::{Backend, GridConfig, QuantGrid, Quantizer, ScaleSearch, WeightView};
 use ndarray::Array2;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Normal, StudentT};
@@ -79,18 +80,20 @@ struct Case {
     sym: bool,
     act_order: bool,
     seed: u64,
+    /// The dtype the scales are stored in (both solvers quantize against the stored scale).
+    scale_dtype: ScaleDtype,
 }
 
 fn run_case(dev: &fourbit_forge::device::GpuDevice, case: Case) {
-    let Case { rows, cols, gs, bits, sym, act_order, seed } = case;
+    let Case { rows, cols, gs, bits, sym, act_order, seed, scale_dtype } = case;
     let l = layer(rows, cols, seed);
     let pre = pre_step_cpu(l.h.view(), None, &PreStepConfig { act_order, ..PreStepConfig::default() }).unwrap();
-    let cfg = GridConfig { group_size: gs, bits, symmetric: sym, scale_search: ScaleSearch::Absmax };
+    let cfg = GridConfig { group_size: gs, bits, symmetric: sym, scale_search: ScaleSearch::Absmax, scale_dtype };
     let grid = build_quant_grid(WeightView::F32(l.w.view()), &cfg).unwrap();
     let perm = pre.perm.as_deref();
     let cpu = solve_cpu(l.w.view(), pre.hinv_factor.view(), &grid, perm).unwrap();
     let gpu = solve_gpu(dev, l.w.view(), pre.hinv_factor.view(), &grid, perm).unwrap();
-    compare(&format!("{rows}x{cols} gs{gs} b{bits} sym={sym} act_order={act_order}"), &l, &cpu, &gpu);
+    compare(&format!("{rows}x{cols} gs{gs} b{bits} sym={sym} act_order={act_order} {scale_dtype:?}"), &l, &cpu, &gpu);
 }
 
 #[test]
@@ -98,15 +101,56 @@ fn gpu_solver_matches_cpu_on_awkward_shapes() {
     let Some(dev) = common::gpu_or_skip("gpu_solver_matches_cpu_on_awkward_shapes") else { return };
     // cols not a multiple of the 64-column block, a single row, gs = cols, act-order,
     // fewer rows than one 16-row block, and enough rows for the 32-row kernel.
-    run_case(&dev, Case { rows: 37, cols: 200, gs: 32, bits: 4, sym: true, act_order: false, seed: 1 });
-    run_case(&dev, Case { rows: 1, cols: 130, gs: 64, bits: 3, sym: false, act_order: true, seed: 2 });
-    run_case(&dev, Case { rows: 24, cols: 256, gs: 256, bits: 4, sym: true, act_order: true, seed: 3 });
-    run_case(&dev, Case { rows: 5, cols: 64, gs: 32, bits: 8, sym: false, act_order: false, seed: 4 });
-    run_case(&dev, Case { rows: 300, cols: 512, gs: 128, bits: 4, sym: true, act_order: true, seed: 5 });
-    run_case(&dev, Case { rows: 4400, cols: 96, gs: 32, bits: 2, sym: true, act_order: false, seed: 6 });
+    run_case(
+        &dev,
+        Case { rows: 37, cols: 200, gs: 32, bits: 4, sym: true, act_order: false, seed: 1, scale_dtype: F32 },
+    );
+    run_case(
+        &dev,
+        Case { rows: 1, cols: 130, gs: 64, bits: 3, sym: false, act_order: true, seed: 2, scale_dtype: F32 },
+    );
+    run_case(
+        &dev,
+        Case { rows: 24, cols: 256, gs: 256, bits: 4, sym: true, act_order: true, seed: 3, scale_dtype: F32 },
+    );
+    run_case(
+        &dev,
+        Case { rows: 5, cols: 64, gs: 32, bits: 8, sym: false, act_order: false, seed: 4, scale_dtype: F32 },
+    );
+    run_case(
+        &dev,
+        Case { rows: 300, cols: 512, gs: 128, bits: 4, sym: true, act_order: true, seed: 5, scale_dtype: F32 },
+    );
+    run_case(
+        &dev,
+        Case { rows: 4400, cols: 96, gs: 32, bits: 2, sym: true, act_order: false, seed: 6, scale_dtype: F32 },
+    );
     // More columns than one 512-column panel: the trailing update between panels.
-    run_case(&dev, Case { rows: 70, cols: 1300, gs: 128, bits: 4, sym: true, act_order: true, seed: 7 });
-    run_case(&dev, Case { rows: 33, cols: 700, gs: 64, bits: 3, sym: false, act_order: false, seed: 8 });
+    run_case(
+        &dev,
+        Case { rows: 70, cols: 1300, gs: 128, bits: 4, sym: true, act_order: true, seed: 7, scale_dtype: F32 },
+    );
+    run_case(
+        &dev,
+        Case { rows: 33, cols: 700, gs: 64, bits: 3, sym: false, act_order: false, seed: 8, scale_dtype: F32 },
+    );
+    // Scales as a checkpoint stores them: the same shapes with bf16 and f16 scales.
+    run_case(
+        &dev,
+        Case { rows: 37, cols: 200, gs: 32, bits: 4, sym: true, act_order: false, seed: 1, scale_dtype: BF16 },
+    );
+    run_case(
+        &dev,
+        Case { rows: 300, cols: 512, gs: 128, bits: 4, sym: true, act_order: true, seed: 5, scale_dtype: BF16 },
+    );
+    run_case(
+        &dev,
+        Case { rows: 70, cols: 1300, gs: 128, bits: 4, sym: true, act_order: true, seed: 7, scale_dtype: F16 },
+    );
+    run_case(
+        &dev,
+        Case { rows: 33, cols: 700, gs: 64, bits: 3, sym: false, act_order: false, seed: 8, scale_dtype: F16 },
+    );
 }
 
 #[test]
@@ -118,7 +162,11 @@ fn gpu_solver_matches_cpu_on_random_layers() {
         let cols = rng.gen_range(1..400);
         let gs = 32 * rng.gen_range(1..=8);
         let bits = rng.gen_range(2..=8);
-        run_case(&dev, Case { rows, cols, gs, bits, sym: rng.gen(), act_order: rng.gen(), seed: 1000 + case });
+        let scale_dtype = [F32, F16, BF16][case as usize % 3];
+        run_case(
+            &dev,
+            Case { rows, cols, gs, bits, sym: rng.gen(), act_order: rng.gen(), seed: 1000 + case, scale_dtype },
+        );
     }
 }
 
@@ -127,12 +175,44 @@ fn gpu_identity_factor_is_exactly_round_to_nearest() {
     let Some(dev) = common::gpu_or_skip("gpu_identity_factor_is_exactly_round_to_nearest") else { return };
     let l = layer(70, 300, 11);
     let u = Array2::<f32>::eye(300);
-    let cfg = GridConfig { group_size: 64, ..GridConfig::default() };
-    let grid = build_quant_grid(WeightView::F32(l.w.view()), &cfg).unwrap();
+    for scale_dtype in [F32, F16, BF16] {
+        let cfg = GridConfig { group_size: 64, scale_dtype, ..GridConfig::default() };
+        let grid = build_quant_grid(WeightView::F32(l.w.view()), &cfg).unwrap();
+        let cpu = solve_cpu(l.w.view(), u.view(), &grid, None).unwrap();
+        let gpu = solve_gpu(&dev, l.w.view(), u.view(), &grid, None).unwrap();
+        assert_eq!(cpu.qweight, gpu.qweight, "{scale_dtype:?}: no updates, the codes must be identical");
+        assert!(cpu.dequant.iter().zip(gpu.dequant.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{scale_dtype:?}");
+        // And round-to-nearest against the stored scales (tests/common::rtn).
+        let (codes, deq) = common::rtn(&l.w, &grid);
+        assert_eq!(gpu.qweight, codes, "{scale_dtype:?}: round-to-nearest at the stored scale");
+        assert!(gpu.dequant.iter().zip(deq.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "{scale_dtype:?}");
+    }
+}
+
+/// Stored f16 scales of 0 (groups below 2^-25) and f16 subnormal scales take the panel's IEEE
+/// path; an identity factor makes the result exactly round-to-nearest, so it must equal the
+/// CPU bit for bit, and GPTQ with a real factor keeps the usual parity.
+#[test]
+fn gpu_solver_with_f16_zero_and_subnormal_scales() {
+    let Some(dev) = common::gpu_or_skip("gpu_solver_with_f16_zero_and_subnormal_scales") else { return };
+    let mut l = layer(48, 256, 51);
+    let mult = [1e-9f32, 1e-6, 3e-5, 1.0, 0.0, 1e-4];
+    for r in 0..48 {
+        l.w.row_mut(r).mapv_inplace(|v| v * mult[r % mult.len()]);
+    }
+    let cfg = GridConfig { group_size: 64, scale_dtype: F16, ..GridConfig::default() };
+    let grid: QuantGrid = build_quant_grid(WeightView::F32(l.w.view()), &cfg).unwrap();
+    let zero = (0..48).filter(|&r| grid.scale_zero(r, 0).0 == 0.0).count();
+    assert!(zero > 0, "some stored scales must be 0");
+    let u = Array2::<f32>::eye(256);
     let cpu = solve_cpu(l.w.view(), u.view(), &grid, None).unwrap();
     let gpu = solve_gpu(&dev, l.w.view(), u.view(), &grid, None).unwrap();
-    assert_eq!(cpu.qweight, gpu.qweight, "no updates: the codes must be identical");
-    assert_eq!(cpu.dequant, gpu.dequant);
+    assert_eq!(cpu.qweight, gpu.qweight);
+    assert!(cpu.dequant.iter().zip(gpu.dequant.iter()).all(|(a, b)| a.to_bits() == b.to_bits()));
+    let pre = pre_step_cpu(l.h.view(), None, &PreStepConfig::default()).unwrap();
+    let cpu = solve_cpu(l.w.view(), pre.hinv_factor.view(), &grid, None).unwrap();
+    let gpu = solve_gpu(&dev, l.w.view(), pre.hinv_factor.view(), &grid, None).unwrap();
+    compare("f16 zero/subnormal scales", &l, &cpu, &gpu);
 }
 
 #[test]

@@ -5,7 +5,9 @@
 
 use forge_numerics::{abs_pow, decode_log2_q88, dequantize, element_loss, encode_log2_q88, quantize};
 use fourbit_forge::grid::{build_quant_grid, candidate_loss_f64};
-use fourbit_forge::{GridConfig, MseSearch, QMetaPacked, QuantGrid, ScaleSearch, ShrinkCandidates, WeightView};
+use fourbit_forge::{
+    GridConfig, MseSearch, QMetaPacked, QuantGrid, ScaleDtype, ScaleSearch, ShrinkCandidates, WeightView,
+};
 use ndarray::{s, Array2};
 use proptest::prelude::*;
 
@@ -24,7 +26,7 @@ struct Case {
 
 impl Case {
     fn cfg(&self, scale_search: ScaleSearch) -> GridConfig {
-        GridConfig { group_size: self.gs, bits: self.bits, symmetric: self.sym, scale_search }
+        GridConfig { group_size: self.gs, bits: self.bits, symmetric: self.sym, scale_search, ..GridConfig::default() }
     }
     fn maxq(&self) -> f32 {
         ((1u32 << self.bits) - 1) as f32
@@ -343,6 +345,120 @@ proptest! {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// MSE at the stored scale (f16 / bf16 scales)
+// ---------------------------------------------------------------------------------------------
+
+/// A decoded scale as a checkpoint stores it, through the `half` crate (independent of the
+/// builder's own rounding).
+fn stored_by_half(decoded: f32, dtype: ScaleDtype) -> f32 {
+    match dtype {
+        ScaleDtype::F32 => decoded,
+        ScaleDtype::F16 => half::f16::from_f32(decoded).to_f32(),
+        ScaleDtype::BF16 => half::bf16::from_f32(decoded).to_f32(),
+    }
+}
+
+/// The general loss at a stored scale; an infinite scale (f16 overflow) dequantizes to NaN
+/// and ranks last.
+fn stored_loss(group: &[f32], stored: f32, q0: f32, maxq: f32, norm: f32) -> f64 {
+    let l = powf_loss_f64(group, stored, q0, maxq, norm);
+    if l.is_nan() {
+        f64::INFINITY
+    } else {
+        l
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// With f16 / bf16 scales the search ranks every candidate by its loss at the scale a
+    /// checkpoint stores (brute force in f64): the winner has the minimum and is the first
+    /// candidate reaching it, unless another scale is within f64 rounding of it. Magnitudes
+    /// from 2^-34 to 2^22 reach f16's zero scales (below 2^-25) and its overflow (65520).
+    #[test]
+    fn mse_picks_the_first_minimum_of_the_loss_at_the_stored_scale(
+        c in case_with(-34..=22),
+        candidates in shrink_candidates(),
+        norm in prop_oneof![Just(2.0f32), Just(2.4f32)],
+        dtype in prop_oneof![Just(ScaleDtype::BF16), Just(ScaleDtype::F16)],
+    ) {
+        let search = MseSearch { candidates, norm };
+        let factors = search.factors().unwrap();
+        let w = WeightView::F32(c.w.view());
+        let abs = grid(w, &c.cfg(ScaleSearch::Absmax));
+        let cfg = GridConfig { scale_dtype: dtype, ..c.cfg(ScaleSearch::Mse(search)) };
+        let ms = grid(w, &cfg);
+        prop_assert_eq!(ms.scale_dtype, dtype);
+        let maxq = c.maxq();
+        let (rows, n_groups) = abs.dim();
+        for r in 0..rows {
+            for gi in 0..n_groups {
+                let grp = padded_group(&c.w, c.gs, r, gi);
+                let base = abs.meta(r, gi);
+                let q0 = base.qzero_f32();
+                let cands: Vec<(i16, f64)> = factors
+                    .iter()
+                    .map(|&p| {
+                        let q88 = encode_log2_q88(base.scale() * p);
+                        (q88, stored_loss(&grp, stored_by_half(decode_log2_q88(q88), dtype), q0, maxq, norm))
+                    })
+                    .collect();
+                let min = cands.iter().map(|c| c.1).fold(f64::INFINITY, f64::min);
+                let chosen = ms.meta(r, gi);
+                let at = format!("row {r} group {gi} {dtype:?}: chosen {}, candidates {cands:?}", chosen.log2_scale_q88);
+                let lc = stored_loss(&grp, stored_by_half(chosen.scale(), dtype), q0, maxq, norm);
+                if min.is_infinite() {
+                    // Every candidate overflows: the first one is kept.
+                    prop_assert_eq!(chosen.log2_scale_q88, cands[0].0, "{}", at);
+                    continue;
+                }
+                prop_assert!(lc <= min * (1.0 + 1e-12), "{}: loss {:e} > min {:e}", at, lc, min);
+                let near: Vec<i16> = cands.iter().filter(|c| c.1 <= min * (1.0 + 1e-12)).map(|c| c.0).collect();
+                prop_assert!(near.contains(&chosen.log2_scale_q88), "{}", at);
+                if near.iter().all(|&q| q == near[0]) {
+                    prop_assert_eq!(chosen.log2_scale_q88, near[0], "{}", at);
+                }
+                prop_assert_eq!(chosen.qzero, base.qzero);
+            }
+        }
+    }
+}
+
+/// The stored scale changes the choice: on a realistic weight, bf16 scales pick another
+/// candidate than f32 scales in some groups, and there the bf16 choice is the better one at
+/// the bf16 scales (what the checkpoint will dequantize with).
+#[test]
+fn mse_with_bf16_scales_chooses_by_the_bf16_loss() {
+    let w = Array2::from_shape_fn((64, 1024), |(r, c)| {
+        (((r * 1031 + c * 97) % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (c % 7) as f32)
+    });
+    let base =
+        GridConfig { group_size: 128, scale_search: ScaleSearch::Mse(MseSearch::default()), ..GridConfig::default() };
+    let g32 = grid(WeightView::F32(w.view()), &base);
+    let gbf = grid(WeightView::F32(w.view()), &GridConfig { scale_dtype: ScaleDtype::BF16, ..base.clone() });
+    let (rows, n_groups) = g32.dim();
+    let mut differ = 0;
+    for r in 0..rows {
+        for gi in 0..n_groups {
+            let (a, b) = (g32.meta(r, gi), gbf.meta(r, gi));
+            assert_eq!(a.qzero, b.qzero);
+            if a == b {
+                continue;
+            }
+            differ += 1;
+            let grp = padded_group(&w, 128, r, gi);
+            let loss = |m: QMetaPacked| {
+                stored_loss(&grp, stored_by_half(m.scale(), ScaleDtype::BF16), m.qzero_f32(), 15.0, 2.4)
+            };
+            assert!(loss(b) <= loss(a), "({r}, {gi}): the bf16 choice must be at least as good at bf16 scales");
+        }
+    }
+    assert!(differ > 0, "bf16 rounding never changed a choice: the test would prove nothing");
+    eprintln!("{differ} of {} groups choose another scale with bf16 scales", rows * n_groups);
+}
+
 /// Equal losses keep the lower candidate index. Exact ties: a zero group has loss 0 under
 /// every scale, and a 2-bit symmetric group under scales ≥ 4× its absmax scale quantizes
 /// every element to q0 (|x|/s ≤ 1.5/4 < ½), so each candidate's loss is Σ|x|^norm.
@@ -354,7 +470,13 @@ fn mse_ties_keep_the_lower_candidate_index() {
     }
     for norm in [2.0f32, 2.4, 1.0] {
         for list in [vec![1.0f32, 2.0, 4.0], vec![8.0, 4.0, 16.0], vec![4.0, 0.5, 8.0]] {
-            let mk = |search| GridConfig { group_size: 32, bits: 2, symmetric: true, scale_search: search };
+            let mk = |search| GridConfig {
+                group_size: 32,
+                bits: 2,
+                symmetric: true,
+                scale_search: search,
+                ..GridConfig::default()
+            };
             let abs = grid(WeightView::F32(w.view()), &mk(ScaleSearch::Absmax));
             let ms = grid(
                 WeightView::F32(w.view()),
@@ -521,7 +643,13 @@ fn adversarial_groups_give_finite_scales_and_no_errors() {
         let maxq = (1u32 << bits) - 1;
         for sym in [true, false] {
             for search in [ScaleSearch::Absmax, mse(2.4), mse(2.0)] {
-                let cfg = GridConfig { group_size: 32, bits, symmetric: sym, scale_search: search.clone() };
+                let cfg = GridConfig {
+                    group_size: 32,
+                    bits,
+                    symmetric: sym,
+                    scale_search: search.clone(),
+                    ..GridConfig::default()
+                };
                 let g = build_quant_grid(WeightView::F32(w.view()), &cfg)
                     .unwrap_or_else(|e| panic!("bits {bits} sym {sym} {search:?}: {e}"));
                 let absmax = build_quant_grid(

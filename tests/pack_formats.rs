@@ -142,8 +142,13 @@ fn quantized(rows: usize, cols: usize, s: &QuantSettings, seed: u64) -> (QuantGr
     let w = common::randn(rows, cols, &mut rng);
     let grid = match s.group_size {
         Some(gs) => {
-            let cfg =
-                GridConfig { group_size: gs, bits: s.bits, symmetric: s.symmetric, scale_search: ScaleSearch::Absmax };
+            let cfg = GridConfig {
+                group_size: gs,
+                bits: s.bits,
+                symmetric: s.symmetric,
+                scale_search: ScaleSearch::Absmax,
+                scale_dtype: s.scale_dtype,
+            };
             build_quant_grid(WeightView::F32(w.view()), &cfg).unwrap()
         }
         None => {
@@ -158,7 +163,7 @@ fn quantized(rows: usize, cols: usize, s: &QuantSettings, seed: u64) -> (QuantGr
                     qmeta[[r, 0, k]] = rec[k];
                 }
             }
-            QuantGrid { qmeta, maxq: s.maxq(), pad: 0, group_size: cols }
+            QuantGrid { qmeta, maxq: s.maxq(), pad: 0, group_size: cols, scale_dtype: s.scale_dtype }
         }
     };
     // RTN against the stored scale, as the solver will quantize.
@@ -332,6 +337,34 @@ fn replace(tensors: &[TensorOut], name: &str, f: impl FnOnce(&mut TensorOut)) ->
     t
 }
 
+/// `PackLayout` names exactly the packed weight of each format: compressed-tensors and
+/// qmeta4-native store `Rows`, GPTQ `Transposed` (what the GPU packer and the engine produce).
+#[test]
+fn pack_layouts_are_the_formats_packed_weights() {
+    use fourbit_forge::pack::{PackLayout, PackedCodes};
+    for format in CheckpointFormat::ALL {
+        let bits = 4;
+        let mut s = QuantSettings::new(format, bits, Some(32), true);
+        s.scale_dtype = scale_dtypes(format)[0];
+        let (grid, codes) = quantized(64, 256, &s, 4);
+        let t = encode_linear(&s, "m", &LinearQuant { codes: codes.view(), grid: &grid }).unwrap();
+        let name = match format {
+            CheckpointFormat::CompressedTensors => "m.weight_packed",
+            CheckpointFormat::Gptq | CheckpointFormat::GptqV2 => "m.qweight",
+            CheckpointFormat::Qmeta4Native => "m.qweight_packed",
+        };
+        let stored = t.iter().find(|t| t.name == name).unwrap();
+        let layout = PackLayout::for_format(format);
+        let words = layout.pack_cpu(codes.view(), bits).unwrap();
+        assert_eq!(stored.shape, vec![words.nrows(), words.ncols()], "{format:?}");
+        assert_eq!(layout.shape(64, 256, bits).unwrap(), words.dim());
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(stored.data, bytes, "{format:?}");
+        let p = PackedCodes { layout, bits, rows: 64, cols: 256, words };
+        assert_eq!(p.unpack().unwrap(), codes);
+    }
+}
+
 #[test]
 fn unknown_format_name_is_a_typed_error() {
     let err = CheckpointFormat::parse("awq").unwrap_err();
@@ -361,6 +394,9 @@ fn checkpoint_disagreeing_with_its_config_is_refused() {
     assert!(matches!(&err, ForgeError::Format(m) if m.contains("m.weight_packed")), "{err}");
     // A symmetric setting over an asymmetric grid cannot be written.
     let (grid, codes) = quantized(64, 128, &s, 3);
+    // Nor codes solved against other scales than the ones the settings store.
+    let err = encode_linear(&f32_scales, "m", &LinearQuant { codes: codes.view(), grid: &grid }).unwrap_err();
+    assert!(matches!(&err, ForgeError::Format(m) if m.contains("solved against")), "{err}");
     let err =
         encode_linear(&ct(4, Some(32), true), "m", &LinearQuant { codes: codes.view(), grid: &grid }).unwrap_err();
     assert!(matches!(&err, ForgeError::Format(m) if m.contains("zero point")), "{err}");

@@ -65,7 +65,13 @@ fn absmax_grid_is_bit_exact_for_every_bits_sym_gs() {
             for sym in [true, false] {
                 let name = format!("grid.gs{gs}.b{bits}.{}.qmeta", if sym { "sym" } else { "asym" });
                 let (expected, _) = vector::<u8>(&name);
-                let cfg = GridConfig { group_size: gs, bits, symmetric: sym, scale_search: ScaleSearch::Absmax };
+                let cfg = GridConfig {
+                    group_size: gs,
+                    bits,
+                    symmetric: sym,
+                    scale_search: ScaleSearch::Absmax,
+                    ..GridConfig::default()
+                };
                 let grid = build_quant_grid(WeightView::F32(x), &cfg).unwrap();
                 assert_eq!(grid.qmeta.dim(), (shape[0], 1, 4));
                 let got = grid.qmeta.as_slice().unwrap();

@@ -8,9 +8,9 @@ use common::rtn;
 
 use fourbit_forge::grid::build_quant_grid;
 use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig};
-use fourbit_forge::numerics::{dequantize, quantize};
+use fourbit_forge::numerics::{dequantize, quantize, stored_scale};
 use fourbit_forge::solver::{layer_output_error, solve_cpu};
-use fourbit_forge::{ForgeError, GridConfig, QMetaPacked, QuantGrid, ScaleSearch, WeightView};
+use fourbit_forge::{ForgeError, GridConfig, QMetaPacked, QuantGrid, ScaleDtype, ScaleSearch, WeightView};
 use ndarray::{s, Array2, Array3, Axis};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -23,7 +23,8 @@ fn randn(rows: usize, cols: usize, rng: &mut StdRng) -> Array2<f32> {
 }
 
 fn grid(w: &Array2<f32>, bits: u32, gs: usize, symmetric: bool) -> QuantGrid {
-    let cfg = GridConfig { group_size: gs, bits, symmetric, scale_search: ScaleSearch::Absmax };
+    let cfg =
+        GridConfig { group_size: gs, bits, symmetric, scale_search: ScaleSearch::Absmax, ..GridConfig::default() };
     build_quant_grid(WeightView::F32(w.view()), &cfg).expect("grid builds")
 }
 
@@ -41,8 +42,10 @@ fn naive_solve(w: &Array2<f32>, u: &Array2<f32>, g: &QuantGrid, perm: &[usize]) 
         for t in 0..cols {
             let j = perm[t];
             let m = g.meta(r, j / g.group_size);
-            let q = quantize(row[j], m.scale(), m.qzero_f32(), maxq);
-            let y = dequantize(q, m.scale(), m.qzero_f32());
+            // The scale a checkpoint stores: the decode rounded to the grid's scale dtype.
+            let scale = stored_scale(m.log2_scale_q88, g.scale_dtype);
+            let q = quantize(row[j], scale, m.qzero_f32(), maxq);
+            let y = dequantize(q, scale, m.qzero_f32());
             let err = (row[j] - y) / u[[t, t]];
             codes[[r, j]] = q as u8;
             deq[[r, j]] = y;
@@ -116,6 +119,7 @@ fn hand_derived_two_column_case() {
         maxq: 15,
         pad: 30,
         group_size: 32,
+        scale_dtype: fourbit_forge::ScaleDtype::F32,
     };
     let out = solve_cpu(w.view(), u.view(), &g, None).expect("solves");
     assert_eq!(out.qweight, ndarray::arr2(&[[8u8, 9]]));
@@ -139,11 +143,17 @@ fn blocked_solver_equals_straightforward_recurrence() {
         let pre = pre_step_cpu(h.view(), None, &cfg).expect("pre-step");
         assert!(!pre.fallback_identity);
         let perm: Vec<usize> = pre.perm.clone().unwrap_or_else(|| (0..cols).collect());
-        for (bits, symmetric, gs) in [(4, true, 64), (3, false, 32), (2, true, 128)] {
-            let g = grid(&w, bits, gs, symmetric);
+        for (bits, symmetric, gs, scale_dtype) in [
+            (4, true, 64, ScaleDtype::F32),
+            (3, false, 32, ScaleDtype::F32),
+            (2, true, 128, ScaleDtype::F32),
+            (4, true, 64, ScaleDtype::BF16),
+            (3, false, 32, ScaleDtype::F16),
+        ] {
+            let g = QuantGrid { scale_dtype, ..grid(&w, bits, gs, symmetric) };
             let out = solve_cpu(w.view(), pre.hinv_factor.view(), &g, pre.perm.as_deref()).expect("solves");
             let (codes, deq, loss) = naive_solve(&w, &pre.hinv_factor, &g, &perm);
-            assert_eq!(out.qweight, codes, "act_order {act_order} bits {bits}");
+            assert_eq!(out.qweight, codes, "act_order {act_order} bits {bits} {scale_dtype:?}");
             assert_bits_eq(&out.dequant, &deq, "dequant");
             assert_eq!(out.loss.to_vec(), loss);
         }
@@ -234,6 +244,12 @@ fn errors_are_typed() {
     assert!(matches!(solve_cpu(w.view(), u.view(), &bad_gs, None), Err(ForgeError::GroupSize(48))));
     let bad_maxq = QuantGrid { maxq: 10, ..g.clone() };
     assert!(is_shape(solve_cpu(w.view(), u.view(), &bad_maxq, None)));
+    // Scales of 65520 and more overflow f16: nothing can be quantized against +inf.
+    let big = w.mapv(|v| v * 1e6);
+    let g_big = grid(&big, 4, 32, true);
+    assert!(solve_cpu(big.view(), u.view(), &g_big, None).is_ok(), "f32 holds the scale");
+    let g_f16 = QuantGrid { scale_dtype: ScaleDtype::F16, ..g_big };
+    assert!(matches!(solve_cpu(big.view(), u.view(), &g_f16, None), Err(ForgeError::Format(_))));
 
     let mut p: Vec<usize> = (0..64).collect();
     assert!(is_shape(solve_cpu(w.view(), u.view(), &g, Some(&p[..63]))));

@@ -136,6 +136,7 @@ fn expert_job<'b>(expert: &'b ExpertInput<'_>, config: &'b GridConfig, pre_step:
         pre_step: pre_step.clone(),
         want_dequant: false,
         profile: false,
+        pack: None,
         block_scales: Vec::new(),
     }
 }

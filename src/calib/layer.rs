@@ -6,7 +6,7 @@ use crate::hessian::{pre_step_cpu, GpuHessian, HessianAccumulator, PreStep, PreS
 use crate::quantize::{cpu, widen, with_engine, HessianInput, LayerJob, PreStepSummary, QuantizedWeight};
 use crate::solver::DeviceFactor;
 use crate::{Backend, ForgeError, GridConfig, QuantGrid, Quantizer, Result, WeightView};
-use forge_numerics::{dequantize, QMetaPacked};
+use forge_numerics::dequantize;
 use ndarray::{Array1, Array2, ArrayView2};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -71,7 +71,7 @@ impl QuantizedLayer {
     }
 }
 
-/// `(q − q0)·s` of every code with its group's record.
+/// `(q − q0)·s` of every code with its group's record, `s` as stored in the grid's scale dtype.
 pub(crate) fn dequant_codes(codes: &Array2<u8>, grid: &QuantGrid) -> Array2<f32> {
     let (rows, cols) = codes.dim();
     let gs = grid.group_size.max(1);
@@ -79,9 +79,8 @@ pub(crate) fn dequant_codes(codes: &Array2<u8>, grid: &QuantGrid) -> Array2<f32>
     if let (Some(dst), Some(src)) = (out.as_slice_mut(), codes.as_slice()) {
         dst.par_chunks_mut(cols.max(1)).zip(src.par_chunks(cols.max(1))).enumerate().for_each(|(r, (d, q))| {
             for (c, (d, &q)) in d.iter_mut().zip(q).enumerate() {
-                let m = grid.qmeta.slice(ndarray::s![r, c / gs, ..]);
-                let rec = QMetaPacked::from_bytes([m[0], m[1], m[2], m[3]]);
-                *d = dequantize(f32::from(q), rec.scale(), rec.qzero_f32());
+                let (s, z) = grid.scale_zero(r, c / gs);
+                *d = dequantize(f32::from(q), s, z);
             }
         });
     }

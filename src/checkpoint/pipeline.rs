@@ -120,7 +120,7 @@ impl JobEngine for ReferenceEngine {
         };
         let weights = layers
             .into_iter()
-            .map(|l| QuantizedWeight { grid: l.grid, codes: l.codes, loss: l.loss, dequant: None })
+            .map(|l| QuantizedWeight { grid: l.grid, codes: l.codes, packed: None, loss: l.loss, dequant: None })
             .collect();
         Ok(LayerOutcome { weights, pre_step: summary, timings: None })
     }
@@ -179,6 +179,7 @@ fn produce_with<E: JobEngine>(engine: &mut E, a: ProducerArgs<'_>) -> std::resul
         engine,
         model: a.model,
         plan: a.plan,
+        grid: a.plan.grid_config(),
         block: a.block,
         profile: a.profile,
         tx: a.tx,
@@ -206,6 +207,8 @@ struct Producer<'a, 'e, E: JobEngine> {
     engine: &'e mut E,
     model: &'a ModelDir,
     plan: &'a Plan,
+    /// The plan's grid with the format's scale dtype ([`Plan::grid_config`]).
+    grid: crate::GridConfig,
     block: (usize, usize),
     profile: bool,
     tx: &'a SyncSender<Done>,
@@ -282,13 +285,14 @@ impl<E: JobEngine> Producer<'_, '_, E> {
                 let job = LayerJob {
                     weights: views.iter().map(|(w, _)| *w).collect(),
                     hessian: h,
-                    grid: &plan.settings.grid,
+                    grid: &self.grid,
                     pre_step: match &plan.settings.method {
                         Method::Gptq(g) => g.pre_step.clone(),
                         Method::Rtn => PreStepConfig::default(),
                     },
                     want_dequant: false,
                     profile: self.profile,
+                    pack: None,
                     block_scales: if views.iter().any(|(_, b)| b.is_some()) {
                         views.iter().map(|(_, b)| *b).collect()
                     } else {

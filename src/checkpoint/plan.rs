@@ -51,8 +51,9 @@ pub struct JobSettings {
     pub method: Method,
     /// Output format name (see [`super::writer::FORMAT_NAMES`]).
     pub format: String,
-    /// The dtype scales are stored in (`None`: the format's default). Round-to-nearest
-    /// quantizes against the stored scale, so the checkpoint dequantizes exactly.
+    /// The dtype scales are stored in (`None`: the format's default). It overrides
+    /// `grid.scale_dtype` ([`Plan::grid_config`]): round-to-nearest and GPTQ quantize against
+    /// the stored scale, so the checkpoint dequantizes exactly to their result.
     pub scale_dtype: Option<ScaleDtype>,
     /// Only Linear weights matching one of these globs are quantized (all when empty).
     pub include: Vec<String>,
@@ -246,6 +247,12 @@ impl std::fmt::Debug for Plan {
 }
 
 impl Plan {
+    /// The grid every quantized weight is built with: the job's, with the format's scale
+    /// dtype, so the solver quantizes against the scales exactly as the checkpoint stores them.
+    pub fn grid_config(&self) -> GridConfig {
+        GridConfig { scale_dtype: self.format.scale_dtype(), ..self.settings.grid.clone() }
+    }
+
     /// Total bytes written (shards only).
     pub fn output_bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.size).sum()

@@ -7,7 +7,7 @@ use super::model::ModelDir;
 use super::plan::{GptqSettings, Member};
 use super::st::SafetensorsFile;
 use crate::calib::{quantize_experts, ExpertInput, QuantizedLayer};
-use crate::numerics::{dequantize, quantize, stored_scale, ScaleDtype};
+use crate::numerics::{dequantize, quantize};
 use crate::weights::Fp8Blocks;
 use crate::{ForgeError, QuantGrid, Quantizer, Result, WeightView};
 use half::{bf16, f16};
@@ -247,32 +247,20 @@ pub struct MemberResult {
 
 /// Round to nearest on the quantizer's grid: the grid from the quantizer's backend, then
 /// [`rtn_from_grid`].
-pub fn quantize_rtn(quantizer: &Quantizer, weight: WeightView<'_>, scale_dtype: ScaleDtype) -> Result<MemberResult> {
+pub fn quantize_rtn(quantizer: &Quantizer, weight: WeightView<'_>) -> Result<MemberResult> {
     let grid = quantizer.build_quant_grid(weight)?;
-    rtn_from_grid(&RowSource::View(weight), grid, scale_dtype, None)
-}
-
-/// Whether codes the device engine computed for a data-free job (`U = I`) are the codes
-/// [`rtn_from_grid`] computes for `scale_dtype`. The engine's solver quantizes against the
-/// f32 decoded qmeta4 scale, so today only f32 stored scales qualify; for f16/bf16 the host
-/// recomputes the codes against the stored scale. (When the grid settings carry the stored
-/// scale dtype and the solver quantizes against it, this becomes `true` for all.)
-pub fn engine_codes_are_rtn(scale_dtype: ScaleDtype) -> bool {
-    scale_dtype == ScaleDtype::F32
+    rtn_from_grid(&RowSource::View(weight), grid, None)
 }
 
 /// Round to nearest on a built grid: each element with the shared numerics'
-/// `quantize`/`dequantize` against the scale as the checkpoint stores it (`stored_scale` in
-/// `scale_dtype`), so the written checkpoint dequantizes to exactly this result, and the
-/// relative weight error `‖Q − W‖²/‖W‖²` (f64, per row then rows in order). With `codes`
-/// given (the device engine's, see [`engine_codes_are_rtn`]) they are used as they are and
-/// only the error is computed. With f32 scales this is what the GPTQ solver does with `U = I`.
-pub fn rtn_from_grid(
-    weight: &RowSource<'_>,
-    grid: QuantGrid,
-    scale_dtype: ScaleDtype,
-    codes: Option<Array2<u8>>,
-) -> Result<MemberResult> {
+/// `quantize`/`dequantize` against the scale as the checkpoint stores it (the grid's
+/// `scale_dtype`, set from the format by [`super::plan::Plan::grid_config`]), so the written
+/// checkpoint dequantizes to exactly this result, and the relative weight error
+/// `‖Q − W‖²/‖W‖²` (f64, per row then rows in order). This is what the GPTQ solver does with
+/// `U = I`, so with `codes` given (the device engine's data-free job) they are used as they
+/// are and only the error is computed.
+pub fn rtn_from_grid(weight: &RowSource<'_>, grid: QuantGrid, codes: Option<Array2<u8>>) -> Result<MemberResult> {
+    grid.check_stored_scales()?;
     let (rows, cols) = weight.dim();
     let gs = grid.group_size;
     let maxq = grid.maxq as f32;
@@ -297,12 +285,7 @@ pub fn rtn_from_grid(
             || vec![0f32; cols],
             |buf, (r, out)| {
                 weight.read_row_f32(r, buf)?;
-                let meta: Vec<(f32, f32)> = (0..n_groups)
-                    .map(|g| {
-                        let m = grid.meta(r, g);
-                        (stored_scale(m.log2_scale_q88, scale_dtype), m.qzero_f32())
-                    })
-                    .collect();
+                let meta: Vec<(f32, f32)> = (0..n_groups).map(|g| grid.scale_zero(r, g)).collect();
                 // Group by group (no division per element): the codes, then the error in
                 // LANES independent f64 sums (the loops vectorize), added up in lane order.
                 let (mut err, mut norm) = ([0f64; LANES], [0f64; LANES]);
@@ -428,8 +411,8 @@ pub fn quantize_gptq<'a>(
 }
 
 /// A GPTQ result with its relative weight error against `w`: per row (the dequantized
-/// weight `(q − q0)·s` with the f32 decoded scale, as the solver used it), then rows in
-/// order, in f64.
+/// weight `(q − q0)·s` with the stored scale, as the solver used it), then rows in order, in
+/// f64.
 pub fn gptq_result(l: QuantizedLayer, w: &RowSource<'_>) -> Result<MemberResult> {
     let (rows, cols) = w.dim();
     if l.codes.dim() != (rows, cols) || l.grid.dim().0 != rows {
@@ -442,12 +425,7 @@ pub fn gptq_result(l: QuantizedLayer, w: &RowSource<'_>) -> Result<MemberResult>
             || vec![0f32; cols],
             |buf, r| {
                 w.read_row_f32(r, buf)?;
-                let meta: Vec<(f32, f32)> = (0..l.grid.dim().1)
-                    .map(|g| {
-                        let m = l.grid.meta(r, g);
-                        (m.scale(), m.qzero_f32())
-                    })
-                    .collect();
+                let meta: Vec<(f32, f32)> = (0..l.grid.dim().1).map(|g| l.grid.scale_zero(r, g)).collect();
                 let row = l.codes.row(r);
                 let owned;
                 let codes = match row.as_slice() {

@@ -25,8 +25,8 @@ use super::output::{ItemStats, MemberStats, OutputDir, Resumed};
 use super::pipeline::{produce_gpu, produce_reference, ProducerArgs};
 use super::plan::{Item, Member, Method, Plan, Work};
 use super::quant::{
-    engine_codes_are_rtn, gptq_result, load_hessian, load_weight, quantize_gptq, quantize_rtn, release_weight,
-    rtn_from_grid, HostInput, MemberResult,
+    gptq_result, load_hessian, load_weight, quantize_gptq, quantize_rtn, release_weight, rtn_from_grid, HostInput,
+    MemberResult,
 };
 use crate::calib::layers_of;
 use crate::quantize::LayerOutcome;
@@ -316,7 +316,7 @@ fn produce_cpu(
     obs: &dyn Observer,
     tx: &SyncSender<Done>,
 ) -> std::result::Result<(), Stop> {
-    let quantizer = Quantizer::new(plan.settings.grid.clone(), backend.clone());
+    let quantizer = Quantizer::new(plan.grid_config(), backend.clone());
     for (n, &k) in todo.iter().enumerate() {
         let item = &plan.items[k];
         // Let the kernel read the next step's input while this one is quantized.
@@ -350,7 +350,7 @@ fn quantize_cpu(
         Method::Rtn => {
             for m in members {
                 let w = load_weight(model, m, block)?;
-                results.push(quantize_rtn(quantizer, w.view(), plan.format.scale_dtype())?);
+                results.push(quantize_rtn(quantizer, w.view())?);
                 drop(w);
                 release_weight(model, m);
             }
@@ -597,8 +597,8 @@ impl Writer<'_> {
 
     /// The host's part of a step the device engine quantized: per member, the relative error
     /// against the input (read again from the mapped shards, FP8 dequantized row by row with
-    /// the CPU reference's arithmetic), and for RTN the codes against the stored scale when
-    /// the engine's are not those ([`engine_codes_are_rtn`]). Then the member's pages go.
+    /// the CPU reference's arithmetic), with the engine's codes (its data-free jobs round to
+    /// nearest against the stored scale, as [`rtn_from_grid`] does). Then the member's pages go.
     fn finish_engine(
         &self,
         item: &Item,
@@ -606,7 +606,6 @@ impl Writer<'_> {
         jobs: Vec<(Vec<usize>, LayerOutcome)>,
     ) -> Result<Vec<MemberResult>> {
         let (model, plan) = (self.model, self.plan);
-        let scale_dtype = plan.format.scale_dtype();
         let mut by_member: Vec<Option<MemberResult>> = (0..members.len()).map(|_| None).collect();
         for (idx, outcome) in jobs {
             let gptq = matches!(plan.settings.method, Method::Gptq(_));
@@ -626,8 +625,7 @@ impl Writer<'_> {
                     .map(|(&i, w)| {
                         let m = members.get(i).ok_or_else(|| ForgeError::Internal("member index".into()))?;
                         let input = HostInput::open(model, m, self.block)?;
-                        let codes = engine_codes_are_rtn(scale_dtype).then_some(w.codes);
-                        rtn_from_grid(&input.rows(), w.grid, scale_dtype, codes)
+                        rtn_from_grid(&input.rows(), w.grid, Some(w.codes))
                     })
                     .collect()
             };
@@ -727,14 +725,14 @@ fn summary_json(
 pub fn estimate_seconds(plan: &Plan, backend: &Backend) -> Result<f64> {
     let (r, c) = (256usize, 1024usize);
     let w = ndarray::Array2::from_shape_fn((r, c), |(i, j)| (((i * 31 + j * 17) % 97) as f32 - 48.0) / 97.0);
-    let quantizer = Quantizer::new(plan.settings.grid.clone(), backend.clone());
+    let quantizer = Quantizer::new(plan.grid_config(), backend.clone());
     let gptq = matches!(plan.settings.method, Method::Gptq(_));
     let h = ndarray::Array2::<f32>::from_shape_fn((c, c), |(i, j)| if i == j { 2.0 } else { 0.01 });
     let measure = || -> Result<f64> {
         let t = Instant::now();
         match &plan.settings.method {
             Method::Rtn => {
-                quantize_rtn(&quantizer, WeightView::F32(w.view()), plan.format.scale_dtype())?;
+                quantize_rtn(&quantizer, WeightView::F32(w.view()))?;
             }
             Method::Gptq(g) => {
                 quantize_gptq(&quantizer, g, &[WeightView::F32(w.view())], Some(h.view()))?;

@@ -99,6 +99,7 @@ impl WriterFormat {
             maxq: self.grid.maxq(),
             pad: n_groups * self.grid.group_size - cols,
             group_size: self.grid.group_size,
+            scale_dtype: self.settings.scale_dtype,
         };
         let codes = Array2::from_elem((rows, cols), zero);
         let out = encode_linear(&self.settings, "", &LinearQuant { codes: codes.view(), grid: &grid }).map_err(

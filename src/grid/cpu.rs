@@ -2,7 +2,7 @@
 
 use super::{DecodedQMeta, GridConfig, QuantGrid, ScaleSearch};
 use crate::{ForgeError, QMetaPacked, Result, WeightView};
-use forge_numerics::{decode_log2_q88, dequantize, encode_log2_q88, quantize, range_meta};
+use forge_numerics::{dequantize, encode_log2_q88, quantize, range_meta, stored_scale, ScaleDtype};
 use ndarray::{Array2, Array3, ArrayView3};
 use rayon::prelude::*;
 
@@ -35,8 +35,11 @@ pub fn build_quant_grid(weight: WeightView<'_>, config: &GridConfig) -> Result<Q
                     .chunks_exact(gs)
                     .map(|group| {
                         let meta = absmax_meta(group, maxq, config.symmetric);
-                        let meta =
-                            if factors.is_empty() { meta } else { mse_refine(group, meta, &factors, norm, maxq) };
+                        let meta = if factors.is_empty() {
+                            meta
+                        } else {
+                            mse_refine(group, meta, &factors, norm, maxq, config.scale_dtype)
+                        };
                         meta.to_u32()
                     })
                     .collect())
@@ -53,6 +56,7 @@ pub fn build_quant_grid(weight: WeightView<'_>, config: &GridConfig) -> Result<Q
         maxq: config.maxq(),
         pad: n_groups * gs - cols,
         group_size: gs,
+        scale_dtype: config.scale_dtype,
     })
 }
 
@@ -63,14 +67,25 @@ fn absmax_meta(group: &[f32], maxq: f32, symmetric: bool) -> QMetaPacked {
     QMetaPacked::encode(m.scale, m.qzero, symmetric)
 }
 
-/// Tries every shrink factor against the decoded absmax scale; keeps the first minimum.
-fn mse_refine(group: &[f32], base: QMetaPacked, factors: &[f32], norm: f32, maxq: f32) -> QMetaPacked {
+/// Tries every shrink factor against the decoded absmax scale; keeps the first minimum. A
+/// candidate's loss is evaluated at its scale as stored (`stored_scale(q88, dtype)`), the
+/// scale the solver and every runtime use; a stored scale that overflows (f16) never wins.
+fn mse_refine(
+    group: &[f32],
+    base: QMetaPacked,
+    factors: &[f32],
+    norm: f32,
+    maxq: f32,
+    dtype: ScaleDtype,
+) -> QMetaPacked {
     let base_scale = base.scale();
     let q0 = base.qzero_f32();
     let mut best: Option<(f64, i16)> = None;
     for &p in factors {
         let q88 = encode_log2_q88(base_scale * p);
-        let loss = candidate_loss_f64(group, decode_log2_q88(q88), q0, maxq, norm);
+        let loss = candidate_loss_f64(group, stored_scale(q88, dtype), q0, maxq, norm);
+        // An infinite scale dequantizes to NaN (0·inf): rank it last.
+        let loss = if loss.is_nan() { f64::INFINITY } else { loss };
         // Strictly smaller wins: equal losses keep the lower index.
         if best.is_none_or(|(b, _)| loss < b) {
             best = Some((loss, q88));

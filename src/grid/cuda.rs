@@ -5,7 +5,7 @@
 //! are bit-identical; the MSE choice is identical except where the two best candidates'
 //! losses agree within float tolerance (see `tests/gpu_grid_parity.rs`).
 
-use super::{DecodedQMeta, GridConfig, QuantGrid, ScaleSearch};
+use super::{DecodedQMeta, GridConfig, QuantGrid, ScaleDtype, ScaleSearch};
 use crate::device::{grid_for, DeviceBuffer, DeviceBufferMut, GpuDevice};
 use crate::{ForgeError, Result, WeightDtype, WeightView};
 use cudarc::driver::{CudaSlice, LaunchConfig};
@@ -105,6 +105,8 @@ pub struct GridRef {
     pub pad: usize,
     /// Columns per group.
     pub group_size: usize,
+    /// The dtype the scales are stored in (what the solver quantizes against).
+    pub scale_dtype: ScaleDtype,
 }
 
 fn contiguous_copy(weight: WeightView<'_>) -> Vec<u8> {
@@ -130,6 +132,8 @@ pub struct DeviceGrid {
     pub pad: usize,
     /// Columns per group.
     pub group_size: usize,
+    /// The dtype the scales are stored in.
+    pub scale_dtype: ScaleDtype,
 }
 
 impl DeviceGrid {
@@ -137,7 +141,15 @@ impl DeviceGrid {
     pub fn upload(dev: &GpuDevice, grid: &QuantGrid) -> Result<Self> {
         let (rows, n_groups) = grid.dim();
         let qmeta = dev.stream().clone_htod(&grid.to_u32_vec()).map_err(ForgeError::driver("uploading qmeta"))?;
-        Ok(DeviceGrid { qmeta, rows, n_groups, maxq: grid.maxq, pad: grid.pad, group_size: grid.group_size })
+        Ok(DeviceGrid {
+            qmeta,
+            rows,
+            n_groups,
+            maxq: grid.maxq,
+            pad: grid.pad,
+            group_size: grid.group_size,
+            scale_dtype: grid.scale_dtype,
+        })
     }
 
     /// By address.
@@ -149,13 +161,14 @@ impl DeviceGrid {
             maxq: self.maxq,
             pad: self.pad,
             group_size: self.group_size,
+            scale_dtype: self.scale_dtype,
         }
     }
 
     /// Downloads the records into a host [`QuantGrid`].
     pub fn to_host(&self, dev: &GpuDevice) -> Result<QuantGrid> {
         let recs = dev.stream().clone_dtoh(&self.qmeta).map_err(ForgeError::driver("downloading qmeta"))?;
-        QuantGrid::from_u32(&recs, self.rows, self.n_groups, self.maxq, self.pad, self.group_size)
+        QuantGrid::from_u32(&recs, self.rows, self.n_groups, self.maxq, self.pad, self.group_size, self.scale_dtype)
     }
 }
 
@@ -203,7 +216,15 @@ pub fn build_quant_grid_device(dev: &GpuDevice, weight: &DeviceWeight, config: &
         return Err(ForgeError::NonFinite { tensor: "weight", row: idx / cols, col: idx % cols, value });
     }
     let gs = config.group_size;
-    Ok(DeviceGrid { qmeta, rows, n_groups, maxq: config.maxq(), pad: n_groups * gs - cols, group_size: gs })
+    Ok(DeviceGrid {
+        qmeta,
+        rows,
+        n_groups,
+        maxq: config.maxq(),
+        pad: n_groups * gs - cols,
+        group_size: gs,
+        scale_dtype: config.scale_dtype,
+    })
 }
 
 /// Enqueues the grid kernel for `weight` into caller-owned buffers, without synchronising:
@@ -295,6 +316,7 @@ pub unsafe fn launch_grid_into(
                 symmetric,
                 n_cand: factors.len() as u32,
                 norm: m.norm,
+                scale_dtype: config.scale_dtype.to_u32(),
                 gpb: gpb as u32,
                 qmeta,
                 first_bad,

@@ -14,6 +14,8 @@ pub use cuda::{
 };
 
 use crate::{ForgeError, QMetaPacked, Result};
+use forge_numerics::stored_scale;
+pub use forge_numerics::ScaleDtype;
 use ndarray::{Array2, Array3};
 
 /// Decoded grid: `(rows, n_groups)` scales and zero points.
@@ -112,12 +114,23 @@ pub struct GridConfig {
     pub symmetric: bool,
     /// Absmax or MSE / Lᵖ search.
     pub scale_search: ScaleSearch,
+    /// The dtype a checkpoint stores the scales in. Every consumer of a record (MSE search,
+    /// solver, dequantization) uses its scale as stored, `stored_scale(q88, scale_dtype)`,
+    /// so a checkpoint dequantizes to exactly the weights the solver compensated
+    /// (docs/design.md §2). The records themselves do not depend on it.
+    pub scale_dtype: ScaleDtype,
 }
 
 impl Default for GridConfig {
-    /// W4, group size 128, symmetric, absmax: the common W4A16 checkpoint format.
+    /// W4, group size 128, symmetric, absmax, f32 scales: the common W4A16 checkpoint format.
     fn default() -> Self {
-        GridConfig { group_size: 128, bits: 4, symmetric: true, scale_search: ScaleSearch::Absmax }
+        GridConfig {
+            group_size: 128,
+            bits: 4,
+            symmetric: true,
+            scale_search: ScaleSearch::Absmax,
+            scale_dtype: ScaleDtype::F32,
+        }
     }
 }
 
@@ -164,6 +177,9 @@ pub struct QuantGrid {
     pub pad: usize,
     /// Columns per group.
     pub group_size: usize,
+    /// The dtype the scales are stored in: a record's scale is
+    /// `stored_scale(q88, scale_dtype)` ([`QuantGrid::scale_zero`]).
+    pub scale_dtype: ScaleDtype,
 }
 
 impl QuantGrid {
@@ -171,6 +187,35 @@ impl QuantGrid {
     pub fn dim(&self) -> (usize, usize) {
         let (r, g, _) = self.qmeta.dim();
         (r, g)
+    }
+
+    /// The scale and zero point every consumer uses for `(row, group)`: the record's scale
+    /// as stored in [`QuantGrid::scale_dtype`], and its zero point as f32.
+    pub fn scale_zero(&self, row: usize, group: usize) -> (f32, f32) {
+        let m = self.meta(row, group);
+        (stored_scale(m.log2_scale_q88, self.scale_dtype), m.qzero_f32())
+    }
+
+    /// The first record whose stored scale is not finite (f16 holds scales below 65520, i.e.
+    /// `q88 < 4096`), as a typed error: nothing can be quantized against it or stored.
+    pub fn check_stored_scales(&self) -> Result<()> {
+        if self.scale_dtype != ScaleDtype::F16 {
+            return Ok(()); // f32 and bf16 hold every decoded qmeta4 scale
+        }
+        let (rows, groups) = self.dim();
+        for r in 0..rows {
+            for g in 0..groups {
+                let m = self.meta(r, g);
+                let s = stored_scale(m.log2_scale_q88, self.scale_dtype);
+                if !s.is_finite() {
+                    return Err(ForgeError::Format(format!(
+                        "the scale of row {r}, group {g} ({}) overflows float16; use bf16 or f32 scales",
+                        m.scale()
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The record of `(row, group)`.
@@ -198,12 +243,13 @@ impl QuantGrid {
         maxq: u32,
         pad: usize,
         group_size: usize,
+        scale_dtype: ScaleDtype,
     ) -> Result<Self> {
         if records.len() != rows * n_groups {
             return Err(ForgeError::Shape(format!("{} qmeta records for a {rows}×{n_groups} grid", records.len())));
         }
         let bytes: Vec<u8> = records.iter().flat_map(|r| r.to_le_bytes()).collect();
         let qmeta = Array3::from_shape_vec((rows, n_groups, 4), bytes).map_err(|e| ForgeError::Shape(e.to_string()))?;
-        Ok(QuantGrid { qmeta, maxq, pad, group_size })
+        Ok(QuantGrid { qmeta, maxq, pad, group_size, scale_dtype })
     }
 }

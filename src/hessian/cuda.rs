@@ -1,5 +1,5 @@
 //! Host side of the GPU Hessian (`hessian_xtx_*`, `hessian_blend`) and of the GPU pre-step
-//! (`hessian_diag`, `prestep_gather`, cuSOLVER `Xpotrf` + `Xtrtri`, `prestep_extract`).
+//! (`hessian_diag`, `prestep_gather`, cuSOLVER `Xpotrf` + cuBLAS, `prestep_extract`).
 //!
 //! Accumulation: `H ← β·H + α·XᵀX` per chunk of at most [`MAX_CHUNK_TOKENS`] tokens, with
 //! `α = 2/(n+m)`, `β = n/(n+m)` counted in tokens, so `H = (2/N)·Σ XᵀX` as the CPU
@@ -10,8 +10,8 @@
 //!
 //! Pre-step: the same policy as [`super::pre_step_cpu`] ([`PreStepPlan`]), in f64 on the
 //! device: the reversed, permuted, dead-fixed, damped Hessian is factored by cuSOLVER
-//! `potrf(UPPER)` (`R = L̂ᵀ`), `R⁻¹` comes from one cuBLAS triangular solve against the
-//! identity, and `U = J L̂⁻¹ J` is read out of `R⁻¹` with
+//! `potrf(UPPER)` (`R = L̂ᵀ`) and `R⁻¹` come from one block recursion of cuBLAS calls over
+//! cuSOLVER-factored diagonal blocks ([`FactorMethod`]), and `U = J L̂⁻¹ J` is read out of `R⁻¹` with
 //! [`forge_kernel_abi::hessian::prestep_factor_source`] straight into the solver's padded
 //! layout. cuSOLVER and cuBLAS are loaded at run time ([`crate::device`]).
 
@@ -21,12 +21,12 @@ use crate::device::{view_ptr, DeviceBuf, DeviceBuffer, DeviceBufferMut, GpuDevic
 use crate::{ForgeError, Result};
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 use forge_kernel_abi::hessian::{
-    BlendArgs, BlendSymArgs, DiagArgs, ExtractArgs, GatherArgs, HessianSharedLayout, IdentityArgs, XtxArgs,
-    ZeroColumnsArgs, HESSIAN_THREADS, HESSIAN_TILE,
+    BlendArgs, BlendSymArgs, DiagArgs, ExtractArgs, FirstFailureArgs, GatherArgs, HessianSharedLayout, IdentityArgs,
+    XtxArgs, ZeroColumnsArgs, HESSIAN_THREADS, HESSIAN_TILE,
 };
 use forge_kernel_abi::{
     DevPtr, DevPtrMut, HessianBlend, HessianBlendSym, HessianDiag, HessianXtxBf16, HessianXtxF16, HessianXtxF32,
-    PrestepExtract, PrestepGather, PrestepIdentity, PrestepZeroColumns,
+    PrestepExtract, PrestepFirstFailure, PrestepGather, PrestepIdentity, PrestepZeroColumns,
 };
 use ndarray::{Array2, ArrayView2};
 
@@ -425,6 +425,8 @@ pub(crate) struct FactorWork {
     inv: DeviceBuf<f64>,
     diag: DeviceBuf<f32>,
     order: DeviceBuf<u32>,
+    pub(crate) method: FactorMethod,
+    infos: DeviceBuf<i32>,
 }
 
 impl FactorWork {
@@ -449,8 +451,8 @@ impl FactorWork {
 
     /// Enqueues one factorisation with `damping` on the compute stream, without waiting:
     /// gather (reversed, permuted, dead-fixed, damped, symmetrised f64 matrix, and the
-    /// identity), `potrf(UPPER)` (`R`), `trsm` (`R⁻¹`), and `U` extracted into `u`, a
-    /// `cols_p × cols_p` f32 buffer (identity in the padding). Failures land in `status`.
+    /// identity), `R` and `R⁻¹` ([`FactorMethod`]), and `U` extracted into `u`,
+    /// a `cols_p × cols_p` f32 buffer (identity in the padding). Failures land in `status`.
     ///
     /// # Safety
     /// `h` is the device address of `n²` f32 ready on the compute stream, `u` of at least
@@ -467,29 +469,220 @@ impl FactorWork {
         cols_p: usize,
         status: FactorStatus,
     ) -> Result<()> {
+        self.enqueue_attempt_marked(dev, h, n, damping, (u, cols_p), status, &mut |_| Ok(()))
+    }
+
+    /// [`Self::enqueue_attempt`], calling `mark(k)` on the compute stream before the gather
+    /// (0) and after the gather, potrf, inverse and extract (1–4): the profile's events.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn enqueue_attempt_marked(
+        &mut self,
+        dev: &GpuDevice,
+        h: DevPtr<f32>,
+        n: usize,
+        damping: f64,
+        (u, cols_p): (DevPtrMut<f32>, usize),
+        status: FactorStatus,
+        mark: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
         let nn = n.checked_mul(n).ok_or_else(|| ForgeError::Shape(format!("a {n}×{n} Hessian is too large")))?;
         let a = self.a.ensure(dev, nn, "pre-step matrix")?.dev_ptr_mut();
         let inv = self.inv.ensure(dev, nn, "pre-step inverse factor")?.dev_ptr_mut();
         let order = self.order.get(n)?.dev_ptr();
         let args = GatherArgs { h, cols: n as u32, order, damping, a, inv, first_bad: status.hessian_bad };
+        mark(0)?;
         dev.launch::<PrestepGather>(ew_config(dev, nn)?, &args)?;
-        dev.with_dense_solver(|s| s.potrf_upper_async(dev, a.addr(), n, status.info))?;
-        // R⁻¹ by triangular solves against the identity (cuBLAS's trsm runs on the f64 tensor
-        // cores; cuSOLVER's trtri was several times slower), one per block of columns: column
-        // block [j0, j1) of R⁻¹ is zero below row j1, so only R[..j1, ..j1] takes part and the
-        // solves cost n³/3 multiply-adds instead of n³.
-        const INV_BLOCK: usize = 512;
-        let mut j0 = 0;
-        while j0 < n {
-            let j1 = (j0 + INV_BLOCK).min(n);
-            let rhs = inv.addr() + (j0 * n * 8) as u64; // column j0 of the column-major inverse
-            dev.with_blas(|b| b.trsm_upper_left(j1, j1 - j0, a.addr(), n, rhs, n))?;
-            j0 = j1;
+        mark(1)?;
+        let (r, x) = (a.addr(), inv.addr());
+        match self.method {
+            FactorMethod::Blocked { leaf } | FactorMethod::BlockedGemm { leaf } => {
+                let (leaf, gemm) = (leaf.max(1), matches!(self.method, FactorMethod::BlockedGemm { .. }));
+                let infos = self.infos.ensure(dev, n, "pre-step block infos")?.dev_ptr_mut().addr();
+                cudarc::driver::result::memset_d8_async(infos, 0, 4 * n, dev.stream().cu_stream())
+                    .map_err(ForgeError::driver("clearing the block infos"))?;
+                let mut leaves = 0usize;
+                dev.with_blas(|b| {
+                    dev.with_dense_solver(|sol| {
+                        factor_blocked((b, sol), dev, (n, r, x), (0, n), (leaf, gemm), (infos, &mut leaves))
+                    })
+                })?;
+                mark(2)?;
+                let args = FirstFailureArgs {
+                    infos: DevPtr::from_addr(infos),
+                    count: leaves as u32,
+                    info: DevPtrMut::from_addr(status.info),
+                };
+                dev.launch::<PrestepFirstFailure>(LaunchConfig::for_num_elems(1), &args)?;
+            }
+            FactorMethod::PotrfTrsm { block } => {
+                dev.with_dense_solver(|s| s.potrf_upper_async(dev, r, n, status.info))?;
+                mark(2)?;
+                dev.with_blas(|b| invert_by_trsm(b, n, r, x, block))?;
+            }
+            FactorMethod::PotrfRecursiveInverse { leaf, gemm } => {
+                dev.with_dense_solver(|s| s.potrf_upper_async(dev, r, n, status.info))?;
+                mark(2)?;
+                dev.with_blas(|b| invert_recursive(b, n, r, x, (0, n), leaf.max(1), gemm))?;
+            }
         }
+        mark(3)?;
         let args =
             ExtractArgs { a: inv.as_const(), cols: n as u32, cols_p: cols_p as u32, u, first_bad: status.factor_bad };
-        dev.launch::<PrestepExtract>(ew_config(dev, cols_p * cols_p)?, &args)
+        dev.launch::<PrestepExtract>(ew_config(dev, cols_p * cols_p)?, &args)?;
+        mark(4)
     }
+}
+
+/// How the GPU pre-step factors the damped matrix (`A = RᵀR`) and inverts `R` (f64
+/// throughout; the methods differ only in rounding and speed — `gpu_pipeline` prints each
+/// one's time, and a GPU test holds each to the CPU pre-step).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FactorMethod {
+    /// One block recursion producing `R` and `R⁻¹` together: `R₁₁, R₁₁⁻¹` of the leading
+    /// block, `R₁₂ = R₁₁⁻ᵀ·A₁₂` (trmm), `A₂₂ − R₁₂ᵀR₁₂` (syrk), `R₂₂, R₂₂⁻¹` of that, then
+    /// `(R⁻¹)₁₂ = −R₁₁⁻¹·R₁₂·R₂₂⁻¹` (two trmm); cuSOLVER potrf and a trsm on `leaf`-sized
+    /// diagonal blocks. Large cuBLAS calls do the work where cuSOLVER's potrf alone ran at a
+    /// fifth of dgemm's rate on the H200 (docs/design.md §5).
+    Blocked {
+        /// Side of the diagonal blocks factored by cuSOLVER.
+        leaf: usize,
+    },
+    /// The recursion of [`FactorMethod::Blocked`] with every off-diagonal step a full dgemm
+    /// (the f64 tensor-core path): `R₁₂ᵀ = A₁₂ᵀ·R₁₁⁻¹` is written into the free lower block
+    /// `A₂₁`, `A₂₂ −= R₁₂ᵀR₁₂`, then `T = R₁₁⁻¹·R₁₂` into `A₁₂` (no longer needed) and
+    /// `(R⁻¹)₁₂ = −T·R₂₂⁻¹`. Twice the triangular flop count, at dgemm's rate; no scratch
+    /// (the exact zeros below the diagonals of `R⁻¹`'s blocks make full products right).
+    BlockedGemm {
+        /// Side of the diagonal blocks factored by cuSOLVER.
+        leaf: usize,
+    },
+    /// cuSOLVER potrf of the whole matrix, then cuBLAS trsm against the identity, `block`
+    /// columns per solve (0: all at once; column block `[j0, j1)` of `R⁻¹` is zero below row
+    /// `j1`, so blocks cost n³/3 instead of n³).
+    PotrfTrsm {
+        /// Columns per solve; 0 solves all at once.
+        block: usize,
+    },
+    /// cuSOLVER potrf of the whole matrix, then `[[A, B], [0, C]]⁻¹ = [[A⁻¹, −A⁻¹·B·C⁻¹],
+    /// [0, C⁻¹]]` recursively down to `leaf`-sized diagonal blocks (trsm), `B·C⁻¹` by a dgemm
+    /// (`gemm`) or a trmm, then `−A⁻¹·(…)` by an in-place trmm.
+    PotrfRecursiveInverse {
+        /// Side of the diagonal blocks inverted by trsm.
+        leaf: usize,
+        /// `B·C⁻¹` by dgemm (else by trmm).
+        gemm: bool,
+    },
+}
+
+impl Default for FactorMethod {
+    fn default() -> Self {
+        FactorMethod::BlockedGemm { leaf: 256 }
+    }
+}
+
+/// Where a recursion splits a block of side `m > leaf`: a multiple of `leaf` near the middle,
+/// so the leaves stay full-sized.
+fn split(m: usize, leaf: usize) -> usize {
+    ((m / 2).div_ceil(leaf).max(1) * leaf).min(m - 1)
+}
+
+/// `R` (upper triangle of `r`) and `R⁻¹` (in `x`) of the diagonal block `[s, e)` of the
+/// symmetric `n × n` matrix in `r` ([`FactorMethod::Blocked`]); `x` holds the identity on
+/// entry. Each leaf's cuSOLVER `info` goes to its own i32 at `infos.0`, `infos.1` counting them.
+///
+/// # Safety
+/// `r` and `x` are live column-major `n × n` f64 device matrices and `infos.0` holds one i32
+/// per leaf (at most `n`), all ready on the stream both handles run on.
+unsafe fn factor_blocked(
+    (b, sol): (&mut crate::device::cublas::Blas, &mut crate::device::cusolver::DenseSolver),
+    dev: &GpuDevice,
+    (n, r, x): (usize, u64, u64),
+    (s, e): (usize, usize),
+    (leaf, gemm): (usize, bool),
+    infos: (u64, &mut usize),
+) -> Result<()> {
+    let m = e - s;
+    if m <= leaf {
+        let slot = infos.0 + 4 * *infos.1 as u64;
+        *infos.1 += 1;
+        sol.potrf_upper_block_async(dev, (at(r, n, s, s), n), m, slot)?;
+        return b.trsm_upper_left(m, m, at(r, n, s, s), n, at(x, n, s, s), n);
+    }
+    let mid = s + split(m, leaf);
+    let (m1, m2) = (mid - s, e - mid);
+    let (a12, a21, a22) = (at(r, n, s, mid), at(r, n, mid, s), at(r, n, mid, mid));
+    let (x11, x12, x22) = (at(x, n, s, s), at(x, n, s, mid), at(x, n, mid, mid));
+    factor_blocked((b, sol), dev, (n, r, x), (s, mid), (leaf, gemm), (infos.0, infos.1))?;
+    if gemm {
+        b.dgemm((true, false), (m2, m1, m1), 1.0, (a12, n), (x11, n), 0.0, (a21, n))?;
+        b.dgemm((false, true), (m2, m2, m1), -1.0, (a21, n), (a21, n), 1.0, (a22, n))?;
+    } else {
+        b.trmm_upper((true, true), (m1, m2), 1.0, (x11, n), (a12, n), (a12, n))?;
+        b.syrk_upper_t((m2, m1), -1.0, (a12, n), 1.0, (a22, n))?;
+    }
+    factor_blocked((b, sol), dev, (n, r, x), (mid, e), (leaf, gemm), (infos.0, infos.1))?;
+    if gemm {
+        b.dgemm((false, true), (m1, m2, m1), 1.0, (x11, n), (a21, n), 0.0, (a12, n))?;
+        b.dgemm((false, false), (m1, m2, m2), -1.0, (a12, n), (x22, n), 0.0, (x12, n))
+    } else {
+        b.trmm_upper((false, false), (m1, m2), 1.0, (x22, n), (a12, n), (x12, n))?;
+        b.trmm_upper((true, false), (m1, m2), -1.0, (x11, n), (x12, n), (x12, n))
+    }
+}
+
+/// Column-major element address of an f64 `n × n` matrix at `base`.
+fn at(base: u64, n: usize, row: usize, col: usize) -> u64 {
+    base + ((col * n + row) * 8) as u64
+}
+
+/// `x ← R⁻¹` by column-blocked trsm; `x` holds the identity on entry.
+///
+/// # Safety
+/// `r` and `x` are live `n × n` f64 device matrices ready on the handle's stream.
+unsafe fn invert_by_trsm(b: &mut crate::device::cublas::Blas, n: usize, r: u64, x: u64, block: usize) -> Result<()> {
+    let block = if block == 0 { n } else { block };
+    let mut j0 = 0;
+    while j0 < n {
+        let j1 = (j0 + block).min(n);
+        b.trsm_upper_left(j1, j1 - j0, r, n, at(x, n, 0, j0), n)?;
+        j0 = j1;
+    }
+    Ok(())
+}
+
+/// `x[s..e, s..e] ← R[s..e, s..e]⁻¹` by block recursion; `x` holds the identity on entry (so
+/// a leaf is one trsm in place, and blocks below the diagonal stay exactly zero, which lets
+/// the dgemm treat `C⁻¹` as a full matrix).
+///
+/// # Safety
+/// As [`invert_by_trsm`].
+unsafe fn invert_recursive(
+    b: &mut crate::device::cublas::Blas,
+    n: usize,
+    r: u64,
+    x: u64,
+    (s, e): (usize, usize),
+    leaf: usize,
+    gemm: bool,
+) -> Result<()> {
+    let m = e - s;
+    if m <= leaf {
+        return b.trsm_upper_left(m, m, at(r, n, s, s), n, at(x, n, s, s), n);
+    }
+    // Split at a multiple of the leaf near the middle, so leaves stay full-sized.
+    let mid = s + split(m, leaf);
+    let m1 = mid - s;
+    invert_recursive(b, n, r, x, (s, mid), leaf, gemm)?;
+    invert_recursive(b, n, r, x, (mid, e), leaf, gemm)?;
+    let m2 = e - mid;
+    let (b12, x12) = (at(r, n, s, mid), at(x, n, s, mid));
+    let (a_inv, c_inv) = (at(x, n, s, s), at(x, n, mid, mid));
+    if gemm {
+        b.dgemm((false, false), (m1, m2, m2), 1.0, (b12, n), (c_inv, n), 0.0, (x12, n))?;
+    } else {
+        b.trmm_upper((false, false), (m1, m2), 1.0, (c_inv, n), (b12, n), (x12, n))?;
+    }
+    b.trmm_upper((true, false), (m1, m2), -1.0, (a_inv, n), (x12, n), (x12, n))
 }
 
 /// `u = I` (`cols_p × cols_p`): the factor of a layer without calibration data or whose
@@ -645,6 +838,68 @@ impl GpuPreStepper {
             retries,
             fallback_identity: !ok,
         })
+    }
+
+    /// Chooses how the matrix is factored and `R` inverted (tests and benches compare the
+    /// methods).
+    pub fn set_method(&mut self, method: FactorMethod) {
+        self.work.method = method;
+    }
+
+    /// Device-event times (ms) of the parts of one factorisation of a device Hessian without
+    /// retries — `[gather, potrf, R⁻¹, extract]` (for [`FactorMethod::Blocked`]: `R` and
+    /// `R⁻¹` together, then the `info` reduction) — with `method`; the benches' breakdown.
+    pub fn profile(
+        &mut self,
+        dev: &GpuDevice,
+        h: &CudaSlice<f32>,
+        cols: usize,
+        cfg: &PreStepConfig,
+        method: FactorMethod,
+    ) -> Result<[f32; 4]> {
+        cfg.validate()?;
+        check_cols(cols)?;
+        if h.len() != cols * cols {
+            return Err(ForgeError::Shape(format!("{} Hessian elements on the device for {cols}×{cols}", h.len())));
+        }
+        let n = cols;
+        let plan = PreStepPlan::new(self.work.diag_to_host(dev, h.dev_ptr(), n)?, cfg)?;
+        self.work.set_order(dev, &plan, n)?;
+        if self.status.is_none() {
+            self.status = Some(dev.alloc::<u64>(3, "pre-step status")?);
+        }
+        let status_buf = self.status.as_mut().ok_or_else(|| ForgeError::Internal("status missing".into()))?;
+        let stream = dev.stream().clone();
+        stream.memset_zeros(status_buf).map_err(ForgeError::driver("clearing the pre-step status"))?;
+        let base = status_buf.dev_ptr_mut().addr();
+        let status = FactorStatus {
+            hessian_bad: DevPtrMut::from_addr(base),
+            factor_bad: DevPtrMut::from_addr(base + 8),
+            info: base + 16,
+        };
+        let u = self.u.ensure(dev, n * n, "pre-step factor")?.dev_ptr_mut();
+        let ctx = dev.context();
+        let events = (0..5)
+            .map(|_| {
+                ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(ForgeError::driver("creating an event"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let saved = std::mem::replace(&mut self.work.method, method);
+        // SAFETY: h holds n² f32 (checked), u n²; the order was set above.
+        let enqueued = unsafe {
+            self.work.enqueue_attempt_marked(dev, h.dev_ptr(), n, plan.damping(0), (u, n), status, &mut |k| {
+                events[k].record(&stream).map_err(ForgeError::driver("recording an event"))
+            })
+        };
+        self.work.method = saved;
+        enqueued?;
+        stream.synchronize().map_err(ForgeError::driver("waiting for the pre-step"))?;
+        let mut t = [0f32; 4];
+        for (k, slot) in t.iter_mut().enumerate() {
+            *slot = events[k].elapsed_ms(&events[k + 1]).map_err(ForgeError::driver("reading event times"))?;
+        }
+        Ok(t)
     }
 
     /// The pre-step of a host Hessian (uploaded first).

@@ -10,7 +10,9 @@ mod cpu;
 pub(crate) mod cuda;
 
 pub use cpu::pre_step_cpu;
-pub use cuda::{pre_step_gpu, DeviceActivations, GpuHessian, GpuPreStepper, MAX_CHUNK_TOKENS, MAX_HESSIAN_COLS};
+pub use cuda::{
+    pre_step_gpu, DeviceActivations, FactorMethod, GpuHessian, GpuPreStepper, MAX_CHUNK_TOKENS, MAX_HESSIAN_COLS,
+};
 
 /// Factorisations retried with 10× the damping before falling back to `U = I`.
 pub const MAX_RETRIES: u32 = 3;

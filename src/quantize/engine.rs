@@ -9,9 +9,9 @@
 //! inputs (an MoE expert's gate and up projections: one factorisation, two solves). It goes
 //!
 //! ```text
-//! upload stream:   weight (stored dtype) and Hessian (or factor) → slot buffers  ─ event ─┐
-//! compute stream:  dead columns → grid → gather, potrf, trsm, extract (U, padded) → solve ◄┘ ─ event ─┐
-//! download stream: codes, qmeta, loss, status word (and the dequantized weight on request) ◄─────────┘
+//! upload stream:   weight (stored dtype) and Hessian (or factor) → slot buffers   ─ event ──────────┐
+//! compute stream:  dead columns → grid → gather, potrf, trsm, extract (U, padded) → solve (→ pack) ◄┘ ─ event ─┐
+//! download stream: codes or packed words, qmeta, loss, status word (and the dequantized weight on request) ◄───┘
 //! ```
 //!
 //! so [`QuantEngine::submit`] of the next layer overlaps its upload with this layer's compute
@@ -26,6 +26,7 @@ use crate::device::{DeviceBuf, DeviceBuffer, DeviceBufferMut, GpuDevice};
 use crate::grid::{launch_grid_into, GridConfig, GridRef, QuantGrid, WeightRef};
 use crate::hessian::cuda::{enqueue_identity, enqueue_zero_columns, factor_checked, FactorStatus, FactorWork};
 use crate::hessian::{pre_step_cpu, GpuHessian, PreStepConfig, PreStepPlan};
+use crate::pack::{PackLayout, PackedCodes};
 use crate::solver::{self, padded, DeviceFactor, FactorRef, SolveOutputs, SolveWorkspace};
 use crate::weights::{enqueue_fp8_block_dequant, Fp8Blocks, Fp8Output};
 use crate::{ForgeError, Result, WeightDtype, WeightView};
@@ -77,6 +78,10 @@ pub struct LayerJob<'a> {
     pub want_dequant: bool,
     /// Time the stages with device events ([`LayerOutcome::timings`]).
     pub profile: bool,
+    /// Pack the codes into int32 words on the device and download those instead of the u8
+    /// codes (`8/bits`× fewer bytes: 2× at 4 bits; [`QuantizedWeight::packed`]). `None` (the
+    /// default): u8 codes.
+    pub pack: Option<PackLayout>,
     /// Block scales of FP8-E4M3 weights (DeepSeek-V3 `weight_scale_inv`): empty when no
     /// weight has any, else one entry per weight (`None` for the others). Such a weight is
     /// uploaded as its FP8 bytes and scales, dequantized to f32 on the device
@@ -95,6 +100,7 @@ impl<'a> LayerJob<'a> {
             pre_step: PreStepConfig::default(),
             want_dequant: false,
             profile: false,
+            pack: None,
             block_scales: Vec::new(),
         }
     }
@@ -149,8 +155,11 @@ impl LayerTimings {
 pub struct QuantizedWeight {
     /// The qmeta4 grid.
     pub grid: QuantGrid,
-    /// `(rows, cols)` codes, original column order.
+    /// `(rows, cols)` codes, original column order; empty (`0 × 0`) when the job asked for
+    /// packed words instead ([`LayerJob::pack`]).
     pub codes: Array2<u8>,
+    /// The codes packed on the device, when the job asked for them ([`LayerJob::pack`]).
+    pub packed: Option<PackedCodes>,
     /// GPTQ loss per row.
     pub loss: Array1<f32>,
     /// The dequantized weight, when asked for.
@@ -228,6 +237,30 @@ fn parallel_copy<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
     dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
 }
 
+/// Stages `src` into the pinned `staged` and enqueues its upload to device address `dst`, in
+/// pieces: the DMA of one piece runs while the host copies the next, so staging and the
+/// transfer overlap instead of adding up.
+///
+/// # Safety
+/// `dst` holds `src.len()` elements on the device; `staged` (at least as long) is not touched
+/// by anything else until the uploads complete.
+unsafe fn stage_and_upload<T: Copy + Send + Sync>(
+    staged: &mut [T],
+    src: &[T],
+    dst: u64,
+    stream: &CudaStream,
+) -> Result<()> {
+    const PIECE_BYTES: usize = 16 << 20;
+    let piece = (PIECE_BYTES / std::mem::size_of::<T>().max(1)).max(1);
+    for (k, (d, s)) in staged[..src.len()].chunks_mut(piece).zip(src.chunks(piece)).enumerate() {
+        parallel_copy(d, s);
+        let at = dst + (k * piece * std::mem::size_of::<T>()) as u64;
+        cudarc::driver::result::memcpy_htod_async(at, d, stream.cu_stream())
+            .map_err(ForgeError::driver("uploading to the device"))?;
+    }
+    Ok(())
+}
+
 /// Device-event marks of a profiled job.
 struct Profile {
     up0: CudaEvent,
@@ -249,10 +282,12 @@ struct WeightBufs {
     staged_scales: PinnedBuf<u8>,
     qmeta: DeviceBuf<u32>,
     codes: DeviceBuf<u8>,
+    packed: DeviceBuf<u32>,
     dequant: DeviceBuf<f32>,
     loss: DeviceBuf<f32>,
     staged: PinnedBuf<u8>,
     out_codes: PinnedBuf<u8>,
+    out_packed: PinnedBuf<u32>,
     out_qmeta: PinnedBuf<u32>,
     out_loss: PinnedBuf<f32>,
     out_dequant: PinnedBuf<f32>,
@@ -267,10 +302,12 @@ impl WeightBufs {
             staged_scales: PinnedBuf::new(true),
             qmeta: DeviceBuf::default(),
             codes: DeviceBuf::default(),
+            packed: DeviceBuf::default(),
             dequant: DeviceBuf::default(),
             loss: DeviceBuf::default(),
             staged: PinnedBuf::new(true),
             out_codes: PinnedBuf::new(false),
+            out_packed: PinnedBuf::new(false),
             out_qmeta: PinnedBuf::new(false),
             out_loss: PinnedBuf::new(false),
             out_dequant: PinnedBuf::new(false),
@@ -301,6 +338,7 @@ struct Pending {
     grid: GridConfig,
     want_dequant: bool,
     profile: bool,
+    pack: Option<PackLayout>,
     /// The plan, when the factorisation runs on the device (for retries at collect).
     plan: Option<PreStepPlan>,
     summary: PreStepSummary,
@@ -313,15 +351,28 @@ impl Pending {
     fn cols_p(&self) -> usize {
         padded(self.cols)
     }
+    /// Packed words of a weight of `rows` rows (0 without packing).
+    fn packed_len(&self, rows: usize) -> Result<usize> {
+        match self.pack {
+            Some(layout) => layout.shape(rows, self.cols, self.grid.bits).map(|(a, b)| a * b),
+            None => Ok(0),
+        }
+    }
 }
 
 /// Byte offsets in a slot's status word: `!index` of the first non-finite Hessian entry and
 /// factor entry, cuSOLVER's i32 `info`, then per weight `!index` of its first non-finite
-/// element.
+/// element, then per weight `!index` of its first code the packer found out of range (never
+/// set by a correct solve; checked all the same). `3 + 2·weights` u64 in all.
 const ST_HESSIAN: u64 = 0;
 const ST_FACTOR: u64 = 8;
 const ST_INFO: u64 = 16;
 const ST_WEIGHTS: u64 = 24;
+
+/// u64 entries of the status word of a job with `n_weights` weights.
+fn status_len(n_weights: usize) -> usize {
+    3 + 2 * n_weights
+}
 
 /// One job's device buffers, pinned staging and events.
 struct Slot {
@@ -370,9 +421,9 @@ impl Slot {
         })
     }
 
-    /// The status word (`3 + weights` u64), its base address, and the pre-step's slots in it.
+    /// The status word ([`status_len`] u64), its base address, and the pre-step's slots in it.
     fn status(&mut self, dev: &GpuDevice, n_weights: usize) -> Result<(u64, FactorStatus)> {
-        let base = self.status.ensure(dev, 3 + n_weights, "status word")?.dev_ptr_mut().addr();
+        let base = self.status.ensure(dev, status_len(n_weights), "status word")?.dev_ptr_mut().addr();
         let st = FactorStatus {
             hessian_bad: DevPtrMut::from_addr(base + ST_HESSIAN),
             factor_bad: DevPtrMut::from_addr(base + ST_FACTOR),
@@ -566,14 +617,17 @@ impl QuantEngine {
                 .ok_or_else(|| ForgeError::Shape(format!("a {r}×{cols} weight is too large")))?;
             let dst = b.weight.ensure(&dev, bytes, "weight upload")?.dev_ptr_mut();
             let staged = b.staged.get(&dev, bytes)?;
-            match w.contiguous_bytes() {
-                Some(src) => parallel_copy(staged, src),
-                None => staged.copy_from_slice(&contiguous_copy(*w)),
-            }
+            let owned;
+            let src = match w.contiguous_bytes() {
+                Some(src) => src,
+                None => {
+                    owned = contiguous_copy(*w);
+                    &owned
+                }
+            };
             // SAFETY: the pinned bytes stay untouched until this slot is collected (its
             // events); the device buffer holds `bytes`.
-            unsafe { cudarc::driver::result::memcpy_htod_async(dst.addr(), staged, up.cu_stream()) }
-                .map_err(ForgeError::driver("uploading a weight"))?;
+            unsafe { stage_and_upload(staged, src, dst.addr(), &up) }?;
             self.stats.upload_bytes += bytes as u64;
             if let Some(blocks) = job.blocks(i) {
                 // The scales (validated above: their byte count matches the weight), and room
@@ -614,10 +668,8 @@ impl QuantEngine {
                 let staged = slot.staged_matrix.get(&dev, cols * cols)?;
                 let std = h.as_standard_layout();
                 let src = std.as_slice().ok_or_else(|| ForgeError::Internal("non-contiguous Hessian".into()))?;
-                parallel_copy(staged, src);
                 // SAFETY: as the weights' copies.
-                unsafe { cudarc::driver::result::memcpy_htod_async(dst.addr(), staged, up.cu_stream()) }
-                    .map_err(ForgeError::driver("uploading the Hessian"))?;
+                unsafe { stage_and_upload(staged, src, dst.addr(), &up) }?;
                 self.stats.upload_bytes += (cols * cols * 4) as u64;
                 plan = Some(p);
             }
@@ -676,10 +728,8 @@ impl QuantEngine {
         let u_dev = slot.u.ensure(&dev, cols_p * cols_p, "factor")?.dev_ptr_mut();
         if let Some(u) = &host_factor {
             let staged = slot.staged_matrix.get(&dev, cols_p * cols_p)?;
-            parallel_copy(staged, &solver::padded_factor(u.view(), cols_p)?);
             // SAFETY: as the weights' copies; u holds cols_p² f32.
-            unsafe { cudarc::driver::result::memcpy_htod_async(u_dev.addr(), staged, up.cu_stream()) }
-                .map_err(ForgeError::driver("uploading the factor"))?;
+            unsafe { stage_and_upload(staged, &solver::padded_factor(u.view(), cols_p)?, u_dev.addr(), &up) }?;
             self.stats.upload_bytes += (cols_p * cols_p * 4) as u64;
         }
         let slot = &mut self.slots[k];
@@ -698,7 +748,7 @@ impl QuantEngine {
         cs.memcpy_htod(&perm_host, &mut perm_buf.slice_mut(0..cols_p))
             .map_err(ForgeError::driver("uploading the column order"))?;
         let (status_base, status) = slot.status(&dev, n_weights)?;
-        cs.memset_zeros(slot.status.ensure(&dev, 3 + n_weights, "status word")?)
+        cs.memset_zeros(slot.status.ensure(&dev, status_len(n_weights), "status word")?)
             .map_err(ForgeError::driver("clearing the status word"))?;
         let n_groups = job.grid.n_groups(cols);
         for (i, (&r, &dtype)) in rows.iter().zip(&dtypes).enumerate() {
@@ -769,6 +819,7 @@ impl QuantEngine {
             grid: job.grid.clone(),
             want_dequant: job.want_dequant,
             profile: job.profile,
+            pack: job.pack,
             plan,
             summary,
         };
@@ -821,8 +872,22 @@ impl QuantEngine {
                 maxq: job.grid.maxq(),
                 pad: n_groups * job.grid.group_size - cols,
                 group_size: job.grid.group_size,
+                scale_dtype: job.grid.scale_dtype,
             };
             solver::launch_solve_into(&dev, wref, fref, gref, &mut self.ws, SolveOutputs { codes, dequant, loss })?;
+            if let Some(layout) = job.pack {
+                let n = job.packed_len(rows)?;
+                let b = &mut self.slots[k].weights[i];
+                let words = b.packed.ensure(&dev, n, "packed words")?.dev_ptr_mut();
+                let status = self.slots[k].status.get(status_len(job.rows.len()))?.dev_ptr().addr();
+                let bad = DevPtrMut::from_addr(status + 8 * (3 + job.rows.len() + i) as u64);
+                // SAFETY: the codes buffer (a whole allocation) holds rows·cols codes the solve
+                // just wrote on this stream, `words` the layout's word count, the status word
+                // 3 + 2·weights u64.
+                unsafe {
+                    crate::pack::launch_pack_into(&dev, codes.as_const(), rows, cols, job.grid.bits, layout, words, bad)
+                }?;
+            }
         }
         Ok(())
     }
@@ -839,13 +904,21 @@ impl QuantEngine {
         }
         let s = down.cu_stream();
         use cudarc::driver::result::memcpy_dtoh_async as dtoh;
-        let mut bytes = 8 * (3 + job.rows.len());
+        let mut bytes = 8 * status_len(job.rows.len());
         for (b, &rows) in slot.weights.iter_mut().zip(&job.rows) {
+            let n_packed = job.packed_len(rows)?;
             // SAFETY: every source holds at least the elements copied (ensured at submit); the
             // pinned destinations are not read before `downloaded` completes.
             unsafe {
-                dtoh(b.out_codes.get(&dev, rows * cols)?, b.codes.get(rows * cols)?.dev_ptr().addr(), s)
-                    .map_err(ForgeError::driver("downloading codes"))?;
+                if job.pack.is_some() {
+                    dtoh(b.out_packed.get(&dev, n_packed)?, b.packed.get(n_packed)?.dev_ptr().addr(), s)
+                        .map_err(ForgeError::driver("downloading packed words"))?;
+                    bytes += n_packed * 4;
+                } else {
+                    dtoh(b.out_codes.get(&dev, rows * cols)?, b.codes.get(rows * cols)?.dev_ptr().addr(), s)
+                        .map_err(ForgeError::driver("downloading codes"))?;
+                    bytes += rows * cols;
+                }
                 dtoh(b.out_qmeta.get(&dev, rows * n_groups)?, b.qmeta.get(rows * n_groups)?.dev_ptr().addr(), s)
                     .map_err(ForgeError::driver("downloading the grid"))?;
                 dtoh(b.out_loss.get(&dev, rows)?, b.loss.get(rows)?.dev_ptr().addr(), s)
@@ -856,9 +929,9 @@ impl QuantEngine {
                     bytes += rows * cols * 4;
                 }
             }
-            bytes += rows * cols + rows * n_groups * 4 + rows * 4;
+            bytes += rows * n_groups * 4 + rows * 4;
         }
-        let n_status = 3 + job.rows.len();
+        let n_status = status_len(job.rows.len());
         // SAFETY: as above.
         unsafe { dtoh(slot.out_status.get(&dev, n_status)?, slot.status.get(n_status)?.dev_ptr().addr(), s) }
             .map_err(ForgeError::driver("downloading the status word"))?;
@@ -893,8 +966,8 @@ impl QuantEngine {
         self.slots[k].downloaded.synchronize().map_err(ForgeError::driver("waiting for the job"))?;
         let cols = job.cols;
         let n_weights = job.rows.len();
-        let status: Vec<u64> = self.slots[k].out_status.get(&dev, 3 + n_weights)?.to_vec();
-        for (i, &bad) in status[3..].iter().enumerate() {
+        let status: Vec<u64> = self.slots[k].out_status.get(&dev, status_len(n_weights))?.to_vec();
+        for (i, &bad) in status[3..3 + n_weights].iter().enumerate() {
             if bad != 0 {
                 let idx = !bad as usize;
                 let value = self.staged_weight_value(k, &job, i, idx)?;
@@ -920,11 +993,26 @@ impl QuantEngine {
         if job.plan.is_some() && (info > 0 || status[1] != 0) {
             self.retry_factor(k, &mut job)?;
         }
+        if let Some(i) = status[3 + n_weights..].iter().position(|&f| f != 0) {
+            return Err(ForgeError::Internal(format!("weight {i}: the packer found a code out of range")));
+        }
         let n_groups = job.n_groups();
         let gs = job.grid.group_size;
         let mut weights = Vec::with_capacity(n_weights);
         for (i, &rows) in job.rows.iter().enumerate() {
             let b = &mut self.slots[k].weights[i];
+            let qmeta = b.out_qmeta.get(&dev, rows * n_groups)?.to_vec();
+            let grid = QuantGrid::from_u32(
+                &qmeta,
+                rows,
+                n_groups,
+                job.grid.maxq(),
+                n_groups * gs - cols,
+                gs,
+                job.grid.scale_dtype,
+            )?;
+            // An f16 overflow makes the solve non-finite: name the cause before the symptom.
+            grid.check_stored_scales()?;
             let loss = b.out_loss.get(&dev, rows)?.to_vec();
             if let Some(row) = loss.iter().position(|l| !l.is_finite()) {
                 return Err(ForgeError::NonFinite {
@@ -934,9 +1022,24 @@ impl QuantEngine {
                     value: loss[row],
                 });
             }
-            let mut codes = vec![0u8; rows * cols];
-            parallel_copy(&mut codes, b.out_codes.get(&dev, rows * cols)?);
-            let qmeta = b.out_qmeta.get(&dev, rows * n_groups)?.to_vec();
+            let (codes, packed) = match job.pack {
+                Some(layout) => {
+                    let n = job.packed_len(rows)?;
+                    let mut words = vec![0u32; n];
+                    parallel_copy(&mut words, b.out_packed.get(&dev, n)?);
+                    let words = Array2::from_shape_vec(layout.shape(rows, cols, job.grid.bits)?, words)
+                        .map_err(|e| ForgeError::Internal(e.to_string()))?;
+                    let p = PackedCodes { layout, bits: job.grid.bits, rows, cols, words };
+                    (Array2::zeros((0, 0)), Some(p))
+                }
+                None => {
+                    let mut codes = vec![0u8; rows * cols];
+                    parallel_copy(&mut codes, b.out_codes.get(&dev, rows * cols)?);
+                    let codes =
+                        Array2::from_shape_vec((rows, cols), codes).map_err(|e| ForgeError::Internal(e.to_string()))?;
+                    (codes, None)
+                }
+            };
             let dequant = if job.want_dequant {
                 let mut d = vec![0f32; rows * cols];
                 parallel_copy(&mut d, b.out_dequant.get(&dev, rows * cols)?);
@@ -944,12 +1047,7 @@ impl QuantEngine {
             } else {
                 None
             };
-            weights.push(QuantizedWeight {
-                grid: QuantGrid::from_u32(&qmeta, rows, n_groups, job.grid.maxq(), n_groups * gs - cols, gs)?,
-                codes: Array2::from_shape_vec((rows, cols), codes).map_err(|e| ForgeError::Internal(e.to_string()))?,
-                loss: Array1::from(loss),
-                dequant,
-            });
+            weights.push(QuantizedWeight { grid, codes, packed, loss: Array1::from(loss), dequant });
         }
         self.stats.weights += n_weights as u64;
         Ok(LayerOutcome { weights, pre_step: job.summary, timings })
@@ -1223,7 +1321,7 @@ impl FootprintTracker {
             let rp = padded(w.rows) as u64;
             let ws = rc + 4 * rc + 4 * r + 8 * rp * cp + 8 * r * c.div_ceil(32) + 4 * cp;
             self.shared =
-                self.shared.max(ws + if job.hessian { 16 * c * c + 8 * c + POTRF_BYTES_PER_COL * c } else { 0 });
+                self.shared.max(ws + if job.hessian { 16 * c * c + 12 * c + POTRF_BYTES_PER_COL * c } else { 0 });
         }
         let n = job.weights.len() as u64;
         let hessian_dev = if job.hessian { 4 * c * c } else { 0 };

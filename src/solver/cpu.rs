@@ -22,9 +22,10 @@ const ROW_CHUNK: usize = ROW_TILE * TILES;
 /// Solves one layer with GPTQ on the CPU (the reference for the GPU solver, docs/design.md §4).
 ///
 /// For `t` in `0..cols`, `j = perm[t]` (identity without `perm`), every row `r`:
-/// `q = quantize(w[r,j], s, q0, maxq)` with the decoded meta of `(r, j / gs)` (static
-/// groups on original column indices), `deq = (q − q0)·s`, `err = (w[r,j] − deq) / U[t,t]`,
-/// and for every `k > t`: `w[r, perm[k]] = w[r, perm[k]] − err·U[t,k]`.
+/// `q = quantize(w[r,j], s, q0, maxq)` with the meta of `(r, j / gs)` (static groups on
+/// original column indices; `s` the record's scale as stored, [`QuantGrid::scale_zero`]),
+/// `deq = (q − q0)·s`, `err = (w[r,j] − deq) / U[t,t]`, and for every `k > t`:
+/// `w[r, perm[k]] = w[r, perm[k]] − err·U[t,k]`.
 ///
 /// Numerics, all f32 except the loss: the quantize/dequantize are
 /// [`forge_numerics::quantize`] / [`forge_numerics::dequantize`] (shared with the GPU);
@@ -128,13 +129,12 @@ impl SolveCtx<'_> {
                 *w = self.weight[[r0 + i, j]];
             }
         }
-        // Decoded (scale, qzero) per (row, group), decoded once instead of per element.
+        // (scale as stored, qzero) per (row, group), decoded once instead of per element.
         let n_groups = self.grid.dim().1;
         let mut meta = Vec::with_capacity(nrows * n_groups);
         for i in 0..nrows {
             for g in 0..n_groups {
-                let m = self.grid.meta(r0 + i, g);
-                meta.push((m.scale(), m.qzero_f32()));
+                meta.push(self.grid.scale_zero(r0 + i, g));
             }
         }
         // errs[t − b0][tile][row in tile]: the layout the trailing kernel reads.
@@ -425,14 +425,13 @@ pub fn layer_output_error(w: ArrayView2<'_, f32>, q: ArrayView2<'_, f32>, h: Arr
     Ok(num / den)
 }
 
-/// Round-to-nearest with the grid's own (decoded) scales: the baseline GPTQ must beat, and
-/// what a layer without calibration data gets.
+/// Round-to-nearest with the grid's own scales (as stored in its scale dtype): the baseline
+/// GPTQ must beat, and what a layer without calibration data gets.
 pub fn round_to_nearest(w: ArrayView2<'_, f32>, grid: &QuantGrid) -> Array2<f32> {
     let maxq = grid.maxq as f32;
     let gs = grid.group_size.max(1);
     Array2::from_shape_fn(w.dim(), |(r, c)| {
-        let m = grid.meta(r, c / gs);
-        let (s, q0) = (m.scale(), m.qzero_f32());
+        let (s, q0) = grid.scale_zero(r, c / gs);
         dequantize(quantize(w[[r, c]], s, q0, maxq), s, q0)
     })
 }

@@ -375,6 +375,7 @@ pub fn launch_solve_into(
     let args = ExpandMetaArgs {
         qmeta: grid.qmeta,
         n_records: n_records as u32,
+        scale_dtype: grid.scale_dtype.to_u32(),
         perm: factor.perm,
         cols: c,
         cols_p: cp,

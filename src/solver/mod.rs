@@ -25,7 +25,8 @@ use ndarray::{Array1, Array2, ArrayView2};
 pub struct SolveOutput {
     /// `(rows, cols)` codes in `0..=maxq`, in the ORIGINAL column order.
     pub qweight: Array2<u8>,
-    /// `(rows, cols)` dequantized weight `(q − q0)·s`, in the original column order.
+    /// `(rows, cols)` dequantized weight `(q − q0)·s`, `s` the record's scale as stored in the
+    /// grid's scale dtype, in the original column order.
     pub dequant: Array2<f32>,
     /// GPTQ loss per row: `Σ_t ((w − deq)/U[t,t])² / 2`, accumulated in f64.
     pub loss: Array1<f32>,
@@ -37,7 +38,8 @@ pub struct SolveOutput {
 /// * `weight` is `(rows, cols)`, non-empty, all finite;
 /// * `hinv_factor` is `(cols, cols)`, all finite, with a diagonal that is `> 0`;
 /// * `grid` has `(rows, ceil(cols/gs))` records of 4 bytes, a group size that is a multiple
-///   of 32 in `32..=1024`, `pad = n_groups·gs − cols` and `maxq = 2^bits − 1`, bits in 2..=8;
+///   of 32 in `32..=1024`, `pad = n_groups·gs − cols`, `maxq = 2^bits − 1`, bits in 2..=8,
+///   and every scale finite as stored in its scale dtype (f16 overflows at 65520);
 /// * `perm`, when given, is a permutation of `0..cols`.
 pub fn validate_inputs(
     weight: ArrayView2<'_, f32>,
@@ -77,6 +79,7 @@ pub fn validate_inputs(
     if !(3..=255).contains(&maxq) || !(maxq + 1).is_power_of_two() {
         return Err(ForgeError::Shape(format!("grid maxq {maxq} is not 2^bits − 1 with bits in 2..=8")));
     }
+    grid.check_stored_scales()?;
     first_non_finite(weight, "weight")?;
     validate_factor(hinv_factor, cols, perm)
 }

@@ -36,18 +36,18 @@ pub fn randn(rows: usize, cols: usize, rng: &mut rand::rngs::StdRng) -> ndarray:
     ndarray::Array2::from_shape_simple_fn((rows, cols), || rng.sample::<f32, _>(rand_distr::StandardNormal))
 }
 
-/// Round-to-nearest codes and dequantized values on `grid`, element by element with the
-/// shared numerics (what the solver must return for an identity factor).
+/// Round-to-nearest codes and dequantized values on `grid` (its scales as stored), element by
+/// element with the shared numerics (what the solver must return for an identity factor).
 pub fn rtn(w: &ndarray::Array2<f32>, g: &fourbit_forge::QuantGrid) -> (ndarray::Array2<u8>, ndarray::Array2<f32>) {
     use fourbit_forge::numerics::{dequantize, quantize};
     let maxq = g.maxq as f32;
     let mut codes = ndarray::Array2::zeros(w.dim());
     let mut deq = ndarray::Array2::zeros(w.dim());
     for ((r, c), &x) in w.indexed_iter() {
-        let m = g.meta(r, c / g.group_size);
-        let q = quantize(x, m.scale(), m.qzero_f32(), maxq);
+        let (s, z) = g.scale_zero(r, c / g.group_size);
+        let q = quantize(x, s, z, maxq);
         codes[[r, c]] = q as u8;
-        deq[[r, c]] = dequantize(q, m.scale(), m.qzero_f32());
+        deq[[r, c]] = dequantize(q, s, z);
     }
     (codes, deq)
 }

@@ -116,7 +116,8 @@ struct QuantOpts {
     #[arg(long, default_value = "compressed-tensors")]
     format: String,
     /// dtype the scales are stored in (default: bf16 for compressed-tensors, f16 for GPTQ,
-    /// f32 for qmeta4). Round-to-nearest quantizes against the stored scale.
+    /// f32 for qmeta4). Round-to-nearest and GPTQ quantize against the stored scale, so the
+    /// checkpoint dequantizes exactly to their result.
     #[arg(long, value_enum)]
     scale_dtype: Option<ScaleDtypeArg>,
     /// Largest output shard (e.g. 5GB, 500MB, 2GiB).
@@ -252,6 +253,8 @@ impl QuantOpts {
             } else {
                 ScaleSearch::Absmax
             },
+            // The plan replaces it with the format's scale dtype (`Plan::grid_config`).
+            ..GridConfig::default()
         };
         grid.validate(1, 1)?;
         let method = match (self.method, &self.hessians) {
@@ -512,12 +515,6 @@ fn print_plan(model: &ModelDir, plan: &Plan, q: &QuantOpts) {
     }
     for issue in &plan.runtime_issues {
         println!("warning: {issue}");
-    }
-    if matches!(plan.settings.method, Method::Gptq(_)) && plan.format.scale_dtype() != ScaleDtype::F32 {
-        println!(
-            "note: GPTQ solves against the f32 qmeta4 scales; they are stored as {} (pass --scale-dtype f32 to store exactly those)",
-            dtype_name(plan.format.scale_dtype())
-        );
     }
     let before = model.total_bytes();
     let after = plan.total_tensor_bytes();

@@ -28,7 +28,8 @@ crate::kernel_args! {
 
 crate::kernel_args! {
     /// `mse_search_*`: the absmax record refined by the shrink factor (constant memory
-    /// `MSE_CANDIDATES`, `n_cand ≤ 1024`) that minimises `Σ|ŷ − x|^norm`. Safety: as
+    /// `MSE_CANDIDATES`, `n_cand ≤ 1024`) that minimises `Σ|ŷ − x|^norm` at the candidate's
+    /// scale as stored in `scale_dtype`. Safety: as
     /// [`RangeMetaArgs`], plus `n_cand` candidates written and [`MseSharedLayout::new`]`(gs,
     /// gpb).total` bytes of dynamic shared memory.
     pub struct MseSearchArgs in grid => mse_search_kernel {
@@ -50,6 +51,9 @@ crate::kernel_args! {
         pub n_cand: u32,
         /// Loss exponent.
         pub norm: f32,
+        /// The dtype scales are stored in (`forge_numerics::ScaleDtype::to_u32`): each
+        /// candidate's loss is taken at its stored scale.
+        pub scale_dtype: u32,
         /// Groups per block.
         pub gpb: u32,
         /// Output records.

@@ -81,6 +81,21 @@ crate::kernel_args! {
 }
 
 crate::kernel_args! {
+    /// `prestep_first_failure`: `info ← infos[k]` for the first `k < count` with
+    /// `infos[k] ≠ 0` (untouched when there is none) — the cuSOLVER `info` of the first failed
+    /// diagonal block of a blocked factorisation. One thread does it (at most a few hundred
+    /// entries); launch one block of one thread. Safety: `infos` holds `count` i32, `info` one.
+    pub struct FirstFailureArgs in hessian => first_failure_kernel {
+        /// Per-block cuSOLVER `info`s.
+        pub infos: forge_kernel_abi::DevPtr<i32>,
+        /// Entries of `infos`.
+        pub count: u32,
+        /// The factorisation's `info`.
+        pub info: forge_kernel_abi::DevPtrMut<i32>,
+    }
+}
+
+crate::kernel_args! {
     /// `prestep_identity`: `u = I` (`cols_p × cols_p` f32), the factor of a layer without
     /// calibration data or whose every factorisation failed (round-to-nearest). Grid-stride.
     /// Safety: `u` holds `cols_p²` f32.

@@ -24,7 +24,9 @@ extern crate self as forge_kernel_abi;
 pub mod elem;
 pub mod grid;
 pub mod hessian;
+pub mod pack;
 pub mod qmeta;
+pub mod runtime;
 pub mod solver;
 #[cfg(feature = "test-kernels")]
 pub mod testing;
@@ -400,6 +402,7 @@ kernels! {
     PrestepExtract = "prestep_extract" (hessian::ExtractArgs);
     PrestepZeroColumns = "prestep_zero_columns" (hessian::ZeroColumnsArgs);
     PrestepIdentity = "prestep_identity" (hessian::IdentityArgs);
+    PrestepFirstFailure = "prestep_first_failure" (hessian::FirstFailureArgs);
     HessianBlendSym = "hessian_blend_sym" (hessian::BlendSymArgs);
     // solver (docs/kernels.md §4)
     GptqExpandMeta = "gptq_expand_meta" (solver::ExpandMetaArgs);
@@ -412,7 +415,23 @@ kernels! {
     GptqPanelR16 = "gptq_panel_r16" (solver::PanelArgs) bounds(solver::SOLVER_THREADS, 2);
     GptqPanelR32 = "gptq_panel_r32" (solver::PanelArgs) bounds(solver::SOLVER_THREADS, 2);
     GptqTrailingUpdate = "gptq_trailing_update" (solver::TrailingArgs);
-    // weights: block-scaled FP8 checkpoints (docs/kernels.md §5)
+    // runtime: W4A16 matmul on qmeta4 (docs/kernels.md §6). Small-M shapes run two blocks per
+    // SM, so their registers are capped to fit; the 3–4 block ones take the whole file.
+    W4a16Bf16M1 = "w4a16_bf16_m1" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W4a16Bf16M2 = "w4a16_bf16_m2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W4a16Bf16M3 = "w4a16_bf16_m3" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W4a16Bf16M4 = "w4a16_bf16_m4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W4a16F16M1 = "w4a16_f16_m1" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W4a16F16M2 = "w4a16_f16_m2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W4a16F16M3 = "w4a16_f16_m3" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W4a16F16M4 = "w4a16_f16_m4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W4DequantBf16 = "w4_dequant_bf16" (runtime::W4DequantArgs);
+    W4DequantF16 = "w4_dequant_f16" (runtime::W4DequantArgs);
+    // pack: codes → int32 words (docs/kernels.md §5). Memory-bound: at least four 256-thread
+    // blocks per SM keep enough loads in flight, so registers are capped to allow them.
+    PackRows = "pack_rows" (pack::PackArgs) bounds(pack::PACK_THREADS, 4);
+    PackRowsTransposed = "pack_rows_transposed" (pack::PackArgs) bounds(pack::PACK_THREADS, 4);
+    // weights: block-scaled FP8 checkpoints (docs/kernels.md §7)
     Fp8BlockDequantF32 = "fp8_block_dequant_f32" (weights::Fp8BlockDequantArgs);
     Fp8BlockDequantBf16 = "fp8_block_dequant_bf16" (weights::Fp8BlockDequantArgs);
     // test-only

@@ -6,22 +6,25 @@
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ScaleZero {
-    /// Decoded scale.
+    /// The record's scale as stored (the decode rounded to the grid's scale dtype).
     pub scale: f32,
     /// Zero point.
     pub zero: u32,
 }
 
 crate::kernel_args! {
-    /// `gptq_expand_meta`: `scale_zero[i]` of every record and `group_of[t] = perm[t] / gs` of
-    /// every permuted column (0 past `cols`), one thread per record and column, grid-stride.
-    /// Safety: `qmeta` has `n_records` records and `scale_zero` room for as many; `perm` and
-    /// `group_of` have `cols_p` entries; `gs > 0`.
+    /// `gptq_expand_meta`: `scale_zero[i]` of every record (its scale as stored in
+    /// `scale_dtype`) and `group_of[t] = perm[t] / gs` of every permuted column (0 past
+    /// `cols`), one thread per record and column, grid-stride. Safety: `qmeta` has
+    /// `n_records` records and `scale_zero` room for as many; `perm` and `group_of` have
+    /// `cols_p` entries; `gs > 0`.
     pub struct ExpandMetaArgs in solver => expand_meta_kernel {
         /// Grid records.
         pub qmeta: forge_kernel_abi::DevPtr<u32>,
         /// `rows·n_groups`.
         pub n_records: u32,
+        /// The dtype scales are stored in (`forge_numerics::ScaleDtype::to_u32`).
+        pub scale_dtype: u32,
         /// Column order (`cols_p` entries).
         pub perm: forge_kernel_abi::DevPtr<u32>,
         /// Columns.

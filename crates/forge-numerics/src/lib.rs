@@ -22,7 +22,10 @@ pub use quant::{
     dequantize, linspace_f32, maxq, quantize, quantize_scaled, quantize_with_reciprocal, range_meta,
     reciprocal_is_safe, RangeMeta, MIN_SCALE,
 };
-pub use scale::{f32_to_bf16_bits, f32_to_f16_bits, round_to_dtype, stored_scale, ScaleDtype};
+pub use scale::{
+    f32_to_bf16_bits, f32_to_f16_bits, round_to_dtype, stored_scale, stored_scale_bits_bf16, stored_scale_bits_f16,
+    ScaleDtype,
+};
 
 /// Round half to even (torch's `round`, CUDA's `rintf`, PTX `cvt.rni`).
 ///

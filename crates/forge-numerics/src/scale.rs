@@ -9,9 +9,10 @@
 use crate::{bf16_bits_to_f32, decode_log2_q88, f16_bits_to_f32};
 
 /// The element type a checkpoint stores its scales in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ScaleDtype {
     /// IEEE binary32: the decoded qmeta4 scale unchanged.
+    #[default]
     F32,
     /// IEEE binary16 (GPTQ checkpoints; fp16 serving).
     F16,
@@ -26,6 +27,26 @@ impl ScaleDtype {
         match self {
             ScaleDtype::F32 => 4,
             ScaleDtype::F16 | ScaleDtype::BF16 => 2,
+        }
+    }
+
+    /// The dtype as a kernel argument: 0 = f32, 1 = f16, 2 = bf16.
+    #[inline]
+    pub const fn to_u32(self) -> u32 {
+        match self {
+            ScaleDtype::F32 => 0,
+            ScaleDtype::F16 => 1,
+            ScaleDtype::BF16 => 2,
+        }
+    }
+
+    /// Inverse of [`ScaleDtype::to_u32`]; any other value is f32 (hosts pass only the three).
+    #[inline]
+    pub const fn from_u32(code: u32) -> Self {
+        match code {
+            1 => ScaleDtype::F16,
+            2 => ScaleDtype::BF16,
+            _ => ScaleDtype::F32,
         }
     }
 }
@@ -109,4 +130,67 @@ pub fn round_to_dtype(x: f32, dtype: ScaleDtype) -> f32 {
 #[inline]
 pub fn stored_scale(q88: i16, dtype: ScaleDtype) -> f32 {
     round_to_dtype(decode_log2_q88(q88), dtype)
+}
+
+/// `2^(j/256)` for `j` in `0..256` as the runtime kernel reads it: the correctly rounded f32,
+/// rounded once more to nearest-even into a 16-bit float with `mant_bits` stored mantissa
+/// bits (7: bf16, 10: f16), as that format's bits with exponent field `bias` (the value is in
+/// `[1, 2]`, so 2.0 where the second rounding carries). Integer-only, so it runs in `const`.
+const fn frac_table_16(mant_bits: u32, bias: u32) -> [u16; 256] {
+    let mut out = [0u16; 256];
+    let mut j = 0;
+    while j < 256 {
+        let m = crate::qmeta::EXP2_FRAC_Q63[j]; // 2^(j/256)·2^63, in [2^63, 2^64)
+                                                // f32: keep 24 of the 64 bits, ties to even (a carry to 2^24 is exactly 2.0).
+        let kept = m >> 40;
+        let rem = m & ((1u64 << 40) - 1);
+        let up = rem > (1u64 << 39) || (rem == (1u64 << 39) && kept & 1 == 1);
+        let f = kept + up as u64; // in [2^23, 2^24]
+                                  // The 16-bit format: keep 1 + mant_bits of the 24, ties to even.
+        let drop = 23 - mant_bits;
+        let kept = f >> drop;
+        let rem = f & ((1u64 << drop) - 1);
+        let half = 1u64 << (drop - 1);
+        let up = rem > half || (rem == half && kept & 1 == 1);
+        let r = kept + up as u64; // in [2^mant_bits, 2^(mant_bits+1)]
+        out[j] = if r == 1u64 << (mant_bits + 1) {
+            ((bias + 1) << mant_bits) as u16
+        } else {
+            ((bias << mant_bits) as u64 | (r & ((1u64 << mant_bits) - 1))) as u16
+        };
+        j += 1;
+    }
+    out
+}
+
+/// bf16 bits of `round_bf16(2^(j/256))` (see [`stored_scale_bits_bf16`]).
+pub const STORED_FRAC_BF16: [u16; 256] = frac_table_16(7, 127);
+/// f16 bits of `round_f16(2^(j/256))` (see [`stored_scale_bits_f16`]).
+pub const STORED_FRAC_F16: [u16; 256] = frac_table_16(10, 15);
+
+/// bf16 bits of [`stored_scale`]`(q88, BF16)` (the scale the W4A16 kernel multiplies by),
+/// fast: for `e = ⌊q88/256⌋ ∈ [−126, 126]` the result is normal, and scaling by `2^e` commutes
+/// with both roundings, so it is the table entry of `q88 mod 256` with `e` added to its
+/// exponent; outside that range it falls back to the full decode. Equal to `stored_scale`
+/// on all 65 536 records (tested).
+#[inline(always)]
+pub fn stored_scale_bits_bf16(q88: i16) -> u16 {
+    let e = (q88 as i32) >> 8;
+    if (-126..=126).contains(&e) {
+        (STORED_FRAC_BF16[(q88 as i32 & 0xff) as usize] as i32 + (e << 7)) as u16
+    } else {
+        f32_to_bf16_bits(decode_log2_q88(q88))
+    }
+}
+
+/// f16 bits of [`stored_scale`]`(q88, F16)`, as [`stored_scale_bits_bf16`] with the f16
+/// normal range (`e ∈ [−14, 14]` on the fast path).
+#[inline(always)]
+pub fn stored_scale_bits_f16(q88: i16) -> u16 {
+    let e = (q88 as i32) >> 8;
+    if (-14..=14).contains(&e) {
+        (STORED_FRAC_F16[(q88 as i32 & 0xff) as usize] as i32 + (e << 10)) as u16
+    } else {
+        f32_to_f16_bits(decode_log2_q88(q88))
+    }
 }

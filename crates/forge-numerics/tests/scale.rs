@@ -89,3 +89,34 @@ proptest! {
         }
     }
 }
+
+/// The W4A16 kernel's fast scale decode (table + exponent add, full decode outside the normal
+/// range) is `stored_scale` in bf16 / f16 on every record, and both paths are exercised.
+#[test]
+fn fast_stored_scale_bits_equal_stored_scale_on_all_65536_records() {
+    let (mut fast, mut slow) = (0u32, 0u32);
+    for q in i16::MIN..=i16::MAX {
+        let b = forge_numerics::stored_scale_bits_bf16(q);
+        assert_eq!((b as u32) << 16, stored_scale(q, ScaleDtype::BF16).to_bits(), "q88 {q}: bf16 fast decode");
+        let h = forge_numerics::stored_scale_bits_f16(q);
+        let want = f32_to_f16_bits(stored_scale(q, ScaleDtype::F16));
+        assert_eq!(h, want, "q88 {q}: f16 fast decode");
+        let e = (q as i32) >> 8;
+        if (-14..=14).contains(&e) {
+            fast += 1
+        } else {
+            slow += 1
+        }
+    }
+    assert!(fast > 0 && slow > 0);
+}
+
+/// The kernel argument code round-trips, and an unknown code means f32 (the decode as is).
+#[test]
+fn scale_dtype_kernel_codes_round_trip() {
+    for d in [ScaleDtype::F32, ScaleDtype::F16, ScaleDtype::BF16] {
+        assert_eq!(ScaleDtype::from_u32(d.to_u32()), d);
+    }
+    assert_eq!(ScaleDtype::from_u32(7), ScaleDtype::F32);
+    assert_eq!(ScaleDtype::default(), ScaleDtype::F32);
+}

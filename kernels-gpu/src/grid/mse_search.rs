@@ -7,11 +7,16 @@
 //!    floats: rows stay 16-byte aligned and lanes on different groups hit different banks),
 //!    then lane 0 encodes the absmax meta;
 //! 2. search: the block's `gpb·n_cand` (group, candidate) pairs are dealt round-robin to its
-//!    threads. A thread decodes the candidate scale `s = decode(encode(base·p_k))` and sums
-//!    `|q − v|^norm` over the group, with `v = x/s + q0` and `q = clamp(rint(v), 0, maxq)`:
-//!    the loss in units of `s` (`|ŷ − x| = s·|q − v|`). Loads are 16-byte shared broadcasts.
-//!    The candidate's key is `log2(Σ) + norm·log2(s/base)`, which orders candidates as the
-//!    loss does without overflowing for any weight magnitude (`log2 s` is exactly q88/256).
+//!    threads. A thread takes the candidate's scale as stored, `s = round_to_dtype(decode(
+//!    encode(base·p_k)), scale_dtype)` (docs/design.md §3), and sums `|q − v|^norm` over the
+//!    group, with `v = x/s + q0` and `q = clamp(rint(v), 0, maxq)`: the loss in units of `s`
+//!    (`|ŷ − x| = s·|q − v|`). Loads are 16-byte shared broadcasts. The candidate's key is
+//!    `log2(Σ) + norm·log2(s/base)`, which orders candidates as the loss does without
+//!    overflowing for any weight magnitude (f32: `log2 s` is exactly q88/256; f16/bf16:
+//!    `lg2(s)`, a function of the stored scale alone, so candidates rounding to the same
+//!    stored scale tie exactly). A stored scale of 0 (f16 below 2^-25) dequantizes everything
+//!    to 0, key `log2(Σ|x/base|^norm)`; an infinite one (f16 ≥ 65520) gets key +inf, as the
+//!    CPU ranks it;
 //!    `(ordered key << 32) | k` is folded into the group's best with a shared atomic min, so
 //!    equal keys keep the lower `k`;
 //! 3. write: thread `i < gpb` encodes the winner into the group's qmeta4 record.
@@ -36,7 +41,7 @@ use core::f32::math::mul_add as fma;
 use forge_kernel_abi::elem::{Bf16Bits, F16Bits, Fp8E4M3};
 use forge_kernel_abi::grid::{MseSearchArgs, MseSharedLayout};
 use forge_numerics::quant::reciprocal_is_safe;
-use forge_numerics::{abs_pow, decode_log2_q88, encode_log2_q88, range_meta, QMetaPacked};
+use forge_numerics::{abs_pow, decode_log2_q88, encode_log2_q88, range_meta, round_to_dtype, QMetaPacked, ScaleDtype};
 
 core::arch::global_asm!(".const .align 4 .b8 MSE_CANDIDATES[4096];");
 
@@ -92,6 +97,7 @@ unsafe fn mse_search_impl<T: Elem>(
     symmetric: u32,
     n_cand: u32,
     norm: f32,
+    scale_dtype: u32,
     gpb: u32,
     qmeta: *mut u32,
     first_bad: *mut u64,
@@ -103,6 +109,7 @@ unsafe fn mse_search_impl<T: Elem>(
     let first = block_x() as u64 * gpb as u64;
     let maxq = forge_numerics::maxq(bits);
     let sym = symmetric != 0;
+    let dtype = ScaleDtype::from_u32(scale_dtype);
     let layout = MseSharedLayout::new(gs, gpb);
     let row_bytes = layout.row_bytes;
     let xs = shared_window_base();
@@ -149,17 +156,38 @@ unsafe fn mse_search_impl<T: Elem>(
         if first + (i as u64) < total {
             let m = QMetaPacked::from_u32(ld_shared_u32(base_meta + 4 * i));
             let q88 = encode_log2_q88(m.scale() * candidate(k));
-            let scale = decode_log2_q88(q88);
-            let inv = 1.0 / scale;
+            let scale = round_to_dtype(decode_log2_q88(q88), dtype);
             let (x, q0) = (xs + i * row_bytes, m.qzero_f32());
-            let sum = match (reciprocal_is_safe(inv), norm == 2.0) {
-                (true, true) => scaled_loss::<true>(x, gs, |v| fma(v, inv, q0), maxq, norm),
-                (true, false) => scaled_loss::<false>(x, gs, |v| fma(v, inv, q0), maxq, norm),
-                // Scales beyond 2^±126 (absurd weights): the exact division keeps precision.
-                (false, _) => scaled_loss::<false>(x, gs, |v| v / scale + q0, maxq, norm),
+            let key = if scale > 0.0 && scale < f32::INFINITY {
+                let inv = 1.0 / scale;
+                let sum = match (reciprocal_is_safe(inv), norm == 2.0) {
+                    (true, true) => scaled_loss::<true>(x, gs, |v| fma(v, inv, q0), maxq, norm),
+                    (true, false) => scaled_loss::<false>(x, gs, |v| fma(v, inv, q0), maxq, norm),
+                    // Scales beyond 2^±126 (absurd weights): the exact division keeps precision.
+                    (false, _) => scaled_loss::<false>(x, gs, |v| v / scale + q0, maxq, norm),
+                };
+                // log2(scale / base). f32: exactly the Q8.8 difference. f16/bf16: a function of
+                // the stored scale alone, so candidates that round to the same stored scale tie
+                // exactly and the lower k wins, as on the CPU.
+                let rel_log2_scale = if dtype == ScaleDtype::F32 {
+                    (q88 as i32 - m.log2_scale_q88 as i32) as f32 * (1.0 / 256.0)
+                } else {
+                    log2_approx(scale) - m.log2_scale_q88 as f32 * (1.0 / 256.0)
+                };
+                log2_approx(sum) + norm * rel_log2_scale
+            } else if scale == 0.0 {
+                // An f16 scale below 2^-25 is stored as 0: every element dequantizes to 0, the
+                // loss is Σ|x|^norm, here in units of the base scale (maxq 0 makes q = 0).
+                let inv_base = 1.0 / m.scale();
+                let sum = if norm == 2.0 {
+                    scaled_loss::<true>(x, gs, |v| v * inv_base, 0.0, norm)
+                } else {
+                    scaled_loss::<false>(x, gs, |v| v * inv_base, 0.0, norm)
+                };
+                log2_approx(sum)
+            } else {
+                f32::INFINITY // an f16 overflow: (q − q0)·inf is no weight; never chosen
             };
-            let rel_log2_scale = (q88 as i32 - m.log2_scale_q88 as i32) as f32 * (1.0 / 256.0);
-            let key = log2_approx(sum) + norm * rel_log2_scale;
             red_min_shared_u64(best + 8 * i, ((ordered_bits(key) as u64) << 32) | k as u64);
         }
         p += block_dim_x();
@@ -182,10 +210,11 @@ macro_rules! mse_search_entry {
             /// MSE search kernel for one weight dtype; see the module docs.
             $marker => fn $name(args) {
                 let MseSearchArgs {
-                    w, rows, cols, gs, n_groups, bits, symmetric, n_cand, norm, gpb, qmeta, first_bad,
+                    w, rows, cols, gs, n_groups, bits, symmetric, n_cand, norm, scale_dtype, gpb, qmeta, first_bad,
                 } = args;
                 mse_search_impl::<$t>(
-                    w.ptr() as *const $t, rows, cols, gs, n_groups, bits, symmetric, n_cand, norm, gpb, qmeta.ptr(), first_bad.ptr(),
+                    w.ptr() as *const $t, rows, cols, gs, n_groups, bits, symmetric, n_cand, norm, scale_dtype, gpb,
+                    qmeta.ptr(), first_bad.ptr(),
                 )
             }
         }

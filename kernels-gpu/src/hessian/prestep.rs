@@ -11,23 +11,45 @@
 //!   0 below, into the solver's `cols_p × cols_p` layout with an identity in the padding; a
 //!   non-finite value or a diagonal that is not `> 0` is reported in `first_bad`.
 //! * `prestep_zero_columns`: the dead inputs' weight columns set to +0 on the device.
+//! * `prestep_first_failure`: the first non-zero cuSOLVER `info` of a blocked
+//!   factorisation's diagonal blocks (one thread: a few hundred entries at most).
 //!
-//! Thread mapping: one thread per element of the `n × n` matrix, grid-stride (any 1-D grid).
+//! Thread mapping: one thread per element of the `n × n` matrix, grid-stride (any 1-D grid);
+//! `prestep_first_failure` runs on thread 0 only (others return).
 //!
 //! # Safety (upheld by the host launcher)
 //! `prestep_gather`: `h` `cols²` f32, `order` a permutation of `0..cols`, `a` `cols²` f64,
 //! `first_bad` one u64. `prestep_extract`: `a` `cols²` f64, `u` `cols_p²` f32, `first_bad` one
-//! u64. `prestep_zero_columns`: as its argument struct says.
+//! u64. `prestep_zero_columns`, `prestep_first_failure`: as their argument structs say.
 
 use super::xtx::stride;
 use crate::device::{global_x, note_if_non_finite};
-use forge_kernel_abi::hessian::{prestep_factor_source, ExtractArgs, GatherArgs, ZeroColumnsArgs};
+use forge_kernel_abi::hessian::{prestep_factor_source, ExtractArgs, FirstFailureArgs, GatherArgs, ZeroColumnsArgs};
 
 forge_kernel_abi::gather_kernel! {
     /// The damped, dead-fixed, act-order-reversed f64 matrix of the pre-step; see the module docs.
     PrestepGather => fn prestep_gather(args) {
         let GatherArgs { h, cols, order, damping, a, inv, first_bad } = args;
         gather(h.ptr(), cols, order.ptr(), damping, a.ptr(), inv.ptr(), first_bad.ptr())
+    }
+}
+
+forge_kernel_abi::first_failure_kernel! {
+    /// The first non-zero per-block `info`; see the module docs.
+    PrestepFirstFailure => fn prestep_first_failure(args) {
+        let FirstFailureArgs { infos, count, info } = args;
+        if global_x() != 0 {
+            return;
+        }
+        let mut k = 0;
+        while k < count as usize {
+            let v = *infos.ptr().add(k);
+            if v != 0 {
+                *info.ptr() = v;
+                return;
+            }
+            k += 1;
+        }
     }
 }
 
@@ -38,7 +60,7 @@ forge_kernel_abi::identity_kernel! {
         let total = np * np;
         let mut idx = global_x() as usize;
         while idx < total {
-            *u.add(idx) = if idx % (np + 1) == 0 { 1.0 } else { 0.0 };
+            *u.add(idx) = if idx.is_multiple_of(np + 1) { 1.0 } else { 0.0 };
             idx += stride();
         }
     }

@@ -28,8 +28,10 @@
 //! is stored in the settings' [`ScaleDtype`]: the qmeta4 decode rounded to nearest-even
 //! ([`stored_scale`]). Dequantizing what was written — here, in compressed-tensors, or in a
 //! GPTQ kernel — gives `(q − qzero)·stored_scale` bit for bit (runtimes that compute in the
-//! scale dtype round that exact f32 product once more to the scale dtype). The solver must
-//! therefore quantize against [`stored_scale`], not the raw f32 decode (wired by the lead).
+//! scale dtype round that exact f32 product once more to the scale dtype). The solver
+//! quantizes against the same [`stored_scale`] (the grid's [`crate::GridConfig::scale_dtype`],
+//! which must be the settings' scale dtype: [`encode_linear`] refuses a mismatch), so the
+//! checkpoint dequantizes bit for bit to the weights GPTQ compensated.
 //!
 //! # Act-order
 //!
@@ -288,7 +290,8 @@ pub struct DecodedLinear {
 /// The tensors of `module` (e.g. `model.layers.0.self_attn.q_proj`) in `settings.format`.
 ///
 /// Errors: settings or shapes that disagree ([`ForgeError::Bits`], [`ForgeError::GroupSize`],
-/// [`ForgeError::Shape`]); data the format cannot hold ([`ForgeError::Format`]: a code above
+/// [`ForgeError::Shape`]); a grid whose `scale_dtype` is not the settings' (its codes were
+/// solved against other scales, [`ForgeError::Format`]); data the format cannot hold ([`ForgeError::Format`]: a code above
 /// `maxq`, a zero point that is not `2^(bits−1)` in a symmetric setting, a scale that
 /// overflows the scale dtype, a shape the layout cannot pack, a zero point of 0 in GPTQ v1).
 pub fn encode_linear(settings: &QuantSettings, module: &str, linear: &LinearQuant<'_>) -> Result<Vec<TensorOut>> {
@@ -454,6 +457,15 @@ fn check_linear(settings: &QuantSettings, linear: &LinearQuant<'_>) -> Result<Di
         return Err(ForgeError::Shape(format!("codes are empty ({rows}×{cols})")));
     }
     let grid = linear.grid;
+    if grid.scale_dtype != settings.scale_dtype {
+        return Err(ForgeError::Format(format!(
+            "the grid's scales are {} but the checkpoint stores {}: the codes were solved against other \
+             scales than the ones written; build the grid with scale_dtype {}",
+            dtype_name(grid.scale_dtype),
+            dtype_name(settings.scale_dtype),
+            dtype_name(settings.scale_dtype)
+        )));
+    }
     let (grows, ggroups, four) = grid.qmeta.dim();
     if four != 4 {
         return Err(ForgeError::Shape(format!("grid qmeta has {four} bytes per record, expected 4")));

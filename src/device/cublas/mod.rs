@@ -74,6 +74,15 @@ impl Blas {
         // SAFETY: a live handle and a live stream (kept alive by `_stream`).
         unsafe { cudarc::cublas::result::set_stream(blas.handle, stream.cu_stream() as _) }
             .map_err(result::err("setting the cuBLAS stream"))?;
+        // Reductions (split-K) in the f32 compute type, never in a 16-bit output type: the
+        // W4A16 cuBLAS path's error bound counts f32 accumulation only (on the H200, bf16
+        // split-K reductions put an output 6 bf16 ulps off).
+        // SAFETY: a live handle.
+        unsafe {
+            cb::cublasSetMathMode(blas.handle, cb::cublasMath_t::CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)
+        }
+        .result()
+        .map_err(result::err("setting the cuBLAS math mode"))?;
         Ok(blas)
     }
 
@@ -86,6 +95,63 @@ impl Blas {
     pub unsafe fn trsm_upper_left(&mut self, m: usize, n: usize, a: u64, lda: usize, b: u64, ldb: usize) -> Result<()> {
         let c = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
         result::trsm_left_upper(self.handle, c(m)?, c(n)?, 1.0, a, c(lda)?, b, c(ldb)?)
+    }
+
+    /// `C ← alpha · op(R) · B` (`left`) or `C ← alpha · B · op(R)`, `op(R) = Rᵀ` when `trans`:
+    /// `R` upper triangular non-unit (`lda`), `B` and `C` `m × n` (`ldb`, `ldc`), f64;
+    /// `c == b` is in place.
+    ///
+    /// # Safety
+    /// Live buffers of those shapes ready on the handle's stream; `c` overlaps `b` only as
+    /// `c == b` (with the same leading dimension).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn trmm_upper(
+        &mut self,
+        (left, trans): (bool, bool),
+        (m, n): (usize, usize),
+        alpha: f64,
+        (a, lda): (u64, usize),
+        (b, ldb): (u64, usize),
+        (c, ldc): (u64, usize),
+    ) -> Result<()> {
+        let i = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
+        result::trmm_upper(self.handle, (left, trans), i(m)?, i(n)?, alpha, a, i(lda)?, b, i(ldb)?, c, i(ldc)?)
+    }
+
+    /// `C ← alpha · AᵀA + beta · C` on the upper triangle of the `n × n` f64 `C`; `A` `k × n`.
+    ///
+    /// # Safety
+    /// Live buffers of those shapes ready on the handle's stream; `C` does not overlap `A`.
+    pub unsafe fn syrk_upper_t(
+        &mut self,
+        (n, k): (usize, usize),
+        alpha: f64,
+        (a, lda): (u64, usize),
+        beta: f64,
+        (c, ldc): (u64, usize),
+    ) -> Result<()> {
+        let i = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
+        result::syrk_upper_t(self.handle, (i(n)?, i(k)?), alpha, (a, i(lda)?), beta, (c, i(ldc)?))
+    }
+
+    /// `C ← alpha · op(A) · op(B) + beta · C`, f64 column-major, `op(A)` `m × k`, `op(B)`
+    /// `k × n`, `C` `m × n`; `op` transposes when `(ta, tb)` says so.
+    ///
+    /// # Safety
+    /// Live buffers of those shapes ready on the handle's stream; `C` overlaps neither input.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn dgemm(
+        &mut self,
+        trans: (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        alpha: f64,
+        (a, lda): (u64, usize),
+        (b, ldb): (u64, usize),
+        beta: f64,
+        (c, ldc): (u64, usize),
+    ) -> Result<()> {
+        let i = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
+        result::dgemm(self.handle, trans, (i(m)?, i(n)?, i(k)?), alpha, (a, i(lda)?), (b, i(ldb)?), beta, (c, i(ldc)?))
     }
 
     /// `C = A·Aᵀ` for `A` column-major `n × k` (a row-major `k × n` activation matrix `X`,
@@ -101,5 +167,31 @@ impl Blas {
             BlasInput::BF16 => cb::cudaDataType::CUDA_R_16BF,
         };
         result::gemm_aat(self.handle, cv(n)?, cv(k)?, a, t, c)
+    }
+
+    /// `Y = X · Wᵀ` in 16-bit (`BF16` or `F16`; f32 accumulation): row-major `X [m, k]`,
+    /// `W [n, k]`, `Y [m, n]` — the dense baseline of the W4A16 kernel and its large-`M` path.
+    ///
+    /// # Safety
+    /// `x`, `w`, `y` are device addresses of live buffers of `m·k`, `n·k`, `m·n` elements of
+    /// `input`, ready on the handle's stream.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm_xwt(
+        &mut self,
+        input: BlasInput,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: u64,
+        w: u64,
+        y: u64,
+    ) -> Result<()> {
+        let cv = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
+        let t = match input {
+            BlasInput::F16 => cb::cudaDataType::CUDA_R_16F,
+            BlasInput::BF16 => cb::cudaDataType::CUDA_R_16BF,
+            BlasInput::F32 => return Err(ForgeError::Internal("gemm_xwt takes 16-bit inputs".into())),
+        };
+        result::gemm_xwt(self.handle, cv(m)?, cv(n)?, cv(k)?, x, w, y, t)
     }
 }

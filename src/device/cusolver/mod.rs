@@ -63,9 +63,9 @@ impl Drop for Handle {
     }
 }
 
-/// Workspaces of one matrix side `n`.
+/// Workspaces of one `(side, leading dimension)`.
 struct Workspace {
-    n: usize,
+    n: (usize, usize),
     potrf_dev: CudaSlice<u8>,
     potrf_host: Vec<u8>,
 }
@@ -106,24 +106,39 @@ impl DenseSolver {
     /// `a` is the device address of a live `n × n` f64 matrix and `info` of a live i32, both
     /// ready on the device's compute stream.
     pub unsafe fn potrf_upper_async(&mut self, dev: &GpuDevice, a: u64, n: usize, info: u64) -> Result<()> {
-        if n == 0 {
-            return Err(ForgeError::Internal("potrf of an empty matrix".into()));
+        self.potrf_upper_block_async(dev, (a, n), n, info)
+    }
+
+    /// [`Self::potrf_upper_async`] of the `n × n` block at `a` of a column-major matrix with
+    /// leading dimension `lda ≥ n` (a diagonal block of a larger matrix).
+    ///
+    /// # Safety
+    /// As [`Self::potrf_upper_async`], the block inside a live buffer.
+    pub unsafe fn potrf_upper_block_async(
+        &mut self,
+        dev: &GpuDevice,
+        (a, lda): (u64, usize),
+        n: usize,
+        info: u64,
+    ) -> Result<()> {
+        if n == 0 || lda < n {
+            return Err(ForgeError::Internal(format!("potrf of a {n}×{n} block with leading dimension {lda}")));
         }
         let (h, p) = (self.handle.handle, self.handle.params);
-        if !self.work.as_ref().is_some_and(|w| w.n == n) {
+        if !self.work.as_ref().is_some_and(|w| w.n == (n, lda)) {
             // Grow-only: a layer of another size reuses a workspace that is large enough, so
             // alternating sizes (an expert's gate/up and down) allocate nothing.
-            let (pd, ph) = result::potrf_buffer_size(h, p, n as i64, a)?;
+            let (pd, ph) = result::potrf_buffer_size(h, p, n as i64, (a, lda as i64))?;
             let fits =
                 self.work.as_ref().is_some_and(|w| w.potrf_dev.len() >= pd.max(1) && w.potrf_host.len() >= ph.max(1));
             if fits {
                 if let Some(w) = self.work.as_mut() {
-                    w.n = n;
+                    w.n = (n, lda);
                 }
             } else {
                 self.work = None; // free the old size first
                 self.work = Some(Workspace {
-                    n,
+                    n: (n, lda),
                     potrf_dev: dev.alloc::<u8>(pd.max(1), "cuSOLVER potrf workspace")?,
                     potrf_host: vec![0u8; ph.max(1)],
                 });
@@ -131,7 +146,7 @@ impl DenseSolver {
         }
         let w = self.work.as_mut().ok_or_else(|| ForgeError::Internal("cuSOLVER workspace missing".into()))?;
         let work = (w.potrf_dev.dev_ptr_mut().addr(), w.potrf_dev.len());
-        result::potrf(h, p, n as i64, a, work, &mut w.potrf_host, info)
+        result::potrf(h, p, n as i64, (a, lda as i64), work, &mut w.potrf_host, info)
     }
 
     /// The stream the handle runs on.

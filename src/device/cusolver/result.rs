@@ -32,10 +32,10 @@ pub(super) unsafe fn potrf_buffer_size(
     handle: cs::cusolverDnHandle_t,
     params: cs::cusolverDnParams_t,
     n: i64,
-    a: u64,
+    (a, lda): (u64, i64),
 ) -> Result<(usize, usize)> {
     let (mut dev, mut host) = (0usize, 0usize);
-    cs::cusolverDnXpotrf_bufferSize(handle, params, UPPER, n, F64, a as *const _, n, F64, &mut dev, &mut host)
+    cs::cusolverDnXpotrf_bufferSize(handle, params, UPPER, n, F64, a as *const _, lda, F64, &mut dev, &mut host)
         .result()
         .map_err(err("sizing potrf"))?;
     Ok((dev, host))
@@ -46,13 +46,13 @@ pub(super) unsafe fn potrf_buffer_size(
 ///
 /// # Safety
 /// Live handle/params bound to the stream the buffers are ready on; `a` an `n × n` f64
-/// device matrix; workspaces of the sizes [`potrf_buffer_size`] returned; `info` one i32.
+/// device matrix (leading dimension `lda ≥ n`); workspaces of the sizes [`potrf_buffer_size`] returned; `info` one i32.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn potrf(
     handle: cs::cusolverDnHandle_t,
     params: cs::cusolverDnParams_t,
     n: i64,
-    a: u64,
+    (a, lda): (u64, i64),
     work_dev: (u64, usize),
     work_host: &mut [u8],
     info: u64,
@@ -64,7 +64,7 @@ pub(super) unsafe fn potrf(
         n,
         F64,
         a as *mut _,
-        n,
+        lda,
         F64,
         work_dev.0 as *mut _,
         work_dev.1,

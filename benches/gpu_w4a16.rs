@@ -1,0 +1,197 @@
+//! W4A16 matmul benchmark (issue 15): our kernel against cuBLAS bf16 GEMM on the dequantized
+//! weight and against the HBM floor, for the layer shapes of the issue and M from 1 to 4096.
+//!
+//! Timing: each measurement is a CUDA graph of back-to-back launches that cycle over enough
+//! distinct weight copies (> 4× the 50 MB L2) that every launch reads its weight from HBM,
+//! for our kernel and cuBLAS alike; device events around graph launches, median of 7, divided
+//! by the launches per graph. The floor is (packed codes + records + X + Y bytes) at the
+//! device-to-device copy bandwidth measured in the same run (bytes read + written per second).
+//!
+//! Run on a GPU machine: `cargo bench --bench gpu_w4a16` (cuBLAS from LD_LIBRARY_PATH, see the
+//! README). `W4A16_BENCH_QUICK=1` times only M ∈ {1, 16, 64, 1024} on two shapes.
+
+mod common;
+
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::CudaSlice;
+use fourbit_forge::device::cublas::BlasInput;
+use fourbit_forge::device::{DeviceBuffer, DeviceBufferMut, GpuDevice};
+use fourbit_forge::runtime::{
+    launch_dequant, pack_for_kernel, w4a16_matmul, ActDtype, DevicePackedWeight, MatmulPath, W4a16Options, W4a16Plan,
+    W4a16Workspace,
+};
+use fourbit_forge::{ForgeError, QMetaPacked, QuantGrid, Result, ScaleDtype};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const SHAPES: [(usize, usize); 5] = [(4096, 4096), (14336, 4096), (4096, 14336), (2048, 7168), (7168, 2048)];
+const MS: [usize; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096];
+const GS: usize = 128;
+/// Bytes of weights one graph cycles through (the H200's L2 is 50 MB).
+const CYCLE_BYTES: usize = 200 << 20;
+
+/// Median seconds per call of `enqueue(i)` (i = call index), as a graph of `reps` calls.
+fn time_graph(dev: &GpuDevice, reps: usize, mut enqueue: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    let stream = dev.stream().clone();
+    for i in 0..reps.min(4) {
+        enqueue(i)?; // warm-up outside the capture: workspaces grow here, never inside it
+    }
+    dev.synchronize()?;
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .map_err(ForgeError::driver("beginning a graph capture"))?;
+    let captured = (0..reps).try_for_each(&mut enqueue);
+    let graph =
+        stream.end_capture(CUgraphInstantiate_flags(0)).map_err(ForgeError::driver("ending a graph capture"))?;
+    captured?;
+    let graph = graph.ok_or_else(|| ForgeError::Internal("empty graph".into()))?;
+    graph.upload().map_err(ForgeError::driver("uploading a graph"))?;
+    graph.launch().map_err(ForgeError::driver("launching a graph"))?;
+    dev.synchronize()?;
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let ev = |s: &std::sync::Arc<cudarc::driver::CudaStream>| {
+            s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(ForgeError::driver("recording an event"))
+        };
+        let start = ev(&stream)?;
+        graph.launch().map_err(ForgeError::driver("launching a graph"))?;
+        let end = ev(&stream)?;
+        end.synchronize().map_err(ForgeError::driver("waiting for an event"))?;
+        times.push(start.elapsed_ms(&end).map_err(ForgeError::driver("reading an event"))? as f64 * 1e-3 / reps as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Device-to-device copy bandwidth, (read + written bytes) per second, on a 1 GiB buffer.
+fn copy_bandwidth(dev: &GpuDevice) -> Result<f64> {
+    let bytes = 1usize << 30;
+    let src = dev.alloc::<u8>(bytes, "bench copy source")?;
+    let mut dst = dev.alloc::<u8>(bytes, "bench copy target")?;
+    let stream = dev.stream().clone();
+    let t = common::median_ms(dev, 2, 7, 5, || stream.memcpy_dtod(&src, &mut dst).map_err(ForgeError::driver("copy")))?;
+    Ok(2.0 * bytes as f64 / (t * 1e-3))
+}
+
+/// A synthetic 4-bit layer: random codes, symmetric records with scales around 2^-7.
+fn packed_layer(n: usize, k: usize, seed: u64) -> Result<fourbit_forge::runtime::PackedWeight> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let codes = ndarray::Array2::from_shape_simple_fn((n, k), || rng.gen_range(0..16u8));
+    let n_groups = k.div_ceil(GS);
+    let recs: Vec<u32> = (0..n * n_groups)
+        .map(|_| QMetaPacked { log2_scale_q88: rng.gen_range(-8 * 256..-6 * 256), qzero: 8, flags: 1 }.to_u32())
+        .collect();
+    let grid = QuantGrid::from_u32(&recs, n, n_groups, 15, n_groups * GS - k, GS, ScaleDtype::F32)?;
+    pack_for_kernel(codes.view(), &grid)
+}
+
+fn main() -> Result<()> {
+    let Some(dev) = common::device_or_explain("gpu_w4a16") else { return Ok(()) };
+    let quick = std::env::var_os("W4A16_BENCH_QUICK").is_some();
+    let blas = fourbit_forge::device::cublas::cublas_available();
+    if let Err(e) = &blas {
+        println!("cuBLAS unavailable ({e}): its columns and the dequant+cuBLAS path are skipped");
+    }
+    let bw = copy_bandwidth(&dev)?;
+    println!("device-to-device copy: {:.0} GB/s (read + written); SMs: {}", bw / 1e9, dev.sm_count()?);
+    let stream = dev.stream().clone();
+    let mut rows = Vec::new();
+    let shapes: Vec<(usize, usize)> = if quick { vec![SHAPES[0], SHAPES[1]] } else { SHAPES.to_vec() };
+    for (si, &(n, k)) in shapes.iter().enumerate() {
+        let packed = packed_layer(n, k, si as u64)?;
+        let qbytes = packed.bytes();
+        let copies = CYCLE_BYTES.div_ceil(qbytes).max(2);
+        let weights: Vec<DevicePackedWeight> =
+            (0..copies).map(|_| DevicePackedWeight::upload(&dev, &packed)).collect::<Result<_>>()?;
+        // cuBLAS's weight: the kernel's own dequantization, in as many copies.
+        let dense_copies = CYCLE_BYTES.div_ceil(n * k * 2).max(2);
+        let mut dense: Vec<CudaSlice<u16>> = Vec::new();
+        if blas.is_ok() {
+            for _ in 0..dense_copies {
+                let mut d = dev.alloc::<u16>(n * k, "bench dense weight")?;
+                launch_dequant(&dev, &weights[0], &mut d, ActDtype::Bf16)?;
+                dense.push(d);
+            }
+        }
+        let ms: Vec<usize> = if quick { vec![1, 16, 64, 1024] } else { MS.to_vec() };
+        for &m in &ms {
+            let mut rng = StdRng::seed_from_u64(m as u64);
+            let xh: Vec<u16> = (0..m * k).map(|_| ActDtype::Bf16.bits(rng.gen_range(-1.0f32..1.0))).collect();
+            let mut x = dev.alloc::<u16>(m * k, "bench X")?;
+            stream.memcpy_htod(&xh, &mut x).map_err(ForgeError::driver("uploading X"))?;
+            let mut y = dev.alloc::<u16>(m * n, "bench Y")?;
+            let mut ws = W4a16Workspace::default();
+            let flops = 2.0 * m as f64 * n as f64 * k as f64;
+            let bytes = (qbytes + 2 * m * k + 2 * m * n) as f64;
+            let floor = bytes / (bw / 2.0);
+            let reps = copies.max(24);
+            let mut run = |opts: W4a16Options| -> Result<(f64, W4a16Plan)> {
+                let mut plan = None;
+                let t = time_graph(&dev, reps, |i| {
+                    plan =
+                        Some(w4a16_matmul(&dev, &x, m, &weights[i % copies], &mut y, ActDtype::Bf16, &opts, &mut ws)?);
+                    Ok(())
+                })?;
+                Ok((t, plan.ok_or_else(|| ForgeError::Internal("no launch".into()))?))
+            };
+            let (t_auto, plan) = run(W4a16Options::default())?;
+            let (t_fused, fplan) = if plan.path == MatmulPath::Fused {
+                (t_auto, plan)
+            } else {
+                run(W4a16Options { path: MatmulPath::Fused, ..Default::default() })?
+            };
+            let t_blas = if blas.is_ok() {
+                let reps = dense_copies.max(24);
+                Some(time_graph(&dev, reps, |i| {
+                    let (xa, wa, ya) =
+                        (x.dev_ptr().addr(), dense[i % dense_copies].dev_ptr().addr(), y.dev_ptr_mut().addr());
+                    // SAFETY: x m·k, the dense weight n·k, y m·n bf16 values on the device's stream.
+                    dev.with_blas(|b| unsafe { b.gemm_xwt(BlasInput::BF16, m, n, k, xa, wa, ya) })
+                })?)
+            } else {
+                None
+            };
+            let us = |t: f64| format!("{:.2}", t * 1e6);
+            let plan_s = |p: &W4a16Plan| match p.path {
+                MatmulPath::DequantGemm => "dequant+cuBLAS".to_string(),
+                _ => format!("mb{} s{} b{}/{}", p.mb, p.splits, p.blocks, p.resident),
+            };
+            rows.push(vec![
+                format!("{n}×{k}"),
+                m.to_string(),
+                plan_s(&plan),
+                us(t_auto),
+                format!("{:.0}", bytes / t_auto / 1e9),
+                format!("{:.1}", flops / t_auto / 1e12),
+                if fplan.path == plan.path { "=".into() } else { format!("{} ({})", us(t_fused), plan_s(&fplan)) },
+                t_blas.map_or("–".into(), us),
+                t_blas.map_or("–".into(), |t| format!("{:.1}", flops / t / 1e12)),
+                us(floor),
+                t_blas.map_or("–".into(), |t| format!("{:.2}×", t / t_auto)),
+                format!("{:.0}%", 100.0 * floor / t_auto),
+            ]);
+        }
+    }
+    common::print_table(
+        &format!(
+            "W4A16 (bf16, 4-bit, gs {GS}, symmetric) on {}, copy {:.0} GB/s (µs: median per launch, graphs over > 200 MB of weights)",
+            dev.name(),
+            bw / 1e9
+        ),
+        &[
+            "N×K",
+            "M",
+            "plan",
+            "ours µs",
+            "ours GB/s",
+            "ours TFLOP/s",
+            "fused-only µs",
+            "cuBLAS bf16 µs",
+            "cuBLAS TFLOP/s",
+            "HBM floor µs",
+            "speed-up vs cuBLAS",
+            "% of floor",
+        ],
+        &rows,
+    );
+    Ok(())
+}

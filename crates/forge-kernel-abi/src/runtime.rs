@@ -1,0 +1,243 @@
+//! Runtime kernels: the W4A16 matmul `Y[M, N] = X[M, K] · dequant(W)[N, K]ᵀ` on qmeta4 records
+//! decoded on the fly, and the dense dequantization that feeds cuBLAS at large `M`
+//! (docs/kernels.md §6, the packed layout in docs/formats.md).
+//!
+//! The packed weight (made by the host's `runtime::pack_for_kernel`):
+//! * codes: tiles of `16 (k) × 64 (n)` 4-bit codes, 512 bytes each, tile `(nt, kt)` at word
+//!   offset `(nt·(k_pad/16) + kt)·128`. Inside a tile, lane `l` of a warp owns the 16 bytes at
+//!   `l·16`: word `i` (0..4) holds the codes of the mma B fragments of n8-tiles `2i` and
+//!   `2i + 1` for that lane, nibble `p` = `j + 4h` (`j` 0..4, `h` 0..2) at bits `4p..4p+4` being
+//!   n8-tile `2i + j/2`, column `8·(2i + j/2) + l/4`, row `k = 2·(l mod 4) + 8·(j mod 2) + h`;
+//!   so `(w >> 4j) & 0x000f000f` is one bf16x2 / f16x2 register pair of the fragment;
+//! * records: raw qmeta4 `u32`s `[g_pad][n_pad]` (group-major, so a block's records of one
+//!   group are contiguous), `g_pad = ⌈k_pad / gs⌉`;
+//! * `n_pad` a multiple of [`PACK_N_ALIGN`], `k_pad` of [`PACK_K_ALIGN`]; padded codes and
+//!   records dequantize to exactly 0.
+
+/// Threads per W4A16 block (8 warps).
+pub const W4A16_THREADS: u32 = 256;
+/// Rows (`k`) of one packed code tile: one `m16n8k16` step.
+pub const PACK_TILE_K: u32 = 16;
+/// Columns (`n`) of one packed code tile: one warp's 64 output columns.
+pub const PACK_TILE_N: u32 = 64;
+/// Bytes of one packed 4-bit tile.
+pub const PACK_TILE_BYTES: u32 = PACK_TILE_K * PACK_TILE_N / 2;
+/// `n_pad` is a multiple of this (the widest block's columns).
+pub const PACK_N_ALIGN: u32 = 256;
+/// `k_pad` is a multiple of this (the longest stage's `k`).
+pub const PACK_K_ALIGN: u32 = 128;
+/// Pipeline depth (stages in shared memory; `stages − 1` in flight). One value for every shape,
+/// because it is a `cp.async.wait_group` immediate in the kernel.
+pub const W4A16_STAGES: u32 = 4;
+/// u64 slots per lane quad in a decoded-record buffer (8 columns + 2 of padding).
+pub const DEC_Q_STRIDE: u32 = 10;
+/// The most split-K partitions one launch uses (the final reduction reads them in batches of 8).
+pub const W4A16_MAX_SPLITS: u32 = 32;
+
+/// One block shape of the W4A16 kernel: `mb` 16-row blocks of `X`, `wn` warps along `n`
+/// (64 columns each) times `wk` warps along `k`, stages of `ksteps` 16-deep steps (each warp
+/// takes `ksteps / wk` consecutive ones), `stages` stages in the `cp.async` pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct W4a16Shape {
+    /// 16-row blocks of `X` per block (1..=4).
+    pub mb: u32,
+    /// Warps along `n`.
+    pub wn: u32,
+    /// Warps along `k` (partial sums added in shared memory at the end).
+    pub wk: u32,
+    /// 16-deep `k` steps per pipeline stage.
+    pub ksteps: u32,
+    /// Pipeline depth.
+    pub stages: u32,
+    /// Blocks per SM the launch bounds ask for.
+    pub min_blocks: u32,
+}
+
+impl W4a16Shape {
+    /// The shape for `mb` 16-row blocks: small `M` (1–2 blocks) streams 128 columns × 128 `k`
+    /// per stage with two blocks per SM; larger `M` uses 256 × 64 stages and one block per SM
+    /// (its 128 accumulators per thread need the registers).
+    pub const fn for_mb(mb: u32) -> Self {
+        if mb <= 2 {
+            W4a16Shape { mb, wn: 2, wk: 4, ksteps: 8, stages: W4A16_STAGES, min_blocks: 2 }
+        } else {
+            W4a16Shape { mb, wn: 4, wk: 2, ksteps: 4, stages: W4A16_STAGES, min_blocks: 1 }
+        }
+    }
+
+    /// Output columns per block.
+    pub const fn n_block(&self) -> u32 {
+        self.wn * PACK_TILE_N
+    }
+
+    /// `k` per stage.
+    pub const fn k_stage(&self) -> u32 {
+        self.ksteps * PACK_TILE_K
+    }
+
+    /// Rows of `X` per block.
+    pub const fn m_block(&self) -> u32 {
+        self.mb * 16
+    }
+
+    /// The most groups a stage spans (group sizes are multiples of 32).
+    pub const fn max_groups_per_stage(&self) -> u32 {
+        self.k_stage() / 32
+    }
+
+    /// Bytes of one stage's codes.
+    pub const fn b_stage_bytes(&self) -> u32 {
+        self.wn * self.ksteps * PACK_TILE_BYTES
+    }
+
+    /// Bytes of one stage's `X` tile (`m_block × k_stage` 16-bit values).
+    pub const fn a_stage_bytes(&self) -> u32 {
+        self.m_block() * self.k_stage() * 2
+    }
+
+    /// Bytes of one stage's raw records (`max_groups_per_stage × n_block` u32).
+    pub const fn raw_stage_bytes(&self) -> u32 {
+        self.max_groups_per_stage() * self.n_block() * 4
+    }
+
+    /// Bytes of one buffer of decoded records: per group and `n` warp, the u64 record of
+    /// column `8t + q` at `q·DEC_Q_STRIDE + t` (a lane's 8 columns contiguous; the padded
+    /// stride keeps the 16-byte reads of the 8 lane quads on distinct banks).
+    pub const fn dec_bytes(&self) -> u32 {
+        self.max_groups_per_stage() * self.wn * 8 * DEC_Q_STRIDE * 8
+    }
+
+    /// Bytes the warps along `k` need to add their partial sums (reuses the pipeline).
+    pub const fn reduce_bytes(&self) -> u32 {
+        (self.wk - 1) * self.wn * self.mb * 32 * 32 * 4
+    }
+
+    /// The shared-memory layout.
+    pub const fn layout(&self) -> W4a16SharedLayout {
+        let stage_bytes = self.b_stage_bytes() + self.a_stage_bytes() + self.raw_stage_bytes();
+        let b = 0;
+        let a = b + self.b_stage_bytes();
+        let raw = a + self.a_stage_bytes();
+        let pipeline = self.stages * stage_bytes;
+        // `stages` raw slots ride in the stages; one more holds stage 0's records.
+        let raw0 = pipeline;
+        let dec = raw0 + self.raw_stage_bytes();
+        let flag = dec + 2 * self.dec_bytes();
+        let total = flag + 16;
+        W4a16SharedLayout { stage_bytes, b, a, raw, raw0, dec, flag, total }
+    }
+}
+
+/// Byte offsets in a W4A16 block's dynamic shared memory. Stage `s` of the pipeline starts
+/// at `(s mod stages)·stage_bytes` and holds codes (`b`), the `X` tile (`a`) and the raw
+/// records of stage `s + 1` (`raw`); `raw0` holds stage 0's records, `dec` two buffers of
+/// decoded records, `flag` the split-K arrival result. The `k`-warp reduction reuses the
+/// pipeline (`reduce_bytes ≤ stages·stage_bytes`, checked below).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct W4a16SharedLayout {
+    /// Bytes per stage.
+    pub stage_bytes: u32,
+    /// Codes inside a stage.
+    pub b: u32,
+    /// `X` tile inside a stage.
+    pub a: u32,
+    /// Raw records (of the next stage) inside a stage.
+    pub raw: u32,
+    /// Raw records of stage 0.
+    pub raw0: u32,
+    /// Decoded records, two buffers of `dec_bytes`.
+    pub dec: u32,
+    /// Split-K arrival flag (u32).
+    pub flag: u32,
+    /// Total bytes.
+    pub total: u32,
+}
+
+const _: () = {
+    let mut mb = 1;
+    while mb <= 4 {
+        let s = W4a16Shape::for_mb(mb);
+        assert!(s.reduce_bytes() <= s.stages * s.layout().stage_bytes);
+        // The kernel unrolls a warp's steps of a stage by two.
+        assert!(s.ksteps / s.wk == 2 && s.ksteps.is_multiple_of(s.wk));
+        assert!(s.wn * s.wk * 32 == W4A16_THREADS);
+        assert!(s.b_stage_bytes() / 16 == 2 * W4A16_THREADS);
+        assert!(s.raw_stage_bytes() / 16 <= W4A16_THREADS);
+        assert!(s.max_groups_per_stage() * s.n_block() <= 2 * W4A16_THREADS);
+        assert!(PACK_K_ALIGN.is_multiple_of(s.k_stage()) && PACK_N_ALIGN.is_multiple_of(s.n_block()));
+        mb += 1;
+    }
+};
+
+crate::kernel_args! {
+    /// `w4a16_{bf16,f16}_m{1..4}`: `Y = X · dequant(W)ᵀ` for the rows of `X` in
+    /// `m_blocks` blocks of `16·mb`. Grid: `m_blocks · col_blocks · splits` blocks of
+    /// [`W4A16_THREADS`], dynamic shared memory `W4a16Shape::for_mb(mb).layout().total`.
+    /// Block `b` takes `m = b mod m_blocks`, `col = (b / m_blocks) mod col_blocks`,
+    /// `split = b / (m_blocks·col_blocks)`, and split `p` the stages
+    /// `[p·S/splits, (p+1)·S/splits)` of the `S = k_pad / k_stage` stages.
+    /// Safety: `x` `m·k` 16-bit values, `k % 8 == 0`; `w` and `meta` a packed weight of
+    /// `n_pad × k_pad`, group size `gs` (multiple of 32), `g_pad` groups; `y` `m·n` 16-bit
+    /// values; when `splits > 1`, `ws` `splits·m·n_pad` f32 and `counters`
+    /// `m_blocks·col_blocks` u32, zero before the first launch (the kernel leaves them zero);
+    /// `col_blocks = n_pad / n_block`, `1 ≤ splits ≤ min(S, W4A16_MAX_SPLITS)`.
+    pub struct W4a16Args in runtime => w4a16_kernel {
+        /// Activations, row-major `[m, k]`.
+        pub x: forge_kernel_abi::DevPtr<u16>,
+        /// Packed codes.
+        pub w: forge_kernel_abi::DevPtr<u32>,
+        /// Packed records `[g_pad][n_pad]`.
+        pub meta: forge_kernel_abi::DevPtr<u32>,
+        /// Output, row-major `[m, n]`.
+        pub y: forge_kernel_abi::DevPtrMut<u16>,
+        /// Split-K partial sums `[splits][m][n_pad]`.
+        pub ws: forge_kernel_abi::DevPtrMut<f32>,
+        /// Split-K arrival counters, one per output tile.
+        pub counters: forge_kernel_abi::DevPtrMut<u32>,
+        /// Rows of `X` and `Y`.
+        pub m: u32,
+        /// Output columns.
+        pub n: u32,
+        /// Input columns.
+        pub k: u32,
+        /// Padded output columns (row stride of `meta` and `ws`).
+        pub n_pad: u32,
+        /// Padded input columns.
+        pub k_pad: u32,
+        /// Group size.
+        pub gs: u32,
+        /// Groups in the packed records.
+        pub g_pad: u32,
+        /// Row blocks of `16·mb`.
+        pub m_blocks: u32,
+        /// Column blocks.
+        pub col_blocks: u32,
+        /// Split-K partitions.
+        pub splits: u32,
+    }
+}
+
+crate::kernel_args! {
+    /// `w4_dequant_{bf16,f16}`: the dense weight `wd[n, k] = dequant(W)` (row-major
+    /// `[n, k]`, the kernel's own rounding) for cuBLAS. One thread per (row, 8 columns) chunk
+    /// of a packed tile lane, grid-stride. Safety: `w`/`meta` a packed weight as for
+    /// [`W4a16Args`]; `wd` `n·k` 16-bit values.
+    pub struct W4DequantArgs in runtime => w4_dequant_kernel {
+        /// Packed codes.
+        pub w: forge_kernel_abi::DevPtr<u32>,
+        /// Packed records.
+        pub meta: forge_kernel_abi::DevPtr<u32>,
+        /// Dense output `[n, k]`.
+        pub wd: forge_kernel_abi::DevPtrMut<u16>,
+        /// Rows.
+        pub n: u32,
+        /// Columns.
+        pub k: u32,
+        /// Padded rows.
+        pub n_pad: u32,
+        /// Padded columns.
+        pub k_pad: u32,
+        /// Group size.
+        pub gs: u32,
+    }
+}

@@ -1,0 +1,390 @@
+//! Device side of the W4A16 runtime: the packed weight on the device, the launch plan
+//! (block shape and split-K factor from `M`, `N`, `K` and the SM count), the fused
+//! tensor-core kernel, and the large-`M` path (dense dequantization + cuBLAS).
+//!
+//! Split-K (small `M`): a 14336×4096 layer at `M = 1` has only 112 column blocks of 128 for
+//! 132 SMs; each output tile's `k` range is split so that `tiles × splits` fills the resident
+//! block slots (`SMs × blocks per SM`, from the occupancy API) in ONE wave, choosing the
+//! smallest split that minimises the stages per block. Partial f32 tiles go to a workspace
+//! and the last block to arrive at a tile (an atomic counter) sums them in split order and
+//! writes `Y` — one launch, deterministic, no spin-waiting (a block never waits for another,
+//! so residency does not matter), and the counters are left zero for the next launch. Atomic
+//! f32 adds into `Y` were rejected: `Y` is 16-bit, they would need a zeroed f32 buffer and a
+//! second conversion launch, and the result would depend on arrival order.
+
+use super::{check_dims, ActDtype, PackedWeight};
+use crate::device::cublas::BlasInput;
+use crate::device::{DeviceBuf, DeviceBuffer, DeviceBufferMut, GpuDevice};
+use crate::{ForgeError, Result};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaSlice, LaunchConfig};
+use forge_kernel_abi::runtime::{W4DequantArgs, W4a16Args, W4a16Shape, W4A16_MAX_SPLITS, W4A16_THREADS};
+use forge_kernel_abi::{
+    Kernel, W4DequantBf16, W4DequantF16, W4a16Bf16M1, W4a16Bf16M2, W4a16Bf16M3, W4a16Bf16M4, W4a16F16M1, W4a16F16M2,
+    W4a16F16M3, W4a16F16M4,
+};
+use ndarray::{Array2, ArrayView2};
+
+/// A [`PackedWeight`] on the device.
+pub struct DevicePackedWeight {
+    /// Output features.
+    pub n: usize,
+    /// Input features.
+    pub k: usize,
+    /// Padded output features.
+    pub n_pad: usize,
+    /// Padded input features.
+    pub k_pad: usize,
+    /// Group size.
+    pub group_size: usize,
+    /// Groups of the packed records.
+    pub g_pad: usize,
+    /// Packed code tiles.
+    pub codes: CudaSlice<u32>,
+    /// Packed records.
+    pub records: CudaSlice<u32>,
+    finite_bf16: bool,
+    finite_f16: bool,
+}
+
+impl DevicePackedWeight {
+    /// Uploads a packed weight (checked against its own dimensions first).
+    pub fn upload(dev: &GpuDevice, p: &PackedWeight) -> Result<Self> {
+        check_dims(p.n, p.k, p.group_size)?;
+        let tiles = (p.n_pad / 64) * (p.k_pad / 16);
+        if p.codes.len() != tiles * 128
+            || p.records.len() != p.g_pad * p.n_pad
+            || p.g_pad != p.k_pad.div_ceil(p.group_size)
+        {
+            return Err(ForgeError::Shape("packed weight buffers do not match its dimensions".into()));
+        }
+        let mut codes = dev.alloc::<u32>(p.codes.len(), "W4A16 packed codes")?;
+        let mut records = dev.alloc::<u32>(p.records.len(), "W4A16 packed records")?;
+        let stream = dev.stream();
+        stream.memcpy_htod(&p.codes, &mut codes).map_err(ForgeError::driver("uploading packed codes"))?;
+        stream.memcpy_htod(&p.records, &mut records).map_err(ForgeError::driver("uploading packed records"))?;
+        Ok(DevicePackedWeight {
+            n: p.n,
+            k: p.k,
+            n_pad: p.n_pad,
+            k_pad: p.k_pad,
+            group_size: p.group_size,
+            g_pad: p.g_pad,
+            codes,
+            records,
+            finite_bf16: p.finite_bf16,
+            finite_f16: p.finite_f16,
+        })
+    }
+
+    /// Bytes one pass over the weight reads (codes + records).
+    pub fn bytes(&self) -> usize {
+        (self.codes.len() + self.records.len()) * 4
+    }
+}
+
+/// Which implementation runs the product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// The fused kernel below `W4a16Options::gemm_min_m` rows (or without cuBLAS), else
+    /// dequantization + cuBLAS.
+    Auto,
+    /// Always the fused tensor-core kernel.
+    Fused,
+    /// Always the dense dequantization kernel + cuBLAS (needs cuBLAS).
+    DequantGemm,
+}
+
+/// Launch options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct W4a16Options {
+    /// Implementation.
+    pub path: MatmulPath,
+    /// Split-K factor for the fused kernel (`None`: chosen from the shape and the SM count);
+    /// clamped to `1..=min(stages, W4A16_MAX_SPLITS)`.
+    pub splits: Option<u32>,
+    /// Rows from which [`MatmulPath::Auto`] takes the dequantization + cuBLAS path.
+    pub gemm_min_m: usize,
+}
+
+impl Default for W4a16Options {
+    fn default() -> Self {
+        W4a16Options { path: MatmulPath::Auto, splits: None, gemm_min_m: 512 }
+    }
+}
+
+/// What a launch will do (printed by the bench).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct W4a16Plan {
+    /// Fused or dequantization + cuBLAS.
+    pub path: MatmulPath,
+    /// 16-row blocks of `X` per block (1–4).
+    pub mb: u32,
+    /// Row blocks.
+    pub m_blocks: u32,
+    /// Column blocks.
+    pub col_blocks: u32,
+    /// Split-K factor.
+    pub splits: u32,
+    /// Blocks launched.
+    pub blocks: u32,
+    /// Resident block slots (SMs × blocks per SM).
+    pub resident: u32,
+    /// Dynamic shared memory per block.
+    pub shared_bytes: u32,
+}
+
+/// Device scratch of the runtime (grow-only): split-K partials and counters, the dense weight
+/// of the cuBLAS path. One per stream: launches sharing it must be ordered.
+#[derive(Default)]
+pub struct W4a16Workspace {
+    partials: DeviceBuf<f32>,
+    counters: DeviceBuf<u32>,
+    dense: DeviceBuf<u16>,
+}
+
+/// The kernel of `dtype` for `mb` row blocks, with its name.
+fn fused_kernel(dev: &GpuDevice, dtype: ActDtype, mb: u32) -> Result<(cudarc::driver::CudaFunction, &'static str)> {
+    macro_rules! k {
+        ($m:ty) => {
+            (dev.kernel::<$m>()?, <$m as Kernel>::NAME)
+        };
+    }
+    Ok(match (dtype, mb) {
+        (ActDtype::Bf16, 1) => k!(W4a16Bf16M1),
+        (ActDtype::Bf16, 2) => k!(W4a16Bf16M2),
+        (ActDtype::Bf16, 3) => k!(W4a16Bf16M3),
+        (ActDtype::Bf16, _) => k!(W4a16Bf16M4),
+        (ActDtype::F16, 1) => k!(W4a16F16M1),
+        (ActDtype::F16, 2) => k!(W4a16F16M2),
+        (ActDtype::F16, 3) => k!(W4a16F16M3),
+        (ActDtype::F16, _) => k!(W4a16F16M4),
+    })
+}
+
+/// The plan for `m` rows (see the module docs for the split-K choice).
+pub fn w4a16_plan(
+    dev: &GpuDevice,
+    m: usize,
+    w: &DevicePackedWeight,
+    dtype: ActDtype,
+    opts: &W4a16Options,
+) -> Result<W4a16Plan> {
+    if m == 0 || m > i32::MAX as usize {
+        return Err(ForgeError::Shape(format!("W4A16: M = {m} rows is out of range")));
+    }
+    let gemm = match opts.path {
+        MatmulPath::Fused => false,
+        MatmulPath::DequantGemm => true,
+        MatmulPath::Auto => m >= opts.gemm_min_m && crate::device::cublas::cublas_available().is_ok(),
+    };
+    let mb = m.min(64).div_ceil(16) as u32;
+    let shape = W4a16Shape::for_mb(mb);
+    let shared_bytes = shape.layout().total;
+    let m_blocks = m.div_ceil(shape.m_block() as usize) as u32;
+    let col_blocks = (w.n_pad / shape.n_block() as usize) as u32;
+    let stages = (w.k_pad / shape.k_stage() as usize) as u32;
+    let (func, name) = fused_kernel(dev, dtype, mb)?;
+    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes as i32)
+        .map_err(|source| ForgeError::Launch { kernel: name, source })?;
+    let per_sm = func
+        .occupancy_max_active_blocks_per_multiprocessor(W4A16_THREADS, shared_bytes as usize, None)
+        .map_err(|source| ForgeError::Launch { kernel: name, source })?
+        .max(1);
+    let resident = per_sm * dev.sm_count()?;
+    let tiles = m_blocks as u64 * col_blocks as u64;
+    let max_splits = stages.clamp(1, W4A16_MAX_SPLITS);
+    let splits = match opts.splits {
+        Some(s) => s.clamp(1, max_splits),
+        None => {
+            // The most splits that still fit one wave, then the smallest split reaching the
+            // same stages per block (fewer partial tiles to add).
+            let fit = ((resident as u64 / tiles.max(1)) as u32).clamp(1, max_splits);
+            let best = stages.div_ceil(fit);
+            (1..=fit).find(|s| stages.div_ceil(*s) == best).unwrap_or(fit)
+        }
+    };
+    let blocks = tiles * splits as u64;
+    if blocks > i32::MAX as u64 {
+        return Err(ForgeError::Shape(format!("W4A16: {blocks} blocks exceed the grid limit")));
+    }
+    Ok(W4a16Plan {
+        path: if gemm { MatmulPath::DequantGemm } else { MatmulPath::Fused },
+        mb,
+        m_blocks,
+        col_blocks,
+        splits,
+        blocks: blocks as u32,
+        resident,
+        shared_bytes,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+/// `Y[m, n] = X[m, k] · dequant(W)ᵀ` on the device: `x` holds `m·k` and `y` `m·n` values of
+/// `dtype` (bit patterns), row-major. Returns the plan it ran.
+pub fn w4a16_matmul(
+    dev: &GpuDevice,
+    x: &CudaSlice<u16>,
+    m: usize,
+    w: &DevicePackedWeight,
+    y: &mut CudaSlice<u16>,
+    dtype: ActDtype,
+    opts: &W4a16Options,
+    ws: &mut W4a16Workspace,
+) -> Result<W4a16Plan> {
+    let finite = match dtype {
+        ActDtype::Bf16 => w.finite_bf16,
+        ActDtype::F16 => w.finite_f16,
+    };
+    if !finite {
+        return Err(ForgeError::Config(format!(
+            "the packed weight has scales whose dequantized values overflow {dtype:?}; run it in bf16"
+        )));
+    }
+    let (n, k) = (w.n, w.k);
+    if x.len() < m * k || y.len() < m * n {
+        return Err(ForgeError::Shape(format!(
+            "W4A16: X has {} elements for {m}×{k}, Y {} for {m}×{n}",
+            x.len(),
+            y.len()
+        )));
+    }
+    let plan = w4a16_plan(dev, m, w, dtype, opts)?;
+    if plan.path == MatmulPath::DequantGemm {
+        let dense = ws.dense.ensure(dev, n * k, "W4A16 dense weight")?;
+        launch_dequant(dev, w, dense, dtype)?;
+        let input = match dtype {
+            ActDtype::Bf16 => BlasInput::BF16,
+            ActDtype::F16 => BlasInput::F16,
+        };
+        let (xa, wa, ya) = (x.dev_ptr().addr(), dense.dev_ptr().addr(), y.dev_ptr_mut().addr());
+        // SAFETY: x holds m·k, the dense weight n·k, y m·n values of `dtype`, all on the
+        // device's stream, which the cuBLAS handle is bound to.
+        dev.with_blas(|b| unsafe { b.gemm_xwt(input, m, n, k, xa, wa, ya) })?;
+        return Ok(plan);
+    }
+    let (ws_ptr, counters_ptr) = if plan.splits > 1 {
+        let partials = ws.partials.ensure(dev, plan.splits as usize * m * w.n_pad, "W4A16 split-K partials")?;
+        let p = partials.dev_ptr_mut();
+        // Zeroed when allocated; every launch leaves them zero again.
+        let counters = ws.counters.ensure(dev, (plan.m_blocks * plan.col_blocks) as usize, "W4A16 split-K counters")?;
+        (p, counters.dev_ptr_mut())
+    } else {
+        // Not read with one split; any valid address.
+        (y.dev_ptr_mut().cast::<f32>(), y.dev_ptr_mut().cast::<u32>())
+    };
+    let args = W4a16Args {
+        x: x.dev_ptr(),
+        w: w.codes.dev_ptr(),
+        meta: w.records.dev_ptr(),
+        y: y.dev_ptr_mut(),
+        ws: ws_ptr,
+        counters: counters_ptr,
+        m: m as u32,
+        n: n as u32,
+        k: k as u32,
+        n_pad: w.n_pad as u32,
+        k_pad: w.k_pad as u32,
+        gs: w.group_size as u32,
+        g_pad: w.g_pad as u32,
+        m_blocks: plan.m_blocks,
+        col_blocks: plan.col_blocks,
+        splits: plan.splits,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (plan.blocks, 1, 1),
+        block_dim: (W4A16_THREADS, 1, 1),
+        shared_mem_bytes: plan.shared_bytes,
+    };
+    // SAFETY: the W4a16Args contract: x m·k and y m·n values (checked above), k % 8 == 0 and
+    // gs a multiple of 32 (check_dims at upload), w/meta a packed weight of these dimensions
+    // (checked at upload), ws splits·m·n_pad f32 and counters m_blocks·col_blocks u32 zeroed
+    // (ensured above), col_blocks = n_pad / n_block and 1 ≤ splits ≤ min(stages, MAX) (plan).
+    unsafe {
+        match (dtype, plan.mb) {
+            (ActDtype::Bf16, 1) => dev.launch::<W4a16Bf16M1>(cfg, &args),
+            (ActDtype::Bf16, 2) => dev.launch::<W4a16Bf16M2>(cfg, &args),
+            (ActDtype::Bf16, 3) => dev.launch::<W4a16Bf16M3>(cfg, &args),
+            (ActDtype::Bf16, _) => dev.launch::<W4a16Bf16M4>(cfg, &args),
+            (ActDtype::F16, 1) => dev.launch::<W4a16F16M1>(cfg, &args),
+            (ActDtype::F16, 2) => dev.launch::<W4a16F16M2>(cfg, &args),
+            (ActDtype::F16, 3) => dev.launch::<W4a16F16M3>(cfg, &args),
+            (ActDtype::F16, _) => dev.launch::<W4a16F16M4>(cfg, &args),
+        }
+    }?;
+    Ok(plan)
+}
+
+/// The dense weight `[n, k]` as the kernel rounds it, into `dense` (at least `n·k` values).
+pub fn launch_dequant(
+    dev: &GpuDevice,
+    w: &DevicePackedWeight,
+    dense: &mut CudaSlice<u16>,
+    dtype: ActDtype,
+) -> Result<()> {
+    if dense.len() < w.n * w.k {
+        return Err(ForgeError::Shape(format!("dense weight buffer {} < {}×{}", dense.len(), w.n, w.k)));
+    }
+    let args = W4DequantArgs {
+        w: w.codes.dev_ptr(),
+        meta: w.records.dev_ptr(),
+        wd: dense.dev_ptr_mut(),
+        n: w.n as u32,
+        k: w.k as u32,
+        n_pad: w.n_pad as u32,
+        k_pad: w.k_pad as u32,
+        gs: w.group_size as u32,
+    };
+    let chunks = (w.n_pad / 64) * (w.k_pad / 16) * 32;
+    let blocks = chunks.div_ceil(256).min(dev.sm_count()? as usize * 16) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: w/meta a packed weight of these dimensions (checked at upload), wd n·k values
+    // (checked above); the kernel is grid-stride.
+    unsafe {
+        match dtype {
+            ActDtype::Bf16 => dev.launch::<W4DequantBf16>(cfg, &args),
+            ActDtype::F16 => dev.launch::<W4DequantF16>(cfg, &args),
+        }
+    }
+}
+
+/// Host convenience: rounds `x` to `dtype`, uploads it and the packed weight, runs
+/// [`w4a16_matmul`], and returns `Y` as f32 values (each exactly a `dtype` value) with the plan.
+pub fn w4a16_matmul_host(
+    dev: &GpuDevice,
+    x: ArrayView2<'_, f32>,
+    p: &PackedWeight,
+    dtype: ActDtype,
+    opts: &W4a16Options,
+) -> Result<(Array2<f32>, W4a16Plan)> {
+    let m = x.nrows();
+    if x.ncols() != p.k {
+        return Err(ForgeError::Shape(format!("X has {} columns, the weight {} inputs", x.ncols(), p.k)));
+    }
+    p.check_for(dtype)?;
+    let w = DevicePackedWeight::upload(dev, p)?;
+    let xb: Vec<u16> = x.iter().map(|&v| dtype.bits(v)).collect();
+    let stream = dev.stream();
+    let mut xd = dev.alloc::<u16>(xb.len(), "W4A16 X")?;
+    stream.memcpy_htod(&xb, &mut xd).map_err(ForgeError::driver("uploading X"))?;
+    let mut yd = dev.alloc::<u16>(m * p.n, "W4A16 Y")?;
+    let mut ws = W4a16Workspace::default();
+    let plan = w4a16_matmul(dev, &xd, m, &w, &mut yd, dtype, opts, &mut ws)?;
+    let yb = stream.clone_dtoh(&yd).map_err(ForgeError::driver("downloading Y"))?;
+    dev.synchronize()?;
+    let y = Array2::from_shape_vec((m, p.n), yb.iter().take(m * p.n).map(|&b| dtype.value(b)).collect())
+        .map_err(|e| ForgeError::Internal(format!("Y shape: {e}")))?;
+    Ok((y, plan))
+}
+
+/// Host convenience for tests: the dense weight the device dequantizes, as f32 values.
+pub fn dequant_gpu(dev: &GpuDevice, p: &PackedWeight, dtype: ActDtype) -> Result<Array2<f32>> {
+    let w = DevicePackedWeight::upload(dev, p)?;
+    let mut dense = dev.alloc::<u16>(p.n * p.k, "W4A16 dense weight")?;
+    launch_dequant(dev, &w, &mut dense, dtype)?;
+    let b = dev.stream().clone_dtoh(&dense).map_err(ForgeError::driver("downloading the dense weight"))?;
+    dev.synchronize()?;
+    Array2::from_shape_vec((p.n, p.k), b.iter().take(p.n * p.k).map(|&v| dtype.value(v)).collect())
+        .map_err(|e| ForgeError::Internal(format!("dense shape: {e}")))
+}

@@ -1,0 +1,307 @@
+//! The W4A16 kernel against the CPU reference (issue 15). GPU tests skip with the reason
+//! when there is no GPU; the packing tests run everywhere.
+//!
+//! What is checked, and why the tolerances are what they are:
+//! * packing: `unpack_for_kernel(pack_for_kernel(codes, grid))` gives back every code and
+//!   record; bad input is a typed error.
+//! * dequantization, bit for bit: the device's dense weight (the same `dequant_word` the
+//!   matmul uses) equals `dequant_for_kernel`, which equals an independent evaluation with
+//!   the `half` crate, for EVERY supported group size (multiples of 32 in 32..=1024), both
+//!   types, records over the whole Q8.8 range (the fast table decode and its fallback).
+//! * matmul, bit for bit: with integer activations, power-of-two scales and integer
+//!   `q − z`, every partial sum is a multiple of `2^(e_min)` below `2^22` of it, so f32
+//!   accumulation is exact in ANY order (tensor-core truncation included) and the device
+//!   must return `round_T(exact)` exactly. Shapes with `n`/`k` tails, partial last groups,
+//!   M in {1, 2, 7, 16, 33, 128, 257}, forced split-K factors, large (×2^40) and small
+//!   (×2^-40) magnitudes, all codes 0 / all 15, zero activations.
+//! * matmul, realistic: heavy-tailed weights quantized on a real grid (absmax and MSE,
+//!   symmetric and asymmetric), Gaussian activations with outlier columns; against the f64
+//!   reference with the bound derived in [`tolerance`].
+
+mod common;
+
+use fourbit_forge::runtime::{
+    dequant_for_kernel, dequant_gpu, pack_for_kernel, round_to_act, unpack_for_kernel, w4a16_matmul_cpu,
+    w4a16_matmul_host, ActDtype, MatmulPath, PackedWeight, W4a16Options,
+};
+use fourbit_forge::{ForgeError, GridConfig, MseSearch, QMetaPacked, QuantGrid, ScaleDtype, ScaleSearch, WeightView};
+use ndarray::Array2;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal, StudentT};
+
+const MS: [usize; 7] = [1, 2, 7, 16, 33, 128, 257];
+
+/// A grid from explicit records `[n][n_groups]`.
+fn grid_of(records: &[QMetaPacked], n: usize, k: usize, gs: usize, maxq: u32) -> QuantGrid {
+    let n_groups = k.div_ceil(gs);
+    let r: Vec<u32> = records.iter().map(|m| m.to_u32()).collect();
+    QuantGrid::from_u32(&r, n, n_groups, maxq, n_groups * gs - k, gs, ScaleDtype::F32).unwrap()
+}
+
+/// Random 4-bit codes and records: scales `2^(q88/256)` with `q88` drawn by `q88`, zero points
+/// in `0..=15`.
+fn random_layer(
+    n: usize,
+    k: usize,
+    gs: usize,
+    rng: &mut StdRng,
+    mut q88: impl FnMut(&mut StdRng) -> i16,
+) -> (Array2<u8>, QuantGrid) {
+    let codes = Array2::from_shape_fn((n, k), |_| rng.gen_range(0..16u8));
+    let recs: Vec<QMetaPacked> = (0..n * k.div_ceil(gs))
+        .map(|_| QMetaPacked { log2_scale_q88: q88(rng), qzero: rng.gen_range(0..16), flags: 0 })
+        .collect();
+    let grid = grid_of(&recs, n, k, gs, 15);
+    (codes, grid)
+}
+
+#[test]
+fn packing_round_trips_codes_and_records() {
+    let mut rng = StdRng::seed_from_u64(1);
+    for &(n, k, gs) in &[(1, 8, 32), (64, 128, 32), (100, 200, 96), (257, 1000, 160), (300, 64, 1024), (8, 2056, 512)] {
+        let (codes, grid) = random_layer(n, k, gs, &mut rng, |r| r.gen());
+        let p = pack_for_kernel(codes.view(), &grid).unwrap();
+        assert_eq!((p.n_pad % 256, p.k_pad % 128), (0, 0));
+        let (c2, r2) = unpack_for_kernel(&p).unwrap();
+        assert_eq!(c2, codes, "{n}×{k} gs {gs}: codes");
+        assert_eq!(r2, grid.to_u32_vec(), "{n}×{k} gs {gs}: records");
+    }
+}
+
+#[test]
+fn packing_rejects_what_the_kernel_cannot_run() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let (codes, grid) = random_layer(16, 64, 32, &mut rng, |_| 0);
+    // 5-bit codes
+    let g5 = QuantGrid { maxq: 31, ..grid.clone() };
+    assert!(matches!(pack_for_kernel(codes.view(), &g5), Err(ForgeError::Config(_))));
+    // a zero point above maxq (4-bit data on a 3-bit grid)
+    let g3 = QuantGrid { maxq: 7, ..grid.clone() };
+    let small = codes.mapv(|c| c & 7);
+    let mut recs: Vec<QMetaPacked> = g3.to_u32_vec().into_iter().map(QMetaPacked::from_u32).collect();
+    recs[3].qzero = 9;
+    assert!(matches!(pack_for_kernel(small.view(), &grid_of(&recs, 16, 64, 32, 7)), Err(ForgeError::Config(_))));
+    // a code above maxq
+    assert!(matches!(pack_for_kernel(codes.view(), &g3), Err(ForgeError::Config(_))));
+    // K not a multiple of 8, a group size that is not a multiple of 32
+    let (c, g) = random_layer(4, 36, 32, &mut rng, |_| 0);
+    assert!(matches!(pack_for_kernel(c.view(), &g), Err(ForgeError::Shape(_))));
+    let (c, g) = random_layer(4, 96, 48, &mut rng, |_| 0);
+    assert!(matches!(pack_for_kernel(c.view(), &g), Err(ForgeError::GroupSize(48))));
+    // grid of another shape
+    let (c, _) = random_layer(4, 64, 32, &mut rng, |_| 0);
+    assert!(matches!(pack_for_kernel(c.view(), &grid), Err(ForgeError::Shape(_))));
+    // a scale whose dequantized values overflow f16 is refused in f16, fine in bf16
+    let (c, g) = random_layer(4, 64, 32, &mut rng, |_| 20 * 256);
+    let p = pack_for_kernel(c.view(), &g).unwrap();
+    assert!(p.check_for(ActDtype::Bf16).is_ok() && p.check_for(ActDtype::F16).is_err());
+}
+
+/// The reference weight is `round_T((q − z)·round_T(decode(q88)))`, evaluated here with the
+/// `half` crate instead of the shared numerics.
+#[test]
+fn cpu_dequant_equals_an_independent_evaluation() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let (codes, grid) = random_layer(70, 200, 64, &mut rng, |r| r.gen_range(-40 * 256..12 * 256) as i16);
+    let p = pack_for_kernel(codes.view(), &grid).unwrap();
+    for dt in [ActDtype::Bf16, ActDtype::F16] {
+        let w = dequant_for_kernel(&p, dt).unwrap();
+        for ((r, c), &v) in w.indexed_iter() {
+            let m = grid.meta(r, c / 64);
+            let s = forge_numerics::decode_log2_q88(m.log2_scale_q88);
+            let d = codes[[r, c]] as f32 - m.qzero as f32;
+            let want = match dt {
+                ActDtype::Bf16 => half::bf16::from_f32(d * half::bf16::from_f32(s).to_f32()).to_f32(),
+                ActDtype::F16 => half::f16::from_f32(d * half::f16::from_f32(s).to_f32()).to_f32(),
+            };
+            assert_eq!(v.to_bits(), want.to_bits(), "{dt:?} ({r}, {c})");
+        }
+    }
+}
+
+#[test]
+fn gpu_dequant_is_bit_exact_for_every_group_size() {
+    let Some(dev) = common::gpu_or_skip("gpu_dequant_is_bit_exact_for_every_group_size") else { return };
+    let mut rng = StdRng::seed_from_u64(4);
+    for gs in (32..=1024).step_by(32) {
+        let k = [gs * 2 + 8, 1000, 2056][gs % 3];
+        let n = 64 + gs % 200;
+        for dt in [ActDtype::Bf16, ActDtype::F16] {
+            // Records over the type's whole finite range: both the table decode and the
+            // fallback (subnormal scales, the edges of the exponent range).
+            let (lo, hi) = match dt {
+                ActDtype::Bf16 => (i16::MIN as i32, 120 * 256),
+                ActDtype::F16 => (-30 * 256, 11 * 256),
+            };
+            let (codes, grid) = random_layer(n, k, gs, &mut rng, |r| r.gen_range(lo..hi) as i16);
+            let p = pack_for_kernel(codes.view(), &grid).unwrap();
+            let want = dequant_for_kernel(&p, dt).unwrap();
+            let got = dequant_gpu(&dev, &p, dt).unwrap();
+            for ((r, c), &v) in got.indexed_iter() {
+                assert_eq!(v.to_bits(), want[[r, c]].to_bits(), "gs {gs} {dt:?} {n}×{k}: ({r}, {c})");
+            }
+        }
+    }
+}
+
+/// Integer activations and power-of-two scales `2^(e0 + {0..3})`: exact sums (module docs).
+#[allow(clippy::too_many_arguments)]
+fn exact_case(
+    m: usize,
+    n: usize,
+    k: usize,
+    gs: usize,
+    e0: i32,
+    x_scale: f32,
+    codes_mode: u8,
+    rng: &mut StdRng,
+) -> (Array2<f32>, PackedWeight) {
+    let (mut codes, _) = random_layer(n, k, gs, rng, |_| 0);
+    match codes_mode {
+        1 => codes.fill(0),
+        2 => codes.fill(15),
+        _ => {}
+    }
+    let recs: Vec<QMetaPacked> = (0..n * k.div_ceil(gs))
+        .map(|_| QMetaPacked {
+            log2_scale_q88: (256 * (e0 + rng.gen_range(0..4))) as i16,
+            qzero: rng.gen_range(0..16),
+            flags: 0,
+        })
+        .collect();
+    let p = pack_for_kernel(codes.view(), &grid_of(&recs, n, k, gs, 15)).unwrap();
+    let x = Array2::from_shape_fn((m, k), |_| rng.gen_range(-3i32..=3) as f32 * x_scale);
+    (x, p)
+}
+
+fn assert_bits_equal(got: &Array2<f32>, want: &Array2<f32>, what: &str) {
+    assert_eq!(got.dim(), want.dim(), "{what}: shape");
+    for ((r, c), &v) in got.indexed_iter() {
+        let w = want[[r, c]];
+        assert!(v.to_bits() == w.to_bits(), "{what}: Y[{r}, {c}] = {v:e}, expected {w:e} exactly");
+    }
+}
+
+#[test]
+fn gpu_matmul_is_exact_on_exactly_summable_inputs() {
+    let Some(dev) = common::gpu_or_skip("gpu_matmul_is_exact_on_exactly_summable_inputs") else { return };
+    let mut rng = StdRng::seed_from_u64(5);
+    // (n, k, gs): aligned, n tail, k tail (multiple of 8, not of 128), partial last group,
+    // long k (many split-K stages), one tile.
+    let shapes = [(256, 256, 128), (200, 392, 32), (576, 1000, 96), (130, 4104, 1024), (64, 128, 64), (520, 2048, 256)];
+    for (si, &(n, k, gs)) in shapes.iter().enumerate() {
+        for (mi, &m) in MS.iter().enumerate() {
+            let dt = if (si + mi) % 2 == 0 { ActDtype::Bf16 } else { ActDtype::F16 };
+            let (x, p) = exact_case(m, n, k, gs, -2, 1.0, 0, &mut rng);
+            let want = round_to_act(&w4a16_matmul_cpu(x.view(), &p, dt).unwrap(), dt);
+            for splits in [None, Some(1), Some(3), Some(32)] {
+                let opts = W4a16Options { path: MatmulPath::Fused, splits, ..Default::default() };
+                let (got, plan) = w4a16_matmul_host(&dev, x.view(), &p, dt, &opts).unwrap();
+                assert_bits_equal(&got, &want, &format!("{dt:?} m {m} {n}×{k} gs {gs} {plan:?}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_matmul_exact_adversarial_inputs() {
+    let Some(dev) = common::gpu_or_skip("gpu_matmul_exact_adversarial_inputs") else { return };
+    let mut rng = StdRng::seed_from_u64(6);
+    let fused = W4a16Options { path: MatmulPath::Fused, ..Default::default() };
+    for m in [1, 16, 33] {
+        // Large and small magnitudes (bf16 only: f16 has no such range); all codes 0, all 15.
+        for (e0, xs, mode, dt) in [
+            (40, 2f32.powi(40), 0, ActDtype::Bf16),
+            (-40, 2f32.powi(-40), 0, ActDtype::Bf16),
+            (-2, 1.0, 1, ActDtype::Bf16),
+            (-2, 1.0, 2, ActDtype::F16),
+            (0, 1.0, 2, ActDtype::Bf16),
+        ] {
+            let (x, p) = exact_case(m, 192, 520, 32, e0, xs, mode, &mut rng);
+            let want = round_to_act(&w4a16_matmul_cpu(x.view(), &p, dt).unwrap(), dt);
+            let (got, plan) = w4a16_matmul_host(&dev, x.view(), &p, dt, &fused).unwrap();
+            assert_bits_equal(&got, &want, &format!("e0 {e0} mode {mode} {dt:?} m {m} {plan:?}"));
+        }
+        // Zero activations: every output is +0.
+        let (x, p) = exact_case(m, 192, 520, 32, 0, 0.0, 0, &mut rng);
+        let (got, _) = w4a16_matmul_host(&dev, x.view(), &p, ActDtype::Bf16, &fused).unwrap();
+        assert!(got.iter().all(|v| v.to_bits() == 0), "zero X must give +0");
+    }
+}
+
+/// The bound on `|Y_gpu − Y|` for one output, `Y` the exact sum (the f64 reference), `a` the
+/// f64 sum of `|x·w|`:
+/// * products of two 16-bit values are exact in f32;
+/// * a tensor-core step adds 16 products to the f32 accumulator, aligning the 17 addends to
+///   the largest and truncating, so it errs by < 1 ulp (2^-23 relative) of the largest
+///   magnitude per addend: ≤ 17·2^-23·a per step (a conservative model of the hardware);
+/// * at most `⌈k_pad/16⌉` such steps in a chain, then ≤ 4 warp partials and ≤ 32 split
+///   partials added in f32 (≤ 2^-24·a each): γ = (17·k_pad/16 + 36)·2^-23;
+/// * the output is rounded to `T`: `|round_T(f) − Y| ≤ u_T·(|Y| + γ·a) + γ·a`, plus half the
+///   smallest subnormal of `T` for results in its subnormal range.
+fn tolerance(y: f64, a: f64, k_pad: usize, dt: ActDtype) -> f64 {
+    let gamma = (17.0 * (k_pad as f64 / 16.0) + 36.0) * 2f64.powi(-23);
+    let u = dt.unit_roundoff();
+    let tiny = match dt {
+        ActDtype::Bf16 => 2f64.powi(-134),
+        ActDtype::F16 => 2f64.powi(-25),
+    };
+    u * (y.abs() + gamma * a) + gamma * a + tiny
+}
+
+#[test]
+fn gpu_matmul_matches_the_reference_on_quantized_layers() {
+    let Some(dev) = common::gpu_or_skip("gpu_matmul_matches_the_reference_on_quantized_layers") else { return };
+    let mut rng = StdRng::seed_from_u64(7);
+    let t = StudentT::new(3.0f32).unwrap();
+    let cases =
+        [(384usize, 1024usize, 128usize, true, false), (200, 776, 32, false, false), (1100, 2048, 64, true, true)];
+    for (ci, &(n, k, gs, symmetric, mse)) in cases.iter().enumerate() {
+        let w = Array2::from_shape_fn((n, k), |_| t.sample(&mut rng) * 0.02);
+        let cfg = GridConfig {
+            group_size: gs,
+            bits: 4,
+            symmetric,
+            scale_search: if mse { ScaleSearch::Mse(MseSearch::default()) } else { ScaleSearch::Absmax },
+            ..GridConfig::default()
+        };
+        let grid = fourbit_forge::grid::build_quant_grid(WeightView::F32(w.view()), &cfg).unwrap();
+        let (codes, _) = common::rtn(&w, &grid);
+        let p = pack_for_kernel(codes.view(), &grid).unwrap();
+        for (mi, &m) in MS.iter().enumerate() {
+            let dt = if (ci + mi) % 2 == 0 { ActDtype::Bf16 } else { ActDtype::F16 };
+            let mut x = Array2::from_shape_fn((m, k), |_| rng.sample::<f32, _>(StandardNormal));
+            for c in (0..k).step_by(97) {
+                x.column_mut(c).mapv_inplace(|v| v * 30.0); // outlier input channels
+            }
+            let xr = x.mapv(|v| dt.round(v));
+            let want = w4a16_matmul_cpu(xr.view(), &p, dt).unwrap();
+            let wq = dequant_for_kernel(&p, dt).unwrap().mapv(|v| v.abs() as f64);
+            let abs_sum = xr.mapv(|v| v.abs() as f64).dot(&wq.t());
+            // The fused kernel, and dequantization + cuBLAS where cuBLAS loads (same f32
+            // accumulation model, so the same bound).
+            let mut paths = vec![MatmulPath::Fused];
+            if fourbit_forge::device::cublas::cublas_available().is_ok() {
+                paths.push(MatmulPath::DequantGemm);
+            } else if mi == 0 {
+                eprintln!("cuBLAS not loadable: the dequantization + cuBLAS path is not checked");
+            }
+            for path in paths {
+                let opts = W4a16Options { path, ..Default::default() };
+                let (got, plan) = w4a16_matmul_host(&dev, xr.view(), &p, dt, &opts).unwrap();
+                let mut worst = 0f64;
+                for ((r, c), &v) in got.indexed_iter() {
+                    let (y, a) = (want[[r, c]], abs_sum[[r, c]]);
+                    let tol = tolerance(y, a, p.k_pad, dt);
+                    let err = (v as f64 - y).abs();
+                    assert!(err <= tol, "{dt:?} m {m} {n}×{k} gs {gs} {plan:?}: Y[{r}, {c}] = {v}, ref {y}, tol {tol}");
+                    worst = worst.max(err / tol);
+                }
+                eprintln!(
+                    "{dt:?} m {m} {n}×{k} gs {gs} {:?} splits {}: worst err/tol {worst:.3}",
+                    plan.path, plan.splits
+                );
+            }
+        }
+    }
+}
