@@ -17,8 +17,8 @@
 //! input (and of the bf16 equivalent), GPU busy = Σ job kernel times / wall, copy-engine busy
 //! = Σ (upload + download) / wall, peak host RSS of the run (VmHWM reset before it) against
 //! the estimate and the budget, and the device engine's estimate against its budget. Then a
-//! second table of the host stages on one 14336×4096 bf16 weight (page-cache read, stored-
-//! scale RTN, relative error only, packing, xxh3, write), the throughputs the run is bounded
+//! second table of the host stages on one 14336×4096 bf16 weight (staging copy, RTN on the
+//! host (the CPU path), relative error only (the GPU path), packing, xxh3, write), the throughputs the run is bounded
 //! by besides the device. Targets (H200): ≥ 2 GB/s of bf16 input, GPU busy ≥ 70 %.
 //!
 //! Run: `cargo bench --bench gpu_forge` (sizes: `FORGE_BENCH_LAYERS`, `FORGE_BENCH_MOE_LAYERS`,

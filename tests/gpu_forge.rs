@@ -7,8 +7,8 @@
 //!   one f32 multiply; bf16 by the shared round-to-nearest-even).
 //! * Round to nearest with absmax grids: every output file byte for byte, the summary too
 //!   except timings and the backend's name (absmax records are bit-identical on the device,
-//!   docs/design.md §3; the codes are the engine's `U = I` solve with f32 scales, or the
-//!   host's against bf16/f16 stored scales, which is the CPU path's own function).
+//!   docs/design.md §3; the codes are the engine's `U = I` solve against the stored scale,
+//!   which must equal the CPU's round to nearest in every scale dtype).
 //! * MSE grids: the device's choice may differ from the CPU's only where the two candidates'
 //!   losses agree within 1e-4 (docs/design.md §9 d, tests/gpu_grid_parity.rs derives it);
 //!   every other record, and every code of a group with the same record, is identical.
@@ -257,7 +257,7 @@ fn forge_rtn_absmax_on_gpu_equals_the_cpu_run_byte_for_byte() {
     dense(&dense_dir);
     let moe_dir = tmp.path().join("ds");
     write_deepseek_demo(&moe_dir, &DeepSeekDemo::default()).unwrap();
-    // bf16 scales (codes on the host), f32 (the engine's codes), f16 (GPTQ format), asymmetric g64.
+    // Scales stored as bf16, f32, f16 (GPTQ format), and an asymmetric g64 grid.
     let cases = [
         ("ct-bf16", JobSettings { max_shard_size: 600_000, ..JobSettings::default() }),
         ("qmeta4-f32", JobSettings { format: "qmeta4".into(), ..JobSettings::default() }),

@@ -93,7 +93,7 @@ fn aligned(model: &ModelDir, m: &Member) -> bool {
 }
 
 /// Host bytes of one quantization step on a GPU run: its mapped input, a copy of a
-/// misaligned weight, the codes twice (the engine's, and the host's for stored-scale RTN),
+/// misaligned weight, the codes (twice while they are copied out of the engine's staging),
 /// the grid and loss, the encoded output, and for GPTQ the Hessian read from its file with
 /// room for the pre-step on the CPU when cuSOLVER is missing.
 fn gpu_item_memory(model: &ModelDir, plan: &Plan, item: &Item, members: &[Member]) -> u64 {

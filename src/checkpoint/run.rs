@@ -6,8 +6,7 @@
 //! engine ([`super::pipeline`]: one job per fused group, two jobs in flight, so staging and
 //! uploading step i+1 overlap step i's device work). The writer thread takes finished steps
 //! in plan order (a rendezvous channel, so at most one waits), computes what the host
-//! computes (relative
-//! errors, stored-scale codes), encodes the format, writes and hashes the bytes, records the
+//! computes (relative errors), encodes the format, writes and hashes the bytes, records the
 //! step in the manifest and copies unchanged tensors in chunks of
 //! [`super::plan::COPY_CHUNK`]. Writing step i−1 thus overlaps step i.
 //!
