@@ -266,6 +266,7 @@ struct Profile {
     up0: CudaEvent,
     up1: CudaEvent,
     c0: CudaEvent,
+    c_w: CudaEvent,
     c_grid: CudaEvent,
     c_pre: CudaEvent,
     c_solve: CudaEvent,
@@ -383,6 +384,9 @@ struct Slot {
     status: DeviceBuf<u64>,
     staged_matrix: PinnedBuf<f32>,
     out_status: PinnedBuf<u64>,
+    /// The Hessian or factor is on the device (the pre-step may start).
+    factor_uploaded: CudaEvent,
+    /// Everything, the weights included, is on the device.
     uploaded: CudaEvent,
     computed: CudaEvent,
     downloaded: CudaEvent,
@@ -404,6 +408,7 @@ impl Slot {
             status: DeviceBuf::default(),
             staged_matrix: PinnedBuf::new(true),
             out_status: PinnedBuf::new(false),
+            factor_uploaded: ev()?,
             uploaded: ev()?,
             computed: ev()?,
             downloaded: ev()?,
@@ -411,6 +416,7 @@ impl Slot {
                 up0: timed()?,
                 up1: timed()?,
                 c0: timed()?,
+                c_w: timed()?,
                 c_grid: timed()?,
                 c_pre: timed()?,
                 c_solve: timed()?,
@@ -604,52 +610,8 @@ impl QuantEngine {
             record(&slot.profile.up0, &up)?;
         }
 
-        // --- upload stream: the weights in their stored dtypes, then the Hessian or factor.
-        let mut rows = Vec::with_capacity(n_weights);
-        let mut dtypes = Vec::with_capacity(n_weights);
-        let mut staged_dtypes = Vec::with_capacity(n_weights);
-        let mut widened = Vec::with_capacity(n_weights);
-        for (i, (w, b)) in job.weights.iter().zip(slot.weights.iter_mut()).enumerate() {
-            let r = w.dim().0;
-            let bytes = r
-                .checked_mul(cols)
-                .and_then(|n| n.checked_mul(w.dtype().size()))
-                .ok_or_else(|| ForgeError::Shape(format!("a {r}×{cols} weight is too large")))?;
-            let dst = b.weight.ensure(&dev, bytes, "weight upload")?.dev_ptr_mut();
-            let staged = b.staged.get(&dev, bytes)?;
-            let owned;
-            let src = match w.contiguous_bytes() {
-                Some(src) => src,
-                None => {
-                    owned = contiguous_copy(*w);
-                    &owned
-                }
-            };
-            // SAFETY: the pinned bytes stay untouched until this slot is collected (its
-            // events); the device buffer holds `bytes`.
-            unsafe { stage_and_upload(staged, src, dst.addr(), &up) }?;
-            self.stats.upload_bytes += bytes as u64;
-            if let Some(blocks) = job.blocks(i) {
-                // The scales (validated above: their byte count matches the weight), and room
-                // for the f32 weight the compute stream dequantizes into.
-                let n = blocks.scales.len();
-                let sdst = b.scales.ensure(&dev, n.max(1), "fp8 block scales")?.dev_ptr_mut();
-                let sstaged = b.staged_scales.get(&dev, n)?;
-                sstaged.copy_from_slice(blocks.scales);
-                // SAFETY: as the weight's copy.
-                unsafe { cudarc::driver::result::memcpy_htod_async(sdst.addr(), sstaged, up.cu_stream()) }
-                    .map_err(ForgeError::driver("uploading fp8 block scales"))?;
-                self.stats.upload_bytes += n as u64;
-                b.widened.ensure(&dev, r * cols * 4, "dequantized fp8 weight")?;
-                dtypes.push(WeightDtype::F32);
-                widened.push(true);
-            } else {
-                dtypes.push(w.dtype());
-                widened.push(false);
-            }
-            rows.push(r);
-            staged_dtypes.push(w.dtype());
-        }
+        // --- upload stream: the Hessian or factor first (the pre-step needs only it and
+        // starts while the weights are still on their way), then the weights.
         let mut summary = PreStepSummary {
             perm: None,
             dead_columns: Vec::new(),
@@ -733,13 +695,62 @@ impl QuantEngine {
             self.stats.upload_bytes += (cols_p * cols_p * 4) as u64;
         }
         let slot = &mut self.slots[k];
+        record(&slot.factor_uploaded, &up)?;
+        // The weights in their stored dtypes.
+        let mut rows = Vec::with_capacity(n_weights);
+        let mut dtypes = Vec::with_capacity(n_weights);
+        let mut staged_dtypes = Vec::with_capacity(n_weights);
+        let mut widened = Vec::with_capacity(n_weights);
+        for (i, (w, b)) in job.weights.iter().zip(slot.weights.iter_mut()).enumerate() {
+            let r = w.dim().0;
+            let bytes = r
+                .checked_mul(cols)
+                .and_then(|n| n.checked_mul(w.dtype().size()))
+                .ok_or_else(|| ForgeError::Shape(format!("a {r}×{cols} weight is too large")))?;
+            let dst = b.weight.ensure(&dev, bytes, "weight upload")?.dev_ptr_mut();
+            let staged = b.staged.get(&dev, bytes)?;
+            let owned;
+            let src = match w.contiguous_bytes() {
+                Some(src) => src,
+                None => {
+                    owned = contiguous_copy(*w);
+                    &owned
+                }
+            };
+            // SAFETY: the pinned bytes stay untouched until this slot is collected (its
+            // events); the device buffer holds `bytes`.
+            unsafe { stage_and_upload(staged, src, dst.addr(), &up) }?;
+            self.stats.upload_bytes += bytes as u64;
+            if let Some(blocks) = job.blocks(i) {
+                // The scales (validated above: their byte count matches the weight), and room
+                // for the f32 weight the compute stream dequantizes into.
+                let n = blocks.scales.len();
+                let sdst = b.scales.ensure(&dev, n.max(1), "fp8 block scales")?.dev_ptr_mut();
+                let sstaged = b.staged_scales.get(&dev, n)?;
+                sstaged.copy_from_slice(blocks.scales);
+                // SAFETY: as the weight's copy.
+                unsafe { cudarc::driver::result::memcpy_htod_async(sdst.addr(), sstaged, up.cu_stream()) }
+                    .map_err(ForgeError::driver("uploading fp8 block scales"))?;
+                self.stats.upload_bytes += n as u64;
+                b.widened.ensure(&dev, r * cols * 4, "dequantized fp8 weight")?;
+                dtypes.push(WeightDtype::F32);
+                widened.push(true);
+            } else {
+                dtypes.push(w.dtype());
+                widened.push(false);
+            }
+            rows.push(r);
+            staged_dtypes.push(w.dtype());
+        }
+        let slot = &mut self.slots[k];
         record(&slot.uploaded, &up)?;
         if job.profile {
             record(&slot.profile.up1, &up)?;
         }
 
-        // --- compute stream: dead columns, grids, factor, solves.
-        cs.wait(&slot.uploaded).map_err(ForgeError::driver("ordering compute after the upload"))?;
+        // --- compute stream: factor (after the Hessian's upload), then dead columns and
+        // grids (after the weights'), then the solves.
+        cs.wait(&slot.factor_uploaded).map_err(ForgeError::driver("ordering compute after the upload"))?;
         if job.profile {
             record(&slot.profile.c0, &cs)?;
         }
@@ -750,6 +761,24 @@ impl QuantEngine {
         let (status_base, status) = slot.status(&dev, n_weights)?;
         cs.memset_zeros(slot.status.ensure(&dev, status_len(n_weights), "status word")?)
             .map_err(ForgeError::driver("clearing the status word"))?;
+        match (&plan, job.hessian) {
+            (Some(p), _) => {
+                self.factor_work.set_order(&dev, p, cols)?;
+                let h = self.slots[k].hessian.get(cols * cols)?.dev_ptr();
+                // SAFETY: h cols², u cols_p², status live; the order was set above.
+                unsafe { self.factor_work.enqueue_attempt(&dev, h, cols, p.damping(0), u_dev, cols_p, status) }?;
+            }
+            // SAFETY: u holds cols_p² f32.
+            (None, HessianInput::NoTokens) => unsafe { enqueue_identity(&dev, u_dev, cols_p) }?,
+            (None, _) => {} // the factor was uploaded or copied
+        }
+        if job.profile {
+            record(&self.slots[k].profile.c_pre, &cs)?;
+        }
+        cs.wait(&self.slots[k].uploaded).map_err(ForgeError::driver("ordering compute after the upload"))?;
+        if job.profile {
+            record(&self.slots[k].profile.c_w, &cs)?;
+        }
         let n_groups = job.grid.n_groups(cols);
         for (i, (&r, &dtype)) in rows.iter().zip(&dtypes).enumerate() {
             let b = &mut self.slots[k].weights[i];
@@ -798,17 +827,6 @@ impl QuantEngine {
         if job.profile {
             record(&self.slots[k].profile.c_grid, &cs)?;
         }
-        match (&plan, job.hessian) {
-            (Some(p), _) => {
-                self.factor_work.set_order(&dev, p, cols)?;
-                let h = self.slots[k].hessian.get(cols * cols)?.dev_ptr();
-                // SAFETY: h cols², u cols_p², status live; the order was set above.
-                unsafe { self.factor_work.enqueue_attempt(&dev, h, cols, p.damping(0), u_dev, cols_p, status) }?;
-            }
-            // SAFETY: u holds cols_p² f32.
-            (None, HessianInput::NoTokens) => unsafe { enqueue_identity(&dev, u_dev, cols_p) }?,
-            (None, _) => {} // the factor was uploaded or copied
-        }
         let pending = Pending {
             seq: self.seq,
             rows,
@@ -823,9 +841,6 @@ impl QuantEngine {
             plan,
             summary,
         };
-        if job.profile {
-            record(&self.slots[k].profile.c_pre, &cs)?;
-        }
         self.enqueue_solves(k, &pending)?;
         let slot = &mut self.slots[k];
         if job.profile {
@@ -1199,9 +1214,10 @@ impl QuantEngine {
         let ms = |a: &CudaEvent, b: &CudaEvent| a.elapsed_ms(b).map_err(ForgeError::driver("reading event times"));
         Ok(LayerTimings {
             upload_ms: ms(&p.up0, &p.up1)?,
-            grid_ms: ms(&p.c0, &p.c_grid)?,
-            pre_step_ms: ms(&p.c_grid, &p.c_pre)?,
-            solve_ms: ms(&p.c_pre, &p.c_solve)?,
+            // The wait for the weights' upload (c_pre → c_w) is in none of them.
+            pre_step_ms: ms(&p.c0, &p.c_pre)?,
+            grid_ms: ms(&p.c_w, &p.c_grid)?,
+            solve_ms: ms(&p.c_grid, &p.c_solve)?,
             download_ms: ms(&p.d0, &p.d1)?,
         })
     }
