@@ -320,6 +320,7 @@ fn run(args: Args) -> Result<(), CliError> {
                 want_dequant: true,
                 profile: true,
                 pack: None,
+                block_scales: Vec::new(),
             };
             let mut out = with_engine(dev, |e| e.quantize(&job)).map_err(indefinite_hint)?;
             let w = out.weights.pop().ok_or_else(|| CliError::usage("the engine returned no weight".into()))?;

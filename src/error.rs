@@ -182,6 +182,17 @@ pub enum ForgeError {
     /// `--resume` cannot continue the partial output it found.
     #[error("cannot resume: {0}")]
     Resume(String),
+    /// The device engine's buffers would grow past the GPU memory budget at a step (checked
+    /// before any work).
+    #[error("{what} needs about {needed} bytes of GPU memory (the engine's buffers for two jobs in flight, grown to the largest step so far), over the budget of {budget} bytes (raise --max-gpu-memory, free device memory, or exclude it)")]
+    GpuMemoryBudget {
+        /// The step (tensor or fused group).
+        what: String,
+        /// Estimated device bytes.
+        needed: u64,
+        /// The budget.
+        budget: u64,
+    },
     /// The run was stopped on purpose (a test hook standing in for a crash).
     #[error("interrupted after {0} work items (test hook)")]
     Interrupted(usize),

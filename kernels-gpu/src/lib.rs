@@ -1,6 +1,6 @@
 //! 4Bit Forge GPU kernels: `#![no_std]` Rust compiled to PTX by rustc's
 //! `nvptx64-nvidia-cuda` target (docs/design.md §6). One folder per stage of the data path
-//! (grid → hessian → solver → pack), one kernel per file; each file's rustdoc states the thread
+//! (weights → grid → hessian → solver → pack), one kernel per file; each file's rustdoc states the thread
 //! mapping and the safety contract the host launcher upholds.
 //!
 //! Every kernel takes one by-value argument struct from `forge-kernel-abi` (its marker type
@@ -22,6 +22,7 @@ pub mod hessian;
 pub mod runtime;
 pub mod pack;
 pub mod solver;
+pub mod weights;
 #[cfg(feature = "test-kernels")]
 pub mod testing;
 

@@ -3,6 +3,7 @@
 //! experts in flight so one uploads while the other computes; on the CPU the references run
 //! expert by expert.
 
+use super::layer::flags_of;
 use super::layer::{quantize_with, PreparedFactor, QuantizedLayer};
 use crate::hessian::{asymmetry_warning, pre_step_cpu, PreStepConfig};
 use crate::quantize::{with_engine, HessianInput, LayerJob, LayerOutcome, Ticket};
@@ -121,6 +122,26 @@ pub fn quantize_experts(
     }
 }
 
+/// An engine job's results as layers (one per weight, in order), with its pre-step's flags and
+/// warnings (not the per-weight flushed-group scan, which needs the weight: see
+/// [`QuantizedLayer::from_engine`]).
+pub(crate) fn layers_of(outcome: LayerOutcome) -> Vec<QuantizedLayer> {
+    let flags = flags_of(&outcome.pre_step);
+    let perm = outcome.pre_step.perm.clone();
+    outcome
+        .weights
+        .into_iter()
+        .map(|w| QuantizedLayer {
+            grid: w.grid,
+            codes: w.codes,
+            loss: w.loss,
+            perm: perm.clone(),
+            flags: flags.clone(),
+            warnings: outcome.pre_step.warnings.clone(),
+        })
+        .collect()
+}
+
 /// The engine job of one expert: its weights, its Hessian (or none: `U = I`).
 fn expert_job<'b>(expert: &'b ExpertInput<'_>, config: &'b GridConfig, pre_step: &PreStepConfig) -> LayerJob<'b> {
     let weights: Vec<WeightView<'b>> = expert.weights.iter().map(|w| w.reborrow()).collect();
@@ -133,5 +154,6 @@ fn expert_job<'b>(expert: &'b ExpertInput<'_>, config: &'b GridConfig, pre_step:
         want_dequant: false,
         profile: false,
         pack: None,
+        block_scales: Vec::new(),
     }
 }

@@ -24,6 +24,7 @@ mod experts;
 mod layer;
 pub mod model;
 
+pub(crate) use experts::layers_of;
 pub use experts::{quantize_experts, ExpertInput};
 pub use layer::{quantize_with, GptqLayer, PreStepRoute, PreparedFactor, QuantizeFlags, QuantizedLayer, SharedHessian};
 

@@ -15,7 +15,8 @@
 //! row/column covers whatever is left. Despite its name, `weight_scale_inv` is multiplied.
 
 use super::st::TensorInfo;
-use crate::numerics::{bf16_bits_to_f32, f16_bits_to_f32, fp8_e4m3_to_f32};
+use crate::numerics::{f32_to_bf16_bits, fp8_e4m3_to_f32};
+use crate::weights::{BlockScaleDtype, Fp8Blocks};
 use crate::{ForgeError, Result};
 use ndarray::Array2;
 use rayon::prelude::*;
@@ -35,17 +36,16 @@ pub struct BlockScales<'a> {
     pub shape: (usize, usize),
 }
 
-impl BlockScales<'_> {
-    fn get(&self, r: usize, c: usize) -> f32 {
-        let k = r * self.shape.1 + c;
-        match self.dtype {
-            Dtype::F32 => {
-                let b = &self.bytes[4 * k..4 * k + 4];
-                f32::from_le_bytes([b[0], b[1], b[2], b[3]])
-            }
-            Dtype::BF16 => bf16_bits_to_f32(u16::from_le_bytes([self.bytes[2 * k], self.bytes[2 * k + 1]])),
-            _ => f16_bits_to_f32(u16::from_le_bytes([self.bytes[2 * k], self.bytes[2 * k + 1]])),
-        }
+impl<'a> BlockScales<'a> {
+    /// The scales as the engine reads them, for blocks of `block` (F32, BF16 or F16).
+    pub fn blocks(&self, block: (usize, usize)) -> Result<Fp8Blocks<'a>> {
+        let dtype = match self.dtype {
+            Dtype::F32 => BlockScaleDtype::F32,
+            Dtype::BF16 => BlockScaleDtype::BF16,
+            Dtype::F16 => BlockScaleDtype::F16,
+            other => return Err(ForgeError::Dtype(format!("{other} (block scales; expected F32, BF16 or F16)"))),
+        };
+        Ok(Fp8Blocks { scales: self.bytes, dtype, block })
     }
 }
 
@@ -104,34 +104,24 @@ pub fn dequantize_fp8_blocks(
     if !matches!(scales.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
         return Err(ForgeError::Dtype(format!("{} (block scales; expected F32, BF16 or F16)", scales.dtype)));
     }
-    for r in 0..want.0 {
-        for c in 0..want.1 {
-            let s = scales.get(r, c);
-            if !s.is_finite() {
-                return Err(ForgeError::NonFinite { tensor: "weight_scale_inv", row: r, col: c, value: s });
-            }
-        }
-    }
+    let blocks = scales.blocks(block)?;
+    blocks.validate(rows, cols)?;
     let mut out = vec![0f32; numel];
     if numel > 0 {
-        out.par_chunks_mut(cols).zip(q.par_chunks(cols)).enumerate().try_for_each(|(i, (o, qrow))| {
-            for (j, (o, &b)) in o.iter_mut().zip(qrow).enumerate() {
-                let v = fp8_e4m3_to_f32(b);
-                if v.is_nan() {
-                    return Err(ForgeError::NonFinite { tensor: "fp8 weight", row: i, col: j, value: v });
-                }
-                *o = v * scales.get(i / bm, j / bn);
-            }
-            Ok(())
-        })?;
+        out.par_chunks_mut(cols).enumerate().try_for_each(|(i, o)| blocks.read_row_f32(q, i, cols, o))?;
     }
     Array2::from_shape_vec((rows, cols), out).map_err(|e| ForgeError::Shape(e.to_string()))
 }
 
 /// f32 → bf16 bits, round to nearest even (what `tensor.to(torch.bfloat16)` does), for FP8
-/// weights that are kept in full precision.
+/// weights that are kept in full precision: the shared numerics' rounding, which the device
+/// kernel uses too.
 pub fn f32_to_bf16_bytes(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect()
+    let mut out = vec![0u8; values.len() * 2];
+    out.par_chunks_mut(2)
+        .zip(values.par_iter())
+        .for_each(|(o, &v)| o.copy_from_slice(&f32_to_bf16_bits(v).to_le_bytes()));
+    out
 }
 
 /// f32 → nearest FP8-E4M3 code (ties to the even code, saturating at ±448, NaN → NaN):

@@ -12,16 +12,20 @@
 //!   a checkpoint format and back, and the `quantization_config` that goes with them;
 //!   [`writer`] adapts it to the streaming writer (tensor layout known up front).
 //! * [`plan::build_plan`]: every step, output tensor, shard and offset fixed up front.
-//! * [`run::quantize_checkpoint`]: the streaming engine; [`output::OutputDir`] the
-//!   temporary directory, manifest and resume.
+//! * [`run::quantize_checkpoint`]: the streaming engine (a producer quantizing, on a GPU
+//!   through the device engine with two jobs in flight, and a writer thread);
+//!   [`budget`] the host and GPU memory it needs, checked up front; [`output::OutputDir`]
+//!   the temporary directory, manifest and resume.
 //! * [`demo`]: deterministic Llama- and DeepSeek-shaped checkpoints for the demo and tests.
 
+pub mod budget;
 pub mod demo;
 pub mod format;
 pub mod fp8;
 pub mod memory;
 pub mod model;
 pub mod output;
+mod pipeline;
 pub mod plan;
 pub mod quant;
 pub mod run;
@@ -31,4 +35,4 @@ pub mod writer;
 
 pub use model::ModelDir;
 pub use plan::{build_plan, GptqSettings, JobSettings, Method, Plan};
-pub use run::{quantize_checkpoint, Observer, RunOptions, RunReport, Silent};
+pub use run::{quantize_checkpoint, GpuRunStats, Observer, RunOptions, RunReport, Silent};

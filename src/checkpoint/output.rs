@@ -304,7 +304,21 @@ impl OutputDir {
         }
         let (shard, at) = (t.shard, t.file_offset + offset);
         let path = self.tmp.join(&plan.shards[shard].file_name);
-        self.shard_file(plan, shard)?.write_all_at(bytes, at).map_err(io_err(&path))?;
+        let f = self.shard_file(plan, shard)?;
+        // Large tensors in parallel pieces: one thread copies into the page cache at a few
+        // GB/s, less than the rest of the pipeline delivers.
+        const PIECE: usize = 8 << 20;
+        if bytes.len() > PIECE {
+            use rayon::prelude::*;
+            bytes
+                .par_chunks(PIECE)
+                .enumerate()
+                .try_for_each(|(i, c)| f.write_all_at(c, at + (i * PIECE) as u64))
+                .map_err(io_err(&path))?;
+        } else {
+            f.write_all_at(bytes, at).map_err(io_err(&path))?;
+        }
+        start_writeback(f, at, bytes.len());
         self.dirty.insert(shard);
         Ok(())
     }
@@ -391,6 +405,22 @@ impl OutputDir {
         fsio::rename_durable(&self.tmp, &self.target)?;
         Ok(self.target.clone())
     }
+}
+
+/// Starts writing `len` bytes at `offset` of `f` back to the disk without waiting (Linux
+/// `sync_file_range`), so the next checkpoint's `fdatasync` finds little left to write and
+/// the disk works while the next steps compute. Advisory: errors change nothing but speed.
+fn start_writeback(f: &File, offset: u64, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        if let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) {
+            // SAFETY: a plain syscall on an open descriptor; it reads no memory of ours.
+            let _ = unsafe { libc::sync_file_range(f.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (f, offset, len);
 }
 
 /// xxh3-64 of `len` bytes at `offset` of `path`, hex.

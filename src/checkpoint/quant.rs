@@ -8,6 +8,7 @@ use super::plan::{GptqSettings, Member};
 use super::st::SafetensorsFile;
 use crate::calib::{quantize_experts, ExpertInput, QuantizedLayer};
 use crate::numerics::{dequantize, quantize};
+use crate::weights::Fp8Blocks;
 use crate::{ForgeError, QuantGrid, Quantizer, Result, Warning, WeightView};
 use half::{bf16, f16};
 use ndarray::{Array2, ArrayView2};
@@ -79,20 +80,142 @@ pub fn load_weight<'a>(model: &'a ModelDir, m: &Member, block: (usize, usize)) -
             Err(a) => LoadedWeight::BF16(a),
         },
         Dtype::F8_E4M3 => {
-            let sname = m
-                .scale
-                .as_deref()
-                .ok_or_else(|| ForgeError::Config(format!("{} is FP8 without block scales", m.weight)))?;
-            let s = model.tensor(sname).ok_or_else(|| ForgeError::MissingTensor {
-                tensor: sname.to_string(),
-                file: model.path.display().to_string(),
-            })?;
-            let scales =
-                BlockScales { bytes: model.bytes(s)?, dtype: s.info.dtype, shape: s.info.dims2().unwrap_or((0, 0)) };
-            LoadedWeight::F32(dequantize_fp8_blocks(bytes, dims.0, dims.1, scales, block)?)
+            LoadedWeight::F32(dequantize_fp8_blocks(bytes, dims.0, dims.1, scale_tensor(model, m)?, block)?)
         }
         other => return Err(ForgeError::Dtype(format!("{other} (tensor {})", m.weight))),
     })
+}
+
+/// A member's FP8 block-scale tensor (mapped).
+fn scale_tensor<'a>(model: &'a ModelDir, m: &Member) -> Result<BlockScales<'a>> {
+    let sname =
+        m.scale.as_deref().ok_or_else(|| ForgeError::Config(format!("{} is FP8 without block scales", m.weight)))?;
+    let s = model.tensor(sname).ok_or_else(|| ForgeError::MissingTensor {
+        tensor: sname.to_string(),
+        file: model.path.display().to_string(),
+    })?;
+    Ok(BlockScales { bytes: model.bytes(s)?, dtype: s.info.dtype, shape: s.info.dims2().unwrap_or((0, 0)) })
+}
+
+/// A member's FP8 block scales as the engine reads them (mapped), with blocks of `block`,
+/// checked against the weight's shape.
+pub fn fp8_blocks<'a>(model: &'a ModelDir, m: &Member, block: (usize, usize)) -> Result<Fp8Blocks<'a>> {
+    let bs = scale_tensor(model, m)?;
+    let (rows, cols) = m.dims;
+    let want = (rows.div_ceil(block.0.max(1)), cols.div_ceil(block.1.max(1)));
+    if bs.shape != want {
+        return Err(ForgeError::Shape(format!(
+            "{}: block scales are {:?}, expected {want:?}",
+            m.scale.as_deref().unwrap_or("?"),
+            bs.shape
+        )));
+    }
+    bs.blocks(block)
+}
+
+/// A member's raw bytes as mapped (FP8 codes, or the stored elements of any dtype).
+pub fn raw_weight<'a>(model: &'a ModelDir, m: &Member) -> Result<&'a [u8]> {
+    let t = model.tensor(&m.weight).ok_or_else(|| ForgeError::MissingTensor {
+        tensor: m.weight.clone(),
+        file: model.path.display().to_string(),
+    })?;
+    model.bytes(t)
+}
+
+/// A weight as the host passes after the device read it, row by row: a view (borrowed or
+/// copied), or FP8 codes with block scales dequantized row by row with the CPU reference's
+/// arithmetic ([`Fp8Blocks::read_row_f32`]), so no f32 copy of the whole weight is made.
+pub enum RowSource<'a> {
+    /// A weight view.
+    View(WeightView<'a>),
+    /// Block-scaled FP8 codes, `rows × cols` bytes.
+    Fp8 {
+        /// The codes.
+        q: &'a [u8],
+        /// Their scales.
+        blocks: Fp8Blocks<'a>,
+        /// `(rows, cols)`.
+        dims: (usize, usize),
+    },
+}
+
+impl RowSource<'_> {
+    /// `(rows, cols)`.
+    pub fn dim(&self) -> (usize, usize) {
+        match self {
+            RowSource::View(w) => w.dim(),
+            RowSource::Fp8 { dims, .. } => *dims,
+        }
+    }
+
+    /// Row `r` as f32 into `out[..cols]`; a NaN/inf value is [`ForgeError::NonFinite`].
+    pub fn read_row_f32(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            RowSource::View(w) => w.read_row_f32(r, out),
+            RowSource::Fp8 { q, blocks, dims } => {
+                blocks.read_row_f32(q, r, dims.1, out)?;
+                match out[..dims.1].iter().position(|v| !v.is_finite()) {
+                    None => Ok(()),
+                    Some(col) => Err(ForgeError::NonFinite { tensor: "weight", row: r, col, value: out[col] }),
+                }
+            }
+        }
+    }
+}
+
+/// A member's weight as the device path reads it: a view of the mapped bytes (a copy when
+/// they are misaligned), or the FP8 codes with their block scales (dequantized on the device
+/// for the engine, row by row on the host for the error).
+pub enum HostInput<'a> {
+    /// F32 / F16 / BF16.
+    Loaded(LoadedWeight<'a>),
+    /// Block-scaled FP8-E4M3.
+    Fp8 {
+        /// The codes, `rows × cols` bytes (mapped).
+        q: &'a [u8],
+        /// Their scales (mapped).
+        blocks: Fp8Blocks<'a>,
+        /// `(rows, cols)`.
+        dims: (usize, usize),
+    },
+}
+
+impl<'a> HostInput<'a> {
+    /// Reads member `m` of `model` (FP8 with blocks of `block`).
+    pub fn open(model: &'a ModelDir, m: &Member, block: (usize, usize)) -> Result<Self> {
+        let t = model.tensor(&m.weight).ok_or_else(|| ForgeError::MissingTensor {
+            tensor: m.weight.clone(),
+            file: model.path.display().to_string(),
+        })?;
+        if t.info.dtype != Dtype::F8_E4M3 {
+            return Ok(HostInput::Loaded(load_weight(model, m, block)?));
+        }
+        let q = model.bytes(t)?;
+        let dims = m.dims;
+        if dims.0.checked_mul(dims.1) != Some(q.len()) {
+            return Err(ForgeError::Shape(format!("{}: {} bytes for {dims:?} fp8 codes", m.weight, q.len())));
+        }
+        Ok(HostInput::Fp8 { q, blocks: fp8_blocks(model, m, block)?, dims })
+    }
+
+    /// The weight the engine uploads, and its block scales.
+    pub fn engine_view(&self) -> Result<(WeightView<'_>, Option<Fp8Blocks<'_>>)> {
+        match self {
+            HostInput::Loaded(l) => Ok((l.view(), None)),
+            HostInput::Fp8 { q, blocks, dims } => {
+                let v = ndarray::ArrayView2::from_shape(*dims, q).map_err(|e| ForgeError::Shape(e.to_string()))?;
+                Ok((WeightView::Fp8E4M3(v), Some(*blocks)))
+            }
+        }
+    }
+
+    /// The weight row by row, as the reference reads it (f32; FP8 dequantized).
+    pub fn rows(&self) -> RowSource<'_> {
+        match self {
+            HostInput::Loaded(l) => RowSource::View(l.view()),
+            HostInput::Fp8 { q, blocks, dims } => RowSource::Fp8 { q, blocks: *blocks, dims: *dims },
+        }
+    }
 }
 
 /// Drops a member's mapped pages (weight and scales) once it is done.
@@ -123,19 +246,39 @@ pub struct MemberResult {
 }
 
 /// Round to nearest on the quantizer's grid: the grid from the quantizer's backend, then
-/// each element with the shared numerics' `quantize`/`dequantize` against the scale as the
-/// checkpoint stores it (the grid's `scale_dtype`, set from the format by
-/// [`super::plan::Plan::grid_config`]), so the written checkpoint dequantizes to exactly this
-/// result: what the GPTQ solver does with `U = I`, without its O(rows·cols²) update work.
+/// [`rtn_from_grid`].
 pub fn quantize_rtn(quantizer: &Quantizer, weight: WeightView<'_>) -> Result<MemberResult> {
-    let (rows, cols) = weight.dim();
     let grid = quantizer.build_quant_grid(weight)?;
+    rtn_from_grid(&RowSource::View(weight), grid, None)
+}
+
+/// Round to nearest on a built grid: each element with the shared numerics'
+/// `quantize`/`dequantize` against the scale as the checkpoint stores it (the grid's
+/// `scale_dtype`, set from the format by [`super::plan::Plan::grid_config`]), so the written
+/// checkpoint dequantizes to exactly this result, and the relative weight error
+/// `‖Q − W‖²/‖W‖²` (f64, per row then rows in order). This is what the GPTQ solver does with
+/// `U = I`, so with `codes` given (the device engine's data-free job) they are used as they
+/// are and only the error is computed.
+pub fn rtn_from_grid(weight: &RowSource<'_>, grid: QuantGrid, codes: Option<Array2<u8>>) -> Result<MemberResult> {
     grid.check_stored_scales()?;
+    let (rows, cols) = weight.dim();
     let gs = grid.group_size;
     let maxq = grid.maxq as f32;
     let n_groups = grid.dim().1;
-    let mut codes = vec![0u8; rows * cols];
-    let sums: Vec<Result<(f64, f64)>> = codes
+    if grid.dim().0 != rows || n_groups != cols.div_ceil(gs.max(1)) {
+        return Err(ForgeError::Shape(format!(
+            "a grid of {:?} records for a {rows}×{cols} weight in groups of {gs}",
+            grid.dim()
+        )));
+    }
+    let given = codes.is_some();
+    let mut codes = match codes {
+        Some(c) if c.dim() == (rows, cols) => c.as_standard_layout().into_owned(),
+        Some(c) => return Err(ForgeError::Shape(format!("codes of {:?} for a {rows}×{cols} weight", c.dim()))),
+        None => Array2::zeros((rows, cols)),
+    };
+    let out = codes.as_slice_mut().ok_or_else(|| ForgeError::Internal("codes not contiguous".into()))?;
+    let sums: Vec<Result<(f64, f64)>> = out
         .par_chunks_mut(cols.max(1))
         .enumerate()
         .map_init(
@@ -143,15 +286,18 @@ pub fn quantize_rtn(quantizer: &Quantizer, weight: WeightView<'_>) -> Result<Mem
             |buf, (r, out)| {
                 weight.read_row_f32(r, buf)?;
                 let meta: Vec<(f32, f32)> = (0..n_groups).map(|g| grid.scale_zero(r, g)).collect::<Result<_>>()?;
-                let (mut err, mut norm) = (0f64, 0f64);
-                for (c, (o, &x)) in out.iter_mut().zip(buf.iter()).enumerate() {
-                    let (s, z) = meta[c / gs];
-                    let q = quantize(x, s, z, maxq);
-                    *o = q as u8;
-                    let d = f64::from(dequantize(q, s, z)) - f64::from(x);
-                    err += d * d;
-                    norm += f64::from(x) * f64::from(x);
+                // Group by group (no division per element): the codes, then the error in
+                // LANES independent f64 sums (the loops vectorize), added up in lane order.
+                let (mut err, mut norm) = ([0f64; LANES], [0f64; LANES]);
+                for ((o, xs), &(s, z)) in out.chunks_mut(gs.max(1)).zip(buf.chunks(gs.max(1))).zip(&meta) {
+                    if !given {
+                        for (o, &x) in o.iter_mut().zip(xs) {
+                            *o = quantize(x, s, z, maxq) as u8;
+                        }
+                    }
+                    lane_sums(o, xs, s, z, &mut err, &mut norm);
                 }
+                let (err, norm) = (err.iter().sum::<f64>(), norm.iter().sum::<f64>());
                 Ok((err, norm))
             },
         )
@@ -162,7 +308,6 @@ pub fn quantize_rtn(quantizer: &Quantizer, weight: WeightView<'_>) -> Result<Mem
         err += e;
         norm += n;
     }
-    let codes = Array2::from_shape_vec((rows, cols), codes).map_err(|e| ForgeError::Shape(e.to_string()))?;
     Ok(MemberResult {
         grid,
         codes,
@@ -171,6 +316,31 @@ pub fn quantize_rtn(quantizer: &Quantizer, weight: WeightView<'_>) -> Result<Mem
         method: "rtn",
         flags: Vec::new(),
     })
+}
+
+/// Independent f64 partial sums of the host's error passes (enough to hide the add latency).
+const LANES: usize = 8;
+
+/// Adds `((q − z)·s − x)²` and `x²` of a group's codes `qs` and values `xs` into `LANES`
+/// partial sums, element `i` into lane `i % LANES`.
+#[inline]
+fn lane_sums(qs: &[u8], xs: &[f32], s: f32, z: f32, err: &mut [f64; LANES], norm: &mut [f64; LANES]) {
+    let mut qc = qs.chunks_exact(LANES);
+    let mut xc = xs.chunks_exact(LANES);
+    for (q8, x8) in (&mut qc).zip(&mut xc) {
+        for l in 0..LANES {
+            let x = f64::from(x8[l]);
+            let d = f64::from(dequantize(f32::from(q8[l]), s, z)) - x;
+            err[l] += d * d;
+            norm[l] += x * x;
+        }
+    }
+    for (l, (&q, &x)) in qc.remainder().iter().zip(xc.remainder()).enumerate() {
+        let x = f64::from(x);
+        let d = f64::from(dequantize(f32::from(q), s, z)) - x;
+        err[l] += d * d;
+        norm[l] += x * x;
+    }
 }
 
 /// A Hessian file: `hessian` (or the only 2-D tensor), F32/F16/BF16, `cols × cols`, and
@@ -237,21 +407,50 @@ pub fn quantize_gptq<'a>(
     if layers.len() != weights.len() {
         return Err(ForgeError::Shape(format!("GPTQ returned {} results for {} weights", layers.len(), weights.len())));
     }
-    layers.into_iter().zip(weights).map(|(l, w)| gptq_result(l, *w)).collect()
+    layers.into_iter().zip(weights).map(|(l, w)| gptq_result(l, &RowSource::View(*w))).collect()
 }
 
-fn gptq_result(l: QuantizedLayer, w: WeightView<'_>) -> Result<MemberResult> {
+/// A GPTQ result with its relative weight error against `w`: per row (the dequantized
+/// weight `(q − q0)·s` with the stored scale, as the solver used it), then rows in order, in
+/// f64.
+pub fn gptq_result(l: QuantizedLayer, w: &RowSource<'_>) -> Result<MemberResult> {
     let (rows, cols) = w.dim();
-    let mut buf = vec![0f32; cols];
+    if l.codes.dim() != (rows, cols) || l.grid.dim().0 != rows {
+        return Err(ForgeError::Shape(format!("GPTQ result {:?} for a {rows}×{cols} weight", l.codes.dim())));
+    }
+    let gs = l.grid.group_size.max(1);
+    let sums: Vec<Result<(f64, f64)>> = (0..rows)
+        .into_par_iter()
+        .map_init(
+            || vec![0f32; cols],
+            |buf, r| {
+                w.read_row_f32(r, buf)?;
+                let meta: Vec<(f32, f32)> =
+                    (0..l.grid.dim().1).map(|g| l.grid.scale_zero(r, g)).collect::<Result<_>>()?;
+                let row = l.codes.row(r);
+                let owned;
+                let codes = match row.as_slice() {
+                    Some(c) => c,
+                    None => {
+                        owned = row.to_vec();
+                        &owned
+                    }
+                };
+                // Group by group (no division per element), as in `rtn_from_grid`.
+                let (mut err, mut norm) = ([0f64; LANES], [0f64; LANES]);
+                for ((xs, qs), &(s, z)) in buf.chunks(gs).zip(codes.chunks(gs)).zip(&meta) {
+                    lane_sums(qs, xs, s, z, &mut err, &mut norm);
+                }
+                let (err, norm) = (err.iter().sum::<f64>(), norm.iter().sum::<f64>());
+                Ok((err, norm))
+            },
+        )
+        .collect();
     let (mut err, mut norm) = (0f64, 0f64);
-    let dequant = l.dequant();
-    for r in 0..rows {
-        w.read_row_f32(r, &mut buf)?;
-        for (&x, &d) in buf.iter().zip(dequant.row(r)) {
-            let e = f64::from(d) - f64::from(x);
-            err += e * e;
-            norm += f64::from(x) * f64::from(x);
-        }
+    for s in sums {
+        let (e, n) = s?;
+        err += e;
+        norm += n;
     }
     let f = &l.flags;
     let mut flags = Vec::new();

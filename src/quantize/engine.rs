@@ -28,6 +28,7 @@ use crate::hessian::cuda::{enqueue_identity, enqueue_zero_columns, factor_checke
 use crate::hessian::{pre_step_cpu, GpuHessian, PreStepConfig, PreStepPlan};
 use crate::pack::{PackLayout, PackedCodes};
 use crate::solver::{self, padded, DeviceFactor, FactorRef, SolveOutputs, SolveWorkspace};
+use crate::weights::{enqueue_fp8_block_dequant, Fp8Blocks, Fp8Output};
 use crate::{ForgeError, Result, Warning, WeightDtype, WeightView};
 use cudarc::driver::sys::{CUevent_flags, CU_MEMHOSTALLOC_WRITECOMBINED};
 use cudarc::driver::{CudaEvent, CudaStream, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
@@ -81,6 +82,12 @@ pub struct LayerJob<'a> {
     /// codes (`8/bits`× fewer bytes: 2× at 4 bits; [`QuantizedWeight::packed`]). `None` (the
     /// default): u8 codes.
     pub pack: Option<PackLayout>,
+    /// Block scales of FP8-E4M3 weights (DeepSeek-V3 `weight_scale_inv`): empty when no
+    /// weight has any, else one entry per weight (`None` for the others). Such a weight is
+    /// uploaded as its FP8 bytes and scales, dequantized to f32 on the device
+    /// (`kernels-gpu/src/weights/fp8_dequant.rs`, bit for bit the CPU reference), and
+    /// quantized as that f32 weight.
+    pub block_scales: Vec<Option<Fp8Blocks<'a>>>,
 }
 
 impl<'a> LayerJob<'a> {
@@ -94,7 +101,13 @@ impl<'a> LayerJob<'a> {
             want_dequant: false,
             profile: false,
             pack: None,
+            block_scales: Vec::new(),
         }
+    }
+
+    /// Block scales of weight `i`, if it has any.
+    fn blocks(&self, i: usize) -> Option<&Fp8Blocks<'a>> {
+        self.block_scales.get(i).and_then(|b| b.as_ref())
     }
 }
 
@@ -124,7 +137,7 @@ pub struct PreStepSummary {
 pub struct LayerTimings {
     /// Host → device copies (upload stream).
     pub upload_ms: f32,
-    /// Dead columns and grid kernels.
+    /// FP8 block dequantization, dead columns and grid kernels.
     pub grid_ms: f32,
     /// Gather, potrf, trsm, extract.
     pub pre_step_ms: f32,
@@ -268,6 +281,10 @@ struct Profile {
 /// One weight's buffers in a slot.
 struct WeightBufs {
     weight: DeviceBuf<u8>,
+    /// FP8 block scales as stored, and the f32 weight dequantized from them.
+    scales: DeviceBuf<u8>,
+    widened: DeviceBuf<u8>,
+    staged_scales: PinnedBuf<u8>,
     qmeta: DeviceBuf<u32>,
     codes: DeviceBuf<u8>,
     packed: DeviceBuf<u32>,
@@ -285,6 +302,9 @@ impl WeightBufs {
     fn new() -> Self {
         WeightBufs {
             weight: DeviceBuf::default(),
+            scales: DeviceBuf::default(),
+            widened: DeviceBuf::default(),
+            staged_scales: PinnedBuf::new(true),
             qmeta: DeviceBuf::default(),
             codes: DeviceBuf::default(),
             packed: DeviceBuf::default(),
@@ -300,11 +320,25 @@ impl WeightBufs {
     }
 }
 
+impl WeightBufs {
+    /// The weight the grid and the solver read: the upload itself, or for a block-scaled
+    /// FP8 weight its dequantized f32 copy.
+    fn weight_ref(&self, rows: usize, cols: usize, dtype: WeightDtype, widened: bool) -> Result<WeightRef> {
+        let buf = if widened { &self.widened } else { &self.weight };
+        Ok(WeightRef { bytes: buf.get(rows * cols * dtype.size())?.dev_ptr(), dtype, rows, cols })
+    }
+}
+
 /// A job's shapes and settings, kept in its slot from submit to collect.
 struct Pending {
     seq: u64,
     rows: Vec<usize>,
+    /// The dtypes the kernels read (f32 for a block-scaled FP8 weight).
     dtypes: Vec<WeightDtype>,
+    /// The dtypes as uploaded (for error messages).
+    staged_dtypes: Vec<WeightDtype>,
+    /// Whether each weight was dequantized from FP8 blocks on the device.
+    widened: Vec<bool>,
     cols: usize,
     grid: GridConfig,
     want_dequant: bool,
@@ -529,6 +563,27 @@ impl QuantEngine {
             }
             job.grid.validate(rows, cols)?;
         }
+        if !job.block_scales.is_empty() {
+            if job.block_scales.len() != job.weights.len() {
+                return Err(ForgeError::Config(format!(
+                    "block_scales has {} entries for {} weights (one per weight, or none)",
+                    job.block_scales.len(),
+                    job.weights.len()
+                )));
+            }
+            for (w, b) in job.weights.iter().zip(&job.block_scales) {
+                if let Some(b) = b {
+                    if w.dtype() != WeightDtype::Fp8E4M3 {
+                        return Err(ForgeError::Config(format!(
+                            "block scales belong to FP8-E4M3 weights, not {:?}",
+                            w.dtype()
+                        )));
+                    }
+                    let (r, c) = w.dim();
+                    b.validate(r, c)?;
+                }
+            }
+        }
         match job.hessian {
             HessianInput::Host(h) if h.dim() != (cols, cols) => {
                 return Err(ForgeError::Shape(format!("the Hessian is {:?}, the weights have {cols} columns", h.dim())))
@@ -654,7 +709,9 @@ impl QuantEngine {
         // The weights in their stored dtypes.
         let mut rows = Vec::with_capacity(n_weights);
         let mut dtypes = Vec::with_capacity(n_weights);
-        for (w, b) in job.weights.iter().zip(slot.weights.iter_mut()) {
+        let mut staged_dtypes = Vec::with_capacity(n_weights);
+        let mut widened = Vec::with_capacity(n_weights);
+        for (i, (w, b)) in job.weights.iter().zip(slot.weights.iter_mut()).enumerate() {
             let r = w.dim().0;
             let bytes = r
                 .checked_mul(cols)
@@ -674,8 +731,26 @@ impl QuantEngine {
             // events); the device buffer holds `bytes`.
             unsafe { stage_and_upload(staged, src, dst.addr(), &up) }?;
             self.stats.upload_bytes += bytes as u64;
+            if let Some(blocks) = job.blocks(i) {
+                // The scales (validated above: their byte count matches the weight), and room
+                // for the f32 weight the compute stream dequantizes into.
+                let n = blocks.scales.len();
+                let sdst = b.scales.ensure(&dev, n.max(1), "fp8 block scales")?.dev_ptr_mut();
+                let sstaged = b.staged_scales.get(&dev, n)?;
+                sstaged.copy_from_slice(blocks.scales);
+                // SAFETY: as the weight's copy.
+                unsafe { cudarc::driver::result::memcpy_htod_async(sdst.addr(), sstaged, up.cu_stream()) }
+                    .map_err(ForgeError::driver("uploading fp8 block scales"))?;
+                self.stats.upload_bytes += n as u64;
+                b.widened.ensure(&dev, r * cols * 4, "dequantized fp8 weight")?;
+                dtypes.push(WeightDtype::F32);
+                widened.push(true);
+            } else {
+                dtypes.push(w.dtype());
+                widened.push(false);
+            }
             rows.push(r);
-            dtypes.push(w.dtype());
+            staged_dtypes.push(w.dtype());
         }
         let slot = &mut self.slots[k];
         record(&slot.uploaded, &up)?;
@@ -717,7 +792,30 @@ impl QuantEngine {
         let n_groups = job.grid.n_groups(cols);
         for (i, (&r, &dtype)) in rows.iter().zip(&dtypes).enumerate() {
             let b = &mut self.slots[k].weights[i];
-            let w_dev = b.weight.get(r * cols * dtype.size())?.dev_ptr().addr();
+            if let (Some(blocks), true) = (job.blocks(i), widened[i]) {
+                let q = b.weight.get(r * cols)?.dev_ptr();
+                let scales = b.scales.get(blocks.scales.len().max(1))?.dev_ptr();
+                let out = b.widened.get(r * cols * 4)?.dev_ptr().addr();
+                // A NaN code lands in the weight's status slot, as the grid would report it.
+                let bad = DevPtrMut::from_addr(status_base + ST_WEIGHTS + 8 * i as u64);
+                // SAFETY: q holds r·cols codes, scales the validated scales, out r·cols f32,
+                // all uploaded/allocated above and ordered by the `uploaded` event.
+                unsafe {
+                    enqueue_fp8_block_dequant(
+                        &dev,
+                        &cs,
+                        q,
+                        scales,
+                        blocks,
+                        r,
+                        cols,
+                        Fp8Output::F32,
+                        DevPtrMut::from_addr(out),
+                        bad,
+                    )
+                }?;
+            }
+            let w_dev = b.weight_ref(r, cols, dtype, widened[i])?.bytes.addr();
             let qmeta = b.qmeta.ensure(&dev, r * n_groups, "grid records")?.dev_ptr_mut();
             // SAFETY: the weight buffer holds r·cols elements of its dtype; qmeta r·n_groups
             // records; the status word 3 + n_weights u64.
@@ -743,6 +841,8 @@ impl QuantEngine {
             seq: self.seq,
             rows,
             dtypes,
+            staged_dtypes,
+            widened,
             cols,
             grid: job.grid.clone(),
             want_dequant: job.want_dequant,
@@ -789,7 +889,7 @@ impl QuantEngine {
             } else {
                 self.ws.dequant_scratch()?
             };
-            let wref = WeightRef { bytes: b.weight.get(rows * cols * dtype.size())?.dev_ptr(), dtype, rows, cols };
+            let wref = b.weight_ref(rows, cols, dtype, job.widened.get(i).copied().unwrap_or(false))?;
             let gref = GridRef {
                 qmeta: b.qmeta.get(rows * n_groups)?.dev_ptr(),
                 rows,
@@ -980,7 +1080,7 @@ impl QuantEngine {
 
     /// Element `idx` of weight `i`'s staged copy in slot `k`, widened (for error messages).
     fn staged_weight_value(&mut self, k: usize, job: &Pending, i: usize, idx: usize) -> Result<f32> {
-        let dtype = job.dtypes[i];
+        let dtype = job.staged_dtypes[i];
         let size = dtype.size();
         let dev = self.device()?;
         let bytes = self.slots[k].weights[i].staged.get(&dev, job.rows[i] * job.cols * size)?;
@@ -1162,4 +1262,111 @@ fn cpu_summary(pre: &crate::hessian::PreStep) -> PreStepSummary {
 /// caller: [`crate::Quantizer`], the calibration layer, expert batches).
 pub fn with_engine<R>(dev: &Arc<GpuDevice>, f: impl FnOnce(&mut QuantEngine) -> Result<R>) -> Result<R> {
     dev.with_extension(|| QuantEngine::build(dev), f)
+}
+
+/// One weight of a job, for memory estimates ([`FootprintTracker`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WeightShape {
+    /// Output features.
+    pub rows: usize,
+    /// The dtype uploaded.
+    pub dtype: WeightDtype,
+    /// Bytes of its FP8 block scales, for a block-scaled FP8 weight.
+    pub scale_bytes: Option<usize>,
+}
+
+/// The shape of one engine job, for memory estimates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobShape {
+    /// Input features (shared by the weights).
+    pub cols: usize,
+    /// The weights, in job order.
+    pub weights: Vec<WeightShape>,
+    /// A Hessian is factored (GPTQ with calibration data), not `U = I`.
+    pub hessian: bool,
+    /// The dequantized weights are downloaded too.
+    pub want_dequant: bool,
+}
+
+/// Device and page-locked host bytes an engine holds after a sequence of jobs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineFootprint {
+    /// Device memory: both slots' buffers, the solver workspace, the pre-step buffers and
+    /// [`DEVICE_RESERVE`].
+    pub device: u64,
+    /// Page-locked host memory: both slots' staging and result buffers.
+    pub pinned: u64,
+}
+
+/// Device memory the estimate adds for what the engine does not size itself: the kernels
+/// module, the cuBLAS/cuSOLVER handles and their default workspaces.
+pub const DEVICE_RESERVE: u64 = 256 << 20;
+
+/// Bytes the cuSOLVER `potrf` workspace is estimated at per matrix column (a panel of 512
+/// f64 columns; the library sizes it at run time).
+const POTRF_BYTES_PER_COL: u64 = 8 * 512;
+
+/// The engine's buffers grow to the largest job seen, per slot and per weight position, and
+/// never shrink ([`QuantEngine`] module docs). This tracks that growth over a sequence of jobs
+/// without a device, so a run can check its memory before starting: any job may land in
+/// either slot, so both slots are counted at the maxima.
+#[derive(Clone, Debug, Default)]
+pub struct FootprintTracker {
+    /// Per weight position: (device, pinned) maxima.
+    per_weight: Vec<(u64, u64)>,
+    /// Per slot, besides the weights: (device, pinned) maxima.
+    fixed: (u64, u64),
+    /// Solver workspace and pre-step buffers (one for both slots).
+    shared: u64,
+}
+
+impl FootprintTracker {
+    /// An engine that has run nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts one more job with `grid`.
+    pub fn add(&mut self, job: &JobShape, grid: &GridConfig) {
+        let c = job.cols as u64;
+        let cp = padded(job.cols) as u64;
+        let ng = grid.n_groups(job.cols) as u64;
+        for (i, w) in job.weights.iter().enumerate() {
+            let r = w.rows as u64;
+            let rc = r.saturating_mul(c);
+            let stored = rc.saturating_mul(w.dtype.size() as u64);
+            let scales = w.scale_bytes.map_or(0, |n| n as u64);
+            let widened = if w.scale_bytes.is_some() { 4 * rc } else { 0 };
+            let dequant = if job.want_dequant { 4 * rc } else { 0 };
+            let results = rc + 4 * r * ng + 4 * r;
+            let device = stored + scales + widened + results + dequant;
+            let pinned = stored + scales + results + dequant;
+            if self.per_weight.len() <= i {
+                self.per_weight.push((0, 0));
+            }
+            let m = &mut self.per_weight[i];
+            *m = (m.0.max(device), m.1.max(pinned));
+            // The solver workspace: codes, dequantized weight, loss, working weights and
+            // errors (padded), decoded grid, column groups.
+            let rp = padded(w.rows) as u64;
+            let ws = rc + 4 * rc + 4 * r + 8 * rp * cp + 8 * r * c.div_ceil(32) + 4 * cp;
+            self.shared =
+                self.shared.max(ws + if job.hessian { 16 * c * c + 12 * c + POTRF_BYTES_PER_COL * c } else { 0 });
+        }
+        let n = job.weights.len() as u64;
+        let hessian_dev = if job.hessian { 4 * c * c } else { 0 };
+        let fixed_dev = hessian_dev + 4 * cp * cp + 4 * cp + 8 * (3 + n) + 4 * c;
+        // A Hessian is staged as `c²` f32; with the pre-step on the CPU the factor as `cp²`.
+        let fixed_pinned = if job.hessian { 4 * cp * cp } else { 0 } + 8 * (3 + n);
+        self.fixed = (self.fixed.0.max(fixed_dev), self.fixed.1.max(fixed_pinned));
+    }
+
+    /// What the engine holds after the jobs added so far.
+    pub fn total(&self) -> EngineFootprint {
+        let (wd, wp) = self.per_weight.iter().fold((0u64, 0u64), |a, w| (a.0 + w.0, a.1 + w.1));
+        EngineFootprint {
+            device: 2 * (wd + self.fixed.0) + self.shared + DEVICE_RESERVE,
+            pinned: 2 * (wp + self.fixed.1),
+        }
+    }
 }

@@ -11,8 +11,8 @@ mod engine;
 pub mod output;
 
 pub use engine::{
-    with_engine, EngineStats, HessianInput, LayerJob, LayerOutcome, LayerTimings, PreStepSummary, QuantEngine,
-    QuantizedWeight, Ticket,
+    with_engine, EngineFootprint, EngineStats, FootprintTracker, HessianInput, JobShape, LayerJob, LayerOutcome,
+    LayerTimings, PreStepSummary, QuantEngine, QuantizedWeight, Ticket, WeightShape, DEVICE_RESERVE,
 };
 
 use crate::device::GpuDevice;

@@ -1,11 +1,15 @@
 //! Weight tensors as the grid builder and solver read them: `(rows = out_features,
 //! cols = in_features)` in one of the supported dtypes, widened exactly to f32; one layer
-//! read from a safetensors file ([`load_layer`]) or made up ([`synthetic_layer`]).
+//! read from a safetensors file ([`load_layer`]) or made up ([`synthetic_layer`]); block-scaled
+//! FP8 weights and their device dequantization ([`Fp8Blocks`]).
 
 mod file;
+mod fp8;
 mod synthetic;
 
 pub use file::{load_layer, HessianSource, LayerFile, LayerStats, OwnedWeight, MAX_HEADER_BYTES};
+pub(crate) use fp8::enqueue_fp8_block_dequant;
+pub use fp8::{dequantize_fp8_blocks_gpu, dequantize_fp8_blocks_gpu_bf16, BlockScaleDtype, Fp8Blocks, Fp8Output};
 pub use synthetic::{synthetic_layer, MAX_SYNTHETIC_TOKENS};
 
 use crate::{ForgeError, Result};
@@ -115,8 +119,19 @@ impl<'a> WeightView<'a> {
             )));
         };
         fn fill<T: Copy>(row: ndarray::ArrayView1<T>, out: &mut [f32], f: impl Fn(T) -> f32) {
-            for (o, &v) in out.iter_mut().zip(row.iter()) {
-                *o = f(v);
+            // A contiguous row as a slice: the loop vectorizes (the host passes of a checkpoint
+            // run read every weight through here).
+            match row.as_slice() {
+                Some(s) => {
+                    for (o, &v) in out.iter_mut().zip(s) {
+                        *o = f(v);
+                    }
+                }
+                None => {
+                    for (o, &v) in out.iter_mut().zip(row.iter()) {
+                        *o = f(v);
+                    }
+                }
             }
         }
         let s = ndarray::s![r, c0..c1];
@@ -125,6 +140,10 @@ impl<'a> WeightView<'a> {
             WeightView::F16(a) => fill(a.slice(s), out, |v| f16_bits_to_f32(v.to_bits())),
             WeightView::BF16(a) => fill(a.slice(s), out, |v| bf16_bits_to_f32(v.to_bits())),
             WeightView::Fp8E4M3(a) => fill(a.slice(s), out, fp8_e4m3_to_f32),
+        }
+        // A branch-free pass first; the position only on the rare bad row.
+        if out.iter().fold(true, |ok, v| ok & v.is_finite()) {
+            return Ok(());
         }
         match out.iter().position(|v| !v.is_finite()) {
             None => Ok(()),

@@ -9,6 +9,9 @@
 //! ```
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use fourbit_forge::checkpoint::budget::{
+    check_gpu_budget, check_host_budget, default_gpu_budget, estimate_memory, CPU_WINDOW, GPU_WINDOW,
+};
 use fourbit_forge::checkpoint::demo::{
     write_deepseek_demo, write_demo_hessians, write_llama_demo, DeepSeekDemo, LlamaDemo,
 };
@@ -16,7 +19,7 @@ use fourbit_forge::checkpoint::format::{dtype_name, ScaleDtype};
 use fourbit_forge::checkpoint::memory::{default_budget, human_bytes, parse_size, peak_rss};
 use fourbit_forge::checkpoint::output::{check_target, ItemStats};
 use fourbit_forge::checkpoint::plan::Item;
-use fourbit_forge::checkpoint::run::{check_budget, estimate_seconds, layer_rows, SUMMARY_FILE};
+use fourbit_forge::checkpoint::run::{estimate_seconds, layer_rows, SUMMARY_FILE};
 use fourbit_forge::checkpoint::select::TensorKind;
 use fourbit_forge::checkpoint::{
     build_plan, quantize_checkpoint, GptqSettings, JobSettings, Method, ModelDir, Observer, Plan, RunOptions,
@@ -144,6 +147,9 @@ struct QuantizeArgs {
     /// Host-memory budget (default: half of MemAvailable).
     #[arg(long, value_name = "SIZE", value_parser = size_arg)]
     max_host_memory: Option<u64>,
+    /// GPU-memory budget for the device engine's buffers (default: the device's free memory).
+    #[arg(long, value_name = "SIZE", value_parser = size_arg)]
+    max_gpu_memory: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -352,24 +358,47 @@ fn quantize(a: QuantizeArgs) -> Result<(), CliError> {
     let plan = build_plan(&model, &settings)?;
     print_model_line(&model);
     print_plan(&model, &plan, &a.quant);
+    let (backend, bname) = a.quant.backend();
     let budget = a.max_host_memory.unwrap_or_else(default_budget);
-    let (label, peak) = plan.peak_item_memory();
+    let est = estimate_memory(&model, &plan, matches!(backend, Backend::Gpu(_)));
+    let window = if matches!(backend, Backend::Gpu(_)) {
+        format!(
+            "{GPU_WINDOW} quantization steps in flight from {}, engine staging {}",
+            est.host_step,
+            human_bytes(est.pinned)
+        )
+    } else {
+        format!("{CPU_WINDOW} steps in flight from {}", est.host_step)
+    };
     println!(
-        "host memory: budget {} (--max-host-memory), largest step ≈ {} ({label})",
+        "host memory: budget {} (--max-host-memory), estimated peak ≈ {} ({window})",
         human_bytes(budget),
-        human_bytes(peak)
+        human_bytes(est.host)
     );
-    check_budget(&plan, budget)?;
+    check_host_budget(&est, budget)?;
+    if let Backend::Gpu(dev) = &backend {
+        let gpu_budget = match a.max_gpu_memory {
+            Some(b) => b,
+            None => default_gpu_budget(dev)?,
+        };
+        let need = check_gpu_budget(&model, &plan, gpu_budget)?;
+        println!(
+            "GPU memory: budget {} (--max-gpu-memory; default: free now), device engine ≈ {}",
+            human_bytes(gpu_budget),
+            human_bytes(need)
+        );
+    }
     if a.dry_run {
         check_target(&output)?;
         println!("dry run: nothing written (output would be {})", output.display());
         return Ok(());
     }
-    let (backend, bname) = a.quant.backend();
     println!("backend: {bname}");
     let mut opts = RunOptions::new(output.clone(), backend);
     opts.resume = a.resume;
     opts.max_host_memory = budget;
+    opts.max_gpu_memory = a.max_gpu_memory;
+    opts.profile = true;
     opts.fail_after_items = env_count("FORGE_TEST_FAIL_AFTER");
     opts.abort_after_items = env_count("FORGE_TEST_ABORT_AFTER");
     let progress = Progress::new();
@@ -400,6 +429,18 @@ fn quantize(a: QuantizeArgs) -> Result<(), CliError> {
         rss.map_or("unknown".into(), human_bytes),
         human_bytes(budget)
     );
+    if let Some(g) = &report.gpu {
+        println!(
+            "GPU {}: {} jobs, kernels {:.2} s of {:.2} s wall ({:.0} % busy), {} up / {} down",
+            g.device,
+            g.jobs,
+            g.kernel_ms / 1e3,
+            report.seconds,
+            100.0 * g.kernel_ms / 1e3 / report.seconds.max(1e-9),
+            human_bytes(g.upload_bytes),
+            human_bytes(g.download_bytes)
+        );
+    }
     println!("summary: {}", report.output.join(SUMMARY_FILE).display());
     Ok(())
 }

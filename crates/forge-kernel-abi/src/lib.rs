@@ -30,6 +30,7 @@ pub mod runtime;
 pub mod solver;
 #[cfg(feature = "test-kernels")]
 pub mod testing;
+pub mod weights;
 
 #[cfg(not(target_arch = "nvptx64"))]
 use core::marker::PhantomData;
@@ -430,6 +431,9 @@ kernels! {
     // blocks per SM keep enough loads in flight, so registers are capped to allow them.
     PackRows = "pack_rows" (pack::PackArgs) bounds(pack::PACK_THREADS, 4);
     PackRowsTransposed = "pack_rows_transposed" (pack::PackArgs) bounds(pack::PACK_THREADS, 4);
+    // weights: block-scaled FP8 checkpoints (docs/kernels.md §7)
+    Fp8BlockDequantF32 = "fp8_block_dequant_f32" (weights::Fp8BlockDequantArgs);
+    Fp8BlockDequantBf16 = "fp8_block_dequant_bf16" (weights::Fp8BlockDequantArgs);
     // test-only
     #[cfg(feature = "test-kernels")]
     FastDivision = "fast_division" (testing::FastDivisionArgs);

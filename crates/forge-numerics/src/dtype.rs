@@ -49,3 +49,11 @@ pub fn fp8_e4m3_to_f32(v: u8) -> f32 {
     };
     f32::from_bits(bits)
 }
+
+/// One element of a block-scaled FP8-E4M3 weight (DeepSeek-V3 `weight_scale_inv`):
+/// `f32(q) · scale`, one f32 multiply (no fused rounding), the arithmetic of DeepSeek's
+/// `weight_dequant`. The CPU reference and the kernel both call this.
+#[inline]
+pub fn fp8_block_dequant(q: u8, scale: f32) -> f32 {
+    fp8_e4m3_to_f32(q) * scale
+}

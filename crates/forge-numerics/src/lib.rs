@@ -15,7 +15,7 @@ pub mod qmeta;
 pub mod quant;
 pub mod scale;
 
-pub use dtype::{bf16_bits_to_f32, f16_bits_to_f32, fp8_e4m3_to_f32};
+pub use dtype::{bf16_bits_to_f32, f16_bits_to_f32, fp8_block_dequant, fp8_e4m3_to_f32};
 pub use loss::{abs_pow, element_loss};
 pub use qmeta::{decode_log2_q88, encode_log2_q88, encode_qzero, log2_f32_rn, QMetaPacked};
 pub use quant::{
