@@ -8,7 +8,12 @@
 //! * `llama_ct_w4g32_sym/`, `llama_ct_w3g64_asym/`: tiny Llama models (config.json with a
 //!   compressed-tensors `quantization_config`, model.safetensors with quantized q/k/v/o/gate/
 //!   up/down and dense embeddings, norms and lm_head), plus `expected.safetensors`;
-//! * `llama_gptq_w4g32/`: the same model in GPTQ v1 with `quantize_config.json`.
+//! * `llama_gptq_w4g32/`: the same model in GPTQ v1 with `quantize_config.json`;
+//! * `forge_demo_ct/`: a whole output directory of `forge quantize` (the library's
+//!   `quantize_checkpoint`, default settings: compressed-tensors W4 g128) on the built-in demo
+//!   Llama, in several shards with an index, plus `expected.safetensors`: every quantized
+//!   module's weight as our reader (`decode_linear`) dequantizes it and every other tensor as
+//!   the output holds it.
 //!
 //! Weights are random but deterministic; grids come from `grid::build_quant_grid` (absmax;
 //! per-channel grids from each row's range) and codes from round-to-nearest against the
@@ -93,6 +98,70 @@ fn run(out: &Path) -> Result<()> {
     llama(&out.join("llama_ct_w3g64_asym"), &ct3, ScaleDtype::F32, 8)?;
     let gptq = QuantSettings::new(CheckpointFormat::Gptq, 4, Some(32), true);
     llama(&out.join("llama_gptq_w4g32"), &gptq, ScaleDtype::F16, 9)?;
+    forge_output(out)
+}
+
+/// A whole `forge quantize` output directory (demo Llama, default settings, small shards)
+/// and the weights our own reader decodes from it.
+fn forge_output(out: &Path) -> Result<()> {
+    use fourbit_forge::checkpoint::demo::{write_llama_demo, LlamaDemo};
+    use fourbit_forge::checkpoint::plan::JobSettings;
+    use fourbit_forge::checkpoint::{build_plan, quantize_checkpoint, ModelDir, RunOptions, Silent};
+    use std::collections::HashMap;
+    let input = out.join("forge_demo_input");
+    let dir = out.join("forge_demo_ct");
+    for d in [&input, &dir] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).map_err(|source| ForgeError::Io { path: d.display().to_string(), source })?;
+        }
+    }
+    write_llama_demo(&input, &LlamaDemo::default())?;
+    let model = ModelDir::open(&input)?;
+    let job = JobSettings { max_shard_size: 2_000_000, ..JobSettings::default() };
+    let plan = build_plan(&model, &job)?;
+    let settings = plan.format.settings().clone();
+    quantize_checkpoint(&model, &plan, &RunOptions::new(dir.clone(), fourbit_forge::Backend::Cpu), &Silent)?;
+    // Every tensor of every shard.
+    let mut all: HashMap<String, TensorOut> = HashMap::new();
+    let mut shards = 0;
+    for entry in std::fs::read_dir(&dir).map_err(|source| ForgeError::Io { path: dir.display().to_string(), source })? {
+        let path = entry.map_err(|source| ForgeError::Io { path: dir.display().to_string(), source })?.path();
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            continue;
+        }
+        shards += 1;
+        let bytes =
+            std::fs::read(&path).map_err(|source| ForgeError::Io { path: path.display().to_string(), source })?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ForgeError::Format(e.to_string()))?;
+        for (name, t) in st.tensors() {
+            let t = tensor(&name, t.dtype(), t.shape(), t.data().to_vec());
+            all.insert(name, t);
+        }
+    }
+    let modules: Vec<String> = all
+        .keys()
+        .filter_map(|k| k.strip_suffix(".weight_packed").map(str::to_string))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut expected = Vec::new();
+    for m in &modules {
+        let own: HashMap<String, TensorOut> =
+            all.iter().filter(|(k, _)| k.starts_with(&format!("{m}."))).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let dec = decode_linear(&settings, m, &own)?;
+        expected.push(f32_tensor(&format!("{m}.weight"), &dec.dequant));
+    }
+    let mut dense: Vec<&TensorOut> =
+        all.values().filter(|t| !modules.iter().any(|m| t.name.starts_with(&format!("{m}.")))).collect();
+    dense.sort_by(|a, b| a.name.cmp(&b.name));
+    expected.extend(dense.into_iter().cloned());
+    write_safetensors(&dir.join("expected.safetensors"), &expected, None)?;
+    println!(
+        "wrote {} (forge quantize on the demo Llama: {} quantized modules, {} shards)",
+        dir.display(),
+        modules.len(),
+        shards
+    );
     Ok(())
 }
 

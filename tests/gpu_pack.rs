@@ -46,10 +46,13 @@ proptest! {
     fn gpu_packing_is_bit_identical_to_the_cpu_reference(
         rows in 1usize..300,
         cols in 1usize..700,
+        whole_chunks in any::<bool>(),
         bits in 2u32..=8,
         seed in any::<u64>(),
     ) {
         let Some(dev) = common::gpu_or_skip("gpu_packing_is_bit_identical_to_the_cpu_reference") else { return Ok(()) };
+        // Half the cases in whole 32-code chunks: the launcher's direct kernels.
+        let cols = if whole_chunks { cols.div_ceil(32) * 32 } else { cols };
         let c = codes(rows, cols, bits, seed);
         for layout in LAYOUTS {
             assert_same(&dev, &c, bits, layout, &format!("{rows}x{cols} b{bits} {layout:?}"));
@@ -57,7 +60,8 @@ proptest! {
     }
 }
 
-/// Shapes chosen for the kernel's paths: every tile width (1, 2, 4, 8 chunks), rows aligned
+/// Shapes chosen for the kernels' paths (columns a multiple of 32 take the direct kernels,
+/// the rest the tiled ones): every tile width (1, 2, 4, 8 chunks), rows aligned
 /// and unaligned to 16 bytes (cols % 16 ≠ 0 takes the unaligned chunk reads), a row shorter
 /// than a word, a tail chunk of each length class, and tensors of many tiles (grid-stride).
 #[test]
@@ -116,9 +120,10 @@ fn gpu_packing_of_a_full_size_layer() {
 #[test]
 fn gpu_packing_reports_out_of_range_codes_like_the_cpu() {
     let Some(dev) = common::gpu_or_skip("gpu_packing_reports_out_of_range_codes_like_the_cpu") else { return };
-    for bits in 2..=7u32 {
-        let mut c = codes(70, 300, bits, 9);
-        c[[41, 299]] = 1 << bits;
+    // 300 columns: the tiled kernels; 320: the direct ones.
+    for (bits, cols) in (2..=7u32).flat_map(|b| [(b, 300usize), (b, 320)]) {
+        let mut c = codes(70, cols, bits, 9);
+        c[[41, cols - 1]] = 1 << bits;
         c[[12, 77]] = 255;
         c[[12, 200]] = (1 << bits) + 1;
         for layout in LAYOUTS {

@@ -273,6 +273,9 @@ pub fn rtn_from_grid(weight: &RowSource<'_>, grid: QuantGrid, codes: Option<Arra
     }
     let given = codes.is_some();
     let mut codes = match codes {
+        // Moved, not copied, when already in row order (the engine's codes are): a copy of a
+        // fresh allocation costs more than the error pass itself.
+        Some(c) if c.dim() == (rows, cols) && c.is_standard_layout() => c,
         Some(c) if c.dim() == (rows, cols) => c.as_standard_layout().into_owned(),
         Some(c) => return Err(ForgeError::Shape(format!("codes of {:?} for a {rows}×{cols} weight", c.dim()))),
         None => Array2::zeros((rows, cols)),

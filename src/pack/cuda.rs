@@ -7,7 +7,7 @@ use crate::device::{DeviceBuffer, DeviceBufferMut, GpuDevice};
 use crate::{ForgeError, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use forge_kernel_abi::pack::{PackArgs, PackSharedLayout, PACK_THREADS};
-use forge_kernel_abi::{DevPtr, DevPtrMut, PackRows, PackRowsTransposed};
+use forge_kernel_abi::{DevPtr, DevPtrMut, PackRows, PackRowsDirect, PackRowsTransposed, PackRowsTransposedDirect};
 use ndarray::{Array2, ArrayView2};
 
 /// Chunks of 32 codes per tile row the kernel uses for `cols` codes per row: 8 (a tile of
@@ -51,6 +51,25 @@ pub unsafe fn launch_pack_into(
     }
     if rows == 0 || cols == 0 {
         return Ok(());
+    }
+    if cols.is_multiple_of(32) && words.addr().is_multiple_of(16) {
+        // Whole chunks (every real layer): no staging tile, a thread per chunk (the transposed
+        // kernel's warps of 8 rows × 4 chunks pad the rows to a multiple of 8).
+        let chunks = cols / 32;
+        let warp8 = layout == PackLayout::Transposed && chunks.is_multiple_of(4);
+        let threads = if warp8 { rows.div_ceil(8) * 8 * chunks } else { rows * chunks };
+        let blocks = threads.div_ceil(PACK_THREADS as usize).min(i32::MAX as usize) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (PACK_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let args = PackArgs { codes, rows: rows as u32, cols: cols as u32, bits, tile_chunks: 0, words, first_bad };
+        // SAFETY: sizes and alignment as the kernel's contract (the caller's part above; cols a
+        // multiple of 32 and words 16-byte aligned checked here); no shared memory; the
+        // kernel strides over the grid and picks the same mapping.
+        return unsafe {
+            match layout {
+                PackLayout::Rows => dev.launch::<PackRowsDirect>(cfg, &args),
+                PackLayout::Transposed => dev.launch::<PackRowsTransposedDirect>(cfg, &args),
+            }
+        };
     }
     let k = tile_chunks(cols);
     let transposed = layout == PackLayout::Transposed;

@@ -8,7 +8,8 @@ Reads the fixtures `cargo run --release --example interop_fixtures` writes and c
     `pack_to_int32` of our codes / zero points gives our packed words, and its
     `unpack_from_int32` gives our codes back; the `quantization_config` validates as a
     `QuantizationConfig` (pydantic, unknown keys forbidden).
-(b) transformers: the tiny Llama checkpoints load with `AutoModelForCausalLM.from_pretrained`
+(b) transformers: the tiny Llama checkpoints, and a whole `forge quantize` output directory
+    (sharded, with its index), load with `AutoModelForCausalLM.from_pretrained`
     with no missing, unexpected or mismatched keys, both dequantized at load
     (`CompressedTensorsConfig(dequantize=True)`, formerly `run_compressed=False`) and
     compressed then decompressed on the first forward (the default); every weight equals ours
@@ -208,8 +209,9 @@ def llama_ct(d: Path):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     config = json.loads((d / "config.json").read_text())
-    model_dtype = getattr(torch, config["dtype"])
-    scale_dtype = next(v.dtype for k, v in load_pt(str(d / "model.safetensors")).items() if k.endswith("weight_scale"))
+    model_dtype = getattr(torch, config.get("dtype") or config["torch_dtype"])
+    shards = sorted(p for p in d.glob("*.safetensors") if p.name != "expected.safetensors")
+    scale_dtype = next(v.dtype for p in shards for k, v in load_pt(str(p)).items() if k.endswith("weight_scale"))
     exp = load_pt(str(d / "expected.safetensors"))
     quantized = {k for k in exp if k.endswith("_proj.weight")}
     want = {k: (v.to(scale_dtype).to(model_dtype) if k in quantized else v) for k, v in exp.items()}
@@ -291,7 +293,7 @@ def main():
     for case in cases:
         if case["format"] == "compressed-tensors":
             check(f"(a) compressed-tensors {case['id']}", lambda c=case: ct_case(lin_dir, c))
-    for d in ("llama_ct_w4g32_sym", "llama_ct_w3g64_asym"):
+    for d in ("llama_ct_w4g32_sym", "llama_ct_w3g64_asym", "forge_demo_ct"):
         check(f"(b) transformers {d}", lambda d=d: llama_ct(root / d))
     for case in cases:
         if case["format"] in ("gptq", "gptq_v2"):

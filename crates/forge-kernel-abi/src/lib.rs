@@ -431,6 +431,8 @@ kernels! {
     // blocks per SM keep enough loads in flight, so registers are capped to allow them.
     PackRows = "pack_rows" (pack::PackArgs) bounds(pack::PACK_THREADS, 4);
     PackRowsTransposed = "pack_rows_transposed" (pack::PackArgs) bounds(pack::PACK_THREADS, 4);
+    PackRowsDirect = "pack_rows_direct" (pack::PackArgs) bounds(pack::PACK_THREADS, 4);
+    PackRowsTransposedDirect = "pack_rows_transposed_direct" (pack::PackArgs) bounds(pack::PACK_THREADS, 4);
     // weights: block-scaled FP8 checkpoints (docs/kernels.md §7)
     Fp8BlockDequantF32 = "fp8_block_dequant_f32" (weights::Fp8BlockDequantArgs);
     Fp8BlockDequantBf16 = "fp8_block_dequant_bf16" (weights::Fp8BlockDequantArgs);

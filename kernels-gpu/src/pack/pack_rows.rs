@@ -25,11 +25,19 @@
 //!    addresses: `pack_rows` row by row (`b·K` words per tile row), `pack_rows_transposed`
 //!    word line by word line (`R ≥ 32` consecutive rows, 128 bytes and more per warp).
 //!
+//! `pack_rows_direct` / `pack_rows_transposed_direct` (rows a whole number of 32-code chunks,
+//! every real layer): no tile and no shared memory. Thread = one chunk, grid-stride. Row
+//! layout: chunk fastest (a warp reads 1 KiB and writes `128·b` contiguous bytes, each thread
+//! its `b` words in 16- or 8-byte stores where `b` allows). Transposed layout: a warp takes
+//! 8 rows × 4 chunks, lane = 4·row + chunk, when the row has a multiple of 4 chunks (it reads
+//! eight whole 128-byte lines and writes 32-byte runs of each word line), else row fastest.
+//!
 //! An out-of-range code is reported through `first_bad` (`!index` under an atomic max: the
 //! smallest flat index) and masked to `b` bits, so it cannot corrupt its neighbours.
 //!
 //! # Safety (upheld by the host launcher)
-//! `codes` holds `rows·cols` bytes and is 16-byte aligned; `words` has room for
+//! `codes` holds `rows·cols` bytes and is 16-byte aligned (the direct kernels: `cols` is a
+//! multiple of 32, so every chunk is 16-byte aligned, and `words` is 16-byte aligned); `words` has room for
 //! `rows·ceil(cols·bits/32)` u32; `first_bad` is one u64; `bits ∈ 2..=8`;
 //! `tile_chunks ∈ {1, 2, 4, 8}`; the block has `PACK_THREADS` threads and the launch
 //! `PackSharedLayout::new(bits, tile_chunks, transposed).total` bytes of dynamic shared memory.
@@ -38,10 +46,14 @@ use crate::device::{
     atomic_max_u64_global, block_x, grid_dim_x, ld_shared_u32, ld_shared_u32x4, shared_window_base, st_shared_u32,
     st_shared_u32x4, sync_threads, thread_x,
 };
+use core::num::NonZeroU64;
 use forge_kernel_abi::pack::{PackArgs, PackSharedLayout, PACK_THREADS};
 
 #[repr(C, align(16))]
 struct Bytes16([u32; 4]);
+
+#[repr(C, align(8))]
+struct Bytes8([u32; 2]);
 
 /// Applies `$body` for each listed `$i` as straight-line code, so register arrays are only
 /// ever indexed by constants (a runtime index would move them to local memory).
@@ -237,6 +249,87 @@ unsafe fn pack_impl<const B: u32, const TRANSPOSED: bool>(a: &PackArgs) {
     }
 }
 
+/// One chunk per thread, straight from global memory to global memory (module docs). `WARP8`
+/// (transposed layout, chunks per row a multiple of 4): a warp takes 8 rows × 4 chunks,
+/// lane = 4·row + chunk.
+#[inline(always)]
+unsafe fn pack_direct<const B: u32, const TRANSPOSED: bool, const WARP8: bool>(a: &PackArgs) {
+    let (rows, cols) = (a.rows as u64, a.cols as u64);
+    let chunks = cols / 32;
+    let w_row = chunks * B as u64;
+    let rows8 = rows.div_ceil(8) * 8;
+    let n = if WARP8 { rows8 * chunks } else { rows * chunks };
+    // Non-zero divisors as types: the divisions carry no panic branch.
+    let (Some(rows_nz), Some(chunks_nz), Some(tiles_r)) =
+        (NonZeroU64::new(rows), NonZeroU64::new(chunks), NonZeroU64::new(rows8 / 8))
+    else {
+        return;
+    };
+    let maxq_bytes = ((1u32 << B) - 1) * 0x0101_0101;
+    let stride = grid_dim_x() as u64 * PACK_THREADS as u64;
+    let mut idx = block_x() as u64 * PACK_THREADS as u64 + thread_x() as u64;
+    while idx < n {
+        let (r, kc) = if WARP8 {
+            let (tile, lane) = (idx / 32, idx % 32);
+            ((tile % tiles_r) * 8 + lane / 4, (tile / tiles_r) * 4 + lane % 4)
+        } else if TRANSPOSED {
+            (idx % rows_nz, idx / rows_nz)
+        } else {
+            (idx / chunks_nz, idx % chunks_nz)
+        };
+        idx += stride;
+        if r >= rows {
+            continue; // WARP8's padding rows
+        }
+        let src = a.codes.ptr().add((r * cols + 32 * kc) as usize) as *const Bytes16;
+        let (lo, hi) = ((*src).0, (*src.add(1)).0);
+        let mut v = [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]];
+        unroll!(m in [0 1 2 3 4 5 6 7] => {
+            let bad = v[m as usize] & !maxq_bytes;
+            if bad != 0 {
+                let col = 32 * kc + 4 * m as u64 + (bad.trailing_zeros() / 8) as u64;
+                atomic_max_u64_global(a.first_bad.ptr(), !(r * cols + col));
+                v[m as usize] &= maxq_bytes;
+            }
+        });
+        let out = pack32::<B>(&v);
+        let words = a.words.ptr();
+        if TRANSPOSED {
+            // Word line `kc·B + q`, consecutive rows side by side.
+            unroll!(q in [0 1 2 3 4 5 6 7] => {
+                if q < B {
+                    *words.add(((kc * B as u64 + q as u64) * rows + r) as usize) = out[q as usize];
+                }
+            });
+        } else {
+            // The row's `B` words at `r·w_row + kc·B`, in stores as wide as their alignment
+            // allows (scalar stores at a 32-byte stride halve the 8-bit bandwidth).
+            let at = words.add((r * w_row + kc * B as u64) as usize);
+            if B % 4 == 0 {
+                unroll!(q in [0 1] => {
+                    if 4 * q < B {
+                        let o = (4 * q) as usize;
+                        *(at.add(o) as *mut Bytes16) = Bytes16([out[o], out[o + 1], out[o + 2], out[o + 3]]);
+                    }
+                });
+            } else if B % 2 == 0 {
+                unroll!(q in [0 1 2] => {
+                    if 2 * q < B {
+                        let o = (2 * q) as usize;
+                        *(at.add(o) as *mut Bytes8) = Bytes8([out[o], out[o + 1]]);
+                    }
+                });
+            } else {
+                unroll!(q in [0 1 2 3 4 5 6] => {
+                    if q < B {
+                        *at.add(q as usize) = out[q as usize];
+                    }
+                });
+            }
+        }
+    }
+}
+
 #[inline(always)]
 unsafe fn dispatch<const TRANSPOSED: bool>(a: &PackArgs) {
     match a.bits {
@@ -247,6 +340,31 @@ unsafe fn dispatch<const TRANSPOSED: bool>(a: &PackArgs) {
         6 => pack_impl::<6, TRANSPOSED>(a),
         7 => pack_impl::<7, TRANSPOSED>(a),
         8 => pack_impl::<8, TRANSPOSED>(a),
+        _ => {} // the host validates bits
+    }
+}
+
+/// The transposed layout in warps of 8 rows × 4 chunks when the row has a multiple of four
+/// chunks (a warp reads 8 whole 128-byte lines and writes 32-byte row runs of each word line).
+#[inline(always)]
+unsafe fn dispatch_direct<const TRANSPOSED: bool>(a: &PackArgs) {
+    if TRANSPOSED && (a.cols / 32).is_multiple_of(4) {
+        dispatch_direct_ch::<TRANSPOSED, true>(a)
+    } else {
+        dispatch_direct_ch::<TRANSPOSED, false>(a)
+    }
+}
+
+#[inline(always)]
+unsafe fn dispatch_direct_ch<const TRANSPOSED: bool, const WARP8: bool>(a: &PackArgs) {
+    match a.bits {
+        2 => pack_direct::<2, TRANSPOSED, WARP8>(a),
+        3 => pack_direct::<3, TRANSPOSED, WARP8>(a),
+        4 => pack_direct::<4, TRANSPOSED, WARP8>(a),
+        5 => pack_direct::<5, TRANSPOSED, WARP8>(a),
+        6 => pack_direct::<6, TRANSPOSED, WARP8>(a),
+        7 => pack_direct::<7, TRANSPOSED, WARP8>(a),
+        8 => pack_direct::<8, TRANSPOSED, WARP8>(a),
         _ => {} // the host validates bits
     }
 }
@@ -262,5 +380,19 @@ forge_kernel_abi::pack_kernel! {
     /// Codes → words `(w_row, rows)` (GPTQ `qweight`); see the module docs.
     PackRowsTransposed => fn pack_rows_transposed(args) {
         dispatch::<true>(&args)
+    }
+}
+
+forge_kernel_abi::pack_kernel! {
+    /// Codes → words `(rows, w_row)`, `cols` a multiple of 32; see the module docs.
+    PackRowsDirect => fn pack_rows_direct(args) {
+        dispatch_direct::<false>(&args)
+    }
+}
+
+forge_kernel_abi::pack_kernel! {
+    /// Codes → words `(w_row, rows)`, `cols` a multiple of 32; see the module docs.
+    PackRowsTransposedDirect => fn pack_rows_transposed_direct(args) {
+        dispatch_direct::<true>(&args)
     }
 }
