@@ -202,16 +202,25 @@ fn main() -> Result<()> {
             let out_bytes = r * c + r * cfg.n_groups(c) * 4 + r * 4;
             let floor = in_bytes as f64 / (h2d * 1e9) * 1e3 + out_bytes as f64 / (d2h * 1e9) * 1e3;
             // Back to back, two in flight: uploads overlap the previous layer's compute.
+            // The host's time inside submit and inside collect, per layer: where the host
+            // waits shows which side bounds the stream.
             let t = Instant::now();
             let mut pending = None;
+            let (mut in_submit, mut in_collect) = (0.0, 0.0);
             for _ in 0..8 {
+                let ts = Instant::now();
                 let tk = engine.submit(&LayerJob { profile: false, ..job.clone() })?;
+                in_submit += ts.elapsed().as_secs_f64() * 1e3;
                 if let Some(p) = pending.replace(tk) {
+                    let tc = Instant::now();
                     engine.collect(p)?;
+                    in_collect += tc.elapsed().as_secs_f64() * 1e3;
                 }
             }
             if let Some(p) = pending {
+                let tc = Instant::now();
                 engine.collect(p)?;
+                in_collect += tc.elapsed().as_secs_f64() * 1e3;
             }
             let streamed = t.elapsed().as_secs_f64() * 1e3 / 8.0;
             rows_out.push(vec![
@@ -222,6 +231,7 @@ fn main() -> Result<()> {
                 format!("{floor:.2}"),
                 format!("{:.2}", wall / (kernel + floor)),
                 format!("{streamed:.2}"),
+                format!("{:.2} / {:.2}", in_submit / 8.0, in_collect / 8.0),
                 format!("{retries}"),
             ]);
         }
@@ -231,7 +241,7 @@ fn main() -> Result<()> {
             "per layer, host weight + host Hessian → host codes + qmeta + loss, gs 128, 4-bit, {} (ms; kernel sum from device events; floor = transfers at the rates above)",
             dev.name()
         ),
-        &["shape", "weight", "wall", "kernel sum", "transfer floor", "wall / (kernels + floor)", "back to back, per layer", "retries (7 runs)"],
+        &["shape", "weight", "wall", "kernel sum", "transfer floor", "wall / (kernels + floor)", "back to back, per layer", "host in submit / collect", "retries (7 runs)"],
         &rows_out,
     );
 

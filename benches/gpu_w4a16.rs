@@ -5,7 +5,8 @@
 //! distinct weight copies (> 4× the 50 MB L2) that every launch reads its weight from HBM,
 //! for our kernel and cuBLAS alike; device events around graph launches, median of 7, divided
 //! by the launches per graph. The floor is (packed codes + records + X + Y bytes) at the
-//! device-to-device copy bandwidth measured in the same run (bytes read + written per second).
+//! device-to-device copy bandwidth measured in the same run (bytes read + written per second:
+//! the HBM traffic a copy sustains, which a read-mostly kernel can use for reading).
 //!
 //! Run on a GPU machine: `cargo bench --bench gpu_w4a16` (cuBLAS from LD_LIBRARY_PATH, see the
 //! README). `W4A16_BENCH_QUICK=1` times only M ∈ {1, 16, 64, 1024} on two shapes.
@@ -122,7 +123,10 @@ fn main() -> Result<()> {
             let mut ws = W4a16Workspace::default();
             let flops = 2.0 * m as f64 * n as f64 * k as f64;
             let bytes = (qbytes + 2 * m * k + 2 * m * n) as f64;
-            let floor = bytes / (bw / 2.0);
+            // The copy's rate counts each byte read and written: HBM moves `bw` bytes/s in
+            // all, so a kernel that reads its weight once needs `bytes / bw` (cuBLAS at M = 1
+            // reads its bf16 weight at about that rate).
+            let floor = bytes / bw;
             let reps = copies.max(24);
             let mut run = |opts: W4a16Options| -> Result<(f64, W4a16Plan)> {
                 let mut plan = None;

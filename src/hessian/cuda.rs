@@ -19,7 +19,7 @@ use super::{PreStep, PreStepConfig, PreStepPlan};
 use crate::calib::{check_finite_bytes, ActivationDtype, ActivationView};
 use crate::device::{view_ptr, DeviceBuf, DeviceBuffer, DeviceBufferMut, GpuDevice};
 use crate::{ForgeError, Result};
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, LaunchConfig};
 use forge_kernel_abi::hessian::{
     BlendArgs, BlendSymArgs, DiagArgs, ExtractArgs, FirstFailureArgs, GatherArgs, HessianSharedLayout, IdentityArgs,
     XtxArgs, ZeroColumnsArgs, HESSIAN_THREADS, HESSIAN_TILE,
@@ -29,6 +29,7 @@ use forge_kernel_abi::{
     PrestepExtract, PrestepFirstFailure, PrestepGather, PrestepIdentity, PrestepZeroColumns,
 };
 use ndarray::{Array2, ArrayView2};
+use std::sync::Arc;
 
 /// Most tokens one `hessian_xtx` launch (and one host upload) takes: bounds the upload buffer
 /// (`8192·cols` elements) and the length of each f32 sum.
@@ -110,6 +111,9 @@ pub struct GpuHessian {
     cols: usize,
     tokens: u64,
     scratch: Option<Scratch>,
+    /// Recorded on the compute stream after every change of `H`: the device engine copies
+    /// `H` on a side stream that waits only for this, not for the jobs queued before it.
+    ready: Option<CudaEvent>,
 }
 
 impl GpuHessian {
@@ -117,7 +121,9 @@ impl GpuHessian {
     pub fn new(dev: &GpuDevice, cols: usize) -> Result<Self> {
         check_cols(cols)?;
         let h = dev.stream().alloc_zeros::<f32>(cols * cols).map_err(ForgeError::driver("allocating the Hessian"))?;
-        Ok(GpuHessian { h, cols, tokens: 0, scratch: None })
+        let mut g = GpuHessian { h, cols, tokens: 0, scratch: None, ready: None };
+        g.mark_ready(dev)?;
+        Ok(g)
     }
 
     /// Uploads a Hessian accumulated elsewhere over `tokens` tokens (later updates weight it
@@ -134,7 +140,25 @@ impl GpuHessian {
         let data = h.as_standard_layout();
         let slice = data.as_slice().ok_or_else(|| ForgeError::Shape("non-contiguous Hessian".into()))?;
         let h = dev.stream().clone_htod(slice).map_err(ForgeError::driver("uploading the Hessian"))?;
-        Ok(GpuHessian { h, cols: n, tokens, scratch: None })
+        let mut g = GpuHessian { h, cols: n, tokens, scratch: None, ready: None };
+        g.mark_ready(dev)?;
+        Ok(g)
+    }
+
+    /// Records [`GpuHessian::ready`] on the compute stream (after the work that changed `H`).
+    fn mark_ready(&mut self, dev: &GpuDevice) -> Result<()> {
+        if self.ready.is_none() {
+            self.ready = Some(dev.context().new_event(None).map_err(ForgeError::driver("creating an event"))?);
+        }
+        match &self.ready {
+            Some(e) => e.record(dev.stream()).map_err(ForgeError::driver("recording the Hessian's event")),
+            None => Ok(()),
+        }
+    }
+
+    /// The event after the last change of `H` (on the compute stream).
+    pub(crate) fn ready(&self) -> Option<&CudaEvent> {
+        self.ready.as_ref()
     }
 
     /// Input features (the side of `H`).
@@ -163,7 +187,7 @@ impl GpuHessian {
     pub fn reset(&mut self, dev: &GpuDevice) -> Result<()> {
         dev.stream().memset_zeros(&mut self.h).map_err(ForgeError::driver("clearing the Hessian"))?;
         self.tokens = 0;
-        Ok(())
+        self.mark_ready(dev)
     }
 
     /// Frees the scratch buffers (`S` and the upload buffer); the next update allocates them again.
@@ -190,6 +214,12 @@ impl GpuHessian {
     /// overflow of `XᵀX` is a typed error; chunks before the failing one stay accumulated
     /// (the error's row says where it stopped), the failing chunk leaves `H` unchanged.
     pub fn update(&mut self, dev: &GpuDevice, x: ActivationView<'_>) -> Result<()> {
+        let r = self.update_host_chunks(dev, x);
+        // Also after an error: the chunks before it changed `H`.
+        self.mark_ready(dev).and(r)
+    }
+
+    fn update_host_chunks(&mut self, dev: &GpuDevice, x: ActivationView<'_>) -> Result<()> {
         let (m, cols) = x.dim();
         self.check_batch_cols(cols)?;
         super::cpu::add_tokens(self.tokens, m)?;
@@ -238,6 +268,11 @@ impl GpuHessian {
     /// go through the tensor cores when cuBLAS loads (exact products, f32 accumulation; see
     /// [`GpuHessian::tensor_core_chunk`]), f32 ones through the tiled SYRK kernel.
     pub fn update_device(&mut self, dev: &GpuDevice, x: &DeviceActivations) -> Result<()> {
+        let r = self.update_device_chunks(dev, x);
+        self.mark_ready(dev).and(r)
+    }
+
+    fn update_device_chunks(&mut self, dev: &GpuDevice, x: &DeviceActivations) -> Result<()> {
         let (m, cols) = x.dim();
         self.check_batch_cols(cols)?;
         super::cpu::add_tokens(self.tokens, m)?;
@@ -434,11 +469,24 @@ pub(crate) struct FactorWork {
 impl FactorWork {
     /// `diag H` of a device Hessian on the host (one small copy that waits for `H`).
     pub(crate) fn diag_to_host(&mut self, dev: &GpuDevice, h: DevPtr<f32>, n: usize) -> Result<Vec<f64>> {
+        let stream = dev.stream().clone();
+        self.diag_to_host_on(dev, &stream, h, n)
+    }
+
+    /// [`FactorWork::diag_to_host`] on `stream` (`h` ready there); waits for that stream only.
+    pub(crate) fn diag_to_host_on(
+        &mut self,
+        dev: &GpuDevice,
+        stream: &Arc<CudaStream>,
+        h: DevPtr<f32>,
+        n: usize,
+    ) -> Result<Vec<f64>> {
         let diag = self.diag.ensure(dev, n, "pre-step diagonal")?;
         let args = DiagArgs { h, cols: n as u32, out: diag.dev_ptr_mut() };
-        // SAFETY: h holds n² f32 (caller), diag at least n.
-        unsafe { dev.launch::<HessianDiag>(ew_config(dev, n)?, &args) }?;
-        let d = dev.stream().clone_dtoh(&diag.slice(0..n)).map_err(ForgeError::driver("downloading diag(H)"))?;
+        // SAFETY: h holds n² f32 ready on `stream` (caller), diag at least n (only this
+        // function uses it, and it waits for its copy below).
+        unsafe { dev.launch_on::<HessianDiag>(stream, ew_config(dev, n)?, &args) }?;
+        let d = stream.clone_dtoh(&diag.slice(0..n)).map_err(ForgeError::driver("downloading diag(H)"))?;
         Ok(d.into_iter().map(f64::from).collect())
     }
 

@@ -459,6 +459,8 @@ pub struct QuantEngine {
     dev: DevRef,
     upload: Arc<CudaStream>,
     download: Arc<CudaStream>,
+    /// Device Hessians are copied into a slot here, waiting only for their last update.
+    side: Arc<CudaStream>,
     slots: [Slot; 2],
     seq: u64,
     ws: SolveWorkspace,
@@ -485,6 +487,7 @@ impl QuantEngine {
         let ctx = dev.context();
         let upload = ctx.new_stream().map_err(ForgeError::driver("creating the upload stream"))?;
         let download = ctx.new_stream().map_err(ForgeError::driver("creating the download stream"))?;
+        let side = ctx.new_stream().map_err(ForgeError::driver("creating the Hessian side stream"))?;
         let slots = [Slot::new(dev)?, Slot::new(dev)?];
         let no_device_pre_step =
             dev.with_dense_solver(|_| Ok(())).and_then(|()| dev.with_blas(|_| Ok(()))).err().map(|e| e.to_string());
@@ -492,6 +495,7 @@ impl QuantEngine {
             dev: DevRef::Weak(Arc::downgrade(dev)),
             upload,
             download,
+            side,
             slots,
             seq: 0,
             ws: SolveWorkspace::empty(),
@@ -641,21 +645,27 @@ impl QuantEngine {
                 plan = Some(p);
             }
             HessianInput::Device(g) if self.no_device_pre_step.is_none() => {
-                // Copied into the slot on the compute stream (which produced it): the caller's
-                // Hessian may change or go once this returns.
+                // Copied into the slot on the side stream, which waits for the Hessian's last
+                // update only (not for the jobs already queued on the compute stream), and
+                // finished before this returns: the caller's Hessian may change or go then.
+                // The slot's previous job was collected, so nothing reads its buffer.
+                let side = self.side.clone();
+                let ready =
+                    g.ready().ok_or_else(|| ForgeError::Internal("a device Hessian without its event".into()))?;
+                side.wait(ready).map_err(ForgeError::driver("ordering the Hessian copy"))?;
                 let dst = slot.hessian.ensure(&dev, cols * cols, "Hessian copy")?.dev_ptr_mut();
-                // SAFETY: both hold cols² f32; stream order puts the copy after the Hessian's
-                // last update.
+                // SAFETY: both hold cols² f32; the side stream waits for the last update.
                 unsafe {
                     cudarc::driver::result::memcpy_dtod_async(
                         dst.addr(),
                         g.h().dev_ptr().addr(),
                         cols * cols * 4,
-                        cs.cu_stream(),
+                        side.cu_stream(),
                     )
                 }
                 .map_err(ForgeError::driver("copying the Hessian"))?;
-                let diag = self.factor_work.diag_to_host(&dev, dst.as_const(), cols)?;
+                // Waits for the side stream: the copy is complete once the diagonal is here.
+                let diag = self.factor_work.diag_to_host_on(&dev, &side, dst.as_const(), cols)?;
                 plan = Some(PreStepPlan::new(diag, &job.pre_step)?);
             }
             HessianInput::Host(h) => {
