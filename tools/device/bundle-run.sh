@@ -1,3 +1,9 @@
+#!/usr/bin/env bash
+# On a GPU machine: like check.sh, for a staging too large to carry as is. Here:
+#   ONLY=gpu ../shared/tools/stage-gpu; mv .gpu /tmp/g; mkdir .gpu; tar cJf .gpu/bundle.tar.xz -C /tmp/g .
+# There (device run, carry .gpu): BENCHES="gpu_pipeline gpu_pack" BT=150 [SKIP_TESTS=1] bash tools/device/bundle-run.sh
+# Unpacks, runs every staged test (unless SKIP_TESTS), then each named bench under a timeout
+# of BT seconds; logs (gpu.txt, tests.log, benches.log) go to $OUT.
 set -u
 cd .gpu && tar xJf bundle.tar.xz && rm bundle.tar.xz && cd ..
 out=$OUT
