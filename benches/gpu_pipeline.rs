@@ -204,6 +204,7 @@ fn main() -> Result<()> {
             // Back to back, two in flight: uploads overlap the previous layer's compute.
             // The host's time inside submit and inside collect, per layer: where the host
             // waits shows which side bounds the stream.
+            let phases0 = engine.stats().submit_host_ns;
             let t = Instant::now();
             let mut pending = None;
             let (mut in_submit, mut in_collect) = (0.0, 0.0);
@@ -223,6 +224,13 @@ fn main() -> Result<()> {
                 in_collect += tc.elapsed().as_secs_f64() * 1e3;
             }
             let streamed = t.elapsed().as_secs_f64() * 1e3 / 8.0;
+            let phases: Vec<String> = engine
+                .stats()
+                .submit_host_ns
+                .iter()
+                .zip(&phases0)
+                .map(|(a, b)| format!("{:.2}", (a - b) as f64 / 8.0 / 1e6))
+                .collect();
             rows_out.push(vec![
                 format!("{r}×{c}"),
                 name.into(),
@@ -232,6 +240,7 @@ fn main() -> Result<()> {
                 format!("{:.2}", wall / (kernel + floor)),
                 format!("{streamed:.2}"),
                 format!("{:.2} / {:.2}", in_submit / 8.0, in_collect / 8.0),
+                phases.join(" / "),
                 format!("{retries}"),
             ]);
         }
@@ -241,7 +250,7 @@ fn main() -> Result<()> {
             "per layer, host weight + host Hessian → host codes + qmeta + loss, gs 128, 4-bit, {} (ms; kernel sum from device events; floor = transfers at the rates above)",
             dev.name()
         ),
-        &["shape", "weight", "wall", "kernel sum", "transfer floor", "wall / (kernels + floor)", "back to back, per layer", "host in submit / collect", "retries (7 runs)"],
+        &["shape", "weight", "wall", "kernel sum", "transfer floor", "wall / (kernels + floor)", "back to back, per layer", "host in submit / collect", "submit: H / W / index / pre-step / rest", "retries (7 runs)"],
         &rows_out,
     );
 

@@ -194,6 +194,11 @@ pub struct EngineStats {
     pub upload_bytes: u64,
     /// Bytes downloaded by the engine.
     pub download_bytes: u64,
+    /// Host nanoseconds spent inside `submit`, summed over jobs, by phase: checks and the
+    /// Hessian or factor (staging, plan), the weights' staging, the index copies and status
+    /// word, the pre-step's launches, the grid, solve and download launches. Shows where the
+    /// host waits.
+    pub submit_host_ns: [u64; 5],
 }
 
 /// A submitted job; pass it to [`QuantEngine::collect`].
@@ -556,6 +561,8 @@ impl QuantEngine {
     }
 
     fn submit_into(&mut self, k: usize, job: &LayerJob<'_>) -> Result<Ticket> {
+        let started = std::time::Instant::now();
+        let mut phase_end = [std::time::Duration::ZERO; 5];
         let Some(first) = job.weights.first() else {
             return Err(ForgeError::Config("a job needs at least one weight".into()));
         };
@@ -716,6 +723,7 @@ impl QuantEngine {
         }
         let slot = &mut self.slots[k];
         record(&slot.factor_uploaded, &up)?;
+        phase_end[0] = started.elapsed();
         // The weights in their stored dtypes.
         let mut rows = Vec::with_capacity(n_weights);
         let mut dtypes = Vec::with_capacity(n_weights);
@@ -764,6 +772,7 @@ impl QuantEngine {
         }
         let slot = &mut self.slots[k];
         record(&slot.uploaded, &up)?;
+        phase_end[1] = started.elapsed();
         if job.profile {
             record(&slot.profile.up1, &up)?;
         }
@@ -781,6 +790,7 @@ impl QuantEngine {
         let (status_base, status) = slot.status(&dev, n_weights)?;
         cs.memset_zeros(slot.status.ensure(&dev, status_len(n_weights), "status word")?)
             .map_err(ForgeError::driver("clearing the status word"))?;
+        phase_end[2] = started.elapsed();
         match (&plan, job.hessian) {
             (Some(p), _) => {
                 self.factor_work.set_order(&dev, p, cols)?;
@@ -795,6 +805,7 @@ impl QuantEngine {
         if job.profile {
             record(&self.slots[k].profile.c_pre, &cs)?;
         }
+        phase_end[3] = started.elapsed();
         cs.wait(&self.slots[k].uploaded).map_err(ForgeError::driver("ordering compute after the upload"))?;
         if job.profile {
             record(&self.slots[k].profile.c_w, &cs)?;
@@ -873,6 +884,12 @@ impl QuantEngine {
         let seq = pending.seq;
         self.slots[k].pending = Some(pending);
         self.seq += 1;
+        phase_end[4] = started.elapsed();
+        let mut prev = std::time::Duration::ZERO;
+        for (acc, &end) in self.stats.submit_host_ns.iter_mut().zip(&phase_end) {
+            *acc += end.saturating_sub(prev).as_nanos() as u64;
+            prev = end;
+        }
         Ok(Ticket { slot: k, seq })
     }
 
