@@ -30,15 +30,7 @@ impl DeviceWeight {
     /// Uploads a host weight (a non-contiguous view is made contiguous first).
     pub fn upload(dev: &GpuDevice, weight: WeightView<'_>) -> Result<Self> {
         let (rows, cols) = weight.dim();
-        let owned;
-        let bytes: &[u8] = match weight.contiguous_bytes() {
-            Some(b) => b,
-            None => {
-                owned = contiguous_copy(weight);
-                &owned
-            }
-        };
-        let bytes = dev.stream().clone_htod(bytes).map_err(ForgeError::driver("uploading weights"))?;
+        let bytes = dev.stream().clone_htod(&weight.row_major_bytes()[..]).map_err(ForgeError::driver("uploading weights"))?;
         Ok(DeviceWeight { bytes, dtype: weight.dtype(), rows, cols })
     }
 
@@ -109,14 +101,6 @@ pub struct GridRef {
     pub scale_dtype: ScaleDtype,
 }
 
-fn contiguous_copy(weight: WeightView<'_>) -> Vec<u8> {
-    match weight {
-        WeightView::F32(a) => bytemuck::cast_slice(&a.iter().copied().collect::<Vec<_>>()).to_vec(),
-        WeightView::F16(a) => bytemuck::cast_slice(&a.iter().copied().collect::<Vec<_>>()).to_vec(),
-        WeightView::BF16(a) => bytemuck::cast_slice(&a.iter().copied().collect::<Vec<_>>()).to_vec(),
-        WeightView::Fp8E4M3(a) => a.iter().copied().collect(),
-    }
-}
 
 /// A grid whose qmeta4 records stay on the device (the solver consumes them in place).
 pub struct DeviceGrid {

@@ -737,17 +737,10 @@ impl QuantEngine {
                 .ok_or_else(|| ForgeError::Shape(format!("a {r}×{cols} weight is too large")))?;
             let dst = b.weight.ensure(&dev, bytes, "weight upload")?.dev_ptr_mut();
             let staged = b.staged.get(&dev, bytes)?;
-            let owned;
-            let src = match w.contiguous_bytes() {
-                Some(src) => src,
-                None => {
-                    owned = contiguous_copy(*w);
-                    &owned
-                }
-            };
+            let src = w.row_major_bytes();
             // SAFETY: the pinned bytes stay untouched until this slot is collected (its
             // events); the device buffer holds `bytes`.
-            unsafe { stage_and_upload(staged, src, dst.addr(), &up) }?;
+            unsafe { stage_and_upload(staged, &src, dst.addr(), &up) }?;
             self.stats.upload_bytes += bytes as u64;
             if let Some(blocks) = job.blocks(i) {
                 // The scales (validated above: their byte count matches the weight), and room
@@ -1263,15 +1256,6 @@ impl QuantEngine {
     }
 }
 
-/// A non-contiguous weight view's bytes, row-major.
-fn contiguous_copy(weight: WeightView<'_>) -> Vec<u8> {
-    match weight {
-        WeightView::F32(a) => bytemuck::cast_slice(&a.iter().copied().collect::<Vec<_>>()).to_vec(),
-        WeightView::F16(a) => bytemuck::cast_slice(&a.iter().copied().collect::<Vec<_>>()).to_vec(),
-        WeightView::BF16(a) => bytemuck::cast_slice(&a.iter().copied().collect::<Vec<_>>()).to_vec(),
-        WeightView::Fp8E4M3(a) => a.iter().copied().collect(),
-    }
-}
 
 fn cpu_summary(pre: &crate::hessian::PreStep) -> PreStepSummary {
     PreStepSummary {

@@ -13,6 +13,7 @@ pub use fp8::{dequantize_fp8_blocks_gpu, dequantize_fp8_blocks_gpu_bf16, BlockSc
 pub use synthetic::{synthetic_layer, MAX_SYNTHETIC_TOKENS};
 
 use crate::{ForgeError, Result};
+use std::borrow::Cow;
 use forge_numerics::{bf16_bits_to_f32, f16_bits_to_f32, fp8_e4m3_to_f32};
 use ndarray::ArrayView2;
 
@@ -159,5 +160,40 @@ impl<'a> WeightView<'a> {
             WeightView::BF16(a) => a.to_slice().map(bytemuck::cast_slice),
             WeightView::Fp8E4M3(a) => a.to_slice(),
         }
+    }
+
+    /// The raw bytes in row-major order: borrowed when the view is contiguous, else a copy.
+    pub fn row_major_bytes(&self) -> Cow<'a, [u8]> {
+        if let Some(b) = self.contiguous_bytes() {
+            return Cow::Borrowed(b);
+        }
+        Cow::Owned(match *self {
+            WeightView::F32(a) => a.iter().flat_map(|v| v.to_ne_bytes()).collect(),
+            WeightView::F16(a) => a.iter().flat_map(|v| v.to_bits().to_ne_bytes()).collect(),
+            WeightView::BF16(a) => a.iter().flat_map(|v| v.to_bits().to_ne_bytes()).collect(),
+            WeightView::Fp8E4M3(a) => a.iter().copied().collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    /// A transposed (non-contiguous) view gives the bytes of its row-major copy; a contiguous
+    /// one is borrowed.
+    #[test]
+    fn row_major_bytes_of_strided_views_equal_a_row_major_copy() {
+        let a = ndarray::Array2::from_shape_fn((3, 5), |(r, c)| (r * 5 + c) as f32 - 6.5);
+        let t = a.t();
+        let want: Vec<u8> = t.as_standard_layout().iter().flat_map(|v| v.to_ne_bytes()).collect();
+        assert!(matches!(WeightView::F32(t).row_major_bytes(), Cow::Owned(ref b) if *b == want));
+        assert!(matches!(WeightView::F32(a.view()).row_major_bytes(), Cow::Borrowed(_)));
+        let h = a.mapv(half::bf16::from_f32);
+        let want: Vec<u8> = h.t().as_standard_layout().iter().flat_map(|v| v.to_bits().to_le_bytes()).collect();
+        assert_eq!(&WeightView::BF16(h.t()).row_major_bytes()[..], &want[..]);
+        let q = ndarray::Array2::from_shape_fn((2, 4), |(r, c)| (r * 4 + c) as u8);
+        assert_eq!(&WeightView::Fp8E4M3(q.t()).row_major_bytes()[..], &[0, 4, 1, 5, 2, 6, 3, 7]);
     }
 }
