@@ -30,7 +30,8 @@ impl DeviceWeight {
     /// Uploads a host weight (a non-contiguous view is made contiguous first).
     pub fn upload(dev: &GpuDevice, weight: WeightView<'_>) -> Result<Self> {
         let (rows, cols) = weight.dim();
-        let bytes = dev.stream().clone_htod(&weight.row_major_bytes()[..]).map_err(ForgeError::driver("uploading weights"))?;
+        let bytes =
+            dev.stream().clone_htod(&weight.row_major_bytes()[..]).map_err(ForgeError::driver("uploading weights"))?;
         Ok(DeviceWeight { bytes, dtype: weight.dtype(), rows, cols })
     }
 
@@ -100,7 +101,6 @@ pub struct GridRef {
     /// The dtype the scales are stored in (what the solver quantizes against).
     pub scale_dtype: ScaleDtype,
 }
-
 
 /// A grid whose qmeta4 records stay on the device (the solver consumes them in place).
 pub struct DeviceGrid {

@@ -851,21 +851,29 @@ impl GpuPreStepper {
         Ok(GpuPreStepper { work: FactorWork::default(), status: None, u: DeviceBuf::default() })
     }
 
-    /// The pre-step of a Hessian already on the device (`h`: `cols²` f32, row-major).
-    /// Semantics, flags and errors as [`super::pre_step_cpu`] without a weight (zero the
-    /// weight's `dead_columns` yourself); `U` comes back to the host.
-    pub fn run(&mut self, dev: &GpuDevice, h: &CudaSlice<f32>, cols: usize, cfg: &PreStepConfig) -> Result<PreStep> {
+    /// Checks the input, plans the pre-step from `diag H`, sets its column order and makes
+    /// sure the status words exist: what [`GpuPreStepper::run`] and
+    /// [`GpuPreStepper::profile`] both start with.
+    fn begin(&mut self, dev: &GpuDevice, h: &CudaSlice<f32>, cols: usize, cfg: &PreStepConfig) -> Result<PreStepPlan> {
         cfg.validate()?;
         check_cols(cols)?;
         if h.len() != cols * cols {
             return Err(ForgeError::Shape(format!("{} Hessian elements on the device for {cols}×{cols}", h.len())));
         }
-        let n = cols;
-        let plan = PreStepPlan::new(self.work.diag_to_host(dev, h.dev_ptr(), n)?, cfg)?;
-        self.work.set_order(dev, &plan, n)?;
+        let plan = PreStepPlan::new(self.work.diag_to_host(dev, h.dev_ptr(), cols)?, cfg)?;
+        self.work.set_order(dev, &plan, cols)?;
         if self.status.is_none() {
             self.status = Some(dev.alloc::<u64>(3, "pre-step status")?);
         }
+        Ok(plan)
+    }
+
+    /// The pre-step of a Hessian already on the device (`h`: `cols²` f32, row-major).
+    /// Semantics, flags and errors as [`super::pre_step_cpu`] without a weight (zero the
+    /// weight's `dead_columns` yourself); `U` comes back to the host.
+    pub fn run(&mut self, dev: &GpuDevice, h: &CudaSlice<f32>, cols: usize, cfg: &PreStepConfig) -> Result<PreStep> {
+        let plan = self.begin(dev, h, cols, cfg)?;
+        let n = cols;
         let status = self.status.as_mut().ok_or_else(|| ForgeError::Internal("status missing".into()))?;
         let u = self.u.ensure(dev, n * n, "pre-step factor")?.dev_ptr_mut();
         // SAFETY: h holds n² f32 (checked), u n²; the order was set above.
@@ -909,17 +917,8 @@ impl GpuPreStepper {
         cfg: &PreStepConfig,
         method: FactorMethod,
     ) -> Result<[f32; 4]> {
-        cfg.validate()?;
-        check_cols(cols)?;
-        if h.len() != cols * cols {
-            return Err(ForgeError::Shape(format!("{} Hessian elements on the device for {cols}×{cols}", h.len())));
-        }
+        let plan = self.begin(dev, h, cols, cfg)?;
         let n = cols;
-        let plan = PreStepPlan::new(self.work.diag_to_host(dev, h.dev_ptr(), n)?, cfg)?;
-        self.work.set_order(dev, &plan, n)?;
-        if self.status.is_none() {
-            self.status = Some(dev.alloc::<u64>(3, "pre-step status")?);
-        }
         let status_buf = self.status.as_mut().ok_or_else(|| ForgeError::Internal("status missing".into()))?;
         let stream = dev.stream().clone();
         stream.memset_zeros(status_buf).map_err(ForgeError::driver("clearing the pre-step status"))?;

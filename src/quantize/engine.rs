@@ -1059,14 +1059,7 @@ impl QuantEngine {
             // An f16 overflow makes the solve non-finite: name the cause before the symptom.
             grid.check_stored_scales()?;
             let loss = b.out_loss.get(&dev, rows)?.to_vec();
-            if let Some(row) = loss.iter().position(|l| !l.is_finite()) {
-                return Err(ForgeError::NonFinite {
-                    tensor: "GPTQ loss (working weights overflowed)",
-                    row,
-                    col: 0,
-                    value: loss[row],
-                });
-            }
+            solver::check_loss_finite(&loss)?;
             let (codes, packed) = match job.pack {
                 Some(layout) => {
                     let n = job.packed_len(rows)?;
@@ -1255,7 +1248,6 @@ impl QuantEngine {
         })
     }
 }
-
 
 fn cpu_summary(pre: &crate::hessian::PreStep) -> PreStepSummary {
     PreStepSummary {

@@ -174,6 +174,20 @@ impl DeviceSolveOutput<'_> {
     }
 }
 
+/// A device solve's per-row loss, checked: a non-finite entry means the working weights
+/// overflowed, a [`ForgeError::NonFinite`] naming the row.
+pub(crate) fn check_loss_finite(loss: &[f32]) -> Result<()> {
+    match loss.iter().position(|l| !l.is_finite()) {
+        None => Ok(()),
+        Some(row) => Err(ForgeError::NonFinite {
+            tensor: "GPTQ loss (working weights overflowed)",
+            row,
+            col: 0,
+            value: loss[row],
+        }),
+    }
+}
+
 /// Host vectors of a finished solve as a [`SolveOutput`]; a non-finite loss is an error.
 pub(crate) fn solve_output_from_host(
     rows: usize,
@@ -182,14 +196,7 @@ pub(crate) fn solve_output_from_host(
     dequant: Vec<f32>,
     loss: Vec<f32>,
 ) -> Result<SolveOutput> {
-    if let Some(row) = loss.iter().position(|l| !l.is_finite()) {
-        return Err(ForgeError::NonFinite {
-            tensor: "GPTQ loss (working weights overflowed)",
-            row,
-            col: 0,
-            value: loss[row],
-        });
-    }
+    check_loss_finite(&loss)?;
     let shape = (rows, cols);
     Ok(SolveOutput {
         qweight: Array2::from_shape_vec(shape, codes).map_err(|e| ForgeError::Internal(e.to_string()))?,

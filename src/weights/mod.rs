@@ -13,9 +13,9 @@ pub use fp8::{dequantize_fp8_blocks_gpu, dequantize_fp8_blocks_gpu_bf16, BlockSc
 pub use synthetic::{synthetic_layer, MAX_SYNTHETIC_TOKENS};
 
 use crate::{ForgeError, Result};
-use std::borrow::Cow;
 use forge_numerics::{bf16_bits_to_f32, f16_bits_to_f32, fp8_e4m3_to_f32};
 use ndarray::ArrayView2;
+use std::borrow::Cow;
 
 /// Element types the engine reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
