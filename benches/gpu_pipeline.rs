@@ -129,26 +129,35 @@ fn main() -> Result<()> {
     })?;
     drop(mats);
     let dgemm_tflops = 2.0 * (side as f64).powi(3) / (dgemm_ms * 1e-3) / 1e12;
+    // (name, method, the blocked recursion replayed from a captured CUDA graph)
     let methods = [
-        ("potrf; trsm, all columns", FactorMethod::PotrfTrsm { block: 0 }),
-        ("potrf; recursive inverse, dgemm, leaf 512", FactorMethod::PotrfRecursiveInverse { leaf: 512, gemm: true }),
-        ("blocked R and R⁻¹ (trmm/syrk), leaf 512", FactorMethod::Blocked { leaf: 512 }),
-        ("blocked R and R⁻¹ (dgemm), leaf 128", FactorMethod::BlockedGemm { leaf: 128 }),
-        ("blocked R and R⁻¹ (dgemm), leaf 256 (default)", FactorMethod::default()),
-        ("blocked R and R⁻¹ (dgemm), leaf 512", FactorMethod::BlockedGemm { leaf: 512 }),
-        ("blocked R and R⁻¹ (dgemm), leaf 1024", FactorMethod::BlockedGemm { leaf: 1024 }),
+        ("potrf; trsm, all columns", FactorMethod::PotrfTrsm { block: 0 }, false),
+        (
+            "potrf; recursive inverse, dgemm, leaf 512",
+            FactorMethod::PotrfRecursiveInverse { leaf: 512, gemm: true },
+            false,
+        ),
+        ("blocked R and R⁻¹ (trmm/syrk), leaf 512", FactorMethod::Blocked { leaf: 512 }, false),
+        ("blocked R and R⁻¹ (dgemm), leaf 128", FactorMethod::BlockedGemm { leaf: 128 }, false),
+        ("blocked R and R⁻¹ (dgemm), leaf 128, CUDA graph", FactorMethod::BlockedGemm { leaf: 128 }, true),
+        ("blocked R and R⁻¹ (dgemm), leaf 256, call by call", FactorMethod::default(), false),
+        ("blocked R and R⁻¹ (dgemm), leaf 256, CUDA graph (default)", FactorMethod::default(), true),
+        ("blocked R and R⁻¹ (dgemm), leaf 512", FactorMethod::BlockedGemm { leaf: 512 }, false),
+        ("blocked R and R⁻¹ (dgemm), leaf 512, CUDA graph", FactorMethod::BlockedGemm { leaf: 512 }, true),
+        ("blocked R and R⁻¹ (dgemm), leaf 1024", FactorMethod::BlockedGemm { leaf: 1024 }, false),
     ];
     let mut stepper = GpuPreStepper::new(&dev)?;
     let mut rows_pre = Vec::new();
     for c in [2048usize, 4096, 7168] {
         let h = GpuHessian::from_host(&dev, hessian(c, c as u64 + 1).view(), 1)?;
         let flops = (c as f64).powi(3) / 3.0;
-        for (name, m) in methods {
+        for (name, m, graph) in methods {
+            stepper.set_graphs(graph);
             let mut parts: Vec<[f32; 4]> = Vec::new();
-            for k in 0..6 {
+            for k in 0..7 {
                 let t = stepper.profile(&dev, h.h(), c, &PreStepConfig::default(), m)?;
-                if k > 0 {
-                    parts.push(t); // the first grows the buffers
+                if k > 1 {
+                    parts.push(t); // the first grows the buffers, the second captures
                 }
             }
             let med = |i: usize| median(parts.iter().map(|p| f64::from(p[i])).collect());
@@ -163,6 +172,9 @@ fn main() -> Result<()> {
                 format!("{:.2}", g + p + inv + e),
             ]);
         }
+    }
+    if let Some(why) = stepper.graph_failure() {
+        println!("note: capturing the pre-step into a CUDA graph failed, so it ran call by call: {why}");
     }
     drop(stepper);
     common::print_table(
@@ -183,7 +195,12 @@ fn main() -> Result<()> {
         let w = common::heavy_tailed(r, c, (r + c) as u64);
         let wb = w.mapv(bf16::from_f32);
         let h = hessian(c, c as u64);
-        for (name, view) in [("f32", WeightView::F32(w.view())), ("bf16", WeightView::BF16(wb.view()))] {
+        for (name, view, graphs) in [
+            ("f32, pre-step call by call", WeightView::F32(w.view()), false),
+            ("f32", WeightView::F32(w.view()), true),
+            ("bf16", WeightView::BF16(wb.view()), true),
+        ] {
+            engine.set_pre_step_graphs(graphs);
             let mut job = LayerJob::new(view, HessianInput::Host(h.view()), &cfg);
             job.profile = true;
             engine.quantize(&job)?; // warm-up: buffers grow, kernels load
@@ -268,7 +285,9 @@ fn main() -> Result<()> {
     // Warm-up (buffers grow to the largest job), then 64 experts, two jobs in flight.
     let mut pending = None;
     let mut given = (0.0, 0);
-    for (count, timed) in [(2usize, false), (64, true)] {
+    let mut given_direct = (0.0, 0);
+    for (count, timed, graphs) in [(2usize, false, false), (64, true, false), (2, false, true), (64, true, true)] {
+        engine.set_pre_step_graphs(graphs);
         let allocs = dev.allocation_count();
         let t = Instant::now();
         for e in 0..count {
@@ -279,8 +298,11 @@ fn main() -> Result<()> {
         if let Some(p) = pending.take() {
             engine.collect(p)?;
         }
-        if timed {
-            given = (count as f64 / t.elapsed().as_secs_f64(), dev.allocation_count() - allocs);
+        let rate = (count as f64 / t.elapsed().as_secs_f64(), dev.allocation_count() - allocs);
+        match (timed, graphs) {
+            (true, true) => given = rate,
+            (true, false) => given_direct = rate,
+            _ => {}
         }
     }
 
@@ -319,6 +341,12 @@ fn main() -> Result<()> {
         &["Hessians", "experts/s", "ms per expert", "device allocations during the 64"],
         &[
             vec![
+                "given on the device, pre-step call by call".into(),
+                format!("{:.1}", given_direct.0),
+                format!("{:.1}", 1e3 / given_direct.0),
+                given_direct.1.to_string(),
+            ],
+            vec![
                 "given on the device".into(),
                 format!("{:.1}", given.0),
                 format!("{:.1}", 1e3 / given.0),
@@ -332,6 +360,12 @@ fn main() -> Result<()> {
             ],
         ],
     );
+
+    if let Some(why) = engine.pre_step_graph_failure() {
+        println!("note: the engine's pre-step graphs failed, so it ran call by call: {why}");
+    }
+    let st = engine.stats();
+    println!("engine pre-step graphs: {} captured, {} replays", st.pre_step_graph_captures, st.pre_step_graph_replays);
 
     // 4. Hessian accumulation rate.
     let mut rows = Vec::new();

@@ -299,3 +299,49 @@ fn engine_with_stored_f16_and_bf16_scales_matches_the_cpu() {
         assert!((e_gpu - e_cpu).abs() <= 2e-3 * e_cpu, "{scale_dtype:?}: output error {e_gpu} vs {e_cpu}");
     }
 }
+
+#[test]
+fn engine_pre_step_graphs_give_the_bits_of_call_by_call_launches() {
+    // The captured recursion replays the same cuSOLVER/cuBLAS calls on the same buffers, so
+    // everything downstream is equal bit for bit; sides alternate (as an expert's gate/up and
+    // down do) so graphs are captured, replayed and told apart; the indefinite Hessian's
+    // retries factor again with the graph of their side.
+    let Some(mut graphs) = engine_or_skip("engine_pre_step_graphs_give_the_bits_of_call_by_call_launches") else {
+        return;
+    };
+    if graphs.cpu_pre_step_reason().is_some() {
+        return; // no GPU pre-step here (said above)
+    }
+    let dev = graphs.device().unwrap();
+    let mut direct = QuantEngine::new(dev).unwrap();
+    direct.set_pre_step_graphs(false);
+    let mut rng = StdRng::seed_from_u64(9);
+    let cfg = GridConfig { group_size: 64, ..GridConfig::default() };
+    let mut cases: Vec<(Array2<f32>, Array2<f32>, bool)> =
+        [(96usize, 700usize, true), (64, 1100, false), (80, 300, true)]
+            .into_iter()
+            .map(|(rows, cols, act_order)| (randn(rows, cols, &mut rng), hessian(cols, 2 * cols, &mut rng), act_order))
+            .collect();
+    cases.push((randn(32, 64, &mut rng), indefinite(64, 3.0), false));
+    for round in 0..3 {
+        for (w, h, act_order) in &cases {
+            let what = format!("round {round}, {:?}, act_order {act_order}", w.dim());
+            let mut job = LayerJob::new(WeightView::F32(w.view()), HessianInput::Host(h.view()), &cfg);
+            job.pre_step = PreStepConfig { act_order: *act_order, ..PreStepConfig::default() };
+            job.want_dequant = true;
+            let a = graphs.quantize(&job).unwrap();
+            let b = direct.quantize(&job).unwrap();
+            assert_eq!(a.pre_step.retries, b.pre_step.retries, "{what}: retries");
+            let (qa, qb) = (&a.weights[0], &b.weights[0]);
+            assert_eq!(qa.grid, qb.grid, "{what}: grid");
+            assert_eq!(qa.codes, qb.codes, "{what}: codes");
+            assert!(qa.loss.iter().zip(&qb.loss).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: loss");
+            let (da, db) = (qa.dequant.as_ref().unwrap(), qb.dequant.as_ref().unwrap());
+            assert!(da.iter().zip(db.iter()).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: dequant");
+        }
+    }
+    assert_eq!(graphs.pre_step_graph_failure(), None, "capturing the pre-step failed");
+    let (s, d) = (graphs.stats(), direct.stats());
+    assert!(s.pre_step_graph_captures >= 3 && s.pre_step_graph_replays >= 6, "graph use: {s:?}");
+    assert_eq!((d.pre_step_graph_captures, d.pre_step_graph_replays), (0, 0), "graphs off: {d:?}");
+}

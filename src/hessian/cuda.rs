@@ -464,7 +464,51 @@ pub(crate) struct FactorWork {
     order: DeviceBuf<u32>,
     pub(crate) method: FactorMethod,
     infos: DeviceBuf<i32>,
+    pub(crate) graphs: RecursionGraphs,
 }
+
+/// Everything a captured blocked recursion's kernels name: a graph replays only where all
+/// of it is unchanged (buffers grow and move; the side and method change the calls).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct RecursionKey {
+    n: usize,
+    leaf: usize,
+    gemm: bool,
+    buffers: [u64; 5],
+}
+
+/// The blocked recursion ([`FactorMethod::Blocked`], [`FactorMethod::BlockedGemm`]) captured
+/// into CUDA graphs, one per side: its ~4·n/leaf cuSOLVER and cuBLAS calls cost the host
+/// 2–7 ms per layer to enqueue one by one (H200, `gpu_pipeline`), one graph launch a few µs.
+/// A side is captured on its second use (the first, run directly, sizes the workspaces, which
+/// must not move during a capture); a failed capture turns capturing off for good and says why.
+pub(crate) struct RecursionGraphs {
+    /// Capture and replay (else every recursion is enqueued call by call).
+    pub(crate) enabled: bool,
+    captured: Vec<(RecursionKey, SendGraph, usize)>,
+    seen: Vec<RecursionKey>,
+    /// Why capturing stopped, once it failed.
+    pub(crate) failed: Option<String>,
+    /// Recursions replayed from a graph, and captures made.
+    pub(crate) replays: u64,
+    pub(crate) captures: u64,
+}
+
+impl Default for RecursionGraphs {
+    fn default() -> Self {
+        RecursionGraphs { enabled: true, captured: Vec::new(), seen: Vec::new(), failed: None, replays: 0, captures: 0 }
+    }
+}
+
+/// A captured graph that may move to another thread with the engine that owns it.
+struct SendGraph(cudarc::driver::CudaGraph);
+
+// SAFETY: CUDA graph and executable-graph handles are not tied to a thread; the driver calls
+// on them bind the context first (cudarc), and `&mut` access makes them one at a time.
+unsafe impl Send for SendGraph {}
+
+/// Graphs kept at once: the sides of an expert (gate/up and down) and of a dense layer.
+const MAX_GRAPHS: usize = 4;
 
 impl FactorWork {
     /// `diag H` of a device Hessian on the host (one small copy that waits for `H`).
@@ -548,14 +592,7 @@ impl FactorWork {
             FactorMethod::Blocked { leaf } | FactorMethod::BlockedGemm { leaf } => {
                 let (leaf, gemm) = (leaf.max(1), matches!(self.method, FactorMethod::BlockedGemm { .. }));
                 let infos = self.infos.ensure(dev, n, "pre-step block infos")?.dev_ptr_mut().addr();
-                cudarc::driver::result::memset_d8_async(infos, 0, 4 * n, dev.stream().cu_stream())
-                    .map_err(ForgeError::driver("clearing the block infos"))?;
-                let mut leaves = 0usize;
-                dev.with_blas(|b| {
-                    dev.with_dense_solver(|sol| {
-                        factor_blocked((b, sol), dev, (n, r, x), (0, n), (leaf, gemm), (infos, &mut leaves))
-                    })
-                })?;
+                let leaves = self.blocked_recursion(dev, (n, r, x), (leaf, gemm), infos)?;
                 mark(2)?;
                 let args = FirstFailureArgs {
                     infos: DevPtr::from_addr(infos),
@@ -580,6 +617,87 @@ impl FactorWork {
             ExtractArgs { a: inv.as_const(), cols: n as u32, cols_p: cols_p as u32, u, first_bad: status.factor_bad };
         dev.launch::<PrestepExtract>(ew_config(dev, cols_p * cols_p)?, &args)?;
         mark(4)
+    }
+}
+
+impl FactorWork {
+    /// Enqueues the blocked recursion over the `n × n` f64 matrices `r` (damped matrix in,
+    /// `R` out) and `x` (identity in, `R⁻¹` out), each leaf's `info` to the i32s at `infos`
+    /// (cleared first); returns the leaf count. From a captured graph when it can.
+    ///
+    /// # Safety
+    /// As [`factor_blocked`]; `infos` holds `n` i32.
+    unsafe fn blocked_recursion(
+        &mut self,
+        dev: &GpuDevice,
+        (n, r, x): (usize, u64, u64),
+        (leaf, gemm): (usize, bool),
+        infos: u64,
+    ) -> Result<usize> {
+        let stream = dev.stream().clone();
+        let enqueue = |leaves: &mut usize| -> Result<()> {
+            cudarc::driver::result::memset_d8_async(infos, 0, 4 * n, stream.cu_stream())
+                .map_err(ForgeError::driver("clearing the block infos"))?;
+            dev.with_blas(|b| {
+                dev.with_dense_solver(|sol| {
+                    factor_blocked((b, sol), dev, (n, r, x), (0, n), (leaf, gemm), (infos, leaves))
+                })
+            })
+        };
+        let key = |dev: &GpuDevice| -> Result<RecursionKey> {
+            let (wd, wh) = dev.with_dense_solver(|s| Ok(s.workspace_addrs()))?;
+            Ok(RecursionKey { n, leaf, gemm, buffers: [r, x, infos, wd, wh] })
+        };
+        let g = &mut self.graphs;
+        let mut leaves = 0usize;
+        if !g.enabled || g.failed.is_some() {
+            enqueue(&mut leaves)?;
+            return Ok(leaves);
+        }
+        let before = key(dev)?;
+        if let Some((_, graph, count)) = g.captured.iter().find(|(k, _, _)| *k == before) {
+            graph.0.launch().map_err(ForgeError::driver("launching the pre-step graph"))?;
+            g.replays += 1;
+            return Ok(*count);
+        }
+        if !g.seen.contains(&before) {
+            enqueue(&mut leaves)?;
+            let after = key(dev)?;
+            g.seen.retain(|k| k.n != n);
+            g.seen.push(after);
+            return Ok(leaves);
+        }
+        // Thread-local capture: other threads' CUDA calls (the upload stream's copies) go on.
+        stream
+            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(ForgeError::driver("starting the pre-step capture"))?;
+        let recorded = enqueue(&mut leaves);
+        let ended = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        let graph = match (recorded, ended) {
+            (Ok(()), Ok(Some(graph))) => graph,
+            (recorded, ended) => {
+                // Nothing of the capture ran: enqueue the recursion directly, now and from now on.
+                let why = match (recorded, ended) {
+                    (Err(e), _) => e.to_string(),
+                    (_, Err(e)) => e.to_string(),
+                    _ => "the capture recorded nothing".to_string(),
+                };
+                g.failed = Some(why);
+                leaves = 0;
+                enqueue(&mut leaves)?;
+                return Ok(leaves);
+            }
+        };
+        graph.launch().map_err(ForgeError::driver("launching the pre-step graph"))?;
+        g.captures += 1;
+        let after = key(dev)?;
+        if after == before {
+            if g.captured.len() >= MAX_GRAPHS {
+                g.captured.remove(0);
+            }
+            g.captured.push((before, SendGraph(graph), leaves));
+        }
+        Ok(leaves)
     }
 }
 
@@ -866,6 +984,17 @@ impl GpuPreStepper {
             self.status = Some(dev.alloc::<u64>(3, "pre-step status")?);
         }
         Ok(plan)
+    }
+
+    /// Replays the block recursion from captured CUDA graphs (`true`, the default) or
+    /// enqueues it call by call; the same bits either way.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.work.graphs.enabled = on;
+    }
+
+    /// Why capturing the recursion into a graph failed (it then stays off), if it did.
+    pub fn graph_failure(&self) -> Option<&str> {
+        self.work.graphs.failed.as_deref()
     }
 
     /// The pre-step of a Hessian already on the device (`h`: `cols²` f32, row-major).

@@ -199,6 +199,10 @@ pub struct EngineStats {
     /// word, the pre-step's launches, the grid, solve and download launches. Shows where the
     /// host waits.
     pub submit_host_ns: [u64; 5],
+    /// Pre-step recursions replayed from a captured CUDA graph.
+    pub pre_step_graph_replays: u64,
+    /// CUDA graphs of the pre-step recursion captured.
+    pub pre_step_graph_captures: u64,
 }
 
 /// A submitted job; pass it to [`QuantEngine::collect`].
@@ -524,7 +528,24 @@ impl QuantEngine {
     /// Counters so far.
     pub fn stats(&self) -> EngineStats {
         let device_allocations = self.device().map_or(0, |d| d.allocation_count());
-        EngineStats { device_allocations, ..self.stats }
+        let g = &self.factor_work.graphs;
+        EngineStats {
+            device_allocations,
+            pre_step_graph_replays: g.replays,
+            pre_step_graph_captures: g.captures,
+            ..self.stats
+        }
+    }
+
+    /// Captures the GPU pre-step's block recursion into CUDA graphs and replays them (`true`,
+    /// the default), or enqueues it call by call; the results are the same bits either way.
+    pub fn set_pre_step_graphs(&mut self, on: bool) {
+        self.factor_work.graphs.enabled = on;
+    }
+
+    /// Why capturing the pre-step into a graph failed (it then stays off), if it did.
+    pub fn pre_step_graph_failure(&self) -> Option<&str> {
+        self.factor_work.graphs.failed.as_deref()
     }
 
     /// Why the pre-step runs on the CPU, if it does (cuSOLVER or cuBLAS could not be loaded).
@@ -561,8 +582,14 @@ impl QuantEngine {
     }
 
     fn submit_into(&mut self, k: usize, job: &LayerJob<'_>) -> Result<Ticket> {
-        let started = std::time::Instant::now();
-        let mut phase_end = [std::time::Duration::ZERO; 5];
+        // Host time by phase (stats: Hessian, weights, index copies, pre-step, the rest).
+        let mut phase = [std::time::Duration::ZERO; 5];
+        let mut lap_start = std::time::Instant::now();
+        let mut lap = |i: usize| {
+            let now = std::time::Instant::now();
+            phase[i] += now - lap_start;
+            lap_start = now;
+        };
         let Some(first) = job.weights.first() else {
             return Err(ForgeError::Config("a job needs at least one weight".into()));
         };
@@ -723,8 +750,39 @@ impl QuantEngine {
         }
         let slot = &mut self.slots[k];
         record(&slot.factor_uploaded, &up)?;
-        phase_end[0] = started.elapsed();
+        lap(0);
+        // --- compute stream: the pre-step (after the Hessian's upload) is enqueued before
+        // the weights are staged, so the GPU factors while the host stages; then dead columns
+        // and grids (after the weights' upload), then the solves.
+        cs.wait(&slot.factor_uploaded).map_err(ForgeError::driver("ordering compute after the upload"))?;
+        if job.profile {
+            record(&slot.profile.c0, &cs)?;
+        }
+        let perm_host = solver::padded_perm(summary.perm.as_deref(), cols, cols_p);
+        let perm_buf = slot.perm.ensure(&dev, cols_p, "column order")?;
+        cs.memcpy_htod(&perm_host, &mut perm_buf.slice_mut(0..cols_p))
+            .map_err(ForgeError::driver("uploading the column order"))?;
+        let (status_base, status) = slot.status(&dev, n_weights)?;
+        cs.memset_zeros(slot.status.ensure(&dev, status_len(n_weights), "status word")?)
+            .map_err(ForgeError::driver("clearing the status word"))?;
+        lap(2);
+        match (&plan, job.hessian) {
+            (Some(p), _) => {
+                self.factor_work.set_order(&dev, p, cols)?;
+                let h = self.slots[k].hessian.get(cols * cols)?.dev_ptr();
+                // SAFETY: h cols², u cols_p², status live; the order was set above.
+                unsafe { self.factor_work.enqueue_attempt(&dev, h, cols, p.damping(0), u_dev, cols_p, status) }?;
+            }
+            // SAFETY: u holds cols_p² f32.
+            (None, HessianInput::NoTokens) => unsafe { enqueue_identity(&dev, u_dev, cols_p) }?,
+            (None, _) => {} // the factor was uploaded or copied
+        }
+        if job.profile {
+            record(&self.slots[k].profile.c_pre, &cs)?;
+        }
+        lap(3);
         // The weights in their stored dtypes.
+        let slot = &mut self.slots[k];
         let mut rows = Vec::with_capacity(n_weights);
         let mut dtypes = Vec::with_capacity(n_weights);
         let mut staged_dtypes = Vec::with_capacity(n_weights);
@@ -765,40 +823,11 @@ impl QuantEngine {
         }
         let slot = &mut self.slots[k];
         record(&slot.uploaded, &up)?;
-        phase_end[1] = started.elapsed();
+        lap(1);
         if job.profile {
             record(&slot.profile.up1, &up)?;
         }
 
-        // --- compute stream: factor (after the Hessian's upload), then dead columns and
-        // grids (after the weights'), then the solves.
-        cs.wait(&slot.factor_uploaded).map_err(ForgeError::driver("ordering compute after the upload"))?;
-        if job.profile {
-            record(&slot.profile.c0, &cs)?;
-        }
-        let perm_host = solver::padded_perm(summary.perm.as_deref(), cols, cols_p);
-        let perm_buf = slot.perm.ensure(&dev, cols_p, "column order")?;
-        cs.memcpy_htod(&perm_host, &mut perm_buf.slice_mut(0..cols_p))
-            .map_err(ForgeError::driver("uploading the column order"))?;
-        let (status_base, status) = slot.status(&dev, n_weights)?;
-        cs.memset_zeros(slot.status.ensure(&dev, status_len(n_weights), "status word")?)
-            .map_err(ForgeError::driver("clearing the status word"))?;
-        phase_end[2] = started.elapsed();
-        match (&plan, job.hessian) {
-            (Some(p), _) => {
-                self.factor_work.set_order(&dev, p, cols)?;
-                let h = self.slots[k].hessian.get(cols * cols)?.dev_ptr();
-                // SAFETY: h cols², u cols_p², status live; the order was set above.
-                unsafe { self.factor_work.enqueue_attempt(&dev, h, cols, p.damping(0), u_dev, cols_p, status) }?;
-            }
-            // SAFETY: u holds cols_p² f32.
-            (None, HessianInput::NoTokens) => unsafe { enqueue_identity(&dev, u_dev, cols_p) }?,
-            (None, _) => {} // the factor was uploaded or copied
-        }
-        if job.profile {
-            record(&self.slots[k].profile.c_pre, &cs)?;
-        }
-        phase_end[3] = started.elapsed();
         cs.wait(&self.slots[k].uploaded).map_err(ForgeError::driver("ordering compute after the upload"))?;
         if job.profile {
             record(&self.slots[k].profile.c_w, &cs)?;
@@ -877,11 +906,9 @@ impl QuantEngine {
         let seq = pending.seq;
         self.slots[k].pending = Some(pending);
         self.seq += 1;
-        phase_end[4] = started.elapsed();
-        let mut prev = std::time::Duration::ZERO;
-        for (acc, &end) in self.stats.submit_host_ns.iter_mut().zip(&phase_end) {
-            *acc += end.saturating_sub(prev).as_nanos() as u64;
-            prev = end;
+        lap(4);
+        for (acc, p) in self.stats.submit_host_ns.iter_mut().zip(&phase) {
+            *acc += p.as_nanos() as u64;
         }
         Ok(Ticket { slot: k, seq })
     }

@@ -10,7 +10,7 @@
 
 mod result;
 
-use super::{DeviceBufferMut, GpuDevice};
+use super::{DeviceBuffer, DeviceBufferMut, GpuDevice};
 use crate::{ForgeError, Result};
 use cudarc::cusolver::sys as cs;
 use cudarc::driver::{CudaSlice, CudaStream};
@@ -147,6 +147,12 @@ impl DenseSolver {
         let w = self.work.as_mut().ok_or_else(|| ForgeError::Internal("cuSOLVER workspace missing".into()))?;
         let work = (w.potrf_dev.dev_ptr_mut().addr(), w.potrf_dev.len());
         result::potrf(h, p, n as i64, (a, lda as i64), work, &mut w.potrf_host, info)
+    }
+
+    /// Addresses of the potrf workspaces (device, host), `(0, 0)` before the first potrf:
+    /// a captured graph names them, so it is valid only while they stay where they are.
+    pub fn workspace_addrs(&self) -> (u64, u64) {
+        self.work.as_ref().map_or((0, 0), |w| (w.potrf_dev.dev_ptr().addr(), w.potrf_host.as_ptr() as u64))
     }
 
     /// The stream the handle runs on.
