@@ -389,3 +389,67 @@ fn device_pipeline_kill_and_resume_and_errors() {
         assert!(!out.exists());
     }
 }
+
+/// Patches tensor `name` of the safetensors file `path` in place (`edit` gets its bytes).
+fn patch_tensor(path: &std::path::Path, name: &str, edit: impl FnOnce(&mut [u8])) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let offsets = header[name]["data_offsets"].as_array().unwrap();
+    let (a, b) = (offsets[0].as_u64().unwrap() as usize, offsets[1].as_u64().unwrap() as usize);
+    edit(&mut bytes[8 + n + a..8 + n + b]);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// The file of the model directory holding tensor `name`.
+fn shard_of(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        return dir.join("model.safetensors");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(index).unwrap()).unwrap();
+    dir.join(v["weight_map"][name].as_str().unwrap())
+}
+
+/// The device path reports what the CPU path reports when a Hessian is asymmetric (scanned on
+/// the host before submit) and a group of a weight is flushed to zero (scanned on the host
+/// after the device returns the codes): the summaries, with their flags, are equal.
+#[test]
+fn device_pipeline_reports_asymmetric_hessians_and_flushed_groups_as_the_cpu_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("llama");
+    write_llama_demo(&dir, &LlamaDemo { layers: 1, ..LlamaDemo::default() }).unwrap();
+    let hess = tmp.path().join("hess");
+    write_demo_hessians(&dir, &hess, 300, 3, true).unwrap();
+    // q/k/v's shared Hessian (named by the first of them) loses its symmetry at (0, 1).
+    let qkv = std::fs::read_dir(&hess)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("self_attn") && !p.to_string_lossy().contains("o_proj"))
+        .unwrap();
+    patch_tensor(&qkv, "hessian", |b| {
+        let v = f32::from_le_bytes(b[4..8].try_into().unwrap()) * 1.5 + 0.5;
+        b[4..8].copy_from_slice(&v.to_le_bytes());
+    });
+    // The first group of o_proj's first row holds values far below the f16 scales' range.
+    let o = "model.layers.0.self_attn.o_proj.weight";
+    patch_tensor(&shard_of(&dir, o), o, |b| {
+        for v in b[..2 * 128].chunks_exact_mut(2) {
+            v.copy_from_slice(&half::bf16::from_f32(1e-12).to_le_bytes());
+        }
+    });
+    let settings = JobSettings {
+        method: Method::Gptq(GptqSettings { hessians: hess, pre_step: PreStepConfig::default(), allow_missing: false }),
+        format: "gptq".into(),
+        ..JobSettings::default()
+    };
+    let (a, b) = (tmp.path().join("cpu"), tmp.path().join("pipe"));
+    run_with(&dir, &a, &settings, false);
+    run_with(&dir, &b, &settings, true);
+    let summary = |d: &std::path::Path| files_without_timings(d).remove("summary").unwrap();
+    let (sa, sb) = (summary(&a), summary(&b));
+    let text = String::from_utf8(sa.clone()).unwrap();
+    assert!(text.contains("is not symmetric"), "the CPU path flags the Hessian: {text}");
+    assert!(text.contains("dequantize to 0"), "the CPU path flags the group: {text}");
+    assert_eq!(String::from_utf8(sb).unwrap(), text, "the device path's summary");
+}

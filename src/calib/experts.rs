@@ -123,8 +123,8 @@ pub fn quantize_experts(
 }
 
 /// An engine job's results as layers (one per weight, in order), with its pre-step's flags and
-/// warnings (not the per-weight flushed-group scan, which needs the weight: see
-/// [`QuantizedLayer::from_engine`]).
+/// warnings; the caller adds the per-weight flushed-group scan, which needs the weight (see
+/// [`QuantizedLayer::from_engine`] and the checkpoint run's `finish_engine`).
 pub(crate) fn layers_of(outcome: LayerOutcome) -> Vec<QuantizedLayer> {
     let flags = flags_of(&outcome.pre_step);
     let perm = outcome.pre_step.perm.clone();

@@ -22,12 +22,12 @@ use super::quant::{load_hessian, HostInput};
 use super::run::{hand_over, prefetch, Done, GpuRunStats, Observer, Stop};
 use crate::calib::{quantize_experts, ExpertInput, PreStepRoute};
 use crate::device::GpuDevice;
-use crate::hessian::PreStepConfig;
+use crate::hessian::{asymmetry_warning, PreStepConfig};
 use crate::quantize::{
     widen, with_engine, EngineStats, HessianInput, LayerJob, LayerOutcome, PreStepSummary, QuantEngine,
     QuantizedWeight, Ticket,
 };
-use crate::{Backend, ForgeError, Result, WeightView};
+use crate::{Backend, ForgeError, Result, Warning, WeightView};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
@@ -108,7 +108,14 @@ impl JobEngine for ReferenceEngine {
                 retries: l.flags.retries,
                 fallback_identity: l.flags.fallback_identity,
                 route: l.flags.route,
-                warnings: l.warnings.clone(),
+                // The device engine's summary holds the pre-step's own warnings only: the
+                // producer adds the Hessian's asymmetry, the host the flushed groups per weight.
+                warnings: l
+                    .warnings
+                    .iter()
+                    .filter(|w| !matches!(w, Warning::AsymmetricHessian { .. } | Warning::FlushedGroups { .. }))
+                    .cloned()
+                    .collect(),
             },
             None => PreStepSummary {
                 perm: None,
@@ -141,6 +148,8 @@ struct Flight<T> {
     /// Its members (indices into the step's members).
     members: Vec<usize>,
     ticket: T,
+    /// Its Hessian's asymmetry, scanned on the host before submit (the engine does not).
+    asymmetry: Option<Warning>,
 }
 
 /// A step whose jobs are not all collected yet.
@@ -279,9 +288,9 @@ impl<E: JobEngine> Producer<'_, '_, E> {
                     Some(p) => Some(load_hessian(p, cols)?),
                     None => None,
                 };
-                let h = match hess.as_ref().filter(|(_, tokens)| *tokens > 0) {
-                    Some((a, _)) => HessianInput::Host(a.view()),
-                    None => HessianInput::NoTokens,
+                let (h, asymmetry) = match hess.as_ref().filter(|(_, tokens)| *tokens > 0) {
+                    Some((a, _)) => (HessianInput::Host(a.view()), asymmetry_warning(a.view())),
+                    None => (HessianInput::NoTokens, None),
                 };
                 let views = inputs.iter().map(|i| i.engine_view()).collect::<Result<Vec<_>>>()?;
                 let job = LayerJob {
@@ -302,7 +311,7 @@ impl<E: JobEngine> Producer<'_, '_, E> {
                     },
                 };
                 let ticket = self.engine.submit(&job)?;
-                self.flights.push_back(Flight { k, members: idx, ticket });
+                self.flights.push_back(Flight { k, members: idx, ticket, asymmetry });
                 // The device has the next job queued before the writer is waited for.
                 self.deliver()?;
             }
@@ -317,7 +326,9 @@ impl<E: JobEngine> Producer<'_, '_, E> {
     /// Waits for the oldest job; puts its step in the outbox once all its jobs are in.
     fn collect_oldest(&mut self) -> std::result::Result<(), Stop> {
         let Some(f) = self.flights.pop_front() else { return Ok(()) };
-        let outcome = self.engine.collect(f.ticket)?;
+        let mut outcome = self.engine.collect(f.ticket)?;
+        // First, as the CPU pre-step lists it.
+        outcome.pre_step.warnings.splice(0..0, f.asymmetry);
         self.stats.jobs += 1;
         if let Some(t) = &outcome.timings {
             self.stats.kernel_ms += f64::from(t.kernel_ms());

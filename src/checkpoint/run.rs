@@ -29,6 +29,7 @@ use super::quant::{
 };
 use crate::calib::layers_of;
 use crate::quantize::LayerOutcome;
+use crate::solver::flushed_groups_codes_rows;
 use crate::{Backend, ForgeError, Quantizer, Result, WeightView};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -617,10 +618,16 @@ impl Writer<'_> {
                 let layers = layers_of(outcome);
                 idx.iter()
                     .zip(layers)
-                    .map(|(&i, l)| {
+                    .map(|(&i, mut l)| {
                         let m = members.get(i).ok_or_else(|| ForgeError::Internal("member index".into()))?;
                         let input = HostInput::open(model, m, self.block)?;
-                        gptq_result(l, &input.rows())
+                        let rows = input.rows();
+                        // The device leaves the flushed-group scan to the host, as the CPU
+                        // path's solver runs it: on the weight as stored (FP8 with its scales).
+                        let dead = l.flags.dead_columns.clone();
+                        let read = |r: usize, out: &mut [f32]| rows.read_row_f32(r, out);
+                        l.warnings.extend(flushed_groups_codes_rows(rows.dim(), read, l.codes.view(), &l.grid, &dead)?);
+                        gptq_result(l, &rows)
                     })
                     .collect()
             } else {

@@ -92,7 +92,13 @@ pub fn flushed_groups_of(
             "flushed_groups: weight {a}×{b}, dequant {c}×{d}, group size {group_size}"
         )));
     }
-    flushed_scan(weight, group_size, &[], |r, c0, c1| dequant.slice(ndarray::s![r, c0..c1]).iter().all(|&q| q == 0.0))
+    flushed_scan(
+        weight.dim(),
+        |r, w| weight.read_row_f32(r, w),
+        group_size,
+        &[],
+        |r, c0, c1| dequant.slice(ndarray::s![r, c0..c1]).iter().all(|&q| q == 0.0),
+    )
 }
 
 /// [`flushed_groups`] of a result given as codes and grid (the dequantized values are
@@ -104,7 +110,18 @@ pub(crate) fn flushed_groups_codes(
     grid: &QuantGrid,
     dead_columns: &[usize],
 ) -> Result<Option<Warning>> {
-    let (rows, cols) = weight.dim();
+    flushed_groups_codes_rows(weight.dim(), |r, w| weight.read_row_f32(r, w), codes, grid, dead_columns)
+}
+
+/// [`flushed_groups_codes`] of a weight read row by row: `read_row(r, out)` writes row `r`
+/// as f32 (e.g. FP8 codes dequantized with their block scales).
+pub(crate) fn flushed_groups_codes_rows(
+    (rows, cols): (usize, usize),
+    read_row: impl Fn(usize, &mut [f32]) -> Result<()> + Sync,
+    codes: ArrayView2<'_, u8>,
+    grid: &QuantGrid,
+    dead_columns: &[usize],
+) -> Result<Option<Warning>> {
     let gs = grid.group_size;
     if codes.dim() != (rows, cols) || gs == 0 || grid.dim() != (rows, cols.div_ceil(gs)) {
         let ((a, b), (g0, g1)) = (codes.dim(), grid.dim());
@@ -112,7 +129,7 @@ pub(crate) fn flushed_groups_codes(
             "flushed_groups: weight {rows}×{cols}, codes {a}×{b}, grid {g0}×{g1} with group size {gs}"
         )));
     }
-    flushed_scan(weight, gs, dead_columns, |r, c0, c1| {
+    flushed_scan((rows, cols), read_row, gs, dead_columns, |r, c0, c1| {
         // The scale as stored, as the solver dequantized with it.
         grid.scale_zero(r, c0 / gs).is_ok_and(|(s, z)| {
             codes.slice(ndarray::s![r, c0..c1]).iter().all(|&q| dequantize(f32::from(q), s, z) == 0.0)
@@ -120,23 +137,23 @@ pub(crate) fn flushed_groups_codes(
     })
 }
 
-/// Counts the groups of `weight` (with `zeroed` columns read as 0) with a nonzero value for
+/// Counts the groups of the `rows × cols` weight `read_row` reads (with `zeroed` columns read as 0) with a nonzero value for
 /// which `all_zero(row, c0, c1)` (every dequantized value of columns `c0..c1` of the row is
 /// 0); rows on all cores.
 fn flushed_scan(
-    weight: WeightView<'_>,
+    (rows, cols): (usize, usize),
+    read_row: impl Fn(usize, &mut [f32]) -> Result<()> + Sync,
     group_size: usize,
     zeroed: &[usize],
     all_zero: impl Fn(usize, usize, usize) -> bool + Sync,
 ) -> Result<Option<Warning>> {
-    let (rows, cols) = weight.dim();
     let n_groups = cols.div_ceil(group_size);
     let per_row: Vec<Result<(usize, Option<usize>)>> = (0..rows)
         .into_par_iter()
         .map_init(
             || vec![0f32; cols],
             |w, r| {
-                weight.read_row_f32(r, w)?;
+                read_row(r, w)?;
                 for &j in zeroed {
                     if let Some(v) = w.get_mut(j) {
                         *v = 0.0;
