@@ -481,6 +481,33 @@ pub struct QuantEngine {
     stats: EngineStats,
     /// Why the pre-step cannot run on the device (cuSOLVER or cuBLAS missing).
     no_device_pre_step: Option<String>,
+    /// Recorded on the compute stream after buffers grew ([`after_growth`]), and the device's
+    /// allocation count when it last was.
+    grown: CudaEvent,
+    allocations_seen: u64,
+}
+
+/// Buffers grow with `alloc_zeros` on the compute stream: the allocation and its zeroing are
+/// ordered there, behind the work already queued. Before the upload and side streams copy into
+/// a buffer grown since the last call, they wait for the compute stream to reach that point
+/// (else the zeroing can land on the copied data); in steady state nothing grows and nothing
+/// waits.
+fn after_growth(
+    dev: &GpuDevice,
+    cs: &CudaStream,
+    copiers: [&CudaStream; 2],
+    grown: &CudaEvent,
+    seen: &mut u64,
+) -> Result<()> {
+    let now = dev.allocation_count();
+    if now != *seen {
+        record(grown, cs)?;
+        for s in copiers {
+            s.wait(grown).map_err(ForgeError::driver("ordering copies after the buffers grew"))?;
+        }
+        *seen = now;
+    }
+    Ok(())
 }
 
 impl QuantEngine {
@@ -514,6 +541,8 @@ impl QuantEngine {
             prep_status: DeviceBuf::default(),
             stats: EngineStats::default(),
             no_device_pre_step,
+            grown: ctx.new_event(None).map_err(ForgeError::driver("creating an event"))?,
+            allocations_seen: dev.allocation_count(),
         })
     }
 
@@ -673,6 +702,7 @@ impl QuantEngine {
                 let staged = slot.staged_matrix.get(&dev, cols * cols)?;
                 let std = h.as_standard_layout();
                 let src = std.as_slice().ok_or_else(|| ForgeError::Internal("non-contiguous Hessian".into()))?;
+                after_growth(&dev, &cs, [&up, &self.side], &self.grown, &mut self.allocations_seen)?;
                 // SAFETY: as the weights' copies.
                 unsafe { stage_and_upload(staged, src, dst.addr(), &up) }?;
                 self.stats.upload_bytes += (cols * cols * 4) as u64;
@@ -688,6 +718,7 @@ impl QuantEngine {
                     g.ready().ok_or_else(|| ForgeError::Internal("a device Hessian without its event".into()))?;
                 side.wait(ready).map_err(ForgeError::driver("ordering the Hessian copy"))?;
                 let dst = slot.hessian.ensure(&dev, cols * cols, "Hessian copy")?.dev_ptr_mut();
+                after_growth(&dev, &cs, [&up, &side], &self.grown, &mut self.allocations_seen)?;
                 // SAFETY: both hold cols² f32; the side stream waits for the last update.
                 unsafe {
                     cudarc::driver::result::memcpy_dtod_async(
@@ -744,6 +775,7 @@ impl QuantEngine {
         let u_dev = slot.u.ensure(&dev, cols_p * cols_p, "factor")?.dev_ptr_mut();
         if let Some(u) = &host_factor {
             let staged = slot.staged_matrix.get(&dev, cols_p * cols_p)?;
+            after_growth(&dev, &cs, [&up, &self.side], &self.grown, &mut self.allocations_seen)?;
             // SAFETY: as the weights' copies; u holds cols_p² f32.
             unsafe { stage_and_upload(staged, &solver::padded_factor(u.view(), cols_p)?, u_dev.addr(), &up) }?;
             self.stats.upload_bytes += (cols_p * cols_p * 4) as u64;
@@ -796,6 +828,12 @@ impl QuantEngine {
             let dst = b.weight.ensure(&dev, bytes, "weight upload")?.dev_ptr_mut();
             let staged = b.staged.get(&dev, bytes)?;
             let src = w.row_major_bytes();
+            if job.blocks(i).is_some() {
+                // The scales' and the widened weight's buffers grow before the wait below.
+                b.scales.ensure(&dev, job.blocks(i).map_or(1, |bl| bl.scales.len().max(1)), "fp8 block scales")?;
+                b.widened.ensure(&dev, r * cols * 4, "dequantized fp8 weight")?;
+            }
+            after_growth(&dev, &cs, [&up, &self.side], &self.grown, &mut self.allocations_seen)?;
             // SAFETY: the pinned bytes stay untouched until this slot is collected (its
             // events); the device buffer holds `bytes`.
             unsafe { stage_and_upload(staged, &src, dst.addr(), &up) }?;
