@@ -208,7 +208,13 @@ fn write_shards(dir: &Path, specs: Vec<GenSpec>, shard_bytes: u64, seed: u64) ->
     Ok(())
 }
 
+/// A byte-level BPE tokenizer (320 ids: `<unk>`, `<s>`, `</s>`, the 256 bytes, 61 merges),
+/// trained and saved by Hugging Face `tokenizers` (tools/parity/gen_fixtures.py), so the demo
+/// models can be calibrated from text (`forge quantize --method gptq --calib FILE`).
+const DEMO_TOKENIZER: &str = include_str!("../../testdata/parity/tokenizer/tokenizer.json");
+
 fn write_aux(dir: &Path) -> Result<()> {
+    fsio::write_file_atomic(&dir.join("tokenizer.json"), DEMO_TOKENIZER.as_bytes())?;
     write_json(
         &dir.join("generation_config.json"),
         &serde_json::json!({"bos_token_id": 1, "eos_token_id": 2, "do_sample": true, "temperature": 0.6, "top_p": 0.9}),
@@ -487,7 +493,7 @@ pub fn write_demo_hessians(
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let mut rng = DemoRng::new(seed);
     let mut seen_groups = std::collections::HashSet::new();
-    let mut by_cols: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+    let mut by_cols: BTreeMap<usize, Array2<f32>> = BTreeMap::new();
     for (name, t) in &model.tensors {
         let Some((_, cols)) = t.info.dims2() else { continue };
         if !classify(name, &t.info.shape).is_linear() || !name.ends_with(".weight") {
@@ -507,15 +513,9 @@ pub fn write_demo_hessians(
             });
             let z = Array2::from_shape_fn((tokens.max(1), cols), |_| rng.normal());
             let x = z.dot(&mix);
-            let h = x.t().dot(&x) * (2.0 / tokens.max(1) as f32);
-            h.iter().flat_map(|v| v.to_le_bytes()).collect()
+            x.t().dot(&x) * (2.0 / tokens.max(1) as f32)
         });
-        let spec = TensorSpec::new("hessian", Dtype::F32, vec![cols, cols]);
-        let meta = [("tokens".to_string(), tokens.to_string())].into_iter().collect();
-        let (header, _, _) = encode_header(std::slice::from_ref(&spec), &meta)?;
-        let mut bytes = header;
-        bytes.extend_from_slice(data);
-        fsio::write_file_atomic(&out_dir.join(format!("{module}.safetensors")), &bytes)?;
+        super::quant::write_hessian_file(&out_dir.join(format!("{module}.safetensors")), data.view(), tokens as u64)?;
     }
     Ok(())
 }

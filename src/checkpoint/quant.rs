@@ -346,6 +346,25 @@ fn lane_sums(qs: &[u8], xs: &[f32], s: f32, z: f32, err: &mut [f64; LANES], norm
     }
 }
 
+/// Writes the Hessian file [`load_hessian`] reads: tensor `hessian`, F32 `cols × cols`, and
+/// the metadata `tokens` (0: the module saw no calibration tokens). Atomic: a crash leaves
+/// the old file or the whole new one.
+pub fn write_hessian_file(path: &Path, h: ArrayView2<'_, f32>, tokens: u64) -> Result<()> {
+    let (rows, cols) = h.dim();
+    if rows != cols {
+        return Err(ForgeError::Shape(format!("a Hessian is square, not {rows}×{cols}")));
+    }
+    let spec = super::st::TensorSpec::new("hessian", Dtype::F32, vec![cols, cols]);
+    let meta = [("tokens".to_string(), tokens.to_string())].into_iter().collect();
+    let (mut bytes, _, _) = super::st::encode_header(std::slice::from_ref(&spec), &meta)?;
+    crate::budget::Request::new().bytes(4, &[cols, cols]).check(&format!("the Hessian file {}", path.display()))?;
+    bytes.reserve(4 * cols * cols);
+    for v in h.iter() {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    crate::fsio::write_file_atomic(path, &bytes)
+}
+
 /// A Hessian file: `hessian` (or the only 2-D tensor), F32/F16/BF16, `cols × cols`, and
 /// the token count from the metadata key `tokens` (1 when absent; 0 marks a module that
 /// saw no calibration tokens).
