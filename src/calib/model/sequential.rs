@@ -74,6 +74,74 @@ pub struct SequentialResult {
     pub reports: Vec<GroupReport>,
 }
 
+/// One decoder layer of the sequential pipeline (see the module docs): what it produced.
+#[derive(Clone, Debug)]
+pub struct LayerPass {
+    /// The Hessian of every input group that saw tokens (full-precision inputs of this layer).
+    pub hessians: HessianSink,
+    /// Every quantized Linear's dequantized weight, under its checkpoint name.
+    pub dequantized: Vec<(String, ndarray::ArrayD<f32>)>,
+    /// One entry per input group, in forward order.
+    pub reports: Vec<GroupReport>,
+    /// The next layer's inputs (one array per sequence), as `settings.propagation` says.
+    pub next: Vec<Array2<f32>>,
+}
+
+/// Layer `l` of the sequential pipeline: `hidden` (its inputs, one `(tokens, hidden)` array
+/// per sequence) through the full-precision layer while the Hessians accumulate, every Linear
+/// group quantized with `quantizer`, and the next layer's inputs.
+pub fn sequential_layer(
+    config: &ModelConfig,
+    l: usize,
+    weights: &dyn WeightSource,
+    hidden: Vec<Array2<f32>>,
+    settings: &SequentialConfig,
+    quantizer: &Quantizer,
+) -> Result<LayerPass> {
+    let layer = DecoderLayer::load(config, l, weights)?;
+    let mut sink = HessianSink::new();
+    let mut full_precision = Vec::with_capacity(hidden.len());
+    for h in &hidden {
+        let positions: Vec<usize> = (0..h.nrows()).collect();
+        full_precision.push(layer.forward(h.view(), &positions, Some(&mut sink))?);
+    }
+    let mut quantized_layer = Substituted::new(weights);
+    let mut dequantized = Vec::new();
+    let mut reports = Vec::new();
+    for group in config.linear_groups(l)? {
+        let acc = sink.get(group.group);
+        let tokens = acc.map_or(0, |a| a.tokens());
+        let factor = match (settings.method, acc) {
+            (Method::Gptq, Some(a)) if a.tokens() > 0 => {
+                SharedHessian::from_host(a.h().view(), a.tokens(), &quantizer.backend)?.pre_step(&settings.pre_step)?
+            }
+            _ => PreparedFactor::no_tokens(group.in_features)?,
+        };
+        for lin in &group.linears {
+            let w: Array2<f32> = matrix(weights, &lin.weight, (lin.out_features, group.in_features))?;
+            let q = quantize_with(quantizer, &factor, WeightView::F32(w.view()))?;
+            let deq = q.dequant().into_dyn();
+            quantized_layer.replace(&lin.weight, deq.clone())?;
+            dequantized.push((lin.weight.clone(), deq));
+        }
+        reports.push(GroupReport { layer: l, group: group.group, tokens, flags: factor.flags() });
+    }
+    let next = match settings.propagation {
+        Propagation::FullPrecision => full_precision,
+        Propagation::Quantized => {
+            let q = DecoderLayer::load(config, l, &quantized_layer)?;
+            hidden
+                .iter()
+                .map(|h| {
+                    let positions: Vec<usize> = (0..h.nrows()).collect();
+                    q.forward(h.view(), &positions, None)
+                })
+                .collect::<Result<Vec<_>>>()?
+        }
+    };
+    Ok(LayerPass { hessians: sink, dequantized, reports, next })
+}
+
 /// Runs the sequential pipeline over `calibration` (token sequences, no padding) on the CPU.
 pub fn quantize_model_cpu(
     config: &ModelConfig,
@@ -81,51 +149,17 @@ pub fn quantize_model_cpu(
     calibration: &[Vec<u32>],
     settings: &SequentialConfig,
 ) -> Result<SequentialResult> {
-    let backend = Backend::Cpu;
-    let quantizer = Quantizer::new(settings.grid.clone(), backend.clone());
+    let quantizer = Quantizer::new(settings.grid.clone(), Backend::Cpu);
     let mut hidden = CpuModel::new(config, weights).embed_sequences(calibration)?;
     let mut dequantized = MemoryWeights::new();
     let mut reports = Vec::new();
     for l in 0..config.num_layers {
-        let layer = DecoderLayer::load(config, l, weights)?;
-        let mut sink = HessianSink::new();
-        let mut full_precision = Vec::with_capacity(hidden.len());
-        for h in &hidden {
-            let positions: Vec<usize> = (0..h.nrows()).collect();
-            full_precision.push(layer.forward(h.view(), &positions, Some(&mut sink))?);
+        let pass = sequential_layer(config, l, weights, hidden, settings, &quantizer)?;
+        for (name, deq) in pass.dequantized {
+            dequantized.insert(name, deq);
         }
-        let mut quantized_layer = Substituted::new(weights);
-        for group in config.linear_groups(l)? {
-            let acc = sink.get(group.group);
-            let tokens = acc.map_or(0, |a| a.tokens());
-            let factor = match (settings.method, acc) {
-                (Method::Gptq, Some(a)) if a.tokens() > 0 => {
-                    SharedHessian::from_host(a.h().view(), a.tokens(), &backend)?.pre_step(&settings.pre_step)?
-                }
-                _ => PreparedFactor::no_tokens(group.in_features)?,
-            };
-            for lin in &group.linears {
-                let w: Array2<f32> = matrix(weights, &lin.weight, (lin.out_features, group.in_features))?;
-                let q = quantize_with(&quantizer, &factor, WeightView::F32(w.view()))?;
-                let deq = q.dequant().into_dyn();
-                quantized_layer.replace(&lin.weight, deq.clone())?;
-                dequantized.insert(lin.weight.clone(), deq);
-            }
-            reports.push(GroupReport { layer: l, group: group.group, tokens, flags: factor.flags() });
-        }
-        hidden = match settings.propagation {
-            Propagation::FullPrecision => full_precision,
-            Propagation::Quantized => {
-                let q = DecoderLayer::load(config, l, &quantized_layer)?;
-                hidden
-                    .iter()
-                    .map(|h| {
-                        let positions: Vec<usize> = (0..h.nrows()).collect();
-                        q.forward(h.view(), &positions, None)
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
-        };
+        reports.extend(pass.reports);
+        hidden = pass.next;
     }
     Ok(SequentialResult { dequantized, reports })
 }
