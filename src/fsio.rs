@@ -28,7 +28,7 @@ pub const STALE_AGE: Duration = Duration::from_secs(120);
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ForgeError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ForgeError + '_ {
     move |source| ForgeError::Io { path: path.display().to_string(), source }
 }
 

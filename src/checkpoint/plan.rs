@@ -61,6 +61,10 @@ pub struct JobSettings {
     pub exclude: Vec<String>,
     /// Largest output shard in bytes (a single tensor larger than this gets a shard alone).
     pub max_shard_size: u64,
+    /// Where GPTQ's Hessians came from when they were calibrated from text (file, samples,
+    /// sequence length, propagation, the samples' fingerprint): shown in the summary and
+    /// hashed into the run's fingerprint.
+    pub calibration: Option<serde_json::Value>,
 }
 
 impl Default for JobSettings {
@@ -74,6 +78,7 @@ impl Default for JobSettings {
             include: Vec::new(),
             exclude: Vec::new(),
             max_shard_size: 5_000_000_000,
+            calibration: None,
         }
     }
 }
@@ -102,7 +107,7 @@ impl JobSettings {
                 "allow_missing": g.allow_missing,
             }}),
         };
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "bits": self.grid.bits,
             "group_size": self.grid.group_size,
             "symmetric": self.grid.symmetric,
@@ -113,7 +118,11 @@ impl JobSettings {
             "include": self.include,
             "exclude": self.exclude,
             "max_shard_size": self.max_shard_size,
-        })
+        });
+        if let (Some(c), Some(o)) = (&self.calibration, v.as_object_mut()) {
+            o.insert("calibration".into(), c.clone());
+        }
+        v
     }
 }
 

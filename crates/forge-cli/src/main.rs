@@ -9,6 +9,10 @@
 //! ```
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use fourbit_forge::calib::data::{calibration_samples, load_tokenizer, read_documents, CalibSamples, CalibSettings};
+use fourbit_forge::calib::model::{
+    calibrate, CalibrationJob, Method as SequentialMethod, ModelConfig, Propagation, SequentialConfig,
+};
 use fourbit_forge::checkpoint::budget::{
     check_gpu_budget, check_host_budget, default_gpu_budget, estimate_memory, CPU_WINDOW, GPU_WINDOW,
 };
@@ -150,6 +154,29 @@ struct QuantizeArgs {
     /// GPU-memory budget for the device engine's buffers (default: the device's free memory).
     #[arg(long, value_name = "SIZE", value_parser = size_arg)]
     max_gpu_memory: Option<u64>,
+    #[command(flatten)]
+    calib: CalibOpts,
+}
+
+/// GPTQ calibrated from text.
+#[derive(Args, Debug, Clone)]
+struct CalibOpts {
+    /// GPTQ from text: a calibration file (plain text, or JSONL with a "text" field per line),
+    /// tokenized with the model's tokenizer.json. The model runs on it one decoder layer at a
+    /// time (CPU forward), each Linear's Hessian is collected from its inputs, and each layer's
+    /// quantized outputs feed the next. Needs --method gptq; replaces --hessians.
+    #[arg(long, value_name = "FILE", conflicts_with = "hessians")]
+    calib: Option<PathBuf>,
+    /// Calibration samples (windows of the token stream; no padding).
+    #[arg(long, default_value_t = 128, requires = "calib")]
+    calib_samples: usize,
+    /// Tokens per calibration sample (BOS included).
+    #[arg(long, default_value_t = 2048, requires = "calib")]
+    seq_len: usize,
+    /// Feed each layer the full-precision outputs of the previous one (default: its
+    /// quantized outputs, as GPTQModel, llm-compressor and MoE-Quant do).
+    #[arg(long, requires = "calib")]
+    full_precision_propagation: bool,
 }
 
 #[derive(Args, Debug)]
@@ -241,6 +268,12 @@ fn main() -> Result<(), CliError> {
 
 impl QuantOpts {
     fn settings(&self) -> Result<JobSettings, CliError> {
+        self.settings_with(None)
+    }
+
+    /// [`QuantOpts::settings`]; with `calibrated`, GPTQ reads the Hessians a calibration run
+    /// writes into that directory (which need not exist yet).
+    fn settings_with(&self, calibrated: Option<&Path>) -> Result<JobSettings, CliError> {
         let grid = GridConfig {
             group_size: self.group_size,
             bits: self.bits,
@@ -257,16 +290,20 @@ impl QuantOpts {
             ..GridConfig::default()
         };
         grid.validate(1, 1)?;
-        let method = match (self.method, &self.hessians) {
+        let hessians = calibrated.map(Path::to_path_buf).or_else(|| self.hessians.clone());
+        let method = match (self.method, &hessians) {
             (MethodArg::Rtn, None) => Method::Rtn,
             (MethodArg::Rtn, Some(_)) => {
                 return Err(usage("--hessians is for --method gptq (rtn is data-free)".into()));
             }
             (MethodArg::Gptq, None) => {
-                return Err(usage("--method gptq needs --hessians DIR (one <module>.safetensors per Linear)".into()));
+                return Err(usage(
+                    "--method gptq needs --hessians DIR (one <module>.safetensors per Linear) or --calib FILE (text)"
+                        .into(),
+                ));
             }
             (MethodArg::Gptq, Some(dir)) => {
-                if !dir.is_dir() {
+                if calibrated.is_none() && !dir.is_dir() {
                     return Err(usage(format!("--hessians {} is not a directory", dir.display())));
                 }
                 if !(self.damp.is_finite() && self.damp >= 0.0) {
@@ -298,6 +335,7 @@ impl QuantOpts {
             include: self.include.clone(),
             exclude: self.exclude.clone(),
             max_shard_size: self.max_shard_size,
+            calibration: None,
         })
     }
 
@@ -333,7 +371,9 @@ impl QuantOpts {
 }
 
 fn quantize(a: QuantizeArgs) -> Result<(), CliError> {
-    let settings = a.quant.settings()?;
+    if a.calib.calib.is_some() && !matches!(a.quant.method, MethodArg::Gptq) {
+        return Err(usage("--calib collects GPTQ Hessians: add --method gptq".into()));
+    }
     let (model_dir, output) = match &a.model {
         Some(m) => {
             let out = a.output.clone().unwrap_or_else(|| default_output(m, a.quant.bits));
@@ -354,8 +394,15 @@ fn quantize(a: QuantizeArgs) -> Result<(), CliError> {
     if same_path(&model_dir, &output) {
         return Err(usage(format!("the output {} is the model directory itself", output.display())));
     }
+    // A calibration run keeps its state (Hessians, hidden states for resume) beside the output.
+    let calib_state = a.calib.calib.as_ref().map(|_| calibration_state_dir(&output));
+    let mut settings = a.quant.settings_with(calib_state.as_ref().map(|s| s.join("hessians")).as_deref())?;
+    if let (Some(_), Method::Gptq(g)) = (&calib_state, &mut settings.method) {
+        // Planned before the calibration has written the Hessians (re-planned after it).
+        g.allow_missing = true;
+    }
     let model = ModelDir::open(&model_dir)?;
-    let plan = build_plan(&model, &settings)?;
+    let mut plan = build_plan(&model, &settings)?;
     print_model_line(&model);
     print_plan(&model, &plan, &a.quant);
     let (backend, bname) = a.quant.backend();
@@ -388,14 +435,85 @@ fn quantize(a: QuantizeArgs) -> Result<(), CliError> {
             human_bytes(need)
         );
     }
+    let samples = match &a.calib.calib {
+        Some(file) => Some(calibration_samples_for(&model_dir, file, &a.calib)?),
+        None => None,
+    };
     if a.dry_run {
         check_target(&output)?;
         println!("dry run: nothing written (output would be {})", output.display());
         return Ok(());
     }
     println!("backend: {bname}");
+    if let (Some(samples), Some(state), Some(file)) = (&samples, &calib_state, &a.calib.calib) {
+        let propagation =
+            if a.calib.full_precision_propagation { Propagation::FullPrecision } else { Propagation::Quantized };
+        let Method::Gptq(g) = &settings.method else {
+            return Err(usage("--calib collects GPTQ Hessians: add --method gptq".into()));
+        };
+        let job = CalibrationJob {
+            model_dir: &model_dir,
+            samples,
+            // The checkpoint's grid (its stored scale dtype): the propagation quantizes exactly
+            // as the run below will.
+            settings: SequentialConfig {
+                grid: plan.grid_config(),
+                pre_step: g.pre_step.clone(),
+                method: SequentialMethod::Gptq,
+                propagation,
+            },
+            backend: backend.clone(),
+            state: state.clone(),
+            resume: a.resume,
+            fail_after_layers: env_count("FORGE_TEST_CALIB_FAIL_AFTER"),
+        };
+        let t = Instant::now();
+        let report = calibrate(&job, &|done, total| {
+            println!("calibration: layer {done}/{total} done ({:.1} s)", t.elapsed().as_secs_f64())
+        })
+        .map_err(|e| {
+            usage(format!(
+                "{e}\nthe calibration state stays in {}; rerun with --resume to continue it",
+                state.display()
+            ))
+        })?;
+        if report.resumed_at > 0 {
+            println!("calibration: resumed at layer {} of {}", report.resumed_at, report.layers);
+        }
+        let unreached: Vec<String> = report
+            .reports
+            .iter()
+            .filter(|r| r.tokens == 0)
+            .map(|r| format!("layer {} {:?}", r.layer, r.group))
+            .collect();
+        if !unreached.is_empty() {
+            println!(
+                "calibration: {} input group(s) received no tokens and are quantized round-to-nearest (flagged): {}",
+                unreached.len(),
+                unreached.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        settings = a.quant.settings_with(Some(&report.hessians))?;
+        settings.calibration = Some(serde_json::json!({
+            "file": file.display().to_string(),
+            "samples": samples.sequences.len(),
+            "seq_len": a.calib.seq_len,
+            "documents": samples.documents,
+            "stream_tokens": samples.stream_tokens,
+            "propagation": match propagation {
+                Propagation::Quantized => "quantized",
+                Propagation::FullPrecision => "full-precision",
+            },
+            "samples_sha256": samples.fingerprint,
+            "state_sha256": report.fingerprint,
+        }));
+        plan = build_plan(&model, &settings)?;
+    }
     let mut opts = RunOptions::new(output.clone(), backend);
-    opts.resume = a.resume;
+    // After a crash during calibration there is no partial output to resume yet.
+    opts.resume = a.resume
+        && (calib_state.is_none()
+            || fourbit_forge::checkpoint::output::temp_dir_for(&output).is_ok_and(|p| p.exists()));
     opts.max_host_memory = budget;
     opts.max_gpu_memory = a.max_gpu_memory;
     opts.profile = true;
@@ -442,7 +560,42 @@ fn quantize(a: QuantizeArgs) -> Result<(), CliError> {
         );
     }
     println!("summary: {}", report.output.join(SUMMARY_FILE).display());
+    if let Some(state) = &calib_state {
+        // The output is complete: the calibration state is no longer needed.
+        let _ = std::fs::remove_dir_all(state);
+    }
     Ok(())
+}
+
+/// `<output>.calibration`, beside the output directory.
+fn calibration_state_dir(output: &Path) -> PathBuf {
+    let name = output.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "output".into());
+    output.with_file_name(format!("{name}.calibration"))
+}
+
+/// The calibration samples of `file` for the model in `model_dir` (its tokenizer and its BOS
+/// and EOS ids), with a line saying what they are.
+fn calibration_samples_for(model_dir: &Path, file: &Path, c: &CalibOpts) -> Result<CalibSamples, CliError> {
+    let config = ModelConfig::from_dir(model_dir)?;
+    let tokenizer = load_tokenizer(model_dir)?;
+    let documents = read_documents(file)?;
+    let settings = CalibSettings {
+        samples: c.calib_samples,
+        seq_len: c.seq_len,
+        bos: config.bos_token_id,
+        separator: config.eos_token_id,
+    };
+    let samples = calibration_samples(&tokenizer, &documents, &settings)?;
+    println!(
+        "calibration: {} samples × {} tokens from {} ({} documents, {} tokens), {:?}, CPU forward",
+        samples.sequences.len(),
+        c.seq_len,
+        file.display(),
+        samples.documents,
+        samples.stream_tokens,
+        config.arch
+    );
+    Ok(samples)
 }
 
 fn env_count(name: &str) -> Option<usize> {

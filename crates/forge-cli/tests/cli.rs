@@ -158,3 +158,75 @@ fn gptq_from_hessian_files() {
         serde_json::from_slice(&std::fs::read(out_dir.join("forge_summary.json")).unwrap()).unwrap();
     assert!(summary["tensors"].as_array().unwrap().iter().all(|t| t["method"] == "gptq"));
 }
+
+#[test]
+fn gptq_calibrated_from_text_crash_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("llama");
+    ok(&["demo", "-o", s(&model), "--layers", "3", "--hidden", "128"]);
+    let calib = tmp.path().join("calib.jsonl");
+    let words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"];
+    let lines: Vec<String> = (0..60)
+        .map(|i| {
+            let t: Vec<&str> = (0..40).map(|k| words[(i * 7 + k * 3 + k * k) % words.len()]).collect();
+            serde_json::json!({ "text": t.join(" ") }).to_string()
+        })
+        .collect();
+    std::fs::write(&calib, lines.join("\n")).unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "quantize",
+            s(&model),
+            "-o",
+            s(out),
+            "--cpu",
+            "--method",
+            "gptq",
+            "--calib",
+            s(&calib),
+            "--calib-samples",
+            "4",
+            "--seq-len",
+            "64",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let whole = tmp.path().join("whole");
+    let a = args(&whole);
+    let out = ok(&strs(&a));
+    assert!(out.contains("calibration: 4 samples × 64 tokens") && out.contains("layer 3/3 done"), "{out}");
+    assert!(!tmp.path().join("whole.calibration").exists(), "the state goes once the output is complete");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(whole.join("forge_summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["settings"]["calibration"]["samples"], 4, "{summary}");
+    assert!(summary["tensors"].as_array().unwrap().iter().all(|t| t["method"] == "gptq"));
+
+    // Killed after two layers of calibration: the state stays, --resume finishes the job with
+    // the same bytes as the uninterrupted run.
+    let killed = tmp.path().join("killed");
+    let k = args(&killed);
+    let err = fails(&strs(&k), &[("FORGE_TEST_CALIB_FAIL_AFTER", "2")]);
+    assert!(err.contains("--resume"), "{err}");
+    assert!(tmp.path().join("killed.calibration").join("calibration.json").exists());
+    let mut r = k.clone();
+    r.push("--resume".into());
+    let out = ok(&strs(&r));
+    assert!(out.contains("resumed at layer 2 of 3"), "{out}");
+    assert_eq!(files(&whole), files(&killed), "resumed output differs from the uninterrupted one");
+
+    // Bad combinations.
+    let mut rtn = args(&tmp.path().join("rtn"));
+    rtn.retain(|x| x != "gptq" && x != "--method");
+    let err = fails(&strs(&rtn), &[]);
+    assert!(err.contains("--method gptq"), "{err}");
+    let mut both = args(&tmp.path().join("both"));
+    both.extend(["--hessians".to_string(), s(tmp.path()).to_string()]);
+    let err = fails(&strs(&both), &[]);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}

@@ -12,6 +12,7 @@
 //! top-k with the score-correction bias), shared experts in [`MoeConfig`], and the YaRN
 //! [`RopeScaling`] that is already here.
 
+mod calibrate;
 mod config;
 mod hooks;
 mod layer;
@@ -22,6 +23,7 @@ mod rope;
 mod sequential;
 mod weights;
 
+pub use calibrate::{calibrate, CalibrationJob, CalibrationReport, STATE_FILE};
 pub use config::{
     Arch, AttentionConfig, FfnKind, GqaConfig, LayerSpec, MlpConfig, ModelConfig, MoeConfig, RopeConfig, RopeScaling,
     RouterKind, SUPPORTED_MODEL_TYPES,
@@ -31,5 +33,8 @@ pub use layer::{rms_norm, route, DecoderLayer, Ffn, Linear, Routing, SwiGlu};
 pub use model::{kl_from_logits, next_token_kl, CpuModel, KlStats};
 pub use names::{InputGroup, LayerTensorNames, LinearGroup, LinearRole, LinearSpec};
 pub use rope::Rope;
-pub use sequential::{quantize_model_cpu, GroupReport, Method, Propagation, SequentialConfig, SequentialResult};
+pub use sequential::{
+    quantize_model_cpu, sequential_layer, GroupReport, LayerPass, Method, Propagation, SequentialConfig,
+    SequentialResult,
+};
 pub use weights::{matrix, vector, MemoryWeights, SafetensorsDir, Substituted, WeightSource};

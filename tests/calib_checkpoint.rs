@@ -1,0 +1,165 @@
+//! GPTQ calibrated from text over a model directory (`forge quantize --method gptq --calib`):
+//! the checkpoint it writes is the sequential CPU reference's result, weight for weight; a
+//! calibration killed after a layer resumes with the exact hidden states and Hessians; a state
+//! made from other inputs is refused.
+
+mod ckpt_util;
+
+use fourbit_forge::calib::data::{calibration_samples, load_tokenizer, CalibSamples, CalibSettings};
+use fourbit_forge::calib::model::{
+    calibrate, quantize_model_cpu, CalibrationJob, Method as SeqMethod, ModelConfig, Propagation, SafetensorsDir,
+    SequentialConfig,
+};
+use fourbit_forge::checkpoint::demo::{write_llama_demo, LlamaDemo};
+use fourbit_forge::checkpoint::plan::{GptqSettings, JobSettings, Method};
+use fourbit_forge::checkpoint::{build_plan, ModelDir};
+use fourbit_forge::hessian::PreStepConfig;
+use fourbit_forge::{Backend, ForgeError};
+use std::path::Path;
+
+fn text(seed: u64, words: usize) -> String {
+    let vocab = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards"];
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..words)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            vocab[(x >> 33) as usize % vocab.len()]
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn samples(model: &Path, seed: u64, n: usize, len: usize) -> CalibSamples {
+    let config = ModelConfig::from_dir(model).unwrap();
+    let settings = CalibSettings { samples: n, seq_len: len, bos: config.bos_token_id, separator: config.eos_token_id };
+    calibration_samples(&load_tokenizer(model).unwrap(), &[text(seed, 3000)], &settings).unwrap()
+}
+
+fn seq_config(model: &ModelDir) -> SequentialConfig {
+    // The grid the checkpoint run uses (compressed-tensors: bf16 stored scales).
+    let settings = JobSettings::default();
+    let plan = build_plan(model, &settings).unwrap();
+    SequentialConfig {
+        grid: plan.grid_config(),
+        pre_step: PreStepConfig::default(),
+        method: SeqMethod::Gptq,
+        propagation: Propagation::Quantized,
+    }
+}
+
+fn job<'a>(model: &'a Path, s: &'a CalibSamples, cfg: &SequentialConfig, state: &Path) -> CalibrationJob<'a> {
+    CalibrationJob {
+        model_dir: model,
+        samples: s,
+        settings: cfg.clone(),
+        backend: Backend::Cpu,
+        state: state.to_path_buf(),
+        resume: false,
+        fail_after_layers: None,
+    }
+}
+
+fn gptq(hessians: &Path) -> JobSettings {
+    JobSettings {
+        method: Method::Gptq(GptqSettings {
+            hessians: hessians.to_path_buf(),
+            pre_step: PreStepConfig::default(),
+            allow_missing: false,
+        }),
+        ..JobSettings::default()
+    }
+}
+
+/// Every Linear the checkpoint holds dequantizes to exactly the weight the sequential CPU
+/// reference (`quantize_model_cpu`, same samples, grid and quantized propagation) produced:
+/// the Hessians written per module, the propagation and the run's quantization agree bit for
+/// bit (layer 1 on matches only if layer 0's quantized outputs fed it).
+#[test]
+fn calibrated_checkpoint_equals_the_sequential_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("llama");
+    write_llama_demo(&dir, &LlamaDemo { layers: 3, hidden: 128, intermediate: 256, ..LlamaDemo::default() }).unwrap();
+    let model = ModelDir::open(&dir).unwrap();
+    let s = samples(&dir, 1, 6, 48);
+    let cfg = seq_config(&model);
+    let report = calibrate(&job(&dir, &s, &cfg, &tmp.path().join("state")), &|_, _| {}).unwrap();
+    assert_eq!((report.layers, report.resumed_at), (3, 0));
+    assert!(report.reports.iter().all(|r| r.tokens == 6 * 48), "every dense group sees every token");
+    let out = tmp.path().join("out");
+    ckpt_util::run(&dir, &out, &gptq(&report.hessians)).unwrap();
+
+    let config = ModelConfig::from_dir(&dir).unwrap();
+    let reference = quantize_model_cpu(&config, &SafetensorsDir::open(&dir).unwrap(), &s.sequences, &cfg).unwrap();
+    let written = ckpt_util::read_all(&out);
+    let mut checked = 0;
+    for name in reference.dequantized.names() {
+        let module = name.strip_suffix(".weight").unwrap();
+        let (_, deq, dims) = ckpt_util::dequant_ct(&written, module, 4, 128);
+        let want = reference.dequantized.get(name).unwrap();
+        assert_eq!(want.shape(), &[dims.0, dims.1], "{module}");
+        let same = want.iter().zip(&deq).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{module}: the checkpoint is not the sequential reference's result");
+        checked += 1;
+    }
+    assert_eq!(checked, 3 * 7, "q, k, v, o, gate, up, down in each layer");
+}
+
+/// Killed after one layer, the calibration resumes at the next with the hidden states it
+/// saved, and every Hessian file equals an uninterrupted run's byte for byte. A state made from
+/// other samples is refused, and so is a state found without `resume`.
+#[test]
+fn calibration_resumes_after_a_kill_and_refuses_other_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("llama");
+    write_llama_demo(&dir, &LlamaDemo { layers: 3, hidden: 128, intermediate: 256, ..LlamaDemo::default() }).unwrap();
+    let model = ModelDir::open(&dir).unwrap();
+    let s = samples(&dir, 2, 4, 40);
+    let cfg = seq_config(&model);
+    let whole = tmp.path().join("whole");
+    calibrate(&job(&dir, &s, &cfg, &whole), &|_, _| {}).unwrap();
+
+    let state = tmp.path().join("killed");
+    let mut killed = job(&dir, &s, &cfg, &state);
+    killed.fail_after_layers = Some(1);
+    assert!(calibrate(&killed, &|_, _| {}).is_err(), "the test hook stops it after one layer");
+    assert!(state.join("hidden-1.bin").exists(), "layer 1's inputs are saved");
+    // Without resume the state is refused, not overwritten.
+    match calibrate(&job(&dir, &s, &cfg, &state), &|_, _| {}) {
+        Err(ForgeError::Config(m)) => assert!(m.contains("--resume"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Other samples: refused.
+    let other = samples(&dir, 3, 4, 40);
+    let mut changed = job(&dir, &other, &cfg, &state);
+    changed.resume = true;
+    match calibrate(&changed, &|_, _| {}) {
+        Err(ForgeError::Config(m)) => assert!(m.contains("refusing to resume"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let mut resumed = job(&dir, &s, &cfg, &state);
+    resumed.resume = true;
+    let r = calibrate(&resumed, &|_, _| {}).unwrap();
+    assert_eq!(r.resumed_at, 1);
+    let files = |d: &Path| ckpt_util::dir_files(&d.join("hessians"));
+    let (a, b) = (files(&whole), files(&state));
+    assert_eq!(a.len(), 3 * 7, "one file per Linear");
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, v) in &a {
+        assert!(b[k] == *v, "{k}: the resumed Hessian differs");
+    }
+    // A damaged hidden-state file is caught, not used.
+    let state2 = tmp.path().join("damaged");
+    let mut k2 = job(&dir, &s, &cfg, &state2);
+    k2.fail_after_layers = Some(1);
+    let _ = calibrate(&k2, &|_, _| {});
+    let h = state2.join("hidden-1.bin");
+    let mut bytes = std::fs::read(&h).unwrap();
+    bytes[10] ^= 0x40;
+    std::fs::write(&h, bytes).unwrap();
+    k2.fail_after_layers = None;
+    k2.resume = true;
+    match calibrate(&k2, &|_, _| {}) {
+        Err(ForgeError::Config(m)) => assert!(m.contains("damaged"), "{m}"),
+        other => panic!("expected a damaged-state error, got {other:?}"),
+    }
+}
