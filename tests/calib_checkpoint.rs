@@ -7,8 +7,8 @@ mod ckpt_util;
 
 use fourbit_forge::calib::data::{calibration_samples, load_tokenizer, CalibSamples, CalibSettings};
 use fourbit_forge::calib::model::{
-    calibrate, quantize_model_cpu, CalibrationJob, Method as SeqMethod, ModelConfig, Propagation, SafetensorsDir,
-    SequentialConfig,
+    calibrate, quantize_model_cpu, CalibrationJob, ExpertCoverage, Method as SeqMethod, ModelConfig, Propagation,
+    SafetensorsDir, SequentialConfig,
 };
 use fourbit_forge::checkpoint::demo::{write_llama_demo, LlamaDemo};
 use fourbit_forge::checkpoint::plan::{GptqSettings, JobSettings, Method};
@@ -44,6 +44,7 @@ fn seq_config(model: &ModelDir) -> SequentialConfig {
         pre_step: PreStepConfig::default(),
         method: SeqMethod::Gptq,
         propagation: Propagation::Quantized,
+        expert_coverage: ExpertCoverage::default(),
     }
 }
 

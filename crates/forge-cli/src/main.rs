@@ -11,7 +11,8 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fourbit_forge::calib::data::{calibration_samples, load_tokenizer, read_documents, CalibSamples, CalibSettings};
 use fourbit_forge::calib::model::{
-    calibrate, CalibrationJob, Method as SequentialMethod, ModelConfig, Propagation, SequentialConfig,
+    calibrate, CalibrationJob, ExpertCoverage, InputGroup, Method as SequentialMethod, ModelConfig, Propagation,
+    SequentialConfig,
 };
 use fourbit_forge::checkpoint::budget::{
     check_gpu_budget, check_host_budget, default_gpu_budget, estimate_memory, CPU_WINDOW, GPU_WINDOW,
@@ -177,6 +178,22 @@ struct CalibOpts {
     /// quantized outputs, as GPTQModel, llm-compressor and MoE-Quant do).
     #[arg(long, requires = "calib")]
     full_precision_propagation: bool,
+    /// MoE experts that fewer than --expert-min-tokens calibration tokens are routed to:
+    /// all-tokens (GPTQ with a Hessian from every token's expert input; only routed tokens
+    /// still shape the layer's output) or rtn (round-to-nearest, flagged).
+    #[arg(long, value_enum, default_value_t = CoverageArg::AllTokens, requires = "calib")]
+    expert_coverage: CoverageArg,
+    /// The threshold of --expert-coverage (1: experts no token reached).
+    #[arg(long, default_value_t = 1, requires = "calib")]
+    expert_min_tokens: u64,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum CoverageArg {
+    /// Calibrate the expert on all tokens.
+    AllTokens,
+    /// Round-to-nearest.
+    Rtn,
 }
 
 #[derive(Args, Debug)]
@@ -461,6 +478,10 @@ fn quantize(a: QuantizeArgs) -> Result<(), CliError> {
                 pre_step: g.pre_step.clone(),
                 method: SequentialMethod::Gptq,
                 propagation,
+                expert_coverage: match a.calib.expert_coverage {
+                    CoverageArg::AllTokens => ExpertCoverage::AllTokens { min_tokens: a.calib.expert_min_tokens },
+                    CoverageArg::Rtn => ExpertCoverage::RoundToNearest { min_tokens: a.calib.expert_min_tokens },
+                },
             },
             backend: backend.clone(),
             state: state.clone(),
@@ -480,17 +501,27 @@ fn quantize(a: QuantizeArgs) -> Result<(), CliError> {
         if report.resumed_at > 0 {
             println!("calibration: resumed at layer {} of {}", report.resumed_at, report.layers);
         }
-        let unreached: Vec<String> = report
+        let under: Vec<&fourbit_forge::calib::model::GroupReport> = report
             .reports
             .iter()
-            .filter(|r| r.tokens == 0)
-            .map(|r| format!("layer {} {:?}", r.layer, r.group))
+            .filter(|r| matches!(r.group, InputGroup::ExpertGateUp(_)) && r.tokens < a.calib.expert_min_tokens)
             .collect();
-        if !unreached.is_empty() {
+        if !under.is_empty() {
+            let how = match a.calib.expert_coverage {
+                CoverageArg::AllTokens => "calibrated on all tokens",
+                CoverageArg::Rtn => "quantized round-to-nearest (flagged)",
+            };
+            let names: Vec<String> = under
+                .iter()
+                .take(8)
+                .map(|r| format!("layer {} {:?} ({} tokens)", r.layer, r.group, r.tokens))
+                .collect();
             println!(
-                "calibration: {} input group(s) received no tokens and are quantized round-to-nearest (flagged): {}",
-                unreached.len(),
-                unreached.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
+                "calibration: {} expert(s) under {} routed token(s), {how}: {}{}",
+                under.len(),
+                a.calib.expert_min_tokens,
+                names.join(", "),
+                if under.len() > 8 { ", ..." } else { "" }
             );
         }
         settings = a.quant.settings_with(Some(&report.hessians))?;
@@ -504,6 +535,8 @@ fn quantize(a: QuantizeArgs) -> Result<(), CliError> {
                 Propagation::Quantized => "quantized",
                 Propagation::FullPrecision => "full-precision",
             },
+            "expert_coverage": format!("{:?}", a.calib.expert_coverage).to_lowercase(),
+            "expert_min_tokens": a.calib.expert_min_tokens,
             "samples_sha256": samples.fingerprint,
             "state_sha256": report.fingerprint,
         }));

@@ -41,6 +41,16 @@ impl HessianSink {
         self.hessians.iter()
     }
 
+    /// Puts `acc` in place of `group`'s accumulator (the expert coverage policy's Hessians).
+    pub fn replace(&mut self, group: InputGroup, acc: HessianAccumulator) {
+        self.hessians.insert(group, acc);
+    }
+
+    /// Removes `group`'s accumulator.
+    pub fn remove(&mut self, group: InputGroup) -> Option<HessianAccumulator> {
+        self.hessians.remove(&group)
+    }
+
     /// Takes the accumulators out.
     pub fn into_map(self) -> BTreeMap<InputGroup, HessianAccumulator> {
         self.hessians

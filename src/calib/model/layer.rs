@@ -247,19 +247,7 @@ impl DecoderLayer {
         if positions.len() != seq {
             return Err(ForgeError::Shape(format!("{} positions for {seq} tokens", positions.len())));
         }
-        crate::solver::first_non_finite(x, "hidden states")?;
-
-        let normed = rms_norm(x, &self.input_norm, self.eps);
-        if let Some(s) = sink.as_deref_mut() {
-            s.record(InputGroup::Qkv, normed.view())?;
-        }
-        let attn = self.attention(normed.view(), positions)?;
-        if let Some(s) = sink.as_deref_mut() {
-            s.record(InputGroup::O, attn.view())?;
-        }
-        let mut hidden = x.to_owned() + self.o.forward(attn.view());
-
-        let normed = rms_norm(hidden.view(), &self.post_attention_norm, self.eps);
+        let (mut hidden, normed) = self.attention_block(x, positions, &mut sink)?;
         let ffn_out = match &self.ffn {
             Ffn::Dense(mlp) => mlp.forward(normed.view(), (InputGroup::GateUp, InputGroup::Down), &mut sink)?,
             Ffn::Moe { router, experts, config } => {
@@ -294,6 +282,58 @@ impl DecoderLayer {
         hidden += &ffn_out;
         crate::solver::first_non_finite(hidden.view(), "layer output")?;
         Ok(hidden)
+    }
+
+    /// The attention half of [`DecoderLayer::forward`] (inputs checked by the caller): the
+    /// residual stream after attention and its post-attention norm (the feed-forward input).
+    fn attention_block(
+        &self,
+        x: ArrayView2<'_, f32>,
+        positions: &[usize],
+        sink: &mut Option<&mut dyn ActivationSink>,
+    ) -> Result<(Array2<f32>, Array2<f32>)> {
+        crate::solver::first_non_finite(x, "hidden states")?;
+        let normed = rms_norm(x, &self.input_norm, self.eps);
+        if let Some(s) = sink.as_deref_mut() {
+            s.record(InputGroup::Qkv, normed.view())?;
+        }
+        let attn = self.attention(normed.view(), positions)?;
+        if let Some(s) = sink.as_deref_mut() {
+            s.record(InputGroup::O, attn.view())?;
+        }
+        let hidden = x.to_owned() + self.o.forward(attn.view());
+        let normed = rms_norm(hidden.view(), &self.post_attention_norm, self.eps);
+        Ok((hidden, normed))
+    }
+
+    /// Reports what experts `experts` would see if every token of `x` were routed to them (the
+    /// all-tokens coverage policy for experts few calibration tokens reach): their gate/up and
+    /// down inputs over all tokens go to `sink`. The layer's output is not computed.
+    pub fn record_experts_all_tokens(
+        &self,
+        x: ArrayView2<'_, f32>,
+        positions: &[usize],
+        experts: &[usize],
+        sink: &mut dyn ActivationSink,
+    ) -> Result<()> {
+        let Ffn::Moe { experts: all, .. } = &self.ffn else {
+            return Err(ForgeError::Config(format!("layer {} has no experts", self.index)));
+        };
+        if x.ncols() != self.hidden || positions.len() != x.nrows() {
+            return Err(ForgeError::Shape(format!(
+                "layer {}: {:?} inputs with {} positions",
+                self.index,
+                x.dim(),
+                positions.len()
+            )));
+        }
+        let (_, normed) = self.attention_block(x, positions, &mut None)?;
+        let mut sink = Some(sink);
+        for &e in experts {
+            let expert = all.get(e).ok_or_else(|| ForgeError::Shape(format!("expert {e} of {}", all.len())))?;
+            expert.forward(normed.view(), (InputGroup::ExpertGateUp(e), InputGroup::ExpertDown(e)), &mut sink)?;
+        }
+        Ok(())
     }
 
     /// Causal grouped-query attention with RoPE (and the per-head q/k norm of Qwen3) for one

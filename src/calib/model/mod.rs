@@ -34,7 +34,7 @@ pub use model::{kl_from_logits, next_token_kl, CpuModel, KlStats};
 pub use names::{InputGroup, LayerTensorNames, LinearGroup, LinearRole, LinearSpec};
 pub use rope::Rope;
 pub use sequential::{
-    quantize_model_cpu, sequential_layer, GroupReport, LayerPass, Method, Propagation, SequentialConfig,
-    SequentialResult,
+    quantize_model_cpu, sequential_layer, ExpertCoverage, GroupReport, LayerPass, Method, Propagation,
+    SequentialConfig, SequentialResult,
 };
 pub use weights::{matrix, vector, MemoryWeights, SafetensorsDir, Substituted, WeightSource};

@@ -39,6 +39,39 @@ pub enum Propagation {
     FullPrecision,
 }
 
+/// What an MoE expert that fewer than `min_tokens` calibration tokens were routed to is
+/// quantized with. Never a silent identity Hessian: the choice is in each [`GroupReport`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertCoverage {
+    /// GPTQ with a Hessian from every calibration token's expert input (the hidden states run
+    /// through the expert; only routed tokens contribute to the layer's output). The default,
+    /// with `min_tokens = 1`: experts no token reached.
+    AllTokens {
+        /// Experts with fewer routed tokens than this.
+        min_tokens: u64,
+    },
+    /// Round-to-nearest (`H = I`), flagged as "no calibration tokens".
+    RoundToNearest {
+        /// Experts with fewer routed tokens than this.
+        min_tokens: u64,
+    },
+}
+
+impl Default for ExpertCoverage {
+    fn default() -> Self {
+        ExpertCoverage::AllTokens { min_tokens: 1 }
+    }
+}
+
+impl ExpertCoverage {
+    /// The threshold.
+    pub fn min_tokens(self) -> u64 {
+        match self {
+            ExpertCoverage::AllTokens { min_tokens } | ExpertCoverage::RoundToNearest { min_tokens } => min_tokens,
+        }
+    }
+}
+
 /// Settings of a sequential run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SequentialConfig {
@@ -50,6 +83,8 @@ pub struct SequentialConfig {
     pub method: Method,
     /// What feeds the next layer.
     pub propagation: Propagation,
+    /// Experts few calibration tokens reach.
+    pub expert_coverage: ExpertCoverage,
 }
 
 /// What happened to one input group.
@@ -61,6 +96,9 @@ pub struct GroupReport {
     pub group: InputGroup,
     /// Calibration tokens the group saw (for an expert: the tokens routed to it).
     pub tokens: u64,
+    /// An expert under the coverage threshold whose Hessian came from all tokens
+    /// ([`ExpertCoverage::AllTokens`]).
+    pub all_tokens: bool,
     /// The pre-step's flags (shared by every Linear of the group).
     pub flags: QuantizeFlags,
 }
@@ -105,12 +143,42 @@ pub fn sequential_layer(
         let positions: Vec<usize> = (0..h.nrows()).collect();
         full_precision.push(layer.forward(h.view(), &positions, Some(&mut sink))?);
     }
+    let groups = config.linear_groups(l)?;
+    // Experts under the coverage threshold: routed-token counts first, then their Hessians
+    // from all tokens, or none (round-to-nearest).
+    let routed: Vec<(InputGroup, u64)> = groups.iter().map(|g| (g.group, sink.tokens(g.group))).collect();
+    let min_tokens = settings.expert_coverage.min_tokens();
+    let under: Vec<usize> = groups
+        .iter()
+        .filter_map(|g| match g.group {
+            InputGroup::ExpertGateUp(e) if sink.tokens(g.group) < min_tokens => Some(e),
+            _ => None,
+        })
+        .collect();
+    if !under.is_empty() {
+        for &e in &under {
+            sink.remove(InputGroup::ExpertGateUp(e));
+            sink.remove(InputGroup::ExpertDown(e));
+        }
+        if let ExpertCoverage::AllTokens { .. } = settings.expert_coverage {
+            let mut all = HessianSink::new();
+            for h in &hidden {
+                let positions: Vec<usize> = (0..h.nrows()).collect();
+                layer.record_experts_all_tokens(h.view(), &positions, &under, &mut all)?;
+            }
+            for (group, acc) in all.into_map() {
+                sink.replace(group, acc);
+            }
+        }
+    }
     let mut quantized_layer = Substituted::new(weights);
     let mut dequantized = Vec::new();
     let mut reports = Vec::new();
-    for group in config.linear_groups(l)? {
+    for group in groups {
         let acc = sink.get(group.group);
-        let tokens = acc.map_or(0, |a| a.tokens());
+        let tokens = routed.iter().find(|(g, _)| *g == group.group).map_or(0, |&(_, t)| t);
+        let all_tokens = matches!(group.group, InputGroup::ExpertGateUp(e) | InputGroup::ExpertDown(e) if under.contains(&e))
+            && acc.is_some();
         let factor = match (settings.method, acc) {
             (Method::Gptq, Some(a)) if a.tokens() > 0 => {
                 SharedHessian::from_host(a.h().view(), a.tokens(), &quantizer.backend)?.pre_step(&settings.pre_step)?
@@ -124,7 +192,7 @@ pub fn sequential_layer(
             quantized_layer.replace(&lin.weight, deq.clone())?;
             dequantized.push((lin.weight.clone(), deq));
         }
-        reports.push(GroupReport { layer: l, group: group.group, tokens, flags: factor.flags() });
+        reports.push(GroupReport { layer: l, group: group.group, tokens, all_tokens, flags: factor.flags() });
     }
     let next = match settings.propagation {
         Propagation::FullPrecision => full_precision,
