@@ -48,6 +48,23 @@ pub struct ModelDir {
 }
 
 impl ModelDir {
+    /// What identifies the input, one line each: `config.json`, every shard's name, size,
+    /// mtime and header hash, every auxiliary file's size. Resume fingerprints hash it (the
+    /// checkpoint run's, the calibration's).
+    pub fn identity_lines(&self) -> Vec<String> {
+        let mut lines = vec![self.config.to_string()];
+        for s in &self.shards {
+            let (size, mtime, header) = s.identity();
+            let name = s.path().file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            lines.push(format!("{name} {size} {mtime} {header:016x}"));
+        }
+        for f in &self.aux_files {
+            let len = std::fs::metadata(self.path.join(f)).map(|m| m.len()).unwrap_or(0);
+            lines.push(format!("aux {f} {len}"));
+        }
+        lines
+    }
+
     /// Opens `dir`: reads `config.json`, the index if there is one, and maps every shard.
     /// A shard the index names that is missing, and a tensor the index places in a shard
     /// that lacks it, are typed errors.

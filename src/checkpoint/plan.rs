@@ -640,15 +640,8 @@ fn fingerprint(model: &ModelDir, settings: &JobSettings, format: &str, items: &[
     put(concat!("fourbit-forge ", env!("CARGO_PKG_VERSION")));
     put(&settings.to_json().to_string());
     put(format);
-    put(&model.config.to_string());
-    for s in &model.shards {
-        let (size, mtime, header) = s.identity();
-        let name = s.path().file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        put(&format!("{name} {size} {mtime} {header:016x}"));
-    }
-    for f in &model.aux_files {
-        let len = std::fs::metadata(model.path.join(f)).map(|m| m.len()).unwrap_or(0);
-        put(&format!("aux {f} {len}"));
+    for line in model.identity_lines() {
+        put(&line);
     }
     let mut hessians: Vec<&Path> = items
         .iter()

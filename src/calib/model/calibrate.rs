@@ -21,6 +21,7 @@ use super::sequential::{sequential_layer, GroupReport, SequentialConfig};
 use super::weights::SafetensorsDir;
 use crate::calib::data::CalibSamples;
 use crate::checkpoint::quant::write_hessian_file;
+use crate::checkpoint::select::module_of;
 use crate::fsio::io_err;
 use crate::{Backend, ForgeError, Quantizer, Result};
 use ndarray::Array2;
@@ -122,11 +123,6 @@ pub fn calibrate(job: &CalibrationJob<'_>, progress: &dyn Fn(usize, usize)) -> R
         progress(next, layers);
     }
     Ok(CalibrationReport { hessians, layers, resumed_at: start, reports, fingerprint })
-}
-
-/// The module name of a Linear weight (`...q_proj.weight` → `...q_proj`).
-fn module_of(weight: &str) -> &str {
-    weight.strip_suffix(".weight").unwrap_or(weight)
 }
 
 /// Every Linear of `group` gets its Hessian file: written once for the first, hard-linked
@@ -231,31 +227,18 @@ fn read_hidden(dir: &Path, s: &State, samples: &CalibSamples, hidden_size: usize
         .collect()
 }
 
-/// SHA-256 over the samples' fingerprint, the settings, the backend kind, `config.json` and
-/// the model's safetensors files (names, sizes, modification times).
+/// SHA-256 over the samples' fingerprint, the settings, the backend kind and the model's
+/// identity ([`crate::checkpoint::ModelDir::identity_lines`]).
 fn fingerprint(job: &CalibrationJob<'_>) -> Result<String> {
+    let model = crate::checkpoint::ModelDir::open(job.model_dir)?;
     let mut h = Sha256::new();
     h.update(b"fourbit-forge calibration state v1\0");
     h.update(job.samples.fingerprint.as_bytes());
     h.update(format!("{:?}", job.settings).as_bytes());
     h.update(if matches!(job.backend, Backend::Cpu) { b"cpu".as_slice() } else { b"gpu".as_slice() });
-    let config = job.model_dir.join("config.json");
-    h.update(crate::checkpoint::st::read_bounded(&config, crate::checkpoint::model::MAX_JSON_BYTES)?);
-    let mut files: Vec<(String, u64, u128)> = std::fs::read_dir(job.model_dir)
-        .map_err(io_err(job.model_dir))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let m = e.metadata().ok()?;
-            let mtime = m.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
-            name.ends_with(".safetensors").then_some((name, m.len(), mtime))
-        })
-        .collect();
-    files.sort();
-    for (name, len, mtime) in files {
-        h.update(name.as_bytes());
-        h.update(len.to_le_bytes());
-        h.update(mtime.to_le_bytes());
+    for line in model.identity_lines() {
+        h.update((line.len() as u64).to_le_bytes());
+        h.update(line.as_bytes());
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
