@@ -826,30 +826,31 @@ impl QuantEngine {
                 .and_then(|n| n.checked_mul(w.dtype().size()))
                 .ok_or_else(|| ForgeError::Shape(format!("a {r}×{cols} weight is too large")))?;
             let dst = b.weight.ensure(&dev, bytes, "weight upload")?.dev_ptr_mut();
+            // FP8 block scales (validated above: their byte count matches the weight), and
+            // room for the f32 weight the compute stream dequantizes into; every buffer grows
+            // before the wait below.
+            let scales_dst = match job.blocks(i) {
+                Some(blocks) => {
+                    b.widened.ensure(&dev, r * cols * 4, "dequantized fp8 weight")?;
+                    Some(b.scales.ensure(&dev, blocks.scales.len().max(1), "fp8 block scales")?.dev_ptr_mut())
+                }
+                None => None,
+            };
+            after_growth(&dev, &cs, [&up, &self.side], &self.grown, &mut self.allocations_seen)?;
             let staged = b.staged.get(&dev, bytes)?;
             let src = w.row_major_bytes();
-            if job.blocks(i).is_some() {
-                // The scales' and the widened weight's buffers grow before the wait below.
-                b.scales.ensure(&dev, job.blocks(i).map_or(1, |bl| bl.scales.len().max(1)), "fp8 block scales")?;
-                b.widened.ensure(&dev, r * cols * 4, "dequantized fp8 weight")?;
-            }
-            after_growth(&dev, &cs, [&up, &self.side], &self.grown, &mut self.allocations_seen)?;
             // SAFETY: the pinned bytes stay untouched until this slot is collected (its
             // events); the device buffer holds `bytes`.
             unsafe { stage_and_upload(staged, &src, dst.addr(), &up) }?;
             self.stats.upload_bytes += bytes as u64;
-            if let Some(blocks) = job.blocks(i) {
-                // The scales (validated above: their byte count matches the weight), and room
-                // for the f32 weight the compute stream dequantizes into.
+            if let (Some(blocks), Some(sdst)) = (job.blocks(i), scales_dst) {
                 let n = blocks.scales.len();
-                let sdst = b.scales.ensure(&dev, n.max(1), "fp8 block scales")?.dev_ptr_mut();
                 let sstaged = b.staged_scales.get(&dev, n)?;
                 sstaged.copy_from_slice(blocks.scales);
                 // SAFETY: as the weight's copy.
                 unsafe { cudarc::driver::result::memcpy_htod_async(sdst.addr(), sstaged, up.cu_stream()) }
                     .map_err(ForgeError::driver("uploading fp8 block scales"))?;
                 self.stats.upload_bytes += n as u64;
-                b.widened.ensure(&dev, r * cols * 4, "dequantized fp8 weight")?;
                 dtypes.push(WeightDtype::F32);
                 widened.push(true);
             } else {
