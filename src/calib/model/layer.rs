@@ -235,8 +235,19 @@ impl DecoderLayer {
         &self,
         x: ArrayView2<'_, f32>,
         positions: &[usize],
-        mut sink: Option<&mut dyn ActivationSink>,
+        sink: Option<&mut dyn ActivationSink>,
     ) -> Result<Array2<f32>> {
+        Ok(self.forward_with_ffn_input(x, positions, sink)?.0)
+    }
+
+    /// [`DecoderLayer::forward`], also returning the feed-forward block's input (the
+    /// post-attention norm's output), which [`DecoderLayer::record_experts`] takes.
+    pub fn forward_with_ffn_input(
+        &self,
+        x: ArrayView2<'_, f32>,
+        positions: &[usize],
+        mut sink: Option<&mut dyn ActivationSink>,
+    ) -> Result<(Array2<f32>, Array2<f32>)> {
         let (seq, width) = x.dim();
         if width != self.hidden {
             return Err(ForgeError::Shape(format!(
@@ -281,7 +292,7 @@ impl DecoderLayer {
         };
         hidden += &ffn_out;
         crate::solver::first_non_finite(hidden.view(), "layer output")?;
-        Ok(hidden)
+        Ok((hidden, normed))
     }
 
     /// The attention half of [`DecoderLayer::forward`] (inputs checked by the caller): the
@@ -306,32 +317,31 @@ impl DecoderLayer {
         Ok((hidden, normed))
     }
 
-    /// Reports what experts `experts` would see if every token of `x` were routed to them (the
+    /// Reports what experts `experts` would see if every token were routed to them (the
     /// all-tokens coverage policy for experts few calibration tokens reach): their gate/up and
-    /// down inputs over all tokens go to `sink`. The layer's output is not computed.
-    pub fn record_experts_all_tokens(
+    /// down inputs over all rows of `ffn_input` (from [`DecoderLayer::forward_with_ffn_input`])
+    /// go to `sink`. Nothing else is computed.
+    pub fn record_experts(
         &self,
-        x: ArrayView2<'_, f32>,
-        positions: &[usize],
+        ffn_input: ArrayView2<'_, f32>,
         experts: &[usize],
         sink: &mut dyn ActivationSink,
     ) -> Result<()> {
         let Ffn::Moe { experts: all, .. } = &self.ffn else {
             return Err(ForgeError::Config(format!("layer {} has no experts", self.index)));
         };
-        if x.ncols() != self.hidden || positions.len() != x.nrows() {
+        if ffn_input.ncols() != self.hidden {
             return Err(ForgeError::Shape(format!(
-                "layer {}: {:?} inputs with {} positions",
+                "layer {}: feed-forward input has {} features, expected {}",
                 self.index,
-                x.dim(),
-                positions.len()
+                ffn_input.ncols(),
+                self.hidden
             )));
         }
-        let (_, normed) = self.attention_block(x, positions, &mut None)?;
         let mut sink = Some(sink);
         for &e in experts {
             let expert = all.get(e).ok_or_else(|| ForgeError::Shape(format!("expert {e} of {}", all.len())))?;
-            expert.forward(normed.view(), (InputGroup::ExpertGateUp(e), InputGroup::ExpertDown(e)), &mut sink)?;
+            expert.forward(ffn_input, (InputGroup::ExpertGateUp(e), InputGroup::ExpertDown(e)), &mut sink)?;
         }
         Ok(())
     }

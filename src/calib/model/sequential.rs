@@ -10,7 +10,7 @@
 //! full-precision outputs. An expert no calibration token reached is quantized
 //! round-to-nearest and reported with 0 tokens, never silently.
 
-use super::config::ModelConfig;
+use super::config::{FfnKind, ModelConfig};
 use super::hooks::HessianSink;
 use super::layer::DecoderLayer;
 use super::model::CpuModel;
@@ -138,10 +138,18 @@ pub fn sequential_layer(
 ) -> Result<LayerPass> {
     let layer = DecoderLayer::load(config, l, weights)?;
     let mut sink = HessianSink::new();
+    // The feed-forward inputs are kept only where the all-tokens coverage may need them.
+    let keep_ffn_input =
+        config.layer(l)?.ffn == FfnKind::Moe && matches!(settings.expert_coverage, ExpertCoverage::AllTokens { .. });
     let mut full_precision = Vec::with_capacity(hidden.len());
+    let mut ffn_inputs = Vec::new();
     for h in &hidden {
         let positions: Vec<usize> = (0..h.nrows()).collect();
-        full_precision.push(layer.forward(h.view(), &positions, Some(&mut sink))?);
+        let (out, ffn_input) = layer.forward_with_ffn_input(h.view(), &positions, Some(&mut sink))?;
+        full_precision.push(out);
+        if keep_ffn_input {
+            ffn_inputs.push(ffn_input);
+        }
     }
     let groups = config.linear_groups(l)?;
     // Experts under the coverage threshold: routed-token counts first, then their Hessians
@@ -162,9 +170,8 @@ pub fn sequential_layer(
         }
         if let ExpertCoverage::AllTokens { .. } = settings.expert_coverage {
             let mut all = HessianSink::new();
-            for h in &hidden {
-                let positions: Vec<usize> = (0..h.nrows()).collect();
-                layer.record_experts_all_tokens(h.view(), &positions, &under, &mut all)?;
+            for x in &ffn_inputs {
+                layer.record_experts(x.view(), &under, &mut all)?;
             }
             for (group, acc) in all.into_map() {
                 sink.replace(group, acc);
