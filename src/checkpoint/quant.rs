@@ -8,6 +8,7 @@ use super::plan::{GptqSettings, Member};
 use super::st::SafetensorsFile;
 use crate::calib::{quantize_experts, ExpertInput, QuantizedLayer};
 use crate::numerics::{dequantize, quantize};
+use crate::solver::{flushed_in_row, flushed_warning, RowFlushed};
 use crate::weights::Fp8Blocks;
 use crate::{ForgeError, QuantGrid, Quantizer, Result, Warning, WeightView};
 use half::{bf16, f16};
@@ -429,19 +430,22 @@ pub fn quantize_gptq<'a>(
     if layers.len() != weights.len() {
         return Err(ForgeError::Shape(format!("GPTQ returned {} results for {} weights", layers.len(), weights.len())));
     }
-    layers.into_iter().zip(weights).map(|(l, w)| gptq_result(l, &RowSource::View(*w))).collect()
+    layers.into_iter().zip(weights).map(|(l, w)| gptq_result(l, &RowSource::View(*w), false)).collect()
 }
 
 /// A GPTQ result with its relative weight error against `w`: per row (the dequantized
 /// weight `(q − q0)·s` with the stored scale, as the solver used it), then rows in order, in
-/// f64.
-pub fn gptq_result(l: QuantizedLayer, w: &RowSource<'_>) -> Result<MemberResult> {
+/// f64. With `scan_flushed` the same pass also finds the flushed groups
+/// ([`Warning::FlushedGroups`], dead columns read as 0), which a device-quantized layer
+/// does not carry yet; a CPU-solved one already has them from its solver.
+pub fn gptq_result(mut l: QuantizedLayer, w: &RowSource<'_>, scan_flushed: bool) -> Result<MemberResult> {
     let (rows, cols) = w.dim();
     if l.codes.dim() != (rows, cols) || l.grid.dim().0 != rows {
         return Err(ForgeError::Shape(format!("GPTQ result {:?} for a {rows}×{cols} weight", l.codes.dim())));
     }
     let gs = l.grid.group_size.max(1);
-    let sums: Vec<Result<(f64, f64)>> = (0..rows)
+    let dead = &l.flags.dead_columns;
+    let sums: Vec<Result<(f64, f64, RowFlushed)>> = (0..rows)
         .into_par_iter()
         .map_init(
             || vec![0f32; cols],
@@ -464,15 +468,35 @@ pub fn gptq_result(l: QuantizedLayer, w: &RowSource<'_>) -> Result<MemberResult>
                     lane_sums(qs, xs, s, z, &mut err, &mut norm);
                 }
                 let (err, norm) = (err.iter().sum::<f64>(), norm.iter().sum::<f64>());
-                Ok((err, norm))
+                let flushed = if scan_flushed {
+                    for &j in dead {
+                        if let Some(v) = buf.get_mut(j) {
+                            *v = 0.0;
+                        }
+                    }
+                    flushed_in_row(&buf[..cols], gs, |c0, c1| {
+                        let (s, z) = meta.get(c0 / gs).copied().unwrap_or((f32::NAN, 0.0));
+                        codes[c0..c1].iter().all(|&q| dequantize(f32::from(q), s, z) == 0.0)
+                    })
+                } else {
+                    (0, None)
+                };
+                Ok((err, norm, flushed))
             },
         )
         .collect();
     let (mut err, mut norm) = (0f64, 0f64);
+    let mut per_row = Vec::with_capacity(if scan_flushed { rows } else { 0 });
     for s in sums {
-        let (e, n) = s?;
+        let (e, n, flushed) = s?;
         err += e;
         norm += n;
+        if scan_flushed {
+            per_row.push(Ok(flushed));
+        }
+    }
+    if scan_flushed {
+        l.warnings.extend(flushed_warning(per_row, l.grid.dim().1)?);
     }
     let f = &l.flags;
     let mut flags = Vec::new();

@@ -29,7 +29,6 @@ use super::quant::{
 };
 use crate::calib::layers_of;
 use crate::quantize::LayerOutcome;
-use crate::solver::flushed_groups_codes_rows;
 use crate::{Backend, ForgeError, Quantizer, Result, WeightView};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -618,16 +617,12 @@ impl Writer<'_> {
                 let layers = layers_of(outcome);
                 idx.iter()
                     .zip(layers)
-                    .map(|(&i, mut l)| {
+                    .map(|(&i, l)| {
                         let m = members.get(i).ok_or_else(|| ForgeError::Internal("member index".into()))?;
                         let input = HostInput::open(model, m, self.block)?;
-                        let rows = input.rows();
-                        // The device leaves the flushed-group scan to the host, as the CPU
-                        // path's solver runs it: on the weight as stored (FP8 with its scales).
-                        let dead = l.flags.dead_columns.clone();
-                        let read = |r: usize, out: &mut [f32]| rows.read_row_f32(r, out);
-                        l.warnings.extend(flushed_groups_codes_rows(rows.dim(), read, l.codes.view(), &l.grid, &dead)?);
-                        gptq_result(l, &rows)
+                        // The device leaves the flushed-group scan to the host: it runs in the
+                        // error pass, on the weight as stored (FP8 with its scales).
+                        gptq_result(l, &input.rows(), true)
                     })
                     .collect()
             } else {

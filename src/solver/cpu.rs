@@ -110,18 +110,7 @@ pub(crate) fn flushed_groups_codes(
     grid: &QuantGrid,
     dead_columns: &[usize],
 ) -> Result<Option<Warning>> {
-    flushed_groups_codes_rows(weight.dim(), |r, w| weight.read_row_f32(r, w), codes, grid, dead_columns)
-}
-
-/// [`flushed_groups_codes`] of a weight read row by row: `read_row(r, out)` writes row `r`
-/// as f32 (e.g. FP8 codes dequantized with their block scales).
-pub(crate) fn flushed_groups_codes_rows(
-    (rows, cols): (usize, usize),
-    read_row: impl Fn(usize, &mut [f32]) -> Result<()> + Sync,
-    codes: ArrayView2<'_, u8>,
-    grid: &QuantGrid,
-    dead_columns: &[usize],
-) -> Result<Option<Warning>> {
+    let (rows, cols) = weight.dim();
     let gs = grid.group_size;
     if codes.dim() != (rows, cols) || gs == 0 || grid.dim() != (rows, cols.div_ceil(gs)) {
         let ((a, b), (g0, g1)) = (codes.dim(), grid.dim());
@@ -129,17 +118,22 @@ pub(crate) fn flushed_groups_codes_rows(
             "flushed_groups: weight {rows}×{cols}, codes {a}×{b}, grid {g0}×{g1} with group size {gs}"
         )));
     }
-    flushed_scan((rows, cols), read_row, gs, dead_columns, |r, c0, c1| {
-        // The scale as stored, as the solver dequantized with it.
-        grid.scale_zero(r, c0 / gs).is_ok_and(|(s, z)| {
-            codes.slice(ndarray::s![r, c0..c1]).iter().all(|&q| dequantize(f32::from(q), s, z) == 0.0)
-        })
-    })
+    flushed_scan(
+        (rows, cols),
+        |r, w| weight.read_row_f32(r, w),
+        gs,
+        dead_columns,
+        |r, c0, c1| {
+            // The scale as stored, as the solver dequantized with it.
+            grid.scale_zero(r, c0 / gs).is_ok_and(|(s, z)| {
+                codes.slice(ndarray::s![r, c0..c1]).iter().all(|&q| dequantize(f32::from(q), s, z) == 0.0)
+            })
+        },
+    )
 }
 
-/// Counts the groups of the `rows × cols` weight `read_row` reads (with `zeroed` columns read as 0) with a nonzero value for
-/// which `all_zero(row, c0, c1)` (every dequantized value of columns `c0..c1` of the row is
-/// 0); rows on all cores.
+/// [`flushed_in_row`] of every row of the `rows × cols` weight `read_row` reads (`zeroed`
+/// columns read as 0), `all_zero(row, c0, c1)` per group; rows on all cores.
 fn flushed_scan(
     (rows, cols): (usize, usize),
     read_row: impl Fn(usize, &mut [f32]) -> Result<()> + Sync,
@@ -148,7 +142,7 @@ fn flushed_scan(
     all_zero: impl Fn(usize, usize, usize) -> bool + Sync,
 ) -> Result<Option<Warning>> {
     let n_groups = cols.div_ceil(group_size);
-    let per_row: Vec<Result<(usize, Option<usize>)>> = (0..rows)
+    let per_row: Vec<Result<RowFlushed>> = (0..rows)
         .into_par_iter()
         .map_init(
             || vec![0f32; cols],
@@ -159,19 +153,38 @@ fn flushed_scan(
                         *v = 0.0;
                     }
                 }
-                let mut count = 0;
-                let mut first = None;
-                for g in 0..n_groups {
-                    let (c0, c1) = (g * group_size, ((g + 1) * group_size).min(cols));
-                    if w[c0..c1].iter().any(|&v| v != 0.0) && all_zero(r, c0, c1) {
-                        count += 1;
-                        first.get_or_insert(g);
-                    }
-                }
-                Ok((count, first))
+                Ok(flushed_in_row(w, group_size, |c0, c1| all_zero(r, c0, c1)))
             },
         )
         .collect();
+    flushed_warning(per_row, n_groups)
+}
+
+/// One row's flushed groups: how many, and the first ([`flushed_in_row`]).
+pub(crate) type RowFlushed = (usize, Option<usize>);
+
+/// The flushed groups of one row `w` (dead columns already read as 0): groups holding a
+/// nonzero value for which `all_zero(c0, c1)` (every dequantized value of columns `c0..c1` is
+/// 0); their count and the first one.
+pub(crate) fn flushed_in_row(
+    w: &[f32],
+    group_size: usize,
+    all_zero: impl Fn(usize, usize) -> bool,
+) -> (usize, Option<usize>) {
+    let (mut count, mut first) = (0, None);
+    for (g, group) in w.chunks(group_size.max(1)).enumerate() {
+        let c0 = g * group_size;
+        if group.iter().any(|&v| v != 0.0) && all_zero(c0, c0 + group.len()) {
+            count += 1;
+            first.get_or_insert(g);
+        }
+    }
+    (count, first)
+}
+
+/// [`Warning::FlushedGroups`] from each row's [`flushed_in_row`], rows in order.
+pub(crate) fn flushed_warning(per_row: Vec<Result<RowFlushed>>, n_groups: usize) -> Result<Option<Warning>> {
+    let rows = per_row.len();
     let (mut groups, mut first) = (0, None);
     for (r, p) in per_row.into_iter().enumerate() {
         let (count, g) = p?;
