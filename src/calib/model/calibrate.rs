@@ -72,7 +72,8 @@ pub fn calibrate(job: &CalibrationJob<'_>, progress: &dyn Fn(usize, usize)) -> R
     let hessians = job.state.join("hessians");
     let state_path = job.state.join(STATE_FILE);
     let layers = config.num_layers;
-    let done = match read_state(&state_path)? {
+    let done = read_state(&state_path)?;
+    match &done {
         Some(s) if !job.resume => {
             return Err(ForgeError::Config(format!(
                 "a calibration state ({} of {layers} layers done) exists in {}: rerun with --resume to continue it, or delete it",
@@ -87,9 +88,8 @@ pub fn calibrate(job: &CalibrationJob<'_>, progress: &dyn Fn(usize, usize)) -> R
                 job.state.display()
             )))
         }
-        Some(s) => Some(s),
-        None => None,
-    };
+        _ => {}
+    }
     std::fs::create_dir_all(&hessians).map_err(io_err(&hessians))?;
     let (start, mut hidden) = match &done {
         Some(s) if s.done >= layers => (layers, Vec::new()),
