@@ -164,3 +164,37 @@ fn calibration_resumes_after_a_kill_and_refuses_other_inputs() {
         other => panic!("expected a damaged-state error, got {other:?}"),
     }
 }
+
+/// On the GPU (forward pass on the device): a calibration killed after one layer and resumed
+/// writes every Hessian file byte for byte as an uninterrupted GPU run (the device forward is
+/// deterministic: fixed cuBLAS calls on one stream, kernels without atomics on shared outputs).
+#[test]
+fn gpu_calibration_resumes_bit_for_bit() {
+    let Ok(dev) = fourbit_forge::device::GpuDevice::first() else {
+        eprintln!("[gpu_calibration_resumes_bit_for_bit] SKIPPED (no GPU)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("llama");
+    write_llama_demo(&dir, &LlamaDemo { layers: 3, hidden: 128, intermediate: 256, ..LlamaDemo::default() }).unwrap();
+    let model = ModelDir::open(&dir).unwrap();
+    let s = samples(&dir, 2, 4, 40);
+    let cfg = seq_config(&model);
+    let gpu_job = |state: &Path| CalibrationJob { backend: Backend::Gpu(dev.clone()), ..job(&dir, &s, &cfg, state) };
+    let whole = tmp.path().join("whole");
+    calibrate(&gpu_job(&whole), &|_, _| {}).unwrap();
+    let state = tmp.path().join("killed");
+    let mut killed = gpu_job(&state);
+    killed.fail_after_layers = Some(1);
+    assert!(calibrate(&killed, &|_, _| {}).is_err(), "the test hook stops it after one layer");
+    let mut resumed = gpu_job(&state);
+    resumed.resume = true;
+    assert_eq!(calibrate(&resumed, &|_, _| {}).unwrap().resumed_at, 1);
+    let files = |d: &Path| ckpt_util::dir_files(&d.join("hessians"));
+    let (a, b) = (files(&whole), files(&state));
+    assert_eq!(a.len(), 3 * 7, "one file per Linear");
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, v) in &a {
+        assert!(b[k] == *v, "{k}: the resumed Hessian differs");
+    }
+}

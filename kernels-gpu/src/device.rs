@@ -642,3 +642,76 @@ impl Smem<u8> {
         st_shared_u32x4(self.addr, v)
     }
 }
+
+/// `__shfl_xor_sync(full, v, mask)` on an f64 (two 32-bit shuffles).
+#[inline(always)]
+pub fn shfl_xor_f64(v: f64, mask: u32) -> f64 {
+    let bits = v.to_bits();
+    let (lo, hi) = (bits as u32, (bits >> 32) as u32);
+    let (rlo, rhi): (u32, u32);
+    // SAFETY: as `shfl_xor_f32`.
+    unsafe {
+        asm!("shfl.sync.bfly.b32 {r}, {v}, {m}, 31, {f};",
+             r = out(reg32) rlo, v = in(reg32) lo, m = in(reg32) mask, f = in(reg32) FULL_MASK,
+             options(nomem, nostack));
+        asm!("shfl.sync.bfly.b32 {r}, {v}, {m}, 31, {f};",
+             r = out(reg32) rhi, v = in(reg32) hi, m = in(reg32) mask, f = in(reg32) FULL_MASK,
+             options(nomem, nostack));
+    }
+    f64::from_bits((rlo as u64) | ((rhi as u64) << 32))
+}
+
+/// Warp-wide sum of an f64 (every lane gets it; butterfly order, the same on every lane).
+#[inline(always)]
+pub fn warp_sum_f64(mut v: f64) -> f64 {
+    let mut m = 16;
+    while m > 0 {
+        v += shfl_xor_f64(v, m);
+        m /= 2;
+    }
+    v
+}
+
+/// Warp-wide sum of an f32 (butterfly order).
+#[inline(always)]
+pub fn warp_sum_f32(mut v: f32) -> f32 {
+    let mut m = 16;
+    while m > 0 {
+        v += shfl_xor_f32(v, m);
+        m /= 2;
+    }
+    v
+}
+
+/// Warp-wide maximum of an f32.
+#[inline(always)]
+pub fn warp_max_f32(mut v: f32) -> f32 {
+    let mut m = 16;
+    while m > 0 {
+        v = v.max(shfl_xor_f32(v, m));
+        m /= 2;
+    }
+    v
+}
+
+/// `e^x` in f32 with relative error below 2⁻²¹: `x·log2(e) = n + f` split in f64 (exact
+/// enough that the split adds no error), `2^f` by the `ex2.approx` unit on `f ∈ [0, 1)`
+/// (≤ 2 ulp), `2^n` exactly by the exponent bits. `ex2.approx(x·log2 e)` alone would err by
+/// `|x|·2⁻²⁴` (the rounding of the product), 100× more for softmax-sized arguments.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    let y = x as f64 * core::f64::consts::LOG2_E;
+    let n = core::f64::math::floor(y);
+    if n >= 128.0 {
+        return f32::INFINITY;
+    }
+    if n < -126.0 || x.is_nan() {
+        // Below f32's normal range (the softmax and SiLU add such terms to values ≥ 1).
+        return if x.is_nan() { x } else { 0.0 };
+    }
+    let f = (y - n) as f32;
+    let p: f32;
+    // SAFETY: pure register arithmetic.
+    unsafe { asm!("ex2.approx.f32 {p}, {f};", p = out(reg32) p, f = in(reg32) f, options(pure, nomem, nostack)) };
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}

@@ -17,6 +17,7 @@
 
 pub mod device;
 
+pub mod calib;
 pub mod grid;
 pub mod hessian;
 pub mod runtime;

@@ -283,6 +283,15 @@ impl SharedHessian {
         Ok(SharedHessian { state, backend: backend.clone(), asymmetry })
     }
 
+    /// A Hessian accumulated on the device (the calibration forward's hooks): used in place,
+    /// exactly symmetric by construction.
+    pub fn from_device(h: GpuHessian, backend: &Backend) -> Result<Self> {
+        if !matches!(backend, Backend::Gpu(_)) {
+            return Err(ForgeError::Config("a device Hessian needs the GPU backend".into()));
+        }
+        Ok(SharedHessian { state: HessianState::Gpu(Box::new(h)), backend: backend.clone(), asymmetry: None })
+    }
+
     /// Input features (the side of `H`).
     pub fn cols(&self) -> usize {
         match &self.state {

@@ -268,35 +268,65 @@ impl GpuHessian {
     /// go through the tensor cores when cuBLAS loads (exact products, f32 accumulation; see
     /// [`GpuHessian::tensor_core_chunk`]), f32 ones through the tiled SYRK kernel.
     pub fn update_device(&mut self, dev: &GpuDevice, x: &DeviceActivations) -> Result<()> {
-        let r = self.update_device_chunks(dev, x);
+        let (m, cols) = x.dim();
+        self.update_device_view(dev, &x.bytes.as_view(), x.dtype, m, cols)
+    }
+
+    /// As [`GpuHessian::update_device`] for `tokens × cols` activations of `dtype` that are
+    /// part of a larger device buffer (the forward pass's Linear inputs). `x` starts at a
+    /// 16-byte aligned address (the kernels' vector loads) and holds exactly those elements.
+    pub fn update_device_view(
+        &mut self,
+        dev: &GpuDevice,
+        x: &CudaView<'_, u8>,
+        dtype: ActivationDtype,
+        tokens: usize,
+        cols: usize,
+    ) -> Result<()> {
+        if x.len() != tokens * cols * dtype.size() {
+            return Err(ForgeError::Shape(format!(
+                "{} device bytes for {tokens}×{cols} {dtype:?} activations",
+                x.len()
+            )));
+        }
+        if !view_ptr(x, dev.stream()).addr().is_multiple_of(16) {
+            return Err(ForgeError::Internal("device activations must start 16-byte aligned".into()));
+        }
+        let r = self.update_device_chunks(dev, x, dtype, tokens, cols);
         self.mark_ready(dev).and(r)
     }
 
-    fn update_device_chunks(&mut self, dev: &GpuDevice, x: &DeviceActivations) -> Result<()> {
-        let (m, cols) = x.dim();
+    fn update_device_chunks(
+        &mut self,
+        dev: &GpuDevice,
+        x: &CudaView<'_, u8>,
+        dtype: ActivationDtype,
+        m: usize,
+        cols: usize,
+    ) -> Result<()> {
         self.check_batch_cols(cols)?;
         super::cpu::add_tokens(self.tokens, m)?;
-        let size = x.dtype.size();
+        let size = dtype.size();
         let mut t0 = 0;
         while t0 < m {
             let t1 = (t0 + MAX_CHUNK_TOKENS).min(m);
             // Chunks start at multiples of `cols` elements: the alignment the kernels need.
-            let view = x.bytes.slice(t0 * cols * size..t1 * cols * size);
-            if tensor_core_input(x.dtype).is_some() {
+            let view = x.slice(t0 * cols * size..t1 * cols * size);
+            if tensor_core_input(dtype).is_some() {
                 let addr = view_ptr(&view, dev.stream()).addr();
-                if let Err(e) = self.tensor_core_chunk(dev, addr, x.dtype, t1 - t0) {
+                if let Err(e) = self.tensor_core_chunk(dev, addr, dtype, t1 - t0) {
                     let host = dev.stream().clone_dtoh(&view).map_err(ForgeError::driver("downloading activations"))?;
-                    check_finite_bytes(&host, x.dtype, cols, t0)?;
+                    check_finite_bytes(&host, dtype, cols, t0)?;
                     return Err(e);
                 }
                 t0 = t1;
                 continue;
             }
             let sc = self.scratch(dev)?;
-            let bad = launch_xtx_checked(dev, &view, x.dtype, t1 - t0, cols, &mut sc.s, &mut sc.first_bad)?;
+            let bad = launch_xtx_checked(dev, &view, dtype, t1 - t0, cols, &mut sc.s, &mut sc.first_bad)?;
             if let Some(idx) = bad {
                 let host = dev.stream().clone_dtoh(&view).map_err(ForgeError::driver("downloading activations"))?;
-                check_finite_bytes(&host, x.dtype, cols, t0)?;
+                check_finite_bytes(&host, dtype, cols, t0)?;
                 return Err(overflow_error(dev, &sc.s, idx, cols));
             }
             self.blend(dev, (t1 - t0) as u64)?;

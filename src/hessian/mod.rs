@@ -36,6 +36,17 @@ pub struct HessianAccumulator {
 }
 
 impl HessianAccumulator {
+    /// An accumulator holding `h` over `tokens` tokens (a Hessian accumulated on the device
+    /// and downloaded); `h` must be square.
+    pub fn from_parts(h: Array2<f32>, tokens: u64) -> Result<Self> {
+        if h.nrows() != h.ncols() || h.nrows() == 0 {
+            return Err(ForgeError::Shape(format!("a Hessian must be square and non-empty, got {:?}", h.dim())));
+        }
+        Ok(HessianAccumulator { h, tokens })
+    }
+}
+
+impl HessianAccumulator {
     /// The Hessian as accumulated so far (all zeros before the first token).
     pub fn h(&self) -> &Array2<f32> {
         &self.h

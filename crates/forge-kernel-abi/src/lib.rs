@@ -21,6 +21,7 @@
 // in scope.
 extern crate self as forge_kernel_abi;
 
+pub mod calib;
 pub mod elem;
 pub mod grid;
 pub mod hessian;
@@ -436,6 +437,16 @@ kernels! {
     // weights: block-scaled FP8 checkpoints (docs/kernels.md §7)
     Fp8BlockDequantF32 = "fp8_block_dequant_f32" (weights::Fp8BlockDequantArgs);
     Fp8BlockDequantBf16 = "fp8_block_dequant_bf16" (weights::Fp8BlockDequantArgs);
+    // calib: the calibration forward pass's row kernels (docs/kernels.md §8)
+    RmsNormRows = "rms_norm_rows" (calib::RmsNormArgs);
+    AddBiasRows = "add_bias_rows" (calib::BiasArgs);
+    RopeRows = "rope_rows" (calib::RopeArgs);
+    CausalSoftmax = "causal_softmax" (calib::SoftmaxArgs);
+    Swiglu = "swiglu" (calib::SwigluArgs);
+    CastF32 = "cast_f32" (calib::CastArgs);
+    AddF32 = "add_f32" (calib::AddArgs);
+    GatherRows = "gather_rows" (calib::GatherArgs);
+    ScatterAddRows = "scatter_add_rows" (calib::ScatterAddArgs);
     // test-only
     #[cfg(feature = "test-kernels")]
     FastDivision = "fast_division" (testing::FastDivisionArgs);

@@ -120,9 +120,8 @@ pub type Routing = Vec<Vec<(usize, f32)>>;
 ///
 /// Probabilities are computed in f64; ties go to the lower expert index.
 pub fn route(logits: ArrayView2<'_, f32>, top_k: usize, kind: RouterKind) -> Routing {
-    logits
-        .rows()
-        .into_iter()
+    let rows: Vec<_> = logits.rows().into_iter().collect();
+    rows.into_par_iter()
         .map(|row| {
             let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
             let exps: Vec<f64> = row.iter().map(|&v| (f64::from(v) - max).exp()).collect();
@@ -146,21 +145,21 @@ pub fn route(logits: ArrayView2<'_, f32>, top_k: usize, kind: RouterKind) -> Rou
 pub struct DecoderLayer {
     /// Layer index.
     pub index: usize,
-    input_norm: Array1<f32>,
-    post_attention_norm: Array1<f32>,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    q_norm: Option<Array1<f32>>,
-    k_norm: Option<Array1<f32>>,
+    pub(super) input_norm: Array1<f32>,
+    pub(super) post_attention_norm: Array1<f32>,
+    pub(super) q: Linear,
+    pub(super) k: Linear,
+    pub(super) v: Linear,
+    pub(super) o: Linear,
+    pub(super) q_norm: Option<Array1<f32>>,
+    pub(super) k_norm: Option<Array1<f32>>,
     /// Feed-forward block.
     pub ffn: Ffn,
-    gqa: GqaConfig,
-    sliding_window: Option<usize>,
-    eps: f32,
-    rope: Rope,
-    hidden: usize,
+    pub(super) gqa: GqaConfig,
+    pub(super) sliding_window: Option<usize>,
+    pub(super) eps: f32,
+    pub(super) rope: Rope,
+    pub(super) hidden: usize,
 }
 
 impl DecoderLayer {

@@ -14,6 +14,7 @@
 
 mod calibrate;
 mod config;
+mod cuda;
 mod hooks;
 mod layer;
 #[allow(clippy::module_inception)]
@@ -28,13 +29,14 @@ pub use config::{
     Arch, AttentionConfig, FfnKind, GqaConfig, LayerSpec, MlpConfig, ModelConfig, MoeConfig, RopeConfig, RopeScaling,
     RouterKind, SUPPORTED_MODEL_TYPES,
 };
+pub use cuda::{DeviceSequences, ForwardPrecision, ForwardWorkspace, GpuHessianSink, GpuLayer};
 pub use hooks::{ActivationSink, HessianSink, RecordingSink, Tee};
 pub use layer::{rms_norm, route, DecoderLayer, Ffn, Linear, Routing, SwiGlu};
 pub use model::{kl_from_logits, next_token_kl, CpuModel, KlStats};
 pub use names::{InputGroup, LayerTensorNames, LinearGroup, LinearRole, LinearSpec};
 pub use rope::Rope;
 pub use sequential::{
-    quantize_model_cpu, sequential_layer, ExpertCoverage, GroupReport, LayerPass, Method, Propagation,
+    quantize_model_cpu, sequential_layer, ExpertCoverage, GroupReport, LayerPass, LayerTimings, Method, Propagation,
     SequentialConfig, SequentialResult,
 };
 pub use weights::{matrix, vector, MemoryWeights, SafetensorsDir, Substituted, WeightSource};

@@ -11,15 +11,19 @@
 //! round-to-nearest and reported with 0 tokens, never silently.
 
 use super::config::{FfnKind, ModelConfig};
+use super::cuda::{DeviceSequences, ForwardPrecision, ForwardWorkspace, GpuHessianSink, GpuLayer};
 use super::hooks::HessianSink;
 use super::layer::DecoderLayer;
 use super::model::CpuModel;
 use super::names::InputGroup;
+use super::names::LinearGroup;
 use super::weights::{matrix, MemoryWeights, Substituted, WeightSource};
 use crate::calib::{quantize_with, PreparedFactor, QuantizeFlags, SharedHessian};
+use crate::device::{DeviceBuf, GpuDevice};
 use crate::hessian::PreStepConfig;
 use crate::{Backend, GridConfig, Quantizer, Result, WeightView};
 use ndarray::Array2;
+use std::time::Instant;
 
 /// How each group's weights are quantized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,6 +116,9 @@ pub struct SequentialResult {
     pub reports: Vec<GroupReport>,
 }
 
+/// The device workspace's budget for a chunk's widest f32 intermediate.
+const FORWARD_CHUNK_BYTES: usize = 2 << 30;
+
 /// One decoder layer of the sequential pipeline (see the module docs): what it produced.
 #[derive(Clone, Debug)]
 pub struct LayerPass {
@@ -123,6 +130,26 @@ pub struct LayerPass {
     pub reports: Vec<GroupReport>,
     /// The next layer's inputs (one array per sequence), as `settings.propagation` says.
     pub next: Vec<Array2<f32>>,
+    /// Where the time went.
+    pub timings: LayerTimings,
+}
+
+/// Wall-clock seconds of a [`sequential_layer`]'s phases (the device is synchronized at each
+/// phase boundary, so device work is counted in its phase).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LayerTimings {
+    /// Reading the layer's weights and (GPU) uploading them and the hidden states.
+    pub load: f64,
+    /// The full-precision forward with the Hessian hooks (incl. the all-tokens expert pass).
+    pub forward_hessians: f64,
+    /// Pre-steps of every group (damping, act-order, Cholesky factor).
+    pub pre_step: f64,
+    /// Solves (GPTQ or round-to-nearest) of every Linear, results on the host.
+    pub solve: f64,
+    /// The next layer's inputs: the quantized layer's upload and forward (or nothing).
+    pub propagate: f64,
+    /// Downloading Hessians and hidden states (GPU).
+    pub download: f64,
 }
 
 /// Layer `l` of the sequential pipeline: `hidden` (its inputs, one `(tokens, hidden)` array
@@ -136,11 +163,19 @@ pub fn sequential_layer(
     settings: &SequentialConfig,
     quantizer: &Quantizer,
 ) -> Result<LayerPass> {
+    let clock = Instant::now();
     let layer = DecoderLayer::load(config, l, weights)?;
-    let mut sink = HessianSink::new();
+    let load = clock.elapsed().as_secs_f64();
     // The feed-forward inputs are kept only where the all-tokens coverage may need them.
     let keep_ffn_input =
         config.layer(l)?.ffn == FfnKind::Moe && matches!(settings.expert_coverage, ExpertCoverage::AllTokens { .. });
+    if let Backend::Gpu(dev) = &quantizer.backend {
+        let mut pass = sequential_layer_gpu(dev, config, &layer, weights, hidden, settings, quantizer, keep_ffn_input)?;
+        pass.timings.load += load;
+        return Ok(pass);
+    }
+    let clock = Instant::now();
+    let mut sink = HessianSink::new();
     let mut full_precision = Vec::with_capacity(hidden.len());
     let mut ffn_inputs = Vec::new();
     for h in &hidden {
@@ -152,17 +187,8 @@ pub fn sequential_layer(
         }
     }
     let groups = config.linear_groups(l)?;
-    // Experts under the coverage threshold: routed-token counts first, then their Hessians
-    // from all tokens, or none (round-to-nearest).
     let routed: Vec<(InputGroup, u64)> = groups.iter().map(|g| (g.group, sink.tokens(g.group))).collect();
-    let min_tokens = settings.expert_coverage.min_tokens();
-    let under: Vec<usize> = groups
-        .iter()
-        .filter_map(|g| match g.group {
-            InputGroup::ExpertGateUp(e) if sink.tokens(g.group) < min_tokens => Some(e),
-            _ => None,
-        })
-        .collect();
+    let under = under_covered(&groups, &routed, settings);
     if !under.is_empty() {
         for &e in &under {
             sink.remove(InputGroup::ExpertGateUp(e));
@@ -178,29 +204,11 @@ pub fn sequential_layer(
             }
         }
     }
-    let mut quantized_layer = Substituted::new(weights);
-    let mut dequantized = Vec::new();
-    let mut reports = Vec::new();
-    for group in groups {
-        let acc = sink.get(group.group);
-        let tokens = routed.iter().find(|(g, _)| *g == group.group).map_or(0, |&(_, t)| t);
-        let all_tokens = matches!(group.group, InputGroup::ExpertGateUp(e) | InputGroup::ExpertDown(e) if under.contains(&e))
-            && acc.is_some();
-        let factor = match (settings.method, acc) {
-            (Method::Gptq, Some(a)) if a.tokens() > 0 => {
-                SharedHessian::from_host(a.h().view(), a.tokens(), &quantizer.backend)?.pre_step(&settings.pre_step)?
-            }
-            _ => PreparedFactor::no_tokens(group.in_features)?,
-        };
-        for lin in &group.linears {
-            let w: Array2<f32> = matrix(weights, &lin.weight, (lin.out_features, group.in_features))?;
-            let q = quantize_with(quantizer, &factor, WeightView::F32(w.view()))?;
-            let deq = q.dequant().into_dyn();
-            quantized_layer.replace(&lin.weight, deq.clone())?;
-            dequantized.push((lin.weight.clone(), deq));
-        }
-        reports.push(GroupReport { layer: l, group: group.group, tokens, all_tokens, flags: factor.flags() });
-    }
+    let forward_hessians = clock.elapsed().as_secs_f64();
+    let mut timings = LayerTimings { load, forward_hessians, ..LayerTimings::default() };
+    let (quantized_layer, dequantized, reports) =
+        quantize_groups(config, l, weights, &sink, None, (&routed, &under), settings, quantizer, &mut timings)?;
+    let clock = Instant::now();
     let next = match settings.propagation {
         Propagation::FullPrecision => full_precision,
         Propagation::Quantized => {
@@ -214,7 +222,158 @@ pub fn sequential_layer(
                 .collect::<Result<Vec<_>>>()?
         }
     };
-    Ok(LayerPass { hessians: sink, dequantized, reports, next })
+    timings.propagate = clock.elapsed().as_secs_f64();
+    Ok(LayerPass { hessians: sink, dequantized, reports, next, timings })
+}
+
+/// Experts under the coverage threshold (routed-token counts in `routed`).
+fn under_covered(groups: &[LinearGroup], routed: &[(InputGroup, u64)], settings: &SequentialConfig) -> Vec<usize> {
+    let min_tokens = settings.expert_coverage.min_tokens();
+    let tokens = |g: InputGroup| routed.iter().find(|(x, _)| *x == g).map_or(0, |&(_, t)| t);
+    groups
+        .iter()
+        .filter_map(|g| match g.group {
+            InputGroup::ExpertGateUp(e) if tokens(g.group) < min_tokens => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The dequantized weights of a layer's quantized Linears, as a weight source over the rest.
+type Quantized<'a> = (Substituted<'a>, Vec<(String, ndarray::ArrayD<f32>)>, Vec<GroupReport>);
+
+/// Quantizes every Linear group of layer `l` with its Hessian in `sink` (GPTQ) or `H = I`.
+#[allow(clippy::too_many_arguments)]
+fn quantize_groups<'a>(
+    config: &ModelConfig,
+    l: usize,
+    weights: &'a dyn WeightSource,
+    sink: &HessianSink,
+    mut device: Option<&mut GpuHessianSink>,
+    (routed, under): (&[(InputGroup, u64)], &[usize]),
+    settings: &SequentialConfig,
+    quantizer: &Quantizer,
+    timings: &mut LayerTimings,
+) -> Result<Quantized<'a>> {
+    let mut quantized_layer = Substituted::new(weights);
+    let mut dequantized = Vec::new();
+    let mut reports = Vec::new();
+    for group in config.linear_groups(l)? {
+        let acc = sink.get(group.group);
+        let tokens = routed.iter().find(|(g, _)| *g == group.group).map_or(0, |&(_, t)| t);
+        let all_tokens = matches!(group.group, InputGroup::ExpertGateUp(e) | InputGroup::ExpertDown(e) if under.contains(&e))
+            && acc.is_some();
+        let clock = Instant::now();
+        // The device copy of the Hessian when the forward ran there (no upload of the host one).
+        let on_device = device.as_deref_mut().and_then(|d| d.remove(group.group));
+        let factor = match (settings.method, acc) {
+            (Method::Gptq, Some(a)) if a.tokens() > 0 => match on_device {
+                Some(h) => SharedHessian::from_device(h, &quantizer.backend)?.pre_step(&settings.pre_step)?,
+                None => SharedHessian::from_host(a.h().view(), a.tokens(), &quantizer.backend)?
+                    .pre_step(&settings.pre_step)?,
+            },
+            _ => PreparedFactor::no_tokens(group.in_features)?,
+        };
+        timings.pre_step += clock.elapsed().as_secs_f64();
+        let clock = Instant::now();
+        for lin in &group.linears {
+            let w: Array2<f32> = matrix(weights, &lin.weight, (lin.out_features, group.in_features))?;
+            let q = quantize_with(quantizer, &factor, WeightView::F32(w.view()))?;
+            let deq = q.dequant().into_dyn();
+            quantized_layer.replace(&lin.weight, deq.clone())?;
+            dequantized.push((lin.weight.clone(), deq));
+        }
+        timings.solve += clock.elapsed().as_secs_f64();
+        reports.push(GroupReport { layer: l, group: group.group, tokens, all_tokens, flags: factor.flags() });
+    }
+    Ok((quantized_layer, dequantized, reports))
+}
+
+/// [`sequential_layer`] with the forward pass on the device ([`GpuLayer`], bf16 Linears):
+/// the hidden states are uploaded once, run through the full-precision layer while the
+/// device Hessians accumulate, and (quantized propagation) through the quantized layer.
+#[allow(clippy::too_many_arguments)]
+fn sequential_layer_gpu(
+    dev: &GpuDevice,
+    config: &ModelConfig,
+    layer: &DecoderLayer,
+    weights: &dyn WeightSource,
+    hidden: Vec<Array2<f32>>,
+    settings: &SequentialConfig,
+    quantizer: &Quantizer,
+    keep_ffn_input: bool,
+) -> Result<LayerPass> {
+    let l = layer.index;
+    let precision = ForwardPrecision::Bf16;
+    let mut timings = LayerTimings::default();
+    let mut clock = Instant::now();
+    let mut lap = |dev: &GpuDevice| -> Result<f64> {
+        dev.synchronize()?;
+        let t = clock.elapsed().as_secs_f64();
+        clock = Instant::now();
+        Ok(t)
+    };
+    let mut ws = ForwardWorkspace::default();
+    let x = DeviceSequences::upload(dev, &hidden)?;
+    drop(hidden);
+    let mut out = x.zeros_like(dev)?;
+    let mut sink = GpuHessianSink::new();
+    let mut ffn_inputs = DeviceBuf::default();
+    let mut gpu = GpuLayer::upload(dev, layer, precision)?;
+    ws.chunk_tokens = gpu.chunk_tokens_for(FORWARD_CHUNK_BYTES);
+    timings.load = lap(dev)?;
+    gpu.forward(dev, &x, &mut out, Some(&mut sink), keep_ffn_input.then_some(&mut ffn_inputs), &mut ws)?;
+    let groups = config.linear_groups(l)?;
+    let routed: Vec<(InputGroup, u64)> = groups.iter().map(|g| (g.group, sink.tokens(g.group))).collect();
+    let under = under_covered(&groups, &routed, settings);
+    for &e in &under {
+        sink.remove(InputGroup::ExpertGateUp(e));
+        sink.remove(InputGroup::ExpertDown(e));
+    }
+    if !under.is_empty() && keep_ffn_input {
+        let tokens: usize = x.lens().iter().sum();
+        gpu.record_experts(dev, &ffn_inputs, tokens, &under, &mut sink, &mut ws)?;
+    }
+    drop(ffn_inputs);
+    timings.forward_hessians = lap(dev)?;
+    let host_sink = sink.to_host(dev)?;
+    timings.download = lap(dev)?;
+    let (quantized_layer, dequantized, reports) = quantize_groups(
+        config,
+        l,
+        weights,
+        &host_sink,
+        Some(&mut sink),
+        (&routed, &under),
+        settings,
+        quantizer,
+        &mut timings,
+    )?;
+    drop(sink);
+    lap(dev)?;
+    drop(quantized_layer);
+    let next = match settings.propagation {
+        Propagation::FullPrecision => out,
+        Propagation::Quantized => {
+            // The quantized weights replace the full-precision ones in the device layer.
+            for g in &groups {
+                for lin in &g.linears {
+                    let deq = dequantized
+                        .iter()
+                        .find(|(n, _)| *n == lin.weight)
+                        .ok_or_else(|| crate::ForgeError::Internal(format!("{} was not quantized", lin.weight)))?;
+                    let w = deq.1.view().into_dimensionality().map_err(|e| crate::ForgeError::Shape(e.to_string()))?;
+                    gpu.replace_weight(dev, g.group, lin.role, w)?;
+                }
+            }
+            gpu.forward(dev, &x, &mut out, None, None, &mut ws)?;
+            out
+        }
+    };
+    timings.propagate = lap(dev)?;
+    let next = next.download(dev)?;
+    timings.download += lap(dev)?;
+    Ok(LayerPass { hessians: host_sink, dequantized, reports, next, timings })
 }
 
 /// Runs the sequential pipeline over `calibration` (token sequences, no padding) on the CPU.

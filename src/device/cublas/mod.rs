@@ -46,6 +46,68 @@ pub enum BlasInput {
     BF16,
 }
 
+/// Element types of the row-major GEMM operands ([`RowMatrix`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmType {
+    /// f32.
+    F32,
+    /// bf16.
+    BF16,
+}
+
+impl GemmType {
+    fn cuda(self) -> cb::cudaDataType {
+        match self {
+            GemmType::F32 => cb::cudaDataType::CUDA_R_32F,
+            GemmType::BF16 => cb::cudaDataType::CUDA_R_16BF,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            GemmType::F32 => 4,
+            GemmType::BF16 => 2,
+        }
+    }
+}
+
+/// A row-major matrix operand of [`Blas::gemm_rows`]: device address of item 0, element type,
+/// elements between rows, elements between batch items.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowMatrix {
+    /// Device address of batch item 0's first element.
+    pub addr: u64,
+    /// Element type.
+    pub dtype: GemmType,
+    /// Elements between consecutive rows.
+    pub row_stride: usize,
+    /// Elements between consecutive batch items.
+    pub batch_stride: usize,
+}
+
+/// How [`Blas::gemm_rows`] multiplies.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowGemm {
+    /// Rows of `A` and `C`.
+    pub m: usize,
+    /// Columns of `C`.
+    pub n: usize,
+    /// The inner dimension.
+    pub k: usize,
+    /// `B` is stored `n × k` (a Linear's weight: `C = A·Bᵀ`) rather than `k × n`.
+    pub b_transposed: bool,
+    /// Scale of the product.
+    pub alpha: f32,
+    /// Scale of `C`'s old value (0: overwritten, 1: accumulated into).
+    pub beta: f32,
+    /// Batch items.
+    pub batch: usize,
+    /// f32 products on the tensor cores with TF32 inputs (10-bit mantissas) instead of full
+    /// f32 (only for f32 operands).
+    pub tf32: bool,
+}
+
 /// A cuBLAS handle on one stream (destroyed on drop).
 pub struct Blas {
     handle: cb::cublasHandle_t,
@@ -167,6 +229,44 @@ impl Blas {
             BlasInput::BF16 => cb::cudaDataType::CUDA_R_16BF,
         };
         result::gemm_aat(self.handle, cv(n)?, cv(k)?, a, t, c)
+    }
+
+    /// `C_b = alpha · A_b · op(B_b) + beta · C_b` on row-major matrices (`A` `m × k`, `B`
+    /// `n × k` when `b_transposed` else `k × n`, `C` `m × n`), f32 accumulation: the forward
+    /// pass's Linears (bf16 or f32 inputs, f32 output) and attention products (f32).
+    ///
+    /// # Safety
+    /// Every batch item's matrices lie in live buffers ready on the handle's stream; `C`
+    /// overlaps neither input.
+    pub unsafe fn gemm_rows(&mut self, g: &RowGemm, a: &RowMatrix, b: &RowMatrix, c: &RowMatrix) -> Result<()> {
+        let i = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
+        let l = |v: usize| i64::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's stride")));
+        let operand = |x: &RowMatrix| -> Result<result::Operand> {
+            Ok(result::Operand {
+                addr: x.addr,
+                dtype: x.dtype.cuda(),
+                ld: i(x.row_stride)?,
+                stride: l(x.batch_stride)?,
+            })
+        };
+        let compute = if g.tf32 && a.dtype == GemmType::F32 {
+            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        };
+        // Row-major C = A·op(B) is column-major Cᵀ = op(B)ᵀ·Aᵀ: cuBLAS's "A" is our B.
+        result::gemm_batched(
+            self.handle,
+            (g.b_transposed, false),
+            (i(g.n)?, i(g.m)?, i(g.k)?),
+            g.alpha,
+            &operand(b)?,
+            &operand(a)?,
+            g.beta,
+            &operand(c)?,
+            i(g.batch)?,
+            compute,
+        )
     }
 
     /// `Y = X · Wᵀ` in 16-bit (`BF16` or `F16`; f32 accumulation): row-major `X [m, k]`,

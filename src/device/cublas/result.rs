@@ -6,7 +6,7 @@ use cudarc::cublas::sys as cb;
 
 /// Every cuBLAS function this module calls (probed before the first call: cudarc panics on a
 /// missing symbol).
-pub(super) const SYMBOLS: [&str; 9] = [
+pub(super) const SYMBOLS: [&str; 10] = [
     "cublasCreate_v2",
     "cublasDestroy_v2",
     "cublasSetStream_v2",
@@ -16,6 +16,7 @@ pub(super) const SYMBOLS: [&str; 9] = [
     "cublasDsyrk_v2",
     "cublasDgemm_v2",
     "cublasGemmEx",
+    "cublasGemmStridedBatchedEx",
 ];
 
 pub(super) fn err(op: &'static str) -> impl FnOnce(cudarc::cublas::result::CublasError) -> ForgeError {
@@ -244,4 +245,61 @@ pub(super) unsafe fn gemm_xwt(
         cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
     )
     .map_err(err("running gemm_ex (16-bit X·Wᵀ)"))
+}
+
+/// One column-major operand of [`gemm_batched`]: address, element type, leading dimension,
+/// elements between batch items.
+pub(super) struct Operand {
+    pub addr: u64,
+    pub dtype: cb::cudaDataType,
+    pub ld: i32,
+    pub stride: i64,
+}
+
+/// `C_b ← alpha · op(A_b) · op(B_b) + beta · C_b` for `b < batch` (column-major, `m × n`
+/// output, inner dimension `k`), computed in `compute` with f32 scalars.
+///
+/// # Safety
+/// Live handle bound to the stream the buffers are ready on; every batch item's matrices lie
+/// in their buffers; `C` overlaps neither input.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_batched(
+    handle: cb::cublasHandle_t,
+    (ta, tb): (bool, bool),
+    (m, n, k): (i32, i32, i32),
+    alpha: f32,
+    a: &Operand,
+    b: &Operand,
+    beta: f32,
+    c: &Operand,
+    batch: i32,
+    compute: cb::cublasComputeType_t,
+) -> Result<()> {
+    let op = |t: bool| if t { cb::cublasOperation_t::CUBLAS_OP_T } else { cb::cublasOperation_t::CUBLAS_OP_N };
+    cudarc::cublas::result::gemm_strided_batched_ex(
+        handle,
+        op(ta),
+        op(tb),
+        m,
+        n,
+        k,
+        (&alpha) as *const f32 as *const _,
+        a.addr as *const _,
+        a.dtype,
+        a.ld,
+        a.stride,
+        b.addr as *const _,
+        b.dtype,
+        b.ld,
+        b.stride,
+        (&beta) as *const f32 as *const _,
+        c.addr as *mut _,
+        c.dtype,
+        c.ld,
+        c.stride,
+        batch,
+        compute,
+        cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+    )
+    .map_err(err("running gemm_strided_batched_ex"))
 }
