@@ -214,19 +214,19 @@ pub struct Ticket {
 }
 
 /// Page-locked host memory that grows to the largest size asked for.
-struct PinnedBuf<T> {
+pub(crate) struct PinnedBuf<T> {
     slice: Option<PinnedHostSlice<T>>,
     flags: u32,
 }
 
 impl<T: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync> PinnedBuf<T> {
-    fn new(write_combined: bool) -> Self {
+    pub(crate) fn new(write_combined: bool) -> Self {
         PinnedBuf { slice: None, flags: if write_combined { CU_MEMHOSTALLOC_WRITECOMBINED } else { 0 } }
     }
 
     /// The first `len` elements, growing first if needed. The caller guarantees no copy
     /// still uses the buffer (the slot's events).
-    fn get(&mut self, dev: &GpuDevice, len: usize) -> Result<&mut [T]> {
+    pub(crate) fn get(&mut self, dev: &GpuDevice, len: usize) -> Result<&mut [T]> {
         if !self.slice.as_ref().is_some_and(|s| s.len() >= len) {
             self.slice = None;
             // SAFETY: page-locked allocation; the engine reads only elements a copy wrote.

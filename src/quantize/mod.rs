@@ -7,7 +7,7 @@
 //! and the example use too.
 
 pub(crate) mod cpu;
-mod engine;
+pub(crate) mod engine;
 pub mod output;
 
 pub use engine::{

@@ -11,13 +11,15 @@
 //! backend or model files is refused. Every file is written atomically (temporary file,
 //! rename), `calibration.json` last.
 //!
-//! The forward pass is the CPU reference ([`super::DecoderLayer`]): right for small models
-//! and tests; the GPU forward of issue 14 replaces it behind the same function.
+//! The forward pass runs where the job's backend is: on a GPU the device forward
+//! ([`super::GpuLayer`], bf16 Linears), on the CPU the f32 reference ([`super::DecoderLayer`]);
+//! the backend is part of the fingerprint, so a state is resumed only on its own kind.
 
 use super::config::ModelConfig;
+use super::cuda::{DeviceSequences, HostStaging};
 use super::model::CpuModel;
 use super::names::LinearGroup;
-use super::sequential::{sequential_layer, GroupReport, SequentialConfig};
+use super::sequential::{sequential_layer, sequential_layer_device, GroupReport, SequentialConfig};
 use super::weights::SafetensorsDir;
 use crate::calib::data::CalibSamples;
 use crate::checkpoint::quant::write_hessian_file;
@@ -97,25 +99,50 @@ pub fn calibrate(job: &CalibrationJob<'_>, progress: &dyn Fn(usize, usize)) -> R
         _ => (0, CpuModel::new(&config, &weights).embed_sequences(&job.samples.sequences)?),
     };
     let quantizer = Quantizer::new(job.settings.grid.clone(), job.backend.clone());
+    // On a GPU the hidden states stay on the device from layer to layer; only the resume
+    // checkpoint comes down (through page-locked memory).
+    let mut on_device = match (&job.backend, start < layers) {
+        (Backend::Gpu(dev), true) => Some((dev.clone(), DeviceSequences::upload(dev, &hidden)?)),
+        _ => None,
+    };
+    if on_device.is_some() {
+        hidden = Vec::new();
+    }
+    let mut staging = HostStaging::default();
     let mut reports = Vec::new();
     for l in start..layers {
         if job.fail_after_layers.is_some_and(|n| l - start >= n) {
             return Err(ForgeError::Config(format!("test hook: calibration stopped before layer {l}")));
         }
         let groups = config.linear_groups(l)?;
-        let pass = sequential_layer(&config, l, &weights, std::mem::take(&mut hidden), &job.settings, &quantizer)?;
-        for g in &groups {
-            write_group_hessians(&hessians, g, &pass.hessians)?;
-        }
-        hidden = pass.next;
-        reports.extend(pass.reports);
         let next = l + 1;
-        let (file, hash) = if next < layers {
-            let name = format!("hidden-{next}.bin");
-            (Some(name.clone()), Some(write_hidden(&job.state.join(&name), &hidden)?))
-        } else {
-            (None, None)
+        let name = format!("hidden-{next}.bin");
+        let (layer_hessians, hash) = match on_device.take() {
+            Some((dev, x)) => {
+                let pass = sequential_layer_device(&dev, &config, l, &weights, &x, &job.settings, &quantizer)?;
+                drop(x);
+                reports.extend(pass.reports);
+                let hash = if next < layers {
+                    Some(write_hidden_values(&job.state.join(&name), pass.next.download_flat(&dev, &mut staging)?)?)
+                } else {
+                    None
+                };
+                on_device = Some((dev, pass.next));
+                (pass.hessians, hash)
+            }
+            None => {
+                let pass =
+                    sequential_layer(&config, l, &weights, std::mem::take(&mut hidden), &job.settings, &quantizer)?;
+                hidden = pass.next;
+                reports.extend(pass.reports);
+                let hash = if next < layers { Some(write_hidden(&job.state.join(&name), &hidden)?) } else { None };
+                (pass.hessians, hash)
+            }
         };
+        for g in &groups {
+            write_group_hessians(&hessians, g, &layer_hessians)?;
+        }
+        let file = hash.as_ref().map(|_| name.clone());
         let state = State { fingerprint: fingerprint.clone(), done: next, hidden: file, hidden_xxh3: hash };
         write_state(&state_path, &state)?;
         // The previous layer's inputs are no longer needed once the state names the next.
@@ -190,14 +217,25 @@ fn write_state(path: &Path, s: &State) -> Result<()> {
 fn write_hidden(path: &Path, hidden: &[Array2<f32>]) -> Result<String> {
     let n: usize = hidden.iter().map(|h| h.len()).sum();
     crate::budget::Request::new().bytes(4, &[n]).check("the hidden states written for resume")?;
-    let mut bytes = Vec::with_capacity(4 * n);
+    let mut values = Vec::with_capacity(n);
     for h in hidden {
-        for v in h.iter() {
-            bytes.extend_from_slice(&v.to_le_bytes());
-        }
+        values.extend(h.iter().copied());
     }
-    let hash = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes));
-    crate::fsio::write_file_atomic(path, &bytes)?;
+    write_hidden_values(path, &values)
+}
+
+/// Writes `values` as f32 little-endian; returns their xxh3.
+fn write_hidden_values(path: &Path, values: &[f32]) -> Result<String> {
+    let le;
+    let bytes: &[u8] = if cfg!(target_endian = "little") {
+        bytemuck::cast_slice(values)
+    } else {
+        crate::budget::Request::new().bytes(4, &[values.len()]).check("the hidden states written for resume")?;
+        le = values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        &le
+    };
+    let hash = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes));
+    crate::fsio::write_file_atomic(path, bytes)?;
     Ok(hash)
 }
 

@@ -1,5 +1,5 @@
-//! Sequential layer-wise quantization on the CPU: the reference the GPU engine is checked
-//! against (issue 14, item 2), small models only.
+//! Sequential layer-wise quantization (issue 14, item 2): on the CPU the f32 reference (small
+//! models), on a GPU the device forward ([`GpuLayer`]) with device Hessians.
 //!
 //! Embeddings → for each decoder layer: run every calibration sequence through it with the
 //! layer's full-precision weights while a [`HessianSink`] accumulates one Hessian per input
@@ -163,17 +163,33 @@ pub fn sequential_layer(
     settings: &SequentialConfig,
     quantizer: &Quantizer,
 ) -> Result<LayerPass> {
+    if let Backend::Gpu(dev) = &quantizer.backend {
+        // Hidden states up, the device pass, the next layer's inputs down.
+        let clock = Instant::now();
+        let x = DeviceSequences::upload(dev, &hidden)?;
+        drop(hidden);
+        let upload = clock.elapsed().as_secs_f64();
+        let pass = sequential_layer_device(dev, config, l, weights, &x, settings, quantizer)?;
+        drop(x);
+        let clock = Instant::now();
+        let next = pass.next.download(dev)?;
+        let mut timings = pass.timings;
+        timings.load += upload;
+        timings.download += clock.elapsed().as_secs_f64();
+        return Ok(LayerPass {
+            hessians: pass.hessians,
+            dequantized: pass.dequantized,
+            reports: pass.reports,
+            next,
+            timings,
+        });
+    }
     let clock = Instant::now();
     let layer = DecoderLayer::load(config, l, weights)?;
     let load = clock.elapsed().as_secs_f64();
     // The feed-forward inputs are kept only where the all-tokens coverage may need them.
     let keep_ffn_input =
         config.layer(l)?.ffn == FfnKind::Moe && matches!(settings.expert_coverage, ExpertCoverage::AllTokens { .. });
-    if let Backend::Gpu(dev) = &quantizer.backend {
-        let mut pass = sequential_layer_gpu(dev, config, &layer, weights, hidden, settings, quantizer, keep_ffn_input)?;
-        pass.timings.load += load;
-        return Ok(pass);
-    }
     let clock = Instant::now();
     let mut sink = HessianSink::new();
     let mut full_precision = Vec::with_capacity(hidden.len());
@@ -280,7 +296,10 @@ fn quantize_groups<'a>(
             let w: Array2<f32> = matrix(weights, &lin.weight, (lin.out_features, group.in_features))?;
             let q = quantize_with(quantizer, &factor, WeightView::F32(w.view()))?;
             let deq = q.dequant().into_dyn();
-            quantized_layer.replace(&lin.weight, deq.clone())?;
+            // The device path replaces weights in its own layer: no host copy needed.
+            if device.is_none() {
+                quantized_layer.replace(&lin.weight, deq.clone())?;
+            }
             dequantized.push((lin.weight.clone(), deq));
         }
         timings.solve += clock.elapsed().as_secs_f64();
@@ -289,21 +308,35 @@ fn quantize_groups<'a>(
     Ok((quantized_layer, dequantized, reports))
 }
 
-/// [`sequential_layer`] with the forward pass on the device ([`GpuLayer`], bf16 Linears):
-/// the hidden states are uploaded once, run through the full-precision layer while the
-/// device Hessians accumulate, and (quantized propagation) through the quantized layer.
-#[allow(clippy::too_many_arguments)]
-fn sequential_layer_gpu(
+/// What [`sequential_layer_device`] produced: as [`LayerPass`], the next layer's inputs on
+/// the device.
+pub struct DeviceLayerPass {
+    /// The Hessian of every input group that saw tokens (downloaded).
+    pub hessians: HessianSink,
+    /// Every quantized Linear's dequantized weight, under its checkpoint name.
+    pub dequantized: Vec<(String, ndarray::ArrayD<f32>)>,
+    /// One entry per input group, in forward order.
+    pub reports: Vec<GroupReport>,
+    /// The next layer's inputs, as `settings.propagation` says.
+    pub next: DeviceSequences,
+    /// Where the time went.
+    pub timings: LayerTimings,
+}
+
+/// [`sequential_layer`] with the forward pass on the device ([`GpuLayer`], bf16 Linears) and
+/// the hidden states kept there: `x` runs through the full-precision layer while the device
+/// Hessians accumulate (and go to the pre-step as they are), every group is quantized, and
+/// (quantized propagation) the quantized weights replace the full-precision ones in place
+/// for a second forward that produces the next layer's inputs.
+pub fn sequential_layer_device(
     dev: &GpuDevice,
     config: &ModelConfig,
-    layer: &DecoderLayer,
+    l: usize,
     weights: &dyn WeightSource,
-    hidden: Vec<Array2<f32>>,
+    x: &DeviceSequences,
     settings: &SequentialConfig,
     quantizer: &Quantizer,
-    keep_ffn_input: bool,
-) -> Result<LayerPass> {
-    let l = layer.index;
+) -> Result<DeviceLayerPass> {
     let precision = ForwardPrecision::Bf16;
     let mut timings = LayerTimings::default();
     let mut clock = Instant::now();
@@ -313,16 +346,15 @@ fn sequential_layer_gpu(
         clock = Instant::now();
         Ok(t)
     };
-    let mut ws = ForwardWorkspace::default();
-    let x = DeviceSequences::upload(dev, &hidden)?;
-    drop(hidden);
+    let keep_ffn_input =
+        config.layer(l)?.ffn == FfnKind::Moe && matches!(settings.expert_coverage, ExpertCoverage::AllTokens { .. });
+    let mut gpu = GpuLayer::upload(dev, &DecoderLayer::load(config, l, weights)?, precision)?;
+    let mut ws = ForwardWorkspace::new(gpu.chunk_tokens_for(FORWARD_CHUNK_BYTES));
     let mut out = x.zeros_like(dev)?;
     let mut sink = GpuHessianSink::new();
     let mut ffn_inputs = DeviceBuf::default();
-    let mut gpu = GpuLayer::upload(dev, layer, precision)?;
-    ws.chunk_tokens = gpu.chunk_tokens_for(FORWARD_CHUNK_BYTES);
     timings.load = lap(dev)?;
-    gpu.forward(dev, &x, &mut out, Some(&mut sink), keep_ffn_input.then_some(&mut ffn_inputs), &mut ws)?;
+    gpu.forward(dev, x, &mut out, Some(&mut sink), keep_ffn_input.then_some(&mut ffn_inputs), &mut ws)?;
     let groups = config.linear_groups(l)?;
     let routed: Vec<(InputGroup, u64)> = groups.iter().map(|g| (g.group, sink.tokens(g.group))).collect();
     let under = under_covered(&groups, &routed, settings);
@@ -350,30 +382,23 @@ fn sequential_layer_gpu(
         &mut timings,
     )?;
     drop(sink);
-    lap(dev)?;
     drop(quantized_layer);
-    let next = match settings.propagation {
-        Propagation::FullPrecision => out,
-        Propagation::Quantized => {
-            // The quantized weights replace the full-precision ones in the device layer.
-            for g in &groups {
-                for lin in &g.linears {
-                    let deq = dequantized
-                        .iter()
-                        .find(|(n, _)| *n == lin.weight)
-                        .ok_or_else(|| crate::ForgeError::Internal(format!("{} was not quantized", lin.weight)))?;
-                    let w = deq.1.view().into_dimensionality().map_err(|e| crate::ForgeError::Shape(e.to_string()))?;
-                    gpu.replace_weight(dev, g.group, lin.role, w)?;
-                }
+    lap(dev)?;
+    if settings.propagation == Propagation::Quantized {
+        for g in &groups {
+            for lin in &g.linears {
+                let deq = dequantized
+                    .iter()
+                    .find(|(n, _)| *n == lin.weight)
+                    .ok_or_else(|| crate::ForgeError::Internal(format!("{} was not quantized", lin.weight)))?;
+                let w = deq.1.view().into_dimensionality().map_err(|e| crate::ForgeError::Shape(e.to_string()))?;
+                gpu.replace_weight(dev, g.group, lin.role, w)?;
             }
-            gpu.forward(dev, &x, &mut out, None, None, &mut ws)?;
-            out
         }
-    };
-    timings.propagate = lap(dev)?;
-    let next = next.download(dev)?;
-    timings.download += lap(dev)?;
-    Ok(LayerPass { hessians: host_sink, dequantized, reports, next, timings })
+        gpu.forward(dev, x, &mut out, None, None, &mut ws)?;
+        timings.propagate = lap(dev)?;
+    }
+    Ok(DeviceLayerPass { hessians: host_sink, dequantized, reports, next: out, timings })
 }
 
 /// Runs the sequential pipeline over `calibration` (token sequences, no padding) on the CPU.
