@@ -48,6 +48,25 @@ fn seq_config(model: &ModelDir) -> SequentialConfig {
     }
 }
 
+/// A 3-layer Llama-shaped demo model in `tmp/llama`.
+fn demo_model(tmp: &Path) -> (std::path::PathBuf, ModelDir) {
+    let dir = tmp.join("llama");
+    write_llama_demo(&dir, &LlamaDemo { layers: 3, hidden: 128, intermediate: 256, ..LlamaDemo::default() }).unwrap();
+    let model = ModelDir::open(&dir).unwrap();
+    (dir, model)
+}
+
+/// The Hessian files of two calibration states are the same files, byte for byte.
+fn assert_same_hessians(a: &Path, b: &Path) {
+    let files = |d: &Path| ckpt_util::dir_files(&d.join("hessians"));
+    let (a, b) = (files(a), files(b));
+    assert_eq!(a.len(), 3 * 7, "one file per Linear");
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, v) in &a {
+        assert!(b[k] == *v, "{k}: the resumed Hessian differs");
+    }
+}
+
 fn job<'a>(model: &'a Path, s: &'a CalibSamples, cfg: &SequentialConfig, state: &Path) -> CalibrationJob<'a> {
     CalibrationJob {
         model_dir: model,
@@ -78,9 +97,7 @@ fn gptq(hessians: &Path) -> JobSettings {
 #[test]
 fn calibrated_checkpoint_equals_the_sequential_reference() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("llama");
-    write_llama_demo(&dir, &LlamaDemo { layers: 3, hidden: 128, intermediate: 256, ..LlamaDemo::default() }).unwrap();
-    let model = ModelDir::open(&dir).unwrap();
+    let (dir, model) = demo_model(tmp.path());
     let s = samples(&dir, 1, 6, 48);
     let cfg = seq_config(&model);
     let report = calibrate(&job(&dir, &s, &cfg, &tmp.path().join("state")), &|_, _| {}).unwrap();
@@ -111,9 +128,7 @@ fn calibrated_checkpoint_equals_the_sequential_reference() {
 #[test]
 fn calibration_resumes_after_a_kill_and_refuses_other_inputs() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("llama");
-    write_llama_demo(&dir, &LlamaDemo { layers: 3, hidden: 128, intermediate: 256, ..LlamaDemo::default() }).unwrap();
-    let model = ModelDir::open(&dir).unwrap();
+    let (dir, model) = demo_model(tmp.path());
     let s = samples(&dir, 2, 4, 40);
     let cfg = seq_config(&model);
     let whole = tmp.path().join("whole");
@@ -141,13 +156,7 @@ fn calibration_resumes_after_a_kill_and_refuses_other_inputs() {
     resumed.resume = true;
     let r = calibrate(&resumed, &|_, _| {}).unwrap();
     assert_eq!(r.resumed_at, 1);
-    let files = |d: &Path| ckpt_util::dir_files(&d.join("hessians"));
-    let (a, b) = (files(&whole), files(&state));
-    assert_eq!(a.len(), 3 * 7, "one file per Linear");
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    for (k, v) in &a {
-        assert!(b[k] == *v, "{k}: the resumed Hessian differs");
-    }
+    assert_same_hessians(&whole, &state);
     // A damaged hidden-state file is caught, not used.
     let state2 = tmp.path().join("damaged");
     let mut k2 = job(&dir, &s, &cfg, &state2);
@@ -175,9 +184,7 @@ fn gpu_calibration_resumes_bit_for_bit() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("llama");
-    write_llama_demo(&dir, &LlamaDemo { layers: 3, hidden: 128, intermediate: 256, ..LlamaDemo::default() }).unwrap();
-    let model = ModelDir::open(&dir).unwrap();
+    let (dir, model) = demo_model(tmp.path());
     let s = samples(&dir, 2, 4, 40);
     let cfg = seq_config(&model);
     let gpu_job = |state: &Path| CalibrationJob { backend: Backend::Gpu(dev.clone()), ..job(&dir, &s, &cfg, state) };
@@ -190,11 +197,5 @@ fn gpu_calibration_resumes_bit_for_bit() {
     let mut resumed = gpu_job(&state);
     resumed.resume = true;
     assert_eq!(calibrate(&resumed, &|_, _| {}).unwrap().resumed_at, 1);
-    let files = |d: &Path| ckpt_util::dir_files(&d.join("hessians"));
-    let (a, b) = (files(&whole), files(&state));
-    assert_eq!(a.len(), 3 * 7, "one file per Linear");
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    for (k, v) in &a {
-        assert!(b[k] == *v, "{k}: the resumed Hessian differs");
-    }
+    assert_same_hessians(&whole, &state);
 }
