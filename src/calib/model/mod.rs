@@ -36,7 +36,7 @@ pub use model::{kl_from_logits, next_token_kl, CpuModel, KlStats};
 pub use names::{InputGroup, LayerTensorNames, LinearGroup, LinearRole, LinearSpec};
 pub use rope::Rope;
 pub use sequential::{
-    quantize_model_cpu, sequential_layer, sequential_layer_device, DeviceLayerPass, ExpertCoverage, GroupReport,
-    LayerPass, LayerTimings, Method, Propagation, SequentialConfig, SequentialResult,
+    quantize_model, quantize_model_cpu, sequential_layer, sequential_layer_device, DeviceLayerPass, ExpertCoverage,
+    GroupReport, LayerPass, LayerTimings, Method, Propagation, SequentialConfig, SequentialResult,
 };
 pub use weights::{matrix, vector, MemoryWeights, SafetensorsDir, Substituted, WeightSource};

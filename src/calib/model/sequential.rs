@@ -408,7 +408,19 @@ pub fn quantize_model_cpu(
     calibration: &[Vec<u32>],
     settings: &SequentialConfig,
 ) -> Result<SequentialResult> {
-    let quantizer = Quantizer::new(settings.grid.clone(), Backend::Cpu);
+    quantize_model(config, weights, calibration, settings, Backend::Cpu)
+}
+
+/// [`quantize_model_cpu`] on `backend` (on a GPU: the device forward of every layer, the
+/// hidden states in host memory between layers; the checkpoint path keeps them on the device).
+pub fn quantize_model(
+    config: &ModelConfig,
+    weights: &dyn WeightSource,
+    calibration: &[Vec<u32>],
+    settings: &SequentialConfig,
+    backend: Backend,
+) -> Result<SequentialResult> {
+    let quantizer = Quantizer::new(settings.grid.clone(), backend);
     let mut hidden = CpuModel::new(config, weights).embed_sequences(calibration)?;
     let mut dequantized = MemoryWeights::new();
     let mut reports = Vec::new();
