@@ -124,6 +124,27 @@ fn main() -> fourbit_forge::Result<()> {
         ]);
     }
     common::print_table("bf16 GEMMs (cuBLAS, f32 accumulation)", &["GEMM", "ms", "TFLOP/s", "of peak"], &rows);
+    // The host link, which the layer's Hessian and hidden-state downloads ride on.
+    {
+        let n = 256usize << 20; // 1 GiB of f32
+        let d = dev.alloc::<f32>(n, "link probe")?;
+        let mut pageable = vec![0f32; n];
+        let mut staging = HostStaging::default();
+        let seqs = DeviceSequences::upload(&dev, &[Array2::<f32>::ones((n / 4096, 4096))])?;
+        seqs.download_flat(&dev, &mut staging)?;
+        let t = Instant::now();
+        dev.stream().memcpy_dtoh(&d, &mut pageable).map_err(fourbit_forge::ForgeError::driver("probe"))?;
+        dev.synchronize()?;
+        let pageable_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        seqs.download_flat(&dev, &mut staging)?;
+        let pinned_s = t.elapsed().as_secs_f64();
+        println!(
+            "\ndevice → host, 1 GiB: pageable {:.1} GB/s, pinned (incl. the finiteness scan) {:.1} GB/s",
+            1.073741824 / pageable_s,
+            1.073741824 / pinned_s
+        );
+    }
 
     let mut fwd_rows = Vec::new();
     let mut layer_rows = Vec::new();

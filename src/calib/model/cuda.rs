@@ -222,9 +222,22 @@ impl GpuHessianSink {
 
     /// Downloads every Hessian into a host sink.
     pub fn to_host(&self, dev: &GpuDevice) -> Result<HessianSink> {
+        self.to_host_staged(dev, &mut HostStaging::default())
+    }
+
+    /// [`GpuHessianSink::to_host`] through page-locked `staging` (a device-to-pinned copy runs
+    /// at the link's speed; a pageable one is staged by the driver).
+    pub fn to_host_staged(&self, dev: &GpuDevice, staging: &mut HostStaging) -> Result<HessianSink> {
         let mut sink = HessianSink::new();
         for (&g, h) in &self.hessians {
-            sink.replace(g, HessianAccumulator::from_parts(h.to_host(dev)?, h.tokens())?);
+            let n = h.cols();
+            let host = staging.0.get(dev, n * n)?;
+            dev.stream().memcpy_dtoh(h.h(), host).map_err(ForgeError::driver("downloading a Hessian"))?;
+            dev.synchronize()?;
+            let mut a = Array2::<f32>::zeros((n, n));
+            let dst = a.as_slice_mut().ok_or_else(|| ForgeError::Internal("fresh arrays are contiguous".into()))?;
+            dst.par_chunks_mut(1 << 16).zip(host.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+            sink.replace(g, HessianAccumulator::from_parts(a, h.tokens())?);
         }
         Ok(sink)
     }

@@ -11,7 +11,7 @@
 //! round-to-nearest and reported with 0 tokens, never silently.
 
 use super::config::{FfnKind, ModelConfig};
-use super::cuda::{DeviceSequences, ForwardPrecision, ForwardWorkspace, GpuHessianSink, GpuLayer};
+use super::cuda::{DeviceSequences, ForwardPrecision, ForwardWorkspace, GpuHessianSink, GpuLayer, HostStaging};
 use super::hooks::HessianSink;
 use super::layer::DecoderLayer;
 use super::model::CpuModel;
@@ -368,7 +368,7 @@ pub fn sequential_layer_device(
     }
     drop(ffn_inputs);
     timings.forward_hessians = lap(dev)?;
-    let host_sink = sink.to_host(dev)?;
+    let host_sink = sink.to_host_staged(dev, &mut HostStaging::default())?;
     timings.download = lap(dev)?;
     let (quantized_layer, dequantized, reports) = quantize_groups(
         config,
