@@ -118,26 +118,17 @@ impl DeviceSequences {
         })
     }
 
-    /// Downloads the sequences (one copy per sequence into its array), checking every value
-    /// is finite.
+    /// Downloads the sequences into one array each (through [`DeviceSequences::download_flat`]
+    /// with its own staging), checking every value is finite.
     pub fn download(&self, dev: &GpuDevice) -> Result<Vec<Array2<f32>>> {
+        let mut staging = HostStaging::default();
+        let flat = self.download_flat(dev, &mut staging)?;
         let mut out = Vec::with_capacity(self.lens.len());
         let mut at = 0;
         for &t in &self.lens {
-            let mut a = Array2::<f32>::zeros((t, self.hidden));
-            let dst = a.as_slice_mut().ok_or_else(|| ForgeError::Internal("fresh arrays are contiguous".into()))?;
-            let src = self.data.slice(at..at + t * self.hidden);
-            dev.stream().memcpy_dtoh(&src, dst).map_err(ForgeError::driver("downloading hidden states"))?;
+            let v = flat[at..at + t * self.hidden].to_vec();
+            out.push(Array2::from_shape_vec((t, self.hidden), v).map_err(|e| ForgeError::Shape(e.to_string()))?);
             at += t * self.hidden;
-            out.push(a);
-        }
-        dev.synchronize()?;
-        let bad = out.par_iter().enumerate().find_map_first(|(s, a)| {
-            a.indexed_iter().find(|(_, v)| !v.is_finite()).map(|((row, col), &value)| (s, row, col, value))
-        });
-        if let Some((s, row, col, value)) = bad {
-            let row = self.lens[..s].iter().sum::<usize>() + row;
-            return Err(ForgeError::NonFinite { tensor: "layer output", row, col, value });
         }
         Ok(out)
     }
@@ -597,7 +588,7 @@ impl GpuLayer {
         x: &DeviceSequences,
         out: &mut DeviceSequences,
         mut sink: Option<&mut GpuHessianSink>,
-        mut ffn_inputs: Option<&mut DeviceBuf<u8>>,
+        ffn_inputs: Option<&mut DeviceBuf<u8>>,
         ws: &mut ForwardWorkspace,
     ) -> Result<()> {
         let h = self.hidden;
@@ -608,9 +599,10 @@ impl GpuLayer {
             )));
         }
         let total: usize = x.lens.iter().sum();
-        if let Some(buf) = ffn_inputs.as_deref_mut() {
-            buf.ensure(dev, (total * h * self.precision.size()).max(16), "feed-forward inputs")?;
-        }
+        let ffn_base = match ffn_inputs {
+            Some(buf) => Some(addr(buf, dev, total * h * self.precision.size(), "feed-forward inputs")?),
+            None => None,
+        };
         // The residual stream: out = x, then every block adds to it.
         dev.stream().memcpy_dtod(&x.data, &mut out.data).map_err(ForgeError::driver("copying hidden states"))?;
         let max_len = x.lens.iter().copied().max().unwrap_or(0);
@@ -627,13 +619,7 @@ impl GpuLayer {
                 last += 1;
             }
             let hid = out_base + (start_token * h * 4) as u64;
-            let ffn_dst = match ffn_inputs.as_deref_mut() {
-                Some(buf) => Some(
-                    buf.ensure(dev, 16, "feed-forward inputs")?.dev_ptr_mut().addr()
-                        + (start_token * h * self.precision.size()) as u64,
-                ),
-                None => None,
-            };
+            let ffn_dst = ffn_base.map(|b| b + (start_token * h * self.precision.size()) as u64);
             self.chunk(dev, hid, &x.lens[first..last], tokens, sink.as_deref_mut(), ffn_dst, ws)?;
             start_token += tokens;
             first = last;

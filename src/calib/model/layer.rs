@@ -228,6 +228,25 @@ impl DecoderLayer {
         })
     }
 
+    /// The loaded Linear of `role` in input group `group`.
+    pub fn linear(&self, group: InputGroup, role: LinearRole) -> Result<&Linear> {
+        let mlp = match (group, &self.ffn) {
+            (InputGroup::GateUp | InputGroup::Down, Ffn::Dense(m)) => Some(m),
+            (InputGroup::ExpertGateUp(e) | InputGroup::ExpertDown(e), Ffn::Moe { experts, .. }) => experts.get(e),
+            _ => None,
+        };
+        match (group, role, mlp) {
+            (InputGroup::Qkv, LinearRole::Q, _) => Ok(&self.q),
+            (InputGroup::Qkv, LinearRole::K, _) => Ok(&self.k),
+            (InputGroup::Qkv, LinearRole::V, _) => Ok(&self.v),
+            (InputGroup::O, LinearRole::O, _) => Ok(&self.o),
+            (_, LinearRole::Gate, Some(m)) => Ok(&m.gate),
+            (_, LinearRole::Up, Some(m)) => Ok(&m.up),
+            (_, LinearRole::Down, Some(m)) => Ok(&m.down),
+            _ => Err(ForgeError::Config(format!("layer {} has no {role:?} in {group:?}", self.index))),
+        }
+    }
+
     /// Runs one sequence `x: (seq, hidden)` whose tokens sit at `positions` (one per row;
     /// causal order is row order). Every Linear group's input goes to `sink`.
     pub fn forward(

@@ -17,7 +17,7 @@ use super::layer::DecoderLayer;
 use super::model::CpuModel;
 use super::names::InputGroup;
 use super::names::LinearGroup;
-use super::weights::{matrix, MemoryWeights, Substituted, WeightSource};
+use super::weights::{MemoryWeights, Substituted, WeightSource};
 use crate::calib::{quantize_with, PreparedFactor, QuantizeFlags, SharedHessian};
 use crate::device::{DeviceBuf, GpuDevice};
 use crate::hessian::PreStepConfig;
@@ -223,7 +223,7 @@ pub fn sequential_layer(
     let forward_hessians = clock.elapsed().as_secs_f64();
     let mut timings = LayerTimings { load, forward_hessians, ..LayerTimings::default() };
     let (quantized_layer, dequantized, reports) =
-        quantize_groups(config, l, weights, &sink, None, (&routed, &under), settings, quantizer, &mut timings)?;
+        quantize_groups(config, &layer, weights, &sink, None, (&routed, &under), settings, quantizer, &mut timings)?;
     let clock = Instant::now();
     let next = match settings.propagation {
         Propagation::FullPrecision => full_precision,
@@ -262,7 +262,7 @@ type Quantized<'a> = (Substituted<'a>, Vec<(String, ndarray::ArrayD<f32>)>, Vec<
 #[allow(clippy::too_many_arguments)]
 fn quantize_groups<'a>(
     config: &ModelConfig,
-    l: usize,
+    layer: &DecoderLayer,
     weights: &'a dyn WeightSource,
     sink: &HessianSink,
     mut device: Option<&mut GpuHessianSink>,
@@ -274,6 +274,7 @@ fn quantize_groups<'a>(
     let mut quantized_layer = Substituted::new(weights);
     let mut dequantized = Vec::new();
     let mut reports = Vec::new();
+    let l = layer.index;
     for group in config.linear_groups(l)? {
         let acc = sink.get(group.group);
         let tokens = routed.iter().find(|(g, _)| *g == group.group).map_or(0, |&(_, t)| t);
@@ -293,7 +294,8 @@ fn quantize_groups<'a>(
         timings.pre_step += clock.elapsed().as_secs_f64();
         let clock = Instant::now();
         for lin in &group.linears {
-            let w: Array2<f32> = matrix(weights, &lin.weight, (lin.out_features, group.in_features))?;
+            // The weights the forward loaded, not a second read of the checkpoint.
+            let w = &layer.linear(group.group, lin.role)?.weight;
             let q = quantize_with(quantizer, &factor, WeightView::F32(w.view()))?;
             let deq = q.dequant().into_dyn();
             // The device path replaces weights in its own layer: no host copy needed.
@@ -348,7 +350,8 @@ pub fn sequential_layer_device(
     };
     let keep_ffn_input =
         config.layer(l)?.ffn == FfnKind::Moe && matches!(settings.expert_coverage, ExpertCoverage::AllTokens { .. });
-    let mut gpu = GpuLayer::upload(dev, &DecoderLayer::load(config, l, weights)?, precision)?;
+    let layer = DecoderLayer::load(config, l, weights)?;
+    let mut gpu = GpuLayer::upload(dev, &layer, precision)?;
     let mut ws = ForwardWorkspace::new(gpu.chunk_tokens_for(FORWARD_CHUNK_BYTES));
     let mut out = x.zeros_like(dev)?;
     let mut sink = GpuHessianSink::new();
@@ -372,7 +375,7 @@ pub fn sequential_layer_device(
     timings.download = lap(dev)?;
     let (quantized_layer, dequantized, reports) = quantize_groups(
         config,
-        l,
+        &layer,
         weights,
         &host_sink,
         Some(&mut sink),
@@ -381,19 +384,17 @@ pub fn sequential_layer_device(
         quantizer,
         &mut timings,
     )?;
-    drop(sink);
-    drop(quantized_layer);
+    drop((sink, quantized_layer, layer));
     lap(dev)?;
     if settings.propagation == Propagation::Quantized {
-        for g in &groups {
-            for lin in &g.linears {
-                let deq = dequantized
-                    .iter()
-                    .find(|(n, _)| *n == lin.weight)
-                    .ok_or_else(|| crate::ForgeError::Internal(format!("{} was not quantized", lin.weight)))?;
-                let w = deq.1.view().into_dimensionality().map_err(|e| crate::ForgeError::Shape(e.to_string()))?;
-                gpu.replace_weight(dev, g.group, lin.role, w)?;
+        // `dequantized` is in group and Linear order, as quantize_groups walked them.
+        let linears = groups.iter().flat_map(|g| g.linears.iter().map(move |lin| (g.group, lin)));
+        for ((group, lin), (name, deq)) in linears.zip(&dequantized) {
+            if *name != lin.weight {
+                return Err(crate::ForgeError::Internal(format!("{name} quantized in place of {}", lin.weight)));
             }
+            let w = deq.view().into_dimensionality().map_err(|e| crate::ForgeError::Shape(e.to_string()))?;
+            gpu.replace_weight(dev, group, lin.role, w)?;
         }
         gpu.forward(dev, x, &mut out, None, None, &mut ws)?;
         timings.propagate = lap(dev)?;
