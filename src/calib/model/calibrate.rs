@@ -16,7 +16,7 @@
 //! the backend is part of the fingerprint, so a state is resumed only on its own kind.
 
 use super::config::ModelConfig;
-use super::cuda::{DeviceSequences, HostStaging};
+use super::cuda::{DeviceSequences, HostStaging, LayerBuffers};
 use super::model::CpuModel;
 use super::names::LinearGroup;
 use super::sequential::{sequential_layer, sequential_layer_device, GroupReport, SequentialConfig};
@@ -109,6 +109,7 @@ pub fn calibrate(job: &CalibrationJob<'_>, progress: &dyn Fn(usize, usize)) -> R
         hidden = Vec::new();
     }
     let mut staging = HostStaging::default();
+    let mut buffers = LayerBuffers::default();
     let mut reports = Vec::new();
     for l in start..layers {
         if job.fail_after_layers.is_some_and(|n| l - start >= n) {
@@ -119,7 +120,8 @@ pub fn calibrate(job: &CalibrationJob<'_>, progress: &dyn Fn(usize, usize)) -> R
         let name = format!("hidden-{next}.bin");
         let (layer_hessians, hash) = match on_device.take() {
             Some((dev, x)) => {
-                let pass = sequential_layer_device(&dev, &config, l, &weights, &x, &job.settings, &quantizer)?;
+                let pass =
+                    sequential_layer_device(&dev, &config, l, &weights, &x, &job.settings, &quantizer, &mut buffers)?;
                 drop(x);
                 reports.extend(pass.reports);
                 let hash = if next < layers {

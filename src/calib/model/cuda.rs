@@ -28,7 +28,7 @@ use crate::device::{grid_for, DeviceBuf, DeviceBuffer, DeviceBufferMut, GpuDevic
 use crate::hessian::{GpuHessian, HessianAccumulator};
 use crate::quantize::engine::PinnedBuf;
 use crate::{ForgeError, Result};
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, LaunchConfig};
 use forge_kernel_abi::calib::{
     AddArgs, BiasArgs, CastArgs, GatherArgs, RmsNormArgs, RopeArgs, ScatterAddArgs, SoftmaxArgs, SwigluArgs, ACT_BF16,
     ACT_F32, FORWARD_THREADS,
@@ -196,6 +196,11 @@ impl GpuHessianSink {
         h.update_device_view(dev, &view, x.dtype, x.tokens, x.cols)
     }
 
+    /// Whether `group` has a Hessian (it saw tokens, or one was put in).
+    pub fn has(&self, group: InputGroup) -> bool {
+        self.hessians.contains_key(&group)
+    }
+
     /// Tokens `group` saw (0: none, e.g. an expert no token was routed to).
     pub fn tokens(&self, group: InputGroup) -> u64 {
         self.hessians.get(&group).map_or(0, GpuHessian::tokens)
@@ -211,31 +216,122 @@ impl GpuHessianSink {
         self.hessians.insert(group, h);
     }
 
-    /// Downloads every Hessian into a host sink.
+    /// Downloads every Hessian into a host sink (through page-locked memory of its own).
     pub fn to_host(&self, dev: &GpuDevice) -> Result<HessianSink> {
-        self.to_host_staged(dev, &mut HostStaging::default())
+        self.start_download(dev, &mut HessianStaging::default())?.finish()
     }
 
-    /// [`GpuHessianSink::to_host`] through page-locked `staging` (a device-to-pinned copy runs
-    /// at the link's speed; a pageable one is staged by the driver).
-    pub fn to_host_staged(&self, dev: &GpuDevice, staging: &mut HostStaging) -> Result<HessianSink> {
-        let mut sink = HessianSink::new();
+    /// Enqueues every Hessian's download into `staging` on its copy stream, after the work
+    /// queued so far on the compute stream: the copies run beside whatever the compute stream
+    /// does next. Before changing or freeing a Hessian, order the compute stream after its
+    /// copy ([`HessianDownload::guard`]).
+    pub fn start_download<'s>(&self, dev: &GpuDevice, staging: &'s mut HessianStaging) -> Result<HessianDownload<'s>> {
+        let total = self.hessians.values().try_fold(0usize, |a, h| a.checked_add(h.cols() * h.cols()));
+        let total = total.ok_or_else(|| ForgeError::Shape("Hessian sizes overflow".into()))?;
+        crate::budget::Request::new().bytes(4, &[total]).check("the Hessians' page-locked staging")?;
+        let copy = match &staging.copy {
+            Some(c) => c.clone(),
+            None => {
+                let c = dev.context().new_stream().map_err(ForgeError::driver("creating the Hessian copy stream"))?;
+                staging.copy = Some(c.clone());
+                c
+            }
+        };
+        let ready = dev.stream().record_event(None).map_err(ForgeError::driver("marking the Hessians ready"))?;
+        copy.wait(&ready).map_err(ForgeError::driver("ordering the Hessian download"))?;
+        let host = staging.host.get(dev, total)?;
+        let mut groups = Vec::with_capacity(self.hessians.len());
+        let mut at = 0;
         for (&g, h) in &self.hessians {
             let n = h.cols();
-            let host = staging.0.get(dev, n * n)?;
-            dev.stream().memcpy_dtoh(h.h(), host).map_err(ForgeError::driver("downloading a Hessian"))?;
-            dev.synchronize()?;
-            let mut a = Array2::<f32>::zeros((n, n));
-            let dst = a.as_slice_mut().ok_or_else(|| ForgeError::Internal("fresh arrays are contiguous".into()))?;
-            dst.par_chunks_mut(1 << 16).zip(host.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
-            sink.replace(g, HessianAccumulator::from_parts(a, h.tokens())?);
+            let mine = host.get_mut(at..at + n * n).ok_or_else(|| ForgeError::Internal("Hessian staging".into()))?;
+            // SAFETY: the device Hessian holds n² values and is not changed or freed before the
+            // compute stream waits for this copy (`guard`/`guard_all`, or the download's drop);
+            // `mine` stays borrowed by the download, which reads it only after synchronizing.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(mine, h.h().dev_ptr().addr(), copy.cu_stream()) }
+                .map_err(ForgeError::driver("downloading a Hessian"))?;
+            let done = copy.record_event(None).map_err(ForgeError::driver("marking a Hessian downloaded"))?;
+            groups.push((g, n, h.tokens(), done));
+            at += n * n;
         }
-        Ok(sink)
+        Ok(HessianDownload { compute: dev.stream().clone(), copy, host, groups })
     }
 
     /// Takes the Hessians out.
     pub fn into_map(self) -> BTreeMap<InputGroup, GpuHessian> {
         self.hessians
+    }
+}
+
+/// What a run of sequential layers on a GPU reuses from layer to layer: the page-locked
+/// staging of weight uploads and Hessian downloads, and the forward's workspace.
+#[derive(Default)]
+pub struct LayerBuffers {
+    pub(crate) weights: WeightStaging,
+    pub(crate) hessians: HessianStaging,
+    pub(crate) workspace: ForwardWorkspace,
+}
+
+/// Page-locked host memory a layer's Hessians download into (grown to the largest layer and
+/// reused) and the stream the copies ride on, beside the compute stream.
+pub struct HessianStaging {
+    host: PinnedBuf<f32>,
+    copy: Option<std::sync::Arc<CudaStream>>,
+}
+
+impl Default for HessianStaging {
+    fn default() -> Self {
+        HessianStaging { host: PinnedBuf::new(false), copy: None }
+    }
+}
+
+/// Hessian copies in flight ([`GpuHessianSink::start_download`]).
+pub struct HessianDownload<'s> {
+    compute: std::sync::Arc<CudaStream>,
+    copy: std::sync::Arc<CudaStream>,
+    host: &'s mut [f32],
+    /// Group, columns, tokens, the event after its copy.
+    groups: Vec<(InputGroup, usize, u64, CudaEvent)>,
+}
+
+impl HessianDownload<'_> {
+    /// Orders the compute stream after `group`'s copy: call before anything changes or frees
+    /// its device Hessian (the pre-step works in place).
+    pub fn guard(&self, group: InputGroup) -> Result<()> {
+        match self.groups.iter().find(|g| g.0 == group) {
+            Some(g) => self.compute.wait(&g.3).map_err(ForgeError::driver("ordering a pre-step after its download")),
+            None => Ok(()),
+        }
+    }
+
+    /// Orders the compute stream after every copy (before the device Hessians are dropped).
+    pub fn guard_all(&self) -> Result<()> {
+        self.compute.join(&self.copy).map_err(ForgeError::driver("ordering after the Hessian downloads"))
+    }
+
+    /// Waits for the copies and builds the host sink.
+    pub fn finish(self) -> Result<HessianSink> {
+        self.copy.synchronize().map_err(ForgeError::driver("waiting for the Hessian downloads"))?;
+        let mut sink = HessianSink::new();
+        let mut at = 0;
+        for (g, n, tokens, _) in &self.groups {
+            let (n, len) = (*n, n * n);
+            let src = self.host.get(at..at + len).ok_or_else(|| ForgeError::Internal("Hessian staging".into()))?;
+            let mut a = Array2::<f32>::zeros((n, n));
+            let dst = a.as_slice_mut().ok_or_else(|| ForgeError::Internal("fresh arrays are contiguous".into()))?;
+            dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+            sink.replace(*g, HessianAccumulator::from_parts(a, *tokens)?);
+            at += len;
+        }
+        Ok(sink)
+    }
+}
+
+impl Drop for HessianDownload<'_> {
+    /// Copies still in flight (an error path) finish before the staging or the device
+    /// Hessians can be reused or freed.
+    fn drop(&mut self) {
+        let _ = self.copy.synchronize();
     }
 }
 
@@ -351,13 +447,53 @@ fn items_launch(items: usize) -> LaunchConfig {
     d.into()
 }
 
-/// Host f32 matrices, one after another, → the precision's bytes (converted on all cores:
-/// a layer's weights are hundreds of millions of values).
-fn weight_bytes(parts: &[ArrayView2<'_, f32>], precision: ForwardPrecision) -> Vec<u8> {
+/// `src` → the precision's little-endian bytes in `dst` (exactly `src.len() · size` bytes),
+/// on all cores: a layer's weights are hundreds of millions of values.
+fn convert_into(dst: &mut [u8], src: &[f32], precision: ForwardPrecision) {
+    const CHUNK: usize = 1 << 16;
     let es = precision.size();
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    let mut out = vec![0u8; total * es];
-    let mut at = 0;
+    dst.par_chunks_mut(CHUNK * es).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| match precision {
+        ForwardPrecision::F32 => {
+            for (d, v) in d.chunks_exact_mut(4).zip(s) {
+                d.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        ForwardPrecision::Bf16 => {
+            for (d, v) in d.chunks_exact_mut(2).zip(s) {
+                d.copy_from_slice(&forge_numerics::f32_to_bf16_bits(*v).to_le_bytes());
+            }
+        }
+    });
+}
+
+/// Page-locked, write-combined host memory that weight uploads are converted into (grown to
+/// the largest layer and reused): a pinned upload runs at the link's speed, a pageable one
+/// is staged by the driver at a fraction of it.
+pub struct WeightStaging(PinnedBuf<u8>);
+
+impl Default for WeightStaging {
+    fn default() -> Self {
+        WeightStaging(PinnedBuf::new(true))
+    }
+}
+
+/// Converts `parts` (one after another) into `staging` and enqueues their upload to device
+/// address `dst` on the compute stream, in pieces: a piece's DMA runs while the next one is
+/// converted.
+///
+/// # Safety
+/// `dst` holds `Σ len · size` bytes; `staging` (at least as long) is not touched again until
+/// the compute stream has passed these copies.
+unsafe fn stage_upload(
+    dev: &GpuDevice,
+    staging: &mut [u8],
+    parts: &[ArrayView2<'_, f32>],
+    precision: ForwardPrecision,
+    dst: u64,
+) -> Result<()> {
+    const PIECE_VALUES: usize = 4 << 20;
+    let es = precision.size();
+    let mut at = 0usize;
     for p in parts {
         let owned;
         let src = match p.as_slice() {
@@ -367,27 +503,19 @@ fn weight_bytes(parts: &[ArrayView2<'_, f32>], precision: ForwardPrecision) -> V
                 owned.as_slice().unwrap_or(&[])
             }
         };
-        let dst = &mut out[at..at + src.len() * es];
-        const CHUNK: usize = 1 << 16;
-        dst.par_chunks_mut(CHUNK * es).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| match precision {
-            ForwardPrecision::F32 => {
-                for (d, v) in d.chunks_exact_mut(4).zip(s) {
-                    d.copy_from_slice(&v.to_le_bytes());
-                }
-            }
-            ForwardPrecision::Bf16 => {
-                for (d, v) in d.chunks_exact_mut(2).zip(s) {
-                    d.copy_from_slice(&forge_numerics::f32_to_bf16_bits(*v).to_le_bytes());
-                }
-            }
-        });
-        at += src.len() * es;
+        for piece in src.chunks(PIECE_VALUES) {
+            let bytes = piece.len() * es;
+            let d = staging
+                .get_mut(at..at + bytes)
+                .ok_or_else(|| ForgeError::Internal("weight staging smaller than the upload".into()))?;
+            convert_into(d, piece, precision);
+            // SAFETY (caller): `dst + at` lies in the destination; `d` outlives the copy.
+            cudarc::driver::result::memcpy_htod_async(dst + at as u64, d, dev.stream().cu_stream())
+                .map_err(ForgeError::driver("uploading layer weights"))?;
+            at += bytes;
+        }
     }
-    out
-}
-
-fn upload_bytes(dev: &GpuDevice, bytes: &[u8]) -> Result<CudaSlice<u8>> {
-    dev.stream().clone_htod(bytes).map_err(ForgeError::driver("uploading layer weights"))
+    Ok(())
 }
 
 fn upload_f32(dev: &GpuDevice, values: &[f32]) -> Result<CudaSlice<f32>> {
@@ -398,10 +526,25 @@ fn upload_vec(dev: &GpuDevice, v: &Array1<f32>) -> Result<CudaSlice<f32>> {
     upload_f32(dev, &v.to_vec())
 }
 
-/// Stacks the Linears' weights row-wise (`[Σ out, in]`) into the precision's bytes.
-fn stacked(dev: &GpuDevice, linears: &[&Linear], precision: ForwardPrecision) -> Result<CudaSlice<u8>> {
+/// Stacks the Linears' weights row-wise (`[Σ out, in]`) into a device buffer of the
+/// precision's type, converted through `staging` (the front of it; the rest is returned).
+fn stacked<'s>(
+    dev: &GpuDevice,
+    linears: &[&Linear],
+    precision: ForwardPrecision,
+    staging: &'s mut [u8],
+) -> Result<(CudaSlice<u8>, &'s mut [u8])> {
     let views: Vec<ArrayView2<'_, f32>> = linears.iter().map(|l| l.weight.view()).collect();
-    upload_bytes(dev, &weight_bytes(&views, precision))
+    let bytes = views.iter().map(|v| v.len()).sum::<usize>() * precision.size();
+    let mut buf = dev.alloc::<u8>(bytes, "layer weights")?;
+    if bytes > staging.len() {
+        return Err(ForgeError::Internal("weight staging smaller than the layer".into()));
+    }
+    let (mine, rest) = staging.split_at_mut(bytes);
+    // SAFETY: `buf` holds exactly these bytes; the staging is not reused before the upload
+    // synchronizes (GpuLayer::upload_staged).
+    unsafe { stage_upload(dev, mine, &views, precision, buf.dev_ptr_mut().addr()) }?;
+    Ok((buf, rest))
 }
 
 fn no_bias(l: &Linear, what: &str) -> Result<()> {
@@ -425,22 +568,67 @@ fn mlp_slot(m: &mut GpuMlp, role: LinearRole, hidden: usize) -> Result<(&mut Cud
 }
 
 impl GpuMlp {
-    fn upload(dev: &GpuDevice, mlp: &SwiGlu, precision: ForwardPrecision) -> Result<Self> {
+    fn upload<'s>(
+        dev: &GpuDevice,
+        mlp: &SwiGlu,
+        precision: ForwardPrecision,
+        staging: &'s mut [u8],
+    ) -> Result<(Self, &'s mut [u8])> {
         for (l, what) in [(&mlp.gate, "gate"), (&mlp.up, "up"), (&mlp.down, "down")] {
             no_bias(l, what)?;
         }
-        Ok(GpuMlp {
-            gate_up: stacked(dev, &[&mlp.gate, &mlp.up], precision)?,
-            down: stacked(dev, &[&mlp.down], precision)?,
-            inter: mlp.gate.weight.nrows(),
-        })
+        let (gate_up, staging) = stacked(dev, &[&mlp.gate, &mlp.up], precision, staging)?;
+        let (down, staging) = stacked(dev, &[&mlp.down], precision, staging)?;
+        Ok((GpuMlp { gate_up, down, inter: mlp.gate.weight.nrows() }, staging))
     }
+}
+
+/// Every Linear weight of `layer`.
+fn linear_weights(layer: &DecoderLayer) -> Vec<&Array2<f32>> {
+    let mut all = vec![&layer.q.weight, &layer.k.weight, &layer.v.weight, &layer.o.weight];
+    let mlps: Vec<&SwiGlu> = match &layer.ffn {
+        Ffn::Dense(m) => vec![m],
+        Ffn::Moe { experts, .. } => experts.iter().collect(),
+    };
+    for m in mlps {
+        all.extend([&m.gate.weight, &m.up.weight, &m.down.weight]);
+    }
+    all
 }
 
 impl GpuLayer {
     /// Uploads a loaded layer's weights (Linear weights in `precision`; norms, biases and the
-    /// router in f32).
+    /// router in f32), converting through a page-locked buffer of its own.
     pub fn upload(dev: &GpuDevice, layer: &DecoderLayer, precision: ForwardPrecision) -> Result<Self> {
+        Self::upload_staged(dev, layer, precision, &mut WeightStaging::default())
+    }
+
+    /// [`GpuLayer::upload`] converting through `staging` (reused from layer to layer; grown to
+    /// the layer's Linear bytes). Returns when the uploads are done.
+    pub fn upload_staged(
+        dev: &GpuDevice,
+        layer: &DecoderLayer,
+        precision: ForwardPrecision,
+        staging: &mut WeightStaging,
+    ) -> Result<Self> {
+        let gpu = Self::enqueue_upload(dev, layer, precision, staging);
+        // The staging is free again only once its copies are done (on success or failure).
+        dev.synchronize()?;
+        gpu
+    }
+
+    fn enqueue_upload(
+        dev: &GpuDevice,
+        layer: &DecoderLayer,
+        precision: ForwardPrecision,
+        staging: &mut WeightStaging,
+    ) -> Result<Self> {
+        let values = linear_weights(layer).iter().try_fold(0usize, |a, w| a.checked_add(w.len()));
+        let bytes = values
+            .and_then(|v| v.checked_mul(precision.size()))
+            .ok_or_else(|| ForgeError::Shape(format!("layer {}: Linear weights overflow", layer.index)))?;
+        crate::budget::Request::new().bytes(1, &[bytes]).check("the layer's weight staging")?;
+        let rest = staging.0.get(dev, bytes)?;
         let qkv_bias = match (&layer.q.bias, &layer.k.bias, &layer.v.bias) {
             (Some(q), Some(k), Some(v)) => {
                 let all: Vec<f32> = q.iter().chain(k.iter()).chain(v.iter()).copied().collect();
@@ -449,13 +637,23 @@ impl GpuLayer {
             (None, None, None) => None,
             _ => return Err(ForgeError::Config("q/k/v biases must be all present or all absent".into())),
         };
+        let (qkv, rest) = stacked(dev, &[&layer.q, &layer.k, &layer.v], precision, rest)?;
+        let (o, mut rest) = stacked(dev, &[&layer.o], precision, rest)?;
         let ffn = match &layer.ffn {
-            Ffn::Dense(mlp) => GpuFfn::Dense(GpuMlp::upload(dev, mlp, precision)?),
-            Ffn::Moe { router, experts, config } => GpuFfn::Moe {
-                router: upload_f32(dev, &router.iter().copied().collect::<Vec<_>>())?,
-                experts: experts.iter().map(|e| GpuMlp::upload(dev, e, precision)).collect::<Result<_>>()?,
-                config: config.clone(),
-            },
+            Ffn::Dense(mlp) => GpuFfn::Dense(GpuMlp::upload(dev, mlp, precision, rest)?.0),
+            Ffn::Moe { router, experts, config } => {
+                let mut gpu_experts = Vec::with_capacity(experts.len());
+                for e in experts {
+                    let (m, r) = GpuMlp::upload(dev, e, precision, rest)?;
+                    gpu_experts.push(m);
+                    rest = r;
+                }
+                GpuFfn::Moe {
+                    router: upload_f32(dev, &router.iter().copied().collect::<Vec<_>>())?,
+                    experts: gpu_experts,
+                    config: config.clone(),
+                }
+            }
         };
         Ok(GpuLayer {
             index: layer.index,
@@ -467,9 +665,9 @@ impl GpuLayer {
             sliding_window: layer.sliding_window,
             input_norm: upload_vec(dev, &layer.input_norm)?,
             post_norm: upload_vec(dev, &layer.post_attention_norm)?,
-            qkv: stacked(dev, &[&layer.q, &layer.k, &layer.v], precision)?,
+            qkv,
             qkv_bias,
-            o: stacked(dev, &[&layer.o], precision)?,
+            o,
             o_bias: layer.o.bias.as_ref().map(|b| upload_vec(dev, b)).transpose()?,
             q_norm: layer.q_norm.as_ref().map(|b| upload_vec(dev, b)).transpose()?,
             k_norm: layer.k_norm.as_ref().map(|b| upload_vec(dev, b)).transpose()?,
@@ -487,15 +685,44 @@ impl GpuLayer {
         (bytes / (4 * widest)).clamp(2048, DEFAULT_CHUNK_TOKENS)
     }
 
-    /// Overwrites one Linear's weight in place (the quantized-dequantized weight for the
-    /// propagation pass): `group` and `role` name it, `w` is `(out, in)` as loaded.
-    pub fn replace_weight(
+    /// Overwrites Linear weights in place (the quantized-dequantized weights for the
+    /// propagation pass): each `(group, role, w)` names one Linear, `w` is `(out, in)` as
+    /// loaded. Converted through `staging`; returns when the uploads are done.
+    pub fn replace_weights(
         &mut self,
         dev: &GpuDevice,
-        group: InputGroup,
-        role: LinearRole,
-        w: ArrayView2<'_, f32>,
+        weights: &[(InputGroup, LinearRole, ArrayView2<'_, f32>)],
+        staging: &mut WeightStaging,
     ) -> Result<()> {
+        let mut slots = Vec::with_capacity(weights.len());
+        let mut total = 0usize;
+        for (group, role, w) in weights {
+            let (addr, capacity) = self.weight_slot(*group, *role, w.dim())?;
+            slots.push((addr, w.view()));
+            total = total
+                .checked_add(capacity)
+                .ok_or_else(|| ForgeError::Shape("quantized weights overflow the staging size".into()))?;
+        }
+        crate::budget::Request::new().bytes(1, &[total]).check("the quantized weights' staging")?;
+        let mut rest = staging.0.get(dev, total)?;
+        let mut enqueue = || -> Result<()> {
+            for (addr, w) in &slots {
+                let (mine, r) = std::mem::take(&mut rest).split_at_mut(w.len() * self.precision.size());
+                // SAFETY: `weight_slot` checked the slot holds the weight; the staging is not
+                // reused before the synchronization below.
+                unsafe { stage_upload(dev, mine, std::slice::from_ref(w), self.precision, *addr) }?;
+                rest = r;
+            }
+            Ok(())
+        };
+        let done = enqueue();
+        dev.synchronize()?;
+        done
+    }
+
+    /// The device address of `(group, role)`'s rows and their byte count, after checking a
+    /// weight of `dim` fits them.
+    fn weight_slot(&mut self, group: InputGroup, role: LinearRole, dim: (usize, usize)) -> Result<(u64, usize)> {
         let g = &self.gqa;
         let (q_out, kv_out) = (g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim);
         let (hidden, index) = (self.hidden, self.index);
@@ -519,17 +746,11 @@ impl GpuLayer {
             _ => return Err(ForgeError::Internal(format!("{role:?} is not in {group:?}"))),
         };
         let es = self.precision.size();
-        let (start, end) = (rows_before * in_features * es, (rows_before + w.nrows()) * in_features * es);
-        if w.ncols() != in_features || end > buf.len() {
-            return Err(ForgeError::Shape(format!(
-                "layer {} {role:?}: a {:?} weight does not fit its slot",
-                self.index,
-                w.dim()
-            )));
+        let (start, end) = (rows_before * in_features * es, (rows_before + dim.0) * in_features * es);
+        if dim.1 != in_features || end > buf.len() {
+            return Err(ForgeError::Shape(format!("layer {index} {role:?}: a {dim:?} weight does not fit its slot")));
         }
-        let bytes = weight_bytes(&[w], self.precision);
-        let mut dst = buf.slice_mut(start..end);
-        dev.stream().memcpy_htod(&bytes, &mut dst).map_err(ForgeError::driver("uploading a quantized weight"))
+        Ok((buf.dev_ptr_mut().addr() + start as u64, end - start))
     }
 
     /// The Linear precision.

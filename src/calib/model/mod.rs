@@ -29,7 +29,10 @@ pub use config::{
     Arch, AttentionConfig, FfnKind, GqaConfig, LayerSpec, MlpConfig, ModelConfig, MoeConfig, RopeConfig, RopeScaling,
     RouterKind, SUPPORTED_MODEL_TYPES,
 };
-pub use cuda::{DeviceSequences, ForwardPrecision, ForwardWorkspace, GpuHessianSink, GpuLayer, HostStaging};
+pub use cuda::{
+    DeviceSequences, ForwardPrecision, ForwardWorkspace, GpuHessianSink, GpuLayer, HessianDownload, HessianStaging,
+    HostStaging, LayerBuffers, WeightStaging,
+};
 pub use hooks::{ActivationSink, HessianSink, RecordingSink, Tee};
 pub use layer::{rms_norm, route, DecoderLayer, Ffn, Linear, Routing, SwiGlu};
 pub use model::{kl_from_logits, next_token_kl, CpuModel, KlStats};

@@ -11,7 +11,9 @@
 //! round-to-nearest and reported with 0 tokens, never silently.
 
 use super::config::{FfnKind, ModelConfig};
-use super::cuda::{DeviceSequences, ForwardPrecision, ForwardWorkspace, GpuHessianSink, GpuLayer, HostStaging};
+use super::cuda::{
+    DeviceSequences, ForwardPrecision, ForwardWorkspace, GpuHessianSink, GpuLayer, HessianDownload, LayerBuffers,
+};
 use super::hooks::HessianSink;
 use super::layer::DecoderLayer;
 use super::model::CpuModel;
@@ -169,7 +171,8 @@ pub fn sequential_layer(
         let x = DeviceSequences::upload(dev, &hidden)?;
         drop(hidden);
         let upload = clock.elapsed().as_secs_f64();
-        let pass = sequential_layer_device(dev, config, l, weights, &x, settings, quantizer)?;
+        let pass =
+            sequential_layer_device(dev, config, l, weights, &x, settings, quantizer, &mut LayerBuffers::default())?;
         drop(x);
         let clock = Instant::now();
         let next = pass.next.download(dev)?;
@@ -222,8 +225,16 @@ pub fn sequential_layer(
     }
     let forward_hessians = clock.elapsed().as_secs_f64();
     let mut timings = LayerTimings { load, forward_hessians, ..LayerTimings::default() };
-    let (quantized_layer, dequantized, reports) =
-        quantize_groups(config, &layer, weights, &sink, None, (&routed, &under), settings, quantizer, &mut timings)?;
+    let (quantized_layer, dequantized, reports) = quantize_groups(
+        config,
+        &layer,
+        weights,
+        Hessians::Host(&sink),
+        (&routed, &under),
+        settings,
+        quantizer,
+        &mut timings,
+    )?;
     let clock = Instant::now();
     let next = match settings.propagation {
         Propagation::FullPrecision => full_precision,
@@ -258,37 +269,69 @@ fn under_covered(groups: &[LinearGroup], routed: &[(InputGroup, u64)], settings:
 /// The dequantized weights of a layer's quantized Linears, as a weight source over the rest.
 type Quantized<'a> = (Substituted<'a>, Vec<(String, ndarray::ArrayD<f32>)>, Vec<GroupReport>);
 
-/// Quantizes every Linear group of layer `l` with its Hessian in `sink` (GPTQ) or `H = I`.
+/// Where a layer's Hessians are: on the host (the CPU forward), or on the device with their
+/// download in flight (the pre-step works on the device copy in place, after its download).
+enum Hessians<'h, 's> {
+    Host(&'h HessianSink),
+    Device(&'h mut GpuHessianSink, &'h HessianDownload<'s>),
+}
+
+impl Hessians<'_, '_> {
+    /// Tokens `group` saw, `None` when it has no Hessian.
+    fn tokens(&self, group: InputGroup) -> Option<u64> {
+        match self {
+            Hessians::Host(sink) => sink.get(group).map(|a| a.tokens()),
+            Hessians::Device(sink, _) => sink.has(group).then(|| sink.tokens(group)),
+        }
+    }
+
+    /// `group`'s pre-step (its Hessian has tokens).
+    fn pre_step(
+        &mut self,
+        group: InputGroup,
+        settings: &SequentialConfig,
+        backend: &Backend,
+    ) -> Result<PreparedFactor> {
+        let missing = || crate::ForgeError::Internal(format!("{group:?} has no Hessian"));
+        match self {
+            Hessians::Host(sink) => {
+                let a = sink.get(group).ok_or_else(missing)?;
+                SharedHessian::from_host(a.h().view(), a.tokens(), backend)?.pre_step(&settings.pre_step)
+            }
+            Hessians::Device(sink, download) => {
+                download.guard(group)?;
+                let h = sink.remove(group).ok_or_else(missing)?;
+                SharedHessian::from_device(h, backend)?.pre_step(&settings.pre_step)
+            }
+        }
+    }
+}
+
+/// Quantizes every Linear group of layer `l` with its Hessian (GPTQ) or `H = I`.
 #[allow(clippy::too_many_arguments)]
 fn quantize_groups<'a>(
     config: &ModelConfig,
     layer: &DecoderLayer,
     weights: &'a dyn WeightSource,
-    sink: &HessianSink,
-    mut device: Option<&mut GpuHessianSink>,
+    mut hessians: Hessians<'_, '_>,
     (routed, under): (&[(InputGroup, u64)], &[usize]),
     settings: &SequentialConfig,
     quantizer: &Quantizer,
     timings: &mut LayerTimings,
 ) -> Result<Quantized<'a>> {
+    let on_host = matches!(hessians, Hessians::Host(_));
     let mut quantized_layer = Substituted::new(weights);
     let mut dequantized = Vec::new();
     let mut reports = Vec::new();
     let l = layer.index;
     for group in config.linear_groups(l)? {
-        let acc = sink.get(group.group);
+        let seen = hessians.tokens(group.group);
         let tokens = routed.iter().find(|(g, _)| *g == group.group).map_or(0, |&(_, t)| t);
         let all_tokens = matches!(group.group, InputGroup::ExpertGateUp(e) | InputGroup::ExpertDown(e) if under.contains(&e))
-            && acc.is_some();
+            && seen.is_some();
         let clock = Instant::now();
-        // The device copy of the Hessian when the forward ran there (no upload of the host one).
-        let on_device = device.as_deref_mut().and_then(|d| d.remove(group.group));
-        let factor = match (settings.method, acc) {
-            (Method::Gptq, Some(a)) if a.tokens() > 0 => match on_device {
-                Some(h) => SharedHessian::from_device(h, &quantizer.backend)?.pre_step(&settings.pre_step)?,
-                None => SharedHessian::from_host(a.h().view(), a.tokens(), &quantizer.backend)?
-                    .pre_step(&settings.pre_step)?,
-            },
+        let factor = match (settings.method, seen) {
+            (Method::Gptq, Some(t)) if t > 0 => hessians.pre_step(group.group, settings, &quantizer.backend)?,
             _ => PreparedFactor::no_tokens(group.in_features)?,
         };
         timings.pre_step += clock.elapsed().as_secs_f64();
@@ -299,7 +342,7 @@ fn quantize_groups<'a>(
             let q = quantize_with(quantizer, &factor, WeightView::F32(w.view()))?;
             let deq = q.dequant().into_dyn();
             // The device path replaces weights in its own layer: no host copy needed.
-            if device.is_none() {
+            if on_host {
                 quantized_layer.replace(&lin.weight, deq.clone())?;
             }
             dequantized.push((lin.weight.clone(), deq));
@@ -327,9 +370,13 @@ pub struct DeviceLayerPass {
 
 /// [`sequential_layer`] with the forward pass on the device ([`GpuLayer`], bf16 Linears) and
 /// the hidden states kept there: `x` runs through the full-precision layer while the device
-/// Hessians accumulate (and go to the pre-step as they are), every group is quantized, and
-/// (quantized propagation) the quantized weights replace the full-precision ones in place
-/// for a second forward that produces the next layer's inputs.
+/// Hessians accumulate; their download to the host starts on a copy stream and runs beside
+/// the pre-steps and solves (each pre-step waits only for its own group's copy, then works
+/// on the device Hessian in place); every group is quantized, and (quantized propagation)
+/// the quantized weights replace the full-precision ones in place for a second forward that
+/// produces the next layer's inputs. `bufs` carries the page-locked staging and the forward
+/// workspace from layer to layer.
+#[allow(clippy::too_many_arguments)]
 pub fn sequential_layer_device(
     dev: &GpuDevice,
     config: &ModelConfig,
@@ -338,6 +385,7 @@ pub fn sequential_layer_device(
     x: &DeviceSequences,
     settings: &SequentialConfig,
     quantizer: &Quantizer,
+    bufs: &mut LayerBuffers,
 ) -> Result<DeviceLayerPass> {
     let precision = ForwardPrecision::Bf16;
     let mut timings = LayerTimings::default();
@@ -351,13 +399,17 @@ pub fn sequential_layer_device(
     let keep_ffn_input =
         config.layer(l)?.ffn == FfnKind::Moe && matches!(settings.expert_coverage, ExpertCoverage::AllTokens { .. });
     let layer = DecoderLayer::load(config, l, weights)?;
-    let mut gpu = GpuLayer::upload(dev, &layer, precision)?;
-    let mut ws = ForwardWorkspace::new(gpu.chunk_tokens_for(FORWARD_CHUNK_BYTES));
+    let mut gpu = GpuLayer::upload_staged(dev, &layer, precision, &mut bufs.weights)?;
+    let chunk = gpu.chunk_tokens_for(FORWARD_CHUNK_BYTES);
+    if bufs.workspace.chunk_tokens != chunk {
+        bufs.workspace = ForwardWorkspace::new(chunk);
+    }
+    let ws = &mut bufs.workspace;
     let mut out = x.zeros_like(dev)?;
     let mut sink = GpuHessianSink::new();
     let mut ffn_inputs = DeviceBuf::default();
     timings.load = lap(dev)?;
-    gpu.forward(dev, x, &mut out, Some(&mut sink), keep_ffn_input.then_some(&mut ffn_inputs), &mut ws)?;
+    gpu.forward(dev, x, &mut out, Some(&mut sink), keep_ffn_input.then_some(&mut ffn_inputs), ws)?;
     let groups = config.linear_groups(l)?;
     let routed: Vec<(InputGroup, u64)> = groups.iter().map(|g| (g.group, sink.tokens(g.group))).collect();
     let under = under_covered(&groups, &routed, settings);
@@ -367,39 +419,44 @@ pub fn sequential_layer_device(
     }
     if !under.is_empty() && keep_ffn_input {
         let tokens: usize = x.lens().iter().sum();
-        gpu.record_experts(dev, &ffn_inputs, tokens, &under, &mut sink, &mut ws)?;
+        gpu.record_experts(dev, &ffn_inputs, tokens, &under, &mut sink, ws)?;
     }
     drop(ffn_inputs);
     timings.forward_hessians = lap(dev)?;
-    let host_sink = sink.to_host_staged(dev, &mut HostStaging::default())?;
-    timings.download = lap(dev)?;
+    let download = sink.start_download(dev, &mut bufs.hessians)?;
     let (quantized_layer, dequantized, reports) = quantize_groups(
         config,
         &layer,
         weights,
-        &host_sink,
-        Some(&mut sink),
+        Hessians::Device(&mut sink, &download),
         (&routed, &under),
         settings,
         quantizer,
         &mut timings,
     )?;
+    // The device Hessians no pre-step consumed are freed only after their copies.
+    download.guard_all()?;
     drop((sink, quantized_layer, layer));
     lap(dev)?;
+    // What of the download the pre-steps and solves did not hide, and the host copies.
+    let hessians = download.finish()?;
+    timings.download = lap(dev)?;
     if settings.propagation == Propagation::Quantized {
         // `dequantized` is in group and Linear order, as quantize_groups walked them.
         let linears = groups.iter().flat_map(|g| g.linears.iter().map(move |lin| (g.group, lin)));
+        let mut replaced = Vec::with_capacity(dequantized.len());
         for ((group, lin), (name, deq)) in linears.zip(&dequantized) {
             if *name != lin.weight {
                 return Err(crate::ForgeError::Internal(format!("{name} quantized in place of {}", lin.weight)));
             }
             let w = deq.view().into_dimensionality().map_err(|e| crate::ForgeError::Shape(e.to_string()))?;
-            gpu.replace_weight(dev, group, lin.role, w)?;
+            replaced.push((group, lin.role, w));
         }
-        gpu.forward(dev, x, &mut out, None, None, &mut ws)?;
+        gpu.replace_weights(dev, &replaced, &mut bufs.weights)?;
+        gpu.forward(dev, x, &mut out, None, None, &mut bufs.workspace)?;
         timings.propagate = lap(dev)?;
     }
-    Ok(DeviceLayerPass { hessians: host_sink, dequantized, reports, next: out, timings })
+    Ok(DeviceLayerPass { hessians, dequantized, reports, next: out, timings })
 }
 
 /// Runs the sequential pipeline over `calibration` (token sequences, no padding) on the CPU.

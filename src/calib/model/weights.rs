@@ -8,6 +8,7 @@ use crate::{ForgeError, Result};
 use forge_numerics::{bf16_bits_to_f32, f16_bits_to_f32};
 use memmap2::Mmap;
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
+use rayon::prelude::*;
 use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
@@ -51,15 +52,30 @@ fn widen(name: &str, dtype: Dtype, shape: &[usize], data: &[u8]) -> Result<Array
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| ForgeError::Shape(format!("{name}: shape {shape:?} overflows")))?;
-    let values: Vec<f32> = match dtype {
-        Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => data.chunks_exact(2).map(|c| f16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
-        Dtype::BF16 => data.chunks_exact(2).map(|c| bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+    let width = match dtype {
+        Dtype::F32 => 4,
+        Dtype::F16 | Dtype::BF16 => 2,
         other => return Err(ForgeError::Dtype(format!("{other:?} (tensor {name})"))),
     };
-    if values.len() != count {
+    if count.checked_mul(width) != Some(data.len()) {
         return Err(ForgeError::Safetensors(format!("{name}: {} bytes for shape {shape:?} of {dtype:?}", data.len())));
     }
+    // On all cores: a layer's weights are hundreds of millions of values.
+    const CHUNK: usize = 1 << 16;
+    let mut values = vec![0f32; count];
+    values.par_chunks_mut(CHUNK).zip(data.par_chunks(CHUNK * width)).for_each(|(d, s)| match dtype {
+        Dtype::F32 => {
+            d.iter_mut().zip(s.chunks_exact(4)).for_each(|(d, c)| *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        }
+        Dtype::F16 => d
+            .iter_mut()
+            .zip(s.chunks_exact(2))
+            .for_each(|(d, c)| *d = f16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]))),
+        _ => d
+            .iter_mut()
+            .zip(s.chunks_exact(2))
+            .for_each(|(d, c)| *d = bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]))),
+    });
     ArrayD::from_shape_vec(IxDyn(shape), values).map_err(|e| ForgeError::Shape(format!("{name}: {e}")))
 }
 
