@@ -7,8 +7,8 @@ mod ckpt_util;
 
 use fourbit_forge::calib::data::{calibration_samples, load_tokenizer, CalibSamples, CalibSettings};
 use fourbit_forge::calib::model::{
-    calibrate, quantize_model_cpu, CalibrationJob, ExpertCoverage, Method as SeqMethod, ModelConfig, Propagation,
-    SafetensorsDir, SequentialConfig,
+    calibrate, quantize_model_cpu, CalibrationJob, ExpertCoverage, HiddenPlacement, Method as SeqMethod, ModelConfig,
+    Propagation, SafetensorsDir, SequentialConfig,
 };
 use fourbit_forge::checkpoint::demo::{write_llama_demo, LlamaDemo};
 use fourbit_forge::checkpoint::plan::{GptqSettings, JobSettings, Method};
@@ -75,6 +75,7 @@ fn job<'a>(model: &'a Path, s: &'a CalibSamples, cfg: &SequentialConfig, state: 
         backend: Backend::Cpu,
         state: state.to_path_buf(),
         resume: false,
+        hidden_placement: HiddenPlacement::Auto,
         fail_after_layers: None,
     }
 }
@@ -200,6 +201,80 @@ fn gpu_calibration_resumes_bit_for_bit() {
     assert_same_hessians(&whole, &state);
 }
 
+/// A word-level tokenizer over the test text's words: ids below the fixtures' vocabulary of 64.
+fn word_tokenizer() -> Vec<u8> {
+    let words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards"];
+    let mut vocab = serde_json::json!({"<unk>": 0, "<s>": 1, "</s>": 2});
+    for (i, w) in words.iter().enumerate() {
+        vocab[*w] = serde_json::json!(3 + i);
+    }
+    serde_json::to_vec(&serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    }))
+    .unwrap()
+}
+
+/// Hidden states streamed from page-locked host memory in batches (one forward chunk each)
+/// give the same Hessians, byte for byte, as hidden states kept on the device: a dense model
+/// (3 layers, 3 chunks of 16 sequences) and an MoE one (the Qwen3-MoE fixture, every expert
+/// below the coverage threshold so the kept feed-forward inputs stream back for the
+/// all-tokens pass).
+#[test]
+fn gpu_streamed_hidden_states_match_device_resident() {
+    let Ok(dev) = fourbit_forge::device::GpuDevice::first() else {
+        eprintln!("[gpu_streamed_hidden_states_match_device_resident] SKIPPED (no GPU)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (llama, model) = demo_model(tmp.path());
+    let moe = tmp.path().join("qwen3_moe");
+    std::fs::create_dir_all(&moe).unwrap();
+    std::fs::write(moe.join("config.json"), include_str!("../testdata/parity/qwen3_moe/config.json")).unwrap();
+    std::fs::write(moe.join("model.safetensors"), include_bytes!("../testdata/parity/qwen3_moe/model.safetensors"))
+        .unwrap();
+    std::fs::write(moe.join("tokenizer.json"), word_tokenizer()).unwrap();
+    let moe_model = ModelDir::open(&moe).unwrap();
+    let grid32 = fourbit_forge::GridConfig { group_size: 32, ..JobSettings::default().grid };
+    let moe_plan = build_plan(&moe_model, &JobSettings { grid: grid32, ..JobSettings::default() }).unwrap();
+    let cases = [
+        (llama.clone(), seq_config(&model)),
+        (
+            moe.clone(),
+            SequentialConfig {
+                grid: moe_plan.grid_config(),
+                expert_coverage: ExpertCoverage::AllTokens { min_tokens: u64::MAX },
+                ..seq_config(&moe_model)
+            },
+        ),
+    ];
+    for (dir, cfg) in cases {
+        // 48 × 128 tokens: three 2048-token forward chunks.
+        let config = ModelConfig::from_dir(&dir).unwrap();
+        let settings =
+            CalibSettings { samples: 48, seq_len: 128, bos: config.bos_token_id, separator: config.eos_token_id };
+        let s = calibration_samples(&load_tokenizer(&dir).unwrap(), &[text(5, 12_000)], &settings).unwrap();
+        let run = |name: &str, placement: HiddenPlacement| {
+            let state = tmp.path().join(format!("{}-{name}", dir.file_name().unwrap().to_string_lossy()));
+            let j = CalibrationJob {
+                backend: Backend::Gpu(dev.clone()),
+                hidden_placement: placement,
+                ..job(&dir, &s, &cfg, &state)
+            };
+            calibrate(&j, &|_, _| {}).unwrap_or_else(|e| panic!("{} {name}: {e}", dir.display()));
+            ckpt_util::dir_files(&state.join("hessians"))
+        };
+        let on_device = run("device", HiddenPlacement::Device);
+        let streamed = run("host", HiddenPlacement::Host { max_batch_tokens: 1 });
+        assert!(!on_device.is_empty());
+        assert_eq!(on_device.keys().collect::<Vec<_>>(), streamed.keys().collect::<Vec<_>>());
+        for (k, v) in &on_device {
+            assert!(streamed[k] == *v, "{}: {k} differs when streamed", dir.display());
+        }
+    }
+}
+
 /// `forge quantize --method gptq --calib` end to end on a generated checkpoint of every
 /// supported architecture (the transformers fixtures as model directories with the test
 /// tokenizer, gs 32 to fit their width 32): calibration from text, then the checkpoint run
@@ -217,18 +292,7 @@ fn calibrated_checkpoint_of_every_architecture() {
         };
     }
     let fixtures = [fx!("llama"), fx!("mistral"), fx!("qwen2"), fx!("qwen3"), fx!("qwen3_moe"), fx!("mixtral")];
-    // A word-level tokenizer over the test text's words: ids below the fixtures' vocabulary of 64.
-    let words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards"];
-    let mut vocab = serde_json::json!({"<unk>": 0, "<s>": 1, "</s>": 2});
-    for (i, w) in words.iter().enumerate() {
-        vocab[*w] = serde_json::json!(3 + i);
-    }
-    let tokenizer = serde_json::to_vec(&serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    }))
-    .unwrap();
+    let tokenizer = word_tokenizer();
     let mut backends = vec![Backend::Cpu];
     if let Ok(dev) = fourbit_forge::device::GpuDevice::first() {
         backends.push(Backend::Gpu(dev));

@@ -240,6 +240,18 @@ impl<T: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync> PinnedBuf<T> {
         let all = s.as_mut_slice().map_err(ForgeError::driver("mapping pinned host memory"))?;
         all.get_mut(..len).ok_or_else(|| ForgeError::Internal("pinned buffer too small".into()))
     }
+
+    /// The first `len` elements as they are (an error when fewer were ever allocated).
+    pub(crate) fn slice(&self, len: usize) -> Result<&[T]> {
+        match &self.slice {
+            Some(s) => {
+                let all = s.as_slice().map_err(ForgeError::driver("mapping pinned host memory"))?;
+                all.get(..len).ok_or_else(|| ForgeError::Internal("pinned buffer too small".into()))
+            }
+            None if len == 0 => Ok(&[]),
+            None => Err(ForgeError::Internal("pinned buffer never allocated".into())),
+        }
+    }
 }
 
 /// Copies `src` into `dst` on several threads (one thread copies ~10 GB/s; staging a layer

@@ -11,8 +11,8 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fourbit_forge::calib::data::{calibration_samples, load_tokenizer, read_documents, CalibSamples, CalibSettings};
 use fourbit_forge::calib::model::{
-    calibrate, CalibrationJob, ExpertCoverage, InputGroup, Method as SequentialMethod, ModelConfig, Propagation,
-    SequentialConfig,
+    calibrate, CalibrationJob, ExpertCoverage, HiddenPlacement, InputGroup, Method as SequentialMethod, ModelConfig,
+    Propagation, SequentialConfig,
 };
 use fourbit_forge::checkpoint::budget::{
     check_gpu_budget, check_host_budget, default_gpu_budget, estimate_memory, CPU_WINDOW, GPU_WINDOW,
@@ -164,8 +164,9 @@ struct QuantizeArgs {
 struct CalibOpts {
     /// GPTQ from text: a calibration file (plain text, or JSONL with a "text" field per line),
     /// tokenized with the model's tokenizer.json. The model runs on it one decoder layer at a
-    /// time (CPU forward), each Linear's Hessian is collected from its inputs, and each layer's
-    /// quantized outputs feed the next. Needs --method gptq; replaces --hessians.
+    /// time (on the GPU with bf16 Linears, or the f32 CPU forward with --backend cpu), each
+    /// Linear's Hessian is collected from its inputs, and each layer's quantized outputs feed
+    /// the next. Needs --method gptq; replaces --hessians.
     #[arg(long, value_name = "FILE", conflicts_with = "hessians")]
     calib: Option<PathBuf>,
     /// Calibration samples (windows of the token stream; no padding).
@@ -186,6 +187,22 @@ struct CalibOpts {
     /// The threshold of --expert-coverage (1: experts no token reached).
     #[arg(long, default_value_t = 1, requires = "calib")]
     expert_min_tokens: u64,
+    /// Where the calibration's hidden states wait between layers on a GPU: on the device
+    /// (fastest), in page-locked host memory streamed through the device (for calibration
+    /// sets the device cannot hold; same results bit for bit), or auto (the device when they
+    /// take at most half its free memory). A run may resume with another choice.
+    #[arg(long, value_enum, default_value_t = PlacementArg::Auto, requires = "calib")]
+    hidden_states: PlacementArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum PlacementArg {
+    /// The device when they fit in half its free memory, else host.
+    Auto,
+    /// On the device.
+    Device,
+    /// In page-locked host memory, streamed.
+    Host,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -486,6 +503,11 @@ fn quantize(a: QuantizeArgs) -> Result<(), CliError> {
             backend: backend.clone(),
             state: state.clone(),
             resume: a.resume,
+            hidden_placement: match a.calib.hidden_states {
+                PlacementArg::Auto => HiddenPlacement::Auto,
+                PlacementArg::Device => HiddenPlacement::Device,
+                PlacementArg::Host => HiddenPlacement::Host { max_batch_tokens: 0 },
+            },
             fail_after_layers: env_count("FORGE_TEST_CALIB_FAIL_AFTER"),
         };
         let t = Instant::now();

@@ -16,7 +16,7 @@
 //! the backend is part of the fingerprint, so a state is resumed only on its own kind.
 
 use super::config::ModelConfig;
-use super::cuda::{DeviceSequences, HostStaging, LayerBuffers};
+use super::cuda::{HiddenPlacement, HiddenStates, HostStaging, LayerBuffers};
 use super::model::CpuModel;
 use super::names::LinearGroup;
 use super::sequential::{sequential_layer, sequential_layer_device, GroupReport, SequentialConfig};
@@ -47,6 +47,9 @@ pub struct CalibrationJob<'a> {
     pub state: PathBuf,
     /// Continue the state found in `state` (refused when it was made from other inputs).
     pub resume: bool,
+    /// Where the hidden states wait between layers on a GPU (not part of the fingerprint: both
+    /// places give the same bits, so a run that ran out of device memory resumes streamed).
+    pub hidden_placement: HiddenPlacement,
     /// Test hook: stop with an error after this many layers of this call.
     pub fail_after_layers: Option<usize>,
 }
@@ -99,10 +102,13 @@ pub fn calibrate(job: &CalibrationJob<'_>, progress: &dyn Fn(usize, usize)) -> R
         _ => (0, CpuModel::new(&config, &weights).embed_sequences(&job.samples.sequences)?),
     };
     let quantizer = Quantizer::new(job.settings.grid.clone(), job.backend.clone());
-    // On a GPU the hidden states stay on the device from layer to layer; only the resume
-    // checkpoint comes down (through page-locked memory).
+    // On a GPU the hidden states stay on the device from layer to layer (or, when they do not
+    // fit, in page-locked host memory, streamed); only the resume checkpoint comes down.
+    let ffn_bytes_per_value = if config.moe.is_some() { 2 } else { 0 };
     let mut on_device = match (&job.backend, start < layers) {
-        (Backend::Gpu(dev), true) => Some((dev.clone(), DeviceSequences::upload(dev, &hidden)?)),
+        (Backend::Gpu(dev), true) => {
+            Some((dev.clone(), HiddenStates::place(dev, &hidden, job.hidden_placement, ffn_bytes_per_value)?))
+        }
         _ => None,
     };
     if on_device.is_some() {
@@ -118,18 +124,16 @@ pub fn calibrate(job: &CalibrationJob<'_>, progress: &dyn Fn(usize, usize)) -> R
         let groups = config.linear_groups(l)?;
         let next = l + 1;
         let name = format!("hidden-{next}.bin");
-        let (layer_hessians, hash) = match on_device.take() {
+        let (layer_hessians, hash) = match &mut on_device {
             Some((dev, x)) => {
                 let pass =
-                    sequential_layer_device(&dev, &config, l, &weights, &x, &job.settings, &quantizer, &mut buffers)?;
-                drop(x);
+                    sequential_layer_device(dev, &config, l, &weights, x, &job.settings, &quantizer, &mut buffers)?;
                 reports.extend(pass.reports);
                 let hash = if next < layers {
-                    Some(write_hidden_values(&job.state.join(&name), pass.next.download_flat(&dev, &mut staging)?)?)
+                    Some(write_hidden_values(&job.state.join(&name), x.host_values(dev, &mut staging)?)?)
                 } else {
                     None
                 };
-                on_device = Some((dev, pass.next));
                 (pass.hessians, hash)
             }
             None => {

@@ -81,7 +81,7 @@ impl ForwardPrecision {
 }
 
 /// Calibration sequences on the device: f32 `(tokens, hidden)` rows of every sequence, one
-/// after another.
+/// after another (at the front of a buffer that may hold more: a streamed batch's).
 pub struct DeviceSequences {
     data: CudaSlice<f32>,
     lens: Vec<usize>,
@@ -92,10 +92,7 @@ impl DeviceSequences {
     /// Uploads `(tokens, hidden)` arrays (all of one width, none empty), one copy per
     /// sequence straight from its array.
     pub fn upload(dev: &GpuDevice, seqs: &[Array2<f32>]) -> Result<Self> {
-        let hidden = seqs.first().map_or(0, |s| s.ncols());
-        if hidden == 0 || seqs.iter().any(|s| s.ncols() != hidden || s.nrows() == 0) {
-            return Err(ForgeError::Shape("sequences must be non-empty and share one non-zero width".into()));
-        }
+        let hidden = check_sequences(seqs)?;
         let total: usize = seqs.iter().map(|s| s.len()).sum();
         let mut data = dev.alloc::<f32>(total, "hidden states")?;
         let mut at = 0;
@@ -109,13 +106,53 @@ impl DeviceSequences {
         Ok(DeviceSequences { data, lens: seqs.iter().map(|s| s.nrows()).collect(), hidden })
     }
 
+    /// Room for `values` f32 of width `hidden`, no sequences yet (a streamed batch's buffer).
+    pub fn with_capacity(dev: &GpuDevice, values: usize, hidden: usize) -> Result<Self> {
+        Ok(DeviceSequences { data: dev.alloc::<f32>(values, "hidden states")?, lens: Vec::new(), hidden })
+    }
+
     /// Same shapes, zero values.
     pub fn zeros_like(&self, dev: &GpuDevice) -> Result<Self> {
         Ok(DeviceSequences {
-            data: dev.alloc::<f32>(self.data.len(), "hidden states")?,
+            data: dev.alloc::<f32>(self.values(), "hidden states")?,
             lens: self.lens.clone(),
             hidden: self.hidden,
         })
+    }
+
+    /// Values held (`Σ tokens · hidden`).
+    pub fn values(&self) -> usize {
+        self.lens.iter().sum::<usize>() * self.hidden
+    }
+
+    /// Replaces the contents with sequences `range` of `host` (synchronous: returns when the
+    /// copy is done).
+    pub(crate) fn load(&mut self, dev: &GpuDevice, host: &HostSequences, range: std::ops::Range<usize>) -> Result<()> {
+        let (start, end) = host.span(range.clone())?;
+        let src = host.values()?.get(start..end).ok_or_else(|| ForgeError::Internal("host sequence range".into()))?;
+        if src.len() > self.data.len() || host.hidden != self.hidden {
+            return Err(ForgeError::Internal("a streamed batch larger than its device buffer".into()));
+        }
+        let mut dst = self.data.slice_mut(0..src.len());
+        dev.stream().memcpy_htod(src, &mut dst).map_err(ForgeError::driver("uploading hidden states"))?;
+        dev.synchronize()?;
+        self.lens = host.lens.get(range).map(<[usize]>::to_vec).unwrap_or_default();
+        Ok(())
+    }
+
+    /// Copies the contents into sequences `range` of `host` (same lengths), checked finite.
+    pub(crate) fn store(&self, dev: &GpuDevice, host: &mut HostSequences, range: std::ops::Range<usize>) -> Result<()> {
+        let (start, end) = host.span(range.clone())?;
+        if host.lens.get(range) != Some(&self.lens[..]) || host.hidden != self.hidden {
+            return Err(ForgeError::Internal("a streamed batch stored over other sequences".into()));
+        }
+        let dst = host.data.get(dev, host.len)?.get_mut(start..end);
+        let dst = dst.ok_or_else(|| ForgeError::Internal("host sequence range".into()))?;
+        dev.stream()
+            .memcpy_dtoh(&self.data.slice(0..dst.len()), dst)
+            .map_err(ForgeError::driver("downloading hidden states"))?;
+        dev.synchronize()?;
+        check_finite_values(dst, self.hidden, start)
     }
 
     /// Downloads the sequences into one array each (through [`DeviceSequences::download_flat`]
@@ -123,31 +160,19 @@ impl DeviceSequences {
     pub fn download(&self, dev: &GpuDevice) -> Result<Vec<Array2<f32>>> {
         let mut staging = HostStaging::default();
         let flat = self.download_flat(dev, &mut staging)?;
-        let mut out = Vec::with_capacity(self.lens.len());
-        let mut at = 0;
-        for &t in &self.lens {
-            let v = flat[at..at + t * self.hidden].to_vec();
-            out.push(Array2::from_shape_vec((t, self.hidden), v).map_err(|e| ForgeError::Shape(e.to_string()))?);
-            at += t * self.hidden;
-        }
-        Ok(out)
+        split_sequences(flat, &self.lens, self.hidden)
     }
 
     /// Every value, sequence after sequence, through page-locked `staging` (grown as needed;
     /// a device-to-pinned copy runs at the link's speed), checked finite.
     pub fn download_flat<'a>(&self, dev: &GpuDevice, staging: &'a mut HostStaging) -> Result<&'a [f32]> {
-        let host = staging.0.get(dev, self.data.len())?;
-        dev.stream().memcpy_dtoh(&self.data, host).map_err(ForgeError::driver("downloading hidden states"))?;
+        let n = self.values();
+        let host = staging.0.get(dev, n)?;
+        dev.stream()
+            .memcpy_dtoh(&self.data.slice(0..n), host)
+            .map_err(ForgeError::driver("downloading hidden states"))?;
         dev.synchronize()?;
-        if let Some(i) = host.par_iter().position_first(|v| !v.is_finite()) {
-            let value = host[i];
-            return Err(ForgeError::NonFinite {
-                tensor: "layer output",
-                row: i / self.hidden,
-                col: i % self.hidden,
-                value,
-            });
-        }
+        check_finite_values(host, self.hidden, 0)?;
         Ok(host)
     }
 
@@ -159,6 +184,177 @@ impl DeviceSequences {
     /// Features per token.
     pub fn hidden(&self) -> usize {
         self.hidden
+    }
+}
+
+/// The common width of non-empty sequences.
+fn check_sequences(seqs: &[Array2<f32>]) -> Result<usize> {
+    let hidden = seqs.first().map_or(0, |s| s.ncols());
+    if hidden == 0 || seqs.iter().any(|s| s.ncols() != hidden || s.nrows() == 0) {
+        return Err(ForgeError::Shape("sequences must be non-empty and share one non-zero width".into()));
+    }
+    Ok(hidden)
+}
+
+/// A typed error at the first non-finite value (`first_value` = the index of `values[0]`).
+fn check_finite_values(values: &[f32], hidden: usize, first_value: usize) -> Result<()> {
+    match values.par_iter().position_first(|v| !v.is_finite()) {
+        Some(i) => Err(ForgeError::NonFinite {
+            tensor: "layer output",
+            row: (first_value + i) / hidden.max(1),
+            col: (first_value + i) % hidden.max(1),
+            value: values[i],
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Flat values → one `(tokens, hidden)` array per sequence.
+fn split_sequences(flat: &[f32], lens: &[usize], hidden: usize) -> Result<Vec<Array2<f32>>> {
+    let mut out = Vec::with_capacity(lens.len());
+    let mut at = 0;
+    for &t in lens {
+        let v = flat.get(at..at + t * hidden).ok_or_else(|| ForgeError::Internal("short hidden states".into()))?;
+        out.push(Array2::from_shape_vec((t, hidden), v.to_vec()).map_err(|e| ForgeError::Shape(e.to_string()))?);
+        at += t * hidden;
+    }
+    Ok(out)
+}
+
+/// Calibration sequences in page-locked host memory, for calibration sets larger than the
+/// device holds: streamed through it in batches ([`HiddenStates::Host`]).
+pub struct HostSequences {
+    data: PinnedBuf<f32>,
+    len: usize,
+    lens: Vec<usize>,
+    hidden: usize,
+}
+
+impl HostSequences {
+    /// Copies `(tokens, hidden)` arrays (all of one width, none empty) into page-locked memory.
+    pub fn from_arrays(dev: &GpuDevice, seqs: &[Array2<f32>]) -> Result<Self> {
+        let hidden = check_sequences(seqs)?;
+        let len: usize = seqs.iter().map(|s| s.len()).sum();
+        crate::budget::Request::new().bytes(4, &[len]).check("the hidden states in page-locked memory")?;
+        let mut data = PinnedBuf::new(false);
+        let dst = data.get(dev, len)?;
+        let mut at = 0;
+        for s in seqs {
+            let rows = s.as_standard_layout();
+            let src = rows.as_slice().ok_or_else(|| ForgeError::Internal("standard layout is contiguous".into()))?;
+            dst[at..at + src.len()].copy_from_slice(src);
+            at += src.len();
+        }
+        Ok(HostSequences { data, len, lens: seqs.iter().map(|s| s.nrows()).collect(), hidden })
+    }
+
+    /// Every value, sequence after sequence.
+    pub fn values(&self) -> Result<&[f32]> {
+        self.data.slice(self.len)
+    }
+
+    /// Same shapes, contents undefined, in `reuse`'s memory when it is large enough.
+    fn like(&self, dev: &GpuDevice, reuse: Option<PinnedBuf<f32>>) -> Result<Self> {
+        let mut data = reuse.unwrap_or_else(|| PinnedBuf::new(false));
+        data.get(dev, self.len)?;
+        Ok(HostSequences { data, len: self.len, lens: self.lens.clone(), hidden: self.hidden })
+    }
+
+    /// Tokens of each sequence.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// The value range of sequences `range`.
+    fn span(&self, range: std::ops::Range<usize>) -> Result<(usize, usize)> {
+        let inside = self.lens.get(range.clone()).ok_or_else(|| ForgeError::Internal("sequence range".into()))?;
+        let start = self.lens[..range.start].iter().sum::<usize>() * self.hidden;
+        Ok((start, start + inside.iter().sum::<usize>() * self.hidden))
+    }
+}
+
+/// Where the calibration keeps the hidden states between layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HiddenPlacement {
+    /// On the device when they (inputs and outputs, plus the kept feed-forward inputs of an
+    /// MoE layer) take at most half its free memory, else in page-locked host memory.
+    #[default]
+    Auto,
+    /// On the device.
+    Device,
+    /// In page-locked host memory, streamed through the device in batches of whole forward
+    /// chunks of at most `max_batch_tokens` tokens (0: a quarter of the free device memory).
+    Host {
+        /// Tokens per streamed batch (0: sized from the free device memory).
+        max_batch_tokens: usize,
+    },
+}
+
+/// A layer's calibration inputs: on the device, or in page-locked host memory and streamed.
+pub enum HiddenStates {
+    /// Kept on the device from layer to layer.
+    Device(DeviceSequences),
+    /// In page-locked host memory; `max_batch_tokens` as [`HiddenPlacement::Host`] says.
+    Host(HostSequences, usize),
+}
+
+impl HiddenStates {
+    /// `seqs` placed as `placement` says; `ffn_bytes_per_value`: the feed-forward inputs an
+    /// MoE layer keeps per hidden value (0 for dense models).
+    pub fn place(
+        dev: &GpuDevice,
+        seqs: &[Array2<f32>],
+        placement: HiddenPlacement,
+        ffn_bytes_per_value: usize,
+    ) -> Result<Self> {
+        let on_device = match placement {
+            HiddenPlacement::Device => true,
+            HiddenPlacement::Host { .. } => false,
+            HiddenPlacement::Auto => {
+                let values: usize = seqs.iter().map(|s| s.len()).sum();
+                let need = values.saturating_mul(8 + ffn_bytes_per_value);
+                let (free, _) =
+                    dev.context().mem_get_info().map_err(ForgeError::driver("reading free device memory"))?;
+                need <= free / 2
+            }
+        };
+        Ok(match placement {
+            HiddenPlacement::Host { max_batch_tokens } if !on_device => {
+                HiddenStates::Host(HostSequences::from_arrays(dev, seqs)?, max_batch_tokens)
+            }
+            _ if !on_device => HiddenStates::Host(HostSequences::from_arrays(dev, seqs)?, 0),
+            _ => HiddenStates::Device(DeviceSequences::upload(dev, seqs)?),
+        })
+    }
+
+    /// Tokens of each sequence.
+    pub fn lens(&self) -> &[usize] {
+        match self {
+            HiddenStates::Device(d) => d.lens(),
+            HiddenStates::Host(h, _) => h.lens(),
+        }
+    }
+
+    /// Whether they are on the device.
+    pub fn on_device(&self) -> bool {
+        matches!(self, HiddenStates::Device(_))
+    }
+
+    /// Every value on the host, sequence after sequence (from the device through `staging`),
+    /// checked finite.
+    pub fn host_values<'a>(&'a self, dev: &GpuDevice, staging: &'a mut HostStaging) -> Result<&'a [f32]> {
+        match self {
+            HiddenStates::Device(d) => d.download_flat(dev, staging),
+            HiddenStates::Host(h, _) => h.values(),
+        }
+    }
+
+    /// One array per sequence.
+    pub fn download(&self, dev: &GpuDevice) -> Result<Vec<Array2<f32>>> {
+        match self {
+            HiddenStates::Device(d) => d.download(dev),
+            HiddenStates::Host(h, _) => split_sequences(h.values()?, &h.lens, h.hidden),
+        }
     }
 }
 
@@ -270,6 +466,97 @@ pub struct LayerBuffers {
     pub(crate) weights: WeightStaging,
     pub(crate) hessians: HessianStaging,
     pub(crate) workspace: ForwardWorkspace,
+    /// Streamed hidden states ([`HiddenStates::Host`]): the next layer's inputs are written
+    /// here and swapped in, and an MoE layer's feed-forward inputs wait here.
+    pub(crate) host_spare: Option<PinnedBuf<f32>>,
+    pub(crate) ffn_host: Option<PinnedBuf<u8>>,
+}
+
+/// The device side of a streamed pass over [`HiddenStates::Host`]: batches of whole forward
+/// chunks and the buffers each moves through (synchronous copies: this is the fallback for
+/// calibration sets the device cannot hold).
+pub(crate) struct StreamedBatches {
+    pub(crate) plan: Vec<std::ops::Range<usize>>,
+    pub(crate) x: DeviceSequences,
+    pub(crate) out: DeviceSequences,
+}
+
+impl StreamedBatches {
+    /// Batches of at most `max_tokens` tokens (0: a quarter of the free device memory at
+    /// `bytes_per_token`).
+    pub(crate) fn new(
+        dev: &GpuDevice,
+        host: &HostSequences,
+        chunk_tokens: usize,
+        max_tokens: usize,
+        bytes_per_token: usize,
+    ) -> Result<Self> {
+        let max_tokens = match max_tokens {
+            0 => {
+                let (free, _) =
+                    dev.context().mem_get_info().map_err(ForgeError::driver("reading free device memory"))?;
+                free / 4 / bytes_per_token.max(1)
+            }
+            n => n,
+        };
+        let plan = batch_plan(&host.lens, chunk_tokens, max_tokens);
+        let widest = plan.iter().map(|r| host.lens[r.clone()].iter().sum::<usize>()).max().unwrap_or(0);
+        Ok(StreamedBatches {
+            plan,
+            x: DeviceSequences::with_capacity(dev, widest * host.hidden, host.hidden)?,
+            out: DeviceSequences::with_capacity(dev, widest * host.hidden, host.hidden)?,
+        })
+    }
+}
+
+impl HostSequences {
+    /// A page-locked buffer shaped like `self` (from `reuse` when it is large enough).
+    pub(crate) fn spare(&self, dev: &GpuDevice, reuse: Option<PinnedBuf<f32>>) -> Result<Self> {
+        self.like(dev, reuse)
+    }
+
+    /// Gives the memory back for reuse.
+    pub(crate) fn into_buffer(self) -> PinnedBuf<f32> {
+        self.data
+    }
+
+    /// The tokens before sequence `first`.
+    pub(crate) fn tokens_before(&self, first: usize) -> usize {
+        self.lens[..first.min(self.lens.len())].iter().sum()
+    }
+}
+
+/// `bytes` bytes of a device buffer → `host` at byte `at` (synchronous).
+pub(crate) fn store_bytes(
+    dev: &GpuDevice,
+    src: &DeviceBuf<u8>,
+    host: &mut PinnedBuf<u8>,
+    at: usize,
+    bytes: usize,
+    total: usize,
+) -> Result<()> {
+    let dst =
+        host.get(dev, total)?.get_mut(at..at + bytes).ok_or_else(|| ForgeError::Internal("ffn staging".into()))?;
+    dev.stream()
+        .memcpy_dtoh(&src.get(bytes)?.slice(0..bytes), dst)
+        .map_err(ForgeError::driver("downloading feed-forward inputs"))?;
+    dev.synchronize()
+}
+
+/// `bytes` bytes of `host` from byte `at` → the front of a device buffer (synchronous).
+pub(crate) fn load_bytes(
+    dev: &GpuDevice,
+    host: &PinnedBuf<u8>,
+    at: usize,
+    bytes: usize,
+    dst: &mut DeviceBuf<u8>,
+) -> Result<()> {
+    let src = host.slice(at + bytes)?.get(at..at + bytes).ok_or_else(|| ForgeError::Internal("ffn staging".into()))?;
+    let d = dst.ensure(dev, bytes, "feed-forward inputs")?;
+    dev.stream()
+        .memcpy_htod(src, &mut d.slice_mut(0..bytes))
+        .map_err(ForgeError::driver("uploading feed-forward inputs"))?;
+    dev.synchronize()
 }
 
 /// Page-locked host memory a layer's Hessians download into (grown to the largest layer and
@@ -813,10 +1100,13 @@ impl GpuLayer {
         ws: &mut ForwardWorkspace,
     ) -> Result<()> {
         let h = self.hidden;
-        if x.hidden != h || out.hidden != h || out.lens != x.lens {
+        if x.hidden != h || out.hidden != h || out.data.len() < x.values() {
             return Err(ForgeError::Shape(format!(
-                "layer {}: hidden states of width {} (output {}) for a layer of width {h}",
-                self.index, x.hidden, out.hidden
+                "layer {}: hidden states of width {} (output {}, room for {} values) for a layer of width {h}",
+                self.index,
+                x.hidden,
+                out.hidden,
+                out.data.len()
             )));
         }
         let total: usize = x.lens.iter().sum();
@@ -825,25 +1115,17 @@ impl GpuLayer {
             None => None,
         };
         // The residual stream: out = x, then every block adds to it.
-        dev.stream().memcpy_dtod(&x.data, &mut out.data).map_err(ForgeError::driver("copying hidden states"))?;
+        out.lens = x.lens.clone();
+        copy_bytes(dev, x.data.dev_ptr().addr(), out.data.dev_ptr_mut().addr(), 4 * x.values())?;
         let max_len = x.lens.iter().copied().max().unwrap_or(0);
         self.ensure_rope_tables(dev, ws, max_len)?;
         let out_base = out.data.dev_ptr_mut().addr();
-        let mut first = 0;
         let mut start_token = 0;
-        while first < x.lens.len() {
-            // Whole sequences up to the chunk budget (at least one).
-            let mut last = first + 1;
-            let mut tokens = x.lens[first];
-            while last < x.lens.len() && tokens + x.lens[last] <= ws.chunk_tokens {
-                tokens += x.lens[last];
-                last += 1;
-            }
+        for (first, last, tokens) in chunk_plan(&x.lens, ws.chunk_tokens) {
             let hid = out_base + (start_token * h * 4) as u64;
             let ffn_dst = ffn_base.map(|b| b + (start_token * h * self.precision.size()) as u64);
             self.chunk(dev, hid, &x.lens[first..last], tokens, sink.as_deref_mut(), ffn_dst, ws)?;
             start_token += tokens;
-            first = last;
         }
         Ok(())
     }
@@ -1251,7 +1533,7 @@ impl GpuLayer {
         &self,
         dev: &GpuDevice,
         ffn_inputs: &DeviceBuf<u8>,
-        tokens: usize,
+        lens: &[usize],
         experts: &[usize],
         sink: &mut GpuHessianSink,
         ws: &mut ForwardWorkspace,
@@ -1260,13 +1542,15 @@ impl GpuLayer {
             return Err(ForgeError::Config(format!("layer {} has no experts", self.index)));
         };
         let (h, es) = (self.hidden, self.precision.size());
+        let tokens: usize = lens.iter().sum();
         let buf = ffn_inputs.get(tokens * h * es)?;
         let base = buf.dev_ptr().addr();
+        // The forward's chunks: a streamed run (batches of whole chunks) sums the same pieces.
+        let plan = chunk_plan(lens, ws.chunk_tokens);
         for &e in experts {
             let mlp = all.get(e).ok_or_else(|| ForgeError::Shape(format!("expert {e} of {}", all.len())))?;
             let mut t0 = 0;
-            while t0 < tokens {
-                let n = ws.chunk_tokens.min(tokens - t0);
+            for &(_, _, n) in &plan {
                 let x = Act { buf, offset: t0 * h * es, tokens: n, cols: h, dtype: self.precision.activation_dtype() };
                 sink.record(dev, InputGroup::ExpertGateUp(e), x)?;
                 let y = addr(&mut ws.expert_out, dev, n * h * 4, "expert outputs")?;
@@ -1277,6 +1561,41 @@ impl GpuLayer {
         }
         Ok(())
     }
+}
+
+/// The forward's chunks over sequences of `lens`: `(first, last, tokens)` of whole sequences
+/// up to `chunk_tokens` tokens (at least one sequence each).
+pub(crate) fn chunk_plan(lens: &[usize], chunk_tokens: usize) -> Vec<(usize, usize, usize)> {
+    let mut plan = Vec::new();
+    let mut first = 0;
+    while first < lens.len() {
+        let mut last = first + 1;
+        let mut tokens = lens[first];
+        while last < lens.len() && tokens + lens[last] <= chunk_tokens {
+            tokens += lens[last];
+            last += 1;
+        }
+        plan.push((first, last, tokens));
+        first = last;
+    }
+    plan
+}
+
+/// Batches of whole forward chunks (sequence ranges) of at most `max_tokens` tokens each (at
+/// least one chunk): streamed through the device, they run exactly the chunks of one pass
+/// over everything, so the Hessians and outputs are bit for bit the same.
+pub(crate) fn batch_plan(lens: &[usize], chunk_tokens: usize, max_tokens: usize) -> Vec<std::ops::Range<usize>> {
+    let mut batches: Vec<(std::ops::Range<usize>, usize)> = Vec::new();
+    for (first, last, tokens) in chunk_plan(lens, chunk_tokens) {
+        match batches.last_mut() {
+            Some((r, t)) if *t + tokens <= max_tokens => {
+                r.end = last;
+                *t += tokens;
+            }
+            _ => batches.push((first..last, tokens)),
+        }
+    }
+    batches.into_iter().map(|(r, _)| r).collect()
 }
 
 /// `bytes` bytes from device address `src` to `dst` on the device's stream.

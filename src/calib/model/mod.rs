@@ -31,7 +31,7 @@ pub use config::{
 };
 pub use cuda::{
     DeviceSequences, ForwardPrecision, ForwardWorkspace, GpuHessianSink, GpuLayer, HessianDownload, HessianStaging,
-    HostStaging, LayerBuffers, WeightStaging,
+    HiddenPlacement, HiddenStates, HostSequences, HostStaging, LayerBuffers, WeightStaging,
 };
 pub use hooks::{ActivationSink, HessianSink, RecordingSink, Tee};
 pub use layer::{rms_norm, route, DecoderLayer, Ffn, Linear, Routing, SwiGlu};

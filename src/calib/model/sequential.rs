@@ -12,7 +12,8 @@
 
 use super::config::{FfnKind, ModelConfig};
 use super::cuda::{
-    DeviceSequences, ForwardPrecision, ForwardWorkspace, GpuHessianSink, GpuLayer, HessianDownload, LayerBuffers,
+    load_bytes, store_bytes, DeviceSequences, ForwardPrecision, ForwardWorkspace, GpuHessianSink, GpuLayer,
+    HessianDownload, HiddenStates, LayerBuffers, StreamedBatches,
 };
 use super::hooks::HessianSink;
 use super::layer::DecoderLayer;
@@ -23,6 +24,7 @@ use super::weights::{MemoryWeights, Substituted, WeightSource};
 use crate::calib::{quantize_with, PreparedFactor, QuantizeFlags, SharedHessian};
 use crate::device::{DeviceBuf, GpuDevice};
 use crate::hessian::PreStepConfig;
+use crate::quantize::engine::PinnedBuf;
 use crate::{Backend, GridConfig, Quantizer, Result, WeightView};
 use ndarray::Array2;
 use std::time::Instant;
@@ -168,14 +170,22 @@ pub fn sequential_layer(
     if let Backend::Gpu(dev) = &quantizer.backend {
         // Hidden states up, the device pass, the next layer's inputs down.
         let clock = Instant::now();
-        let x = DeviceSequences::upload(dev, &hidden)?;
+        let mut x = HiddenStates::Device(DeviceSequences::upload(dev, &hidden)?);
         drop(hidden);
         let upload = clock.elapsed().as_secs_f64();
-        let pass =
-            sequential_layer_device(dev, config, l, weights, &x, settings, quantizer, &mut LayerBuffers::default())?;
-        drop(x);
+        let pass = sequential_layer_device(
+            dev,
+            config,
+            l,
+            weights,
+            &mut x,
+            settings,
+            quantizer,
+            &mut LayerBuffers::default(),
+        )?;
         let clock = Instant::now();
-        let next = pass.next.download(dev)?;
+        let next = x.download(dev)?;
+        drop(x);
         let mut timings = pass.timings;
         timings.load += upload;
         timings.download += clock.elapsed().as_secs_f64();
@@ -353,8 +363,7 @@ fn quantize_groups<'a>(
     Ok((quantized_layer, dequantized, reports))
 }
 
-/// What [`sequential_layer_device`] produced: as [`LayerPass`], the next layer's inputs on
-/// the device.
+/// What [`sequential_layer_device`] produced (the next layer's inputs replaced its inputs).
 pub struct DeviceLayerPass {
     /// The Hessian of every input group that saw tokens (downloaded).
     pub hessians: HessianSink,
@@ -362,27 +371,29 @@ pub struct DeviceLayerPass {
     pub dequantized: Vec<(String, ndarray::ArrayD<f32>)>,
     /// One entry per input group, in forward order.
     pub reports: Vec<GroupReport>,
-    /// The next layer's inputs, as `settings.propagation` says.
-    pub next: DeviceSequences,
     /// Where the time went.
     pub timings: LayerTimings,
 }
 
-/// [`sequential_layer`] with the forward pass on the device ([`GpuLayer`], bf16 Linears) and
-/// the hidden states kept there: `x` runs through the full-precision layer while the device
-/// Hessians accumulate; their download to the host starts on a copy stream and runs beside
-/// the pre-steps and solves (each pre-step waits only for its own group's copy, then works
-/// on the device Hessian in place); every group is quantized, and (quantized propagation)
-/// the quantized weights replace the full-precision ones in place for a second forward that
-/// produces the next layer's inputs. `bufs` carries the page-locked staging and the forward
-/// workspace from layer to layer.
+/// [`sequential_layer`] with the forward pass on the device ([`GpuLayer`], bf16 Linears):
+/// `x` runs through the full-precision layer while the device Hessians accumulate; their
+/// download to the host starts on a copy stream and runs beside the pre-steps and solves
+/// (each pre-step waits only for its own group's copy, then works on the device Hessian in
+/// place); every group is quantized, and (quantized propagation) the quantized weights
+/// replace the full-precision ones in place for a second forward that produces the next
+/// layer's inputs, which replace `x` when the layer succeeded (on an error `x` is unchanged).
+///
+/// Hidden states on the device run as one pass; host-resident ones ([`HiddenStates::Host`])
+/// are streamed through the device in batches of whole forward chunks, which gives the same
+/// Hessians and outputs bit for bit. `bufs` carries page-locked staging, the forward
+/// workspace and the streamed buffers from layer to layer.
 #[allow(clippy::too_many_arguments)]
 pub fn sequential_layer_device(
     dev: &GpuDevice,
     config: &ModelConfig,
     l: usize,
     weights: &dyn WeightSource,
-    x: &DeviceSequences,
+    x: &mut HiddenStates,
     settings: &SequentialConfig,
     quantizer: &Quantizer,
     bufs: &mut LayerBuffers,
@@ -404,12 +415,45 @@ pub fn sequential_layer_device(
     if bufs.workspace.chunk_tokens != chunk {
         bufs.workspace = ForwardWorkspace::new(chunk);
     }
-    let ws = &mut bufs.workspace;
-    let mut out = x.zeros_like(dev)?;
+    let hidden = config.hidden_size;
+    let ffn_bytes = if keep_ffn_input { hidden * precision.size() } else { 0 };
+    // The next layer's inputs, and (streamed) the device buffers the batches move through.
+    let (mut next, mut batches) = match &*x {
+        HiddenStates::Device(d) => (HiddenStates::Device(d.zeros_like(dev)?), None),
+        HiddenStates::Host(h, max_tokens) => {
+            let spare = h.spare(dev, bufs.host_spare.take())?;
+            let b = StreamedBatches::new(dev, h, chunk, *max_tokens, 8 * hidden + ffn_bytes)?;
+            (HiddenStates::Host(spare, *max_tokens), Some(b))
+        }
+    };
     let mut sink = GpuHessianSink::new();
     let mut ffn_inputs = DeviceBuf::default();
+    let mut ffn_host = bufs.ffn_host.take().unwrap_or_else(|| PinnedBuf::new(false));
+    let total_tokens: usize = x.lens().iter().sum();
     timings.load = lap(dev)?;
-    gpu.forward(dev, x, &mut out, Some(&mut sink), keep_ffn_input.then_some(&mut ffn_inputs), ws)?;
+    let fp_outputs = settings.propagation == Propagation::FullPrecision;
+    match (&*x, &mut next, &mut batches) {
+        (HiddenStates::Device(xd), HiddenStates::Device(out), _) => {
+            let ffn = keep_ffn_input.then_some(&mut ffn_inputs);
+            gpu.forward(dev, xd, out, Some(&mut sink), ffn, &mut bufs.workspace)?;
+        }
+        (HiddenStates::Host(xh, _), HiddenStates::Host(out, _), Some(b)) => {
+            for r in &b.plan {
+                b.x.load(dev, xh, r.clone())?;
+                let ffn = keep_ffn_input.then_some(&mut ffn_inputs);
+                gpu.forward(dev, &b.x, &mut b.out, Some(&mut sink), ffn, &mut bufs.workspace)?;
+                if fp_outputs {
+                    b.out.store(dev, out, r.clone())?;
+                }
+                if keep_ffn_input {
+                    let at = xh.tokens_before(r.start) * ffn_bytes;
+                    let bytes = b.x.values() / hidden * ffn_bytes;
+                    store_bytes(dev, &ffn_inputs, &mut ffn_host, at, bytes, total_tokens * ffn_bytes)?;
+                }
+            }
+        }
+        _ => return Err(crate::ForgeError::Internal("hidden states and their batches disagree".into())),
+    }
     let groups = config.linear_groups(l)?;
     let routed: Vec<(InputGroup, u64)> = groups.iter().map(|g| (g.group, sink.tokens(g.group))).collect();
     let under = under_covered(&groups, &routed, settings);
@@ -418,10 +462,21 @@ pub fn sequential_layer_device(
         sink.remove(InputGroup::ExpertDown(e));
     }
     if !under.is_empty() && keep_ffn_input {
-        let tokens: usize = x.lens().iter().sum();
-        gpu.record_experts(dev, &ffn_inputs, tokens, &under, &mut sink, ws)?;
+        match (&*x, &batches) {
+            (HiddenStates::Host(xh, _), Some(b)) => {
+                for r in &b.plan {
+                    let lens = &xh.lens()[r.clone()];
+                    let at = xh.tokens_before(r.start) * ffn_bytes;
+                    let bytes = lens.iter().sum::<usize>() * ffn_bytes;
+                    load_bytes(dev, &ffn_host, at, bytes, &mut ffn_inputs)?;
+                    gpu.record_experts(dev, &ffn_inputs, lens, &under, &mut sink, &mut bufs.workspace)?;
+                }
+            }
+            _ => gpu.record_experts(dev, &ffn_inputs, x.lens(), &under, &mut sink, &mut bufs.workspace)?,
+        }
     }
     drop(ffn_inputs);
+    bufs.ffn_host = Some(ffn_host);
     timings.forward_hessians = lap(dev)?;
     let download = sink.start_download(dev, &mut bufs.hessians)?;
     let (quantized_layer, dequantized, reports) = quantize_groups(
@@ -453,10 +508,25 @@ pub fn sequential_layer_device(
             replaced.push((group, lin.role, w));
         }
         gpu.replace_weights(dev, &replaced, &mut bufs.weights)?;
-        gpu.forward(dev, x, &mut out, None, None, &mut bufs.workspace)?;
+        match (&*x, &mut next, &mut batches) {
+            (HiddenStates::Device(xd), HiddenStates::Device(out), _) => {
+                gpu.forward(dev, xd, out, None, None, &mut bufs.workspace)?;
+            }
+            (HiddenStates::Host(xh, _), HiddenStates::Host(out, _), Some(b)) => {
+                for r in &b.plan {
+                    b.x.load(dev, xh, r.clone())?;
+                    gpu.forward(dev, &b.x, &mut b.out, None, None, &mut bufs.workspace)?;
+                    b.out.store(dev, out, r.clone())?;
+                }
+            }
+            _ => return Err(crate::ForgeError::Internal("hidden states and their batches disagree".into())),
+        }
         timings.propagate = lap(dev)?;
     }
-    Ok(DeviceLayerPass { hessians, dequantized, reports, next: out, timings })
+    if let HiddenStates::Host(old, _) = std::mem::replace(x, next) {
+        bufs.host_spare = Some(old.into_buffer());
+    }
+    Ok(DeviceLayerPass { hessians, dequantized, reports, timings })
 }
 
 /// Runs the sequential pipeline over `calibration` (token sequences, no padding) on the CPU.
