@@ -76,6 +76,7 @@ fn job<'a>(model: &'a Path, s: &'a CalibSamples, cfg: &SequentialConfig, state: 
         state: state.to_path_buf(),
         resume: false,
         hidden_placement: HiddenPlacement::Auto,
+        checkpoint_every: std::time::Duration::ZERO,
         fail_after_layers: None,
     }
 }

@@ -188,6 +188,8 @@ fn gptq_calibrated_from_text_crash_and_resume() {
             "4",
             "--seq-len",
             "64",
+            "--calib-checkpoint-minutes",
+            "0",
         ]
         .iter()
         .map(|a| a.to_string())
@@ -215,6 +217,18 @@ fn gptq_calibrated_from_text_crash_and_resume() {
     let out = ok(&strs(&r));
     assert!(out.contains("resumed at layer 2 of 3"), "{out}");
     assert_eq!(files(&whole), files(&killed), "resumed output differs from the uninterrupted one");
+
+    // With the default save interval (10 minutes) nothing was saved before the kill: the
+    // resumed run redoes every layer and still writes the same bytes.
+    let late = tmp.path().join("late");
+    let mut k = args(&late);
+    k.truncate(k.len() - 2);
+    let err = fails(&strs(&k), &[("FORGE_TEST_CALIB_FAIL_AFTER", "2")]);
+    assert!(err.contains("--resume"), "{err}");
+    k.push("--resume".into());
+    let out = ok(&strs(&k));
+    assert!(!out.contains("resumed at layer"), "{out}");
+    assert_eq!(files(&whole), files(&late), "redone output differs from the uninterrupted one");
 
     // Bad combinations.
     let mut rtn = args(&tmp.path().join("rtn"));

@@ -4,9 +4,10 @@
 //! checkpoint run quantizes with them (the same grid, so its codes are the ones the
 //! propagation used).
 //!
-//! Resume: after each layer the next layer's inputs are written (`hidden-{l}.bin`, f32
+//! Resume: after a layer (every one, or the first one a [`CalibrationJob::checkpoint_every`]
+//! after the last save) the next layer's inputs are written (`hidden-{l}.bin`, f32
 //! little-endian, sequences × tokens × hidden, with its xxh3 in `calibration.json`), so a
-//! killed run restarts at the first unfinished layer with exactly the hidden states it needs,
+//! killed run restarts at the first unsaved layer with exactly the hidden states it needs,
 //! never with full-precision stand-ins. A state made from other text, samples, settings,
 //! backend or model files is refused. Every file is written atomically (temporary file,
 //! rename), `calibration.json` last.
@@ -50,6 +51,11 @@ pub struct CalibrationJob<'a> {
     /// Where the hidden states wait between layers on a GPU (not part of the fingerprint: both
     /// places give the same bits, so a run that ran out of device memory resumes streamed).
     pub hidden_placement: HiddenPlacement,
+    /// How often the next layer's inputs are saved for resume: after every layer (zero), or
+    /// after the first layer that ends this long after the last save. Every layer's Hessian
+    /// files are written either way; a resumed run redoes the layers after the last save
+    /// (their files come out the same), so a crash costs at most this much work.
+    pub checkpoint_every: std::time::Duration,
     /// Test hook: stop with an error after this many layers of this call.
     pub fail_after_layers: Option<usize>,
 }
@@ -117,19 +123,22 @@ pub fn calibrate(job: &CalibrationJob<'_>, progress: &dyn Fn(usize, usize)) -> R
     let mut staging = HostStaging::default();
     let mut buffers = LayerBuffers::default();
     let mut reports = Vec::new();
+    let mut saved = start;
+    let mut last_save = std::time::Instant::now();
     for l in start..layers {
         if job.fail_after_layers.is_some_and(|n| l - start >= n) {
             return Err(ForgeError::Config(format!("test hook: calibration stopped before layer {l}")));
         }
         let groups = config.linear_groups(l)?;
         let next = l + 1;
+        let save = next == layers || last_save.elapsed() >= job.checkpoint_every;
         let name = format!("hidden-{next}.bin");
         let (layer_hessians, hash) = match &mut on_device {
             Some((dev, x)) => {
                 let pass =
                     sequential_layer_device(dev, &config, l, &weights, x, &job.settings, &quantizer, &mut buffers)?;
                 reports.extend(pass.reports);
-                let hash = if next < layers {
+                let hash = if save && next < layers {
                     Some(write_hidden_values(&job.state.join(&name), x.host_values(dev, &mut staging)?)?)
                 } else {
                     None
@@ -141,18 +150,23 @@ pub fn calibrate(job: &CalibrationJob<'_>, progress: &dyn Fn(usize, usize)) -> R
                     sequential_layer(&config, l, &weights, std::mem::take(&mut hidden), &job.settings, &quantizer)?;
                 hidden = pass.next;
                 reports.extend(pass.reports);
-                let hash = if next < layers { Some(write_hidden(&job.state.join(&name), &hidden)?) } else { None };
+                let hash =
+                    if save && next < layers { Some(write_hidden(&job.state.join(&name), &hidden)?) } else { None };
                 (pass.hessians, hash)
             }
         };
         for g in &groups {
             write_group_hessians(&hessians, g, &layer_hessians)?;
         }
-        let file = hash.as_ref().map(|_| name.clone());
-        let state = State { fingerprint: fingerprint.clone(), done: next, hidden: file, hidden_xxh3: hash };
-        write_state(&state_path, &state)?;
-        // The previous layer's inputs are no longer needed once the state names the next.
-        let _ = std::fs::remove_file(job.state.join(format!("hidden-{l}.bin")));
+        if save {
+            let file = hash.as_ref().map(|_| name.clone());
+            let state = State { fingerprint: fingerprint.clone(), done: next, hidden: file, hidden_xxh3: hash };
+            write_state(&state_path, &state)?;
+            // The inputs of the last save are no longer needed once the state names the next.
+            let _ = std::fs::remove_file(job.state.join(format!("hidden-{saved}.bin")));
+            saved = next;
+            last_save = std::time::Instant::now();
+        }
         progress(next, layers);
     }
     Ok(CalibrationReport { hessians, layers, resumed_at: start, reports, fingerprint })
