@@ -6,10 +6,13 @@
 //! Tables: the bf16 tensor-core peak cuBLAS reaches on one 8192³ GEMM and on the Llama layer's
 //! Linear shapes (device events, median); the layer's forward alone (tokens/s, and the Linears'
 //! FLOPs over the whole forward time: a lower bound on their GEMM rate); and one whole
-//! `sequential_layer_device` (GPTQ, quantized propagation, hidden states on the device as the
-//! calibration keeps them) split into weight load/upload, forward with the Hessian hooks,
-//! Hessian download, pre-step, solve and propagation (wall clock; the device is synchronized
-//! at each boundary), plus the resume checkpoint's download through pinned memory.
+//! `sequential_layer_device` (GPTQ, quantized propagation, weights from a bf16 safetensors
+//! file, hidden states on the device as the calibration keeps them) split into weight
+//! load/upload, forward with the Hessian hooks, the Hessian download's unhidden part,
+//! pre-step, solve and propagation (wall clock; the device is synchronized at each
+//! boundary): a steady-state layer, the first layer of a run (buffers growing), a layer with
+//! the hidden states streamed from page-locked host memory, and the resume checkpoint's
+//! download through pinned memory.
 //!
 //! Run on a GPU machine: `cargo bench --bench gpu_forward` (cuBLAS/cuSOLVER on LD_LIBRARY_PATH).
 
