@@ -320,6 +320,7 @@ fn run(args: Args) -> Result<(), CliError> {
                 want_dequant: true,
                 profile: true,
                 pack: None,
+                want_row_error: false,
                 block_scales: Vec::new(),
             };
             let mut out = with_engine(dev, |e| e.quantize(&job)).map_err(indefinite_hint)?;

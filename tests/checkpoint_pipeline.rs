@@ -37,9 +37,10 @@ fn engine_footprint_grows_to_the_maxima_and_never_shrinks() {
     assert_eq!(t.total().device, DEVICE_RESERVE, "an engine that ran nothing holds only the reserve");
     t.add(&shape(512, &[1024], false), &g);
     let one = t.total();
-    // Weight bytes (bf16) + codes + records + loss per slot, two slots; staging likewise.
+    // Weight bytes (bf16) + codes + records + loss + row-error sums per slot, two slots;
+    // staging likewise.
     let (r, c, ng) = (1024u64, 512u64, 4u64);
-    let per_weight_pinned = 2 * r * c + r * c + 4 * r * ng + 4 * r;
+    let per_weight_pinned = 2 * r * c + r * c + 4 * r * ng + 4 * r + 16 * r;
     assert_eq!(one.pinned, 2 * (per_weight_pinned + 8 * 4), "pinned: staged weight, results, status, two slots");
     assert!(one.device > 2 * per_weight_pinned + DEVICE_RESERVE);
     // A smaller job changes nothing.

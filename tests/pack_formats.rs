@@ -6,9 +6,9 @@
 mod common;
 
 use fourbit_forge::checkpoint::format::{
-    check_runtime_support, decode_linear, encode_linear, expected_dequant, quantization_config, quantize_config_file,
-    require_loadable, write_safetensors, CheckpointFormat, LinearQuant, LinearShape, QuantSettings, ScaleDtype,
-    Severity, TensorOut,
+    check_runtime_support, decode_linear, encode_linear, encode_linear_packed, expected_dequant, quantization_config,
+    quantize_config_file, require_loadable, write_safetensors, CheckpointFormat, LinearQuant, LinearShape,
+    QuantSettings, ScaleDtype, Severity, TensorOut,
 };
 use fourbit_forge::grid::build_quant_grid;
 use fourbit_forge::numerics::{dequantize, quantize, range_meta, stored_scale, QMetaPacked};
@@ -203,6 +203,27 @@ fn round_trip(s: &QuantSettings, rows: usize, cols: usize, seed: u64) -> Result<
     };
     for t in &tensors {
         prop_assert!(t.name.starts_with(module), "{}", t.name);
+    }
+    // Codes packed beforehand in the format's layout (as the device packs them) give the
+    // same tensors; words of the other layout or another width are refused, not written.
+    {
+        use fourbit_forge::pack::{PackLayout, PackedCodes};
+        let layout = PackLayout::for_format(s.format);
+        let words = layout.pack_cpu(codes.view(), s.bits).unwrap();
+        let packed = PackedCodes { layout, bits: s.bits, rows, cols, words };
+        prop_assert_eq!(&encode_linear_packed(s, module, &grid, &packed).unwrap(), &tensors);
+        let other = match layout {
+            PackLayout::Rows => PackLayout::Transposed,
+            PackLayout::Transposed => PackLayout::Rows,
+        };
+        let wrong =
+            PackedCodes { layout: other, words: other.pack_cpu(codes.view(), s.bits).unwrap(), ..packed.clone() };
+        prop_assert!(is_format_err(&encode_linear_packed(s, module, &grid, &wrong)), "{:?}: other layout", s);
+        if s.bits < 8 {
+            let wider =
+                PackedCodes { bits: s.bits + 1, words: layout.pack_cpu(codes.view(), s.bits + 1).unwrap(), ..packed };
+            prop_assert!(is_format_err(&encode_linear_packed(s, module, &grid, &wider)), "{:?}: other width", s);
+        }
     }
     let dec = decode_linear(s, module, &tensors).unwrap();
     prop_assert_eq!(&dec.codes, &codes);

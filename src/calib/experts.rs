@@ -154,6 +154,7 @@ fn expert_job<'b>(expert: &'b ExpertInput<'_>, config: &'b GridConfig, pre_step:
         want_dequant: false,
         profile: false,
         pack: None,
+        want_row_error: false,
         block_scales: Vec::new(),
     }
 }

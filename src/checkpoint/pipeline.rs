@@ -8,6 +8,12 @@
 //! writer:    relative errors, encode, hash + write of j−3, then j−2 ...
 //! ```
 //!
+//! A data-free job asks the device for the codes packed in the format's layout and for the
+//! per-row error sums (`LayerJob::pack`, `want_row_error`): half the download at 4 bits, and
+//! the writer neither re-reads the weight nor packs (its relative error is the host pass's
+//! bit for bit). GPTQ jobs download u8 codes: the flushed-group scan reads them with the
+//! weight as stored.
+//!
 //! A job's weights are uploaded in their stored dtype straight from the mapped shards (FP8
 //! as codes plus block scales, dequantized on the device); a GPTQ job's Hessian comes from its
 //! file ([`HessianInput::Host`]), a data-free job has `U = I` ([`HessianInput::NoTokens`]:
@@ -129,7 +135,14 @@ impl JobEngine for ReferenceEngine {
         };
         let weights = layers
             .into_iter()
-            .map(|l| QuantizedWeight { grid: l.grid, codes: l.codes, packed: None, loss: l.loss, dequant: None })
+            .map(|l| QuantizedWeight {
+                grid: l.grid,
+                codes: l.codes,
+                packed: None,
+                loss: l.loss,
+                dequant: None,
+                row_error: None,
+            })
             .collect();
         Ok(LayerOutcome { weights, pre_step: summary, timings: None })
     }
@@ -293,6 +306,7 @@ impl<E: JobEngine> Producer<'_, '_, E> {
                     None => (HessianInput::NoTokens, None),
                 };
                 let views = inputs.iter().map(|i| i.engine_view()).collect::<Result<Vec<_>>>()?;
+                let data_free = matches!(plan.settings.method, Method::Rtn);
                 let job = LayerJob {
                     weights: views.iter().map(|(w, _)| *w).collect(),
                     hessian: h,
@@ -303,7 +317,11 @@ impl<E: JobEngine> Producer<'_, '_, E> {
                     },
                     want_dequant: false,
                     profile: self.profile,
-                    pack: None,
+                    // Data-free: the device packs the codes in the format's layout and sums the
+                    // relative error, so the host neither re-reads the weight nor packs (GPTQ
+                    // keeps the codes: its flushed-group scan reads them with the weight).
+                    pack: data_free.then(|| plan.format.pack_layout()),
+                    want_row_error: data_free,
                     block_scales: if views.iter().any(|(_, b)| b.is_some()) {
                         views.iter().map(|(_, b)| *b).collect()
                     } else {

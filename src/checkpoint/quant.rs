@@ -234,8 +234,10 @@ pub fn release_weight(model: &ModelDir, m: &Member) {
 pub struct MemberResult {
     /// qmeta4 records.
     pub grid: QuantGrid,
-    /// Codes `(rows, cols)`.
+    /// Codes `(rows, cols)` (empty when `packed` holds them).
     pub codes: Array2<u8>,
+    /// The codes packed on the device in the format's layout, instead of `codes`.
+    pub packed: Option<crate::pack::PackedCodes>,
     /// `‖Q − W‖² / ‖W‖²`.
     pub rel_weight_error: f64,
     /// GPTQ loss (sum over rows), for GPTQ.
@@ -315,6 +317,41 @@ pub fn rtn_from_grid(weight: &RowSource<'_>, grid: QuantGrid, codes: Option<Arra
     Ok(MemberResult {
         grid,
         codes,
+        packed: None,
+        rel_weight_error: if norm > 0.0 { err / norm } else { 0.0 },
+        gptq_loss: None,
+        method: "rtn",
+        flags: Vec::new(),
+    })
+}
+
+/// A data-free result the device finished: the codes packed in the format's layout and per
+/// row `(Σ ((q − z)·s − x)², Σ x²)` (`QuantizedWeight::row_error`, the sums of
+/// [`rtn_from_grid`]'s pass bit for bit), added rows in order as that pass adds them, so the
+/// relative weight error is the CPU path's exactly.
+pub fn rtn_from_device(
+    grid: QuantGrid,
+    packed: crate::pack::PackedCodes,
+    row_error: ndarray::ArrayView2<'_, f64>,
+) -> Result<MemberResult> {
+    grid.check_stored_scales()?;
+    if row_error.dim() != (packed.rows, 2) || grid.dim().0 != packed.rows {
+        return Err(ForgeError::Shape(format!(
+            "device results disagree: {} packed rows, {:?} row sums, a grid of {} rows",
+            packed.rows,
+            row_error.dim(),
+            grid.dim().0
+        )));
+    }
+    let (mut err, mut norm) = (0f64, 0f64);
+    for r in row_error.rows() {
+        err += r[0];
+        norm += r[1];
+    }
+    Ok(MemberResult {
+        grid,
+        codes: Array2::zeros((0, 0)),
+        packed: Some(packed),
         rel_weight_error: if norm > 0.0 { err / norm } else { 0.0 },
         gptq_loss: None,
         method: "rtn",
@@ -529,6 +566,7 @@ pub fn gptq_result(mut l: QuantizedLayer, w: &RowSource<'_>, scan_flushed: bool)
     Ok(MemberResult {
         grid: l.grid,
         codes: l.codes,
+        packed: None,
         rel_weight_error: if norm > 0.0 { err / norm } else { 0.0 },
         gptq_loss: Some(l.loss.iter().map(|&v| f64::from(v)).sum()),
         method: if no_h { "rtn (no hessian)" } else { "gptq" },

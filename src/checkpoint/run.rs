@@ -24,8 +24,8 @@ use super::output::{ItemStats, MemberStats, OutputDir, Resumed};
 use super::pipeline::{produce_gpu, produce_reference, ProducerArgs};
 use super::plan::{Item, Member, Method, Plan, Work};
 use super::quant::{
-    gptq_result, load_hessian, load_weight, quantize_gptq, quantize_rtn, release_weight, rtn_from_grid, HostInput,
-    MemberResult,
+    gptq_result, load_hessian, load_weight, quantize_gptq, quantize_rtn, release_weight, rtn_from_device,
+    rtn_from_grid, HostInput, MemberResult,
 };
 use crate::calib::layers_of;
 use crate::quantize::LayerOutcome;
@@ -555,6 +555,7 @@ impl Writer<'_> {
                 module: &m.module,
                 grid: &r.grid,
                 codes: r.codes.view(),
+                packed: r.packed.as_ref(),
             })?;
             for bytes in encoded {
                 let o = *outs.next().ok_or_else(|| {
@@ -630,8 +631,14 @@ impl Writer<'_> {
                     .zip(outcome.weights)
                     .map(|(&i, w)| {
                         let m = members.get(i).ok_or_else(|| ForgeError::Internal("member index".into()))?;
-                        let input = HostInput::open(model, m, self.block)?;
-                        rtn_from_grid(&input.rows(), w.grid, Some(w.codes))
+                        match (w.packed, w.row_error) {
+                            // The device packed the codes and summed the error: nothing to read.
+                            (Some(p), Some(e)) => rtn_from_device(w.grid, p, e.view()),
+                            _ => {
+                                let input = HostInput::open(model, m, self.block)?;
+                                rtn_from_grid(&input.rows(), w.grid, Some(w.codes))
+                            }
+                        }
                     })
                     .collect()
             };

@@ -7,10 +7,11 @@
 //! checks that the real encoding matches them.
 
 use super::format::{
-    check_runtime_support, encode_linear, quantization_config, quantize_config_file, CheckpointFormat, LinearQuant,
-    LinearShape, QuantSettings, RuntimeIssue, ScaleDtype, Severity,
+    check_runtime_support, encode_linear, encode_linear_packed, quantization_config, quantize_config_file,
+    CheckpointFormat, LinearQuant, LinearShape, QuantSettings, RuntimeIssue, ScaleDtype, Severity,
 };
 use super::st::TensorSpec;
+use crate::pack::PackedCodes;
 use crate::{ForgeError, GridConfig, QMetaPacked, QuantGrid, Result};
 use ndarray::{Array2, Array3, ArrayView2};
 use std::collections::HashMap;
@@ -23,8 +24,11 @@ pub struct QuantizedLinear<'a> {
     pub module: &'a str,
     /// qmeta4 records `(rows, n_groups)`.
     pub grid: &'a QuantGrid,
-    /// Codes `(rows, cols)` in `0..=maxq`, original column order.
+    /// Codes `(rows, cols)` in `0..=maxq`, original column order (ignored when `packed`).
     pub codes: ArrayView2<'a, u8>,
+    /// The codes packed on the device in this format's layout
+    /// ([`crate::pack::PackLayout::for_format`]), written as they are.
+    pub packed: Option<&'a PackedCodes>,
 }
 
 /// A shape's tensor layout, or why the format cannot store that shape.
@@ -67,7 +71,12 @@ impl WriterFormat {
         &self.settings
     }
 
-    /// The format's name.
+    /// The layout of the format's packed weight (what the device packs into for it).
+    pub fn pack_layout(&self) -> crate::pack::PackLayout {
+        crate::pack::PackLayout::for_format(self.settings.format)
+    }
+
+    /// The format's id (`compressed-tensors`, ...).
     pub fn id(&self) -> &'static str {
         self.settings.format.name()
     }
@@ -138,9 +147,12 @@ impl WriterFormat {
 
     /// The bytes of each tensor of [`WriterFormat::specs`], checked against them.
     pub fn encode(&self, q: QuantizedLinear<'_>) -> Result<Vec<Vec<u8>>> {
-        let (rows, cols) = q.codes.dim();
+        let (rows, cols) = q.packed.map_or(q.codes.dim(), |p| (p.rows, p.cols));
         let specs = self.specs(q.module, rows, cols)?;
-        let out = encode_linear(&self.settings, q.module, &LinearQuant { codes: q.codes, grid: q.grid })?;
+        let out = match q.packed {
+            Some(p) => encode_linear_packed(&self.settings, q.module, q.grid, p)?,
+            None => encode_linear(&self.settings, q.module, &LinearQuant { codes: q.codes, grid: q.grid })?,
+        };
         if out.len() != specs.len()
             || out.iter().zip(&specs).any(|(t, s)| t.name != s.name || t.dtype != s.dtype || t.shape != s.shape)
         {

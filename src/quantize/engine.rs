@@ -82,6 +82,10 @@ pub struct LayerJob<'a> {
     /// codes (`8/bits`× fewer bytes: 2× at 4 bits; [`QuantizedWeight::packed`]). `None` (the
     /// default): u8 codes.
     pub pack: Option<PackLayout>,
+    /// Compute each weight's per-row squared error and norm on the device
+    /// ([`QuantizedWeight::row_error`]): the relative weight error without the codes on the
+    /// host (what a packed download leaves it without).
+    pub want_row_error: bool,
     /// Block scales of FP8-E4M3 weights (DeepSeek-V3 `weight_scale_inv`): empty when no
     /// weight has any, else one entry per weight (`None` for the others). Such a weight is
     /// uploaded as its FP8 bytes and scales, dequantized to f32 on the device
@@ -101,6 +105,7 @@ impl<'a> LayerJob<'a> {
             want_dequant: false,
             profile: false,
             pack: None,
+            want_row_error: false,
             block_scales: Vec::new(),
         }
     }
@@ -168,6 +173,9 @@ pub struct QuantizedWeight {
     pub loss: Array1<f32>,
     /// The dequantized weight, when asked for.
     pub dequant: Option<Array2<f32>>,
+    /// Per row `(Σ ((q − z)·s − x)², Σ x²)` as `(rows, 2)` f64, when asked for
+    /// ([`LayerJob::want_row_error`]): the host error pass's sums bit for bit.
+    pub row_error: Option<Array2<f64>>,
 }
 
 /// A finished job: one result per weight, in order, and what the pre-step did.
@@ -311,12 +319,14 @@ struct WeightBufs {
     packed: DeviceBuf<u32>,
     dequant: DeviceBuf<f32>,
     loss: DeviceBuf<f32>,
+    row_error: DeviceBuf<f64>,
     staged: PinnedBuf<u8>,
     out_codes: PinnedBuf<u8>,
     out_packed: PinnedBuf<u32>,
     out_qmeta: PinnedBuf<u32>,
     out_loss: PinnedBuf<f32>,
     out_dequant: PinnedBuf<f32>,
+    out_row_error: PinnedBuf<f64>,
 }
 
 impl WeightBufs {
@@ -331,12 +341,14 @@ impl WeightBufs {
             packed: DeviceBuf::default(),
             dequant: DeviceBuf::default(),
             loss: DeviceBuf::default(),
+            row_error: DeviceBuf::default(),
             staged: PinnedBuf::new(true),
             out_codes: PinnedBuf::new(false),
             out_packed: PinnedBuf::new(false),
             out_qmeta: PinnedBuf::new(false),
             out_loss: PinnedBuf::new(false),
             out_dequant: PinnedBuf::new(false),
+            out_row_error: PinnedBuf::new(false),
         }
     }
 }
@@ -363,6 +375,7 @@ struct Pending {
     cols: usize,
     grid: GridConfig,
     want_dequant: bool,
+    want_row_error: bool,
     profile: bool,
     pack: Option<PackLayout>,
     /// The plan, when the factorisation runs on the device (for retries at collect).
@@ -940,6 +953,7 @@ impl QuantEngine {
             cols,
             grid: job.grid.clone(),
             want_dequant: job.want_dequant,
+            want_row_error: job.want_row_error,
             profile: job.profile,
             pack: job.pack,
             plan,
@@ -1011,6 +1025,13 @@ impl QuantEngine {
                     crate::pack::launch_pack_into(&dev, codes.as_const(), rows, cols, job.grid.bits, layout, words, bad)
                 }?;
             }
+            if job.want_row_error {
+                let b = &mut self.slots[k].weights[i];
+                let sums = b.row_error.ensure(&dev, 2 * rows, "row error sums")?.dev_ptr_mut();
+                // SAFETY: the weight, codes and records were written on this stream (upload,
+                // grid, solve above); `sums` holds 2·rows f64.
+                unsafe { solver::launch_row_error(&dev, wref, codes.as_const(), gref, sums) }?;
+            }
         }
         Ok(())
     }
@@ -1050,6 +1071,11 @@ impl QuantEngine {
                     dtoh(b.out_dequant.get(&dev, rows * cols)?, b.dequant.get(rows * cols)?.dev_ptr().addr(), s)
                         .map_err(ForgeError::driver("downloading the dequantized weight"))?;
                     bytes += rows * cols * 4;
+                }
+                if job.want_row_error {
+                    dtoh(b.out_row_error.get(&dev, 2 * rows)?, b.row_error.get(2 * rows)?.dev_ptr().addr(), s)
+                        .map_err(ForgeError::driver("downloading the row errors"))?;
+                    bytes += rows * 16;
                 }
             }
             bytes += rows * n_groups * 4 + rows * 4;
@@ -1163,7 +1189,13 @@ impl QuantEngine {
             } else {
                 None
             };
-            weights.push(QuantizedWeight { grid, codes, packed, loss: Array1::from(loss), dequant });
+            let row_error = if job.want_row_error {
+                let sums = b.out_row_error.get(&dev, 2 * rows)?.to_vec();
+                Some(Array2::from_shape_vec((rows, 2), sums).map_err(|e| ForgeError::Internal(e.to_string()))?)
+            } else {
+                None
+            };
+            weights.push(QuantizedWeight { grid, codes, packed, loss: Array1::from(loss), dequant, row_error });
         }
         self.stats.weights += n_weights as u64;
         Ok(LayerOutcome { weights, pre_step: job.summary, timings })
@@ -1419,8 +1451,11 @@ impl FootprintTracker {
             let scales = w.scale_bytes.map_or(0, |n| n as u64);
             let widened = if w.scale_bytes.is_some() { 4 * rc } else { 0 };
             let dequant = if job.want_dequant { 4 * rc } else { 0 };
-            let results = rc + 4 * r * ng + 4 * r;
-            let device = stored + scales + widened + results + dequant;
+            // Codes, records, loss, row-error sums; packed words only on the device (the
+            // pinned download holds them or the codes, never both).
+            let results = rc + 4 * r * ng + 4 * r + 16 * r;
+            let packed = r.saturating_mul((c.saturating_mul(u64::from(grid.bits))).div_ceil(32) * 4);
+            let device = stored + scales + widened + results + packed + dequant;
             let pinned = stored + scales + results + dequant;
             if self.per_weight.len() <= i {
                 self.per_weight.push((0, 0));

@@ -18,14 +18,71 @@ use crate::{ForgeError, QuantGrid, Result, WeightDtype, WeightView};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use forge_kernel_abi::solver::{
-    ExpandMetaArgs, PanelArgs, PermuteArgs, ScaleZero, SolverSharedLayout, TrailingArgs, SOLVER_PANEL, SOLVER_THREADS,
-    TRAILING_STAGES,
+    ExpandMetaArgs, PanelArgs, PermuteArgs, RowErrorArgs, ScaleZero, SolverSharedLayout, TrailingArgs,
+    ROW_ERROR_THREADS, SOLVER_PANEL, SOLVER_THREADS, TRAILING_STAGES,
 };
 use forge_kernel_abi::{
     DevPtr, DevPtrMut, GptqExpandMeta, GptqPanelR16, GptqPanelR32, GptqPermuteWeightBf16, GptqPermuteWeightF16,
-    GptqPermuteWeightF32, GptqPermuteWeightFp8, GptqTrailingUpdate, Kernel,
+    GptqPermuteWeightF32, GptqPermuteWeightFp8, GptqRowErrorBf16, GptqRowErrorF16, GptqRowErrorF32, GptqRowErrorFp8,
+    GptqTrailingUpdate, Kernel,
 };
 use ndarray::{Array1, Array2, ArrayView2};
+
+/// Enqueues per-row `(Σ ((q − z)·s − x)², Σ x²)` of a solved weight into `sums` (`2·rows`
+/// f64) on the compute stream: the host error pass's sums bit for bit (kernels-gpu
+/// `solver/row_error.rs`), so a relative weight error needs neither the codes nor a second
+/// read of the weight on the host.
+///
+/// # Safety
+/// `weight` holds `rows·cols` elements of its dtype, `codes` `rows·cols` bytes and `grid`
+/// its `rows·n_groups` records, all written before this on the compute stream; `sums` has
+/// room for `2·rows` f64.
+pub unsafe fn launch_row_error(
+    dev: &GpuDevice,
+    weight: WeightRef,
+    codes: DevPtr<u8>,
+    grid: GridRef,
+    sums: DevPtrMut<f64>,
+) -> Result<()> {
+    let (rows, cols, gs) = (weight.rows, weight.cols, grid.group_size);
+    if grid.rows != rows || gs == 0 || grid.n_groups != cols.div_ceil(gs) {
+        return Err(ForgeError::Shape(format!(
+            "row error inputs disagree: weight {rows}×{cols}, grid {}×{} (gs {gs})",
+            grid.rows, grid.n_groups
+        )));
+    }
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    let too_big = |n: usize| u32::try_from(n).is_err();
+    if too_big(rows.saturating_mul(grid.n_groups)) || too_big(rows) || too_big(cols) {
+        return Err(ForgeError::Shape(format!("{rows}×{cols} exceeds the row-error kernel's u32 indexing")));
+    }
+    let rows_per_block = (ROW_ERROR_THREADS / 8) as usize;
+    let blocks = rows.div_ceil(rows_per_block).min(65_535) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (ROW_ERROR_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let args = RowErrorArgs {
+        w: weight.bytes,
+        codes,
+        qmeta: grid.qmeta,
+        rows: rows as u32,
+        cols: cols as u32,
+        gs: gs as u32,
+        n_groups: grid.n_groups as u32,
+        scale_dtype: grid.scale_dtype.to_u32(),
+        sums,
+    };
+    // SAFETY: the caller's contract covers the buffers; ROW_ERROR_THREADS per block, the
+    // kernel strides over rows.
+    unsafe {
+        match weight.dtype {
+            WeightDtype::F32 => dev.launch::<GptqRowErrorF32>(cfg, &args),
+            WeightDtype::F16 => dev.launch::<GptqRowErrorF16>(cfg, &args),
+            WeightDtype::BF16 => dev.launch::<GptqRowErrorBf16>(cfg, &args),
+            WeightDtype::Fp8E4M3 => dev.launch::<GptqRowErrorFp8>(cfg, &args),
+        }
+    }
+}
 
 /// Rows and columns are padded to the trailing update's 128-wide tiles.
 pub fn padded(n: usize) -> usize {

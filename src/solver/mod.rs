@@ -14,8 +14,8 @@ pub use cpu::{flushed_groups, flushed_groups_of, layer_output_error, round_to_ne
 pub(crate) use cpu::{flushed_groups_codes, flushed_in_row, flushed_warning, RowFlushed};
 pub(crate) use cuda::{check_loss_finite, padded_factor, padded_perm};
 pub use cuda::{
-    launch_solve, launch_solve_into, padded, solve_gpu, DeviceFactor, DeviceSolveOutput, FactorRef, SolveOutputs,
-    SolveWorkspace,
+    launch_row_error, launch_solve, launch_solve_into, padded, solve_gpu, DeviceFactor, DeviceSolveOutput, FactorRef,
+    SolveOutputs, SolveWorkspace,
 };
 
 use crate::{ForgeError, QuantGrid, Result, Warning};

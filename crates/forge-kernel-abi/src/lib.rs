@@ -411,6 +411,10 @@ kernels! {
     GptqPermuteWeightF16 = "gptq_permute_weight_f16" (solver::PermuteArgs);
     GptqPermuteWeightBf16 = "gptq_permute_weight_bf16" (solver::PermuteArgs);
     GptqPermuteWeightFp8 = "gptq_permute_weight_fp8" (solver::PermuteArgs);
+    GptqRowErrorF32 = "gptq_row_error_f32" (solver::RowErrorArgs);
+    GptqRowErrorF16 = "gptq_row_error_f16" (solver::RowErrorArgs);
+    GptqRowErrorBf16 = "gptq_row_error_bf16" (solver::RowErrorArgs);
+    GptqRowErrorFp8 = "gptq_row_error_fp8" (solver::RowErrorArgs);
     // Both panels run two blocks per SM (their shared memory is sized for it), so their
     // registers are capped to fit.
     GptqPanelR16 = "gptq_panel_r16" (solver::PanelArgs) bounds(solver::SOLVER_THREADS, 2);

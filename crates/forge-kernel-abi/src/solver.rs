@@ -41,6 +41,41 @@ crate::kernel_args! {
 }
 
 crate::kernel_args! {
+    /// `gptq_row_error_*`: per row `r`, `sums[2r] = Σ ((q − z)·s − x)²` and
+    /// `sums[2r + 1] = Σ x²` in f64 over the row's columns, summed in exactly the order of the
+    /// host's error pass (`checkpoint::quant`'s `lane_sums`: element `i` of a group into lane
+    /// `i mod 8`, lanes added 0..8), so the relative weight error is the CPU path's bit for
+    /// bit. `x` is the weight widened exactly from the kernel's dtype, `(s, z)` the record's
+    /// stored scale and zero point. Block [`ROW_ERROR_THREADS`], 8 threads per row,
+    /// grid-stride over rows. Safety: `w` `rows·cols` elements of the kernel's dtype; `codes`
+    /// `rows·cols` bytes; `qmeta` `rows·n_groups` records with `n_groups = ⌈cols/gs⌉`;
+    /// `sums` `2·rows` f64; `gs > 0`.
+    pub struct RowErrorArgs in solver => row_error_kernel {
+        /// Weight bytes, original order.
+        pub w: forge_kernel_abi::DevPtr<u8>,
+        /// Codes, row-major.
+        pub codes: forge_kernel_abi::DevPtr<u8>,
+        /// Grid records, row-major.
+        pub qmeta: forge_kernel_abi::DevPtr<u32>,
+        /// Rows.
+        pub rows: u32,
+        /// Columns.
+        pub cols: u32,
+        /// Group size.
+        pub gs: u32,
+        /// Groups per row.
+        pub n_groups: u32,
+        /// The dtype scales are stored in (`forge_numerics::ScaleDtype::to_u32`).
+        pub scale_dtype: u32,
+        /// Per row: squared error, squared norm.
+        pub sums: forge_kernel_abi::DevPtrMut<f64>,
+    }
+}
+
+/// Threads per `gptq_row_error` block (32 rows of 8 threads).
+pub const ROW_ERROR_THREADS: u32 = 256;
+
+crate::kernel_args! {
     /// `gptq_permute_weight_*`: `w_work[r, t] = f32(w[r, perm[t]])`, zero in the padding
     /// (the weight's own dtype widened exactly, so a bf16 weight needs no separate widening
     /// pass). Grid `(⌈cols_p/256⌉, ≤ rows_p)`, 256 threads. Safety: `w` `rows·cols` elements

@@ -4,4 +4,5 @@
 pub mod expand_meta;
 pub mod panel;
 pub mod permute;
+pub mod row_error;
 pub mod trailing;

@@ -13,18 +13,26 @@
 
 use super::{
     checked_zeros, fetch, label, scales_in, scales_out, shape_tensor, stored_scales, tensor_name, weight_shape_in,
-    words_in, words_out, DecodedLinear, Dims, LinearQuant, QuantSettings, TensorLookup, TensorOut,
+    words_in, words_out, Codes, DecodedLinear, Dims, QuantSettings, TensorLookup, TensorOut,
     COMPRESSED_TENSORS_VERSION,
 };
+use crate::pack::PackLayout;
 use crate::pack::{pack_cols, pack_rows, packed_len, unpack_cols, unpack_rows};
+use crate::QuantGrid;
 use crate::{ForgeError, Result};
 use serde_json::{json, Value};
 
-pub(super) fn encode(s: &QuantSettings, module: &str, lin: &LinearQuant<'_>, d: &Dims) -> Result<Vec<TensorOut>> {
+pub(super) fn encode(
+    s: &QuantSettings,
+    module: &str,
+    grid: &QuantGrid,
+    codes: Codes<'_>,
+    d: &Dims,
+) -> Result<Vec<TensorOut>> {
     check_divisible(s, module, d.cols)?;
-    let zeros = checked_zeros(s, module, lin.grid)?;
-    let scales = stored_scales(s, module, lin.grid)?;
-    let packed = pack_rows(lin.codes, s.bits)?;
+    let zeros = checked_zeros(s, module, grid)?;
+    let scales = stored_scales(s, module, grid)?;
+    let packed = codes.words(module, s.bits, PackLayout::Rows, |c| pack_rows(c, s.bits))?;
     let mut out = vec![
         words_out(tensor_name(module, "weight_packed"), &packed),
         scales_out(tensor_name(module, "weight_scale"), &scales, s.scale_dtype),

@@ -16,9 +16,11 @@
 
 use super::{
     checked_zeros, expect, fetch, label, scales_in, scales_out, stored_scales, tensor_name, words_in, words_out,
-    CheckpointFormat, DecodedLinear, Dims, LinearQuant, QuantSettings, ScaleDtype, TensorLookup, TensorOut,
+    CheckpointFormat, Codes, DecodedLinear, Dims, QuantSettings, ScaleDtype, TensorLookup, TensorOut,
 };
+use crate::pack::PackLayout;
 use crate::pack::{pack_cols, pack_rows, unpack_rows};
+use crate::QuantGrid;
 use crate::{ForgeError, Result};
 use ndarray::Array2;
 use safetensors::Dtype;
@@ -55,10 +57,16 @@ fn check_axis(s: &QuantSettings, module: &str, axis: &str, n: usize) -> Result<(
     }
 }
 
-pub(super) fn encode(s: &QuantSettings, module: &str, lin: &LinearQuant<'_>, d: &Dims) -> Result<Vec<TensorOut>> {
+pub(super) fn encode(
+    s: &QuantSettings,
+    module: &str,
+    grid: &QuantGrid,
+    codes: Codes<'_>,
+    d: &Dims,
+) -> Result<Vec<TensorOut>> {
     check_axis(s, module, "in_features", d.cols)?;
     check_axis(s, module, "out_features", d.rows)?;
-    let zeros = checked_zeros(s, module, lin.grid)?;
+    let zeros = checked_zeros(s, module, grid)?;
     let stored_zeros = if s.format == CheckpointFormat::Gptq {
         if let Some(((r, g), _)) = zeros.indexed_iter().find(|(_, &z)| z == 0) {
             return Err(ForgeError::Format(format!(
@@ -71,8 +79,8 @@ pub(super) fn encode(s: &QuantSettings, module: &str, lin: &LinearQuant<'_>, d: 
     } else {
         zeros
     };
-    let scales = stored_scales(s, module, lin.grid)?;
-    let qweight = pack_cols(lin.codes.t(), s.bits)?;
+    let scales = stored_scales(s, module, grid)?;
+    let qweight = codes.words(module, s.bits, PackLayout::Transposed, |c| pack_cols(c.t(), s.bits))?;
     let qzeros = pack_rows(stored_zeros.t(), s.bits)?;
     let g_idx: Vec<u8> = (0..d.cols).flat_map(|c| ((c / d.group_cols) as i32).to_le_bytes()).collect();
     Ok(vec![

@@ -47,7 +47,7 @@ mod runtime;
 
 pub use runtime::{check_runtime_support, require_loadable, LinearShape, Runtime, RuntimeIssue, Severity};
 
-use crate::pack::check_bits;
+use crate::pack::{check_bits, PackLayout, PackedCodes};
 use crate::{fsio, ForgeError, QuantGrid, Result};
 use forge_numerics::{dequantize, f32_to_bf16_bits, f32_to_f16_bits};
 pub use forge_numerics::{stored_scale, ScaleDtype};
@@ -294,11 +294,70 @@ pub struct DecodedLinear {
 /// `maxq`, a zero point that is not `2^(bits−1)` in a symmetric setting, a scale that
 /// overflows the scale dtype, a shape the layout cannot pack, a zero point of 0 in GPTQ v1).
 pub fn encode_linear(settings: &QuantSettings, module: &str, linear: &LinearQuant<'_>) -> Result<Vec<TensorOut>> {
-    let dims = check_linear(settings, linear)?;
+    encode_codes(settings, module, linear.grid, Codes::Bytes(linear.codes))
+}
+
+/// [`encode_linear`] from codes already packed (on the device) in the format's layout
+/// ([`crate::pack::PackLayout::for_format`]): the words are written as they are. Packed
+/// words of another layout or bit width are a [`ForgeError::Format`] error.
+pub fn encode_linear_packed(
+    settings: &QuantSettings,
+    module: &str,
+    grid: &QuantGrid,
+    packed: &PackedCodes,
+) -> Result<Vec<TensorOut>> {
+    encode_codes(settings, module, grid, Codes::Packed(packed))
+}
+
+/// The codes as an encoder gets them: one per byte, or packed already.
+#[derive(Clone, Copy)]
+pub(crate) enum Codes<'a> {
+    Bytes(ArrayView2<'a, u8>),
+    Packed(&'a PackedCodes),
+}
+
+impl Codes<'_> {
+    fn dim(&self) -> (usize, usize) {
+        match self {
+            Codes::Bytes(c) => c.dim(),
+            Codes::Packed(p) => (p.rows, p.cols),
+        }
+    }
+
+    /// The format's packed words: packed here (`pack` on the codes), or the given words after
+    /// checking they are what `pack` would have made of codes of this shape.
+    pub(crate) fn words(
+        &self,
+        module: &str,
+        bits: u32,
+        layout: PackLayout,
+        pack: impl FnOnce(ArrayView2<'_, u8>) -> Result<Array2<u32>>,
+    ) -> Result<Cow<'_, Array2<u32>>> {
+        match self {
+            Codes::Bytes(c) => Ok(Cow::Owned(pack(*c)?)),
+            Codes::Packed(p) => {
+                let shape = layout.shape(p.rows, p.cols, bits)?;
+                if p.layout != layout || p.bits != bits || p.words.dim() != shape {
+                    return Err(ForgeError::Format(format!(
+                        "{}: packed words ({:?}, {} bits, {:?}) are not this format's ({layout:?}, {bits} bits, {shape:?})",
+                        label(module),
+                        p.layout,
+                        p.bits,
+                        p.words.dim()
+                    )));
+                }
+                Ok(Cow::Borrowed(&p.words))
+            }
+        }
+    }
+}
+
+fn encode_codes(settings: &QuantSettings, module: &str, grid: &QuantGrid, codes: Codes<'_>) -> Result<Vec<TensorOut>> {
+    let dims = check_linear(settings, codes.dim(), grid)?;
     match settings.format {
-        CheckpointFormat::CompressedTensors => compressed_tensors::encode(settings, module, linear, &dims),
-        CheckpointFormat::Gptq | CheckpointFormat::GptqV2 => gptq::encode(settings, module, linear, &dims),
-        CheckpointFormat::Qmeta4Native => qmeta4_native::encode(settings, module, linear, &dims),
+        CheckpointFormat::CompressedTensors => compressed_tensors::encode(settings, module, grid, codes, &dims),
+        CheckpointFormat::Gptq | CheckpointFormat::GptqV2 => gptq::encode(settings, module, grid, codes, &dims),
+        CheckpointFormat::Qmeta4Native => qmeta4_native::encode(settings, module, grid, codes, &dims),
     }
 }
 
@@ -322,7 +381,7 @@ pub fn decode_linear<L: TensorLookup + ?Sized>(
 /// What the Linear written by [`encode_linear`] dequantizes to: `(q − qzero)·stored_scale`
 /// in f32, `stored_scale` being the qmeta4 scale rounded to the settings' scale dtype.
 pub fn expected_dequant(settings: &QuantSettings, linear: &LinearQuant<'_>) -> Result<Array2<f32>> {
-    let dims = check_linear(settings, linear)?;
+    let dims = check_linear(settings, linear.codes.dim(), linear.grid)?;
     let scales = stored_scales(settings, "", linear.grid)?;
     let zeros = linear.grid.qmeta.map_axis(ndarray::Axis(2), |r| r[2] as u16);
     dequantize_groups(linear.codes, scales.view(), zeros.view(), dims.group_cols)
@@ -420,13 +479,11 @@ pub(crate) struct Dims {
 }
 
 /// Checks the settings, the codes and the grid against each other.
-fn check_linear(settings: &QuantSettings, linear: &LinearQuant<'_>) -> Result<Dims> {
+fn check_linear(settings: &QuantSettings, (rows, cols): (usize, usize), grid: &QuantGrid) -> Result<Dims> {
     settings.validate()?;
-    let (rows, cols) = linear.codes.dim();
     if rows == 0 || cols == 0 {
         return Err(ForgeError::Shape(format!("codes are empty ({rows}×{cols})")));
     }
-    let grid = linear.grid;
     if grid.scale_dtype != settings.scale_dtype {
         return Err(ForgeError::Format(format!(
             "the grid's scales are {} but the checkpoint stores {}: the codes were solved against other \

@@ -14,21 +14,29 @@
 
 use super::{
     checked_zeros, dtype_name, expect, fetch, shape_tensor, stored_scales, tensor_name, weight_shape_in, words_in,
-    words_out, DecodedLinear, Dims, LinearQuant, QuantSettings, TensorLookup, TensorOut,
+    words_out, Codes, DecodedLinear, Dims, QuantSettings, TensorLookup, TensorOut,
 };
+use crate::pack::PackLayout;
 use crate::pack::{pack_rows, packed_len, unpack_rows};
+use crate::QuantGrid;
 use crate::{ForgeError, Result};
 use forge_numerics::{stored_scale, QMetaPacked};
 use ndarray::Array2;
 use safetensors::Dtype;
 use serde_json::{json, Value};
 
-pub(super) fn encode(s: &QuantSettings, module: &str, lin: &LinearQuant<'_>, d: &Dims) -> Result<Vec<TensorOut>> {
-    checked_zeros(s, module, lin.grid)?;
+pub(super) fn encode(
+    s: &QuantSettings,
+    module: &str,
+    grid: &QuantGrid,
+    codes: Codes<'_>,
+    d: &Dims,
+) -> Result<Vec<TensorOut>> {
+    checked_zeros(s, module, grid)?;
     // The runtime derives the same stored scales; refuse what it could not represent.
-    stored_scales(s, module, lin.grid)?;
-    let packed = pack_rows(lin.codes, s.bits)?;
-    let qmeta = lin.grid.qmeta.as_standard_layout();
+    stored_scales(s, module, grid)?;
+    let packed = codes.words(module, s.bits, PackLayout::Rows, |c| pack_rows(c, s.bits))?;
+    let qmeta = grid.qmeta.as_standard_layout();
     Ok(vec![
         words_out(tensor_name(module, "qweight_packed"), &packed),
         TensorOut {
