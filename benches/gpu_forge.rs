@@ -100,6 +100,8 @@ struct Row {
     report: RunReport,
     rss_reset: bool,
     budget: u64,
+    /// Bytes of the output directory.
+    output: u64,
 }
 
 fn timed(dev: &std::sync::Arc<fourbit_forge::device::GpuDevice>, name: &str, model_dir: &Path, out: &Path) -> Row {
@@ -116,8 +118,10 @@ fn timed(dev: &std::sync::Arc<fourbit_forge::device::GpuDevice>, name: &str, mod
     let budget = opts.max_host_memory;
     let rss_reset = reset_peak_rss();
     let report = quantize_checkpoint(&model, &plan, &opts, &Silent).expect("quantize");
+    let output =
+        std::fs::read_dir(out).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0);
     let _ = std::fs::remove_dir_all(out);
-    Row { name: name.into(), input: plan.input_bytes(), bf16_equivalent, report, rss_reset, budget }
+    Row { name: name.into(), input: plan.input_bytes(), bf16_equivalent, report, rss_reset, budget, output }
 }
 
 fn gbps(bytes: u64, s: f64) -> String {
@@ -164,6 +168,20 @@ fn host_stages(dir: &Path) -> Vec<Vec<String>> {
             .expect("encode")
             .concat();
     });
+    let packed = fourbit_forge::pack::PackedCodes {
+        layout: fourbit_forge::pack::PackLayout::Rows,
+        bits: cfg.bits,
+        rows,
+        cols,
+        words: fourbit_forge::pack::pack_rows(codes.view(), cfg.bits).expect("pack"),
+    };
+    time("encode from device-packed words (the GPU data-free path)", &mut || {
+        std::hint::black_box(
+            format
+                .encode(QuantizedLinear { module: "m", grid: &grid, codes: codes.view(), packed: Some(&packed) })
+                .expect("encode"),
+        );
+    });
     time("xxh3 of the encoded output", &mut || {
         std::hint::black_box(xxhash_rust::xxh3::xxh3_64(&encoded));
     });
@@ -175,6 +193,23 @@ fn host_stages(dir: &Path) -> Vec<Vec<String>> {
     drop(f);
     let _ = std::fs::remove_file(&path);
     out
+}
+
+/// GB/s at which 1 GiB written with pwrite reaches the disk (`fdatasync`): the rate a run's
+/// durable output is bounded by.
+fn disk_write_gbps(dir: &Path) -> f64 {
+    let path = dir.join("disk-test.bin");
+    let data = vec![0x5au8; 1 << 30];
+    let f = std::fs::File::create(&path).expect("create");
+    let t = Instant::now();
+    for (i, c) in data.chunks(64 << 20).enumerate() {
+        f.write_all_at(c, (i * (64 << 20)) as u64).expect("write");
+    }
+    f.sync_data().expect("sync");
+    let s = t.elapsed().as_secs_f64();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    data.len() as f64 / s / 1e9
 }
 
 fn main() {
@@ -246,6 +281,8 @@ fn main() {
         ));
     }
 
+    let disk = disk_write_gbps(&base);
+    println!("\ndisk: 1 GiB pwrite + fdatasync at {disk:.2} GB/s (the run syncs its output at layer boundaries)");
     let table: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -291,6 +328,35 @@ fn main() {
             "jobs",
         ],
         &table,
+    );
+    let producer: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let g = r.report.gpu.clone().unwrap_or_default();
+            let s = r.report.seconds;
+            let pct = |ms: f64| format!("{:.2} s ({:.0} %)", ms / 1e3, 100.0 * ms / 1e3 / s);
+            vec![
+                r.name.clone(),
+                pct(g.submit_ms),
+                pct(g.collect_ms),
+                pct(g.handover_ms),
+                pct(g.kernel_ms),
+                pct(g.upload_ms),
+                pct(g.download_ms),
+                format!(
+                    "{:.2} GB: {:.2} s ({:.0} %)",
+                    r.output as f64 / 1e9,
+                    r.output as f64 / 1e9 / disk,
+                    100.0 * r.output as f64 / 1e9 / disk / s
+                ),
+            ]
+        })
+        .collect();
+    common::print_table(
+        "where the wall time went (producer thread: submit = read into page-locked staging + enqueue, collect = wait for \
+         the device + copy results out, hand-over = wait for the writer; device: Σ kernel, upload and download times)",
+        &["checkpoint", "submit", "collect", "hand-over", "kernels", "uploads", "downloads", "output to disk at the disk's rate"],
+        &producer,
     );
     common::print_table(
         "host stages on one 14336×4096 bf16 weight (GB/s of its bf16 bytes; one thread pool)",

@@ -85,9 +85,82 @@ pub struct OutputDir {
     tmp: PathBuf,
     shard_files: Vec<Option<File>>,
     dirty: BTreeSet<usize>,
-    manifest: File,
+    syncer: Syncer,
     pending: Vec<String>,
     _lock: File,
+}
+
+/// One background checkpoint: shard files to `fdatasync`, then manifest lines to append and
+/// sync (only after the data they describe is durable).
+struct SyncJob {
+    files: Vec<File>,
+    lines: String,
+}
+
+/// The thread that makes checkpoints durable while the writer goes on writing (an
+/// `fdatasync` of a layer's output waits for the disk; the pipeline need not). At most one
+/// job is in flight: queuing the next waits for the previous one and reports its error.
+struct Syncer {
+    tx: Option<std::sync::mpsc::SyncSender<SyncJob>>,
+    results: std::sync::mpsc::Receiver<Result<()>>,
+    in_flight: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn new(mut manifest: File, manifest_path: PathBuf, tmp: PathBuf) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<SyncJob>(0);
+        let (done_tx, results) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("forge-sync".into())
+            .spawn(move || {
+                for job in rx {
+                    let r = (|| {
+                        for f in &job.files {
+                            f.sync_data().map_err(io_err(&tmp))?;
+                        }
+                        if !job.lines.is_empty() {
+                            manifest.write_all(job.lines.as_bytes()).map_err(io_err(&manifest_path))?;
+                            manifest.sync_data().map_err(io_err(&manifest_path))?;
+                        }
+                        Ok(())
+                    })();
+                    if done_tx.send(r).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| ForgeError::Io { path: "the sync thread".into(), source: e })?;
+        Ok(Syncer { tx: Some(tx), results, in_flight: false, thread: Some(thread) })
+    }
+
+    /// Waits for the job in flight, if any, and returns its outcome.
+    fn wait(&mut self) -> Result<()> {
+        if !std::mem::take(&mut self.in_flight) {
+            return Ok(());
+        }
+        self.results.recv().map_err(|_| ForgeError::Internal("the sync thread ended early".into()))?
+    }
+
+    /// Queues `job` after the one in flight.
+    fn queue(&mut self, job: SyncJob) -> Result<()> {
+        self.wait()?;
+        let tx = self.tx.as_ref().ok_or_else(|| ForgeError::Internal("the sync thread is gone".into()))?;
+        tx.send(job).map_err(|_| ForgeError::Internal("the sync thread ended early".into()))?;
+        self.in_flight = true;
+        Ok(())
+    }
+}
+
+impl Drop for Syncer {
+    /// A sync in flight finishes before the output directory can go away.
+    fn drop(&mut self) {
+        self.tx = None;
+        let _ = self.wait();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// What a previous run left that is still valid.
@@ -201,12 +274,13 @@ impl OutputDir {
             // A torn last line from a crash: end it so new records start on their own line.
             manifest.write_all(b"\n").map_err(io_err(&manifest_path))?;
         }
+        let syncer = Syncer::new(manifest, manifest_path.clone(), tmp.clone())?;
         let mut out = OutputDir {
             target: target.to_path_buf(),
             tmp,
             shard_files: (0..plan.shards.len()).map(|_| None).collect(),
             dirty: BTreeSet::new(),
-            manifest,
+            syncer,
             pending: Vec::new(),
             _lock: lock,
         };
@@ -349,22 +423,32 @@ impl OutputDir {
     }
 
     /// Makes everything written so far durable: shard data first, then the records that
-    /// describe it.
+    /// describe it. Returns when they are.
     pub fn checkpoint(&mut self) -> Result<()> {
+        self.checkpoint_in_background()?;
+        self.syncer.wait()
+    }
+
+    /// [`OutputDir::checkpoint`] on the sync thread: returns at once (after the previous
+    /// background checkpoint, whose error it reports), the writer goes on writing while the
+    /// disk catches up. A crash before it completes loses only records not yet appended:
+    /// their steps are redone on resume.
+    pub fn checkpoint_in_background(&mut self) -> Result<()> {
+        let mut files = Vec::with_capacity(self.dirty.len());
         for &s in &self.dirty {
             if let Some(Some(f)) = self.shard_files.get(s) {
-                f.sync_data().map_err(io_err(&self.tmp))?;
+                files.push(f.try_clone().map_err(io_err(&self.tmp))?);
             }
         }
-        self.dirty.clear();
-        if self.pending.is_empty() {
+        if files.is_empty() && self.pending.is_empty() {
             return Ok(());
         }
-        let mut text = self.pending.join("\n");
-        text.push('\n');
-        let path = self.tmp.join(MANIFEST);
-        self.manifest.write_all(text.as_bytes()).map_err(io_err(&path))?;
-        self.manifest.sync_data().map_err(io_err(&path))?;
+        let mut lines = self.pending.join("\n");
+        if !lines.is_empty() {
+            lines.push('\n');
+        }
+        self.syncer.queue(SyncJob { files, lines })?;
+        self.dirty.clear();
         self.pending.clear();
         Ok(())
     }

@@ -261,7 +261,9 @@ impl<E: JobEngine> Producer<'_, '_, E> {
     /// on the jobs in flight).
     fn deliver(&mut self) -> std::result::Result<(), Stop> {
         while let Some(d) = self.outbox.pop_front() {
+            let t = Instant::now();
             hand_over(self.tx, d)?;
+            self.stats.handover_ms += t.elapsed().as_secs_f64() * 1e3;
         }
         Ok(())
     }
@@ -328,7 +330,9 @@ impl<E: JobEngine> Producer<'_, '_, E> {
                         Vec::new()
                     },
                 };
+                let t = Instant::now();
                 let ticket = self.engine.submit(&job)?;
+                self.stats.submit_ms += t.elapsed().as_secs_f64() * 1e3;
                 self.flights.push_back(Flight { k, members: idx, ticket, asymmetry });
                 // The device has the next job queued before the writer is waited for.
                 self.deliver()?;
@@ -344,7 +348,9 @@ impl<E: JobEngine> Producer<'_, '_, E> {
     /// Waits for the oldest job; puts its step in the outbox once all its jobs are in.
     fn collect_oldest(&mut self) -> std::result::Result<(), Stop> {
         let Some(f) = self.flights.pop_front() else { return Ok(()) };
+        let t = Instant::now();
         let mut outcome = self.engine.collect(f.ticket)?;
+        self.stats.collect_ms += t.elapsed().as_secs_f64() * 1e3;
         // First, as the CPU pre-step lists it.
         outcome.pre_step.warnings.splice(0..0, f.asymmetry);
         self.stats.jobs += 1;

@@ -115,6 +115,14 @@ pub struct GpuRunStats {
     pub upload_ms: f64,
     /// Sum of the jobs' download times, ms (profiled).
     pub download_ms: f64,
+    /// Host wall time the producer spent submitting jobs (reading the mapped input into
+    /// page-locked staging, enqueueing), ms.
+    pub submit_ms: f64,
+    /// Host wall time the producer spent collecting jobs (waiting for the device, copying the
+    /// results out of page-locked memory), ms.
+    pub collect_ms: f64,
+    /// Host wall time the producer waited for the writer to take finished steps, ms.
+    pub handover_ms: f64,
     /// Bytes uploaded.
     pub upload_bytes: u64,
     /// Bytes downloaded.
@@ -447,7 +455,8 @@ impl Writer<'_> {
                 || since_sync.0.elapsed().as_secs() >= 30
                 || since_sync.1 >= 1 << 30
             {
-                self.out.checkpoint()?;
+                // On the sync thread: the next layer is written while this one reaches the disk.
+                self.out.checkpoint_in_background()?;
                 since_sync = (Instant::now(), 0);
             }
             last_layer = Some(item.layer.clone());
