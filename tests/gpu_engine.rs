@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{indefinite, randn, rtn};
+use common::{indefinite, randn, rtn, to_fp8};
 use fourbit_forge::calib::PreStepRoute;
 use fourbit_forge::grid::build_quant_grid_gpu;
 use fourbit_forge::hessian::{pre_step_cpu, HessianAccumulator, PreStepConfig, MAX_RETRIES};
@@ -344,18 +344,6 @@ fn engine_pre_step_graphs_give_the_bits_of_call_by_call_launches() {
     let (s, d) = (graphs.stats(), direct.stats());
     assert!(s.pre_step_graph_captures >= 3 && s.pre_step_graph_replays >= 6, "graph use: {s:?}");
     assert_eq!((d.pre_step_graph_captures, d.pre_step_graph_replays), (0, 0), "graphs off: {d:?}");
-}
-
-/// Nearest fp8 E4M3 byte (saturating at ±448), by search over the finite codes.
-fn to_fp8(x: f32) -> u8 {
-    (0u8..=255)
-        .filter(|&b| forge_numerics::fp8_e4m3_to_f32(b).is_finite())
-        .min_by(|&a, &b| {
-            let (da, db) =
-                ((forge_numerics::fp8_e4m3_to_f32(a) - x).abs(), (forge_numerics::fp8_e4m3_to_f32(b) - x).abs());
-            da.total_cmp(&db)
-        })
-        .unwrap()
 }
 
 proptest::proptest! {

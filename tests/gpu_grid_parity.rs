@@ -58,20 +58,8 @@ fn with_dtype<R>(w: &Array2<f32>, dt: Dt, f: impl FnOnce(WeightView<'_>) -> R) -
         Dt::F32 => f(WeightView::F32(w.view())),
         Dt::F16 => f(WeightView::F16(w.mapv(|v| f16::from_f32(v.clamp(-65504.0, 65504.0))).view())),
         Dt::Bf16 => f(WeightView::BF16(w.mapv(bf16::from_f32).view())),
-        Dt::Fp8 => f(WeightView::Fp8E4M3(w.mapv(to_fp8).view())),
+        Dt::Fp8 => f(WeightView::Fp8E4M3(w.mapv(common::to_fp8).view())),
     }
-}
-
-/// Nearest fp8 E4M3 byte (saturating at ±448), by search over the 254 finite codes.
-fn to_fp8(x: f32) -> u8 {
-    (0u8..=255)
-        .filter(|&b| forge_numerics::fp8_e4m3_to_f32(b).is_finite())
-        .min_by(|&a, &b| {
-            let (da, db) =
-                ((forge_numerics::fp8_e4m3_to_f32(a) - x).abs(), (forge_numerics::fp8_e4m3_to_f32(b) - x).abs());
-            da.total_cmp(&db)
-        })
-        .unwrap()
 }
 
 fn assert_bit_identical(cpu: &QuantGrid, gpu: &QuantGrid, what: &str) {

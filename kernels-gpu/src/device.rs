@@ -661,22 +661,14 @@ pub fn shfl_xor_f64(v: f64, mask: u32) -> f64 {
     f64::from_bits((rlo as u64) | ((rhi as u64) << 32))
 }
 
-/// `__shfl_sync(full, v, src_lane)` on an f64 (two 32-bit shuffles).
+/// `__shfl_sync(full, v, src_lane)` on an f64: its two halves through [`shfl_idx_f32`] (a
+/// shuffle moves bits; no float operation touches them).
 #[inline(always)]
 pub fn shfl_idx_f64(v: f64, src: u32) -> f64 {
     let bits = v.to_bits();
-    let (lo, hi) = (bits as u32, (bits >> 32) as u32);
-    let (rlo, rhi): (u32, u32);
-    // SAFETY: as `shfl_xor_f32`.
-    unsafe {
-        asm!("shfl.sync.idx.b32 {r}, {v}, {s}, 31, {f};",
-             r = out(reg32) rlo, v = in(reg32) lo, s = in(reg32) src, f = in(reg32) FULL_MASK,
-             options(nomem, nostack));
-        asm!("shfl.sync.idx.b32 {r}, {v}, {s}, 31, {f};",
-             r = out(reg32) rhi, v = in(reg32) hi, s = in(reg32) src, f = in(reg32) FULL_MASK,
-             options(nomem, nostack));
-    }
-    f64::from_bits((rlo as u64) | ((rhi as u64) << 32))
+    let lo = shfl_idx_f32(f32::from_bits(bits as u32), src).to_bits();
+    let hi = shfl_idx_f32(f32::from_bits((bits >> 32) as u32), src).to_bits();
+    f64::from_bits(u64::from(lo) | (u64::from(hi) << 32))
 }
 
 /// Warp-wide sum of an f64 (every lane gets it; butterfly order, the same on every lane).

@@ -81,3 +81,14 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
     }
     bin
 }
+
+/// Nearest fp8 E4M3 byte (saturating at ±448), by search over the finite codes.
+pub fn to_fp8(x: f32) -> u8 {
+    (0u8..=255)
+        .filter(|&b| fourbit_forge::numerics::fp8_e4m3_to_f32(b).is_finite())
+        .min_by(|&a, &b| {
+            let f = fourbit_forge::numerics::fp8_e4m3_to_f32;
+            (f(a) - x).abs().total_cmp(&(f(b) - x).abs())
+        })
+        .unwrap()
+}
