@@ -1611,3 +1611,53 @@ fn zero_bytes(dev: &GpuDevice, dst: u64, bytes: usize) -> Result<()> {
     unsafe { cudarc::driver::result::memset_d8_async(dst, 0, bytes, dev.stream().cu_stream()) }
         .map_err(ForgeError::driver("zeroing device rows"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{batch_plan, chunk_plan};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Streamed batches are unions of whole forward chunks, in order, covering every
+        /// sequence once, each within the token budget unless it is a single chunk: the
+        /// property that makes a streamed pass sum the same pieces as a device-resident one.
+        #[test]
+        fn batches_are_whole_chunks_within_the_budget(
+            lens in proptest::collection::vec(1usize..3000, 1..60),
+            chunk_tokens in 1usize..5000,
+            max_tokens in 0usize..20_000,
+        ) {
+            let chunks = chunk_plan(&lens, chunk_tokens);
+            let mut next = 0;
+            for &(first, last, tokens) in &chunks {
+                prop_assert_eq!(first, next);
+                prop_assert!(last > first);
+                prop_assert_eq!(tokens, lens[first..last].iter().sum::<usize>());
+                prop_assert!(tokens <= chunk_tokens || last == first + 1, "a chunk over budget holds one sequence");
+                next = last;
+            }
+            prop_assert_eq!(next, lens.len());
+            let starts: Vec<usize> = chunks.iter().map(|c| c.0).collect();
+            let batches = batch_plan(&lens, chunk_tokens, max_tokens);
+            let mut next = 0;
+            for b in &batches {
+                prop_assert_eq!(b.start, next);
+                prop_assert!(starts.contains(&b.start), "a batch starts at a chunk");
+                prop_assert!(b.end == lens.len() || starts.contains(&b.end), "and ends at one");
+                let tokens: usize = lens[b.clone()].iter().sum();
+                let one_chunk = chunks.iter().any(|c| c.0 == b.start && c.1 == b.end);
+                prop_assert!(tokens <= max_tokens || one_chunk, "{:?}: {} tokens over {}", b, tokens, max_tokens);
+                // The forward run over the batch alone cuts the same chunks.
+                let inner: Vec<(usize, usize, usize)> = chunk_plan(&lens[b.clone()], chunk_tokens)
+                    .into_iter()
+                    .map(|(f, l, t)| (f + b.start, l + b.start, t))
+                    .collect();
+                let global: Vec<(usize, usize, usize)> =
+                    chunks.iter().copied().filter(|c| c.0 >= b.start && c.1 <= b.end).collect();
+                prop_assert_eq!(inner, global);
+                next = b.end;
+            }
+            prop_assert_eq!(next, lens.len());
+        }
+    }
+}
