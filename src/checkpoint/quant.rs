@@ -308,17 +308,12 @@ pub fn rtn_from_grid(weight: &RowSource<'_>, grid: QuantGrid, codes: Option<Arra
             },
         )
         .collect();
-    let (mut err, mut norm) = (0f64, 0f64);
-    for s in sums {
-        let (e, n) = s?;
-        err += e;
-        norm += n;
-    }
+    let rows: Vec<(f64, f64)> = sums.into_iter().collect::<Result<_>>()?;
     Ok(MemberResult {
         grid,
         codes,
         packed: None,
-        rel_weight_error: if norm > 0.0 { err / norm } else { 0.0 },
+        rel_weight_error: relative_error(rows),
         gptq_loss: None,
         method: "rtn",
         flags: Vec::new(),
@@ -343,20 +338,31 @@ pub fn rtn_from_device(
             grid.dim().0
         )));
     }
-    let (mut err, mut norm) = (0f64, 0f64);
-    for r in row_error.rows() {
-        err += r[0];
-        norm += r[1];
-    }
+    let rows = row_error.rows().into_iter().map(|r| (r[0], r[1]));
     Ok(MemberResult {
         grid,
         codes: Array2::zeros((0, 0)),
         packed: Some(packed),
-        rel_weight_error: if norm > 0.0 { err / norm } else { 0.0 },
+        rel_weight_error: relative_error(rows),
         gptq_loss: None,
         method: "rtn",
         flags: Vec::new(),
     })
+}
+
+/// `‖Q − W‖² / ‖W‖²` from per-row `(Σ err², Σ x²)`, added rows in order in f64 (0 for an
+/// all-zero weight): every error pass, host or device, ends here, so they agree bit for bit.
+fn relative_error(rows: impl IntoIterator<Item = (f64, f64)>) -> f64 {
+    let (mut err, mut norm) = (0f64, 0f64);
+    for (e, n) in rows {
+        err += e;
+        norm += n;
+    }
+    if norm > 0.0 {
+        err / norm
+    } else {
+        0.0
+    }
 }
 
 /// Independent f64 partial sums of the host's error passes (enough to hide the add latency).
@@ -522,12 +528,11 @@ pub fn gptq_result(mut l: QuantizedLayer, w: &RowSource<'_>, scan_flushed: bool)
             },
         )
         .collect();
-    let (mut err, mut norm) = (0f64, 0f64);
+    let mut err_norm = Vec::with_capacity(rows);
     let mut per_row = Vec::with_capacity(if scan_flushed { rows } else { 0 });
     for s in sums {
         let (e, n, flushed) = s?;
-        err += e;
-        norm += n;
+        err_norm.push((e, n));
         if scan_flushed {
             per_row.push(Ok(flushed));
         }
@@ -567,7 +572,7 @@ pub fn gptq_result(mut l: QuantizedLayer, w: &RowSource<'_>, scan_flushed: bool)
         grid: l.grid,
         codes: l.codes,
         packed: None,
-        rel_weight_error: if norm > 0.0 { err / norm } else { 0.0 },
+        rel_weight_error: relative_error(err_norm),
         gptq_loss: Some(l.loss.iter().map(|&v| f64::from(v)).sum()),
         method: if no_h { "rtn (no hessian)" } else { "gptq" },
         flags,

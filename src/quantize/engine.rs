@@ -264,7 +264,7 @@ impl<T: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync> PinnedBuf<T> {
 
 /// Copies `src` into `dst` on several threads (one thread copies ~10 GB/s; staging a layer
 /// must not be the pipeline's bottleneck).
-fn parallel_copy<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
+pub(crate) fn parallel_copy<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
     const CHUNK_BYTES: usize = 64 << 10;
     let chunk = (CHUNK_BYTES / std::mem::size_of::<T>().max(1)).max(1);
     dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));

@@ -17,7 +17,7 @@
 //! the backend is part of the fingerprint, so a state is resumed only on its own kind.
 
 use super::config::ModelConfig;
-use super::cuda::{HiddenPlacement, HiddenStates, HostStaging, LayerBuffers};
+use super::cuda::{ForwardPrecision, HiddenPlacement, HiddenStates, HostStaging, LayerBuffers};
 use super::model::CpuModel;
 use super::names::LinearGroup;
 use super::sequential::{sequential_layer, sequential_layer_device, GroupReport, SequentialConfig};
@@ -110,7 +110,7 @@ pub fn calibrate(job: &CalibrationJob<'_>, progress: &dyn Fn(usize, usize)) -> R
     let quantizer = Quantizer::new(job.settings.grid.clone(), job.backend.clone());
     // On a GPU the hidden states stay on the device from layer to layer (or, when they do not
     // fit, in page-locked host memory, streamed); only the resume checkpoint comes down.
-    let ffn_bytes_per_value = if config.moe.is_some() { 2 } else { 0 };
+    let ffn_bytes_per_value = if config.moe.is_some() { ForwardPrecision::Bf16.size() } else { 0 };
     let mut on_device = match (&job.backend, start < layers) {
         (Backend::Gpu(dev), true) => {
             Some((dev.clone(), HiddenStates::place(dev, &hidden, job.hidden_placement, ffn_bytes_per_value)?))

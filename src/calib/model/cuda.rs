@@ -26,7 +26,7 @@ use crate::calib::ActivationDtype;
 use crate::device::cublas::{GemmType, RowGemm, RowMatrix};
 use crate::device::{grid_for, DeviceBuf, DeviceBuffer, DeviceBufferMut, GpuDevice};
 use crate::hessian::{GpuHessian, HessianAccumulator};
-use crate::quantize::engine::PinnedBuf;
+use crate::quantize::engine::{parallel_copy, PinnedBuf};
 use crate::{ForgeError, Result};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, LaunchConfig};
 use forge_kernel_abi::calib::{
@@ -254,7 +254,7 @@ impl HostSequences {
     }
 
     /// Same shapes, contents undefined, in `reuse`'s memory when it is large enough.
-    fn like(&self, dev: &GpuDevice, reuse: Option<PinnedBuf<f32>>) -> Result<Self> {
+    pub(crate) fn like(&self, dev: &GpuDevice, reuse: Option<PinnedBuf<f32>>) -> Result<Self> {
         let mut data = reuse.unwrap_or_else(|| PinnedBuf::new(false));
         data.get(dev, self.len)?;
         Ok(HostSequences { data, len: self.len, lens: self.lens.clone(), hidden: self.hidden })
@@ -263,6 +263,11 @@ impl HostSequences {
     /// Tokens of each sequence.
     pub fn lens(&self) -> &[usize] {
         &self.lens
+    }
+
+    /// Features per token.
+    pub fn hidden(&self) -> usize {
+        self.hidden
     }
 
     /// The value range of sequences `range`.
@@ -307,24 +312,21 @@ impl HiddenStates {
         placement: HiddenPlacement,
         ffn_bytes_per_value: usize,
     ) -> Result<Self> {
-        let on_device = match placement {
-            HiddenPlacement::Device => true,
-            HiddenPlacement::Host { .. } => false,
+        let max_batch_tokens = match placement {
+            HiddenPlacement::Device => return Ok(HiddenStates::Device(DeviceSequences::upload(dev, seqs)?)),
+            HiddenPlacement::Host { max_batch_tokens } => max_batch_tokens,
             HiddenPlacement::Auto => {
                 let values: usize = seqs.iter().map(|s| s.len()).sum();
                 let need = values.saturating_mul(8 + ffn_bytes_per_value);
                 let (free, _) =
                     dev.context().mem_get_info().map_err(ForgeError::driver("reading free device memory"))?;
-                need <= free / 2
+                if need <= free / 2 {
+                    return Ok(HiddenStates::Device(DeviceSequences::upload(dev, seqs)?));
+                }
+                0
             }
         };
-        Ok(match placement {
-            HiddenPlacement::Host { max_batch_tokens } if !on_device => {
-                HiddenStates::Host(HostSequences::from_arrays(dev, seqs)?, max_batch_tokens)
-            }
-            _ if !on_device => HiddenStates::Host(HostSequences::from_arrays(dev, seqs)?, 0),
-            _ => HiddenStates::Device(DeviceSequences::upload(dev, seqs)?),
-        })
+        Ok(HiddenStates::Host(HostSequences::from_arrays(dev, seqs)?, max_batch_tokens))
     }
 
     /// Tokens of each sequence.
@@ -333,11 +335,6 @@ impl HiddenStates {
             HiddenStates::Device(d) => d.lens(),
             HiddenStates::Host(h, _) => h.lens(),
         }
-    }
-
-    /// Whether they are on the device.
-    pub fn on_device(&self) -> bool {
-        matches!(self, HiddenStates::Device(_))
     }
 
     /// Every value on the host, sequence after sequence (from the device through `staging`),
@@ -510,11 +507,6 @@ impl StreamedBatches {
 }
 
 impl HostSequences {
-    /// A page-locked buffer shaped like `self` (from `reuse` when it is large enough).
-    pub(crate) fn spare(&self, dev: &GpuDevice, reuse: Option<PinnedBuf<f32>>) -> Result<Self> {
-        self.like(dev, reuse)
-    }
-
     /// Gives the memory back for reuse.
     pub(crate) fn into_buffer(self) -> PinnedBuf<f32> {
         self.data
@@ -606,7 +598,7 @@ impl HessianDownload<'_> {
             let src = self.host.get(at..at + len).ok_or_else(|| ForgeError::Internal("Hessian staging".into()))?;
             let mut a = Array2::<f32>::zeros((n, n));
             let dst = a.as_slice_mut().ok_or_else(|| ForgeError::Internal("fresh arrays are contiguous".into()))?;
-            dst.par_chunks_mut(1 << 16).zip(src.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s));
+            parallel_copy(dst, src);
             sink.replace(*g, HessianAccumulator::from_parts(a, *tokens)?);
             at += len;
         }

@@ -421,7 +421,7 @@ pub fn sequential_layer_device(
     let (mut next, mut batches) = match &*x {
         HiddenStates::Device(d) => (HiddenStates::Device(d.zeros_like(dev)?), None),
         HiddenStates::Host(h, max_tokens) => {
-            let spare = h.spare(dev, bufs.host_spare.take())?;
+            let spare = h.like(dev, bufs.host_spare.take())?;
             let b = StreamedBatches::new(dev, h, chunk, *max_tokens, 8 * hidden + ffn_bytes)?;
             (HiddenStates::Host(spare, *max_tokens), Some(b))
         }
@@ -429,31 +429,12 @@ pub fn sequential_layer_device(
     let mut sink = GpuHessianSink::new();
     let mut ffn_inputs = DeviceBuf::default();
     let mut ffn_host = bufs.ffn_host.take().unwrap_or_else(|| PinnedBuf::new(false));
-    let total_tokens: usize = x.lens().iter().sum();
     timings.load = lap(dev)?;
     let fp_outputs = settings.propagation == Propagation::FullPrecision;
-    match (&*x, &mut next, &mut batches) {
-        (HiddenStates::Device(xd), HiddenStates::Device(out), _) => {
-            let ffn = keep_ffn_input.then_some(&mut ffn_inputs);
-            gpu.forward(dev, xd, out, Some(&mut sink), ffn, &mut bufs.workspace)?;
-        }
-        (HiddenStates::Host(xh, _), HiddenStates::Host(out, _), Some(b)) => {
-            for r in &b.plan {
-                b.x.load(dev, xh, r.clone())?;
-                let ffn = keep_ffn_input.then_some(&mut ffn_inputs);
-                gpu.forward(dev, &b.x, &mut b.out, Some(&mut sink), ffn, &mut bufs.workspace)?;
-                if fp_outputs {
-                    b.out.store(dev, out, r.clone())?;
-                }
-                if keep_ffn_input {
-                    let at = xh.tokens_before(r.start) * ffn_bytes;
-                    let bytes = b.x.values() / hidden * ffn_bytes;
-                    store_bytes(dev, &ffn_inputs, &mut ffn_host, at, bytes, total_tokens * ffn_bytes)?;
-                }
-            }
-        }
-        _ => return Err(crate::ForgeError::Internal("hidden states and their batches disagree".into())),
-    }
+    let ffn =
+        keep_ffn_input.then_some(KeptFfn { device: &mut ffn_inputs, host: &mut ffn_host, bytes_per_token: ffn_bytes });
+    let io = PassIo { x, next: &mut next, batches: batches.as_mut() };
+    forward_pass(dev, &gpu, io, Some(&mut sink), ffn, fp_outputs, &mut bufs.workspace)?;
     let groups = config.linear_groups(l)?;
     let routed: Vec<(InputGroup, u64)> = groups.iter().map(|g| (g.group, sink.tokens(g.group))).collect();
     let under = under_covered(&groups, &routed, settings);
@@ -508,25 +489,66 @@ pub fn sequential_layer_device(
             replaced.push((group, lin.role, w));
         }
         gpu.replace_weights(dev, &replaced, &mut bufs.weights)?;
-        match (&*x, &mut next, &mut batches) {
-            (HiddenStates::Device(xd), HiddenStates::Device(out), _) => {
-                gpu.forward(dev, xd, out, None, None, &mut bufs.workspace)?;
-            }
-            (HiddenStates::Host(xh, _), HiddenStates::Host(out, _), Some(b)) => {
-                for r in &b.plan {
-                    b.x.load(dev, xh, r.clone())?;
-                    gpu.forward(dev, &b.x, &mut b.out, None, None, &mut bufs.workspace)?;
-                    b.out.store(dev, out, r.clone())?;
-                }
-            }
-            _ => return Err(crate::ForgeError::Internal("hidden states and their batches disagree".into())),
-        }
+        let io = PassIo { x, next: &mut next, batches: batches.as_mut() };
+        forward_pass(dev, &gpu, io, None, None, true, &mut bufs.workspace)?;
         timings.propagate = lap(dev)?;
     }
     if let HiddenStates::Host(old, _) = std::mem::replace(x, next) {
         bufs.host_spare = Some(old.into_buffer());
     }
     Ok(DeviceLayerPass { hessians, dequantized, reports, timings })
+}
+
+/// A pass's inputs, the next layer's inputs it writes, and (streamed) the device buffers the
+/// batches move through.
+struct PassIo<'a> {
+    x: &'a HiddenStates,
+    next: &'a mut HiddenStates,
+    batches: Option<&'a mut StreamedBatches>,
+}
+
+/// The feed-forward inputs an MoE layer keeps for the all-tokens expert pass: on the device,
+/// and (streamed) collected batch by batch in page-locked host memory.
+struct KeptFfn<'a> {
+    device: &'a mut DeviceBuf<u8>,
+    host: &'a mut PinnedBuf<u8>,
+    bytes_per_token: usize,
+}
+
+/// One forward pass of `gpu` over `io.x`: at once on the device, or batch by batch from host
+/// memory; the outputs go to `io.next` when `store_outputs` (a device pass always writes them).
+fn forward_pass(
+    dev: &GpuDevice,
+    gpu: &GpuLayer,
+    io: PassIo<'_>,
+    mut sink: Option<&mut GpuHessianSink>,
+    mut ffn: Option<KeptFfn<'_>>,
+    store_outputs: bool,
+    ws: &mut ForwardWorkspace,
+) -> Result<()> {
+    match (io.x, io.next, io.batches) {
+        (HiddenStates::Device(xd), HiddenStates::Device(out), _) => {
+            gpu.forward(dev, xd, out, sink, ffn.map(|f| f.device), ws)
+        }
+        (HiddenStates::Host(xh, _), HiddenStates::Host(out, _), Some(b)) => {
+            let total_tokens: usize = xh.lens().iter().sum();
+            for r in &b.plan {
+                b.x.load(dev, xh, r.clone())?;
+                let device_ffn = ffn.as_mut().map(|f| &mut *f.device);
+                gpu.forward(dev, &b.x, &mut b.out, sink.as_deref_mut(), device_ffn, ws)?;
+                if store_outputs {
+                    b.out.store(dev, out, r.clone())?;
+                }
+                if let Some(f) = ffn.as_mut() {
+                    let at = xh.tokens_before(r.start) * f.bytes_per_token;
+                    let bytes = b.x.values() / xh.hidden() * f.bytes_per_token;
+                    store_bytes(dev, f.device, f.host, at, bytes, total_tokens * f.bytes_per_token)?;
+                }
+            }
+            Ok(())
+        }
+        _ => Err(crate::ForgeError::Internal("hidden states and their batches disagree".into())),
+    }
 }
 
 /// Runs the sequential pipeline over `calibration` (token sequences, no padding) on the CPU.
