@@ -18,8 +18,8 @@ use cudarc::driver::CudaSlice;
 use fourbit_forge::device::cublas::BlasInput;
 use fourbit_forge::device::{DeviceBuffer, DeviceBufferMut, GpuDevice};
 use fourbit_forge::runtime::{
-    launch_dequant, pack_for_kernel, w4a16_matmul, ActDtype, DevicePackedWeight, MatmulPath, W4a16Options, W4a16Plan,
-    W4a16Workspace,
+    launch_dequant, pack_for_kernel, w4a16_matmul, ActDtype, DevicePackedWeight, FusedKernel, MatmulPath, W4a16Options,
+    W4a16Plan, W4a16Workspace,
 };
 use fourbit_forge::{ForgeError, QMetaPacked, QuantGrid, Result, ScaleDtype};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -88,6 +88,7 @@ fn packed_layer(n: usize, k: usize, seed: u64) -> Result<fourbit_forge::runtime:
 fn main() -> Result<()> {
     let Some(dev) = common::device_or_explain("gpu_w4a16") else { return Ok(()) };
     let quick = std::env::var_os("W4A16_BENCH_QUICK").is_some();
+    let sweep = std::env::var_os("W4A16_BENCH_SPLITS").is_some();
     let blas = fourbit_forge::device::cublas::cublas_available();
     if let Err(e) = &blas {
         println!("cuBLAS unavailable ({e}): its columns and the dequant+cuBLAS path are skipped");
@@ -96,7 +97,17 @@ fn main() -> Result<()> {
     println!("device-to-device copy: {:.0} GB/s (read + written); SMs: {}", bw / 1e9, dev.sm_count()?);
     let stream = dev.stream().clone();
     let mut rows = Vec::new();
-    let shapes: Vec<(usize, usize)> = if quick { vec![SHAPES[0], SHAPES[1]] } else { SHAPES.to_vec() };
+    // `W4A16_BENCH_ONLY=NxK:M` times one case (for a profiler).
+    let only: Option<(usize, usize, usize)> = std::env::var("W4A16_BENCH_ONLY").ok().and_then(|v| {
+        let (nk, m) = v.split_once(':')?;
+        let (n, k) = nk.split_once('x')?;
+        Some((n.parse().ok()?, k.parse().ok()?, m.parse().ok()?))
+    });
+    let shapes: Vec<(usize, usize)> = match only {
+        Some((n, k, _)) => vec![(n, k)],
+        None if quick => vec![SHAPES[0], SHAPES[1]],
+        None => SHAPES.to_vec(),
+    };
     for (si, &(n, k)) in shapes.iter().enumerate() {
         let packed = packed_layer(n, k, si as u64)?;
         let qbytes = packed.bytes();
@@ -113,7 +124,11 @@ fn main() -> Result<()> {
                 dense.push(d);
             }
         }
-        let ms: Vec<usize> = if quick { vec![1, 16, 64, 1024] } else { MS.to_vec() };
+        let ms: Vec<usize> = match only {
+            Some((_, _, m)) => vec![m],
+            None if quick => vec![1, 16, 64, 1024],
+            None => MS.to_vec(),
+        };
         for &m in &ms {
             let mut rng = StdRng::seed_from_u64(m as u64);
             let xh: Vec<u16> = (0..m * k).map(|_| ActDtype::Bf16.bits(rng.gen_range(-1.0f32..1.0))).collect();
@@ -143,6 +158,21 @@ fn main() -> Result<()> {
             } else {
                 run(W4a16Options { path: MatmulPath::Fused, ..Default::default() })?
             };
+            // The tiled kernel where the skinny one runs: the comparison with the kernel it
+            // replaced at small M, in the same run.
+            let t_tiled = if matches!(fplan.kernel, FusedKernel::Skinny { .. }) {
+                Some(run(W4a16Options { path: MatmulPath::Fused, skinny_max_m: 0, ..Default::default() })?)
+            } else {
+                None
+            };
+            if sweep && matches!(fplan.kernel, FusedKernel::Skinny { .. }) && (m == 1 || m == 16) {
+                let mut line = format!("splits sweep {n}×{k} M {m} (auto {}):", fplan.splits);
+                for sp in [1u32, 2, 3, 4, 6, 7, 8, 12, 16, 24, 32] {
+                    let (t, p) = run(W4a16Options { path: MatmulPath::Fused, splits: Some(sp), ..Default::default() })?;
+                    line += &format!(" s{}={:.2}", p.splits, t * 1e6);
+                }
+                println!("{line}");
+            }
             let t_blas = if blas.is_ok() {
                 let reps = dense_copies.max(24);
                 Some(time_graph(&dev, reps, |i| {
@@ -155,9 +185,10 @@ fn main() -> Result<()> {
                 None
             };
             let us = |t: f64| format!("{:.2}", t * 1e6);
-            let plan_s = |p: &W4a16Plan| match p.path {
-                MatmulPath::DequantGemm => "dequant+cuBLAS".to_string(),
-                _ => format!("mb{} s{} b{}/{}", p.mb, p.splits, p.blocks, p.resident),
+            let plan_s = |p: &W4a16Plan| match (p.path, p.kernel) {
+                (MatmulPath::DequantGemm, _) => "dequant+cuBLAS".to_string(),
+                (_, FusedKernel::Skinny { tf }) => format!("skinny t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident),
+                (_, FusedKernel::Tiled { mb }) => format!("tiled mb{mb} s{} b{}/{}", p.splits, p.blocks, p.resident),
             };
             rows.push(vec![
                 format!("{n}×{k}"),
@@ -167,6 +198,7 @@ fn main() -> Result<()> {
                 format!("{:.0}", bytes / t_auto / 1e9),
                 format!("{:.1}", flops / t_auto / 1e12),
                 if fplan.path == plan.path { "=".into() } else { format!("{} ({})", us(t_fused), plan_s(&fplan)) },
+                t_tiled.map_or("=".into(), |(t, p)| format!("{} ({})", us(t), plan_s(&p))),
                 t_blas.map_or("–".into(), us),
                 t_blas.map_or("–".into(), |t| format!("{:.1}", flops / t / 1e12)),
                 us(floor),
@@ -189,6 +221,7 @@ fn main() -> Result<()> {
             "ours GB/s",
             "ours TFLOP/s",
             "fused-only µs",
+            "tiled kernel µs",
             "cuBLAS bf16 µs",
             "cuBLAS TFLOP/s",
             "HBM floor µs",

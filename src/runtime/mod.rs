@@ -5,8 +5,8 @@
 //!   in docs/formats.md ("W4A16 kernel layout") and `forge_kernel_abi::runtime`.
 //! * [`w4a16_matmul_cpu`] is the reference: the kernel's exact weights
 //!   ([`dequant_for_kernel`]) times `X`, summed in f64.
-//! * `cuda.rs`: [`DevicePackedWeight`], [`w4a16_matmul`] (tensor-core kernel with split-K, or
-//!   dequantization + cuBLAS for large `M`), [`w4a16_matmul_host`].
+//! * `cuda.rs`: [`DevicePackedWeight`], [`w4a16_matmul`] (the skinny or tiled tensor-core
+//!   kernel with split-K, or dequantization + cuBLAS for large `M`), [`w4a16_matmul_host`].
 //!
 //! **The kernel's weight** (what "dequant" means here, bit for bit on CPU and GPU): with `T`
 //! the activation type (bf16 or f16), `s_T = stored_scale(q88, T)` (the correctly rounded f32
@@ -25,8 +25,8 @@ mod cuda;
 
 pub use cpu::{dequant_for_kernel, pack_for_kernel, round_to_act, unpack_for_kernel, w4a16_matmul_cpu};
 pub use cuda::{
-    dequant_gpu, launch_dequant, w4a16_matmul, w4a16_matmul_host, w4a16_plan, DevicePackedWeight, MatmulPath,
-    W4a16Options, W4a16Plan, W4a16Workspace,
+    dequant_gpu, launch_dequant, w4a16_matmul, w4a16_matmul_host, w4a16_plan, DevicePackedWeight, FusedKernel,
+    MatmulPath, W4a16Options, W4a16Plan, W4a16Workspace,
 };
 
 use crate::{ForgeError, Result};

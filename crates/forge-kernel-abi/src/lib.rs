@@ -430,6 +430,15 @@ kernels! {
     W4a16F16M2 = "w4a16_f16_m2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
     W4a16F16M3 = "w4a16_f16_m3" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
     W4a16F16M4 = "w4a16_f16_m4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    // The skinny (small-M) kernels: `tf` 8-token fragments; t1/t2 fit two blocks per SM.
+    W4a16SkinnyBf16T1 = "w4a16_skinny_bf16_t1" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnyBf16T2 = "w4a16_skinny_bf16_t2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnyBf16T4 = "w4a16_skinny_bf16_t4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W4a16SkinnyBf16T8 = "w4a16_skinny_bf16_t8" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W4a16SkinnyF16T1 = "w4a16_skinny_f16_t1" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnyF16T2 = "w4a16_skinny_f16_t2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnyF16T4 = "w4a16_skinny_f16_t4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W4a16SkinnyF16T8 = "w4a16_skinny_f16_t8" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
     W4DequantBf16 = "w4_dequant_bf16" (runtime::W4DequantArgs);
     W4DequantF16 = "w4_dequant_f16" (runtime::W4DequantArgs);
     // pack: codes → int32 words (docs/kernels.md §5). Memory-bound: at least four 256-thread

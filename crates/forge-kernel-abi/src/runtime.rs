@@ -169,6 +169,117 @@ const _: () = {
     }
 };
 
+/// Warps of a skinny W4A16 block (`w4a16_skinny_*`): all on the block's columns, each
+/// streaming its own contiguous part of the block's `k` range.
+pub const SKINNY_WARPS: u32 = W4A16_THREADS / 32;
+/// Steps in each warp's private `cp.async` pipeline (`depth − 1` in flight). A
+/// `cp.async.wait_group` immediate, so one value for every instance.
+pub const SKINNY_DEPTH: u32 = 6;
+
+/// The small-`M` ("skinny") W4A16 kernel for `8·tf` rows of `X` (`tf` 8-token fragments:
+/// 1, 2, 4 or 8) and `64·nt` columns per block (`nt` packed `n` tiles per warp: 1 or 2). It
+/// computes `Yᵀ = dequant(W)·Xᵀ`: the weight is the mma's A operand (16 columns of `W` per
+/// fragment, straight from the packed tiles) and `X` its B operand (8 tokens per fragment),
+/// so `M ≤ 8` wastes no tensor-core rows or accumulators.
+///
+/// Per warp and step (16 `k`): `nt` packed tiles, the `X` slice (per fragment two 8×8
+/// matrices, `k` 0..8 and 8..16, 16-byte rows) and, when the step starts a group, the
+/// block's raw records. After the warps' rings: the qmeta4 scale table (256 × u16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct W4a16SkinnyShape {
+    /// 8-token fragments.
+    pub tf: u32,
+    /// Packed `n` tiles per warp (and block).
+    pub nt: u32,
+}
+
+impl W4a16SkinnyShape {
+    /// The instance for `tf` fragments: two `n` tiles per warp, except `tf = 2`, whose
+    /// 64 accumulators with two tiles do not fit the 128 registers of two blocks per SM
+    /// (ptxas spilled them; one tile halves them), and `tf = 8` (256 accumulators with two).
+    pub const fn for_tf(tf: u32) -> Self {
+        W4a16SkinnyShape { tf, nt: if tf == 2 || tf == 8 { 1 } else { 2 } }
+    }
+
+    /// Rows of `X` per block.
+    pub const fn m_block(&self) -> u32 {
+        8 * self.tf
+    }
+
+    /// Output columns per block.
+    pub const fn n_block(&self) -> u32 {
+        self.nt * PACK_TILE_N
+    }
+
+    /// Bytes of one step's codes.
+    pub const fn codes_bytes(&self) -> u32 {
+        self.nt * PACK_TILE_BYTES
+    }
+
+    /// Bytes of one step's `X` slice.
+    pub const fn x_bytes(&self) -> u32 {
+        self.tf * 2 * 8 * 16
+    }
+
+    /// Bytes of one step in a warp's pipeline: codes, `X`, raw records.
+    pub const fn step_bytes(&self) -> u32 {
+        self.codes_bytes() + self.x_bytes() + self.n_block() * 4
+    }
+
+    /// Bytes of one warp's pipeline.
+    pub const fn warp_bytes(&self) -> u32 {
+        SKINNY_DEPTH * self.step_bytes()
+    }
+
+    /// f32 row stride (columns + 4) of the reduction buffer: the pad puts a warp's 32 stores
+    /// on 32 banks.
+    pub const fn red_stride(&self) -> u32 {
+        self.n_block() + 4
+    }
+
+    /// Bytes of the reduction over the block's warps (reuses the pipelines and the table).
+    pub const fn reduce_bytes(&self) -> u32 {
+        SKINNY_WARPS * self.m_block() * self.red_stride() * 4
+    }
+
+    /// Offset of the scale table.
+    pub const fn table(&self) -> u32 {
+        SKINNY_WARPS * self.warp_bytes()
+    }
+
+    /// Offset of the split-K arrival flag (u32).
+    pub const fn flag(&self) -> u32 {
+        let p = self.table() + 512;
+        let r = self.reduce_bytes();
+        if p > r {
+            p
+        } else {
+            r
+        }
+    }
+
+    /// Dynamic shared memory per block.
+    pub const fn total(&self) -> u32 {
+        self.flag() + 16
+    }
+}
+
+const _: () = {
+    let mut tf = 1;
+    while tf <= 8 {
+        let mut nt = 1;
+        while nt <= 2 {
+            let s = W4a16SkinnyShape { tf, nt };
+            // One 16-byte cp.async per lane and tile; records and X in at most two per lane.
+            assert!(s.n_block() * 4 <= 32 * 16 && s.x_bytes() / 16 <= 128);
+            assert!(PACK_N_ALIGN.is_multiple_of(s.n_block()));
+            assert!(s.step_bytes().is_multiple_of(16) && s.table().is_multiple_of(16));
+            nt += 1;
+        }
+        tf *= 2;
+    }
+};
+
 crate::kernel_args! {
     /// `w4a16_{bf16,f16}_m{1..4}`: `Y = X · dequant(W)ᵀ` for the rows of `X` in
     /// `m_blocks` blocks of `16·mb`. Grid: `m_blocks · col_blocks · splits` blocks of
@@ -181,6 +292,12 @@ crate::kernel_args! {
     /// values; when `splits > 1`, `ws` `splits·m·n_pad` f32 and `counters`
     /// `m_blocks·col_blocks` u32, zero before the first launch (the kernel leaves them zero);
     /// `col_blocks = n_pad / n_block`, `1 ≤ splits ≤ min(S, W4A16_MAX_SPLITS)`.
+    ///
+    /// The skinny kernels `w4a16_skinny_{bf16,f16}_t{1,2,4}` take the same arguments with
+    /// row blocks of `8·tf`, `col_blocks = n_pad / (64·nt)`, shared memory
+    /// `W4a16SkinnyShape { tf, nt }.total()`, and split `p`'s warp `w` streaming the 16-deep steps
+    /// `[q·S/P, (q+1)·S/P)`, `q = p·SKINNY_WARPS + w`, `P = splits·SKINNY_WARPS`,
+    /// `S = k_pad / 16`; `1 ≤ splits ≤ W4A16_MAX_SPLITS`.
     pub struct W4a16Args in runtime => w4a16_kernel {
         /// Activations, row-major `[m, k]`.
         pub x: forge_kernel_abi::DevPtr<u16>,
@@ -217,11 +334,18 @@ crate::kernel_args! {
     }
 }
 
+/// Bytes of one row of the dense dequantization's shared tile: 128 16-bit columns plus 16
+/// bytes, so a warp's 4-byte stores (8 rows × 4 column pairs) fall on 32 banks.
+pub const DEQUANT_ROW_BYTES: u32 = 128 * 2 + 16;
+/// Dynamic shared memory of `w4_dequant_*`: a `[64][128]` tile.
+pub const DEQUANT_SHARED_BYTES: u32 = 64 * DEQUANT_ROW_BYTES;
+
 crate::kernel_args! {
     /// `w4_dequant_{bf16,f16}`: the dense weight `wd[n, k] = dequant(W)` (row-major
-    /// `[n, k]`, the kernel's own rounding) for cuBLAS. One thread per (row, 8 columns) chunk
-    /// of a packed tile lane, grid-stride. Safety: `w`/`meta` a packed weight as for
-    /// [`W4a16Args`]; `wd` `n·k` 16-bit values.
+    /// `[n, k]`, the kernel's own rounding) for cuBLAS. Grid `(n_pad/64)·(k_pad/128)` blocks
+    /// of 256 threads, [`DEQUANT_SHARED_BYTES`] of dynamic shared memory; block `b` writes
+    /// rows `64·(b / (k_pad/128)) ..` × columns `128·(b mod (k_pad/128)) ..`. Safety:
+    /// `w`/`meta` a packed weight as for [`W4a16Args`], `k % 8 == 0`; `wd` `n·k` 16-bit values.
     pub struct W4DequantArgs in runtime => w4_dequant_kernel {
         /// Packed codes.
         pub w: forge_kernel_abi::DevPtr<u32>,

@@ -23,8 +23,9 @@ pub use quant::{
     reciprocal_is_safe, RangeMeta, MIN_SCALE,
 };
 pub use scale::{
-    f32_to_bf16_bits, f32_to_f16_bits, round_to_dtype, stored_scale, stored_scale_bits_bf16, stored_scale_bits_f16,
-    ScaleDtype,
+    f32_to_bf16_bits, f32_to_f16_bits, round_to_dtype, stored_scale, stored_scale_bits_bf16,
+    stored_scale_bits_bf16_with, stored_scale_bits_f16, stored_scale_bits_f16_with, ScaleDtype, STORED_FRAC_BF16,
+    STORED_FRAC_F16,
 };
 
 /// Round half to even (torch's `round`, CUDA's `rintf`, PTX `cvt.rni`).

@@ -175,9 +175,16 @@ pub const STORED_FRAC_F16: [u16; 256] = frac_table_16(10, 15);
 /// on all 65 536 records (tested).
 #[inline(always)]
 pub fn stored_scale_bits_bf16(q88: i16) -> u16 {
+    stored_scale_bits_bf16_with(q88, |j| STORED_FRAC_BF16[j])
+}
+
+/// [`stored_scale_bits_bf16`] with the table read through `frac` (index `q88 mod 256`): a
+/// kernel passes a copy of [`STORED_FRAC_BF16`] in shared memory.
+#[inline(always)]
+pub fn stored_scale_bits_bf16_with(q88: i16, frac: impl Fn(usize) -> u16) -> u16 {
     let e = (q88 as i32) >> 8;
     if (-126..=126).contains(&e) {
-        (STORED_FRAC_BF16[(q88 as i32 & 0xff) as usize] as i32 + (e << 7)) as u16
+        (frac((q88 as i32 & 0xff) as usize) as i32 + (e << 7)) as u16
     } else {
         f32_to_bf16_bits(decode_log2_q88(q88))
     }
@@ -187,9 +194,16 @@ pub fn stored_scale_bits_bf16(q88: i16) -> u16 {
 /// normal range (`e ∈ [−14, 14]` on the fast path).
 #[inline(always)]
 pub fn stored_scale_bits_f16(q88: i16) -> u16 {
+    stored_scale_bits_f16_with(q88, |j| STORED_FRAC_F16[j])
+}
+
+/// [`stored_scale_bits_f16`] with the table read through `frac` (see
+/// [`stored_scale_bits_bf16_with`]).
+#[inline(always)]
+pub fn stored_scale_bits_f16_with(q88: i16, frac: impl Fn(usize) -> u16) -> u16 {
     let e = (q88 as i32) >> 8;
     if (-14..=14).contains(&e) {
-        (STORED_FRAC_F16[(q88 as i32 & 0xff) as usize] as i32 + (e << 10)) as u16
+        (frac((q88 as i32 & 0xff) as usize) as i32 + (e << 10)) as u16
     } else {
         f32_to_f16_bits(decode_log2_q88(q88))
     }

@@ -98,6 +98,10 @@ pub trait Half: Copy {
     const ONE2: u32;
     /// Bits of [`forge_numerics::stored_scale`]`(q88, T)`.
     fn scale_bits(q88: i16) -> u16;
+    /// [`Half::scale_bits`] with its 256-entry table read through `frac`.
+    fn scale_bits_with(q88: i16, frac: impl Fn(usize) -> u16) -> u16;
+    /// The table `scale_bits` reads (a static, so it has a global address to copy from).
+    fn frac_table() -> &'static [u16; 256];
     /// Packed `a·b + c`, one rounding per half.
     fn fma2(a: u32, b: u32, c: u32) -> u32;
     /// `(lo, hi)` rounded to nearest-even into a packed pair (`lo` in the low half).
@@ -112,10 +116,49 @@ pub trait Half: Copy {
     /// `−(MAGIC + zero)` in both halves (exact: zero points are `< 128` in packed weights).
     #[inline(always)]
     fn decode_record(rec: u32) -> u64 {
-        let s = Self::scale_bits(rec as u16 as i16) as u32;
+        Self::pair_record(rec, Self::scale_bits(rec as u16 as i16))
+    }
+
+    /// [`Half::decode_record`] with the scale table at `table` in shared memory (a copy of
+    /// [`Half::frac_table`]).
+    ///
+    /// # Safety
+    /// `table` holds the 256 entries.
+    #[inline(always)]
+    unsafe fn decode_record_shared(rec: u32, table: u32) -> u64 {
+        Self::pair_record(rec, Self::scale_bits_with(rec as u16 as i16, |j| ld_shared_u16(table + 2 * j as u32)))
+    }
+
+    /// The decoded record from the record and its scale's bits.
+    #[inline(always)]
+    fn pair_record(rec: u32, s: u16) -> u64 {
+        let s = s as u32;
         let nz = (Self::MAGIC + ((rec >> 16) & 0xff)) | 0x8000;
         ((s | (s << 16)) as u64) | (((nz | (nz << 16)) as u64) << 32)
     }
+}
+
+static FRAC_BF16: [u16; 256] = forge_numerics::STORED_FRAC_BF16;
+static FRAC_F16: [u16; 256] = forge_numerics::STORED_FRAC_F16;
+
+/// `ld.shared.u16`.
+///
+/// # Safety
+/// `addr` a 2-byte aligned address in dynamic shared memory.
+#[inline(always)]
+pub unsafe fn ld_shared_u16(addr: u32) -> u16 {
+    let v: u16;
+    asm!("ld.shared.u16 {v}, [{a}];", v = out(reg16) v, a = in(reg32) addr, options(readonly, nostack));
+    v
+}
+
+/// `st.shared.u16`.
+///
+/// # Safety
+/// `addr` a 2-byte aligned address in dynamic shared memory.
+#[inline(always)]
+pub unsafe fn st_shared_u16(addr: u32, v: u16) {
+    asm!("st.shared.u16 [{a}], {v};", v = in(reg16) v, a = in(reg32) addr, options(nostack));
 }
 
 /// bfloat16.
@@ -133,6 +176,16 @@ impl Half for Bf16 {
     #[inline(always)]
     fn scale_bits(q88: i16) -> u16 {
         forge_numerics::stored_scale_bits_bf16(q88)
+    }
+
+    #[inline(always)]
+    fn scale_bits_with(q88: i16, frac: impl Fn(usize) -> u16) -> u16 {
+        forge_numerics::stored_scale_bits_bf16_with(q88, frac)
+    }
+
+    #[inline(always)]
+    fn frac_table() -> &'static [u16; 256] {
+        &FRAC_BF16
     }
 
     #[inline(always)]
@@ -175,6 +228,16 @@ impl Half for F16 {
     #[inline(always)]
     fn scale_bits(q88: i16) -> u16 {
         forge_numerics::stored_scale_bits_f16(q88)
+    }
+
+    #[inline(always)]
+    fn scale_bits_with(q88: i16, frac: impl Fn(usize) -> u16) -> u16 {
+        forge_numerics::stored_scale_bits_f16_with(q88, frac)
+    }
+
+    #[inline(always)]
+    fn frac_table() -> &'static [u16; 256] {
+        &FRAC_F16
     }
 
     #[inline(always)]

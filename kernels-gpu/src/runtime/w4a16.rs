@@ -16,14 +16,14 @@
 //!
 //! End: the `wk` warps of a column add their accumulators in shared memory in a fixed order.
 //! With one split the block writes `Y`; with several, each writes its f32 partial tile (rows
-//! `< M`) to `ws[split]`, fences, and counts itself in at the tile's counter; the block that
-//! arrives last sums the partials in split order (deterministic), writes `Y` and resets the
-//! counter to 0 for the next launch. No block waits for another, so any residency works.
+//! `< M`) to `ws[split]` and [`finish_split_k`] lets the last block to arrive add them in split
+//! order. No block waits for another, so any residency works.
 //!
 //! # Safety (upheld by the host launcher)
 //! As documented on [`forge_kernel_abi::runtime::W4a16Args`].
 
-use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, fence_gpu, ld_cg_f32x4, ldmatrix_x4, Half};
+use super::epilogue::{finish_split_k, store_pair};
+use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, ldmatrix_x4, Half};
 use crate::device::{
     block_x, cp_async_commit, cp_async_wait, ld_shared_u32, ld_shared_u32x4, shared_window_base, st_shared_u32,
     st_shared_u64, sync_threads, thread_x,
@@ -83,51 +83,6 @@ impl GroupCursor {
         }
         cnt.min(g_pad.saturating_sub(self.g))
     }
-}
-
-/// Repeats a block with `$i` bound to 0, 1, …: register arrays indexed by it stay in
-/// registers (a loop LLVM declines to unroll would move them to local memory).
-macro_rules! unroll {
-    ($i:ident < 2, $b:block) => {{
-        {
-            let $i: usize = 0;
-            $b
-        }
-        {
-            let $i: usize = 1;
-            $b
-        }
-    }};
-    ($i:ident < 4, $b:block) => {{
-        unroll!($i < 2, $b);
-        {
-            let $i: usize = 2;
-            $b
-        }
-        {
-            let $i: usize = 3;
-            $b
-        }
-    }};
-    ($i:ident < 8, $b:block) => {{
-        unroll!($i < 4, $b);
-        {
-            let $i: usize = 4;
-            $b
-        }
-        {
-            let $i: usize = 5;
-            $b
-        }
-        {
-            let $i: usize = 6;
-            $b
-        }
-        {
-            let $i: usize = 7;
-            $b
-        }
-    }};
 }
 
 /// Issues one stage's codes and `X` tile into pipeline slot `stage_base`.
@@ -397,72 +352,8 @@ pub unsafe fn w4a16<T: Half, const MB: usize>(a: W4a16Args) {
             }
         });
     }
-    fence_gpu();
-    sync_threads();
-    let counter = a.counters.ptr().add((mblk * a.col_blocks + cb) as usize);
-    if tid == 0 {
-        let old = super::mma::atomic_add_u32(counter, 1);
-        let last = old == a.splits - 1;
-        if last {
-            // Every split has arrived: leave the counter zero for the next launch.
-            *counter = 0;
-        }
-        st_shared_u32(base + lay.flag, last as u32);
-    }
-    sync_threads();
-    if ld_shared_u32(base + lay.flag) == 0 {
-        return;
-    }
-    fence_gpu();
     let rows = (m - m0).min(16 * MB as u32);
-    let items = rows * (nb / 4);
-    let mut it = tid;
-    while it < items {
-        let (row, c4) = (m0 + it / (nb / 4), it % (nb / 4));
-        let col = cb * nb + c4 * 4;
-        let mut sum = [0f32; 4];
-        let mut p0 = 0;
-        while p0 < a.splits {
-            // Eight loads in flight, then the additions in split order.
-            let mut v = [[0f32; 4]; 8];
-            unroll!(j < 8, {
-                let p = p0 + j as u32;
-                if p < a.splits {
-                    v[j] =
-                        ld_cg_f32x4(ws.add((p as usize * m as usize + row as usize) * a.n_pad as usize + col as usize));
-                }
-            });
-            unroll!(j < 8, {
-                if p0 + (j as u32) < a.splits {
-                    unroll!(c < 4, {
-                        sum[c] += v[j][c];
-                    });
-                }
-            });
-            p0 += 8;
-        }
-        store_pair::<T>(y, row, col, m, n, sum[0], sum[1]);
-        store_pair::<T>(y, row, col + 2, m, n, sum[2], sum[3]);
-        it += W4A16_THREADS;
-    }
-}
-
-/// Writes `Y[row, col..col+2]` (rounded to `T`), the parts inside `m × n`.
-#[inline(always)]
-unsafe fn store_pair<T: Half>(y: *mut u16, row: u32, col: u32, m: u32, n: u32, v0: f32, v1: f32) {
-    if row >= m || col >= n {
-        return;
-    }
-    let p = T::pack2(v0, v1);
-    let at = y.add(row as usize * n as usize + col as usize);
-    if col + 1 < n && n.is_multiple_of(2) {
-        *(at as *mut u32) = p;
-    } else {
-        *at = p as u16;
-        if col + 1 < n {
-            *at.add(1) = (p >> 16) as u16;
-        }
-    }
+    finish_split_k::<T>(&a, base + lay.flag, mblk * a.col_blocks + cb, m0, rows, cb * nb, nb, tid);
 }
 
 macro_rules! instance {
