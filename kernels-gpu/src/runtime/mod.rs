@@ -46,6 +46,52 @@ macro_rules! unroll {
     }};
 }
 
+/// Position `k = g·gs + r` (`r < gs`) kept by additions: a division per stage or step would
+/// cost as much as a step's dequantization.
+#[derive(Clone, Copy)]
+pub(crate) struct GroupCursor {
+    pub(crate) g: u32,
+    pub(crate) r: u32,
+}
+
+impl GroupCursor {
+    #[inline(always)]
+    pub(crate) fn at(k: u32, gs: u32) -> Self {
+        GroupCursor { g: k / gs, r: k % gs }
+    }
+
+    #[inline(always)]
+    pub(crate) fn advance(&mut self, d: u32, gs: u32) {
+        self.r += d;
+        while self.r >= gs {
+            self.r -= gs;
+            self.g += 1;
+        }
+    }
+
+    /// [`GroupCursor::advance`] by `d ≤ gs` (at most one wrap): no loop in the hot path.
+    #[inline(always)]
+    pub(crate) fn advance_within(&mut self, d: u32, gs: u32) {
+        self.r += d;
+        if self.r >= gs {
+            self.r -= gs;
+            self.g += 1;
+        }
+    }
+
+    /// Groups that `[k, k + len)` touches, at most `g_pad − g`.
+    #[inline(always)]
+    pub(crate) fn groups_in(self, len: u32, gs: u32, g_pad: u32) -> u32 {
+        let mut cnt = 1;
+        let mut o = self.r + len - 1;
+        while o >= gs {
+            o -= gs;
+            cnt += 1;
+        }
+        cnt.min(g_pad.saturating_sub(self.g))
+    }
+}
+
 pub mod dequant;
 pub mod epilogue;
 pub mod mma;

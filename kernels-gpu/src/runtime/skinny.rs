@@ -26,6 +26,7 @@
 //! As documented on [`forge_kernel_abi::runtime::W4a16Args`].
 
 use super::epilogue::{finish_split_k, store_pair};
+use super::GroupCursor;
 use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, st_shared_u16, Half};
 use crate::device::{
     block_x, shfl_idx_f32, cp_async_commit, cp_async_wait, ld_shared_f32x2, ld_shared_u32, ld_shared_u32x4, shared_window_base,
@@ -121,26 +122,6 @@ impl Sources {
     }
 }
 
-/// Position `k = g·gs + r` in the group sequence, kept by additions (a division per step would
-/// cost as much as its dequantization); `gs` is a multiple of 16.
-#[derive(Clone, Copy)]
-struct GroupCursor {
-    g: u32,
-    r: u32,
-}
-
-impl GroupCursor {
-    /// Moves one 16-deep step on (`r == 0` after it: the new step starts a group).
-    #[inline(always)]
-    fn step(&mut self, gs: u32) {
-        self.r += 16;
-        if self.r >= gs {
-            self.r = 0;
-            self.g += 1;
-        }
-    }
-}
-
 /// The records of a group from ring slot `sb` into `rec` (this lane's columns `8r + g`). The
 /// four lanes of a quad need the same columns, so each decodes a quarter of them (`r ≡ t mod
 /// 4`) and the quad trades the rest by shuffles: a quarter of the decoding work.
@@ -225,7 +206,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize>(a: W4a16Args) {
 
     let block_base = shared_window_base();
     let ring = block_base + warp * SKINNY_DEPTH * Cfg::<TF, NT>::STEP;
-    let first = GroupCursor { g: s_begin * 16 / gs, r: s_begin * 16 % gs };
+    let first = GroupCursor::at(s_begin * 16, gs);
 
     // Prologue: the first depth − 1 steps (empty groups past the end keep the count).
     let mut issue_cur = first;
@@ -236,7 +217,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize>(a: W4a16Args) {
         if s_issue < s_end {
             let group = if s_issue == s_begin || issue_cur.r == 0 { Some(issue_cur.g) } else { None };
             src.issue::<TF, NT>(&a, ring + slot_issue * Cfg::<TF, NT>::STEP, cb, lane, group);
-            issue_cur.step(gs);
+            issue_cur.advance_within(16, gs);
         } else {
             cp_async_commit();
         }
@@ -262,7 +243,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize>(a: W4a16Args) {
         if s_issue < s_end {
             let group = if issue_cur.r == 0 { Some(issue_cur.g) } else { None };
             src.issue::<TF, NT>(&a, ring + slot_issue * Cfg::<TF, NT>::STEP, cb, lane, group);
-            issue_cur.step(gs);
+            issue_cur.advance_within(16, gs);
         } else {
             cp_async_commit();
         }
@@ -273,7 +254,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize>(a: W4a16Args) {
             decode_group::<T, TF, NT>(sb, table, lane, &mut rec);
         }
         compute_step::<T, TF, NT>(sb, lane, &mut acc, &rec);
-        cur.step(gs);
+        cur.advance_within(16, gs);
         slot = if slot + 1 == SKINNY_DEPTH { 0 } else { slot + 1 };
         s += 1;
     }

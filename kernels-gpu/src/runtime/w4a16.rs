@@ -23,6 +23,7 @@
 //! As documented on [`forge_kernel_abi::runtime::W4a16Args`].
 
 use super::epilogue::{finish_split_k, store_pair};
+use super::GroupCursor;
 use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, ldmatrix_x4, Half};
 use crate::device::{
     block_x, cp_async_commit, cp_async_wait, ld_shared_u32, ld_shared_u32x4, shared_window_base, st_shared_u32,
@@ -47,42 +48,6 @@ impl<const MB: usize> Cfg<MB> {
     const CPR: u32 = Self::KS / 8;
     const ROW_BYTES: u32 = Self::KS * 2;
     const A_CHUNKS: u32 = Self::SH.m_block() * Self::CPR;
-}
-
-/// Position `k = g·gs + r` (`r < gs`) kept by additions: a division per stage would cost as
-/// much as a step's dequantization.
-#[derive(Clone, Copy)]
-struct GroupCursor {
-    g: u32,
-    r: u32,
-}
-
-impl GroupCursor {
-    #[inline(always)]
-    fn at(k: u32, gs: u32) -> Self {
-        GroupCursor { g: k / gs, r: k % gs }
-    }
-
-    #[inline(always)]
-    fn advance(&mut self, d: u32, gs: u32) {
-        self.r += d;
-        while self.r >= gs {
-            self.r -= gs;
-            self.g += 1;
-        }
-    }
-
-    /// Groups that `[k, k + len)` touches, at most `g_pad − g`.
-    #[inline(always)]
-    fn groups_in(self, len: u32, gs: u32, g_pad: u32) -> u32 {
-        let mut cnt = 1;
-        let mut o = self.r + len - 1;
-        while o >= gs {
-            o -= gs;
-            cnt += 1;
-        }
-        cnt.min(g_pad.saturating_sub(self.g))
-    }
 }
 
 /// Issues one stage's codes and `X` tile into pipeline slot `stage_base`.
