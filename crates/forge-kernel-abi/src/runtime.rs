@@ -293,9 +293,9 @@ crate::kernel_args! {
     /// `m_blocks·col_blocks` u32, zero before the first launch (the kernel leaves them zero);
     /// `col_blocks = n_pad / n_block`, `1 ≤ splits ≤ min(S, W4A16_MAX_SPLITS)`.
     ///
-    /// The skinny kernels `w4a16_skinny_{bf16,f16}_t{1,2,4}` take the same arguments with
+    /// The skinny kernels `w4a16_skinny_{bf16,f16}_t{1,2,4,8}` take the same arguments with
     /// row blocks of `8·tf`, `col_blocks = n_pad / (64·nt)`, shared memory
-    /// `W4a16SkinnyShape { tf, nt }.total()`, and split `p`'s warp `w` streaming the 16-deep steps
+    /// `W4a16SkinnyShape::for_tf(tf).total()`, and split `p`'s warp `w` streaming the 16-deep steps
     /// `[q·S/P, (q+1)·S/P)`, `q = p·SKINNY_WARPS + w`, `P = splits·SKINNY_WARPS`,
     /// `S = k_pad / 16`; `1 ≤ splits ≤ W4A16_MAX_SPLITS`.
     pub struct W4a16Args in runtime => w4a16_kernel {
