@@ -409,6 +409,26 @@ pub unsafe fn vote_all(p: bool) -> bool {
     r != 0
 }
 
+/// `ld.shared.u16`.
+///
+/// # Safety
+/// `addr` a 2-byte aligned address in dynamic shared memory.
+#[inline(always)]
+pub unsafe fn ld_shared_u16(addr: u32) -> u16 {
+    let v: u16;
+    asm!("ld.shared.u16 {v}, [{a}];", v = out(reg16) v, a = in(reg32) addr, options(readonly, nostack));
+    v
+}
+
+/// `st.shared.u16`.
+///
+/// # Safety
+/// `addr` a 2-byte aligned address in dynamic shared memory.
+#[inline(always)]
+pub unsafe fn st_shared_u16(addr: u32, v: u16) {
+    asm!("st.shared.u16 [{a}], {v};", v = in(reg16) v, a = in(reg32) addr, options(nostack));
+}
+
 /// `__syncwarp()`: orders the warp's shared-memory accesses.
 ///
 /// # Safety

@@ -172,6 +172,32 @@ pub struct W4a16Workspace {
     dense: DeviceBuf<u16>,
 }
 
+/// Expands `$then!(Marker)` with the kernel marker of `($dtype, $kernel)`: the one place that
+/// maps a plan to a kernel, for looking it up and for launching it.
+macro_rules! with_fused_kernel {
+    ($dtype:expr, $kernel:expr, $then:ident) => {{
+        use FusedKernel::{Skinny, Tiled};
+        match ($dtype, $kernel) {
+            (ActDtype::Bf16, Skinny { tf: 1 }) => $then!(W4a16SkinnyBf16T1),
+            (ActDtype::Bf16, Skinny { tf: 2 }) => $then!(W4a16SkinnyBf16T2),
+            (ActDtype::Bf16, Skinny { tf: 4 }) => $then!(W4a16SkinnyBf16T4),
+            (ActDtype::Bf16, Skinny { .. }) => $then!(W4a16SkinnyBf16T8),
+            (ActDtype::F16, Skinny { tf: 1 }) => $then!(W4a16SkinnyF16T1),
+            (ActDtype::F16, Skinny { tf: 2 }) => $then!(W4a16SkinnyF16T2),
+            (ActDtype::F16, Skinny { tf: 4 }) => $then!(W4a16SkinnyF16T4),
+            (ActDtype::F16, Skinny { .. }) => $then!(W4a16SkinnyF16T8),
+            (ActDtype::Bf16, Tiled { mb: 1 }) => $then!(W4a16Bf16M1),
+            (ActDtype::Bf16, Tiled { mb: 2 }) => $then!(W4a16Bf16M2),
+            (ActDtype::Bf16, Tiled { mb: 3 }) => $then!(W4a16Bf16M3),
+            (ActDtype::Bf16, Tiled { .. }) => $then!(W4a16Bf16M4),
+            (ActDtype::F16, Tiled { mb: 1 }) => $then!(W4a16F16M1),
+            (ActDtype::F16, Tiled { mb: 2 }) => $then!(W4a16F16M2),
+            (ActDtype::F16, Tiled { mb: 3 }) => $then!(W4a16F16M3),
+            (ActDtype::F16, Tiled { .. }) => $then!(W4a16F16M4),
+        }
+    }};
+}
+
 /// The fused kernel `kernel` of `dtype`, with its name.
 fn fused_kernel(
     dev: &GpuDevice,
@@ -183,25 +209,7 @@ fn fused_kernel(
             (dev.kernel::<$m>()?, <$m as Kernel>::NAME)
         };
     }
-    use FusedKernel::{Skinny, Tiled};
-    Ok(match (dtype, kernel) {
-        (ActDtype::Bf16, Skinny { tf: 1 }) => k!(W4a16SkinnyBf16T1),
-        (ActDtype::Bf16, Skinny { tf: 2 }) => k!(W4a16SkinnyBf16T2),
-        (ActDtype::Bf16, Skinny { tf: 4 }) => k!(W4a16SkinnyBf16T4),
-        (ActDtype::Bf16, Skinny { .. }) => k!(W4a16SkinnyBf16T8),
-        (ActDtype::F16, Skinny { tf: 1 }) => k!(W4a16SkinnyF16T1),
-        (ActDtype::F16, Skinny { tf: 2 }) => k!(W4a16SkinnyF16T2),
-        (ActDtype::F16, Skinny { tf: 4 }) => k!(W4a16SkinnyF16T4),
-        (ActDtype::F16, Skinny { .. }) => k!(W4a16SkinnyF16T8),
-        (ActDtype::Bf16, Tiled { mb: 1 }) => k!(W4a16Bf16M1),
-        (ActDtype::Bf16, Tiled { mb: 2 }) => k!(W4a16Bf16M2),
-        (ActDtype::Bf16, Tiled { mb: 3 }) => k!(W4a16Bf16M3),
-        (ActDtype::Bf16, Tiled { .. }) => k!(W4a16Bf16M4),
-        (ActDtype::F16, Tiled { mb: 1 }) => k!(W4a16F16M1),
-        (ActDtype::F16, Tiled { mb: 2 }) => k!(W4a16F16M2),
-        (ActDtype::F16, Tiled { mb: 3 }) => k!(W4a16F16M3),
-        (ActDtype::F16, Tiled { .. }) => k!(W4a16F16M4),
-    })
+    Ok(with_fused_kernel!(dtype, kernel, k))
 }
 
 /// The plan for `m` rows (see the module docs for the split-K choice).
@@ -222,16 +230,13 @@ pub fn w4a16_plan(
     };
     // Skinny: rows per block 8, 16, 32 or 64; tiled: 16·mb, mb from M up to 64 rows.
     let skinny = m <= opts.skinny_max_m.min(64);
-    let (kernel, rows_per_block, cols_per_block, k_unit) = if skinny {
-        let tf = m.div_ceil(8).next_power_of_two() as u32;
-        (FusedKernel::Skinny { tf }, 8 * tf, W4a16SkinnyShape::for_tf(tf).n_block(), 16)
+    let (kernel, rows_per_block, cols_per_block, k_unit, shared_bytes) = if skinny {
+        let shape = W4a16SkinnyShape::for_tf(m.div_ceil(8).next_power_of_two() as u32);
+        (FusedKernel::Skinny { tf: shape.tf }, shape.m_block(), shape.n_block(), 16, shape.total())
     } else {
         let shape = W4a16Shape::for_mb(m.min(64).div_ceil(16) as u32);
-        (FusedKernel::Tiled { mb: shape.mb }, shape.m_block(), shape.n_block(), shape.k_stage())
-    };
-    let shared_bytes = match kernel {
-        FusedKernel::Skinny { tf } => W4a16SkinnyShape::for_tf(tf).total(),
-        FusedKernel::Tiled { mb } => W4a16Shape::for_mb(mb).layout().total,
+        let (mb, total) = (shape.mb, shape.layout().total);
+        (FusedKernel::Tiled { mb }, shape.m_block(), shape.n_block(), shape.k_stage(), total)
     };
     let m_blocks = m.div_ceil(rows_per_block as usize) as u32;
     let col_blocks = (w.n_pad / cols_per_block as usize) as u32;
@@ -355,31 +360,16 @@ pub fn w4a16_matmul(
         block_dim: (W4A16_THREADS, 1, 1),
         shared_mem_bytes: plan.shared_bytes,
     };
+    macro_rules! launch {
+        ($m:ty) => {
+            dev.launch::<$m>(cfg, &args)
+        };
+    }
     // SAFETY: the W4a16Args contract: x m·k and y m·n values (checked above), k % 8 == 0 and
     // gs a multiple of 32 (check_dims at upload), w/meta a packed weight of these dimensions
     // (checked at upload), ws splits·m·n_pad f32 and counters m_blocks·col_blocks u32 zeroed
     // (ensured above), col_blocks = n_pad / n_block and 1 ≤ splits ≤ min(stages, MAX) (plan).
-    use FusedKernel::{Skinny, Tiled};
-    unsafe {
-        match (dtype, plan.kernel) {
-            (ActDtype::Bf16, Skinny { tf: 1 }) => dev.launch::<W4a16SkinnyBf16T1>(cfg, &args),
-            (ActDtype::Bf16, Skinny { tf: 2 }) => dev.launch::<W4a16SkinnyBf16T2>(cfg, &args),
-            (ActDtype::Bf16, Skinny { tf: 4 }) => dev.launch::<W4a16SkinnyBf16T4>(cfg, &args),
-            (ActDtype::Bf16, Skinny { .. }) => dev.launch::<W4a16SkinnyBf16T8>(cfg, &args),
-            (ActDtype::F16, Skinny { tf: 1 }) => dev.launch::<W4a16SkinnyF16T1>(cfg, &args),
-            (ActDtype::F16, Skinny { tf: 2 }) => dev.launch::<W4a16SkinnyF16T2>(cfg, &args),
-            (ActDtype::F16, Skinny { tf: 4 }) => dev.launch::<W4a16SkinnyF16T4>(cfg, &args),
-            (ActDtype::F16, Skinny { .. }) => dev.launch::<W4a16SkinnyF16T8>(cfg, &args),
-            (ActDtype::Bf16, Tiled { mb: 1 }) => dev.launch::<W4a16Bf16M1>(cfg, &args),
-            (ActDtype::Bf16, Tiled { mb: 2 }) => dev.launch::<W4a16Bf16M2>(cfg, &args),
-            (ActDtype::Bf16, Tiled { mb: 3 }) => dev.launch::<W4a16Bf16M3>(cfg, &args),
-            (ActDtype::Bf16, Tiled { .. }) => dev.launch::<W4a16Bf16M4>(cfg, &args),
-            (ActDtype::F16, Tiled { mb: 1 }) => dev.launch::<W4a16F16M1>(cfg, &args),
-            (ActDtype::F16, Tiled { mb: 2 }) => dev.launch::<W4a16F16M2>(cfg, &args),
-            (ActDtype::F16, Tiled { mb: 3 }) => dev.launch::<W4a16F16M3>(cfg, &args),
-            (ActDtype::F16, Tiled { .. }) => dev.launch::<W4a16F16M4>(cfg, &args),
-        }
-    }?;
+    unsafe { with_fused_kernel!(dtype, plan.kernel, launch) }?;
     Ok(plan)
 }
 

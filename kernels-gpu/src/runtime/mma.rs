@@ -126,7 +126,7 @@ pub trait Half: Copy {
     /// `table` holds the 256 entries.
     #[inline(always)]
     unsafe fn decode_record_shared(rec: u32, table: u32) -> u64 {
-        Self::pair_record(rec, Self::scale_bits_with(rec as u16 as i16, |j| ld_shared_u16(table + 2 * j as u32)))
+        Self::pair_record(rec, Self::scale_bits_with(rec as u16 as i16, |j| crate::device::ld_shared_u16(table + 2 * j as u32)))
     }
 
     /// The decoded record from the record and its scale's bits.
@@ -140,26 +140,6 @@ pub trait Half: Copy {
 
 static FRAC_BF16: [u16; 256] = forge_numerics::STORED_FRAC_BF16;
 static FRAC_F16: [u16; 256] = forge_numerics::STORED_FRAC_F16;
-
-/// `ld.shared.u16`.
-///
-/// # Safety
-/// `addr` a 2-byte aligned address in dynamic shared memory.
-#[inline(always)]
-pub unsafe fn ld_shared_u16(addr: u32) -> u16 {
-    let v: u16;
-    asm!("ld.shared.u16 {v}, [{a}];", v = out(reg16) v, a = in(reg32) addr, options(readonly, nostack));
-    v
-}
-
-/// `st.shared.u16`.
-///
-/// # Safety
-/// `addr` a 2-byte aligned address in dynamic shared memory.
-#[inline(always)]
-pub unsafe fn st_shared_u16(addr: u32, v: u16) {
-    asm!("st.shared.u16 [{a}], {v};", v = in(reg16) v, a = in(reg32) addr, options(nostack));
-}
 
 /// bfloat16.
 #[derive(Clone, Copy)]

@@ -27,9 +27,9 @@
 
 use super::epilogue::{finish_split_k, store_pair};
 use super::GroupCursor;
-use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, st_shared_u16, Half};
+use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, Half};
 use crate::device::{
-    block_x, shfl_idx_f32, cp_async_commit, cp_async_wait, ld_shared_f32x2, ld_shared_u32, ld_shared_u32x4, shared_window_base,
+    block_x, shfl_idx_f32, st_shared_u16, cp_async_commit, cp_async_wait, ld_shared_f32x2, ld_shared_u32, ld_shared_u32x4, shared_window_base,
     st_shared_u32, sync_threads, sync_warp, thread_x,
 };
 use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape, PACK_TILE_BYTES, SKINNY_DEPTH, SKINNY_WARPS, W4A16_THREADS};
