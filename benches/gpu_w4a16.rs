@@ -9,7 +9,11 @@
 //! the HBM traffic a copy sustains, which a read-mostly kernel can use for reading).
 //!
 //! Run on a GPU machine: `cargo bench --bench gpu_w4a16` (cuBLAS from LD_LIBRARY_PATH, see the
-//! README). `W4A16_BENCH_QUICK=1` times only M ∈ {1, 16, 64, 1024} on two shapes.
+//! README). `W4A16_BENCH_QUICK=1` times only M ∈ {1, 16, 64, 1024} on two shapes;
+//! `W4A16_BENCH_SPLITS=1` also sweeps the split-K factor at M 1, 16 and 64;
+//! `W4A16_BENCH_ONLY=NxK:M` times one case (for a profiler). On a Hopper GPU the table also
+//! times the `wgmma` kernel where the plan picks another fused kernel, and the sm_80 kernel
+//! where it picks the `wgmma` one.
 
 mod common;
 
@@ -93,6 +97,7 @@ fn main() -> Result<()> {
     if let Err(e) = &blas {
         println!("cuBLAS unavailable ({e}): its columns and the dequant+cuBLAS path are skipped");
     }
+    let hopper = dev.is_hopper()?;
     let bw = copy_bandwidth(&dev)?;
     println!("device-to-device copy: {:.0} GB/s (read + written); SMs: {}", bw / 1e9, dev.sm_count()?);
     let stream = dev.stream().clone();
@@ -158,14 +163,19 @@ fn main() -> Result<()> {
             } else {
                 run(W4a16Options { path: MatmulPath::Fused, ..Default::default() })?
             };
-            // The tiled kernel where the skinny one runs: the comparison with the kernel it
-            // replaced at small M, in the same run.
-            let t_tiled = if matches!(fplan.kernel, FusedKernel::Skinny { .. }) {
-                Some(run(W4a16Options { path: MatmulPath::Fused, skinny_max_m: 0, ..Default::default() })?)
+            // In the same run: the baseline (sm_80) kernel where the Hopper one runs, and the
+            // Hopper one where the plan picks another fused kernel (on a Hopper device).
+            let t_sm80 = if matches!(fplan.kernel, FusedKernel::Wgmma { .. }) {
+                Some(run(W4a16Options { path: MatmulPath::Fused, hopper_min_m: usize::MAX, ..Default::default() })?)
             } else {
                 None
             };
-            if sweep && matches!(fplan.kernel, FusedKernel::Skinny { .. }) && (m == 1 || m == 16) {
+            let t_hopper = if hopper && !matches!(fplan.kernel, FusedKernel::Wgmma { .. }) && m <= 256 {
+                Some(run(W4a16Options { path: MatmulPath::Fused, hopper_min_m: 1, ..Default::default() })?)
+            } else {
+                None
+            };
+            if sweep && !matches!(fplan.kernel, FusedKernel::Tiled { .. }) && matches!(m, 1 | 16 | 64) {
                 let mut line = format!("splits sweep {n}×{k} M {m} (auto {}):", fplan.splits);
                 for sp in [1u32, 2, 3, 4, 6, 7, 8, 12, 16, 24, 32] {
                     let (t, p) = run(W4a16Options { path: MatmulPath::Fused, splits: Some(sp), ..Default::default() })?;
@@ -189,6 +199,7 @@ fn main() -> Result<()> {
                 (MatmulPath::DequantGemm, _) => "dequant+cuBLAS".to_string(),
                 (_, FusedKernel::Skinny { tf }) => format!("skinny t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident),
                 (_, FusedKernel::Tiled { mb }) => format!("tiled mb{mb} s{} b{}/{}", p.splits, p.blocks, p.resident),
+                (_, FusedKernel::Wgmma { tf }) => format!("wgmma t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident),
             };
             rows.push(vec![
                 format!("{n}×{k}"),
@@ -198,7 +209,8 @@ fn main() -> Result<()> {
                 format!("{:.0}", bytes / t_auto / 1e9),
                 format!("{:.1}", flops / t_auto / 1e12),
                 if fplan.path == plan.path { "=".into() } else { format!("{} ({})", us(t_fused), plan_s(&fplan)) },
-                t_tiled.map_or("=".into(), |(t, p)| format!("{} ({})", us(t), plan_s(&p))),
+                t_sm80.map_or("=".into(), |(t, p)| format!("{} ({})", us(t), plan_s(&p))),
+                t_hopper.map_or("–".into(), |(t, p)| format!("{} ({})", us(t), plan_s(&p))),
                 t_blas.map_or("–".into(), us),
                 t_blas.map_or("–".into(), |t| format!("{:.1}", flops / t / 1e12)),
                 us(floor),
@@ -221,7 +233,8 @@ fn main() -> Result<()> {
             "ours GB/s",
             "ours TFLOP/s",
             "fused-only µs",
-            "tiled kernel µs",
+            "sm_80 kernel µs",
+            "wgmma kernel µs",
             "cuBLAS bf16 µs",
             "cuBLAS TFLOP/s",
             "HBM floor µs",

@@ -31,23 +31,43 @@ fn the_embedded_ptx_targets_sm80_and_is_self_contained() {
     assert!(!ptx.lines().any(|l| l.starts_with(".extern .func")), "PTX has unresolved functions");
 }
 
-/// Every kernel of forge-kernel-abi's table is in the PTX with the parameter kinds of its
-/// argument struct, and the PTX has no other entry (the build checks the same; a test keeps
-/// it visible). The tests build with the `test-kernels` feature, so those are in it too.
+/// Every kernel of forge-kernel-abi's table is in its module's PTX with the parameter kinds
+/// of its argument struct, and neither module has another entry (the build checks the same;
+/// a test keeps it visible). The tests build with the `test-kernels` feature, so those are in
+/// the baseline module too.
 #[test]
 fn every_kernel_in_the_abi_table_is_in_the_ptx_with_its_parameters() {
-    let expected: Vec<(&str, Vec<&str>)> =
-        forge_kernel_abi::KERNELS.iter().map(|k| (k.name, k.params.iter().map(|p| p.ptx()).collect())).collect();
-    assert!(expected.iter().any(|(n, _)| *n == "fast_division"), "tests build with the test kernels");
-    forge_ptx_build::check_entries(fourbit_forge::device::KERNELS_PTX, &expected).unwrap();
-    // Launch bounds from the table made it into the PTX.
-    for k in forge_kernel_abi::KERNELS {
-        if let Some((threads, blocks)) = k.launch_bounds {
-            let at = fourbit_forge::device::KERNELS_PTX.find(&format!(".entry {}(", k.name)).unwrap();
-            let tail = &fourbit_forge::device::KERNELS_PTX[at..];
-            let body = tail.find('{').unwrap();
-            assert!(tail[..body].contains(&format!(".maxntid {threads}, 1, 1")), "{}", k.name);
-            assert!(tail[..body].contains(&format!(".minnctapersm {blocks}")), "{}", k.name);
+    use forge_kernel_abi::PtxModule;
+    for (module, ptx) in [
+        (PtxModule::Base, fourbit_forge::device::KERNELS_PTX),
+        (PtxModule::Hopper, fourbit_forge::device::KERNELS_HOPPER_PTX),
+    ] {
+        let rows: Vec<_> = forge_kernel_abi::KERNELS.iter().filter(|k| k.module == module).collect();
+        let expected: Vec<(&str, Vec<&str>)> =
+            rows.iter().map(|k| (k.name, k.params.iter().map(|p| p.ptx()).collect())).collect();
+        assert!(!expected.is_empty(), "{module:?}: no kernels");
+        forge_ptx_build::check_entries(ptx, &expected).unwrap();
+        // Launch bounds from the table made it into the PTX.
+        for k in rows {
+            if let Some((threads, blocks)) = k.launch_bounds {
+                let at = ptx.find(&format!(".entry {}(", k.name)).unwrap();
+                let tail = &ptx[at..];
+                let body = tail.find('{').unwrap();
+                assert!(tail[..body].contains(&format!(".maxntid {threads}, 1, 1")), "{}", k.name);
+                assert!(tail[..body].contains(&format!(".minnctapersm {blocks}")), "{}", k.name);
+            }
         }
     }
+    assert!(
+        forge_kernel_abi::KERNELS.iter().any(|k| k.name == "fast_division" && k.module == PtxModule::Base),
+        "tests build with the test kernels"
+    );
+}
+
+#[test]
+fn the_hopper_ptx_targets_sm90a_and_is_self_contained() {
+    let ptx = fourbit_forge::device::KERNELS_HOPPER_PTX;
+    assert!(ptx.contains(".target sm_90a"), "wgmma needs sm_90a");
+    assert!(ptx.contains("wgmma.mma_async"), "the Hopper module is the wgmma kernels");
+    assert!(!ptx.lines().any(|l| l.starts_with(".extern .func")), "PTX has unresolved functions");
 }

@@ -12,7 +12,8 @@
 //!   `q − z`, every partial sum is a multiple of `2^(e_min)` below `2^22` of it, so f32
 //!   accumulation is exact in ANY order (tensor-core truncation included) and the device
 //!   must return `round_T(exact)` exactly. Shapes with `n`/`k` tails, partial last groups,
-//!   M in {1, 2, 7, 16, 33, 128, 257}, forced split-K factors, large (×2^40) and small
+//!   M in {1, 2, 7, 16, 33, 128, 257}, each fused kernel forced (the Hopper `wgmma` one, the
+//!   skinny one, the tiled one), forced split-K factors, large (×2^40) and small
 //!   (×2^-40) magnitudes, all codes 0 / all 15, zero activations.
 //! * matmul, realistic: heavy-tailed weights quantized on a real grid (absmax and MSE,
 //!   symmetric and asymmetric), Gaussian activations with outlier columns; against the f64
@@ -20,9 +21,10 @@
 
 mod common;
 
+use fourbit_forge::device::GpuDevice;
 use fourbit_forge::runtime::{
     dequant_for_kernel, dequant_gpu, pack_for_kernel, round_to_act, unpack_for_kernel, w4a16_matmul_cpu,
-    w4a16_matmul_host, ActDtype, MatmulPath, PackedWeight, W4a16Options,
+    w4a16_matmul_host, ActDtype, FusedKernel, MatmulPath, PackedWeight, W4a16Options, W4a16Plan,
 };
 use fourbit_forge::{ForgeError, GridConfig, MseSearch, QMetaPacked, QuantGrid, ScaleDtype, ScaleSearch, WeightView};
 use ndarray::Array2;
@@ -182,6 +184,41 @@ fn assert_bits_equal(got: &Array2<f32>, want: &Array2<f32>, what: &str) {
     }
 }
 
+/// Which fused kernel a case forces (each runs every row count: the skinny and tiled ones
+/// are the paths of non-Hopper GPUs, the `wgmma` one runs on compute capability 9.0).
+#[derive(Clone, Copy, Debug)]
+enum KernelChoice {
+    Wgmma,
+    Skinny,
+    Tiled,
+}
+
+impl KernelChoice {
+    const ALL: [KernelChoice; 3] = [KernelChoice::Wgmma, KernelChoice::Skinny, KernelChoice::Tiled];
+
+    fn options(self, splits: Option<u32>) -> W4a16Options {
+        let (hopper_min_m, skinny_max_m) = match self {
+            KernelChoice::Wgmma => (1, 64),
+            KernelChoice::Skinny => (usize::MAX, 64),
+            KernelChoice::Tiled => (usize::MAX, 0),
+        };
+        W4a16Options { path: MatmulPath::Fused, splits, hopper_min_m, skinny_max_m, ..Default::default() }
+    }
+
+    /// The plan ran the kernel asked for (the Hopper one wherever the device has it).
+    fn check_plan(self, dev: &GpuDevice, plan: &W4a16Plan) {
+        match (self, plan.kernel) {
+            (KernelChoice::Wgmma, FusedKernel::Wgmma { .. }) => {}
+            (KernelChoice::Wgmma, k) => assert!(!dev.is_hopper().unwrap(), "Hopper device planned {k:?}"),
+            (KernelChoice::Skinny, FusedKernel::Skinny { .. }) | (KernelChoice::Tiled, FusedKernel::Tiled { .. }) => {}
+            (want, got) => {
+                // The skinny kernel serves at most 64 rows; above, the tiled one.
+                assert!(matches!((want, got), (KernelChoice::Skinny, FusedKernel::Tiled { .. })), "{want:?}: {got:?}")
+            }
+        }
+    }
+}
+
 #[test]
 fn gpu_matmul_is_exact_on_exactly_summable_inputs() {
     let Some(dev) = common::gpu_or_skip("gpu_matmul_is_exact_on_exactly_summable_inputs") else { return };
@@ -195,9 +232,12 @@ fn gpu_matmul_is_exact_on_exactly_summable_inputs() {
             let (x, p) = exact_case(m, n, k, gs, -2, 1.0, 0, &mut rng);
             let want = round_to_act(&w4a16_matmul_cpu(x.view(), &p, dt).unwrap(), dt);
             for splits in [None, Some(1), Some(3), Some(32)] {
-                let opts = W4a16Options { path: MatmulPath::Fused, splits, ..Default::default() };
-                let (got, plan) = w4a16_matmul_host(&dev, x.view(), &p, dt, &opts).unwrap();
-                assert_bits_equal(&got, &want, &format!("{dt:?} m {m} {n}×{k} gs {gs} {plan:?}"));
+                for kernel in KernelChoice::ALL {
+                    let opts = kernel.options(splits);
+                    let (got, plan) = w4a16_matmul_host(&dev, x.view(), &p, dt, &opts).unwrap();
+                    kernel.check_plan(&dev, &plan);
+                    assert_bits_equal(&got, &want, &format!("{dt:?} m {m} {n}×{k} gs {gs} {plan:?}"));
+                }
             }
         }
     }
@@ -311,8 +351,9 @@ proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..proptest::prelude::ProptestConfig::default() })]
 
     /// The fused kernels on random exactly summable cases (module docs: any f32 order is
-    /// exact, so the device must return `round_T(exact)` bit for bit): rows 1–80 (skinny
-    /// 8/16/32/64-row blocks and the tiled kernel, also forced below 65 rows), random `n`
+    /// exact, so the device must return `round_T(exact)` bit for bit): rows 1–80 (the
+    /// Hopper kernel's 8–64-row blocks, the skinny kernel's, and the tiled kernel, each
+    /// forced at every row count it can run), random `n`
     /// (tails) and `k` (multiples of 8), group sizes 32–1024 with partial last groups, both
     /// types, random split-K factors (warps or splits with no steps included), random codes,
     /// zero points and power-of-two scales.
@@ -324,7 +365,7 @@ proptest::proptest! {
         gs_units in proptest::prop_oneof![1usize..=8, proptest::strategy::Just(32usize)],
         f16 in proptest::bool::ANY,
         splits in proptest::option::of(1u32..=32),
-        tiled in proptest::bool::ANY,
+        kernel in proptest::sample::select(KernelChoice::ALL.to_vec()),
         seed in proptest::num::u64::ANY,
     ) {
         let Some(dev) = common::gpu_or_skip("gpu_fused_kernels_are_exact_on_random_shapes") else { return Ok(()) };
@@ -333,13 +374,9 @@ proptest::proptest! {
         let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
         let (x, p) = exact_case(m, n, k, gs, -2, 1.0, 0, &mut rng);
         let want = round_to_act(&w4a16_matmul_cpu(x.view(), &p, dt).unwrap(), dt);
-        let opts = W4a16Options {
-            path: MatmulPath::Fused,
-            splits,
-            skinny_max_m: if tiled { 0 } else { 64 },
-            ..Default::default()
-        };
+        let opts = kernel.options(splits);
         let (got, plan) = w4a16_matmul_host(&dev, x.view(), &p, dt, &opts).unwrap();
+        kernel.check_plan(&dev, &plan);
         assert_bits_equal(&got, &want, &format!("{dt:?} m {m} {n}×{k} gs {gs} {plan:?}"));
     }
 }

@@ -14,18 +14,28 @@
 #![allow(clippy::missing_safety_doc)]
 // Inlined kernel bodies take every buffer and size as a parameter.
 #![allow(clippy::too_many_arguments)]
+// The Hopper module uses a subset of the shared device helpers.
+#![cfg_attr(feature = "hopper", allow(dead_code, unused_imports))]
 
 pub mod device;
 
+// The `hopper` feature builds the second module (sm_90a): only the kernels that need Hopper
+// instructions, so the driver does not JIT the baseline kernels twice.
+#[cfg(not(feature = "hopper"))]
 pub mod calib;
+#[cfg(not(feature = "hopper"))]
 pub mod grid;
+#[cfg(not(feature = "hopper"))]
 pub mod hessian;
-pub mod runtime;
+#[cfg(not(feature = "hopper"))]
 pub mod pack;
+pub mod runtime;
+#[cfg(not(feature = "hopper"))]
 pub mod solver;
-pub mod weights;
-#[cfg(feature = "test-kernels")]
+#[cfg(all(feature = "test-kernels", not(feature = "hopper")))]
 pub mod testing;
+#[cfg(not(feature = "hopper"))]
+pub mod weights;
 
 #[panic_handler]
 fn unreachable_panic(_: &core::panic::PanicInfo) -> ! {

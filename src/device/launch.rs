@@ -83,8 +83,10 @@ impl GpuDevice {
         if let Some(f) = cache.get(K::NAME) {
             return Ok(f.clone());
         }
-        let f =
-            self.module()?.load_function(K::NAME).map_err(|source| ForgeError::Launch { kernel: K::NAME, source })?;
+        let f = self
+            .module_of(K::MODULE)?
+            .load_function(K::NAME)
+            .map_err(|source| ForgeError::Launch { kernel: K::NAME, source })?;
         cache.insert(K::NAME, f.clone());
         Ok(f)
     }

@@ -23,12 +23,15 @@ use std::sync::{Arc, Mutex};
 
 /// The kernels crate compiled to PTX (sm_80 baseline) by `build.rs`.
 pub const KERNELS_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/forge_kernels.ptx"));
+/// The Hopper module (sm_90a: the `wgmma` kernels), loaded only on compute capability 9.0.
+pub const KERNELS_HOPPER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/forge_kernels_hopper.ptx"));
 
 /// One CUDA device with its stream and lazily loaded kernels module.
 pub struct GpuDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     module: Mutex<Option<Arc<CudaModule>>>,
+    hopper_module: Mutex<Option<Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, cudarc::driver::CudaFunction>>,
     constant_memory: Mutex<()>,
     name: String,
@@ -70,6 +73,7 @@ impl GpuDevice {
             ctx,
             stream,
             module: Mutex::new(None),
+            hopper_module: Mutex::new(None),
             functions: Mutex::new(HashMap::new()),
             constant_memory: Mutex::new(()),
             name,
@@ -103,16 +107,49 @@ impl GpuDevice {
 
     /// The kernels module, loaded (JIT-compiled from PTX by the driver) on first use.
     pub fn module(&self) -> Result<Arc<CudaModule>> {
-        let mut slot = self.module.lock().unwrap_or_else(|p| p.into_inner());
+        self.module_of(forge_kernel_abi::PtxModule::Base)
+    }
+
+    /// The module `which`, loaded on first use. The Hopper module (sm_90a PTX) loads only on
+    /// a compute-capability-9.0 device: anywhere else it is a typed error, not a JIT failure.
+    pub fn module_of(&self, which: forge_kernel_abi::PtxModule) -> Result<Arc<CudaModule>> {
+        use forge_kernel_abi::PtxModule;
+        let (slot, ptx, what) = match which {
+            PtxModule::Base => (&self.module, KERNELS_PTX, "loading the kernels PTX"),
+            PtxModule::Hopper => {
+                if !self.is_hopper()? {
+                    return Err(ForgeError::Config(format!(
+                        "the Hopper kernels need a compute capability 9.0 GPU; {} is {:?}",
+                        self.name,
+                        self.compute_capability()?
+                    )));
+                }
+                (&self.hopper_module, KERNELS_HOPPER_PTX, "loading the Hopper kernels PTX")
+            }
+        };
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = slot.as_ref() {
             return Ok(m.clone());
         }
-        let m = self
-            .ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(KERNELS_PTX))
-            .map_err(ForgeError::driver("loading the kernels PTX"))?;
+        let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(ForgeError::driver(what))?;
         *slot = Some(m.clone());
         Ok(m)
+    }
+
+    /// `(major, minor)` compute capability.
+    pub fn compute_capability(&self) -> Result<(u32, u32)> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let read = |a, what| self.ctx.attribute(a).map(|v| v as u32).map_err(ForgeError::driver(what));
+        Ok((
+            read(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, "reading the compute capability")?,
+            read(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, "reading the compute capability")?,
+        ))
+    }
+
+    /// Whether the Hopper module runs here (compute capability exactly 9.0: sm_90a code runs
+    /// on no other).
+    pub fn is_hopper(&self) -> Result<bool> {
+        Ok(self.compute_capability()? == (9, 0))
     }
 
     /// Number of streaming multiprocessors (for sizing persistent grids).

@@ -2,9 +2,11 @@
 //! (kernel, block shape and split-K factor from `M`, `N`, `K` and the SM count), the fused
 //! tensor-core kernels, and the large-`M` path (dense dequantization + cuBLAS).
 //!
-//! Kernels (docs/kernels.md §6): up to `skinny_max_m` rows (default 64) the skinny kernel
+//! Kernels (docs/kernels.md §6): on a compute-capability-9.0 GPU (H100, H200) from
+//! `hopper_min_m` rows (default 33) the Hopper `wgmma` kernel (its own sm_90a PTX module,
+//! 8–64 rows per block); otherwise up to `skinny_max_m` rows (default 64) the skinny kernel
 //! (`Yᵀ = W·Xᵀ`, 8–64 rows per block, per-warp pipelines), above it the tiled one (16–64 rows
-//! per block), from `gemm_min_m` rows (default 512) dequantization + cuBLAS when cuBLAS loads.
+//! per block); from `gemm_min_m` rows (default 512) dequantization + cuBLAS when cuBLAS loads.
 //! On the H200 bench (5 shapes × M 1–64) the skinny kernel was faster than the tiled one in
 //! 30 of 35 cases and at most 8 % slower in the other 5.
 //!
@@ -27,13 +29,14 @@ use crate::{ForgeError, Result};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use forge_kernel_abi::runtime::{
-    W4DequantArgs, W4a16Args, W4a16Shape, W4a16SkinnyShape, DEQUANT_SHARED_BYTES, SKINNY_WARPS, W4A16_MAX_SPLITS,
-    W4A16_THREADS,
+    W4DequantArgs, W4a16Args, W4a16Shape, W4a16SkinnyShape, W4a16WgShape, DEQUANT_SHARED_BYTES, SKINNY_WARPS,
+    W4A16_MAX_SPLITS, W4A16_THREADS, WG_STAGE_STEPS, WG_THREADS,
 };
 use forge_kernel_abi::{
     Kernel, W4DequantBf16, W4DequantF16, W4a16Bf16M1, W4a16Bf16M2, W4a16Bf16M3, W4a16Bf16M4, W4a16F16M1, W4a16F16M2,
     W4a16F16M3, W4a16F16M4, W4a16SkinnyBf16T1, W4a16SkinnyBf16T2, W4a16SkinnyBf16T4, W4a16SkinnyBf16T8,
-    W4a16SkinnyF16T1, W4a16SkinnyF16T2, W4a16SkinnyF16T4, W4a16SkinnyF16T8,
+    W4a16SkinnyF16T1, W4a16SkinnyF16T2, W4a16SkinnyF16T4, W4a16SkinnyF16T8, W4a16WgBf16T1, W4a16WgBf16T2,
+    W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T2, W4a16WgF16T4, W4a16WgF16T8,
 };
 use ndarray::{Array2, ArrayView2};
 
@@ -119,11 +122,14 @@ pub struct W4a16Options {
     pub gemm_min_m: usize,
     /// Rows up to which the fused path runs the skinny kernel (0: never; at most 64).
     pub skinny_max_m: usize,
+    /// Rows from which the fused path runs the Hopper `wgmma` kernel on a compute-capability
+    /// 9.0 device (`usize::MAX`: never). It takes precedence over the skinny kernel.
+    pub hopper_min_m: usize,
 }
 
 impl Default for W4a16Options {
     fn default() -> Self {
-        W4a16Options { path: MatmulPath::Auto, splits: None, gemm_min_m: 512, skinny_max_m: 64 }
+        W4a16Options { path: MatmulPath::Auto, splits: None, gemm_min_m: 512, skinny_max_m: 64, hopper_min_m: 33 }
     }
 }
 
@@ -139,6 +145,11 @@ pub enum FusedKernel {
     Tiled {
         /// 16-row blocks of `X` (1–4).
         mb: u32,
+    },
+    /// `w4a16_wg_*` (Hopper module): `8·tf` rows and 256 columns per warpgroup block, `wgmma`.
+    Wgmma {
+        /// 8-token fragments (1, 2, 4 or 8).
+        tf: u32,
     },
 }
 
@@ -161,6 +172,8 @@ pub struct W4a16Plan {
     pub resident: u32,
     /// Dynamic shared memory per block.
     pub shared_bytes: u32,
+    /// Threads per block.
+    pub threads: u32,
 }
 
 /// Device scratch of the runtime (grow-only): split-K partials and counters, the dense weight
@@ -176,7 +189,7 @@ pub struct W4a16Workspace {
 /// maps a plan to a kernel, for looking it up and for launching it.
 macro_rules! with_fused_kernel {
     ($dtype:expr, $kernel:expr, $then:ident) => {{
-        use FusedKernel::{Skinny, Tiled};
+        use FusedKernel::{Skinny, Tiled, Wgmma};
         match ($dtype, $kernel) {
             (ActDtype::Bf16, Skinny { tf: 1 }) => $then!(W4a16SkinnyBf16T1),
             (ActDtype::Bf16, Skinny { tf: 2 }) => $then!(W4a16SkinnyBf16T2),
@@ -194,6 +207,14 @@ macro_rules! with_fused_kernel {
             (ActDtype::F16, Tiled { mb: 2 }) => $then!(W4a16F16M2),
             (ActDtype::F16, Tiled { mb: 3 }) => $then!(W4a16F16M3),
             (ActDtype::F16, Tiled { .. }) => $then!(W4a16F16M4),
+            (ActDtype::Bf16, Wgmma { tf: 1 }) => $then!(W4a16WgBf16T1),
+            (ActDtype::Bf16, Wgmma { tf: 2 }) => $then!(W4a16WgBf16T2),
+            (ActDtype::Bf16, Wgmma { tf: 4 }) => $then!(W4a16WgBf16T4),
+            (ActDtype::Bf16, Wgmma { .. }) => $then!(W4a16WgBf16T8),
+            (ActDtype::F16, Wgmma { tf: 1 }) => $then!(W4a16WgF16T1),
+            (ActDtype::F16, Wgmma { tf: 2 }) => $then!(W4a16WgF16T2),
+            (ActDtype::F16, Wgmma { tf: 4 }) => $then!(W4a16WgF16T4),
+            (ActDtype::F16, Wgmma { .. }) => $then!(W4a16WgF16T8),
         }
     }};
 }
@@ -228,15 +249,22 @@ pub fn w4a16_plan(
         MatmulPath::DequantGemm => true,
         MatmulPath::Auto => m >= opts.gemm_min_m && crate::device::cublas::cublas_available().is_ok(),
     };
-    // Skinny: rows per block 8, 16, 32 or 64; tiled: 16·mb, mb from M up to 64 rows.
-    let skinny = m <= opts.skinny_max_m.min(64);
-    let (kernel, rows_per_block, cols_per_block, k_unit, shared_bytes) = if skinny {
-        let shape = W4a16SkinnyShape::for_tf(m.div_ceil(8).next_power_of_two() as u32);
-        (FusedKernel::Skinny { tf: shape.tf }, shape.m_block(), shape.n_block(), 16, shape.total())
+    // Hopper: rows per block 8–64 (several row blocks above 64); skinny: 8, 16, 32 or 64;
+    // tiled: 16·mb, mb from M up to 64 rows.
+    let hopper = m >= opts.hopper_min_m && !gemm && dev.is_hopper()?;
+    let skinny = !hopper && m <= opts.skinny_max_m.min(64);
+    let tf = m.min(64).div_ceil(8).next_power_of_two() as u32;
+    let (kernel, rows_per_block, cols_per_block, k_unit, shared_bytes, threads) = if hopper {
+        let shape = W4a16WgShape { tf };
+        let k_stage = WG_STAGE_STEPS * 16;
+        (FusedKernel::Wgmma { tf }, shape.m_block(), shape.n_block(), k_stage, shape.total(), WG_THREADS)
+    } else if skinny {
+        let shape = W4a16SkinnyShape::for_tf(tf);
+        (FusedKernel::Skinny { tf: shape.tf }, shape.m_block(), shape.n_block(), 16, shape.total(), W4A16_THREADS)
     } else {
         let shape = W4a16Shape::for_mb(m.min(64).div_ceil(16) as u32);
         let (mb, total) = (shape.mb, shape.layout().total);
-        (FusedKernel::Tiled { mb }, shape.m_block(), shape.n_block(), shape.k_stage(), total)
+        (FusedKernel::Tiled { mb }, shape.m_block(), shape.n_block(), shape.k_stage(), total, W4A16_THREADS)
     };
     let m_blocks = m.div_ceil(rows_per_block as usize) as u32;
     let col_blocks = (w.n_pad / cols_per_block as usize) as u32;
@@ -246,7 +274,7 @@ pub fn w4a16_plan(
     func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes as i32)
         .map_err(|source| ForgeError::Launch { kernel: name, source })?;
     let per_sm = func
-        .occupancy_max_active_blocks_per_multiprocessor(W4A16_THREADS, shared_bytes as usize, None)
+        .occupancy_max_active_blocks_per_multiprocessor(threads, shared_bytes as usize, None)
         .map_err(|source| ForgeError::Launch { kernel: name, source })?
         .max(1);
     let resident = per_sm * dev.sm_count()?;
@@ -254,6 +282,9 @@ pub fn w4a16_plan(
     let max_splits = if skinny {
         // At least two steps per warp.
         (units / (2 * SKINNY_WARPS)).clamp(1, W4A16_MAX_SPLITS)
+    } else if hopper {
+        // At least two stages per block.
+        (units / 2).clamp(1, W4A16_MAX_SPLITS)
     } else {
         units.clamp(1, W4A16_MAX_SPLITS)
     };
@@ -280,6 +311,7 @@ pub fn w4a16_plan(
         blocks: blocks as u32,
         resident,
         shared_bytes,
+        threads,
     })
 }
 
@@ -357,7 +389,7 @@ pub fn w4a16_matmul(
     };
     let cfg = LaunchConfig {
         grid_dim: (plan.blocks, 1, 1),
-        block_dim: (W4A16_THREADS, 1, 1),
+        block_dim: (plan.threads, 1, 1),
         shared_mem_bytes: plan.shared_bytes,
     };
     macro_rules! launch {
@@ -368,7 +400,8 @@ pub fn w4a16_matmul(
     // SAFETY: the W4a16Args contract: x m·k and y m·n values (checked above), k % 8 == 0 and
     // gs a multiple of 32 (check_dims at upload), w/meta a packed weight of these dimensions
     // (checked at upload), ws splits·m·n_pad f32 and counters m_blocks·col_blocks u32 zeroed
-    // (ensured above), col_blocks = n_pad / n_block and 1 ≤ splits ≤ min(stages, MAX) (plan).
+    // (ensured above), col_blocks = n_pad / n_block and 1 ≤ splits ≤ min(stages, MAX) (plan);
+    // a Wgmma plan only on a compute-capability-9.0 device (plan).
     unsafe { with_fused_kernel!(dtype, plan.kernel, launch) }?;
     Ok(plan)
 }

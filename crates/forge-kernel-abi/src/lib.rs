@@ -331,12 +331,23 @@ macro_rules! kernel_args {
     };
 }
 
+/// Which PTX module holds a kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PtxModule {
+    /// The baseline module (`sm_80`: A100, H100/H200, Ada and newer through the driver's JIT).
+    Base,
+    /// The Hopper module (`sm_90a`: `wgmma`), loaded only on compute capability 9.0.
+    Hopper,
+}
+
 /// A GPU kernel: its PTX entry name and its argument struct.
 pub trait Kernel {
     /// The `#[no_mangle]` entry name in the PTX.
     const NAME: &'static str;
     /// The launch arguments.
     type Args: KernelArgs;
+    /// The module it is compiled into.
+    const MODULE: PtxModule;
 }
 
 /// One row of [`KERNELS`]: what the build checks in the PTX.
@@ -349,12 +360,14 @@ pub struct KernelInfo {
     /// CUDA's `__launch_bounds__(max_threads, min_blocks_per_sm)`, which the PTX build
     /// writes as `.maxntid` / `.minnctapersm` (rustc cannot emit them).
     pub launch_bounds: Option<(u32, u32)>,
+    /// The module it is compiled into.
+    pub module: PtxModule,
 }
 
 /// Declares the kernel marker types and the name table in one place, so a kernel cannot
 /// be added to one and not the other.
 macro_rules! kernels {
-    ($( $(#[$attr:meta])* $marker:ident = $name:literal ($args:ty) $(bounds($threads:expr, $blocks:expr))?; )*) => {
+    ($( $(#[$attr:meta])* $marker:ident = $name:literal ($args:ty) $(in $module:ident)? $(bounds($threads:expr, $blocks:expr))?; )*) => {
         $(
             $(#[$attr])*
             #[doc = concat!("The `", $name, "` kernel.")]
@@ -363,10 +376,11 @@ macro_rules! kernels {
             impl Kernel for $marker {
                 const NAME: &'static str = $name;
                 type Args = $args;
+                const MODULE: PtxModule = kernels!(@module $($module)?);
             }
         )*
-        /// Every kernel of the PTX module with its parameter kinds (the test-only kernels
-        /// only with the `test-kernels` feature).
+        /// Every kernel of the PTX modules with its parameter kinds and module (the test-only
+        /// kernels only with the `test-kernels` feature).
         pub const KERNELS: &[KernelInfo] = &[
             $(
                 $(#[$attr])*
@@ -374,10 +388,13 @@ macro_rules! kernels {
                     name: $name,
                     params: <$args as KernelArgs>::PARAMS,
                     launch_bounds: kernels!(@bounds $(($threads, $blocks))?),
+                    module: kernels!(@module $($module)?),
                 },
             )*
         ];
     };
+    (@module) => { PtxModule::Base };
+    (@module Hopper) => { PtxModule::Hopper };
     (@bounds) => { None };
     (@bounds ($threads:expr, $blocks:expr)) => { Some(($threads, $blocks)) };
 }
@@ -439,6 +456,16 @@ kernels! {
     W4a16SkinnyF16T2 = "w4a16_skinny_f16_t2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
     W4a16SkinnyF16T4 = "w4a16_skinny_f16_t4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
     W4a16SkinnyF16T8 = "w4a16_skinny_f16_t8" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    // The Hopper (sm_90a) W4A16 kernels: four warpgroups per block, `wgmma` with the
+    // dequantized weight as the register A operand; up to 32 rows two blocks fit per SM.
+    W4a16WgBf16T1 = "w4a16_wg_bf16_t1" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 2);
+    W4a16WgBf16T2 = "w4a16_wg_bf16_t2" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 2);
+    W4a16WgBf16T4 = "w4a16_wg_bf16_t4" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 2);
+    W4a16WgBf16T8 = "w4a16_wg_bf16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 1);
+    W4a16WgF16T1 = "w4a16_wg_f16_t1" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 2);
+    W4a16WgF16T2 = "w4a16_wg_f16_t2" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 2);
+    W4a16WgF16T4 = "w4a16_wg_f16_t4" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 2);
+    W4a16WgF16T8 = "w4a16_wg_f16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 1);
     W4DequantBf16 = "w4_dequant_bf16" (runtime::W4DequantArgs);
     W4DequantF16 = "w4_dequant_f16" (runtime::W4DequantArgs);
     // pack: codes → int32 words (docs/kernels.md §5). Memory-bound: at least four 256-thread

@@ -280,6 +280,113 @@ const _: () = {
     }
 };
 
+/// Threads of a Hopper W4A16 block (`w4a16_wg_*`): four warpgroups (the unit `wgmma` runs
+/// on), one per packed `n` tile of the block.
+pub const WG_THREADS: u32 = 512;
+/// Packed `n` tiles (and warpgroups) per Hopper block: warpgroup `a` multiplies tile `a`,
+/// its warp `w` dequantizing word `w` of each lane's 16 bytes (16 of the tile's columns).
+pub const WG_TILES: u32 = 4;
+/// 16-deep steps per stage of a Hopper block (64 `k`): one barrier per 4 steps.
+pub const WG_STAGE_STEPS: u32 = 4;
+/// Groups whose records a stage may need: group sizes are multiples of 32, so a stage of 64
+/// `k` starts at most two (its first step's and one more).
+pub const WG_STAGE_GROUPS: u32 = 2;
+/// Stages in a Hopper block's `cp.async` ring: `depth − 1` in flight and the one being read.
+/// A `cp.async.wait_group` immediate, so one value.
+pub const WG_DEPTH: u32 = 6;
+
+/// The Hopper W4A16 kernel for `8·tf` rows of `X` (`tf` 1, 2, 4 or 8: the `wgmma` is
+/// `m64n(8·tf)k16`) and 256 columns per block. Per stage (64 `k`): the four tiles' codes of
+/// the 4 steps (`[tile][step]`), the `X` slice as `wgmma` core matrices (per step: 8 tokens ×
+/// 8 `k` with 16-byte rows, the `k` halves 128 bytes apart, token octets 256), and the raw
+/// records of up to [`WG_STAGE_GROUPS`] groups. After the ring: the qmeta4 scale table, then
+/// the split-K flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct W4a16WgShape {
+    /// 8-token fragments.
+    pub tf: u32,
+}
+
+impl W4a16WgShape {
+    /// Rows of `X` per block (the `wgmma`'s `n`).
+    pub const fn m_block(&self) -> u32 {
+        8 * self.tf
+    }
+
+    /// Output columns per block.
+    pub const fn n_block(&self) -> u32 {
+        WG_TILES * PACK_TILE_N
+    }
+
+    /// `k` per stage.
+    pub const fn k_stage(&self) -> u32 {
+        WG_STAGE_STEPS * PACK_TILE_K
+    }
+
+    /// Bytes of one stage's codes.
+    pub const fn codes_bytes(&self) -> u32 {
+        WG_STAGE_STEPS * WG_TILES * PACK_TILE_BYTES
+    }
+
+    /// Bytes of one step's `X` slice.
+    pub const fn x_step_bytes(&self) -> u32 {
+        self.m_block() * PACK_TILE_K * 2
+    }
+
+    /// Bytes of one group's raw records for the block.
+    pub const fn group_rec_bytes(&self) -> u32 {
+        self.n_block() * 4
+    }
+
+    /// Bytes of one stage: codes, `X`, raw records.
+    pub const fn stage_bytes(&self) -> u32 {
+        self.codes_bytes() + WG_STAGE_STEPS * self.x_step_bytes() + WG_STAGE_GROUPS * self.group_rec_bytes()
+    }
+
+    /// Offset of the `X` slice in a stage.
+    pub const fn x_off(&self) -> u32 {
+        self.codes_bytes()
+    }
+
+    /// Offset of the raw records in a stage.
+    pub const fn rec_off(&self) -> u32 {
+        self.codes_bytes() + WG_STAGE_STEPS * self.x_step_bytes()
+    }
+
+    /// Offset of the scale table.
+    pub const fn table(&self) -> u32 {
+        WG_DEPTH * self.stage_bytes()
+    }
+
+    /// Offset of the split-K arrival flag (u32).
+    pub const fn flag(&self) -> u32 {
+        self.table() + 512
+    }
+
+    /// Dynamic shared memory per block.
+    pub const fn total(&self) -> u32 {
+        self.flag() + 16
+    }
+}
+
+const _: () = {
+    let mut tf = 1;
+    while tf <= 8 {
+        let s = W4a16WgShape { tf };
+        // One code chunk per thread per stage, at most one `X` chunk, the records of both
+        // groups in the first 128 threads.
+        assert!(s.codes_bytes() / 16 == WG_THREADS);
+        assert!(WG_STAGE_STEPS * s.x_step_bytes() / 16 <= WG_THREADS);
+        assert!(WG_STAGE_GROUPS * s.group_rec_bytes() / 16 <= WG_THREADS);
+        assert!(s.stage_bytes().is_multiple_of(128) && PACK_N_ALIGN.is_multiple_of(s.n_block()));
+        assert!(PACK_K_ALIGN.is_multiple_of(s.k_stage()));
+        // Two groups per stage at most: group sizes are multiples of 32 = k_stage / 2.
+        assert!(s.k_stage() / 32 == WG_STAGE_GROUPS);
+        assert!(WG_THREADS == 128 * WG_TILES);
+        tf *= 2;
+    }
+};
+
 crate::kernel_args! {
     /// `w4a16_{bf16,f16}_m{1..4}`: `Y = X · dequant(W)ᵀ` for the rows of `X` in
     /// `m_blocks` blocks of `16·mb`. Grid: `m_blocks · col_blocks · splits` blocks of
@@ -298,6 +405,11 @@ crate::kernel_args! {
     /// `W4a16SkinnyShape::for_tf(tf).total()`, and split `p`'s warp `w` streaming the 16-deep steps
     /// `[q·S/P, (q+1)·S/P)`, `q = p·SKINNY_WARPS + w`, `P = splits·SKINNY_WARPS`,
     /// `S = k_pad / 16`; `1 ≤ splits ≤ W4A16_MAX_SPLITS`.
+    ///
+    /// The Hopper kernels `w4a16_wg_{bf16,f16}_t{1,2,4,8}` (module `sm_90a`, blocks of
+    /// [`WG_THREADS`]) take them with row blocks of `8·tf`, `col_blocks = n_pad / 256`,
+    /// shared memory `W4a16WgShape { tf }.total()`, and split `p` the 64-deep stages
+    /// `[p·S/splits, (p+1)·S/splits)`, `S = k_pad / 64`; `1 ≤ splits ≤ W4A16_MAX_SPLITS`.
     pub struct W4a16Args in runtime => w4a16_kernel {
         /// Activations, row-major `[m, k]`.
         pub x: forge_kernel_abi::DevPtr<u16>,

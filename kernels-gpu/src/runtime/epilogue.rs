@@ -3,7 +3,7 @@
 
 use super::mma::{atomic_add_u32, fence_gpu, ld_cg_f32x4, Half};
 use crate::device::{ld_shared_u32, st_shared_u32, sync_threads};
-use forge_kernel_abi::runtime::{W4a16Args, W4A16_THREADS};
+use forge_kernel_abi::runtime::W4a16Args;
 
 /// Writes `Y[row, col..col+2]` (rounded to `T`), the parts inside `m × n`.
 ///
@@ -32,7 +32,7 @@ pub unsafe fn store_pair<T: Half>(y: *mut u16, row: u32, col: u32, m: u32, n: u3
 /// writes `Y` and leaves the counter 0 for the next launch. No block waits for another.
 ///
 /// # Safety
-/// Every thread of the block calls it; `flag` is a u32 of dynamic shared memory no thread
+/// Every thread of the block (`threads` of them) calls it; `flag` is a u32 of dynamic shared memory no thread
 /// still reads; the [`W4a16Args`] contract holds and `tile < m_blocks·col_blocks`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -45,6 +45,7 @@ pub unsafe fn finish_split_k<T: Half>(
     col0: u32,
     cols: u32,
     tid: u32,
+    threads: u32,
 ) {
     fence_gpu();
     sync_threads();
@@ -90,6 +91,6 @@ pub unsafe fn finish_split_k<T: Half>(
         }
         store_pair::<T>(a.y.ptr(), row, col, m, a.n, sum[0], sum[1]);
         store_pair::<T>(a.y.ptr(), row, col + 2, m, a.n, sum[2], sum[3]);
-        it += W4A16_THREADS;
+        it += threads;
     }
 }

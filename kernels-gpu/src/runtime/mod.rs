@@ -92,8 +92,13 @@ impl GroupCursor {
     }
 }
 
+#[cfg(not(feature = "hopper"))]
 pub mod dequant;
 pub mod epilogue;
 pub mod mma;
+#[cfg(not(feature = "hopper"))]
 pub mod skinny;
+#[cfg(not(feature = "hopper"))]
 pub mod w4a16;
+#[cfg(feature = "hopper")]
+pub mod wgmma;

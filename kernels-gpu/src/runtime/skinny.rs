@@ -300,7 +300,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize>(a: W4a16Args) {
         it += W4A16_THREADS;
     }
     if a.splits > 1 {
-        finish_split_k::<T>(&a, block_base + Cfg::<TF, NT>::SH.flag(), mblk * a.col_blocks + cb, m0, rows, col0, Cfg::<TF, NT>::NB, tid);
+        finish_split_k::<T>(&a, block_base + Cfg::<TF, NT>::SH.flag(), mblk * a.col_blocks + cb, m0, rows, col0, Cfg::<TF, NT>::NB, tid, W4A16_THREADS);
     }
 }
 

@@ -318,7 +318,7 @@ pub unsafe fn w4a16<T: Half, const MB: usize>(a: W4a16Args) {
         });
     }
     let rows = (m - m0).min(16 * MB as u32);
-    finish_split_k::<T>(&a, base + lay.flag, mblk * a.col_blocks + cb, m0, rows, cb * nb, nb, tid);
+    finish_split_k::<T>(&a, base + lay.flag, mblk * a.col_blocks + cb, m0, rows, cb * nb, nb, tid, W4A16_THREADS);
 }
 
 macro_rules! instance {

@@ -1,0 +1,402 @@
+//! `w4a16_wg_{bf16,f16}_t{1,2,4,8}`: the Hopper W4A16 matmul (module `sm_90a`), `M ≤ 8·tf`
+//! rows per block, on `wgmma` with the dequantized weight as the register A operand
+//! (docs/kernels.md §6).
+//!
+//! Thread mapping: 512 threads = four warpgroups on the block's 256 output columns (4 packed
+//! `n` tiles) and `8·tf` tokens; warpgroup `a` multiplies tile `a`. Split `p` streams the
+//! 64-deep stages `[p·S/splits, (p+1)·S/splits)`. The product is `Yᵀ = dequant(W)·Xᵀ` with
+//! one `wgmma.m64n(8·tf)k16` per warpgroup and step: warp `w` of the warpgroup dequantizes
+//! packed word `w` of each lane's 16 bytes, which is exactly the A fragment of rows
+//! `16w .. 16w + 16` (tile columns `16w + g` and `16w + 8 + g`: the word-to-fragment mapping of
+//! the mma.sync kernels, docs/formats.md). B is the step's `X` slice in shared memory, read by
+//! the tensor cores through a matrix descriptor. Per warp and step: one 4-byte shared load of
+//! codes (4-way bank conflict: the four warps of a warpgroup read the four words of the same
+//! 16 bytes), one packed word of dequantization, one `wgmma` of `4·tf` accumulators.
+//!
+//! Why one word per warp: the accumulators stay at `4·tf` registers, so 16–32 warps per SM
+//! hide the dequantization's latency (the first version, 4 words and 4 `wgmma`s per warp,
+//! held 217 registers at `tf` 8 and ran 2 warps per scheduler); why four warpgroups on 256
+//! columns: they share one copy of `X` per stage.
+//!
+//! Pipeline: a ring of [`WG_DEPTH`] stages, each filled by `cp.async` of all threads (one
+//! code chunk each, `X` chunks, the records of the groups the stage starts). At stage `s`
+//! every thread waits for its own copies of `s`, fences them to the async proxy (the tensor
+//! cores read shared memory through it), and the block barrier makes the stage whole; then
+//! the slot of stage `s − 1` is refilled: its `wgmma`s are done, because every warp waited
+//! for them before that barrier. Per stage a warp dequantizes its 4 words, fences once and
+//! issues 4 `wgmma`s back to back (a fence between two `wgmma`s on the same accumulators
+//! makes the second wait for the first), then waits for them: the next stage's dequantization
+//! rewrites their A registers. The other warpgroups of the SM fill that wait.
+//!
+//! End: `Y` (one split) or the split's f32 partial for [`finish_split_k`], straight from the
+//! accumulators.
+//!
+//! # Safety (upheld by the host launcher)
+//! As documented on [`forge_kernel_abi::runtime::W4a16Args`], and the launch runs on a
+//! compute-capability-9.0 device (the module is `sm_90a`).
+
+use super::epilogue::finish_split_k;
+use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, Half};
+use super::GroupCursor;
+use crate::device::{
+    block_x, cp_async_commit, cp_async_wait, ld_shared_u32, shared_window_base, st_shared_u16, sync_threads, thread_x,
+};
+use core::arch::asm;
+use forge_kernel_abi::runtime::{
+    W4a16Args, W4a16WgShape, PACK_TILE_BYTES, PACK_TILE_K, PACK_TILE_N, WG_DEPTH, WG_STAGE_GROUPS, WG_STAGE_STEPS,
+    WG_THREADS, WG_TILES,
+};
+
+/// `fence.proxy.async.shared::cta`: this thread's completed shared-memory writes (here its
+/// `cp.async` copies) become visible to the async proxy the tensor cores read through.
+#[inline(always)]
+fn fence_proxy_async() {
+    // SAFETY: a fence; clobbers memory so the compiler keeps accesses on their side.
+    unsafe { asm!("fence.proxy.async.shared::cta;", options(nostack)) };
+}
+
+/// `wgmma.fence` with a stage's four A fragments passing through it: the registers the
+/// `wgmma`s read are written before the fence (the data dependence keeps the compiler from
+/// moving the dequantization below it). One fence per stage, not per step: a fence between
+/// two `wgmma`s on the same accumulators makes the second wait for the first to finish.
+///
+/// # Safety
+/// Every thread of the warpgroup runs it.
+#[inline(always)]
+unsafe fn wgmma_fence(a: &mut [[u32; 4]; 4]) {
+    // The operands are named in a comment: the fence only orders them.
+    asm!("wgmma.fence.sync.aligned; /* {0} {1} {2} {3} {4} {5} {6} {7} {8} {9} {10} {11} {12} {13} {14} {15} */",
+         inout(reg32) a[0][0], inout(reg32) a[0][1], inout(reg32) a[0][2], inout(reg32) a[0][3],
+         inout(reg32) a[1][0], inout(reg32) a[1][1], inout(reg32) a[1][2], inout(reg32) a[1][3],
+         inout(reg32) a[2][0], inout(reg32) a[2][1], inout(reg32) a[2][2], inout(reg32) a[2][3],
+         inout(reg32) a[3][0], inout(reg32) a[3][1], inout(reg32) a[3][2], inout(reg32) a[3][3],
+         options(nostack));
+}
+
+/// `wgmma.commit_group`: the `wgmma`s issued since the last commit form one group.
+///
+/// # Safety
+/// Every thread of the warpgroup runs it.
+#[inline(always)]
+unsafe fn wgmma_commit() {
+    asm!("wgmma.commit_group.sync.aligned;", options(nostack));
+}
+
+/// `wgmma.wait_group N`: waits until at most `N` of the warpgroup's groups are pending.
+///
+/// # Safety
+/// Every thread of the warpgroup runs it.
+#[inline(always)]
+unsafe fn wgmma_wait<const N: u32>() {
+    asm!("wgmma.wait_group.sync.aligned {n};", n = const N, options(nostack));
+}
+
+/// Matrix descriptor of a K-major B operand without swizzle at shared address `addr`: core
+/// matrices of 8 tokens × 16 bytes, the two `k` halves 128 bytes apart (leading byte offset),
+/// token octets 256 bytes apart (stride byte offset). The address field is `addr >> 4` (14
+/// bits: shared addresses are below 256 KB), so a later step's descriptor is this one plus
+/// its byte offset `>> 4`.
+#[inline(always)]
+fn b_desc(addr: u32) -> u64 {
+    (addr as u64 >> 4) | ((128u64 >> 4) << 16) | ((256u64 >> 4) << 32)
+}
+
+/// One `wgmma.mma_async.m64nNk16` with A from registers, f32 accumulators `acc[0..N/2]`,
+/// `D += A·B` (scale-d true, no negation, B not transposed).
+macro_rules! wgmma_rs {
+    ($ty:literal, $n:literal, $acc:ident, $a:ident, $desc:ident, $d0:literal $(, $d:literal)*) => {
+        asm!(
+            concat!(
+                "{{ .reg .pred p; setp.ne.b32 p, {one}, 0; wgmma.mma_async.sync.aligned.m64n", $n, "k16.f32.",
+                $ty, ".", $ty, " {{{", stringify!($d0), "}" $(, ", {", stringify!($d), "}")*,
+                "}}, {{{a0}, {a1}, {a2}, {a3}}}, {desc}, p, 1, 1, 0; }}"
+            ),
+            inout(reg32) $acc[$d0], $(inout(reg32) $acc[$d],)*
+            a0 = in(reg32) $a[0], a1 = in(reg32) $a[1], a2 = in(reg32) $a[2], a3 = in(reg32) $a[3],
+            desc = in(reg64) $desc, one = in(reg32) 1u32,
+            options(nostack)
+        )
+    };
+}
+
+/// Dispatches [`wgmma_rs!`] on `tf` for one element type.
+macro_rules! wgmma_tf {
+    ($ty:literal, $tf:expr, $acc:ident, $a:ident, $desc:ident) => {
+        match $tf {
+            1 => wgmma_rs!($ty, "8", $acc, $a, $desc, 0, 1, 2, 3),
+            2 => wgmma_rs!($ty, "16", $acc, $a, $desc, 0, 1, 2, 3, 4, 5, 6, 7),
+            4 => wgmma_rs!($ty, "32", $acc, $a, $desc, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _ => wgmma_rs!(
+                $ty, "64", $acc, $a, $desc, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
+                21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31
+            ),
+        }
+    };
+}
+
+/// The element type's `wgmma`.
+pub trait WgmmaHalf: Half {
+    /// `acc[0..4·tf] += A·B` for `m64n(8·tf)k16`; `a` this thread's A fragment, `desc` B's
+    /// matrix descriptor.
+    ///
+    /// # Safety
+    /// Every thread of the warpgroup runs it after a [`wgmma_fence`]; `desc` describes
+    /// `8·tf × 16` values in shared memory that stay unchanged until the group is waited for.
+    unsafe fn wgmma<const TF: usize>(acc: &mut [f32; 32], a: &[u32; 4], desc: u64);
+}
+
+impl WgmmaHalf for super::mma::Bf16 {
+    #[inline(always)]
+    unsafe fn wgmma<const TF: usize>(acc: &mut [f32; 32], a: &[u32; 4], desc: u64) {
+        wgmma_tf!("bf16", TF, acc, a, desc)
+    }
+}
+
+impl WgmmaHalf for super::mma::F16 {
+    #[inline(always)]
+    unsafe fn wgmma<const TF: usize>(acc: &mut [f32; 32], a: &[u32; 4], desc: u64) {
+        wgmma_tf!("f16", TF, acc, a, desc)
+    }
+}
+
+/// `$insn` with the listed accumulators passing through it (named in a comment: the
+/// instruction only orders them).
+macro_rules! with_acc {
+    ($insn:literal, $r:ident $(, $d:literal)*) => {
+        asm!(concat!($insn, " /*" $(, " {", stringify!($d), "}")*, " */"), $(inout(reg32) $r[$d],)* options(nostack))
+    };
+}
+
+/// `$insn` (a `wgmma` fence or wait) with this instance's accumulators `acc[0..4·tf]`
+/// passing through it, so the compiler keeps their other uses on the right side of it (the
+/// unused ones stay out of registers).
+macro_rules! acc_barrier {
+    ($insn:literal, $tf:expr, $r:ident) => {
+        match $tf {
+            1 => with_acc!($insn, $r, 0, 1, 2, 3),
+            2 => with_acc!($insn, $r, 0, 1, 2, 3, 4, 5, 6, 7),
+            4 => with_acc!($insn, $r, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _ => with_acc!(
+                $insn, $r, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
+                26, 27, 28, 29, 30, 31
+            ),
+        }
+    };
+}
+
+/// `wgmma.fence` before the first `wgmma`, after the accumulators are zeroed.
+///
+/// # Safety
+/// Every thread of the warpgroup runs it.
+#[inline(always)]
+unsafe fn wgmma_fence_acc<const TF: usize>(acc: &mut [f32; 32]) {
+    acc_barrier!("wgmma.fence.sync.aligned;", TF, acc);
+}
+
+/// `wgmma.wait_group 0` before the accumulators are read.
+///
+/// # Safety
+/// Every thread of the warpgroup runs it.
+#[inline(always)]
+unsafe fn wgmma_wait_all_acc<const TF: usize>(acc: &mut [f32; 32]) {
+    acc_barrier!("wgmma.wait_group.sync.aligned 0;", TF, acc);
+}
+
+/// This thread's copy sources, advanced by additions from stage to stage.
+struct Sources {
+    /// Its code chunk (tile `tid / 128`, step `(tid / 32) mod 4`, 16 bytes of lane `tid mod 32`).
+    codes: *const u8,
+    /// Its `X` chunk (if `tid < 64·tf`), whether its token is a row of `X`, and its `k`.
+    x: *const u8,
+    x_row: bool,
+    x_k: u32,
+    /// Position of the next stage's first `k` in its group.
+    cur: GroupCursor,
+}
+
+impl Sources {
+    #[inline(always)]
+    unsafe fn at<const TF: usize>(a: &W4a16Args, q: u32, cb: u32, m0: u32, tid: u32, gs: u32) -> Self {
+        let sh = W4a16WgShape { tf: TF as u32 };
+        let kt_total = (a.k_pad / PACK_TILE_K) as usize;
+        let (tile, step, lane) = (tid / 128, (tid / 32) % WG_STAGE_STEPS, tid % 32);
+        let t = (cb * WG_TILES + tile) as usize * kt_total + (q * WG_STAGE_STEPS + step) as usize;
+        let codes = (a.w.ptr() as *const u8).add(t * PACK_TILE_BYTES as usize + lane as usize * 16);
+        // X chunk c = tid: step c / (16·tf), token octet f, k half h, row r.
+        let (j, cc) = (tid / (16 * TF as u32), tid % (16 * TF as u32));
+        let (f, h, r) = (cc / 16, (cc / 8) % 2, cc % 8);
+        let tok = m0 + 8 * f + r;
+        let x_k = q * sh.k_stage() + 16 * j + 8 * h;
+        let x_row = tok < a.m && tid < WG_STAGE_STEPS * sh.x_step_bytes() / 16;
+        let x = if x_row { (a.x.ptr() as *const u8).add((tok as usize * a.k as usize + x_k as usize) * 2) } else { a.x.ptr() as *const u8 };
+        Sources { codes, x, x_row, x_k, cur: GroupCursor::at(q * sh.k_stage(), gs) }
+    }
+
+    /// Copies stage `q` into ring slot `slot`: the thread's code chunk, its `X` chunk
+    /// (zero-filled past `M` or `K`), and the block's records of the groups the stage needs
+    /// (its first step's when it starts that group or is the block's first stage, the next
+    /// group's when it starts inside the stage); then moves on one stage.
+    #[inline(always)]
+    unsafe fn issue<const TF: usize>(&mut self, a: &W4a16Args, slot: u32, cb: u32, tid: u32, gs: u32, first: bool) {
+        let sh = W4a16WgShape { tf: TF as u32 };
+        cp_async_16(slot + tid * 16, self.codes);
+        self.codes = self.codes.add((WG_STAGE_STEPS * PACK_TILE_BYTES) as usize);
+        if tid < WG_STAGE_STEPS * sh.x_step_bytes() / 16 {
+            let valid = self.x_row && self.x_k < a.k;
+            cp_async_16_zfill(slot + sh.x_off() + tid * 16, self.x, if valid { 16 } else { 0 });
+            if self.x_row {
+                self.x = self.x.add(2 * sh.k_stage() as usize);
+            }
+            self.x_k += sh.k_stage();
+        }
+        let u = tid / 64;
+        let wanted = if u == 0 { first || self.cur.r == 0 } else { self.cur.r + sh.k_stage() > gs };
+        if tid < 64 * WG_STAGE_GROUPS && wanted {
+            let rec = (self.cur.g + u) as usize * a.n_pad as usize + (cb * sh.n_block() + (tid % 64) * 4) as usize;
+            cp_async_16(slot + sh.rec_off() + tid * 16, a.meta.ptr().add(rec) as *const u8);
+        }
+        cp_async_commit();
+        self.cur.advance(sh.k_stage(), gs);
+    }
+}
+
+// The stage loop unrolls its steps by four.
+const _: () = assert!(WG_STAGE_STEPS == 4);
+
+/// See the module docs.
+#[inline(always)]
+pub unsafe fn wg<T: WgmmaHalf, const TF: usize>(a: W4a16Args) {
+    let sh = W4a16WgShape { tf: TF as u32 };
+    let tid = thread_x();
+    let (warp, lane) = (tid / 32, tid % 32);
+    let (tile, w) = (warp / 4, warp % 4);
+    let (g, t) = (lane / 4, lane % 4);
+    // `max(1)`: no division-by-zero panic path (the launcher never passes 0).
+    let (m_blocks, col_blocks, splits) = (a.m_blocks.max(1), a.col_blocks.max(1), a.splits.max(1));
+    let bid = block_x();
+    let mblk = bid % m_blocks;
+    let rest = bid / m_blocks;
+    let cb = rest % col_blocks;
+    let split = rest / col_blocks;
+    let m0 = mblk * sh.m_block();
+    let stages = a.k_pad / sh.k_stage();
+    let s_begin = (split as u64 * stages as u64 / splits as u64) as u32;
+    let s_end = ((split as u64 + 1) * stages as u64 / splits as u64) as u32;
+    let gs = a.gs.max(32);
+
+    let base = shared_window_base();
+    let table = base + sh.table();
+    let slot_of = |q: u32| base + (q % WG_DEPTH) * sh.stage_bytes();
+
+    // Prologue: stages s_begin .. s_begin + depth − 1 (empty groups past the end keep the count).
+    let mut src = Sources::at::<TF>(&a, s_begin, cb, m0, tid, gs);
+    let mut q = s_begin;
+    while q < s_begin + WG_DEPTH - 1 {
+        if q < s_end {
+            src.issue::<TF>(&a, slot_of(q), cb, tid, gs, q == s_begin);
+        } else {
+            cp_async_commit();
+        }
+        q += 1;
+    }
+    // The scale table, while the first stages are in flight.
+    if tid < 256 {
+        st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+    }
+
+    let mut acc = [0f32; 32];
+    wgmma_fence_acc::<TF>(&mut acc);
+    // This lane's decoded records: columns 16w + g and 16w + 8 + g of tile `tile`.
+    let mut rec = [0u64; 2];
+    let col = tile * PACK_TILE_N + 16 * w + g;
+    let mut cur = GroupCursor::at(s_begin * sh.k_stage(), gs);
+    let mut s = s_begin;
+    while s < s_end {
+        cp_async_wait::<{ WG_DEPTH - 2 }>();
+        fence_proxy_async();
+        sync_threads();
+        // Stage s − 1's slot is free: every warp waited for its wgmmas before the barrier.
+        if q < s_end {
+            src.issue::<TF>(&a, slot_of(q), cb, tid, gs, false);
+        } else {
+            cp_async_commit();
+        }
+        q += 1;
+        let sb = slot_of(s);
+        let g_stage = cur.g;
+        // The stage's four A fragments, then one fence and four back-to-back wgmmas.
+        let mut afrag = [[0u32; 4]; 4];
+        unroll!(j < 4, {
+            if (s == s_begin && j == 0) || cur.r == 0 {
+                let raw = sb + sh.rec_off() + (cur.g - g_stage) * sh.group_rec_bytes();
+                rec = [
+                    T::decode_record_shared(ld_shared_u32(raw + col * 4), table),
+                    T::decode_record_shared(ld_shared_u32(raw + (col + 8) * 4), table),
+                ];
+            }
+            let word = ld_shared_u32(sb + (tile * WG_STAGE_STEPS + j as u32) * PACK_TILE_BYTES + lane * 16 + 4 * w);
+            let d = dequant_word::<T>(word, rec[0], rec[1]);
+            afrag[j] = [d[0], d[2], d[1], d[3]];
+            cur.advance_within(PACK_TILE_K, gs);
+        });
+        wgmma_fence(&mut afrag);
+        let desc = b_desc(sb + sh.x_off());
+        unroll!(j < 4, {
+            T::wgmma::<TF>(&mut acc, &afrag[j], desc + (j as u32 * sh.x_step_bytes() / 16) as u64);
+        });
+        wgmma_commit();
+        // All of them: the next stage rewrites the A registers these wgmmas read (the
+        // compiler keeps one register set for them across iterations).
+        wgmma_wait::<0>();
+        s += 1;
+    }
+    wgmma_wait_all_acc::<TF>(&mut acc);
+    cp_async_wait::<0>();
+
+    // acc[4f + e]: column 16w + g (+ 8 for e ≥ 2) of tile `tile`, token 8f + 2t (+ 1 for odd e).
+    let (m, n) = (a.m, a.n);
+    let col0 = cb * sh.n_block();
+    unroll!(f < 8, {
+        if f < TF {
+            unroll!(e < 4, {
+                let c = col0 + col + 8 * (e as u32 / 2);
+                let tok = m0 + 8 * f as u32 + 2 * t + e as u32 % 2;
+                let v = acc[4 * f + e];
+                if tok < m {
+                    if a.splits == 1 {
+                        if c < n {
+                            *a.y.ptr().add(tok as usize * n as usize + c as usize) = T::pack2(v, 0.0) as u16;
+                        }
+                    } else {
+                        *a.ws.ptr().add((split as usize * m as usize + tok as usize) * a.n_pad as usize + c as usize) = v;
+                    }
+                }
+            });
+        }
+    });
+    if a.splits > 1 {
+        let rows = (m - m0).min(sh.m_block());
+        finish_split_k::<T>(&a, base + sh.flag(), mblk * a.col_blocks + cb, m0, rows, col0, sh.n_block(), tid, WG_THREADS);
+    }
+}
+
+macro_rules! instance {
+    ($marker:ident, $name:ident, $t:ty, $tf:literal) => {
+        forge_kernel_abi::w4a16_kernel! {
+            /// See the module docs.
+            $marker => fn $name(args) {
+                wg::<$t, $tf>(args)
+            }
+        }
+    };
+}
+
+use super::mma::{Bf16, F16};
+instance!(W4a16WgBf16T1, w4a16_wg_bf16_t1, Bf16, 1);
+instance!(W4a16WgBf16T2, w4a16_wg_bf16_t2, Bf16, 2);
+instance!(W4a16WgBf16T4, w4a16_wg_bf16_t4, Bf16, 4);
+instance!(W4a16WgBf16T8, w4a16_wg_bf16_t8, Bf16, 8);
+instance!(W4a16WgF16T1, w4a16_wg_f16_t1, F16, 1);
+instance!(W4a16WgF16T2, w4a16_wg_f16_t2, F16, 2);
+instance!(W4a16WgF16T4, w4a16_wg_f16_t4, F16, 4);
+instance!(W4a16WgF16T8, w4a16_wg_f16_t8, F16, 8);
