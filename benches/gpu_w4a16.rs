@@ -171,7 +171,12 @@ fn main() -> Result<()> {
                 None
             };
             let t_hopper = if hopper && !matches!(fplan.kernel, FusedKernel::Wgmma { .. }) && m <= 256 {
-                Some(run(W4a16Options { path: MatmulPath::Fused, hopper_min_m: 1, ..Default::default() })?)
+                Some(run(W4a16Options {
+                    path: MatmulPath::Fused,
+                    hopper_min_m: 1,
+                    hopper_min_weights: 0,
+                    ..Default::default()
+                })?)
             } else {
                 None
             };

@@ -202,7 +202,14 @@ impl KernelChoice {
             KernelChoice::Skinny => (usize::MAX, 64),
             KernelChoice::Tiled => (usize::MAX, 0),
         };
-        W4a16Options { path: MatmulPath::Fused, splits, hopper_min_m, skinny_max_m, ..Default::default() }
+        W4a16Options {
+            path: MatmulPath::Fused,
+            splits,
+            hopper_min_m,
+            hopper_min_weights: 0,
+            skinny_max_m,
+            ..Default::default()
+        }
     }
 
     /// The plan ran the kernel asked for (the Hopper one wherever the device has it).

@@ -3,8 +3,8 @@
 //! tensor-core kernels, and the large-`M` path (dense dequantization + cuBLAS).
 //!
 //! Kernels (docs/kernels.md §6): on a compute-capability-9.0 GPU (H100, H200) from
-//! `hopper_min_m` rows (default 33) the Hopper `wgmma` kernel (its own sm_90a PTX module,
-//! 8–64 rows per block); otherwise up to `skinny_max_m` rows (default 64) the skinny kernel
+//! `hopper_min_m` rows (default 33; below 65 rows only on layers of ≥ 2^25 weights) the Hopper
+//! `wgmma` kernel (its own sm_90a PTX module, 8–64 rows per block); otherwise up to `skinny_max_m` rows (default 64) the skinny kernel
 //! (`Yᵀ = W·Xᵀ`, 8–64 rows per block, per-warp pipelines), above it the tiled one (16–64 rows
 //! per block); from `gemm_min_m` rows (default 512) dequantization + cuBLAS when cuBLAS loads.
 //! On the H200 bench (5 shapes × M 1–64) the skinny kernel was faster than the tiled one in
@@ -125,11 +125,22 @@ pub struct W4a16Options {
     /// Rows from which the fused path runs the Hopper `wgmma` kernel on a compute-capability
     /// 9.0 device (`usize::MAX`: never). It takes precedence over the skinny kernel.
     pub hopper_min_m: usize,
+    /// Up to 64 rows, the `wgmma` kernel runs only on layers of at least this many weights
+    /// (`n·k`; default 2^25, between the bench's small layers of ≤ 2^24 weights, where it tied
+    /// or lost, and its large ones of 7·2^23, where it won; see [`w4a16_plan`]).
+    pub hopper_min_weights: u64,
 }
 
 impl Default for W4a16Options {
     fn default() -> Self {
-        W4a16Options { path: MatmulPath::Auto, splits: None, gemm_min_m: 512, skinny_max_m: 64, hopper_min_m: 33 }
+        W4a16Options {
+            path: MatmulPath::Auto,
+            splits: None,
+            gemm_min_m: 512,
+            skinny_max_m: 64,
+            hopper_min_m: 33,
+            hopper_min_weights: 1 << 25,
+        }
     }
 }
 
@@ -251,7 +262,12 @@ pub fn w4a16_plan(
     };
     // Hopper: rows per block 8–64 (several row blocks above 64); skinny: 8, 16, 32 or 64;
     // tiled: 16·mb, mb from M up to 64 rows.
-    let hopper = m >= opts.hopper_min_m && !gemm && dev.is_hopper()?;
+    // From 33 to 64 rows the wgmma kernel wins only on large layers (H200: 14336×4096 and
+    // 4096×14336 at M = 64 took 45 and 43 µs against the skinny kernel's 64 and 59; on
+    // layers of 2^24 weights or fewer it tied or lost by up to 18 %); above 64 rows it beat
+    // the tiled kernel on every bench shape.
+    let large = w.n as u64 * w.k as u64 >= opts.hopper_min_weights;
+    let hopper = m >= opts.hopper_min_m && (m > 64 || large) && !gemm && dev.is_hopper()?;
     let skinny = !hopper && m <= opts.skinny_max_m.min(64);
     let tf = m.min(64).div_ceil(8).next_power_of_two() as u32;
     let (kernel, rows_per_block, cols_per_block, k_unit, shared_bytes, threads) = if hopper {
