@@ -4,7 +4,7 @@
 //!
 //! Kernels (docs/kernels.md §6): on a compute-capability-9.0 GPU (H100, H200) from
 //! `hopper_min_m` rows (default 33; below 65 rows only on layers of ≥ 2^25 weights) the Hopper
-//! `wgmma` kernel (its own sm_90a PTX module, 8–64 rows per block); otherwise up to `skinny_max_m` rows (default 64) the skinny kernel
+//! `wgmma` kernel (its own sm_90a PTX module, 8–128 rows per block); otherwise up to `skinny_max_m` rows (default 64) the skinny kernel
 //! (`Yᵀ = W·Xᵀ`, 8–64 rows per block, per-warp pipelines), above it the tiled one (16–64 rows
 //! per block); from `gemm_min_m` rows (default 512) dequantization + cuBLAS when cuBLAS loads.
 //! On the H200 bench (5 shapes × M 1–64) the skinny kernel was faster than the tiled one in
@@ -35,8 +35,8 @@ use forge_kernel_abi::runtime::{
 use forge_kernel_abi::{
     Kernel, W4DequantBf16, W4DequantF16, W4a16Bf16M1, W4a16Bf16M2, W4a16Bf16M3, W4a16Bf16M4, W4a16F16M1, W4a16F16M2,
     W4a16F16M3, W4a16F16M4, W4a16SkinnyBf16T1, W4a16SkinnyBf16T2, W4a16SkinnyBf16T4, W4a16SkinnyBf16T8,
-    W4a16SkinnyF16T1, W4a16SkinnyF16T2, W4a16SkinnyF16T4, W4a16SkinnyF16T8, W4a16WgBf16T1, W4a16WgBf16T2,
-    W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T2, W4a16WgF16T4, W4a16WgF16T8,
+    W4a16SkinnyF16T1, W4a16SkinnyF16T2, W4a16SkinnyF16T4, W4a16SkinnyF16T8, W4a16WgBf16T1, W4a16WgBf16T16,
+    W4a16WgBf16T2, W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16, W4a16WgF16T2, W4a16WgF16T4, W4a16WgF16T8,
 };
 use ndarray::{Array2, ArrayView2};
 
@@ -157,9 +157,10 @@ pub enum FusedKernel {
         /// 16-row blocks of `X` (1–4).
         mb: u32,
     },
-    /// `w4a16_wg_*` (Hopper module): `8·tf` rows and 256 columns per warpgroup block, `wgmma`.
+    /// `w4a16_wg_*` (Hopper module): `8·tf` rows and 256 columns per block of four
+    /// warpgroups, `wgmma`.
     Wgmma {
-        /// 8-token fragments (1, 2, 4 or 8).
+        /// 8-token fragments (1, 2, 4, 8 or 16).
         tf: u32,
     },
 }
@@ -221,11 +222,13 @@ macro_rules! with_fused_kernel {
             (ActDtype::Bf16, Wgmma { tf: 1 }) => $then!(W4a16WgBf16T1),
             (ActDtype::Bf16, Wgmma { tf: 2 }) => $then!(W4a16WgBf16T2),
             (ActDtype::Bf16, Wgmma { tf: 4 }) => $then!(W4a16WgBf16T4),
-            (ActDtype::Bf16, Wgmma { .. }) => $then!(W4a16WgBf16T8),
+            (ActDtype::Bf16, Wgmma { tf: 8 }) => $then!(W4a16WgBf16T8),
+            (ActDtype::Bf16, Wgmma { .. }) => $then!(W4a16WgBf16T16),
             (ActDtype::F16, Wgmma { tf: 1 }) => $then!(W4a16WgF16T1),
             (ActDtype::F16, Wgmma { tf: 2 }) => $then!(W4a16WgF16T2),
             (ActDtype::F16, Wgmma { tf: 4 }) => $then!(W4a16WgF16T4),
-            (ActDtype::F16, Wgmma { .. }) => $then!(W4a16WgF16T8),
+            (ActDtype::F16, Wgmma { tf: 8 }) => $then!(W4a16WgF16T8),
+            (ActDtype::F16, Wgmma { .. }) => $then!(W4a16WgF16T16),
         }
     }};
 }
@@ -271,7 +274,10 @@ pub fn w4a16_plan(
     let skinny = !hopper && m <= opts.skinny_max_m.min(64);
     let tf = m.min(64).div_ceil(8).next_power_of_two() as u32;
     let (kernel, rows_per_block, cols_per_block, k_unit, shared_bytes, threads) = if hopper {
-        let shape = W4a16WgShape { tf };
+        // Up to 128 rows per block: above 64, one block of 128 dequantizes the weight once for
+        // twice the tokens of two 64-row blocks.
+        let shape = W4a16WgShape { tf: m.min(128).div_ceil(8).next_power_of_two() as u32 };
+        let tf = shape.tf;
         let k_stage = WG_STAGE_STEPS * 16;
         (FusedKernel::Wgmma { tf }, shape.m_block(), shape.n_block(), k_stage, shape.total(), WG_THREADS)
     } else if skinny {

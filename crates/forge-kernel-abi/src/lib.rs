@@ -462,10 +462,12 @@ kernels! {
     W4a16WgBf16T2 = "w4a16_wg_bf16_t2" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 2);
     W4a16WgBf16T4 = "w4a16_wg_bf16_t4" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 2);
     W4a16WgBf16T8 = "w4a16_wg_bf16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 1);
+    W4a16WgBf16T16 = "w4a16_wg_bf16_t16" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 1);
     W4a16WgF16T1 = "w4a16_wg_f16_t1" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 2);
     W4a16WgF16T2 = "w4a16_wg_f16_t2" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 2);
     W4a16WgF16T4 = "w4a16_wg_f16_t4" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 2);
     W4a16WgF16T8 = "w4a16_wg_f16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 1);
+    W4a16WgF16T16 = "w4a16_wg_f16_t16" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 1);
     W4DequantBf16 = "w4_dequant_bf16" (runtime::W4DequantArgs);
     W4DequantF16 = "w4_dequant_f16" (runtime::W4DequantArgs);
     // pack: codes → int32 words (docs/kernels.md §5). Memory-bound: at least four 256-thread

@@ -291,11 +291,11 @@ pub const WG_STAGE_STEPS: u32 = 4;
 /// Groups whose records a stage may need: group sizes are multiples of 32, so a stage of 64
 /// `k` starts at most two (its first step's and one more).
 pub const WG_STAGE_GROUPS: u32 = 2;
-/// Stages in a Hopper block's `cp.async` ring: `depth − 1` in flight and the one being read.
-/// A `cp.async.wait_group` immediate, so one value.
-pub const WG_DEPTH: u32 = 6;
+/// Stages in a Hopper block's `cp.async` ring: `depth − 2` in flight, the one being read, and
+/// the one whose `wgmma`s may still run. A `cp.async.wait_group` immediate, so one value.
+pub const WG_DEPTH: u32 = 7;
 
-/// The Hopper W4A16 kernel for `8·tf` rows of `X` (`tf` 1, 2, 4 or 8: the `wgmma` is
+/// The Hopper W4A16 kernel for `8·tf` rows of `X` (`tf` 1, 2, 4, 8 or 16: the `wgmma` is
 /// `m64n(8·tf)k16`) and 256 columns per block. Per stage (64 `k`): the four tiles' codes of
 /// the 4 steps (`[tile][step]`), the `X` slice as `wgmma` core matrices (per step: 8 tokens ×
 /// 8 `k` with 16-byte rows, the `k` halves 128 bytes apart, token octets 256), and the raw
@@ -331,6 +331,11 @@ impl W4a16WgShape {
     /// Bytes of one step's `X` slice.
     pub const fn x_step_bytes(&self) -> u32 {
         self.m_block() * PACK_TILE_K * 2
+    }
+
+    /// 16-byte `X` chunks of one stage.
+    pub const fn x_chunks(&self) -> u32 {
+        WG_STAGE_STEPS * self.x_step_bytes() / 16
     }
 
     /// Bytes of one group's raw records for the block.
@@ -371,12 +376,12 @@ impl W4a16WgShape {
 
 const _: () = {
     let mut tf = 1;
-    while tf <= 8 {
+    while tf <= 16 {
         let s = W4a16WgShape { tf };
-        // One code chunk per thread per stage, at most one `X` chunk, the records of both
+        // One code chunk per thread per stage, at most two `X` chunks, the records of both
         // groups in the first 128 threads.
         assert!(s.codes_bytes() / 16 == WG_THREADS);
-        assert!(WG_STAGE_STEPS * s.x_step_bytes() / 16 <= WG_THREADS);
+        assert!(s.x_chunks() <= 2 * WG_THREADS);
         assert!(WG_STAGE_GROUPS * s.group_rec_bytes() / 16 <= WG_THREADS);
         assert!(s.stage_bytes().is_multiple_of(128) && PACK_N_ALIGN.is_multiple_of(s.n_block()));
         assert!(PACK_K_ALIGN.is_multiple_of(s.k_stage()));
@@ -406,7 +411,7 @@ crate::kernel_args! {
     /// `[q·S/P, (q+1)·S/P)`, `q = p·SKINNY_WARPS + w`, `P = splits·SKINNY_WARPS`,
     /// `S = k_pad / 16`; `1 ≤ splits ≤ W4A16_MAX_SPLITS`.
     ///
-    /// The Hopper kernels `w4a16_wg_{bf16,f16}_t{1,2,4,8}` (module `sm_90a`, blocks of
+    /// The Hopper kernels `w4a16_wg_{bf16,f16}_t{1,2,4,8,16}` (module `sm_90a`, blocks of
     /// [`WG_THREADS`]) take them with row blocks of `8·tf`, `col_blocks = n_pad / 256`,
     /// shared memory `W4a16WgShape { tf }.total()`, and split `p` the 64-deep stages
     /// `[p·S/splits, (p+1)·S/splits)`, `S = k_pad / 64`; `1 ≤ splits ≤ W4A16_MAX_SPLITS`.

@@ -44,6 +44,53 @@ macro_rules! unroll {
             $b
         }
     }};
+    ($i:ident < 16, $b:block) => {{
+        unroll!($i < 8, $b);
+        {
+            let $i: usize = 8;
+            $b
+        }
+        {
+            let $i: usize = 9;
+            $b
+        }
+        {
+            let $i: usize = 10;
+            $b
+        }
+        {
+            let $i: usize = 11;
+            $b
+        }
+        {
+            let $i: usize = 12;
+            $b
+        }
+        {
+            let $i: usize = 13;
+            $b
+        }
+        {
+            let $i: usize = 14;
+            $b
+        }
+        {
+            let $i: usize = 15;
+            $b
+        }
+    }};
+}
+
+/// This block's place in a W4A16 grid (`W4a16Args`: block `b` is row block `b mod m_blocks`,
+/// column block `(b / m_blocks) mod col_blocks`, split `b / (m_blocks·col_blocks)`), with the
+/// split count: `(mblk, cb, split, splits)`.
+#[inline(always)]
+pub(crate) fn block_place(a: &forge_kernel_abi::runtime::W4a16Args) -> (u32, u32, u32, u32) {
+    // `max(1)`: no division-by-zero panic path (the launcher never passes 0).
+    let (m_blocks, col_blocks, splits) = (a.m_blocks.max(1), a.col_blocks.max(1), a.splits.max(1));
+    let bid = crate::device::block_x();
+    let rest = bid / m_blocks;
+    (bid % m_blocks, rest % col_blocks, rest / col_blocks, splits)
 }
 
 /// Position `k = g·gs + r` (`r < gs`) kept by additions: a division per stage or step would

@@ -26,10 +26,10 @@
 //! As documented on [`forge_kernel_abi::runtime::W4a16Args`].
 
 use super::epilogue::{finish_split_k, store_pair};
-use super::GroupCursor;
+use super::{block_place, GroupCursor};
 use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, Half};
 use crate::device::{
-    block_x, shfl_idx_f32, st_shared_u16, cp_async_commit, cp_async_wait, ld_shared_f32x2, ld_shared_u32, ld_shared_u32x4, shared_window_base,
+    shfl_idx_f32, st_shared_u16, cp_async_commit, cp_async_wait, ld_shared_f32x2, ld_shared_u32, ld_shared_u32x4, shared_window_base,
     st_shared_u32, sync_threads, sync_warp, thread_x,
 };
 use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape, PACK_TILE_BYTES, SKINNY_DEPTH, SKINNY_WARPS, W4A16_THREADS};
@@ -189,13 +189,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize>(a: W4a16Args) {
     let tid = thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
     let (g, t) = (lane / 4, lane % 4);
-    // `max(1)`: no division-by-zero panic path (the launcher never passes 0).
-    let (m_blocks, col_blocks, splits) = (a.m_blocks.max(1), a.col_blocks.max(1), a.splits.max(1));
-    let bid = block_x();
-    let mblk = bid % m_blocks;
-    let rest = bid / m_blocks;
-    let cb = rest % col_blocks;
-    let split = rest / col_blocks;
+    let (mblk, cb, split, splits) = block_place(&a);
     let m0 = mblk * Cfg::<TF, NT>::SH.m_block();
     let kt_total = a.k_pad / 16;
     let parts = splits as u64 * SKINNY_WARPS as u64;

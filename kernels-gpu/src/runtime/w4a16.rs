@@ -23,10 +23,10 @@
 //! As documented on [`forge_kernel_abi::runtime::W4a16Args`].
 
 use super::epilogue::{finish_split_k, store_pair};
-use super::GroupCursor;
+use super::{block_place, GroupCursor};
 use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, ldmatrix_x4, Half};
 use crate::device::{
-    block_x, cp_async_commit, cp_async_wait, ld_shared_u32, ld_shared_u32x4, shared_window_base, st_shared_u32,
+    cp_async_commit, cp_async_wait, ld_shared_u32, ld_shared_u32x4, shared_window_base, st_shared_u32,
     st_shared_u64, sync_threads, thread_x,
 };
 use forge_kernel_abi::runtime::{W4a16Args, W4a16Shape, DEC_Q_STRIDE, PACK_TILE_BYTES, W4A16_STAGES, W4A16_THREADS};
@@ -128,13 +128,7 @@ pub unsafe fn w4a16<T: Half, const MB: usize>(a: W4a16Args) {
     let (warp, lane) = (tid / 32, tid % 32);
     let (wn, kw) = (warp % Cfg::<MB>::WN, warp / Cfg::<MB>::WN);
 
-    // `max(1)`: no division-by-zero panic path (the launcher never passes 0).
-    let (m_blocks, col_blocks, splits) = (a.m_blocks.max(1), a.col_blocks.max(1), a.splits.max(1));
-    let bid = block_x();
-    let mblk = bid % m_blocks;
-    let rest = bid / m_blocks;
-    let cb = rest % col_blocks;
-    let split = rest / col_blocks;
+    let (mblk, cb, split, splits) = block_place(&a);
     let m0 = mblk * 16 * MB as u32;
     let total_stages = a.k_pad / ks_len;
     let s_begin = split * total_stages / splits;

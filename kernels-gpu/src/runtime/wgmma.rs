@@ -1,4 +1,4 @@
-//! `w4a16_wg_{bf16,f16}_t{1,2,4,8}`: the Hopper W4A16 matmul (module `sm_90a`), `M ≤ 8·tf`
+//! `w4a16_wg_{bf16,f16}_t{1,2,4,8,16}`: the Hopper W4A16 matmul (module `sm_90a`), `M ≤ 8·tf`
 //! rows per block, on `wgmma` with the dequantized weight as the register A operand
 //! (docs/kernels.md §6).
 //!
@@ -22,11 +22,12 @@
 //! code chunk each, `X` chunks, the records of the groups the stage starts). At stage `s`
 //! every thread waits for its own copies of `s`, fences them to the async proxy (the tensor
 //! cores read shared memory through it), and the block barrier makes the stage whole; then
-//! the slot of stage `s − 1` is refilled: its `wgmma`s are done, because every warp waited
-//! for them before that barrier. Per stage a warp dequantizes its 4 words, fences once and
-//! issues 4 `wgmma`s back to back (a fence between two `wgmma`s on the same accumulators
-//! makes the second wait for the first), then waits for them: the next stage's dequantization
-//! rewrites their A registers. The other warpgroups of the SM fill that wait.
+//! the slot of stage `s − 2` is refilled: its `wgmma`s are done, because every warp waited
+//! for them before that barrier. Per stage a warp then waits for stage `s − 1`'s `wgmma`s
+//! (they ran during the copy wait, the barrier and the refill; this stage's dequantization
+//! rewrites their A registers), dequantizes its 4 words, fences once and issues 4 `wgmma`s
+//! back to back (a fence between two `wgmma`s on the same accumulators makes the second
+//! wait for the first).
 //!
 //! End: `Y` (one split) or the split's f32 partial for [`finish_split_k`], straight from the
 //! accumulators.
@@ -37,9 +38,9 @@
 
 use super::epilogue::finish_split_k;
 use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, Half};
-use super::GroupCursor;
+use super::{block_place, GroupCursor};
 use crate::device::{
-    block_x, cp_async_commit, cp_async_wait, ld_shared_u32, shared_window_base, st_shared_u16, sync_threads, thread_x,
+    cp_async_commit, cp_async_wait, ld_shared_u32, shared_window_base, st_shared_u16, sync_threads, thread_x,
 };
 use core::arch::asm;
 use forge_kernel_abi::runtime::{
@@ -126,35 +127,37 @@ macro_rules! wgmma_tf {
             1 => wgmma_rs!($ty, "8", $acc, $a, $desc, 0, 1, 2, 3),
             2 => wgmma_rs!($ty, "16", $acc, $a, $desc, 0, 1, 2, 3, 4, 5, 6, 7),
             4 => wgmma_rs!($ty, "32", $acc, $a, $desc, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _ => wgmma_rs!(
-                $ty, "64", $acc, $a, $desc, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
-                21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31
-            ),
+            8 => wgmma_rs!($ty, "64", $acc, $a, $desc, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31),
+            _ => wgmma_rs!($ty, "128", $acc, $a, $desc, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63),
         }
     };
 }
 
+/// Accumulator slots of the widest instance (`tf` 16: `m64n128k16`, 64 f32 per thread); an
+/// instance uses the first `4·tf`.
+const ACC: usize = 64;
+
 /// The element type's `wgmma`.
 pub trait WgmmaHalf: Half {
-    /// `acc[0..4·tf] += A·B` for `m64n(8·tf)k16`; `a` this thread's A fragment, `desc` B's
+    /// `acc[0..4·tf] += A·B` for `m64n(8·tf)k16` (`tf` 1, 2, 4, 8 or 16); `a` this thread's A fragment, `desc` B's
     /// matrix descriptor.
     ///
     /// # Safety
     /// Every thread of the warpgroup runs it after a [`wgmma_fence`]; `desc` describes
     /// `8·tf × 16` values in shared memory that stay unchanged until the group is waited for.
-    unsafe fn wgmma<const TF: usize>(acc: &mut [f32; 32], a: &[u32; 4], desc: u64);
+    unsafe fn wgmma<const TF: usize>(acc: &mut [f32; ACC], a: &[u32; 4], desc: u64);
 }
 
 impl WgmmaHalf for super::mma::Bf16 {
     #[inline(always)]
-    unsafe fn wgmma<const TF: usize>(acc: &mut [f32; 32], a: &[u32; 4], desc: u64) {
+    unsafe fn wgmma<const TF: usize>(acc: &mut [f32; ACC], a: &[u32; 4], desc: u64) {
         wgmma_tf!("bf16", TF, acc, a, desc)
     }
 }
 
 impl WgmmaHalf for super::mma::F16 {
     #[inline(always)]
-    unsafe fn wgmma<const TF: usize>(acc: &mut [f32; 32], a: &[u32; 4], desc: u64) {
+    unsafe fn wgmma<const TF: usize>(acc: &mut [f32; ACC], a: &[u32; 4], desc: u64) {
         wgmma_tf!("f16", TF, acc, a, desc)
     }
 }
@@ -176,10 +179,8 @@ macro_rules! acc_barrier {
             1 => with_acc!($insn, $r, 0, 1, 2, 3),
             2 => with_acc!($insn, $r, 0, 1, 2, 3, 4, 5, 6, 7),
             4 => with_acc!($insn, $r, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _ => with_acc!(
-                $insn, $r, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
-                26, 27, 28, 29, 30, 31
-            ),
+            8 => with_acc!($insn, $r, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31),
+            _ => with_acc!($insn, $r, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63),
         }
     };
 }
@@ -189,7 +190,7 @@ macro_rules! acc_barrier {
 /// # Safety
 /// Every thread of the warpgroup runs it.
 #[inline(always)]
-unsafe fn wgmma_fence_acc<const TF: usize>(acc: &mut [f32; 32]) {
+unsafe fn wgmma_fence_acc<const TF: usize>(acc: &mut [f32; ACC]) {
     acc_barrier!("wgmma.fence.sync.aligned;", TF, acc);
 }
 
@@ -198,7 +199,7 @@ unsafe fn wgmma_fence_acc<const TF: usize>(acc: &mut [f32; 32]) {
 /// # Safety
 /// Every thread of the warpgroup runs it.
 #[inline(always)]
-unsafe fn wgmma_wait_all_acc<const TF: usize>(acc: &mut [f32; 32]) {
+unsafe fn wgmma_wait_all_acc<const TF: usize>(acc: &mut [f32; ACC]) {
     acc_barrier!("wgmma.wait_group.sync.aligned 0;", TF, acc);
 }
 
@@ -206,10 +207,11 @@ unsafe fn wgmma_wait_all_acc<const TF: usize>(acc: &mut [f32; 32]) {
 struct Sources {
     /// Its code chunk (tile `tid / 128`, step `(tid / 32) mod 4`, 16 bytes of lane `tid mod 32`).
     codes: *const u8,
-    /// Its `X` chunk (if `tid < 64·tf`), whether its token is a row of `X`, and its `k`.
-    x: *const u8,
-    x_row: bool,
-    x_k: u32,
+    /// Its `X` chunks `tid` and `tid + 512` (those below `64·tf`), whether their tokens are
+    /// rows of `X`, and their `k` (at `tf` 16 the second chunk is two steps further).
+    x: [*const u8; 2],
+    x_row: [bool; 2],
+    x_k: [u32; 2],
     /// Position of the next stage's first `k` in its group.
     cur: GroupCursor,
 }
@@ -222,17 +224,21 @@ impl Sources {
         let (tile, step, lane) = (tid / 128, (tid / 32) % WG_STAGE_STEPS, tid % 32);
         let t = (cb * WG_TILES + tile) as usize * kt_total + (q * WG_STAGE_STEPS + step) as usize;
         let codes = (a.w.ptr() as *const u8).add(t * PACK_TILE_BYTES as usize + lane as usize * 16);
-        // X chunk c = tid: step c / (16·tf), token octet f, k half h, row r.
-        let (j, cc) = (tid / (16 * TF as u32), tid % (16 * TF as u32));
-        let (f, h, r) = (cc / 16, (cc / 8) % 2, cc % 8);
-        let tok = m0 + 8 * f + r;
-        let x_k = q * sh.k_stage() + 16 * j + 8 * h;
-        let x_row = tok < a.m && tid < WG_STAGE_STEPS * sh.x_step_bytes() / 16;
-        let x = if x_row { (a.x.ptr() as *const u8).add((tok as usize * a.k as usize + x_k as usize) * 2) } else { a.x.ptr() as *const u8 };
-        Sources { codes, x, x_row, x_k, cur: GroupCursor::at(q * sh.k_stage(), gs) }
+        // X chunk c: step c / (16·tf), token octet f, k half h, row r.
+        let chunk = |c: u32| {
+            let (j, cc) = (c / (16 * TF as u32), c % (16 * TF as u32));
+            let (f, h, r) = (cc / 16, (cc / 8) % 2, cc % 8);
+            let (tok, kk) = (m0 + 8 * f + r, q * sh.k_stage() + 16 * j + 8 * h);
+            let row = tok < a.m && c < sh.x_chunks();
+            let p = if row { (a.x.ptr() as *const u8).add((tok as usize * a.k as usize + kk as usize) * 2) } else { a.x.ptr() as *const u8 };
+            (p, row, kk)
+        };
+        let (x0, r0, k0) = chunk(tid);
+        let (x1, r1, k1) = chunk(tid + WG_THREADS);
+        Sources { codes, x: [x0, x1], x_row: [r0, r1], x_k: [k0, k1], cur: GroupCursor::at(q * sh.k_stage(), gs) }
     }
 
-    /// Copies stage `q` into ring slot `slot`: the thread's code chunk, its `X` chunk
+    /// Copies stage `q` into ring slot `slot`: the thread's code chunk, its `X` chunks
     /// (zero-filled past `M` or `K`), and the block's records of the groups the stage needs
     /// (its first step's when it starts that group or is the block's first stage, the next
     /// group's when it starts inside the stage); then moves on one stage.
@@ -241,14 +247,17 @@ impl Sources {
         let sh = W4a16WgShape { tf: TF as u32 };
         cp_async_16(slot + tid * 16, self.codes);
         self.codes = self.codes.add((WG_STAGE_STEPS * PACK_TILE_BYTES) as usize);
-        if tid < WG_STAGE_STEPS * sh.x_step_bytes() / 16 {
-            let valid = self.x_row && self.x_k < a.k;
-            cp_async_16_zfill(slot + sh.x_off() + tid * 16, self.x, if valid { 16 } else { 0 });
-            if self.x_row {
-                self.x = self.x.add(2 * sh.k_stage() as usize);
+        unroll!(u < 2, {
+            let c = tid + u as u32 * WG_THREADS;
+            if c < sh.x_chunks() {
+                let valid = self.x_row[u] && self.x_k[u] < a.k;
+                cp_async_16_zfill(slot + sh.x_off() + c * 16, self.x[u], if valid { 16 } else { 0 });
+                if self.x_row[u] {
+                    self.x[u] = self.x[u].add(2 * sh.k_stage() as usize);
+                }
+                self.x_k[u] += sh.k_stage();
             }
-            self.x_k += sh.k_stage();
-        }
+        });
         let u = tid / 64;
         let wanted = if u == 0 { first || self.cur.r == 0 } else { self.cur.r + sh.k_stage() > gs };
         if tid < 64 * WG_STAGE_GROUPS && wanted {
@@ -271,13 +280,7 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize>(a: W4a16Args) {
     let (warp, lane) = (tid / 32, tid % 32);
     let (tile, w) = (warp / 4, warp % 4);
     let (g, t) = (lane / 4, lane % 4);
-    // `max(1)`: no division-by-zero panic path (the launcher never passes 0).
-    let (m_blocks, col_blocks, splits) = (a.m_blocks.max(1), a.col_blocks.max(1), a.splits.max(1));
-    let bid = block_x();
-    let mblk = bid % m_blocks;
-    let rest = bid / m_blocks;
-    let cb = rest % col_blocks;
-    let split = rest / col_blocks;
+    let (mblk, cb, split, splits) = block_place(&a);
     let m0 = mblk * sh.m_block();
     let stages = a.k_pad / sh.k_stage();
     let s_begin = (split as u64 * stages as u64 / splits as u64) as u32;
@@ -288,10 +291,10 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize>(a: W4a16Args) {
     let table = base + sh.table();
     let slot_of = |q: u32| base + (q % WG_DEPTH) * sh.stage_bytes();
 
-    // Prologue: stages s_begin .. s_begin + depth − 1 (empty groups past the end keep the count).
+    // Prologue: stages s_begin .. s_begin + depth − 2 (empty groups past the end keep the count).
     let mut src = Sources::at::<TF>(&a, s_begin, cb, m0, tid, gs);
     let mut q = s_begin;
-    while q < s_begin + WG_DEPTH - 1 {
+    while q < s_begin + WG_DEPTH - 2 {
         if q < s_end {
             src.issue::<TF>(&a, slot_of(q), cb, tid, gs, q == s_begin);
         } else {
@@ -304,7 +307,7 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize>(a: W4a16Args) {
         st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
     }
 
-    let mut acc = [0f32; 32];
+    let mut acc = [0f32; ACC];
     wgmma_fence_acc::<TF>(&mut acc);
     // This lane's decoded records: columns 16w + g and 16w + 8 + g of tile `tile`.
     let mut rec = [0u64; 2];
@@ -312,16 +315,20 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize>(a: W4a16Args) {
     let mut cur = GroupCursor::at(s_begin * sh.k_stage(), gs);
     let mut s = s_begin;
     while s < s_end {
-        cp_async_wait::<{ WG_DEPTH - 2 }>();
+        cp_async_wait::<{ WG_DEPTH - 3 }>();
         fence_proxy_async();
         sync_threads();
-        // Stage s − 1's slot is free: every warp waited for its wgmmas before the barrier.
+        // Stage s − 2's slot is free: every warp waited for its wgmmas before the barrier.
         if q < s_end {
             src.issue::<TF>(&a, slot_of(q), cb, tid, gs, false);
         } else {
             cp_async_commit();
         }
         q += 1;
+        // Stage s − 1's wgmmas ran during the wait, the barrier and the copies above; they
+        // must be done before the dequantization below rewrites their A registers (the
+        // compiler keeps one register set for them across iterations).
+        wgmma_wait::<0>();
         let sb = slot_of(s);
         let g_stage = cur.g;
         // The stage's four A fragments, then one fence and four back-to-back wgmmas.
@@ -345,9 +352,6 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize>(a: W4a16Args) {
             T::wgmma::<TF>(&mut acc, &afrag[j], desc + (j as u32 * sh.x_step_bytes() / 16) as u64);
         });
         wgmma_commit();
-        // All of them: the next stage rewrites the A registers these wgmmas read (the
-        // compiler keeps one register set for them across iterations).
-        wgmma_wait::<0>();
         s += 1;
     }
     wgmma_wait_all_acc::<TF>(&mut acc);
@@ -356,7 +360,7 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize>(a: W4a16Args) {
     // acc[4f + e]: column 16w + g (+ 8 for e ≥ 2) of tile `tile`, token 8f + 2t (+ 1 for odd e).
     let (m, n) = (a.m, a.n);
     let col0 = cb * sh.n_block();
-    unroll!(f < 8, {
+    unroll!(f < 16, {
         if f < TF {
             unroll!(e < 4, {
                 let c = col0 + col + 8 * (e as u32 / 2);
@@ -396,7 +400,9 @@ instance!(W4a16WgBf16T1, w4a16_wg_bf16_t1, Bf16, 1);
 instance!(W4a16WgBf16T2, w4a16_wg_bf16_t2, Bf16, 2);
 instance!(W4a16WgBf16T4, w4a16_wg_bf16_t4, Bf16, 4);
 instance!(W4a16WgBf16T8, w4a16_wg_bf16_t8, Bf16, 8);
+instance!(W4a16WgBf16T16, w4a16_wg_bf16_t16, Bf16, 16);
 instance!(W4a16WgF16T1, w4a16_wg_f16_t1, F16, 1);
 instance!(W4a16WgF16T2, w4a16_wg_f16_t2, F16, 2);
 instance!(W4a16WgF16T4, w4a16_wg_f16_t4, F16, 4);
 instance!(W4a16WgF16T8, w4a16_wg_f16_t8, F16, 8);
+instance!(W4a16WgF16T16, w4a16_wg_f16_t16, F16, 16);
