@@ -274,12 +274,9 @@ pub fn w4a16_plan(
     let skinny = !hopper && m <= opts.skinny_max_m.min(64);
     let tf = m.min(64).div_ceil(8).next_power_of_two() as u32;
     let (kernel, rows_per_block, cols_per_block, k_unit, shared_bytes, threads) = if hopper {
-        // Above 64 rows on large layers, blocks of 128 rows dequantize the weight once for
-        // twice the tokens of two 64-row blocks (H200, M = 256: 14336×4096 102 µs against
-        // 144); on small layers they need twice the splits to fill the GPU, and the split-K
-        // end of 128 rows cost more than it saved (2048×7168, M = 128: 37 µs against 27).
-        let rows = if large { 128 } else { 64 };
-        let shape = W4a16WgShape { tf: m.min(rows).div_ceil(8).next_power_of_two() as u32 };
+        // Up to 128 rows per block: above 64, one block of 128 dequantizes the weight once for
+        // twice the tokens of two 64-row blocks.
+        let shape = W4a16WgShape { tf: m.min(128).div_ceil(8).next_power_of_two() as u32 };
         let tf = shape.tf;
         let k_stage = WG_STAGE_STEPS * 16;
         (FusedKernel::Wgmma { tf }, shape.m_block(), shape.n_block(), k_stage, shape.total(), WG_THREADS)
