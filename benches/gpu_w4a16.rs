@@ -97,7 +97,7 @@ fn main() -> Result<()> {
     if let Err(e) = &blas {
         println!("cuBLAS unavailable ({e}): its columns and the dequant+cuBLAS path are skipped");
     }
-    let hopper = dev.is_hopper()?;
+    let hopper = dev.is_hopper();
     let bw = copy_bandwidth(&dev)?;
     println!("device-to-device copy: {:.0} GB/s (read + written); SMs: {}", bw / 1e9, dev.sm_count()?);
     let stream = dev.stream().clone();

@@ -216,7 +216,7 @@ impl KernelChoice {
     fn check_plan(self, dev: &GpuDevice, plan: &W4a16Plan) {
         match (self, plan.kernel) {
             (KernelChoice::Wgmma, FusedKernel::Wgmma { .. }) => {}
-            (KernelChoice::Wgmma, k) => assert!(!dev.is_hopper().unwrap(), "Hopper device planned {k:?}"),
+            (KernelChoice::Wgmma, k) => assert!(!dev.is_hopper(), "Hopper device planned {k:?}"),
             (KernelChoice::Skinny, FusedKernel::Skinny { .. }) | (KernelChoice::Tiled, FusedKernel::Tiled { .. }) => {}
             (want, got) => {
                 // The skinny kernel serves at most 64 rows; above, the tiled one.

@@ -32,6 +32,8 @@ pub struct GpuDevice {
     stream: Arc<CudaStream>,
     module: Mutex<Option<Arc<CudaModule>>>,
     hopper_module: Mutex<Option<Arc<CudaModule>>>,
+    /// `(major, minor)`, read once: the W4A16 plan asks on every launch.
+    compute_capability: (u32, u32),
     functions: Mutex<HashMap<&'static str, cudarc::driver::CudaFunction>>,
     constant_memory: Mutex<()>,
     name: String,
@@ -66,6 +68,15 @@ impl GpuDevice {
         // events would only add work.
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().map_err(ForgeError::driver("reading the device name"))?;
+        let compute_capability = {
+            use cudarc::driver::sys::CUdevice_attribute as A;
+            let read =
+                |a| ctx.attribute(a).map(|v| v as u32).map_err(ForgeError::driver("reading the compute capability"));
+            (
+                read(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+                read(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+            )
+        };
         // A non-blocking stream: work here never waits for the legacy NULL stream, so copies
         // on the engine's other streams overlap with it.
         let stream = ctx.new_stream().map_err(ForgeError::driver("creating the compute stream"))?;
@@ -74,6 +85,7 @@ impl GpuDevice {
             stream,
             module: Mutex::new(None),
             hopper_module: Mutex::new(None),
+            compute_capability,
             functions: Mutex::new(HashMap::new()),
             constant_memory: Mutex::new(()),
             name,
@@ -117,11 +129,10 @@ impl GpuDevice {
         let (slot, ptx, what) = match which {
             PtxModule::Base => (&self.module, KERNELS_PTX, "loading the kernels PTX"),
             PtxModule::Hopper => {
-                if !self.is_hopper()? {
+                if !self.is_hopper() {
                     return Err(ForgeError::Config(format!(
                         "the Hopper kernels need a compute capability 9.0 GPU; {} is {:?}",
-                        self.name,
-                        self.compute_capability()?
+                        self.name, self.compute_capability
                     )));
                 }
                 (&self.hopper_module, KERNELS_HOPPER_PTX, "loading the Hopper kernels PTX")
@@ -137,19 +148,14 @@ impl GpuDevice {
     }
 
     /// `(major, minor)` compute capability.
-    pub fn compute_capability(&self) -> Result<(u32, u32)> {
-        use cudarc::driver::sys::CUdevice_attribute as A;
-        let read = |a, what| self.ctx.attribute(a).map(|v| v as u32).map_err(ForgeError::driver(what));
-        Ok((
-            read(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, "reading the compute capability")?,
-            read(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, "reading the compute capability")?,
-        ))
+    pub fn compute_capability(&self) -> (u32, u32) {
+        self.compute_capability
     }
 
     /// Whether the Hopper module runs here (compute capability exactly 9.0: sm_90a code runs
     /// on no other).
-    pub fn is_hopper(&self) -> Result<bool> {
-        Ok(self.compute_capability()? == (9, 0))
+    pub fn is_hopper(&self) -> bool {
+        self.compute_capability == (9, 0)
     }
 
     /// Number of streaming multiprocessors (for sizing persistent grids).

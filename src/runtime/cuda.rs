@@ -30,7 +30,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use forge_kernel_abi::runtime::{
     W4DequantArgs, W4a16Args, W4a16Shape, W4a16SkinnyShape, W4a16WgShape, DEQUANT_SHARED_BYTES, SKINNY_WARPS,
-    W4A16_MAX_SPLITS, W4A16_THREADS, WG_STAGE_STEPS, WG_THREADS,
+    W4A16_MAX_SPLITS, W4A16_THREADS, WG_THREADS,
 };
 use forge_kernel_abi::{
     Kernel, W4DequantBf16, W4DequantF16, W4a16Bf16M1, W4a16Bf16M2, W4a16Bf16M3, W4a16Bf16M4, W4a16F16M1, W4a16F16M2,
@@ -263,25 +263,28 @@ pub fn w4a16_plan(
         MatmulPath::DequantGemm => true,
         MatmulPath::Auto => m >= opts.gemm_min_m && crate::device::cublas::cublas_available().is_ok(),
     };
-    // Hopper: rows per block 8–64 (several row blocks above 64); skinny: 8, 16, 32 or 64;
-    // tiled: 16·mb, mb from M up to 64 rows.
-    // From 33 to 64 rows the wgmma kernel wins only on large layers (H200: 14336×4096 and
+    // Hopper: rows per block 8–128; skinny: 8, 16, 32 or 64; tiled: 16·mb, mb from M up to
+    // 64 rows (several row blocks above). From 33 to 64 rows the wgmma kernel wins only on large layers (H200: 14336×4096 and
     // 4096×14336 at M = 64 took 45 and 43 µs against the skinny kernel's 64 and 59; on
     // layers of 2^24 weights or fewer it tied or lost by up to 18 %); above 64 rows it beat
     // the tiled kernel on every bench shape.
     let large = w.n as u64 * w.k as u64 >= opts.hopper_min_weights;
-    let hopper = m >= opts.hopper_min_m && (m > 64 || large) && !gemm && dev.is_hopper()?;
+    let hopper = m >= opts.hopper_min_m && (m > 64 || large) && !gemm && dev.is_hopper();
     let skinny = !hopper && m <= opts.skinny_max_m.min(64);
-    let tf = m.min(64).div_ceil(8).next_power_of_two() as u32;
     let (kernel, rows_per_block, cols_per_block, k_unit, shared_bytes, threads) = if hopper {
         // Up to 128 rows per block: above 64, one block of 128 dequantizes the weight once for
         // twice the tokens of two 64-row blocks.
         let shape = W4a16WgShape { tf: m.min(128).div_ceil(8).next_power_of_two() as u32 };
-        let tf = shape.tf;
-        let k_stage = WG_STAGE_STEPS * 16;
-        (FusedKernel::Wgmma { tf }, shape.m_block(), shape.n_block(), k_stage, shape.total(), WG_THREADS)
+        (
+            FusedKernel::Wgmma { tf: shape.tf },
+            shape.m_block(),
+            shape.n_block(),
+            shape.k_stage(),
+            shape.total(),
+            WG_THREADS,
+        )
     } else if skinny {
-        let shape = W4a16SkinnyShape::for_tf(tf);
+        let shape = W4a16SkinnyShape::for_tf(m.div_ceil(8).next_power_of_two() as u32);
         (FusedKernel::Skinny { tf: shape.tf }, shape.m_block(), shape.n_block(), 16, shape.total(), W4A16_THREADS)
     } else {
         let shape = W4a16Shape::for_mb(m.min(64).div_ceil(16) as u32);
@@ -290,7 +293,8 @@ pub fn w4a16_plan(
     };
     let m_blocks = m.div_ceil(rows_per_block as usize) as u32;
     let col_blocks = (w.n_pad / cols_per_block as usize) as u32;
-    // The tiled kernel splits whole stages; the skinny one whole steps among its warps.
+    // The tiled and Hopper kernels split whole stages; the skinny one whole steps among its
+    // warps.
     let units = (w.k_pad / k_unit as usize) as u32;
     let (func, name) = fused_kernel(dev, dtype, kernel)?;
     func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes as i32)
