@@ -188,41 +188,56 @@ fn assert_bits_equal(got: &Array2<f32>, want: &Array2<f32>, what: &str) {
 /// are the paths of non-Hopper GPUs, the `wgmma` one runs on compute capability 9.0).
 #[derive(Clone, Copy, Debug)]
 enum KernelChoice {
+    /// Every row count, blocks of up to 128 rows (the plan's choice on large layers).
     Wgmma,
+    /// The plan's choice on small layers: above 64 rows only, in blocks of up to 64.
+    WgmmaSmallLayer,
     Skinny,
     Tiled,
 }
 
 impl KernelChoice {
-    const ALL: [KernelChoice; 3] = [KernelChoice::Wgmma, KernelChoice::Skinny, KernelChoice::Tiled];
+    const ALL: [KernelChoice; 4] =
+        [KernelChoice::Wgmma, KernelChoice::WgmmaSmallLayer, KernelChoice::Skinny, KernelChoice::Tiled];
 
     fn options(self, splits: Option<u32>) -> W4a16Options {
-        let (hopper_min_m, skinny_max_m) = match self {
-            KernelChoice::Wgmma => (1, 64),
-            KernelChoice::Skinny => (usize::MAX, 64),
-            KernelChoice::Tiled => (usize::MAX, 0),
+        let (hopper_min_m, hopper_min_weights, skinny_max_m) = match self {
+            KernelChoice::Wgmma => (1, 0, 64),
+            KernelChoice::WgmmaSmallLayer => (1, u64::MAX, 64),
+            KernelChoice::Skinny => (usize::MAX, 0, 64),
+            KernelChoice::Tiled => (usize::MAX, 0, 0),
         };
         W4a16Options {
             path: MatmulPath::Fused,
             splits,
             hopper_min_m,
-            hopper_min_weights: 0,
+            hopper_min_weights,
             skinny_max_m,
             ..Default::default()
         }
     }
 
-    /// The plan ran the kernel asked for (the Hopper one wherever the device has it).
-    fn check_plan(self, dev: &GpuDevice, plan: &W4a16Plan) {
-        match (self, plan.kernel) {
-            (KernelChoice::Wgmma, FusedKernel::Wgmma { .. }) => {}
-            (KernelChoice::Wgmma, k) => assert!(!dev.is_hopper(), "Hopper device planned {k:?}"),
-            (KernelChoice::Skinny, FusedKernel::Skinny { .. }) | (KernelChoice::Tiled, FusedKernel::Tiled { .. }) => {}
-            (want, got) => {
-                // The skinny kernel serves at most 64 rows; above, the tiled one.
-                assert!(matches!((want, got), (KernelChoice::Skinny, FusedKernel::Tiled { .. })), "{want:?}: {got:?}")
+    /// The plan for `m` rows ran the kernel asked for (the Hopper one wherever the device has
+    /// it; the skinny one serves at most 64 rows, the tiled one above).
+    fn check_plan(self, dev: &GpuDevice, m: usize, plan: &W4a16Plan) {
+        let hopper = dev.is_hopper();
+        let sm80 = if m <= 64 { "Skinny" } else { "Tiled" };
+        let want = match self {
+            KernelChoice::Wgmma if hopper => "Wgmma",
+            KernelChoice::WgmmaSmallLayer if hopper && m > 64 => "Wgmma",
+            KernelChoice::Tiled => "Tiled",
+            _ => sm80,
+        };
+        let got = match plan.kernel {
+            FusedKernel::Wgmma { tf } => {
+                // Small layers: blocks of at most 64 rows.
+                assert!(!matches!(self, KernelChoice::WgmmaSmallLayer) || tf <= 8, "{plan:?}");
+                "Wgmma"
             }
-        }
+            FusedKernel::Skinny { .. } => "Skinny",
+            FusedKernel::Tiled { .. } => "Tiled",
+        };
+        assert_eq!(got, want, "{self:?} m {m}: {plan:?}");
     }
 }
 
@@ -242,7 +257,7 @@ fn gpu_matmul_is_exact_on_exactly_summable_inputs() {
                 for kernel in KernelChoice::ALL {
                     let opts = kernel.options(splits);
                     let (got, plan) = w4a16_matmul_host(&dev, x.view(), &p, dt, &opts).unwrap();
-                    kernel.check_plan(&dev, &plan);
+                    kernel.check_plan(&dev, m, &plan);
                     assert_bits_equal(&got, &want, &format!("{dt:?} m {m} {n}×{k} gs {gs} {plan:?}"));
                 }
             }
@@ -383,7 +398,7 @@ proptest::proptest! {
         let want = round_to_act(&w4a16_matmul_cpu(x.view(), &p, dt).unwrap(), dt);
         let opts = kernel.options(splits);
         let (got, plan) = w4a16_matmul_host(&dev, x.view(), &p, dt, &opts).unwrap();
-        kernel.check_plan(&dev, &plan);
+        kernel.check_plan(&dev, m, &plan);
         assert_bits_equal(&got, &want, &format!("{dt:?} m {m} {n}×{k} gs {gs} {plan:?}"));
     }
 }

@@ -272,9 +272,12 @@ pub fn w4a16_plan(
     let hopper = m >= opts.hopper_min_m && (m > 64 || large) && !gemm && dev.is_hopper();
     let skinny = !hopper && m <= opts.skinny_max_m.min(64);
     let (kernel, rows_per_block, cols_per_block, k_unit, shared_bytes, threads) = if hopper {
-        // Up to 128 rows per block: above 64, one block of 128 dequantizes the weight once for
-        // twice the tokens of two 64-row blocks.
-        let shape = W4a16WgShape { tf: m.min(128).div_ceil(8).next_power_of_two() as u32 };
+        // Above 64 rows on large layers, blocks of 128 rows dequantize the weight once for
+        // twice the tokens of two 64-row blocks (H200, M = 256: 14336×4096 102 µs against
+        // 144); on small layers they need twice the splits to fill the GPU, and the split-K
+        // end of 128 rows cost more than it saved (2048×7168, M = 128: 37 µs against 27).
+        let rows = if large { 128 } else { 64 };
+        let shape = W4a16WgShape { tf: m.min(rows).div_ceil(8).next_power_of_two() as u32 };
         (
             FusedKernel::Wgmma { tf: shape.tf },
             shape.m_block(),
