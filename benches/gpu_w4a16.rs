@@ -12,8 +12,10 @@
 //! README). `W4A16_BENCH_QUICK=1` times only M ∈ {1, 16, 64, 1024} on two shapes;
 //! `W4A16_BENCH_SPLITS=1` also sweeps the split-K factor at M 1, 16 and 64;
 //! `W4A16_BENCH_ONLY=NxK:M` times one case (for a profiler). On a Hopper GPU the table also
-//! times the `wgmma` kernel where the plan picks another fused kernel, and the sm_80 kernel
-//! where it picks the `wgmma` one.
+//! times the `wgmma` kernel where the plan picks another fused kernel, the sm_80 kernel where
+//! it picks a Hopper-module one, and the Hopper-module kernels launched overlapping
+//! (`overlap_prior_kernel`: each launch's blocks start while the previous one finishes and
+//! stream their weight, then wait for it before reading `X`, as in a chain of layers).
 
 mod common;
 
@@ -165,8 +167,13 @@ fn main() -> Result<()> {
             };
             // In the same run: the baseline (sm_80) kernel where the Hopper one runs, and the
             // Hopper one where the plan picks another fused kernel (on a Hopper device).
-            let t_sm80 = if matches!(fplan.kernel, FusedKernel::Wgmma { .. }) {
-                Some(run(W4a16Options { path: MatmulPath::Fused, hopper_min_m: usize::MAX, ..Default::default() })?)
+            let t_sm80 = if matches!(fplan.kernel, FusedKernel::Wgmma { .. } | FusedKernel::SkinnySm90 { .. }) {
+                Some(run(W4a16Options {
+                    path: MatmulPath::Fused,
+                    hopper_min_m: usize::MAX,
+                    hopper_skinny: false,
+                    ..Default::default()
+                })?)
             } else {
                 None
             };
@@ -177,6 +184,15 @@ fn main() -> Result<()> {
                     hopper_min_weights: 0,
                     ..Default::default()
                 })?)
+            } else {
+                None
+            };
+            // The same launches overlapping each other (programmatic dependent launch): a chain
+            // of layers, each waiting for the one before to finish before it reads X.
+            let t_overlap = if matches!(plan.kernel, FusedKernel::Wgmma { .. } | FusedKernel::SkinnySm90 { .. })
+                && plan.path == MatmulPath::Fused
+            {
+                Some(run(W4a16Options { overlap_prior_kernel: true, ..Default::default() })?.0)
             } else {
                 None
             };
@@ -205,6 +221,9 @@ fn main() -> Result<()> {
                 (_, FusedKernel::Skinny { tf }) => format!("skinny t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident),
                 (_, FusedKernel::Tiled { mb }) => format!("tiled mb{mb} s{} b{}/{}", p.splits, p.blocks, p.resident),
                 (_, FusedKernel::Wgmma { tf }) => format!("wgmma t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident),
+                (_, FusedKernel::SkinnySm90 { tf }) => {
+                    format!("skinny90 t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident)
+                }
             };
             rows.push(vec![
                 format!("{n}×{k}"),
@@ -221,6 +240,11 @@ fn main() -> Result<()> {
                 us(floor),
                 t_blas.map_or("–".into(), |t| format!("{:.2}×", t / t_auto)),
                 format!("{:.0}%", 100.0 * floor / t_auto),
+                t_overlap.map_or("–".into(), us),
+                match (t_overlap, t_blas) {
+                    (Some(t), Some(b)) => format!("{:.2}×", b / t),
+                    _ => "–".into(),
+                },
             ]);
         }
     }
@@ -245,6 +269,8 @@ fn main() -> Result<()> {
             "HBM floor µs",
             "speed-up vs cuBLAS",
             "% of floor",
+            "overlapped µs",
+            "overlapped vs cuBLAS",
         ],
         &rows,
     );

@@ -13,8 +13,11 @@
 //!   accumulation is exact in ANY order (tensor-core truncation included) and the device
 //!   must return `round_T(exact)` exactly. Shapes with `n`/`k` tails, partial last groups,
 //!   M in {1, 2, 7, 16, 33, 128, 257}, each fused kernel forced (the Hopper `wgmma` one, the
-//!   skinny one, the tiled one), forced split-K factors, large (×2^40) and small
+//!   skinny one in both builds, the tiled one), forced split-K factors, large (×2^40) and small
 //!   (×2^-40) magnitudes, all codes 0 / all 15, zero activations.
+//! * overlapping launches (programmatic dependent launch, Hopper): a two-layer chain whose
+//!   second layer starts early must equal the serial chain bit for bit, with a NaN-filled
+//!   intermediate buffer that exposes any early read.
 //! * matmul, realistic: heavy-tailed weights quantized on a real grid (absmax and MSE,
 //!   symmetric and asymmetric), Gaussian activations with outlier columns; against the f64
 //!   reference with the bound derived in [`tolerance`].
@@ -23,8 +26,9 @@ mod common;
 
 use fourbit_forge::device::GpuDevice;
 use fourbit_forge::runtime::{
-    dequant_for_kernel, dequant_gpu, pack_for_kernel, round_to_act, unpack_for_kernel, w4a16_matmul_cpu,
-    w4a16_matmul_host, ActDtype, FusedKernel, MatmulPath, PackedWeight, W4a16Options, W4a16Plan,
+    dequant_for_kernel, dequant_gpu, pack_for_kernel, round_to_act, unpack_for_kernel, w4a16_matmul, w4a16_matmul_cpu,
+    w4a16_matmul_host, ActDtype, DevicePackedWeight, FusedKernel, MatmulPath, PackedWeight, W4a16Options, W4a16Plan,
+    W4a16Workspace,
 };
 use fourbit_forge::{ForgeError, GridConfig, MseSearch, QMetaPacked, QuantGrid, ScaleDtype, ScaleSearch, WeightView};
 use ndarray::Array2;
@@ -185,26 +189,34 @@ fn assert_bits_equal(got: &Array2<f32>, want: &Array2<f32>, what: &str) {
 }
 
 /// Which fused kernel a case forces (each runs every row count: the skinny and tiled ones
-/// are the paths of non-Hopper GPUs, the `wgmma` one runs on compute capability 9.0).
+/// are the paths of non-Hopper GPUs, the `wgmma` one and the skinny one's Hopper-module build
+/// run on compute capability 9.0, launched with programmatic dependent launch).
 #[derive(Clone, Copy, Debug)]
 enum KernelChoice {
     /// Every row count, blocks of up to 128 rows (the plan's choice on large layers).
     Wgmma,
     /// The plan's choice on small layers: above 64 rows only, in blocks of up to 64.
     WgmmaSmallLayer,
+    /// The skinny kernel's Hopper-module build (up to 64 rows).
+    SkinnySm90,
     Skinny,
     Tiled,
 }
 
 impl KernelChoice {
-    const ALL: [KernelChoice; 4] =
-        [KernelChoice::Wgmma, KernelChoice::WgmmaSmallLayer, KernelChoice::Skinny, KernelChoice::Tiled];
+    const ALL: [KernelChoice; 5] = [
+        KernelChoice::Wgmma,
+        KernelChoice::WgmmaSmallLayer,
+        KernelChoice::SkinnySm90,
+        KernelChoice::Skinny,
+        KernelChoice::Tiled,
+    ];
 
     fn options(self, splits: Option<u32>) -> W4a16Options {
         let (hopper_min_m, hopper_min_weights, skinny_max_m) = match self {
             KernelChoice::Wgmma => (1, 0, 64),
             KernelChoice::WgmmaSmallLayer => (1, u64::MAX, 64),
-            KernelChoice::Skinny => (usize::MAX, 0, 64),
+            KernelChoice::SkinnySm90 | KernelChoice::Skinny => (usize::MAX, 0, 64),
             KernelChoice::Tiled => (usize::MAX, 0, 0),
         };
         W4a16Options {
@@ -213,18 +225,26 @@ impl KernelChoice {
             hopper_min_m,
             hopper_min_weights,
             skinny_max_m,
+            hopper_skinny: matches!(self, KernelChoice::SkinnySm90),
+            // The Hopper-module kernels with both prologues: the overlapping launch (after a
+            // copy, so nothing to overlap: the launch path, the wait and the split prologue
+            // run) with odd forced splits, the plain one otherwise.
+            overlap_prior_kernel: matches!(self, KernelChoice::SkinnySm90 | KernelChoice::Wgmma)
+                && splits.is_some_and(|s| s % 2 == 1),
             ..Default::default()
         }
     }
 
-    /// The plan for `m` rows ran the kernel asked for (the Hopper one wherever the device has
-    /// it; the skinny one serves at most 64 rows, the tiled one above).
+    /// The plan for `m` rows ran the kernel asked for (the Hopper ones wherever the device
+    /// has them; the skinny one serves at most 64 rows, the tiled one above).
     fn check_plan(self, dev: &GpuDevice, m: usize, plan: &W4a16Plan) {
         let hopper = dev.is_hopper();
         let sm80 = if m <= 64 { "Skinny" } else { "Tiled" };
         let want = match self {
             KernelChoice::Wgmma if hopper => "Wgmma",
             KernelChoice::WgmmaSmallLayer if hopper && m > 64 => "Wgmma",
+            // 17–32 rows keep the sm_80 build (see `W4a16Options::hopper_skinny`).
+            KernelChoice::SkinnySm90 if hopper && m <= 64 && !(17..=32).contains(&m) => "SkinnySm90",
             KernelChoice::Tiled => "Tiled",
             _ => sm80,
         };
@@ -234,6 +254,7 @@ impl KernelChoice {
                 assert!(!matches!(self, KernelChoice::WgmmaSmallLayer) || tf <= 8, "{plan:?}");
                 "Wgmma"
             }
+            FusedKernel::SkinnySm90 { .. } => "SkinnySm90",
             FusedKernel::Skinny { .. } => "Skinny",
             FusedKernel::Tiled { .. } => "Tiled",
         };
@@ -261,6 +282,57 @@ fn gpu_matmul_is_exact_on_exactly_summable_inputs() {
                     assert_bits_equal(&got, &want, &format!("{dt:?} m {m} {n}×{k} gs {gs} {plan:?}"));
                 }
             }
+        }
+    }
+}
+
+/// Two layers back to back on one stream, both launched overlapping the kernel before them
+/// (`overlap_prior_kernel`): the second one's blocks start while the first runs and must
+/// still read its output. Before every chain the intermediate buffer is filled with NaN, so
+/// a read before the first layer's write would show; the split-K workspace the two share
+/// must come through intact too. The result must equal the same chain launched in order, bit
+/// for bit (the kernels are deterministic); 20 repeats per row count give a race many
+/// chances. Row counts cover the skinny kernel (1–40) and the `wgmma` one (100).
+#[test]
+fn gpu_overlapped_launch_reads_the_previous_layers_output() {
+    let Some(dev) = common::gpu_or_skip("gpu_overlapped_launch_reads_the_previous_layers_output") else { return };
+    if !dev.is_hopper() {
+        eprintln!("[gpu_overlapped_launch_reads_the_previous_layers_output] skipped: overlapping launches run on compute capability 9.0 only");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(11);
+    let (k, n1, n2, gs, dt) = (2048, 1024, 768, 128, ActDtype::Bf16);
+    let mut layer = |n: usize, k: usize| {
+        let (codes, grid) = random_layer(n, k, gs, &mut rng, |r| r.gen_range(-2048..-1024));
+        pack_for_kernel(codes.view(), &grid).unwrap()
+    };
+    let (p1, p2) = (layer(n1, k), layer(n2, n1));
+    let (w1, w2) = (DevicePackedWeight::upload(&dev, &p1).unwrap(), DevicePackedWeight::upload(&dev, &p2).unwrap());
+    let stream = dev.stream().clone();
+    let serial = W4a16Options { path: MatmulPath::Fused, ..Default::default() };
+    let overlapped = W4a16Options { overlap_prior_kernel: true, ..serial };
+    for m in [1, 7, 16, 40, 100] {
+        let xh: Vec<u16> = (0..m * k).map(|_| dt.bits(rng.gen_range(-1.0f32..1.0))).collect();
+        let mut x = dev.alloc::<u16>(m * k, "test X").unwrap();
+        stream.memcpy_htod(&xh, &mut x).unwrap();
+        let mut y1 = dev.alloc::<u16>(m * n1, "test Y1").unwrap();
+        let mut y2 = dev.alloc::<u16>(m * n2, "test Y2").unwrap();
+        let nan = vec![0xffffu16; m * n1];
+        let mut ws = W4a16Workspace::default();
+        let mut chain = |opts: &W4a16Options| {
+            stream.memcpy_htod(&nan, &mut y1).unwrap();
+            let first = w4a16_matmul(&dev, &x, m, &w1, &mut y1, dt, opts, &mut ws).unwrap();
+            let second = w4a16_matmul(&dev, &y1, m, &w2, &mut y2, dt, opts, &mut ws).unwrap();
+            (stream.clone_dtoh(&y2).unwrap(), first, second)
+        };
+        let (want, _, _) = chain(&serial);
+        assert!(want.iter().all(|&b| dt.value(b).is_finite()), "m {m}: the serial chain is not finite");
+        for rep in 0..20 {
+            let (got, first, second) = chain(&overlapped);
+            for plan in [first, second] {
+                assert!(matches!(plan.kernel, FusedKernel::SkinnySm90 { .. } | FusedKernel::Wgmma { .. }), "{plan:?}");
+            }
+            assert!(got == want, "m {m} repeat {rep}: the overlapped chain differs ({first:?}, {second:?})");
         }
     }
 }

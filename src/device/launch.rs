@@ -100,6 +100,55 @@ impl GpuDevice {
         self.launch_on::<K>(&self.stream, cfg, args)
     }
 
+    /// Enqueues kernel `K` on the device's compute stream with programmatic dependent launch
+    /// (`CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`): its blocks may start before
+    /// the kernel ahead of it on the stream has finished. cudarc's launch builder has no
+    /// launch attributes, so this calls `cuLaunchKernelEx` itself.
+    ///
+    /// # Safety
+    /// As [`GpuDevice::launch`], and `K` executes `griddepcontrol.wait` before it reads
+    /// anything the previous kernel may write and before it writes anything; what it reads
+    /// before that wait, no kernel still running writes.
+    pub unsafe fn launch_overlapping<K: Kernel>(&self, cfg: LaunchConfig, args: &K::Args) -> Result<()> {
+        use cudarc::driver::sys;
+        let f = self.kernel::<K>()?;
+        // Pointers to the argument fields, in the kernel's parameter order; they outlive the
+        // call (`args` is borrowed for it).
+        let mut params: Vec<*mut core::ffi::c_void> = Vec::with_capacity(K::Args::PARAMS.len());
+        args.visit_params(&mut |p| {
+            params.push(match p {
+                ParamRef::Addr(a) => a as *const u64 as *mut _,
+                ParamRef::U32(v) => v as *const u32 as *mut _,
+                ParamRef::F32(v) => v as *const f32 as *mut _,
+                ParamRef::F64(v) => v as *const f64 as *mut _,
+            })
+        });
+        // SAFETY: a plain-data union; every bit pattern is valid, and the one field set below
+        // is the one the attribute id names.
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut launch = || -> std::result::Result<(), cudarc::driver::DriverError> {
+            self.stream.context().bind_to_thread()?;
+            // SAFETY: `config` and `params` are live for the call; the caller upholds `K`'s
+            // contract and the overlap rule above.
+            sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
+        };
+        launch().map_err(|source| ForgeError::Launch { kernel: K::NAME, source })
+    }
+
     /// Enqueues kernel `K` on `stream`.
     ///
     /// # Safety

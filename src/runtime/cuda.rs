@@ -5,7 +5,8 @@
 //! Kernels (docs/kernels.md §6): on a compute-capability-9.0 GPU (H100, H200) from
 //! `hopper_min_m` rows (default 33; below 65 rows only on layers of ≥ 2^25 weights) the Hopper
 //! `wgmma` kernel (its own sm_90a PTX module, 8–128 rows per block); otherwise up to `skinny_max_m` rows (default 64) the skinny kernel
-//! (`Yᵀ = W·Xᵀ`, 8–64 rows per block, per-warp pipelines), above it the tiled one (16–64 rows
+//! (`Yᵀ = W·Xᵀ`, 8–64 rows per block, per-warp pipelines; on compute capability 9.0 its build
+//! in the Hopper module, which can overlap the previous kernel), above it the tiled one (16–64 rows
 //! per block); from `gemm_min_m` rows (default 512) dequantization + cuBLAS when cuBLAS loads.
 //! On the H200 bench (5 shapes × M 1–64) the skinny kernel was faster than the tiled one in
 //! 30 of 35 cases and at most 8 % slower in the other 5.
@@ -35,8 +36,10 @@ use forge_kernel_abi::runtime::{
 use forge_kernel_abi::{
     Kernel, W4DequantBf16, W4DequantF16, W4a16Bf16M1, W4a16Bf16M2, W4a16Bf16M3, W4a16Bf16M4, W4a16F16M1, W4a16F16M2,
     W4a16F16M3, W4a16F16M4, W4a16SkinnyBf16T1, W4a16SkinnyBf16T2, W4a16SkinnyBf16T4, W4a16SkinnyBf16T8,
-    W4a16SkinnyF16T1, W4a16SkinnyF16T2, W4a16SkinnyF16T4, W4a16SkinnyF16T8, W4a16WgBf16T1, W4a16WgBf16T16,
-    W4a16WgBf16T2, W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16, W4a16WgF16T2, W4a16WgF16T4, W4a16WgF16T8,
+    W4a16SkinnyF16T1, W4a16SkinnyF16T2, W4a16SkinnyF16T4, W4a16SkinnyF16T8, W4a16SkinnySm90Bf16T1,
+    W4a16SkinnySm90Bf16T2, W4a16SkinnySm90Bf16T8, W4a16SkinnySm90F16T1, W4a16SkinnySm90F16T2, W4a16SkinnySm90F16T8,
+    W4a16WgBf16T1, W4a16WgBf16T16, W4a16WgBf16T2, W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16,
+    W4a16WgF16T2, W4a16WgF16T4, W4a16WgF16T8,
 };
 use ndarray::{Array2, ArrayView2};
 
@@ -129,6 +132,18 @@ pub struct W4a16Options {
     /// (`n·k`; default 2^25, between the bench's small layers of ≤ 2^24 weights, where it tied
     /// or lost, and its large ones of 7·2^23, where it won; see [`w4a16_plan`]).
     pub hopper_min_weights: u64,
+    /// On a compute-capability-9.0 device, run the skinny kernel's Hopper-module build
+    /// (`w4a16_skinny_sm90_*`, the same code; it can overlap the previous kernel, see
+    /// `overlap_prior_kernel`) instead of the sm_80 one, except for 17–32 rows (`tf` 4),
+    /// where the sm_80 build measured faster.
+    pub hopper_skinny: bool,
+    /// Launch the Hopper-module kernels (skinny and `wgmma`) with programmatic dependent
+    /// launch: their blocks may start while the kernel before them on the stream still runs,
+    /// stream their first stages of the packed weight, and read `X` (and write anything) only
+    /// once that kernel has finished. Only when the previous kernel on the stream does not
+    /// write this packed weight (an inference step: weights fixed, activations from the layer
+    /// before). Off by default; no effect on other kernels or devices.
+    pub overlap_prior_kernel: bool,
 }
 
 impl Default for W4a16Options {
@@ -140,6 +155,8 @@ impl Default for W4a16Options {
             skinny_max_m: 64,
             hopper_min_m: 33,
             hopper_min_weights: 1 << 25,
+            hopper_skinny: true,
+            overlap_prior_kernel: false,
         }
     }
 }
@@ -161,6 +178,12 @@ pub enum FusedKernel {
     /// warpgroups, `wgmma`.
     Wgmma {
         /// 8-token fragments (1, 2, 4, 8 or 16).
+        tf: u32,
+    },
+    /// `w4a16_skinny_sm90_*`: the skinny kernel built in the Hopper module (same code and
+    /// block shape; may overlap the previous kernel).
+    SkinnySm90 {
+        /// 8-token fragments (1, 2 or 8: the plan keeps the sm_80 build for 4).
         tf: u32,
     },
 }
@@ -201,7 +224,7 @@ pub struct W4a16Workspace {
 /// maps a plan to a kernel, for looking it up and for launching it.
 macro_rules! with_fused_kernel {
     ($dtype:expr, $kernel:expr, $then:ident) => {{
-        use FusedKernel::{Skinny, Tiled, Wgmma};
+        use FusedKernel::{Skinny, SkinnySm90, Tiled, Wgmma};
         match ($dtype, $kernel) {
             (ActDtype::Bf16, Skinny { tf: 1 }) => $then!(W4a16SkinnyBf16T1),
             (ActDtype::Bf16, Skinny { tf: 2 }) => $then!(W4a16SkinnyBf16T2),
@@ -229,6 +252,12 @@ macro_rules! with_fused_kernel {
             (ActDtype::F16, Wgmma { tf: 4 }) => $then!(W4a16WgF16T4),
             (ActDtype::F16, Wgmma { tf: 8 }) => $then!(W4a16WgF16T8),
             (ActDtype::F16, Wgmma { .. }) => $then!(W4a16WgF16T16),
+            (ActDtype::Bf16, SkinnySm90 { tf: 1 }) => $then!(W4a16SkinnySm90Bf16T1),
+            (ActDtype::Bf16, SkinnySm90 { tf: 2 }) => $then!(W4a16SkinnySm90Bf16T2),
+            (ActDtype::Bf16, SkinnySm90 { .. }) => $then!(W4a16SkinnySm90Bf16T8),
+            (ActDtype::F16, SkinnySm90 { tf: 1 }) => $then!(W4a16SkinnySm90F16T1),
+            (ActDtype::F16, SkinnySm90 { tf: 2 }) => $then!(W4a16SkinnySm90F16T2),
+            (ActDtype::F16, SkinnySm90 { .. }) => $then!(W4a16SkinnySm90F16T8),
         }
     }};
 }
@@ -288,7 +317,15 @@ pub fn w4a16_plan(
         )
     } else if skinny {
         let shape = W4a16SkinnyShape::for_tf(m.div_ceil(8).next_power_of_two() as u32);
-        (FusedKernel::Skinny { tf: shape.tf }, shape.m_block(), shape.n_block(), 16, shape.total(), W4A16_THREADS)
+        // The Hopper-module build (which can overlap the previous kernel) except at tf 4,
+        // where its code ran 5–10 % slower than the sm_80 module's on the large bench layers
+        // (H200, M = 32: 14336×4096 26.9 µs against 24.5); at tf 8 it ran 8–14 % faster.
+        let kernel = if opts.hopper_skinny && shape.tf != 4 && dev.is_hopper() {
+            FusedKernel::SkinnySm90 { tf: shape.tf }
+        } else {
+            FusedKernel::Skinny { tf: shape.tf }
+        };
+        (kernel, shape.m_block(), shape.n_block(), 16, shape.total(), W4A16_THREADS)
     } else {
         let shape = W4a16Shape::for_mb(m.min(64).div_ceil(16) as u32);
         let (mb, total) = (shape.mb, shape.layout().total);
@@ -296,7 +333,7 @@ pub fn w4a16_plan(
     };
     let m_blocks = m.div_ceil(rows_per_block as usize) as u32;
     let col_blocks = (w.n_pad / cols_per_block as usize) as u32;
-    // The tiled and Hopper kernels split whole stages; the skinny one whole steps among its
+    // The tiled and wgmma kernels split whole stages; the skinny ones whole steps among their
     // warps.
     let units = (w.k_pad / k_unit as usize) as u32;
     let (func, name) = fused_kernel(dev, dtype, kernel)?;
@@ -398,6 +435,10 @@ pub fn w4a16_matmul(
         // Not read with one split; any valid address.
         (y.dev_ptr_mut().cast::<f32>(), y.dev_ptr_mut().cast::<u32>())
     };
+    // Programmatic launch only for the Hopper-module kernels, which wait for the previous
+    // grid before reading X or writing anything.
+    let overlap =
+        opts.overlap_prior_kernel && matches!(plan.kernel, FusedKernel::SkinnySm90 { .. } | FusedKernel::Wgmma { .. });
     let args = W4a16Args {
         x: x.dev_ptr(),
         w: w.codes.dev_ptr(),
@@ -415,6 +456,7 @@ pub fn w4a16_matmul(
         m_blocks: plan.m_blocks,
         col_blocks: plan.col_blocks,
         splits: plan.splits,
+        overlap: overlap as u32,
     };
     let cfg = LaunchConfig {
         grid_dim: (plan.blocks, 1, 1),
@@ -423,14 +465,20 @@ pub fn w4a16_matmul(
     };
     macro_rules! launch {
         ($m:ty) => {
-            dev.launch::<$m>(cfg, &args)
+            if overlap {
+                dev.launch_overlapping::<$m>(cfg, &args)
+            } else {
+                dev.launch::<$m>(cfg, &args)
+            }
         };
     }
     // SAFETY: the W4a16Args contract: x m·k and y m·n values (checked above), k % 8 == 0 and
     // gs a multiple of 32 (check_dims at upload), w/meta a packed weight of these dimensions
     // (checked at upload), ws splits·m·n_pad f32 and counters m_blocks·col_blocks u32 zeroed
     // (ensured above), col_blocks = n_pad / n_block and 1 ≤ splits ≤ min(stages, MAX) (plan);
-    // a Wgmma plan only on a compute-capability-9.0 device (plan).
+    // a Wgmma or SkinnySm90 plan only on a compute-capability-9.0 device (plan); with overlap,
+    // the caller's promise that the previous kernel on the stream does not write the weight
+    // (`overlap_prior_kernel`).
     unsafe { with_fused_kernel!(dtype, plan.kernel, launch) }?;
     Ok(plan)
 }

@@ -468,6 +468,15 @@ kernels! {
     W4a16WgF16T4 = "w4a16_wg_f16_t4" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 2);
     W4a16WgF16T8 = "w4a16_wg_f16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 1);
     W4a16WgF16T16 = "w4a16_wg_f16_t16" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 1);
+    // The skinny kernels again in the Hopper module: the same source, able to overlap the
+    // kernel before them on the stream (programmatic dependent launch needs sm_90). No t4:
+    // the plan keeps the sm_80 build there (it measured faster).
+    W4a16SkinnySm90Bf16T1 = "w4a16_skinny_sm90_bf16_t1" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnySm90Bf16T2 = "w4a16_skinny_sm90_bf16_t2" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnySm90Bf16T8 = "w4a16_skinny_sm90_bf16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 1);
+    W4a16SkinnySm90F16T1 = "w4a16_skinny_sm90_f16_t1" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnySm90F16T2 = "w4a16_skinny_sm90_f16_t2" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnySm90F16T8 = "w4a16_skinny_sm90_f16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 1);
     W4DequantBf16 = "w4_dequant_bf16" (runtime::W4DequantArgs);
     W4DequantF16 = "w4_dequant_f16" (runtime::W4DequantArgs);
     // pack: codes → int32 words (docs/kernels.md §5). Memory-bound: at least four 256-thread

@@ -411,6 +411,10 @@ crate::kernel_args! {
     /// `[q·S/P, (q+1)·S/P)`, `q = p·SKINNY_WARPS + w`, `P = splits·SKINNY_WARPS`,
     /// `S = k_pad / 16`; `1 ≤ splits ≤ W4A16_MAX_SPLITS`.
     ///
+    /// The skinny kernels of the Hopper module, `w4a16_skinny_sm90_{bf16,f16}_t{1,2,4,8}`
+    /// (the same source built for `sm_90a`, which adds programmatic dependent launch), take
+    /// the same arguments as the sm_80 ones.
+    ///
     /// The Hopper kernels `w4a16_wg_{bf16,f16}_t{1,2,4,8,16}` (module `sm_90a`, blocks of
     /// [`WG_THREADS`]) take them with row blocks of `8·tf`, `col_blocks = n_pad / 256`,
     /// shared memory `W4a16WgShape { tf }.total()`, and split `p` the 64-deep stages
@@ -448,6 +452,11 @@ crate::kernel_args! {
         pub col_blocks: u32,
         /// Split-K partitions.
         pub splits: u32,
+        /// 1 when the launch may overlap the kernel before it on the stream (programmatic
+        /// dependent launch; Hopper-module kernels only): the prologue then streams the
+        /// weight first and copies `X` after `griddepcontrol.wait`. 0: one copy group per
+        /// step or stage, as without overlap.
+        pub overlap: u32,
     }
 }
 

@@ -81,6 +81,32 @@ macro_rules! unroll {
     }};
 }
 
+/// Programmatic dependent launch, first half: waits until the grids before this one on the
+/// stream have finished and their writes are visible. Everything a kernel reads that an
+/// earlier kernel may write (`X`, the split-K workspace and counters, `Y`) comes after it; the
+/// packed weight may stream before it. A no-op when the launch did not ask for overlap, and
+/// in the sm_80 module (the instruction is sm_90).
+#[inline(always)]
+pub(crate) fn wait_for_prior_grids() {
+    #[cfg(feature = "hopper")]
+    // SAFETY: a wait; clobbers memory so no load moves above it.
+    unsafe {
+        core::arch::asm!("griddepcontrol.wait;", options(nostack))
+    };
+}
+
+/// Programmatic dependent launch, second half: the next grid on the stream may start its
+/// blocks (they stream their own weight, then wait in [`wait_for_prior_grids`] until this grid
+/// has finished). A no-op in the sm_80 module.
+#[inline(always)]
+pub(crate) fn allow_dependent_grids() {
+    #[cfg(feature = "hopper")]
+    // SAFETY: a scheduling hint; orders nothing.
+    unsafe {
+        core::arch::asm!("griddepcontrol.launch_dependents;", options(nostack))
+    };
+}
+
 /// This block's place in a W4A16 grid (`W4a16Args`: block `b` is row block `b mod m_blocks`,
 /// column block `(b / m_blocks) mod col_blocks`, split `b / (m_blocks·col_blocks)`), with the
 /// split count: `(mblk, cb, split, splits)`.
@@ -143,8 +169,8 @@ impl GroupCursor {
 pub mod dequant;
 pub mod epilogue;
 pub mod mma;
-#[cfg(not(feature = "hopper"))]
 pub mod skinny;
+pub mod skinny_math;
 #[cfg(not(feature = "hopper"))]
 pub mod w4a16;
 #[cfg(feature = "hopper")]

@@ -18,21 +18,25 @@
 //! lane copied). A warp never stalls on a slower one, and `depth − 1` steps per warp are in
 //! flight (t1: 16 warps per SM, ~80 KB).
 //!
-//! End: the warps store their accumulators in shared memory, every thread adds one output
-//! pair's 8 warp partials in warp order, and writes `Y` (one split) or its split's f32 partial
-//! for [`finish_split_k`].
+//! The record decoding, the step's dequantization and mma, and the block end (warp partials
+//! added in warp order, then `Y` or the split's partial) are in `runtime/skinny_math.rs`.
+//!
+//! Two builds: `w4a16_skinny_*` in the sm_80 module and `w4a16_skinny_sm90_*` in the Hopper
+//! module, where the launch may overlap the kernel before it on the stream (programmatic
+//! dependent launch): the prologue streams the first steps' weight, lets the next grid start
+//! (`allow_dependent_grids`), waits for the previous one (`wait_for_prior_grids`), and only
+//! then copies `X`. In the sm_80 build both calls are no-ops.
 //!
 //! # Safety (upheld by the host launcher)
 //! As documented on [`forge_kernel_abi::runtime::W4a16Args`].
 
-use super::epilogue::{finish_split_k, store_pair};
-use super::{block_place, GroupCursor};
-use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, Half};
+use super::mma::{cp_async_16, cp_async_16_zfill, Half};
+use super::skinny_math::{block_end, decode_group, step_mma, warp_steps};
+use super::{allow_dependent_grids, block_place, wait_for_prior_grids, GroupCursor};
 use crate::device::{
-    shfl_idx_f32, st_shared_u16, cp_async_commit, cp_async_wait, ld_shared_f32x2, ld_shared_u32, ld_shared_u32x4, shared_window_base,
-    st_shared_u32, sync_threads, sync_warp, thread_x,
+    cp_async_commit, cp_async_wait, ld_shared_u32, shared_window_base, st_shared_u16, sync_threads, sync_warp, thread_x,
 };
-use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape, PACK_TILE_BYTES, SKINNY_DEPTH, SKINNY_WARPS, W4A16_THREADS};
+use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape, PACK_TILE_BYTES, SKINNY_DEPTH};
 
 /// Compile-time shape of the `(tf, nt)` instance.
 struct Cfg<const TF: usize, const NT: usize>;
@@ -44,9 +48,6 @@ impl<const TF: usize, const NT: usize> Cfg<TF, NT> {
     const REC_OFF: u32 = Self::SH.codes_bytes() + Self::SH.x_bytes();
     /// 16-byte chunks of one step's `X` slice: per fragment, two 8×8 matrices of 8 rows.
     const X_CHUNKS: u32 = 16 * TF as u32;
-    /// Bytes of one warp's partial in the reduction buffer.
-    const RED_WARP: u32 = Self::SH.m_block() * Self::SH.red_stride() * 4;
-    const RED_STRIDE: u32 = Self::SH.red_stride();
     const NB: u32 = Self::SH.n_block();
 }
 
@@ -88,16 +89,37 @@ impl Sources {
         }
     }
 
-    /// Copies the next step into ring slot `slot` (the `X` chunks past `K` or `M` zero-filled,
-    /// the raw records of `group` if set) and moves on one step.
+    /// Copies the next step into ring slot `slot` (see [`Sources::copy_weights`] and
+    /// [`Sources::copy_x`]) as one `cp.async` group and moves on one step.
     #[inline(always)]
     unsafe fn issue<const TF: usize, const NT: usize>(&mut self, a: &W4a16Args, slot: u32, cb: u32, lane: u32, group: Option<u32>) {
+        self.copy_weights::<TF, NT>(a, slot, cb, lane, group);
+        self.copy_x::<TF, NT>(a, slot, lane);
+        cp_async_commit();
+    }
+
+    /// The next step's codes, and the raw records of `group` if set, into ring slot `slot`;
+    /// moves the codes on one step.
+    #[inline(always)]
+    unsafe fn copy_weights<const TF: usize, const NT: usize>(&mut self, a: &W4a16Args, slot: u32, cb: u32, lane: u32, group: Option<u32>) {
         unroll!(j < 2, {
             if j < NT {
                 cp_async_16(slot + j as u32 * PACK_TILE_BYTES + lane * 16, self.codes[j]);
                 self.codes[j] = self.codes[j].add(PACK_TILE_BYTES as usize);
             }
         });
+        if let Some(g) = group {
+            if lane * 4 < Cfg::<TF, NT>::NB {
+                let rec = g as usize * a.n_pad as usize + (cb * Cfg::<TF, NT>::NB + lane * 4) as usize;
+                cp_async_16(slot + Cfg::<TF, NT>::REC_OFF + lane * 16, a.meta.ptr().add(rec) as *const u8);
+            }
+        }
+    }
+
+    /// The next step's `X` chunks into ring slot `slot` (zero-filled past `K` or `M`); moves
+    /// `X` on one step.
+    #[inline(always)]
+    unsafe fn copy_x<const TF: usize, const NT: usize>(&mut self, a: &W4a16Args, slot: u32, lane: u32) {
         // Chunk lane + 32c has the same k half as chunk lane (32 is a multiple of 16).
         let in_k = self.kk < a.k;
         unroll!(c < 4, {
@@ -112,53 +134,14 @@ impl Sources {
             }
         });
         self.kk += 16;
-        if let Some(g) = group {
-            if lane * 4 < Cfg::<TF, NT>::NB {
-                let rec = g as usize * a.n_pad as usize + (cb * Cfg::<TF, NT>::NB + lane * 4) as usize;
-                cp_async_16(slot + Cfg::<TF, NT>::REC_OFF + lane * 16, a.meta.ptr().add(rec) as *const u8);
-            }
-        }
-        cp_async_commit();
     }
 }
 
-/// The records of a group from ring slot `sb` into `rec` (this lane's columns `8r + g`). The
-/// four lanes of a quad need the same columns, so each decodes a quarter of them (`r ≡ t mod
-/// 4`) and the quad trades the rest by shuffles: a quarter of the decoding work.
+/// The `X` fragments of the step in ring slot `sb`: token `8f + g`, `k` `2t, 2t+1` (b0) and
+/// `2t+8, 2t+9` (b1); the 16-byte rows of the two 8×8 matrices put the 32 lanes on 32 banks.
 #[inline(always)]
-unsafe fn decode_group<T: Half, const TF: usize, const NT: usize>(sb: u32, table: u32, lane: u32, rec: &mut [u64; 16]) {
+unsafe fn x_fragments<const TF: usize, const NT: usize>(sb: u32, lane: u32) -> [[u32; 2]; TF] {
     let (g, t) = (lane / 4, lane % 4);
-    let mut own = [0u64; 4];
-    unroll!(q < 4, {
-        if q < 2 * NT {
-            let col = (4 * q as u32 + t) * 8 + g;
-            own[q] = T::decode_record_shared(ld_shared_u32(sb + Cfg::<TF, NT>::REC_OFF + col * 4), table);
-        }
-    });
-    unroll!(q < 4, {
-        if q < 2 * NT {
-            unroll!(u < 4, {
-                let from = 4 * g + u as u32;
-                let lo = shfl_idx_f32(f32::from_bits(own[q] as u32), from).to_bits();
-                let hi = shfl_idx_f32(f32::from_bits((own[q] >> 32) as u32), from).to_bits();
-                rec[4 * q + u] = lo as u64 | ((hi as u64) << 32);
-            });
-        }
-    });
-}
-
-/// One 16-deep step from ring slot `sb`: the `X` fragments, then per packed word its
-/// dequantization and `tf` mma.
-#[inline(always)]
-unsafe fn compute_step<T: Half, const TF: usize, const NT: usize>(
-    sb: u32,
-    lane: u32,
-    acc: &mut [[[f32; 4]; TF]; 8],
-    rec: &[u64; 16],
-) {
-    let (g, t) = (lane / 4, lane % 4);
-    // B fragments: token g of each fragment, k 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1); the 16-byte
-    // rows of the two 8×8 matrices put the 32 lanes on 32 banks.
     let mut xb = [[0u32; 2]; TF];
     unroll!(f < 8, {
         if f < TF {
@@ -166,21 +149,7 @@ unsafe fn compute_step<T: Half, const TF: usize, const NT: usize>(
             xb[f] = [ld_shared_u32(at), ld_shared_u32(at + 128)];
         }
     });
-    unroll!(j < 2, {
-        if j < NT {
-            let words = ld_shared_u32x4(sb + j as u32 * PACK_TILE_BYTES + lane * 16);
-            unroll!(i < 4, {
-                // Word i: columns 16i + g (n8 half 2i) and 16i + 8 + g (half 2i + 1).
-                let d = dequant_word::<T>(words[i], rec[8 * j + 2 * i], rec[8 * j + 2 * i + 1]);
-                let afrag = [d[0], d[2], d[1], d[3]];
-                unroll!(f < 8, {
-                    if f < TF {
-                        T::mma(&mut acc[4 * j + i][f], &afrag, xb[f][0], xb[f][1]);
-                    }
-                });
-            });
-        }
-    });
+    xb
 }
 
 /// See the module docs.
@@ -191,38 +160,56 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize>(a: W4a16Args) {
     let (g, t) = (lane / 4, lane % 4);
     let (mblk, cb, split, splits) = block_place(&a);
     let m0 = mblk * Cfg::<TF, NT>::SH.m_block();
-    let kt_total = a.k_pad / 16;
-    let parts = splits as u64 * SKINNY_WARPS as u64;
-    let part = split as u64 * SKINNY_WARPS as u64 + warp as u64;
-    let s_begin = (part * kt_total as u64 / parts) as u32;
-    let s_end = ((part + 1) * kt_total as u64 / parts) as u32;
+    let (s_begin, s_end) = warp_steps(a.k_pad, split, splits, warp);
     let gs = a.gs.max(16);
 
     let block_base = shared_window_base();
     let ring = block_base + warp * SKINNY_DEPTH * Cfg::<TF, NT>::STEP;
     let first = GroupCursor::at(s_begin * 16, gs);
 
-    // Prologue: the first depth − 1 steps (empty groups past the end keep the count).
     let mut issue_cur = first;
     let mut src = Sources::at::<TF, NT>(&a, s_begin, cb, m0, lane);
     let mut s_issue = s_begin;
-    let mut slot_issue = 0;
-    while slot_issue < SKINNY_DEPTH - 1 {
-        if s_issue < s_end {
-            let group = if s_issue == s_begin || issue_cur.r == 0 { Some(issue_cur.g) } else { None };
-            src.issue::<TF, NT>(&a, ring + slot_issue * Cfg::<TF, NT>::STEP, cb, lane, group);
-            issue_cur.advance_within(16, gs);
-        } else {
-            cp_async_commit();
-        }
-        s_issue += 1;
-        slot_issue += 1;
-    }
-
-    // The scale table, while the first steps are in flight.
     let table = block_base + Cfg::<TF, NT>::SH.table();
-    st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+    if cfg!(feature = "hopper") && a.overlap != 0 {
+        // Overlapping launch: the weight of the first depth − 1 steps, which no earlier kernel
+        // writes, streams while the kernel before this one may still run; their X once that
+        // kernel is done. The prologue is then waited for whole: the loop's waits, counting
+        // the groups it issues, then still find each step's group complete when it is read.
+        while s_issue < s_begin + SKINNY_DEPTH - 1 && s_issue < s_end {
+            let group = if s_issue == s_begin || issue_cur.r == 0 { Some(issue_cur.g) } else { None };
+            src.copy_weights::<TF, NT>(&a, ring + (s_issue - s_begin) * Cfg::<TF, NT>::STEP, cb, lane, group);
+            issue_cur.advance_within(16, gs);
+            s_issue += 1;
+        }
+        allow_dependent_grids();
+        st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+        wait_for_prior_grids();
+        let mut s_x = s_begin;
+        while s_x < s_issue {
+            src.copy_x::<TF, NT>(&a, ring + (s_x - s_begin) * Cfg::<TF, NT>::STEP, lane);
+            s_x += 1;
+        }
+        cp_async_commit();
+        cp_async_wait::<0>();
+    } else {
+        // The first depth − 1 steps, one group each (empty groups past the end keep the
+        // count), so step s_begin is computed as soon as it lands.
+        while s_issue < s_begin + SKINNY_DEPTH - 1 {
+            if s_issue < s_end {
+                let group = if s_issue == s_begin || issue_cur.r == 0 { Some(issue_cur.g) } else { None };
+                src.issue::<TF, NT>(&a, ring + (s_issue - s_begin) * Cfg::<TF, NT>::STEP, cb, lane, group);
+                issue_cur.advance_within(16, gs);
+            } else {
+                cp_async_commit();
+            }
+            s_issue += 1;
+        }
+        // The scale table, while the first steps are in flight.
+        st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+    }
     sync_threads();
+    let mut slot_issue = (s_issue - s_begin) % SKINNY_DEPTH;
 
     let mut acc = [[[0f32; 4]; TF]; 8];
     // Decoded records of this lane's columns `8r + g` (r = 0..8·nt), see `Half::decode_record`.
@@ -245,57 +232,17 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize>(a: W4a16Args) {
         slot_issue = if slot_issue + 1 == SKINNY_DEPTH { 0 } else { slot_issue + 1 };
         let sb = ring + slot * Cfg::<TF, NT>::STEP;
         if s == s_begin || cur.r == 0 {
-            decode_group::<T, TF, NT>(sb, table, lane, &mut rec);
+            decode_group::<T, NT>(sb + Cfg::<TF, NT>::REC_OFF, table, lane, &mut rec);
         }
-        compute_step::<T, TF, NT>(sb, lane, &mut acc, &rec);
+        let xb = x_fragments::<TF, NT>(sb, lane);
+        step_mma::<T, TF, NT>(sb + lane * 16, PACK_TILE_BYTES, &xb, &mut acc, &rec);
         cur.advance_within(16, gs);
         slot = if slot + 1 == SKINNY_DEPTH { 0 } else { slot + 1 };
         s += 1;
     }
+    // Nothing in flight into the rings the block end reuses.
     cp_async_wait::<0>();
-    sync_threads();
-
-    // Warp partials → shared: acc[q][f] is columns 16q + g (c0, c1) and 16q + 8 + g (c2, c3),
-    // tokens 8f + 2t (c0, c2) and 8f + 2t + 1 (c1, c3).
-    let red = block_base + warp * Cfg::<TF, NT>::RED_WARP;
-    unroll!(q < 8, {
-        unroll!(f < 8, {
-            if f < TF && q < 4 * NT {
-                let (col, tok) = (16 * q as u32 + g, 8 * f as u32 + 2 * t);
-                let at = |tk: u32, c: u32| red + (tk * Cfg::<TF, NT>::RED_STRIDE + c) * 4;
-                st_shared_u32(at(tok, col), acc[q][f][0].to_bits());
-                st_shared_u32(at(tok + 1, col), acc[q][f][1].to_bits());
-                st_shared_u32(at(tok, col + 8), acc[q][f][2].to_bits());
-                st_shared_u32(at(tok + 1, col + 8), acc[q][f][3].to_bits());
-            }
-        });
-    });
-    sync_threads();
-
-    let (m, n) = (a.m, a.n);
-    let rows = (m - m0).min(Cfg::<TF, NT>::SH.m_block());
-    let col0 = cb * Cfg::<TF, NT>::NB;
-    let pairs = Cfg::<TF, NT>::NB / 2;
-    let mut it = tid;
-    while it < rows * pairs {
-        let (row, c) = (it / pairs, (it % pairs) * 2);
-        let mut sum = [0f32; 2];
-        unroll!(w < 8, {
-            let v = ld_shared_f32x2(block_base + w as u32 * Cfg::<TF, NT>::RED_WARP + (row * Cfg::<TF, NT>::RED_STRIDE + c) * 4);
-            sum[0] += v[0];
-            sum[1] += v[1];
-        });
-        if a.splits == 1 {
-            store_pair::<T>(a.y.ptr(), m0 + row, col0 + c, m, n, sum[0], sum[1]);
-        } else {
-            let at = (split as usize * m as usize + (m0 + row) as usize) * a.n_pad as usize + (col0 + c) as usize;
-            *(a.ws.ptr().add(at) as *mut [f32; 2]) = sum;
-        }
-        it += W4A16_THREADS;
-    }
-    if a.splits > 1 {
-        finish_split_k::<T>(&a, block_base + Cfg::<TF, NT>::SH.flag(), mblk * a.col_blocks + cb, m0, rows, col0, Cfg::<TF, NT>::NB, tid, W4A16_THREADS);
-    }
+    block_end::<T, TF, NT>(&a, block_base, block_base + Cfg::<TF, NT>::SH.flag(), &acc, (mblk, cb, split), tid);
 }
 
 macro_rules! instance {
@@ -310,11 +257,34 @@ macro_rules! instance {
 }
 
 use super::mma::{Bf16, F16};
+// The sm_80 module's instances, and the same kernels in the Hopper module, where
+// `wait_for_prior_grids` / `allow_dependent_grids` are live (no t4 there: the plan keeps the
+// sm_80 build for 17–32 rows).
+#[cfg(not(feature = "hopper"))]
 instance!(W4a16SkinnyBf16T1, w4a16_skinny_bf16_t1, Bf16, 1);
+#[cfg(not(feature = "hopper"))]
 instance!(W4a16SkinnyBf16T2, w4a16_skinny_bf16_t2, Bf16, 2);
+#[cfg(not(feature = "hopper"))]
 instance!(W4a16SkinnyBf16T4, w4a16_skinny_bf16_t4, Bf16, 4);
+#[cfg(not(feature = "hopper"))]
 instance!(W4a16SkinnyBf16T8, w4a16_skinny_bf16_t8, Bf16, 8);
+#[cfg(not(feature = "hopper"))]
 instance!(W4a16SkinnyF16T1, w4a16_skinny_f16_t1, F16, 1);
+#[cfg(not(feature = "hopper"))]
 instance!(W4a16SkinnyF16T2, w4a16_skinny_f16_t2, F16, 2);
+#[cfg(not(feature = "hopper"))]
 instance!(W4a16SkinnyF16T4, w4a16_skinny_f16_t4, F16, 4);
+#[cfg(not(feature = "hopper"))]
 instance!(W4a16SkinnyF16T8, w4a16_skinny_f16_t8, F16, 8);
+#[cfg(feature = "hopper")]
+instance!(W4a16SkinnySm90Bf16T1, w4a16_skinny_sm90_bf16_t1, Bf16, 1);
+#[cfg(feature = "hopper")]
+instance!(W4a16SkinnySm90Bf16T2, w4a16_skinny_sm90_bf16_t2, Bf16, 2);
+#[cfg(feature = "hopper")]
+instance!(W4a16SkinnySm90Bf16T8, w4a16_skinny_sm90_bf16_t8, Bf16, 8);
+#[cfg(feature = "hopper")]
+instance!(W4a16SkinnySm90F16T1, w4a16_skinny_sm90_f16_t1, F16, 1);
+#[cfg(feature = "hopper")]
+instance!(W4a16SkinnySm90F16T2, w4a16_skinny_sm90_f16_t2, F16, 2);
+#[cfg(feature = "hopper")]
+instance!(W4a16SkinnySm90F16T8, w4a16_skinny_sm90_f16_t8, F16, 8);

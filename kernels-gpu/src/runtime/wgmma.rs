@@ -29,6 +29,11 @@
 //! back to back (a fence between two `wgmma`s on the same accumulators makes the second
 //! wait for the first).
 //!
+//! Programmatic dependent launch: the prologue streams the first stages' weight, lets the
+//! next grid on the stream start (`allow_dependent_grids`), waits for the previous one
+//! (`wait_for_prior_grids`), and only then copies `X`; no-ops unless the launch asked for
+//! overlap.
+//!
 //! End: `Y` (one split) or the split's f32 partial for [`finish_split_k`], straight from the
 //! accumulators.
 //!
@@ -38,7 +43,7 @@
 
 use super::epilogue::finish_split_k;
 use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, Half};
-use super::{block_place, GroupCursor};
+use super::{allow_dependent_grids, block_place, wait_for_prior_grids, GroupCursor};
 use crate::device::{
     cp_async_commit, cp_async_wait, ld_shared_u32, shared_window_base, st_shared_u16, sync_threads, thread_x,
 };
@@ -238,15 +243,38 @@ impl Sources {
         Sources { codes, x: [x0, x1], x_row: [r0, r1], x_k: [k0, k1], cur: GroupCursor::at(q * sh.k_stage(), gs) }
     }
 
-    /// Copies stage `q` into ring slot `slot`: the thread's code chunk, its `X` chunks
-    /// (zero-filled past `M` or `K`), and the block's records of the groups the stage needs
-    /// (its first step's when it starts that group or is the block's first stage, the next
-    /// group's when it starts inside the stage); then moves on one stage.
+    /// Copies stage `q` into ring slot `slot` (see [`Sources::copy_weights`] and
+    /// [`Sources::copy_x`]) as one `cp.async` group, then moves on one stage.
     #[inline(always)]
     unsafe fn issue<const TF: usize>(&mut self, a: &W4a16Args, slot: u32, cb: u32, tid: u32, gs: u32, first: bool) {
+        self.copy_weights::<TF>(a, slot, cb, tid, gs, first);
+        self.copy_x::<TF>(a, slot, tid);
+        cp_async_commit();
+    }
+
+    /// The stage's weight into ring slot `slot`: the thread's code chunk and the block's
+    /// records of the groups the stage needs (its first step's when it starts that group or
+    /// is the block's first stage, the next group's when it starts inside the stage); moves
+    /// the codes and the group cursor on one stage.
+    #[inline(always)]
+    unsafe fn copy_weights<const TF: usize>(&mut self, a: &W4a16Args, slot: u32, cb: u32, tid: u32, gs: u32, first: bool) {
         let sh = W4a16WgShape { tf: TF as u32 };
         cp_async_16(slot + tid * 16, self.codes);
         self.codes = self.codes.add((WG_STAGE_STEPS * PACK_TILE_BYTES) as usize);
+        let u = tid / 64;
+        let wanted = if u == 0 { first || self.cur.r == 0 } else { self.cur.r + sh.k_stage() > gs };
+        if tid < 64 * WG_STAGE_GROUPS && wanted {
+            let rec = (self.cur.g + u) as usize * a.n_pad as usize + (cb * sh.n_block() + (tid % 64) * 4) as usize;
+            cp_async_16(slot + sh.rec_off() + tid * 16, a.meta.ptr().add(rec) as *const u8);
+        }
+        self.cur.advance(sh.k_stage(), gs);
+    }
+
+    /// The stage's `X` chunks of this thread into ring slot `slot` (zero-filled past `M` or
+    /// `K`); moves `X` on one stage.
+    #[inline(always)]
+    unsafe fn copy_x<const TF: usize>(&mut self, a: &W4a16Args, slot: u32, tid: u32) {
+        let sh = W4a16WgShape { tf: TF as u32 };
         unroll!(u < 2, {
             let c = tid + u as u32 * WG_THREADS;
             if c < sh.x_chunks() {
@@ -258,14 +286,6 @@ impl Sources {
                 self.x_k[u] += sh.k_stage();
             }
         });
-        let u = tid / 64;
-        let wanted = if u == 0 { first || self.cur.r == 0 } else { self.cur.r + sh.k_stage() > gs };
-        if tid < 64 * WG_STAGE_GROUPS && wanted {
-            let rec = (self.cur.g + u) as usize * a.n_pad as usize + (cb * sh.n_block() + (tid % 64) * 4) as usize;
-            cp_async_16(slot + sh.rec_off() + tid * 16, a.meta.ptr().add(rec) as *const u8);
-        }
-        cp_async_commit();
-        self.cur.advance(sh.k_stage(), gs);
     }
 }
 
@@ -291,20 +311,45 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize>(a: W4a16Args) {
     let table = base + sh.table();
     let slot_of = |q: u32| base + (q % WG_DEPTH) * sh.stage_bytes();
 
-    // Prologue: stages s_begin .. s_begin + depth − 2 (empty groups past the end keep the count).
     let mut src = Sources::at::<TF>(&a, s_begin, cb, m0, tid, gs);
     let mut q = s_begin;
-    while q < s_begin + WG_DEPTH - 2 {
-        if q < s_end {
-            src.issue::<TF>(&a, slot_of(q), cb, tid, gs, q == s_begin);
-        } else {
-            cp_async_commit();
+    if a.overlap != 0 {
+        // Overlapping launch: the weight of stages s_begin .. s_begin + depth − 3, which no
+        // earlier kernel writes, streams while the kernel before this one may still run;
+        // their X once that kernel is done. The prologue is then waited for whole: the loop's
+        // waits, counting the groups it issues, still find each stage complete when it is read
+        // (its first barrier makes every thread's copies visible).
+        while q < s_begin + WG_DEPTH - 2 && q < s_end {
+            src.copy_weights::<TF>(&a, slot_of(q), cb, tid, gs, q == s_begin);
+            q += 1;
         }
-        q += 1;
-    }
-    // The scale table, while the first stages are in flight.
-    if tid < 256 {
-        st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+        allow_dependent_grids();
+        if tid < 256 {
+            st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+        }
+        wait_for_prior_grids();
+        let mut q_x = s_begin;
+        while q_x < q {
+            src.copy_x::<TF>(&a, slot_of(q_x), tid);
+            q_x += 1;
+        }
+        cp_async_commit();
+        cp_async_wait::<0>();
+    } else {
+        // Stages s_begin .. s_begin + depth − 3, one group each (empty groups past the end
+        // keep the count), so stage s_begin is computed as soon as it lands.
+        while q < s_begin + WG_DEPTH - 2 {
+            if q < s_end {
+                src.issue::<TF>(&a, slot_of(q), cb, tid, gs, q == s_begin);
+            } else {
+                cp_async_commit();
+            }
+            q += 1;
+        }
+        // The scale table, while the first stages are in flight.
+        if tid < 256 {
+            st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+        }
     }
 
     let mut acc = [0f32; ACC];

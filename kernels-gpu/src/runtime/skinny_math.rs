@@ -1,0 +1,151 @@
+//! The skinny W4A16 kernel's math (docs/kernels.md §6), apart from its copy pipeline
+//! (`runtime/skinny.rs`): the record decoding, the per-step dequantization and mma, and the
+//! block end.
+//!
+//! Thread mapping: 256 threads = 8 warps on the block's `64·nt` columns, each
+//! warp on its own `k` range; lane `(g, t) = (lane / 4, lane % 4)` holds the mma fragments of
+//! columns `16q + g`, `16q + 8 + g` and tokens `8f + 2t`, `8f + 2t + 1`.
+
+use super::epilogue::{finish_split_k, store_pair};
+use super::mma::{dequant_word, Half};
+use crate::device::{ld_shared_f32x2, ld_shared_u32, ld_shared_u32x4, shfl_idx_f32, st_shared_u32, sync_threads};
+use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape, SKINNY_WARPS, W4A16_THREADS};
+
+/// The records of a group for the block's `64·nt` columns, raw at shared address `recs`,
+/// decoded into `rec` (this lane's columns `8r + g`). The four lanes of a quad need the same
+/// columns, so each decodes a quarter of them (`r ≡ t mod 4`) and the quad trades the rest by
+/// shuffles: a quarter of the decoding work.
+///
+/// # Safety
+/// Every lane of the warp runs it; `recs` holds the `64·nt` raw records, `table` the scale
+/// table ([`Half::frac_table`]).
+#[inline(always)]
+pub unsafe fn decode_group<T: Half, const NT: usize>(recs: u32, table: u32, lane: u32, rec: &mut [u64; 16]) {
+    let (g, t) = (lane / 4, lane % 4);
+    let mut own = [0u64; 4];
+    unroll!(q < 4, {
+        if q < 2 * NT {
+            let col = (4 * q as u32 + t) * 8 + g;
+            own[q] = T::decode_record_shared(ld_shared_u32(recs + col * 4), table);
+        }
+    });
+    unroll!(q < 4, {
+        if q < 2 * NT {
+            unroll!(u < 4, {
+                let from = 4 * g + u as u32;
+                let lo = shfl_idx_f32(f32::from_bits(own[q] as u32), from).to_bits();
+                let hi = shfl_idx_f32(f32::from_bits((own[q] >> 32) as u32), from).to_bits();
+                rec[4 * q + u] = lo as u64 | ((hi as u64) << 32);
+            });
+        }
+    });
+}
+
+/// One 16-deep step: per packed word of the `nt` tiles (the lane's 16 bytes of tile `j` at
+/// `codes + j·tile_stride`), its dequantization and `tf` mma against the `X` fragments `xb`
+/// (token `8f + g`: `k` `2t, 2t+1` and `2t+8, 2t+9`).
+///
+/// # Safety
+/// Every lane of the warp runs it (`mma.sync`); the code addresses are 16-byte aligned shared
+/// memory.
+#[inline(always)]
+pub unsafe fn step_mma<T: Half, const TF: usize, const NT: usize>(
+    codes: u32,
+    tile_stride: u32,
+    xb: &[[u32; 2]; TF],
+    acc: &mut [[[f32; 4]; TF]; 8],
+    rec: &[u64; 16],
+) {
+    unroll!(j < 2, {
+        if j < NT {
+            let words = ld_shared_u32x4(codes + j as u32 * tile_stride);
+            unroll!(i < 4, {
+                // Word i: columns 16i + g (n8 half 2i) and 16i + 8 + g (half 2i + 1).
+                let d = dequant_word::<T>(words[i], rec[8 * j + 2 * i], rec[8 * j + 2 * i + 1]);
+                let afrag = [d[0], d[2], d[1], d[3]];
+                unroll!(f < 8, {
+                    if f < TF {
+                        T::mma(&mut acc[4 * j + i][f], &afrag, xb[f][0], xb[f][1]);
+                    }
+                });
+            });
+        }
+    });
+}
+
+/// The block end: the warps' partials through shared memory at `red` (the rings, free
+/// again), every thread adding one output pair's 8 warp partials in warp order, then `Y` (one
+/// split) or the split's f32 partial for [`finish_split_k`] (arrival flag at `flag`).
+///
+/// # Safety
+/// Every thread of the block runs it after its last read of the rings and with no copy into
+/// them in flight; `red` has [`W4a16SkinnyShape::reduce_bytes`] bytes that do not overlap
+/// `flag`; the [`W4a16Args`] contract holds for block `(mblk, cb, split)`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn block_end<T: Half, const TF: usize, const NT: usize>(
+    a: &W4a16Args,
+    red: u32,
+    flag: u32,
+    acc: &[[[f32; 4]; TF]; 8],
+    (mblk, cb, split): (u32, u32, u32),
+    tid: u32,
+) {
+    let sh = W4a16SkinnyShape { tf: TF as u32, nt: NT as u32 };
+    let (m_block, nb, stride) = (sh.m_block(), sh.n_block(), sh.red_stride());
+    let red_warp = m_block * stride * 4;
+    let (warp, lane) = (tid / 32, tid % 32);
+    let (g, t) = (lane / 4, lane % 4);
+    sync_threads();
+    // acc[q][f] is columns 16q + g (c0, c1) and 16q + 8 + g (c2, c3), tokens 8f + 2t (c0, c2)
+    // and 8f + 2t + 1 (c1, c3).
+    let mine = red + warp * red_warp;
+    unroll!(q < 8, {
+        unroll!(f < 8, {
+            if f < TF && q < 4 * NT {
+                let (col, tok) = (16 * q as u32 + g, 8 * f as u32 + 2 * t);
+                let at = |tk: u32, c: u32| mine + (tk * stride + c) * 4;
+                st_shared_u32(at(tok, col), acc[q][f][0].to_bits());
+                st_shared_u32(at(tok + 1, col), acc[q][f][1].to_bits());
+                st_shared_u32(at(tok, col + 8), acc[q][f][2].to_bits());
+                st_shared_u32(at(tok + 1, col + 8), acc[q][f][3].to_bits());
+            }
+        });
+    });
+    sync_threads();
+
+    let (m, n) = (a.m, a.n);
+    let m0 = mblk * m_block;
+    let rows = (m - m0).min(m_block);
+    let col0 = cb * nb;
+    let pairs = nb / 2;
+    let mut it = tid;
+    while it < rows * pairs {
+        let (row, c) = (it / pairs, (it % pairs) * 2);
+        let mut sum = [0f32; 2];
+        unroll!(w < 8, {
+            let v = ld_shared_f32x2(red + w as u32 * red_warp + (row * stride + c) * 4);
+            sum[0] += v[0];
+            sum[1] += v[1];
+        });
+        if a.splits == 1 {
+            store_pair::<T>(a.y.ptr(), m0 + row, col0 + c, m, n, sum[0], sum[1]);
+        } else {
+            let at = (split as usize * m as usize + (m0 + row) as usize) * a.n_pad as usize + (col0 + c) as usize;
+            *(a.ws.ptr().add(at) as *mut [f32; 2]) = sum;
+        }
+        it += W4A16_THREADS;
+    }
+    if a.splits > 1 {
+        finish_split_k::<T>(a, flag, mblk * a.col_blocks + cb, m0, rows, col0, nb, tid, W4A16_THREADS);
+    }
+}
+
+/// Warp `warp` of split `split`'s contiguous range of 16-deep steps `[begin, end)`.
+#[inline(always)]
+pub fn warp_steps(k_pad: u32, split: u32, splits: u32, warp: u32) -> (u32, u32) {
+    let kt_total = k_pad / 16;
+    let parts = splits as u64 * SKINNY_WARPS as u64;
+    let part = split as u64 * SKINNY_WARPS as u64 + warp as u64;
+    ((part * kt_total as u64 / parts) as u32, ((part + 1) * kt_total as u64 / parts) as u32)
+}
