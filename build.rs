@@ -20,8 +20,8 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
-    // The baseline module (sm_80, every kernel) and the Hopper module (sm_90a, the `wgmma`
-    // kernels alone), each checked against its rows of the table.
+    // The baseline module (sm_80, every kernel) and the Hopper module (sm_90a: the `wgmma`
+    // kernels and a second build of the skinny one), each checked against its rows of the table.
     let test_kernels = std::env::var_os("CARGO_FEATURE_TEST_KERNELS").is_some();
     for (module, arch, file, target) in [
         (PtxModule::Base, "sm_80", "forge_kernels.ptx", "kernels-target"),

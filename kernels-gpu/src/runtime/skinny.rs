@@ -257,34 +257,32 @@ macro_rules! instance {
 }
 
 use super::mma::{Bf16, F16};
+
+/// The listed instances, compiled only where `$cfg` holds.
+macro_rules! instances_if {
+    ($cfg:meta; $($marker:ident, $name:ident, $t:ty, $tf:literal;)*) => {
+        $(#[cfg($cfg)] instance!($marker, $name, $t, $tf);)*
+    };
+}
+
 // The sm_80 module's instances, and the same kernels in the Hopper module, where
 // `wait_for_prior_grids` / `allow_dependent_grids` are live (no t4 there: the plan keeps the
 // sm_80 build for 17–32 rows).
-#[cfg(not(feature = "hopper"))]
-instance!(W4a16SkinnyBf16T1, w4a16_skinny_bf16_t1, Bf16, 1);
-#[cfg(not(feature = "hopper"))]
-instance!(W4a16SkinnyBf16T2, w4a16_skinny_bf16_t2, Bf16, 2);
-#[cfg(not(feature = "hopper"))]
-instance!(W4a16SkinnyBf16T4, w4a16_skinny_bf16_t4, Bf16, 4);
-#[cfg(not(feature = "hopper"))]
-instance!(W4a16SkinnyBf16T8, w4a16_skinny_bf16_t8, Bf16, 8);
-#[cfg(not(feature = "hopper"))]
-instance!(W4a16SkinnyF16T1, w4a16_skinny_f16_t1, F16, 1);
-#[cfg(not(feature = "hopper"))]
-instance!(W4a16SkinnyF16T2, w4a16_skinny_f16_t2, F16, 2);
-#[cfg(not(feature = "hopper"))]
-instance!(W4a16SkinnyF16T4, w4a16_skinny_f16_t4, F16, 4);
-#[cfg(not(feature = "hopper"))]
-instance!(W4a16SkinnyF16T8, w4a16_skinny_f16_t8, F16, 8);
-#[cfg(feature = "hopper")]
-instance!(W4a16SkinnySm90Bf16T1, w4a16_skinny_sm90_bf16_t1, Bf16, 1);
-#[cfg(feature = "hopper")]
-instance!(W4a16SkinnySm90Bf16T2, w4a16_skinny_sm90_bf16_t2, Bf16, 2);
-#[cfg(feature = "hopper")]
-instance!(W4a16SkinnySm90Bf16T8, w4a16_skinny_sm90_bf16_t8, Bf16, 8);
-#[cfg(feature = "hopper")]
-instance!(W4a16SkinnySm90F16T1, w4a16_skinny_sm90_f16_t1, F16, 1);
-#[cfg(feature = "hopper")]
-instance!(W4a16SkinnySm90F16T2, w4a16_skinny_sm90_f16_t2, F16, 2);
-#[cfg(feature = "hopper")]
-instance!(W4a16SkinnySm90F16T8, w4a16_skinny_sm90_f16_t8, F16, 8);
+instances_if! { not(feature = "hopper");
+    W4a16SkinnyBf16T1, w4a16_skinny_bf16_t1, Bf16, 1;
+    W4a16SkinnyBf16T2, w4a16_skinny_bf16_t2, Bf16, 2;
+    W4a16SkinnyBf16T4, w4a16_skinny_bf16_t4, Bf16, 4;
+    W4a16SkinnyBf16T8, w4a16_skinny_bf16_t8, Bf16, 8;
+    W4a16SkinnyF16T1, w4a16_skinny_f16_t1, F16, 1;
+    W4a16SkinnyF16T2, w4a16_skinny_f16_t2, F16, 2;
+    W4a16SkinnyF16T4, w4a16_skinny_f16_t4, F16, 4;
+    W4a16SkinnyF16T8, w4a16_skinny_f16_t8, F16, 8;
+}
+instances_if! { feature = "hopper";
+    W4a16SkinnySm90Bf16T1, w4a16_skinny_sm90_bf16_t1, Bf16, 1;
+    W4a16SkinnySm90Bf16T2, w4a16_skinny_sm90_bf16_t2, Bf16, 2;
+    W4a16SkinnySm90Bf16T8, w4a16_skinny_sm90_bf16_t8, Bf16, 8;
+    W4a16SkinnySm90F16T1, w4a16_skinny_sm90_f16_t1, F16, 1;
+    W4a16SkinnySm90F16T2, w4a16_skinny_sm90_f16_t2, F16, 2;
+    W4a16SkinnySm90F16T8, w4a16_skinny_sm90_f16_t8, F16, 8;
+}
