@@ -167,7 +167,7 @@ fn main() -> Result<()> {
             };
             // In the same run: the baseline (sm_80) kernel where the Hopper one runs, and the
             // Hopper one where the plan picks another fused kernel (on a Hopper device).
-            let t_sm80 = if matches!(fplan.kernel, FusedKernel::Wgmma { .. } | FusedKernel::SkinnySm90 { .. }) {
+            let t_sm80 = if fplan.kernel.in_hopper_module() {
                 Some(run(W4a16Options {
                     path: MatmulPath::Fused,
                     hopper_min_m: usize::MAX,
@@ -189,9 +189,7 @@ fn main() -> Result<()> {
             };
             // The same launches overlapping each other (programmatic dependent launch): a chain
             // of layers, each waiting for the one before to finish before it reads X.
-            let t_overlap = if matches!(plan.kernel, FusedKernel::Wgmma { .. } | FusedKernel::SkinnySm90 { .. })
-                && plan.path == MatmulPath::Fused
-            {
+            let t_overlap = if plan.kernel.in_hopper_module() && plan.path == MatmulPath::Fused {
                 Some(run(W4a16Options { overlap_prior_kernel: true, ..Default::default() })?.0)
             } else {
                 None

@@ -188,6 +188,14 @@ pub enum FusedKernel {
     },
 }
 
+impl FusedKernel {
+    /// Whether the kernel lives in the Hopper (sm_90a) module, the only one that can be
+    /// launched overlapping the kernel before it (`W4a16Options::overlap_prior_kernel`).
+    pub fn in_hopper_module(&self) -> bool {
+        matches!(self, FusedKernel::Wgmma { .. } | FusedKernel::SkinnySm90 { .. })
+    }
+}
+
 /// What a launch will do (printed by the bench).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct W4a16Plan {
@@ -437,8 +445,7 @@ pub fn w4a16_matmul(
     };
     // Programmatic launch only for the Hopper-module kernels, which wait for the previous
     // grid before reading X or writing anything.
-    let overlap =
-        opts.overlap_prior_kernel && matches!(plan.kernel, FusedKernel::SkinnySm90 { .. } | FusedKernel::Wgmma { .. });
+    let overlap = opts.overlap_prior_kernel && plan.kernel.in_hopper_module();
     let args = W4a16Args {
         x: x.dev_ptr(),
         w: w.codes.dev_ptr(),

@@ -411,7 +411,7 @@ crate::kernel_args! {
     /// `[q·S/P, (q+1)·S/P)`, `q = p·SKINNY_WARPS + w`, `P = splits·SKINNY_WARPS`,
     /// `S = k_pad / 16`; `1 ≤ splits ≤ W4A16_MAX_SPLITS`.
     ///
-    /// The skinny kernels of the Hopper module, `w4a16_skinny_sm90_{bf16,f16}_t{1,2,4,8}`
+    /// The skinny kernels of the Hopper module, `w4a16_skinny_sm90_{bf16,f16}_t{1,2,8}`
     /// (the same source built for `sm_90a`, which adds programmatic dependent launch), take
     /// the same arguments as the sm_80 ones.
     ///

@@ -311,45 +311,43 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize>(a: W4a16Args) {
     let table = base + sh.table();
     let slot_of = |q: u32| base + (q % WG_DEPTH) * sh.stage_bytes();
 
+    // Prologue: stages s_begin .. s_begin + depth − 3. Without overlap, one copy group per
+    // stage (empty past the end, to keep the count), so stage s_begin is computed as soon as
+    // it lands. An overlapping launch copies only their weight now (no earlier kernel writes
+    // it), and their X once the kernel before this one is done; it then waits for the whole
+    // prologue, so the loop's waits, counting only the groups it issues, still find each
+    // stage complete (its first barrier makes every thread's copies visible).
+    let overlap = a.overlap != 0;
     let mut src = Sources::at::<TF>(&a, s_begin, cb, m0, tid, gs);
     let mut q = s_begin;
-    if a.overlap != 0 {
-        // Overlapping launch: the weight of stages s_begin .. s_begin + depth − 3, which no
-        // earlier kernel writes, streams while the kernel before this one may still run;
-        // their X once that kernel is done. The prologue is then waited for whole: the loop's
-        // waits, counting the groups it issues, still find each stage complete when it is read
-        // (its first barrier makes every thread's copies visible).
-        while q < s_begin + WG_DEPTH - 2 && q < s_end {
+    while q < s_begin + WG_DEPTH - 2 {
+        if q < s_end {
             src.copy_weights::<TF>(&a, slot_of(q), cb, tid, gs, q == s_begin);
-            q += 1;
+            if !overlap {
+                src.copy_x::<TF>(&a, slot_of(q), tid);
+            }
         }
+        if !overlap {
+            cp_async_commit();
+        }
+        q += 1;
+    }
+    if overlap {
         allow_dependent_grids();
-        if tid < 256 {
-            st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
-        }
+    }
+    // The scale table, while the first stages are in flight.
+    if tid < 256 {
+        st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+    }
+    if overlap {
         wait_for_prior_grids();
         let mut q_x = s_begin;
-        while q_x < q {
+        while q_x < q.min(s_end) {
             src.copy_x::<TF>(&a, slot_of(q_x), tid);
             q_x += 1;
         }
         cp_async_commit();
         cp_async_wait::<0>();
-    } else {
-        // Stages s_begin .. s_begin + depth − 3, one group each (empty groups past the end
-        // keep the count), so stage s_begin is computed as soon as it lands.
-        while q < s_begin + WG_DEPTH - 2 {
-            if q < s_end {
-                src.issue::<TF>(&a, slot_of(q), cb, tid, gs, q == s_begin);
-            } else {
-                cp_async_commit();
-            }
-            q += 1;
-        }
-        // The scale table, while the first stages are in flight.
-        if tid < 256 {
-            st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
-        }
     }
 
     let mut acc = [0f32; ACC];
