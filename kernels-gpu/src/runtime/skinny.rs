@@ -167,48 +167,49 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize>(a: W4a16Args) {
     let ring = block_base + warp * SKINNY_DEPTH * Cfg::<TF, NT>::STEP;
     let first = GroupCursor::at(s_begin * 16, gs);
 
-    // Prologue: the first depth − 1 steps. Without overlap, one copy group per step (empty
-    // past the end, to keep the count), so step s_begin is computed as soon as it lands. An
-    // overlapping launch copies only their weight now (no earlier kernel writes it), and their
-    // X once the kernel before this one is done; it then waits for the whole prologue, so the
-    // loop's waits, counting only the groups it issues, still find each step complete.
-    let overlap = cfg!(feature = "hopper") && a.overlap != 0;
     let mut issue_cur = first;
     let mut src = Sources::at::<TF, NT>(&a, s_begin, cb, m0, lane);
     let mut s_issue = s_begin;
-    while s_issue < s_begin + SKINNY_DEPTH - 1 {
-        if s_issue < s_end {
-            let group = if s_issue == s_begin || issue_cur.r == 0 { Some(issue_cur.g) } else { None };
-            let slot = ring + (s_issue - s_begin) * Cfg::<TF, NT>::STEP;
-            src.copy_weights::<TF, NT>(&a, slot, cb, lane, group);
-            if !overlap {
-                src.copy_x::<TF, NT>(&a, slot, lane);
-            }
-            issue_cur.advance_within(16, gs);
-        }
-        if !overlap {
-            cp_async_commit();
-        }
-        s_issue += 1;
-    }
-    if overlap {
-        allow_dependent_grids();
-    }
-    // The scale table, while the first steps are in flight.
     let table = block_base + Cfg::<TF, NT>::SH.table();
-    st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
-    if overlap {
+    if cfg!(feature = "hopper") && a.overlap != 0 {
+        // Overlapping launch: the weight of the first depth − 1 steps, which no earlier kernel
+        // writes, streams while the kernel before this one may still run; their X once that
+        // kernel is done. The prologue is then waited for whole: the loop's waits, counting
+        // the groups it issues, then still find each step's group complete when it is read.
+        while s_issue < s_begin + SKINNY_DEPTH - 1 && s_issue < s_end {
+            let group = if s_issue == s_begin || issue_cur.r == 0 { Some(issue_cur.g) } else { None };
+            src.copy_weights::<TF, NT>(&a, ring + (s_issue - s_begin) * Cfg::<TF, NT>::STEP, cb, lane, group);
+            issue_cur.advance_within(16, gs);
+            s_issue += 1;
+        }
+        allow_dependent_grids();
+        st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
         wait_for_prior_grids();
         let mut s_x = s_begin;
-        while s_x < s_issue.min(s_end) {
+        while s_x < s_issue {
             src.copy_x::<TF, NT>(&a, ring + (s_x - s_begin) * Cfg::<TF, NT>::STEP, lane);
             s_x += 1;
         }
         cp_async_commit();
         cp_async_wait::<0>();
+    } else {
+        // The first depth − 1 steps, one group each (empty groups past the end keep the
+        // count), so step s_begin is computed as soon as it lands.
+        while s_issue < s_begin + SKINNY_DEPTH - 1 {
+            if s_issue < s_end {
+                let group = if s_issue == s_begin || issue_cur.r == 0 { Some(issue_cur.g) } else { None };
+                src.issue::<TF, NT>(&a, ring + (s_issue - s_begin) * Cfg::<TF, NT>::STEP, cb, lane, group);
+                issue_cur.advance_within(16, gs);
+            } else {
+                cp_async_commit();
+            }
+            s_issue += 1;
+        }
+        // The scale table, while the first steps are in flight.
+        st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
     }
     sync_threads();
-    let mut slot_issue = SKINNY_DEPTH - 1;
+    let mut slot_issue = (s_issue - s_begin) % SKINNY_DEPTH;
 
     let mut acc = [[[0f32; 4]; TF]; 8];
     // Decoded records of this lane's columns `8r + g` (r = 0..8·nt), see `Half::decode_record`.
