@@ -15,7 +15,9 @@
 //! times the `wgmma` kernel where the plan picks another fused kernel, the sm_80 kernel where
 //! it picks a Hopper-module one, and the Hopper-module kernels launched overlapping
 //! (`overlap_prior_kernel`: each launch's blocks start while the previous one finishes and
-//! stream their weight, then wait for it before reading `X`, as in a chain of layers).
+//! stream their weight, then wait for it before reading `X`, as in a chain of layers), and,
+//! where the plan adds the split-K partials in thread-block clusters, the same plan with the
+//! global split-K (workspace and arrival counters).
 
 mod common;
 
@@ -194,11 +196,25 @@ fn main() -> Result<()> {
             } else {
                 None
             };
+            // The same plan with the global split-K where it takes clusters.
+            let t_global = if plan.cluster > 1 && plan.path == MatmulPath::Fused {
+                Some(run(W4a16Options { cluster_split_k: false, ..Default::default() })?.0)
+            } else {
+                None
+            };
             if sweep && !matches!(fplan.kernel, FusedKernel::Tiled { .. }) && matches!(m, 1 | 16 | 64) {
+                // Each split count with clusters where the plan takes them ("c"), then with
+                // the global split-K.
                 let mut line = format!("splits sweep {n}×{k} M {m} (auto {}):", fplan.splits);
                 for sp in [1u32, 2, 3, 4, 6, 7, 8, 12, 16, 24, 32] {
-                    let (t, p) = run(W4a16Options { path: MatmulPath::Fused, splits: Some(sp), ..Default::default() })?;
-                    line += &format!(" s{}={:.2}", p.splits, t * 1e6);
+                    let opts = W4a16Options { path: MatmulPath::Fused, splits: Some(sp), ..Default::default() };
+                    let (t, p) = run(opts)?;
+                    let c = if p.cluster > 1 { "c" } else { "" };
+                    line += &format!(" s{}{c}={:.2}", p.splits, t * 1e6);
+                    if p.cluster > 1 {
+                        let (t, _) = run(W4a16Options { cluster_split_k: false, ..opts })?;
+                        line += &format!("/{:.2}", t * 1e6);
+                    }
                 }
                 println!("{line}");
             }
@@ -220,7 +236,8 @@ fn main() -> Result<()> {
                 (_, FusedKernel::Tiled { mb }) => format!("tiled mb{mb} s{} b{}/{}", p.splits, p.blocks, p.resident),
                 (_, FusedKernel::Wgmma { tf }) => format!("wgmma t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident),
                 (_, FusedKernel::SkinnySm90 { tf }) => {
-                    format!("skinny90 t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident)
+                    let c = if p.cluster > 1 { " cluster" } else { "" };
+                    format!("skinny90 t{tf} s{}{c} b{}/{}", p.splits, p.blocks, p.resident)
                 }
             };
             rows.push(vec![
@@ -243,6 +260,7 @@ fn main() -> Result<()> {
                     (Some(t), Some(b)) => format!("{:.2}×", b / t),
                     _ => "–".into(),
                 },
+                t_global.map_or("–".into(), us),
             ]);
         }
     }
@@ -269,6 +287,7 @@ fn main() -> Result<()> {
             "% of floor",
             "overlapped µs",
             "overlapped vs cuBLAS",
+            "global split-K µs",
         ],
         &rows,
     );

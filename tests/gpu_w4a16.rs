@@ -197,17 +197,21 @@ enum KernelChoice {
     Wgmma,
     /// The plan's choice on small layers: above 64 rows only, in blocks of up to 64.
     WgmmaSmallLayer,
-    /// The skinny kernel's Hopper-module build (up to 64 rows).
+    /// The skinny kernel's Hopper-module build (up to 64 rows), split-K in clusters where
+    /// the plan takes them.
     SkinnySm90,
+    /// The same with the global split-K (workspace and arrival counters).
+    SkinnySm90GlobalSplitK,
     Skinny,
     Tiled,
 }
 
 impl KernelChoice {
-    const ALL: [KernelChoice; 5] = [
+    const ALL: [KernelChoice; 6] = [
         KernelChoice::Wgmma,
         KernelChoice::WgmmaSmallLayer,
         KernelChoice::SkinnySm90,
+        KernelChoice::SkinnySm90GlobalSplitK,
         KernelChoice::Skinny,
         KernelChoice::Tiled,
     ];
@@ -216,7 +220,9 @@ impl KernelChoice {
         let (hopper_min_m, hopper_min_weights, skinny_max_m) = match self {
             KernelChoice::Wgmma => (1, 0, 64),
             KernelChoice::WgmmaSmallLayer => (1, u64::MAX, 64),
-            KernelChoice::SkinnySm90 | KernelChoice::Skinny => (usize::MAX, 0, 64),
+            KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90GlobalSplitK | KernelChoice::Skinny => {
+                (usize::MAX, 0, 64)
+            }
             KernelChoice::Tiled => (usize::MAX, 0, 0),
         };
         W4a16Options {
@@ -225,12 +231,15 @@ impl KernelChoice {
             hopper_min_m,
             hopper_min_weights,
             skinny_max_m,
-            hopper_skinny: matches!(self, KernelChoice::SkinnySm90),
+            hopper_skinny: matches!(self, KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90GlobalSplitK),
+            cluster_split_k: !matches!(self, KernelChoice::SkinnySm90GlobalSplitK),
             // The Hopper-module kernels with both prologues: the overlapping launch (after a
             // copy, so nothing to overlap: the launch path, the wait and the split prologue
             // run) with odd forced splits, the plain one otherwise.
-            overlap_prior_kernel: matches!(self, KernelChoice::SkinnySm90 | KernelChoice::Wgmma)
-                && splits.is_some_and(|s| s % 2 == 1),
+            overlap_prior_kernel: matches!(
+                self,
+                KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90GlobalSplitK | KernelChoice::Wgmma
+            ) && splits.is_some_and(|s| s % 2 == 1),
             ..Default::default()
         }
     }
@@ -244,7 +253,11 @@ impl KernelChoice {
             KernelChoice::Wgmma if hopper => "Wgmma",
             KernelChoice::WgmmaSmallLayer if hopper && m > 64 => "Wgmma",
             // 17–32 rows keep the sm_80 build (see `W4a16Options::hopper_skinny`).
-            KernelChoice::SkinnySm90 if hopper && m <= 64 && !(17..=32).contains(&m) => "SkinnySm90",
+            KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90GlobalSplitK
+                if hopper && m <= 64 && !(17..=32).contains(&m) =>
+            {
+                "SkinnySm90"
+            }
             KernelChoice::Tiled => "Tiled",
             _ => sm80,
         };
@@ -259,6 +272,68 @@ impl KernelChoice {
             FusedKernel::Tiled { .. } => "Tiled",
         };
         assert_eq!(got, want, "{self:?} m {m}: {plan:?}");
+        // Clusters only for the Hopper skinny build with splits, never when turned off.
+        let may_cluster = matches!(self, KernelChoice::SkinnySm90) && got == "SkinnySm90" && plan.splits > 1;
+        assert!(plan.cluster == 1 || (may_cluster && plan.cluster == plan.splits), "{self:?} m {m}: {plan:?}");
+    }
+}
+
+/// Cluster split-K adds the same partials in the same order as the global split-K, so the
+/// two must agree bit for bit on any input, here realistic (non-exactly-summable) ones with
+/// `Y` NaN-filled before every launch. The plan takes clusters only where the device holds a
+/// whole wave of them (one cluster must fit a GPC), so a split count it declines is reported;
+/// but at every row block it must take them for some split counts (a silent fallback
+/// everywhere would pass the equality). Repeats give a missing cluster barrier a chance to
+/// show.
+#[test]
+fn gpu_cluster_split_k_equals_the_global_one() {
+    let Some(dev) = common::gpu_or_skip("gpu_cluster_split_k_equals_the_global_one") else { return };
+    if !dev.is_hopper() {
+        eprintln!("[gpu_cluster_split_k_equals_the_global_one] skipped: clusters run on compute capability 9.0 only");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(12);
+    // n tail (4000 of 4096 padded), enough column blocks that most split counts need more
+    // blocks than SMs (where the plan takes clusters of any size).
+    let (n, k, gs) = (4000, 4096, 128);
+    let (codes, grid) = random_layer(n, k, gs, &mut rng, |r| r.gen_range(-2560..-1024));
+    let p = pack_for_kernel(codes.view(), &grid).unwrap();
+    let w = DevicePackedWeight::upload(&dev, &p).unwrap();
+    let stream = dev.stream().clone();
+    let mut ws = W4a16Workspace::default();
+    for (m, dt) in [(1, ActDtype::Bf16), (5, ActDtype::F16), (16, ActDtype::Bf16), (64, ActDtype::F16)] {
+        let xh: Vec<u16> = (0..m * k).map(|_| dt.bits(rng.sample::<f32, _>(StandardNormal))).collect();
+        let mut x = dev.alloc::<u16>(m * k, "test X").unwrap();
+        stream.memcpy_htod(&xh, &mut x).unwrap();
+        let mut y = dev.alloc::<u16>(m * n, "test Y").unwrap();
+        let nan = vec![0xffffu16; m * n];
+        let mut run = |opts: &W4a16Options| {
+            stream.memcpy_htod(&nan, &mut y).unwrap();
+            let plan = w4a16_matmul(&dev, &x, m, &w, &mut y, dt, opts, &mut ws).unwrap();
+            (stream.clone_dtoh(&y).unwrap(), plan)
+        };
+        let mut clustered_runs = 0;
+        for splits in [2, 3, 4, 7, 8, 12, 16] {
+            let clustered = KernelChoice::SkinnySm90.options(Some(splits));
+            let global = KernelChoice::SkinnySm90GlobalSplitK.options(Some(splits));
+            let (want, gplan) = run(&global);
+            assert_eq!((gplan.splits, gplan.cluster), (splits, 1), "{gplan:?}");
+            assert!(want.iter().all(|&b| dt.value(b).is_finite()), "m {m} splits {splits}: not finite");
+            for rep in 0..5 {
+                let (got, plan) = run(&clustered);
+                assert_eq!((plan.kernel, plan.splits), (gplan.kernel, splits), "{plan:?}");
+                if plan.cluster == splits {
+                    clustered_runs += 1;
+                } else {
+                    assert_eq!(plan.cluster, 1, "m {m}: {plan:?}");
+                    if rep == 0 {
+                        eprintln!("m {m} splits {splits}: no clusters of {splits} here ({plan:?})");
+                    }
+                }
+                assert!(got == want, "m {m} {dt:?} splits {splits} repeat {rep}: cluster split-K differs ({plan:?})");
+            }
+        }
+        assert!(clustered_runs >= 10, "m {m}: only {clustered_runs} clustered launches");
     }
 }
 

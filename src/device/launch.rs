@@ -27,6 +27,61 @@ impl From<LaunchDims> for LaunchConfig {
     }
 }
 
+/// Launch attributes of [`GpuDevice::launch_with`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LaunchAttrs {
+    /// Programmatic dependent launch (may overlap the kernel before it on the stream).
+    pub overlap: bool,
+    /// Blocks per thread-block cluster along x (0 or 1: no clusters).
+    pub cluster: u32,
+}
+
+impl LaunchAttrs {
+    /// The attributes as the driver takes them (at most two).
+    fn to_sys(self) -> Vec<cudarc::driver::sys::CUlaunchAttribute> {
+        use cudarc::driver::sys;
+        let mut list = Vec::with_capacity(2);
+        if self.overlap {
+            // SAFETY: a plain-data union; every bit pattern is valid, and the one field set
+            // is the one the attribute id names.
+            let mut a: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            a.value.programmaticStreamSerializationAllowed = 1;
+            list.push(a);
+        }
+        if self.cluster > 1 {
+            // SAFETY: as above.
+            let mut a: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            a.value.clusterDim.x = self.cluster;
+            a.value.clusterDim.y = 1;
+            a.value.clusterDim.z = 1;
+            list.push(a);
+        }
+        list
+    }
+}
+
+/// `cfg` on `stream` with the attributes in `list` (which must outlive the returned value's use).
+fn sys_config(
+    cfg: LaunchConfig,
+    stream: cudarc::driver::sys::CUstream,
+    list: &mut [cudarc::driver::sys::CUlaunchAttribute],
+) -> cudarc::driver::sys::CUlaunchConfig {
+    cudarc::driver::sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream,
+        attrs: if list.is_empty() { std::ptr::null_mut() } else { list.as_mut_ptr() },
+        numAttrs: list.len() as u32,
+    }
+}
+
 /// Enough `threads`-wide blocks to cover `items` (at least one block, at most 2^31 − 1).
 pub fn grid_for(items: usize, threads: u32) -> LaunchDims {
     let blocks = items.div_ceil(threads as usize).clamp(1, i32::MAX as usize) as u32;
@@ -100,16 +155,21 @@ impl GpuDevice {
         self.launch_on::<K>(&self.stream, cfg, args)
     }
 
-    /// Enqueues kernel `K` on the device's compute stream with programmatic dependent launch
-    /// (`CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`): its blocks may start before
-    /// the kernel ahead of it on the stream has finished. cudarc's launch builder has no
-    /// launch attributes, so this calls `cuLaunchKernelEx` itself.
+    /// Enqueues kernel `K` on the device's compute stream with launch attributes that
+    /// cudarc's launch builder cannot set, so this calls `cuLaunchKernelEx` itself:
+    /// * `attrs.overlap`: programmatic dependent launch
+    ///   (`CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`), its blocks may start
+    ///   before the kernel ahead of it on the stream has finished;
+    /// * `attrs.cluster > 1`: thread-block clusters of `cluster × 1 × 1` blocks
+    ///   (`CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION`; sizes above 8 need
+    ///   [`GpuDevice::max_active_clusters`] asked first).
     ///
     /// # Safety
-    /// As [`GpuDevice::launch`], and `K` executes `griddepcontrol.wait` before it reads
-    /// anything the previous kernel may write and before it writes anything; what it reads
-    /// before that wait, no kernel still running writes.
-    pub unsafe fn launch_overlapping<K: Kernel>(&self, cfg: LaunchConfig, args: &K::Args) -> Result<()> {
+    /// As [`GpuDevice::launch`]; with `overlap`, `K` executes `griddepcontrol.wait` before it
+    /// reads anything the previous kernel may write and before it writes anything, and what
+    /// it reads before that wait, no kernel still running writes; with `cluster`, the grid
+    /// is a multiple of it and `K` expects that cluster shape.
+    pub unsafe fn launch_with<K: Kernel>(&self, cfg: LaunchConfig, args: &K::Args, attrs: LaunchAttrs) -> Result<()> {
         use cudarc::driver::sys;
         let f = self.kernel::<K>()?;
         // Pointers to the argument fields, in the kernel's parameter order; they outlive the
@@ -123,30 +183,46 @@ impl GpuDevice {
                 ParamRef::F64(v) => v as *const f64 as *mut _,
             })
         });
-        // SAFETY: a plain-data union; every bit pattern is valid, and the one field set below
-        // is the one the attribute id names.
-        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let config = sys::CUlaunchConfig {
-            gridDimX: cfg.grid_dim.0,
-            gridDimY: cfg.grid_dim.1,
-            gridDimZ: cfg.grid_dim.2,
-            blockDimX: cfg.block_dim.0,
-            blockDimY: cfg.block_dim.1,
-            blockDimZ: cfg.block_dim.2,
-            sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
+        let mut list = attrs.to_sys();
+        let config = sys_config(cfg, self.stream.cu_stream(), &mut list);
         let mut launch = || -> std::result::Result<(), cudarc::driver::DriverError> {
             self.stream.context().bind_to_thread()?;
-            // SAFETY: `config` and `params` are live for the call; the caller upholds `K`'s
-            // contract and the overlap rule above.
+            // SAFETY: `config`, the attributes it points to and `params` are live for the
+            // call; the caller upholds `K`'s contract and the rules above.
             sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
         };
         launch().map_err(|source| ForgeError::Launch { kernel: K::NAME, source })
+    }
+
+    /// How many clusters of `cluster × 1 × 1` blocks of kernel `K` with `cfg`'s block size
+    /// and shared memory can be resident at once (0: such a cluster cannot be scheduled);
+    /// asked once per shape. Above 8 blocks it first lets `K` run in such clusters (CUDA's
+    /// non-portable sizes, up to 16 on Hopper), which launching them needs too. cudarc's own
+    /// query passes no cluster shape.
+    pub fn max_active_clusters<K: Kernel>(&self, cfg: LaunchConfig, cluster: u32) -> Result<u32> {
+        use cudarc::driver::sys;
+        let key = (K::NAME, cluster, cfg.block_dim.0, cfg.shared_mem_bytes);
+        if let Some(&c) = self.cluster_capacity.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(c);
+        }
+        let f = self.kernel::<K>()?;
+        if cluster > 8 {
+            use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED;
+            f.set_attribute(CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
+                .map_err(|source| ForgeError::Launch { kernel: K::NAME, source })?;
+        }
+        let mut list = LaunchAttrs { overlap: false, cluster }.to_sys();
+        let config = sys_config(cfg, self.stream.cu_stream(), &mut list);
+        let mut clusters: std::ffi::c_int = 0;
+        let mut query = || -> std::result::Result<(), cudarc::driver::DriverError> {
+            self.stream.context().bind_to_thread()?;
+            // SAFETY: `config` and its attributes are live for the call; a query.
+            unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, f.cu_function(), &config).result() }
+        };
+        query().map_err(|source| ForgeError::Launch { kernel: K::NAME, source })?;
+        let c = clusters.max(0) as u32;
+        self.cluster_capacity.lock().unwrap_or_else(|p| p.into_inner()).insert(key, c);
+        Ok(c)
     }
 
     /// Enqueues kernel `K` on `stream`.

@@ -13,7 +13,7 @@ pub mod cublas;
 pub mod cusolver;
 mod launch;
 
-pub use launch::{grid_for, view_ptr, view_ptr_mut, DeviceBuffer, DeviceBufferMut, LaunchDims};
+pub use launch::{grid_for, view_ptr, view_ptr_mut, DeviceBuffer, DeviceBufferMut, LaunchAttrs, LaunchDims};
 
 use crate::{ForgeError, Result};
 use cudarc::driver::{CudaContext, CudaModule, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
@@ -35,6 +35,8 @@ pub struct GpuDevice {
     /// `(major, minor)`, read once: the W4A16 plan asks on every launch.
     compute_capability: (u32, u32),
     functions: Mutex<HashMap<&'static str, cudarc::driver::CudaFunction>>,
+    /// Resident clusters per [`ClusterShape`], asked once: the W4A16 plan asks on every launch.
+    cluster_capacity: Mutex<HashMap<ClusterShape, u32>>,
     constant_memory: Mutex<()>,
     name: String,
     dense: Mutex<Option<cusolver::DenseSolver>>,
@@ -44,6 +46,9 @@ pub struct GpuDevice {
     /// One per-device object of the layers above (the quantization engine), made on first use.
     extension: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
+
+/// Kernel name, blocks per cluster, threads per block, dynamic shared bytes.
+type ClusterShape = (&'static str, u32, u32, u32);
 
 impl std::fmt::Debug for GpuDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,6 +92,7 @@ impl GpuDevice {
             hopper_module: Mutex::new(None),
             compute_capability,
             functions: Mutex::new(HashMap::new()),
+            cluster_capacity: Mutex::new(HashMap::new()),
             constant_memory: Mutex::new(()),
             name,
             dense: Mutex::new(None),

@@ -22,10 +22,29 @@
 //! another, so residency does not matter), and the counters are left zero for the next
 //! launch. Atomic f32 adds into `Y` were rejected: `Y` is 16-bit, they would need a zeroed
 //! f32 buffer and a second conversion launch, and the result would depend on arrival order.
+//!
+//! Two refinements from a split sweep of the Hopper skinny build on the H200 (docs/kernels.md
+//! §6):
+//! * layers under `hopper_min_weights` (2^25) fill one block per SM instead of every slot,
+//!   unless launched overlapping the previous kernel: at `M = 1`, 4096×4096 ran 8.7 µs at 4
+//!   splits (128 blocks) against 9.3 at 8 (256), and 7168×2048 at `M = 16` 9.0 µs unsplit
+//!   (112 blocks) against 11.1 at 2 splits; the large layers keep two per SM (4096×14336,
+//!   `M = 1`: 16.9 µs at 256 blocks, 17.6 at 128). An overlapping launch streams its first
+//!   steps while the previous kernel runs, so more splits (shorter `k` ranges) leave it less
+//!   to do after the wait: with one block per SM the overlapped 4096×4096 ran 8.5 µs at
+//!   `M = 1` against 7.3 with two;
+//! * cluster split-K (`W4a16Options::cluster_split_k`): the split blocks of a tile form one
+//!   thread-block cluster and add their partials through distributed shared memory in split
+//!   order (the same bits), with no workspace round trip; 0.2–0.6 µs per launch where taken.
+//!   Taken when the device holds a whole wave of such clusters and the grid either needs two
+//!   blocks per SM anyway, or runs one per SM, or has clusters of at most 3: with 4–8 blocks
+//!   per cluster on a grid of 112–128 blocks at two per SM, the scheduler doubled blocks up on
+//!   some SMs and the launch ran up to 37 % slower (4096×14336, 4 splits: 24.1 µs against
+//!   17.6).
 
 use super::{check_dims, ActDtype, PackedWeight};
 use crate::device::cublas::BlasInput;
-use crate::device::{DeviceBuf, DeviceBuffer, DeviceBufferMut, GpuDevice};
+use crate::device::{DeviceBuf, DeviceBuffer, DeviceBufferMut, GpuDevice, LaunchAttrs};
 use crate::{ForgeError, Result};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig};
@@ -144,6 +163,12 @@ pub struct W4a16Options {
     /// write this packed weight (an inference step: weights fixed, activations from the layer
     /// before). Off by default; no effect on other kernels or devices.
     pub overlap_prior_kernel: bool,
+    /// Split-K in thread-block clusters on the Hopper-module skinny kernels: the split blocks
+    /// of an output tile (at most 16) run as one cluster and add their partials through
+    /// distributed shared memory, instead of through the global workspace with an arrival
+    /// counter. Taken only where the device co-schedules such clusters without fewer
+    /// resident blocks; the sum and its bits are the same either way.
+    pub cluster_split_k: bool,
 }
 
 impl Default for W4a16Options {
@@ -157,6 +182,7 @@ impl Default for W4a16Options {
             hopper_min_weights: 1 << 25,
             hopper_skinny: true,
             overlap_prior_kernel: false,
+            cluster_split_k: true,
         }
     }
 }
@@ -209,6 +235,8 @@ pub struct W4a16Plan {
     pub col_blocks: u32,
     /// Split-K factor.
     pub splits: u32,
+    /// Blocks per thread-block cluster (`splits` with cluster split-K, else 1).
+    pub cluster: u32,
     /// Blocks launched.
     pub blocks: u32,
     /// Resident block slots (SMs × blocks per SM).
@@ -284,6 +312,26 @@ fn fused_kernel(
     Ok(with_fused_kernel!(dtype, kernel, k))
 }
 
+/// Most blocks per cluster on Hopper (16 needs the non-portable cluster attribute).
+const MAX_CLUSTER_SPLITS: u32 = 16;
+
+/// Clusters of `cluster` blocks of the fused kernel that can be resident at once with
+/// `cfg`'s block size and shared memory.
+fn cluster_capacity(
+    dev: &GpuDevice,
+    dtype: ActDtype,
+    kernel: FusedKernel,
+    cfg: LaunchConfig,
+    cluster: u32,
+) -> Result<u32> {
+    macro_rules! query {
+        ($m:ty) => {
+            dev.max_active_clusters::<$m>(cfg, cluster)?
+        };
+    }
+    Ok(with_fused_kernel!(dtype, kernel, query))
+}
+
 /// The plan for `m` rows (see the module docs for the split-K choice).
 pub fn w4a16_plan(
     dev: &GpuDevice,
@@ -351,7 +399,8 @@ pub fn w4a16_plan(
         .occupancy_max_active_blocks_per_multiprocessor(threads, shared_bytes as usize, None)
         .map_err(|source| ForgeError::Launch { kernel: name, source })?
         .max(1);
-    let resident = per_sm * dev.sm_count()?;
+    let sm_count = dev.sm_count()?;
+    let resident = per_sm * sm_count;
     let tiles = m_blocks as u64 * col_blocks as u64;
     let max_splits = if skinny {
         // At least two steps per warp.
@@ -367,7 +416,11 @@ pub fn w4a16_plan(
         None => {
             // The most splits that still fit one wave, then the smallest split reaching the
             // same stages (steps) per block: fewer partial tiles to add.
-            let fit = ((resident as u64 / tiles.max(1)) as u32).clamp(1, max_splits);
+            // Small layers on the Hopper skinny build, launched in order: one block per SM
+            // (module docs).
+            let one_per_sm = matches!(kernel, FusedKernel::SkinnySm90 { .. }) && !large && !opts.overlap_prior_kernel;
+            let slots = if one_per_sm { sm_count } else { resident };
+            let fit = ((slots as u64 / tiles.max(1)) as u32).clamp(1, max_splits);
             let best = units.div_ceil(fit);
             (1..=fit).find(|s| units.div_ceil(*s) == best).unwrap_or(fit)
         }
@@ -376,12 +429,29 @@ pub fn w4a16_plan(
     if blocks > i32::MAX as u64 {
         return Err(ForgeError::Shape(format!("W4A16: {blocks} blocks exceed the grid limit")));
     }
+    let clustered = opts.cluster_split_k
+        && matches!(kernel, FusedKernel::SkinnySm90 { .. })
+        && (2..=MAX_CLUSTER_SPLITS).contains(&splits)
+        // Where the scheduler's cluster placement cannot unbalance the SMs (module docs).
+        && (splits <= 3 || blocks > sm_count as u64 || per_sm == 1)
+        && {
+            let cfg = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: shared_bytes,
+            };
+            // Clusters only where they keep every resident block slot the plan counted on (a
+            // cluster must fit one GPC); a failed query means no clusters, not a failed matmul.
+            cluster_capacity(dev, dtype, kernel, cfg, splits)
+                .is_ok_and(|c| c as u64 * splits as u64 >= blocks.min(resident as u64))
+        };
     Ok(W4a16Plan {
         path: if gemm { MatmulPath::DequantGemm } else { MatmulPath::Fused },
         kernel,
         m_blocks,
         col_blocks,
         splits,
+        cluster: if clustered { splits } else { 1 },
         blocks: blocks as u32,
         resident,
         shared_bytes,
@@ -433,14 +503,15 @@ pub fn w4a16_matmul(
         dev.with_blas(|b| unsafe { b.gemm_xwt(input, m, n, k, xa, wa, ya) })?;
         return Ok(plan);
     }
-    let (ws_ptr, counters_ptr) = if plan.splits > 1 {
+    let clustered = plan.cluster > 1;
+    let (ws_ptr, counters_ptr) = if plan.splits > 1 && !clustered {
         let partials = ws.partials.ensure(dev, plan.splits as usize * m * w.n_pad, "W4A16 split-K partials")?;
         let p = partials.dev_ptr_mut();
         // Zeroed when allocated; every launch leaves them zero again.
         let counters = ws.counters.ensure(dev, (plan.m_blocks * plan.col_blocks) as usize, "W4A16 split-K counters")?;
         (p, counters.dev_ptr_mut())
     } else {
-        // Not read with one split; any valid address.
+        // Not read with one split or in clusters; any valid address.
         (y.dev_ptr_mut().cast::<f32>(), y.dev_ptr_mut().cast::<u32>())
     };
     // Programmatic launch only for the Hopper-module kernels, which wait for the previous
@@ -464,6 +535,7 @@ pub fn w4a16_matmul(
         col_blocks: plan.col_blocks,
         splits: plan.splits,
         overlap: overlap as u32,
+        cluster: clustered as u32,
     };
     let cfg = LaunchConfig {
         grid_dim: (plan.blocks, 1, 1),
@@ -472,8 +544,8 @@ pub fn w4a16_matmul(
     };
     macro_rules! launch {
         ($m:ty) => {
-            if overlap {
-                dev.launch_overlapping::<$m>(cfg, &args)
+            if overlap || clustered {
+                dev.launch_with::<$m>(cfg, &args, LaunchAttrs { overlap, cluster: plan.cluster })
             } else {
                 dev.launch::<$m>(cfg, &args)
             }
@@ -483,7 +555,8 @@ pub fn w4a16_matmul(
     // gs a multiple of 32 (check_dims at upload), w/meta a packed weight of these dimensions
     // (checked at upload), ws splits·m·n_pad f32 and counters m_blocks·col_blocks u32 zeroed
     // (ensured above), col_blocks = n_pad / n_block and 1 ≤ splits ≤ min(stages, MAX) (plan);
-    // a Wgmma or SkinnySm90 plan only on a compute-capability-9.0 device (plan); with overlap,
+    // a Wgmma or SkinnySm90 plan only on a compute-capability-9.0 device (plan); clusters of
+    // `splits ≤ 16` blocks only for SkinnySm90, whose grid is tiles·splits (plan); with overlap,
     // the caller's promise that the previous kernel on the stream does not write the weight
     // (`overlap_prior_kernel`).
     unsafe { with_fused_kernel!(dtype, plan.kernel, launch) }?;

@@ -247,10 +247,16 @@ impl W4a16SkinnyShape {
         SKINNY_WARPS * self.warp_bytes()
     }
 
+    /// Offset of the block's f32 partial `[m_block][n_block]` that the other blocks of a
+    /// cluster read (cluster split-K), after the reduction buffer.
+    pub const fn partial(&self) -> u32 {
+        self.reduce_bytes()
+    }
+
     /// Offset of the split-K arrival flag (u32).
     pub const fn flag(&self) -> u32 {
         let p = self.table() + 512;
-        let r = self.reduce_bytes();
+        let r = self.partial() + self.m_block() * self.n_block() * 4;
         if p > r {
             p
         } else {
@@ -412,8 +418,9 @@ crate::kernel_args! {
     /// `S = k_pad / 16`; `1 ≤ splits ≤ W4A16_MAX_SPLITS`.
     ///
     /// The skinny kernels of the Hopper module, `w4a16_skinny_sm90_{bf16,f16}_t{1,2,8}`
-    /// (the same source built for `sm_90a`, which adds programmatic dependent launch), take
-    /// the same arguments as the sm_80 ones.
+    /// (the same source built for `sm_90a`, which adds programmatic dependent launch and
+    /// cluster split-K), take the same arguments as the sm_80 ones; with `cluster = 1` they
+    /// must be launched in clusters of `splits × 1 × 1` blocks.
     ///
     /// The Hopper kernels `w4a16_wg_{bf16,f16}_t{1,2,4,8,16}` (module `sm_90a`, blocks of
     /// [`WG_THREADS`]) take them with row blocks of `8·tf`, `col_blocks = n_pad / 256`,
@@ -457,6 +464,12 @@ crate::kernel_args! {
         /// weight first and copies `X` after `griddepcontrol.wait`. 0: one copy group per
         /// step or stage, as without overlap.
         pub overlap: u32,
+        /// 1 when the `splits` blocks of each output tile are one thread-block cluster
+        /// (Hopper-module skinny kernels only, `splits ≤ 16`): block `b` is split
+        /// `b mod splits` of tile `b / splits` (row block `tile mod m_blocks`, column block
+        /// `tile / m_blocks`), and the blocks add their partials through distributed shared
+        /// memory in split order; `ws` and `counters` are not used. 0: the grid order above.
+        pub cluster: u32,
     }
 }
 

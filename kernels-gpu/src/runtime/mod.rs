@@ -107,14 +107,67 @@ pub(crate) fn allow_dependent_grids() {
     };
 }
 
+/// Cluster split-K (Hopper module): every thread of every block of the cluster arrives,
+/// with release semantics for its shared-memory writes. A no-op in the sm_80 module.
+#[inline(always)]
+pub(crate) fn cluster_arrive() {
+    #[cfg(feature = "hopper")]
+    // SAFETY: a barrier arrival every thread of the block executes (`.aligned`).
+    unsafe {
+        core::arch::asm!("barrier.cluster.arrive.release.aligned;", options(nostack))
+    };
+}
+
+/// Waits until every thread of the cluster has arrived ([`cluster_arrive`]); their shared
+/// memory writes before the arrival are then visible. A no-op in the sm_80 module.
+#[inline(always)]
+pub(crate) fn cluster_wait() {
+    #[cfg(feature = "hopper")]
+    // SAFETY: a barrier wait every thread of the block executes (`.aligned`); clobbers
+    // memory so no shared load moves above it.
+    unsafe {
+        core::arch::asm!("barrier.cluster.wait.acquire.aligned;", options(nostack))
+    };
+}
+
+/// Two f32 at shared address `addr` of the cluster's block `rank` (distributed shared
+/// memory). Zeros in the sm_80 module, which never calls it.
+///
+/// # Safety
+/// `addr` is 8-byte aligned shared memory of the block layout; block `rank` of the cluster
+/// has written it before a [`cluster_arrive`] this thread has waited for, and has not exited.
+#[inline(always)]
+pub(crate) unsafe fn ld_cluster_f32x2(addr: u32, rank: u32) -> [f32; 2] {
+    #[cfg(feature = "hopper")]
+    {
+        let (a, b): (f32, f32);
+        core::arch::asm!(
+            "{{ .reg .b32 r; mapa.shared::cluster.u32 r, {p}, {k}; ld.shared::cluster.v2.f32 {{{a}, {b}}}, [r]; }}",
+            a = out(reg32) a, b = out(reg32) b, p = in(reg32) addr, k = in(reg32) rank,
+            options(readonly, nostack)
+        );
+        [a, b]
+    }
+    #[cfg(not(feature = "hopper"))]
+    {
+        let _ = (addr, rank);
+        [0.0, 0.0]
+    }
+}
+
 /// This block's place in a W4A16 grid (`W4a16Args`: block `b` is row block `b mod m_blocks`,
-/// column block `(b / m_blocks) mod col_blocks`, split `b / (m_blocks·col_blocks)`), with the
-/// split count: `(mblk, cb, split, splits)`.
+/// column block `(b / m_blocks) mod col_blocks`, split `b / (m_blocks·col_blocks)`; in
+/// cluster split-K, split `b mod splits` of tile `b / splits`), with the split count:
+/// `(mblk, cb, split, splits)`.
 #[inline(always)]
 pub(crate) fn block_place(a: &forge_kernel_abi::runtime::W4a16Args) -> (u32, u32, u32, u32) {
     // `max(1)`: no division-by-zero panic path (the launcher never passes 0).
     let (m_blocks, col_blocks, splits) = (a.m_blocks.max(1), a.col_blocks.max(1), a.splits.max(1));
     let bid = crate::device::block_x();
+    if cfg!(feature = "hopper") && a.cluster != 0 {
+        let tile = bid / splits;
+        return (tile % m_blocks, (tile / m_blocks) % col_blocks, bid % splits, splits);
+    }
     let rest = bid / m_blocks;
     (bid % m_blocks, rest % col_blocks, rest / col_blocks, splits)
 }

@@ -7,6 +7,7 @@
 //! columns `16q + g`, `16q + 8 + g` and tokens `8f + 2t`, `8f + 2t + 1`.
 
 use super::epilogue::{finish_split_k, store_pair};
+use super::{cluster_arrive, cluster_wait, ld_cluster_f32x2};
 use super::mma::{dequant_word, Half};
 use crate::device::{ld_shared_f32x2, ld_shared_u32, ld_shared_u32x4, shfl_idx_f32, st_shared_u32, sync_threads};
 use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape, SKINNY_WARPS, W4A16_THREADS};
@@ -75,12 +76,14 @@ pub unsafe fn step_mma<T: Half, const TF: usize, const NT: usize>(
 
 /// The block end: the warps' partials through shared memory at `red` (the rings, free
 /// again), every thread adding one output pair's 8 warp partials in warp order, then `Y` (one
-/// split) or the split's f32 partial for [`finish_split_k`] (arrival flag at `flag`).
+/// split), the split's f32 partial for [`finish_split_k`] (arrival flag at `flag`), or, in
+/// cluster split-K, the block's partial at `red + partial()` for [`cluster_split_k`].
 ///
 /// # Safety
 /// Every thread of the block runs it after its last read of the rings and with no copy into
-/// them in flight; `red` has [`W4a16SkinnyShape::reduce_bytes`] bytes that do not overlap
-/// `flag`; the [`W4a16Args`] contract holds for block `(mblk, cb, split)`.
+/// them in flight; `red` is the block's shared base, with [`W4a16SkinnyShape::reduce_bytes`]
+/// bytes and then the partial, neither overlapping `flag`; the [`W4a16Args`] contract holds
+/// for block `(mblk, cb, split)`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn block_end<T: Half, const TF: usize, const NT: usize>(
@@ -93,6 +96,8 @@ pub unsafe fn block_end<T: Half, const TF: usize, const NT: usize>(
 ) {
     let sh = W4a16SkinnyShape { tf: TF as u32, nt: NT as u32 };
     let (m_block, nb, stride) = (sh.m_block(), sh.n_block(), sh.red_stride());
+    let clustered = cfg!(feature = "hopper") && a.cluster != 0;
+    let part = red + sh.partial();
     let red_warp = m_block * stride * 4;
     let (warp, lane) = (tid / 32, tid % 32);
     let (g, t) = (lane / 4, lane % 4);
@@ -130,15 +135,64 @@ pub unsafe fn block_end<T: Half, const TF: usize, const NT: usize>(
         });
         if a.splits == 1 {
             store_pair::<T>(a.y.ptr(), m0 + row, col0 + c, m, n, sum[0], sum[1]);
+        } else if clustered {
+            let at = part + (row * nb + c) * 4;
+            st_shared_u32(at, sum[0].to_bits());
+            st_shared_u32(at + 4, sum[1].to_bits());
         } else {
             let at = (split as usize * m as usize + (m0 + row) as usize) * a.n_pad as usize + (col0 + c) as usize;
             *(a.ws.ptr().add(at) as *mut [f32; 2]) = sum;
         }
         it += W4A16_THREADS;
     }
-    if a.splits > 1 {
+    if a.splits > 1 && clustered {
+        cluster_split_k::<T>(a, part, split, m0, rows, col0, nb, tid);
+    } else if a.splits > 1 {
         finish_split_k::<T>(a, flag, mblk * a.col_blocks + cb, m0, rows, col0, nb, tid, W4A16_THREADS);
     }
+}
+
+/// Cluster split-K: the `splits` blocks of the tile (one cluster, block rank = split) have
+/// each put their partial at shared offset `part` (`[rows][nb]` f32); split `p` adds the
+/// partials of its share of the output pairs in split order, from 0 (the order, and so the
+/// bits, of [`finish_split_k`]), and writes `Y`. No workspace, no counter, no global round
+/// trip. The last barrier keeps every block's shared memory alive until all have read it.
+///
+/// # Safety
+/// Every thread of every block of the cluster calls it, after its block's stores to `part`;
+/// the [`W4a16Args`] contract holds with `cluster = 1` and `splits ≤ 16`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn cluster_split_k<T: Half>(a: &W4a16Args, part: u32, split: u32, m0: u32, rows: u32, col0: u32, nb: u32, tid: u32) {
+    cluster_arrive();
+    cluster_wait();
+    let pairs = nb / 2;
+    let items = rows * pairs;
+    let share = items.div_ceil(a.splits);
+    let end = items.min((split + 1) * share);
+    let mut it = split * share + tid;
+    while it < end {
+        let (row, c) = (it / pairs, (it % pairs) * 2);
+        let at = part + (row * nb + c) * 4;
+        // All loads in flight, then the additions in split order.
+        let mut v = [[0f32; 2]; 16];
+        unroll!(p < 16, {
+            if (p as u32) < a.splits {
+                v[p] = ld_cluster_f32x2(at, p as u32);
+            }
+        });
+        let mut sum = [0f32; 2];
+        unroll!(p < 16, {
+            if (p as u32) < a.splits {
+                sum[0] += v[p][0];
+                sum[1] += v[p][1];
+            }
+        });
+        store_pair::<T>(a.y.ptr(), m0 + row, col0 + c, a.m, a.n, sum[0], sum[1]);
+        it += W4A16_THREADS;
+    }
+    cluster_arrive();
+    cluster_wait();
 }
 
 /// Warp `warp` of split `split`'s contiguous range of 16-deep steps `[begin, end)`.
