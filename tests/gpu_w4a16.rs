@@ -293,15 +293,25 @@ fn gpu_cluster_split_k_equals_the_global_one() {
         return;
     }
     let mut rng = StdRng::seed_from_u64(12);
-    // n tail (4000 of 4096 padded), enough column blocks that most split counts need more
-    // blocks than SMs (where the plan takes clusters of any size).
-    let (n, k, gs) = (4000, 4096, 128);
-    let (codes, grid) = random_layer(n, k, gs, &mut rng, |r| r.gen_range(-2560..-1024));
-    let p = pack_for_kernel(codes.view(), &grid).unwrap();
-    let w = DevicePackedWeight::upload(&dev, &p).unwrap();
+    // n tails. Up to 16 rows (two blocks per SM), 4000 columns: enough column blocks that
+    // most split counts need more blocks than SMs, where the plan takes clusters of any size.
+    // At 64 rows (one block per SM) 1000 columns, so that a wave of clusters fits.
+    let (k, gs) = (4096, 128);
+    let mut layer = |n: usize| {
+        let (codes, grid) = random_layer(n, k, gs, &mut rng, |r| r.gen_range(-2560..-1024));
+        (n, DevicePackedWeight::upload(&dev, &pack_for_kernel(codes.view(), &grid).unwrap()).unwrap())
+    };
+    let (wide, narrow) = (layer(4000), layer(1000));
     let stream = dev.stream().clone();
     let mut ws = W4a16Workspace::default();
-    for (m, dt) in [(1, ActDtype::Bf16), (5, ActDtype::F16), (16, ActDtype::Bf16), (64, ActDtype::F16)] {
+    let cases = [
+        (1, ActDtype::Bf16, &wide),
+        (5, ActDtype::F16, &wide),
+        (16, ActDtype::Bf16, &wide),
+        (64, ActDtype::F16, &narrow),
+    ];
+    for (m, dt, (n, w)) in cases {
+        let n = *n;
         let xh: Vec<u16> = (0..m * k).map(|_| dt.bits(rng.sample::<f32, _>(StandardNormal))).collect();
         let mut x = dev.alloc::<u16>(m * k, "test X").unwrap();
         stream.memcpy_htod(&xh, &mut x).unwrap();
@@ -309,7 +319,7 @@ fn gpu_cluster_split_k_equals_the_global_one() {
         let nan = vec![0xffffu16; m * n];
         let mut run = |opts: &W4a16Options| {
             stream.memcpy_htod(&nan, &mut y).unwrap();
-            let plan = w4a16_matmul(&dev, &x, m, &w, &mut y, dt, opts, &mut ws).unwrap();
+            let plan = w4a16_matmul(&dev, &x, m, w, &mut y, dt, opts, &mut ws).unwrap();
             (stream.clone_dtoh(&y).unwrap(), plan)
         };
         let mut clustered_runs = 0;
