@@ -35,7 +35,7 @@
 //!   `M = 1` against 7.3 with two;
 //! * cluster split-K (`W4a16Options::cluster_split_k`): the split blocks of a tile form one
 //!   thread-block cluster and add their partials through distributed shared memory in split
-//!   order (the same bits), with no workspace round trip; 0.2–0.6 µs per launch where taken.
+//!   order (the same bits), with no workspace round trip; 0.3–1.6 µs per launch where taken (H200 bench).
 //!   Taken when the device holds a whole wave of such clusters and the grid either needs two
 //!   blocks per SM anyway, or runs one per SM, or has clusters of at most 3: with 4–8 blocks
 //!   per cluster on a grid of 112–128 blocks at two per SM, the scheduler doubled blocks up on
