@@ -81,54 +81,57 @@ macro_rules! unroll {
     }};
 }
 
-/// Programmatic dependent launch, first half: waits until the grids before this one on the
-/// stream have finished and their writes are visible. Everything a kernel reads that an
-/// earlier kernel may write (`X`, the split-K workspace and counters, `Y`) comes after it; the
-/// packed weight may stream before it. A no-op when the launch did not ask for overlap, and
-/// in the sm_80 module (the instruction is sm_90).
-#[inline(always)]
-pub(crate) fn wait_for_prior_grids() {
-    #[cfg(feature = "hopper")]
-    // SAFETY: a wait; clobbers memory so no load moves above it.
-    unsafe {
-        core::arch::asm!("griddepcontrol.wait;", options(nostack))
+/// One sm_90 instruction with no operands, emitted in the Hopper module only (a no-op in the
+/// sm_80 one, whose target lacks it); `asm!` without `nomem`, so no memory access moves
+/// across it.
+macro_rules! hopper_only_instruction {
+    ($(#[$doc:meta])* $name:ident, $ptx:literal) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub(crate) fn $name() {
+            #[cfg(feature = "hopper")]
+            // SAFETY: the callers' contracts say when each instruction may run; it takes no
+            // operands and touches no memory by itself.
+            unsafe {
+                core::arch::asm!($ptx, options(nostack))
+            };
+        }
     };
 }
 
-/// Programmatic dependent launch, second half: the next grid on the stream may start its
-/// blocks (they stream their own weight, then wait in [`wait_for_prior_grids`] until this grid
-/// has finished). A no-op in the sm_80 module.
-#[inline(always)]
-pub(crate) fn allow_dependent_grids() {
-    #[cfg(feature = "hopper")]
-    // SAFETY: a scheduling hint; orders nothing.
-    unsafe {
-        core::arch::asm!("griddepcontrol.launch_dependents;", options(nostack))
-    };
-}
+hopper_only_instruction!(
+    /// Programmatic dependent launch, first half: waits until the grids before this one on
+    /// the stream have finished and their writes are visible. Everything a kernel reads that
+    /// an earlier kernel may write (`X`, the split-K workspace and counters, `Y`) comes after
+    /// it; the packed weight may stream before it. A no-op when the launch did not ask for
+    /// overlap.
+    wait_for_prior_grids,
+    "griddepcontrol.wait;"
+);
 
-/// Cluster split-K (Hopper module): every thread of every block of the cluster arrives,
-/// with release semantics for its shared-memory writes. A no-op in the sm_80 module.
-#[inline(always)]
-pub(crate) fn cluster_arrive() {
-    #[cfg(feature = "hopper")]
-    // SAFETY: a barrier arrival every thread of the block executes (`.aligned`).
-    unsafe {
-        core::arch::asm!("barrier.cluster.arrive.release.aligned;", options(nostack))
-    };
-}
+hopper_only_instruction!(
+    /// Programmatic dependent launch, second half: the next grid on the stream may start its
+    /// blocks (they stream their own weight, then wait in [`wait_for_prior_grids`] until this
+    /// grid has finished). A scheduling hint; orders nothing.
+    allow_dependent_grids,
+    "griddepcontrol.launch_dependents;"
+);
 
-/// Waits until every thread of the cluster has arrived ([`cluster_arrive`]); their shared
-/// memory writes before the arrival are then visible. A no-op in the sm_80 module.
-#[inline(always)]
-pub(crate) fn cluster_wait() {
-    #[cfg(feature = "hopper")]
-    // SAFETY: a barrier wait every thread of the block executes (`.aligned`); clobbers
-    // memory so no shared load moves above it.
-    unsafe {
-        core::arch::asm!("barrier.cluster.wait.acquire.aligned;", options(nostack))
-    };
-}
+hopper_only_instruction!(
+    /// Cluster split-K: this thread arrives at the cluster barrier, with release semantics
+    /// for its shared-memory writes. Every thread of every block of the cluster executes it
+    /// (`.aligned`).
+    cluster_arrive,
+    "barrier.cluster.arrive.release.aligned;"
+);
+
+hopper_only_instruction!(
+    /// Waits until every thread of the cluster has arrived ([`cluster_arrive`]); their shared
+    /// memory writes before the arrival are then visible. Every thread of the block executes
+    /// it (`.aligned`).
+    cluster_wait,
+    "barrier.cluster.wait.acquire.aligned;"
+);
 
 /// Two f32 at shared address `addr` of the cluster's block `rank` (distributed shared
 /// memory). Zeros in the sm_80 module, which never calls it.
