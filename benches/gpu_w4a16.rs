@@ -18,6 +18,10 @@
 //! stream their weight, then wait for it before reading `X`, as in a chain of layers), and,
 //! where the plan adds the split-K partials in thread-block clusters, the same plan with the
 //! global split-K (workspace and arrival counters).
+//!
+//! Then the grouped mixture-of-experts launch (`W4A16_BENCH_MOE=only` times only that) on
+//! Qwen3-30B-A3B and DeepSeek-V3 expert layers, 1–64 tokens routed top-8 at random, against
+//! a loop of per-expert launches and the floor of the active experts' weights.
 
 mod common;
 
@@ -26,8 +30,8 @@ use cudarc::driver::CudaSlice;
 use fourbit_forge::device::cublas::BlasInput;
 use fourbit_forge::device::{DeviceBuffer, DeviceBufferMut, GpuDevice};
 use fourbit_forge::runtime::{
-    launch_dequant, pack_for_kernel, w4a16_matmul, ActDtype, DevicePackedWeight, FusedKernel, MatmulPath, W4a16Options,
-    W4a16Plan, W4a16Workspace,
+    expert_offsets, launch_dequant, pack_for_kernel, w4a16_grouped_matmul, w4a16_matmul, ActDtype, DeviceExperts,
+    DevicePackedWeight, ExpertRouting, FusedKernel, MatmulPath, W4a16Options, W4a16Plan, W4a16Workspace,
 };
 use fourbit_forge::{ForgeError, QMetaPacked, QuantGrid, Result, ScaleDtype};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -93,8 +97,181 @@ fn packed_layer(n: usize, k: usize, seed: u64) -> Result<fourbit_forge::runtime:
     pack_for_kernel(codes.view(), &grid)
 }
 
+/// Mixture-of-experts layers for the grouped launch: (name, experts, N, K, experts per
+/// token). Qwen3-30B-A3B (128 experts of 768, hidden 2048) and DeepSeek-V3 / Kimi K2 (256
+/// of 2048, hidden 7168): the fused gate/up projection and the down projection.
+const MOE_LAYERS: [(&str, usize, usize, usize, usize); 4] = [
+    ("Qwen3-30B-A3B gate_up", 128, 1536, 2048, 8),
+    ("Qwen3-30B-A3B down", 128, 2048, 768, 8),
+    ("DeepSeek-V3 gate_up", 256, 4096, 7168, 8),
+    ("DeepSeek-V3 down", 256, 7168, 2048, 8),
+];
+/// Tokens per step of the grouped bench.
+const MOE_TOKENS: [usize; 4] = [1, 4, 16, 64];
+/// Distinct packed experts per layer (copied to fill the layer: packing 256 large experts on
+/// the host would dominate the run).
+const MOE_DISTINCT: usize = 8;
+/// Routings one graph cycles through, so consecutive launches read different experts.
+const MOE_ROUTINGS: usize = 16;
+
+/// Random top-`top_k` routings of `tokens` tokens over `experts`: rows sorted by expert.
+fn random_offsets(experts: usize, tokens: usize, top_k: usize, rng: &mut StdRng) -> Vec<usize> {
+    let mut rows = vec![0usize; experts];
+    for _ in 0..tokens {
+        let mut picked = Vec::with_capacity(top_k);
+        while picked.len() < top_k.min(experts) {
+            let e = rng.gen_range(0..experts);
+            if !picked.contains(&e) {
+                picked.push(e);
+            }
+        }
+        picked.iter().for_each(|&e| rows[e] += 1);
+    }
+    expert_offsets(&rows)
+}
+
+/// The grouped (MoE) launch against a loop of per-expert launches and the HBM floor.
+fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
+    let stream = dev.stream().clone();
+    let mut rows_out = Vec::new();
+    for (li, &(name, experts, n, k, top_k)) in MOE_LAYERS.iter().enumerate() {
+        let distinct: Vec<_> = (0..MOE_DISTINCT)
+            .map(|i| packed_layer(n, k, 100 + (li * MOE_DISTINCT + i) as u64))
+            .collect::<Result<_>>()?;
+        let layer: Vec<&fourbit_forge::runtime::PackedWeight> =
+            (0..experts).map(|e| &distinct[e % MOE_DISTINCT]).collect();
+        let grouped_w = DeviceExperts::upload(dev, &layer)?;
+        let single: Vec<DevicePackedWeight> =
+            layer.iter().map(|p| DevicePackedWeight::upload(dev, p)).collect::<Result<_>>()?;
+        let mut rng = StdRng::seed_from_u64(li as u64);
+        for &tokens in &MOE_TOKENS {
+            let rows = tokens * top_k;
+            let offsets: Vec<Vec<usize>> =
+                (0..MOE_ROUTINGS).map(|_| random_offsets(experts, tokens, top_k, &mut rng)).collect();
+            let routings: Vec<ExpertRouting> =
+                offsets.iter().map(|o| ExpertRouting::new(dev, o)).collect::<Result<_>>()?;
+            let xh: Vec<u16> = (0..rows * k).map(|_| ActDtype::Bf16.bits(rng.gen_range(-1.0f32..1.0))).collect();
+            let mut x = dev.alloc::<u16>(rows * k, "bench X")?;
+            stream.memcpy_htod(&xh, &mut x).map_err(ForgeError::driver("uploading X"))?;
+            let mut y = dev.alloc::<u16>(rows * n, "bench Y")?;
+            let mut ws = W4a16Workspace::default();
+            let opts = W4a16Options::default();
+            // Every routing once before the captures: the workspace grows outside them.
+            for r in &routings {
+                w4a16_grouped_matmul(dev, &x, r, &grouped_w, &mut y, ActDtype::Bf16, &opts, &mut ws)?;
+                for (e, w) in single.iter().enumerate() {
+                    let m = r.tasks.tasks.iter().filter(|t| t[0] as usize == e).map(|t| t[2] as usize).sum::<usize>();
+                    if m > 0 {
+                        w4a16_matmul(dev, &x, m, w, &mut y, ActDtype::Bf16, &opts, &mut ws)?;
+                    }
+                }
+            }
+            let mut plan = None;
+            let t_grouped = time_graph(dev, MOE_ROUTINGS.max(24), |i| {
+                plan = w4a16_grouped_matmul(
+                    dev,
+                    &x,
+                    &routings[i % MOE_ROUTINGS],
+                    &grouped_w,
+                    &mut y,
+                    ActDtype::Bf16,
+                    &opts,
+                    &mut ws,
+                )?;
+                Ok(())
+            })?;
+            // What a caller without the grouped launch does: one launch per expert with rows
+            // (each reading the first rows of X: the same bytes).
+            let t_loop = time_graph(dev, MOE_ROUTINGS, |i| {
+                let o = &offsets[i % MOE_ROUTINGS];
+                for (e, w) in single.iter().enumerate() {
+                    let m = o[e + 1] - o[e];
+                    if m > 0 {
+                        w4a16_matmul(dev, &x, m, w, &mut y, ActDtype::Bf16, &opts, &mut ws)?;
+                    }
+                }
+                Ok(())
+            })?;
+            if std::env::var_os("W4A16_BENCH_SPLITS").is_some() {
+                let mut line = format!("grouped splits sweep {name} tokens {tokens}:");
+                for sp in [1u32, 2, 3, 4, 8] {
+                    let o = W4a16Options { splits: Some(sp), ..opts };
+                    for r in &routings {
+                        w4a16_grouped_matmul(dev, &x, r, &grouped_w, &mut y, ActDtype::Bf16, &o, &mut ws)?;
+                    }
+                    let mut p = None;
+                    let t = time_graph(dev, MOE_ROUTINGS.max(24), |i| {
+                        p = w4a16_grouped_matmul(
+                            dev,
+                            &x,
+                            &routings[i % MOE_ROUTINGS],
+                            &grouped_w,
+                            &mut y,
+                            ActDtype::Bf16,
+                            &o,
+                            &mut ws,
+                        )?;
+                        Ok(())
+                    })?;
+                    let c = if p.is_some_and(|p| p.cluster > 1) { "c" } else { "" };
+                    line += &format!(" s{}{c}={:.2}", p.map_or(0, |p| p.splits), t * 1e6);
+                }
+                println!("{line}");
+            }
+            let active: f64 = routings.iter().map(|r| r.tasks.active as f64).sum::<f64>() / MOE_ROUTINGS as f64;
+            let bytes = active * grouped_w.expert_bytes() as f64 + (2 * rows * k + 2 * rows * n) as f64;
+            let floor = bytes / bw;
+            let us = |t: f64| format!("{:.2}", t * 1e6);
+            let plan_s = plan.map_or("–".to_string(), |p| {
+                let c = if p.cluster > 1 { " cluster" } else { "" };
+                format!("{:?} s{}{c} b{}/{}", p.kernel, p.splits, p.blocks, p.resident)
+            });
+            rows_out.push(vec![
+                name.to_string(),
+                format!("{experts}×{n}×{k}"),
+                tokens.to_string(),
+                rows.to_string(),
+                format!("{active:.1}"),
+                plan_s,
+                us(t_grouped),
+                us(t_loop),
+                format!("{:.2}×", t_loop / t_grouped),
+                us(floor),
+                format!("{:.0}%", 100.0 * floor / t_grouped),
+            ]);
+        }
+    }
+    common::print_table(
+        &format!(
+            "Grouped MoE W4A16 (bf16, 4-bit, gs {GS}, top-k routing, {MOE_ROUTINGS} routings per graph) on {}, copy {:.0} GB/s",
+            dev.name(),
+            bw / 1e9
+        ),
+        &[
+            "layer",
+            "E×N×K",
+            "tokens",
+            "rows",
+            "active experts",
+            "grouped plan",
+            "grouped µs",
+            "per-expert launches µs",
+            "speed-up",
+            "HBM floor µs",
+            "% of floor",
+        ],
+        &rows_out,
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let Some(dev) = common::device_or_explain("gpu_w4a16") else { return Ok(()) };
+    if std::env::var("W4A16_BENCH_MOE").is_ok_and(|v| v == "only") {
+        let bw = copy_bandwidth(&dev)?;
+        println!("device-to-device copy: {:.0} GB/s (read + written); SMs: {}", bw / 1e9, dev.sm_count()?);
+        return bench_moe(&dev, bw);
+    }
     let quick = std::env::var_os("W4A16_BENCH_QUICK").is_some();
     let sweep = std::env::var_os("W4A16_BENCH_SPLITS").is_some();
     let blas = fourbit_forge::device::cublas::cublas_available();
@@ -291,5 +468,8 @@ fn main() -> Result<()> {
         ],
         &rows,
     );
+    if only.is_none() {
+        bench_moe(&dev, bw)?;
+    }
     Ok(())
 }

@@ -18,6 +18,9 @@
 //! * overlapping launches (programmatic dependent launch, Hopper): a two-layer chain whose
 //!   second layer starts early must equal the serial chain bit for bit, with a NaN-filled
 //!   intermediate buffer that exposes any early read.
+//! * grouped (mixture-of-experts) launch: each row block equals the ungrouped launch of its
+//!   rows bit for bit (same splits); random routings (empty experts, several row blocks per
+//!   expert) exact against the reference; mismatched inputs are typed errors.
 //! * matmul, realistic: heavy-tailed weights quantized on a real grid (absmax and MSE,
 //!   symmetric and asymmetric), Gaussian activations with outlier columns; against the f64
 //!   reference with the bound derived in [`tolerance`].
@@ -26,9 +29,10 @@ mod common;
 
 use fourbit_forge::device::GpuDevice;
 use fourbit_forge::runtime::{
-    dequant_for_kernel, dequant_gpu, pack_for_kernel, round_to_act, unpack_for_kernel, w4a16_matmul, w4a16_matmul_cpu,
-    w4a16_matmul_host, ActDtype, DevicePackedWeight, FusedKernel, MatmulPath, PackedWeight, W4a16Options, W4a16Plan,
-    W4a16Workspace,
+    dequant_for_kernel, dequant_gpu, expert_offsets, pack_for_kernel, round_to_act, unpack_for_kernel,
+    w4a16_grouped_matmul, w4a16_grouped_matmul_cpu, w4a16_matmul, w4a16_matmul_cpu, w4a16_matmul_host, ActDtype,
+    DeviceExperts, DevicePackedWeight, ExpertRouting, ExpertTasks, FusedKernel, MatmulPath, PackedWeight, W4a16Options,
+    W4a16Plan, W4a16Workspace,
 };
 use fourbit_forge::{ForgeError, GridConfig, MseSearch, QMetaPacked, QuantGrid, ScaleDtype, ScaleSearch, WeightView};
 use ndarray::Array2;
@@ -557,5 +561,170 @@ proptest::proptest! {
         let (got, plan) = w4a16_matmul_host(&dev, x.view(), &p, dt, &opts).unwrap();
         kernel.check_plan(&dev, m, &plan);
         assert_bits_equal(&got, &want, &format!("{dt:?} m {m} {n}×{k} gs {gs} {plan:?}"));
+    }
+}
+
+/// The grouped (mixture-of-experts) launch on the host's data: uploads the experts, the
+/// routing and `X`, fills `Y` with NaN (a row the launch skips shows), runs one launch.
+fn grouped_host(
+    dev: &GpuDevice,
+    x: &Array2<f32>,
+    offsets: &[usize],
+    experts: &DeviceExperts,
+    dt: ActDtype,
+    opts: &W4a16Options,
+) -> (Array2<f32>, Option<W4a16Plan>) {
+    let (m, n) = (x.nrows(), experts.n);
+    let routing = ExpertRouting::new(dev, offsets).unwrap();
+    let stream = dev.stream().clone();
+    let xh: Vec<u16> = x.iter().map(|&v| dt.bits(v)).collect();
+    let mut xd = dev.alloc::<u16>(xh.len().max(1), "test X").unwrap();
+    stream.memcpy_htod(&xh, &mut xd.slice_mut(0..xh.len())).unwrap();
+    let mut yd = dev.alloc::<u16>((m * n).max(1), "test Y").unwrap();
+    stream.memcpy_htod(&vec![0xffffu16; (m * n).max(1)], &mut yd).unwrap();
+    let mut ws = W4a16Workspace::default();
+    let plan = w4a16_grouped_matmul(dev, &xd, &routing, experts, &mut yd, dt, opts, &mut ws).unwrap();
+    let yb = stream.clone_dtoh(&yd).unwrap();
+    let y = Array2::from_shape_vec((m, n), yb[..m * n].iter().map(|&b| dt.value(b)).collect()).unwrap();
+    (y, plan)
+}
+
+/// The grouped launch runs each row block exactly as the ungrouped launch of those rows with
+/// the same split count (same warps' `k` ranges, same split order; a row's sums do not
+/// depend on the block height), so the two agree bit for bit on realistic (non-exactly-summable) inputs: experts with no rows, one with more rows
+/// than a block (several row blocks, the last partial), `n` and `k` tails, every skinny build,
+/// forced splits with both split-K ends. With the plan's own splits it is checked against the
+/// f64 reference with the bound of [`tolerance`].
+#[test]
+fn gpu_grouped_matmul_equals_per_row_block_launches() {
+    let Some(dev) = common::gpu_or_skip("gpu_grouped_matmul_equals_per_row_block_launches") else { return };
+    let mut rng = StdRng::seed_from_u64(21);
+    let (n, k, gs) = (700, 1032, 64);
+    let packed: Vec<PackedWeight> = (0..5)
+        .map(|_| {
+            let (codes, grid) = random_layer(n, k, gs, &mut rng, |r| r.gen_range(-2560..-1024));
+            pack_for_kernel(codes.view(), &grid).unwrap()
+        })
+        .collect();
+    let experts = DeviceExperts::upload(&dev, &packed).unwrap();
+    for (ci, rows) in [[1usize, 0, 2, 1, 0], [0, 70, 3, 0, 12], [5, 5, 5, 5, 5]].iter().enumerate() {
+        let offsets = expert_offsets(rows);
+        let m = offsets[5];
+        let dt = if ci % 2 == 0 { ActDtype::Bf16 } else { ActDtype::F16 };
+        let x = Array2::from_shape_fn((m, k), |_| dt.round(rng.sample::<f32, _>(StandardNormal)));
+        let tasks = ExpertTasks::new(&offsets).unwrap();
+        for kernel in [KernelChoice::SkinnySm90, KernelChoice::SkinnySm90GlobalSplitK, KernelChoice::Skinny] {
+            for splits in [1, 3, 8] {
+                let opts = kernel.options(Some(splits));
+                let opts = W4a16Options { overlap_prior_kernel: false, ..opts };
+                let (got, plan) = grouped_host(&dev, &x, &offsets, &experts, dt, &opts);
+                let plan = plan.unwrap();
+                // Forced splits are clamped to two steps per warp (4 here for k = 1032).
+                assert_eq!((plan.m_blocks as usize, plan.splits), (tasks.tasks.len(), splits.min(4)), "{plan:?}");
+                let mut want = Array2::<f32>::zeros((m, n));
+                for &[e, row0, r] in &tasks.tasks {
+                    let rows = row0 as usize..(row0 + r) as usize;
+                    let xs = x.slice(ndarray::s![rows.clone(), ..]).to_owned();
+                    let (y, p) = w4a16_matmul_host(&dev, xs.view(), &packed[e as usize], dt, &opts).unwrap();
+                    // Its block height may differ (fewer rows): the sums of a row do not
+                    // depend on the other rows of its mma, only on the splits.
+                    assert_eq!(p.splits, plan.splits, "task {e} {row0} {r}: {p:?}");
+                    want.slice_mut(ndarray::s![rows, ..]).assign(&y);
+                }
+                assert_bits_equal(&got, &want, &format!("rows {rows:?} {kernel:?} {dt:?} {plan:?}"));
+            }
+        }
+        // The plan's own choice against the reference.
+        let (got, plan) = grouped_host(&dev, &x, &offsets, &experts, dt, &W4a16Options::default());
+        let want = w4a16_grouped_matmul_cpu(x.view(), &offsets, &packed, dt).unwrap();
+        let mut worst = 0f64;
+        for e in 0..5 {
+            let rows = offsets[e]..offsets[e + 1];
+            let wq = dequant_for_kernel(&packed[e], dt).unwrap().mapv(|v| v.abs() as f64);
+            let abs_sum = x.slice(ndarray::s![rows.clone(), ..]).mapv(|v| v.abs() as f64).dot(&wq.t());
+            for ((r, c), &a) in abs_sum.indexed_iter() {
+                let (v, y) = (got[[rows.start + r, c]] as f64, want[[rows.start + r, c]]);
+                let tol = tolerance(y, a, packed[e].k_pad, dt);
+                assert!(
+                    (v - y).abs() <= tol,
+                    "rows {rows:?} {plan:?}: Y[{}, {c}] = {v}, ref {y}, tol {tol}",
+                    rows.start + r
+                );
+                worst = worst.max((v - y).abs() / tol);
+            }
+        }
+        eprintln!("grouped rows {rows:?} {dt:?} {plan:?}: worst err/tol {worst:.3}");
+    }
+}
+
+#[test]
+fn gpu_grouped_matmul_rejects_mismatched_inputs() {
+    let Some(dev) = common::gpu_or_skip("gpu_grouped_matmul_rejects_mismatched_inputs") else { return };
+    let mut rng = StdRng::seed_from_u64(22);
+    let layer = |n: usize, k: usize, rng: &mut StdRng| {
+        let (codes, grid) = random_layer(n, k, 128, rng, |r| r.gen_range(-2560..-1024));
+        pack_for_kernel(codes.view(), &grid).unwrap()
+    };
+    let (a, b) = (layer(64, 256, &mut rng), layer(128, 256, &mut rng));
+    match DeviceExperts::upload(&dev, &[a.clone(), b]) {
+        Err(ForgeError::Shape(m)) => assert!(m.contains("expert 1 is 128×256"), "{m}"),
+        other => panic!("mixed expert shapes: {:?}", other.err()),
+    }
+    assert!(matches!(DeviceExperts::upload::<PackedWeight>(&dev, &[]), Err(ForgeError::Shape(_))));
+    let experts = DeviceExperts::upload(&dev, &[a.clone(), a]).unwrap();
+    let routing = ExpertRouting::new(&dev, &[0, 1, 2, 3]).unwrap();
+    let x = dev.alloc::<u16>(3 * 256, "test X").unwrap();
+    let mut y = dev.alloc::<u16>(3 * 64, "test Y").unwrap();
+    let mut ws = W4a16Workspace::default();
+    let opts = W4a16Options::default();
+    match w4a16_grouped_matmul(&dev, &x, &routing, &experts, &mut y, ActDtype::Bf16, &opts, &mut ws) {
+        Err(ForgeError::Shape(m)) => assert!(m.contains("3 experts, the weight 2"), "{m}"),
+        other => panic!("routing for 3 experts: {other:?}"),
+    }
+    let routing = ExpertRouting::new(&dev, &[0, 2, 4]).unwrap();
+    match w4a16_grouped_matmul(&dev, &x, &routing, &experts, &mut y, ActDtype::Bf16, &opts, &mut ws) {
+        Err(ForgeError::Shape(m)) => assert!(m.contains("Y 192 for 4×64"), "{m}"),
+        other => panic!("Y too short: {other:?}"),
+    }
+    // No rows: nothing to launch.
+    let routing = ExpertRouting::new(&dev, &[0, 0, 0]).unwrap();
+    assert_eq!(
+        w4a16_grouped_matmul(&dev, &x, &routing, &experts, &mut y, ActDtype::Bf16, &opts, &mut ws).unwrap(),
+        None
+    );
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..proptest::prelude::ProptestConfig::default() })]
+
+    /// The grouped launch on random exactly summable cases (any f32 order is exact, so it must
+    /// return `round_T(exact)` bit for bit): 1–9 experts of 0–80 rows each (empty experts,
+    /// several row blocks per expert), random `n` and `k` tails, group sizes 32–1024, both
+    /// types, random split-K factors, every skinny build.
+    #[test]
+    fn gpu_grouped_matmul_is_exact_on_random_routings(
+        rows in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0usize), 1usize..=80], 1..=9),
+        n in 1usize..400,
+        k8 in 1usize..200,
+        gs_units in proptest::prop_oneof![1usize..=8, proptest::strategy::Just(32usize)],
+        f16 in proptest::bool::ANY,
+        splits in proptest::option::of(1u32..=32),
+        kernel in proptest::sample::select(vec![KernelChoice::SkinnySm90, KernelChoice::SkinnySm90GlobalSplitK, KernelChoice::Skinny]),
+        seed in proptest::num::u64::ANY,
+    ) {
+        let Some(dev) = common::gpu_or_skip("gpu_grouped_matmul_is_exact_on_random_routings") else { return Ok(()) };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (k, gs) = (8 * k8, 32 * gs_units);
+        let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
+        let offsets = expert_offsets(&rows);
+        let m = offsets[rows.len()];
+        let packed: Vec<PackedWeight> = rows.iter().map(|_| exact_case(0, n, k, gs, -2, 1.0, 0, &mut rng).1).collect();
+        let x = Array2::from_shape_fn((m, k), |_| rng.gen_range(-3i32..=3) as f32);
+        let experts = DeviceExperts::upload(&dev, &packed).unwrap();
+        let opts = W4a16Options { overlap_prior_kernel: false, ..kernel.options(splits) };
+        let (got, plan) = grouped_host(&dev, &x, &offsets, &experts, dt, &opts);
+        let want = round_to_act(&w4a16_grouped_matmul_cpu(x.view(), &offsets, &packed, dt).unwrap(), dt);
+        proptest::prop_assert_eq!(plan.is_none(), m == 0);
+        assert_bits_equal(&got, &want, &format!("rows {rows:?} {dt:?} {n}×{k} gs {gs} {plan:?}"));
     }
 }

@@ -159,6 +159,40 @@ pub fn w4a16_matmul_cpu(x: ArrayView2<'_, f32>, p: &PackedWeight, dtype: ActDtyp
     Ok(x.dot(&w.t()))
 }
 
+/// The grouped reference: rows `offsets[e] .. offsets[e + 1]` of `x` times expert `e`'s
+/// weight ([`w4a16_matmul_cpu`] per expert), `[offsets[E], n]`, unrounded.
+pub fn w4a16_grouped_matmul_cpu(
+    x: ArrayView2<'_, f32>,
+    offsets: &[usize],
+    experts: &[PackedWeight],
+    dtype: ActDtype,
+) -> Result<Array2<f64>> {
+    let tasks = super::ExpertTasks::new(offsets)?;
+    let Some(first) = experts.first() else {
+        return Err(ForgeError::Shape("a grouped weight needs at least one expert".into()));
+    };
+    if tasks.experts != experts.len() || x.nrows() != tasks.rows {
+        return Err(ForgeError::Shape(format!(
+            "{} offsets and {} rows of X for {} experts",
+            offsets.len(),
+            x.nrows(),
+            experts.len()
+        )));
+    }
+    let mut y = Array2::zeros((tasks.rows, first.n));
+    for (e, p) in experts.iter().enumerate() {
+        if p.n != first.n {
+            return Err(ForgeError::Shape(format!("expert {e} has {} outputs, expert 0 {}", p.n, first.n)));
+        }
+        let rows = offsets[e]..offsets[e + 1];
+        if !rows.is_empty() {
+            let ye = w4a16_matmul_cpu(x.slice(ndarray::s![rows.clone(), ..]), p, dtype)?;
+            y.slice_mut(ndarray::s![rows, ..]).assign(&ye);
+        }
+    }
+    Ok(y)
+}
+
 /// `y` rounded as the kernel writes it if its f32 sum were exact: to f32, then to `T`.
 pub fn round_to_act(y: &Array2<f64>, dtype: ActDtype) -> Array2<f32> {
     y.mapv(|v| dtype.round(v as f32))

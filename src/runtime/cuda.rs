@@ -55,10 +55,14 @@ use forge_kernel_abi::runtime::{
 use forge_kernel_abi::{
     Kernel, W4DequantBf16, W4DequantF16, W4a16Bf16M1, W4a16Bf16M2, W4a16Bf16M3, W4a16Bf16M4, W4a16F16M1, W4a16F16M2,
     W4a16F16M3, W4a16F16M4, W4a16SkinnyBf16T1, W4a16SkinnyBf16T2, W4a16SkinnyBf16T4, W4a16SkinnyBf16T8,
-    W4a16SkinnyF16T1, W4a16SkinnyF16T2, W4a16SkinnyF16T4, W4a16SkinnyF16T8, W4a16SkinnySm90Bf16T1,
+    W4a16SkinnyF16T1, W4a16SkinnyF16T2, W4a16SkinnyF16T4, W4a16SkinnyF16T8, W4a16SkinnyGroupedBf16T1,
+    W4a16SkinnyGroupedBf16T2, W4a16SkinnyGroupedBf16T4, W4a16SkinnyGroupedBf16T8, W4a16SkinnyGroupedF16T1,
+    W4a16SkinnyGroupedF16T2, W4a16SkinnyGroupedF16T4, W4a16SkinnyGroupedF16T8, W4a16SkinnySm90Bf16T1,
     W4a16SkinnySm90Bf16T2, W4a16SkinnySm90Bf16T8, W4a16SkinnySm90F16T1, W4a16SkinnySm90F16T2, W4a16SkinnySm90F16T8,
-    W4a16WgBf16T1, W4a16WgBf16T16, W4a16WgBf16T2, W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16,
-    W4a16WgF16T2, W4a16WgF16T4, W4a16WgF16T8,
+    W4a16SkinnySm90GroupedBf16T1, W4a16SkinnySm90GroupedBf16T2, W4a16SkinnySm90GroupedBf16T8,
+    W4a16SkinnySm90GroupedF16T1, W4a16SkinnySm90GroupedF16T2, W4a16SkinnySm90GroupedF16T8, W4a16WgBf16T1,
+    W4a16WgBf16T16, W4a16WgBf16T2, W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16, W4a16WgF16T2,
+    W4a16WgF16T4, W4a16WgF16T8,
 };
 use ndarray::{Array2, ArrayView2};
 
@@ -256,60 +260,82 @@ pub struct W4a16Workspace {
     dense: DeviceBuf<u16>,
 }
 
-/// Expands `$then!(Marker)` with the kernel marker of `($dtype, $kernel)`: the one place that
-/// maps a plan to a kernel, for looking it up and for launching it.
+/// Expands `$then!(Marker)` with the kernel marker of `($dtype, $kernel)`, or of its grouped
+/// build when `$grouped` (skinny kernels only; `$no_grouped` for the others): the one place
+/// that maps a plan to a kernel, for looking it up and for launching it.
 macro_rules! with_fused_kernel {
-    ($dtype:expr, $kernel:expr, $then:ident) => {{
+    ($dtype:expr, $kernel:expr, $grouped:expr, $then:ident, $no_grouped:expr) => {{
         use FusedKernel::{Skinny, SkinnySm90, Tiled, Wgmma};
-        match ($dtype, $kernel) {
-            (ActDtype::Bf16, Skinny { tf: 1 }) => $then!(W4a16SkinnyBf16T1),
-            (ActDtype::Bf16, Skinny { tf: 2 }) => $then!(W4a16SkinnyBf16T2),
-            (ActDtype::Bf16, Skinny { tf: 4 }) => $then!(W4a16SkinnyBf16T4),
-            (ActDtype::Bf16, Skinny { .. }) => $then!(W4a16SkinnyBf16T8),
-            (ActDtype::F16, Skinny { tf: 1 }) => $then!(W4a16SkinnyF16T1),
-            (ActDtype::F16, Skinny { tf: 2 }) => $then!(W4a16SkinnyF16T2),
-            (ActDtype::F16, Skinny { tf: 4 }) => $then!(W4a16SkinnyF16T4),
-            (ActDtype::F16, Skinny { .. }) => $then!(W4a16SkinnyF16T8),
-            (ActDtype::Bf16, Tiled { mb: 1 }) => $then!(W4a16Bf16M1),
-            (ActDtype::Bf16, Tiled { mb: 2 }) => $then!(W4a16Bf16M2),
-            (ActDtype::Bf16, Tiled { mb: 3 }) => $then!(W4a16Bf16M3),
-            (ActDtype::Bf16, Tiled { .. }) => $then!(W4a16Bf16M4),
-            (ActDtype::F16, Tiled { mb: 1 }) => $then!(W4a16F16M1),
-            (ActDtype::F16, Tiled { mb: 2 }) => $then!(W4a16F16M2),
-            (ActDtype::F16, Tiled { mb: 3 }) => $then!(W4a16F16M3),
-            (ActDtype::F16, Tiled { .. }) => $then!(W4a16F16M4),
-            (ActDtype::Bf16, Wgmma { tf: 1 }) => $then!(W4a16WgBf16T1),
-            (ActDtype::Bf16, Wgmma { tf: 2 }) => $then!(W4a16WgBf16T2),
-            (ActDtype::Bf16, Wgmma { tf: 4 }) => $then!(W4a16WgBf16T4),
-            (ActDtype::Bf16, Wgmma { tf: 8 }) => $then!(W4a16WgBf16T8),
-            (ActDtype::Bf16, Wgmma { .. }) => $then!(W4a16WgBf16T16),
-            (ActDtype::F16, Wgmma { tf: 1 }) => $then!(W4a16WgF16T1),
-            (ActDtype::F16, Wgmma { tf: 2 }) => $then!(W4a16WgF16T2),
-            (ActDtype::F16, Wgmma { tf: 4 }) => $then!(W4a16WgF16T4),
-            (ActDtype::F16, Wgmma { tf: 8 }) => $then!(W4a16WgF16T8),
-            (ActDtype::F16, Wgmma { .. }) => $then!(W4a16WgF16T16),
-            (ActDtype::Bf16, SkinnySm90 { tf: 1 }) => $then!(W4a16SkinnySm90Bf16T1),
-            (ActDtype::Bf16, SkinnySm90 { tf: 2 }) => $then!(W4a16SkinnySm90Bf16T2),
-            (ActDtype::Bf16, SkinnySm90 { .. }) => $then!(W4a16SkinnySm90Bf16T8),
-            (ActDtype::F16, SkinnySm90 { tf: 1 }) => $then!(W4a16SkinnySm90F16T1),
-            (ActDtype::F16, SkinnySm90 { tf: 2 }) => $then!(W4a16SkinnySm90F16T2),
-            (ActDtype::F16, SkinnySm90 { .. }) => $then!(W4a16SkinnySm90F16T8),
+        match ($dtype, $kernel, $grouped) {
+            (ActDtype::Bf16, Skinny { tf: 1 }, false) => $then!(W4a16SkinnyBf16T1),
+            (ActDtype::Bf16, Skinny { tf: 2 }, false) => $then!(W4a16SkinnyBf16T2),
+            (ActDtype::Bf16, Skinny { tf: 4 }, false) => $then!(W4a16SkinnyBf16T4),
+            (ActDtype::Bf16, Skinny { .. }, false) => $then!(W4a16SkinnyBf16T8),
+            (ActDtype::F16, Skinny { tf: 1 }, false) => $then!(W4a16SkinnyF16T1),
+            (ActDtype::F16, Skinny { tf: 2 }, false) => $then!(W4a16SkinnyF16T2),
+            (ActDtype::F16, Skinny { tf: 4 }, false) => $then!(W4a16SkinnyF16T4),
+            (ActDtype::F16, Skinny { .. }, false) => $then!(W4a16SkinnyF16T8),
+            (ActDtype::Bf16, Skinny { tf: 1 }, true) => $then!(W4a16SkinnyGroupedBf16T1),
+            (ActDtype::Bf16, Skinny { tf: 2 }, true) => $then!(W4a16SkinnyGroupedBf16T2),
+            (ActDtype::Bf16, Skinny { tf: 4 }, true) => $then!(W4a16SkinnyGroupedBf16T4),
+            (ActDtype::Bf16, Skinny { .. }, true) => $then!(W4a16SkinnyGroupedBf16T8),
+            (ActDtype::F16, Skinny { tf: 1 }, true) => $then!(W4a16SkinnyGroupedF16T1),
+            (ActDtype::F16, Skinny { tf: 2 }, true) => $then!(W4a16SkinnyGroupedF16T2),
+            (ActDtype::F16, Skinny { tf: 4 }, true) => $then!(W4a16SkinnyGroupedF16T4),
+            (ActDtype::F16, Skinny { .. }, true) => $then!(W4a16SkinnyGroupedF16T8),
+            (ActDtype::Bf16, Tiled { mb: 1 }, false) => $then!(W4a16Bf16M1),
+            (ActDtype::Bf16, Tiled { mb: 2 }, false) => $then!(W4a16Bf16M2),
+            (ActDtype::Bf16, Tiled { mb: 3 }, false) => $then!(W4a16Bf16M3),
+            (ActDtype::Bf16, Tiled { .. }, false) => $then!(W4a16Bf16M4),
+            (ActDtype::F16, Tiled { mb: 1 }, false) => $then!(W4a16F16M1),
+            (ActDtype::F16, Tiled { mb: 2 }, false) => $then!(W4a16F16M2),
+            (ActDtype::F16, Tiled { mb: 3 }, false) => $then!(W4a16F16M3),
+            (ActDtype::F16, Tiled { .. }, false) => $then!(W4a16F16M4),
+            (ActDtype::Bf16, Wgmma { tf: 1 }, false) => $then!(W4a16WgBf16T1),
+            (ActDtype::Bf16, Wgmma { tf: 2 }, false) => $then!(W4a16WgBf16T2),
+            (ActDtype::Bf16, Wgmma { tf: 4 }, false) => $then!(W4a16WgBf16T4),
+            (ActDtype::Bf16, Wgmma { tf: 8 }, false) => $then!(W4a16WgBf16T8),
+            (ActDtype::Bf16, Wgmma { .. }, false) => $then!(W4a16WgBf16T16),
+            (ActDtype::F16, Wgmma { tf: 1 }, false) => $then!(W4a16WgF16T1),
+            (ActDtype::F16, Wgmma { tf: 2 }, false) => $then!(W4a16WgF16T2),
+            (ActDtype::F16, Wgmma { tf: 4 }, false) => $then!(W4a16WgF16T4),
+            (ActDtype::F16, Wgmma { tf: 8 }, false) => $then!(W4a16WgF16T8),
+            (ActDtype::F16, Wgmma { .. }, false) => $then!(W4a16WgF16T16),
+            (ActDtype::Bf16, SkinnySm90 { tf: 1 }, false) => $then!(W4a16SkinnySm90Bf16T1),
+            (ActDtype::Bf16, SkinnySm90 { tf: 2 }, false) => $then!(W4a16SkinnySm90Bf16T2),
+            (ActDtype::Bf16, SkinnySm90 { .. }, false) => $then!(W4a16SkinnySm90Bf16T8),
+            (ActDtype::F16, SkinnySm90 { tf: 1 }, false) => $then!(W4a16SkinnySm90F16T1),
+            (ActDtype::F16, SkinnySm90 { tf: 2 }, false) => $then!(W4a16SkinnySm90F16T2),
+            (ActDtype::F16, SkinnySm90 { .. }, false) => $then!(W4a16SkinnySm90F16T8),
+            (ActDtype::Bf16, SkinnySm90 { tf: 1 }, true) => $then!(W4a16SkinnySm90GroupedBf16T1),
+            (ActDtype::Bf16, SkinnySm90 { tf: 2 }, true) => $then!(W4a16SkinnySm90GroupedBf16T2),
+            (ActDtype::Bf16, SkinnySm90 { .. }, true) => $then!(W4a16SkinnySm90GroupedBf16T8),
+            (ActDtype::F16, SkinnySm90 { tf: 1 }, true) => $then!(W4a16SkinnySm90GroupedF16T1),
+            (ActDtype::F16, SkinnySm90 { tf: 2 }, true) => $then!(W4a16SkinnySm90GroupedF16T2),
+            (ActDtype::F16, SkinnySm90 { .. }, true) => $then!(W4a16SkinnySm90GroupedF16T8),
+            (_, Tiled { .. } | Wgmma { .. }, true) => $no_grouped,
         }
     }};
 }
 
-/// The fused kernel `kernel` of `dtype`, with its name.
+/// The error for a grouped plan on a kernel without a grouped build (plan_layer never makes one).
+fn no_grouped_build(kernel: FusedKernel) -> ForgeError {
+    ForgeError::Internal(format!("grouped W4A16 launch planned on {kernel:?}, which has no grouped build"))
+}
+
+/// The fused kernel `kernel` of `dtype` (its grouped build if `grouped`), with its name.
 fn fused_kernel(
     dev: &GpuDevice,
     dtype: ActDtype,
     kernel: FusedKernel,
+    grouped: bool,
 ) -> Result<(cudarc::driver::CudaFunction, &'static str)> {
     macro_rules! k {
         ($m:ty) => {
             (dev.kernel::<$m>()?, <$m as Kernel>::NAME)
         };
     }
-    Ok(with_fused_kernel!(dtype, kernel, k))
+    Ok(with_fused_kernel!(dtype, kernel, grouped, k, return Err(no_grouped_build(kernel))))
 }
 
 /// Most blocks per cluster on Hopper (16 needs the non-portable cluster attribute).
@@ -321,6 +347,7 @@ fn cluster_capacity(
     dev: &GpuDevice,
     dtype: ActDtype,
     kernel: FusedKernel,
+    grouped: bool,
     cfg: LaunchConfig,
     cluster: u32,
 ) -> Result<u32> {
@@ -329,7 +356,7 @@ fn cluster_capacity(
             dev.max_active_clusters::<$m>(cfg, cluster)?
         };
     }
-    Ok(with_fused_kernel!(dtype, kernel, query))
+    Ok(with_fused_kernel!(dtype, kernel, grouped, query, return Err(no_grouped_build(kernel))))
 }
 
 /// The plan for `m` rows (see the module docs for the split-K choice).
@@ -340,22 +367,62 @@ pub fn w4a16_plan(
     dtype: ActDtype,
     opts: &W4a16Options,
 ) -> Result<W4a16Plan> {
+    plan_layer(dev, m, LayerDims::of(w), dtype, opts, None)
+}
+
+/// The dimensions of one layer (of one expert in a grouped launch).
+#[derive(Clone, Copy)]
+pub(crate) struct LayerDims {
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    pub(crate) n_pad: usize,
+    pub(crate) k_pad: usize,
+}
+
+impl LayerDims {
+    fn of(w: &DevicePackedWeight) -> Self {
+        LayerDims { n: w.n, k: w.k, n_pad: w.n_pad, k_pad: w.k_pad }
+    }
+}
+
+/// A grouped (mixture-of-experts) launch, for the plan: its row blocks and the weights it
+/// reads (every expert with rows, once per row block).
+#[derive(Clone, Copy)]
+pub(crate) struct GroupedRows {
+    pub(crate) tasks: u32,
+    pub(crate) weights_read: u64,
+}
+
+/// [`w4a16_plan`] for a layer, or for a grouped launch whose largest expert has `m` rows:
+/// always the skinny kernel (blocks of up to 64 rows; larger experts take several), never
+/// overlapping, its row blocks the grouped launch's tasks.
+pub(crate) fn plan_layer(
+    dev: &GpuDevice,
+    m: usize,
+    w: LayerDims,
+    dtype: ActDtype,
+    opts: &W4a16Options,
+    grouped: Option<GroupedRows>,
+) -> Result<W4a16Plan> {
     if m == 0 || m > i32::MAX as usize {
         return Err(ForgeError::Shape(format!("W4A16: M = {m} rows is out of range")));
     }
-    let gemm = match opts.path {
-        MatmulPath::Fused => false,
-        MatmulPath::DequantGemm => true,
-        MatmulPath::Auto => m >= opts.gemm_min_m && crate::device::cublas::cublas_available().is_ok(),
-    };
+    let gemm = grouped.is_none()
+        && match opts.path {
+            MatmulPath::Fused => false,
+            MatmulPath::DequantGemm => true,
+            MatmulPath::Auto => m >= opts.gemm_min_m && crate::device::cublas::cublas_available().is_ok(),
+        };
+    let overlap = opts.overlap_prior_kernel && grouped.is_none();
     // Hopper: rows per block 8–128; skinny: 8, 16, 32 or 64; tiled: 16·mb, mb from M up to
     // 64 rows (several row blocks above). From 33 to 64 rows the wgmma kernel wins only on large layers (H200: 14336×4096 and
     // 4096×14336 at M = 64 took 45 and 43 µs against the skinny kernel's 64 and 59; on
     // layers of 2^24 weights or fewer it tied or lost by up to 18 %); above 64 rows it beat
     // the tiled kernel on every bench shape.
-    let large = w.n as u64 * w.k as u64 >= opts.hopper_min_weights;
-    let hopper = m >= opts.hopper_min_m && (m > 64 || large) && !gemm && dev.is_hopper();
-    let skinny = !hopper && m <= opts.skinny_max_m.min(64);
+    let weights_read = grouped.map_or(w.n as u64 * w.k as u64, |g| g.weights_read);
+    let large = weights_read >= opts.hopper_min_weights;
+    let hopper = grouped.is_none() && m >= opts.hopper_min_m && (m > 64 || large) && !gemm && dev.is_hopper();
+    let skinny = grouped.is_some() || (!hopper && m <= opts.skinny_max_m.min(64));
     let (kernel, rows_per_block, cols_per_block, k_unit, shared_bytes, threads) = if hopper {
         // Above 64 rows on large layers, blocks of 128 rows dequantize the weight once for
         // twice the tokens of two 64-row blocks (H200, M = 256: 14336×4096 102 µs against
@@ -372,7 +439,7 @@ pub fn w4a16_plan(
             WG_THREADS,
         )
     } else if skinny {
-        let shape = W4a16SkinnyShape::for_tf(m.div_ceil(8).next_power_of_two() as u32);
+        let shape = W4a16SkinnyShape::for_tf(m.min(64).div_ceil(8).next_power_of_two() as u32);
         // The Hopper-module build (which can overlap the previous kernel) except at tf 4,
         // where its code ran 5–10 % slower than the sm_80 module's on the large bench layers
         // (H200, M = 32: 14336×4096 26.9 µs against 24.5); at tf 8 it ran 8–14 % faster.
@@ -387,12 +454,15 @@ pub fn w4a16_plan(
         let (mb, total) = (shape.mb, shape.layout().total);
         (FusedKernel::Tiled { mb }, shape.m_block(), shape.n_block(), shape.k_stage(), total, W4A16_THREADS)
     };
-    let m_blocks = m.div_ceil(rows_per_block as usize) as u32;
+    let m_blocks = match grouped {
+        Some(g) => g.tasks,
+        None => m.div_ceil(rows_per_block as usize) as u32,
+    };
     let col_blocks = (w.n_pad / cols_per_block as usize) as u32;
     // The tiled and wgmma kernels split whole stages; the skinny ones whole steps among their
     // warps.
     let units = (w.k_pad / k_unit as usize) as u32;
-    let (func, name) = fused_kernel(dev, dtype, kernel)?;
+    let (func, name) = fused_kernel(dev, dtype, kernel, grouped.is_some())?;
     func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes as i32)
         .map_err(|source| ForgeError::Launch { kernel: name, source })?;
     let per_sm = func
@@ -418,7 +488,7 @@ pub fn w4a16_plan(
             // same stages (steps) per block: fewer partial tiles to add.
             // Small layers on the Hopper skinny build, launched in order: one block per SM
             // (module docs).
-            let one_per_sm = matches!(kernel, FusedKernel::SkinnySm90 { .. }) && !large && !opts.overlap_prior_kernel;
+            let one_per_sm = matches!(kernel, FusedKernel::SkinnySm90 { .. }) && !large && !overlap;
             let slots = if one_per_sm { sm_count } else { resident };
             let fit = ((slots as u64 / tiles.max(1)) as u32).clamp(1, max_splits);
             let best = units.div_ceil(fit);
@@ -442,7 +512,7 @@ pub fn w4a16_plan(
             };
             // Clusters only where they keep every resident block slot the plan counted on (a
             // cluster must fit one GPC); a failed query means no clusters, not a failed matmul.
-            cluster_capacity(dev, dtype, kernel, cfg, splits)
+            cluster_capacity(dev, dtype, kernel, grouped.is_some(), cfg, splits)
                 .is_ok_and(|c| c as u64 * splits as u64 >= blocks.min(resident as u64))
         };
     Ok(W4a16Plan {
@@ -503,40 +573,97 @@ pub fn w4a16_matmul(
         dev.with_blas(|b| unsafe { b.gemm_xwt(input, m, n, k, xa, wa, ya) })?;
         return Ok(plan);
     }
+    // Programmatic launch only for the Hopper-module kernels, which wait for the previous
+    // grid before reading X or writing anything.
+    let overlap = opts.overlap_prior_kernel && plan.kernel.in_hopper_module();
+    let launch = FusedLaunch {
+        x: x.dev_ptr(),
+        w: w.codes.dev_ptr(),
+        meta: w.records.dev_ptr(),
+        y: y.dev_ptr_mut(),
+        m,
+        dims: LayerDims::of(w),
+        gs: w.group_size,
+        g_pad: w.g_pad,
+        overlap,
+        grouped: None,
+    };
+    // SAFETY: x m·k and y m·n values (checked above), w/meta a packed weight of these
+    // dimensions (checked at upload), the plan made for them; with overlap, the caller's
+    // promise that the previous kernel on the stream does not write the weight
+    // (`overlap_prior_kernel`).
+    unsafe { launch_fused(dev, &plan, &launch, dtype, ws) }?;
+    Ok(plan)
+}
+
+/// What [`launch_fused`] multiplies: device addresses and the layer's dimensions.
+pub(crate) struct FusedLaunch {
+    pub(crate) x: forge_kernel_abi::DevPtr<u16>,
+    pub(crate) w: forge_kernel_abi::DevPtr<u32>,
+    pub(crate) meta: forge_kernel_abi::DevPtr<u32>,
+    pub(crate) y: forge_kernel_abi::DevPtrMut<u16>,
+    /// Rows of `X` and `Y`.
+    pub(crate) m: usize,
+    pub(crate) dims: LayerDims,
+    pub(crate) gs: usize,
+    pub(crate) g_pad: usize,
+    pub(crate) overlap: bool,
+    /// Grouped launch: the task table (`3·plan.m_blocks` u32) and the u32 words of one
+    /// expert's codes and records.
+    pub(crate) grouped: Option<(forge_kernel_abi::DevPtr<u32>, u32, u32)>,
+}
+
+/// Launches the fused kernel of `plan` (split-K scratch from `ws`).
+///
+/// # Safety
+/// `l` describes device buffers as the `W4a16Args` contract asks (`x` `m·k`, `y` `m·n`
+/// values, a packed weight or `experts` of `dims`, the grouped task table), `plan` was made
+/// by [`plan_layer`] for them, and with `l.overlap` the previous kernel on the stream does not
+/// write the weight.
+pub(crate) unsafe fn launch_fused(
+    dev: &GpuDevice,
+    plan: &W4a16Plan,
+    l: &FusedLaunch,
+    dtype: ActDtype,
+    ws: &mut W4a16Workspace,
+) -> Result<()> {
+    let (m, d) = (l.m, l.dims);
     let clustered = plan.cluster > 1;
     let (ws_ptr, counters_ptr) = if plan.splits > 1 && !clustered {
-        let partials = ws.partials.ensure(dev, plan.splits as usize * m * w.n_pad, "W4A16 split-K partials")?;
+        let partials = ws.partials.ensure(dev, plan.splits as usize * m * d.n_pad, "W4A16 split-K partials")?;
         let p = partials.dev_ptr_mut();
         // Zeroed when allocated; every launch leaves them zero again.
         let counters = ws.counters.ensure(dev, (plan.m_blocks * plan.col_blocks) as usize, "W4A16 split-K counters")?;
         (p, counters.dev_ptr_mut())
     } else {
         // Not read with one split or in clusters; any valid address.
-        (y.dev_ptr_mut().cast::<f32>(), y.dev_ptr_mut().cast::<u32>())
+        (l.y.cast::<f32>(), l.y.cast::<u32>())
     };
-    // Programmatic launch only for the Hopper-module kernels, which wait for the previous
-    // grid before reading X or writing anything.
-    let overlap = opts.overlap_prior_kernel && plan.kernel.in_hopper_module();
+    let (tasks, expert_codes, expert_records) = l.grouped.unwrap_or((l.w, 0, 0));
     let args = W4a16Args {
-        x: x.dev_ptr(),
-        w: w.codes.dev_ptr(),
-        meta: w.records.dev_ptr(),
-        y: y.dev_ptr_mut(),
+        x: l.x,
+        w: l.w,
+        meta: l.meta,
+        y: l.y,
         ws: ws_ptr,
         counters: counters_ptr,
         m: m as u32,
-        n: n as u32,
-        k: k as u32,
-        n_pad: w.n_pad as u32,
-        k_pad: w.k_pad as u32,
-        gs: w.group_size as u32,
-        g_pad: w.g_pad as u32,
+        n: d.n as u32,
+        k: d.k as u32,
+        n_pad: d.n_pad as u32,
+        k_pad: d.k_pad as u32,
+        gs: l.gs as u32,
+        g_pad: l.g_pad as u32,
         m_blocks: plan.m_blocks,
         col_blocks: plan.col_blocks,
         splits: plan.splits,
-        overlap: overlap as u32,
+        overlap: l.overlap as u32,
         cluster: clustered as u32,
+        tasks,
+        expert_codes,
+        expert_records,
     };
+    let overlap = l.overlap;
     let cfg = LaunchConfig {
         grid_dim: (plan.blocks, 1, 1),
         block_dim: (plan.threads, 1, 1),
@@ -551,16 +678,14 @@ pub fn w4a16_matmul(
             }
         };
     }
-    // SAFETY: the W4a16Args contract: x m·k and y m·n values (checked above), k % 8 == 0 and
-    // gs a multiple of 32 (check_dims at upload), w/meta a packed weight of these dimensions
-    // (checked at upload), ws splits·m·n_pad f32 and counters m_blocks·col_blocks u32 zeroed
-    // (ensured above), col_blocks = n_pad / n_block and 1 ≤ splits ≤ min(stages, MAX) (plan);
-    // a Wgmma or SkinnySm90 plan only on a compute-capability-9.0 device (plan); clusters of
-    // `splits ≤ 16` blocks only for SkinnySm90, whose grid is tiles·splits (plan); with overlap,
-    // the caller's promise that the previous kernel on the stream does not write the weight
-    // (`overlap_prior_kernel`).
-    unsafe { with_fused_kernel!(dtype, plan.kernel, launch) }?;
-    Ok(plan)
+    // SAFETY: the W4a16Args contract: x, y, w/meta and the task table as the caller promises,
+    // k % 8 == 0 and gs a multiple of 32 (check_dims at upload), ws splits·m·n_pad f32 and
+    // counters m_blocks·col_blocks u32 zeroed (ensured above), col_blocks = n_pad / n_block
+    // and 1 ≤ splits ≤ min(stages, MAX) (plan); a Wgmma or SkinnySm90 plan only on a
+    // compute-capability-9.0 device (plan); clusters of `splits ≤ 16` blocks only for
+    // SkinnySm90, whose grid is tiles·splits (plan); grouped only on a skinny plan, never
+    // overlapping (plan_layer).
+    unsafe { with_fused_kernel!(dtype, plan.kernel, l.grouped.is_some(), launch, Err(no_grouped_build(plan.kernel))) }
 }
 
 /// The dense weight `[n, k]` as the kernel rounds it, into `dense` (at least `n·k` values).

@@ -7,6 +7,8 @@
 //!   ([`dequant_for_kernel`]) times `X`, summed in f64.
 //! * `cuda.rs`: [`DevicePackedWeight`], [`w4a16_matmul`] (the skinny or tiled tensor-core
 //!   kernel with split-K, or dequantization + cuBLAS for large `M`), [`w4a16_matmul_host`].
+//! * `experts.rs`: the grouped (mixture-of-experts) launch, [`w4a16_grouped_matmul`] over
+//!   [`DeviceExperts`] with an [`ExpertRouting`]; [`w4a16_grouped_matmul_cpu`] its reference.
 //!
 //! **The kernel's weight** (what "dequant" means here, bit for bit on CPU and GPU): with `T`
 //! the activation type (bf16 or f16), `s_T = stored_scale(q88, T)` (the correctly rounded f32
@@ -22,11 +24,17 @@
 
 mod cpu;
 mod cuda;
+mod experts;
 
-pub use cpu::{dequant_for_kernel, pack_for_kernel, round_to_act, unpack_for_kernel, w4a16_matmul_cpu};
+pub use cpu::{
+    dequant_for_kernel, pack_for_kernel, round_to_act, unpack_for_kernel, w4a16_grouped_matmul_cpu, w4a16_matmul_cpu,
+};
 pub use cuda::{
     dequant_gpu, launch_dequant, w4a16_matmul, w4a16_matmul_host, w4a16_plan, DevicePackedWeight, FusedKernel,
     MatmulPath, W4a16Options, W4a16Plan, W4a16Workspace,
+};
+pub use experts::{
+    expert_offsets, w4a16_grouped_matmul, w4a16_grouped_plan, DeviceExperts, ExpertRouting, ExpertTasks,
 };
 
 use crate::{ForgeError, Result};

@@ -456,6 +456,15 @@ kernels! {
     W4a16SkinnyF16T2 = "w4a16_skinny_f16_t2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
     W4a16SkinnyF16T4 = "w4a16_skinny_f16_t4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
     W4a16SkinnyF16T8 = "w4a16_skinny_f16_t8" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    // The same kernels for grouped (mixture-of-experts) launches: row block t is task t.
+    W4a16SkinnyGroupedBf16T1 = "w4a16_skinny_grouped_bf16_t1" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnyGroupedBf16T2 = "w4a16_skinny_grouped_bf16_t2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnyGroupedBf16T4 = "w4a16_skinny_grouped_bf16_t4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W4a16SkinnyGroupedBf16T8 = "w4a16_skinny_grouped_bf16_t8" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W4a16SkinnyGroupedF16T1 = "w4a16_skinny_grouped_f16_t1" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnyGroupedF16T2 = "w4a16_skinny_grouped_f16_t2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnyGroupedF16T4 = "w4a16_skinny_grouped_f16_t4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W4a16SkinnyGroupedF16T8 = "w4a16_skinny_grouped_f16_t8" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
     // The Hopper (sm_90a) W4A16 kernels: four warpgroups per block, `wgmma` with the
     // dequantized weight as the register A operand; up to 32 rows two blocks fit per SM.
     W4a16WgBf16T1 = "w4a16_wg_bf16_t1" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 2);
@@ -477,6 +486,13 @@ kernels! {
     W4a16SkinnySm90F16T1 = "w4a16_skinny_sm90_f16_t1" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 2);
     W4a16SkinnySm90F16T2 = "w4a16_skinny_sm90_f16_t2" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 2);
     W4a16SkinnySm90F16T8 = "w4a16_skinny_sm90_f16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 1);
+    // Grouped builds of the Hopper-module skinny kernels.
+    W4a16SkinnySm90GroupedBf16T1 = "w4a16_skinny_sm90_grouped_bf16_t1" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnySm90GroupedBf16T2 = "w4a16_skinny_sm90_grouped_bf16_t2" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnySm90GroupedBf16T8 = "w4a16_skinny_sm90_grouped_bf16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 1);
+    W4a16SkinnySm90GroupedF16T1 = "w4a16_skinny_sm90_grouped_f16_t1" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnySm90GroupedF16T2 = "w4a16_skinny_sm90_grouped_f16_t2" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 2);
+    W4a16SkinnySm90GroupedF16T8 = "w4a16_skinny_sm90_grouped_f16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 1);
     W4DequantBf16 = "w4_dequant_bf16" (runtime::W4DequantArgs);
     W4DequantF16 = "w4_dequant_f16" (runtime::W4DequantArgs);
     // pack: codes → int32 words (docs/kernels.md §5). Memory-bound: at least four 256-thread

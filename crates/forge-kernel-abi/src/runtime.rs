@@ -470,6 +470,21 @@ crate::kernel_args! {
         /// `tile / m_blocks`), and the blocks add their partials through distributed shared
         /// memory in split order; `ws` and `counters` are not used. 0: the grid order above.
         pub cluster: u32,
+        /// Grouped (mixture-of-experts) launches only, by the `w4a16_skinny_*grouped_*`
+        /// kernels, never overlapping. Row block `t < m_blocks` is task `t`:
+        /// `tasks[3t..3t+3] = [expert, row0, rows]` (`1 ≤ rows ≤ 8·tf`, tasks' row ranges
+        /// disjoint, inside `m`), which multiplies rows `row0 .. row0 + rows` of `X` by expert
+        /// `expert`'s weight (codes at `w + expert·expert_codes`, records at
+        /// `meta + expert·expert_records`) into the same rows of `Y`, as an ungrouped launch of
+        /// those rows would; its split-K partials are `ws[row0·splits·n_pad ..]` as
+        /// `[splits][rows][n_pad]`, its counters `counters[t·col_blocks ..]` (so `ws` holds
+        /// `splits·m·n_pad` and `counters` `m_blocks·col_blocks` values, as ungrouped).
+        /// Other kernels do not read `tasks` and the strides. The task table (`3·m_blocks` u32).
+        pub tasks: forge_kernel_abi::DevPtr<u32>,
+        /// u32 words of one expert's packed codes.
+        pub expert_codes: u32,
+        /// Records of one expert (`g_pad·n_pad`).
+        pub expert_records: u32,
     }
 }
 

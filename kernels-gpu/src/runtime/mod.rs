@@ -175,6 +175,31 @@ pub(crate) fn block_place(a: &forge_kernel_abi::runtime::W4a16Args) -> (u32, u32
     (bid % m_blocks, rest % col_blocks, rest / col_blocks, splits)
 }
 
+/// A grouped launch's row block `task` as the ungrouped launch of its rows: its expert's
+/// weight, its rows of `X` and `Y`, its own split-K partials and counters (the
+/// `W4a16Args::grouped` contract). The block then runs as row block 0 of that launch.
+///
+/// # Safety
+/// The [`forge_kernel_abi::runtime::W4a16Args`] contract of a grouped launch holds;
+/// `task < a.m_blocks`.
+#[inline(always)]
+pub(crate) unsafe fn task_view(a: &forge_kernel_abi::runtime::W4a16Args, task: u32) -> forge_kernel_abi::runtime::W4a16Args {
+    use forge_kernel_abi::{DevPtr, DevPtrMut, KernelParam};
+    let t = a.tasks.ptr().add(3 * task as usize);
+    let (expert, row0, rows) = (*t as usize, *t.add(1) as usize, *t.add(2));
+    let (k, n, n_pad) = (a.k as usize, a.n as usize, a.n_pad as usize);
+    let mut v = *a;
+    v.x = DevPtr::from_device(a.x.ptr().add(row0 * k));
+    v.y = DevPtrMut::from_device(a.y.ptr().add(row0 * n));
+    v.w = DevPtr::from_device(a.w.ptr().add(expert * a.expert_codes as usize));
+    v.meta = DevPtr::from_device(a.meta.ptr().add(expert * a.expert_records as usize));
+    v.ws = DevPtrMut::from_device(a.ws.ptr().add(row0 * a.splits.max(1) as usize * n_pad));
+    v.counters = DevPtrMut::from_device(a.counters.ptr().add(task as usize * a.col_blocks as usize));
+    v.m = rows;
+    v.m_blocks = 1;
+    v
+}
+
 /// Position `k = g·gs + r` (`r < gs`) kept by additions: a division per stage or step would
 /// cost as much as a step's dequantization.
 #[derive(Clone, Copy)]

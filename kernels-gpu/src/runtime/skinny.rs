@@ -32,7 +32,7 @@
 
 use super::mma::{cp_async_16, cp_async_16_zfill, Half};
 use super::skinny_math::{block_end, decode_group, step_mma, warp_steps};
-use super::{allow_dependent_grids, block_place, wait_for_prior_grids, GroupCursor};
+use super::{allow_dependent_grids, block_place, task_view, wait_for_prior_grids, GroupCursor};
 use crate::device::{
     cp_async_commit, cp_async_wait, ld_shared_u32, shared_window_base, st_shared_u16, sync_threads, sync_warp, thread_x,
 };
@@ -154,11 +154,15 @@ unsafe fn x_fragments<const TF: usize, const NT: usize>(sb: u32, lane: u32) -> [
 
 /// See the module docs.
 #[inline(always)]
-pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize>(a: W4a16Args) {
+pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const GROUPED: bool>(a: W4a16Args) {
     let tid = thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
     let (g, t) = (lane / 4, lane % 4);
     let (mblk, cb, split, splits) = block_place(&a);
+    // A grouped launch's row block is its task's whole (ungrouped) row block 0. A separate
+    // build: the view's addresses live in registers, where the plain kernel reads its
+    // arguments from the constant bank (the shared build ran the plain t8 kernel 8 % slower).
+    let (a, mblk) = if GROUPED { (task_view(&a, mblk), 0) } else { (a, mblk) };
     let m0 = mblk * Cfg::<TF, NT>::SH.m_block();
     let (s_begin, s_end) = warp_steps(a.k_pad, split, splits, warp);
     let gs = a.gs.max(16);
@@ -246,11 +250,11 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize>(a: W4a16Args) {
 }
 
 macro_rules! instance {
-    ($marker:ident, $name:ident, $t:ty, $tf:literal) => {
+    ($marker:ident, $name:ident, $t:ty, $tf:literal, $grouped:literal) => {
         forge_kernel_abi::w4a16_kernel! {
             /// See the module docs.
             $marker => fn $name(args) {
-                skinny::<$t, $tf, { W4a16SkinnyShape::for_tf($tf).nt as usize }>(args)
+                skinny::<$t, $tf, { W4a16SkinnyShape::for_tf($tf).nt as usize }, $grouped>(args)
             }
         }
     };
@@ -260,8 +264,8 @@ use super::mma::{Bf16, F16};
 
 /// The listed instances, compiled only where `$cfg` holds.
 macro_rules! instances_if {
-    ($cfg:meta; $($marker:ident, $name:ident, $t:ty, $tf:literal;)*) => {
-        $(#[cfg($cfg)] instance!($marker, $name, $t, $tf);)*
+    ($cfg:meta; $($marker:ident, $name:ident, $t:ty, $tf:literal, $grouped:literal;)*) => {
+        $(#[cfg($cfg)] instance!($marker, $name, $t, $tf, $grouped);)*
     };
 }
 
@@ -269,20 +273,34 @@ macro_rules! instances_if {
 // `wait_for_prior_grids` / `allow_dependent_grids` are live (no t4 there: the plan keeps the
 // sm_80 build for 17–32 rows).
 instances_if! { not(feature = "hopper");
-    W4a16SkinnyBf16T1, w4a16_skinny_bf16_t1, Bf16, 1;
-    W4a16SkinnyBf16T2, w4a16_skinny_bf16_t2, Bf16, 2;
-    W4a16SkinnyBf16T4, w4a16_skinny_bf16_t4, Bf16, 4;
-    W4a16SkinnyBf16T8, w4a16_skinny_bf16_t8, Bf16, 8;
-    W4a16SkinnyF16T1, w4a16_skinny_f16_t1, F16, 1;
-    W4a16SkinnyF16T2, w4a16_skinny_f16_t2, F16, 2;
-    W4a16SkinnyF16T4, w4a16_skinny_f16_t4, F16, 4;
-    W4a16SkinnyF16T8, w4a16_skinny_f16_t8, F16, 8;
+    W4a16SkinnyBf16T1, w4a16_skinny_bf16_t1, Bf16, 1, false;
+    W4a16SkinnyBf16T2, w4a16_skinny_bf16_t2, Bf16, 2, false;
+    W4a16SkinnyBf16T4, w4a16_skinny_bf16_t4, Bf16, 4, false;
+    W4a16SkinnyBf16T8, w4a16_skinny_bf16_t8, Bf16, 8, false;
+    W4a16SkinnyF16T1, w4a16_skinny_f16_t1, F16, 1, false;
+    W4a16SkinnyF16T2, w4a16_skinny_f16_t2, F16, 2, false;
+    W4a16SkinnyF16T4, w4a16_skinny_f16_t4, F16, 4, false;
+    W4a16SkinnyF16T8, w4a16_skinny_f16_t8, F16, 8, false;
+    W4a16SkinnyGroupedBf16T1, w4a16_skinny_grouped_bf16_t1, Bf16, 1, true;
+    W4a16SkinnyGroupedBf16T2, w4a16_skinny_grouped_bf16_t2, Bf16, 2, true;
+    W4a16SkinnyGroupedBf16T4, w4a16_skinny_grouped_bf16_t4, Bf16, 4, true;
+    W4a16SkinnyGroupedBf16T8, w4a16_skinny_grouped_bf16_t8, Bf16, 8, true;
+    W4a16SkinnyGroupedF16T1, w4a16_skinny_grouped_f16_t1, F16, 1, true;
+    W4a16SkinnyGroupedF16T2, w4a16_skinny_grouped_f16_t2, F16, 2, true;
+    W4a16SkinnyGroupedF16T4, w4a16_skinny_grouped_f16_t4, F16, 4, true;
+    W4a16SkinnyGroupedF16T8, w4a16_skinny_grouped_f16_t8, F16, 8, true;
 }
 instances_if! { feature = "hopper";
-    W4a16SkinnySm90Bf16T1, w4a16_skinny_sm90_bf16_t1, Bf16, 1;
-    W4a16SkinnySm90Bf16T2, w4a16_skinny_sm90_bf16_t2, Bf16, 2;
-    W4a16SkinnySm90Bf16T8, w4a16_skinny_sm90_bf16_t8, Bf16, 8;
-    W4a16SkinnySm90F16T1, w4a16_skinny_sm90_f16_t1, F16, 1;
-    W4a16SkinnySm90F16T2, w4a16_skinny_sm90_f16_t2, F16, 2;
-    W4a16SkinnySm90F16T8, w4a16_skinny_sm90_f16_t8, F16, 8;
+    W4a16SkinnySm90Bf16T1, w4a16_skinny_sm90_bf16_t1, Bf16, 1, false;
+    W4a16SkinnySm90Bf16T2, w4a16_skinny_sm90_bf16_t2, Bf16, 2, false;
+    W4a16SkinnySm90Bf16T8, w4a16_skinny_sm90_bf16_t8, Bf16, 8, false;
+    W4a16SkinnySm90F16T1, w4a16_skinny_sm90_f16_t1, F16, 1, false;
+    W4a16SkinnySm90F16T2, w4a16_skinny_sm90_f16_t2, F16, 2, false;
+    W4a16SkinnySm90F16T8, w4a16_skinny_sm90_f16_t8, F16, 8, false;
+    W4a16SkinnySm90GroupedBf16T1, w4a16_skinny_sm90_grouped_bf16_t1, Bf16, 1, true;
+    W4a16SkinnySm90GroupedBf16T2, w4a16_skinny_sm90_grouped_bf16_t2, Bf16, 2, true;
+    W4a16SkinnySm90GroupedBf16T8, w4a16_skinny_sm90_grouped_bf16_t8, Bf16, 8, true;
+    W4a16SkinnySm90GroupedF16T1, w4a16_skinny_sm90_grouped_f16_t1, F16, 1, true;
+    W4a16SkinnySm90GroupedF16T2, w4a16_skinny_sm90_grouped_f16_t2, F16, 2, true;
+    W4a16SkinnySm90GroupedF16T8, w4a16_skinny_sm90_grouped_f16_t8, F16, 8, true;
 }
