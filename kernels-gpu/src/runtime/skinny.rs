@@ -27,6 +27,10 @@
 //! (`allow_dependent_grids`), waits for the previous one (`wait_for_prior_grids`), and only
 //! then copies `X`. In the sm_80 build both calls are no-ops.
 //!
+//! Each build also has a grouped (mixture-of-experts) instance, `*_grouped_*`: row block `t`
+//! is task `t` of the launch's table and runs as the ungrouped launch of that expert's rows
+//! (`super::task_view`; docs/kernels.md §6, "Grouped launch").
+//!
 //! # Safety (upheld by the host launcher)
 //! As documented on [`forge_kernel_abi::runtime::W4a16Args`].
 
