@@ -20,7 +20,7 @@
 //! global split-K (workspace and arrival counters).
 //!
 //! Then the grouped mixture-of-experts launch (`W4A16_BENCH_MOE=only` times only that) on
-//! Qwen3-30B-A3B and DeepSeek-V3 expert layers, 1–64 tokens routed top-8 at random, against
+//! Qwen3-30B-A3B and DeepSeek-V3 expert layers, 1–1024 tokens routed top-8 at random, against
 //! a loop of per-expert launches and the floor of the active experts' weights.
 
 mod common;
@@ -107,7 +107,7 @@ const MOE_LAYERS: [(&str, usize, usize, usize, usize); 4] = [
     ("DeepSeek-V3 down", 256, 7168, 2048, 8),
 ];
 /// Tokens per step of the grouped bench.
-const MOE_TOKENS: [usize; 4] = [1, 4, 16, 64];
+const MOE_TOKENS: [usize; 5] = [1, 4, 16, 64, 1024];
 /// Distinct packed experts per layer (copied to fill the layer: packing 256 large experts on
 /// the host would dominate the run).
 const MOE_DISTINCT: usize = 8;

@@ -13,11 +13,23 @@
 //! weight is quantized here with the library (round-to-nearest, or GPTQ with `--gptq`, whose
 //! Hessian `2/n·XᵀX` comes from the same activations). Also printed: the kernel against its
 //! own CPU reference (accumulation order and output rounding only) and the launch plan.
+//!
+//! `--experts E` checks a mixture-of-experts layer the same way through the grouped launch
+//! (one launch for all experts): each token is routed to `--top-k` experts at random, the
+//! rows sorted by expert; each expert quantized on its own tokens. Synthetic experts, or
+//! `--weights F --tensor 'name.{e}.weight' --activations X` with `{e}` the expert index.
+//!
+//! ```text
+//! cargo run --release --example w4a16_eval -- --experts 16 --rows 1536 --cols 2048 --tokens 64 --top-k 4
+//! ```
 
 use clap::Parser;
 use fourbit_forge::hessian::{pre_step_cpu, PreStepConfig};
 use fourbit_forge::numerics::quantize;
-use fourbit_forge::runtime::{pack_for_kernel, w4a16_matmul_cpu, w4a16_matmul_host, ActDtype, W4a16Options};
+use fourbit_forge::runtime::{
+    expert_offsets, pack_for_kernel, w4a16_grouped_matmul, w4a16_grouped_matmul_cpu, w4a16_matmul_cpu,
+    w4a16_matmul_host, ActDtype, DeviceExperts, ExpertRouting, PackedWeight, W4a16Options, W4a16Workspace,
+};
 use fourbit_forge::{
     Backend, ForgeError, GridConfig, MseSearch, QuantGrid, Quantizer, Result, ScaleSearch, WeightView,
 };
@@ -62,6 +74,12 @@ struct Args {
     /// Activation type: bf16 or f16.
     #[arg(long, default_value = "bf16")]
     dtype: String,
+    /// A mixture-of-experts layer of this many experts (see the module docs).
+    #[arg(long, value_name = "E")]
+    experts: Option<usize>,
+    /// Experts per token (with `--experts`).
+    #[arg(long, default_value_t = 8)]
+    top_k: usize,
 }
 
 /// A 2-D tensor of a safetensors file as f32, with its leading axes flattened.
@@ -84,10 +102,10 @@ fn read_2d(st: &safetensors::SafeTensors<'_>, name: &str) -> Result<Array2<f32>>
     Array2::from_shape_vec((rows, cols), vals).map_err(|e| ForgeError::Shape(format!("{name}: {e}")))
 }
 
-/// Heavy-tailed weights and activations with outlier input channels (deterministic).
-fn synthetic(n: usize, k: usize, tokens: usize) -> (Array2<f32>, Array2<f32>) {
+/// Heavy-tailed weights and activations with outlier input channels (deterministic per seed).
+fn synthetic(n: usize, k: usize, tokens: usize, seed: u64) -> (Array2<f32>, Array2<f32>) {
     use rand_distr::{Distribution, StandardNormal, StudentT};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let t3 = StudentT::new(3.0f32).expect("valid dof");
     let w = Array2::from_shape_fn((n, k), |_| t3.sample(&mut rng) * 0.02);
     let mut x = Array2::from_shape_fn((tokens, k), |_| rng.sample::<f32, _>(StandardNormal));
@@ -114,6 +132,146 @@ fn rel(a: &Array2<f64>, b: &Array2<f64>) -> f64 {
     (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
 
+/// The grid of the command line.
+fn grid_config(args: &Args) -> GridConfig {
+    GridConfig {
+        group_size: args.group_size,
+        bits: 4,
+        symmetric: !args.asym,
+        scale_search: if args.mse { ScaleSearch::Mse(MseSearch::default()) } else { ScaleSearch::Absmax },
+        ..GridConfig::default()
+    }
+}
+
+/// `w` quantized as the command line says (GPTQ with the Hessian of `x`, round-to-nearest
+/// without `--gptq` or without tokens) and packed for the kernel.
+fn quantize_and_pack(args: &Args, w: &Array2<f32>, x: ArrayView2<'_, f32>) -> Result<PackedWeight> {
+    let quantizer = Quantizer::new(grid_config(args), Backend::Cpu);
+    let grid = quantizer.build_quant_grid(WeightView::F32(w.view()))?;
+    let codes = if args.gptq && x.nrows() > 0 {
+        let xt = x.mapv(|v| v as f64);
+        let h = (xt.t().dot(&xt) * (2.0 / x.nrows() as f64)).mapv(|v| v as f32);
+        let mut wq = w.clone();
+        let pre = pre_step_cpu(h.view(), Some(&mut wq), &PreStepConfig::default())?;
+        quantizer.solve(wq.view(), pre.hinv_factor.view(), &grid, pre.perm.as_deref())?.qweight
+    } else {
+        rtn_codes(w.view(), &grid)?
+    };
+    pack_for_kernel(codes.view(), &grid)
+}
+
+/// What the run quantized, for the first output line.
+fn describe(args: &Args, dtype: ActDtype) -> String {
+    format!(
+        "{dtype:?}, 4-bit gs {} {}{}, {}",
+        args.group_size,
+        if args.asym { "asymmetric" } else { "symmetric" },
+        if args.mse { " MSE" } else { "" },
+        if args.gptq { "GPTQ" } else { "round-to-nearest" }
+    )
+}
+
+/// The grouped (mixture-of-experts) check of `--experts`.
+fn eval_experts(args: &Args, dtype: ActDtype, experts: usize) -> Result<()> {
+    if experts == 0 || args.top_k == 0 || args.top_k > experts {
+        return Err(ForgeError::Config(format!(
+            "--experts {experts} --top-k {}: need 1 ≤ top-k ≤ experts",
+            args.top_k
+        )));
+    }
+    let (weights, x): (Vec<Array2<f32>>, Array2<f32>) = match &args.weights {
+        Some(path) => {
+            let bytes =
+                std::fs::read(path).map_err(|source| ForgeError::Io { path: path.display().to_string(), source })?;
+            let st = safetensors::SafeTensors::deserialize(&bytes)
+                .map_err(|e| ForgeError::Safetensors(format!("{}: {e}", path.display())))?;
+            let pattern = args.tensor.as_deref().unwrap_or("experts.{e}.weight");
+            if !pattern.contains("{e}") {
+                return Err(ForgeError::Config(format!("--tensor {pattern}: name the expert index as {{e}}")));
+            }
+            let w =
+                (0..experts).map(|e| read_2d(&st, &pattern.replace("{e}", &e.to_string()))).collect::<Result<_>>()?;
+            (w, read_2d(&st, args.activations.as_deref().unwrap_or("inputs"))?)
+        }
+        None => {
+            let w = (0..experts).map(|e| synthetic(args.rows, args.cols, 0, 100 + e as u64).0).collect();
+            (w, synthetic(1, args.cols, args.tokens, 15).1)
+        }
+    };
+    let (n, k) = weights[0].dim();
+    if weights.iter().any(|w| w.dim() != (n, k)) || x.ncols() != k {
+        return Err(ForgeError::Shape(format!("experts must all be {n}×{k} and the activations have {k} features")));
+    }
+    // Top-k routing at random, then the rows grouped by expert (token order kept within one).
+    let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+    let mut routed: Vec<Vec<usize>> = vec![Vec::new(); experts];
+    for t in 0..x.nrows() {
+        let mut picked = Vec::with_capacity(args.top_k);
+        while picked.len() < args.top_k {
+            let e = rng.gen_range(0..experts);
+            if !picked.contains(&e) {
+                picked.push(e);
+                routed[e].push(t);
+            }
+        }
+    }
+    let offsets = expert_offsets(&routed.iter().map(Vec::len).collect::<Vec<_>>());
+    let order: Vec<usize> = routed.iter().flatten().copied().collect();
+    let xs = x.select(ndarray::Axis(0), &order);
+    let packed: Vec<PackedWeight> = weights
+        .iter()
+        .enumerate()
+        .map(|(e, w)| quantize_and_pack(args, w, xs.slice(ndarray::s![offsets[e]..offsets[e + 1], ..])))
+        .collect::<Result<_>>()?;
+    let xr = xs.mapv(|v| dtype.round(v) as f64);
+    let mut y_fp = Array2::<f64>::zeros((xs.nrows(), n));
+    for (e, w) in weights.iter().enumerate() {
+        let rows = offsets[e]..offsets[e + 1];
+        let ye = xr.slice(ndarray::s![rows.clone(), ..]).dot(&w.mapv(|v| v as f64).t());
+        y_fp.slice_mut(ndarray::s![rows, ..]).assign(&ye);
+    }
+    let y_ref = w4a16_grouped_matmul_cpu(xs.view(), &offsets, &packed, dtype)?;
+    let (y_q, how) = match fourbit_forge::device::GpuDevice::first() {
+        Ok(dev) => {
+            let w = DeviceExperts::upload(&dev, &packed)?;
+            let routing = ExpertRouting::new(&dev, &offsets)?;
+            let stream = dev.stream();
+            let xb: Vec<u16> = xs.iter().map(|&v| dtype.bits(v)).collect();
+            let mut xd = dev.alloc::<u16>(xb.len().max(1), "eval X")?;
+            stream.memcpy_htod(&xb, &mut xd).map_err(ForgeError::driver("uploading X"))?;
+            let mut yd = dev.alloc::<u16>((xs.nrows() * n).max(1), "eval Y")?;
+            let mut ws = W4a16Workspace::default();
+            let plan =
+                w4a16_grouped_matmul(&dev, &xd, &routing, &w, &mut yd, dtype, &W4a16Options::default(), &mut ws)?;
+            let yb = stream.clone_dtoh(&yd).map_err(ForgeError::driver("downloading Y"))?;
+            let y = Array2::from_shape_vec(
+                (xs.nrows(), n),
+                yb[..xs.nrows() * n].iter().map(|&b| dtype.value(b) as f64).collect(),
+            )
+            .map_err(|e| ForgeError::Internal(format!("Y shape: {e}")))?;
+            (y, format!("{} (grouped launch, {plan:?})", dev.name()))
+        }
+        Err(e) => {
+            (fourbit_forge::runtime::round_to_act(&y_ref, dtype).mapv(|v| v as f64), format!("CPU reference ({e})"))
+        }
+    };
+    let active = routed.iter().filter(|r| !r.is_empty()).count();
+    println!(
+        "MoE layer: {experts} experts of {n}×{k}, {} tokens × top-{} = {} rows on {active} experts, {}",
+        x.nrows(),
+        args.top_k,
+        xs.nrows(),
+        describe(args, dtype)
+    );
+    println!("ran on: {how}");
+    println!("‖Y_q − Y_fp‖ / ‖Y_fp‖        = {:.6}   (quantization error of the layer)", rel(&y_q, &y_fp));
+    println!(
+        "‖Y_q − Y_ref‖ / ‖Y_ref‖      = {:.2e} (kernel vs its CPU reference: accumulation order, output rounding)",
+        rel(&y_q, &y_ref)
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let dtype = match args.dtype.as_str() {
@@ -121,6 +279,9 @@ fn main() -> Result<()> {
         "f16" => ActDtype::F16,
         other => return Err(ForgeError::Config(format!("--dtype {other}: use bf16 or f16"))),
     };
+    if let Some(experts) = args.experts {
+        return eval_experts(&args, dtype, experts);
+    }
     let (w, x) = match &args.weights {
         Some(path) => {
             let bytes =
@@ -131,31 +292,13 @@ fn main() -> Result<()> {
                 (args.tensor.as_deref().unwrap_or("weight"), args.activations.as_deref().unwrap_or("inputs"));
             (read_2d(&st, wn)?, read_2d(&st, xn)?)
         }
-        None => synthetic(args.rows, args.cols, args.tokens),
+        None => synthetic(args.rows, args.cols, args.tokens, 15),
     };
     let (n, k) = w.dim();
     if x.ncols() != k {
         return Err(ForgeError::Shape(format!("activations have {} features, the weight {k}", x.ncols())));
     }
-    let cfg = GridConfig {
-        group_size: args.group_size,
-        bits: 4,
-        symmetric: !args.asym,
-        scale_search: if args.mse { ScaleSearch::Mse(MseSearch::default()) } else { ScaleSearch::Absmax },
-        ..GridConfig::default()
-    };
-    let quantizer = Quantizer::new(cfg, Backend::Cpu);
-    let grid = quantizer.build_quant_grid(WeightView::F32(w.view()))?;
-    let codes = if args.gptq {
-        let xt = x.mapv(|v| v as f64);
-        let h = (xt.t().dot(&xt) * (2.0 / x.nrows() as f64)).mapv(|v| v as f32);
-        let mut wq = w.clone();
-        let pre = pre_step_cpu(h.view(), Some(&mut wq), &PreStepConfig::default())?;
-        quantizer.solve(wq.view(), pre.hinv_factor.view(), &grid, pre.perm.as_deref())?.qweight
-    } else {
-        rtn_codes(w.view(), &grid)?
-    };
-    let packed = pack_for_kernel(codes.view(), &grid)?;
+    let packed = quantize_and_pack(&args, &w, x.view())?;
 
     let xr = x.mapv(|v| dtype.round(v) as f64);
     let y_fp = xr.dot(&w.mapv(|v| v as f64).t());
@@ -169,14 +312,7 @@ fn main() -> Result<()> {
             (fourbit_forge::runtime::round_to_act(&y_ref, dtype).mapv(|v| v as f64), format!("CPU reference ({e})"))
         }
     };
-    println!(
-        "layer {n}×{k}, {} tokens, {dtype:?}, 4-bit gs {} {}{}, {}",
-        x.nrows(),
-        args.group_size,
-        if args.asym { "asymmetric" } else { "symmetric" },
-        if args.mse { " MSE" } else { "" },
-        if args.gptq { "GPTQ" } else { "round-to-nearest" }
-    );
+    println!("layer {n}×{k}, {} tokens, {}", x.nrows(), describe(&args, dtype));
     println!("ran on: {how}");
     println!("‖Y_q − Y_fp‖ / ‖Y_fp‖        = {:.6}   (quantization error of the layer)", rel(&y_q, &y_fp));
     println!(

@@ -613,46 +613,75 @@ fn gpu_grouped_matmul_equals_per_row_block_launches() {
         let dt = if ci % 2 == 0 { ActDtype::Bf16 } else { ActDtype::F16 };
         let x = Array2::from_shape_fn((m, k), |_| dt.round(rng.sample::<f32, _>(StandardNormal)));
         let tasks = ExpertTasks::new(&offsets).unwrap();
-        for kernel in [KernelChoice::SkinnySm90, KernelChoice::SkinnySm90GlobalSplitK, KernelChoice::Skinny] {
+        let want_ref = w4a16_grouped_matmul_cpu(x.view(), &offsets, &packed, dt).unwrap();
+        let abs_sum: Vec<Array2<f64>> = (0..5)
+            .map(|e| {
+                let wq = dequant_for_kernel(&packed[e], dt).unwrap().mapv(|v| v.abs() as f64);
+                x.slice(ndarray::s![offsets[e]..offsets[e + 1], ..]).mapv(|v| v.abs() as f64).dot(&wq.t())
+            })
+            .collect();
+        // Rows `rows` of expert `e` against the f64 reference; the worst error / tolerance.
+        let check_rows = |got: &Array2<f32>, e: usize, rows: std::ops::Range<usize>, what: &str| {
+            let mut worst = 0f64;
+            for r in rows {
+                for c in 0..n {
+                    let (v, y) = (got[[r, c]] as f64, want_ref[[r, c]]);
+                    let tol = tolerance(y, abs_sum[e][[r - offsets[e], c]], packed[e].k_pad, dt);
+                    assert!((v - y).abs() <= tol, "{what}: Y[{r}, {c}] = {v}, ref {y}, tol {tol}");
+                    worst = worst.max((v - y).abs() / tol);
+                }
+            }
+            worst
+        };
+        // The Hopper kernel runs the grouped launch where an expert has more than 64 rows.
+        let kernels =
+            [KernelChoice::SkinnySm90, KernelChoice::SkinnySm90GlobalSplitK, KernelChoice::Skinny, KernelChoice::Wgmma];
+        for kernel in kernels {
             for splits in [1, 3, 8] {
                 let opts = kernel.options(Some(splits));
                 let opts = W4a16Options { overlap_prior_kernel: false, ..opts };
                 let (got, plan) = grouped_host(&dev, &x, &offsets, &experts, dt, &opts);
                 let plan = plan.unwrap();
-                // Forced splits are clamped to two steps per warp (4 here for k = 1032).
-                assert_eq!((plan.m_blocks as usize, plan.splits), (tasks.tasks.len(), splits.min(4)), "{plan:?}");
-                let mut want = Array2::<f32>::zeros((m, n));
-                for &[e, row0, r] in &tasks.tasks {
+                let what = format!("rows {rows:?} {kernel:?} {dt:?} {plan:?}");
+                let height = match plan.kernel {
+                    FusedKernel::Wgmma { tf } => {
+                        assert!(dev.is_hopper() && tf == 16 && tasks.max_rows > 64, "{what}");
+                        128
+                    }
+                    _ => tasks.rows_per_task,
+                };
+                let cut = tasks.tasks_of(height);
+                assert_eq!(plan.m_blocks as usize, cut.len(), "{what}");
+                // The ungrouped launches of the same kernel family.
+                let task_opts = match plan.kernel {
+                    FusedKernel::Wgmma { .. } => opts,
+                    _ => W4a16Options { hopper_min_m: usize::MAX, ..opts },
+                };
+                let mut bit_equal_rows = 0;
+                for &[e, row0, r] in &cut {
                     let rows = row0 as usize..(row0 + r) as usize;
                     let xs = x.slice(ndarray::s![rows.clone(), ..]).to_owned();
-                    let (y, p) = w4a16_matmul_host(&dev, xs.view(), &packed[e as usize], dt, &opts).unwrap();
-                    // Its block height may differ (fewer rows): the sums of a row do not
-                    // depend on the other rows of its mma, only on the splits.
+                    let (y, p) = w4a16_matmul_host(&dev, xs.view(), &packed[e as usize], dt, &task_opts).unwrap();
                     assert_eq!(p.splits, plan.splits, "task {e} {row0} {r}: {p:?}");
-                    want.slice_mut(ndarray::s![rows, ..]).assign(&y);
+                    // The skinny kernel's sums of a row do not depend on its block height (the
+                    // other rows of its mma), only on the splits: bit for bit. The `wgmma`
+                    // kernel is compared so where the ungrouped launch picks the same height.
+                    let same = !matches!(plan.kernel, FusedKernel::Wgmma { .. }) || p.kernel == plan.kernel;
+                    if same {
+                        let g = got.slice(ndarray::s![rows.clone(), ..]).to_owned();
+                        assert_bits_equal(&g, &y, &format!("{what}, task {e} {row0} {r}"));
+                        bit_equal_rows += r as usize;
+                    } else {
+                        check_rows(&got, e as usize, rows, &what);
+                    }
                 }
-                assert_bits_equal(&got, &want, &format!("rows {rows:?} {kernel:?} {dt:?} {plan:?}"));
+                assert!(bit_equal_rows > 0, "{what}: no task compared bit for bit");
             }
         }
         // The plan's own choice against the reference.
         let (got, plan) = grouped_host(&dev, &x, &offsets, &experts, dt, &W4a16Options::default());
-        let want = w4a16_grouped_matmul_cpu(x.view(), &offsets, &packed, dt).unwrap();
-        let mut worst = 0f64;
-        for e in 0..5 {
-            let rows = offsets[e]..offsets[e + 1];
-            let wq = dequant_for_kernel(&packed[e], dt).unwrap().mapv(|v| v.abs() as f64);
-            let abs_sum = x.slice(ndarray::s![rows.clone(), ..]).mapv(|v| v.abs() as f64).dot(&wq.t());
-            for ((r, c), &a) in abs_sum.indexed_iter() {
-                let (v, y) = (got[[rows.start + r, c]] as f64, want[[rows.start + r, c]]);
-                let tol = tolerance(y, a, packed[e].k_pad, dt);
-                assert!(
-                    (v - y).abs() <= tol,
-                    "rows {rows:?} {plan:?}: Y[{}, {c}] = {v}, ref {y}, tol {tol}",
-                    rows.start + r
-                );
-                worst = worst.max((v - y).abs() / tol);
-            }
-        }
+        let what = format!("rows {rows:?} {dt:?} {plan:?}");
+        let worst = (0..5).map(|e| check_rows(&got, e, offsets[e]..offsets[e + 1], &what)).fold(0f64, f64::max);
         eprintln!("grouped rows {rows:?} {dt:?} {plan:?}: worst err/tol {worst:.3}");
     }
 }
@@ -700,7 +729,8 @@ proptest::proptest! {
     /// The grouped launch on random exactly summable cases (any f32 order is exact, so it must
     /// return `round_T(exact)` bit for bit): 1–9 experts of 0–80 rows each (empty experts,
     /// several row blocks per expert), random `n` and `k` tails, group sizes 32–1024, both
-    /// types, random split-K factors, every skinny build.
+    /// types, random split-K factors, every skinny build and (experts of more than 64 rows,
+    /// compute capability 9.0) the `wgmma` kernel.
     #[test]
     fn gpu_grouped_matmul_is_exact_on_random_routings(
         rows in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0usize), 1usize..=80], 1..=9),
@@ -709,7 +739,12 @@ proptest::proptest! {
         gs_units in proptest::prop_oneof![1usize..=8, proptest::strategy::Just(32usize)],
         f16 in proptest::bool::ANY,
         splits in proptest::option::of(1u32..=32),
-        kernel in proptest::sample::select(vec![KernelChoice::SkinnySm90, KernelChoice::SkinnySm90GlobalSplitK, KernelChoice::Skinny]),
+        kernel in proptest::sample::select(vec![
+            KernelChoice::SkinnySm90,
+            KernelChoice::SkinnySm90GlobalSplitK,
+            KernelChoice::Skinny,
+            KernelChoice::Wgmma,
+        ]),
         seed in proptest::num::u64::ANY,
     ) {
         let Some(dev) = common::gpu_or_skip("gpu_grouped_matmul_is_exact_on_random_routings") else { return Ok(()) };

@@ -6,24 +6,30 @@
 //! the launch's row blocks — `(expert, first row, rows)` per block of up to `8·tf` rows, none
 //! for an expert without rows — on the host and uploads them once; every matmul with that
 //! routing (a layer's gate/up and down projections) reuses them. The kernel is the skinny
-//! one with split-K: each row block runs exactly as the ungrouped launch of its rows would,
-//! so the grouped result equals per-expert launches with the same split count bit for bit.
+//! one with split-K (on compute capability 9.0, the `wgmma` one in blocks of 128 rows once an
+//! expert has more than 64): each row block runs exactly as the ungrouped launch of its rows
+//! would, so the grouped result equals per-expert launches with the same split count (and
+//! kernel) bit for bit.
 //!
 //! Why the routing is on the host: the grid (row blocks × column blocks × splits) and the
 //! block shape come from it, so a launch has no idle blocks and no device-side scan. A
 //! runtime whose router runs on the GPU would need a device-built task table (not built).
 
 use super::cuda::{launch_fused, plan_layer, FusedLaunch, GroupedRows, LayerDims};
-use super::{check_dims, ActDtype, PackedWeight, W4a16Options, W4a16Plan, W4a16Workspace};
+use super::{check_dims, ActDtype, FusedKernel, PackedWeight, W4a16Options, W4a16Plan, W4a16Workspace};
 use crate::device::{DeviceBuffer, DeviceBufferMut, GpuDevice};
 use crate::{ForgeError, Result};
 use cudarc::driver::CudaSlice;
 
-/// Rows per row block of a grouped launch whose largest expert has `max_rows` rows: the
-/// skinny kernel's `8·tf`, `tf` the power of two covering `max_rows`, at most 8.
-fn rows_per_task(max_rows: usize) -> usize {
+/// Rows per row block of the skinny kernel for a grouped launch whose largest expert has
+/// `max_rows` rows: `8·tf`, `tf` the power of two covering `max_rows`, at most 8.
+fn skinny_rows_per_task(max_rows: usize) -> usize {
     8 * max_rows.clamp(1, 64).div_ceil(8).next_power_of_two()
 }
+
+/// Rows per row block of the Hopper `wgmma` kernel's grouped build (`tf` 16), which a grouped
+/// launch runs when an expert has more than 64 rows on a compute-capability-9.0 device.
+pub(crate) const WGMMA_ROWS_PER_TASK: usize = 128;
 
 /// Expert offsets (`[0, r0, r0 + r1, …]`) from the rows routed to each expert.
 pub fn expert_offsets(rows_per_expert: &[usize]) -> Vec<usize> {
@@ -48,10 +54,12 @@ pub struct ExpertTasks {
     pub max_rows: usize,
     /// Experts with at least one row.
     pub active: usize,
-    /// Rows per row block (8, 16, 32 or 64).
+    /// Rows per row block of the skinny kernel (8, 16, 32 or 64).
     pub rows_per_task: usize,
-    /// `[expert, first row, rows]` per row block, by expert then row.
+    /// `[expert, first row, rows]` per row block of `rows_per_task`, by expert then row.
     pub tasks: Vec<[u32; 3]>,
+    /// Row offsets per expert, as given.
+    pub offsets: Vec<usize>,
 }
 
 impl ExpertTasks {
@@ -71,53 +79,78 @@ impl ExpertTasks {
             return bad(format!("expert {e} ends at {} before it starts at {}", offsets[e + 1], offsets[e]));
         }
         // Every row and task index must fit the kernel's u32 arguments and the grid.
-        if last > i32::MAX as usize || offsets.len() - 1 > u32::MAX as usize {
+        if last > i32::MAX as usize || offsets.len() - 1 > i32::MAX as usize {
             return bad(format!("{last} rows over {} experts exceed the launch limits", offsets.len() - 1));
         }
-        let counts: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
-        let max_rows = counts.iter().copied().max().unwrap_or(0);
-        let per = rows_per_task(max_rows);
+        let counts = || offsets.windows(2).map(|w| w[1] - w[0]);
+        let max_rows = counts().max().unwrap_or(0);
+        let mut t = ExpertTasks {
+            experts: offsets.len() - 1,
+            rows: last,
+            max_rows,
+            active: counts().filter(|&c| c > 0).count(),
+            rows_per_task: skinny_rows_per_task(max_rows),
+            tasks: Vec::new(),
+            offsets: offsets.to_vec(),
+        };
+        t.tasks = t.tasks_of(t.rows_per_task);
+        Ok(t)
+    }
+
+    /// The row blocks of at most `height` rows: `[expert, first row, rows]`, by expert then row.
+    pub fn tasks_of(&self, height: usize) -> Vec<[u32; 3]> {
         let mut tasks = Vec::new();
-        for (e, (&start, &count)) in offsets.iter().zip(&counts).enumerate() {
-            let mut r = 0;
-            while r < count {
-                let rows = per.min(count - r);
-                tasks.push([e as u32, (start + r) as u32, rows as u32]);
+        for (e, w) in self.offsets.windows(2).enumerate() {
+            let mut r = w[0];
+            while r < w[1] {
+                let rows = height.min(w[1] - r);
+                tasks.push([e as u32, r as u32, rows as u32]);
                 r += rows;
             }
         }
-        Ok(ExpertTasks {
-            experts: counts.len(),
-            rows: last,
-            max_rows,
-            active: counts.iter().filter(|&&c| c > 0).count(),
-            rows_per_task: per,
-            tasks,
-        })
+        tasks
     }
 }
 
-/// [`ExpertTasks`] with its task table on the device, for [`w4a16_grouped_matmul`].
+/// [`ExpertTasks`] with its task tables on the device, for [`w4a16_grouped_matmul`].
 pub struct ExpertRouting {
     /// The host side.
     pub tasks: ExpertTasks,
-    table: Option<CudaSlice<u32>>,
+    /// The device table for each block height a plan may pick: the skinny kernel's, and 128
+    /// rows when an expert has more than 64 rows and the device has the `wgmma` kernel.
+    tables: Vec<(usize, u32, CudaSlice<u32>)>,
 }
 
 impl ExpertRouting {
-    /// Validates `offsets` and uploads the row blocks (an ordered copy on the device's stream;
+    /// Validates `offsets` and uploads the row blocks (ordered copies on the device's stream;
     /// not inside a graph capture, which cannot copy from pageable memory).
     pub fn new(dev: &GpuDevice, offsets: &[usize]) -> Result<Self> {
         let tasks = ExpertTasks::new(offsets)?;
-        let table = if tasks.tasks.is_empty() {
-            None
-        } else {
-            let flat: Vec<u32> = tasks.tasks.iter().flatten().copied().collect();
+        let mut heights = vec![tasks.rows_per_task];
+        if tasks.max_rows > 64 && dev.is_hopper() {
+            heights.push(WGMMA_ROWS_PER_TASK);
+        }
+        let mut tables = Vec::new();
+        for height in heights {
+            let cut = tasks.tasks_of(height);
+            if cut.is_empty() {
+                continue;
+            }
+            let flat: Vec<u32> = cut.iter().flatten().copied().collect();
             let mut d = dev.alloc::<u32>(flat.len(), "W4A16 expert tasks")?;
             dev.stream().memcpy_htod(&flat, &mut d).map_err(ForgeError::driver("uploading the expert tasks"))?;
-            Some(d)
-        };
-        Ok(ExpertRouting { tasks, table })
+            tables.push((height, cut.len() as u32, d));
+        }
+        Ok(ExpertRouting { tasks, tables })
+    }
+
+    /// The device table of row blocks of `height` rows, with its task count.
+    fn table(&self, height: usize) -> Result<(&CudaSlice<u32>, u32)> {
+        self.tables
+            .iter()
+            .find(|t| t.0 == height)
+            .map(|t| (&t.2, t.1))
+            .ok_or_else(|| ForgeError::Internal(format!("grouped W4A16: no task table of {height} rows")))
     }
 }
 
@@ -229,22 +262,21 @@ pub fn w4a16_grouped_plan(
     if t.tasks.is_empty() {
         return Ok(None);
     }
-    let grouped =
-        GroupedRows { tasks: t.tasks.len() as u32, weights_read: t.tasks.len() as u64 * w.n as u64 * w.k as u64 };
-    let dims = LayerDims { n: w.n, k: w.k, n_pad: w.n_pad, k_pad: w.k_pad };
-    let plan = plan_layer(dev, t.max_rows, dims, dtype, opts, Some(grouped))?;
-    // The task table was cut for this block height (plan_layer picks the same tf).
-    let rows = match plan.kernel {
-        super::FusedKernel::Skinny { tf } | super::FusedKernel::SkinnySm90 { tf } => 8 * tf as usize,
-        _ => 0,
+    let grouped = GroupedRows {
+        skinny_tasks: t.tasks.len() as u32,
+        wgmma_tasks: routing.table(WGMMA_ROWS_PER_TASK).map_or(0, |(_, n)| n),
+        weights_read: t.tasks.len() as u64 * w.n as u64 * w.k as u64,
     };
-    if rows != t.rows_per_task {
-        return Err(ForgeError::Internal(format!(
-            "grouped plan of {rows} rows per block for tasks of {}",
-            t.rows_per_task
-        )));
+    let dims = LayerDims { n: w.n, k: w.k, n_pad: w.n_pad, k_pad: w.k_pad };
+    plan_layer(dev, t.max_rows, dims, dtype, opts, Some(grouped)).map(Some)
+}
+
+/// The block height of a grouped plan (the task table it runs).
+fn plan_rows(plan: &W4a16Plan) -> usize {
+    match plan.kernel {
+        FusedKernel::Skinny { tf } | FusedKernel::SkinnySm90 { tf } | FusedKernel::Wgmma { tf } => 8 * tf as usize,
+        FusedKernel::Tiled { mb } => 16 * mb as usize,
     }
-    Ok(Some(plan))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -283,10 +315,10 @@ pub fn w4a16_grouped_matmul(
         )));
     }
     let Some(plan) = w4a16_grouped_plan(dev, routing, w, dtype, opts)? else { return Ok(None) };
-    let table = routing
-        .table
-        .as_ref()
-        .ok_or_else(|| ForgeError::Internal("grouped W4A16: tasks without a device table".into()))?;
+    let (table, count) = routing.table(plan_rows(&plan))?;
+    if count != plan.m_blocks {
+        return Err(ForgeError::Internal(format!("grouped plan of {} row blocks for {count} tasks", plan.m_blocks)));
+    }
     let launch = FusedLaunch {
         x: x.dev_ptr(),
         w: w.codes.dev_ptr(),
@@ -301,9 +333,9 @@ pub fn w4a16_grouped_matmul(
     };
     // SAFETY: x rows·k and y rows·n values (checked above); the experts' packed weights of
     // these dimensions at the strides given (checked at upload, strides ≤ u32::MAX); the task
-    // table (3 u32 per row block, plan.m_blocks of them) from validated offsets: experts
-    // < w.experts (checked in the plan), disjoint row ranges inside `rows`, at most the
-    // plan's block height each (checked above).
+    // table of the plan's block height (3 u32 per row block, plan.m_blocks of them, checked
+    // above) from validated offsets: experts < w.experts (checked in the plan), disjoint row
+    // ranges inside `rows`, at most the block height each.
     unsafe { launch_fused(dev, &plan, &launch, dtype, ws) }?;
     Ok(Some(plan))
 }
@@ -319,6 +351,7 @@ mod tests {
         let t = ExpertTasks::new(&offsets).unwrap();
         assert_eq!((t.experts, t.rows, t.max_rows, t.active, t.rows_per_task), (5, 71, 67, 3, 64));
         assert_eq!(t.tasks, vec![[1, 0, 3], [3, 3, 64], [3, 67, 3], [4, 70, 1]]);
+        assert_eq!(t.tasks_of(128), vec![[1, 0, 3], [3, 3, 67], [4, 70, 1]]);
         let decode = ExpertTasks::new(&[0, 1, 1, 2, 3]).unwrap();
         assert_eq!((decode.rows_per_task, decode.tasks.len()), (8, 3));
         assert_eq!(ExpertTasks::new(&[0, 9]).unwrap().rows_per_task, 16);

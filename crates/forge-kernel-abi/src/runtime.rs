@@ -470,9 +470,9 @@ crate::kernel_args! {
         /// `tile / m_blocks`), and the blocks add their partials through distributed shared
         /// memory in split order; `ws` and `counters` are not used. 0: the grid order above.
         pub cluster: u32,
-        /// Grouped (mixture-of-experts) launches only, by the `w4a16_skinny_*grouped_*`
-        /// kernels, never overlapping. Row block `t < m_blocks` is task `t`:
-        /// `tasks[3t..3t+3] = [expert, row0, rows]` (`1 ≤ rows ≤ 8·tf`, tasks' row ranges
+        /// Grouped (mixture-of-experts) launches only, by the `w4a16_skinny_*grouped_*` and
+        /// `w4a16_wg_grouped_*` kernels, never overlapping. Row block `t < m_blocks` is task
+        /// `t`: `tasks[3t..3t+3] = [expert, row0, rows]` (`1 ≤ rows ≤ 8·tf`, tasks' row ranges
         /// disjoint, inside `m`), which multiplies rows `row0 .. row0 + rows` of `X` by expert
         /// `expert`'s weight (codes at `w + expert·expert_codes`, records at
         /// `meta + expert·expert_records`) into the same rows of `Y`, as an ungrouped launch of

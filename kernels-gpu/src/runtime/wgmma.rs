@@ -43,7 +43,7 @@
 
 use super::epilogue::finish_split_k;
 use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, Half};
-use super::{allow_dependent_grids, block_place, wait_for_prior_grids, GroupCursor};
+use super::{allow_dependent_grids, block_place, task_view, wait_for_prior_grids, GroupCursor};
 use crate::device::{
     cp_async_commit, cp_async_wait, ld_shared_u32, shared_window_base, st_shared_u16, sync_threads, thread_x,
 };
@@ -294,13 +294,16 @@ const _: () = assert!(WG_STAGE_STEPS == 4);
 
 /// See the module docs.
 #[inline(always)]
-pub unsafe fn wg<T: WgmmaHalf, const TF: usize>(a: W4a16Args) {
+pub unsafe fn wg<T: WgmmaHalf, const TF: usize, const GROUPED: bool>(a: W4a16Args) {
     let sh = W4a16WgShape { tf: TF as u32 };
     let tid = thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
     let (tile, w) = (warp / 4, warp % 4);
     let (g, t) = (lane / 4, lane % 4);
     let (mblk, cb, split, splits) = block_place(&a);
+    // A grouped launch's row block is its task's whole (ungrouped) row block 0 (a separate
+    // build, as for the skinny kernel).
+    let (a, mblk) = if GROUPED { (task_view(&a, mblk), 0) } else { (a, mblk) };
     let m0 = mblk * sh.m_block();
     let stages = a.k_pad / sh.k_stage();
     let s_begin = (split as u64 * stages as u64 / splits as u64) as u32;
@@ -429,10 +432,13 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize>(a: W4a16Args) {
 
 macro_rules! instance {
     ($marker:ident, $name:ident, $t:ty, $tf:literal) => {
+        instance!($marker, $name, $t, $tf, false);
+    };
+    ($marker:ident, $name:ident, $t:ty, $tf:literal, $grouped:literal) => {
         forge_kernel_abi::w4a16_kernel! {
             /// See the module docs.
             $marker => fn $name(args) {
-                wg::<$t, $tf>(args)
+                wg::<$t, $tf, $grouped>(args)
             }
         }
     };
@@ -449,3 +455,6 @@ instance!(W4a16WgF16T2, w4a16_wg_f16_t2, F16, 2);
 instance!(W4a16WgF16T4, w4a16_wg_f16_t4, F16, 4);
 instance!(W4a16WgF16T8, w4a16_wg_f16_t8, F16, 8);
 instance!(W4a16WgF16T16, w4a16_wg_f16_t16, F16, 16);
+// Grouped (mixture-of-experts) launches of more than 64 rows per expert: blocks of 128 rows.
+instance!(W4a16WgGroupedBf16T16, w4a16_wg_grouped_bf16_t16, Bf16, 16, true);
+instance!(W4a16WgGroupedF16T16, w4a16_wg_grouped_f16_t16, F16, 16, true);
