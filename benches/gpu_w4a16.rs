@@ -180,6 +180,28 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
                 )?;
                 Ok(())
             })?;
+            // Where the plan runs the wgmma kernel, the skinny one in the same run.
+            let t_skinny = if plan.is_some_and(|p| matches!(p.kernel, FusedKernel::Wgmma { .. })) {
+                let o = W4a16Options { hopper_min_m: usize::MAX, ..opts };
+                for r in &routings {
+                    w4a16_grouped_matmul(dev, &x, r, &grouped_w, &mut y, ActDtype::Bf16, &o, &mut ws)?;
+                }
+                Some(time_graph(dev, MOE_ROUTINGS.max(24), |i| {
+                    w4a16_grouped_matmul(
+                        dev,
+                        &x,
+                        &routings[i % MOE_ROUTINGS],
+                        &grouped_w,
+                        &mut y,
+                        ActDtype::Bf16,
+                        &o,
+                        &mut ws,
+                    )?;
+                    Ok(())
+                })?)
+            } else {
+                None
+            };
             // What a caller without the grouped launch does: one launch per expert with rows
             // (each reading the first rows of X: the same bytes).
             let t_loop = time_graph(dev, MOE_ROUTINGS, |i| {
@@ -234,6 +256,7 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
                 format!("{active:.1}"),
                 plan_s,
                 us(t_grouped),
+                t_skinny.map_or("–".into(), us),
                 us(t_loop),
                 format!("{:.2}×", t_loop / t_grouped),
                 us(floor),
@@ -255,6 +278,7 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
             "active experts",
             "grouped plan",
             "grouped µs",
+            "grouped, skinny kernel µs",
             "per-expert launches µs",
             "speed-up",
             "HBM floor µs",

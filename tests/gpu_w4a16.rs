@@ -607,7 +607,8 @@ fn gpu_grouped_matmul_equals_per_row_block_launches() {
         })
         .collect();
     let experts = DeviceExperts::upload(&dev, &packed).unwrap();
-    for (ci, rows) in [[1usize, 0, 2, 1, 0], [0, 70, 3, 0, 12], [5, 5, 5, 5, 5]].iter().enumerate() {
+    let routings = [[1usize, 0, 2, 1, 0], [0, 70, 3, 0, 12], [5, 5, 5, 5, 5], [40, 0, 33, 1, 2]];
+    for (ci, rows) in routings.iter().enumerate() {
         let offsets = expert_offsets(rows);
         let m = offsets[5];
         let dt = if ci % 2 == 0 { ActDtype::Bf16 } else { ActDtype::F16 };
@@ -633,7 +634,7 @@ fn gpu_grouped_matmul_equals_per_row_block_launches() {
             }
             worst
         };
-        // The Hopper kernel runs the grouped launch where an expert has more than 64 rows.
+        // The Hopper kernel runs the grouped launch where an expert has more than 32 rows.
         let kernels =
             [KernelChoice::SkinnySm90, KernelChoice::SkinnySm90GlobalSplitK, KernelChoice::Skinny, KernelChoice::Wgmma];
         for kernel in kernels {
@@ -645,8 +646,9 @@ fn gpu_grouped_matmul_equals_per_row_block_launches() {
                 let what = format!("rows {rows:?} {kernel:?} {dt:?} {plan:?}");
                 let height = match plan.kernel {
                     FusedKernel::Wgmma { tf } => {
-                        assert!(dev.is_hopper() && tf == 16 && tasks.max_rows > 64, "{what}");
-                        128
+                        let want = if tasks.max_rows > 64 { 16 } else { 8 };
+                        assert!(dev.is_hopper() && tf == want && tasks.max_rows > 32, "{what}");
+                        8 * tf as usize
                     }
                     _ => tasks.rows_per_task,
                 };

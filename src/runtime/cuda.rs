@@ -62,7 +62,7 @@ use forge_kernel_abi::{
     W4a16SkinnySm90GroupedBf16T1, W4a16SkinnySm90GroupedBf16T2, W4a16SkinnySm90GroupedBf16T8,
     W4a16SkinnySm90GroupedF16T1, W4a16SkinnySm90GroupedF16T2, W4a16SkinnySm90GroupedF16T8, W4a16WgBf16T1,
     W4a16WgBf16T16, W4a16WgBf16T2, W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16, W4a16WgF16T2,
-    W4a16WgF16T4, W4a16WgF16T8, W4a16WgGroupedBf16T16, W4a16WgGroupedF16T16,
+    W4a16WgF16T4, W4a16WgF16T8, W4a16WgGroupedBf16T16, W4a16WgGroupedBf16T8, W4a16WgGroupedF16T16, W4a16WgGroupedF16T8,
 };
 use ndarray::{Array2, ArrayView2};
 
@@ -261,7 +261,7 @@ pub struct W4a16Workspace {
 }
 
 /// Expands `$then!(Marker)` with the kernel marker of `($dtype, $kernel)`, or of its grouped
-/// build when `$grouped` (skinny kernels and `wgmma` `tf` 16; `$no_grouped` for the others): the one place
+/// build when `$grouped` (skinny kernels and `wgmma` `tf` 8 and 16; `$no_grouped` for the others): the one place
 /// that maps a plan to a kernel, for looking it up and for launching it.
 macro_rules! with_fused_kernel {
     ($dtype:expr, $kernel:expr, $grouped:expr, $then:ident, $no_grouped:expr) => {{
@@ -313,7 +313,9 @@ macro_rules! with_fused_kernel {
             (ActDtype::F16, SkinnySm90 { tf: 1 }, true) => $then!(W4a16SkinnySm90GroupedF16T1),
             (ActDtype::F16, SkinnySm90 { tf: 2 }, true) => $then!(W4a16SkinnySm90GroupedF16T2),
             (ActDtype::F16, SkinnySm90 { .. }, true) => $then!(W4a16SkinnySm90GroupedF16T8),
+            (ActDtype::Bf16, Wgmma { tf: 8 }, true) => $then!(W4a16WgGroupedBf16T8),
             (ActDtype::Bf16, Wgmma { tf: 16 }, true) => $then!(W4a16WgGroupedBf16T16),
+            (ActDtype::F16, Wgmma { tf: 8 }, true) => $then!(W4a16WgGroupedF16T8),
             (ActDtype::F16, Wgmma { tf: 16 }, true) => $then!(W4a16WgGroupedF16T16),
             (_, Tiled { .. } | Wgmma { .. }, true) => $no_grouped,
         }
@@ -398,8 +400,8 @@ pub(crate) struct GroupedRows {
 
 /// [`w4a16_plan`] for a layer, or for a grouped launch whose largest expert has `m` rows:
 /// the skinny kernel (blocks of up to 64 rows), or on compute capability 9.0 with more than
-/// 64 rows (from `hopper_min_m`) the `wgmma` one in blocks of 128; never overlapping, never
-/// cuBLAS, its row blocks the grouped launch's tasks.
+/// 32 rows (and from `hopper_min_m`) the `wgmma` one in blocks of 64 rows (128 above 64);
+/// never overlapping, never cuBLAS, its row blocks the grouped launch's tasks.
 pub(crate) fn plan_layer(
     dev: &GpuDevice,
     m: usize,
@@ -426,7 +428,7 @@ pub(crate) fn plan_layer(
     let weights_read = grouped.map_or(w.n as u64 * w.k as u64, |g| g.weights_read);
     let large = weights_read >= opts.hopper_min_weights;
     let hopper = match grouped {
-        Some(g) => g.wgmma_tasks > 0 && m > 64 && m >= opts.hopper_min_m && dev.is_hopper(),
+        Some(g) => g.wgmma_tasks > 0 && m > 32 && m >= opts.hopper_min_m && dev.is_hopper(),
         None => m >= opts.hopper_min_m && (m > 64 || large) && !gemm && dev.is_hopper(),
     };
     let skinny = !hopper && (grouped.is_some() || m <= opts.skinny_max_m.min(64));
@@ -435,7 +437,8 @@ pub(crate) fn plan_layer(
         // twice the tokens of two 64-row blocks (H200, M = 256: 14336×4096 102 µs against
         // 144); on small layers they need twice the splits to fill the GPU, and the split-K
         // end of 128 rows cost more than it saved (2048×7168, M = 128: 37 µs against 27).
-        let rows = if large || grouped.is_some() { 128 } else { 64 };
+        // Grouped: the routing's wgmma table, 64-row blocks up to 64 rows, 128 above.
+        let rows = if large || (grouped.is_some() && m > 64) { 128 } else { 64 };
         let shape = W4a16WgShape { tf: m.min(rows).div_ceil(8).next_power_of_two() as u32 };
         (
             FusedKernel::Wgmma { tf: shape.tf },

@@ -6,10 +6,10 @@
 //! the launch's row blocks — `(expert, first row, rows)` per block of up to `8·tf` rows, none
 //! for an expert without rows — on the host and uploads them once; every matmul with that
 //! routing (a layer's gate/up and down projections) reuses them. The kernel is the skinny
-//! one with split-K (on compute capability 9.0, the `wgmma` one in blocks of 128 rows once an
-//! expert has more than 64): each row block runs exactly as the ungrouped launch of its rows
-//! would, so the grouped result equals per-expert launches with the same split count (and
-//! kernel) bit for bit.
+//! one with split-K (on compute capability 9.0, the `wgmma` one once an expert has more than
+//! 32 rows, in blocks of 64 rows, 128 above 64): each row block runs exactly as the ungrouped
+//! launch of its rows would, so the grouped result equals per-expert launches with the same
+//! split count (and kernel) bit for bit.
 //!
 //! Why the routing is on the host: the grid (row blocks × column blocks × splits) and the
 //! block shape come from it, so a launch has no idle blocks and no device-side scan. A
@@ -27,9 +27,16 @@ fn skinny_rows_per_task(max_rows: usize) -> usize {
     8 * max_rows.clamp(1, 64).div_ceil(8).next_power_of_two()
 }
 
-/// Rows per row block of the Hopper `wgmma` kernel's grouped build (`tf` 16), which a grouped
-/// launch runs when an expert has more than 64 rows on a compute-capability-9.0 device.
-pub(crate) const WGMMA_ROWS_PER_TASK: usize = 128;
+/// Rows per row block of the Hopper `wgmma` kernel's grouped builds, which a grouped launch
+/// runs on a compute-capability-9.0 device when an expert has more than 32 rows: 64 (`tf` 8),
+/// 128 (`tf` 16) above 64 rows (as the ungrouped plan on large layers).
+fn wgmma_rows_per_task(max_rows: usize) -> Option<usize> {
+    match max_rows {
+        0..=32 => None,
+        33..=64 => Some(64),
+        _ => Some(128),
+    }
+}
 
 /// Expert offsets (`[0, r0, r0 + r1, …]`) from the rows routed to each expert.
 pub fn expert_offsets(rows_per_expert: &[usize]) -> Vec<usize> {
@@ -116,9 +123,11 @@ impl ExpertTasks {
 pub struct ExpertRouting {
     /// The host side.
     pub tasks: ExpertTasks,
-    /// The device table for each block height a plan may pick: the skinny kernel's, and 128
-    /// rows when an expert has more than 64 rows and the device has the `wgmma` kernel.
+    /// The device table for each block height a plan may pick: the skinny kernel's, and the
+    /// `wgmma` kernel's where the device has it and an expert has more than 32 rows.
     tables: Vec<(usize, u32, CudaSlice<u32>)>,
+    /// The `wgmma` kernel's block height, where it has a table.
+    wgmma_rows: Option<usize>,
 }
 
 impl ExpertRouting {
@@ -126,10 +135,9 @@ impl ExpertRouting {
     /// not inside a graph capture, which cannot copy from pageable memory).
     pub fn new(dev: &GpuDevice, offsets: &[usize]) -> Result<Self> {
         let tasks = ExpertTasks::new(offsets)?;
+        let wgmma_rows = wgmma_rows_per_task(tasks.max_rows).filter(|_| dev.is_hopper());
         let mut heights = vec![tasks.rows_per_task];
-        if tasks.max_rows > 64 && dev.is_hopper() {
-            heights.push(WGMMA_ROWS_PER_TASK);
-        }
+        heights.extend(wgmma_rows.filter(|&h| h != tasks.rows_per_task));
         let mut tables = Vec::new();
         for height in heights {
             let cut = tasks.tasks_of(height);
@@ -141,7 +149,7 @@ impl ExpertRouting {
             dev.stream().memcpy_htod(&flat, &mut d).map_err(ForgeError::driver("uploading the expert tasks"))?;
             tables.push((height, cut.len() as u32, d));
         }
-        Ok(ExpertRouting { tasks, tables })
+        Ok(ExpertRouting { tasks, tables, wgmma_rows })
     }
 
     /// The device table of row blocks of `height` rows, with its task count.
@@ -264,7 +272,7 @@ pub fn w4a16_grouped_plan(
     }
     let grouped = GroupedRows {
         skinny_tasks: t.tasks.len() as u32,
-        wgmma_tasks: routing.table(WGMMA_ROWS_PER_TASK).map_or(0, |(_, n)| n),
+        wgmma_tasks: routing.wgmma_rows.and_then(|h| routing.table(h).ok()).map_or(0, |(_, n)| n),
         weights_read: t.tasks.len() as u64 * w.n as u64 * w.k as u64,
     };
     let dims = LayerDims { n: w.n, k: w.k, n_pad: w.n_pad, k_pad: w.k_pad };

@@ -477,7 +477,10 @@ kernels! {
     W4a16WgF16T4 = "w4a16_wg_f16_t4" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 2);
     W4a16WgF16T8 = "w4a16_wg_f16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 1);
     W4a16WgF16T16 = "w4a16_wg_f16_t16" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 1);
-    // Grouped (mixture-of-experts) builds for experts of more than 64 rows: 128-row blocks.
+    // Grouped (mixture-of-experts) builds for experts of more than 32 rows: 64-row blocks,
+    // 128-row ones above 64.
+    W4a16WgGroupedBf16T8 = "w4a16_wg_grouped_bf16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 1);
+    W4a16WgGroupedF16T8 = "w4a16_wg_grouped_f16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 1);
     W4a16WgGroupedBf16T16 = "w4a16_wg_grouped_bf16_t16" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 1);
     W4a16WgGroupedF16T16 = "w4a16_wg_grouped_f16_t16" (runtime::W4a16Args) in Hopper bounds(runtime::WG_THREADS, 1);
     // The skinny kernels again in the Hopper module: the same source, able to overlap the

@@ -455,6 +455,9 @@ instance!(W4a16WgF16T2, w4a16_wg_f16_t2, F16, 2);
 instance!(W4a16WgF16T4, w4a16_wg_f16_t4, F16, 4);
 instance!(W4a16WgF16T8, w4a16_wg_f16_t8, F16, 8);
 instance!(W4a16WgF16T16, w4a16_wg_f16_t16, F16, 16);
-// Grouped (mixture-of-experts) launches of more than 64 rows per expert: blocks of 128 rows.
+// Grouped (mixture-of-experts) launches of more than 32 rows per expert: blocks of 64 rows,
+// of 128 above 64.
+instance!(W4a16WgGroupedBf16T8, w4a16_wg_grouped_bf16_t8, Bf16, 8, true);
 instance!(W4a16WgGroupedBf16T16, w4a16_wg_grouped_bf16_t16, Bf16, 16, true);
+instance!(W4a16WgGroupedF16T8, w4a16_wg_grouped_f16_t8, F16, 8, true);
 instance!(W4a16WgGroupedF16T16, w4a16_wg_grouped_f16_t16, F16, 16, true);
