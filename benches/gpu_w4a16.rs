@@ -130,6 +130,29 @@ fn random_offsets(experts: usize, tokens: usize, top_k: usize, rng: &mut StdRng)
     expert_offsets(&rows)
 }
 
+/// Median seconds per grouped launch cycling over `routings` (each run once first, so the
+/// workspace grows outside the capture), with the last plan.
+#[allow(clippy::too_many_arguments)]
+fn time_grouped(
+    dev: &GpuDevice,
+    x: &CudaSlice<u16>,
+    routings: &[ExpertRouting],
+    w: &DeviceExperts,
+    y: &mut CudaSlice<u16>,
+    opts: &W4a16Options,
+    ws: &mut W4a16Workspace,
+) -> Result<(f64, Option<W4a16Plan>)> {
+    for r in routings {
+        w4a16_grouped_matmul(dev, x, r, w, y, ActDtype::Bf16, opts, ws)?;
+    }
+    let mut plan = None;
+    let t = time_graph(dev, routings.len().max(24), |i| {
+        plan = w4a16_grouped_matmul(dev, x, &routings[i % routings.len()], w, y, ActDtype::Bf16, opts, ws)?;
+        Ok(())
+    })?;
+    Ok((t, plan))
+}
+
 /// The grouped (MoE) launch against a loop of per-expert launches and the HBM floor.
 fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
     let stream = dev.stream().clone();
@@ -156,9 +179,9 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
             let mut y = dev.alloc::<u16>(rows * n, "bench Y")?;
             let mut ws = W4a16Workspace::default();
             let opts = W4a16Options::default();
-            // Every routing once before the captures: the workspace grows outside them.
+            // The per-expert launches of every routing once before the captures: the
+            // workspace grows outside them.
             for r in &routings {
-                w4a16_grouped_matmul(dev, &x, r, &grouped_w, &mut y, ActDtype::Bf16, &opts, &mut ws)?;
                 for (e, w) in single.iter().enumerate() {
                     let m = r.tasks.tasks.iter().filter(|t| t[0] as usize == e).map(|t| t[2] as usize).sum::<usize>();
                     if m > 0 {
@@ -166,39 +189,11 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
                     }
                 }
             }
-            let mut plan = None;
-            let t_grouped = time_graph(dev, MOE_ROUTINGS.max(24), |i| {
-                plan = w4a16_grouped_matmul(
-                    dev,
-                    &x,
-                    &routings[i % MOE_ROUTINGS],
-                    &grouped_w,
-                    &mut y,
-                    ActDtype::Bf16,
-                    &opts,
-                    &mut ws,
-                )?;
-                Ok(())
-            })?;
+            let (t_grouped, plan) = time_grouped(dev, &x, &routings, &grouped_w, &mut y, &opts, &mut ws)?;
             // Where the plan runs the wgmma kernel, the skinny one in the same run.
             let t_skinny = if plan.is_some_and(|p| matches!(p.kernel, FusedKernel::Wgmma { .. })) {
                 let o = W4a16Options { hopper_min_m: usize::MAX, ..opts };
-                for r in &routings {
-                    w4a16_grouped_matmul(dev, &x, r, &grouped_w, &mut y, ActDtype::Bf16, &o, &mut ws)?;
-                }
-                Some(time_graph(dev, MOE_ROUTINGS.max(24), |i| {
-                    w4a16_grouped_matmul(
-                        dev,
-                        &x,
-                        &routings[i % MOE_ROUTINGS],
-                        &grouped_w,
-                        &mut y,
-                        ActDtype::Bf16,
-                        &o,
-                        &mut ws,
-                    )?;
-                    Ok(())
-                })?)
+                Some(time_grouped(dev, &x, &routings, &grouped_w, &mut y, &o, &mut ws)?.0)
             } else {
                 None
             };
@@ -218,23 +213,7 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
                 let mut line = format!("grouped splits sweep {name} tokens {tokens}:");
                 for sp in [1u32, 2, 3, 4, 8] {
                     let o = W4a16Options { splits: Some(sp), ..opts };
-                    for r in &routings {
-                        w4a16_grouped_matmul(dev, &x, r, &grouped_w, &mut y, ActDtype::Bf16, &o, &mut ws)?;
-                    }
-                    let mut p = None;
-                    let t = time_graph(dev, MOE_ROUTINGS.max(24), |i| {
-                        p = w4a16_grouped_matmul(
-                            dev,
-                            &x,
-                            &routings[i % MOE_ROUTINGS],
-                            &grouped_w,
-                            &mut y,
-                            ActDtype::Bf16,
-                            &o,
-                            &mut ws,
-                        )?;
-                        Ok(())
-                    })?;
+                    let (t, p) = time_grouped(dev, &x, &routings, &grouped_w, &mut y, &o, &mut ws)?;
                     let c = if p.is_some_and(|p| p.cluster > 1) { "c" } else { "" };
                     line += &format!(" s{}{c}={:.2}", p.map_or(0, |p| p.splits), t * 1e6);
                 }

@@ -126,6 +126,16 @@ fn rtn_codes(w: ArrayView2<'_, f32>, grid: &QuantGrid) -> Result<Array2<u8>> {
     Ok(codes)
 }
 
+/// The two error lines every check prints, after what ran.
+fn print_errors(how: &str, y_q: &Array2<f64>, y_fp: &Array2<f64>, y_ref: &Array2<f64>) {
+    println!("ran on: {how}");
+    println!("‖Y_q − Y_fp‖ / ‖Y_fp‖        = {:.6}   (quantization error of the layer)", rel(y_q, y_fp));
+    println!(
+        "‖Y_q − Y_ref‖ / ‖Y_ref‖      = {:.2e} (kernel vs its CPU reference: accumulation order, output rounding)",
+        rel(y_q, y_ref)
+    );
+}
+
 fn rel(a: &Array2<f64>, b: &Array2<f64>) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
     let den: f64 = b.iter().map(|y| y * y).sum();
@@ -263,12 +273,7 @@ fn eval_experts(args: &Args, dtype: ActDtype, experts: usize) -> Result<()> {
         xs.nrows(),
         describe(args, dtype)
     );
-    println!("ran on: {how}");
-    println!("‖Y_q − Y_fp‖ / ‖Y_fp‖        = {:.6}   (quantization error of the layer)", rel(&y_q, &y_fp));
-    println!(
-        "‖Y_q − Y_ref‖ / ‖Y_ref‖      = {:.2e} (kernel vs its CPU reference: accumulation order, output rounding)",
-        rel(&y_q, &y_ref)
-    );
+    print_errors(&how, &y_q, &y_fp, &y_ref);
     Ok(())
 }
 
@@ -313,11 +318,6 @@ fn main() -> Result<()> {
         }
     };
     println!("layer {n}×{k}, {} tokens, {}", x.nrows(), describe(&args, dtype));
-    println!("ran on: {how}");
-    println!("‖Y_q − Y_fp‖ / ‖Y_fp‖        = {:.6}   (quantization error of the layer)", rel(&y_q, &y_fp));
-    println!(
-        "‖Y_q − Y_ref‖ / ‖Y_ref‖      = {:.2e} (kernel vs its CPU reference: accumulation order, output rounding)",
-        rel(&y_q, &y_ref)
-    );
+    print_errors(&how, &y_q, &y_fp, &y_ref);
     Ok(())
 }

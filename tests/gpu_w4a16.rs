@@ -71,7 +71,7 @@ fn packing_round_trips_codes_and_records() {
     for &(n, k, gs) in &[(1, 8, 32), (64, 128, 32), (100, 200, 96), (257, 1000, 160), (300, 64, 1024), (8, 2056, 512)] {
         let (codes, grid) = random_layer(n, k, gs, &mut rng, |r| r.gen());
         let p = pack_for_kernel(codes.view(), &grid).unwrap();
-        assert_eq!((p.n_pad % 256, p.k_pad % 128), (0, 0));
+        assert_eq!((p.dims.n_pad % 256, p.dims.k_pad % 128), (0, 0));
         let (c2, r2) = unpack_for_kernel(&p).unwrap();
         assert_eq!(c2, codes, "{n}×{k} gs {gs}: codes");
         assert_eq!(r2, grid.to_u32_vec(), "{n}×{k} gs {gs}: records");
@@ -516,7 +516,7 @@ fn gpu_matmul_matches_the_reference_on_quantized_layers() {
                 let mut worst = 0f64;
                 for ((r, c), &v) in got.indexed_iter() {
                     let (y, a) = (want[[r, c]], abs_sum[[r, c]]);
-                    let tol = tolerance(y, a, p.k_pad, dt);
+                    let tol = tolerance(y, a, p.dims.k_pad, dt);
                     let err = (v as f64 - y).abs();
                     assert!(err <= tol, "{dt:?} m {m} {n}×{k} gs {gs} {plan:?}: Y[{r}, {c}] = {v}, ref {y}, tol {tol}");
                     worst = worst.max(err / tol);
@@ -574,7 +574,7 @@ fn grouped_host(
     dt: ActDtype,
     opts: &W4a16Options,
 ) -> (Array2<f32>, Option<W4a16Plan>) {
-    let (m, n) = (x.nrows(), experts.n);
+    let (m, n) = (x.nrows(), experts.dims.n);
     let routing = ExpertRouting::new(dev, offsets).unwrap();
     let stream = dev.stream().clone();
     let xh: Vec<u16> = x.iter().map(|&v| dt.bits(v)).collect();
@@ -627,7 +627,7 @@ fn gpu_grouped_matmul_equals_per_row_block_launches() {
             for r in rows {
                 for c in 0..n {
                     let (v, y) = (got[[r, c]] as f64, want_ref[[r, c]]);
-                    let tol = tolerance(y, abs_sum[e][[r - offsets[e], c]], packed[e].k_pad, dt);
+                    let tol = tolerance(y, abs_sum[e][[r - offsets[e], c]], packed[e].dims.k_pad, dt);
                     assert!((v - y).abs() <= tol, "{what}: Y[{r}, {c}] = {v}, ref {y}, tol {tol}");
                     worst = worst.max((v - y).abs() / tol);
                 }

@@ -1,7 +1,7 @@
 //! CPU side of the W4A16 runtime: the packer (codes + grid → the kernel's tiles), its
 //! inverse, the kernel's exact dequantized weight, and the reference matmul.
 
-use super::{check_dims, ActDtype, PackedWeight};
+use super::{check_dims, ActDtype, PackedDims, PackedWeight};
 use crate::{ForgeError, QMetaPacked, QuantGrid, Result};
 use forge_kernel_abi::runtime::{PACK_K_ALIGN, PACK_N_ALIGN, PACK_TILE_K, PACK_TILE_N};
 use ndarray::{Array2, ArrayView2};
@@ -103,28 +103,34 @@ pub fn pack_for_kernel(codes: ArrayView2<'_, u8>, grid: &QuantGrid) -> Result<Pa
             records[g * n_pad + r] = recs[r * n_groups + g].to_u32();
         }
     }
-    Ok(PackedWeight { n, k, n_pad, k_pad, group_size: gs, g_pad, codes: words, records, finite_bf16, finite_f16 })
+    Ok(PackedWeight {
+        dims: PackedDims { n, k, n_pad, k_pad, group_size: gs, g_pad },
+        codes: words,
+        records,
+        finite_bf16,
+        finite_f16,
+    })
 }
 
 /// The inverse of [`pack_for_kernel`]: codes `[n, k]` and the records `[n, n_groups]` (row-major
 /// u32), for checking the packing.
 pub fn unpack_for_kernel(p: &PackedWeight) -> Result<(Array2<u8>, Vec<u32>)> {
-    let n_groups = p.k.div_ceil(p.group_size);
-    let kt_total = p.k_pad / PACK_TILE_K as usize;
-    let expect_words = (p.n_pad / PACK_TILE_N as usize) * kt_total * TILE_WORDS;
-    if p.codes.len() != expect_words || p.records.len() != p.g_pad * p.n_pad || p.g_pad < n_groups {
+    let n_groups = p.dims.k.div_ceil(p.dims.group_size);
+    let kt_total = p.dims.k_pad / PACK_TILE_K as usize;
+    let expect_words = (p.dims.n_pad / PACK_TILE_N as usize) * kt_total * TILE_WORDS;
+    if p.codes.len() != expect_words || p.records.len() != p.dims.g_pad * p.dims.n_pad || p.dims.g_pad < n_groups {
         return Err(ForgeError::Shape("packed weight buffers do not match its dimensions".into()));
     }
-    let codes = Array2::from_shape_fn((p.n, p.k), |(r, c)| {
+    let codes = Array2::from_shape_fn((p.dims.n, p.dims.k), |(r, c)| {
         let (nt, nn) = (r / PACK_TILE_N as usize, r % PACK_TILE_N as usize);
         let (kt, kk) = (c / PACK_TILE_K as usize, c % PACK_TILE_K as usize);
         let (w, nib) = tile_slot(kk, nn);
         ((p.codes[(nt * kt_total + kt) * TILE_WORDS + w] >> (4 * nib)) & 0xf) as u8
     });
-    let mut recs = Vec::with_capacity(p.n * n_groups);
-    for r in 0..p.n {
+    let mut recs = Vec::with_capacity(p.dims.n * n_groups);
+    for r in 0..p.dims.n {
         for g in 0..n_groups {
-            recs.push(p.records[g * p.n_pad + r]);
+            recs.push(p.records[g * p.dims.n_pad + r]);
         }
     }
     Ok((codes, recs))
@@ -134,11 +140,11 @@ pub fn unpack_for_kernel(p: &PackedWeight) -> Result<(Array2<u8>, Vec<u32>)> {
 /// (exact in f32 before the one rounding; see the module docs of `runtime`).
 pub fn dequant_for_kernel(p: &PackedWeight, dtype: ActDtype) -> Result<Array2<f32>> {
     let (codes, recs) = unpack_for_kernel(p)?;
-    let n_groups = p.k.div_ceil(p.group_size);
-    let mut out = Array2::zeros((p.n, p.k));
+    let n_groups = p.dims.k.div_ceil(p.dims.group_size);
+    let mut out = Array2::zeros((p.dims.n, p.dims.k));
     out.axis_iter_mut(ndarray::Axis(0)).into_par_iter().enumerate().for_each(|(r, mut row)| {
         for (c, v) in row.iter_mut().enumerate() {
-            let m = QMetaPacked::from_u32(recs[r * n_groups + c / p.group_size]);
+            let m = QMetaPacked::from_u32(recs[r * n_groups + c / p.dims.group_size]);
             let d = codes[[r, c]] as f32 - m.qzero as f32;
             *v = dtype.round(d * dtype.scale(m.log2_scale_q88));
         }
@@ -151,8 +157,8 @@ pub fn dequant_for_kernel(p: &PackedWeight, dtype: ActDtype) -> Result<Array2<f3
 /// below the kernel's f32 accumulation), so the kernel's result differs from this by its own
 /// f32 accumulation order and the final rounding to `T` ([`round_to_act`]).
 pub fn w4a16_matmul_cpu(x: ArrayView2<'_, f32>, p: &PackedWeight, dtype: ActDtype) -> Result<Array2<f64>> {
-    if x.ncols() != p.k {
-        return Err(ForgeError::Shape(format!("X has {} columns, the weight {} inputs", x.ncols(), p.k)));
+    if x.ncols() != p.dims.k {
+        return Err(ForgeError::Shape(format!("X has {} columns, the weight {} inputs", x.ncols(), p.dims.k)));
     }
     let w = dequant_for_kernel(p, dtype)?.mapv(|v| v as f64);
     let x = x.mapv(|v| dtype.round(v) as f64);
@@ -179,10 +185,10 @@ pub fn w4a16_grouped_matmul_cpu(
             experts.len()
         )));
     }
-    let mut y = Array2::zeros((tasks.rows, first.n));
+    let mut y = Array2::zeros((tasks.rows, first.dims.n));
     for (e, p) in experts.iter().enumerate() {
-        if p.n != first.n {
-            return Err(ForgeError::Shape(format!("expert {e} has {} outputs, expert 0 {}", p.n, first.n)));
+        if p.dims.n != first.dims.n {
+            return Err(ForgeError::Shape(format!("expert {e} has {} outputs, expert 0 {}", p.dims.n, first.dims.n)));
         }
         let rows = offsets[e]..offsets[e + 1];
         if !rows.is_empty() {

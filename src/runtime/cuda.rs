@@ -42,7 +42,7 @@
 //!   some SMs and the launch ran up to 37 % slower (4096×14336, 4 splits: 24.1 µs against
 //!   17.6).
 
-use super::{check_dims, ActDtype, PackedWeight};
+use super::{check_dims, ActDtype, PackedDims, PackedWeight};
 use crate::device::cublas::BlasInput;
 use crate::device::{DeviceBuf, DeviceBuffer, DeviceBufferMut, GpuDevice, LaunchAttrs};
 use crate::{ForgeError, Result};
@@ -68,18 +68,8 @@ use ndarray::{Array2, ArrayView2};
 
 /// A [`PackedWeight`] on the device.
 pub struct DevicePackedWeight {
-    /// Output features.
-    pub n: usize,
-    /// Input features.
-    pub k: usize,
-    /// Padded output features.
-    pub n_pad: usize,
-    /// Padded input features.
-    pub k_pad: usize,
-    /// Group size.
-    pub group_size: usize,
-    /// Groups of the packed records.
-    pub g_pad: usize,
+    /// Its dimensions.
+    pub dims: PackedDims,
     /// Packed code tiles.
     pub codes: CudaSlice<u32>,
     /// Packed records.
@@ -91,11 +81,11 @@ pub struct DevicePackedWeight {
 impl DevicePackedWeight {
     /// Uploads a packed weight (checked against its own dimensions first).
     pub fn upload(dev: &GpuDevice, p: &PackedWeight) -> Result<Self> {
-        check_dims(p.n, p.k, p.group_size)?;
-        let tiles = (p.n_pad / 64) * (p.k_pad / 16);
+        check_dims(p.dims.n, p.dims.k, p.dims.group_size)?;
+        let tiles = (p.dims.n_pad / 64) * (p.dims.k_pad / 16);
         if p.codes.len() != tiles * 128
-            || p.records.len() != p.g_pad * p.n_pad
-            || p.g_pad != p.k_pad.div_ceil(p.group_size)
+            || p.records.len() != p.dims.g_pad * p.dims.n_pad
+            || p.dims.g_pad != p.dims.k_pad.div_ceil(p.dims.group_size)
         {
             return Err(ForgeError::Shape("packed weight buffers do not match its dimensions".into()));
         }
@@ -104,18 +94,7 @@ impl DevicePackedWeight {
         let stream = dev.stream();
         stream.memcpy_htod(&p.codes, &mut codes).map_err(ForgeError::driver("uploading packed codes"))?;
         stream.memcpy_htod(&p.records, &mut records).map_err(ForgeError::driver("uploading packed records"))?;
-        Ok(DevicePackedWeight {
-            n: p.n,
-            k: p.k,
-            n_pad: p.n_pad,
-            k_pad: p.k_pad,
-            group_size: p.group_size,
-            g_pad: p.g_pad,
-            codes,
-            records,
-            finite_bf16: p.finite_bf16,
-            finite_f16: p.finite_f16,
-        })
+        Ok(DevicePackedWeight { dims: p.dims, codes, records, finite_bf16: p.finite_bf16, finite_f16: p.finite_f16 })
     }
 
     /// Bytes one pass over the weight reads (codes + records).
@@ -371,22 +350,7 @@ pub fn w4a16_plan(
     dtype: ActDtype,
     opts: &W4a16Options,
 ) -> Result<W4a16Plan> {
-    plan_layer(dev, m, LayerDims::of(w), dtype, opts, None)
-}
-
-/// The dimensions of one layer (of one expert in a grouped launch).
-#[derive(Clone, Copy)]
-pub(crate) struct LayerDims {
-    pub(crate) n: usize,
-    pub(crate) k: usize,
-    pub(crate) n_pad: usize,
-    pub(crate) k_pad: usize,
-}
-
-impl LayerDims {
-    fn of(w: &DevicePackedWeight) -> Self {
-        LayerDims { n: w.n, k: w.k, n_pad: w.n_pad, k_pad: w.k_pad }
-    }
+    plan_layer(dev, m, w.dims, dtype, opts, None)
 }
 
 /// A grouped (mixture-of-experts) launch, for the plan: its row blocks for the skinny kernel
@@ -405,7 +369,7 @@ pub(crate) struct GroupedRows {
 pub(crate) fn plan_layer(
     dev: &GpuDevice,
     m: usize,
-    w: LayerDims,
+    w: PackedDims,
     dtype: ActDtype,
     opts: &W4a16Options,
     grouped: Option<GroupedRows>,
@@ -562,7 +526,7 @@ pub fn w4a16_matmul(
             "the packed weight has scales whose dequantized values overflow {dtype:?}; run it in bf16"
         )));
     }
-    let (n, k) = (w.n, w.k);
+    let (n, k) = (w.dims.n, w.dims.k);
     if x.len() < m * k || y.len() < m * n {
         return Err(ForgeError::Shape(format!(
             "W4A16: X has {} elements for {m}×{k}, Y {} for {m}×{n}",
@@ -593,9 +557,7 @@ pub fn w4a16_matmul(
         meta: w.records.dev_ptr(),
         y: y.dev_ptr_mut(),
         m,
-        dims: LayerDims::of(w),
-        gs: w.group_size,
-        g_pad: w.g_pad,
+        dims: w.dims,
         overlap,
         grouped: None,
     };
@@ -615,9 +577,7 @@ pub(crate) struct FusedLaunch {
     pub(crate) y: forge_kernel_abi::DevPtrMut<u16>,
     /// Rows of `X` and `Y`.
     pub(crate) m: usize,
-    pub(crate) dims: LayerDims,
-    pub(crate) gs: usize,
-    pub(crate) g_pad: usize,
+    pub(crate) dims: PackedDims,
     pub(crate) overlap: bool,
     /// Grouped launch: the task table (`3·plan.m_blocks` u32) and the u32 words of one
     /// expert's codes and records.
@@ -663,8 +623,8 @@ pub(crate) unsafe fn launch_fused(
         k: d.k as u32,
         n_pad: d.n_pad as u32,
         k_pad: d.k_pad as u32,
-        gs: l.gs as u32,
-        g_pad: l.g_pad as u32,
+        gs: d.group_size as u32,
+        g_pad: d.g_pad as u32,
         m_blocks: plan.m_blocks,
         col_blocks: plan.col_blocks,
         splits: plan.splits,
@@ -706,20 +666,20 @@ pub fn launch_dequant(
     dense: &mut CudaSlice<u16>,
     dtype: ActDtype,
 ) -> Result<()> {
-    if dense.len() < w.n * w.k {
-        return Err(ForgeError::Shape(format!("dense weight buffer {} < {}×{}", dense.len(), w.n, w.k)));
+    if dense.len() < w.dims.n * w.dims.k {
+        return Err(ForgeError::Shape(format!("dense weight buffer {} < {}×{}", dense.len(), w.dims.n, w.dims.k)));
     }
     let args = W4DequantArgs {
         w: w.codes.dev_ptr(),
         meta: w.records.dev_ptr(),
         wd: dense.dev_ptr_mut(),
-        n: w.n as u32,
-        k: w.k as u32,
-        n_pad: w.n_pad as u32,
-        k_pad: w.k_pad as u32,
-        gs: w.group_size as u32,
+        n: w.dims.n as u32,
+        k: w.dims.k as u32,
+        n_pad: w.dims.n_pad as u32,
+        k_pad: w.dims.k_pad as u32,
+        gs: w.dims.group_size as u32,
     };
-    let blocks = (w.n_pad / 64) * (w.k_pad / 128);
+    let blocks = (w.dims.n_pad / 64) * (w.dims.k_pad / 128);
     if blocks > i32::MAX as usize {
         return Err(ForgeError::Shape(format!("W4A16 dequantization: {blocks} blocks exceed the grid limit")));
     }
@@ -748,8 +708,8 @@ pub fn w4a16_matmul_host(
     opts: &W4a16Options,
 ) -> Result<(Array2<f32>, W4a16Plan)> {
     let m = x.nrows();
-    if x.ncols() != p.k {
-        return Err(ForgeError::Shape(format!("X has {} columns, the weight {} inputs", x.ncols(), p.k)));
+    if x.ncols() != p.dims.k {
+        return Err(ForgeError::Shape(format!("X has {} columns, the weight {} inputs", x.ncols(), p.dims.k)));
     }
     p.check_for(dtype)?;
     let w = DevicePackedWeight::upload(dev, p)?;
@@ -757,12 +717,12 @@ pub fn w4a16_matmul_host(
     let stream = dev.stream();
     let mut xd = dev.alloc::<u16>(xb.len(), "W4A16 X")?;
     stream.memcpy_htod(&xb, &mut xd).map_err(ForgeError::driver("uploading X"))?;
-    let mut yd = dev.alloc::<u16>(m * p.n, "W4A16 Y")?;
+    let mut yd = dev.alloc::<u16>(m * p.dims.n, "W4A16 Y")?;
     let mut ws = W4a16Workspace::default();
     let plan = w4a16_matmul(dev, &xd, m, &w, &mut yd, dtype, opts, &mut ws)?;
     let yb = stream.clone_dtoh(&yd).map_err(ForgeError::driver("downloading Y"))?;
     dev.synchronize()?;
-    let y = Array2::from_shape_vec((m, p.n), yb.iter().take(m * p.n).map(|&b| dtype.value(b)).collect())
+    let y = Array2::from_shape_vec((m, p.dims.n), yb.iter().take(m * p.dims.n).map(|&b| dtype.value(b)).collect())
         .map_err(|e| ForgeError::Internal(format!("Y shape: {e}")))?;
     Ok((y, plan))
 }
@@ -770,10 +730,10 @@ pub fn w4a16_matmul_host(
 /// Host convenience for tests: the dense weight the device dequantizes, as f32 values.
 pub fn dequant_gpu(dev: &GpuDevice, p: &PackedWeight, dtype: ActDtype) -> Result<Array2<f32>> {
     let w = DevicePackedWeight::upload(dev, p)?;
-    let mut dense = dev.alloc::<u16>(p.n * p.k, "W4A16 dense weight")?;
+    let mut dense = dev.alloc::<u16>(p.dims.n * p.dims.k, "W4A16 dense weight")?;
     launch_dequant(dev, &w, &mut dense, dtype)?;
     let b = dev.stream().clone_dtoh(&dense).map_err(ForgeError::driver("downloading the dense weight"))?;
     dev.synchronize()?;
-    Array2::from_shape_vec((p.n, p.k), b.iter().take(p.n * p.k).map(|&v| dtype.value(v)).collect())
+    Array2::from_shape_vec((p.dims.n, p.dims.k), b.iter().take(p.dims.n * p.dims.k).map(|&v| dtype.value(v)).collect())
         .map_err(|e| ForgeError::Internal(format!("dense shape: {e}")))
 }

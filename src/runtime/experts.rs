@@ -15,8 +15,8 @@
 //! block shape come from it, so a launch has no idle blocks and no device-side scan. A
 //! runtime whose router runs on the GPU would need a device-built task table (not built).
 
-use super::cuda::{launch_fused, plan_layer, FusedLaunch, GroupedRows, LayerDims};
-use super::{check_dims, ActDtype, FusedKernel, PackedWeight, W4a16Options, W4a16Plan, W4a16Workspace};
+use super::cuda::{launch_fused, plan_layer, FusedLaunch, GroupedRows};
+use super::{check_dims, ActDtype, FusedKernel, PackedDims, PackedWeight, W4a16Options, W4a16Plan, W4a16Workspace};
 use crate::device::{DeviceBuffer, DeviceBufferMut, GpuDevice};
 use crate::{ForgeError, Result};
 use cudarc::driver::CudaSlice;
@@ -167,18 +167,8 @@ impl ExpertRouting {
 pub struct DeviceExperts {
     /// Experts.
     pub experts: usize,
-    /// Output features.
-    pub n: usize,
-    /// Input features.
-    pub k: usize,
-    /// Padded output features.
-    pub n_pad: usize,
-    /// Padded input features.
-    pub k_pad: usize,
-    /// Group size.
-    pub group_size: usize,
-    /// Groups of the packed records.
-    pub g_pad: usize,
+    /// The dimensions of each.
+    pub dims: PackedDims,
     codes: CudaSlice<u32>,
     records: CudaSlice<u32>,
     /// u32 words of one expert's codes and records.
@@ -195,29 +185,24 @@ impl DeviceExperts {
         let Some(&first) = experts.first() else {
             return Err(ForgeError::Shape("a grouped weight needs at least one expert".into()));
         };
-        check_dims(first.n, first.k, first.group_size)?;
-        let codes_per_expert = (first.n_pad / 64) * (first.k_pad / 16) * 128;
-        let records_per_expert = first.g_pad * first.n_pad;
+        let d = first.dims;
+        check_dims(d.n, d.k, d.group_size)?;
+        let codes_per_expert = (d.n_pad / 64) * (d.k_pad / 16) * 128;
+        let records_per_expert = d.g_pad * d.n_pad;
         for (e, p) in experts.iter().enumerate() {
-            if (p.n, p.k, p.group_size) != (first.n, first.k, first.group_size) {
+            if (p.dims.n, p.dims.k, p.dims.group_size) != (d.n, d.k, d.group_size) {
                 return Err(ForgeError::Shape(format!(
                     "expert {e} is {}×{} with group size {}, expert 0 {}×{} with {}",
-                    p.n, p.k, p.group_size, first.n, first.k, first.group_size
+                    p.dims.n, p.dims.k, p.dims.group_size, d.n, d.k, d.group_size
                 )));
             }
-            if (p.n_pad, p.k_pad, p.g_pad) != (first.n_pad, first.k_pad, first.g_pad)
-                || p.codes.len() != codes_per_expert
-                || p.records.len() != records_per_expert
-            {
+            if p.dims != d || p.codes.len() != codes_per_expert || p.records.len() != records_per_expert {
                 return Err(ForgeError::Shape(format!("expert {e}'s packed buffers do not match its dimensions")));
             }
         }
         // The kernel takes the per-expert strides as u32.
         if codes_per_expert > u32::MAX as usize || records_per_expert > u32::MAX as usize {
-            return Err(ForgeError::Shape(format!(
-                "one expert of {}×{} is too large for a grouped launch",
-                first.n, first.k
-            )));
+            return Err(ForgeError::Shape(format!("one expert of {}×{} is too large for a grouped launch", d.n, d.k)));
         }
         let total = |per: usize| {
             per.checked_mul(experts.len())
@@ -234,12 +219,7 @@ impl DeviceExperts {
         }
         Ok(DeviceExperts {
             experts: experts.len(),
-            n: first.n,
-            k: first.k,
-            n_pad: first.n_pad,
-            k_pad: first.k_pad,
-            group_size: first.group_size,
-            g_pad: first.g_pad,
+            dims: d,
             codes,
             records,
             codes_per_expert,
@@ -273,10 +253,9 @@ pub fn w4a16_grouped_plan(
     let grouped = GroupedRows {
         skinny_tasks: t.tasks.len() as u32,
         wgmma_tasks: routing.wgmma_rows.and_then(|h| routing.table(h).ok()).map_or(0, |(_, n)| n),
-        weights_read: t.tasks.len() as u64 * w.n as u64 * w.k as u64,
+        weights_read: t.tasks.len() as u64 * w.dims.n as u64 * w.dims.k as u64,
     };
-    let dims = LayerDims { n: w.n, k: w.k, n_pad: w.n_pad, k_pad: w.k_pad };
-    plan_layer(dev, t.max_rows, dims, dtype, opts, Some(grouped)).map(Some)
+    plan_layer(dev, t.max_rows, w.dims, dtype, opts, Some(grouped)).map(Some)
 }
 
 /// The block height of a grouped plan (the task table it runs).
@@ -312,14 +291,12 @@ pub fn w4a16_grouped_matmul(
             "an expert has scales whose dequantized values overflow {dtype:?}; run it in bf16"
         )));
     }
-    let m = routing.tasks.rows;
-    if x.len() < m * w.k || y.len() < m * w.n {
+    let (m, n, k) = (routing.tasks.rows, w.dims.n, w.dims.k);
+    if x.len() < m * k || y.len() < m * n {
         return Err(ForgeError::Shape(format!(
-            "grouped W4A16: X has {} elements for {m}×{}, Y {} for {m}×{}",
+            "grouped W4A16: X has {} elements for {m}×{k}, Y {} for {m}×{n}",
             x.len(),
-            w.k,
-            y.len(),
-            w.n
+            y.len()
         )));
     }
     let Some(plan) = w4a16_grouped_plan(dev, routing, w, dtype, opts)? else { return Ok(None) };
@@ -333,9 +310,7 @@ pub fn w4a16_grouped_matmul(
         meta: w.records.dev_ptr(),
         y: y.dev_ptr_mut(),
         m,
-        dims: LayerDims { n: w.n, k: w.k, n_pad: w.n_pad, k_pad: w.k_pad },
-        gs: w.group_size,
-        g_pad: w.g_pad,
+        dims: w.dims,
         overlap: false,
         grouped: Some((table.dev_ptr(), w.codes_per_expert as u32, w.records_per_expert as u32)),
     };

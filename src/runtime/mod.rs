@@ -91,9 +91,9 @@ impl ActDtype {
     }
 }
 
-/// A weight packed for the W4A16 kernel (see docs/formats.md, "W4A16 kernel layout").
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PackedWeight {
+/// The dimensions of a packed weight (one expert's, in a grouped launch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackedDims {
     /// Output features (rows of `W`).
     pub n: usize,
     /// Input features (columns of `W`).
@@ -106,6 +106,13 @@ pub struct PackedWeight {
     pub group_size: usize,
     /// Groups of the packed records, `⌈k_pad / group_size⌉`.
     pub g_pad: usize,
+}
+
+/// A weight packed for the W4A16 kernel (see docs/formats.md, "W4A16 kernel layout").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackedWeight {
+    /// Its dimensions.
+    pub dims: PackedDims,
     /// `16 × 64` code tiles, 128 words each, tile `(nt, kt)` at `(nt·k_pad/16 + kt)·128`.
     pub codes: Vec<u32>,
     /// Raw qmeta4 records `[g_pad][n_pad]` (little-endian u32).
@@ -125,7 +132,7 @@ impl PackedWeight {
 
     /// Checks the launch constraints that do not depend on `X`'s rows, for activations `dtype`.
     pub fn check_for(&self, dtype: ActDtype) -> Result<()> {
-        check_dims(self.n, self.k, self.group_size)?;
+        check_dims(self.dims.n, self.dims.k, self.dims.group_size)?;
         let finite = match dtype {
             ActDtype::Bf16 => self.finite_bf16,
             ActDtype::F16 => self.finite_f16,
