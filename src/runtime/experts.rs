@@ -270,8 +270,9 @@ fn plan_rows(plan: &W4a16Plan) -> usize {
 /// `Y[r] = X[r] · dequant(W_e)ᵀ` for every row `r` of every expert `e` of `routing`, in one
 /// launch: `x` holds `rows·k` and `y` `rows·n` values of `dtype` (bit patterns), row-major,
 /// rows sorted by expert. Returns the plan it ran (`None`: no rows). `opts.path`,
-/// `skinny_max_m`, the Hopper-kernel choice and `overlap_prior_kernel` do not apply: always
-/// the skinny kernel, launched in order.
+/// `skinny_max_m`, `hopper_min_weights` and `overlap_prior_kernel` do not apply: the skinny
+/// kernel, or on compute capability 9.0 the `wgmma` one once an expert has more than 32 rows
+/// (and at least `hopper_min_m`), launched in order.
 pub fn w4a16_grouped_matmul(
     dev: &GpuDevice,
     x: &CudaSlice<u16>,
