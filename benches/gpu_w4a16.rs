@@ -179,16 +179,20 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
             let mut y = dev.alloc::<u16>(rows * n, "bench Y")?;
             let mut ws = W4a16Workspace::default();
             let opts = W4a16Options::default();
-            // The per-expert launches of every routing once before the captures: the
-            // workspace grows outside them.
-            for r in &routings {
+            // What a caller without the grouped launch does: one launch per expert with rows
+            // (each reading the first rows of X: the same bytes).
+            let mut per_expert = |o: &[usize]| -> Result<()> {
                 for (e, w) in single.iter().enumerate() {
-                    let m = r.tasks.tasks.iter().filter(|t| t[0] as usize == e).map(|t| t[2] as usize).sum::<usize>();
+                    let m = o[e + 1] - o[e];
                     if m > 0 {
                         w4a16_matmul(dev, &x, m, w, &mut y, ActDtype::Bf16, &opts, &mut ws)?;
                     }
                 }
-            }
+                Ok(())
+            };
+            // Every routing once before the captures: the workspace grows outside them.
+            offsets.iter().try_for_each(|o| per_expert(o))?;
+            let t_loop = time_graph(dev, MOE_ROUTINGS, |i| per_expert(&offsets[i % MOE_ROUTINGS]))?;
             let (t_grouped, plan) = time_grouped(dev, &x, &routings, &grouped_w, &mut y, &opts, &mut ws)?;
             // Where the plan runs the wgmma kernel, the skinny one in the same run.
             let t_skinny = if plan.is_some_and(|p| matches!(p.kernel, FusedKernel::Wgmma { .. })) {
@@ -197,18 +201,6 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
             } else {
                 None
             };
-            // What a caller without the grouped launch does: one launch per expert with rows
-            // (each reading the first rows of X: the same bytes).
-            let t_loop = time_graph(dev, MOE_ROUTINGS, |i| {
-                let o = &offsets[i % MOE_ROUTINGS];
-                for (e, w) in single.iter().enumerate() {
-                    let m = o[e + 1] - o[e];
-                    if m > 0 {
-                        w4a16_matmul(dev, &x, m, w, &mut y, ActDtype::Bf16, &opts, &mut ws)?;
-                    }
-                }
-                Ok(())
-            })?;
             if std::env::var_os("W4A16_BENCH_SPLITS").is_some() {
                 let mut line = format!("grouped splits sweep {name} tokens {tokens}:");
                 for sp in [1u32, 2, 3, 4, 8] {

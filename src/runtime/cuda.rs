@@ -42,7 +42,7 @@
 //!   some SMs and the launch ran up to 37 % slower (4096×14336, 4 splits: 24.1 µs against
 //!   17.6).
 
-use super::{check_dims, ActDtype, PackedDims, PackedWeight};
+use super::{check_dims, check_finite, ActDtype, PackedDims, PackedWeight};
 use crate::device::cublas::BlasInput;
 use crate::device::{DeviceBuf, DeviceBuffer, DeviceBufferMut, GpuDevice, LaunchAttrs};
 use crate::{ForgeError, Result};
@@ -517,15 +517,7 @@ pub fn w4a16_matmul(
     opts: &W4a16Options,
     ws: &mut W4a16Workspace,
 ) -> Result<W4a16Plan> {
-    let finite = match dtype {
-        ActDtype::Bf16 => w.finite_bf16,
-        ActDtype::F16 => w.finite_f16,
-    };
-    if !finite {
-        return Err(ForgeError::Config(format!(
-            "the packed weight has scales whose dequantized values overflow {dtype:?}; run it in bf16"
-        )));
-    }
+    check_finite(w.finite_bf16, w.finite_f16, dtype, "the packed weight has")?;
     let (n, k) = (w.dims.n, w.dims.k);
     if x.len() < m * k || y.len() < m * n {
         return Err(ForgeError::Shape(format!(

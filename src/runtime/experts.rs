@@ -16,7 +16,9 @@
 //! runtime whose router runs on the GPU would need a device-built task table (not built).
 
 use super::cuda::{launch_fused, plan_layer, FusedLaunch, GroupedRows};
-use super::{check_dims, ActDtype, FusedKernel, PackedDims, PackedWeight, W4a16Options, W4a16Plan, W4a16Workspace};
+use super::{
+    check_dims, check_finite, ActDtype, FusedKernel, PackedDims, PackedWeight, W4a16Options, W4a16Plan, W4a16Workspace,
+};
 use crate::device::{DeviceBuffer, DeviceBufferMut, GpuDevice};
 use crate::{ForgeError, Result};
 use cudarc::driver::CudaSlice;
@@ -283,15 +285,7 @@ pub fn w4a16_grouped_matmul(
     opts: &W4a16Options,
     ws: &mut W4a16Workspace,
 ) -> Result<Option<W4a16Plan>> {
-    let finite = match dtype {
-        ActDtype::Bf16 => w.finite_bf16,
-        ActDtype::F16 => w.finite_f16,
-    };
-    if !finite {
-        return Err(ForgeError::Config(format!(
-            "an expert has scales whose dequantized values overflow {dtype:?}; run it in bf16"
-        )));
-    }
+    check_finite(w.finite_bf16, w.finite_f16, dtype, "an expert has")?;
     let (m, n, k) = (routing.tasks.rows, w.dims.n, w.dims.k);
     if x.len() < m * k || y.len() < m * n {
         return Err(ForgeError::Shape(format!(

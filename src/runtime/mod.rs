@@ -124,6 +124,19 @@ pub struct PackedWeight {
     pub finite_f16: bool,
 }
 
+/// Refuses activations `dtype` for a weight (`who`: "the packed weight has", "an expert
+/// has") whose dequantized values are not all finite in it (`finite_*`, from packing).
+pub(crate) fn check_finite(finite_bf16: bool, finite_f16: bool, dtype: ActDtype, who: &str) -> Result<()> {
+    let finite = match dtype {
+        ActDtype::Bf16 => finite_bf16,
+        ActDtype::F16 => finite_f16,
+    };
+    if finite {
+        return Ok(());
+    }
+    Err(ForgeError::Config(format!("{who} scales whose dequantized values overflow {dtype:?}; run it in bf16")))
+}
+
 impl PackedWeight {
     /// Bytes the kernel streams per pass over the weight (codes + records).
     pub fn bytes(&self) -> usize {
@@ -133,16 +146,7 @@ impl PackedWeight {
     /// Checks the launch constraints that do not depend on `X`'s rows, for activations `dtype`.
     pub fn check_for(&self, dtype: ActDtype) -> Result<()> {
         check_dims(self.dims.n, self.dims.k, self.dims.group_size)?;
-        let finite = match dtype {
-            ActDtype::Bf16 => self.finite_bf16,
-            ActDtype::F16 => self.finite_f16,
-        };
-        if !finite {
-            return Err(ForgeError::Config(format!(
-                "the packed weight has scales whose dequantized values overflow {dtype:?}; run it in bf16"
-            )));
-        }
-        Ok(())
+        check_finite(self.finite_bf16, self.finite_f16, dtype, "the packed weight has")
     }
 }
 
