@@ -11,7 +11,9 @@
 //! Run on a GPU machine: `cargo bench --bench gpu_w4a16` (cuBLAS from LD_LIBRARY_PATH, see the
 //! README). `W4A16_BENCH_QUICK=1` times only M ∈ {1, 16, 64, 1024} on two shapes;
 //! `W4A16_BENCH_SPLITS=1` also sweeps the split-K factor at M 1, 16 and 64;
-//! `W4A16_BENCH_ONLY=NxK:M` times one case (for a profiler). On a Hopper GPU the table also
+//! `W4A16_BENCH_ONLY=NxK:M` times one case (for a profiler), `W4A16_BENCH_MS=1024,4096` only
+//! those row counts; `W4A16_BENCH_CHUNKS=1` also times dequantization + cuBLAS in column
+//! chunks of 4–48 MB (`gemm_chunk_bytes`). On a Hopper GPU the table also
 //! times the `wgmma` kernel where the plan picks another fused kernel, the sm_80 kernel where
 //! it picks a Hopper-module one, and the Hopper-module kernels launched overlapping
 //! (`overlap_prior_kernel`: each launch's blocks start while the previous one finishes and
@@ -305,10 +307,14 @@ fn main() -> Result<()> {
                 dense.push(d);
             }
         }
-        let ms: Vec<usize> = match only {
-            Some((_, _, m)) => vec![m],
-            None if quick => vec![1, 16, 64, 1024],
-            None => MS.to_vec(),
+        // `W4A16_BENCH_MS=1024,4096` times only those row counts.
+        let listed: Option<Vec<usize>> =
+            std::env::var("W4A16_BENCH_MS").ok().map(|v| v.split(',').filter_map(|m| m.trim().parse().ok()).collect());
+        let ms: Vec<usize> = match (only, listed) {
+            (Some((_, _, m)), _) => vec![m],
+            (None, Some(ms)) => ms,
+            (None, None) if quick => vec![1, 16, 64, 1024],
+            (None, None) => MS.to_vec(),
         };
         for &m in &ms {
             let mut rng = StdRng::seed_from_u64(m as u64);
@@ -387,6 +393,15 @@ fn main() -> Result<()> {
                         let (t, _) = run(W4a16Options { cluster_split_k: false, ..opts })?;
                         line += &format!("/{:.2}", t * 1e6);
                     }
+                }
+                println!("{line}");
+            }
+            if std::env::var_os("W4A16_BENCH_CHUNKS").is_some() && plan.path == MatmulPath::DequantGemm {
+                // Dequantization + cuBLAS in column chunks of each size (MB of dense weight).
+                let mut line = format!("gemm chunks {n}×{k} M {m}: whole={:.2}", t_auto * 1e6);
+                for mb in [4usize, 8, 12, 16, 24, 32, 48] {
+                    let (t, _) = run(W4a16Options { gemm_chunk_bytes: mb << 20, ..Default::default() })?;
+                    line += &format!(" {mb}MB={:.2}", t * 1e6);
                 }
                 println!("{line}");
             }

@@ -15,6 +15,8 @@
 //!   M in {1, 2, 7, 16, 33, 128, 257}, each fused kernel forced (the Hopper `wgmma` one, the
 //!   skinny one in both builds, the tiled one), forced split-K factors, large (×2^40) and small
 //!   (×2^-40) magnitudes, all codes 0 / all 15, zero activations.
+//! * dequantization + cuBLAS in column chunks: exact inputs, bit for bit, chunks of 1–3
+//!   tiles over `n` with tails.
 //! * overlapping launches (programmatic dependent launch, Hopper): a two-layer chain whose
 //!   second layer starts early must equal the serial chain bit for bit, with a NaN-filled
 //!   intermediate buffer that exposes any early read.
@@ -371,6 +373,36 @@ fn gpu_matmul_is_exact_on_exactly_summable_inputs() {
                     assert_bits_equal(&got, &want, &format!("{dt:?} m {m} {n}×{k} gs {gs} {plan:?}"));
                 }
             }
+        }
+    }
+}
+
+/// Dequantization + cuBLAS in column chunks (`gemm_chunk_bytes`): each chunk's rows of the
+/// dense weight start at their own tile of codes and record column, and its GEMM writes its
+/// columns of `Y` with the row stride `n`. On exactly summable inputs cuBLAS's f32 sums are
+/// exact in any order, so every chunking must give `round_T(exact)` bit for bit: chunks of
+/// one, two and three 64-row tiles and a size that is not a multiple of a tile (rounded down
+/// to one), over `n` with tails (the last chunk shorter) and `k` tails.
+#[test]
+fn gpu_chunked_dequant_gemm_is_exact() {
+    let Some(dev) = common::gpu_or_skip("gpu_chunked_dequant_gemm_is_exact") else { return };
+    if let Err(e) = fourbit_forge::device::cublas::cublas_available() {
+        eprintln!("SKIPPED (cuBLAS not loadable: {e})");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(11);
+    for (ci, &(m, n, k, gs)) in
+        [(33usize, 200usize, 392usize, 32usize), (130, 520, 2048, 256), (7, 64, 1000, 96)].iter().enumerate()
+    {
+        let dt = if ci % 2 == 0 { ActDtype::Bf16 } else { ActDtype::F16 };
+        let (x, p) = exact_case(m, n, k, gs, -2, 1.0, 0, &mut rng);
+        let want = round_to_act(&w4a16_matmul_cpu(x.view(), &p, dt).unwrap(), dt);
+        for chunk_bytes in [0, 64 * k * 2, 128 * k * 2, 192 * k * 2, 100 * k * 2 + 1, 1] {
+            let opts =
+                W4a16Options { path: MatmulPath::DequantGemm, gemm_chunk_bytes: chunk_bytes, ..Default::default() };
+            let (got, plan) = w4a16_matmul_host(&dev, x.view(), &p, dt, &opts).unwrap();
+            assert_eq!(plan.path, MatmulPath::DequantGemm);
+            assert_bits_equal(&got, &want, &format!("{dt:?} m {m} {n}×{k} gs {gs} chunk {chunk_bytes} bytes"));
         }
     }
 }

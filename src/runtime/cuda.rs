@@ -152,6 +152,13 @@ pub struct W4a16Options {
     /// counter. Taken only where the device co-schedules such clusters without fewer
     /// resident blocks; the sum and its bits are the same either way.
     pub cluster_split_k: bool,
+    /// Dequantization + cuBLAS: dequantize and multiply the weight in chunks of whole 64-row
+    /// tiles of `W` of at most this many dense bytes, each chunk's GEMM right after its
+    /// dequantization, reusing one scratch of that size (0, the default: the whole weight
+    /// at once). A bound on the dense scratch (a 14336×4096 weight needs 117 MB whole), not a
+    /// speed-up: on the H200 every chunk size ran slower (14336×4096 at M = 1024: 197 µs
+    /// whole, 219 in 32 MB chunks, 228 in 16 MB; docs/kernels.md §6).
+    pub gemm_chunk_bytes: usize,
 }
 
 impl Default for W4a16Options {
@@ -166,6 +173,7 @@ impl Default for W4a16Options {
             hopper_skinny: true,
             overlap_prior_kernel: false,
             cluster_split_k: true,
+            gemm_chunk_bytes: 0,
         }
     }
 }
@@ -528,16 +536,22 @@ pub fn w4a16_matmul(
     }
     let plan = w4a16_plan(dev, m, w, dtype, opts)?;
     if plan.path == MatmulPath::DequantGemm {
-        let dense = ws.dense.ensure(dev, n * k, "W4A16 dense weight")?;
-        launch_dequant(dev, w, dense, dtype)?;
+        let chunk = gemm_chunk_rows(n, k, opts.gemm_chunk_bytes);
+        let dense = ws.dense.ensure(dev, chunk * k, "W4A16 dense weight")?;
         let input = match dtype {
             ActDtype::Bf16 => BlasInput::BF16,
             ActDtype::F16 => BlasInput::F16,
         };
-        let (xa, wa, ya) = (x.dev_ptr().addr(), dense.dev_ptr().addr(), y.dev_ptr_mut().addr());
-        // SAFETY: x holds m·k, the dense weight n·k, y m·n values of `dtype`, all on the
-        // device's stream, which the cuBLAS handle is bound to.
-        dev.with_blas(|b| unsafe { b.gemm_xwt(input, m, n, k, xa, wa, ya) })?;
+        for n0 in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - n0);
+            dequant_rows(dev, w, n0, rows, dense, dtype)?;
+            let (xa, wa) = (x.dev_ptr().addr(), dense.dev_ptr().addr());
+            let ya = y.dev_ptr_mut().addr() + 2 * n0 as u64;
+            // SAFETY: x holds m·k, the dense chunk rows·k values of `dtype`; y m·n, so its
+            // columns n0..n0 + rows of every row (stride n) are inside it; all on the
+            // device's stream, which the cuBLAS handle is bound to.
+            dev.with_blas(|b| unsafe { b.gemm_xwt_strided(input, m, rows, k, xa, wa, ya, n) })?;
+        }
         return Ok(plan);
     }
     // Programmatic launch only for the Hopper-module kernels, which wait for the previous
@@ -651,6 +665,15 @@ pub(crate) unsafe fn launch_fused(
     unsafe { with_fused_kernel!(dtype, plan.kernel, l.grouped.is_some(), launch, Err(no_grouped_build(plan.kernel))) }
 }
 
+/// Rows of `W` per dequantization + cuBLAS chunk: whole 64-row tiles of at most `bytes` dense
+/// bytes (at least one tile), or all `n` rows when `bytes` is 0 or covers them.
+fn gemm_chunk_rows(n: usize, k: usize, bytes: usize) -> usize {
+    if bytes == 0 {
+        return n;
+    }
+    (bytes / (2 * k.max(1)) / 64 * 64).clamp(64, n.max(64)).min(n.max(1))
+}
+
 /// The dense weight `[n, k]` as the kernel rounds it, into `dense` (at least `n·k` values).
 pub fn launch_dequant(
     dev: &GpuDevice,
@@ -658,20 +681,44 @@ pub fn launch_dequant(
     dense: &mut CudaSlice<u16>,
     dtype: ActDtype,
 ) -> Result<()> {
-    if dense.len() < w.dims.n * w.dims.k {
-        return Err(ForgeError::Shape(format!("dense weight buffer {} < {}×{}", dense.len(), w.dims.n, w.dims.k)));
+    dequant_rows(dev, w, 0, w.dims.n, dense, dtype)
+}
+
+/// Rows `n0 .. n0 + rows` of the dense weight (`n0` a multiple of 64), into `dense` as a
+/// `[rows, k]` matrix (at least `rows·k` values).
+fn dequant_rows(
+    dev: &GpuDevice,
+    w: &DevicePackedWeight,
+    n0: usize,
+    rows: usize,
+    dense: &mut CudaSlice<u16>,
+    dtype: ActDtype,
+) -> Result<()> {
+    let d = w.dims;
+    if !n0.is_multiple_of(64) || n0 + rows > d.n {
+        return Err(ForgeError::Internal(format!("dequantizing rows {n0}..{} of {}", n0 + rows, d.n)));
     }
+    if dense.len() < rows * d.k {
+        return Err(ForgeError::Shape(format!("dense weight buffer {} < {rows}×{}", dense.len(), d.k)));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    // Codes are whole 64-row tiles of `k_pad/16` steps of 128 words; records `[group][n_pad]`,
+    // so a row range starts `n0` records in with the same row stride (n_pad).
     let args = W4DequantArgs {
-        w: w.codes.dev_ptr(),
-        meta: w.records.dev_ptr(),
+        w: forge_kernel_abi::DevPtr::from_addr(
+            w.codes.dev_ptr().addr() + 4 * ((n0 / 64) * (d.k_pad / 16) * 128) as u64,
+        ),
+        meta: forge_kernel_abi::DevPtr::from_addr(w.records.dev_ptr().addr() + 4 * n0 as u64),
         wd: dense.dev_ptr_mut(),
-        n: w.dims.n as u32,
-        k: w.dims.k as u32,
-        n_pad: w.dims.n_pad as u32,
-        k_pad: w.dims.k_pad as u32,
-        gs: w.dims.group_size as u32,
+        n: rows as u32,
+        k: d.k as u32,
+        n_pad: d.n_pad as u32,
+        k_pad: d.k_pad as u32,
+        gs: d.group_size as u32,
     };
-    let blocks = (w.dims.n_pad / 64) * (w.dims.k_pad / 128);
+    let blocks = rows.div_ceil(64) * (d.k_pad / 128);
     if blocks > i32::MAX as usize {
         return Err(ForgeError::Shape(format!("W4A16 dequantization: {blocks} blocks exceed the grid limit")));
     }
@@ -681,7 +728,9 @@ pub fn launch_dequant(
         shared_mem_bytes: DEQUANT_SHARED_BYTES,
     };
     // SAFETY: w/meta a packed weight of these dimensions (checked at upload, k % 8 == 0 by
-    // check_dims), wd n·k values (checked above); one block per 64×128 tile of the padded weight.
+    // check_dims), offset to whole tiles n0/64.. of it (n0 % 64 == 0, n0 + rows ≤ n, checked
+    // above) with the records' row stride n_pad; wd rows·k values (checked above); one block
+    // per 64×128 tile of those rows, which writes only rows < `rows`.
     unsafe {
         match dtype {
             ActDtype::Bf16 => dev.launch::<W4DequantBf16>(cfg, &args),
@@ -728,4 +777,25 @@ pub fn dequant_gpu(dev: &GpuDevice, p: &PackedWeight, dtype: ActDtype) -> Result
     dev.synchronize()?;
     Array2::from_shape_vec((p.dims.n, p.dims.k), b.iter().take(p.dims.n * p.dims.k).map(|&v| dtype.value(v)).collect())
         .map_err(|e| ForgeError::Internal(format!("dense shape: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gemm_chunk_rows;
+
+    #[test]
+    fn gemm_chunks_are_whole_tiles_within_the_byte_budget() {
+        // 0: the whole weight; budgets round down to whole 64-row tiles, at least one.
+        assert_eq!(gemm_chunk_rows(14336, 4096, 0), 14336);
+        assert_eq!(gemm_chunk_rows(14336, 4096, 16 << 20), 2048);
+        assert_eq!(gemm_chunk_rows(14336, 4096, (16 << 20) - 1), 1984);
+        assert_eq!(gemm_chunk_rows(14336, 4096, 1), 64);
+        assert_eq!(gemm_chunk_rows(200, 392, 1 << 30), 200);
+        assert_eq!(gemm_chunk_rows(40, 392, 1), 40);
+        for (n, k, bytes) in [(520, 2048, 300_000), (4096, 14336, 24 << 20), (64, 8, 3)] {
+            let rows = gemm_chunk_rows(n, k, bytes);
+            assert!(rows.is_multiple_of(64) || rows == n, "{n}×{k} {bytes}: {rows}");
+            assert!(rows * k * 2 <= bytes.max(64 * k * 2) && rows >= 1 && rows <= n);
+        }
+    }
 }

@@ -286,12 +286,36 @@ impl Blas {
         w: u64,
         y: u64,
     ) -> Result<()> {
+        self.gemm_xwt_strided(input, m, n, k, x, w, y, n)
+    }
+
+    /// [`Blas::gemm_xwt`] into a column range of a wider `Y`: row `i` of the `m × n` result
+    /// starts `i·ldy` elements after `y` (`ldy ≥ n`).
+    ///
+    /// # Safety
+    /// `x`, `w` are device addresses of live buffers of `m·k`, `n·k` elements of `input`, `y`
+    /// of `(m − 1)·ldy + n`, ready on the handle's stream.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm_xwt_strided(
+        &mut self,
+        input: BlasInput,
+        m: usize,
+        n: usize,
+        k: usize,
+        x: u64,
+        w: u64,
+        y: u64,
+        ldy: usize,
+    ) -> Result<()> {
         let cv = |v: usize| i32::try_from(v).map_err(|_| ForgeError::Internal(format!("{v} exceeds cuBLAS's int")));
         let t = match input {
             BlasInput::F16 => cb::cudaDataType::CUDA_R_16F,
             BlasInput::BF16 => cb::cudaDataType::CUDA_R_16BF,
             BlasInput::F32 => return Err(ForgeError::Internal("gemm_xwt takes 16-bit inputs".into())),
         };
-        result::gemm_xwt(self.handle, cv(m)?, cv(n)?, cv(k)?, x, w, y, t)
+        if ldy < n {
+            return Err(ForgeError::Internal(format!("gemm_xwt: ldy {ldy} < n {n}")));
+        }
+        result::gemm_xwt(self.handle, cv(m)?, cv(n)?, cv(k)?, x, w, y, cv(ldy)?, t)
     }
 }

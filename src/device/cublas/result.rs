@@ -209,8 +209,11 @@ pub(super) unsafe fn gemm_aat(
 /// f32 accumulation (`CUBLAS_COMPUTE_32F`). Column-major view: `Yᶜ [n, m] = op_T(Wᶜ [k, n]) ·
 /// Xᶜ [k, m]`.
 ///
+/// Row `i` of `Y` starts `i·ldy` elements after `y` (`ldy ≥ n`: a column range of a wider `Y`).
+///
 /// # Safety
-/// As [`trsm_left_upper`], `x`, `w`, `y` holding `m·k`, `n·k`, `m·n` elements of `t`.
+/// As [`trsm_left_upper`], `x`, `w` holding `m·k`, `n·k` elements of `t`, `y`
+/// `(m − 1)·ldy + n`.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn gemm_xwt(
     handle: cb::cublasHandle_t,
@@ -220,6 +223,7 @@ pub(super) unsafe fn gemm_xwt(
     x: u64,
     w: u64,
     y: u64,
+    ldy: i32,
     t: cb::cudaDataType,
 ) -> Result<()> {
     let (alpha, beta) = (1f32, 0f32);
@@ -240,7 +244,7 @@ pub(super) unsafe fn gemm_xwt(
         (&beta) as *const f32 as *const _,
         y as *mut _,
         t,
-        n,
+        ldy,
         cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
     )
