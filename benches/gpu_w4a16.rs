@@ -23,7 +23,10 @@
 //!
 //! Then the grouped mixture-of-experts launch (`W4A16_BENCH_MOE=only` times only that) on
 //! Qwen3-30B-A3B and DeepSeek-V3 expert layers, 1–1024 tokens routed top-8 at random, against
-//! a loop of per-expert launches and the floor of the active experts' weights.
+//! a loop of per-expert launches and the floor of the active experts' weights; "device-routed"
+//! builds the task table on the device from device offsets before each launch (a GPU router's
+//! step: no host copy, fixed grid), with `ExpertRouting::rows_hint` and with the tokens as the
+//! hint.
 
 mod common;
 
@@ -203,6 +206,33 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
             } else {
                 None
             };
+            // The same step routed on the device: the table built from device offsets (a GPU
+            // router's), then the launch over its fixed task count.
+            let offsets_d: Vec<CudaSlice<u32>> = offsets
+                .iter()
+                .map(|o| {
+                    let v: Vec<u32> = o.iter().map(|&r| r as u32).collect();
+                    let mut d = dev.alloc::<u32>(v.len(), "bench offsets")?;
+                    stream.memcpy_htod(&v, &mut d).map_err(ForgeError::driver("uploading offsets"))?;
+                    Ok(d)
+                })
+                .collect::<Result<_>>()?;
+            // With the default hint, and with the tokens as the hint (the hard bound on an
+            // expert's rows under top-k routing).
+            let mut time_device = |hint: usize| -> Result<(f64, Option<W4a16Plan>)> {
+                let mut on_device = ExpertRouting::on_device(dev, experts, rows, hint)?;
+                let mut device_plan = None;
+                let t = time_graph(dev, MOE_ROUTINGS.max(24), |i| {
+                    on_device.build_from(dev, &offsets_d[i % MOE_ROUTINGS])?;
+                    device_plan =
+                        w4a16_grouped_matmul(dev, &x, &on_device, &grouped_w, &mut y, ActDtype::Bf16, &opts, &mut ws)?;
+                    Ok(())
+                })?;
+                on_device.device_status(dev)?;
+                Ok((t, device_plan))
+            };
+            let (t_device, device_plan) = time_device(ExpertRouting::rows_hint(rows, experts))?;
+            let (t_device_tokens, _) = time_device(tokens)?;
             if std::env::var_os("W4A16_BENCH_SPLITS").is_some() {
                 let mut line = format!("grouped splits sweep {name} tokens {tokens}:");
                 for sp in [1u32, 2, 3, 4, 8] {
@@ -213,7 +243,8 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
                 }
                 println!("{line}");
             }
-            let active: f64 = routings.iter().map(|r| r.tasks.active as f64).sum::<f64>() / MOE_ROUTINGS as f64;
+            let active: f64 =
+                routings.iter().map(|r| r.tasks().map_or(0, |t| t.active) as f64).sum::<f64>() / MOE_ROUTINGS as f64;
             let bytes = active * grouped_w.expert_bytes() as f64 + (2 * rows * k + 2 * rows * n) as f64;
             let floor = bytes / bw;
             let us = |t: f64| format!("{:.2}", t * 1e6);
@@ -230,6 +261,12 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
                 plan_s,
                 us(t_grouped),
                 t_skinny.map_or("–".into(), us),
+                format!(
+                    "{} ({})",
+                    us(t_device),
+                    device_plan.map_or("–".to_string(), |p| format!("{:?} s{} b{}", p.kernel, p.splits, p.blocks))
+                ),
+                us(t_device_tokens),
                 us(t_loop),
                 format!("{:.2}×", t_loop / t_grouped),
                 us(floor),
@@ -252,6 +289,8 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
             "grouped plan",
             "grouped µs",
             "grouped, skinny kernel µs",
+            "device-routed µs (table build + launch; plan)",
+            "device-routed, hint = tokens µs",
             "per-expert launches µs",
             "speed-up",
             "HBM floor µs",

@@ -21,6 +21,7 @@
 //!
 //! ```text
 //! cargo run --release --example w4a16_eval -- --experts 16 --rows 1536 --cols 2048 --tokens 64 --top-k 4
+//! cargo run --release --example w4a16_eval -- --experts 16 --tokens 64 --top-k 4 --device-routing
 //! ```
 
 use clap::Parser;
@@ -80,6 +81,10 @@ struct Args {
     /// Experts per token (with `--experts`).
     #[arg(long, default_value_t = 8)]
     top_k: usize,
+    /// With `--experts`: build the grouped launch's task table on the device from offsets in
+    /// device memory (`ExpertRouting::on_device`), as a step whose router runs on the GPU.
+    #[arg(long)]
+    device_routing: bool,
 }
 
 /// A 2-D tensor of a safetensors file as f32, with its leading axes flattened.
@@ -244,8 +249,20 @@ fn eval_experts(args: &Args, dtype: ActDtype, experts: usize) -> Result<()> {
     let (y_q, how) = match fourbit_forge::device::GpuDevice::first() {
         Ok(dev) => {
             let w = DeviceExperts::upload(&dev, &packed)?;
-            let routing = ExpertRouting::new(&dev, &offsets)?;
             let stream = dev.stream();
+            let routing = if args.device_routing {
+                // As a router on the GPU leaves them: u32 offsets in device memory; the task
+                // table is built there (no host copy).
+                let o: Vec<u32> = offsets.iter().map(|&v| v as u32).collect();
+                let mut od = dev.alloc::<u32>(o.len(), "eval offsets")?;
+                stream.memcpy_htod(&o, &mut od).map_err(ForgeError::driver("uploading offsets"))?;
+                let hint = ExpertRouting::rows_hint(xs.nrows(), experts);
+                let mut r = ExpertRouting::on_device(&dev, experts, xs.nrows(), hint)?;
+                r.build_from(&dev, &od)?;
+                r
+            } else {
+                ExpertRouting::new(&dev, &offsets)?
+            };
             let xb: Vec<u16> = xs.iter().map(|&v| dtype.bits(v)).collect();
             let mut xd = dev.alloc::<u16>(xb.len().max(1), "eval X")?;
             stream.memcpy_htod(&xb, &mut xd).map_err(ForgeError::driver("uploading X"))?;
@@ -253,13 +270,15 @@ fn eval_experts(args: &Args, dtype: ActDtype, experts: usize) -> Result<()> {
             let mut ws = W4a16Workspace::default();
             let plan =
                 w4a16_grouped_matmul(&dev, &xd, &routing, &w, &mut yd, dtype, &W4a16Options::default(), &mut ws)?;
+            routing.device_status(&dev)?;
             let yb = stream.clone_dtoh(&yd).map_err(ForgeError::driver("downloading Y"))?;
             let y = Array2::from_shape_vec(
                 (xs.nrows(), n),
                 yb[..xs.nrows() * n].iter().map(|&b| dtype.value(b) as f64).collect(),
             )
             .map_err(|e| ForgeError::Internal(format!("Y shape: {e}")))?;
-            (y, format!("{} (grouped launch, {plan:?})", dev.name()))
+            let routed_on = if args.device_routing { "routing built on the device" } else { "host routing" };
+            (y, format!("{} (grouped launch, {routed_on}, {plan:?})", dev.name()))
         }
         Err(e) => {
             (fourbit_forge::runtime::round_to_act(&y_ref, dtype).mapv(|v| v as f64), format!("CPU reference ({e})"))

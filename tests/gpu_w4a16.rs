@@ -23,15 +23,21 @@
 //! * grouped (mixture-of-experts) launch: each row block equals the ungrouped launch of its
 //!   rows bit for bit (same splits); random routings (empty experts, several row blocks per
 //!   expert) exact against the reference; mismatched inputs are typed errors.
+//! * device-built routing (offsets on the device): the task table equals the host's cut plus
+//!   empty slots; the launch is exact on random routings, capacities and row bounds (also
+//!   below an expert's rows); invalid offsets multiply nothing and report a typed error; the
+//!   build and the launch replay in a CUDA graph with new offsets.
 //! * matmul, realistic: heavy-tailed weights quantized on a real grid (absmax and MSE,
 //!   symmetric and asymmetric), Gaussian activations with outlier columns; against the f64
 //!   reference with the bound derived in [`tolerance`].
 
 mod common;
 
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::CudaSlice;
 use fourbit_forge::device::GpuDevice;
 use fourbit_forge::runtime::{
-    dequant_for_kernel, dequant_gpu, expert_offsets, pack_for_kernel, round_to_act, unpack_for_kernel,
+    dequant_for_kernel, dequant_gpu, expert_offsets, max_tasks, pack_for_kernel, round_to_act, unpack_for_kernel,
     w4a16_grouped_matmul, w4a16_grouped_matmul_cpu, w4a16_matmul, w4a16_matmul_cpu, w4a16_matmul_host, ActDtype,
     DeviceExperts, DevicePackedWeight, ExpertRouting, ExpertTasks, FusedKernel, MatmulPath, PackedWeight, W4a16Options,
     W4a16Plan, W4a16Workspace,
@@ -795,5 +801,211 @@ proptest::proptest! {
         let want = round_to_act(&w4a16_grouped_matmul_cpu(x.view(), &offsets, &packed, dt).unwrap(), dt);
         proptest::prop_assert_eq!(plan.is_none(), m == 0);
         assert_bits_equal(&got, &want, &format!("rows {rows:?} {dt:?} {n}×{k} gs {gs} {plan:?}"));
+    }
+}
+
+/// Uploads `offsets` as the u32 a GPU router would leave.
+fn device_offsets(dev: &GpuDevice, offsets: &[usize]) -> CudaSlice<u32> {
+    let o: Vec<u32> = offsets.iter().map(|&v| v as u32).collect();
+    let mut d = dev.alloc::<u32>(o.len(), "test offsets").unwrap();
+    dev.stream().memcpy_htod(&o, &mut d).unwrap();
+    d
+}
+
+/// `X` of `dt` on the device and a `Y` of `rows × n` filled with 0xffff (NaN), for the
+/// device-routing tests: rows past the routed ones must stay so.
+fn device_xy(
+    dev: &GpuDevice,
+    x: &Array2<f32>,
+    rows: usize,
+    n: usize,
+    dt: ActDtype,
+) -> (CudaSlice<u16>, CudaSlice<u16>) {
+    let stream = dev.stream();
+    let mut xh: Vec<u16> = x.iter().map(|&v| dt.bits(v)).collect();
+    xh.resize(rows * x.ncols(), dt.bits(0.0));
+    let mut xd = dev.alloc::<u16>(xh.len().max(1), "test X").unwrap();
+    stream.memcpy_htod(&xh, &mut xd.slice_mut(0..xh.len())).unwrap();
+    let mut yd = dev.alloc::<u16>((rows * n).max(1), "test Y").unwrap();
+    stream.memcpy_htod(&vec![0xffffu16; (rows * n).max(1)], &mut yd).unwrap();
+    (xd, yd)
+}
+
+/// `Y`'s first `m` rows as values, and whether every element after them is still 0xffff.
+fn download_y(dev: &GpuDevice, y: &CudaSlice<u16>, m: usize, n: usize, dt: ActDtype) -> (Array2<f32>, bool) {
+    let yb = dev.stream().clone_dtoh(y).unwrap();
+    dev.synchronize().unwrap();
+    let got = Array2::from_shape_vec((m, n), yb[..m * n].iter().map(|&b| dt.value(b)).collect()).unwrap();
+    (got, yb[m * n..].iter().all(|&b| b == 0xffff))
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..proptest::prelude::ProptestConfig::default() })]
+
+    /// A routing built on the device from offsets on the device: its skinny table is the
+    /// host's cut of the same offsets (by expert, then row) followed by empty slots up to
+    /// [`max_tasks`]; the launch over it (capacity up to 40 rows more than routed, a row
+    /// hint from a quarter of the largest expert's rows to twice them: below them, an expert
+    /// takes more row blocks) returns `round_T(exact)` bit for bit on exactly summable inputs, every skinny
+    /// build and `wgmma`, random splits, and leaves the rows past the routed ones untouched.
+    #[test]
+    fn gpu_device_routing_is_exact_and_builds_the_host_table(
+        rows in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0usize), 1usize..=80], 1..=9),
+        extra in 0usize..40,
+        hint_num in 1usize..=8,
+        n in 1usize..300,
+        k8 in 1usize..150,
+        gs_units in proptest::prop_oneof![1usize..=8, proptest::strategy::Just(32usize)],
+        f16 in proptest::bool::ANY,
+        splits in proptest::option::of(1u32..=16),
+        kernel in proptest::sample::select(vec![
+            KernelChoice::SkinnySm90,
+            KernelChoice::SkinnySm90GlobalSplitK,
+            KernelChoice::Skinny,
+            KernelChoice::Wgmma,
+        ]),
+        seed in proptest::num::u64::ANY,
+    ) {
+        let Some(dev) = common::gpu_or_skip("gpu_device_routing_is_exact_and_builds_the_host_table") else { return Ok(()) };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (k, gs) = (8 * k8, 32 * gs_units);
+        let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
+        let offsets = expert_offsets(&rows);
+        let m = offsets[rows.len()];
+        let capacity = (m + extra).max(1);
+        let largest = rows.iter().copied().max().unwrap_or(0).max(1);
+        let hint = (largest * hint_num / 4).max(1);
+        let packed: Vec<PackedWeight> = rows.iter().map(|_| exact_case(0, n, k, gs, -2, 1.0, 0, &mut rng).1).collect();
+        let x = Array2::from_shape_fn((m, k), |_| rng.gen_range(-3i32..=3) as f32);
+        let experts = DeviceExperts::upload(&dev, &packed).unwrap();
+        let mut routing = ExpertRouting::on_device(&dev, rows.len(), capacity, hint).unwrap();
+        routing.build_from(&dev, &device_offsets(&dev, &offsets)).unwrap();
+        routing.device_status(&dev).unwrap();
+        let table = routing.download_tasks(&dev).unwrap();
+        let height = 8 * hint.min(capacity).clamp(1, 64).div_ceil(8).next_power_of_two();
+        let cut = ExpertTasks::new(&offsets).unwrap().tasks_of(height);
+        proptest::prop_assert_eq!(table.len(), max_tasks(capacity, rows.len(), height));
+        proptest::prop_assert_eq!(&table[..cut.len()], &cut[..]);
+        proptest::prop_assert!(table[cut.len()..].iter().all(|t| *t == [0, 0, 0]));
+
+        let (xd, mut yd) = device_xy(&dev, &x, capacity, n, dt);
+        let opts = W4a16Options { overlap_prior_kernel: false, ..kernel.options(splits) };
+        let mut ws = W4a16Workspace::default();
+        let plan = w4a16_grouped_matmul(&dev, &xd, &routing, &experts, &mut yd, dt, &opts, &mut ws).unwrap().unwrap();
+        let (got, untouched) = download_y(&dev, &yd, m, n, dt);
+        let want = round_to_act(&w4a16_grouped_matmul_cpu(x.view(), &offsets, &packed, dt).unwrap(), dt);
+        let what = format!("rows {rows:?} capacity {capacity} hint {hint} {dt:?} {n}×{k} gs {gs} {plan:?}");
+        assert_bits_equal(&got, &want, &what);
+        proptest::prop_assert!(untouched, "{}: a row past the routed ones was written", what);
+    }
+}
+
+/// Offsets the build kernel finds invalid leave every task empty: the launch writes nothing,
+/// and `device_status` names the fault. Bad arguments are typed errors on the host.
+#[test]
+fn gpu_device_routing_rejects_bad_offsets() {
+    let Some(dev) = common::gpu_or_skip("gpu_device_routing_rejects_bad_offsets") else { return };
+    let mut rng = StdRng::seed_from_u64(23);
+    let (n, k) = (64, 256);
+    let packed: Vec<PackedWeight> = (0..3).map(|_| exact_case(0, n, k, 128, -2, 1.0, 0, &mut rng).1).collect();
+    let experts = DeviceExperts::upload(&dev, &packed).unwrap();
+    let x = Array2::from_shape_fn((12, k), |_| rng.gen_range(-3i32..=3) as f32);
+    let opts = W4a16Options::default();
+    let mut ws = W4a16Workspace::default();
+    for (offsets, says) in [
+        (vec![1usize, 4, 8, 12], "the first offset is not 0"),
+        (vec![0, 6, 5, 12], "expert 1 ends before it starts"),
+        (vec![0, 4, 8, 13], "end past the 12 rows"),
+    ] {
+        let mut routing = ExpertRouting::on_device(&dev, 3, 12, 12).unwrap();
+        routing.build_from(&dev, &device_offsets(&dev, &offsets)).unwrap();
+        let (xd, mut yd) = device_xy(&dev, &x, 12, n, ActDtype::Bf16);
+        w4a16_grouped_matmul(&dev, &xd, &routing, &experts, &mut yd, ActDtype::Bf16, &opts, &mut ws).unwrap();
+        let (_, untouched) = download_y(&dev, &yd, 0, n, ActDtype::Bf16);
+        assert!(untouched, "{offsets:?}: the launch wrote Y");
+        match routing.device_status(&dev) {
+            Err(ForgeError::Shape(m)) => assert!(m.contains(says), "{offsets:?}: {m}"),
+            other => panic!("{offsets:?}: {other:?}"),
+        }
+        assert!(routing.download_tasks(&dev).unwrap().iter().all(|t| *t == [0, 0, 0]));
+    }
+    for (experts, capacity, bound) in
+        [(0, 8, 8), (fourbit_forge::runtime::MAX_DEVICE_ROUTING_EXPERTS + 1, 8, 8), (3, 0, 8), (3, 8, 0)]
+    {
+        assert!(
+            matches!(ExpertRouting::on_device(&dev, experts, capacity, bound), Err(ForgeError::Shape(_))),
+            "{experts} experts, {capacity} rows, bound {bound}"
+        );
+    }
+    let mut routing = ExpertRouting::on_device(&dev, 3, 12, 12).unwrap();
+    let (xd, mut yd) = device_xy(&dev, &x, 12, n, ActDtype::Bf16);
+    match w4a16_grouped_matmul(&dev, &xd, &routing, &experts, &mut yd, ActDtype::Bf16, &opts, &mut ws) {
+        Err(ForgeError::Shape(m)) => assert!(m.contains("no offsets yet"), "{m}"),
+        other => panic!("unbuilt routing: {other:?}"),
+    }
+    match routing.build_from(&dev, &device_offsets(&dev, &[0, 4, 8])) {
+        Err(ForgeError::Shape(m)) => assert!(m.contains("3 offsets for 3 experts"), "{m}"),
+        other => panic!("short offsets: {other:?}"),
+    }
+    let mut host = ExpertRouting::new(&dev, &[0, 4, 8, 12]).unwrap();
+    assert!(matches!(host.build_from(&dev, &device_offsets(&dev, &[0, 4, 8, 12])), Err(ForgeError::Shape(_))));
+}
+
+/// The decode step a GPU router runs: the table build and the grouped launch captured once
+/// in a CUDA graph, replayed after each new routing is written into the same offsets buffer
+/// (as a router kernel would). Each replay must equal `round_T(exact)` for its routing.
+#[test]
+fn gpu_device_routing_replays_in_a_graph() {
+    let Some(dev) = common::gpu_or_skip("gpu_device_routing_replays_in_a_graph") else { return };
+    let mut rng = StdRng::seed_from_u64(24);
+    let (e_count, tokens, top_k, n, k) = (16, 4, 4, 320, 512);
+    let dt = ActDtype::Bf16;
+    let packed: Vec<PackedWeight> = (0..e_count).map(|_| exact_case(0, n, k, 64, -2, 1.0, 0, &mut rng).1).collect();
+    let experts = DeviceExperts::upload(&dev, &packed).unwrap();
+    let rows = tokens * top_k;
+    let x = Array2::from_shape_fn((rows, k), |_| rng.gen_range(-3i32..=3) as f32);
+    let (xd, mut yd) = device_xy(&dev, &x, rows, n, dt);
+    let mut offsets_d = dev.alloc::<u32>(e_count + 1, "test offsets").unwrap();
+    let mut routing = ExpertRouting::on_device(&dev, e_count, rows, tokens).unwrap();
+    let opts = W4a16Options::default();
+    let mut ws = W4a16Workspace::default();
+    let routings: Vec<Vec<usize>> = (0..4)
+        .map(|_| {
+            let mut per = vec![0usize; e_count];
+            for _ in 0..tokens {
+                let mut picked: Vec<usize> = Vec::new();
+                while picked.len() < top_k {
+                    let e = rng.gen_range(0..e_count);
+                    if !picked.contains(&e) {
+                        picked.push(e);
+                    }
+                }
+                picked.iter().for_each(|&e| per[e] += 1);
+            }
+            expert_offsets(&per)
+        })
+        .collect();
+    let upload = |o: &[usize], d: &mut CudaSlice<u32>| {
+        let v: Vec<u32> = o.iter().map(|&r| r as u32).collect();
+        dev.stream().memcpy_htod(&v, d).unwrap();
+    };
+    // Once outside the capture: the workspace grows here.
+    upload(&routings[0], &mut offsets_d);
+    routing.build_from(&dev, &offsets_d).unwrap();
+    w4a16_grouped_matmul(&dev, &xd, &routing, &experts, &mut yd, dt, &opts, &mut ws).unwrap();
+    dev.synchronize().unwrap();
+    let stream = dev.stream().clone();
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).unwrap();
+    routing.build_from(&dev, &offsets_d).unwrap();
+    let plan = w4a16_grouped_matmul(&dev, &xd, &routing, &experts, &mut yd, dt, &opts, &mut ws).unwrap();
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap().unwrap();
+    for (i, o) in routings.iter().enumerate() {
+        upload(o, &mut offsets_d);
+        stream.memcpy_htod(&vec![0xffffu16; rows * n], &mut yd).unwrap();
+        graph.launch().unwrap();
+        routing.device_status(&dev).unwrap();
+        let (got, _) = download_y(&dev, &yd, rows, n, dt);
+        let want = round_to_act(&w4a16_grouped_matmul_cpu(x.view(), o, &packed, dt).unwrap(), dt);
+        assert_bits_equal(&got, &want, &format!("replay {i}, offsets {o:?}, {plan:?}"));
     }
 }

@@ -11,9 +11,18 @@
 //! launch of its rows would, so the grouped result equals per-expert launches with the same
 //! split count (and kernel) bit for bit.
 //!
-//! Why the routing is on the host: the grid (row blocks × column blocks × splits) and the
-//! block shape come from it, so a launch has no idle blocks and no device-side scan. A
-//! runtime whose router runs on the GPU would need a device-built task table (not built).
+//! Two ways to route:
+//! * [`ExpertRouting::new`]: offsets on the host. The grid (row blocks × column blocks ×
+//!   splits) and the block shape come from the actual rows, so the launch has no idle blocks.
+//! * [`ExpertRouting::on_device`] + [`ExpertRouting::build_from`]: offsets on the device (a
+//!   router on the GPU; nothing is copied to the host, so the step can be captured in a CUDA
+//!   graph). The block shape comes from a hint of a busy expert's rows
+//!   ([`ExpertRouting::rows_hint`]: twice the mean; only speed depends on it) and the grid
+//!   from the most row blocks `rows_capacity` rows can make;
+//!   `expert_tasks_from_offsets` writes the table on the stream and pads it with empty tasks,
+//!   which the kernels skip. Offsets the kernel finds invalid leave every task empty (the
+//!   matmul then writes nothing) and a status that [`ExpertRouting::device_status`] turns into
+//!   a typed error.
 
 use super::cuda::{launch_fused, plan_layer, FusedLaunch, GroupedRows};
 use super::{
@@ -21,7 +30,12 @@ use super::{
 };
 use crate::device::{DeviceBuffer, DeviceBufferMut, GpuDevice};
 use crate::{ForgeError, Result};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, LaunchConfig};
+use forge_kernel_abi::runtime::{
+    ExpertTasksArgs, EXPERT_TASKS_MAX_EXPERTS, EXPERT_TASKS_SHARED_BYTES, EXPERT_TASKS_THREADS, ROUTING_DECREASING,
+    ROUTING_FIRST_NOT_ZERO, ROUTING_OK, ROUTING_OVER_CAPACITY, ROUTING_PAST_ROWS,
+};
+use forge_kernel_abi::ExpertTasksFromOffsets;
 
 /// Rows per row block of the skinny kernel for a grouped launch whose largest expert has
 /// `max_rows` rows: `8·tf`, `tf` the power of two covering `max_rows`, at most 8.
@@ -121,12 +135,37 @@ impl ExpertTasks {
     }
 }
 
-/// [`ExpertTasks`] with its task tables on the device, for [`w4a16_grouped_matmul`].
+/// The most experts a device-built routing takes (`expert_tasks_from_offsets`: 16 per thread).
+pub const MAX_DEVICE_ROUTING_EXPERTS: usize = EXPERT_TASKS_MAX_EXPERTS as usize;
+
+/// The most row blocks of at most `height` rows that `rows` rows over `experts` experts can
+/// make: `Σ ⌈r_e/h⌉ ≤ Σ_{r_e > 0} (r_e + h − 1)/h ≤ (rows + min(experts, rows)·(h − 1))/h`.
+pub fn max_tasks(rows: usize, experts: usize, height: usize) -> usize {
+    let h = height.max(1);
+    (rows + experts.min(rows) * (h - 1)) / h
+}
+
+/// Where a routing's row blocks come from.
+enum Source {
+    /// Offsets given on the host.
+    Host(ExpertTasks),
+    /// Offsets on the device: `expert_tasks_from_offsets` writes the tables
+    /// ([`ExpertRouting::build_from`]); `status` its `[code, expert]`.
+    Device { status: CudaSlice<u32>, built: bool },
+}
+
+/// The row blocks of a grouped launch, on the device, for [`w4a16_grouped_matmul`]
+/// (module docs: from host or device offsets).
 pub struct ExpertRouting {
-    /// The host side.
-    pub tasks: ExpertTasks,
-    /// The device table for each block height a plan may pick: the skinny kernel's, and the
-    /// `wgmma` kernel's where the device has it and an expert has more than 32 rows.
+    experts: usize,
+    /// Rows of `X` and `Y`: the routed rows (host), or the most there may be (device).
+    rows: usize,
+    /// Rows of the expert with the most (host), or the hint standing for them (device).
+    max_rows: usize,
+    source: Source,
+    /// The device table for each block height a plan may pick, with its task count (device
+    /// routing: the slots, empty ones included): the skinny kernel's, and the `wgmma`
+    /// kernel's where the device has it and an expert may have more than 32 rows.
     tables: Vec<(usize, u32, CudaSlice<u32>)>,
     /// The `wgmma` kernel's block height, where it has a table.
     wgmma_rows: Option<usize>,
@@ -151,7 +190,151 @@ impl ExpertRouting {
             dev.stream().memcpy_htod(&flat, &mut d).map_err(ForgeError::driver("uploading the expert tasks"))?;
             tables.push((height, cut.len() as u32, d));
         }
-        Ok(ExpertRouting { tasks, tables, wgmma_rows })
+        Ok(ExpertRouting {
+            experts: tasks.experts,
+            rows: tasks.rows,
+            max_rows: tasks.max_rows,
+            source: Source::Host(tasks),
+            tables,
+            wgmma_rows,
+        })
+    }
+
+    /// A routing whose offsets will come from the device ([`ExpertRouting::build_from`]):
+    /// `experts` experts and at most `rows_capacity` rows in all (the rows of `X` and `Y`).
+    /// `rows_hint` stands for the largest expert's rows in the host plan: it picks the block
+    /// height (blocks of `8·tf ≥ rows_hint` rows on the skinny kernel, of 64 or 128 on
+    /// `wgmma` above 32). Only speed depends on it: an expert with more rows gets more row
+    /// blocks. [`ExpertRouting::rows_hint`] is a default. Allocates the tables for the most
+    /// row blocks `rows_capacity` rows can make ([`max_tasks`]).
+    pub fn on_device(dev: &GpuDevice, experts: usize, rows_capacity: usize, rows_hint: usize) -> Result<Self> {
+        let bad = |why: String| Err(ForgeError::Shape(format!("device expert routing: {why}")));
+        if experts == 0 || experts > MAX_DEVICE_ROUTING_EXPERTS {
+            return bad(format!("{experts} experts (1 to {MAX_DEVICE_ROUTING_EXPERTS})"));
+        }
+        if rows_capacity == 0 || rows_hint == 0 {
+            return bad(format!("{rows_capacity} rows, a hint of {rows_hint} per expert (both must be ≥ 1)"));
+        }
+        if rows_capacity > i32::MAX as usize {
+            return bad(format!("{rows_capacity} rows exceed the launch limits"));
+        }
+        let max_rows = rows_hint.min(rows_capacity);
+        let skinny = skinny_rows_per_task(max_rows);
+        let wgmma_rows = wgmma_rows_per_task(max_rows).filter(|_| dev.is_hopper());
+        let mut heights = vec![skinny];
+        heights.extend(wgmma_rows.filter(|&h| h != skinny));
+        let mut tables = Vec::new();
+        for height in heights {
+            let slots = max_tasks(rows_capacity, experts, height);
+            let d = dev.alloc::<u32>(3 * slots, "W4A16 expert tasks")?;
+            tables.push((height, slots as u32, d));
+        }
+        let status = dev.alloc::<u32>(2, "W4A16 routing status")?;
+        Ok(ExpertRouting {
+            experts,
+            rows: rows_capacity,
+            max_rows,
+            source: Source::Device { status, built: false },
+            tables,
+            wgmma_rows,
+        })
+    }
+
+    /// A default `rows_hint` for [`ExpertRouting::on_device`]: twice the mean rows of an
+    /// active expert, `⌈2·rows / min(experts, rows)⌉`. On the bench's top-8 routings of
+    /// Qwen3-30B-A3B and DeepSeek-V3 layers (1–1024 tokens) it gives the block height the host
+    /// plan takes from the actual largest expert; the tokens themselves (a hard bound on an
+    /// expert's rows under top-k routing) gave up to 2.3× slower launches (README).
+    pub fn rows_hint(rows: usize, experts: usize) -> usize {
+        (2 * rows).div_ceil(experts.min(rows).max(1)).max(1)
+    }
+
+    /// Writes the task tables from `offsets` (`experts + 1` row offsets as u32, on the
+    /// device) on the device's stream: no host copy, so it may be captured in a CUDA graph
+    /// and replayed with new offsets. Validity is checked on the device
+    /// ([`ExpertRouting::device_status`]). Host routings refuse.
+    pub fn build_from(&mut self, dev: &GpuDevice, offsets: &CudaSlice<u32>) -> Result<()> {
+        let Source::Device { status, built } = &mut self.source else {
+            return Err(ForgeError::Shape("build_from: this routing's offsets are on the host".into()));
+        };
+        if offsets.len() < self.experts + 1 {
+            return Err(ForgeError::Shape(format!(
+                "device expert routing: {} offsets for {} experts (needs experts + 1)",
+                offsets.len(),
+                self.experts
+            )));
+        }
+        for (height, slots, table) in self.tables.iter_mut() {
+            let args = ExpertTasksArgs {
+                offsets: offsets.dev_ptr(),
+                tasks: table.dev_ptr_mut(),
+                status: status.dev_ptr_mut(),
+                experts: self.experts as u32,
+                rows_limit: self.rows as u32,
+                height: *height as u32,
+                capacity: *slots,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (EXPERT_TASKS_THREADS, 1, 1),
+                shared_mem_bytes: EXPERT_TASKS_SHARED_BYTES,
+            };
+            // SAFETY: offsets ≥ experts + 1 u32 (checked above), 1 ≤ experts ≤ the kernel's
+            // maximum (on_device), the table 3·slots u32 and status 2 u32 (allocated so),
+            // height ≥ 8; one block of EXPERT_TASKS_THREADS.
+            unsafe { dev.launch::<ExpertTasksFromOffsets>(cfg, &args) }?;
+        }
+        *built = true;
+        Ok(())
+    }
+
+    /// A device routing's last [`ExpertRouting::build_from`]: `Ok` if its offsets were valid,
+    /// else the typed error (waits for the stream). `Ok` for host routings (checked on
+    /// upload).
+    pub fn device_status(&self, dev: &GpuDevice) -> Result<()> {
+        let Source::Device { status, built } = &self.source else { return Ok(()) };
+        if !built {
+            return Err(ForgeError::Shape("device expert routing: no offsets built yet".into()));
+        }
+        let s = dev.stream().clone_dtoh(status).map_err(ForgeError::driver("downloading the routing status"))?;
+        dev.synchronize()?;
+        let (code, e) = (s[0], s[1]);
+        let why = match code {
+            ROUTING_OK => return Ok(()),
+            ROUTING_FIRST_NOT_ZERO => "the first offset is not 0".to_string(),
+            ROUTING_DECREASING => format!("expert {e} ends before it starts"),
+            ROUTING_PAST_ROWS => format!("the offsets end past the {} rows of X and Y", self.rows),
+            ROUTING_OVER_CAPACITY => format!("more row blocks than the {} slots", self.tables[0].1),
+            other => format!("unknown status {other}"),
+        };
+        Err(ForgeError::Shape(format!("device expert routing: {why} (nothing was multiplied)")))
+    }
+
+    /// The skinny kernel's task table as the device holds it, every slot (a device routing's
+    /// empty ones included): `[expert, first row, rows]` (waits for the stream).
+    pub fn download_tasks(&self, dev: &GpuDevice) -> Result<Vec<[u32; 3]>> {
+        let Some((_, slots, table)) = self.tables.first() else { return Ok(Vec::new()) };
+        let flat = dev.stream().clone_dtoh(table).map_err(ForgeError::driver("downloading the expert tasks"))?;
+        dev.synchronize()?;
+        Ok(flat.chunks_exact(3).take(*slots as usize).map(|t| [t[0], t[1], t[2]]).collect())
+    }
+
+    /// The host side of a routing made from host offsets (`None` for device routings).
+    pub fn tasks(&self) -> Option<&ExpertTasks> {
+        match &self.source {
+            Source::Host(t) => Some(t),
+            Source::Device { .. } => None,
+        }
+    }
+
+    /// Experts.
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+
+    /// Rows of `X` and `Y` (device routing: the capacity).
+    pub fn rows(&self) -> usize {
+        self.rows
     }
 
     /// The device table of row blocks of `height` rows, with its task count.
@@ -245,19 +428,23 @@ pub fn w4a16_grouped_plan(
     dtype: ActDtype,
     opts: &W4a16Options,
 ) -> Result<Option<W4a16Plan>> {
-    let t = &routing.tasks;
-    if t.experts != w.experts {
-        return Err(ForgeError::Shape(format!("the routing has {} experts, the weight {}", t.experts, w.experts)));
+    if routing.experts != w.experts {
+        return Err(ForgeError::Shape(format!(
+            "the routing has {} experts, the weight {}",
+            routing.experts, w.experts
+        )));
     }
-    if t.tasks.is_empty() {
+    let count = |h: Option<usize>| h.and_then(|h| routing.table(h).ok()).map_or(0, |(_, n)| n);
+    let skinny_tasks = count(Some(skinny_rows_per_task(routing.max_rows)));
+    if skinny_tasks == 0 {
         return Ok(None);
     }
     let grouped = GroupedRows {
-        skinny_tasks: t.tasks.len() as u32,
-        wgmma_tasks: routing.wgmma_rows.and_then(|h| routing.table(h).ok()).map_or(0, |(_, n)| n),
-        weights_read: t.tasks.len() as u64 * w.dims.n as u64 * w.dims.k as u64,
+        skinny_tasks,
+        wgmma_tasks: count(routing.wgmma_rows),
+        weights_read: skinny_tasks as u64 * w.dims.n as u64 * w.dims.k as u64,
     };
-    plan_layer(dev, t.max_rows, w.dims, dtype, opts, Some(grouped)).map(Some)
+    plan_layer(dev, routing.max_rows, w.dims, dtype, opts, Some(grouped)).map(Some)
 }
 
 /// The block height of a grouped plan (the task table it runs).
@@ -286,7 +473,10 @@ pub fn w4a16_grouped_matmul(
     ws: &mut W4a16Workspace,
 ) -> Result<Option<W4a16Plan>> {
     check_finite(w.finite_bf16, w.finite_f16, dtype, "an expert has")?;
-    let (m, n, k) = (routing.tasks.rows, w.dims.n, w.dims.k);
+    if let Source::Device { built: false, .. } = routing.source {
+        return Err(ForgeError::Shape("grouped W4A16: the device routing has no offsets yet (build_from)".into()));
+    }
+    let (m, n, k) = (routing.rows, w.dims.n, w.dims.k);
     if x.len() < m * k || y.len() < m * n {
         return Err(ForgeError::Shape(format!(
             "grouped W4A16: X has {} elements for {m}×{k}, Y {} for {m}×{n}",
@@ -312,8 +502,10 @@ pub fn w4a16_grouped_matmul(
     // SAFETY: x rows·k and y rows·n values (checked above); the experts' packed weights of
     // these dimensions at the strides given (checked at upload, strides ≤ u32::MAX); the task
     // table of the plan's block height (3 u32 per row block, plan.m_blocks of them, checked
-    // above) from validated offsets: experts < w.experts (checked in the plan), disjoint row
-    // ranges inside `rows`, at most the block height each.
+    // above) from validated offsets (host: ExpertTasks::new; device: the build kernel writes
+    // tasks only from offsets it validated against `rows`, else empty ones): experts <
+    // w.experts (checked in the plan), disjoint row ranges inside `rows`, at most the block
+    // height each.
     unsafe { launch_fused(dev, &plan, &launch, dtype, ws) }?;
     Ok(Some(plan))
 }
@@ -335,6 +527,48 @@ mod tests {
         assert_eq!(ExpertTasks::new(&[0, 9]).unwrap().rows_per_task, 16);
         let empty = ExpertTasks::new(&[0, 0, 0]).unwrap();
         assert!(empty.tasks.is_empty() && empty.rows == 0);
+    }
+
+    #[test]
+    fn max_tasks_bounds_every_routing_of_the_rows() {
+        // Exhaustive over small cases: no split of `rows` rows among `experts` experts makes
+        // more row blocks than the bound, and the bound is reached (a device table needs no
+        // more slots than that).
+        fn splits(rows: usize, experts: usize, out: &mut Vec<Vec<usize>>, cur: &mut Vec<usize>) {
+            if cur.len() + 1 == experts {
+                cur.push(rows);
+                out.push(cur.clone());
+                cur.pop();
+                return;
+            }
+            for r in 0..=rows {
+                cur.push(r);
+                splits(rows - r, experts, out, cur);
+                cur.pop();
+            }
+        }
+        for experts in 1..=4 {
+            for rows in 0..=20 {
+                let mut all = Vec::new();
+                splits(rows, experts, &mut all, &mut Vec::new());
+                for h in [1, 3, 8, 16] {
+                    let most = all.iter().map(|s| s.iter().map(|r| r.div_ceil(h)).sum::<usize>()).max().unwrap();
+                    assert!(most <= max_tasks(rows, experts, h), "{rows} rows, {experts} experts, h {h}");
+                    let tight = max_tasks(rows, experts, h) == most;
+                    assert!(tight, "{rows} rows, {experts} experts, h {h}: {most} < bound");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_hint_is_twice_the_mean_rows_of_an_active_expert() {
+        // Decode (8 rows over 128 experts: 8 active), prefill (8192 rows), no rows.
+        assert_eq!(ExpertRouting::rows_hint(8, 128), 2);
+        assert_eq!(ExpertRouting::rows_hint(8192, 128), 128);
+        assert_eq!(ExpertRouting::rows_hint(8192, 256), 64);
+        assert_eq!(ExpertRouting::rows_hint(512, 256), 4);
+        assert_eq!(ExpertRouting::rows_hint(0, 4), 1);
     }
 
     #[test]

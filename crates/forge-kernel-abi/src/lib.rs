@@ -501,6 +501,8 @@ kernels! {
     W4a16SkinnySm90GroupedF16T8 = "w4a16_skinny_sm90_grouped_f16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 1);
     W4DequantBf16 = "w4_dequant_bf16" (runtime::W4DequantArgs);
     W4DequantF16 = "w4_dequant_f16" (runtime::W4DequantArgs);
+    // The grouped launch's task table from device-side expert offsets (one block).
+    ExpertTasksFromOffsets = "expert_tasks_from_offsets" (runtime::ExpertTasksArgs) bounds(runtime::EXPERT_TASKS_THREADS, 1);
     // pack: codes → int32 words (docs/kernels.md §5). Memory-bound: at least four 256-thread
     // blocks per SM keep enough loads in flight, so registers are capped to allow them.
     PackRows = "pack_rows" (pack::PackArgs) bounds(pack::PACK_THREADS, 4);

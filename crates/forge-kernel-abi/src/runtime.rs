@@ -472,8 +472,8 @@ crate::kernel_args! {
         pub cluster: u32,
         /// Grouped (mixture-of-experts) launches only, by the `w4a16_skinny_*grouped_*` and
         /// `w4a16_wg_grouped_*` kernels, never overlapping. Row block `t < m_blocks` is task
-        /// `t`: `tasks[3t..3t+3] = [expert, row0, rows]` (`1 ≤ rows ≤ 8·tf`, tasks' row ranges
-        /// disjoint, inside `m`), which multiplies rows `row0 .. row0 + rows` of `X` by expert
+        /// `t`: `tasks[3t..3t+3] = [expert, row0, rows]` (`rows ≤ 8·tf`, tasks' row ranges
+        /// disjoint, inside `m`; a task of 0 rows does nothing), which multiplies rows `row0 .. row0 + rows` of `X` by expert
         /// `expert`'s weight (codes at `w + expert·expert_codes`, records at
         /// `meta + expert·expert_records`) into the same rows of `Y`, as an ungrouped launch of
         /// those rows would; its split-K partials are `ws[row0·splits·n_pad ..]` as
@@ -496,10 +496,12 @@ pub const DEQUANT_SHARED_BYTES: u32 = 64 * DEQUANT_ROW_BYTES;
 
 crate::kernel_args! {
     /// `w4_dequant_{bf16,f16}`: the dense weight `wd[n, k] = dequant(W)` (row-major
-    /// `[n, k]`, the kernel's own rounding) for cuBLAS. Grid `(n_pad/64)·(k_pad/128)` blocks
+    /// `[n, k]`, the kernel's own rounding) for cuBLAS. Grid `⌈n/64⌉·(k_pad/128)` blocks
     /// of 256 threads, [`DEQUANT_SHARED_BYTES`] of dynamic shared memory; block `b` writes
-    /// rows `64·(b / (k_pad/128)) ..` × columns `128·(b mod (k_pad/128)) ..`. Safety:
-    /// `w`/`meta` a packed weight as for [`W4a16Args`], `k % 8 == 0`; `wd` `n·k` 16-bit values.
+    /// rows `64·(b / (k_pad/128)) ..` × columns `128·(b mod (k_pad/128)) ..` (rows `< n`).
+    /// Safety: `w`/`meta` a packed weight as for [`W4a16Args`], `k % 8 == 0`, or the rows of
+    /// one from a whole 64-row tile on (`w` at that tile, `meta` at its first column, `n_pad`
+    /// the full weight's record row stride); `wd` `n·k` 16-bit values.
     pub struct W4DequantArgs in runtime => w4_dequant_kernel {
         /// Packed codes.
         pub w: forge_kernel_abi::DevPtr<u32>,
@@ -517,5 +519,53 @@ crate::kernel_args! {
         pub k_pad: u32,
         /// Group size.
         pub gs: u32,
+    }
+}
+
+/// Threads of `expert_tasks_from_offsets` (one block).
+pub const EXPERT_TASKS_THREADS: u32 = 256;
+/// Dynamic shared memory of `expert_tasks_from_offsets`: its 8 warp totals (u32) and its
+/// failure key (u64, 8-byte aligned at 32).
+pub const EXPERT_TASKS_SHARED_BYTES: u32 = 48;
+/// Experts `expert_tasks_from_offsets` takes: 16 per thread.
+pub const EXPERT_TASKS_MAX_EXPERTS: u32 = 16 * EXPERT_TASKS_THREADS;
+
+/// `status[0]` of `expert_tasks_from_offsets`: the offsets were valid.
+pub const ROUTING_OK: u32 = 0;
+/// `status[0]`: `offsets[0] ≠ 0`.
+pub const ROUTING_FIRST_NOT_ZERO: u32 = 1;
+/// `status[0]`: expert `status[1]` ends before it starts.
+pub const ROUTING_DECREASING: u32 = 2;
+/// `status[0]`: `offsets[experts]` exceeds `rows_limit`.
+pub const ROUTING_PAST_ROWS: u32 = 3;
+/// `status[0]`: the row blocks exceed `capacity` (cannot happen when the other checks pass
+/// and `capacity` is the host's bound).
+pub const ROUTING_OVER_CAPACITY: u32 = 4;
+
+crate::kernel_args! {
+    /// `expert_tasks_from_offsets`: a grouped W4A16 launch's task table from expert row
+    /// offsets that live on the device (a router on the GPU), the device half of the
+    /// host's `ExpertTasks::tasks_of`. One block of [`EXPERT_TASKS_THREADS`].
+    /// `tasks[3t..3t+3] = [expert, row0, rows]` for the row blocks of at most `height` rows of
+    /// each expert, by expert then row, then empty tasks (`[0, 0, 0]`) up to `capacity`; on
+    /// invalid offsets every slot is empty. `status[0]` = a `ROUTING_*` code, `status[1]` the
+    /// expert it names (the lowest such). Safety: `offsets` `experts + 1` u32,
+    /// `1 ≤ experts ≤ EXPERT_TASKS_MAX_EXPERTS`, `tasks` `3·capacity` u32, `status` 2 u32,
+    /// `height ≥ 1`.
+    pub struct ExpertTasksArgs in runtime => expert_tasks_kernel {
+        /// Row offsets per expert and the end, `[experts + 1]`.
+        pub offsets: forge_kernel_abi::DevPtr<u32>,
+        /// The task table, `[capacity][3]`.
+        pub tasks: forge_kernel_abi::DevPtrMut<u32>,
+        /// `[code, expert]`.
+        pub status: forge_kernel_abi::DevPtrMut<u32>,
+        /// Experts.
+        pub experts: u32,
+        /// Rows of `X` and `Y` the launch may touch.
+        pub rows_limit: u32,
+        /// Rows per task.
+        pub height: u32,
+        /// Task slots.
+        pub capacity: u32,
     }
 }

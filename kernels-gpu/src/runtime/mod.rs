@@ -249,6 +249,8 @@ impl GroupCursor {
 #[cfg(not(feature = "hopper"))]
 pub mod dequant;
 pub mod epilogue;
+#[cfg(not(feature = "hopper"))]
+pub mod experts;
 pub mod mma;
 pub mod skinny;
 pub mod skinny_math;

@@ -167,6 +167,11 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const GROUPED: b
     // build: the view's addresses live in registers, where the plain kernel reads its
     // arguments from the constant bank (the shared build ran the plain t8 kernel 8 % slower).
     let (a, mblk) = if GROUPED { (task_view(&a, mblk), 0) } else { (a, mblk) };
+    // An empty task (a device-built table's unused slot): nothing to do. Before any barrier,
+    // and every block of a cluster shares the task, so they all leave together.
+    if GROUPED && a.m == 0 {
+        return;
+    }
     let m0 = mblk * Cfg::<TF, NT>::SH.m_block();
     let (s_begin, s_end) = warp_steps(a.k_pad, split, splits, warp);
     let gs = a.gs.max(16);

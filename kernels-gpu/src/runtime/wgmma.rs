@@ -304,6 +304,11 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize, const GROUPED: bool>(a: W4a16Arg
     // A grouped launch's row block is its task's whole (ungrouped) row block 0 (a separate
     // build, as for the skinny kernel).
     let (a, mblk) = if GROUPED { (task_view(&a, mblk), 0) } else { (a, mblk) };
+    // An empty task (a device-built table's unused slot): nothing to do. Before any barrier,
+    // and every block of a cluster shares the task, so they all leave together.
+    if GROUPED && a.m == 0 {
+        return;
+    }
     let m0 = mblk * sh.m_block();
     let stages = a.k_pad / sh.k_stage();
     let s_begin = (split as u64 * stages as u64 / splits as u64) as u32;
