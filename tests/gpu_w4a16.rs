@@ -602,6 +602,27 @@ proptest::proptest! {
     }
 }
 
+/// The kernels a grouped launch can run (every skinny build; `wgmma` where an expert has
+/// more than 32 rows on compute capability 9.0).
+const GROUPED_KERNELS: [KernelChoice; 4] =
+    [KernelChoice::SkinnySm90, KernelChoice::SkinnySm90GlobalSplitK, KernelChoice::Skinny, KernelChoice::Wgmma];
+
+/// An exactly summable grouped case: offsets of `rows` per expert, the row count, one exact
+/// `n × k` expert each, integer activations.
+fn exact_grouped_case(
+    rows: &[usize],
+    n: usize,
+    k: usize,
+    gs: usize,
+    rng: &mut StdRng,
+) -> (Vec<usize>, usize, Vec<PackedWeight>, Array2<f32>) {
+    let offsets = expert_offsets(rows);
+    let m = offsets[rows.len()];
+    let packed: Vec<PackedWeight> = rows.iter().map(|_| exact_case(0, n, k, gs, -2, 1.0, 0, rng).1).collect();
+    let x = Array2::from_shape_fn((m, k), |_| rng.gen_range(-3i32..=3) as f32);
+    (offsets, m, packed, x)
+}
+
 /// The grouped (mixture-of-experts) launch on the host's data: uploads the experts, the
 /// routing and `X`, fills `Y` with NaN (a row the launch skips shows), runs one launch.
 fn grouped_host(
@@ -673,9 +694,7 @@ fn gpu_grouped_matmul_equals_per_row_block_launches() {
             worst
         };
         // The Hopper kernel runs the grouped launch where an expert has more than 32 rows.
-        let kernels =
-            [KernelChoice::SkinnySm90, KernelChoice::SkinnySm90GlobalSplitK, KernelChoice::Skinny, KernelChoice::Wgmma];
-        for kernel in kernels {
+        for kernel in GROUPED_KERNELS {
             for splits in [1, 3, 8] {
                 let opts = kernel.options(Some(splits));
                 let opts = W4a16Options { overlap_prior_kernel: false, ..opts };
@@ -779,22 +798,14 @@ proptest::proptest! {
         gs_units in proptest::prop_oneof![1usize..=8, proptest::strategy::Just(32usize)],
         f16 in proptest::bool::ANY,
         splits in proptest::option::of(1u32..=32),
-        kernel in proptest::sample::select(vec![
-            KernelChoice::SkinnySm90,
-            KernelChoice::SkinnySm90GlobalSplitK,
-            KernelChoice::Skinny,
-            KernelChoice::Wgmma,
-        ]),
+        kernel in proptest::sample::select(GROUPED_KERNELS.to_vec()),
         seed in proptest::num::u64::ANY,
     ) {
         let Some(dev) = common::gpu_or_skip("gpu_grouped_matmul_is_exact_on_random_routings") else { return Ok(()) };
         let mut rng = StdRng::seed_from_u64(seed);
         let (k, gs) = (8 * k8, 32 * gs_units);
         let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
-        let offsets = expert_offsets(&rows);
-        let m = offsets[rows.len()];
-        let packed: Vec<PackedWeight> = rows.iter().map(|_| exact_case(0, n, k, gs, -2, 1.0, 0, &mut rng).1).collect();
-        let x = Array2::from_shape_fn((m, k), |_| rng.gen_range(-3i32..=3) as f32);
+        let (offsets, m, packed, x) = exact_grouped_case(&rows, n, k, gs, &mut rng);
         let experts = DeviceExperts::upload(&dev, &packed).unwrap();
         let opts = W4a16Options { overlap_prior_kernel: false, ..kernel.options(splits) };
         let (got, plan) = grouped_host(&dev, &x, &offsets, &experts, dt, &opts);
@@ -858,25 +869,17 @@ proptest::proptest! {
         gs_units in proptest::prop_oneof![1usize..=8, proptest::strategy::Just(32usize)],
         f16 in proptest::bool::ANY,
         splits in proptest::option::of(1u32..=16),
-        kernel in proptest::sample::select(vec![
-            KernelChoice::SkinnySm90,
-            KernelChoice::SkinnySm90GlobalSplitK,
-            KernelChoice::Skinny,
-            KernelChoice::Wgmma,
-        ]),
+        kernel in proptest::sample::select(GROUPED_KERNELS.to_vec()),
         seed in proptest::num::u64::ANY,
     ) {
         let Some(dev) = common::gpu_or_skip("gpu_device_routing_is_exact_and_builds_the_host_table") else { return Ok(()) };
         let mut rng = StdRng::seed_from_u64(seed);
         let (k, gs) = (8 * k8, 32 * gs_units);
         let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
-        let offsets = expert_offsets(&rows);
-        let m = offsets[rows.len()];
+        let (offsets, m, packed, x) = exact_grouped_case(&rows, n, k, gs, &mut rng);
         let capacity = (m + extra).max(1);
         let largest = rows.iter().copied().max().unwrap_or(0).max(1);
         let hint = (largest * hint_num / 4).max(1);
-        let packed: Vec<PackedWeight> = rows.iter().map(|_| exact_case(0, n, k, gs, -2, 1.0, 0, &mut rng).1).collect();
-        let x = Array2::from_shape_fn((m, k), |_| rng.gen_range(-3i32..=3) as f32);
         let experts = DeviceExperts::upload(&dev, &packed).unwrap();
         let mut routing = ExpertRouting::on_device(&dev, rows.len(), capacity, hint).unwrap();
         routing.build_from(&dev, &device_offsets(&dev, &offsets)).unwrap();
