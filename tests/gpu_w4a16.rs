@@ -603,7 +603,7 @@ proptest::proptest! {
 }
 
 /// The kernels a grouped launch can run (every skinny build; `wgmma` where an expert has
-/// more than 32 rows on compute capability 9.0).
+/// more than 32 plan rows on compute capability 9.0).
 const GROUPED_KERNELS: [KernelChoice; 4] =
     [KernelChoice::SkinnySm90, KernelChoice::SkinnySm90GlobalSplitK, KernelChoice::Skinny, KernelChoice::Wgmma];
 
@@ -666,7 +666,9 @@ fn gpu_grouped_matmul_equals_per_row_block_launches() {
         })
         .collect();
     let experts = DeviceExperts::upload(&dev, &packed).unwrap();
-    let routings = [[1usize, 0, 2, 1, 0], [0, 70, 3, 0, 12], [5, 5, 5, 5, 5], [40, 0, 33, 1, 2]];
+    // Plan rows (largest expert, capped at 1.5× the mean): 2, 43 (wgmma 64-row blocks), 5, 40
+    // (wgmma 64), 69 (wgmma 128-row blocks).
+    let routings = [[1usize, 0, 2, 1, 0], [0, 70, 3, 0, 12], [5, 5, 5, 5, 5], [40, 0, 36, 0, 0], [90, 0, 0, 0, 1]];
     for (ci, rows) in routings.iter().enumerate() {
         let offsets = expert_offsets(rows);
         let m = offsets[5];
@@ -693,7 +695,7 @@ fn gpu_grouped_matmul_equals_per_row_block_launches() {
             }
             worst
         };
-        // The Hopper kernel runs the grouped launch where an expert has more than 32 rows.
+        // The Hopper kernel runs the grouped launch above 32 plan rows.
         for kernel in GROUPED_KERNELS {
             for splits in [1, 3, 8] {
                 let opts = kernel.options(Some(splits));
@@ -703,8 +705,8 @@ fn gpu_grouped_matmul_equals_per_row_block_launches() {
                 let what = format!("rows {rows:?} {kernel:?} {dt:?} {plan:?}");
                 let height = match plan.kernel {
                     FusedKernel::Wgmma { tf } => {
-                        let want = if tasks.max_rows > 64 { 16 } else { 8 };
-                        assert!(dev.is_hopper() && tf == want && tasks.max_rows > 32, "{what}");
+                        let want = if tasks.plan_rows > 64 { 16 } else { 8 };
+                        assert!(dev.is_hopper() && tf == want && tasks.plan_rows > 32, "{what}");
                         8 * tf as usize
                     }
                     _ => tasks.rows_per_task,

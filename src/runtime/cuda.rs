@@ -370,7 +370,7 @@ pub(crate) struct GroupedRows {
     pub(crate) weights_read: u64,
 }
 
-/// [`w4a16_plan`] for a layer, or for a grouped launch whose largest expert has `m` rows:
+/// [`w4a16_plan`] for a layer, or for a grouped launch planned for `m` rows per expert:
 /// the skinny kernel (blocks of up to 64 rows), or on compute capability 9.0 with more than
 /// 32 rows (and from `hopper_min_m`) the `wgmma` one in blocks of 64 rows (128 above 64);
 /// never overlapping, never cuBLAS, its row blocks the grouped launch's tasks.

@@ -5,9 +5,11 @@
 //! expert, as MoE runtimes gather them) and of `Y`. [`ExpertRouting`] turns the offsets into
 //! the launch's row blocks — `(expert, first row, rows)` per block of up to `8·tf` rows, none
 //! for an expert without rows — on the host and uploads them once; every matmul with that
-//! routing (a layer's gate/up and down projections) reuses them. The kernel is the skinny
-//! one with split-K (on compute capability 9.0, the `wgmma` one once an expert has more than
-//! 32 rows, in blocks of 64 rows, 128 above 64): each row block runs exactly as the ungrouped
+//! routing (a layer's gate/up and down projections) reuses them. The block height is chosen
+//! for the plan rows ([`ExpertTasks::plan_rows`]: the largest expert's rows, at most 1.5 times
+//! an active expert's mean). The kernel is the skinny one with split-K (on compute capability
+//! 9.0, the `wgmma` one above 32 plan rows, in blocks of 64 rows, 128 above 64): each row
+//! block runs exactly as the ungrouped
 //! launch of its rows would, so the grouped result equals per-expert launches with the same
 //! split count (and kernel) bit for bit.
 //!
@@ -17,7 +19,7 @@
 //! * [`ExpertRouting::on_device`] + [`ExpertRouting::build_from`]: offsets on the device (a
 //!   router on the GPU; nothing is copied to the host, so the step can be captured in a CUDA
 //!   graph). The block shape comes from a hint of a busy expert's rows
-//!   ([`ExpertRouting::rows_hint`]: twice the mean; only speed depends on it) and the grid
+//!   ([`ExpertRouting::rows_hint`]: 1.5 times the mean; only speed depends on it) and the grid
 //!   from the most row blocks `rows_capacity` rows can make;
 //!   `expert_tasks_from_offsets` writes the table on the stream and pads it with empty tasks,
 //!   which the kernels skip. Offsets the kernel finds invalid leave every task empty (the
@@ -37,21 +39,29 @@ use forge_kernel_abi::runtime::{
 };
 use forge_kernel_abi::ExpertTasksFromOffsets;
 
-/// Rows per row block of the skinny kernel for a grouped launch whose largest expert has
-/// `max_rows` rows: `8·tf`, `tf` the power of two covering `max_rows`, at most 8.
-fn skinny_rows_per_task(max_rows: usize) -> usize {
-    8 * max_rows.clamp(1, 64).div_ceil(8).next_power_of_two()
+/// Rows per row block of the skinny kernel for a grouped launch planned for `plan_rows`
+/// rows: `8·tf`, `tf` the power of two covering them, at most 8.
+fn skinny_rows_per_task(plan_rows: usize) -> usize {
+    8 * plan_rows.clamp(1, 64).div_ceil(8).next_power_of_two()
 }
 
 /// Rows per row block of the Hopper `wgmma` kernel's grouped builds, which a grouped launch
-/// runs on a compute-capability-9.0 device when an expert has more than 32 rows: 64 (`tf` 8),
-/// 128 (`tf` 16) above 64 rows (as the ungrouped plan on large layers).
-fn wgmma_rows_per_task(max_rows: usize) -> Option<usize> {
-    match max_rows {
+/// runs on a compute-capability-9.0 device above 32 plan rows: 64 (`tf` 8), 128 (`tf` 16)
+/// above 64 (as the ungrouped plan on large layers).
+fn wgmma_rows_per_task(plan_rows: usize) -> Option<usize> {
+    match plan_rows {
         0..=32 => None,
         33..=64 => Some(64),
         _ => Some(128),
     }
+}
+
+/// The most rows a grouped plan sizes its blocks for: 1.5 times the mean rows of an active
+/// expert, `⌈3·rows / (2·active)⌉` (at least 1). Smaller blocks for a few busier experts cost
+/// them more row blocks, which measured cheaper than bigger blocks for all
+/// ([`ExpertTasks::plan_rows`]).
+pub fn plan_rows_cap(rows: usize, active: usize) -> usize {
+    (3 * rows).div_ceil(2 * active.max(1)).max(1)
 }
 
 /// Expert offsets (`[0, r0, r0 + r1, …]`) from the rows routed to each expert.
@@ -77,6 +87,13 @@ pub struct ExpertTasks {
     pub max_rows: usize,
     /// Experts with at least one row.
     pub active: usize,
+    /// The rows the block height is chosen for: the largest expert's, at most 1.5 times the
+    /// mean of an active expert's ([`plan_rows_cap`]). Why not the largest expert's alone: at
+    /// 64 tokens top-8 on Qwen3-30B-A3B (≤ ~12 rows per expert, 4 on average) 8-row blocks ran
+    /// 84 µs (gate_up) and 61 (down) against 105 and 80 in the 16-row blocks the largest
+    /// expert asked for (H200); a busier expert gets more row blocks instead. Twice the mean
+    /// (9 rows there) still took 16-row blocks.
+    pub plan_rows: usize,
     /// Rows per row block of the skinny kernel (8, 16, 32 or 64).
     pub rows_per_task: usize,
     /// `[expert, first row, rows]` per row block of `rows_per_task`, by expert then row.
@@ -107,12 +124,15 @@ impl ExpertTasks {
         }
         let counts = || offsets.windows(2).map(|w| w[1] - w[0]);
         let max_rows = counts().max().unwrap_or(0);
+        let active = counts().filter(|&c| c > 0).count();
+        let plan_rows = max_rows.min(plan_rows_cap(last, active));
         let mut t = ExpertTasks {
             experts: offsets.len() - 1,
             rows: last,
             max_rows,
-            active: counts().filter(|&c| c > 0).count(),
-            rows_per_task: skinny_rows_per_task(max_rows),
+            active,
+            plan_rows,
+            rows_per_task: skinny_rows_per_task(plan_rows),
             tasks: Vec::new(),
             offsets: offsets.to_vec(),
         };
@@ -160,12 +180,13 @@ pub struct ExpertRouting {
     experts: usize,
     /// Rows of `X` and `Y`: the routed rows (host), or the most there may be (device).
     rows: usize,
-    /// Rows of the expert with the most (host), or the hint standing for them (device).
-    max_rows: usize,
+    /// The rows the block height is chosen for: [`ExpertTasks::plan_rows`] (host), the hint
+    /// (device).
+    plan_rows: usize,
     source: Source,
     /// The device table for each block height a plan may pick, with its task count (device
     /// routing: the slots, empty ones included): the skinny kernel's, and the `wgmma`
-    /// kernel's where the device has it and an expert may have more than 32 rows.
+    /// kernel's where the device has it and the plan rows exceed 32.
     tables: Vec<(usize, u32, CudaSlice<u32>)>,
     /// The `wgmma` kernel's block height, where it has a table.
     wgmma_rows: Option<usize>,
@@ -176,7 +197,7 @@ impl ExpertRouting {
     /// not inside a graph capture, which cannot copy from pageable memory).
     pub fn new(dev: &GpuDevice, offsets: &[usize]) -> Result<Self> {
         let tasks = ExpertTasks::new(offsets)?;
-        let wgmma_rows = wgmma_rows_per_task(tasks.max_rows).filter(|_| dev.is_hopper());
+        let wgmma_rows = wgmma_rows_per_task(tasks.plan_rows).filter(|_| dev.is_hopper());
         let mut heights = vec![tasks.rows_per_task];
         heights.extend(wgmma_rows.filter(|&h| h != tasks.rows_per_task));
         let mut tables = Vec::new();
@@ -193,7 +214,7 @@ impl ExpertRouting {
         Ok(ExpertRouting {
             experts: tasks.experts,
             rows: tasks.rows,
-            max_rows: tasks.max_rows,
+            plan_rows: tasks.plan_rows,
             source: Source::Host(tasks),
             tables,
             wgmma_rows,
@@ -202,7 +223,7 @@ impl ExpertRouting {
 
     /// A routing whose offsets will come from the device ([`ExpertRouting::build_from`]):
     /// `experts` experts and at most `rows_capacity` rows in all (the rows of `X` and `Y`).
-    /// `rows_hint` stands for the largest expert's rows in the host plan: it picks the block
+    /// `rows_hint` stands for the host plan's [`ExpertTasks::plan_rows`]: it picks the block
     /// height (blocks of `8·tf ≥ rows_hint` rows on the skinny kernel, of 64 or 128 on
     /// `wgmma` above 32). Only speed depends on it: an expert with more rows gets more row
     /// blocks. [`ExpertRouting::rows_hint`] is a default. Allocates the tables for the most
@@ -218,9 +239,9 @@ impl ExpertRouting {
         if rows_capacity > i32::MAX as usize {
             return bad(format!("{rows_capacity} rows exceed the launch limits"));
         }
-        let max_rows = rows_hint.min(rows_capacity);
-        let skinny = skinny_rows_per_task(max_rows);
-        let wgmma_rows = wgmma_rows_per_task(max_rows).filter(|_| dev.is_hopper());
+        let plan_rows = rows_hint.min(rows_capacity);
+        let skinny = skinny_rows_per_task(plan_rows);
+        let wgmma_rows = wgmma_rows_per_task(plan_rows).filter(|_| dev.is_hopper());
         let mut heights = vec![skinny];
         heights.extend(wgmma_rows.filter(|&h| h != skinny));
         let mut tables = Vec::new();
@@ -233,20 +254,20 @@ impl ExpertRouting {
         Ok(ExpertRouting {
             experts,
             rows: rows_capacity,
-            max_rows,
+            plan_rows,
             source: Source::Device { status, built: false },
             tables,
             wgmma_rows,
         })
     }
 
-    /// A default `rows_hint` for [`ExpertRouting::on_device`]: twice the mean rows of an
-    /// active expert, `⌈2·rows / min(experts, rows)⌉`. On the bench's top-8 routings of
-    /// Qwen3-30B-A3B and DeepSeek-V3 layers (1–1024 tokens) it gives the block height the host
-    /// plan takes from the actual largest expert; the tokens themselves (a hard bound on an
-    /// expert's rows under top-k routing) gave up to 2.3× slower launches (README).
+    /// A default `rows_hint` for [`ExpertRouting::on_device`]: [`plan_rows_cap`] with every
+    /// expert that can have rows counted as active (`min(experts, rows)`). On the bench's top-8 routings of Qwen3-30B-A3B and DeepSeek-V3
+    /// layers (1–1024 tokens) it gave the host plan's block height; the tokens themselves (a
+    /// hard bound on an expert's rows under top-k routing) gave up to 2.3× slower launches
+    /// (README).
     pub fn rows_hint(rows: usize, experts: usize) -> usize {
-        (2 * rows).div_ceil(experts.min(rows).max(1)).max(1)
+        plan_rows_cap(rows, experts.min(rows))
     }
 
     /// Writes the task tables from `offsets` (`experts + 1` row offsets as u32, on the
@@ -435,7 +456,7 @@ pub fn w4a16_grouped_plan(
         )));
     }
     let count = |h: Option<usize>| h.and_then(|h| routing.table(h).ok()).map_or(0, |(_, n)| n);
-    let skinny_tasks = count(Some(skinny_rows_per_task(routing.max_rows)));
+    let skinny_tasks = count(Some(skinny_rows_per_task(routing.plan_rows)));
     if skinny_tasks == 0 {
         return Ok(None);
     }
@@ -444,7 +465,7 @@ pub fn w4a16_grouped_plan(
         wgmma_tasks: count(routing.wgmma_rows),
         weights_read: skinny_tasks as u64 * w.dims.n as u64 * w.dims.k as u64,
     };
-    plan_layer(dev, routing.max_rows, w.dims, dtype, opts, Some(grouped)).map(Some)
+    plan_layer(dev, routing.plan_rows, w.dims, dtype, opts, Some(grouped)).map(Some)
 }
 
 /// The block height of a grouped plan (the task table it runs).
@@ -460,8 +481,8 @@ fn plan_rows(plan: &W4a16Plan) -> usize {
 /// launch: `x` holds `rows·k` and `y` `rows·n` values of `dtype` (bit patterns), row-major,
 /// rows sorted by expert. Returns the plan it ran (`None`: no rows). `opts.path`,
 /// `skinny_max_m`, `hopper_min_weights` and `overlap_prior_kernel` do not apply: the skinny
-/// kernel, or on compute capability 9.0 the `wgmma` one once an expert has more than 32 rows
-/// (and at least `hopper_min_m`), launched in order.
+/// kernel, or on compute capability 9.0 the `wgmma` one above 32 plan rows (and from
+/// `hopper_min_m`), launched in order.
 pub fn w4a16_grouped_matmul(
     dev: &GpuDevice,
     x: &CudaSlice<u16>,
@@ -519,9 +540,14 @@ mod tests {
         let offsets = [0, 0, 3, 3, 70, 71];
         assert_eq!(expert_offsets(&[0, 3, 0, 67, 1]), offsets);
         let t = ExpertTasks::new(&offsets).unwrap();
-        assert_eq!((t.experts, t.rows, t.max_rows, t.active, t.rows_per_task), (5, 71, 67, 3, 64));
+        // 71 rows on 3 experts: blocks for at most ⌈213/6⌉ = 36 rows (64), not the 67 of expert 3.
+        assert_eq!((t.experts, t.rows, t.max_rows, t.active, t.plan_rows, t.rows_per_task), (5, 71, 67, 3, 36, 64));
         assert_eq!(t.tasks, vec![[1, 0, 3], [3, 3, 64], [3, 67, 3], [4, 70, 1]]);
         assert_eq!(t.tasks_of(128), vec![[1, 0, 3], [3, 3, 67], [4, 70, 1]]);
+        // One busy expert among light ones: 8-row blocks (the mean is 4), the busy one in two.
+        let skewed = ExpertTasks::new(&expert_offsets(&[10, 2, 2, 2])).unwrap();
+        assert_eq!((skewed.max_rows, skewed.plan_rows, skewed.rows_per_task), (10, 6, 8));
+        assert_eq!(&skewed.tasks[..2], &[[0, 0, 8], [0, 8, 2]]);
         let decode = ExpertTasks::new(&[0, 1, 1, 2, 3]).unwrap();
         assert_eq!((decode.rows_per_task, decode.tasks.len()), (8, 3));
         assert_eq!(ExpertTasks::new(&[0, 9]).unwrap().rows_per_task, 16);
@@ -562,13 +588,14 @@ mod tests {
     }
 
     #[test]
-    fn rows_hint_is_twice_the_mean_rows_of_an_active_expert() {
+    fn rows_hint_is_one_and_a_half_times_the_mean_rows_of_an_active_expert() {
         // Decode (8 rows over 128 experts: 8 active), prefill (8192 rows), no rows.
         assert_eq!(ExpertRouting::rows_hint(8, 128), 2);
-        assert_eq!(ExpertRouting::rows_hint(8192, 128), 128);
-        assert_eq!(ExpertRouting::rows_hint(8192, 256), 64);
-        assert_eq!(ExpertRouting::rows_hint(512, 256), 4);
+        assert_eq!(ExpertRouting::rows_hint(8192, 128), 96);
+        assert_eq!(ExpertRouting::rows_hint(8192, 256), 48);
+        assert_eq!(ExpertRouting::rows_hint(512, 128), 6);
         assert_eq!(ExpertRouting::rows_hint(0, 4), 1);
+        assert_eq!(plan_rows_cap(512, 126), 7);
     }
 
     #[test]

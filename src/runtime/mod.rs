@@ -34,8 +34,8 @@ pub use cuda::{
     MatmulPath, W4a16Options, W4a16Plan, W4a16Workspace,
 };
 pub use experts::{
-    expert_offsets, max_tasks, w4a16_grouped_matmul, w4a16_grouped_plan, DeviceExperts, ExpertRouting, ExpertTasks,
-    MAX_DEVICE_ROUTING_EXPERTS,
+    expert_offsets, max_tasks, plan_rows_cap, w4a16_grouped_matmul, w4a16_grouped_plan, DeviceExperts, ExpertRouting,
+    ExpertTasks, MAX_DEVICE_ROUTING_EXPERTS,
 };
 
 use crate::{ForgeError, Result};
