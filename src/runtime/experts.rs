@@ -264,7 +264,7 @@ impl ExpertRouting {
     /// A default `rows_hint` for [`ExpertRouting::on_device`]: [`plan_rows_cap`] with every
     /// expert that can have rows counted as active (`min(experts, rows)`). On the bench's top-8 routings of Qwen3-30B-A3B and DeepSeek-V3
     /// layers (1–1024 tokens) it gave the host plan's block height; the tokens themselves (a
-    /// hard bound on an expert's rows under top-k routing) gave up to 2.3× slower launches
+    /// hard bound on an expert's rows under top-k routing) gave up to 2.2× slower launches
     /// (README).
     pub fn rows_hint(rows: usize, experts: usize) -> usize {
         plan_rows_cap(rows, experts.min(rows))
