@@ -9,9 +9,8 @@
 //! for the plan rows ([`ExpertTasks::plan_rows`]: the largest expert's rows, at most 1.5 times
 //! an active expert's mean). The kernel is the skinny one with split-K (on compute capability
 //! 9.0, the `wgmma` one above 32 plan rows, in blocks of 64 rows, 128 above 64): each row
-//! block runs exactly as the ungrouped
-//! launch of its rows would, so the grouped result equals per-expert launches with the same
-//! split count (and kernel) bit for bit.
+//! block runs exactly as the ungrouped launch of its rows would, so the grouped result equals
+//! per-expert launches with the same split count (and kernel) bit for bit.
 //!
 //! Two ways to route:
 //! * [`ExpertRouting::new`]: offsets on the host. The grid (row blocks × column blocks ×
