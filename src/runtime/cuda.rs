@@ -671,7 +671,7 @@ fn gemm_chunk_rows(n: usize, k: usize, bytes: usize) -> usize {
     if bytes == 0 {
         return n;
     }
-    (bytes / (2 * k.max(1)) / 64 * 64).clamp(64, n.max(64)).min(n.max(1))
+    (bytes / (2 * k.max(1)) / 64 * 64).max(64).min(n)
 }
 
 /// The dense weight `[n, k]` as the kernel rounds it, into `dense` (at least `n·k` values).

@@ -164,6 +164,16 @@ pub fn max_tasks(rows: usize, experts: usize, height: usize) -> usize {
     (rows + experts.min(rows) * (h - 1)) / h
 }
 
+/// The block heights a grouped plan for `plan_rows` may pick, the skinny kernel's first, and
+/// the `wgmma` kernel's where the device runs it.
+fn block_heights(dev: &GpuDevice, plan_rows: usize) -> (Vec<usize>, Option<usize>) {
+    let skinny = skinny_rows_per_task(plan_rows);
+    let wgmma_rows = wgmma_rows_per_task(plan_rows).filter(|_| dev.is_hopper());
+    let mut heights = vec![skinny];
+    heights.extend(wgmma_rows.filter(|&h| h != skinny));
+    (heights, wgmma_rows)
+}
+
 /// Where a routing's row blocks come from.
 enum Source {
     /// Offsets given on the host.
@@ -196,9 +206,7 @@ impl ExpertRouting {
     /// not inside a graph capture, which cannot copy from pageable memory).
     pub fn new(dev: &GpuDevice, offsets: &[usize]) -> Result<Self> {
         let tasks = ExpertTasks::new(offsets)?;
-        let wgmma_rows = wgmma_rows_per_task(tasks.plan_rows).filter(|_| dev.is_hopper());
-        let mut heights = vec![tasks.rows_per_task];
-        heights.extend(wgmma_rows.filter(|&h| h != tasks.rows_per_task));
+        let (heights, wgmma_rows) = block_heights(dev, tasks.plan_rows);
         let mut tables = Vec::new();
         for height in heights {
             let cut = tasks.tasks_of(height);
@@ -239,10 +247,7 @@ impl ExpertRouting {
             return bad(format!("{rows_capacity} rows exceed the launch limits"));
         }
         let plan_rows = rows_hint.min(rows_capacity);
-        let skinny = skinny_rows_per_task(plan_rows);
-        let wgmma_rows = wgmma_rows_per_task(plan_rows).filter(|_| dev.is_hopper());
-        let mut heights = vec![skinny];
-        heights.extend(wgmma_rows.filter(|&h| h != skinny));
+        let (heights, wgmma_rows) = block_heights(dev, plan_rows);
         let mut tables = Vec::new();
         for height in heights {
             let slots = max_tasks(rows_capacity, experts, height);
