@@ -23,10 +23,13 @@
 //!
 //! Then the grouped mixture-of-experts launch (`W4A16_BENCH_MOE=only` times only that) on
 //! Qwen3-30B-A3B and DeepSeek-V3 expert layers, 1–1024 tokens routed top-8 at random, against
-//! a loop of per-expert launches and the floor of the active experts' weights; "device-routed"
+//! a loop of per-expert launches, a loop of cuBLAS bf16 GEMMs per expert on the dequantized
+//! experts (the layer unquantized) and the floor of the active experts' weights; "device-routed"
 //! builds the task table on the device from device offsets before each launch (a GPU router's
 //! step: no host copy, fixed grid), with `ExpertRouting::rows_hint` and with the tokens as the
-//! hint.
+//! hint; "top-k step" is the whole step from the router's top-k ids on the device
+//! (`TopkRouting`: the route and task table, the gather of `X` from the tokens' hidden states,
+//! the launch, the combine of `Y` per token with the routing weights).
 
 mod common;
 
@@ -36,7 +39,7 @@ use fourbit_forge::device::cublas::BlasInput;
 use fourbit_forge::device::{DeviceBuffer, DeviceBufferMut, GpuDevice};
 use fourbit_forge::runtime::{
     expert_offsets, launch_dequant, pack_for_kernel, w4a16_grouped_matmul, w4a16_matmul, ActDtype, DeviceExperts,
-    DevicePackedWeight, ExpertRouting, FusedKernel, MatmulPath, W4a16Options, W4a16Plan, W4a16Workspace,
+    DevicePackedWeight, ExpertRouting, FusedKernel, MatmulPath, TopkRouting, W4a16Options, W4a16Plan, W4a16Workspace,
 };
 use fourbit_forge::{ForgeError, QMetaPacked, QuantGrid, Result, ScaleDtype};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -119,9 +122,11 @@ const MOE_DISTINCT: usize = 8;
 /// Routings one graph cycles through, so consecutive launches read different experts.
 const MOE_ROUTINGS: usize = 16;
 
-/// Random top-`top_k` routings of `tokens` tokens over `experts`: rows sorted by expert.
-fn random_offsets(experts: usize, tokens: usize, top_k: usize, rng: &mut StdRng) -> Vec<usize> {
+/// Random top-`top_k` routings of `tokens` tokens over `experts`: the ids (token-major, as a
+/// router's top-k leaves them) and the offsets of the rows sorted by expert.
+fn random_routing(experts: usize, tokens: usize, top_k: usize, rng: &mut StdRng) -> (Vec<u32>, Vec<usize>) {
     let mut rows = vec![0usize; experts];
+    let mut ids = Vec::with_capacity(tokens * top_k);
     for _ in 0..tokens {
         let mut picked = Vec::with_capacity(top_k);
         while picked.len() < top_k.min(experts) {
@@ -131,8 +136,9 @@ fn random_offsets(experts: usize, tokens: usize, top_k: usize, rng: &mut StdRng)
             }
         }
         picked.iter().for_each(|&e| rows[e] += 1);
+        ids.extend(picked.iter().map(|&e| e as u32));
     }
-    expert_offsets(&rows)
+    (ids, expert_offsets(&rows))
 }
 
 /// Median seconds per grouped launch cycling over `routings` (each run once first, so the
@@ -171,11 +177,25 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
         let grouped_w = DeviceExperts::upload(dev, &layer)?;
         let single: Vec<DevicePackedWeight> =
             layer.iter().map(|p| DevicePackedWeight::upload(dev, p)).collect::<Result<_>>()?;
+        // The bf16 layer cuBLAS multiplies: every expert dequantized (the kernel's own weights),
+        // one allocation each (DeepSeek-V3's 256 gate_up experts: 15 GB).
+        let dense: Vec<CudaSlice<u16>> = if fourbit_forge::device::cublas::cublas_available().is_ok() {
+            single
+                .iter()
+                .map(|w| {
+                    let mut d = dev.alloc::<u16>(n * k, "bench dense expert")?;
+                    launch_dequant(dev, w, &mut d, ActDtype::Bf16)?;
+                    Ok(d)
+                })
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
         let mut rng = StdRng::seed_from_u64(li as u64);
         for &tokens in &MOE_TOKENS {
             let rows = tokens * top_k;
-            let offsets: Vec<Vec<usize>> =
-                (0..MOE_ROUTINGS).map(|_| random_offsets(experts, tokens, top_k, &mut rng)).collect();
+            let (ids, offsets): (Vec<Vec<u32>>, Vec<Vec<usize>>) =
+                (0..MOE_ROUTINGS).map(|_| random_routing(experts, tokens, top_k, &mut rng)).unzip();
             let routings: Vec<ExpertRouting> =
                 offsets.iter().map(|o| ExpertRouting::new(dev, o)).collect::<Result<_>>()?;
             let xh: Vec<u16> = (0..rows * k).map(|_| ActDtype::Bf16.bits(rng.gen_range(-1.0f32..1.0))).collect();
@@ -198,6 +218,26 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
             // Every routing once before the captures: the workspace grows outside them.
             offsets.iter().try_for_each(|o| per_expert(o))?;
             let t_loop = time_graph(dev, MOE_ROUTINGS, |i| per_expert(&offsets[i % MOE_ROUTINGS]))?;
+            // A bf16 layer without quantization: one cuBLAS GEMM per expert with rows, on its
+            // rows of X and Y.
+            let t_blas = if dense.is_empty() {
+                None
+            } else {
+                let (xa, ya) = (x.dev_ptr().addr(), y.dev_ptr_mut().addr());
+                Some(time_graph(dev, MOE_ROUTINGS, |i| {
+                    let o = &offsets[i % MOE_ROUTINGS];
+                    dense.iter().enumerate().try_for_each(|(e, w)| {
+                        let m = o[e + 1] - o[e];
+                        if m == 0 {
+                            return Ok(());
+                        }
+                        let (xe, ye) = (xa + (2 * o[e] * k) as u64, ya + (2 * o[e] * n) as u64);
+                        // SAFETY: rows o[e]..o[e+1] of X (k values each) and Y (n each) lie
+                        // inside their rows·k and rows·n allocations; the expert n·k; bf16.
+                        dev.with_blas(|b| unsafe { b.gemm_xwt(BlasInput::BF16, m, n, k, xe, w.dev_ptr().addr(), ye) })
+                    })
+                })?)
+            };
             let (t_grouped, plan) = time_grouped(dev, &x, &routings, &grouped_w, &mut y, &opts, &mut ws)?;
             // Where the plan runs the wgmma kernel, the skinny one in the same run.
             let t_skinny = if plan.is_some_and(|p| matches!(p.kernel, FusedKernel::Wgmma { .. })) {
@@ -233,6 +273,43 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
             };
             let (t_device, device_plan) = time_device(ExpertRouting::rows_hint(rows, experts))?;
             let (t_device_tokens, _) = time_device(tokens)?;
+            // The whole step from the router's top-k ids on the device: route (sorted rows and
+            // the task table), gather X from the tokens' hidden states, the launch, and the
+            // combine of Y per token with the routing weights.
+            let t_topk = {
+                let ids_d: Vec<CudaSlice<u32>> = ids
+                    .iter()
+                    .map(|v| {
+                        let mut d = dev.alloc::<u32>(v.len(), "bench ids")?;
+                        stream.memcpy_htod(v, &mut d).map_err(ForgeError::driver("uploading ids"))?;
+                        Ok(d)
+                    })
+                    .collect::<Result<_>>()?;
+                let hidden = dev.alloc::<u16>(tokens * k, "bench hidden")?;
+                let mut weights = dev.alloc::<f32>(rows, "bench weights")?;
+                stream
+                    .memcpy_htod(&vec![1.0f32 / top_k as f32; rows], &mut weights)
+                    .map_err(ForgeError::driver("uploading weights"))?;
+                let mut out = dev.alloc::<u16>(tokens * n, "bench out")?;
+                let mut topk = TopkRouting::new(dev, experts, tokens, top_k, None)?;
+                let t = time_graph(dev, MOE_ROUTINGS.max(24), |i| {
+                    topk.route(dev, &ids_d[i % MOE_ROUTINGS], tokens)?;
+                    topk.gather(dev, &hidden, k, &mut x)?;
+                    w4a16_grouped_matmul(
+                        dev,
+                        &x,
+                        topk.expert_routing(),
+                        &grouped_w,
+                        &mut y,
+                        ActDtype::Bf16,
+                        &opts,
+                        &mut ws,
+                    )?;
+                    topk.combine(dev, &y, n, &weights, &mut out, ActDtype::Bf16)
+                })?;
+                topk.device_status(dev)?;
+                t
+            };
             if std::env::var_os("W4A16_BENCH_SPLITS").is_some() {
                 let mut line = format!("grouped splits sweep {name} tokens {tokens}:");
                 for sp in [1u32, 2, 3, 4, 8] {
@@ -267,7 +344,9 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
                     device_plan.map_or("–".to_string(), |p| format!("{:?} s{} b{}", p.kernel, p.splits, p.blocks))
                 ),
                 us(t_device_tokens),
+                us(t_topk),
                 us(t_loop),
+                t_blas.map_or("–".into(), us),
                 format!("{:.2}×", t_loop / t_grouped),
                 us(floor),
                 format!("{:.0}%", 100.0 * floor / t_grouped),
@@ -291,7 +370,9 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
             "grouped, skinny kernel µs",
             "device-routed µs (table build + launch; plan)",
             "device-routed, hint = tokens µs",
+            "top-k step µs (route + gather + launch + combine)",
             "per-expert launches µs",
+            "cuBLAS bf16 per expert µs",
             "speed-up",
             "HBM floor µs",
             "% of floor",

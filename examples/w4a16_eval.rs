@@ -22,14 +22,19 @@
 //! ```text
 //! cargo run --release --example w4a16_eval -- --experts 16 --rows 1536 --cols 2048 --tokens 64 --top-k 4
 //! cargo run --release --example w4a16_eval -- --experts 16 --tokens 64 --top-k 4 --device-routing
+//! cargo run --release --example w4a16_eval -- --experts 16 --tokens 64 --top-k 4 --topk-step
 //! ```
+//!
+//! `--topk-step` runs the whole step on the device from the router's top-k ids and weights
+//! (`TopkRouting`: rows sorted by expert, the tokens gathered, the grouped launch, the
+//! outputs combined per token) and compares the combined outputs `Σ_j w_j · Y_j` per token.
 
 use clap::Parser;
 use fourbit_forge::hessian::{pre_step_cpu, PreStepConfig};
 use fourbit_forge::numerics::quantize;
 use fourbit_forge::runtime::{
     expert_offsets, pack_for_kernel, w4a16_grouped_matmul, w4a16_grouped_matmul_cpu, w4a16_matmul_cpu,
-    w4a16_matmul_host, ActDtype, DeviceExperts, ExpertRouting, PackedWeight, W4a16Options, W4a16Workspace,
+    w4a16_matmul_host, ActDtype, DeviceExperts, ExpertRouting, PackedWeight, TopkRouting, W4a16Options, W4a16Workspace,
 };
 use fourbit_forge::{
     Backend, ForgeError, GridConfig, MseSearch, QuantGrid, Quantizer, Result, ScaleSearch, WeightView,
@@ -85,6 +90,10 @@ struct Args {
     /// device memory (`ExpertRouting::on_device`), as a step whose router runs on the GPU.
     #[arg(long)]
     device_routing: bool,
+    /// With `--experts`: the whole step on the device from top-k ids and routing weights
+    /// (`TopkRouting`: route, gather, grouped launch, combine); compares the combined outputs.
+    #[arg(long)]
+    topk_step: bool,
 }
 
 /// A 2-D tensor of a safetensors file as f32, with its leading axes flattened.
@@ -220,6 +229,7 @@ fn eval_experts(args: &Args, dtype: ActDtype, experts: usize) -> Result<()> {
     // Top-k routing at random, then the rows grouped by expert (token order kept within one).
     let mut rng = rand::rngs::StdRng::seed_from_u64(16);
     let mut routed: Vec<Vec<usize>> = vec![Vec::new(); experts];
+    let mut picks: Vec<u32> = Vec::with_capacity(x.nrows() * args.top_k);
     for t in 0..x.nrows() {
         let mut picked = Vec::with_capacity(args.top_k);
         while picked.len() < args.top_k {
@@ -229,6 +239,7 @@ fn eval_experts(args: &Args, dtype: ActDtype, experts: usize) -> Result<()> {
                 routed[e].push(t);
             }
         }
+        picks.extend(picked.iter().map(|&e| e as u32));
     }
     let offsets = expert_offsets(&routed.iter().map(Vec::len).collect::<Vec<_>>());
     let order: Vec<usize> = routed.iter().flatten().copied().collect();
@@ -246,6 +257,9 @@ fn eval_experts(args: &Args, dtype: ActDtype, experts: usize) -> Result<()> {
         y_fp.slice_mut(ndarray::s![rows, ..]).assign(&ye);
     }
     let y_ref = w4a16_grouped_matmul_cpu(xs.view(), &offsets, &packed, dtype)?;
+    if args.topk_step {
+        return eval_topk_step(args, dtype, &x, &picks, &packed, &offsets, (&y_fp, &y_ref));
+    }
     let (y_q, how) = match fourbit_forge::device::GpuDevice::first() {
         Ok(dev) => {
             let w = DeviceExperts::upload(&dev, &packed)?;
@@ -293,6 +307,80 @@ fn eval_experts(args: &Args, dtype: ActDtype, experts: usize) -> Result<()> {
         describe(args, dtype)
     );
     print_errors(&how, &y_q, &y_fp, &y_ref);
+    Ok(())
+}
+
+/// `--topk-step`: the step from top-k ids on the device, checked on the combined outputs.
+/// `picks` are the ids (token-major); the sorted rows of `offsets` are the device route's
+/// (by expert, then token), so `y_fp`/`y_ref` (sorted rows) combine with the same weights.
+fn eval_topk_step(
+    args: &Args,
+    dtype: ActDtype,
+    x: &Array2<f32>,
+    picks: &[u32],
+    packed: &[PackedWeight],
+    offsets: &[usize],
+    (y_fp, y_ref): (&Array2<f64>, &Array2<f64>),
+) -> Result<()> {
+    let (tokens, top_k, n, k) = (x.nrows(), args.top_k, y_fp.ncols(), x.ncols());
+    let experts = packed.len();
+    // Routing weights as a router's softmax over its top-k leaves them: positive, sum 1.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let mut weights: Vec<f32> = (0..tokens * top_k).map(|_| rng.gen_range(0.1f32..1.0)).collect();
+    for w in weights.chunks_mut(top_k) {
+        let sum: f32 = w.iter().sum();
+        w.iter_mut().for_each(|v| *v /= sum);
+    }
+    let route = fourbit_forge::runtime::topk_route_cpu(picks, top_k, experts)?;
+    if route.offsets != offsets {
+        return Err(ForgeError::Internal("the top-k route disagrees with the example's grouping".into()));
+    }
+    let combine = |y: &Array2<f64>| {
+        Array2::from_shape_fn((tokens, n), |(t, c)| {
+            (0..top_k).map(|j| weights[t * top_k + j] as f64 * y[[route.pair_row[t * top_k + j] as usize, c]]).sum()
+        })
+    };
+    let (c_fp, c_ref) = (combine(y_fp), combine(y_ref));
+    let (c_q, how) = match fourbit_forge::device::GpuDevice::first() {
+        Ok(dev) => {
+            let w = DeviceExperts::upload(&dev, packed)?;
+            let stream = dev.stream();
+            let up16 = |v: Vec<u16>, what| -> Result<_> {
+                let mut d = dev.alloc::<u16>(v.len().max(1), what)?;
+                stream.memcpy_htod(&v, &mut d.slice_mut(0..v.len())).map_err(ForgeError::driver("uploading"))?;
+                Ok(d)
+            };
+            let hidden = up16(x.iter().map(|&v| dtype.bits(v)).collect(), "eval hidden")?;
+            let mut ids = dev.alloc::<u32>(picks.len().max(1), "eval ids")?;
+            stream.memcpy_htod(picks, &mut ids.slice_mut(0..picks.len())).map_err(ForgeError::driver("uploading"))?;
+            let mut wd = dev.alloc::<f32>(weights.len().max(1), "eval weights")?;
+            stream
+                .memcpy_htod(&weights, &mut wd.slice_mut(0..weights.len()))
+                .map_err(ForgeError::driver("uploading"))?;
+            let mut xs = dev.alloc::<u16>((tokens * top_k * k).max(1), "eval sorted X")?;
+            let mut ys = dev.alloc::<u16>((tokens * top_k * n).max(1), "eval sorted Y")?;
+            let mut out = dev.alloc::<u16>((tokens * n).max(1), "eval out")?;
+            let mut routing = TopkRouting::new(&dev, experts, tokens.max(1), top_k, None)?;
+            let mut ws = W4a16Workspace::default();
+            routing.route(&dev, &ids, tokens)?;
+            routing.gather(&dev, &hidden, k, &mut xs)?;
+            let opts = W4a16Options::default();
+            let plan = w4a16_grouped_matmul(&dev, &xs, routing.expert_routing(), &w, &mut ys, dtype, &opts, &mut ws)?;
+            routing.combine(&dev, &ys, n, &wd, &mut out, dtype)?;
+            routing.device_status(&dev)?;
+            let ob = stream.clone_dtoh(&out).map_err(ForgeError::driver("downloading the outputs"))?;
+            let c =
+                Array2::from_shape_vec((tokens, n), ob[..tokens * n].iter().map(|&b| dtype.value(b) as f64).collect())
+                    .map_err(|e| ForgeError::Internal(format!("output shape: {e}")))?;
+            (c, format!("{} (top-k step on the device: route, gather, grouped launch {plan:?}, combine)", dev.name()))
+        }
+        Err(e) => (c_ref.mapv(|v| dtype.round(v as f32) as f64), format!("CPU reference ({e})")),
+    };
+    println!(
+        "MoE layer: {experts} experts of {n}×{k}, {tokens} tokens × top-{top_k}, outputs combined per token, {}",
+        describe(args, dtype)
+    );
+    print_errors(&how, &c_q, &c_fp, &c_ref);
     Ok(())
 }
 

@@ -27,6 +27,11 @@
 //!   empty slots; the launch is exact on random routings, capacities and row bounds (also
 //!   below an expert's rows); invalid offsets multiply nothing and report a typed error; the
 //!   build and the launch replay in a CUDA graph with new offsets.
+//! * top-k step (router ids on the device: route, gather, grouped launch, combine): the
+//!   sorted rows equal the CPU route, the gathered `X`, the experts' outputs and the
+//!   combined outputs equal the CPU step bit for bit (the combine is the same f32 fma chain
+//!   in slot order, so no tolerance is needed), 1–1024 experts; a bad id writes nothing and
+//!   is reported by token and slot; the whole step replays in a CUDA graph.
 //! * matmul, realistic: heavy-tailed weights quantized on a real grid (absmax and MSE,
 //!   symmetric and asymmetric), Gaussian activations with outlier columns; against the f64
 //!   reference with the bound derived in [`tolerance`].
@@ -39,8 +44,8 @@ use fourbit_forge::device::GpuDevice;
 use fourbit_forge::runtime::{
     dequant_for_kernel, dequant_gpu, expert_offsets, max_tasks, pack_for_kernel, round_to_act, unpack_for_kernel,
     w4a16_grouped_matmul, w4a16_grouped_matmul_cpu, w4a16_matmul, w4a16_matmul_cpu, w4a16_matmul_host, ActDtype,
-    DeviceExperts, DevicePackedWeight, ExpertRouting, ExpertTasks, FusedKernel, MatmulPath, PackedWeight, W4a16Options,
-    W4a16Plan, W4a16Workspace,
+    DeviceExperts, DevicePackedWeight, ExpertRouting, ExpertTasks, FusedKernel, MatmulPath, PackedWeight, TopkRouting,
+    W4a16Options, W4a16Plan, W4a16Workspace,
 };
 use fourbit_forge::{ForgeError, GridConfig, MseSearch, QMetaPacked, QuantGrid, ScaleDtype, ScaleSearch, WeightView};
 use ndarray::Array2;
@@ -1012,5 +1017,273 @@ fn gpu_device_routing_replays_in_a_graph() {
         let (got, _) = download_y(&dev, &yd, rows, n, dt);
         let want = round_to_act(&w4a16_grouped_matmul_cpu(x.view(), o, &packed, dt).unwrap(), dt);
         assert_bits_equal(&got, &want, &format!("replay {i}, offsets {o:?}, {plan:?}"));
+    }
+}
+
+/// Top-k ids for `tokens` tokens over `experts`: distinct per token (as a router's top-k),
+/// or drawn with repeats; `skew` sends most picks to the first few experts (one busy
+/// expert over several row blocks).
+fn random_topk_ids(
+    tokens: usize,
+    top_k: usize,
+    experts: usize,
+    distinct: bool,
+    skew: bool,
+    rng: &mut StdRng,
+) -> Vec<u32> {
+    let mut ids = Vec::with_capacity(tokens * top_k);
+    for _ in 0..tokens {
+        let mut picked: Vec<u32> = Vec::with_capacity(top_k);
+        while picked.len() < top_k {
+            let e =
+                if skew && rng.gen_bool(0.7) { rng.gen_range(0..experts.min(3)) } else { rng.gen_range(0..experts) };
+            if !distinct || !picked.contains(&(e as u32)) {
+                picked.push(e as u32);
+            }
+        }
+        ids.extend(picked);
+    }
+    ids
+}
+
+/// A top-k step on the host: the route, the gathered rows, the experts' outputs
+/// (`round_T(exact)`) and the combined outputs, as bit patterns.
+struct TopkStepCpu {
+    route: fourbit_forge::runtime::TopkRoute,
+    x: Vec<u16>,
+    y: Vec<u16>,
+    out: Vec<u16>,
+}
+
+fn topk_step_cpu(
+    hidden: &Array2<f32>,
+    ids: &[u32],
+    weights: &[f32],
+    top_k: usize,
+    packed: &[PackedWeight],
+    dt: ActDtype,
+) -> TopkStepCpu {
+    let (k, n) = (hidden.ncols(), packed[0].dims.n);
+    let route = fourbit_forge::runtime::topk_route_cpu(ids, top_k, packed.len()).unwrap();
+    let pairs = ids.len();
+    let xs = Array2::from_shape_fn((pairs, k), |(r, c)| hidden[[route.row_token[r] as usize, c]]);
+    let y = round_to_act(&w4a16_grouped_matmul_cpu(xs.view(), &route.offsets, packed, dt).unwrap(), dt);
+    let y: Vec<u16> = y.iter().map(|&v| dt.bits(v)).collect();
+    let out = fourbit_forge::runtime::topk_combine_cpu(&y, n, &route.pair_row, weights, top_k, dt).unwrap();
+    let x = xs.iter().map(|&v| dt.bits(v)).collect();
+    TopkStepCpu { route, x, y, out }
+}
+
+/// Device buffers of one top-k step: hidden states, ids, weights, and the sorted `X`, `Y`
+/// and the output filled with 0xffff (a value the step should not write shows).
+struct TopkBuffers {
+    hidden: CudaSlice<u16>,
+    ids: CudaSlice<u32>,
+    weights: CudaSlice<f32>,
+    x: CudaSlice<u16>,
+    y: CudaSlice<u16>,
+    out: CudaSlice<u16>,
+}
+
+impl TopkBuffers {
+    fn new(dev: &GpuDevice, capacity: usize, top_k: usize, k: usize, n: usize) -> Self {
+        let pairs = (capacity * top_k).max(1);
+        let nan = |len: usize| {
+            let mut d = dev.alloc::<u16>(len, "test buffer").unwrap();
+            dev.stream().memcpy_htod(&vec![0xffffu16; len], &mut d).unwrap();
+            d
+        };
+        TopkBuffers {
+            hidden: nan(capacity.max(1) * k),
+            ids: dev.alloc::<u32>(pairs, "test ids").unwrap(),
+            weights: dev.alloc::<f32>(pairs, "test weights").unwrap(),
+            x: nan(pairs * k),
+            y: nan(pairs * n),
+            out: nan(capacity.max(1) * n),
+        }
+    }
+
+    fn upload(&mut self, dev: &GpuDevice, hidden: &Array2<f32>, ids: &[u32], weights: &[f32], dt: ActDtype) {
+        let s = dev.stream();
+        let h: Vec<u16> = hidden.iter().map(|&v| dt.bits(v)).collect();
+        if !h.is_empty() {
+            s.memcpy_htod(&h, &mut self.hidden.slice_mut(0..h.len())).unwrap();
+            s.memcpy_htod(ids, &mut self.ids.slice_mut(0..ids.len())).unwrap();
+            s.memcpy_htod(weights, &mut self.weights.slice_mut(0..weights.len())).unwrap();
+        }
+    }
+
+    /// The first `len` values of `d`, and whether the rest is still 0xffff.
+    fn head(dev: &GpuDevice, d: &CudaSlice<u16>, len: usize) -> (Vec<u16>, bool) {
+        let v = dev.stream().clone_dtoh(d).unwrap();
+        dev.synchronize().unwrap();
+        (v[..len].to_vec(), v[len..].iter().all(|&b| b == 0xffff))
+    }
+}
+
+/// One whole step on the device: route, gather, grouped launch, combine.
+#[allow(clippy::too_many_arguments)]
+fn topk_step_gpu(
+    dev: &GpuDevice,
+    routing: &mut TopkRouting,
+    b: &mut TopkBuffers,
+    tokens: usize,
+    experts: &DeviceExperts,
+    dt: ActDtype,
+    opts: &W4a16Options,
+    ws: &mut W4a16Workspace,
+) -> Option<W4a16Plan> {
+    let (k, n) = (experts.dims.k, experts.dims.n);
+    routing.route(dev, &b.ids, tokens).unwrap();
+    routing.gather(dev, &b.hidden, k, &mut b.x).unwrap();
+    let plan = w4a16_grouped_matmul(dev, &b.x, routing.expert_routing(), experts, &mut b.y, dt, opts, ws).unwrap();
+    routing.combine(dev, &b.y, n, &b.weights, &mut b.out, dt).unwrap();
+    plan
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..proptest::prelude::ProptestConfig::default() })]
+
+    /// A mixture-of-experts step from top-k ids on the device: the sorted rows equal the CPU
+    /// route (by expert, then token, then slot), the gathered `X` the host's gather, the
+    /// experts' outputs `round_T(exact)` on exactly summable inputs, the combined outputs the
+    /// CPU's f32 fma chain, all bit for bit; nothing past the routed rows or tokens is
+    /// written. 1–1024 experts (1024: the route kernel's most, several experts per thread),
+    /// 0–70 tokens below a capacity, top-k 1–8, ids distinct or repeated, skewed to a few
+    /// experts or spread, every grouped kernel.
+    #[test]
+    fn gpu_topk_step_is_exact(
+        experts_n in proptest::prop_oneof![1usize..=40, 250usize..=300, proptest::strategy::Just(1024usize)],
+        top_k_want in 1usize..=8,
+        tokens in 0usize..=70,
+        extra in 0usize..5,
+        distinct in proptest::bool::ANY,
+        skew in proptest::bool::ANY,
+        n_small in 1usize..64,
+        k8 in 1usize..=8,
+        gs_units in 1usize..=4,
+        f16 in proptest::bool::ANY,
+        kernel in proptest::sample::select(GROUPED_KERNELS.to_vec()),
+        seed in proptest::num::u64::ANY,
+    ) {
+        let Some(dev) = common::gpu_or_skip("gpu_topk_step_is_exact") else { return Ok(()) };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (n, k, gs) = (n_small, 8 * k8, 32 * gs_units);
+        let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
+        let top_k = top_k_want.min(experts_n);
+        let capacity = (tokens + extra).max(1);
+        let packed: Vec<PackedWeight> = (0..experts_n).map(|_| exact_case(0, n, k, gs, -2, 1.0, 0, &mut rng).1).collect();
+        let experts = DeviceExperts::upload(&dev, &packed).unwrap();
+        let hidden = Array2::from_shape_fn((tokens, k), |_| rng.gen_range(-3i32..=3) as f32);
+        let ids = random_topk_ids(tokens, top_k, experts_n, distinct, skew, &mut rng);
+        let weights: Vec<f32> = (0..tokens * top_k).map(|_| StandardNormal.sample(&mut rng)).collect();
+        let want = topk_step_cpu(&hidden, &ids, &weights, top_k, &packed, dt);
+
+        let mut routing = TopkRouting::new(&dev, experts_n, capacity, top_k, None).unwrap();
+        let mut b = TopkBuffers::new(&dev, capacity, top_k, k, n);
+        b.upload(&dev, &hidden, &ids, &weights, dt);
+        let opts = W4a16Options { overlap_prior_kernel: false, ..kernel.options(None) };
+        let mut ws = W4a16Workspace::default();
+        let plan = topk_step_gpu(&dev, &mut routing, &mut b, tokens, &experts, dt, &opts, &mut ws);
+        routing.device_status(&dev).unwrap();
+        let what = format!("{experts_n} experts top-{top_k}, {tokens} tokens (capacity {capacity}), {dt:?} {n}×{k} gs {gs} {plan:?}");
+        proptest::prop_assert_eq!(&routing.download(&dev).unwrap(), &want.route, "{}", what);
+        let pairs = tokens * top_k;
+        for (name, d, len, host) in [("X", &b.x, pairs * k, &want.x), ("Y", &b.y, pairs * n, &want.y), ("out", &b.out, tokens * n, &want.out)] {
+            let (got, untouched) = TopkBuffers::head(&dev, d, len);
+            if let Some(i) = got.iter().zip(host.iter()).position(|(g, h)| g != h) {
+                proptest::prop_assert!(false, "{}: {} value {} is {:#06x}, expected {:#06x}", what, name, i, got[i], host[i]);
+            }
+            proptest::prop_assert!(untouched, "{}: {} was written past its {} values", what, name, len);
+        }
+    }
+}
+
+/// An id naming no expert is found on the device: the step gathers, multiplies and combines
+/// nothing, the offsets are all 0, and `device_status` names the token and slot. Bad
+/// arguments are typed errors on the host.
+#[test]
+fn gpu_topk_routing_rejects_bad_ids() {
+    let Some(dev) = common::gpu_or_skip("gpu_topk_routing_rejects_bad_ids") else { return };
+    let mut rng = StdRng::seed_from_u64(25);
+    let (e_count, tokens, top_k, n, k) = (6, 4, 2, 64, 128);
+    let dt = ActDtype::Bf16;
+    let packed: Vec<PackedWeight> = (0..e_count).map(|_| exact_case(0, n, k, 64, -2, 1.0, 0, &mut rng).1).collect();
+    let experts = DeviceExperts::upload(&dev, &packed).unwrap();
+    let hidden = Array2::from_shape_fn((tokens, k), |_| rng.gen_range(-3i32..=3) as f32);
+    let mut ids = random_topk_ids(tokens, top_k, e_count, true, false, &mut rng);
+    ids[2 * top_k + 1] = e_count as u32;
+    ids[3 * top_k] = 1000;
+    let weights = vec![0.5f32; tokens * top_k];
+    let mut routing = TopkRouting::new(&dev, e_count, tokens, top_k, None).unwrap();
+    let mut b = TopkBuffers::new(&dev, tokens, top_k, k, n);
+    b.upload(&dev, &hidden, &ids, &weights, dt);
+    let mut ws = W4a16Workspace::default();
+    topk_step_gpu(&dev, &mut routing, &mut b, tokens, &experts, dt, &W4a16Options::default(), &mut ws);
+    match routing.device_status(&dev) {
+        Err(ForgeError::Shape(m)) => assert!(m.contains("token 2 slot 1 names an expert ≥ 6"), "{m}"),
+        other => panic!("bad id: {other:?}"),
+    }
+    assert!(routing.download(&dev).unwrap().offsets.iter().all(|&o| o == 0));
+    for (name, d) in [("X", &b.x), ("Y", &b.y), ("out", &b.out)] {
+        assert!(TopkBuffers::head(&dev, d, 0).1, "{name} was written");
+    }
+
+    for (e, cap, kk) in
+        [(0, 4, 1), (fourbit_forge::runtime::MAX_TOPK_EXPERTS + 1, 4, 1), (4, 4, 5), (4, 0, 1), (4, 4, 0)]
+    {
+        assert!(matches!(TopkRouting::new(&dev, e, cap, kk, None), Err(ForgeError::Shape(_))), "{e} {cap} {kk}");
+    }
+    let mut fresh = TopkRouting::new(&dev, e_count, tokens, top_k, None).unwrap();
+    match fresh.gather(&dev, &b.hidden, k, &mut b.x) {
+        Err(ForgeError::Shape(m)) => assert!(m.contains("no ids routed yet"), "{m}"),
+        other => panic!("gather before route: {other:?}"),
+    }
+    assert!(matches!(fresh.route(&dev, &b.ids, tokens + 1), Err(ForgeError::Shape(_))));
+    fresh.route(&dev, &b.ids, tokens).unwrap();
+    assert!(matches!(fresh.gather(&dev, &b.hidden, 12, &mut b.x), Err(ForgeError::Shape(_))));
+    let short = dev.alloc::<f32>(tokens * top_k - 1, "short weights").unwrap();
+    assert!(matches!(fresh.combine(&dev, &b.y, n, &short, &mut b.out, dt), Err(ForgeError::Shape(_))));
+}
+
+/// The decode step a GPU router runs, captured once in a CUDA graph (route, table build,
+/// gather, grouped launch, combine) and replayed after new ids, weights and hidden states
+/// are written into the same buffers: each replay equals the CPU step bit for bit.
+#[test]
+fn gpu_topk_step_replays_in_a_graph() {
+    let Some(dev) = common::gpu_or_skip("gpu_topk_step_replays_in_a_graph") else { return };
+    let mut rng = StdRng::seed_from_u64(26);
+    let (e_count, tokens, top_k, n, k) = (32, 5, 4, 192, 256);
+    let dt = ActDtype::F16;
+    let packed: Vec<PackedWeight> = (0..e_count).map(|_| exact_case(0, n, k, 128, -2, 1.0, 0, &mut rng).1).collect();
+    let experts = DeviceExperts::upload(&dev, &packed).unwrap();
+    let mut routing = TopkRouting::new(&dev, e_count, tokens, top_k, None).unwrap();
+    let mut b = TopkBuffers::new(&dev, tokens, top_k, k, n);
+    let opts = W4a16Options::default();
+    let mut ws = W4a16Workspace::default();
+    let steps: Vec<(Array2<f32>, Vec<u32>, Vec<f32>)> = (0..4)
+        .map(|i| {
+            let hidden = Array2::from_shape_fn((tokens, k), |_| rng.gen_range(-3i32..=3) as f32);
+            let ids = random_topk_ids(tokens, top_k, e_count, true, i % 2 == 1, &mut rng);
+            let weights = (0..tokens * top_k).map(|_| rng.gen_range(0.0f32..1.0)).collect();
+            (hidden, ids, weights)
+        })
+        .collect();
+    // Once outside the capture: the workspace grows here.
+    b.upload(&dev, &steps[0].0, &steps[0].1, &steps[0].2, dt);
+    topk_step_gpu(&dev, &mut routing, &mut b, tokens, &experts, dt, &opts, &mut ws);
+    dev.synchronize().unwrap();
+    let stream = dev.stream().clone();
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).unwrap();
+    let plan = topk_step_gpu(&dev, &mut routing, &mut b, tokens, &experts, dt, &opts, &mut ws);
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap().unwrap();
+    for (i, (hidden, ids, weights)) in steps.iter().enumerate() {
+        b.upload(&dev, hidden, ids, weights, dt);
+        stream.memcpy_htod(&vec![0xffffu16; tokens * n], &mut b.out).unwrap();
+        graph.launch().unwrap();
+        routing.device_status(&dev).unwrap();
+        let want = topk_step_cpu(hidden, ids, weights, top_k, &packed, dt);
+        let (got, _) = TopkBuffers::head(&dev, &b.out, tokens * n);
+        assert!(got == want.out, "replay {i}, ids {ids:?}, {plan:?}: the combined outputs differ");
     }
 }

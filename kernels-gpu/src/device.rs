@@ -331,6 +331,51 @@ pub unsafe fn ld_shared_f32(addr: u32) -> f32 {
     f32::from_bits(ld_shared_u32(addr))
 }
 
+/// Inclusive prefix sum (saturating) of `v` over the warp's lanes.
+#[inline(always)]
+pub fn warp_inclusive_scan(mut v: u32, lane: u32) -> u32 {
+    let mut d = 1;
+    while d < 32 {
+        // Every lane shuffles (the lanes below d read their own value and ignore it).
+        let up = shfl_idx_f32(f32::from_bits(v), lane.saturating_sub(d)).to_bits();
+        if lane >= d {
+            v = v.saturating_add(up);
+        }
+        d *= 2;
+    }
+    v
+}
+
+/// A 16-byte chunk copied from global memory `src` to `dst` with one load and one store.
+///
+/// # Safety
+/// Both 16-byte aligned and in bounds for 16 bytes.
+#[inline(always)]
+pub unsafe fn copy_global_16(src: *const u16, dst: *mut u16) {
+    *(dst as *mut Align16) = Align16((*(src as *const Align16)).0);
+}
+
+/// `match.any.sync.b32` over the whole warp: the lanes whose `v` equals this lane's.
+///
+/// # Safety
+/// Every lane of the warp must execute it together.
+#[inline(always)]
+pub unsafe fn match_any(v: u32) -> u32 {
+    let m: u32;
+    asm!("match.any.sync.b32 {m}, {v}, {full};", m = out(reg32) m, v = in(reg32) v, full = in(reg32) FULL_MASK,
+         options(nostack));
+    m
+}
+
+/// `atomicAdd` without a result on a u32 at a shared address.
+///
+/// # Safety
+/// `addr` a 4-byte aligned address in dynamic shared memory.
+#[inline(always)]
+pub unsafe fn red_add_shared_u32(addr: u32, v: u32) {
+    asm!("red.shared.add.u32 [{p}], {v};", p = in(reg32) addr, v = in(reg32) v);
+}
+
 /// Four consecutive f32 from global memory with one 16-byte load.
 ///
 /// # Safety

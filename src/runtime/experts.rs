@@ -36,6 +36,7 @@ use forge_kernel_abi::runtime::{
     ExpertTasksArgs, EXPERT_TASKS_MAX_EXPERTS, EXPERT_TASKS_SHARED_BYTES, EXPERT_TASKS_THREADS, ROUTING_DECREASING,
     ROUTING_FIRST_NOT_ZERO, ROUTING_OK, ROUTING_OVER_CAPACITY, ROUTING_PAST_ROWS,
 };
+use forge_kernel_abi::DevPtrMut;
 use forge_kernel_abi::ExpertTasksFromOffsets;
 
 /// Rows per row block of the skinny kernel for a grouped launch planned for `plan_rows`
@@ -279,9 +280,9 @@ impl ExpertRouting {
     /// and replayed with new offsets. Validity is checked on the device
     /// ([`ExpertRouting::device_status`]). Host routings refuse.
     pub fn build_from(&mut self, dev: &GpuDevice, offsets: &CudaSlice<u32>) -> Result<()> {
-        let Source::Device { status, built } = &mut self.source else {
+        if !matches!(self.source, Source::Device { .. }) {
             return Err(ForgeError::Shape("build_from: this routing's offsets are on the host".into()));
-        };
+        }
         if offsets.len() < self.experts + 1 {
             return Err(ForgeError::Shape(format!(
                 "device expert routing: {} offsets for {} experts (needs experts + 1)",
@@ -289,28 +290,59 @@ impl ExpertRouting {
                 self.experts
             )));
         }
-        for (height, slots, table) in self.tables.iter_mut() {
-            let args = ExpertTasksArgs {
-                offsets: offsets.dev_ptr(),
-                tasks: table.dev_ptr_mut(),
-                status: status.dev_ptr_mut(),
-                experts: self.experts as u32,
-                rows_limit: self.rows as u32,
-                height: *height as u32,
-                capacity: *slots,
-            };
-            let cfg = LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (EXPERT_TASKS_THREADS, 1, 1),
-                shared_mem_bytes: EXPERT_TASKS_SHARED_BYTES,
-            };
-            // SAFETY: offsets ≥ experts + 1 u32 (checked above), 1 ≤ experts ≤ the kernel's
-            // maximum (on_device), the table 3·slots u32 and status 2 u32 (allocated so),
-            // height ≥ 8; one block of EXPERT_TASKS_THREADS.
-            unsafe { dev.launch::<ExpertTasksFromOffsets>(cfg, &args) }?;
-        }
-        *built = true;
+        let (a, b, rows_limit, status) = self.device_tables()?;
+        let args = ExpertTasksArgs {
+            offsets: offsets.dev_ptr(),
+            tasks: a.0,
+            status,
+            experts: self.experts as u32,
+            rows_limit,
+            height: a.1,
+            capacity: a.2,
+            tasks_b: b.0,
+            height_b: b.1,
+            capacity_b: b.2,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (EXPERT_TASKS_THREADS, 1, 1),
+            shared_mem_bytes: EXPERT_TASKS_SHARED_BYTES,
+        };
+        // SAFETY: offsets ≥ experts + 1 u32 (checked above), 1 ≤ experts ≤ the kernel's
+        // maximum (on_device), the tables 3·slots u32 each and status 2 u32 (device_tables),
+        // heights ≥ 8; one block of EXPERT_TASKS_THREADS.
+        unsafe { dev.launch::<ExpertTasksFromOffsets>(cfg, &args) }?;
+        self.mark_built();
         Ok(())
+    }
+
+    /// A device routing's tables for a build kernel (the first and, when the routing has one,
+    /// the second as `(table, height, slots)`; a second of 0 slots otherwise), the rows bound
+    /// and the status words. Host routings refuse.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn device_tables(
+        &mut self,
+    ) -> Result<((DevPtrMut<u32>, u32, u32), (DevPtrMut<u32>, u32, u32), u32, DevPtrMut<u32>)> {
+        let Source::Device { status, .. } = &mut self.source else {
+            return Err(ForgeError::Shape("device expert routing: this routing's offsets are on the host".into()));
+        };
+        let mut cut = self.tables.iter_mut().map(|(h, slots, t)| (t.dev_ptr_mut(), *h as u32, *slots));
+        let a = cut.next().ok_or_else(|| ForgeError::Internal("device routing without a task table".into()))?;
+        let b = match cut.next() {
+            Some(b) => b,
+            None => (a.0, 1, 0),
+        };
+        if cut.next().is_some() {
+            return Err(ForgeError::Internal("device routing with more than two task tables".into()));
+        }
+        Ok((a, b, self.rows as u32, status.dev_ptr_mut()))
+    }
+
+    /// Records that a build of the tables is enqueued (after its launch succeeded).
+    pub(crate) fn mark_built(&mut self) {
+        if let Source::Device { built, .. } = &mut self.source {
+            *built = true;
+        }
     }
 
     /// A device routing's last [`ExpertRouting::build_from`]: `Ok` if its offsets were valid,

@@ -9,6 +9,9 @@
 //!   kernel with split-K, or dequantization + cuBLAS for large `M`), [`w4a16_matmul_host`].
 //! * `experts.rs`: the grouped (mixture-of-experts) launch, [`w4a16_grouped_matmul`] over
 //!   [`DeviceExperts`] with an [`ExpertRouting`]; [`w4a16_grouped_matmul_cpu`] its reference.
+//! * `topk.rs`: a mixture-of-experts step from the router's top-k ids on the device
+//!   ([`TopkRouting`]: sorted rows, gather, combine); [`topk_route_cpu`] and
+//!   [`topk_combine_cpu`] its reference.
 //!
 //! **The kernel's weight** (what "dequant" means here, bit for bit on CPU and GPU): with `T`
 //! the activation type (bf16 or f16), `s_T = stored_scale(q88, T)` (the correctly rounded f32
@@ -25,6 +28,7 @@
 mod cpu;
 mod cuda;
 mod experts;
+mod topk;
 
 pub use cpu::{
     dequant_for_kernel, pack_for_kernel, round_to_act, unpack_for_kernel, w4a16_grouped_matmul_cpu, w4a16_matmul_cpu,
@@ -37,6 +41,7 @@ pub use experts::{
     expert_offsets, max_tasks, plan_rows_cap, w4a16_grouped_matmul, w4a16_grouped_plan, DeviceExperts, ExpertRouting,
     ExpertTasks, MAX_DEVICE_ROUTING_EXPERTS,
 };
+pub use topk::{topk_combine_cpu, topk_route_cpu, TopkRoute, TopkRouting, MAX_TOPK_EXPERTS};
 
 use crate::{ForgeError, Result};
 pub use forge_kernel_abi::runtime::{PACK_K_ALIGN, PACK_N_ALIGN};

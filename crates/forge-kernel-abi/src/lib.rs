@@ -503,6 +503,12 @@ kernels! {
     W4DequantF16 = "w4_dequant_f16" (runtime::W4DequantArgs);
     // The grouped launch's task table from device-side expert offsets (one block).
     ExpertTasksFromOffsets = "expert_tasks_from_offsets" (runtime::ExpertTasksArgs) bounds(runtime::EXPERT_TASKS_THREADS, 1);
+    // A mixture-of-experts step from the router's top-k ids: rows sorted by expert (one
+    // block), the tokens gathered into them, the experts' outputs combined per token.
+    TopkRoute = "topk_route" (runtime::TopkRouteArgs) bounds(runtime::TOPK_ROUTE_THREADS, 1);
+    TopkGatherRows = "topk_gather_rows" (runtime::TopkGatherArgs);
+    TopkCombineBf16 = "topk_combine_bf16" (runtime::TopkCombineArgs);
+    TopkCombineF16 = "topk_combine_f16" (runtime::TopkCombineArgs);
     // pack: codes → int32 words (docs/kernels.md §5). Memory-bound: at least four 256-thread
     // blocks per SM keep enough loads in flight, so registers are capped to allow them.
     PackRows = "pack_rows" (pack::PackArgs) bounds(pack::PACK_THREADS, 4);

@@ -547,11 +547,12 @@ crate::kernel_args! {
     /// offsets that live on the device (a router on the GPU), the device half of the
     /// host's `ExpertTasks::tasks_of`. One block of [`EXPERT_TASKS_THREADS`].
     /// `tasks[3t..3t+3] = [expert, row0, rows]` for the row blocks of at most `height` rows of
-    /// each expert, by expert then row, then empty tasks (`[0, 0, 0]`) up to `capacity`; on
-    /// invalid offsets every slot is empty. `status[0]` = a `ROUTING_*` code, `status[1]` the
-    /// expert it names (the lowest such). Safety: `offsets` `experts + 1` u32,
-    /// `1 ≤ experts ≤ EXPERT_TASKS_MAX_EXPERTS`, `tasks` `3·capacity` u32, `status` 2 u32,
-    /// `height ≥ 1`.
+    /// each expert, by expert then row, then empty tasks (`[0, 0, 0]`) up to `capacity`; the
+    /// same in `tasks_b` for `height_b` when `capacity_b > 0` (a routing's second block
+    /// height, in the same launch); on invalid offsets every slot is empty. `status[0]` = a
+    /// `ROUTING_*` code, `status[1]` the expert it names (the lowest such). Safety: `offsets`
+    /// `experts + 1` u32, `1 ≤ experts ≤ EXPERT_TASKS_MAX_EXPERTS`, `tasks` `3·capacity` u32,
+    /// `tasks_b` `3·capacity_b`, `status` 2 u32, heights ≥ 1.
     pub struct ExpertTasksArgs in runtime => expert_tasks_kernel {
         /// Row offsets per expert and the end, `[experts + 1]`.
         pub offsets: forge_kernel_abi::DevPtr<u32>,
@@ -567,5 +568,132 @@ crate::kernel_args! {
         pub height: u32,
         /// Task slots.
         pub capacity: u32,
+        /// The second table, `[capacity_b][3]` (any address when `capacity_b` is 0).
+        pub tasks_b: forge_kernel_abi::DevPtrMut<u32>,
+        /// Rows per task of the second table.
+        pub height_b: u32,
+        /// Task slots of the second table (0: none).
+        pub capacity_b: u32,
+    }
+}
+
+/// Threads of `topk_route` (one block, 8 warps).
+pub const TOPK_ROUTE_THREADS: u32 = 256;
+/// Experts `topk_route` takes: its shared memory holds a count per warp and expert (u32).
+pub const TOPK_ROUTE_MAX_EXPERTS: u32 = 1024;
+/// Dynamic shared memory of `topk_route` for `experts` experts: the per-warp counts
+/// `[8][experts]` (u32), then the 8 warp totals of its scan (u32) and the lowest failing
+/// pair (u64, 8-byte aligned).
+pub const fn topk_route_shared_bytes(experts: u32) -> u32 {
+    (TOPK_ROUTE_THREADS / 32) * experts * 4 + 32 + 8
+}
+// The task tables' writer reuses the same shared memory.
+const _: () = assert!(topk_route_shared_bytes(1) >= EXPERT_TASKS_SHARED_BYTES);
+/// Threads per block of `topk_gather_rows` and `topk_combine_*`.
+pub const TOPK_ROWS_THREADS: u32 = 256;
+
+/// `status[0]` of `topk_route`: every expert id was below `experts`.
+pub const TOPK_OK: u32 = 0;
+/// `status[0]`: pair `status[1]` (`token·top_k + slot`, the lowest such) names an expert
+/// `≥ experts`.
+pub const TOPK_BAD_EXPERT: u32 = 1;
+
+crate::kernel_args! {
+    /// `topk_route`: a mixture-of-experts step's rows sorted by expert, from the router's
+    /// top-k expert ids, on the device. Pair `i = token·top_k + slot` (`i < pairs`) goes to
+    /// row `pair_row[i] = offsets[e] + #{i' < i : ids[i'] = e}` of the sorted matrices
+    /// (`e = ids[i]`: stable by expert, then token, then slot), whose token is
+    /// `row_token[pair_row[i]] = token`; `offsets[e]` is the first row of expert `e`,
+    /// `offsets[experts] = pairs`. On an id `≥ experts` it writes `offsets` all 0 and nothing
+    /// else, and `status = [TOPK_BAD_EXPERT, lowest such pair]`, else `[TOPK_OK, 0]`. Then,
+    /// in the same launch, the grouped launch's task tables from those offsets as
+    /// `expert_tasks_from_offsets` writes them (`tasks`/`tasks_b`, `height*`, `capacity*`,
+    /// `rows_limit`, `routing_status`: its fields). One block of [`TOPK_ROUTE_THREADS`],
+    /// [`topk_route_shared_bytes`]`(experts)` of dynamic shared memory. Safety: `ids` `pairs`
+    /// u32, `offsets` `experts + 1`, `pair_row` and `row_token` `pairs` each, `status` and
+    /// `routing_status` 2; `1 ≤ experts ≤ TOPK_ROUTE_MAX_EXPERTS`, `top_k ≥ 1`; the tables as
+    /// for [`ExpertTasksArgs`].
+    pub struct TopkRouteArgs in runtime => topk_route_kernel {
+        /// Expert of each pair, `[tokens][top_k]`.
+        pub ids: forge_kernel_abi::DevPtr<u32>,
+        /// Row offsets per expert and the end, `[experts + 1]`.
+        pub offsets: forge_kernel_abi::DevPtrMut<u32>,
+        /// Sorted row of each pair, `[pairs]`.
+        pub pair_row: forge_kernel_abi::DevPtrMut<u32>,
+        /// Token of each sorted row, `[pairs]`.
+        pub row_token: forge_kernel_abi::DevPtrMut<u32>,
+        /// `[code, pair]`.
+        pub status: forge_kernel_abi::DevPtrMut<u32>,
+        /// Pairs (`tokens·top_k`).
+        pub pairs: u32,
+        /// Experts per token.
+        pub top_k: u32,
+        /// Experts.
+        pub experts: u32,
+        /// The grouped launch's first task table.
+        pub tasks: forge_kernel_abi::DevPtrMut<u32>,
+        /// Its rows per task.
+        pub height: u32,
+        /// Its slots.
+        pub capacity: u32,
+        /// The second task table (any address when `capacity_b` is 0).
+        pub tasks_b: forge_kernel_abi::DevPtrMut<u32>,
+        /// Its rows per task.
+        pub height_b: u32,
+        /// Its slots (0: none).
+        pub capacity_b: u32,
+        /// Rows of `X` and `Y` the grouped launch may touch.
+        pub rows_limit: u32,
+        /// The task tables' `[code, expert]` (`ROUTING_*`).
+        pub routing_status: forge_kernel_abi::DevPtrMut<u32>,
+    }
+}
+
+crate::kernel_args! {
+    /// `topk_gather_rows`: `x[r, :] = hidden[row_token[r], :]` for `r < rows`, rows of
+    /// `chunks` 16-byte chunks (8 16-bit values), grid-stride over `rows·chunks`; nothing when
+    /// `status[0] ≠ TOPK_OK` (the route failed). Safety: `hidden` and `x` 16-byte aligned,
+    /// `x` `rows·chunks` chunks, `row_token` `rows` indices of rows inside `hidden`, `status`
+    /// 1 u32.
+    pub struct TopkGatherArgs in runtime => topk_gather_kernel {
+        /// The tokens' activations, `[tokens][8·chunks]`.
+        pub hidden: forge_kernel_abi::DevPtr<u16>,
+        /// Token of each sorted row.
+        pub row_token: forge_kernel_abi::DevPtr<u32>,
+        /// The route's status.
+        pub status: forge_kernel_abi::DevPtr<u32>,
+        /// Sorted rows, `[rows][8·chunks]`.
+        pub x: forge_kernel_abi::DevPtrMut<u16>,
+        /// Rows (pairs).
+        pub rows: u32,
+        /// 16-byte chunks per row.
+        pub chunks: u32,
+    }
+}
+
+crate::kernel_args! {
+    /// `topk_combine_{bf16,f16}`: `out[t, c] = round_T(Σ_{j < top_k} weight[t·top_k + j] ·
+    /// y[pair_row[t·top_k + j], c])`, the sum in f32 by `fma` from 0 in slot order (the CPU
+    /// reference's order), for `t < tokens`, `c < n`; grid-stride over `tokens·n`, one output
+    /// value per thread; nothing when `status[0] ≠ TOPK_OK`. Safety: `y` holds the rows
+    /// `pair_row` names (`n` values each), `pair_row` and `weight` `tokens·top_k`, `out`
+    /// `tokens·n` values, `status` 1 u32.
+    pub struct TopkCombineArgs in runtime => topk_combine_kernel {
+        /// The experts' outputs in sorted rows, `[rows][n]`.
+        pub y: forge_kernel_abi::DevPtr<u16>,
+        /// Sorted row of each pair.
+        pub pair_row: forge_kernel_abi::DevPtr<u32>,
+        /// Routing weight of each pair (f32).
+        pub weight: forge_kernel_abi::DevPtr<f32>,
+        /// The route's status.
+        pub status: forge_kernel_abi::DevPtr<u32>,
+        /// The combined outputs, `[tokens][n]`.
+        pub out: forge_kernel_abi::DevPtrMut<u16>,
+        /// Tokens.
+        pub tokens: u32,
+        /// Experts per token.
+        pub top_k: u32,
+        /// Columns.
+        pub n: u32,
     }
 }

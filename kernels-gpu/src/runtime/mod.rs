@@ -255,6 +255,8 @@ pub mod mma;
 pub mod skinny;
 pub mod skinny_math;
 #[cfg(not(feature = "hopper"))]
+pub mod topk;
+#[cfg(not(feature = "hopper"))]
 pub mod w4a16;
 #[cfg(feature = "hopper")]
 pub mod wgmma;
