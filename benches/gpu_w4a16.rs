@@ -382,11 +382,62 @@ fn bench_moe(dev: &GpuDevice, bw: f64) -> Result<()> {
     Ok(())
 }
 
+/// The top-k step's own kernels alone, DeepSeek-V3-shaped (256 experts, top-8, hidden 7168):
+/// the route (sorted rows + task tables, one block), the gather of `X`, the combine of `Y`,
+/// up to a 16384-token prefill.
+fn bench_topk_parts(dev: &GpuDevice, bw: f64) -> Result<()> {
+    let (experts, top_k, k, n) = (256usize, 8usize, 7168usize, 7168usize);
+    let stream = dev.stream().clone();
+    let mut out_rows = Vec::new();
+    for tokens in [1usize, 64, 1024, 16384] {
+        let pairs = tokens * top_k;
+        let mut rng = StdRng::seed_from_u64(tokens as u64);
+        let ids_d: Vec<CudaSlice<u32>> = (0..4)
+            .map(|_| {
+                let (ids, _) = random_routing(experts, tokens, top_k, &mut rng);
+                let mut d = dev.alloc::<u32>(pairs, "bench ids")?;
+                stream.memcpy_htod(&ids, &mut d).map_err(ForgeError::driver("uploading ids"))?;
+                Ok(d)
+            })
+            .collect::<Result<_>>()?;
+        let hidden = dev.alloc::<u16>(tokens * k, "bench hidden")?;
+        let mut x = dev.alloc::<u16>(pairs * k, "bench sorted X")?;
+        let y = dev.alloc::<u16>(pairs * n, "bench sorted Y")?;
+        let weights = dev.alloc::<f32>(pairs, "bench weights")?;
+        let mut out = dev.alloc::<u16>(tokens * n, "bench out")?;
+        let mut topk = TopkRouting::new(dev, experts, tokens, top_k, None)?;
+        let t_route = time_graph(dev, 24, |i| topk.route(dev, &ids_d[i % 4], tokens))?;
+        topk.device_status(dev)?;
+        let t_gather = time_graph(dev, 24, |_| topk.gather(dev, &hidden, k, &mut x))?;
+        let t_combine = time_graph(dev, 24, |_| topk.combine(dev, &y, n, &weights, &mut out, ActDtype::Bf16))?;
+        // Bytes each moves at least: X written (its reads are of `tokens` rows, L2-resident
+        // when a token's rows are copied together); Y read and the output written.
+        let (gather_bytes, combine_bytes) = ((2 * pairs * k) as f64, (2 * pairs * n + 2 * tokens * n) as f64);
+        let us = |t: f64| format!("{:.2}", t * 1e6);
+        out_rows.push(vec![
+            tokens.to_string(),
+            pairs.to_string(),
+            us(t_route),
+            us(t_gather),
+            us(gather_bytes / bw),
+            us(t_combine),
+            us(combine_bytes / bw),
+        ]);
+    }
+    common::print_table(
+        &format!("Top-k step kernels (256 experts, top-8, K = N = 7168, bf16) on {}", dev.name()),
+        &["tokens", "pairs", "route µs", "gather µs", "gather floor µs", "combine µs", "combine floor µs"],
+        &out_rows,
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let Some(dev) = common::device_or_explain("gpu_w4a16") else { return Ok(()) };
     if std::env::var("W4A16_BENCH_MOE").is_ok_and(|v| v == "only") {
         let bw = copy_bandwidth(&dev)?;
         println!("device-to-device copy: {:.0} GB/s (read + written); SMs: {}", bw / 1e9, dev.sm_count()?);
+        bench_topk_parts(&dev, bw)?;
         return bench_moe(&dev, bw);
     }
     let quick = std::env::var_os("W4A16_BENCH_QUICK").is_some();
@@ -599,6 +650,7 @@ fn main() -> Result<()> {
         &rows,
     );
     if only.is_none() {
+        bench_topk_parts(&dev, bw)?;
         bench_moe(&dev, bw)?;
     }
     Ok(())
