@@ -1150,7 +1150,8 @@ proptest::proptest! {
     /// CPU's f32 fma chain, all bit for bit; nothing past the routed rows or tokens is
     /// written. 1–1024 experts (1024: the route kernel's most, several experts per thread),
     /// 0–70 tokens below a capacity, top-k 1–8, ids distinct or repeated, skewed to a few
-    /// experts or spread, every grouped kernel.
+    /// experts or spread, outputs up to 2111 columns (both combine paths, several chunks per
+    /// thread), every grouped kernel.
     #[test]
     fn gpu_topk_step_is_exact(
         experts_n in proptest::prop_oneof![1usize..=40, 250usize..=300, proptest::strategy::Just(1024usize)],
@@ -1160,6 +1161,7 @@ proptest::proptest! {
         distinct in proptest::bool::ANY,
         skew in proptest::bool::ANY,
         n_small in 1usize..64,
+        n_wide in proptest::bool::weighted(0.25),
         k8 in 1usize..=8,
         gs_units in 1usize..=4,
         f16 in proptest::bool::ANY,
@@ -1168,7 +1170,9 @@ proptest::proptest! {
     ) {
         let Some(dev) = common::gpu_or_skip("gpu_topk_step_is_exact") else { return Ok(()) };
         let mut rng = StdRng::seed_from_u64(seed);
-        let (n, k, gs) = (n_small, 8 * k8, 32 * gs_units);
+        // Wide outputs (more than 8 columns per combine thread: a second pass) on few experts.
+        let n = if n_wide && experts_n <= 40 { 2048 + n_small } else { n_small };
+        let (k, gs) = (8 * k8, 32 * gs_units);
         let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
         let top_k = top_k_want.min(experts_n);
         let capacity = (tokens + extra).max(1);
@@ -1253,7 +1257,7 @@ fn gpu_topk_routing_rejects_bad_ids() {
 fn gpu_topk_step_replays_in_a_graph() {
     let Some(dev) = common::gpu_or_skip("gpu_topk_step_replays_in_a_graph") else { return };
     let mut rng = StdRng::seed_from_u64(26);
-    let (e_count, tokens, top_k, n, k) = (32, 5, 4, 192, 256);
+    let (e_count, tokens, top_k, n, k) = (32, 5, 4, 2056, 256);
     let dt = ActDtype::F16;
     let packed: Vec<PackedWeight> = (0..e_count).map(|_| exact_case(0, n, k, 128, -2, 1.0, 0, &mut rng).1).collect();
     let experts = DeviceExperts::upload(&dev, &packed).unwrap();

@@ -346,13 +346,24 @@ pub fn warp_inclusive_scan(mut v: u32, lane: u32) -> u32 {
     v
 }
 
-/// A 16-byte chunk copied from global memory `src` to `dst` with one load and one store.
+/// Eight consecutive 16-bit values from global memory with one 16-byte load.
 ///
 /// # Safety
-/// Both 16-byte aligned and in bounds for 16 bytes.
+/// `p` 16-byte aligned and in bounds for 8 values.
 #[inline(always)]
-pub unsafe fn copy_global_16(src: *const u16, dst: *mut u16) {
-    *(dst as *mut Align16) = Align16((*(src as *const Align16)).0);
+pub unsafe fn ld_global_u16x8(p: *const u16) -> [u16; 8] {
+    let v = (*(p as *const Align16)).0;
+    [v[0] as u16, (v[0] >> 16) as u16, v[1] as u16, (v[1] >> 16) as u16, v[2] as u16, (v[2] >> 16) as u16, v[3] as u16, (v[3] >> 16) as u16]
+}
+
+/// Eight 16-bit values to global memory with one 16-byte store.
+///
+/// # Safety
+/// `p` 16-byte aligned and in bounds for 8 values.
+#[inline(always)]
+pub unsafe fn st_global_u16x8(p: *mut u16, v: [u16; 8]) {
+    let w = |i: usize| v[2 * i] as u32 | (v[2 * i + 1] as u32) << 16;
+    *(p as *mut Align16) = Align16([w(0), w(1), w(2), w(3)]);
 }
 
 /// `match.any.sync.b32` over the whole warp: the lanes whose `v` equals this lane's.
@@ -561,6 +572,19 @@ pub fn for16(mut f: impl FnMut(usize)) {
     f(13);
     f(14);
     f(15);
+}
+
+/// Calls `f(0) … f(7)` written out (see [`for16`]).
+#[inline(always)]
+pub fn for8(mut f: impl FnMut(usize)) {
+    f(0);
+    f(1);
+    f(2);
+    f(3);
+    f(4);
+    f(5);
+    f(6);
+    f(7);
 }
 
 /// Calls `f(0) … f(3)` written out (see [`for16`]).

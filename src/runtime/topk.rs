@@ -17,7 +17,7 @@
 //! [`topk_route_cpu`] and [`topk_combine_cpu`] bit for bit.
 
 use super::{ActDtype, ExpertRouting};
-use crate::device::{grid_for, DeviceBuffer, DeviceBufferMut, GpuDevice};
+use crate::device::{DeviceBuffer, DeviceBufferMut, GpuDevice};
 use crate::{ForgeError, Result};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use forge_kernel_abi::runtime::{
@@ -103,6 +103,16 @@ pub fn topk_combine_cpu(
         }
     }
     Ok(out)
+}
+
+/// A block of [`TOPK_ROWS_THREADS`] per token (at most 2^16 blocks; the kernels stride over
+/// the rest), at least one.
+fn token_blocks(tokens: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (tokens.clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (TOPK_ROWS_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 fn bad_expert(pair: usize, top_k: usize, id: u32, experts: usize) -> ForgeError {
@@ -235,25 +245,23 @@ impl TopkRouting {
             )));
         }
         let chunks = k / 8;
-        let total = rows.checked_mul(chunks).filter(|&c| c <= u32::MAX as usize);
-        let Some(total) = total else {
-            return Err(ForgeError::Shape(format!("top-k gather: {rows}×{k} exceeds the launch limits")));
-        };
+        if chunks > u32::MAX as usize {
+            return Err(ForgeError::Shape(format!("top-k gather: K = {k} exceeds the launch limits")));
+        }
         let args = TopkGatherArgs {
             hidden: hidden.dev_ptr(),
-            row_token: self.row_token.dev_ptr(),
+            pair_row: self.pair_row.dev_ptr(),
             status: self.status.dev_ptr(),
             x: x.dev_ptr_mut(),
-            rows: rows as u32,
+            tokens: tokens as u32,
+            top_k: self.top_k as u32,
             chunks: chunks as u32,
         };
-        let mut cfg = grid_for(total, TOPK_ROWS_THREADS);
-        cfg.blocks = cfg.blocks.min(1 << 16);
         // SAFETY: device allocations are 256-byte aligned and rows are k·2 = 16·chunks bytes,
         // so every chunk is 16-byte aligned; x ≥ rows·k, hidden ≥ tokens·k (checked);
-        // row_token holds rows tokens < `tokens` (written by the route kernel of this step,
-        // which runs before on the stream, or nothing is read: the status gates it).
-        unsafe { dev.launch::<TopkGatherRows>(cfg, &args) }
+        // pair_row holds rows < rows for this step's pairs (written by the route kernel of
+        // this step, which runs before on the stream, or nothing is read: the status gates it).
+        unsafe { dev.launch::<TopkGatherRows>(token_blocks(tokens), &args) }
     }
 
     /// `out[t, :] = round_T(Σ_j weights[t·top_k + j] · y[pair_row[t·top_k + j], :])`: the
@@ -279,9 +287,6 @@ impl TopkRouting {
                 out.len()
             )));
         }
-        let Some(total) = tokens.checked_mul(n).filter(|&t| t <= u32::MAX as usize) else {
-            return Err(ForgeError::Shape(format!("top-k combine: {tokens}×{n} exceeds the launch limits")));
-        };
         let args = TopkCombineArgs {
             y: y.dev_ptr(),
             pair_row: self.pair_row.dev_ptr(),
@@ -292,11 +297,19 @@ impl TopkRouting {
             top_k: self.top_k as u32,
             n: n as u32,
         };
-        let mut cfg = grid_for(total, TOPK_ROWS_THREADS);
-        cfg.blocks = cfg.blocks.min(1 << 16);
-        // SAFETY: y ≥ pairs·n, weights ≥ pairs, out ≥ tokens·n (checked); pair_row holds rows
-        // < pairs for this step's pairs (the route kernel, before on the stream; gated by the
-        // status).
+        // Columns per thread: 8 when n % 8 == 0 (16-byte accesses), else 1; column runs of
+        // TOPK_ROWS_THREADS threads along y (a decode step's few tokens still fill the GPU).
+        let per_block = TOPK_ROWS_THREADS as usize * if n.is_multiple_of(8) { 8 } else { 1 };
+        let runs = n.div_ceil(per_block);
+        if runs > 65_535 {
+            return Err(ForgeError::Shape(format!("top-k combine: N = {n} exceeds the launch limits")));
+        }
+        let mut cfg = token_blocks(tokens);
+        cfg.grid_dim.1 = runs as u32;
+        // SAFETY: y ≥ pairs·n, weights ≥ pairs, out ≥ tokens·n (checked), both whole
+        // allocations (256-byte aligned), so with n % 8 == 0 every 8-column chunk is 16-byte
+        // aligned; pair_row holds rows < pairs for this step's pairs (the route kernel, before
+        // on the stream; gated by the status).
         match dtype {
             ActDtype::Bf16 => unsafe { dev.launch::<TopkCombineBf16>(cfg, &args) },
             ActDtype::F16 => unsafe { dev.launch::<TopkCombineF16>(cfg, &args) },

@@ -650,22 +650,25 @@ crate::kernel_args! {
 }
 
 crate::kernel_args! {
-    /// `topk_gather_rows`: `x[r, :] = hidden[row_token[r], :]` for `r < rows`, rows of
-    /// `chunks` 16-byte chunks (8 16-bit values), grid-stride over `rows·chunks`; nothing when
-    /// `status[0] ≠ TOPK_OK` (the route failed). Safety: `hidden` and `x` 16-byte aligned,
-    /// `x` `rows·chunks` chunks, `row_token` `rows` indices of rows inside `hidden`, `status`
-    /// 1 u32.
+    /// `topk_gather_rows`: `x[pair_row[t·top_k + j], :] = hidden[t, :]` for `t < tokens`,
+    /// `j < top_k`: each token's activations into its sorted rows, rows of `chunks` 16-byte
+    /// chunks (8 16-bit values); blocks of [`TOPK_ROWS_THREADS`], block `b` takes tokens
+    /// `b, b + grid, …`; nothing when `status[0] ≠ TOPK_OK` (the route failed). Safety:
+    /// `hidden` and `x` 16-byte aligned, `hidden` `tokens·chunks` chunks, `pair_row`
+    /// `tokens·top_k` rows inside `x` (`chunks` chunks each), `status` 1 u32.
     pub struct TopkGatherArgs in runtime => topk_gather_kernel {
         /// The tokens' activations, `[tokens][8·chunks]`.
         pub hidden: forge_kernel_abi::DevPtr<u16>,
-        /// Token of each sorted row.
-        pub row_token: forge_kernel_abi::DevPtr<u32>,
+        /// Sorted row of each pair.
+        pub pair_row: forge_kernel_abi::DevPtr<u32>,
         /// The route's status.
         pub status: forge_kernel_abi::DevPtr<u32>,
-        /// Sorted rows, `[rows][8·chunks]`.
+        /// Sorted rows, `[pairs][8·chunks]`.
         pub x: forge_kernel_abi::DevPtrMut<u16>,
-        /// Rows (pairs).
-        pub rows: u32,
+        /// Tokens.
+        pub tokens: u32,
+        /// Experts per token.
+        pub top_k: u32,
         /// 16-byte chunks per row.
         pub chunks: u32,
     }
@@ -674,8 +677,11 @@ crate::kernel_args! {
 crate::kernel_args! {
     /// `topk_combine_{bf16,f16}`: `out[t, c] = round_T(Σ_{j < top_k} weight[t·top_k + j] ·
     /// y[pair_row[t·top_k + j], c])`, the sum in f32 by `fma` from 0 in slot order (the CPU
-    /// reference's order), for `t < tokens`, `c < n`; grid-stride over `tokens·n`, one output
-    /// value per thread; nothing when `status[0] ≠ TOPK_OK`. Safety: `y` holds the rows
+    /// reference's order), for `t < tokens`, `c < n`; blocks of [`TOPK_ROWS_THREADS`], block
+    /// `(x, y)` takes tokens `x, x + grid_x, …` and its thread `i` the columns of chunk
+    /// `y·threads + i` (8 columns when `n % 8 == 0`, with 16-byte accesses: `y` and `out`
+    /// 16-byte aligned then; else 1); the grid's y covers `n`. Nothing when
+    /// `status[0] ≠ TOPK_OK`. Safety: `y` holds the rows
     /// `pair_row` names (`n` values each), `pair_row` and `weight` `tokens·top_k`, `out`
     /// `tokens·n` values, `status` 1 u32.
     pub struct TopkCombineArgs in runtime => topk_combine_kernel {
