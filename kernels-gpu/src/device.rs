@@ -577,14 +577,8 @@ pub fn for16(mut f: impl FnMut(usize)) {
 /// Calls `f(0) … f(7)` written out (see [`for16`]).
 #[inline(always)]
 pub fn for8(mut f: impl FnMut(usize)) {
-    f(0);
-    f(1);
-    f(2);
-    f(3);
-    f(4);
-    f(5);
-    f(6);
-    f(7);
+    for4(&mut f);
+    for4(|i| f(4 + i));
 }
 
 /// Calls `f(0) … f(3)` written out (see [`for16`]).

@@ -237,7 +237,8 @@ impl TopkRouting {
     pub fn gather(&self, dev: &GpuDevice, hidden: &CudaSlice<u16>, k: usize, x: &mut CudaSlice<u16>) -> Result<()> {
         let tokens = self.routed()?;
         let rows = tokens * self.top_k;
-        if k == 0 || !k.is_multiple_of(8) || hidden.len() < tokens * k || x.len() < rows * k {
+        let fits = |len: usize, r: usize| r.checked_mul(k).is_some_and(|need| len >= need);
+        if k == 0 || !k.is_multiple_of(8) || !fits(hidden.len(), tokens) || !fits(x.len(), rows) {
             return Err(ForgeError::Shape(format!(
                 "top-k gather: K = {k} (a multiple of 8), hidden {} values for {tokens}×{k}, X {} for {rows}×{k}",
                 hidden.len(),
@@ -279,7 +280,8 @@ impl TopkRouting {
     ) -> Result<()> {
         let tokens = self.routed()?;
         let pairs = tokens * self.top_k;
-        if n == 0 || y.len() < pairs * n || weights.len() < pairs || out.len() < tokens * n {
+        let fits = |len: usize, r: usize| r.checked_mul(n).is_some_and(|need| len >= need);
+        if n == 0 || !fits(y.len(), pairs) || weights.len() < pairs || !fits(out.len(), tokens) {
             return Err(ForgeError::Shape(format!(
                 "top-k combine: N = {n}, Y {} values for {pairs}×{n}, {} weights for {pairs} pairs, out {} for {tokens}×{n}",
                 y.len(),
