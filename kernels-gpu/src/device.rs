@@ -353,7 +353,9 @@ pub fn warp_inclusive_scan(mut v: u32, lane: u32) -> u32 {
 #[inline(always)]
 pub unsafe fn ld_global_u16x8(p: *const u16) -> [u16; 8] {
     let v = (*(p as *const Align16)).0;
-    [v[0] as u16, (v[0] >> 16) as u16, v[1] as u16, (v[1] >> 16) as u16, v[2] as u16, (v[2] >> 16) as u16, v[3] as u16, (v[3] >> 16) as u16]
+    let lo = |i: usize| v[i / 2] as u16;
+    let hi = |i: usize| (v[i / 2] >> 16) as u16;
+    [lo(0), hi(1), lo(2), hi(3), lo(4), hi(5), lo(6), hi(7)]
 }
 
 /// Eight 16-bit values to global memory with one 16-byte store.

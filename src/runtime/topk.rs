@@ -246,7 +246,7 @@ impl TopkRouting {
             )));
         }
         let chunks = k / 8;
-        if chunks > u32::MAX as usize {
+        if chunks.div_ceil(TOPK_ROWS_THREADS as usize) > 65_535 {
             return Err(ForgeError::Shape(format!("top-k gather: K = {k} exceeds the launch limits")));
         }
         let args = TopkGatherArgs {
@@ -258,11 +258,14 @@ impl TopkRouting {
             top_k: self.top_k as u32,
             chunks: chunks as u32,
         };
+        // A thread per chunk: runs of TOPK_ROWS_THREADS chunks along y (≤ 65535, checked).
+        let mut cfg = token_blocks(tokens);
+        cfg.grid_dim.1 = chunks.div_ceil(TOPK_ROWS_THREADS as usize) as u32;
         // SAFETY: device allocations are 256-byte aligned and rows are k·2 = 16·chunks bytes,
         // so every chunk is 16-byte aligned; x ≥ rows·k, hidden ≥ tokens·k (checked);
         // pair_row holds rows < rows for this step's pairs (written by the route kernel of
         // this step, which runs before on the stream, or nothing is read: the status gates it).
-        unsafe { dev.launch::<TopkGatherRows>(token_blocks(tokens), &args) }
+        unsafe { dev.launch::<TopkGatherRows>(cfg, &args) }
     }
 
     /// `out[t, :] = round_T(Σ_j weights[t·top_k + j] · y[pair_row[t·top_k + j], :])`: the

@@ -652,8 +652,9 @@ crate::kernel_args! {
 crate::kernel_args! {
     /// `topk_gather_rows`: `x[pair_row[t·top_k + j], :] = hidden[t, :]` for `t < tokens`,
     /// `j < top_k`: each token's activations into its sorted rows, rows of `chunks` 16-byte
-    /// chunks (8 16-bit values); blocks of [`TOPK_ROWS_THREADS`], block `b` takes tokens
-    /// `b, b + grid, …`; nothing when `status[0] ≠ TOPK_OK` (the route failed). Safety:
+    /// chunks (8 16-bit values); blocks of [`TOPK_ROWS_THREADS`], block `(x, y)` takes tokens
+    /// `x, x + grid_x, …` and its thread `i` chunk `y·threads + i` (the grid's y covers the
+    /// row); nothing when `status[0] ≠ TOPK_OK` (the route failed). Safety:
     /// `hidden` and `x` 16-byte aligned, `hidden` `tokens·chunks` chunks, `pair_row`
     /// `tokens·top_k` rows inside `x` (`chunks` chunks each), `status` 1 u32.
     pub struct TopkGatherArgs in runtime => topk_gather_kernel {

@@ -28,34 +28,34 @@
 //! launch multiplies nothing) and no row; `topk_gather_rows` and `topk_combine_*` read the status and write nothing either.
 //! Shared memory: [`topk_route_shared_bytes`]`(experts)` (32 KiB + 40 bytes at 1024 experts).
 //!
-//! **`topk_gather_rows`**: a block per token (grid-stride), its threads over the row's
-//! 16-byte chunks, four loads in flight per thread, each chunk stored to all the token's
-//! sorted rows: every hidden row is read once (by sorted row, a token's `top_k` copies were
-//! far apart in time and past the L2 re-read it from HBM: 904 µs at 16384 tokens top-8 of
-//! K = 7168, against 886 for that traffic, H200). **`topk_combine_*`**: blocks
-//! over tokens (x, grid-stride) and column runs (y), a thread per 8 columns when
-//! `n % 8 == 0` (16-byte loads of each expert's row and one 16-byte store; else a thread per
-//! column); per value `top_k` fused multiply-adds in f32 from 0 in slot order, the slots'
-//! loads issued eight at a time first, rounded to nearest-even into the 16-bit type by the
-//! shared numerics (the reference's conversion). Why: the first versions (a thread per
-//! chunk or value of the whole matrix, a 64-bit division each) ran at 2–2.7× their HBM
-//! floor at 1024–16384 tokens; a block per token with a thread looping over the columns and
-//! one slot's load at a time made one decode token's combine 8.1 µs against 2.0 (H200).
+//! **`topk_gather_rows`**: blocks over tokens (x, grid-stride) and runs of the row's 16-byte
+//! chunks (y), a thread per chunk, loaded once and stored to all the token's sorted rows:
+//! every hidden row is read once (by sorted row, a token's `top_k` copies were far apart in
+//! time and past the L2 re-read it from HBM: 904 µs at 16384 tokens top-8 of K = 7168,
+//! against 886 for that traffic, H200). **`topk_combine_*`**: blocks over tokens (x,
+//! grid-stride) and column runs (y), a thread per 8 columns when `n % 8 == 0` (16-byte loads
+//! of each expert's row and one 16-byte store; else a thread per column); per value `top_k`
+//! fused multiply-adds in f32 from 0 in slot order, the slots' loads issued four at a time
+//! first, rounded to nearest-even into the 16-bit type by the shared numerics (the
+//! reference's conversion). Why: the first versions (a thread per chunk or value of the
+//! whole matrix, a 64-bit division each) ran at 2–2.7× their HBM floor at 1024–16384 tokens;
+//! a block per token with a thread looping over the columns and one slot's load at a time
+//! made one decode token's combine 8.1 µs against 2.0 (H200).
 //!
 //! # Safety (upheld by the host launcher)
 //! As documented on [`forge_kernel_abi::runtime::TopkRouteArgs`], `TopkGatherArgs` and
 //! `TopkCombineArgs`.
 
-use crate::device::{
-    block_x, block_y, for16, for4, for8, ld_global_u16x8, st_global_u16x8, grid_dim_x, ld_shared_u32, ld_shared_u64, match_any, red_add_shared_u32,
-    red_min_shared_u64, shared_window_base, st_shared_u32, st_shared_u64, sync_threads, sync_warp, thread_x,
-    warp_inclusive_scan,
-};
 use super::experts::{write_expert_tasks, TaskTable};
+use crate::device::{
+    block_x, block_y, for16, for4, for8, grid_dim_x, ld_global_u16x8, ld_shared_u32, ld_shared_u64, match_any,
+    red_add_shared_u32, red_min_shared_u64, shared_window_base, st_global_u16x8, st_shared_u32, st_shared_u64,
+    sync_threads, sync_warp, thread_x, warp_inclusive_scan,
+};
 use core::f32::math::mul_add as fma;
 use forge_kernel_abi::runtime::{
-    topk_route_shared_bytes, TopkCombineArgs, TopkRouteArgs, TOPK_BAD_EXPERT, TOPK_OK, TOPK_ROUTE_MAX_EXPERTS, TOPK_ROUTE_THREADS,
-    TOPK_ROWS_THREADS,
+    topk_route_shared_bytes, TopkCombineArgs, TopkRouteArgs, TOPK_BAD_EXPERT, TOPK_OK, TOPK_ROUTE_MAX_EXPERTS,
+    TOPK_ROUTE_THREADS, TOPK_ROWS_THREADS,
 };
 
 const WARPS: u32 = TOPK_ROUTE_THREADS / 32;
@@ -240,31 +240,19 @@ forge_kernel_abi::topk_gather_kernel! {
             return;
         }
         let (chunks, top_k) = (a.chunks as usize, a.top_k as usize);
-        const STEP: usize = TOPK_ROWS_THREADS as usize;
+        let c = block_y() as usize * TOPK_ROWS_THREADS as usize + thread_x() as usize;
+        if c >= chunks {
+            return;
+        }
         let mut t = block_x() as usize;
         while t < a.tokens as usize {
-            let src = a.hidden.ptr().add(8 * t * chunks);
-            // Four chunks per thread and pass, loaded before any is stored (one at a time
-            // would wait a load latency per chunk), then stored to each of the token's rows.
-            let mut c0 = thread_x() as usize;
-            while c0 < chunks {
-                let mut v = [[0u16; 8]; 4];
-                for4(|u| {
-                    if c0 + u * STEP < chunks {
-                        v[u] = ld_global_u16x8(src.add(8 * (c0 + u * STEP)));
-                    }
-                });
-                let mut j = 0;
-                while j < top_k {
-                    let dst = a.x.ptr().add(8 * *a.pair_row.ptr().add(t * top_k + j) as usize * chunks);
-                    for4(|u| {
-                        if c0 + u * STEP < chunks {
-                            st_global_u16x8(dst.add(8 * (c0 + u * STEP)), v[u]);
-                        }
-                    });
-                    j += 1;
-                }
-                c0 += 4 * STEP;
+            // One chunk of the token's row, loaded once, stored to each of its sorted rows.
+            let v = ld_global_u16x8(a.hidden.ptr().add(8 * (t * chunks + c)));
+            let mut j = 0;
+            while j < top_k {
+                let row = *a.pair_row.ptr().add(t * top_k + j) as usize;
+                st_global_u16x8(a.x.ptr().add(8 * (row * chunks + c)), v);
+                j += 1;
             }
             t += grid_dim_x() as usize;
         }
@@ -290,31 +278,32 @@ unsafe fn combine(a: TopkCombineArgs, widen: impl Fn(u16) -> f32, round: impl Fn
     while t < a.tokens as usize {
         let pairs = t * top_k;
         let mut acc = [0.0f32; 8];
-        // Slots eight at a time (a top-8 router's in one go): their rows and weights, then
-        // their values, are loaded before the multiply-adds (in slot order) use them.
+        // Slots four at a time: their rows and weights, then their values, are loaded before
+        // the multiply-adds (in slot order) use them. (Eight at a time took 95 registers and
+        // ran 1024 and 16384 tokens 1.6–1.7× slower, H200.)
         let mut j0 = 0;
         while j0 < top_k {
-            let mut rows = [0usize; 8];
-            let mut w = [0.0f32; 8];
-            for8(|u| {
+            let mut rows = [0usize; 4];
+            let mut w = [0.0f32; 4];
+            for4(|u| {
                 if j0 + u < top_k {
                     rows[u] = *a.pair_row.ptr().add(pairs + j0 + u) as usize;
                     w[u] = *a.weight.ptr().add(pairs + j0 + u);
                 }
             });
-            let mut y = [[0u16; 8]; 8];
-            for8(|u| {
+            let mut y = [[0u16; 8]; 4];
+            for4(|u| {
                 if j0 + u < top_k {
                     let p = a.y.ptr().add(rows[u] * n + c);
                     y[u] = if wide { ld_global_u16x8(p) } else { [*p, 0, 0, 0, 0, 0, 0, 0] };
                 }
             });
-            for8(|u| {
+            for4(|u| {
                 if j0 + u < top_k {
                     for8(|i| acc[i] = fma(w[u], widen(y[u][i]), acc[i]));
                 }
             });
-            j0 += 8;
+            j0 += 4;
         }
         let out = a.out.ptr().add(t * n + c);
         if wide {
