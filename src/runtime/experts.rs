@@ -184,6 +184,20 @@ enum Source {
     Device { status: CudaSlice<u32>, built: bool },
 }
 
+/// What a kernel that writes a device routing's task tables needs: the first table, the
+/// second (0 slots when the routing has one only), the rows bound and the status words (the
+/// fields of `ExpertTasksArgs` and `TopkRouteArgs`).
+pub(crate) struct DeviceTables {
+    pub(crate) tasks: DevPtrMut<u32>,
+    pub(crate) height: u32,
+    pub(crate) capacity: u32,
+    pub(crate) tasks_b: DevPtrMut<u32>,
+    pub(crate) height_b: u32,
+    pub(crate) capacity_b: u32,
+    pub(crate) rows_limit: u32,
+    pub(crate) status: DevPtrMut<u32>,
+}
+
 /// The row blocks of a grouped launch, on the device, for [`w4a16_grouped_matmul`]
 /// (module docs: from host or device offsets).
 pub struct ExpertRouting {
@@ -280,9 +294,7 @@ impl ExpertRouting {
     /// and replayed with new offsets. Validity is checked on the device
     /// ([`ExpertRouting::device_status`]). Host routings refuse.
     pub fn build_from(&mut self, dev: &GpuDevice, offsets: &CudaSlice<u32>) -> Result<()> {
-        if !matches!(self.source, Source::Device { .. }) {
-            return Err(ForgeError::Shape("build_from: this routing's offsets are on the host".into()));
-        }
+        let t = self.device_tables()?;
         if offsets.len() < self.experts + 1 {
             return Err(ForgeError::Shape(format!(
                 "device expert routing: {} offsets for {} experts (needs experts + 1)",
@@ -290,18 +302,17 @@ impl ExpertRouting {
                 self.experts
             )));
         }
-        let (a, b, rows_limit, status) = self.device_tables()?;
         let args = ExpertTasksArgs {
             offsets: offsets.dev_ptr(),
-            tasks: a.0,
-            status,
+            tasks: t.tasks,
+            status: t.status,
             experts: self.experts as u32,
-            rows_limit,
-            height: a.1,
-            capacity: a.2,
-            tasks_b: b.0,
-            height_b: b.1,
-            capacity_b: b.2,
+            rows_limit: t.rows_limit,
+            height: t.height,
+            capacity: t.capacity,
+            tasks_b: t.tasks_b,
+            height_b: t.height_b,
+            capacity_b: t.capacity_b,
         };
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
@@ -316,26 +327,28 @@ impl ExpertRouting {
         Ok(())
     }
 
-    /// A device routing's tables for a build kernel (the first and, when the routing has one,
-    /// the second as `(table, height, slots)`; a second of 0 slots otherwise), the rows bound
-    /// and the status words. Host routings refuse.
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn device_tables(
-        &mut self,
-    ) -> Result<((DevPtrMut<u32>, u32, u32), (DevPtrMut<u32>, u32, u32), u32, DevPtrMut<u32>)> {
+    /// A device routing's tables for a build kernel ([`DeviceTables`]). Host routings refuse.
+    pub(crate) fn device_tables(&mut self) -> Result<DeviceTables> {
         let Source::Device { status, .. } = &mut self.source else {
-            return Err(ForgeError::Shape("device expert routing: this routing's offsets are on the host".into()));
+            return Err(ForgeError::Shape("build_from: this routing's offsets are on the host".into()));
         };
         let mut cut = self.tables.iter_mut().map(|(h, slots, t)| (t.dev_ptr_mut(), *h as u32, *slots));
-        let a = cut.next().ok_or_else(|| ForgeError::Internal("device routing without a task table".into()))?;
-        let b = match cut.next() {
-            Some(b) => b,
-            None => (a.0, 1, 0),
-        };
+        let (tasks, height, capacity) =
+            cut.next().ok_or_else(|| ForgeError::Internal("device routing without a task table".into()))?;
+        let (tasks_b, height_b, capacity_b) = cut.next().unwrap_or((tasks, 1, 0));
         if cut.next().is_some() {
             return Err(ForgeError::Internal("device routing with more than two task tables".into()));
         }
-        Ok((a, b, self.rows as u32, status.dev_ptr_mut()))
+        Ok(DeviceTables {
+            tasks,
+            height,
+            capacity,
+            tasks_b,
+            height_b,
+            capacity_b,
+            rows_limit: self.rows as u32,
+            status: status.dev_ptr_mut(),
+        })
     }
 
     /// Records that a build of the tables is enqueued (after its launch succeeded).

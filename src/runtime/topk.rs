@@ -105,14 +105,17 @@ pub fn topk_combine_cpu(
     Ok(out)
 }
 
-/// A block of [`TOPK_ROWS_THREADS`] per token (at most 2^16 blocks; the kernels stride over
-/// the rest), at least one.
-fn token_blocks(tokens: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (tokens.clamp(1, 1 << 16) as u32, 1, 1),
+/// The gather's and the combine's grid: blocks of [`TOPK_ROWS_THREADS`] over tokens (x, at
+/// most 2^16; the kernels stride over the rest) and over runs of `units` per token (y: a
+/// thread per unit, so a decode step's few tokens still fill the GPU). `None` past the
+/// grid's y limit.
+fn token_grid(tokens: usize, units: usize) -> Option<LaunchConfig> {
+    let runs = units.div_ceil(TOPK_ROWS_THREADS as usize);
+    (runs <= 65_535).then(|| LaunchConfig {
+        grid_dim: (tokens.clamp(1, 1 << 16) as u32, runs.max(1) as u32, 1),
         block_dim: (TOPK_ROWS_THREADS, 1, 1),
         shared_mem_bytes: 0,
-    }
+    })
 }
 
 fn bad_expert(pair: usize, top_k: usize, id: u32, experts: usize) -> ForgeError {
@@ -191,7 +194,7 @@ impl TopkRouting {
                 ids.len()
             )));
         }
-        let (a, b, rows_limit, routing_status) = self.routing.device_tables()?;
+        let t = self.routing.device_tables()?;
         let args = TopkRouteArgs {
             ids: ids.dev_ptr(),
             offsets: self.offsets.dev_ptr_mut(),
@@ -201,14 +204,14 @@ impl TopkRouting {
             pairs: pairs as u32,
             top_k: self.top_k as u32,
             experts: self.experts as u32,
-            tasks: a.0,
-            height: a.1,
-            capacity: a.2,
-            tasks_b: b.0,
-            height_b: b.1,
-            capacity_b: b.2,
-            rows_limit,
-            routing_status,
+            tasks: t.tasks,
+            height: t.height,
+            capacity: t.capacity,
+            tasks_b: t.tasks_b,
+            height_b: t.height_b,
+            capacity_b: t.capacity_b,
+            rows_limit: t.rows_limit,
+            routing_status: t.status,
         };
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
@@ -246,9 +249,10 @@ impl TopkRouting {
             )));
         }
         let chunks = k / 8;
-        if chunks.div_ceil(TOPK_ROWS_THREADS as usize) > 65_535 {
+        // A thread per 16-byte chunk of a row.
+        let Some(cfg) = token_grid(tokens, chunks) else {
             return Err(ForgeError::Shape(format!("top-k gather: K = {k} exceeds the launch limits")));
-        }
+        };
         let args = TopkGatherArgs {
             hidden: hidden.dev_ptr(),
             pair_row: self.pair_row.dev_ptr(),
@@ -258,9 +262,6 @@ impl TopkRouting {
             top_k: self.top_k as u32,
             chunks: chunks as u32,
         };
-        // A thread per chunk: runs of TOPK_ROWS_THREADS chunks along y (≤ 65535, checked).
-        let mut cfg = token_blocks(tokens);
-        cfg.grid_dim.1 = chunks.div_ceil(TOPK_ROWS_THREADS as usize) as u32;
         // SAFETY: device allocations are 256-byte aligned and rows are k·2 = 16·chunks bytes,
         // so every chunk is 16-byte aligned; x ≥ rows·k, hidden ≥ tokens·k (checked);
         // pair_row holds rows < rows for this step's pairs (written by the route kernel of
@@ -302,15 +303,10 @@ impl TopkRouting {
             top_k: self.top_k as u32,
             n: n as u32,
         };
-        // Columns per thread: 8 when n % 8 == 0 (16-byte accesses), else 1; column runs of
-        // TOPK_ROWS_THREADS threads along y (a decode step's few tokens still fill the GPU).
-        let per_block = TOPK_ROWS_THREADS as usize * if n.is_multiple_of(8) { 8 } else { 1 };
-        let runs = n.div_ceil(per_block);
-        if runs > 65_535 {
+        // A thread per 8 columns when n % 8 == 0 (16-byte accesses), else per column.
+        let Some(cfg) = token_grid(tokens, if n.is_multiple_of(8) { n / 8 } else { n }) else {
             return Err(ForgeError::Shape(format!("top-k combine: N = {n} exceeds the launch limits")));
-        }
-        let mut cfg = token_blocks(tokens);
-        cfg.grid_dim.1 = runs as u32;
+        };
         // SAFETY: y ≥ pairs·n, weights ≥ pairs, out ≥ tokens·n (checked), both whole
         // allocations (256-byte aligned), so with n % 8 == 0 every 8-column chunk is 16-byte
         // aligned; pair_row holds rows < pairs for this step's pairs (the route kernel, before
