@@ -425,6 +425,61 @@ pub fn cp_async_wait<const N: u32>() {
     unsafe { asm!("cp.async.wait_group {n};", n = const N, options(nostack)) };
 }
 
+/// `cp.async.wait_all`: waits until every `cp.async` of this thread, committed or not, has
+/// landed.
+#[inline(always)]
+pub fn cp_async_wait_all() {
+    // SAFETY: as `cp_async_commit`.
+    unsafe { asm!("cp.async.wait_all;", options(nostack)) };
+}
+
+/// `mbarrier.init.shared::cta.b64`: the barrier at `addr` completes a phase after `count`
+/// arrivals.
+///
+/// # Safety
+/// `addr` is an 8-byte aligned shared address; no thread uses the barrier before a block
+/// barrier that follows the init.
+#[inline(always)]
+pub unsafe fn mbarrier_init(addr: u32, count: u32) {
+    asm!("mbarrier.init.shared::cta.b64 [{a}], {c};", a = in(reg32) addr, c = in(reg32) count, options(nostack));
+}
+
+/// `mbarrier.arrive.shared::cta.b64` (release, CTA scope): one arrival on the current phase.
+///
+/// # Safety
+/// `addr` is an initialised barrier whose current phase still expects this arrival.
+#[inline(always)]
+pub unsafe fn mbarrier_arrive(addr: u32) {
+    asm!("{{ .reg .b64 st; mbarrier.arrive.shared::cta.b64 st, [{a}]; }}", a = in(reg32) addr, options(nostack));
+}
+
+/// `cp.async.mbarrier.arrive.noinc.shared::cta.b64`: one arrival on the barrier once every
+/// earlier `cp.async` of this thread has landed (counted in the barrier's `count`).
+///
+/// # Safety
+/// As [`mbarrier_arrive`].
+#[inline(always)]
+pub unsafe fn cp_async_mbarrier_arrive(addr: u32) {
+    asm!("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];", a = in(reg32) addr, options(nostack));
+}
+
+/// Waits (`mbarrier.try_wait.parity`, acquire, CTA scope) until the barrier's phase of
+/// parity `parity` has completed.
+///
+/// # Safety
+/// `addr` is an initialised barrier that completes that phase.
+#[inline(always)]
+pub unsafe fn mbarrier_wait(addr: u32, parity: u32) {
+    loop {
+        let done: u32;
+        asm!("{{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [{a}], {ph}; selp.u32 {d}, 1, 0, p; }}",
+             a = in(reg32) addr, ph = in(reg32) parity, d = out(reg32) done, options(nostack));
+        if done != 0 {
+            break;
+        }
+    }
+}
+
 /// `rcp.approx.ftz.f32`: the hardware reciprocal (about 1 ulp; subnormals flush to zero).
 #[inline(always)]
 fn rcp_approx(x: f32) -> f32 {

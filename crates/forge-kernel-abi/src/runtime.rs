@@ -298,7 +298,7 @@ pub const WG_STAGE_STEPS: u32 = 4;
 /// `k` starts at most two (its first step's and one more).
 pub const WG_STAGE_GROUPS: u32 = 2;
 /// Stages in a Hopper block's `cp.async` ring: `depth − 2` in flight, the one being read, and
-/// the one whose `wgmma`s may still run. A `cp.async.wait_group` immediate, so one value.
+/// the one whose `wgmma`s may still run.
 pub const WG_DEPTH: u32 = 7;
 
 /// The Hopper W4A16 kernel for `8·tf` rows of `X` (`tf` 1, 2, 4, 8 or 16: the `wgmma` is
@@ -374,9 +374,15 @@ impl W4a16WgShape {
         self.table() + 512
     }
 
+    /// Offset of the ring's `mbarrier`s: per slot a "full" one (every thread's copies have
+    /// landed), then per slot an "empty" one (every warp's `wgmma`s have read it).
+    pub const fn mbar(&self) -> u32 {
+        self.flag() + 16
+    }
+
     /// Dynamic shared memory per block.
     pub const fn total(&self) -> u32 {
-        self.flag() + 16
+        self.mbar() + 2 * WG_DEPTH * 8
     }
 }
 

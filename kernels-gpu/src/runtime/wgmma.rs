@@ -19,15 +19,21 @@
 //! columns: they share one copy of `X` per stage.
 //!
 //! Pipeline: a ring of [`WG_DEPTH`] stages, each filled by `cp.async` of all threads (one
-//! code chunk each, `X` chunks, the records of the groups the stage starts). At stage `s`
-//! every thread waits for its own copies of `s`, fences them to the async proxy (the tensor
-//! cores read shared memory through it), and the block barrier makes the stage whole; then
-//! the slot of stage `s − 2` is refilled: its `wgmma`s are done, because every warp waited
-//! for them before that barrier. Per stage a warp then waits for stage `s − 1`'s `wgmma`s
-//! (they ran during the copy wait, the barrier and the refill; this stage's dequantization
-//! rewrites their A registers), dequantizes its 4 words, fences once and issues 4 `wgmma`s
-//! back to back (a fence between two `wgmma`s on the same accumulators makes the second
-//! wait for the first).
+//! code chunk each, `X` chunks, the records of the groups the stage starts), with two
+//! `mbarrier`s per slot and no block barrier in the loop. Each thread arrives on a slot's
+//! "full" barrier when its copies of the stage land (`cp.async.mbarrier.arrive.noinc`); each
+//! warp arrives on its "empty" barrier once its warpgroup's `wgmma`s of that stage are done.
+//! At stage `s` a warp waits for "full", fences to the async proxy (the tensor cores read
+//! shared memory through it), waits for its own `wgmma`s of stage `s − 1` (this stage's
+//! dequantization rewrites their A registers: ptxas serializes the `wgmma`s if A registers
+//! are written while earlier ones run) and releases that slot, dequantizes its 4 words,
+//! fences once and issues 4 `wgmma`s back to back (a fence between two `wgmma`s on the same
+//! accumulators makes the second wait for the first). While they run it copies its share of
+//! stage `s + WG_LEAD` into the slot of stage `s − 2`, once every warp has released it. Why
+//! no block barrier: with one per stage all 16 warps dequantized at the same time while the
+//! tensor cores idled, then waited together for the `wgmma`s; with the barriers the
+//! warpgroups drift apart and one's dequantization overlaps another's `wgmma`s (H200,
+//! 14336×4096: M = 256 97.4 → 76.4 µs, M = 64 42.6 → 35.2).
 //!
 //! Programmatic dependent launch: the prologue streams the first stages' weight, lets the
 //! next grid on the stream start (`allow_dependent_grids`), waits for the previous one
@@ -45,7 +51,8 @@ use super::epilogue::finish_split_k;
 use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, Half};
 use super::{allow_dependent_grids, block_place, task_view, wait_for_prior_grids, GroupCursor};
 use crate::device::{
-    cp_async_commit, cp_async_wait, ld_shared_u32, shared_window_base, st_shared_u16, sync_threads, thread_x,
+    cp_async_mbarrier_arrive, cp_async_wait_all, ld_shared_u32, mbarrier_arrive, mbarrier_init, mbarrier_wait,
+    shared_window_base, st_shared_u16, sync_threads, thread_x,
 };
 use core::arch::asm;
 use forge_kernel_abi::runtime::{
@@ -243,15 +250,6 @@ impl Sources {
         Sources { codes, x: [x0, x1], x_row: [r0, r1], x_k: [k0, k1], cur: GroupCursor::at(q * sh.k_stage(), gs) }
     }
 
-    /// Copies stage `q` into ring slot `slot` (see [`Sources::copy_weights`] and
-    /// [`Sources::copy_x`]) as one `cp.async` group, then moves on one stage.
-    #[inline(always)]
-    unsafe fn issue<const TF: usize>(&mut self, a: &W4a16Args, slot: u32, cb: u32, tid: u32, gs: u32, first: bool) {
-        self.copy_weights::<TF>(a, slot, cb, tid, gs, first);
-        self.copy_x::<TF>(a, slot, tid);
-        cp_async_commit();
-    }
-
     /// The stage's weight into ring slot `slot`: the thread's code chunk and the block's
     /// records of the groups the stage needs (its first step's when it starts that group or
     /// is the block's first stage, the next group's when it starts inside the stage); moves
@@ -289,6 +287,13 @@ impl Sources {
     }
 }
 
+/// Stages copied ahead of the one being computed: the slot refilled at stage `s` is that of
+/// stage `s + WG_LEAD − WG_DEPTH`, released by every warp `WG_DEPTH − WG_LEAD − 1` stages
+/// before (the drift the warpgroups may have between them). One more stage of drift
+/// (`WG_DEPTH − 3`) ran within ±3 % of this on the bench shapes (H200), so the deeper lead
+/// stays.
+const WG_LEAD: u32 = WG_DEPTH - 2;
+
 // The stage loop unrolls its steps by four.
 const _: () = assert!(WG_STAGE_STEPS == 4);
 
@@ -317,46 +322,58 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize, const GROUPED: bool>(a: W4a16Arg
 
     let base = shared_window_base();
     let table = base + sh.table();
-    let slot_of = |q: u32| base + (q % WG_DEPTH) * sh.stage_bytes();
+    // The ring is indexed from the split's first stage: stage s_begin + i is in slot
+    // i mod depth, and a slot's n-th use is phase n of its barriers.
+    let slot_at = |j: u32| base + j * sh.stage_bytes();
+    let full = |j: u32| base + sh.mbar() + 8 * j;
+    let empty = |j: u32| base + sh.mbar() + 8 * (WG_DEPTH + j);
 
-    // Prologue: stages s_begin .. s_begin + depth − 3. Without overlap, one copy group per
-    // stage (empty past the end, to keep the count), so stage s_begin is computed as soon as
-    // it lands. An overlapping launch copies only their weight now (no earlier kernel writes
-    // it), and their X once the kernel before this one is done; it then waits for the whole
-    // prologue, so the loop's waits, counting only the groups it issues, still find each
-    // stage complete (its first barrier makes every thread's copies visible).
+    if tid == 0 {
+        let mut j = 0;
+        while j < WG_DEPTH {
+            mbarrier_init(base + sh.mbar() + 8 * j, WG_THREADS);
+            mbarrier_init(base + sh.mbar() + 8 * (WG_DEPTH + j), WG_THREADS / 32);
+            j += 1;
+        }
+    }
+    // The scale table.
+    if tid < 256 {
+        st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+    }
+    // The barriers and the table are seen by every thread from here.
+    sync_threads();
+
+    // Prologue: stages s_begin .. s_begin + WG_LEAD − 1, each thread arriving on a stage's "full"
+    // barrier once its copies of it have landed. An overlapping launch copies only their
+    // weight now (no earlier kernel writes it), and their X once the kernel before this one
+    // is done.
     let overlap = a.overlap != 0;
     let mut src = Sources::at::<TF>(&a, s_begin, cb, m0, tid, gs);
     let mut q = s_begin;
-    while q < s_begin + WG_DEPTH - 2 {
+    while q < s_begin + WG_LEAD {
         if q < s_end {
-            src.copy_weights::<TF>(&a, slot_of(q), cb, tid, gs, q == s_begin);
+            src.copy_weights::<TF>(&a, slot_at(q - s_begin), cb, tid, gs, q == s_begin);
             if !overlap {
-                src.copy_x::<TF>(&a, slot_of(q), tid);
+                src.copy_x::<TF>(&a, slot_at(q - s_begin), tid);
+                cp_async_mbarrier_arrive(full(q - s_begin));
             }
-        }
-        if !overlap {
-            cp_async_commit();
         }
         q += 1;
     }
     if overlap {
         allow_dependent_grids();
-    }
-    // The scale table, while the first stages are in flight.
-    if tid < 256 {
-        st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
-    }
-    if overlap {
         wait_for_prior_grids();
         let mut q_x = s_begin;
         while q_x < q.min(s_end) {
-            src.copy_x::<TF>(&a, slot_of(q_x), tid);
+            src.copy_x::<TF>(&a, slot_at(q_x - s_begin), tid);
+            cp_async_mbarrier_arrive(full(q_x - s_begin));
             q_x += 1;
         }
-        cp_async_commit();
-        cp_async_wait::<0>();
     }
+    // Slots and phase parities of stages s and q, advanced by one stage per iteration (no
+    // division in the loop).
+    let (mut slot_s, mut phase_s) = (0u32, 0u32);
+    let (mut slot_q, mut phase_q) = (WG_LEAD, 0u32);
 
     let mut acc = [0f32; ACC];
     wgmma_fence_acc::<TF>(&mut acc);
@@ -366,26 +383,23 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize, const GROUPED: bool>(a: W4a16Arg
     let mut cur = GroupCursor::at(s_begin * sh.k_stage(), gs);
     let mut s = s_begin;
     while s < s_end {
-        cp_async_wait::<{ WG_DEPTH - 3 }>();
+        // Every thread's copies of stage s have landed; the tensor cores read them through
+        // the async proxy.
+        mbarrier_wait(full(slot_s), phase_s);
         fence_proxy_async();
-        sync_threads();
-        // Stage s − 2's slot is free: every warp waited for its wgmmas before the barrier.
-        if q < s_end {
-            src.issue::<TF>(&a, slot_of(q), cb, tid, gs, false);
-        } else {
-            cp_async_commit();
-        }
-        q += 1;
-        // Stage s − 1's wgmmas ran during the wait, the barrier and the copies above; they
-        // must be done before the dequantization below rewrites their A registers (the
-        // compiler keeps one register set for them across iterations).
+        // This warpgroup's wgmmas of stage s − 1 are done (the dequantization below rewrites
+        // their A registers), so its warps release that slot.
         wgmma_wait::<0>();
-        let sb = slot_of(s);
+        if s > s_begin && lane == 0 {
+            mbarrier_arrive(empty(if slot_s == 0 { WG_DEPTH - 1 } else { slot_s - 1 }));
+        }
+        let sb = slot_at(slot_s);
         let g_stage = cur.g;
-        // The stage's four A fragments, then one fence and four back-to-back wgmmas.
+        // The stage's four A fragments, then one fence and four back-to-back wgmmas. Groups
+        // start at multiples of 32 `k` (group sizes are), so only at steps 0 and 2.
         let mut afrag = [[0u32; 4]; 4];
         unroll!(j < 4, {
-            if (s == s_begin && j == 0) || cur.r == 0 {
+            if j % 2 == 0 && ((s == s_begin && j == 0) || cur.r == 0) {
                 let raw = sb + sh.rec_off() + (cur.g - g_stage) * sh.group_rec_bytes();
                 rec = [
                     T::decode_record_shared(ld_shared_u32(raw + col * 4), table),
@@ -395,7 +409,9 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize, const GROUPED: bool>(a: W4a16Arg
             let word = ld_shared_u32(sb + (tile * WG_STAGE_STEPS + j as u32) * PACK_TILE_BYTES + lane * 16 + 4 * w);
             let d = dequant_word::<T>(word, rec[0], rec[1]);
             afrag[j] = [d[0], d[2], d[1], d[3]];
-            cur.advance_within(PACK_TILE_K, gs);
+            if j % 2 == 1 {
+                cur.advance_within(2 * PACK_TILE_K, gs);
+            }
         });
         wgmma_fence(&mut afrag);
         let desc = b_desc(sb + sh.x_off());
@@ -403,10 +419,29 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize, const GROUPED: bool>(a: W4a16Arg
             T::wgmma::<TF>(&mut acc, &afrag[j], desc + (j as u32 * sh.x_step_bytes() / 16) as u64);
         });
         wgmma_commit();
+        // While they run: stage s + WG_LEAD into the slot of stage s + WG_LEAD − depth, once
+        // every warp has released it.
+        if q < s_end {
+            if q - s_begin >= WG_DEPTH {
+                mbarrier_wait(empty(slot_q), phase_q ^ 1);
+            }
+            src.copy_weights::<TF>(&a, slot_at(slot_q), cb, tid, gs, false);
+            src.copy_x::<TF>(&a, slot_at(slot_q), tid);
+            cp_async_mbarrier_arrive(full(slot_q));
+        }
+        q += 1;
         s += 1;
+        slot_q += 1;
+        if slot_q == WG_DEPTH {
+            (slot_q, phase_q) = (0, phase_q ^ 1);
+        }
+        slot_s += 1;
+        if slot_s == WG_DEPTH {
+            (slot_s, phase_s) = (0, phase_s ^ 1);
+        }
     }
     wgmma_wait_all_acc::<TF>(&mut acc);
-    cp_async_wait::<0>();
+    cp_async_wait_all();
 
     // acc[4f + e]: column 16w + g (+ 8 for e ≥ 2) of tile `tile`, token 8f + 2t (+ 1 for odd e).
     let (m, n) = (a.m, a.n);
