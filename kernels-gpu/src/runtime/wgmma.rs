@@ -11,7 +11,9 @@
 //! the mma.sync kernels, docs/formats.md). B is the step's `X` slice in shared memory, read by
 //! the tensor cores through a matrix descriptor. Per warp and step: one 4-byte shared load of
 //! codes (4-way bank conflict: the four warps of a warpgroup read the four words of the same
-//! 16 bytes), one packed word of dequantization, one `wgmma` of `4·tf` accumulators.
+//! 16 bytes), one packed word of dequantization, one `wgmma` of `4·tf` accumulators. Per
+//! stage that starts a group, each lane decodes one record and takes its two columns' by
+//! shuffles (the four lanes of a quad need the same ones).
 //!
 //! Why one word per warp: the accumulators stay at `4·tf` registers, so 16–32 warps per SM
 //! hide the dequantization's latency (the first version, 4 words and 4 `wgmma`s per warp,
@@ -52,7 +54,7 @@ use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, Half};
 use super::{allow_dependent_grids, block_place, task_view, wait_for_prior_grids, GroupCursor};
 use crate::device::{
     cp_async_mbarrier_arrive, cp_async_wait_all, ld_shared_u32, mbarrier_arrive, mbarrier_init, mbarrier_wait,
-    shared_window_base, st_shared_u16, sync_threads, thread_x,
+    shared_window_base, shfl_idx_f64, st_shared_u16, sync_threads, thread_x,
 };
 use core::arch::asm;
 use forge_kernel_abi::runtime::{
@@ -395,23 +397,36 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize, const GROUPED: bool>(a: W4a16Arg
         }
         let sb = slot_at(slot_s);
         let g_stage = cur.g;
-        // The stage's four A fragments, then one fence and four back-to-back wgmmas. Groups
-        // start at multiples of 32 `k` (group sizes are), so only at steps 0 and 2.
+        // Records of the groups starting at steps 0 and 2 (groups start at multiples of 32
+        // `k`, as group sizes are, so nowhere else): lane L decodes column 16w + L mod 16 of
+        // the one at step 2·(L / 16), and each lane takes its two columns' by shuffles (the
+        // four lanes of a quad need the same ones).
+        let mut at2 = cur;
+        at2.advance_within(2 * PACK_TILE_K, gs);
+        let (start0, start2) = (s == s_begin || cur.r == 0, at2.r == 0);
+        let mut rec_first = rec;
+        if start0 || start2 {
+            let group = if lane < 16 { cur.g } else { at2.g } - g_stage;
+            let raw = sb + sh.rec_off() + group * sh.group_rec_bytes() + (tile * PACK_TILE_N + 16 * w + lane % 16) * 4;
+            let mine = f64::from_bits(T::decode_record_shared(ld_shared_u32(raw), table));
+            let take = |src: u32| shfl_idx_f64(mine, src).to_bits();
+            if start0 {
+                rec = [take(g), take(8 + g)];
+            }
+            rec_first = rec;
+            if start2 {
+                rec = [take(16 + g), take(24 + g)];
+            }
+        }
+        let recs = [rec_first, rec];
+        at2.advance_within(2 * PACK_TILE_K, gs);
+        cur = at2;
+        // The stage's four A fragments, then one fence and four back-to-back wgmmas.
         let mut afrag = [[0u32; 4]; 4];
         unroll!(j < 4, {
-            if j % 2 == 0 && ((s == s_begin && j == 0) || cur.r == 0) {
-                let raw = sb + sh.rec_off() + (cur.g - g_stage) * sh.group_rec_bytes();
-                rec = [
-                    T::decode_record_shared(ld_shared_u32(raw + col * 4), table),
-                    T::decode_record_shared(ld_shared_u32(raw + (col + 8) * 4), table),
-                ];
-            }
             let word = ld_shared_u32(sb + (tile * WG_STAGE_STEPS + j as u32) * PACK_TILE_BYTES + lane * 16 + 4 * w);
-            let d = dequant_word::<T>(word, rec[0], rec[1]);
+            let d = dequant_word::<T>(word, recs[j / 2][0], recs[j / 2][1]);
             afrag[j] = [d[0], d[2], d[1], d[3]];
-            if j % 2 == 1 {
-                cur.advance_within(2 * PACK_TILE_K, gs);
-            }
         });
         wgmma_fence(&mut afrag);
         let desc = b_desc(sb + sh.x_off());
