@@ -305,8 +305,8 @@ pub const WG_DEPTH: u32 = 7;
 /// `m64n(8·tf)k16`) and 256 columns per block. Per stage (64 `k`): the four tiles' codes of
 /// the 4 steps (`[tile][step]`), the `X` slice as `wgmma` core matrices (per step: 8 tokens ×
 /// 8 `k` with 16-byte rows, the `k` halves 128 bytes apart, token octets 256), and the raw
-/// records of up to [`WG_STAGE_GROUPS`] groups. After the ring: the qmeta4 scale table, then
-/// the split-K flag.
+/// records of up to [`WG_STAGE_GROUPS`] groups. After the ring: the qmeta4 scale table, the
+/// split-K flag, then the ring's `mbarrier`s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct W4a16WgShape {
     /// 8-token fragments.
