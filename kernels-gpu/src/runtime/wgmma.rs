@@ -292,8 +292,8 @@ impl Sources {
 /// Stages copied ahead of the one being computed: the slot refilled at stage `s` is that of
 /// stage `s + WG_LEAD − WG_DEPTH`, released by every warp `WG_DEPTH − WG_LEAD − 1` stages
 /// before (the drift the warpgroups may have between them). One more stage of drift
-/// (`WG_DEPTH − 3`) ran within ±3 % of this on the bench shapes (H200), so the deeper lead
-/// stays.
+/// (`WG_DEPTH − 3`) ran within ±4 % of this on the bench shapes (H200), faster on some and
+/// slower on others, so the deeper lead stays.
 const WG_LEAD: u32 = WG_DEPTH - 2;
 
 // The stage loop unrolls its steps by four.
