@@ -296,6 +296,17 @@ impl Sources {
 /// slower on others, so the deeper lead stays.
 const WG_LEAD: u32 = WG_DEPTH - 2;
 
+/// Moves a stage's ring slot and the parity of that slot's use (its barriers' phase) on by
+/// one stage, by increments so the loop has no division.
+#[inline(always)]
+fn next_ring_slot(slot: &mut u32, phase: &mut u32) {
+    *slot += 1;
+    if *slot == WG_DEPTH {
+        *slot = 0;
+        *phase ^= 1;
+    }
+}
+
 // The stage loop unrolls its steps by four.
 const _: () = assert!(WG_STAGE_STEPS == 4);
 
@@ -333,8 +344,8 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize, const GROUPED: bool>(a: W4a16Arg
     if tid == 0 {
         let mut j = 0;
         while j < WG_DEPTH {
-            mbarrier_init(base + sh.mbar() + 8 * j, WG_THREADS);
-            mbarrier_init(base + sh.mbar() + 8 * (WG_DEPTH + j), WG_THREADS / 32);
+            mbarrier_init(full(j), WG_THREADS);
+            mbarrier_init(empty(j), WG_THREADS / 32);
             j += 1;
         }
     }
@@ -372,8 +383,7 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize, const GROUPED: bool>(a: W4a16Arg
             q_x += 1;
         }
     }
-    // Slots and phase parities of stages s and q, advanced by one stage per iteration (no
-    // division in the loop).
+    // Slots and phase parities of stages s and q, advanced by one stage per iteration.
     let (mut slot_s, mut phase_s) = (0u32, 0u32);
     let (mut slot_q, mut phase_q) = (WG_LEAD, 0u32);
 
@@ -446,14 +456,8 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize, const GROUPED: bool>(a: W4a16Arg
         }
         q += 1;
         s += 1;
-        slot_q += 1;
-        if slot_q == WG_DEPTH {
-            (slot_q, phase_q) = (0, phase_q ^ 1);
-        }
-        slot_s += 1;
-        if slot_s == WG_DEPTH {
-            (slot_s, phase_s) = (0, phase_s ^ 1);
-        }
+        next_ring_slot(&mut slot_q, &mut phase_q);
+        next_ring_slot(&mut slot_s, &mut phase_s);
     }
     wgmma_wait_all_acc::<TF>(&mut acc);
     cp_async_wait_all();
