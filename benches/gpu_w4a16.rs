@@ -551,6 +551,12 @@ fn main() -> Result<()> {
             } else {
                 None
             };
+            // Blocks of 8 warps where the plan takes 16.
+            let t_narrow = if matches!(plan.kernel, FusedKernel::SkinnySm90 { warps: 16, .. }) {
+                Some(run(W4a16Options { wide_skinny_blocks: Some(false), ..Default::default() })?)
+            } else {
+                None
+            };
             if sweep && !matches!(fplan.kernel, FusedKernel::Tiled { .. }) && matches!(m, 1 | 16 | 64) {
                 // Each split count with clusters where the plan takes them ("c"), then with
                 // the global split-K.
@@ -593,9 +599,10 @@ fn main() -> Result<()> {
                 (_, FusedKernel::Skinny { tf }) => format!("skinny t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident),
                 (_, FusedKernel::Tiled { mb }) => format!("tiled mb{mb} s{} b{}/{}", p.splits, p.blocks, p.resident),
                 (_, FusedKernel::Wgmma { tf }) => format!("wgmma t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident),
-                (_, FusedKernel::SkinnySm90 { tf }) => {
+                (_, FusedKernel::SkinnySm90 { tf, warps }) => {
                     let c = if p.cluster > 1 { " cluster" } else { "" };
-                    format!("skinny90 t{tf} s{}{c} b{}/{}", p.splits, p.blocks, p.resident)
+                    let w = if warps == 16 { " w16" } else { "" };
+                    format!("skinny90 t{tf}{w} s{}{c} b{}/{}", p.splits, p.blocks, p.resident)
                 }
             };
             rows.push(vec![
@@ -619,6 +626,7 @@ fn main() -> Result<()> {
                     _ => "–".into(),
                 },
                 t_global.map_or("–".into(), us),
+                t_narrow.map_or("–".into(), |(t, p)| format!("{} ({})", us(t), plan_s(&p))),
             ]);
         }
     }
@@ -646,6 +654,7 @@ fn main() -> Result<()> {
             "overlapped µs",
             "overlapped vs cuBLAS",
             "global split-K µs",
+            "8-warp blocks µs",
         ],
         &rows,
     );

@@ -219,16 +219,20 @@ enum KernelChoice {
     SkinnySm90,
     /// The same with the global split-K (workspace and arrival counters).
     SkinnySm90GlobalSplitK,
+    /// The Hopper skinny build in blocks of 16 warps for 1–8 rows (forced: the plan takes
+    /// them only on large layers).
+    SkinnySm90Wide,
     Skinny,
     Tiled,
 }
 
 impl KernelChoice {
-    const ALL: [KernelChoice; 6] = [
+    const ALL: [KernelChoice; 7] = [
         KernelChoice::Wgmma,
         KernelChoice::WgmmaSmallLayer,
         KernelChoice::SkinnySm90,
         KernelChoice::SkinnySm90GlobalSplitK,
+        KernelChoice::SkinnySm90Wide,
         KernelChoice::Skinny,
         KernelChoice::Tiled,
     ];
@@ -237,9 +241,10 @@ impl KernelChoice {
         let (hopper_min_m, hopper_min_weights, skinny_max_m) = match self {
             KernelChoice::Wgmma => (1, 0, 64),
             KernelChoice::WgmmaSmallLayer => (1, u64::MAX, 64),
-            KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90GlobalSplitK | KernelChoice::Skinny => {
-                (usize::MAX, 0, 64)
-            }
+            KernelChoice::SkinnySm90
+            | KernelChoice::SkinnySm90GlobalSplitK
+            | KernelChoice::SkinnySm90Wide
+            | KernelChoice::Skinny => (usize::MAX, 0, 64),
             KernelChoice::Tiled => (usize::MAX, 0, 0),
         };
         W4a16Options {
@@ -248,14 +253,21 @@ impl KernelChoice {
             hopper_min_m,
             hopper_min_weights,
             skinny_max_m,
-            hopper_skinny: matches!(self, KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90GlobalSplitK),
+            hopper_skinny: matches!(
+                self,
+                KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90GlobalSplitK | KernelChoice::SkinnySm90Wide
+            ),
             cluster_split_k: !matches!(self, KernelChoice::SkinnySm90GlobalSplitK),
+            wide_skinny_blocks: Some(matches!(self, KernelChoice::SkinnySm90Wide)),
             // The Hopper-module kernels with both prologues: the overlapping launch (after a
             // copy, so nothing to overlap: the launch path, the wait and the split prologue
             // run) with odd forced splits, the plain one otherwise.
             overlap_prior_kernel: matches!(
                 self,
-                KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90GlobalSplitK | KernelChoice::Wgmma
+                KernelChoice::SkinnySm90
+                    | KernelChoice::SkinnySm90GlobalSplitK
+                    | KernelChoice::SkinnySm90Wide
+                    | KernelChoice::Wgmma
             ) && splits.is_some_and(|s| s % 2 == 1),
             ..Default::default()
         }
@@ -270,7 +282,7 @@ impl KernelChoice {
             KernelChoice::Wgmma if hopper => "Wgmma",
             KernelChoice::WgmmaSmallLayer if hopper && m > 64 => "Wgmma",
             // 17–32 rows keep the sm_80 build (see `W4a16Options::hopper_skinny`).
-            KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90GlobalSplitK
+            KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90GlobalSplitK | KernelChoice::SkinnySm90Wide
                 if hopper && m <= 64 && !(17..=32).contains(&m) =>
             {
                 "SkinnySm90"
@@ -284,13 +296,20 @@ impl KernelChoice {
                 assert!(!matches!(self, KernelChoice::WgmmaSmallLayer) || tf <= 8, "{plan:?}");
                 "Wgmma"
             }
-            FusedKernel::SkinnySm90 { .. } => "SkinnySm90",
+            FusedKernel::SkinnySm90 { tf, warps } => {
+                // 16 warps exactly where asked for, at 1–8 rows.
+                let wide = matches!(self, KernelChoice::SkinnySm90Wide) && tf == 1;
+                assert_eq!(warps, if wide { 16 } else { 8 }, "{self:?} m {m}: {plan:?}");
+                "SkinnySm90"
+            }
             FusedKernel::Skinny { .. } => "Skinny",
             FusedKernel::Tiled { .. } => "Tiled",
         };
         assert_eq!(got, want, "{self:?} m {m}: {plan:?}");
         // Clusters only for the Hopper skinny build with splits, never when turned off.
-        let may_cluster = matches!(self, KernelChoice::SkinnySm90) && got == "SkinnySm90" && plan.splits > 1;
+        let may_cluster = matches!(self, KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90Wide)
+            && got == "SkinnySm90"
+            && plan.splits > 1;
         assert!(plan.cluster == 1 || (may_cluster && plan.cluster == plan.splits), "{self:?} m {m}: {plan:?}");
     }
 }

@@ -58,11 +58,12 @@ use forge_kernel_abi::{
     W4a16SkinnyF16T1, W4a16SkinnyF16T2, W4a16SkinnyF16T4, W4a16SkinnyF16T8, W4a16SkinnyGroupedBf16T1,
     W4a16SkinnyGroupedBf16T2, W4a16SkinnyGroupedBf16T4, W4a16SkinnyGroupedBf16T8, W4a16SkinnyGroupedF16T1,
     W4a16SkinnyGroupedF16T2, W4a16SkinnyGroupedF16T4, W4a16SkinnyGroupedF16T8, W4a16SkinnySm90Bf16T1,
-    W4a16SkinnySm90Bf16T2, W4a16SkinnySm90Bf16T8, W4a16SkinnySm90F16T1, W4a16SkinnySm90F16T2, W4a16SkinnySm90F16T8,
-    W4a16SkinnySm90GroupedBf16T1, W4a16SkinnySm90GroupedBf16T2, W4a16SkinnySm90GroupedBf16T8,
-    W4a16SkinnySm90GroupedF16T1, W4a16SkinnySm90GroupedF16T2, W4a16SkinnySm90GroupedF16T8, W4a16WgBf16T1,
-    W4a16WgBf16T16, W4a16WgBf16T2, W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16, W4a16WgF16T2,
-    W4a16WgF16T4, W4a16WgF16T8, W4a16WgGroupedBf16T16, W4a16WgGroupedBf16T8, W4a16WgGroupedF16T16, W4a16WgGroupedF16T8,
+    W4a16SkinnySm90Bf16T1W16, W4a16SkinnySm90Bf16T2, W4a16SkinnySm90Bf16T8, W4a16SkinnySm90F16T1,
+    W4a16SkinnySm90F16T1W16, W4a16SkinnySm90F16T2, W4a16SkinnySm90F16T8, W4a16SkinnySm90GroupedBf16T1,
+    W4a16SkinnySm90GroupedBf16T2, W4a16SkinnySm90GroupedBf16T8, W4a16SkinnySm90GroupedF16T1,
+    W4a16SkinnySm90GroupedF16T2, W4a16SkinnySm90GroupedF16T8, W4a16WgBf16T1, W4a16WgBf16T16, W4a16WgBf16T2,
+    W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16, W4a16WgF16T2, W4a16WgF16T4, W4a16WgF16T8,
+    W4a16WgGroupedBf16T16, W4a16WgGroupedBf16T8, W4a16WgGroupedF16T16, W4a16WgGroupedF16T8,
 };
 use ndarray::{Array2, ArrayView2};
 
@@ -152,6 +153,12 @@ pub struct W4a16Options {
     /// counter. Taken only where the device co-schedules such clusters without fewer
     /// resident blocks; the sum and its bits are the same either way.
     pub cluster_split_k: bool,
+    /// 1–8 rows on the Hopper skinny build in blocks of 16 warps, one block per SM and no
+    /// split-K (`None`: where the plan finds it faster, on layers of at least
+    /// `hopper_min_weights` weights and `k ≥ 4096` with more than two thirds as many
+    /// 128-column tiles as SMs and at most as many; `Some(on)` forces it on or off for every
+    /// layer).
+    pub wide_skinny_blocks: Option<bool>,
     /// Dequantization + cuBLAS: dequantize and multiply the weight in chunks of whole 64-row
     /// tiles of `W` of at most this many dense bytes, each chunk's GEMM right after its
     /// dequantization, reusing one scratch of that size (0, the default: the whole weight
@@ -173,6 +180,7 @@ impl Default for W4a16Options {
             hopper_skinny: true,
             overlap_prior_kernel: false,
             cluster_split_k: true,
+            wide_skinny_blocks: None,
             gemm_chunk_bytes: 0,
         }
     }
@@ -198,10 +206,12 @@ pub enum FusedKernel {
         tf: u32,
     },
     /// `w4a16_skinny_sm90_*`: the skinny kernel built in the Hopper module (same code and
-    /// block shape; may overlap the previous kernel).
+    /// block shape, or blocks of 16 warps at `tf` 1; may overlap the previous kernel).
     SkinnySm90 {
         /// 8-token fragments (1, 2 or 8: the plan keeps the sm_80 build for 4).
         tf: u32,
+        /// Warps per block: 8, or 16 (`tf` 1 only, `w4a16_skinny_sm90_*_t1_w16`).
+        warps: u32,
     },
 }
 
@@ -288,17 +298,19 @@ macro_rules! with_fused_kernel {
             (ActDtype::F16, Wgmma { tf: 4 }, false) => $then!(W4a16WgF16T4),
             (ActDtype::F16, Wgmma { tf: 8 }, false) => $then!(W4a16WgF16T8),
             (ActDtype::F16, Wgmma { .. }, false) => $then!(W4a16WgF16T16),
-            (ActDtype::Bf16, SkinnySm90 { tf: 1 }, false) => $then!(W4a16SkinnySm90Bf16T1),
-            (ActDtype::Bf16, SkinnySm90 { tf: 2 }, false) => $then!(W4a16SkinnySm90Bf16T2),
+            (ActDtype::Bf16, SkinnySm90 { tf: 1, warps: 16 }, false) => $then!(W4a16SkinnySm90Bf16T1W16),
+            (ActDtype::F16, SkinnySm90 { tf: 1, warps: 16 }, false) => $then!(W4a16SkinnySm90F16T1W16),
+            (ActDtype::Bf16, SkinnySm90 { tf: 1, .. }, false) => $then!(W4a16SkinnySm90Bf16T1),
+            (ActDtype::Bf16, SkinnySm90 { tf: 2, .. }, false) => $then!(W4a16SkinnySm90Bf16T2),
             (ActDtype::Bf16, SkinnySm90 { .. }, false) => $then!(W4a16SkinnySm90Bf16T8),
-            (ActDtype::F16, SkinnySm90 { tf: 1 }, false) => $then!(W4a16SkinnySm90F16T1),
-            (ActDtype::F16, SkinnySm90 { tf: 2 }, false) => $then!(W4a16SkinnySm90F16T2),
+            (ActDtype::F16, SkinnySm90 { tf: 1, .. }, false) => $then!(W4a16SkinnySm90F16T1),
+            (ActDtype::F16, SkinnySm90 { tf: 2, .. }, false) => $then!(W4a16SkinnySm90F16T2),
             (ActDtype::F16, SkinnySm90 { .. }, false) => $then!(W4a16SkinnySm90F16T8),
-            (ActDtype::Bf16, SkinnySm90 { tf: 1 }, true) => $then!(W4a16SkinnySm90GroupedBf16T1),
-            (ActDtype::Bf16, SkinnySm90 { tf: 2 }, true) => $then!(W4a16SkinnySm90GroupedBf16T2),
+            (ActDtype::Bf16, SkinnySm90 { tf: 1, .. }, true) => $then!(W4a16SkinnySm90GroupedBf16T1),
+            (ActDtype::Bf16, SkinnySm90 { tf: 2, .. }, true) => $then!(W4a16SkinnySm90GroupedBf16T2),
             (ActDtype::Bf16, SkinnySm90 { .. }, true) => $then!(W4a16SkinnySm90GroupedBf16T8),
-            (ActDtype::F16, SkinnySm90 { tf: 1 }, true) => $then!(W4a16SkinnySm90GroupedF16T1),
-            (ActDtype::F16, SkinnySm90 { tf: 2 }, true) => $then!(W4a16SkinnySm90GroupedF16T2),
+            (ActDtype::F16, SkinnySm90 { tf: 1, .. }, true) => $then!(W4a16SkinnySm90GroupedF16T1),
+            (ActDtype::F16, SkinnySm90 { tf: 2, .. }, true) => $then!(W4a16SkinnySm90GroupedF16T2),
             (ActDtype::F16, SkinnySm90 { .. }, true) => $then!(W4a16SkinnySm90GroupedF16T8),
             (ActDtype::Bf16, Wgmma { tf: 8 }, true) => $then!(W4a16WgGroupedBf16T8),
             (ActDtype::Bf16, Wgmma { tf: 16 }, true) => $then!(W4a16WgGroupedBf16T16),
@@ -404,6 +416,7 @@ pub(crate) fn plan_layer(
         None => m >= opts.hopper_min_m && (m > 64 || large) && !gemm && dev.is_hopper(),
     };
     let skinny = !hopper && (grouped.is_some() || m <= opts.skinny_max_m.min(64));
+    let mut skinny_warps = SKINNY_WARPS;
     let (kernel, rows_per_block, cols_per_block, k_unit, shared_bytes, threads) = if hopper {
         // Above 64 rows on large layers, blocks of 128 rows dequantize the weight once for
         // twice the tokens of two 64-row blocks (H200, M = 256: 14336×4096 102 µs against
@@ -421,16 +434,36 @@ pub(crate) fn plan_layer(
             WG_THREADS,
         )
     } else if skinny {
-        let shape = W4a16SkinnyShape::for_tf(m.min(64).div_ceil(8).next_power_of_two() as u32);
+        let tf = m.min(64).div_ceil(8).next_power_of_two() as u32;
         // The Hopper-module build (which can overlap the previous kernel) except at tf 4,
         // where its code ran 5–10 % slower than the sm_80 module's on the large bench layers
         // (H200, M = 32: 14336×4096 26.9 µs against 24.5); at tf 8 it ran 8–14 % faster.
-        let kernel = if opts.hopper_skinny && shape.tf != 4 && dev.is_hopper() {
-            FusedKernel::SkinnySm90 { tf: shape.tf }
+        let narrow = W4a16SkinnyShape::for_tf(tf);
+        let (kernel, shape) = if opts.hopper_skinny && tf != 4 && dev.is_hopper() {
+            // Blocks of 16 warps (one per SM, 1–8 rows, no split-K) where a large layer has
+            // more 8-warp tiles than a third of the 8-warp blocks' slots (two per SM) and at
+            // most one per SM: there those took two splits, leaving as many slots idle, and
+            // paid the split-K end (H200, M = 1: 14336×4096 15.9 µs against 16.7, 12288×4096
+            // 15.6 against 16.4). With three splits they fill the GPU and won (11008×4096,
+            // 86 tiles: 14.4 against 15.4); on small layers 16 warps lost 7–9 % (4096×4096:
+            // 9.4 against 8.7, one block per SM either way). Measured with k = 4096, so at
+            // least 16 steps per warp: only there.
+            let wide = tf == 1
+                && grouped.is_none()
+                && match opts.wide_skinny_blocks {
+                    Some(on) => on,
+                    None => {
+                        let (tiles, sms) = ((w.n_pad / narrow.n_block() as usize) as u64, dev.sm_count()? as u64);
+                        large && w.k_pad >= 4096 && 3 * tiles > 2 * sms && tiles <= sms
+                    }
+                };
+            let warps = if wide { 2 * SKINNY_WARPS } else { SKINNY_WARPS };
+            (FusedKernel::SkinnySm90 { tf, warps }, W4a16SkinnyShape { warps, ..narrow })
         } else {
-            FusedKernel::Skinny { tf: shape.tf }
+            (FusedKernel::Skinny { tf }, narrow)
         };
-        (kernel, shape.m_block(), shape.n_block(), 16, shape.total(), W4A16_THREADS)
+        skinny_warps = shape.warps;
+        (kernel, shape.m_block(), shape.n_block(), 16, shape.total(), shape.threads())
     } else {
         let shape = W4a16Shape::for_mb(m.min(64).div_ceil(16) as u32);
         let (mb, total) = (shape.mb, shape.layout().total);
@@ -457,7 +490,7 @@ pub(crate) fn plan_layer(
     let tiles = m_blocks as u64 * col_blocks as u64;
     let max_splits = if skinny {
         // At least two steps per warp.
-        (units / (2 * SKINNY_WARPS)).clamp(1, W4A16_MAX_SPLITS)
+        (units / (2 * skinny_warps)).clamp(1, W4A16_MAX_SPLITS)
     } else if hopper {
         // At least two stages per block.
         (units / 2).clamp(1, W4A16_MAX_SPLITS)

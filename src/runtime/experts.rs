@@ -520,7 +520,7 @@ pub fn w4a16_grouped_plan(
 /// The block height of a grouped plan (the task table it runs).
 fn plan_rows(plan: &W4a16Plan) -> usize {
     match plan.kernel {
-        FusedKernel::Skinny { tf } | FusedKernel::SkinnySm90 { tf } | FusedKernel::Wgmma { tf } => 8 * tf as usize,
+        FusedKernel::Skinny { tf } | FusedKernel::SkinnySm90 { tf, .. } | FusedKernel::Wgmma { tf } => 8 * tf as usize,
         FusedKernel::Tiled { mb } => 16 * mb as usize,
     }
 }

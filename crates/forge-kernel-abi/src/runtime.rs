@@ -191,6 +191,8 @@ pub struct W4a16SkinnyShape {
     pub tf: u32,
     /// Packed `n` tiles per warp (and block).
     pub nt: u32,
+    /// Warps of the block, each on its own part of the block's `k` range.
+    pub warps: u32,
 }
 
 impl W4a16SkinnyShape {
@@ -198,7 +200,19 @@ impl W4a16SkinnyShape {
     /// 64 accumulators with two tiles do not fit the 128 registers of two blocks per SM
     /// (ptxas spilled them; one tile halves them), and `tf = 8` (256 accumulators with two).
     pub const fn for_tf(tf: u32) -> Self {
-        W4a16SkinnyShape { tf, nt: if tf == 2 || tf == 8 { 1 } else { 2 } }
+        W4a16SkinnyShape { tf, nt: if tf == 2 || tf == 8 { 1 } else { 2 }, warps: SKINNY_WARPS }
+    }
+
+    /// The instance for `tf` fragments in blocks of 16 warps: the Hopper build's
+    /// `w4a16_skinny_sm90_*_t1_w16` (126 registers and 172 KB at `tf` 1: one block per SM
+    /// with as many warps as two blocks of 8, so a layer of one tile per SM needs no split-K).
+    pub const fn wide(tf: u32) -> Self {
+        W4a16SkinnyShape { warps: 2 * SKINNY_WARPS, ..Self::for_tf(tf) }
+    }
+
+    /// Threads per block.
+    pub const fn threads(&self) -> u32 {
+        32 * self.warps
     }
 
     /// Rows of `X` per block.
@@ -239,12 +253,12 @@ impl W4a16SkinnyShape {
 
     /// Bytes of the reduction over the block's warps (reuses the pipelines and the table).
     pub const fn reduce_bytes(&self) -> u32 {
-        SKINNY_WARPS * self.m_block() * self.red_stride() * 4
+        self.warps * self.m_block() * self.red_stride() * 4
     }
 
     /// Offset of the scale table.
     pub const fn table(&self) -> u32 {
-        SKINNY_WARPS * self.warp_bytes()
+        self.warps * self.warp_bytes()
     }
 
     /// Offset of the block's f32 partial `[m_block][n_block]` that the other blocks of a
@@ -275,11 +289,17 @@ const _: () = {
     while tf <= 8 {
         let mut nt = 1;
         while nt <= 2 {
-            let s = W4a16SkinnyShape { tf, nt };
-            // One 16-byte cp.async per lane and tile; records and X in at most two per lane.
-            assert!(s.n_block() * 4 <= 32 * 16 && s.x_bytes() / 16 <= 128);
-            assert!(PACK_N_ALIGN.is_multiple_of(s.n_block()));
-            assert!(s.step_bytes().is_multiple_of(16) && s.table().is_multiple_of(16));
+            let mut warps = SKINNY_WARPS;
+            while warps <= 2 * SKINNY_WARPS {
+                let s = W4a16SkinnyShape { tf, nt, warps };
+                // One 16-byte cp.async per lane and tile; records and X in at most two per lane.
+                assert!(s.n_block() * 4 <= 32 * 16 && s.x_bytes() / 16 <= 128);
+                assert!(PACK_N_ALIGN.is_multiple_of(s.n_block()));
+                assert!(s.step_bytes().is_multiple_of(16) && s.table().is_multiple_of(16));
+                // The scale table is filled by the first 256 threads.
+                assert!(s.threads() >= 256 && s.threads() <= 1024);
+                warps *= 2;
+            }
             nt += 1;
         }
         tf *= 2;
@@ -419,11 +439,13 @@ crate::kernel_args! {
     ///
     /// The skinny kernels `w4a16_skinny_{bf16,f16}_t{1,2,4,8}` take the same arguments with
     /// row blocks of `8·tf`, `col_blocks = n_pad / (64·nt)`, shared memory
-    /// `W4a16SkinnyShape::for_tf(tf).total()`, and split `p`'s warp `w` streaming the 16-deep steps
-    /// `[q·S/P, (q+1)·S/P)`, `q = p·SKINNY_WARPS + w`, `P = splits·SKINNY_WARPS`,
+    /// `W4a16SkinnyShape::for_tf(tf).total()` (`wide(1)` for the `_w16` instances), its
+    /// `threads()`, and split `p`'s warp `w` of the shape's `W` warps streaming the 16-deep steps
+    /// `[q·S/P, (q+1)·S/P)`, `q = p·W + w`, `P = splits·W`,
     /// `S = k_pad / 16`; `1 ≤ splits ≤ W4A16_MAX_SPLITS`.
     ///
-    /// The skinny kernels of the Hopper module, `w4a16_skinny_sm90_{bf16,f16}_t{1,2,8}`
+    /// The skinny kernels of the Hopper module, `w4a16_skinny_sm90_{bf16,f16}_t{1,2,8}` and
+    /// `w4a16_skinny_sm90_{bf16,f16}_t1_w16`
     /// (the same source built for `sm_90a`, which adds programmatic dependent launch and
     /// cluster split-K), take the same arguments as the sm_80 ones; with `cluster = 1` they
     /// must be launched in clusters of `splits × 1 × 1` blocks.

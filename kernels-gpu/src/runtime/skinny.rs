@@ -1,9 +1,10 @@
 //! `w4a16_skinny_{bf16,f16}_t{1,2,4,8}`: the small-`M` W4A16 matmul (`M ≤ 8·tf` rows per
 //! block), built to stream the packed weight at HBM speed (docs/kernels.md §6).
 //!
-//! Thread mapping: 256 threads = 8 warps, all on the block's `64·nt` output columns (`nt`
-//! packed `n` tiles); warp `w` of split `p` streams its own contiguous range of
-//! 16-deep `k` steps (`forge_kernel_abi::runtime::W4a16Args` says which). The product is
+//! Thread mapping: 256 threads = 8 warps (512 = 16 in the Hopper build's `_t1_w16`
+//! instances), all on the block's `64·nt` output columns (`nt` packed `n` tiles); warp `w`
+//! of split `p` streams its own contiguous range of 16-deep `k` steps
+//! (`forge_kernel_abi::runtime::W4a16Args` says which). The product is
 //! `Yᵀ = dequant(W)·Xᵀ`: the mma's A operand is 16 weight columns × 16 `k` (one packed word,
 //! dequantized: its two n8 halves are the fragment's row halves), B is 16 `k` × 8 tokens of
 //! `X`, so `M ≤ 8` wastes no tensor-core rows. Per step a lane makes `nt` 16-byte shared
@@ -42,11 +43,12 @@ use crate::device::{
 };
 use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape, PACK_TILE_BYTES, SKINNY_DEPTH};
 
-/// Compile-time shape of the `(tf, nt)` instance.
+/// Compile-time ring layout of the `(tf, nt)` instance, the same for any warp count (the
+/// block's layout, which depends on it, is `sh` in [`skinny`]).
 struct Cfg<const TF: usize, const NT: usize>;
 
 impl<const TF: usize, const NT: usize> Cfg<TF, NT> {
-    const SH: W4a16SkinnyShape = W4a16SkinnyShape { tf: TF as u32, nt: NT as u32 };
+    const SH: W4a16SkinnyShape = W4a16SkinnyShape { tf: TF as u32, nt: NT as u32, warps: 1 };
     const STEP: u32 = Self::SH.step_bytes();
     const X_OFF: u32 = Self::SH.codes_bytes();
     const REC_OFF: u32 = Self::SH.codes_bytes() + Self::SH.x_bytes();
@@ -158,7 +160,8 @@ unsafe fn x_fragments<const TF: usize, const NT: usize>(sb: u32, lane: u32) -> [
 
 /// See the module docs.
 #[inline(always)]
-pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const GROUPED: bool>(a: W4a16Args) {
+pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, const GROUPED: bool>(a: W4a16Args) {
+    let sh = W4a16SkinnyShape { tf: TF as u32, nt: NT as u32, warps: W as u32 };
     let tid = thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
     let (g, t) = (lane / 4, lane % 4);
@@ -173,7 +176,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const GROUPED: b
         return;
     }
     let m0 = mblk * Cfg::<TF, NT>::SH.m_block();
-    let (s_begin, s_end) = warp_steps(a.k_pad, split, splits, warp);
+    let (s_begin, s_end) = warp_steps(a.k_pad, split, splits, warp, W as u32);
     let gs = a.gs.max(16);
 
     let block_base = shared_window_base();
@@ -183,7 +186,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const GROUPED: b
     let mut issue_cur = first;
     let mut src = Sources::at::<TF, NT>(&a, s_begin, cb, m0, lane);
     let mut s_issue = s_begin;
-    let table = block_base + Cfg::<TF, NT>::SH.table();
+    let table = block_base + sh.table();
     if cfg!(feature = "hopper") && a.overlap != 0 {
         // Overlapping launch: the weight of the first depth − 1 steps, which no earlier kernel
         // writes, streams while the kernel before this one may still run; their X once that
@@ -196,7 +199,9 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const GROUPED: b
             s_issue += 1;
         }
         allow_dependent_grids();
-        st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+        if W <= 8 || tid < 256 {
+            st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+        }
         wait_for_prior_grids();
         let mut s_x = s_begin;
         while s_x < s_issue {
@@ -218,8 +223,11 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const GROUPED: b
             }
             s_issue += 1;
         }
-        // The scale table, while the first steps are in flight.
-        st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+        // The scale table, while the first steps are in flight (its 256 entries by the first
+        // 256 threads).
+        if W <= 8 || tid < 256 {
+            st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+        }
     }
     sync_threads();
     let mut slot_issue = (s_issue - s_begin) % SKINNY_DEPTH;
@@ -255,15 +263,18 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const GROUPED: b
     }
     // Nothing in flight into the rings the block end reuses.
     cp_async_wait::<0>();
-    block_end::<T, TF, NT>(&a, block_base, block_base + Cfg::<TF, NT>::SH.flag(), &acc, (mblk, cb, split), tid);
+    block_end::<T, TF, NT, W>(&a, block_base, block_base + sh.flag(), &acc, (mblk, cb, split), tid);
 }
 
 macro_rules! instance {
     ($marker:ident, $name:ident, $t:ty, $tf:literal, $grouped:literal) => {
+        instance!($marker, $name, $t, $tf, $grouped, W4a16SkinnyShape::for_tf($tf));
+    };
+    ($marker:ident, $name:ident, $t:ty, $tf:literal, $grouped:literal, $shape:expr) => {
         forge_kernel_abi::w4a16_kernel! {
             /// See the module docs.
             $marker => fn $name(args) {
-                skinny::<$t, $tf, { W4a16SkinnyShape::for_tf($tf).nt as usize }, $grouped>(args)
+                skinny::<$t, $tf, { $shape.nt as usize }, { $shape.warps as usize }, $grouped>(args)
             }
         }
     };
@@ -313,3 +324,8 @@ instances_if! { feature = "hopper";
     W4a16SkinnySm90GroupedF16T2, w4a16_skinny_sm90_grouped_f16_t2, F16, 2, true;
     W4a16SkinnySm90GroupedF16T8, w4a16_skinny_sm90_grouped_f16_t8, F16, 8, true;
 }
+// Blocks of 16 warps for 1–8 rows (the plan's choice where a layer has about one tile per SM).
+#[cfg(feature = "hopper")]
+instance!(W4a16SkinnySm90Bf16T1W16, w4a16_skinny_sm90_bf16_t1_w16, Bf16, 1, false, W4a16SkinnyShape::wide(1));
+#[cfg(feature = "hopper")]
+instance!(W4a16SkinnySm90F16T1W16, w4a16_skinny_sm90_f16_t1_w16, F16, 1, false, W4a16SkinnyShape::wide(1));

@@ -2,15 +2,15 @@
 //! (`runtime/skinny.rs`): the record decoding, the per-step dequantization and mma, and the
 //! block end.
 //!
-//! Thread mapping: 256 threads = 8 warps on the block's `64·nt` columns, each
-//! warp on its own `k` range; lane `(g, t) = (lane / 4, lane % 4)` holds the mma fragments of
+//! Thread mapping: `W` warps (8, or 16 in the `_t1_w16` instances) on the block's `64·nt`
+//! columns, each warp on its own `k` range; lane `(g, t) = (lane / 4, lane % 4)` holds the mma fragments of
 //! columns `16q + g`, `16q + 8 + g` and tokens `8f + 2t`, `8f + 2t + 1`.
 
 use super::epilogue::{finish_split_k, store_pair};
 use super::{cluster_arrive, cluster_wait, ld_cluster_f32x2};
 use super::mma::{dequant_word, Half};
 use crate::device::{ld_shared_f32x2, ld_shared_u32, ld_shared_u32x4, shfl_idx_f32, st_shared_u32, sync_threads};
-use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape, SKINNY_WARPS, W4A16_THREADS};
+use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape};
 
 /// The records of a group for the block's `64·nt` columns, raw at shared address `recs`,
 /// decoded into `rec` (this lane's columns `8r + g`). The four lanes of a quad need the same
@@ -75,7 +75,7 @@ pub unsafe fn step_mma<T: Half, const TF: usize, const NT: usize>(
 }
 
 /// The block end: the warps' partials through shared memory at `red` (the rings, free
-/// again), every thread adding one output pair's 8 warp partials in warp order, then `Y` (one
+/// again), every thread adding one output pair's `W` warp partials in warp order, then `Y` (one
 /// split), the split's f32 partial for [`finish_split_k`] (arrival flag at `flag`), or, in
 /// cluster split-K, the block's partial at `red + partial()` for [`cluster_split_k`].
 ///
@@ -86,7 +86,7 @@ pub unsafe fn step_mma<T: Half, const TF: usize, const NT: usize>(
 /// for block `(mblk, cb, split)`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn block_end<T: Half, const TF: usize, const NT: usize>(
+pub unsafe fn block_end<T: Half, const TF: usize, const NT: usize, const W: usize>(
     a: &W4a16Args,
     red: u32,
     flag: u32,
@@ -94,7 +94,8 @@ pub unsafe fn block_end<T: Half, const TF: usize, const NT: usize>(
     (mblk, cb, split): (u32, u32, u32),
     tid: u32,
 ) {
-    let sh = W4a16SkinnyShape { tf: TF as u32, nt: NT as u32 };
+    let sh = W4a16SkinnyShape { tf: TF as u32, nt: NT as u32, warps: W as u32 };
+    let threads = sh.threads();
     let (m_block, nb, stride) = (sh.m_block(), sh.n_block(), sh.red_stride());
     let clustered = cfg!(feature = "hopper") && a.cluster != 0;
     let part = red + sh.partial();
@@ -128,10 +129,12 @@ pub unsafe fn block_end<T: Half, const TF: usize, const NT: usize>(
     while it < rows * pairs {
         let (row, c) = (it / pairs, (it % pairs) * 2);
         let mut sum = [0f32; 2];
-        unroll!(w < 8, {
-            let v = ld_shared_f32x2(red + w as u32 * red_warp + (row * stride + c) * 4);
-            sum[0] += v[0];
-            sum[1] += v[1];
+        unroll!(w < 16, {
+            if w < W {
+                let v = ld_shared_f32x2(red + w as u32 * red_warp + (row * stride + c) * 4);
+                sum[0] += v[0];
+                sum[1] += v[1];
+            }
         });
         if a.splits == 1 {
             store_pair::<T>(a.y.ptr(), m0 + row, col0 + c, m, n, sum[0], sum[1]);
@@ -143,12 +146,12 @@ pub unsafe fn block_end<T: Half, const TF: usize, const NT: usize>(
             let at = (split as usize * m as usize + (m0 + row) as usize) * a.n_pad as usize + (col0 + c) as usize;
             *(a.ws.ptr().add(at) as *mut [f32; 2]) = sum;
         }
-        it += W4A16_THREADS;
+        it += threads;
     }
     if a.splits > 1 && clustered {
-        cluster_split_k::<T>(a, part, split, m0, rows, col0, nb, tid);
+        cluster_split_k::<T>(a, part, split, m0, rows, col0, nb, tid, threads);
     } else if a.splits > 1 {
-        finish_split_k::<T>(a, flag, mblk * a.col_blocks + cb, m0, rows, col0, nb, tid, W4A16_THREADS);
+        finish_split_k::<T>(a, flag, mblk * a.col_blocks + cb, m0, rows, col0, nb, tid, threads);
     }
 }
 
@@ -163,7 +166,17 @@ pub unsafe fn block_end<T: Half, const TF: usize, const NT: usize>(
 /// the [`W4a16Args`] contract holds with `cluster = 1` and `splits ≤ 16`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn cluster_split_k<T: Half>(a: &W4a16Args, part: u32, split: u32, m0: u32, rows: u32, col0: u32, nb: u32, tid: u32) {
+unsafe fn cluster_split_k<T: Half>(
+    a: &W4a16Args,
+    part: u32,
+    split: u32,
+    m0: u32,
+    rows: u32,
+    col0: u32,
+    nb: u32,
+    tid: u32,
+    threads: u32,
+) {
     cluster_arrive();
     cluster_wait();
     let pairs = nb / 2;
@@ -189,17 +202,17 @@ unsafe fn cluster_split_k<T: Half>(a: &W4a16Args, part: u32, split: u32, m0: u32
             }
         });
         store_pair::<T>(a.y.ptr(), m0 + row, col0 + c, a.m, a.n, sum[0], sum[1]);
-        it += W4A16_THREADS;
+        it += threads;
     }
     cluster_arrive();
     cluster_wait();
 }
 
-/// Warp `warp` of split `split`'s contiguous range of 16-deep steps `[begin, end)`.
+/// Warp `warp` (of `warps`) of split `split`'s contiguous range of 16-deep steps `[begin, end)`.
 #[inline(always)]
-pub fn warp_steps(k_pad: u32, split: u32, splits: u32, warp: u32) -> (u32, u32) {
+pub fn warp_steps(k_pad: u32, split: u32, splits: u32, warp: u32, warps: u32) -> (u32, u32) {
     let kt_total = k_pad / 16;
-    let parts = splits as u64 * SKINNY_WARPS as u64;
-    let part = split as u64 * SKINNY_WARPS as u64 + warp as u64;
+    let parts = splits as u64 * warps as u64;
+    let part = split as u64 * warps as u64 + warp as u64;
     ((part * kt_total as u64 / parts) as u32, ((part + 1) * kt_total as u64 / parts) as u32)
 }
