@@ -599,9 +599,15 @@ fn main() -> Result<()> {
                 (_, FusedKernel::Skinny { tf }) => format!("skinny t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident),
                 (_, FusedKernel::Tiled { mb }) => format!("tiled mb{mb} s{} b{}/{}", p.splits, p.blocks, p.resident),
                 (_, FusedKernel::Wgmma { tf }) => format!("wgmma t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident),
-                (_, FusedKernel::SkinnySm90 { tf, warps }) => {
+                (_, FusedKernel::SkinnySm90 { tf, warps, x_l1 }) => {
                     let c = if p.cluster > 1 { " cluster" } else { "" };
-                    let w = if warps == 16 { " w16" } else { "" };
+                    let w = if warps == 16 {
+                        " w16"
+                    } else if x_l1 {
+                        " l1"
+                    } else {
+                        ""
+                    };
                     format!("skinny90 t{tf}{w} s{}{c} b{}/{}", p.splits, p.blocks, p.resident)
                 }
             };

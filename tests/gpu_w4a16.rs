@@ -296,10 +296,12 @@ impl KernelChoice {
                 assert!(!matches!(self, KernelChoice::WgmmaSmallLayer) || tf <= 8, "{plan:?}");
                 "Wgmma"
             }
-            FusedKernel::SkinnySm90 { tf, warps } => {
-                // 16 warps exactly where asked for, at 1–8 rows.
+            FusedKernel::SkinnySm90 { tf, warps, x_l1 } => {
+                // 16 warps exactly where asked for, at 1–8 rows; X through L1 exactly at
+                // 9–16 rows unsplit.
                 let wide = matches!(self, KernelChoice::SkinnySm90Wide) && tf == 1;
                 assert_eq!(warps, if wide { 16 } else { 8 }, "{self:?} m {m}: {plan:?}");
+                assert_eq!(x_l1, tf == 2 && plan.splits == 1, "{self:?} m {m}: {plan:?}");
                 "SkinnySm90"
             }
             FusedKernel::Skinny { .. } => "Skinny",

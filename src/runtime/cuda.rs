@@ -58,12 +58,12 @@ use forge_kernel_abi::{
     W4a16SkinnyF16T1, W4a16SkinnyF16T2, W4a16SkinnyF16T4, W4a16SkinnyF16T8, W4a16SkinnyGroupedBf16T1,
     W4a16SkinnyGroupedBf16T2, W4a16SkinnyGroupedBf16T4, W4a16SkinnyGroupedBf16T8, W4a16SkinnyGroupedF16T1,
     W4a16SkinnyGroupedF16T2, W4a16SkinnyGroupedF16T4, W4a16SkinnyGroupedF16T8, W4a16SkinnySm90Bf16T1,
-    W4a16SkinnySm90Bf16T1W16, W4a16SkinnySm90Bf16T2, W4a16SkinnySm90Bf16T8, W4a16SkinnySm90F16T1,
-    W4a16SkinnySm90F16T1W16, W4a16SkinnySm90F16T2, W4a16SkinnySm90F16T8, W4a16SkinnySm90GroupedBf16T1,
-    W4a16SkinnySm90GroupedBf16T2, W4a16SkinnySm90GroupedBf16T8, W4a16SkinnySm90GroupedF16T1,
-    W4a16SkinnySm90GroupedF16T2, W4a16SkinnySm90GroupedF16T8, W4a16WgBf16T1, W4a16WgBf16T16, W4a16WgBf16T2,
-    W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16, W4a16WgF16T2, W4a16WgF16T4, W4a16WgF16T8,
-    W4a16WgGroupedBf16T16, W4a16WgGroupedBf16T8, W4a16WgGroupedF16T16, W4a16WgGroupedF16T8,
+    W4a16SkinnySm90Bf16T1W16, W4a16SkinnySm90Bf16T2, W4a16SkinnySm90Bf16T2L1, W4a16SkinnySm90Bf16T8,
+    W4a16SkinnySm90F16T1, W4a16SkinnySm90F16T1W16, W4a16SkinnySm90F16T2, W4a16SkinnySm90F16T2L1, W4a16SkinnySm90F16T8,
+    W4a16SkinnySm90GroupedBf16T1, W4a16SkinnySm90GroupedBf16T2, W4a16SkinnySm90GroupedBf16T8,
+    W4a16SkinnySm90GroupedF16T1, W4a16SkinnySm90GroupedF16T2, W4a16SkinnySm90GroupedF16T8, W4a16WgBf16T1,
+    W4a16WgBf16T16, W4a16WgBf16T2, W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16, W4a16WgF16T2,
+    W4a16WgF16T4, W4a16WgF16T8, W4a16WgGroupedBf16T16, W4a16WgGroupedBf16T8, W4a16WgGroupedF16T16, W4a16WgGroupedF16T8,
 };
 use ndarray::{Array2, ArrayView2};
 
@@ -212,6 +212,8 @@ pub enum FusedKernel {
         tf: u32,
         /// Warps per block: 8, or 16 (`tf` 1 only, `w4a16_skinny_sm90_*_t1_w16`).
         warps: u32,
+        /// `X` copied through L1 (`tf` 2 unsplit only, `w4a16_skinny_sm90_*_t2_l1`).
+        x_l1: bool,
     },
 }
 
@@ -298,8 +300,10 @@ macro_rules! with_fused_kernel {
             (ActDtype::F16, Wgmma { tf: 4 }, false) => $then!(W4a16WgF16T4),
             (ActDtype::F16, Wgmma { tf: 8 }, false) => $then!(W4a16WgF16T8),
             (ActDtype::F16, Wgmma { .. }, false) => $then!(W4a16WgF16T16),
-            (ActDtype::Bf16, SkinnySm90 { tf: 1, warps: 16 }, false) => $then!(W4a16SkinnySm90Bf16T1W16),
-            (ActDtype::F16, SkinnySm90 { tf: 1, warps: 16 }, false) => $then!(W4a16SkinnySm90F16T1W16),
+            (ActDtype::Bf16, SkinnySm90 { tf: 1, warps: 16, .. }, false) => $then!(W4a16SkinnySm90Bf16T1W16),
+            (ActDtype::F16, SkinnySm90 { tf: 1, warps: 16, .. }, false) => $then!(W4a16SkinnySm90F16T1W16),
+            (ActDtype::Bf16, SkinnySm90 { tf: 2, x_l1: true, .. }, false) => $then!(W4a16SkinnySm90Bf16T2L1),
+            (ActDtype::F16, SkinnySm90 { tf: 2, x_l1: true, .. }, false) => $then!(W4a16SkinnySm90F16T2L1),
             (ActDtype::Bf16, SkinnySm90 { tf: 1, .. }, false) => $then!(W4a16SkinnySm90Bf16T1),
             (ActDtype::Bf16, SkinnySm90 { tf: 2, .. }, false) => $then!(W4a16SkinnySm90Bf16T2),
             (ActDtype::Bf16, SkinnySm90 { .. }, false) => $then!(W4a16SkinnySm90Bf16T8),
@@ -458,7 +462,7 @@ pub(crate) fn plan_layer(
                     }
                 };
             let warps = if wide { 2 * SKINNY_WARPS } else { SKINNY_WARPS };
-            (FusedKernel::SkinnySm90 { tf, warps }, W4a16SkinnyShape { warps, ..narrow })
+            (FusedKernel::SkinnySm90 { tf, warps, x_l1: false }, W4a16SkinnyShape { warps, ..narrow })
         } else {
             (FusedKernel::Skinny { tf }, narrow)
         };
@@ -510,6 +514,21 @@ pub(crate) fn plan_layer(
             let best = units.div_ceil(fit);
             (1..=fit).find(|s| units.div_ceil(*s) == best).unwrap_or(fit)
         }
+    };
+    // Unsplit 16-row launches copy X through L1 (kernels-gpu/src/runtime/skinny.rs says why);
+    // the same shape, so the occupancy above holds.
+    let kernel = match kernel {
+        FusedKernel::SkinnySm90 { tf: 2, warps, .. } if splits == 1 && grouped.is_none() => {
+            let l1 = FusedKernel::SkinnySm90 { tf: 2, warps, x_l1: true };
+            let (func, name) = fused_kernel(dev, dtype, l1, false)?;
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_bytes as i32,
+            )
+            .map_err(|source| ForgeError::Launch { kernel: name, source })?;
+            l1
+        }
+        k => k,
     };
     let blocks = tiles * splits as u64;
     if blocks > i32::MAX as u64 {

@@ -444,8 +444,8 @@ crate::kernel_args! {
     /// `[q·S/P, (q+1)·S/P)`, `q = p·W + w`, `P = splits·W`,
     /// `S = k_pad / 16`; `1 ≤ splits ≤ W4A16_MAX_SPLITS`.
     ///
-    /// The skinny kernels of the Hopper module, `w4a16_skinny_sm90_{bf16,f16}_t{1,2,8}` and
-    /// `w4a16_skinny_sm90_{bf16,f16}_t1_w16`
+    /// The skinny kernels of the Hopper module, `w4a16_skinny_sm90_{bf16,f16}_t{1,2,8}`,
+    /// `w4a16_skinny_sm90_{bf16,f16}_t1_w16` and `w4a16_skinny_sm90_{bf16,f16}_t2_l1`
     /// (the same source built for `sm_90a`, which adds programmatic dependent launch and
     /// cluster split-K), take the same arguments as the sm_80 ones; with `cluster = 1` they
     /// must be launched in clusters of `splits × 1 × 1` blocks.

@@ -43,6 +43,16 @@ pub unsafe fn cp_async_16_zfill(dst: u32, src: *const u8, src_bytes: u32) {
          d = in(reg32) dst, s = in(reg64) src, n = in(reg32) src_bytes, options(nostack));
 }
 
+/// [`cp_async_16_zfill`] through L1 (`.ca`): for data other blocks on the SM read too.
+///
+/// # Safety
+/// As [`cp_async_16_zfill`].
+#[inline(always)]
+pub unsafe fn cp_async_16_zfill_ca(dst: u32, src: *const u8, src_bytes: u32) {
+    asm!("{{ .reg .u64 g; cvta.to.global.u64 g, {s}; cp.async.ca.shared.global [{d}], [g], 16, {n}; }}",
+         d = in(reg32) dst, s = in(reg64) src, n = in(reg32) src_bytes, options(nostack));
+}
+
 /// `cp.async.cg.shared.global` of 16 bytes.
 ///
 /// # Safety

@@ -35,7 +35,7 @@
 //! # Safety (upheld by the host launcher)
 //! As documented on [`forge_kernel_abi::runtime::W4a16Args`].
 
-use super::mma::{cp_async_16, cp_async_16_zfill, Half};
+use super::mma::{cp_async_16, cp_async_16_zfill, cp_async_16_zfill_ca, Half};
 use super::skinny_math::{block_end, decode_group, step_mma, warp_steps};
 use super::{allow_dependent_grids, block_place, task_view, wait_for_prior_grids, GroupCursor};
 use crate::device::{
@@ -68,6 +68,8 @@ struct Sources {
     x_row: [bool; 4],
     /// `k` of the lane's first `X` chunk in the next step.
     kk: u32,
+    /// Copy `X` through L1 (`cp.async.ca`; see [`instance!`]).
+    x_via_l1: bool,
 }
 
 impl Sources {
@@ -92,6 +94,7 @@ impl Sources {
             x: [x0, x1, x2, x3],
             x_row: [r0, r1, r2, r3],
             kk: s * 16 + ((lane / 8) % 2) * 8,
+            x_via_l1: false,
         }
     }
 
@@ -131,11 +134,12 @@ impl Sources {
         unroll!(c < 4, {
             if (lane + 32 * c as u32) < Cfg::<TF, NT>::X_CHUNKS {
                 let valid = self.x_row[c] && in_k;
-                cp_async_16_zfill(
-                    slot + Cfg::<TF, NT>::X_OFF + (lane + 32 * c as u32) * 16,
-                    self.x[c],
-                    if valid { 16 } else { 0 },
-                );
+                let (dst, n) = (slot + Cfg::<TF, NT>::X_OFF + (lane + 32 * c as u32) * 16, if valid { 16 } else { 0 });
+                if self.x_via_l1 {
+                    cp_async_16_zfill_ca(dst, self.x[c], n);
+                } else {
+                    cp_async_16_zfill(dst, self.x[c], n);
+                }
                 self.x[c] = self.x[c].add(if self.x_row[c] { 32 } else { 0 });
             }
         });
@@ -160,7 +164,9 @@ unsafe fn x_fragments<const TF: usize, const NT: usize>(sb: u32, lane: u32) -> [
 
 /// See the module docs.
 #[inline(always)]
-pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, const GROUPED: bool>(a: W4a16Args) {
+pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, const GROUPED: bool, const X_L1: bool>(
+    a: W4a16Args,
+) {
     let sh = W4a16SkinnyShape { tf: TF as u32, nt: NT as u32, warps: W as u32 };
     let tid = thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
@@ -185,6 +191,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
 
     let mut issue_cur = first;
     let mut src = Sources::at::<TF, NT>(&a, s_begin, cb, m0, lane);
+    src.x_via_l1 = X_L1;
     let mut s_issue = s_begin;
     let table = block_base + sh.table();
     if cfg!(feature = "hopper") && a.overlap != 0 {
@@ -268,13 +275,13 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
 
 macro_rules! instance {
     ($marker:ident, $name:ident, $t:ty, $tf:literal, $grouped:literal) => {
-        instance!($marker, $name, $t, $tf, $grouped, W4a16SkinnyShape::for_tf($tf));
+        instance!($marker, $name, $t, $tf, $grouped, W4a16SkinnyShape::for_tf($tf), false);
     };
-    ($marker:ident, $name:ident, $t:ty, $tf:literal, $grouped:literal, $shape:expr) => {
+    ($marker:ident, $name:ident, $t:ty, $tf:literal, $grouped:literal, $shape:expr, $x_l1:literal) => {
         forge_kernel_abi::w4a16_kernel! {
             /// See the module docs.
             $marker => fn $name(args) {
-                skinny::<$t, $tf, { $shape.nt as usize }, { $shape.warps as usize }, $grouped>(args)
+                skinny::<$t, $tf, { $shape.nt as usize }, { $shape.warps as usize }, $grouped, $x_l1>(args)
             }
         }
     };
@@ -326,6 +333,17 @@ instances_if! { feature = "hopper";
 }
 // Blocks of 16 warps for 1–8 rows (the plan's choice where a layer has about one tile per SM).
 #[cfg(feature = "hopper")]
-instance!(W4a16SkinnySm90Bf16T1W16, w4a16_skinny_sm90_bf16_t1_w16, Bf16, 1, false, W4a16SkinnyShape::wide(1));
+instance!(W4a16SkinnySm90Bf16T1W16, w4a16_skinny_sm90_bf16_t1_w16, Bf16, 1, false, W4a16SkinnyShape::wide(1), false);
 #[cfg(feature = "hopper")]
-instance!(W4a16SkinnySm90F16T1W16, w4a16_skinny_sm90_f16_t1_w16, F16, 1, false, W4a16SkinnyShape::wide(1));
+instance!(W4a16SkinnySm90F16T1W16, w4a16_skinny_sm90_f16_t1_w16, F16, 1, false, W4a16SkinnyShape::wide(1), false);
+// 9–16 rows with X copied through L1, for unsplit launches: every block re-reads X for its k
+// range (once per column block in all), and unsplit the two blocks on an SM (neighbouring
+// column blocks) stream the same k range in step, so one block's X lines serve the other
+// (H200, M = 16: 14336×4096 24.5 → 20.7 µs, 28672×4096 45.8 → 39.5). Split, or one block per
+// SM, L1 only cost (the t2 blocks at 4 splits on 4096×14336 20.0 → 21.2 µs; the
+// one-block-per-SM t4 and t8 4–9 % slower); one kernel choosing per launch ran the split
+// launches 1–3.5 % slower, so it is a separate build.
+#[cfg(feature = "hopper")]
+instance!(W4a16SkinnySm90Bf16T2L1, w4a16_skinny_sm90_bf16_t2_l1, Bf16, 2, false, W4a16SkinnyShape::for_tf(2), true);
+#[cfg(feature = "hopper")]
+instance!(W4a16SkinnySm90F16T2L1, w4a16_skinny_sm90_f16_t2_l1, F16, 2, false, W4a16SkinnyShape::for_tf(2), true);
