@@ -19,7 +19,8 @@
 //! (`overlap_prior_kernel`: each launch's blocks start while the previous one finishes and
 //! stream their weight, then wait for it before reading `X`, as in a chain of layers), and,
 //! where the plan adds the split-K partials in thread-block clusters, the same plan with the
-//! global split-K (workspace and arrival counters).
+//! global split-K (workspace and arrival counters), and, where it runs one block per tile
+//! (16-warp blocks at 1–8 rows), the plan without them (`wide_skinny_blocks: Some(false)`).
 //!
 //! Then the grouped mixture-of-experts launch (`W4A16_BENCH_MOE=only` times only that) on
 //! Qwen3-30B-A3B and DeepSeek-V3 expert layers, 1–1024 tokens routed top-8 at random, against
