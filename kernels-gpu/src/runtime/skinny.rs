@@ -341,7 +341,7 @@ instance!(W4a16SkinnySm90F16T1W16, w4a16_skinny_sm90_f16_t1_w16, F16, 1, false, 
 // column blocks) stream the same k range in step, so one block's X lines serve the other
 // (H200, M = 16: 14336×4096 24.5 → 20.7 µs, 28672×4096 45.8 → 39.5). Split, or one block per
 // SM, L1 only cost (the t2 blocks at 4 splits on 4096×14336 20.0 → 21.2 µs; the
-// one-block-per-SM t4 and t8 4–9 % slower); one kernel choosing per launch ran the split
+// one-block-per-SM t4 and t8 4–10 % slower); one kernel choosing per launch ran the split
 // launches 1–3.5 % slower, so it is a separate build.
 #[cfg(feature = "hopper")]
 instance!(W4a16SkinnySm90Bf16T2L1, w4a16_skinny_sm90_bf16_t2_l1, Bf16, 2, false, W4a16SkinnyShape::for_tf(2), true);
