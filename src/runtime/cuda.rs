@@ -345,6 +345,21 @@ fn fused_kernel(
     Ok(with_fused_kernel!(dtype, kernel, grouped, k, return Err(no_grouped_build(kernel))))
 }
 
+/// [`fused_kernel`] with its dynamic shared-memory limit raised to `shared_bytes` (the plan's
+/// block size; the launch then needs nothing more).
+fn fused_kernel_sized(
+    dev: &GpuDevice,
+    dtype: ActDtype,
+    kernel: FusedKernel,
+    grouped: bool,
+    shared_bytes: u32,
+) -> Result<(cudarc::driver::CudaFunction, &'static str)> {
+    let (func, name) = fused_kernel(dev, dtype, kernel, grouped)?;
+    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes as i32)
+        .map_err(|source| ForgeError::Launch { kernel: name, source })?;
+    Ok((func, name))
+}
+
 /// Most blocks per cluster on Hopper (16 needs the non-portable cluster attribute).
 const MAX_CLUSTER_SPLITS: u32 = 16;
 
@@ -420,7 +435,6 @@ pub(crate) fn plan_layer(
         None => m >= opts.hopper_min_m && (m > 64 || large) && !gemm && dev.is_hopper(),
     };
     let skinny = !hopper && (grouped.is_some() || m <= opts.skinny_max_m.min(64));
-    let mut skinny_warps = SKINNY_WARPS;
     let (kernel, rows_per_block, cols_per_block, k_unit, shared_bytes, threads) = if hopper {
         // Above 64 rows on large layers, blocks of 128 rows dequantize the weight once for
         // twice the tokens of two 64-row blocks (H200, M = 256: 14336×4096 102 µs against
@@ -466,7 +480,6 @@ pub(crate) fn plan_layer(
         } else {
             (FusedKernel::Skinny { tf }, narrow)
         };
-        skinny_warps = shape.warps;
         (kernel, shape.m_block(), shape.n_block(), 16, shape.total(), shape.threads())
     } else {
         let shape = W4a16Shape::for_mb(m.min(64).div_ceil(16) as u32);
@@ -482,9 +495,7 @@ pub(crate) fn plan_layer(
     // The tiled and wgmma kernels split whole stages; the skinny ones whole steps among their
     // warps.
     let units = (w.k_pad / k_unit as usize) as u32;
-    let (func, name) = fused_kernel(dev, dtype, kernel, grouped.is_some())?;
-    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_bytes as i32)
-        .map_err(|source| ForgeError::Launch { kernel: name, source })?;
+    let (func, name) = fused_kernel_sized(dev, dtype, kernel, grouped.is_some(), shared_bytes)?;
     let per_sm = func
         .occupancy_max_active_blocks_per_multiprocessor(threads, shared_bytes as usize, None)
         .map_err(|source| ForgeError::Launch { kernel: name, source })?
@@ -494,7 +505,7 @@ pub(crate) fn plan_layer(
     let tiles = m_blocks as u64 * col_blocks as u64;
     let max_splits = if skinny {
         // At least two steps per warp.
-        (units / (2 * skinny_warps)).clamp(1, W4A16_MAX_SPLITS)
+        (units / (2 * (threads / 32))).clamp(1, W4A16_MAX_SPLITS)
     } else if hopper {
         // At least two stages per block.
         (units / 2).clamp(1, W4A16_MAX_SPLITS)
@@ -520,12 +531,7 @@ pub(crate) fn plan_layer(
     let kernel = match kernel {
         FusedKernel::SkinnySm90 { tf: 2, warps, .. } if splits == 1 && grouped.is_none() => {
             let l1 = FusedKernel::SkinnySm90 { tf: 2, warps, x_l1: true };
-            let (func, name) = fused_kernel(dev, dtype, l1, false)?;
-            func.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared_bytes as i32,
-            )
-            .map_err(|source| ForgeError::Launch { kernel: name, source })?;
+            fused_kernel_sized(dev, dtype, l1, false, shared_bytes)?;
             l1
         }
         k => k,

@@ -68,8 +68,6 @@ struct Sources {
     x_row: [bool; 4],
     /// `k` of the lane's first `X` chunk in the next step.
     kk: u32,
-    /// Copy `X` through L1 (`cp.async.ca`; see [`instance!`]).
-    x_via_l1: bool,
 }
 
 impl Sources {
@@ -94,16 +92,22 @@ impl Sources {
             x: [x0, x1, x2, x3],
             x_row: [r0, r1, r2, r3],
             kk: s * 16 + ((lane / 8) % 2) * 8,
-            x_via_l1: false,
         }
     }
 
     /// Copies the next step into ring slot `slot` (see [`Sources::copy_weights`] and
     /// [`Sources::copy_x`]) as one `cp.async` group and moves on one step.
     #[inline(always)]
-    unsafe fn issue<const TF: usize, const NT: usize>(&mut self, a: &W4a16Args, slot: u32, cb: u32, lane: u32, group: Option<u32>) {
+    unsafe fn issue<const TF: usize, const NT: usize, const X_L1: bool>(
+        &mut self,
+        a: &W4a16Args,
+        slot: u32,
+        cb: u32,
+        lane: u32,
+        group: Option<u32>,
+    ) {
         self.copy_weights::<TF, NT>(a, slot, cb, lane, group);
-        self.copy_x::<TF, NT>(a, slot, lane);
+        self.copy_x::<TF, NT, X_L1>(a, slot, lane);
         cp_async_commit();
     }
 
@@ -125,17 +129,22 @@ impl Sources {
         }
     }
 
-    /// The next step's `X` chunks into ring slot `slot` (zero-filled past `K` or `M`); moves
-    /// `X` on one step.
+    /// The next step's `X` chunks into ring slot `slot` (zero-filled past `K` or `M`; through
+    /// L1 with `X_L1`, see [`instance!`]); moves `X` on one step.
     #[inline(always)]
-    unsafe fn copy_x<const TF: usize, const NT: usize>(&mut self, a: &W4a16Args, slot: u32, lane: u32) {
+    unsafe fn copy_x<const TF: usize, const NT: usize, const X_L1: bool>(
+        &mut self,
+        a: &W4a16Args,
+        slot: u32,
+        lane: u32,
+    ) {
         // Chunk lane + 32c has the same k half as chunk lane (32 is a multiple of 16).
         let in_k = self.kk < a.k;
         unroll!(c < 4, {
             if (lane + 32 * c as u32) < Cfg::<TF, NT>::X_CHUNKS {
                 let valid = self.x_row[c] && in_k;
                 let (dst, n) = (slot + Cfg::<TF, NT>::X_OFF + (lane + 32 * c as u32) * 16, if valid { 16 } else { 0 });
-                if self.x_via_l1 {
+                if X_L1 {
                     cp_async_16_zfill_ca(dst, self.x[c], n);
                 } else {
                     cp_async_16_zfill(dst, self.x[c], n);
@@ -191,7 +200,6 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
 
     let mut issue_cur = first;
     let mut src = Sources::at::<TF, NT>(&a, s_begin, cb, m0, lane);
-    src.x_via_l1 = X_L1;
     let mut s_issue = s_begin;
     let table = block_base + sh.table();
     if cfg!(feature = "hopper") && a.overlap != 0 {
@@ -212,7 +220,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
         wait_for_prior_grids();
         let mut s_x = s_begin;
         while s_x < s_issue {
-            src.copy_x::<TF, NT>(&a, ring + (s_x - s_begin) * Cfg::<TF, NT>::STEP, lane);
+            src.copy_x::<TF, NT, X_L1>(&a, ring + (s_x - s_begin) * Cfg::<TF, NT>::STEP, lane);
             s_x += 1;
         }
         cp_async_commit();
@@ -223,7 +231,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
         while s_issue < s_begin + SKINNY_DEPTH - 1 {
             if s_issue < s_end {
                 let group = if s_issue == s_begin || issue_cur.r == 0 { Some(issue_cur.g) } else { None };
-                src.issue::<TF, NT>(&a, ring + (s_issue - s_begin) * Cfg::<TF, NT>::STEP, cb, lane, group);
+                src.issue::<TF, NT, X_L1>(&a, ring + (s_issue - s_begin) * Cfg::<TF, NT>::STEP, cb, lane, group);
                 issue_cur.advance_within(16, gs);
             } else {
                 cp_async_commit();
@@ -251,7 +259,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
         // The slot step s − 1 used is free (every lane passed the warp barrier above).
         if s_issue < s_end {
             let group = if issue_cur.r == 0 { Some(issue_cur.g) } else { None };
-            src.issue::<TF, NT>(&a, ring + slot_issue * Cfg::<TF, NT>::STEP, cb, lane, group);
+            src.issue::<TF, NT, X_L1>(&a, ring + slot_issue * Cfg::<TF, NT>::STEP, cb, lane, group);
             issue_cur.advance_within(16, gs);
         } else {
             cp_async_commit();
