@@ -20,7 +20,10 @@
 //! stream their weight, then wait for it before reading `X`, as in a chain of layers), and,
 //! where the plan adds the split-K partials in thread-block clusters, the same plan with the
 //! global split-K (workspace and arrival counters), and, where it runs one block per tile
-//! (16-warp blocks at 1–8 rows), the plan without them (`wide_skinny_blocks: Some(false)`).
+//! (16-warp blocks at 1–8 rows), the plan without them (`wide_skinny_blocks: Some(false)`),
+//! and at 1–8 rows the launch with the 12-warp blocks of two-step slots toggled
+//! (`deep_skinny_blocks: Some(on)`, on where the plan runs another kernel), plain and
+//! overlapped.
 //!
 //! Then the grouped mixture-of-experts launch (`W4A16_BENCH_MOE=only` times only that) on
 //! Qwen3-30B-A3B and DeepSeek-V3 expert layers, 1–1024 tokens routed top-8 at random, against
@@ -558,6 +561,18 @@ fn main() -> Result<()> {
             } else {
                 None
             };
+            // A 1–8-row launch with the 12-warp blocks toggled: on where the plan runs another
+            // kernel, off where it runs them; plain and overlapped.
+            let t_deep =
+                if matches!(plan.kernel, FusedKernel::SkinnySm90 { tf: 1, .. }) && plan.path == MatmulPath::Fused {
+                    let on = !matches!(plan.kernel, FusedKernel::SkinnySm90 { warps: 12, .. });
+                    let opts = W4a16Options { deep_skinny_blocks: Some(on), ..Default::default() };
+                    let (t, p) = run(opts)?;
+                    let (t_over, _) = run(W4a16Options { overlap_prior_kernel: true, ..opts })?;
+                    Some((t, t_over, p))
+                } else {
+                    None
+                };
             if sweep && !matches!(fplan.kernel, FusedKernel::Tiled { .. }) && matches!(m, 1 | 16 | 64) {
                 // Each split count with clusters where the plan takes them ("c"), then with
                 // the global split-K.
@@ -573,6 +588,22 @@ fn main() -> Result<()> {
                     }
                 }
                 println!("{line}");
+                if t_deep.is_some() && m == 1 {
+                    // The same for the 12-warp blocks of two-step slots.
+                    let mut line = format!("12-warp splits sweep {n}×{k} M {m}:");
+                    for sp in [1u32, 2, 3, 4, 6, 8] {
+                        let opts = W4a16Options {
+                            path: MatmulPath::Fused,
+                            splits: Some(sp),
+                            deep_skinny_blocks: Some(true),
+                            ..Default::default()
+                        };
+                        let (t, p) = run(opts)?;
+                        let c = if p.cluster > 1 { "c" } else { "" };
+                        line += &format!(" s{}{c}={:.2}", p.splits, t * 1e6);
+                    }
+                    println!("{line}");
+                }
             }
             if std::env::var_os("W4A16_BENCH_CHUNKS").is_some() && plan.path == MatmulPath::DequantGemm {
                 // Dequantization + cuBLAS in column chunks of each size (MB of dense weight).
@@ -604,6 +635,8 @@ fn main() -> Result<()> {
                     let c = if p.cluster > 1 { " cluster" } else { "" };
                     let w = if warps == 16 {
                         " w16"
+                    } else if warps == 12 {
+                        " w12"
                     } else if x_l1 {
                         " l1"
                     } else {
@@ -634,6 +667,7 @@ fn main() -> Result<()> {
                 },
                 t_global.map_or("–".into(), us),
                 t_narrow.map_or("–".into(), |(t, p)| format!("{} ({})", us(t), plan_s(&p))),
+                t_deep.map_or("–".into(), |(t, t_over, p)| format!("{} / {} ({})", us(t), us(t_over), plan_s(&p))),
             ]);
         }
     }
@@ -662,6 +696,7 @@ fn main() -> Result<()> {
             "overlapped vs cuBLAS",
             "global split-K µs",
             "8-warp blocks µs",
+            "12-warp blocks toggled µs / overlapped",
         ],
         &rows,
     );

@@ -222,17 +222,21 @@ enum KernelChoice {
     /// The Hopper skinny build in blocks of 16 warps for 1–8 rows (forced: the plan takes
     /// them only on large layers).
     SkinnySm90Wide,
+    /// The Hopper skinny build in blocks of 12 warps on one 64-column tile with slots of two
+    /// steps, for 1–8 rows (forced).
+    SkinnySm90Deep,
     Skinny,
     Tiled,
 }
 
 impl KernelChoice {
-    const ALL: [KernelChoice; 7] = [
+    const ALL: [KernelChoice; 8] = [
         KernelChoice::Wgmma,
         KernelChoice::WgmmaSmallLayer,
         KernelChoice::SkinnySm90,
         KernelChoice::SkinnySm90GlobalSplitK,
         KernelChoice::SkinnySm90Wide,
+        KernelChoice::SkinnySm90Deep,
         KernelChoice::Skinny,
         KernelChoice::Tiled,
     ];
@@ -244,6 +248,7 @@ impl KernelChoice {
             KernelChoice::SkinnySm90
             | KernelChoice::SkinnySm90GlobalSplitK
             | KernelChoice::SkinnySm90Wide
+            | KernelChoice::SkinnySm90Deep
             | KernelChoice::Skinny => (usize::MAX, 0, 64),
             KernelChoice::Tiled => (usize::MAX, 0, 0),
         };
@@ -255,10 +260,14 @@ impl KernelChoice {
             skinny_max_m,
             hopper_skinny: matches!(
                 self,
-                KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90GlobalSplitK | KernelChoice::SkinnySm90Wide
+                KernelChoice::SkinnySm90
+                    | KernelChoice::SkinnySm90GlobalSplitK
+                    | KernelChoice::SkinnySm90Wide
+                    | KernelChoice::SkinnySm90Deep
             ),
             cluster_split_k: !matches!(self, KernelChoice::SkinnySm90GlobalSplitK),
             wide_skinny_blocks: Some(matches!(self, KernelChoice::SkinnySm90Wide)),
+            deep_skinny_blocks: Some(matches!(self, KernelChoice::SkinnySm90Deep)),
             // The Hopper-module kernels with both prologues: the overlapping launch (after a
             // copy, so nothing to overlap: the launch path, the wait and the split prologue
             // run) with odd forced splits, the plain one otherwise.
@@ -267,6 +276,7 @@ impl KernelChoice {
                 KernelChoice::SkinnySm90
                     | KernelChoice::SkinnySm90GlobalSplitK
                     | KernelChoice::SkinnySm90Wide
+                    | KernelChoice::SkinnySm90Deep
                     | KernelChoice::Wgmma
             ) && splits.is_some_and(|s| s % 2 == 1),
             ..Default::default()
@@ -282,7 +292,10 @@ impl KernelChoice {
             KernelChoice::Wgmma if hopper => "Wgmma",
             KernelChoice::WgmmaSmallLayer if hopper && m > 64 => "Wgmma",
             // 17–32 rows keep the sm_80 build (see `W4a16Options::hopper_skinny`).
-            KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90GlobalSplitK | KernelChoice::SkinnySm90Wide
+            KernelChoice::SkinnySm90
+            | KernelChoice::SkinnySm90GlobalSplitK
+            | KernelChoice::SkinnySm90Wide
+            | KernelChoice::SkinnySm90Deep
                 if hopper && m <= 64 && !(17..=32).contains(&m) =>
             {
                 "SkinnySm90"
@@ -297,10 +310,14 @@ impl KernelChoice {
                 "Wgmma"
             }
             FusedKernel::SkinnySm90 { tf, warps, x_l1 } => {
-                // 16 warps exactly where asked for, at 1–8 rows; X through L1 exactly at
+                // 16 or 12 warps exactly where asked for, at 1–8 rows; X through L1 exactly at
                 // 9–16 rows unsplit.
-                let wide = matches!(self, KernelChoice::SkinnySm90Wide) && tf == 1;
-                assert_eq!(warps, if wide { 16 } else { 8 }, "{self:?} m {m}: {plan:?}");
+                let want_warps = match self {
+                    KernelChoice::SkinnySm90Wide if tf == 1 => 16,
+                    KernelChoice::SkinnySm90Deep if tf == 1 => 12,
+                    _ => 8,
+                };
+                assert_eq!(warps, want_warps, "{self:?} m {m}: {plan:?}");
                 assert_eq!(x_l1, tf == 2 && plan.splits == 1, "{self:?} m {m}: {plan:?}");
                 "SkinnySm90"
             }
@@ -309,9 +326,10 @@ impl KernelChoice {
         };
         assert_eq!(got, want, "{self:?} m {m}: {plan:?}");
         // Clusters only for the Hopper skinny build with splits, never when turned off.
-        let may_cluster = matches!(self, KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90Wide)
-            && got == "SkinnySm90"
-            && plan.splits > 1;
+        let may_cluster =
+            matches!(self, KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90Wide | KernelChoice::SkinnySm90Deep)
+                && got == "SkinnySm90"
+                && plan.splits > 1;
         assert!(plan.cluster == 1 || (may_cluster && plan.cluster == plan.splits), "{self:?} m {m}: {plan:?}");
     }
 }

@@ -32,7 +32,9 @@
 //!   `M = 1`: 16.9 µs at 256 blocks, 17.6 at 128). An overlapping launch streams its first
 //!   steps while the previous kernel runs, so more splits (shorter `k` ranges) leave it less
 //!   to do after the wait: with one block per SM the overlapped 4096×4096 ran 8.5 µs at
-//!   `M = 1` against 7.3 with two;
+//!   `M = 1` against 7.3 with two. The 12-warp blocks of two-step slots
+//!   (`W4a16Options::deep_skinny_blocks`) also run one per SM on any layer: 4096×14336 at
+//!   `M = 1` 15.9 µs at 2 splits (128 blocks) against 16.6 at 4 (256);
 //! * cluster split-K (`W4a16Options::cluster_split_k`): the split blocks of a tile form one
 //!   thread-block cluster and add their partials through distributed shared memory in split
 //!   order (the same bits), with no workspace round trip; 0.3–1.6 µs per launch where taken (H200 bench).
@@ -49,7 +51,7 @@ use crate::{ForgeError, Result};
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use forge_kernel_abi::runtime::{
-    W4DequantArgs, W4a16Args, W4a16Shape, W4a16SkinnyShape, W4a16WgShape, DEQUANT_SHARED_BYTES, SKINNY_WARPS,
+    W4DequantArgs, W4a16Args, W4a16Shape, W4a16SkinnyShape, W4a16WgShape, DEQUANT_SHARED_BYTES, PACK_TILE_N,
     W4A16_MAX_SPLITS, W4A16_THREADS, WG_THREADS,
 };
 use forge_kernel_abi::{
@@ -58,12 +60,13 @@ use forge_kernel_abi::{
     W4a16SkinnyF16T1, W4a16SkinnyF16T2, W4a16SkinnyF16T4, W4a16SkinnyF16T8, W4a16SkinnyGroupedBf16T1,
     W4a16SkinnyGroupedBf16T2, W4a16SkinnyGroupedBf16T4, W4a16SkinnyGroupedBf16T8, W4a16SkinnyGroupedF16T1,
     W4a16SkinnyGroupedF16T2, W4a16SkinnyGroupedF16T4, W4a16SkinnyGroupedF16T8, W4a16SkinnySm90Bf16T1,
-    W4a16SkinnySm90Bf16T1W16, W4a16SkinnySm90Bf16T2, W4a16SkinnySm90Bf16T2L1, W4a16SkinnySm90Bf16T8,
-    W4a16SkinnySm90F16T1, W4a16SkinnySm90F16T1W16, W4a16SkinnySm90F16T2, W4a16SkinnySm90F16T2L1, W4a16SkinnySm90F16T8,
-    W4a16SkinnySm90GroupedBf16T1, W4a16SkinnySm90GroupedBf16T2, W4a16SkinnySm90GroupedBf16T8,
-    W4a16SkinnySm90GroupedF16T1, W4a16SkinnySm90GroupedF16T2, W4a16SkinnySm90GroupedF16T8, W4a16WgBf16T1,
-    W4a16WgBf16T16, W4a16WgBf16T2, W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16, W4a16WgF16T2,
-    W4a16WgF16T4, W4a16WgF16T8, W4a16WgGroupedBf16T16, W4a16WgGroupedBf16T8, W4a16WgGroupedF16T16, W4a16WgGroupedF16T8,
+    W4a16SkinnySm90Bf16T1W12, W4a16SkinnySm90Bf16T1W16, W4a16SkinnySm90Bf16T2, W4a16SkinnySm90Bf16T2L1,
+    W4a16SkinnySm90Bf16T8, W4a16SkinnySm90F16T1, W4a16SkinnySm90F16T1W12, W4a16SkinnySm90F16T1W16,
+    W4a16SkinnySm90F16T2, W4a16SkinnySm90F16T2L1, W4a16SkinnySm90F16T8, W4a16SkinnySm90GroupedBf16T1,
+    W4a16SkinnySm90GroupedBf16T2, W4a16SkinnySm90GroupedBf16T8, W4a16SkinnySm90GroupedF16T1,
+    W4a16SkinnySm90GroupedF16T2, W4a16SkinnySm90GroupedF16T8, W4a16WgBf16T1, W4a16WgBf16T16, W4a16WgBf16T2,
+    W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16, W4a16WgF16T2, W4a16WgF16T4, W4a16WgF16T8,
+    W4a16WgGroupedBf16T16, W4a16WgGroupedBf16T8, W4a16WgGroupedF16T16, W4a16WgGroupedF16T8,
 };
 use ndarray::{Array2, ArrayView2};
 
@@ -159,6 +162,12 @@ pub struct W4a16Options {
     /// 128-column tiles as SMs and at most as many; `Some(on)` forces it on or off for every
     /// layer).
     pub wide_skinny_blocks: Option<bool>,
+    /// 1–8 rows on the Hopper skinny build in blocks of 12 warps on one 64-column tile, each
+    /// warp copying and computing two 16-deep steps at a time (two blocks, 24 warps per SM,
+    /// where the 8- and 16-warp blocks run 16; `None`: where the plan finds it faster;
+    /// `Some(on)` forces it on or off for every layer). Takes precedence over
+    /// `wide_skinny_blocks`.
+    pub deep_skinny_blocks: Option<bool>,
     /// Dequantization + cuBLAS: dequantize and multiply the weight in chunks of whole 64-row
     /// tiles of `W` of at most this many dense bytes, each chunk's GEMM right after its
     /// dequantization, reusing one scratch of that size (0, the default: the whole weight
@@ -181,6 +190,7 @@ impl Default for W4a16Options {
             overlap_prior_kernel: false,
             cluster_split_k: true,
             wide_skinny_blocks: None,
+            deep_skinny_blocks: None,
             gemm_chunk_bytes: 0,
         }
     }
@@ -210,7 +220,8 @@ pub enum FusedKernel {
     SkinnySm90 {
         /// 8-token fragments (1, 2 or 8: the plan keeps the sm_80 build for 4).
         tf: u32,
-        /// Warps per block: 8, or 16 (`tf` 1 only, `w4a16_skinny_sm90_*_t1_w16`).
+        /// Warps per block: 8, or at `tf` 1 only 16 (`w4a16_skinny_sm90_*_t1_w16`) or 12 (one
+        /// 64-column tile in slots of two steps, `w4a16_skinny_sm90_*_t1_w12`).
         warps: u32,
         /// `X` copied through L1 (`tf` 2 unsplit only, `w4a16_skinny_sm90_*_t2_l1`).
         x_l1: bool,
@@ -302,6 +313,8 @@ macro_rules! with_fused_kernel {
             (ActDtype::F16, Wgmma { .. }, false) => $then!(W4a16WgF16T16),
             (ActDtype::Bf16, SkinnySm90 { tf: 1, warps: 16, .. }, false) => $then!(W4a16SkinnySm90Bf16T1W16),
             (ActDtype::F16, SkinnySm90 { tf: 1, warps: 16, .. }, false) => $then!(W4a16SkinnySm90F16T1W16),
+            (ActDtype::Bf16, SkinnySm90 { tf: 1, warps: 12, .. }, false) => $then!(W4a16SkinnySm90Bf16T1W12),
+            (ActDtype::F16, SkinnySm90 { tf: 1, warps: 12, .. }, false) => $then!(W4a16SkinnySm90F16T1W12),
             (ActDtype::Bf16, SkinnySm90 { tf: 2, x_l1: true, .. }, false) => $then!(W4a16SkinnySm90Bf16T2L1),
             (ActDtype::F16, SkinnySm90 { tf: 2, x_l1: true, .. }, false) => $then!(W4a16SkinnySm90F16T2L1),
             (ActDtype::Bf16, SkinnySm90 { tf: 1, .. }, false) => $then!(W4a16SkinnySm90Bf16T1),
@@ -475,12 +488,38 @@ pub(crate) fn plan_layer(
                         large && w.k_pad >= 4096 && 3 * tiles > 2 * sms && tiles <= sms
                     }
                 };
-            let warps = if wide { 2 * SKINNY_WARPS } else { SKINNY_WARPS };
-            (FusedKernel::SkinnySm90 { tf, warps, x_l1: false }, W4a16SkinnyShape { warps, ..narrow })
+            // Blocks of 12 warps on one 64-column tile (two-step slots), one per SM, for a
+            // single row where the layer's 64-column tiles fit one per SM and a block's `k`
+            // range (the splits that keep one block per SM) is at most 8192. H200, M = 1,
+            // against the 8-warp blocks in the same run: 7168×2048 7.5 µs against 8.1,
+            // 4096×14336 15.9–16.1 against 16.9–17.0, 8192×8192 16.7 against 17.7, 5120×5120
+            // 11.4 against 14.0, 4096×512 4.2 against 5.1, 4096×4096 8.5–8.8 against 8.7;
+            // past 8192 per block they lost (8192×28672 46.0 against 43.8, 5120×13824 24.2
+            // against 19.1 on 80 SMs, 3584×18944 19.0 against 18.5), and so did 14336×4096
+            // (more tiles than SMs; 16.2–16.3 against 15.9–16.1 in 16-warp blocks), 2–8 rows
+            // (X read once per 64 columns, twice as often as by 128-column blocks; M = 8
+            // 4096×4096 9.8 against 9.1) and overlapped launches (4096×4096 7.7 against 7.2).
+            let deep = tf == 1
+                && grouped.is_none()
+                && match opts.deep_skinny_blocks {
+                    Some(on) => on,
+                    None => {
+                        let (tiles, sms) = ((w.n_pad / PACK_TILE_N as usize) as u64, dev.sm_count()? as u64);
+                        m == 1 && !overlap && tiles <= sms && w.k_pad as u64 <= 8192 * (sms / tiles.max(1))
+                    }
+                };
+            let shape = if deep {
+                W4a16SkinnyShape::deep()
+            } else if wide {
+                W4a16SkinnyShape::wide(tf)
+            } else {
+                narrow
+            };
+            (FusedKernel::SkinnySm90 { tf, warps: shape.warps, x_l1: false }, shape)
         } else {
             (FusedKernel::Skinny { tf }, narrow)
         };
-        (kernel, shape.m_block(), shape.n_block(), 16, shape.total(), shape.threads())
+        (kernel, shape.m_block(), shape.n_block(), 16 * shape.steps, shape.total(), shape.threads())
     } else {
         let shape = W4a16Shape::for_mb(m.min(64).div_ceil(16) as u32);
         let (mb, total) = (shape.mb, shape.layout().total);
@@ -492,7 +531,7 @@ pub(crate) fn plan_layer(
         None => m.div_ceil(rows_per_block as usize) as u32,
     };
     let col_blocks = (w.n_pad / cols_per_block as usize) as u32;
-    // The tiled and wgmma kernels split whole stages; the skinny ones whole steps among their
+    // The tiled and wgmma kernels split whole stages; the skinny ones whole slots among their
     // warps.
     let units = (w.k_pad / k_unit as usize) as u32;
     let (func, name) = fused_kernel_sized(dev, dtype, kernel, grouped.is_some(), shared_bytes)?;
@@ -504,7 +543,7 @@ pub(crate) fn plan_layer(
     let resident = per_sm * sm_count;
     let tiles = m_blocks as u64 * col_blocks as u64;
     let max_splits = if skinny {
-        // At least two steps per warp.
+        // At least two slots per warp.
         (units / (2 * (threads / 32))).clamp(1, W4A16_MAX_SPLITS)
     } else if hopper {
         // At least two stages per block.
@@ -517,9 +556,10 @@ pub(crate) fn plan_layer(
         None => {
             // The most splits that still fit one wave, then the smallest split reaching the
             // same stages (steps) per block: fewer partial tiles to add.
-            // Small layers on the Hopper skinny build, launched in order: one block per SM
-            // (module docs).
-            let one_per_sm = matches!(kernel, FusedKernel::SkinnySm90 { .. }) && !large && !overlap;
+            // Small layers on the Hopper skinny build, and the 12-warp blocks on any, launched
+            // in order: one block per SM (module docs).
+            let deep = matches!(kernel, FusedKernel::SkinnySm90 { warps: 12, .. });
+            let one_per_sm = matches!(kernel, FusedKernel::SkinnySm90 { .. }) && (!large || deep) && !overlap;
             let slots = if one_per_sm { sm_count } else { resident };
             let fit = ((slots as u64 / tiles.max(1)) as u32).clamp(1, max_splits);
             let best = units.div_ceil(fit);

@@ -5,7 +5,10 @@ events around graph replays, median of 7, divided by the launches per graph.
 
 Run on the GPU machine with PyTorch: `python3 tools/device/torch_int4_bench.py`. Prints one
 line per (shape, M); the issue's comparison "faster than PyTorch's int4 kernel at every M".
+`TORCH_INT4_ONLY=4096x1024:1,8192x8192:2` times only those cases (like `W4A16_BENCH_ONLY`).
 """
+import os
+
 import torch
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (2048, 7168), (7168, 2048)]
@@ -48,10 +51,12 @@ def time_graph(fn, reps):
 def main():
     dev = "cuda"
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
-    for n, k in SHAPES:
+    only = [c.split(":") for c in os.environ.get("TORCH_INT4_ONLY", "").split(",") if c]
+    cases = [(tuple(int(d) for d in s.split("x")), [int(m)]) for s, m in only] or [(s, MS) for s in SHAPES]
+    for (n, k), ms in cases:
         copies = max(2, -(-CYCLE_BYTES // (n * k // 2)))
         ws = [packed_weight(n, k, dev) for _ in range(copies)]
-        for m in MS:
+        for m in ms:
             x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
             reps = max(copies, 24) if m < 1024 else copies
             t = time_graph(lambda i: torch._weight_int4pack_mm(x, ws[i % copies][0], GS, ws[i % copies][1]), reps)

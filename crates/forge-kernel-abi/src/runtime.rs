@@ -172,8 +172,9 @@ const _: () = {
 /// Warps of a skinny W4A16 block (`w4a16_skinny_*`): all on the block's columns, each
 /// streaming its own contiguous part of the block's `k` range.
 pub const SKINNY_WARPS: u32 = W4A16_THREADS / 32;
-/// Steps in each warp's private `cp.async` pipeline (`depth − 1` in flight). A
-/// `cp.async.wait_group` immediate, so one value for every instance.
+/// Slots in each warp's private `cp.async` pipeline (`depth − 1` in flight) for every skinny
+/// instance but the 12-warp one ([`W4a16SkinnyShape::deep`], 5: two blocks' rings must fit
+/// an SM).
 pub const SKINNY_DEPTH: u32 = 6;
 
 /// The small-`M` ("skinny") W4A16 kernel for `8·tf` rows of `X` (`tf` 8-token fragments:
@@ -182,9 +183,10 @@ pub const SKINNY_DEPTH: u32 = 6;
 /// fragment, straight from the packed tiles) and `X` its B operand (8 tokens per fragment),
 /// so `M ≤ 8` wastes no tensor-core rows or accumulators.
 ///
-/// Per warp and step (16 `k`): `nt` packed tiles, the `X` slice (per fragment two 8×8
-/// matrices, `k` 0..8 and 8..16, 16-byte rows) and, when the step starts a group, the
-/// block's raw records. After the warps' rings: the qmeta4 scale table (256 × u16).
+/// Per warp and ring slot of `steps` 16-deep steps: per step `nt` packed tiles and the `X`
+/// slice (per fragment two 8×8 matrices, `k` 0..8 and 8..16, 16-byte rows), then, when the
+/// slot starts a group, the block's raw records. After the warps' rings: the qmeta4 scale
+/// table (256 × u16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct W4a16SkinnyShape {
     /// 8-token fragments.
@@ -193,6 +195,12 @@ pub struct W4a16SkinnyShape {
     pub nt: u32,
     /// Warps of the block, each on its own part of the block's `k` range.
     pub warps: u32,
+    /// 16-deep steps per ring slot (1, or 2 with `nt = 1` and `tf = 1`): a warp copies and
+    /// computes a slot at a time, so two steps of one tile cost the copy bookkeeping of one
+    /// step of two tiles.
+    pub steps: u32,
+    /// Slots in each warp's `cp.async` ring (`depth − 1` in flight).
+    pub depth: u32,
 }
 
 impl W4a16SkinnyShape {
@@ -200,7 +208,13 @@ impl W4a16SkinnyShape {
     /// 64 accumulators with two tiles do not fit the 128 registers of two blocks per SM
     /// (ptxas spilled them; one tile halves them), and `tf = 8` (256 accumulators with two).
     pub const fn for_tf(tf: u32) -> Self {
-        W4a16SkinnyShape { tf, nt: if tf == 2 || tf == 8 { 1 } else { 2 }, warps: SKINNY_WARPS }
+        W4a16SkinnyShape {
+            tf,
+            nt: if tf == 2 || tf == 8 { 1 } else { 2 },
+            warps: SKINNY_WARPS,
+            steps: 1,
+            depth: SKINNY_DEPTH,
+        }
     }
 
     /// The instance for `tf` fragments in blocks of 16 warps: the Hopper build's
@@ -208,6 +222,14 @@ impl W4a16SkinnyShape {
     /// with as many warps as two blocks of 8, so a layer of one tile per SM needs no split-K).
     pub const fn wide(tf: u32) -> Self {
         W4a16SkinnyShape { warps: 2 * SKINNY_WARPS, ..Self::for_tf(tf) }
+    }
+
+    /// The Hopper build's `w4a16_skinny_sm90_*_t1_w12` (1–8 rows): blocks of 12 warps on one
+    /// 64-column tile, each warp streaming slots of two steps (the copy work per packed word
+    /// of two tiles per warp, the registers of one: at most 80, two blocks and 24 warps per
+    /// SM), a ring of 5 slots (two blocks' rings fit an SM's shared memory).
+    pub const fn deep() -> Self {
+        W4a16SkinnyShape { tf: 1, nt: 1, warps: 12, steps: 2, depth: 5 }
     }
 
     /// Threads per block.
@@ -225,24 +247,29 @@ impl W4a16SkinnyShape {
         self.nt * PACK_TILE_N
     }
 
-    /// Bytes of one step's codes.
+    /// Bytes of one slot's codes (`[step][tile]`).
     pub const fn codes_bytes(&self) -> u32 {
-        self.nt * PACK_TILE_BYTES
+        self.steps * self.nt * PACK_TILE_BYTES
     }
 
     /// Bytes of one step's `X` slice.
-    pub const fn x_bytes(&self) -> u32 {
+    pub const fn x_step_bytes(&self) -> u32 {
         self.tf * 2 * 8 * 16
     }
 
-    /// Bytes of one step in a warp's pipeline: codes, `X`, raw records.
-    pub const fn step_bytes(&self) -> u32 {
+    /// Bytes of one slot's `X` slices.
+    pub const fn x_bytes(&self) -> u32 {
+        self.steps * self.x_step_bytes()
+    }
+
+    /// Bytes of one slot in a warp's pipeline: codes, `X`, raw records.
+    pub const fn slot_bytes(&self) -> u32 {
         self.codes_bytes() + self.x_bytes() + self.n_block() * 4
     }
 
     /// Bytes of one warp's pipeline.
     pub const fn warp_bytes(&self) -> u32 {
-        SKINNY_DEPTH * self.step_bytes()
+        self.depth * self.slot_bytes()
     }
 
     /// f32 row stride (columns + 4) of the reduction buffer: the pad puts a warp's 32 stores
@@ -291,11 +318,11 @@ const _: () = {
         while nt <= 2 {
             let mut warps = SKINNY_WARPS;
             while warps <= 2 * SKINNY_WARPS {
-                let s = W4a16SkinnyShape { tf, nt, warps };
+                let s = W4a16SkinnyShape { warps, nt, ..W4a16SkinnyShape::for_tf(tf) };
                 // One 16-byte cp.async per lane and tile; records and X in at most two per lane.
                 assert!(s.n_block() * 4 <= 32 * 16 && s.x_bytes() / 16 <= 128);
                 assert!(PACK_N_ALIGN.is_multiple_of(s.n_block()));
-                assert!(s.step_bytes().is_multiple_of(16) && s.table().is_multiple_of(16));
+                assert!(s.slot_bytes().is_multiple_of(16) && s.table().is_multiple_of(16));
                 // The scale table is filled by the first 256 threads.
                 assert!(s.threads() >= 256 && s.threads() <= 1024);
                 warps *= 2;
@@ -304,6 +331,15 @@ const _: () = {
         }
         tf *= 2;
     }
+    let d = W4a16SkinnyShape::deep();
+    // Two code streams per lane (the kernel's copy unrolls two), one X chunk per lane, whole
+    // groups per slot (group sizes are multiples of 32), two blocks per SM (227 KB each on
+    // sm_90, 1 KB of it reserved per block).
+    assert!(d.steps * d.nt <= 2 && d.x_bytes() / 16 <= 32 && d.tf == 1 && 32 % (16 * d.steps) == 0);
+    assert!(PACK_K_ALIGN.is_multiple_of(16 * d.steps));
+    assert!(d.slot_bytes().is_multiple_of(16) && d.table().is_multiple_of(16));
+    assert!(2 * (d.total() + 1024) <= 228 * 1024);
+    assert!(d.threads() >= 256 && d.threads() <= 1024);
 };
 
 /// Threads of a Hopper W4A16 block (`w4a16_wg_*`): four warpgroups (the unit `wgmma` runs

@@ -2,9 +2,10 @@
 //! (`runtime/skinny.rs`): the record decoding, the per-step dequantization and mma, and the
 //! block end.
 //!
-//! Thread mapping: `W` warps (8, or 16 in the `_t1_w16` instances) on the block's `64·nt`
-//! columns, each warp on its own `k` range; lane `(g, t) = (lane / 4, lane % 4)` holds the mma fragments of
-//! columns `16q + g`, `16q + 8 + g` and tokens `8f + 2t`, `8f + 2t + 1`.
+//! Thread mapping: `W` warps (8, or 16 in the `_t1_w16` instances and 12 in `_t1_w12`) on the
+//! block's `64·nt` columns, each warp on its own `k` range; lane `(g, t) = (lane / 4,
+//! lane % 4)` holds the mma fragments of columns `16q + g`, `16q + 8 + g` and tokens `8f + 2t`,
+//! `8f + 2t + 1`.
 
 use super::epilogue::{finish_split_k, store_pair};
 use super::{cluster_arrive, cluster_wait, ld_cluster_f32x2};
@@ -94,7 +95,8 @@ pub unsafe fn block_end<T: Half, const TF: usize, const NT: usize, const W: usiz
     (mblk, cb, split): (u32, u32, u32),
     tid: u32,
 ) {
-    let sh = W4a16SkinnyShape { tf: TF as u32, nt: NT as u32, warps: W as u32 };
+    // The reduction's layout does not depend on the ring (slot steps, depth).
+    let sh = W4a16SkinnyShape { tf: TF as u32, nt: NT as u32, warps: W as u32, ..W4a16SkinnyShape::for_tf(TF as u32) };
     let threads = sh.threads();
     let (m_block, nb, stride) = (sh.m_block(), sh.n_block(), sh.red_stride());
     let clustered = cfg!(feature = "hopper") && a.cluster != 0;
@@ -208,11 +210,13 @@ unsafe fn cluster_split_k<T: Half>(
     cluster_wait();
 }
 
-/// Warp `warp` (of `warps`) of split `split`'s contiguous range of 16-deep steps `[begin, end)`.
+/// Warp `warp` (of `warps`) of split `split`'s contiguous range of 16-deep steps `[begin, end)`,
+/// in whole slots of `steps` steps (`k_pad` is a multiple of `16·steps`).
 #[inline(always)]
-pub fn warp_steps(k_pad: u32, split: u32, splits: u32, warp: u32, warps: u32) -> (u32, u32) {
-    let kt_total = k_pad / 16;
+pub fn warp_steps(k_pad: u32, split: u32, splits: u32, warp: u32, warps: u32, steps: u32) -> (u32, u32) {
+    let slots = k_pad / (16 * steps);
     let parts = splits as u64 * warps as u64;
     let part = split as u64 * warps as u64 + warp as u64;
-    ((part * kt_total as u64 / parts) as u32, ((part + 1) * kt_total as u64 / parts) as u32)
+    let at = |p: u64| (p * slots as u64 / parts) as u32 * steps;
+    (at(part), at(part + 1))
 }
