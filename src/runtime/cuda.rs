@@ -163,9 +163,10 @@ pub struct W4a16Options {
     /// layer).
     pub wide_skinny_blocks: Option<bool>,
     /// 1–8 rows on the Hopper skinny build in blocks of 12 warps on one 64-column tile, each
-    /// warp copying and computing two 16-deep steps at a time (two blocks, 24 warps per SM,
-    /// where the 8- and 16-warp blocks run 16; `None`: where the plan finds it faster;
-    /// `Some(on)` forces it on or off for every layer). Takes precedence over
+    /// warp copying and computing two 16-deep steps at a time, launched one block per SM
+    /// (half the splits of the 128-column blocks; `None`: where the plan finds it faster, 1–2
+    /// rows on layers of at most one 64-column tile per SM and at most 8192 `k` per block, not
+    /// overlapped; `Some(on)` forces it on or off for every layer). Takes precedence over
     /// `wide_skinny_blocks`.
     pub deep_skinny_blocks: Option<bool>,
     /// Dequantization + cuBLAS: dequantize and multiply the weight in chunks of whole 64-row
@@ -488,24 +489,27 @@ pub(crate) fn plan_layer(
                         large && w.k_pad >= 4096 && 3 * tiles > 2 * sms && tiles <= sms
                     }
                 };
-            // Blocks of 12 warps on one 64-column tile (two-step slots), one per SM, for a
-            // single row where the layer's 64-column tiles fit one per SM and a block's `k`
-            // range (the splits that keep one block per SM) is at most 8192. H200, M = 1,
-            // against the 8-warp blocks in the same run: 7168×2048 7.5 µs against 8.1,
-            // 4096×14336 15.9–16.1 against 16.9–17.0, 8192×8192 16.7 against 17.7, 5120×5120
-            // 11.4 against 14.0, 4096×512 4.2 against 5.1, 4096×4096 8.5–8.8 against 8.7;
-            // past 8192 per block they lost (8192×28672 46.0 against 43.8, 5120×13824 24.2
-            // against 19.1 on 80 SMs, 3584×18944 19.0 against 18.5), and so did 14336×4096
-            // (more tiles than SMs; 16.2–16.3 against 15.9–16.1 in 16-warp blocks), 2–8 rows
-            // (X read once per 64 columns, twice as often as by 128-column blocks; M = 8
-            // 4096×4096 9.8 against 9.1) and overlapped launches (4096×4096 7.7 against 7.2).
+            // Blocks of 12 warps on one 64-column tile (two-step slots), one per SM, for 1–2
+            // rows where the layer's 64-column tiles fit one per SM and a block's `k` range
+            // (the splits that keep one block per SM) is at most 8192. H200, against the 8-warp
+            // blocks in the same run, M = 1: 7168×2048 7.5 µs against 8.1, 4096×14336 15.9–16.1
+            // against 16.9–17.0, 8192×8192 16.7 against 17.7, 5120×5120 11.4 against 14.0,
+            // 4096×512 4.2 against 5.1, 4096×4096 8.5–8.8 against 8.7; M = 2 (three runs):
+            // 4096×14336 16.1–16.2 against 17.1, 2048×7168 8.6–8.7 against 8.8, 7168×2048
+            // 7.6–8.2 against 8.1–8.2, 4096×4096 8.8 against 8.7–8.8, and 6 of 7 other shapes
+            // (1024×4096 6.4 against 6.1). Past 8192 per block they lost (M = 1: 8192×28672 46.0
+            // against 43.8, 5120×13824 24.2 against 19.1 on 80 SMs, 3584×18944 19.0 against
+            // 18.5), and so did 14336×4096 (more tiles than SMs; 16.2–16.3 against 15.9–16.1 in
+            // 16-warp blocks), 4–8 rows (X read once per 64 columns, twice as often as by
+            // 128-column blocks; M = 8 4096×4096 9.8 against 9.1) and overlapped launches
+            // (4096×4096 7.7 against 7.2).
             let deep = tf == 1
                 && grouped.is_none()
                 && match opts.deep_skinny_blocks {
                     Some(on) => on,
                     None => {
                         let (tiles, sms) = ((w.n_pad / PACK_TILE_N as usize) as u64, dev.sm_count()? as u64);
-                        m == 1 && !overlap && tiles <= sms && w.k_pad as u64 <= 8192 * (sms / tiles.max(1))
+                        m <= 2 && !overlap && tiles <= sms && w.k_pad as u64 <= 8192 * (sms / tiles.max(1))
                     }
                 };
             let shape = if deep {
