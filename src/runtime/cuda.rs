@@ -165,8 +165,9 @@ pub struct W4a16Options {
     /// 1–8 rows on the Hopper skinny build in blocks of 12 warps on one 64-column tile, each
     /// warp copying and computing two 16-deep steps at a time, launched one block per SM
     /// (half the splits of the 128-column blocks; `None`: where the plan finds it faster, 1–2
-    /// rows on layers of at most one 64-column tile per SM and at most 8192 `k` per block, not
-    /// overlapped; `Some(on)` forces it on or off for every layer). Takes precedence over
+    /// rows, or 3–6 with at least 4096 `k` per block, on layers of at most one 64-column tile
+    /// per SM and at most 8192 `k` per block, not overlapped; `Some(on)` forces it on or off
+    /// for every layer). Takes precedence over
     /// `wide_skinny_blocks`.
     pub deep_skinny_blocks: Option<bool>,
     /// Dequantization + cuBLAS: dequantize and multiply the weight in chunks of whole 64-row
@@ -489,27 +490,33 @@ pub(crate) fn plan_layer(
                         large && w.k_pad >= 4096 && 3 * tiles > 2 * sms && tiles <= sms
                     }
                 };
-            // Blocks of 12 warps on one 64-column tile (two-step slots), one per SM, for 1–2
-            // rows where the layer's 64-column tiles fit one per SM and a block's `k` range
-            // (the splits that keep one block per SM) is at most 8192. H200, against the 8-warp
-            // blocks in the same run, M = 1: 7168×2048 7.5 µs against 8.1, 4096×14336 15.9–16.1
-            // against 16.9–17.0, 8192×8192 16.7 against 17.7, 5120×5120 11.4 against 14.0,
-            // 4096×512 4.2 against 5.1, 4096×4096 8.5–8.8 against 8.7; M = 2 (three runs):
-            // 4096×14336 16.1–16.2 against 17.1, 2048×7168 8.6–8.7 against 8.8, 7168×2048
-            // 7.6–8.2 against 8.1–8.2, 4096×4096 8.8 against 8.7–8.8, and 6 of 7 other shapes
-            // (1024×4096 6.4 against 6.1). Past 8192 per block they lost (M = 1: 8192×28672 46.0
-            // against 43.8, 5120×13824 24.2 against 19.1 on 80 SMs, 3584×18944 19.0 against
-            // 18.5), and so did 14336×4096 (more tiles than SMs; 16.2–16.3 against 15.9–16.1 in
-            // 16-warp blocks), 4–8 rows (X read once per 64 columns, twice as often as by
-            // 128-column blocks; M = 8 4096×4096 9.8 against 9.1) and overlapped launches
-            // (4096×4096 7.7 against 7.2).
+            // Blocks of 12 warps on one 64-column tile (two-step slots), one per SM, for 1–2 rows (3–6
+            // on long `k` ranges, below) where the layer's 64-column tiles fit one per SM and a block's
+            // `k` range (the splits that keep one block per SM) is at most 8192. H200, against the
+            // 8-warp blocks in the same run, M = 1: 7168×2048 7.5 µs against 8.1, 4096×14336 15.9–16.1
+            // against 16.9–17.0, 8192×8192 16.7 against 17.7, 5120×5120 11.4 against 14.0, 4096×512 4.2
+            // against 5.1, 4096×4096 8.5–8.8 against 8.7; M = 2 (three runs): 4096×14336 16.1–16.2
+            // against 17.1, 2048×7168 8.6–8.7 against 8.8, 7168×2048 7.6–8.2 against 8.1–8.2, 4096×4096
+            // 8.8 against 8.7–8.8, and 6 of 7 other shapes (1024×4096 6.4 against 6.1). At 3–6 rows
+            // only with at least 4096 `k` per block (one run, M = 3/4/6: 4096×14336 16.1/16.4/16.9
+            // against 17.0/17.2/17.6, 8192×8192 16.7/16.9/17.7 against 17.8/17.9/18.1, 4096×11008,
+            // 5120×5120, 4096×8192 2–20 % faster; M = 8 8192×8192 19.5 against 18.2): X is read once
+            // per 64 columns, twice as often as by 128-column blocks, which shorter ranges do not repay
+            // (M = 4: 4096×4096 9.2 against 8.9, 2048×7168 9.2 against 8.9). Past 8192 per block they
+            // lost (M = 1: 8192×28672 46.0 against 43.8, 5120×13824 24.2 against 19.1 on 80 SMs,
+            // 3584×18944 19.0 against 18.5), and so did 14336×4096 (more tiles than SMs; 16.2–16.3
+            // against 15.9–16.1 in 16-warp blocks) and overlapped launches (4096×4096 7.7 against 7.2).
             let deep = tf == 1
                 && grouped.is_none()
                 && match opts.deep_skinny_blocks {
                     Some(on) => on,
                     None => {
                         let (tiles, sms) = ((w.n_pad / PACK_TILE_N as usize) as u64, dev.sm_count()? as u64);
-                        m <= 2 && !overlap && tiles <= sms && w.k_pad as u64 <= 8192 * (sms / tiles.max(1))
+                        // The splits that keep one block per SM, and so each block's `k` range.
+                        let splits = (sms / tiles.max(1)).max(1);
+                        let k = w.k_pad as u64;
+                        let rows_ok = m <= 2 || (m <= 6 && k >= 4096 * splits);
+                        rows_ok && !overlap && tiles <= sms && k <= 8192 * splits
                     }
                 };
             let shape = if deep {
