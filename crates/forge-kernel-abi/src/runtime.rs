@@ -226,8 +226,8 @@ impl W4a16SkinnyShape {
 
     /// The Hopper build's `w4a16_skinny_sm90_*_t1_w12` (1–8 rows): blocks of 12 warps on one
     /// 64-column tile, each warp streaming slots of two steps (the copy work per packed word
-    /// of two tiles per warp, the registers of one: at most 80, two blocks and 24 warps per
-    /// SM), a ring of 5 slots (two blocks' rings fit an SM's shared memory).
+    /// of two tiles per warp, the registers of one: at most 80), a ring of 5 slots. Two such
+    /// blocks fit an SM; the plan launches one per SM (half the splits of 128-column blocks).
     pub const fn deep() -> Self {
         W4a16SkinnyShape { tf: 1, nt: 1, warps: 12, steps: 2, depth: 5 }
     }

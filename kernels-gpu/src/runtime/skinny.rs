@@ -65,9 +65,10 @@ impl<const TF: usize, const NT: usize, const S: usize> Cfg<TF, NT, S> {
 }
 
 /// Waits until at most `D − 2` of the warp's copy groups are in flight: the oldest of a ring
-/// of `D` slots has landed (the immediate must be a literal).
+/// of `D` slots has landed (the immediate must be a literal, hence one arm per depth).
 #[inline(always)]
 unsafe fn wait_ring<const D: usize>() {
+    const { assert!(D >= 4 && D <= 6, "a skinny ring of 4 to 6 slots") };
     match D {
         6 => cp_async_wait::<4>(),
         5 => cp_async_wait::<3>(),
