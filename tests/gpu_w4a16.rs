@@ -241,16 +241,23 @@ impl KernelChoice {
         KernelChoice::Tiled,
     ];
 
+    /// The choices that run the skinny kernel's Hopper-module build.
+    fn hopper_skinny(self) -> bool {
+        matches!(
+            self,
+            KernelChoice::SkinnySm90
+                | KernelChoice::SkinnySm90GlobalSplitK
+                | KernelChoice::SkinnySm90Wide
+                | KernelChoice::SkinnySm90Deep
+        )
+    }
+
     fn options(self, splits: Option<u32>) -> W4a16Options {
         let (hopper_min_m, hopper_min_weights, skinny_max_m) = match self {
             KernelChoice::Wgmma => (1, 0, 64),
             KernelChoice::WgmmaSmallLayer => (1, u64::MAX, 64),
-            KernelChoice::SkinnySm90
-            | KernelChoice::SkinnySm90GlobalSplitK
-            | KernelChoice::SkinnySm90Wide
-            | KernelChoice::SkinnySm90Deep
-            | KernelChoice::Skinny => (usize::MAX, 0, 64),
             KernelChoice::Tiled => (usize::MAX, 0, 0),
+            _ => (usize::MAX, 0, 64),
         };
         W4a16Options {
             path: MatmulPath::Fused,
@@ -258,27 +265,15 @@ impl KernelChoice {
             hopper_min_m,
             hopper_min_weights,
             skinny_max_m,
-            hopper_skinny: matches!(
-                self,
-                KernelChoice::SkinnySm90
-                    | KernelChoice::SkinnySm90GlobalSplitK
-                    | KernelChoice::SkinnySm90Wide
-                    | KernelChoice::SkinnySm90Deep
-            ),
+            hopper_skinny: self.hopper_skinny(),
             cluster_split_k: !matches!(self, KernelChoice::SkinnySm90GlobalSplitK),
             wide_skinny_blocks: Some(matches!(self, KernelChoice::SkinnySm90Wide)),
             deep_skinny_blocks: Some(matches!(self, KernelChoice::SkinnySm90Deep)),
             // The Hopper-module kernels with both prologues: the overlapping launch (after a
             // copy, so nothing to overlap: the launch path, the wait and the split prologue
             // run) with odd forced splits, the plain one otherwise.
-            overlap_prior_kernel: matches!(
-                self,
-                KernelChoice::SkinnySm90
-                    | KernelChoice::SkinnySm90GlobalSplitK
-                    | KernelChoice::SkinnySm90Wide
-                    | KernelChoice::SkinnySm90Deep
-                    | KernelChoice::Wgmma
-            ) && splits.is_some_and(|s| s % 2 == 1),
+            overlap_prior_kernel: (self.hopper_skinny() || matches!(self, KernelChoice::Wgmma))
+                && splits.is_some_and(|s| s % 2 == 1),
             ..Default::default()
         }
     }
@@ -292,14 +287,7 @@ impl KernelChoice {
             KernelChoice::Wgmma if hopper => "Wgmma",
             KernelChoice::WgmmaSmallLayer if hopper && m > 64 => "Wgmma",
             // 17–32 rows keep the sm_80 build (see `W4a16Options::hopper_skinny`).
-            KernelChoice::SkinnySm90
-            | KernelChoice::SkinnySm90GlobalSplitK
-            | KernelChoice::SkinnySm90Wide
-            | KernelChoice::SkinnySm90Deep
-                if hopper && m <= 64 && !(17..=32).contains(&m) =>
-            {
-                "SkinnySm90"
-            }
+            k if k.hopper_skinny() && hopper && m <= 64 && !(17..=32).contains(&m) => "SkinnySm90",
             KernelChoice::Tiled => "Tiled",
             _ => sm80,
         };
@@ -326,10 +314,10 @@ impl KernelChoice {
         };
         assert_eq!(got, want, "{self:?} m {m}: {plan:?}");
         // Clusters only for the Hopper skinny build with splits, never when turned off.
-        let may_cluster =
-            matches!(self, KernelChoice::SkinnySm90 | KernelChoice::SkinnySm90Wide | KernelChoice::SkinnySm90Deep)
-                && got == "SkinnySm90"
-                && plan.splits > 1;
+        let may_cluster = self.hopper_skinny()
+            && !matches!(self, KernelChoice::SkinnySm90GlobalSplitK)
+            && got == "SkinnySm90"
+            && plan.splits > 1;
         assert!(plan.cluster == 1 || (may_cluster && plan.cluster == plan.splits), "{self:?} m {m}: {plan:?}");
     }
 }

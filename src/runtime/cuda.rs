@@ -445,6 +445,8 @@ pub(crate) fn plan_layer(
     // the tiled kernel on every bench shape.
     let weights_read = grouped.map_or(w.n as u64 * w.k as u64, |g| g.weights_read);
     let large = weights_read >= opts.hopper_min_weights;
+    let sm_count = dev.sm_count()?;
+    let sms = sm_count as u64;
     let hopper = match grouped {
         Some(g) => g.wgmma_tasks > 0 && m > 32 && m >= opts.hopper_min_m && dev.is_hopper(),
         None => m >= opts.hopper_min_m && (m > 64 || large) && !gemm && dev.is_hopper(),
@@ -486,7 +488,7 @@ pub(crate) fn plan_layer(
                 && match opts.wide_skinny_blocks {
                     Some(on) => on,
                     None => {
-                        let (tiles, sms) = ((w.n_pad / narrow.n_block() as usize) as u64, dev.sm_count()? as u64);
+                        let tiles = (w.n_pad / narrow.n_block() as usize) as u64;
                         large && w.k_pad >= 4096 && 3 * tiles > 2 * sms && tiles <= sms
                     }
                 };
@@ -511,7 +513,7 @@ pub(crate) fn plan_layer(
                 && match opts.deep_skinny_blocks {
                     Some(on) => on,
                     None => {
-                        let (tiles, sms) = ((w.n_pad / PACK_TILE_N as usize) as u64, dev.sm_count()? as u64);
+                        let tiles = (w.n_pad / PACK_TILE_N as usize) as u64;
                         // The splits that keep one block per SM, and so each block's `k` range.
                         let splits = (sms / tiles.max(1)).max(1);
                         let k = w.k_pad as u64;
@@ -550,7 +552,6 @@ pub(crate) fn plan_layer(
         .occupancy_max_active_blocks_per_multiprocessor(threads, shared_bytes as usize, None)
         .map_err(|source| ForgeError::Launch { kernel: name, source })?
         .max(1);
-    let sm_count = dev.sm_count()?;
     let resident = per_sm * sm_count;
     let tiles = m_blocks as u64 * col_blocks as u64;
     let max_splits = if skinny {

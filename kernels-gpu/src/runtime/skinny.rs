@@ -256,7 +256,7 @@ pub unsafe fn skinny<
     let gs = a.gs.max(16);
 
     let block_base = shared_window_base();
-    let ring = block_base + warp * d * slot_bytes;
+    let ring = block_base + warp * sh.warp_bytes();
     let first = GroupCursor::at(s_begin * 16, gs);
 
     let mut issue_cur = first;
