@@ -25,7 +25,8 @@
 //! (`deep_skinny_blocks: Some(on)`, on where the plan runs another kernel), plain and
 //! overlapped.
 //!
-//! Then the grouped mixture-of-experts launch (`W4A16_BENCH_MOE=only` times only that) on
+//! Then the grouped mixture-of-experts launch (`W4A16_BENCH_MOE=only` times only that,
+//! `W4A16_BENCH_MOE=skip` leaves it out) on
 //! Qwen3-30B-A3B and DeepSeek-V3 expert layers, 1–1024 tokens routed top-8 at random, against
 //! a loop of per-expert launches, a loop of cuBLAS bf16 GEMMs per expert on the dequantized
 //! experts (the layer unquantized) and the floor of the active experts' weights; "device-routed"
@@ -700,7 +701,7 @@ fn main() -> Result<()> {
         ],
         &rows,
     );
-    if only.is_none() {
+    if only.is_none() && std::env::var("W4A16_BENCH_MOE").map_or(true, |v| v != "skip") {
         bench_topk_parts(&dev, bw)?;
         bench_moe(&dev, bw)?;
     }

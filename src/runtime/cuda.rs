@@ -32,9 +32,9 @@
 //!   `M = 1`: 16.9 µs at 256 blocks, 17.6 at 128). An overlapping launch streams its first
 //!   steps while the previous kernel runs, so more splits (shorter `k` ranges) leave it less
 //!   to do after the wait: with one block per SM the overlapped 4096×4096 ran 8.5 µs at
-//!   `M = 1` against 7.3 with two. The 12-warp blocks of two-step slots
-//!   (`W4a16Options::deep_skinny_blocks`) also run one per SM on any layer: 4096×14336 at
-//!   `M = 1` 15.9 µs at 2 splits (128 blocks) against 16.6 at 4 (256);
+//!   `M = 1` against 7.3 with two. The 12-warp blocks that stream their operands into
+//!   registers (`W4a16Options::deep_skinny_blocks`) run one per SM on any layer (152
+//!   registers);
 //! * cluster split-K (`W4a16Options::cluster_split_k`): the split blocks of a tile form one
 //!   thread-block cluster and add their partials through distributed shared memory in split
 //!   order (the same bits), with no workspace round trip; 0.3–1.6 µs per launch where taken (H200 bench).
@@ -163,12 +163,10 @@ pub struct W4a16Options {
     /// layer).
     pub wide_skinny_blocks: Option<bool>,
     /// 1–8 rows on the Hopper skinny build in blocks of 12 warps on one 64-column tile, each
-    /// warp copying and computing two 16-deep steps at a time, launched one block per SM
-    /// (half the splits of the 128-column blocks; `None`: where the plan finds it faster, 1–2
-    /// rows, or 3–6 with at least 4096 `k` per block, on layers of at most one 64-column tile
-    /// per SM and at most 8192 `k` per block, not overlapped; `Some(on)` forces it on or off
-    /// for every layer). Takes precedence over
-    /// `wide_skinny_blocks`.
+    /// lane loading its operands straight into registers a few steps ahead (no shared-memory
+    /// ring), launched one block per SM (`None`: where the plan finds it faster, on layers of
+    /// at most one 64-column tile per SM and at most 8192 `k` per block; `Some(on)` forces it
+    /// on or off for every layer). Takes precedence over `wide_skinny_blocks`.
     pub deep_skinny_blocks: Option<bool>,
     /// Dequantization + cuBLAS: dequantize and multiply the weight in chunks of whole 64-row
     /// tiles of `W` of at most this many dense bytes, each chunk's GEMM right after its
@@ -492,22 +490,18 @@ pub(crate) fn plan_layer(
                         large && w.k_pad >= 4096 && 3 * tiles > 2 * sms && tiles <= sms
                     }
                 };
-            // Blocks of 12 warps on one 64-column tile (two-step slots), one per SM, for 1–2 rows (3–6
-            // on long `k` ranges, below) where the layer's 64-column tiles fit one per SM and a block's
-            // `k` range (the splits that keep one block per SM) is at most 8192. H200, against the
-            // 8-warp blocks in the same run, M = 1: 7168×2048 7.5 µs against 8.1, 4096×14336 15.9–16.1
-            // against 16.9–17.0, 8192×8192 16.7 against 17.7, 5120×5120 11.4 against 14.0, 4096×512 4.2
-            // against 5.1, 4096×4096 8.5–8.8 against 8.7; M = 2 (three runs): 4096×14336 16.1–16.2
-            // against 17.1, 2048×7168 8.6–8.7 against 8.8, 7168×2048 7.6–8.2 against 8.1–8.2, 4096×4096
-            // 8.8 against 8.7–8.8, and 6 of 7 other shapes (1024×4096 6.4 against 6.1). At 3–6 rows
-            // only with at least 4096 `k` per block (one run, M = 3/4/6: 4096×14336 16.1/16.4/16.9
-            // against 17.0/17.2/17.6, 8192×8192 16.7/16.9/17.7 against 17.8/17.9/18.1, 4096×11008,
-            // 5120×5120, 4096×8192 2–20 % faster; M = 8 8192×8192 19.5 against 18.2): X is read once
-            // per 64 columns, twice as often as by 128-column blocks, which shorter ranges do not repay
-            // (M = 4: 4096×4096 9.2 against 8.9, 2048×7168 9.2 against 8.9). Past 8192 per block they
-            // lost (M = 1: 8192×28672 46.0 against 43.8, 5120×13824 24.2 against 19.1 on 80 SMs,
-            // 3584×18944 19.0 against 18.5), and so did 14336×4096 (more tiles than SMs; 16.2–16.3
-            // against 15.9–16.1 in 16-warp blocks) and overlapped launches (4096×4096 7.7 against 7.2).
+            // Blocks of 12 warps on one 64-column tile streaming their operands into registers,
+            // one per SM, for 1–8 rows where the layer's 64-column tiles fit one per SM and a
+            // block's `k` range (at the splits that keep one block per SM) is at most 8192, plain
+            // or overlapped. H200, against the plan without them (8-warp blocks) in the same run,
+            // M = 1 / 8: 4096×4096 7.9 / 7.9 µs against 8.7 / 9.2, 2048×7168 7.6 / 7.9 against 8.7 /
+            // 9.2, 7168×2048 6.6 / 6.8 against 8.0 / 8.6, 4096×14336 15.7 / 16.1 against 16.9 /
+            // 17.6, 8192×8192 16.2 / 16.8 against 17.6 / 18.2, 5120×5120 11.2 / 11.2 against 14.0 /
+            // 14.8, 4096×512 3.5 / 3.7 against 5.1 / 5.7; overlapped 4096×512 2.0 against 3.9,
+            // 2048×7168 (M = 8) 6.6 against 8.7. Past 8192 per block they lost (M = 1: 8192×28672
+            // 46.4 against 44.1, 5120×13824 23.9 against 19.1 on 80 SMs; 3584×18944 tied, 18.7
+            // against 18.5), and so did 14336×4096, with more tiles than SMs (17.9 against the
+            // 16-warp blocks' 15.9).
             let deep = tf == 1
                 && grouped.is_none()
                 && match opts.deep_skinny_blocks {
@@ -516,9 +510,7 @@ pub(crate) fn plan_layer(
                         let tiles = (w.n_pad / PACK_TILE_N as usize) as u64;
                         // The splits that keep one block per SM, and so each block's `k` range.
                         let splits = (sms / tiles.max(1)).max(1);
-                        let k = w.k_pad as u64;
-                        let rows_ok = m <= 2 || (m <= 6 && k >= 4096 * splits);
-                        rows_ok && !overlap && tiles <= sms && k <= 8192 * splits
+                        tiles <= sms && w.k_pad as u64 <= 8192 * splits
                     }
                 };
             let shape = if deep {

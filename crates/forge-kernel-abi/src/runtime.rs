@@ -185,8 +185,8 @@ pub const SKINNY_DEPTH: u32 = 6;
 ///
 /// Per warp and ring slot of `steps` 16-deep steps: per step `nt` packed tiles and the `X`
 /// slice (per fragment two 8×8 matrices, `k` 0..8 and 8..16, 16-byte rows), then, when the
-/// slot starts a group, the block's raw records. After the warps' rings: the qmeta4 scale
-/// table (256 × u16).
+/// slot starts a group, the block's raw records. After the warps' rings (none in
+/// [`W4a16SkinnyShape::deep`]): the qmeta4 scale table (256 × u16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct W4a16SkinnyShape {
     /// 8-token fragments.
@@ -199,7 +199,7 @@ pub struct W4a16SkinnyShape {
     /// computes a slot at a time, so two steps of one tile cost the copy bookkeeping of one
     /// step of two tiles.
     pub steps: u32,
-    /// Slots in each warp's `cp.async` ring (`depth − 1` in flight).
+    /// Slots in each warp's `cp.async` ring (`depth − 1` in flight; 0: no ring).
     pub depth: u32,
 }
 
@@ -225,11 +225,12 @@ impl W4a16SkinnyShape {
     }
 
     /// The Hopper build's `w4a16_skinny_sm90_*_t1_w12` (1–8 rows): blocks of 12 warps on one
-    /// 64-column tile, each warp streaming slots of two steps (the copy work per packed word
-    /// of two tiles per warp, the registers of one: at most 80), a ring of 5 slots. Two such
-    /// blocks fit an SM; the plan launches one per SM (half the splits of 128-column blocks).
+    /// 64-column tile, each warp streaming slots of two steps with its operands loaded
+    /// straight into registers a few slots ahead: no ring (`depth` 0), so the shared memory
+    /// holds only the scale table, then the warps' reduction over it at the block end. One
+    /// block per SM (up to 168 registers).
     pub const fn deep() -> Self {
-        W4a16SkinnyShape { tf: 1, nt: 1, warps: 12, steps: 2, depth: 5 }
+        W4a16SkinnyShape { tf: 1, nt: 1, warps: 12, steps: 2, depth: 0 }
     }
 
     /// Threads per block.
@@ -332,13 +333,11 @@ const _: () = {
         tf *= 2;
     }
     let d = W4a16SkinnyShape::deep();
-    // Two code streams per lane (the kernel's copy unrolls two), one X chunk per lane, whole
-    // groups per slot (group sizes are multiples of 32), two blocks per SM (227 KB each on
-    // sm_90, 1 KB of it reserved per block).
-    assert!(d.steps * d.nt <= 2 && d.x_bytes() / 16 <= 32 && d.tf == 1 && 32 % (16 * d.steps) == 0);
+    // No ring: the table at 0, which the block end's reduction (after a barrier) overwrites;
+    // whole groups per slot (group sizes are multiples of 32).
+    assert!(d.depth == 0 && d.table() == 0 && d.tf == 1 && d.nt == 1 && 32 % (16 * d.steps) == 0);
     assert!(PACK_K_ALIGN.is_multiple_of(16 * d.steps));
-    assert!(d.slot_bytes().is_multiple_of(16) && d.table().is_multiple_of(16));
-    assert!(2 * (d.total() + 1024) <= 228 * 1024);
+    assert!(d.total() + 1024 <= 228 * 1024);
     assert!(d.threads() >= 256 && d.threads() <= 1024);
 };
 
@@ -484,7 +483,9 @@ crate::kernel_args! {
     /// `w4a16_skinny_sm90_{bf16,f16}_t1_w16` and `w4a16_skinny_sm90_{bf16,f16}_t2_l1`
     /// (the same source built for `sm_90a`, which adds programmatic dependent launch and
     /// cluster split-K), take the same arguments as the sm_80 ones; with `cluster = 1` they
-    /// must be launched in clusters of `splits × 1 × 1` blocks.
+    /// must be launched in clusters of `splits × 1 × 1` blocks. So do
+    /// `w4a16_skinny_sm90_{bf16,f16}_t1_w12`, with shared memory `deep().total()` and warp
+    /// `q` streaming the steps `2·[q·S/P, (q+1)·S/P)`, `S = k_pad / 32`.
     ///
     /// The Hopper kernels `w4a16_wg_{bf16,f16}_t{1,2,4,8,16}` (module `sm_90a`, blocks of
     /// [`WG_THREADS`]) take them with row blocks of `8·tf`, `col_blocks = n_pad / 256`,

@@ -96,6 +96,44 @@ pub unsafe fn ld_cg_f32x4(p: *const f32) -> [f32; 4] {
     [a, b, c, d]
 }
 
+/// `ld.global.nc.L1::no_allocate.v4.u32`: 16 bytes of data read once (the packed weight)
+/// through the read-only path, without displacing L1 lines.
+///
+/// # Safety
+/// `p` 16-byte aligned, in bounds, and not written while the kernel runs.
+#[inline(always)]
+pub unsafe fn ld_stream_u32x4(p: *const u8) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("ld.global.nc.L1::no_allocate.v4.u32 {{{a}, {b}, {c}, {d}}}, [{p}];",
+         a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d, p = in(reg64) p,
+         options(readonly, nostack));
+    [a, b, c, d]
+}
+
+/// `ld.global.nc.L1::no_allocate.u32`: as [`ld_stream_u32x4`], 4 bytes.
+///
+/// # Safety
+/// `p` 4-byte aligned, in bounds, and not written while the kernel runs.
+#[inline(always)]
+pub unsafe fn ld_stream_u32(p: *const u8) -> u32 {
+    let a: u32;
+    asm!("ld.global.nc.L1::no_allocate.u32 {a}, [{p}];", a = out(reg32) a, p = in(reg64) p,
+         options(readonly, nostack));
+    a
+}
+
+/// `ld.global.u32` where `valid`, else 0 (a predicated load: no branch).
+///
+/// # Safety
+/// `p` 4-byte aligned and in bounds where `valid`.
+#[inline(always)]
+pub unsafe fn ld_u32_or_zero(p: *const u8, valid: bool) -> u32 {
+    let a: u32;
+    asm!("{{ .reg .pred q; setp.ne.u32 q, {v}, 0; mov.u32 {a}, 0; @q ld.global.u32 {a}, [{p}]; }}",
+         a = out(reg32) a, p = in(reg64) p, v = in(reg32) valid as u32, options(readonly, nostack));
+    a
+}
+
 /// The 16-bit float type of a W4A16 matmul (bf16 or f16): how codes become values exactly,
 /// how scales are rounded, and its tensor-core instruction.
 pub trait Half: Copy {

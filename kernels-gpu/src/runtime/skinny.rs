@@ -2,24 +2,24 @@
 //! block), built to stream the packed weight at HBM speed (docs/kernels.md §6).
 //!
 //! Thread mapping: 256 threads = 8 warps (512 = 16 in the Hopper build's `_t1_w16`
-//! instances, 384 = 12 in its `_t1_w12` ones), all on the block's `64·nt` output columns
-//! (`nt` packed `n` tiles); warp `w` of split `p` streams its own contiguous range of 16-deep
-//! `k` steps (`forge_kernel_abi::runtime::W4a16Args` says which), a ring slot of `S` steps
-//! at a time (`S` = 2 in `_t1_w12`: one tile, two steps, so the copy bookkeeping of a slot
-//! serves 8 packed words per lane as in the two-tile instances). The product is
-//! `Yᵀ = dequant(W)·Xᵀ`: the mma's A operand is 16 weight columns × 16 `k` (one packed word,
-//! dequantized: its two n8 halves are the fragment's row halves), B is 16 `k` × 8 tokens of
-//! `X`, so `M ≤ 8` wastes no tensor-core rows. Per step a lane makes `nt` 16-byte shared
-//! loads of codes, `2·tf` 4-byte loads of `X`, `4·nt` packed words of dequantization and
-//! `4·nt·tf` mma; when a step starts a group it decodes the `8·nt` records of its columns into
-//! registers (the scale table copied to shared memory once per block: a table read from
-//! global memory at a warp's first step would add a memory round trip to every block).
+//! instances, 384 = 12 in its `_t1_w12` ones, [`skinny_streamed`]), all on the block's
+//! `64·nt` output columns (`nt` packed `n` tiles); warp `w` of split `p` streams its own
+//! contiguous range of 16-deep `k` steps (`forge_kernel_abi::runtime::W4a16Args` says
+//! which). The product is `Yᵀ = dequant(W)·Xᵀ`: the mma's A operand is 16 weight columns ×
+//! 16 `k` (one packed word, dequantized: its two n8 halves are the fragment's row halves), B
+//! is 16 `k` × 8 tokens of `X`, so `M ≤ 8` wastes no tensor-core rows. Per step a lane makes
+//! `nt` 16-byte shared loads of codes, `2·tf` 4-byte loads of `X`, `4·nt` packed words of
+//! dequantization and `4·nt·tf` mma; when a step starts a group it decodes the `8·nt` records
+//! of its columns into registers (the scale table copied to shared memory once per block: a
+//! table read from global memory at a warp's first step would add a memory round trip to
+//! every block).
 //!
-//! Why no block barrier in the main loop: every warp fills a private ring of `D` slots
-//! ([`SKINNY_DEPTH`], 5 in `_t1_w12`) in shared memory with its own `cp.async` and waits only
-//! for its own copies (`cp.async.wait_group`, then `bar.warp.sync` because a lane reads `X`
-//! bytes another lane copied). A warp never stalls on a slower one, and `D − 1` slots per
-//! warp are in flight (t1: 16 warps per SM, ~80 KB).
+//! Why no block barrier in the main loop: every warp fills a private ring of
+//! [`SKINNY_DEPTH`] steps in shared memory with its own `cp.async` and waits only for its own
+//! copies (`cp.async.wait_group`, then `bar.warp.sync` because a lane reads `X` bytes another
+//! lane copied). A warp never stalls on a slower one, and `depth − 1` steps per warp are in
+//! flight (t1: 16 warps per SM, ~80 KB). The `_t1_w12` instances keep no ring at all: each
+//! lane loads its own operands straight into registers ([`skinny_streamed`]).
 //!
 //! The record decoding, the step's dequantization and mma, and the block end (warp partials
 //! added in warp order, then `Y` or the split's partial) are in `runtime/skinny_math.rs`.
@@ -37,90 +37,52 @@
 //! # Safety (upheld by the host launcher)
 //! As documented on [`forge_kernel_abi::runtime::W4a16Args`].
 
-use super::mma::{cp_async_16, cp_async_16_zfill, cp_async_16_zfill_ca, Half};
-use super::skinny_math::{block_end, decode_group, step_mma, warp_steps};
+use super::mma::{cp_async_16, cp_async_16_zfill, cp_async_16_zfill_ca, ld_stream_u32, ld_stream_u32x4, ld_u32_or_zero, Half};
+use super::skinny_math::{block_end, decode_group, decode_records, step_mma, warp_steps, words_mma};
 use super::{allow_dependent_grids, block_place, task_view, wait_for_prior_grids, GroupCursor};
 use crate::device::{
     cp_async_commit, cp_async_wait, ld_shared_u32, shared_window_base, st_shared_u16, sync_threads, sync_warp, thread_x,
 };
-use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape, PACK_TILE_BYTES, SKINNY_DEPTH};
+use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape, PACK_TILE_BYTES, PACK_TILE_N, SKINNY_DEPTH};
 
-/// Compile-time slot layout of the `(tf, nt, steps)` instance, the same for any warp count
-/// and ring depth (the block's layout, which depends on them, is `sh` in [`skinny`]).
-struct Cfg<const TF: usize, const NT: usize, const S: usize>;
+/// Compile-time ring layout of the `(tf, nt)` instance, the same for any warp count (the
+/// block's layout, which depends on it, is `sh` in [`skinny`]).
+struct Cfg<const TF: usize, const NT: usize>;
 
-impl<const TF: usize, const NT: usize, const S: usize> Cfg<TF, NT, S> {
-    const SH: W4a16SkinnyShape =
-        W4a16SkinnyShape { tf: TF as u32, nt: NT as u32, warps: 1, steps: S as u32, depth: SKINNY_DEPTH };
-    const SLOT: u32 = Self::SH.slot_bytes();
+impl<const TF: usize, const NT: usize> Cfg<TF, NT> {
+    const SH: W4a16SkinnyShape = W4a16SkinnyShape { nt: NT as u32, warps: 1, ..W4a16SkinnyShape::for_tf(TF as u32) };
+    const STEP: u32 = Self::SH.slot_bytes();
     const X_OFF: u32 = Self::SH.codes_bytes();
-    /// Bytes of one step's `X` slice in the slot.
-    const X_STEP: u32 = Self::SH.x_step_bytes();
     const REC_OFF: u32 = Self::SH.codes_bytes() + Self::SH.x_bytes();
-    /// 16-byte chunks of one step's `X` slice (per fragment, two 8×8 matrices of 8 rows).
-    const X_STEP_CHUNKS: u32 = 16 * TF as u32;
-    /// 16-byte chunks of a slot's `X` slices, step after step.
-    const X_CHUNKS: u32 = Self::X_STEP_CHUNKS * S as u32;
+    /// 16-byte chunks of one step's `X` slice: per fragment, two 8×8 matrices of 8 rows.
+    const X_CHUNKS: u32 = 16 * TF as u32;
     const NB: u32 = Self::SH.n_block();
 }
 
-/// Waits until at most `D − 2` of the warp's copy groups are in flight: the oldest of a ring
-/// of `D` slots has landed (the immediate must be a literal, hence one arm per depth).
-#[inline(always)]
-unsafe fn wait_ring<const D: usize>() {
-    const { assert!(D >= 4 && D <= 6, "a skinny ring of 4 to 6 slots") };
-    match D {
-        6 => cp_async_wait::<4>(),
-        5 => cp_async_wait::<3>(),
-        _ => cp_async_wait::<2>(),
-    }
-}
-
-/// This lane's copy sources, advanced by additions from slot to slot (address arithmetic
+/// This lane's copy sources, advanced by additions from step to step (address arithmetic
 /// per step would cost a quarter of the step's dequantization).
 struct Sources {
-    /// The lane's 16 bytes of each code stream of the next slot: stream `j` is tile `j / S`
-    /// at the slot's step `j % S`.
+    /// The lane's 16 bytes of each code tile of the next step.
     codes: [*const u8; 2],
-    /// The lane's `X` chunks (chunk `lane + 32c` of a slot: step `c' / 16tf`, then of that
-    /// step's chunk `c' mod 16tf` token `8f + r`, `k` half `h`), and whether the token is a
-    /// row of `X`.
+    /// The lane's `X` chunks (chunk `lane + 32c` of a step: token `8f + r`, `k` half `h`),
+    /// and whether the token is a row of `X`.
     x: [*const u8; 4],
     x_row: [bool; 4],
-    /// `k` of the lane's first `X` chunk in the next slot.
+    /// `k` of the lane's first `X` chunk in the next step.
     kk: u32,
 }
 
 impl Sources {
     #[inline(always)]
-    unsafe fn at<const TF: usize, const NT: usize, const S: usize>(
-        a: &W4a16Args,
-        s: u32,
-        cb: u32,
-        m0: u32,
-        lane: u32,
-    ) -> Self {
+    unsafe fn at<const TF: usize, const NT: usize>(a: &W4a16Args, s: u32, cb: u32, m0: u32, lane: u32) -> Self {
         let kt_total = a.k_pad as usize / 16;
         let w = a.w.ptr() as *const u8;
-        let tile = |j: u32| {
-            let j = j.min((NT * S) as u32 - 1);
-            let (tile, step) = (cb * NT as u32 + j / S as u32, s + j % S as u32);
-            (tile as usize * kt_total + step as usize) * PACK_TILE_BYTES as usize
-        };
+        let tile = |j: u32| ((cb * NT as u32 + j.min(NT as u32 - 1)) as usize * kt_total + s as usize) * PACK_TILE_BYTES as usize;
         let x = a.x.ptr() as *const u8;
         let chunk = |c: u32| {
-            let (step, c1) = if S > 1 {
-                (c / Cfg::<TF, NT, S>::X_STEP_CHUNKS, c % Cfg::<TF, NT, S>::X_STEP_CHUNKS)
-            } else {
-                (0, c)
-            };
-            let (tok, h) = (m0 + (c1 / 16) * 8 + c1 % 8, (c1 / 8) % 2);
-            let row = tok < a.m && c < Cfg::<TF, NT, S>::X_CHUNKS;
-            let p = if row {
-                x.add((tok as usize * a.k as usize + ((s + step) * 16 + h * 8) as usize) * 2)
-            } else {
-                x
-            };
+            let (tok, h) = (m0 + (c / 16) * 8 + c % 8, (c / 8) % 2);
+            let row = tok < a.m && c < Cfg::<TF, NT>::X_CHUNKS;
+            let p = if row { x.add((tok as usize * a.k as usize + (s * 16 + h * 8) as usize) * 2) } else { x };
             (p, row)
         };
         let (x0, r0) = chunk(lane);
@@ -131,14 +93,14 @@ impl Sources {
             codes: [w.add(tile(0) + lane as usize * 16), w.add(tile(1) + lane as usize * 16)],
             x: [x0, x1, x2, x3],
             x_row: [r0, r1, r2, r3],
-            kk: (s + if S > 1 { lane / Cfg::<TF, NT, S>::X_STEP_CHUNKS } else { 0 }) * 16 + ((lane / 8) % 2) * 8,
+            kk: s * 16 + ((lane / 8) % 2) * 8,
         }
     }
 
-    /// Copies the next slot's steps into ring slot `slot` (see [`Sources::copy_weights`] and
-    /// [`Sources::copy_x`]) as one `cp.async` group and moves on one slot.
+    /// Copies the next step into ring slot `slot` (see [`Sources::copy_weights`] and
+    /// [`Sources::copy_x`]) as one `cp.async` group and moves on one step.
     #[inline(always)]
-    unsafe fn issue<const TF: usize, const NT: usize, const S: usize, const X_L1: bool>(
+    unsafe fn issue<const TF: usize, const NT: usize, const X_L1: bool>(
         &mut self,
         a: &W4a16Args,
         slot: u32,
@@ -146,75 +108,65 @@ impl Sources {
         lane: u32,
         group: Option<u32>,
     ) {
-        self.copy_weights::<TF, NT, S>(a, slot, cb, lane, group);
-        self.copy_x::<TF, NT, S, X_L1>(a, slot, lane);
+        self.copy_weights::<TF, NT>(a, slot, cb, lane, group);
+        self.copy_x::<TF, NT, X_L1>(a, slot, lane);
         cp_async_commit();
     }
 
-    /// The next slot's codes, and the raw records of `group` if set, into ring slot `slot`;
-    /// moves the codes on one slot.
+    /// The next step's codes, and the raw records of `group` if set, into ring slot `slot`;
+    /// moves the codes on one step.
     #[inline(always)]
-    unsafe fn copy_weights<const TF: usize, const NT: usize, const S: usize>(
-        &mut self,
-        a: &W4a16Args,
-        slot: u32,
-        cb: u32,
-        lane: u32,
-        group: Option<u32>,
-    ) {
+    unsafe fn copy_weights<const TF: usize, const NT: usize>(&mut self, a: &W4a16Args, slot: u32, cb: u32, lane: u32, group: Option<u32>) {
         unroll!(j < 2, {
-            if j < NT * S {
+            if j < NT {
                 cp_async_16(slot + j as u32 * PACK_TILE_BYTES + lane * 16, self.codes[j]);
-                self.codes[j] = self.codes[j].add(S * PACK_TILE_BYTES as usize);
+                self.codes[j] = self.codes[j].add(PACK_TILE_BYTES as usize);
             }
         });
         if let Some(g) = group {
-            if lane * 4 < Cfg::<TF, NT, S>::NB {
-                let rec = g as usize * a.n_pad as usize + (cb * Cfg::<TF, NT, S>::NB + lane * 4) as usize;
-                cp_async_16(slot + Cfg::<TF, NT, S>::REC_OFF + lane * 16, a.meta.ptr().add(rec) as *const u8);
+            if lane * 4 < Cfg::<TF, NT>::NB {
+                let rec = g as usize * a.n_pad as usize + (cb * Cfg::<TF, NT>::NB + lane * 4) as usize;
+                cp_async_16(slot + Cfg::<TF, NT>::REC_OFF + lane * 16, a.meta.ptr().add(rec) as *const u8);
             }
         }
     }
 
-    /// The next slot's `X` chunks into ring slot `slot` (zero-filled past `K` or `M`; through
-    /// L1 with `X_L1`, see [`instance!`]); moves `X` on one slot.
+    /// The next step's `X` chunks into ring slot `slot` (zero-filled past `K` or `M`; through
+    /// L1 with `X_L1`, see [`instance!`]); moves `X` on one step.
     #[inline(always)]
-    unsafe fn copy_x<const TF: usize, const NT: usize, const S: usize, const X_L1: bool>(
+    unsafe fn copy_x<const TF: usize, const NT: usize, const X_L1: bool>(
         &mut self,
         a: &W4a16Args,
         slot: u32,
         lane: u32,
     ) {
-        // Chunk lane + 32c has the same k as chunk lane: 32 is a multiple of 16, and with two
-        // steps per slot a lane has one chunk (tf 1).
+        // Chunk lane + 32c has the same k half as chunk lane (32 is a multiple of 16).
         let in_k = self.kk < a.k;
         unroll!(c < 4, {
-            if (lane + 32 * c as u32) < Cfg::<TF, NT, S>::X_CHUNKS {
+            if (lane + 32 * c as u32) < Cfg::<TF, NT>::X_CHUNKS {
                 let valid = self.x_row[c] && in_k;
-                let dst = slot + Cfg::<TF, NT, S>::X_OFF + (lane + 32 * c as u32) * 16;
-                let n = if valid { 16 } else { 0 };
+                let (dst, n) = (slot + Cfg::<TF, NT>::X_OFF + (lane + 32 * c as u32) * 16, if valid { 16 } else { 0 });
                 if X_L1 {
                     cp_async_16_zfill_ca(dst, self.x[c], n);
                 } else {
                     cp_async_16_zfill(dst, self.x[c], n);
                 }
-                self.x[c] = self.x[c].add(if self.x_row[c] { 32 * S } else { 0 });
+                self.x[c] = self.x[c].add(if self.x_row[c] { 32 } else { 0 });
             }
         });
-        self.kk += 16 * S as u32;
+        self.kk += 16;
     }
 }
 
-/// The `X` fragments of step `j` of ring slot `sb`: token `8f + g`, `k` `2t, 2t+1` (b0) and
+/// The `X` fragments of the step in ring slot `sb`: token `8f + g`, `k` `2t, 2t+1` (b0) and
 /// `2t+8, 2t+9` (b1); the 16-byte rows of the two 8×8 matrices put the 32 lanes on 32 banks.
 #[inline(always)]
-unsafe fn x_fragments<const TF: usize, const NT: usize, const S: usize>(sb: u32, j: u32, lane: u32) -> [[u32; 2]; TF] {
+unsafe fn x_fragments<const TF: usize, const NT: usize>(sb: u32, lane: u32) -> [[u32; 2]; TF] {
     let (g, t) = (lane / 4, lane % 4);
     let mut xb = [[0u32; 2]; TF];
-    let xs = sb + Cfg::<TF, NT, S>::X_OFF + j * Cfg::<TF, NT, S>::X_STEP;
     unroll!(f < 8, {
         if f < TF {
-            let at = xs + ((2 * f as u32) * 8 + g) * 16 + 4 * t;
+            let at = sb + Cfg::<TF, NT>::X_OFF + ((2 * f as u32) * 8 + g) * 16 + 4 * t;
             xb[f] = [ld_shared_u32(at), ld_shared_u32(at + 128)];
         }
     });
@@ -223,21 +175,10 @@ unsafe fn x_fragments<const TF: usize, const NT: usize, const S: usize>(sb: u32,
 
 /// See the module docs.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn skinny<
-    T: Half,
-    const TF: usize,
-    const NT: usize,
-    const W: usize,
-    const S: usize,
-    const D: usize,
-    const GROUPED: bool,
-    const X_L1: bool,
->(
+pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, const GROUPED: bool, const X_L1: bool>(
     a: W4a16Args,
 ) {
-    let sh = W4a16SkinnyShape { tf: TF as u32, nt: NT as u32, warps: W as u32, steps: S as u32, depth: D as u32 };
-    let (slot_bytes, d) = (Cfg::<TF, NT, S>::SLOT, D as u32);
+    let sh = W4a16SkinnyShape { nt: NT as u32, warps: W as u32, ..W4a16SkinnyShape::for_tf(TF as u32) };
     let tid = thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
     let (g, t) = (lane / 4, lane % 4);
@@ -251,8 +192,8 @@ pub unsafe fn skinny<
     if GROUPED && a.m == 0 {
         return;
     }
-    let m0 = mblk * sh.m_block();
-    let (s_begin, s_end) = warp_steps(a.k_pad, split, splits, warp, W as u32, S as u32);
+    let m0 = mblk * Cfg::<TF, NT>::SH.m_block();
+    let (s_begin, s_end) = warp_steps(a.k_pad, split, splits, warp, W as u32, 1);
     let gs = a.gs.max(16);
 
     let block_base = shared_window_base();
@@ -260,10 +201,7 @@ pub unsafe fn skinny<
     let first = GroupCursor::at(s_begin * 16, gs);
 
     let mut issue_cur = first;
-    let mut src = Sources::at::<TF, NT, S>(&a, s_begin, cb, m0, lane);
-    // Ring slot of step s (s − s_begin is a multiple of S).
-    let slot_at = |s: u32| ring + (s - s_begin) / S as u32 * slot_bytes;
-    let step_k = 16 * S as u32;
+    let mut src = Sources::at::<TF, NT>(&a, s_begin, cb, m0, lane);
     let mut s_issue = s_begin;
     let table = block_base + sh.table();
     if cfg!(feature = "hopper") && a.overlap != 0 {
@@ -271,11 +209,11 @@ pub unsafe fn skinny<
         // writes, streams while the kernel before this one may still run; their X once that
         // kernel is done. The prologue is then waited for whole: the loop's waits, counting
         // the groups it issues, then still find each step's group complete when it is read.
-        while s_issue < s_begin + (d - 1) * S as u32 && s_issue < s_end {
+        while s_issue < s_begin + SKINNY_DEPTH - 1 && s_issue < s_end {
             let group = if s_issue == s_begin || issue_cur.r == 0 { Some(issue_cur.g) } else { None };
-            src.copy_weights::<TF, NT, S>(&a, slot_at(s_issue), cb, lane, group);
-            issue_cur.advance_within(step_k, gs);
-            s_issue += S as u32;
+            src.copy_weights::<TF, NT>(&a, ring + (s_issue - s_begin) * Cfg::<TF, NT>::STEP, cb, lane, group);
+            issue_cur.advance_within(16, gs);
+            s_issue += 1;
         }
         allow_dependent_grids();
         if W <= 8 || tid < 256 {
@@ -284,23 +222,23 @@ pub unsafe fn skinny<
         wait_for_prior_grids();
         let mut s_x = s_begin;
         while s_x < s_issue {
-            src.copy_x::<TF, NT, S, X_L1>(&a, slot_at(s_x), lane);
-            s_x += S as u32;
+            src.copy_x::<TF, NT, X_L1>(&a, ring + (s_x - s_begin) * Cfg::<TF, NT>::STEP, lane);
+            s_x += 1;
         }
         cp_async_commit();
         cp_async_wait::<0>();
     } else {
         // The first depth − 1 steps, one group each (empty groups past the end keep the
         // count), so step s_begin is computed as soon as it lands.
-        while s_issue < s_begin + (d - 1) * S as u32 {
+        while s_issue < s_begin + SKINNY_DEPTH - 1 {
             if s_issue < s_end {
                 let group = if s_issue == s_begin || issue_cur.r == 0 { Some(issue_cur.g) } else { None };
-                src.issue::<TF, NT, S, X_L1>(&a, slot_at(s_issue), cb, lane, group);
-                issue_cur.advance_within(step_k, gs);
+                src.issue::<TF, NT, X_L1>(&a, ring + (s_issue - s_begin) * Cfg::<TF, NT>::STEP, cb, lane, group);
+                issue_cur.advance_within(16, gs);
             } else {
                 cp_async_commit();
             }
-            s_issue += S as u32;
+            s_issue += 1;
         }
         // The scale table, while the first steps are in flight (its 256 entries by the first
         // 256 threads).
@@ -309,7 +247,7 @@ pub unsafe fn skinny<
         }
     }
     sync_threads();
-    let mut slot_issue = (s_issue - s_begin) / S as u32 % d;
+    let mut slot_issue = (s_issue - s_begin) % SKINNY_DEPTH;
 
     let mut acc = [[[0f32; 4]; TF]; 8];
     // Decoded records of this lane's columns `8r + g` (r = 0..8·nt), see `Half::decode_record`.
@@ -318,38 +256,190 @@ pub unsafe fn skinny<
     let mut slot = 0;
     let mut s = s_begin;
     while s < s_end {
-        wait_ring::<D>();
+        cp_async_wait::<{ SKINNY_DEPTH - 2 }>();
         sync_warp();
-        // The slot the previous one used is free (every lane passed the warp barrier above).
+        // The slot step s − 1 used is free (every lane passed the warp barrier above).
         if s_issue < s_end {
             let group = if issue_cur.r == 0 { Some(issue_cur.g) } else { None };
-            src.issue::<TF, NT, S, X_L1>(&a, ring + slot_issue * slot_bytes, cb, lane, group);
-            issue_cur.advance_within(step_k, gs);
+            src.issue::<TF, NT, X_L1>(&a, ring + slot_issue * Cfg::<TF, NT>::STEP, cb, lane, group);
+            issue_cur.advance_within(16, gs);
         } else {
             cp_async_commit();
         }
-        s_issue += S as u32;
-        slot_issue = if slot_issue + 1 == d { 0 } else { slot_issue + 1 };
-        let sb = ring + slot * slot_bytes;
-        // Groups start only at a slot's first step (group sizes are multiples of 32).
+        s_issue += 1;
+        slot_issue = if slot_issue + 1 == SKINNY_DEPTH { 0 } else { slot_issue + 1 };
+        let sb = ring + slot * Cfg::<TF, NT>::STEP;
         if s == s_begin || cur.r == 0 {
-            decode_group::<T, NT>(sb + Cfg::<TF, NT, S>::REC_OFF, table, lane, &mut rec);
+            decode_group::<T, NT>(sb + Cfg::<TF, NT>::REC_OFF, table, lane, &mut rec);
         }
-        // Step j's codes follow step j − 1's (`[step][tile]`); the accumulators are the same.
-        unroll!(j < 2, {
-            if j < S {
-                let xb = x_fragments::<TF, NT, S>(sb, j as u32, lane);
-                let codes = sb + (j * NT) as u32 * PACK_TILE_BYTES + lane * 16;
-                step_mma::<T, TF, NT>(codes, PACK_TILE_BYTES, &xb, &mut acc, &rec);
-            }
-        });
-        cur.advance_within(step_k, gs);
-        slot = if slot + 1 == d { 0 } else { slot + 1 };
-        s += S as u32;
+        let xb = x_fragments::<TF, NT>(sb, lane);
+        step_mma::<T, TF, NT>(sb + lane * 16, PACK_TILE_BYTES, &xb, &mut acc, &rec);
+        cur.advance_within(16, gs);
+        slot = if slot + 1 == SKINNY_DEPTH { 0 } else { slot + 1 };
+        s += 1;
     }
     // Nothing in flight into the rings the block end reuses.
     cp_async_wait::<0>();
     block_end::<T, TF, NT, W>(&a, block_base, block_base + sh.flag(), &acc, (mblk, cb, split), tid);
+}
+
+/// One slot of two 16-deep steps of one 64-column tile, in registers ([`skinny_streamed`]).
+#[derive(Clone, Copy, Default)]
+struct SlotRegs {
+    /// Step `j`'s 16 bytes of the tile (this lane's 4 packed words).
+    codes: [[u32; 4]; 2],
+    /// Step `j`'s `X` fragment of token `g`: `k` `2t, 2t+1` and `2t+8, 2t+9`.
+    x: [[u32; 2]; 2],
+    /// Raw records of columns `(4q + t)·8 + g` when the slot starts a group.
+    rec: [u32; 4],
+}
+
+/// This lane's load positions in [`skinny_streamed`], advanced by additions slot by slot.
+struct Stream {
+    /// The lane's 16 bytes of the next slot's first step.
+    codes: *const u8,
+    /// The next slot's records of the lane's first column (`cb·64 + 8t + g`) in group `cur.g`.
+    meta_col: *const u8,
+    /// `X[m0 + g][k + 2t]` of the next slot (the base of `X` if token `g` is not a row).
+    x: *const u8,
+    row: bool,
+    /// `k` of the next slot, and its group.
+    k: u32,
+    cur: GroupCursor,
+    first: bool,
+}
+
+impl Stream {
+    #[inline(always)]
+    unsafe fn at(a: &W4a16Args, s: u32, cb: u32, m0: u32, lane: u32, gs: u32) -> Self {
+        let (g, t) = (lane / 4, lane % 4);
+        let tile = (cb as usize * (a.k_pad as usize / 16) + s as usize) * PACK_TILE_BYTES as usize;
+        let row = m0 + g < a.m;
+        let x = a.x.ptr() as *const u8;
+        Stream {
+            codes: (a.w.ptr() as *const u8).add(tile + lane as usize * 16),
+            meta_col: a.meta.ptr().add((cb * PACK_TILE_N + 8 * t + g) as usize) as *const u8,
+            x: if row { x.add(((m0 + g) as usize * a.k as usize + (s * 16 + 2 * t) as usize) * 2) } else { x },
+            row,
+            k: s * 16,
+            cur: GroupCursor::at(s * 16, gs),
+            first: true,
+        }
+    }
+
+    /// The next slot's codes, and its raw records if it starts a group (or is the warp's
+    /// first); moves on one slot.
+    #[inline(always)]
+    unsafe fn weights(&mut self, a: &W4a16Args, gs: u32, r: &mut SlotRegs) {
+        r.codes = [ld_stream_u32x4(self.codes), ld_stream_u32x4(self.codes.add(PACK_TILE_BYTES as usize))];
+        self.codes = self.codes.add(2 * PACK_TILE_BYTES as usize);
+        if self.first || self.cur.r == 0 {
+            let at = self.meta_col.add(self.cur.g as usize * a.n_pad as usize * 4);
+            r.rec = [ld_stream_u32(at), ld_stream_u32(at.add(32 * 4)), 0, 0];
+        }
+        self.first = false;
+        self.cur.advance_within(32, gs);
+    }
+
+    /// The next slot's `X` fragments (zero past `K` or `M`: `K % 8 == 0`, so a fragment's
+    /// 8-wide half is all in or all out); moves on one slot.
+    #[inline(always)]
+    unsafe fn x(&mut self, a: &W4a16Args, r: &mut SlotRegs) {
+        unroll!(j < 2, {
+            unroll!(h < 2, {
+                let kc = self.k + (16 * j + 8 * h) as u32;
+                let valid = self.row && kc < a.k;
+                r.x[j][h] = ld_u32_or_zero(self.x.add(32 * j + 16 * h), valid);
+            });
+        });
+        self.x = self.x.add(if self.row { 64 } else { 0 });
+        self.k += 32;
+    }
+}
+
+/// The 12-warp skinny kernel (`tf` 1, one 64-column tile, slots of two steps, the warps'
+/// `k` split of [`warp_steps`]) with its operands loaded straight into registers, `P` slots
+/// ahead of the mma: no shared-memory ring, no `cp.async` bookkeeping, no per-slot warp
+/// barrier. The same sums in the same order as [`skinny`] with `W4a16SkinnyShape::deep()`.
+#[inline(always)]
+pub unsafe fn skinny_streamed<T: Half, const W: usize, const P: usize>(a: W4a16Args) {
+    const { assert!(P >= 2 && P <= 4, "2 to 4 slots in flight") };
+    const { assert!(W4a16SkinnyShape::deep().steps == 2, "SlotRegs holds two steps") };
+    let sh = W4a16SkinnyShape::deep();
+    let tid = thread_x();
+    let (warp, lane) = (tid / 32, tid % 32);
+    let (mblk, cb, split, splits) = block_place(&a);
+    let m0 = mblk * sh.m_block();
+    let (s_begin, s_end) = warp_steps(a.k_pad, split, splits, warp, W as u32, 2);
+    let gs = a.gs.max(16);
+    let block_base = shared_window_base();
+    let table = block_base + sh.table();
+    let first = GroupCursor::at(s_begin * 16, gs);
+    let mut src = Stream::at(&a, s_begin, cb, m0, lane, gs);
+    let mut bufs = [SlotRegs::default(); P];
+    // Slot i of the prologue is loaded where the warp has it.
+    let mut s_load = s_begin;
+    if cfg!(feature = "hopper") && a.overlap != 0 {
+        // Overlapping launch: the weight, which no earlier kernel writes, before the wait.
+        unroll!(i < 4, {
+            if i < P && s_load < s_end {
+                src.weights(&a, gs, &mut bufs[i]);
+                s_load += 2;
+            }
+        });
+        allow_dependent_grids();
+        if W <= 8 || tid < 256 {
+            st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+        }
+        wait_for_prior_grids();
+        unroll!(i < 4, {
+            if i < P && s_begin + ((2 * i) as u32) < s_end {
+                src.x(&a, &mut bufs[i]);
+            }
+        });
+    } else {
+        unroll!(i < 4, {
+            if i < P && s_load < s_end {
+                src.weights(&a, gs, &mut bufs[i]);
+                src.x(&a, &mut bufs[i]);
+                s_load += 2;
+            }
+        });
+        if W <= 8 || tid < 256 {
+            st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+        }
+    }
+    sync_threads();
+
+    let mut acc = [[[0f32; 4]; 1]; 8];
+    let mut rec = [0u64; 16];
+    let mut cur = first;
+    let mut s = s_begin;
+    'run: loop {
+        // Slot (s − s_begin)/2 is in bufs[i]: the loop is unrolled by P, so each buffer
+        // stays in fixed registers.
+        unroll!(i < 4, {
+            if i < P {
+                if s >= s_end {
+                    break 'run;
+                }
+                if s == s_begin || cur.r == 0 {
+                    decode_records::<T, 1>(bufs[i].rec, table, lane, &mut rec);
+                }
+                unroll!(j < 2, {
+                    words_mma::<T, 1, 1>(0, bufs[i].codes[j], &[bufs[i].x[j]], &mut acc, &rec);
+                });
+                if s_load < s_end {
+                    src.weights(&a, gs, &mut bufs[i]);
+                    src.x(&a, &mut bufs[i]);
+                    s_load += 2;
+                }
+                cur.advance_within(32, gs);
+                s += 2;
+            }
+        });
+    }
+    block_end::<T, 1, 1, W>(&a, block_base, block_base + sh.flag(), &acc, (mblk, cb, split), tid);
 }
 
 macro_rules! instance {
@@ -360,16 +450,7 @@ macro_rules! instance {
         forge_kernel_abi::w4a16_kernel! {
             /// See the module docs.
             $marker => fn $name(args) {
-                skinny::<
-                    $t,
-                    $tf,
-                    { $shape.nt as usize },
-                    { $shape.warps as usize },
-                    { $shape.steps as usize },
-                    { $shape.depth as usize },
-                    $grouped,
-                    $x_l1,
-                >(args)
+                skinny::<$t, $tf, { $shape.nt as usize }, { $shape.warps as usize }, $grouped, $x_l1>(args)
             }
         }
     };
@@ -424,12 +505,27 @@ instances_if! { feature = "hopper";
 instance!(W4a16SkinnySm90Bf16T1W16, w4a16_skinny_sm90_bf16_t1_w16, Bf16, 1, false, W4a16SkinnyShape::wide(1), false);
 #[cfg(feature = "hopper")]
 instance!(W4a16SkinnySm90F16T1W16, w4a16_skinny_sm90_f16_t1_w16, F16, 1, false, W4a16SkinnyShape::wide(1), false);
-// Blocks of 12 warps on one 64-column tile, slots of two steps (W4a16SkinnyShape::deep): two
-// per SM, 24 warps in all.
+// Blocks of 12 warps on one 64-column tile, operands in registers (W4a16SkinnyShape::deep):
+// one per SM.
 #[cfg(feature = "hopper")]
-instance!(W4a16SkinnySm90Bf16T1W12, w4a16_skinny_sm90_bf16_t1_w12, Bf16, 1, false, W4a16SkinnyShape::deep(), false);
+forge_kernel_abi::w4a16_kernel! {
+    /// See [`skinny_streamed`].
+    W4a16SkinnySm90Bf16T1W12 => fn w4a16_skinny_sm90_bf16_t1_w12(args) {
+        skinny_streamed::<Bf16, 12, STREAM_SLOTS>(args)
+    }
+}
 #[cfg(feature = "hopper")]
-instance!(W4a16SkinnySm90F16T1W12, w4a16_skinny_sm90_f16_t1_w12, F16, 1, false, W4a16SkinnyShape::deep(), false);
+forge_kernel_abi::w4a16_kernel! {
+    /// See [`skinny_streamed`].
+    W4a16SkinnySm90F16T1W12 => fn w4a16_skinny_sm90_f16_t1_w12(args) {
+        skinny_streamed::<F16, 12, STREAM_SLOTS>(args)
+    }
+}
+/// Slots in flight per warp in [`skinny_streamed`] (H200, M = 1–4, against 2 and 4 in the
+/// same run: 2 was 1–4 % slower on every bench shape; 4 was 2.4 % faster on 4096×14336 and
+/// 1–4 % slower on the four smaller layers; 152 registers).
+#[cfg(feature = "hopper")]
+const STREAM_SLOTS: usize = 3;
 // 9–16 rows with X copied through L1, for unsplit launches: every block re-reads X for its k
 // range (once per column block in all), and unsplit the two blocks on an SM (neighbouring
 // column blocks) stream the same k range in step, so one block's X lines serve the other

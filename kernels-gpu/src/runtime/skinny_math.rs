@@ -31,6 +31,33 @@ pub unsafe fn decode_group<T: Half, const NT: usize>(recs: u32, table: u32, lane
             own[q] = T::decode_record_shared(ld_shared_u32(recs + col * 4), table);
         }
     });
+    trade_records::<NT>(&own, lane, rec);
+}
+
+/// [`decode_group`] from this lane's raw records `raw[q]` of columns `(4q + t)·8 + g`
+/// (`q < 2·nt`), wherever they were loaded.
+///
+/// # Safety
+/// As [`decode_group`].
+#[inline(always)]
+pub unsafe fn decode_records<T: Half, const NT: usize>(raw: [u32; 4], table: u32, lane: u32, rec: &mut [u64; 16]) {
+    let mut own = [0u64; 4];
+    unroll!(q < 4, {
+        if q < 2 * NT {
+            own[q] = T::decode_record_shared(raw[q], table);
+        }
+    });
+    trade_records::<NT>(&own, lane, rec);
+}
+
+/// The quad's decoded records by shuffles: `own[q]` is this lane's column `(4q + t)·8 + g`,
+/// `rec[4q + u]` becomes column `(4q + u)·8 + g`.
+///
+/// # Safety
+/// Every lane of the warp runs it.
+#[inline(always)]
+unsafe fn trade_records<const NT: usize>(own: &[u64; 4], lane: u32, rec: &mut [u64; 16]) {
+    let g = lane / 4;
     unroll!(q < 4, {
         if q < 2 * NT {
             unroll!(u < 4, {
@@ -60,18 +87,33 @@ pub unsafe fn step_mma<T: Half, const TF: usize, const NT: usize>(
 ) {
     unroll!(j < 2, {
         if j < NT {
-            let words = ld_shared_u32x4(codes + j as u32 * tile_stride);
-            unroll!(i < 4, {
-                // Word i: columns 16i + g (n8 half 2i) and 16i + 8 + g (half 2i + 1).
-                let d = dequant_word::<T>(words[i], rec[8 * j + 2 * i], rec[8 * j + 2 * i + 1]);
-                let afrag = [d[0], d[2], d[1], d[3]];
-                unroll!(f < 8, {
-                    if f < TF {
-                        T::mma(&mut acc[4 * j + i][f], &afrag, xb[f][0], xb[f][1]);
-                    }
-                });
-            });
+            words_mma::<T, TF, NT>(j, ld_shared_u32x4(codes + j as u32 * tile_stride), xb, acc, rec);
         }
+    });
+}
+
+/// [`step_mma`] for tile `j` from this lane's 16 bytes `words` of it, wherever they were
+/// loaded.
+///
+/// # Safety
+/// Every lane of the warp runs it (`mma.sync`).
+#[inline(always)]
+pub unsafe fn words_mma<T: Half, const TF: usize, const NT: usize>(
+    j: usize,
+    words: [u32; 4],
+    xb: &[[u32; 2]; TF],
+    acc: &mut [[[f32; 4]; TF]; 8],
+    rec: &[u64; 16],
+) {
+    unroll!(i < 4, {
+        // Word i: columns 16i + g (n8 half 2i) and 16i + 8 + g (half 2i + 1).
+        let d = dequant_word::<T>(words[i], rec[8 * j + 2 * i], rec[8 * j + 2 * i + 1]);
+        let afrag = [d[0], d[2], d[1], d[3]];
+        unroll!(f < 8, {
+            if f < TF {
+                T::mma(&mut acc[4 * j + i][f], &afrag, xb[f][0], xb[f][1]);
+            }
+        });
     });
 }
 
