@@ -21,7 +21,7 @@
 //! where the plan adds the split-K partials in thread-block clusters, the same plan with the
 //! global split-K (workspace and arrival counters), and, where it runs one block per tile
 //! (16-warp blocks at 1–8 rows), the plan without them (`wide_skinny_blocks: Some(false)`),
-//! and at 1–8 rows the launch with the 12-warp blocks of two-step slots toggled
+//! and at 1–16 rows the launch with the 12-warp blocks (operands in registers) toggled
 //! (`deep_skinny_blocks: Some(on)`, on where the plan runs another kernel), plain and
 //! overlapped.
 //!
@@ -562,10 +562,10 @@ fn main() -> Result<()> {
             } else {
                 None
             };
-            // A 1–8-row launch with the 12-warp blocks toggled: on where the plan runs another
+            // A 1–16-row launch with the 12-warp blocks toggled: on where the plan runs another
             // kernel, off where it runs them; plain and overlapped.
             let t_deep =
-                if matches!(plan.kernel, FusedKernel::SkinnySm90 { tf: 1, .. }) && plan.path == MatmulPath::Fused {
+                if matches!(plan.kernel, FusedKernel::SkinnySm90 { tf: 1 | 2, .. }) && plan.path == MatmulPath::Fused {
                     let on = !matches!(plan.kernel, FusedKernel::SkinnySm90 { warps: 12, .. });
                     let opts = W4a16Options { deep_skinny_blocks: Some(on), ..Default::default() };
                     let (t, p) = run(opts)?;

@@ -222,8 +222,8 @@ enum KernelChoice {
     /// The Hopper skinny build in blocks of 16 warps for 1–8 rows (forced: the plan takes
     /// them only on large layers).
     SkinnySm90Wide,
-    /// The Hopper skinny build in blocks of 12 warps on one 64-column tile with slots of two
-    /// steps, for 1–8 rows (forced).
+    /// The Hopper skinny build in blocks of 12 warps on one 64-column tile that load their
+    /// operands straight into registers, for 1–16 rows (forced).
     SkinnySm90Deep,
     Skinny,
     Tiled,
@@ -298,15 +298,15 @@ impl KernelChoice {
                 "Wgmma"
             }
             FusedKernel::SkinnySm90 { tf, warps, x_l1 } => {
-                // 16 or 12 warps exactly where asked for, at 1–8 rows; X through L1 exactly at
-                // 9–16 rows unsplit.
+                // 16 warps exactly where asked for at 1–8 rows, 12 at 1–16; X through L1 exactly
+                // at 9–16 rows unsplit in 8-warp blocks.
                 let want_warps = match self {
                     KernelChoice::SkinnySm90Wide if tf == 1 => 16,
-                    KernelChoice::SkinnySm90Deep if tf == 1 => 12,
+                    KernelChoice::SkinnySm90Deep if tf <= 2 => 12,
                     _ => 8,
                 };
                 assert_eq!(warps, want_warps, "{self:?} m {m}: {plan:?}");
-                assert_eq!(x_l1, tf == 2 && plan.splits == 1, "{self:?} m {m}: {plan:?}");
+                assert_eq!(x_l1, tf == 2 && warps == 8 && plan.splits == 1, "{self:?} m {m}: {plan:?}");
                 "SkinnySm90"
             }
             FusedKernel::Skinny { .. } => "Skinny",

@@ -61,12 +61,12 @@ use forge_kernel_abi::{
     W4a16SkinnyGroupedBf16T2, W4a16SkinnyGroupedBf16T4, W4a16SkinnyGroupedBf16T8, W4a16SkinnyGroupedF16T1,
     W4a16SkinnyGroupedF16T2, W4a16SkinnyGroupedF16T4, W4a16SkinnyGroupedF16T8, W4a16SkinnySm90Bf16T1,
     W4a16SkinnySm90Bf16T1W12, W4a16SkinnySm90Bf16T1W16, W4a16SkinnySm90Bf16T2, W4a16SkinnySm90Bf16T2L1,
-    W4a16SkinnySm90Bf16T8, W4a16SkinnySm90F16T1, W4a16SkinnySm90F16T1W12, W4a16SkinnySm90F16T1W16,
-    W4a16SkinnySm90F16T2, W4a16SkinnySm90F16T2L1, W4a16SkinnySm90F16T8, W4a16SkinnySm90GroupedBf16T1,
-    W4a16SkinnySm90GroupedBf16T2, W4a16SkinnySm90GroupedBf16T8, W4a16SkinnySm90GroupedF16T1,
-    W4a16SkinnySm90GroupedF16T2, W4a16SkinnySm90GroupedF16T8, W4a16WgBf16T1, W4a16WgBf16T16, W4a16WgBf16T2,
-    W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16, W4a16WgF16T2, W4a16WgF16T4, W4a16WgF16T8,
-    W4a16WgGroupedBf16T16, W4a16WgGroupedBf16T8, W4a16WgGroupedF16T16, W4a16WgGroupedF16T8,
+    W4a16SkinnySm90Bf16T2W12, W4a16SkinnySm90Bf16T8, W4a16SkinnySm90F16T1, W4a16SkinnySm90F16T1W12,
+    W4a16SkinnySm90F16T1W16, W4a16SkinnySm90F16T2, W4a16SkinnySm90F16T2L1, W4a16SkinnySm90F16T2W12,
+    W4a16SkinnySm90F16T8, W4a16SkinnySm90GroupedBf16T1, W4a16SkinnySm90GroupedBf16T2, W4a16SkinnySm90GroupedBf16T8,
+    W4a16SkinnySm90GroupedF16T1, W4a16SkinnySm90GroupedF16T2, W4a16SkinnySm90GroupedF16T8, W4a16WgBf16T1,
+    W4a16WgBf16T16, W4a16WgBf16T2, W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16, W4a16WgF16T2,
+    W4a16WgF16T4, W4a16WgF16T8, W4a16WgGroupedBf16T16, W4a16WgGroupedBf16T8, W4a16WgGroupedF16T16, W4a16WgGroupedF16T8,
 };
 use ndarray::{Array2, ArrayView2};
 
@@ -315,6 +315,8 @@ macro_rules! with_fused_kernel {
             (ActDtype::F16, SkinnySm90 { tf: 1, warps: 16, .. }, false) => $then!(W4a16SkinnySm90F16T1W16),
             (ActDtype::Bf16, SkinnySm90 { tf: 1, warps: 12, .. }, false) => $then!(W4a16SkinnySm90Bf16T1W12),
             (ActDtype::F16, SkinnySm90 { tf: 1, warps: 12, .. }, false) => $then!(W4a16SkinnySm90F16T1W12),
+            (ActDtype::Bf16, SkinnySm90 { tf: 2, warps: 12, .. }, false) => $then!(W4a16SkinnySm90Bf16T2W12),
+            (ActDtype::F16, SkinnySm90 { tf: 2, warps: 12, .. }, false) => $then!(W4a16SkinnySm90F16T2W12),
             (ActDtype::Bf16, SkinnySm90 { tf: 2, x_l1: true, .. }, false) => $then!(W4a16SkinnySm90Bf16T2L1),
             (ActDtype::F16, SkinnySm90 { tf: 2, x_l1: true, .. }, false) => $then!(W4a16SkinnySm90F16T2L1),
             (ActDtype::Bf16, SkinnySm90 { tf: 1, .. }, false) => $then!(W4a16SkinnySm90Bf16T1),
@@ -502,7 +504,7 @@ pub(crate) fn plan_layer(
             // 46.4 against 44.1, 5120×13824 23.9 against 19.1 on 80 SMs; 3584×18944 tied, 18.7
             // against 18.5), and so did 14336×4096, with more tiles than SMs (17.9 against the
             // 16-warp blocks' 15.9).
-            let deep = tf == 1
+            let deep = tf <= 2
                 && grouped.is_none()
                 && match opts.deep_skinny_blocks {
                     Some(on) => on,
@@ -514,7 +516,7 @@ pub(crate) fn plan_layer(
                     }
                 };
             let shape = if deep {
-                W4a16SkinnyShape::deep()
+                W4a16SkinnyShape::deep(tf)
             } else if wide {
                 W4a16SkinnyShape::wide(tf)
             } else {
@@ -573,8 +575,8 @@ pub(crate) fn plan_layer(
     // Unsplit 16-row launches copy X through L1 (kernels-gpu/src/runtime/skinny.rs says why);
     // the same shape, so the occupancy above holds.
     let kernel = match kernel {
-        FusedKernel::SkinnySm90 { tf: 2, warps, .. } if splits == 1 && grouped.is_none() => {
-            let l1 = FusedKernel::SkinnySm90 { tf: 2, warps, x_l1: true };
+        FusedKernel::SkinnySm90 { tf: 2, warps: 8, .. } if splits == 1 && grouped.is_none() => {
+            let l1 = FusedKernel::SkinnySm90 { tf: 2, warps: 8, x_l1: true };
             fused_kernel_sized(dev, dtype, l1, false, shared_bytes)?;
             l1
         }

@@ -494,8 +494,10 @@ kernels! {
     W4a16SkinnySm90F16T8 = "w4a16_skinny_sm90_f16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 1);
     W4a16SkinnySm90Bf16T1W16 = "w4a16_skinny_sm90_bf16_t1_w16" (runtime::W4a16Args) in Hopper bounds(2 * runtime::W4A16_THREADS, 1);
     W4a16SkinnySm90F16T1W16 = "w4a16_skinny_sm90_f16_t1_w16" (runtime::W4a16Args) in Hopper bounds(2 * runtime::W4A16_THREADS, 1);
-    W4a16SkinnySm90Bf16T1W12 = "w4a16_skinny_sm90_bf16_t1_w12" (runtime::W4a16Args) in Hopper bounds(runtime::W4a16SkinnyShape::deep().threads(), 1);
-    W4a16SkinnySm90F16T1W12 = "w4a16_skinny_sm90_f16_t1_w12" (runtime::W4a16Args) in Hopper bounds(runtime::W4a16SkinnyShape::deep().threads(), 1);
+    W4a16SkinnySm90Bf16T1W12 = "w4a16_skinny_sm90_bf16_t1_w12" (runtime::W4a16Args) in Hopper bounds(runtime::W4a16SkinnyShape::deep(1).threads(), 1);
+    W4a16SkinnySm90F16T1W12 = "w4a16_skinny_sm90_f16_t1_w12" (runtime::W4a16Args) in Hopper bounds(runtime::W4a16SkinnyShape::deep(1).threads(), 1);
+    W4a16SkinnySm90Bf16T2W12 = "w4a16_skinny_sm90_bf16_t2_w12" (runtime::W4a16Args) in Hopper bounds(runtime::W4a16SkinnyShape::deep(2).threads(), 1);
+    W4a16SkinnySm90F16T2W12 = "w4a16_skinny_sm90_f16_t2_w12" (runtime::W4a16Args) in Hopper bounds(runtime::W4a16SkinnyShape::deep(2).threads(), 1);
     W4a16SkinnySm90Bf16T2L1 = "w4a16_skinny_sm90_bf16_t2_l1" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 2);
     W4a16SkinnySm90F16T2L1 = "w4a16_skinny_sm90_f16_t2_l1" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 2);
     // Grouped builds of the Hopper-module skinny kernels.

@@ -224,13 +224,13 @@ impl W4a16SkinnyShape {
         W4a16SkinnyShape { warps: 2 * SKINNY_WARPS, ..Self::for_tf(tf) }
     }
 
-    /// The Hopper build's `w4a16_skinny_sm90_*_t1_w12` (1–8 rows): blocks of 12 warps on one
-    /// 64-column tile, each warp streaming slots of two steps with its operands loaded
-    /// straight into registers a few slots ahead: no ring (`depth` 0), so the shared memory
-    /// holds only the scale table, then the warps' reduction over it at the block end. One
-    /// block per SM (up to 168 registers).
-    pub const fn deep() -> Self {
-        W4a16SkinnyShape { tf: 1, nt: 1, warps: 12, steps: 2, depth: 0 }
+    /// The Hopper build's `w4a16_skinny_sm90_*_t{tf}_w12` (`tf` 1 or 2: 1–16 rows): blocks of
+    /// 12 warps on one 64-column tile, each warp streaming slots of two steps with its
+    /// operands loaded straight into registers a few slots ahead: no ring (`depth` 0), so the
+    /// shared memory holds only the scale table, then the warps' reduction over it at the
+    /// block end. One block per SM (up to 168 registers).
+    pub const fn deep(tf: u32) -> Self {
+        W4a16SkinnyShape { tf, nt: 1, warps: 12, steps: 2, depth: 0 }
     }
 
     /// Threads per block.
@@ -332,13 +332,17 @@ const _: () = {
         }
         tf *= 2;
     }
-    let d = W4a16SkinnyShape::deep();
-    // No ring: the table at 0, which the block end's reduction (after a barrier) overwrites;
-    // whole groups per slot (group sizes are multiples of 32).
-    assert!(d.depth == 0 && d.table() == 0 && d.tf == 1 && d.nt == 1 && 32 % (16 * d.steps) == 0);
-    assert!(PACK_K_ALIGN.is_multiple_of(16 * d.steps));
-    assert!(d.total() + 1024 <= 228 * 1024);
-    assert!(d.threads() >= 256 && d.threads() <= 1024);
+    let mut tf = 1;
+    while tf <= 2 {
+        let d = W4a16SkinnyShape::deep(tf);
+        // No ring: the table at 0, which the block end's reduction (after a barrier)
+        // overwrites; whole groups per slot (group sizes are multiples of 32).
+        assert!(d.depth == 0 && d.table() == 0 && d.nt == 1 && 32 % (16 * d.steps) == 0);
+        assert!(PACK_K_ALIGN.is_multiple_of(16 * d.steps));
+        assert!(d.total() + 1024 <= 228 * 1024);
+        assert!(d.threads() >= 256 && d.threads() <= 1024);
+        tf += 1;
+    }
 };
 
 /// Threads of a Hopper W4A16 block (`w4a16_wg_*`): four warpgroups (the unit `wgmma` runs
@@ -484,7 +488,7 @@ crate::kernel_args! {
     /// (the same source built for `sm_90a`, which adds programmatic dependent launch and
     /// cluster split-K), take the same arguments as the sm_80 ones; with `cluster = 1` they
     /// must be launched in clusters of `splits × 1 × 1` blocks. So do
-    /// `w4a16_skinny_sm90_{bf16,f16}_t1_w12`, with shared memory `deep().total()` and warp
+    /// `w4a16_skinny_sm90_{bf16,f16}_t{1,2}_w12`, with shared memory `deep(tf).total()` and warp
     /// `q` streaming the steps `2·[q·S/P, (q+1)·S/P)`, `S = k_pad / 32`.
     ///
     /// The Hopper kernels `w4a16_wg_{bf16,f16}_t{1,2,4,8,16}` (module `sm_90a`, blocks of

@@ -284,42 +284,56 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
 }
 
 /// One slot of two 16-deep steps of one 64-column tile, in registers ([`skinny_streamed`]).
-#[derive(Clone, Copy, Default)]
-struct SlotRegs {
+#[derive(Clone, Copy)]
+struct SlotRegs<const TF: usize> {
     /// Step `j`'s 16 bytes of the tile (this lane's 4 packed words).
     codes: [[u32; 4]; 2],
-    /// Step `j`'s `X` fragment of token `g`: `k` `2t, 2t+1` and `2t+8, 2t+9`.
-    x: [[u32; 2]; 2],
+    /// Step `j`'s `X` fragments of tokens `8f + g`: `k` `2t, 2t+1` and `2t+8, 2t+9`.
+    x: [[[u32; 2]; TF]; 2],
     /// Raw records of columns `(4q + t)·8 + g` when the slot starts a group.
     rec: [u32; 4],
 }
 
+impl<const TF: usize> SlotRegs<TF> {
+    const ZERO: Self = SlotRegs { codes: [[0; 4]; 2], x: [[[0; 2]; TF]; 2], rec: [0; 4] };
+}
+
 /// This lane's load positions in [`skinny_streamed`], advanced by additions slot by slot.
-struct Stream {
+struct Stream<const TF: usize> {
     /// The lane's 16 bytes of the next slot's first step.
     codes: *const u8,
     /// The next slot's records of the lane's first column (`cb·64 + 8t + g`) in group `cur.g`.
     meta_col: *const u8,
-    /// `X[m0 + g][k + 2t]` of the next slot (the base of `X` if token `g` is not a row).
-    x: *const u8,
-    row: bool,
+    /// `X[m0 + 8f + g][k + 2t]` of the next slot (the base of `X` if that token is not a row).
+    x: [*const u8; TF],
+    row: [bool; TF],
     /// `k` of the next slot, and its group.
     k: u32,
     cur: GroupCursor,
     first: bool,
 }
 
-impl Stream {
+impl<const TF: usize> Stream<TF> {
     #[inline(always)]
     unsafe fn at(a: &W4a16Args, s: u32, cb: u32, m0: u32, lane: u32, gs: u32) -> Self {
         let (g, t) = (lane / 4, lane % 4);
         let tile = (cb as usize * (a.k_pad as usize / 16) + s as usize) * PACK_TILE_BYTES as usize;
-        let row = m0 + g < a.m;
-        let x = a.x.ptr() as *const u8;
+        let base = a.x.ptr() as *const u8;
+        let mut x = [base; TF];
+        let mut row = [false; TF];
+        unroll!(f < 2, {
+            if f < TF {
+                let tok = m0 + 8 * f as u32 + g;
+                row[f] = tok < a.m;
+                if row[f] {
+                    x[f] = base.add((tok as usize * a.k as usize + (s * 16 + 2 * t) as usize) * 2);
+                }
+            }
+        });
         Stream {
             codes: (a.w.ptr() as *const u8).add(tile + lane as usize * 16),
             meta_col: a.meta.ptr().add((cb * PACK_TILE_N + 8 * t + g) as usize) as *const u8,
-            x: if row { x.add(((m0 + g) as usize * a.k as usize + (s * 16 + 2 * t) as usize) * 2) } else { x },
+            x,
             row,
             k: s * 16,
             cur: GroupCursor::at(s * 16, gs),
@@ -330,7 +344,7 @@ impl Stream {
     /// The next slot's codes, and its raw records if it starts a group (or is the warp's
     /// first); moves on one slot.
     #[inline(always)]
-    unsafe fn weights(&mut self, a: &W4a16Args, gs: u32, r: &mut SlotRegs) {
+    unsafe fn weights(&mut self, a: &W4a16Args, gs: u32, r: &mut SlotRegs<TF>) {
         r.codes = [ld_stream_u32x4(self.codes), ld_stream_u32x4(self.codes.add(PACK_TILE_BYTES as usize))];
         self.codes = self.codes.add(2 * PACK_TILE_BYTES as usize);
         if self.first || self.cur.r == 0 {
@@ -344,28 +358,34 @@ impl Stream {
     /// The next slot's `X` fragments (zero past `K` or `M`: `K % 8 == 0`, so a fragment's
     /// 8-wide half is all in or all out); moves on one slot.
     #[inline(always)]
-    unsafe fn x(&mut self, a: &W4a16Args, r: &mut SlotRegs) {
-        unroll!(j < 2, {
-            unroll!(h < 2, {
-                let kc = self.k + (16 * j + 8 * h) as u32;
-                let valid = self.row && kc < a.k;
-                r.x[j][h] = ld_u32_or_zero(self.x.add(32 * j + 16 * h), valid);
-            });
+    unsafe fn x(&mut self, a: &W4a16Args, r: &mut SlotRegs<TF>) {
+        unroll!(f < 2, {
+            if f < TF {
+                unroll!(j < 2, {
+                    unroll!(h < 2, {
+                        let kc = self.k + (16 * j + 8 * h) as u32;
+                        let valid = self.row[f] && kc < a.k;
+                        r.x[j][f][h] = ld_u32_or_zero(self.x[f].add(32 * j + 16 * h), valid);
+                    });
+                });
+                self.x[f] = self.x[f].add(if self.row[f] { 64 } else { 0 });
+            }
         });
-        self.x = self.x.add(if self.row { 64 } else { 0 });
         self.k += 32;
     }
 }
 
-/// The 12-warp skinny kernel (`tf` 1, one 64-column tile, slots of two steps, the warps'
-/// `k` split of [`warp_steps`]) with its operands loaded straight into registers, `P` slots
-/// ahead of the mma: no shared-memory ring, no `cp.async` bookkeeping, no per-slot warp
-/// barrier. The same sums in the same order as [`skinny`] with `W4a16SkinnyShape::deep()`.
+/// The 12-warp skinny kernel (`tf` 1 or 2, one 64-column tile, slots of two steps, the
+/// warps' `k` split of [`warp_steps`]) with its operands loaded straight into registers, `P`
+/// slots ahead of the mma: no shared-memory ring, no `cp.async` bookkeeping, no per-slot
+/// warp barrier. Each lane loads exactly the bytes it feeds to its own mma (the packed
+/// layout gives lane `l` the 16 bytes `16l..16l+16` of a tile), so no other lane waits on
+/// them.
 #[inline(always)]
-pub unsafe fn skinny_streamed<T: Half, const W: usize, const P: usize>(a: W4a16Args) {
+pub unsafe fn skinny_streamed<T: Half, const TF: usize, const W: usize, const P: usize>(a: W4a16Args) {
     const { assert!(P >= 2 && P <= 4, "2 to 4 slots in flight") };
-    const { assert!(W4a16SkinnyShape::deep().steps == 2, "SlotRegs holds two steps") };
-    let sh = W4a16SkinnyShape::deep();
+    const { assert!(W4a16SkinnyShape::deep(TF as u32).steps == 2, "SlotRegs holds two steps") };
+    let sh = W4a16SkinnyShape::deep(TF as u32);
     let tid = thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
     let (mblk, cb, split, splits) = block_place(&a);
@@ -375,8 +395,8 @@ pub unsafe fn skinny_streamed<T: Half, const W: usize, const P: usize>(a: W4a16A
     let block_base = shared_window_base();
     let table = block_base + sh.table();
     let first = GroupCursor::at(s_begin * 16, gs);
-    let mut src = Stream::at(&a, s_begin, cb, m0, lane, gs);
-    let mut bufs = [SlotRegs::default(); P];
+    let mut src = Stream::<TF>::at(&a, s_begin, cb, m0, lane, gs);
+    let mut bufs = [SlotRegs::<TF>::ZERO; P];
     // Slot i of the prologue is loaded where the warp has it.
     let mut s_load = s_begin;
     if cfg!(feature = "hopper") && a.overlap != 0 {
@@ -411,7 +431,7 @@ pub unsafe fn skinny_streamed<T: Half, const W: usize, const P: usize>(a: W4a16A
     }
     sync_threads();
 
-    let mut acc = [[[0f32; 4]; 1]; 8];
+    let mut acc = [[[0f32; 4]; TF]; 8];
     let mut rec = [0u64; 16];
     let mut cur = first;
     let mut s = s_begin;
@@ -427,7 +447,7 @@ pub unsafe fn skinny_streamed<T: Half, const W: usize, const P: usize>(a: W4a16A
                     decode_records::<T, 1>(bufs[i].rec, table, lane, &mut rec);
                 }
                 unroll!(j < 2, {
-                    words_mma::<T, 1, 1>(0, bufs[i].codes[j], &[bufs[i].x[j]], &mut acc, &rec);
+                    words_mma::<T, TF, 1>(0, bufs[i].codes[j], &bufs[i].x[j], &mut acc, &rec);
                 });
                 if s_load < s_end {
                     src.weights(&a, gs, &mut bufs[i]);
@@ -439,7 +459,7 @@ pub unsafe fn skinny_streamed<T: Half, const W: usize, const P: usize>(a: W4a16A
             }
         });
     }
-    block_end::<T, 1, 1, W>(&a, block_base, block_base + sh.flag(), &acc, (mblk, cb, split), tid);
+    block_end::<T, TF, 1, W>(&a, block_base, block_base + sh.flag(), &acc, (mblk, cb, split), tid);
 }
 
 macro_rules! instance {
@@ -507,25 +527,24 @@ instance!(W4a16SkinnySm90Bf16T1W16, w4a16_skinny_sm90_bf16_t1_w16, Bf16, 1, fals
 instance!(W4a16SkinnySm90F16T1W16, w4a16_skinny_sm90_f16_t1_w16, F16, 1, false, W4a16SkinnyShape::wide(1), false);
 // Blocks of 12 warps on one 64-column tile, operands in registers (W4a16SkinnyShape::deep):
 // one per SM.
-#[cfg(feature = "hopper")]
-forge_kernel_abi::w4a16_kernel! {
-    /// See [`skinny_streamed`].
-    W4a16SkinnySm90Bf16T1W12 => fn w4a16_skinny_sm90_bf16_t1_w12(args) {
-        skinny_streamed::<Bf16, 12, STREAM_SLOTS>(args)
-    }
+macro_rules! streamed_instance {
+    ($marker:ident, $name:ident, $t:ty, $tf:literal, $slots:literal) => {
+        #[cfg(feature = "hopper")]
+        forge_kernel_abi::w4a16_kernel! {
+            /// See [`skinny_streamed`].
+            $marker => fn $name(args) {
+                skinny_streamed::<$t, $tf, { W4a16SkinnyShape::deep($tf).warps as usize }, $slots>(args)
+            }
+        }
+    };
 }
-#[cfg(feature = "hopper")]
-forge_kernel_abi::w4a16_kernel! {
-    /// See [`skinny_streamed`].
-    W4a16SkinnySm90F16T1W12 => fn w4a16_skinny_sm90_f16_t1_w12(args) {
-        skinny_streamed::<F16, 12, STREAM_SLOTS>(args)
-    }
-}
-/// Slots in flight per warp in [`skinny_streamed`] (H200, M = 1–4, against 2 and 4 in the
-/// same run: 2 was 1–4 % slower on every bench shape; 4 was 2.4 % faster on 4096×14336 and
-/// 1–4 % slower on the four smaller layers; 152 registers).
-#[cfg(feature = "hopper")]
-const STREAM_SLOTS: usize = 3;
+// Slots in flight per warp: 3 at tf 1 (152 registers; H200, M = 1–4, against 2 and 4 in the
+// same run: 2 was 1–5 % slower on every bench shape, 4 2.4 % faster on 4096×14336 and up to
+// 3.6 % slower on the smaller layers).
+streamed_instance!(W4a16SkinnySm90Bf16T1W12, w4a16_skinny_sm90_bf16_t1_w12, Bf16, 1, 3);
+streamed_instance!(W4a16SkinnySm90F16T1W12, w4a16_skinny_sm90_f16_t1_w12, F16, 1, 3);
+streamed_instance!(W4a16SkinnySm90Bf16T2W12, w4a16_skinny_sm90_bf16_t2_w12, Bf16, 2, 3);
+streamed_instance!(W4a16SkinnySm90F16T2W12, w4a16_skinny_sm90_f16_t2_w12, F16, 2, 3);
 // 9–16 rows with X copied through L1, for unsplit launches: every block re-reads X for its k
 // range (once per column block in all), and unsplit the two blocks on an SM (neighbouring
 // column blocks) stream the same k range in step, so one block's X lines serve the other
