@@ -162,7 +162,7 @@ pub struct W4a16Options {
     /// 128-column tiles as SMs and at most as many; `Some(on)` forces it on or off for every
     /// layer).
     pub wide_skinny_blocks: Option<bool>,
-    /// 1–8 rows on the Hopper skinny build in blocks of 12 warps on one 64-column tile, each
+    /// 1–16 rows on the Hopper skinny build in blocks of 12 warps on one 64-column tile, each
     /// lane loading its operands straight into registers a few steps ahead (no shared-memory
     /// ring), launched one block per SM (`None`: where the plan finds it faster, on layers of
     /// at most one 64-column tile per SM and at most 8192 `k` per block; `Some(on)` forces it
@@ -493,7 +493,7 @@ pub(crate) fn plan_layer(
                     }
                 };
             // Blocks of 12 warps on one 64-column tile streaming their operands into registers,
-            // one per SM, for 1–8 rows where the layer's 64-column tiles fit one per SM and a
+            // one per SM, for 1–16 rows where the layer's 64-column tiles fit one per SM and a
             // block's `k` range (at the splits that keep one block per SM) is at most 8192, plain
             // or overlapped. H200, against the plan without them (8-warp blocks) in the same run,
             // M = 1 / 8: 4096×4096 7.9 / 7.9 µs against 8.7 / 9.2, 2048×7168 7.6 / 7.9 against 8.7 /
@@ -503,7 +503,11 @@ pub(crate) fn plan_layer(
             // 2048×7168 (M = 8) 6.6 against 8.7. Past 8192 per block they lost (M = 1: 8192×28672
             // 46.4 against 44.1, 5120×13824 23.9 against 19.1 on 80 SMs; 3584×18944 tied, 18.7
             // against 18.5), and so did 14336×4096, with more tiles than SMs (17.9 against the
-            // 16-warp blocks' 15.9).
+            // 16-warp blocks' 15.9). At 9–16 rows (`tf` 2, another run, M = 12 / 16): 4096×4096
+            // 9.5 / 9.7 against 9.9 / 10.0, 7168×2048 8.1 / 8.4 against 8.5 / 8.8, 4096×14336
+            // 18.7 / 19.3 against 19.3 / 19.8, 8192×8192 19.3 / 20.3 against 21.2 / 22.3,
+            // 5120×5120 13.1 / 13.7 against 15.3 / 15.7; 1024×4096 tied (6.4 / 6.6 against 6.4
+            // / 6.7).
             let deep = tf <= 2
                 && grouped.is_none()
                 && match opts.deep_skinny_blocks {
