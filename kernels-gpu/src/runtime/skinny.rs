@@ -2,7 +2,7 @@
 //! block), built to stream the packed weight at HBM speed (docs/kernels.md §6).
 //!
 //! Thread mapping: 256 threads = 8 warps (512 = 16 in the Hopper build's `_t1_w16`
-//! instances, 384 = 12 in its `_t1_w12` ones, [`skinny_streamed`]), all on the block's
+//! instances, 384 = 12 in its `_t{1,2}_w12` ones, [`skinny_streamed`]), all on the block's
 //! `64·nt` output columns (`nt` packed `n` tiles); warp `w` of split `p` streams its own
 //! contiguous range of 16-deep `k` steps (`forge_kernel_abi::runtime::W4a16Args` says
 //! which). The product is `Yᵀ = dequant(W)·Xᵀ`: the mma's A operand is 16 weight columns ×
@@ -18,7 +18,7 @@
 //! [`SKINNY_DEPTH`] steps in shared memory with its own `cp.async` and waits only for its own
 //! copies (`cp.async.wait_group`, then `bar.warp.sync` because a lane reads `X` bytes another
 //! lane copied). A warp never stalls on a slower one, and `depth − 1` steps per warp are in
-//! flight (t1: 16 warps per SM, ~80 KB). The `_t1_w12` instances keep no ring at all: each
+//! flight (t1: 16 warps per SM, ~80 KB). The `_w12` instances keep no ring at all: each
 //! lane loads its own operands straight into registers ([`skinny_streamed`]).
 //!
 //! The record decoding, the step's dequantization and mma, and the block end (warp partials
