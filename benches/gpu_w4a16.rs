@@ -590,7 +590,7 @@ fn main() -> Result<()> {
                 }
                 println!("{line}");
                 if t_deep.is_some() && m == 1 {
-                    // The same for the 12-warp blocks of two-step slots.
+                    // The same for the 12-warp blocks.
                     let mut line = format!("12-warp splits sweep {n}×{k} M {m}:");
                     for sp in [1u32, 2, 3, 4, 6, 8] {
                         let opts = W4a16Options {

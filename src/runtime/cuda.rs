@@ -33,8 +33,8 @@
 //!   steps while the previous kernel runs, so more splits (shorter `k` ranges) leave it less
 //!   to do after the wait: with one block per SM the overlapped 4096×4096 ran 8.5 µs at
 //!   `M = 1` against 7.3 with two. The 12-warp blocks that stream their operands into
-//!   registers (`W4a16Options::deep_skinny_blocks`) run one per SM on any layer (152
-//!   registers);
+//!   registers (`W4a16Options::deep_skinny_blocks`) run one per SM on any layer (148
+//!   registers at 1–8 rows, 167 at 9–16);
 //! * cluster split-K (`W4a16Options::cluster_split_k`): the split blocks of a tile form one
 //!   thread-block cluster and add their partials through distributed shared memory in split
 //!   order (the same bits), with no workspace round trip; 0.3–1.6 µs per launch where taken (H200 bench).
@@ -220,8 +220,9 @@ pub enum FusedKernel {
     SkinnySm90 {
         /// 8-token fragments (1, 2 or 8: the plan keeps the sm_80 build for 4).
         tf: u32,
-        /// Warps per block: 8, or at `tf` 1 only 16 (`w4a16_skinny_sm90_*_t1_w16`) or 12 (one
-        /// 64-column tile in slots of two steps, `w4a16_skinny_sm90_*_t1_w12`).
+        /// Warps per block: 8, or 16 at `tf` 1 (`w4a16_skinny_sm90_*_t1_w16`), or 12 at `tf` 1
+        /// and 2 (one 64-column tile, operands loaded straight into registers,
+        /// `w4a16_skinny_sm90_*_t{1,2}_w12`).
         warps: u32,
         /// `X` copied through L1 (`tf` 2 unsplit only, `w4a16_skinny_sm90_*_t2_l1`).
         x_l1: bool,

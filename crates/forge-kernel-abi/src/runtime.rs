@@ -172,9 +172,9 @@ const _: () = {
 /// Warps of a skinny W4A16 block (`w4a16_skinny_*`): all on the block's columns, each
 /// streaming its own contiguous part of the block's `k` range.
 pub const SKINNY_WARPS: u32 = W4A16_THREADS / 32;
-/// Slots in each warp's private `cp.async` pipeline (`depth − 1` in flight) for every skinny
-/// instance but the 12-warp one ([`W4a16SkinnyShape::deep`], 5: two blocks' rings must fit
-/// an SM).
+/// Steps in each warp's private `cp.async` pipeline (`depth − 1` in flight). A
+/// `cp.async.wait_group` immediate, so one value for every ring instance (the 12-warp
+/// [`W4a16SkinnyShape::deep`] blocks have no ring).
 pub const SKINNY_DEPTH: u32 = 6;
 
 /// The small-`M` ("skinny") W4A16 kernel for `8·tf` rows of `X` (`tf` 8-token fragments:
@@ -183,10 +183,10 @@ pub const SKINNY_DEPTH: u32 = 6;
 /// fragment, straight from the packed tiles) and `X` its B operand (8 tokens per fragment),
 /// so `M ≤ 8` wastes no tensor-core rows or accumulators.
 ///
-/// Per warp and ring slot of `steps` 16-deep steps: per step `nt` packed tiles and the `X`
-/// slice (per fragment two 8×8 matrices, `k` 0..8 and 8..16, 16-byte rows), then, when the
-/// slot starts a group, the block's raw records. After the warps' rings (none in
-/// [`W4a16SkinnyShape::deep`]): the qmeta4 scale table (256 × u16).
+/// Per warp and step (16 `k`) of a ring: `nt` packed tiles, the `X` slice (per fragment two
+/// 8×8 matrices, `k` 0..8 and 8..16, 16-byte rows) and, when the step starts a group, the
+/// block's raw records. After the warps' rings (none in [`W4a16SkinnyShape::deep`]): the
+/// qmeta4 scale table (256 × u16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct W4a16SkinnyShape {
     /// 8-token fragments.
@@ -195,11 +195,10 @@ pub struct W4a16SkinnyShape {
     pub nt: u32,
     /// Warps of the block, each on its own part of the block's `k` range.
     pub warps: u32,
-    /// 16-deep steps per ring slot (1, or 2 with `nt = 1` and `tf = 1`): a warp copies and
-    /// computes a slot at a time, so two steps of one tile cost the copy bookkeeping of one
-    /// step of two tiles.
+    /// 16-deep steps a warp loads and computes at a time, the unit of its `k` range: 1 in the
+    /// ring instances, 2 in [`W4a16SkinnyShape::deep`] (whole groups per slot).
     pub steps: u32,
-    /// Slots in each warp's `cp.async` ring (`depth − 1` in flight; 0: no ring).
+    /// Steps in each warp's `cp.async` ring (`depth − 1` in flight; 0: no ring).
     pub depth: u32,
 }
 
@@ -248,29 +247,24 @@ impl W4a16SkinnyShape {
         self.nt * PACK_TILE_N
     }
 
-    /// Bytes of one slot's codes (`[step][tile]`).
+    /// Bytes of one step's codes.
     pub const fn codes_bytes(&self) -> u32 {
-        self.steps * self.nt * PACK_TILE_BYTES
+        self.nt * PACK_TILE_BYTES
     }
 
     /// Bytes of one step's `X` slice.
-    pub const fn x_step_bytes(&self) -> u32 {
+    pub const fn x_bytes(&self) -> u32 {
         self.tf * 2 * 8 * 16
     }
 
-    /// Bytes of one slot's `X` slices.
-    pub const fn x_bytes(&self) -> u32 {
-        self.steps * self.x_step_bytes()
-    }
-
-    /// Bytes of one slot in a warp's pipeline: codes, `X`, raw records.
-    pub const fn slot_bytes(&self) -> u32 {
+    /// Bytes of one step in a warp's pipeline: codes, `X`, raw records.
+    pub const fn step_bytes(&self) -> u32 {
         self.codes_bytes() + self.x_bytes() + self.n_block() * 4
     }
 
     /// Bytes of one warp's pipeline.
     pub const fn warp_bytes(&self) -> u32 {
-        self.depth * self.slot_bytes()
+        self.depth * self.step_bytes()
     }
 
     /// f32 row stride (columns + 4) of the reduction buffer: the pad puts a warp's 32 stores
@@ -323,7 +317,8 @@ const _: () = {
                 // One 16-byte cp.async per lane and tile; records and X in at most two per lane.
                 assert!(s.n_block() * 4 <= 32 * 16 && s.x_bytes() / 16 <= 128);
                 assert!(PACK_N_ALIGN.is_multiple_of(s.n_block()));
-                assert!(s.slot_bytes().is_multiple_of(16) && s.table().is_multiple_of(16));
+                // The ring holds one step per slot.
+                assert!(s.steps == 1 && s.step_bytes().is_multiple_of(16) && s.table().is_multiple_of(16));
                 // The scale table is filled by the first 256 threads.
                 assert!(s.threads() >= 256 && s.threads() <= 1024);
                 warps *= 2;

@@ -186,6 +186,16 @@ pub trait Half: Copy {
     }
 }
 
+/// Thread `tid`'s entry (`tid mod 256`) of `T`'s scale table ([`Half::frac_table`]) into
+/// its copy in shared memory at `table`: the first 256 threads of a block fill it.
+///
+/// # Safety
+/// `table` holds 512 bytes of dynamic shared memory, read only after a barrier.
+#[inline(always)]
+pub unsafe fn store_scale_entry<T: Half>(table: u32, tid: u32) {
+    crate::device::st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+}
+
 static FRAC_BF16: [u16; 256] = forge_numerics::STORED_FRAC_BF16;
 static FRAC_F16: [u16; 256] = forge_numerics::STORED_FRAC_F16;
 

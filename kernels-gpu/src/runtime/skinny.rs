@@ -37,11 +37,14 @@
 //! # Safety (upheld by the host launcher)
 //! As documented on [`forge_kernel_abi::runtime::W4a16Args`].
 
-use super::mma::{cp_async_16, cp_async_16_zfill, cp_async_16_zfill_ca, ld_stream_u32, ld_stream_u32x4, ld_u32_or_zero, Half};
+use super::mma::{
+    cp_async_16, cp_async_16_zfill, cp_async_16_zfill_ca, store_scale_entry, ld_stream_u32, ld_stream_u32x4,
+    ld_u32_or_zero, Half,
+};
 use super::skinny_math::{block_end, decode_group, decode_records, step_mma, warp_steps, words_mma};
 use super::{allow_dependent_grids, block_place, task_view, wait_for_prior_grids, GroupCursor};
 use crate::device::{
-    cp_async_commit, cp_async_wait, ld_shared_u32, shared_window_base, st_shared_u16, sync_threads, sync_warp, thread_x,
+    cp_async_commit, cp_async_wait, ld_shared_u32, shared_window_base, sync_threads, sync_warp, thread_x,
 };
 use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape, PACK_TILE_BYTES, PACK_TILE_N, SKINNY_DEPTH};
 
@@ -51,7 +54,7 @@ struct Cfg<const TF: usize, const NT: usize>;
 
 impl<const TF: usize, const NT: usize> Cfg<TF, NT> {
     const SH: W4a16SkinnyShape = W4a16SkinnyShape { nt: NT as u32, warps: 1, ..W4a16SkinnyShape::for_tf(TF as u32) };
-    const STEP: u32 = Self::SH.slot_bytes();
+    const STEP: u32 = Self::SH.step_bytes();
     const X_OFF: u32 = Self::SH.codes_bytes();
     const REC_OFF: u32 = Self::SH.codes_bytes() + Self::SH.x_bytes();
     /// 16-byte chunks of one step's `X` slice: per fragment, two 8×8 matrices of 8 rows.
@@ -217,7 +220,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
         }
         allow_dependent_grids();
         if W <= 8 || tid < 256 {
-            st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+            store_scale_entry::<T>(table, tid);
         }
         wait_for_prior_grids();
         let mut s_x = s_begin;
@@ -240,10 +243,9 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
             }
             s_issue += 1;
         }
-        // The scale table, while the first steps are in flight (its 256 entries by the first
-        // 256 threads).
+        // The scale table, while the first steps are in flight.
         if W <= 8 || tid < 256 {
-            st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+            store_scale_entry::<T>(table, tid);
         }
     }
     sync_threads();
@@ -409,7 +411,7 @@ pub unsafe fn skinny_streamed<T: Half, const TF: usize, const W: usize, const P:
         });
         allow_dependent_grids();
         if W <= 8 || tid < 256 {
-            st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+            store_scale_entry::<T>(table, tid);
         }
         wait_for_prior_grids();
         unroll!(i < 4, {
@@ -426,7 +428,7 @@ pub unsafe fn skinny_streamed<T: Half, const TF: usize, const W: usize, const P:
             }
         });
         if W <= 8 || tid < 256 {
-            st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+            store_scale_entry::<T>(table, tid);
         }
     }
     sync_threads();

@@ -2,7 +2,7 @@
 //! (`runtime/skinny.rs`): the record decoding, the per-step dequantization and mma, and the
 //! block end.
 //!
-//! Thread mapping: `W` warps (8, or 16 in the `_t1_w16` instances and 12 in `_t1_w12`) on the
+//! Thread mapping: `W` warps (8, or 16 in the `_t1_w16` instances and 12 in `_t{1,2}_w12`) on the
 //! block's `64·nt` columns, each warp on its own `k` range; lane `(g, t) = (lane / 4,
 //! lane % 4)` holds the mma fragments of columns `16q + g`, `16q + 8 + g` and tokens `8f + 2t`,
 //! `8f + 2t + 1`.
@@ -260,8 +260,8 @@ pub fn warp_steps(k_pad: u32, split: u32, splits: u32, warp: u32, warps: u32, st
     let parts = splits as u64 * warps as u64;
     let part = split as u64 * warps as u64 + warp as u64;
     // Two-step slots: 32-bit division where the products fit (every real layer), as the
-    // 64-bit one is a subroutine call on the path to the warp's first copy (H200, M = 1, two
-    // runs: the 12-warp launches 0.6–4.6 % faster; in the other instances it moved ptxas's
+    // 64-bit one is a subroutine call on the path to the warp's first load (H200, M = 1, two
+    // runs of the 12-warp ring version: 0.6–4.6 % faster; in the other instances it moved ptxas's
     // register allocation and ran up to 2.6 % slower, `t8` at M = 64, so they keep the
     // 64-bit path).
     if steps > 1 && parts * slots as u64 <= u32::MAX as u64 {

@@ -50,11 +50,11 @@
 //! compute-capability-9.0 device (the module is `sm_90a`).
 
 use super::epilogue::finish_split_k;
-use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, Half};
+use super::mma::{cp_async_16, cp_async_16_zfill, dequant_word, store_scale_entry, Half};
 use super::{allow_dependent_grids, block_place, task_view, wait_for_prior_grids, GroupCursor};
 use crate::device::{
     cp_async_mbarrier_arrive, cp_async_wait_all, ld_shared_u32, mbarrier_arrive, mbarrier_init, mbarrier_wait,
-    shared_window_base, shfl_idx_f64, st_shared_u16, sync_threads, thread_x,
+    shared_window_base, shfl_idx_f64, sync_threads, thread_x,
 };
 use core::arch::asm;
 use forge_kernel_abi::runtime::{
@@ -351,7 +351,7 @@ pub unsafe fn wg<T: WgmmaHalf, const TF: usize, const GROUPED: bool>(a: W4a16Arg
     }
     // The scale table.
     if tid < 256 {
-        st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
+        store_scale_entry::<T>(table, tid);
     }
     // The barriers and the table are seen by every thread from here.
     sync_threads();
