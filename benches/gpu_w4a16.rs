@@ -25,6 +25,10 @@
 //! (`deep_skinny_blocks: Some(on)`, on where the plan runs another kernel), plain and
 //! overlapped.
 //!
+//! Then 8-bit codes (`W4A16_BENCH_W8=only` times only those, `=skip` leaves them out): the
+//! five shapes at M 1–4096, the plan's launch against the 4-bit plan, cuBLAS bf16 and the
+//! 8-bit floor.
+//!
 //! Then the grouped mixture-of-experts launch (`W4A16_BENCH_MOE=only` times only that,
 //! `W4A16_BENCH_MOE=skip` leaves it out) on
 //! Qwen3-30B-A3B and DeepSeek-V3 expert layers, 1–1024 tokens routed top-8 at random, against
@@ -100,14 +104,144 @@ fn copy_bandwidth(dev: &GpuDevice) -> Result<f64> {
 
 /// A synthetic 4-bit layer: random codes, symmetric records with scales around 2^-7.
 fn packed_layer(n: usize, k: usize, seed: u64) -> Result<fourbit_forge::runtime::PackedWeight> {
+    packed_layer_bits(n, k, 4, seed)
+}
+
+/// [`packed_layer`] of `bits`-bit codes (4 or 8; scales 2^-4 lower at 8 bits, so the weights'
+/// magnitudes match).
+fn packed_layer_bits(n: usize, k: usize, bits: u32, seed: u64) -> Result<fourbit_forge::runtime::PackedWeight> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let codes = ndarray::Array2::from_shape_simple_fn((n, k), || rng.gen_range(0..16u8));
+    let maxq = (1u32 << bits) - 1;
+    let codes = ndarray::Array2::from_shape_simple_fn((n, k), || rng.gen_range(0..=maxq) as u8);
     let n_groups = k.div_ceil(GS);
+    let (zero, lo) = (1u32 << (bits - 1), -256 * (4 + bits as i32));
     let recs: Vec<u32> = (0..n * n_groups)
-        .map(|_| QMetaPacked { log2_scale_q88: rng.gen_range(-8 * 256..-6 * 256), qzero: 8, flags: 1 }.to_u32())
+        .map(|_| {
+            QMetaPacked { log2_scale_q88: rng.gen_range(lo..lo + 512) as i16, qzero: zero as u8, flags: 1 }.to_u32()
+        })
         .collect();
-    let grid = QuantGrid::from_u32(&recs, n, n_groups, 15, n_groups * GS - k, GS, ScaleDtype::F32)?;
+    let grid = QuantGrid::from_u32(&recs, n, n_groups, maxq, n_groups * GS - k, GS, ScaleDtype::F32)?;
     pack_for_kernel(codes.view(), &grid)
+}
+
+/// cuBLAS's weight: the kernel's own dequantization of `w`, in enough copies to cycle over
+/// more than L2 holds.
+fn dense_copies(dev: &GpuDevice, w: &DevicePackedWeight) -> Result<Vec<CudaSlice<u16>>> {
+    let (n, k) = (w.dims.n, w.dims.k);
+    (0..CYCLE_BYTES.div_ceil(n * k * 2).max(2))
+        .map(|_| {
+            let mut d = dev.alloc::<u16>(n * k, "bench dense weight")?;
+            launch_dequant(dev, w, &mut d, ActDtype::Bf16)?;
+            Ok(d)
+        })
+        .collect()
+}
+
+/// `X` (`m × k` bf16, uniform in [−1, 1), seeded by `m`) and a `Y` of `m × n` on the device.
+fn bench_xy(dev: &GpuDevice, m: usize, k: usize, n: usize) -> Result<(CudaSlice<u16>, CudaSlice<u16>)> {
+    let mut rng = StdRng::seed_from_u64(m as u64);
+    let xh: Vec<u16> = (0..m * k).map(|_| ActDtype::Bf16.bits(rng.gen_range(-1.0f32..1.0))).collect();
+    let mut x = dev.alloc::<u16>(m * k, "bench X")?;
+    dev.stream().memcpy_htod(&xh, &mut x).map_err(ForgeError::driver("uploading X"))?;
+    Ok((x, dev.alloc::<u16>(m * n, "bench Y")?))
+}
+
+/// cuBLAS bf16 `Y = X·Wᵀ` per launch, cycling over the `dense` weight copies (`[n, k]` each;
+/// `x` `m·k`, `y` `m·n` values).
+fn time_blas(
+    dev: &GpuDevice,
+    x: &CudaSlice<u16>,
+    dense: &[CudaSlice<u16>],
+    y: &mut CudaSlice<u16>,
+    (m, n, k): (usize, usize, usize),
+) -> Result<f64> {
+    time_graph(dev, dense.len().max(24), |i| {
+        let (xa, wa, ya) = (x.dev_ptr().addr(), dense[i % dense.len()].dev_ptr().addr(), y.dev_ptr_mut().addr());
+        // SAFETY: x m·k, the dense weight n·k, y m·n bf16 values on the device's stream.
+        dev.with_blas(|b| unsafe { b.gemm_xwt(BlasInput::BF16, m, n, k, xa, wa, ya) })
+    })
+}
+
+/// Row counts of the 8-bit table.
+const W8_MS: [usize; 7] = [1, 4, 16, 64, 256, 1024, 4096];
+
+/// The 8-bit table (5–8-bit grids run 8-bit tiles): per bench shape and row count, the plan's
+/// launch (the 8-bit skinny kernel, or dequantization + cuBLAS from `gemm_min_m`), the 8-bit
+/// skinny kernel where the plan takes cuBLAS, the 4-bit plan on the same shape, cuBLAS bf16
+/// and the 8-bit HBM floor, timed as the main table times them.
+fn bench_w8(dev: &GpuDevice, bw: f64) -> Result<()> {
+    let blas = fourbit_forge::device::cublas::cublas_available().is_ok();
+    let mut rows = Vec::new();
+    for (si, &(n, k)) in SHAPES.iter().enumerate() {
+        let upload = |bits: u32| -> Result<(Vec<DevicePackedWeight>, usize)> {
+            let packed = packed_layer_bits(n, k, bits, 50 + si as u64)?;
+            let copies = CYCLE_BYTES.div_ceil(packed.bytes()).max(2);
+            let w = (0..copies).map(|_| DevicePackedWeight::upload(dev, &packed)).collect::<Result<_>>()?;
+            Ok((w, packed.bytes()))
+        };
+        let (w8, bytes8) = upload(8)?;
+        let (w4, _) = upload(4)?;
+        let dense = if blas { dense_copies(dev, &w8[0])? } else { Vec::new() };
+        for &m in &W8_MS {
+            let (x, mut y) = bench_xy(dev, m, k, n)?;
+            let mut ws = W4a16Workspace::default();
+            let floor = (bytes8 + 2 * m * k + 2 * m * n) as f64 / bw;
+            let mut run = |w: &[DevicePackedWeight], opts: W4a16Options| -> Result<(f64, W4a16Plan)> {
+                let mut plan = None;
+                let t = time_graph(dev, w.len().max(24), |i| {
+                    plan = Some(w4a16_matmul(dev, &x, m, &w[i % w.len()], &mut y, ActDtype::Bf16, &opts, &mut ws)?);
+                    Ok(())
+                })?;
+                Ok((t, plan.ok_or_else(|| ForgeError::Internal("no launch".into()))?))
+            };
+            let (t8, plan) = run(&w8, W4a16Options::default())?;
+            let t8_fused = if plan.path == MatmulPath::DequantGemm {
+                Some(run(&w8, W4a16Options { path: MatmulPath::Fused, ..Default::default() })?.0)
+            } else {
+                None
+            };
+            let (t4, _) = run(&w4, W4a16Options::default())?;
+            let t_blas = if blas { Some(time_blas(dev, &x, &dense, &mut y, (m, n, k))?) } else { None };
+            let us = |t: f64| format!("{:.2}", t * 1e6);
+            let plan_s = match (plan.path, plan.kernel) {
+                (MatmulPath::DequantGemm, _) => "dequant+cuBLAS".to_string(),
+                (_, k) => format!("{k:?} s{}", plan.splits),
+            };
+            rows.push(vec![
+                format!("{n}×{k}"),
+                m.to_string(),
+                plan_s,
+                us(t8),
+                t8_fused.map_or("=".into(), us),
+                us(t4),
+                t_blas.map_or("–".into(), us),
+                us(floor),
+                t_blas.map_or("–".into(), |t| format!("{:.2}×", t / t8)),
+                format!("{:.0}%", 100.0 * floor / t8),
+            ]);
+        }
+    }
+    common::print_table(
+        &format!(
+            "W8A16 (bf16, 8-bit, gs {GS}, symmetric) on {}, copy {:.0} GB/s (µs per launch)",
+            dev.name(),
+            bw / 1e9
+        ),
+        &[
+            "N×K",
+            "M",
+            "8-bit plan",
+            "8-bit µs",
+            "8-bit skinny µs",
+            "4-bit µs",
+            "cuBLAS bf16 µs",
+            "8-bit HBM floor µs",
+            "vs cuBLAS",
+            "% of floor",
+        ],
+        &rows,
+    );
+    Ok(())
 }
 
 /// Mixture-of-experts layers for the grouped launch: (name, experts, N, K, experts per
@@ -439,6 +573,11 @@ fn bench_topk_parts(dev: &GpuDevice, bw: f64) -> Result<()> {
 
 fn main() -> Result<()> {
     let Some(dev) = common::device_or_explain("gpu_w4a16") else { return Ok(()) };
+    if std::env::var("W4A16_BENCH_W8").is_ok_and(|v| v == "only") {
+        let bw = copy_bandwidth(&dev)?;
+        println!("device-to-device copy: {:.0} GB/s (read + written); SMs: {}", bw / 1e9, dev.sm_count()?);
+        return bench_w8(&dev, bw);
+    }
     if std::env::var("W4A16_BENCH_MOE").is_ok_and(|v| v == "only") {
         let bw = copy_bandwidth(&dev)?;
         println!("device-to-device copy: {:.0} GB/s (read + written); SMs: {}", bw / 1e9, dev.sm_count()?);
@@ -454,7 +593,6 @@ fn main() -> Result<()> {
     let hopper = dev.is_hopper();
     let bw = copy_bandwidth(&dev)?;
     println!("device-to-device copy: {:.0} GB/s (read + written); SMs: {}", bw / 1e9, dev.sm_count()?);
-    let stream = dev.stream().clone();
     let mut rows = Vec::new();
     // `W4A16_BENCH_ONLY=NxK:M` times one case (for a profiler).
     let only: Option<(usize, usize, usize)> = std::env::var("W4A16_BENCH_ONLY").ok().and_then(|v| {
@@ -474,15 +612,7 @@ fn main() -> Result<()> {
         let weights: Vec<DevicePackedWeight> =
             (0..copies).map(|_| DevicePackedWeight::upload(&dev, &packed)).collect::<Result<_>>()?;
         // cuBLAS's weight: the kernel's own dequantization, in as many copies.
-        let dense_copies = CYCLE_BYTES.div_ceil(n * k * 2).max(2);
-        let mut dense: Vec<CudaSlice<u16>> = Vec::new();
-        if blas.is_ok() {
-            for _ in 0..dense_copies {
-                let mut d = dev.alloc::<u16>(n * k, "bench dense weight")?;
-                launch_dequant(&dev, &weights[0], &mut d, ActDtype::Bf16)?;
-                dense.push(d);
-            }
-        }
+        let dense = if blas.is_ok() { dense_copies(&dev, &weights[0])? } else { Vec::new() };
         // `W4A16_BENCH_MS=1024,4096` times only those row counts.
         let listed: Option<Vec<usize>> =
             std::env::var("W4A16_BENCH_MS").ok().map(|v| v.split(',').filter_map(|m| m.trim().parse().ok()).collect());
@@ -493,11 +623,7 @@ fn main() -> Result<()> {
             (None, None) => MS.to_vec(),
         };
         for &m in &ms {
-            let mut rng = StdRng::seed_from_u64(m as u64);
-            let xh: Vec<u16> = (0..m * k).map(|_| ActDtype::Bf16.bits(rng.gen_range(-1.0f32..1.0))).collect();
-            let mut x = dev.alloc::<u16>(m * k, "bench X")?;
-            stream.memcpy_htod(&xh, &mut x).map_err(ForgeError::driver("uploading X"))?;
-            let mut y = dev.alloc::<u16>(m * n, "bench Y")?;
+            let (x, mut y) = bench_xy(&dev, m, k, n)?;
             let mut ws = W4a16Workspace::default();
             let flops = 2.0 * m as f64 * n as f64 * k as f64;
             let bytes = (qbytes + 2 * m * k + 2 * m * n) as f64;
@@ -615,21 +741,14 @@ fn main() -> Result<()> {
                 }
                 println!("{line}");
             }
-            let t_blas = if blas.is_ok() {
-                let reps = dense_copies.max(24);
-                Some(time_graph(&dev, reps, |i| {
-                    let (xa, wa, ya) =
-                        (x.dev_ptr().addr(), dense[i % dense_copies].dev_ptr().addr(), y.dev_ptr_mut().addr());
-                    // SAFETY: x m·k, the dense weight n·k, y m·n bf16 values on the device's stream.
-                    dev.with_blas(|b| unsafe { b.gemm_xwt(BlasInput::BF16, m, n, k, xa, wa, ya) })
-                })?)
-            } else {
-                None
-            };
+            let t_blas = if blas.is_ok() { Some(time_blas(&dev, &x, &dense, &mut y, (m, n, k))?) } else { None };
             let us = |t: f64| format!("{:.2}", t * 1e6);
             let plan_s = |p: &W4a16Plan| match (p.path, p.kernel) {
                 (MatmulPath::DequantGemm, _) => "dequant+cuBLAS".to_string(),
                 (_, FusedKernel::Skinny { tf }) => format!("skinny t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident),
+                (_, FusedKernel::SkinnyW8 { tf }) => {
+                    format!("skinny w8 t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident)
+                }
                 (_, FusedKernel::Tiled { mb }) => format!("tiled mb{mb} s{} b{}/{}", p.splits, p.blocks, p.resident),
                 (_, FusedKernel::Wgmma { tf }) => format!("wgmma t{tf} s{} b{}/{}", p.splits, p.blocks, p.resident),
                 (_, FusedKernel::SkinnySm90 { tf, warps, x_l1 }) => {
@@ -701,6 +820,9 @@ fn main() -> Result<()> {
         ],
         &rows,
     );
+    if only.is_none() && std::env::var("W4A16_BENCH_W8").map_or(true, |v| v != "skip") {
+        bench_w8(&dev, bw)?;
+    }
     if only.is_none() && std::env::var("W4A16_BENCH_MOE").map_or(true, |v| v != "skip") {
         bench_topk_parts(&dev, bw)?;
         bench_moe(&dev, bw)?;

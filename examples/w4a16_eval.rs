@@ -9,7 +9,7 @@
 //! ```
 //!
 //! `Y_fp = round_T(X) · Wᵀ` with the weight in full precision (f64 sums); `Y_q` is the kernel's
-//! output on the packed 4-bit weight (the CPU reference where there is no GPU, said so). The
+//! output on the packed weight (`--bits`, 4 by default; the CPU reference where there is no GPU, said so). The
 //! weight is quantized here with the library (round-to-nearest, or GPTQ with `--gptq`, whose
 //! Hessian `2/n·XᵀX` comes from the same activations). Also printed: the kernel against its
 //! own CPU reference (accumulation order and output rounding only) and the launch plan.
@@ -43,7 +43,7 @@ use ndarray::{Array2, ArrayView2};
 use rand::{Rng, SeedableRng};
 use std::path::PathBuf;
 
-/// Check a 4-bit quantized linear layer with the W4A16 kernel.
+/// Check a quantized linear layer (2–8 bits) with the W4A16 kernel.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -68,6 +68,9 @@ struct Args {
     /// Input columns per group (a multiple of 32).
     #[arg(long, default_value_t = 128)]
     group_size: usize,
+    /// Bits per weight, 2–8 (5–8 run the 8-bit kernels; the grouped launch takes 2–4).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=8))]
+    bits: u32,
     /// Asymmetric grid (a zero point per group).
     #[arg(long)]
     asym: bool,
@@ -160,7 +163,7 @@ fn rel(a: &Array2<f64>, b: &Array2<f64>) -> f64 {
 fn grid_config(args: &Args) -> GridConfig {
     GridConfig {
         group_size: args.group_size,
-        bits: 4,
+        bits: args.bits,
         symmetric: !args.asym,
         scale_search: if args.mse { ScaleSearch::Mse(MseSearch::default()) } else { ScaleSearch::Absmax },
         ..GridConfig::default()
@@ -187,7 +190,8 @@ fn quantize_and_pack(args: &Args, w: &Array2<f32>, x: ArrayView2<'_, f32>) -> Re
 /// What the run quantized, for the first output line.
 fn describe(args: &Args, dtype: ActDtype) -> String {
     format!(
-        "{dtype:?}, 4-bit gs {} {}{}, {}",
+        "{dtype:?}, {}-bit gs {} {}{}, {}",
+        args.bits,
         args.group_size,
         if args.asym { "asymmetric" } else { "symmetric" },
         if args.mse { " MSE" } else { "" },

@@ -68,26 +68,45 @@ fn random_layer(
     k: usize,
     gs: usize,
     rng: &mut StdRng,
+    q88: impl FnMut(&mut StdRng) -> i16,
+) -> (Array2<u8>, QuantGrid) {
+    random_layer_bits(n, k, gs, 4, rng, q88)
+}
+
+/// [`random_layer`] for `bits`-bit codes (2–8): codes and zero points in `0..=2^bits − 1`.
+fn random_layer_bits(
+    n: usize,
+    k: usize,
+    gs: usize,
+    bits: u32,
+    rng: &mut StdRng,
     mut q88: impl FnMut(&mut StdRng) -> i16,
 ) -> (Array2<u8>, QuantGrid) {
-    let codes = Array2::from_shape_fn((n, k), |_| rng.gen_range(0..16u8));
+    let maxq = (1u32 << bits) - 1;
+    let codes = Array2::from_shape_fn((n, k), |_| rng.gen_range(0..=maxq) as u8);
     let recs: Vec<QMetaPacked> = (0..n * k.div_ceil(gs))
-        .map(|_| QMetaPacked { log2_scale_q88: q88(rng), qzero: rng.gen_range(0..16), flags: 0 })
+        .map(|_| QMetaPacked { log2_scale_q88: q88(rng), qzero: rng.gen_range(0..=maxq) as u8, flags: 0 })
         .collect();
-    let grid = grid_of(&recs, n, k, gs, 15);
+    let grid = grid_of(&recs, n, k, gs, maxq);
     (codes, grid)
 }
 
 #[test]
 fn packing_round_trips_codes_and_records() {
     let mut rng = StdRng::seed_from_u64(1);
-    for &(n, k, gs) in &[(1, 8, 32), (64, 128, 32), (100, 200, 96), (257, 1000, 160), (300, 64, 1024), (8, 2056, 512)] {
-        let (codes, grid) = random_layer(n, k, gs, &mut rng, |r| r.gen());
-        let p = pack_for_kernel(codes.view(), &grid).unwrap();
-        assert_eq!((p.dims.n_pad % 256, p.dims.k_pad % 128), (0, 0));
-        let (c2, r2) = unpack_for_kernel(&p).unwrap();
-        assert_eq!(c2, codes, "{n}×{k} gs {gs}: codes");
-        assert_eq!(r2, grid.to_u32_vec(), "{n}×{k} gs {gs}: records");
+    let shapes = [(1, 8, 32), (64, 128, 32), (100, 200, 96), (257, 1000, 160), (300, 64, 1024), (8, 2056, 512)];
+    for (i, &(n, k, gs)) in shapes.iter().enumerate() {
+        // 2–4-bit grids pack 4-bit tiles, 5–8-bit ones 8-bit tiles.
+        for bits in [2 + i as u32 % 3, 4, 5 + i as u32 % 3, 8] {
+            let (codes, grid) = random_layer_bits(n, k, gs, bits, &mut rng, |r| r.gen());
+            let p = pack_for_kernel(codes.view(), &grid).unwrap();
+            assert_eq!((p.dims.n_pad % 256, p.dims.k_pad % 128), (0, 0));
+            assert_eq!(p.dims.bits, if bits <= 4 { 4 } else { 8 }, "{bits}-bit grid");
+            assert_eq!(p.codes.len(), (p.dims.n_pad / 64) * (p.dims.k_pad / 16) * 32 * p.dims.bits as usize);
+            let (c2, r2) = unpack_for_kernel(&p).unwrap();
+            assert_eq!(c2, codes, "{n}×{k} gs {gs} {bits} bits: codes");
+            assert_eq!(r2, grid.to_u32_vec(), "{n}×{k} gs {gs} {bits} bits: records");
+        }
     }
 }
 
@@ -95,9 +114,19 @@ fn packing_round_trips_codes_and_records() {
 fn packing_rejects_what_the_kernel_cannot_run() {
     let mut rng = StdRng::seed_from_u64(2);
     let (codes, grid) = random_layer(16, 64, 32, &mut rng, |_| 0);
-    // 5-bit codes
+    // 5-bit codes go to 8-bit tiles; wider grids than 8 bits have no kernel
     let g5 = QuantGrid { maxq: 31, ..grid.clone() };
-    assert!(matches!(pack_for_kernel(codes.view(), &g5), Err(ForgeError::Config(_))));
+    assert_eq!(pack_for_kernel(codes.view(), &g5).unwrap().dims.bits, 8);
+    let g9 = QuantGrid { maxq: 511, ..grid.clone() };
+    match pack_for_kernel(codes.view(), &g9) {
+        Err(ForgeError::Config(m)) => assert!(m.contains("at most 8 bits"), "{m}"),
+        other => panic!("a 9-bit grid: {:?}", other.map(|p| p.dims)),
+    }
+    // a zero point above maxq at 8 bits' width is fine; above a 6-bit grid's maxq it is not
+    let (c6, g6) = random_layer_bits(16, 64, 32, 6, &mut rng, |_| 0);
+    let mut recs6: Vec<QMetaPacked> = g6.to_u32_vec().into_iter().map(QMetaPacked::from_u32).collect();
+    recs6[5].qzero = 64;
+    assert!(matches!(pack_for_kernel(c6.view(), &grid_of(&recs6, 16, 64, 32, 63)), Err(ForgeError::Config(_))));
     // a zero point above maxq (4-bit data on a 3-bit grid)
     let g3 = QuantGrid { maxq: 7, ..grid.clone() };
     let small = codes.mapv(|c| c & 7);
@@ -125,19 +154,21 @@ fn packing_rejects_what_the_kernel_cannot_run() {
 #[test]
 fn cpu_dequant_equals_an_independent_evaluation() {
     let mut rng = StdRng::seed_from_u64(3);
-    let (codes, grid) = random_layer(70, 200, 64, &mut rng, |r| r.gen_range(-40 * 256..12 * 256) as i16);
-    let p = pack_for_kernel(codes.view(), &grid).unwrap();
-    for dt in [ActDtype::Bf16, ActDtype::F16] {
-        let w = dequant_for_kernel(&p, dt).unwrap();
-        for ((r, c), &v) in w.indexed_iter() {
-            let m = grid.meta(r, c / 64).unwrap();
-            let s = forge_numerics::decode_log2_q88(m.log2_scale_q88);
-            let d = codes[[r, c]] as f32 - m.qzero as f32;
-            let want = match dt {
-                ActDtype::Bf16 => half::bf16::from_f32(d * half::bf16::from_f32(s).to_f32()).to_f32(),
-                ActDtype::F16 => half::f16::from_f32(d * half::f16::from_f32(s).to_f32()).to_f32(),
-            };
-            assert_eq!(v.to_bits(), want.to_bits(), "{dt:?} ({r}, {c})");
+    for bits in [4, 8] {
+        let (codes, grid) = random_layer_bits(70, 200, 64, bits, &mut rng, |r| r.gen_range(-40 * 256..4 * 256) as i16);
+        let p = pack_for_kernel(codes.view(), &grid).unwrap();
+        for dt in [ActDtype::Bf16, ActDtype::F16] {
+            let w = dequant_for_kernel(&p, dt).unwrap();
+            for ((r, c), &v) in w.indexed_iter() {
+                let m = grid.meta(r, c / 64).unwrap();
+                let s = forge_numerics::decode_log2_q88(m.log2_scale_q88);
+                let d = codes[[r, c]] as f32 - m.qzero as f32;
+                let want = match dt {
+                    ActDtype::Bf16 => half::bf16::from_f32(d * half::bf16::from_f32(s).to_f32()).to_f32(),
+                    ActDtype::F16 => half::f16::from_f32(d * half::f16::from_f32(s).to_f32()).to_f32(),
+                };
+                assert_eq!(v.to_bits(), want.to_bits(), "{bits} bits {dt:?} ({r}, {c})");
+            }
         }
     }
 }
@@ -149,25 +180,32 @@ fn gpu_dequant_is_bit_exact_for_every_group_size() {
     for gs in (32..=1024).step_by(32) {
         let k = [gs * 2 + 8, 1000, 2056][gs % 3];
         let n = 64 + gs % 200;
-        for dt in [ActDtype::Bf16, ActDtype::F16] {
+        for (dt, bits) in [(ActDtype::Bf16, 4), (ActDtype::F16, 4), (ActDtype::Bf16, 8), (ActDtype::F16, 8)] {
             // Records over the type's whole finite range: both the table decode and the
-            // fallback (subnormal scales, the edges of the exponent range).
-            let (lo, hi) = match dt {
-                ActDtype::Bf16 => (i16::MIN as i32, 120 * 256),
-                ActDtype::F16 => (-30 * 256, 11 * 256),
+            // fallback (subnormal scales, the edges of the exponent range; |q − z| up to 255
+            // at 8 bits, so f16 scales stop 4 octaves lower).
+            let (lo, hi) = match (dt, bits) {
+                (ActDtype::Bf16, 4) => (i16::MIN as i32, 120 * 256),
+                (ActDtype::Bf16, _) => (i16::MIN as i32, 119 * 256),
+                (ActDtype::F16, 4) => (-30 * 256, 11 * 256),
+                (ActDtype::F16, _) => (-30 * 256, 7 * 256),
             };
-            let (codes, grid) = random_layer(n, k, gs, &mut rng, |r| r.gen_range(lo..hi) as i16);
+            let bits = if bits == 8 { 5 + (gs / 32) as u32 % 4 } else { bits }; // 5–8-bit grids
+            let (codes, grid) = random_layer_bits(n, k, gs, bits, &mut rng, |r| r.gen_range(lo..hi) as i16);
             let p = pack_for_kernel(codes.view(), &grid).unwrap();
             let want = dequant_for_kernel(&p, dt).unwrap();
             let got = dequant_gpu(&dev, &p, dt).unwrap();
             for ((r, c), &v) in got.indexed_iter() {
-                assert_eq!(v.to_bits(), want[[r, c]].to_bits(), "gs {gs} {dt:?} {n}×{k}: ({r}, {c})");
+                assert_eq!(v.to_bits(), want[[r, c]].to_bits(), "gs {gs} {bits} bits {dt:?} {n}×{k}: ({r}, {c})");
             }
         }
     }
 }
 
-/// Integer activations and power-of-two scales `2^(e0 + {0..3})`: exact sums (module docs).
+/// Integer activations and power-of-two scales: exact sums (module docs). At 4 bits scales
+/// `2^(e0 + {0..3})` and activations in `−3..=3`; above, `|q − z| ≤ 255`, so scales
+/// `2^(e0 + {0, 1})` and activations in `−1..=1`: a product is at most `510·2^e0`, and a sum
+/// over `k_pad ≤ 8192` of them stays below `2^22·2^e0`, exact in any order.
 #[allow(clippy::too_many_arguments)]
 fn exact_case(
     m: usize,
@@ -177,23 +215,26 @@ fn exact_case(
     e0: i32,
     x_scale: f32,
     codes_mode: u8,
+    bits: u32,
     rng: &mut StdRng,
 ) -> (Array2<f32>, PackedWeight) {
-    let (mut codes, _) = random_layer(n, k, gs, rng, |_| 0);
+    let maxq = (1u32 << bits) - 1;
+    let (mut codes, _) = random_layer_bits(n, k, gs, bits, rng, |_| 0);
     match codes_mode {
         1 => codes.fill(0),
-        2 => codes.fill(15),
+        2 => codes.fill(maxq as u8),
         _ => {}
     }
+    let (octaves, x_max) = if bits > 4 { (2, 1) } else { (4, 3) };
     let recs: Vec<QMetaPacked> = (0..n * k.div_ceil(gs))
         .map(|_| QMetaPacked {
-            log2_scale_q88: (256 * (e0 + rng.gen_range(0..4))) as i16,
-            qzero: rng.gen_range(0..16),
+            log2_scale_q88: (256 * (e0 + rng.gen_range(0..octaves))) as i16,
+            qzero: rng.gen_range(0..=maxq) as u8,
             flags: 0,
         })
         .collect();
-    let p = pack_for_kernel(codes.view(), &grid_of(&recs, n, k, gs, 15)).unwrap();
-    let x = Array2::from_shape_fn((m, k), |_| rng.gen_range(-3i32..=3) as f32 * x_scale);
+    let p = pack_for_kernel(codes.view(), &grid_of(&recs, n, k, gs, maxq)).unwrap();
+    let x = Array2::from_shape_fn((m, k), |_| rng.gen_range(-x_max..=x_max) as f32 * x_scale);
     (x, p)
 }
 
@@ -311,6 +352,7 @@ impl KernelChoice {
             }
             FusedKernel::Skinny { .. } => "Skinny",
             FusedKernel::Tiled { .. } => "Tiled",
+            FusedKernel::SkinnyW8 { .. } => "SkinnyW8",
         };
         assert_eq!(got, want, "{self:?} m {m}: {plan:?}");
         // Clusters only for the Hopper skinny build with splits, never when turned off.
@@ -401,7 +443,7 @@ fn gpu_matmul_is_exact_on_exactly_summable_inputs() {
     for (si, &(n, k, gs)) in shapes.iter().enumerate() {
         for (mi, &m) in MS.iter().enumerate() {
             let dt = if (si + mi) % 2 == 0 { ActDtype::Bf16 } else { ActDtype::F16 };
-            let (x, p) = exact_case(m, n, k, gs, -2, 1.0, 0, &mut rng);
+            let (x, p) = exact_case(m, n, k, gs, -2, 1.0, 0, 4, &mut rng);
             let want = round_to_act(&w4a16_matmul_cpu(x.view(), &p, dt).unwrap(), dt);
             for splits in [None, Some(1), Some(3), Some(32)] {
                 for kernel in KernelChoice::ALL {
@@ -433,7 +475,7 @@ fn gpu_chunked_dequant_gemm_is_exact() {
         [(33usize, 200usize, 392usize, 32usize), (130, 520, 2048, 256), (7, 64, 1000, 96)].iter().enumerate()
     {
         let dt = if ci % 2 == 0 { ActDtype::Bf16 } else { ActDtype::F16 };
-        let (x, p) = exact_case(m, n, k, gs, -2, 1.0, 0, &mut rng);
+        let (x, p) = exact_case(m, n, k, gs, -2, 1.0, 0, 4, &mut rng);
         let want = round_to_act(&w4a16_matmul_cpu(x.view(), &p, dt).unwrap(), dt);
         for chunk_bytes in [0, 64 * k * 2, 128 * k * 2, 192 * k * 2, 100 * k * 2 + 1, 1] {
             let opts =
@@ -510,13 +552,13 @@ fn gpu_matmul_exact_adversarial_inputs() {
             (-2, 1.0, 2, ActDtype::F16),
             (0, 1.0, 2, ActDtype::Bf16),
         ] {
-            let (x, p) = exact_case(m, 192, 520, 32, e0, xs, mode, &mut rng);
+            let (x, p) = exact_case(m, 192, 520, 32, e0, xs, mode, 4, &mut rng);
             let want = round_to_act(&w4a16_matmul_cpu(x.view(), &p, dt).unwrap(), dt);
             let (got, plan) = w4a16_matmul_host(&dev, x.view(), &p, dt, &fused).unwrap();
             assert_bits_equal(&got, &want, &format!("e0 {e0} mode {mode} {dt:?} m {m} {plan:?}"));
         }
         // Zero activations: every output is +0.
-        let (x, p) = exact_case(m, 192, 520, 32, 0, 0.0, 0, &mut rng);
+        let (x, p) = exact_case(m, 192, 520, 32, 0, 0.0, 0, 4, &mut rng);
         let (got, _) = w4a16_matmul_host(&dev, x.view(), &p, ActDtype::Bf16, &fused).unwrap();
         assert!(got.iter().all(|v| v.to_bits() == 0), "zero X must give +0");
     }
@@ -548,13 +590,19 @@ fn gpu_matmul_matches_the_reference_on_quantized_layers() {
     let Some(dev) = common::gpu_or_skip("gpu_matmul_matches_the_reference_on_quantized_layers") else { return };
     let mut rng = StdRng::seed_from_u64(7);
     let t = StudentT::new(3.0f32).unwrap();
-    let cases =
-        [(384usize, 1024usize, 128usize, true, false), (200, 776, 32, false, false), (1100, 2048, 64, true, true)];
-    for (ci, &(n, k, gs, symmetric, mse)) in cases.iter().enumerate() {
+    // (n, k, gs, symmetric, MSE grid, bits): 4-bit tiles, and 8-bit ones for 6- and 8-bit grids.
+    let cases = [
+        (384usize, 1024usize, 128usize, true, false, 4u32),
+        (200, 776, 32, false, false, 4),
+        (1100, 2048, 64, true, true, 4),
+        (520, 1024, 128, false, false, 8),
+        (320, 776, 64, true, true, 6),
+    ];
+    for (ci, &(n, k, gs, symmetric, mse, bits)) in cases.iter().enumerate() {
         let w = Array2::from_shape_fn((n, k), |_| t.sample(&mut rng) * 0.02);
         let cfg = GridConfig {
             group_size: gs,
-            bits: 4,
+            bits,
             symmetric,
             scale_search: if mse { ScaleSearch::Mse(MseSearch::default()) } else { ScaleSearch::Absmax },
             ..GridConfig::default()
@@ -592,8 +640,8 @@ fn gpu_matmul_matches_the_reference_on_quantized_layers() {
                     worst = worst.max(err / tol);
                 }
                 eprintln!(
-                    "{dt:?} m {m} {n}×{k} gs {gs} {:?} splits {}: worst err/tol {worst:.3}",
-                    plan.path, plan.splits
+                    "{dt:?} m {m} {n}×{k} gs {gs} {bits} bits {:?} {:?} splits {}: worst err/tol {worst:.3}",
+                    plan.path, plan.kernel, plan.splits
                 );
             }
         }
@@ -625,12 +673,132 @@ proptest::proptest! {
         let mut rng = StdRng::seed_from_u64(seed);
         let (k, gs) = (8 * k8, 32 * gs_units);
         let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
-        let (x, p) = exact_case(m, n, k, gs, -2, 1.0, 0, &mut rng);
+        let (x, p) = exact_case(m, n, k, gs, -2, 1.0, 0, 4, &mut rng);
         let want = round_to_act(&w4a16_matmul_cpu(x.view(), &p, dt).unwrap(), dt);
         let opts = kernel.options(splits);
         let (got, plan) = w4a16_matmul_host(&dev, x.view(), &p, dt, &opts).unwrap();
         kernel.check_plan(&dev, m, &plan);
         assert_bits_equal(&got, &want, &format!("{dt:?} m {m} {n}×{k} gs {gs} {plan:?}"));
+    }
+}
+
+/// The 8-token fragments of the 8-bit skinny kernel's row blocks for `m` rows.
+fn w8_tf(m: usize) -> u32 {
+    m.min(64).div_ceil(8).next_power_of_two() as u32
+}
+
+/// Runs an 8-bit packed weight on every path and checks each against `want` bit for bit: the
+/// fused path under every kernel choice's options (8-bit codes have one fused kernel, which
+/// every option set must reach: `w8a16_skinny_*`, row blocks of up to 64 rows, never in
+/// clusters) with `splits`, and dequantization + cuBLAS (the 8-bit dequantization kernel)
+/// whole and in two-tile chunks where cuBLAS loads.
+fn check_w8_paths(
+    dev: &GpuDevice,
+    x: &Array2<f32>,
+    p: &PackedWeight,
+    dt: ActDtype,
+    want: &Array2<f32>,
+    splits: &[Option<u32>],
+) {
+    let m = x.nrows();
+    assert_eq!(p.dims.bits, 8);
+    for &split in splits {
+        for kernel in KernelChoice::ALL {
+            let (got, plan) = w4a16_matmul_host(dev, x.view(), p, dt, &kernel.options(split)).unwrap();
+            assert_eq!(plan.kernel, FusedKernel::SkinnyW8 { tf: w8_tf(m) }, "{kernel:?} m {m}: {plan:?}");
+            assert_eq!(plan.cluster, 1, "{plan:?}");
+            assert_bits_equal(&got, want, &format!("8-bit {dt:?} m {m} {}×{} {plan:?}", p.dims.n, p.dims.k));
+        }
+    }
+    if fourbit_forge::device::cublas::cublas_available().is_ok() {
+        for chunk_bytes in [0, 128 * p.dims.k * 2] {
+            let opts =
+                W4a16Options { path: MatmulPath::DequantGemm, gemm_chunk_bytes: chunk_bytes, ..Default::default() };
+            let (got, plan) = w4a16_matmul_host(dev, x.view(), p, dt, &opts).unwrap();
+            assert_eq!(plan.path, MatmulPath::DequantGemm);
+            assert_bits_equal(&got, want, &format!("8-bit {dt:?} m {m} dequant + cuBLAS, chunk {chunk_bytes}"));
+        }
+    }
+}
+
+/// 8-bit packed weights (5–8-bit grids) on exactly summable inputs ([`exact_case_bits`]):
+/// `n`/`k` tails, partial last groups, group sizes 32–1024, every row count of [`MS`]
+/// (above 64 rows several row blocks), forced split-K factors, both types, every path.
+#[test]
+fn gpu_w8_matmul_is_exact_on_exactly_summable_inputs() {
+    let Some(dev) = common::gpu_or_skip("gpu_w8_matmul_is_exact_on_exactly_summable_inputs") else { return };
+    let mut rng = StdRng::seed_from_u64(31);
+    let shapes = [
+        (256, 256, 128, 8),
+        (200, 392, 32, 5),
+        (576, 1000, 96, 6),
+        (130, 4104, 1024, 8),
+        (64, 128, 64, 7),
+        (520, 2048, 256, 8),
+    ];
+    for (si, &(n, k, gs, bits)) in shapes.iter().enumerate() {
+        for (mi, &m) in MS.iter().enumerate() {
+            let dt = if (si + mi) % 2 == 0 { ActDtype::Bf16 } else { ActDtype::F16 };
+            let (x, p) = exact_case(m, n, k, gs, -2, 1.0, 0, bits, &mut rng);
+            let want = round_to_act(&w4a16_matmul_cpu(x.view(), &p, dt).unwrap(), dt);
+            check_w8_paths(&dev, &x, &p, dt, &want, &[None, Some(1), Some(3), Some(32)]);
+        }
+    }
+}
+
+/// 8-bit weights at the edges: magnitudes ×2^±40 (bf16), all codes 0 and all 255 (the zero
+/// point's full range on both sides), zero activations (every output +0).
+#[test]
+fn gpu_w8_matmul_exact_adversarial_inputs() {
+    let Some(dev) = common::gpu_or_skip("gpu_w8_matmul_exact_adversarial_inputs") else { return };
+    let mut rng = StdRng::seed_from_u64(32);
+    for m in [1, 16, 33, 70] {
+        for (e0, xs, mode, dt) in [
+            (40, 2f32.powi(40), 0, ActDtype::Bf16),
+            (-40, 2f32.powi(-40), 0, ActDtype::Bf16),
+            (-2, 1.0, 1, ActDtype::Bf16),
+            (-2, 1.0, 2, ActDtype::F16),
+            (0, 1.0, 2, ActDtype::Bf16),
+            (0, 1.0, 1, ActDtype::F16),
+        ] {
+            let (x, p) = exact_case(m, 192, 520, 32, e0, xs, mode, 8, &mut rng);
+            let want = round_to_act(&w4a16_matmul_cpu(x.view(), &p, dt).unwrap(), dt);
+            check_w8_paths(&dev, &x, &p, dt, &want, &[None]);
+        }
+        let (x, p) = exact_case(m, 192, 520, 32, 0, 0.0, 0, 8, &mut rng);
+        let fused = W4a16Options { path: MatmulPath::Fused, ..Default::default() };
+        let (got, _) = w4a16_matmul_host(&dev, x.view(), &p, ActDtype::Bf16, &fused).unwrap();
+        assert!(got.iter().all(|v| v.to_bits() == 0), "zero X must give +0");
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..proptest::prelude::ProptestConfig::default() })]
+
+    /// The 8-bit kernel on random exactly summable cases: rows 1–300 (several row blocks above
+    /// 64), random `n` and `k` tails, group sizes 32–1024, 5–8-bit grids, both types, random
+    /// split-K factors, random codes, zero points and power-of-two scales; bit for bit.
+    #[test]
+    fn gpu_w8_kernel_is_exact_on_random_shapes(
+        m in proptest::prop_oneof![1usize..=80, 81usize..=300],
+        n in 1usize..700,
+        k8 in 1usize..400,
+        gs_units in proptest::prop_oneof![1usize..=8, proptest::strategy::Just(32usize)],
+        bits in 5u32..=8,
+        f16 in proptest::bool::ANY,
+        splits in proptest::option::of(1u32..=32),
+        seed in proptest::num::u64::ANY,
+    ) {
+        let Some(dev) = common::gpu_or_skip("gpu_w8_kernel_is_exact_on_random_shapes") else { return Ok(()) };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (k, gs) = (8 * k8, 32 * gs_units);
+        let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
+        let (x, p) = exact_case(m, n, k, gs, -2, 1.0, 0, bits, &mut rng);
+        let want = round_to_act(&w4a16_matmul_cpu(x.view(), &p, dt).unwrap(), dt);
+        let opts = W4a16Options { path: MatmulPath::Fused, splits, ..Default::default() };
+        let (got, plan) = w4a16_matmul_host(&dev, x.view(), &p, dt, &opts).unwrap();
+        proptest::prop_assert_eq!(plan.kernel, FusedKernel::SkinnyW8 { tf: w8_tf(m) });
+        assert_bits_equal(&got, &want, &format!("{bits} bits {dt:?} m {m} {n}×{k} gs {gs} {plan:?}"));
     }
 }
 
@@ -650,7 +818,7 @@ fn exact_grouped_case(
 ) -> (Vec<usize>, usize, Vec<PackedWeight>, Array2<f32>) {
     let offsets = expert_offsets(rows);
     let m = offsets[rows.len()];
-    let packed: Vec<PackedWeight> = rows.iter().map(|_| exact_case(0, n, k, gs, -2, 1.0, 0, rng).1).collect();
+    let packed: Vec<PackedWeight> = rows.iter().map(|_| exact_case(0, n, k, gs, -2, 1.0, 0, 4, rng).1).collect();
     let x = Array2::from_shape_fn((m, k), |_| rng.gen_range(-3i32..=3) as f32);
     (offsets, m, packed, x)
 }
@@ -793,6 +961,13 @@ fn gpu_grouped_matmul_rejects_mismatched_inputs() {
         other => panic!("mixed expert shapes: {:?}", other.err()),
     }
     assert!(matches!(DeviceExperts::upload::<PackedWeight>(&dev, &[]), Err(ForgeError::Shape(_))));
+    // 8-bit packed experts: the grouped kernels are 4-bit only.
+    let (c8, g8) = random_layer_bits(64, 256, 128, 8, &mut rng, |r| r.gen_range(-2560..-1024));
+    let w8 = pack_for_kernel(c8.view(), &g8).unwrap();
+    match DeviceExperts::upload(&dev, &[w8.clone(), w8]) {
+        Err(ForgeError::Config(m)) => assert!(m.contains("8-bit packed codes"), "{m}"),
+        other => panic!("8-bit experts: {:?}", other.err()),
+    }
     let experts = DeviceExperts::upload(&dev, &[a.clone(), a]).unwrap();
     let routing = ExpertRouting::new(&dev, &[0, 1, 2, 3]).unwrap();
     let x = dev.alloc::<u16>(3 * 256, "test X").unwrap();
@@ -944,7 +1119,7 @@ fn gpu_device_routing_rejects_bad_offsets() {
     let Some(dev) = common::gpu_or_skip("gpu_device_routing_rejects_bad_offsets") else { return };
     let mut rng = StdRng::seed_from_u64(23);
     let (n, k) = (64, 256);
-    let packed: Vec<PackedWeight> = (0..3).map(|_| exact_case(0, n, k, 128, -2, 1.0, 0, &mut rng).1).collect();
+    let packed: Vec<PackedWeight> = (0..3).map(|_| exact_case(0, n, k, 128, -2, 1.0, 0, 4, &mut rng).1).collect();
     let experts = DeviceExperts::upload(&dev, &packed).unwrap();
     let x = Array2::from_shape_fn((12, k), |_| rng.gen_range(-3i32..=3) as f32);
     let opts = W4a16Options::default();
@@ -997,7 +1172,7 @@ fn gpu_device_routing_replays_in_a_graph() {
     let mut rng = StdRng::seed_from_u64(24);
     let (e_count, tokens, top_k, n, k) = (16, 4, 4, 320, 512);
     let dt = ActDtype::Bf16;
-    let packed: Vec<PackedWeight> = (0..e_count).map(|_| exact_case(0, n, k, 64, -2, 1.0, 0, &mut rng).1).collect();
+    let packed: Vec<PackedWeight> = (0..e_count).map(|_| exact_case(0, n, k, 64, -2, 1.0, 0, 4, &mut rng).1).collect();
     let experts = DeviceExperts::upload(&dev, &packed).unwrap();
     let rows = tokens * top_k;
     let x = Array2::from_shape_fn((rows, k), |_| rng.gen_range(-3i32..=3) as f32);
@@ -1203,7 +1378,7 @@ proptest::proptest! {
         let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
         let top_k = top_k_want.min(experts_n);
         let capacity = (tokens + extra).max(1);
-        let packed: Vec<PackedWeight> = (0..experts_n).map(|_| exact_case(0, n, k, gs, -2, 1.0, 0, &mut rng).1).collect();
+        let packed: Vec<PackedWeight> = (0..experts_n).map(|_| exact_case(0, n, k, gs, -2, 1.0, 0, 4, &mut rng).1).collect();
         let experts = DeviceExperts::upload(&dev, &packed).unwrap();
         let hidden = Array2::from_shape_fn((tokens, k), |_| rng.gen_range(-3i32..=3) as f32);
         let ids = random_topk_ids(tokens, top_k, experts_n, distinct, skew, &mut rng);
@@ -1239,7 +1414,7 @@ fn gpu_topk_routing_rejects_bad_ids() {
     let mut rng = StdRng::seed_from_u64(25);
     let (e_count, tokens, top_k, n, k) = (6, 4, 2, 64, 128);
     let dt = ActDtype::Bf16;
-    let packed: Vec<PackedWeight> = (0..e_count).map(|_| exact_case(0, n, k, 64, -2, 1.0, 0, &mut rng).1).collect();
+    let packed: Vec<PackedWeight> = (0..e_count).map(|_| exact_case(0, n, k, 64, -2, 1.0, 0, 4, &mut rng).1).collect();
     let experts = DeviceExperts::upload(&dev, &packed).unwrap();
     let hidden = Array2::from_shape_fn((tokens, k), |_| rng.gen_range(-3i32..=3) as f32);
     let mut ids = random_topk_ids(tokens, top_k, e_count, true, false, &mut rng);
@@ -1286,7 +1461,7 @@ fn gpu_topk_step_replays_in_a_graph() {
     let mut rng = StdRng::seed_from_u64(26);
     let (e_count, tokens, top_k, n, k) = (32, 5, 4, 2056, 256);
     let dt = ActDtype::F16;
-    let packed: Vec<PackedWeight> = (0..e_count).map(|_| exact_case(0, n, k, 128, -2, 1.0, 0, &mut rng).1).collect();
+    let packed: Vec<PackedWeight> = (0..e_count).map(|_| exact_case(0, n, k, 128, -2, 1.0, 0, 4, &mut rng).1).collect();
     let experts = DeviceExperts::upload(&dev, &packed).unwrap();
     let mut routing = TopkRouting::new(&dev, e_count, tokens, top_k, None).unwrap();
     let mut b = TopkBuffers::new(&dev, tokens, top_k, k, n);

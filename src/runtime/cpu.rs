@@ -7,8 +7,13 @@ use forge_kernel_abi::runtime::{PACK_K_ALIGN, PACK_N_ALIGN, PACK_TILE_K, PACK_TI
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
-/// Words of one packed tile.
+/// Words of one packed 4-bit tile (8-bit tiles have twice as many).
 const TILE_WORDS: usize = (PACK_TILE_K * PACK_TILE_N / 8) as usize;
+
+/// Words of one packed tile of `bits`-bit codes (4 or 8).
+pub(crate) const fn tile_words(bits: u32) -> usize {
+    TILE_WORDS * bits as usize / 4
+}
 
 /// Where element `(kk, nn)` of a `16 × 64` tile lives: `(word in the tile, nibble in the
 /// word)`. The inverse of the kernel's reading (`forge_kernel_abi::runtime` docs): lane
@@ -24,23 +29,37 @@ fn tile_slot(kk: usize, nn: usize) -> (usize, usize) {
     (lane * 4 + i, j + 4 * (rem % 2))
 }
 
+/// Where element `(kk, nn)` of an 8-bit `16 × 64` tile lives: `(word in the tile, byte in the
+/// word)`. The inverse of the 8-bit kernels' reading (`forge_kernel_abi::runtime` docs): half
+/// `h = i/2` of the tile (`i = nn/16`), lane `l = 4·(nn mod 8) + (kk mod 8)/2`, word
+/// `2·(i mod 2) + (nn/8) mod 2` of the lane's four, byte `2·(kk/8) + kk mod 2`.
+#[inline]
+fn tile_slot8(kk: usize, nn: usize) -> (usize, usize) {
+    let (i, c, g) = (nn / 16, (nn / 8) % 2, nn % 8);
+    let lane = 4 * g + (kk % 8) / 2;
+    ((i / 2) * TILE_WORDS + lane * 4 + 2 * (i % 2) + c, 2 * (kk / 8) + kk % 2)
+}
+
 /// Packs `codes` `[n, k]` (original column order, as the solver returns them) and their grid
-/// for the W4A16 kernel: codes in `16 × 64` tiles (docs/formats.md), records group-major
-/// `[g_pad][n_pad]`, `n` padded to 256 and `k` to 128 with codes equal to the group's zero
-/// point (or 0 with a unit record past the last group), so padding dequantizes to exactly 0.
+/// for the W4A16 kernel: codes in `16 × 64` tiles (docs/formats.md), 4-bit for grids of at
+/// most 4 bits (`maxq ≤ 15`) and 8-bit for 5–8 bits (the `w8a16` kernels), records
+/// group-major `[g_pad][n_pad]`, `n` padded to 256 and `k` to 128 with codes equal to the
+/// group's zero point (or 0 with a unit record past the last group), so padding dequantizes
+/// to exactly 0.
 ///
-/// Errors: codes wider than 4 bits (`maxq > 15`), a code above `maxq`, a zero point above
+/// Errors: codes wider than 8 bits (`maxq > 255`), a code above `maxq`, a zero point above
 /// `maxq`, a grid of another shape, and the kernel's shape rules ([`check_dims`]).
 pub fn pack_for_kernel(codes: ArrayView2<'_, u8>, grid: &QuantGrid) -> Result<PackedWeight> {
     let (n, k) = codes.dim();
     let gs = grid.group_size;
     check_dims(n, k, gs)?;
-    if grid.maxq > 15 {
+    if grid.maxq > 255 {
         return Err(ForgeError::Config(format!(
-            "the W4A16 kernel packs codes of at most 4 bits; this grid has maxq {}",
+            "the W4A16 kernel packs codes of at most 8 bits; this grid has maxq {}",
             grid.maxq
         )));
     }
+    let bits: u32 = if grid.maxq <= 15 { 4 } else { 8 };
     let n_groups = k.div_ceil(gs);
     if grid.dim() != (n, n_groups) {
         return Err(ForgeError::Shape(format!(
@@ -73,7 +92,8 @@ pub fn pack_for_kernel(codes: ArrayView2<'_, u8>, grid: &QuantGrid) -> Result<Pa
     let k_pad = k.div_ceil(PACK_K_ALIGN as usize) * PACK_K_ALIGN as usize;
     let g_pad = k_pad.div_ceil(gs);
     let kt_total = k_pad / PACK_TILE_K as usize;
-    let row_words = kt_total * TILE_WORDS; // one 64-column strip
+    let tw = tile_words(bits);
+    let row_words = kt_total * tw; // one 64-column strip
     let mut words = vec![0u32; (n_pad / PACK_TILE_N as usize) * row_words];
     let zero_of = |r: usize, c: usize| -> u32 {
         let g = c / gs;
@@ -92,8 +112,14 @@ pub fn pack_for_kernel(codes: ArrayView2<'_, u8>, grid: &QuantGrid) -> Result<Pa
             for c in 0..k_pad {
                 let q = if c < k { codes[[r, c]] as u32 } else { zero_of(r, c) };
                 let (kt, kk) = (c / PACK_TILE_K as usize, c % PACK_TILE_K as usize);
-                let (w, nib) = tile_slot(kk, nn);
-                strip[kt * TILE_WORDS + w] |= q << (4 * nib);
+                let (w, shift) = if bits == 8 {
+                    let (w, byte) = tile_slot8(kk, nn);
+                    (w, 8 * byte)
+                } else {
+                    let (w, nib) = tile_slot(kk, nn);
+                    (w, 4 * nib)
+                };
+                strip[kt * tw + w] |= q << shift;
             }
         }
     });
@@ -104,7 +130,7 @@ pub fn pack_for_kernel(codes: ArrayView2<'_, u8>, grid: &QuantGrid) -> Result<Pa
         }
     }
     Ok(PackedWeight {
-        dims: PackedDims { n, k, n_pad, k_pad, group_size: gs, g_pad },
+        dims: PackedDims { n, k, n_pad, k_pad, group_size: gs, g_pad, bits },
         codes: words,
         records,
         finite_bf16,
@@ -117,15 +143,25 @@ pub fn pack_for_kernel(codes: ArrayView2<'_, u8>, grid: &QuantGrid) -> Result<Pa
 pub fn unpack_for_kernel(p: &PackedWeight) -> Result<(Array2<u8>, Vec<u32>)> {
     let n_groups = p.dims.k.div_ceil(p.dims.group_size);
     let kt_total = p.dims.k_pad / PACK_TILE_K as usize;
-    let expect_words = (p.dims.n_pad / PACK_TILE_N as usize) * kt_total * TILE_WORDS;
+    if p.dims.bits != 4 && p.dims.bits != 8 {
+        return Err(ForgeError::Shape(format!("packed codes of {} bits (4 or 8 expected)", p.dims.bits)));
+    }
+    let tw = tile_words(p.dims.bits);
+    let expect_words = (p.dims.n_pad / PACK_TILE_N as usize) * kt_total * tw;
     if p.codes.len() != expect_words || p.records.len() != p.dims.g_pad * p.dims.n_pad || p.dims.g_pad < n_groups {
         return Err(ForgeError::Shape("packed weight buffers do not match its dimensions".into()));
     }
     let codes = Array2::from_shape_fn((p.dims.n, p.dims.k), |(r, c)| {
         let (nt, nn) = (r / PACK_TILE_N as usize, r % PACK_TILE_N as usize);
         let (kt, kk) = (c / PACK_TILE_K as usize, c % PACK_TILE_K as usize);
-        let (w, nib) = tile_slot(kk, nn);
-        ((p.codes[(nt * kt_total + kt) * TILE_WORDS + w] >> (4 * nib)) & 0xf) as u8
+        let tile = (nt * kt_total + kt) * tw;
+        if p.dims.bits == 8 {
+            let (w, byte) = tile_slot8(kk, nn);
+            (p.codes[tile + w] >> (8 * byte)) as u8
+        } else {
+            let (w, nib) = tile_slot(kk, nn);
+            ((p.codes[tile + w] >> (4 * nib)) & 0xf) as u8
+        }
     });
     let mut recs = Vec::with_capacity(p.dims.n * n_groups);
     for r in 0..p.dims.n {
@@ -220,6 +256,44 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&s| s));
+    }
+
+    /// `tile_slot8` is a bijection onto the 256 words × 4 bytes of an 8-bit tile.
+    #[test]
+    fn tile_slot8_is_a_bijection() {
+        let mut seen = vec![false; 2 * TILE_WORDS * 4];
+        for kk in 0..16 {
+            for nn in 0..64 {
+                let (w, byte) = tile_slot8(kk, nn);
+                assert!(!seen[w * 4 + byte], "({kk}, {nn}) collides");
+                seen[w * 4 + byte] = true;
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
+    }
+
+    /// The 8-bit kernels' reading, written out from the mma.m16n8k16 A fragment (PTX ISA:
+    /// lane `4g + t` holds `a0, a1` at row `g`, `k` `2t, 2t+1`; `a2, a3` at row `g + 8`; `a4,
+    /// a5` at row `g`, `k` `2t+8, 2t+9`; `a6, a7` at row `g + 8`): lane `l` loads the 16 bytes
+    /// at `l·16` of half `h`; `half_tile_mma8` takes words `2u` and `2u + 1` as mma rows `g`
+    /// and `g + 8`, columns `16(2h + u) + g (+8)` of the tile, each word's bytes 0–1 at `k`
+    /// `2t, 2t+1` and 2–3 at `2t+8, 2t+9`.
+    #[test]
+    fn tile_slot8_matches_the_fragment_the_kernel_reads() {
+        for lane in 0..32 {
+            let (g, t) = (lane / 4, lane % 4);
+            for h in 0..2 {
+                for u in 0..2 {
+                    for row8 in 0..2 {
+                        for (byte, kk) in [(0, 2 * t), (1, 2 * t + 1), (2, 2 * t + 8), (3, 2 * t + 9)] {
+                            let nn = 16 * (2 * h + u) + 8 * row8 + g;
+                            let word = h * TILE_WORDS + lane * 4 + 2 * u + row8;
+                            assert_eq!(tile_slot8(kk, nn), (word, byte), "lane {lane}, half {h}, u {u}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The kernel reads pair `j` of word `i` of lane `l` as the B fragment of n8-tile

@@ -67,6 +67,8 @@ use forge_kernel_abi::{
     W4a16SkinnySm90GroupedF16T1, W4a16SkinnySm90GroupedF16T2, W4a16SkinnySm90GroupedF16T8, W4a16WgBf16T1,
     W4a16WgBf16T16, W4a16WgBf16T2, W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16, W4a16WgF16T2,
     W4a16WgF16T4, W4a16WgF16T8, W4a16WgGroupedBf16T16, W4a16WgGroupedBf16T8, W4a16WgGroupedF16T16, W4a16WgGroupedF16T8,
+    W8DequantBf16, W8DequantF16, W8a16SkinnyBf16T1, W8a16SkinnyBf16T2, W8a16SkinnyBf16T4, W8a16SkinnyBf16T8,
+    W8a16SkinnyF16T1, W8a16SkinnyF16T2, W8a16SkinnyF16T4, W8a16SkinnyF16T8,
 };
 use ndarray::{Array2, ArrayView2};
 
@@ -87,7 +89,8 @@ impl DevicePackedWeight {
     pub fn upload(dev: &GpuDevice, p: &PackedWeight) -> Result<Self> {
         check_dims(p.dims.n, p.dims.k, p.dims.group_size)?;
         let tiles = (p.dims.n_pad / 64) * (p.dims.k_pad / 16);
-        if p.codes.len() != tiles * 128
+        if (p.dims.bits != 4 && p.dims.bits != 8)
+            || p.codes.len() != tiles * super::cpu::tile_words(p.dims.bits)
             || p.records.len() != p.dims.g_pad * p.dims.n_pad
             || p.dims.g_pad != p.dims.k_pad.div_ceil(p.dims.group_size)
         {
@@ -215,6 +218,12 @@ pub enum FusedKernel {
         /// 8-token fragments (1, 2, 4, 8 or 16).
         tf: u32,
     },
+    /// `w8a16_skinny_*`: the skinny kernel on 8-bit packed codes (5–8-bit grids; sm_80
+    /// module, one 64-column tile per block), the only fused kernel for them, at any `M`.
+    SkinnyW8 {
+        /// 8-token fragments (1, 2, 4 or 8).
+        tf: u32,
+    },
     /// `w4a16_skinny_sm90_*`: the skinny kernel built in the Hopper module (same code and
     /// block shape, or blocks of 16 warps at `tf` 1; may overlap the previous kernel).
     SkinnySm90 {
@@ -276,8 +285,16 @@ pub struct W4a16Workspace {
 /// that maps a plan to a kernel, for looking it up and for launching it.
 macro_rules! with_fused_kernel {
     ($dtype:expr, $kernel:expr, $grouped:expr, $then:ident, $no_grouped:expr) => {{
-        use FusedKernel::{Skinny, SkinnySm90, Tiled, Wgmma};
+        use FusedKernel::{Skinny, SkinnySm90, SkinnyW8, Tiled, Wgmma};
         match ($dtype, $kernel, $grouped) {
+            (ActDtype::Bf16, SkinnyW8 { tf: 1 }, false) => $then!(W8a16SkinnyBf16T1),
+            (ActDtype::Bf16, SkinnyW8 { tf: 2 }, false) => $then!(W8a16SkinnyBf16T2),
+            (ActDtype::Bf16, SkinnyW8 { tf: 4 }, false) => $then!(W8a16SkinnyBf16T4),
+            (ActDtype::Bf16, SkinnyW8 { .. }, false) => $then!(W8a16SkinnyBf16T8),
+            (ActDtype::F16, SkinnyW8 { tf: 1 }, false) => $then!(W8a16SkinnyF16T1),
+            (ActDtype::F16, SkinnyW8 { tf: 2 }, false) => $then!(W8a16SkinnyF16T2),
+            (ActDtype::F16, SkinnyW8 { tf: 4 }, false) => $then!(W8a16SkinnyF16T4),
+            (ActDtype::F16, SkinnyW8 { .. }, false) => $then!(W8a16SkinnyF16T8),
             (ActDtype::Bf16, Skinny { tf: 1 }, false) => $then!(W4a16SkinnyBf16T1),
             (ActDtype::Bf16, Skinny { tf: 2 }, false) => $then!(W4a16SkinnyBf16T2),
             (ActDtype::Bf16, Skinny { tf: 4 }, false) => $then!(W4a16SkinnyBf16T4),
@@ -336,7 +353,7 @@ macro_rules! with_fused_kernel {
             (ActDtype::Bf16, Wgmma { tf: 16 }, true) => $then!(W4a16WgGroupedBf16T16),
             (ActDtype::F16, Wgmma { tf: 8 }, true) => $then!(W4a16WgGroupedF16T8),
             (ActDtype::F16, Wgmma { tf: 16 }, true) => $then!(W4a16WgGroupedF16T16),
-            (_, Tiled { .. } | Wgmma { .. }, true) => $no_grouped,
+            (_, Tiled { .. } | Wgmma { .. } | SkinnyW8 { .. }, true) => $no_grouped,
         }
     }};
 }
@@ -444,15 +461,24 @@ pub(crate) fn plan_layer(
     // 4096×14336 at M = 64 took 45 and 43 µs against the skinny kernel's 64 and 59; on
     // layers of 2^24 weights or fewer it tied or lost by up to 18 %); above 64 rows it beat
     // the tiled kernel on every bench shape.
+    // 8-bit codes have one fused kernel, the skinny one, at any M (row blocks of up to 64).
+    let w8 = w.bits == 8;
+    if w8 && grouped.is_some() {
+        return Err(ForgeError::Config(
+            "W4A16 grouped (mixture-of-experts) launch: experts of 8-bit packed codes (5–8-bit grids) are not supported;              launch them one by one"
+                .into(),
+        ));
+    }
     let weights_read = grouped.map_or(w.n as u64 * w.k as u64, |g| g.weights_read);
     let large = weights_read >= opts.hopper_min_weights;
     let sm_count = dev.sm_count()?;
     let sms = sm_count as u64;
-    let hopper = match grouped {
-        Some(g) => g.wgmma_tasks > 0 && m > 32 && m >= opts.hopper_min_m && dev.is_hopper(),
-        None => m >= opts.hopper_min_m && (m > 64 || large) && !gemm && dev.is_hopper(),
-    };
-    let skinny = !hopper && (grouped.is_some() || m <= opts.skinny_max_m.min(64));
+    let hopper = !w8
+        && match grouped {
+            Some(g) => g.wgmma_tasks > 0 && m > 32 && m >= opts.hopper_min_m && dev.is_hopper(),
+            None => m >= opts.hopper_min_m && (m > 64 || large) && !gemm && dev.is_hopper(),
+        };
+    let skinny = !hopper && (grouped.is_some() || w8 || m <= opts.skinny_max_m.min(64));
     let (kernel, rows_per_block, cols_per_block, k_unit, shared_bytes, threads) = if hopper {
         // Above 64 rows on large layers, blocks of 128 rows dequantize the weight once for
         // twice the tokens of two 64-row blocks (H200, M = 256: 14336×4096 102 µs against
@@ -475,7 +501,9 @@ pub(crate) fn plan_layer(
         // where its code ran 5–10 % slower than the sm_80 module's on the large bench layers
         // (H200, M = 32: 14336×4096 26.9 µs against 24.5); at tf 8 it ran 8–14 % faster.
         let narrow = W4a16SkinnyShape::for_tf(tf);
-        let (kernel, shape) = if opts.hopper_skinny && tf != 4 && dev.is_hopper() {
+        let (kernel, shape) = if w8 {
+            (FusedKernel::SkinnyW8 { tf }, W4a16SkinnyShape::w8(tf))
+        } else if opts.hopper_skinny && tf != 4 && dev.is_hopper() {
             // Blocks of 16 warps (one per SM, 1–8 rows, no split-K) where a large layer has
             // more 8-warp tiles than a third of the 8-warp blocks' slots (two per SM) and at
             // most one per SM: there those took two splits, leaving as many slots idle, and
@@ -813,11 +841,11 @@ fn dequant_rows(
     if rows == 0 {
         return Ok(());
     }
-    // Codes are whole 64-row tiles of `k_pad/16` steps of 128 words; records `[group][n_pad]`,
+    // Codes are whole 64-row tiles of `k_pad/16` steps of 128 words (256 at 8 bits); records `[group][n_pad]`,
     // so a row range starts `n0` records in with the same row stride (n_pad).
     let args = W4DequantArgs {
         w: forge_kernel_abi::DevPtr::from_addr(
-            w.codes.dev_ptr().addr() + 4 * ((n0 / 64) * (d.k_pad / 16) * 128) as u64,
+            w.codes.dev_ptr().addr() + 4 * ((n0 / 64) * (d.k_pad / 16) * super::cpu::tile_words(d.bits)) as u64,
         ),
         meta: forge_kernel_abi::DevPtr::from_addr(w.records.dev_ptr().addr() + 4 * n0 as u64),
         wd: dense.dev_ptr_mut(),
@@ -841,9 +869,11 @@ fn dequant_rows(
     // above) with the records' row stride n_pad; wd rows·k values (checked above); one block
     // per 64×128 tile of those rows, which writes only rows < `rows`.
     unsafe {
-        match dtype {
-            ActDtype::Bf16 => dev.launch::<W4DequantBf16>(cfg, &args),
-            ActDtype::F16 => dev.launch::<W4DequantF16>(cfg, &args),
+        match (dtype, d.bits == 8) {
+            (ActDtype::Bf16, false) => dev.launch::<W4DequantBf16>(cfg, &args),
+            (ActDtype::F16, false) => dev.launch::<W4DequantF16>(cfg, &args),
+            (ActDtype::Bf16, true) => dev.launch::<W8DequantBf16>(cfg, &args),
+            (ActDtype::F16, true) => dev.launch::<W8DequantF16>(cfg, &args),
         }
     }
 }

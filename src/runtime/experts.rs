@@ -442,6 +442,12 @@ impl DeviceExperts {
         };
         let d = first.dims;
         check_dims(d.n, d.k, d.group_size)?;
+        if d.bits != 4 {
+            return Err(ForgeError::Config(format!(
+                "grouped W4A16 launch: expert 0 has {}-bit packed codes (a 5–8-bit grid); the grouped kernels take 4-bit ones",
+                d.bits
+            )));
+        }
         let codes_per_expert = (d.n_pad / 64) * (d.k_pad / 16) * 128;
         let records_per_expert = d.g_pad * d.n_pad;
         for (e, p) in experts.iter().enumerate() {
@@ -520,7 +526,10 @@ pub fn w4a16_grouped_plan(
 /// The block height of a grouped plan (the task table it runs).
 fn plan_rows(plan: &W4a16Plan) -> usize {
     match plan.kernel {
-        FusedKernel::Skinny { tf } | FusedKernel::SkinnySm90 { tf, .. } | FusedKernel::Wgmma { tf } => 8 * tf as usize,
+        FusedKernel::Skinny { tf }
+        | FusedKernel::SkinnySm90 { tf, .. }
+        | FusedKernel::Wgmma { tf }
+        | FusedKernel::SkinnyW8 { tf } => 8 * tf as usize,
         FusedKernel::Tiled { mb } => 16 * mb as usize,
     }
 }

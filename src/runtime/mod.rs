@@ -112,6 +112,8 @@ pub struct PackedDims {
     pub group_size: usize,
     /// Groups of the packed records, `⌈k_pad / group_size⌉`.
     pub g_pad: usize,
+    /// Bits per packed code: 4 (grids of 2–4 bits) or 8 (5–8 bits; the `w8a16` kernels).
+    pub bits: u32,
 }
 
 /// A weight packed for the W4A16 kernel (see docs/formats.md, "W4A16 kernel layout").
@@ -119,7 +121,8 @@ pub struct PackedDims {
 pub struct PackedWeight {
     /// Its dimensions.
     pub dims: PackedDims,
-    /// `16 × 64` code tiles, 128 words each, tile `(nt, kt)` at `(nt·k_pad/16 + kt)·128`.
+    /// `16 × 64` code tiles, 128 words each (256 at 8 bits), tile `(nt, kt)` at
+    /// `(nt·k_pad/16 + kt)·128` (`·256`).
     pub codes: Vec<u32>,
     /// Raw qmeta4 records `[g_pad][n_pad]` (little-endian u32).
     pub records: Vec<u32>,

@@ -456,6 +456,15 @@ kernels! {
     W4a16SkinnyF16T2 = "w4a16_skinny_f16_t2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
     W4a16SkinnyF16T4 = "w4a16_skinny_f16_t4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
     W4a16SkinnyF16T8 = "w4a16_skinny_f16_t8" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    // The skinny kernels on 8-bit packed codes (5–8-bit grids): one 64-column tile per block.
+    W8a16SkinnyBf16T1 = "w8a16_skinny_bf16_t1" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W8a16SkinnyBf16T2 = "w8a16_skinny_bf16_t2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W8a16SkinnyBf16T4 = "w8a16_skinny_bf16_t4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W8a16SkinnyBf16T8 = "w8a16_skinny_bf16_t8" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W8a16SkinnyF16T1 = "w8a16_skinny_f16_t1" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W8a16SkinnyF16T2 = "w8a16_skinny_f16_t2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W8a16SkinnyF16T4 = "w8a16_skinny_f16_t4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W8a16SkinnyF16T8 = "w8a16_skinny_f16_t8" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
     // The same kernels for grouped (mixture-of-experts) launches: row block t is task t.
     W4a16SkinnyGroupedBf16T1 = "w4a16_skinny_grouped_bf16_t1" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
     W4a16SkinnyGroupedBf16T2 = "w4a16_skinny_grouped_bf16_t2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
@@ -509,6 +518,8 @@ kernels! {
     W4a16SkinnySm90GroupedF16T8 = "w4a16_skinny_sm90_grouped_f16_t8" (runtime::W4a16Args) in Hopper bounds(runtime::W4A16_THREADS, 1);
     W4DequantBf16 = "w4_dequant_bf16" (runtime::W4DequantArgs);
     W4DequantF16 = "w4_dequant_f16" (runtime::W4DequantArgs);
+    W8DequantBf16 = "w8_dequant_bf16" (runtime::W4DequantArgs);
+    W8DequantF16 = "w8_dequant_f16" (runtime::W4DequantArgs);
     // The grouped launch's task table from device-side expert offsets (one block).
     ExpertTasksFromOffsets = "expert_tasks_from_offsets" (runtime::ExpertTasksArgs) bounds(runtime::EXPERT_TASKS_THREADS, 1);
     // A mixture-of-experts step from the router's top-k ids: rows sorted by expert (one

@@ -9,6 +9,12 @@
 //!   `2i + 1` for that lane, nibble `p` = `j + 4h` (`j` 0..4, `h` 0..2) at bits `4p..4p+4` being
 //!   n8-tile `2i + j/2`, column `8·(2i + j/2) + l/4`, row `k = 2·(l mod 4) + 8·(j mod 2) + h`;
 //!   so `(w >> 4j) & 0x000f000f` is one bf16x2 / f16x2 register pair of the fragment;
+//! * 8-bit codes (5–8-bit grids; the `w8a16_skinny_*` and `w8_dequant_*` kernels): tiles of
+//!   the same `16 × 64`, 1024 bytes each, tile `(nt, kt)` at word offset
+//!   `(nt·(k_pad/16) + kt)·256`, as two 512-byte halves. Lane `l = 4g + t` owns the 16 bytes
+//!   at `l·16` of each half: word `2u + c` of half `h` holds column `16i + 8c + g`,
+//!   `i = 2h + u`, at `k` `2t, 2t+1, 2t+8, 2t+9` (bytes 0–3), so bytes 0–1 and 2–3 are the
+//!   mma A fragment's register pairs of that column (`forge_numerics::codes8`);
 //! * records: raw qmeta4 `u32`s `[g_pad][n_pad]` (group-major, so a block's records of one
 //!   group are contiguous), `g_pad = ⌈k_pad / gs⌉`;
 //! * `n_pad` a multiple of [`PACK_N_ALIGN`], `k_pad` of [`PACK_K_ALIGN`]; padded codes and
@@ -22,6 +28,9 @@ pub const PACK_TILE_K: u32 = 16;
 pub const PACK_TILE_N: u32 = 64;
 /// Bytes of one packed 4-bit tile.
 pub const PACK_TILE_BYTES: u32 = PACK_TILE_K * PACK_TILE_N / 2;
+/// Bytes of one packed 8-bit tile: two 512-byte halves, each read like a 4-bit tile (lane `l`
+/// the 16 bytes at `l·16`).
+pub const PACK_TILE_BYTES_W8: u32 = 2 * PACK_TILE_BYTES;
 /// `n_pad` is a multiple of this (the widest block's columns).
 pub const PACK_N_ALIGN: u32 = 256;
 /// `k_pad` is a multiple of this (the longest stage's `k`).
@@ -200,6 +209,9 @@ pub struct W4a16SkinnyShape {
     pub steps: u32,
     /// Steps in each warp's `cp.async` ring (`depth − 1` in flight; 0: no ring).
     pub depth: u32,
+    /// Bits per packed code: 4, or 8 in the `w8a16_skinny_*` instances ([`PACK_TILE_BYTES_W8`]
+    /// tiles).
+    pub bits: u32,
 }
 
 impl W4a16SkinnyShape {
@@ -213,7 +225,15 @@ impl W4a16SkinnyShape {
             warps: SKINNY_WARPS,
             steps: 1,
             depth: SKINNY_DEPTH,
+            bits: 4,
         }
+    }
+
+    /// The 8-bit instance for `tf` fragments (`w8a16_skinny_*_t{tf}`, sm_80 module): one
+    /// 64-column tile per block (its step already streams the bytes of two 4-bit tiles), 8
+    /// warps, the same ring.
+    pub const fn w8(tf: u32) -> Self {
+        W4a16SkinnyShape { nt: 1, bits: 8, ..Self::for_tf(tf) }
     }
 
     /// The instance for `tf` fragments in blocks of 16 warps: the Hopper build's
@@ -229,7 +249,7 @@ impl W4a16SkinnyShape {
     /// shared memory holds only the scale table, then the warps' reduction over it at the
     /// block end. One block per SM (up to 168 registers).
     pub const fn deep(tf: u32) -> Self {
-        W4a16SkinnyShape { tf, nt: 1, warps: 12, steps: 2, depth: 0 }
+        W4a16SkinnyShape { tf, nt: 1, warps: 12, steps: 2, depth: 0, bits: 4 }
     }
 
     /// Threads per block.
@@ -249,7 +269,7 @@ impl W4a16SkinnyShape {
 
     /// Bytes of one step's codes.
     pub const fn codes_bytes(&self) -> u32 {
-        self.nt * PACK_TILE_BYTES
+        self.nt * PACK_TILE_BYTES * self.bits / 4
     }
 
     /// Bytes of one step's `X` slice.
@@ -325,6 +345,15 @@ const _: () = {
             }
             nt += 1;
         }
+        tf *= 2;
+    }
+    let mut tf = 1;
+    while tf <= 8 {
+        let s = W4a16SkinnyShape::w8(tf);
+        // Two 16-byte copies per lane (the tile's halves), as a 4-bit step of two tiles.
+        assert!(s.codes_bytes() == 2 * 32 * 16 && s.n_block() * 4 <= 32 * 16 && s.x_bytes() / 16 <= 128);
+        assert!(s.steps == 1 && s.step_bytes().is_multiple_of(16) && s.table().is_multiple_of(16));
+        assert!(s.total() + 1024 <= 228 * 1024 && s.threads() == W4A16_THREADS);
         tf *= 2;
     }
     let mut tf = 1;
@@ -486,6 +515,10 @@ crate::kernel_args! {
     /// `w4a16_skinny_sm90_{bf16,f16}_t{1,2}_w12`, with shared memory `deep(tf).total()` and warp
     /// `q` streaming the steps `2·[q·S/P, (q+1)·S/P)`, `S = k_pad / 32`.
     ///
+    /// The 8-bit skinny kernels `w8a16_skinny_{bf16,f16}_t{1,2,4,8}` (sm_80 module) take the
+    /// same arguments for a packed weight of 8-bit tiles, with `col_blocks = n_pad / 64`,
+    /// shared memory `W4a16SkinnyShape::w8(tf).total()` and its `threads()`.
+    ///
     /// The Hopper kernels `w4a16_wg_{bf16,f16}_t{1,2,4,8,16}` (module `sm_90a`, blocks of
     /// [`WG_THREADS`]) take them with row blocks of `8·tf`, `col_blocks = n_pad / 256`,
     /// shared memory `W4a16WgShape { tf }.total()`, and split `p` the 64-deep stages
@@ -565,7 +598,8 @@ crate::kernel_args! {
     /// rows `64·(b / (k_pad/128)) ..` × columns `128·(b mod (k_pad/128)) ..` (rows `< n`).
     /// Safety: `w`/`meta` a packed weight as for [`W4a16Args`], `k % 8 == 0`, or the rows of
     /// one from a whole 64-row tile on (`w` at that tile, `meta` at its first column, `n_pad`
-    /// the full weight's record row stride); `wd` `n·k` 16-bit values.
+    /// the full weight's record row stride); `wd` `n·k` 16-bit values. `w8_dequant_{bf16,f16}`
+    /// take the same for a packed weight of 8-bit tiles.
     pub struct W4DequantArgs in runtime => w4_dequant_kernel {
         /// Packed codes.
         pub w: forge_kernel_abi::DevPtr<u32>,

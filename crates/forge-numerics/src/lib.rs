@@ -9,6 +9,7 @@
 #![cfg_attr(target_arch = "nvptx64", feature(asm_experimental_arch))]
 #![deny(missing_docs)]
 
+pub mod codes8;
 pub mod dtype;
 pub mod loss;
 pub mod qmeta;

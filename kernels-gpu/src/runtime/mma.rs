@@ -17,6 +17,19 @@ pub fn and_or(a: u32, b: u32, c: u32) -> u32 {
     d
 }
 
+/// `prmt.b32 d, a, b, sel`: the bytes of `b:a` that `sel` picks
+/// ([`forge_numerics::codes8::byte_perm`] is its host model).
+#[inline(always)]
+pub fn prmt(a: u32, b: u32, sel: u32) -> u32 {
+    let d: u32;
+    // SAFETY: register-only.
+    unsafe {
+        asm!("prmt.b32 {d}, {a}, {b}, {s};", d = out(reg32) d, a = in(reg32) a, b = in(reg32) b, s = in(reg32) sel,
+             options(pure, nomem, nostack))
+    };
+    d
+}
+
 /// `ldmatrix.sync.aligned.m8n8.x4.shared.b16`: four 8×8 16-bit matrices, lane `8i + r` giving
 /// the address of row `r` of matrix `i`; register `i` of each lane holds its part of matrix `i`.
 ///
@@ -174,7 +187,10 @@ pub trait Half: Copy {
     /// `table` holds the 256 entries.
     #[inline(always)]
     unsafe fn decode_record_shared(rec: u32, table: u32) -> u64 {
-        Self::pair_record(rec, Self::scale_bits_with(rec as u16 as i16, |j| crate::device::ld_shared_u16(table + 2 * j as u32)))
+        Self::pair_record(
+            rec,
+            Self::scale_bits_with(rec as u16 as i16, |j| crate::device::ld_shared_u16(table + 2 * j as u32)),
+        )
     }
 
     /// The decoded record from the record and its scale's bits.
@@ -183,6 +199,32 @@ pub trait Half: Copy {
         let s = s as u32;
         let nz = (Self::MAGIC + ((rec >> 16) & 0xff)) | 0x8000;
         ((s | (s << 16)) as u64) | (((nz | (nz << 16)) as u64) << 32)
+    }
+
+    /// A record as the 8-bit kernels keep it: low word the scale in both halves, high word
+    /// the type's route constant for zero points up to 255 ([`forge_numerics::codes8`]).
+    fn pair_record8(rec: u32, s: u16) -> u64;
+
+    /// `(q − z)` pairs, exact, of a word of four code bytes (bytes 0–1, then 2–3), from the
+    /// high word `nz` of [`Half::pair_record8`].
+    fn centered_pairs8(w: u32, nz: u32) -> [u32; 2];
+
+    /// [`Half::decode_record`] for 8-bit codes.
+    #[inline(always)]
+    fn decode_record8(rec: u32) -> u64 {
+        Self::pair_record8(rec, Self::scale_bits(rec as u16 as i16))
+    }
+
+    /// [`Half::decode_record_shared`] for 8-bit codes.
+    ///
+    /// # Safety
+    /// As [`Half::decode_record_shared`].
+    #[inline(always)]
+    unsafe fn decode_record8_shared(rec: u32, table: u32) -> u64 {
+        Self::pair_record8(
+            rec,
+            Self::scale_bits_with(rec as u16 as i16, |j| crate::device::ld_shared_u16(table + 2 * j as u32)),
+        )
     }
 }
 
@@ -195,6 +237,8 @@ pub trait Half: Copy {
 pub unsafe fn store_scale_entry<T: Half>(table: u32, tid: u32) {
     crate::device::st_shared_u16(table + 2 * tid, T::frac_table()[tid as usize % 256]);
 }
+
+use forge_numerics::codes8;
 
 static FRAC_BF16: [u16; 256] = forge_numerics::STORED_FRAC_BF16;
 static FRAC_F16: [u16; 256] = forge_numerics::STORED_FRAC_F16;
@@ -210,6 +254,21 @@ impl Half for Bf16 {
     const MAGIC2: u32 = 0x4300_4300;
     const MAGIC: u32 = 0x4300;
     const ONE2: u32 = 0x3f80_3f80;
+
+    #[inline(always)]
+    fn pair_record8(rec: u32, s: u16) -> u64 {
+        let s = s as u32;
+        ((s | (s << 16)) as u64) | ((codes8::bf16_route_neg_zero((rec >> 16) & 0xff) as u64) << 32)
+    }
+
+    /// Through f32: `2^23 + q` by a permute, `+ (−(2^23 + z))` exact, the upper halves.
+    #[inline(always)]
+    fn centered_pairs8(w: u32, nz: u32) -> [u32; 2] {
+        let f = |b: usize| {
+            (f32::from_bits(prmt(w, codes8::F32_MAGIC, codes8::F32_BYTE_SEL[b])) + f32::from_bits(nz)).to_bits()
+        };
+        [prmt(f(0), f(1), codes8::HIGH_HALVES_SEL), prmt(f(2), f(3), codes8::HIGH_HALVES_SEL)]
+    }
 
     #[inline(always)]
     fn scale_bits(q88: i16) -> u16 {
@@ -262,6 +321,22 @@ impl Half for F16 {
     const MAGIC2: u32 = 0x6400_6400;
     const MAGIC: u32 = 0x6400;
     const ONE2: u32 = 0x3c00_3c00;
+
+    /// The 4-bit record: `1024 + z` is exact in f16 up to `z = 1023`.
+    #[inline(always)]
+    fn pair_record8(rec: u32, s: u16) -> u64 {
+        Self::pair_record(rec, s)
+    }
+
+    /// `(1024 + q)` pairs by a permute, then `x·1 + (−(1024 + z))`, exact.
+    #[inline(always)]
+    fn centered_pairs8(w: u32, nz: u32) -> [u32; 2] {
+        let x = [
+            prmt(w, codes8::F16_MAGIC2, codes8::F16_PAIR_SEL[0]),
+            prmt(w, codes8::F16_MAGIC2, codes8::F16_PAIR_SEL[1]),
+        ];
+        [Self::fma2(x[0], Self::ONE2, nz), Self::fma2(x[1], Self::ONE2, nz)]
+    }
 
     #[inline(always)]
     fn scale_bits(q88: i16) -> u16 {
@@ -317,7 +392,6 @@ impl Half for F16 {
 /// Returns `[tile 2i b0, tile 2i b1, tile 2i+1 b0, tile 2i+1 b1]`.
 #[inline(always)]
 pub fn dequant_word<T: Half>(w: u32, sz0: u64, sz1: u64) -> [u32; 4] {
-    const NEG_ZERO2: u32 = 0x8000_8000;
     let (s0, nz0) = (sz0 as u32, (sz0 >> 32) as u32);
     let (s1, nz1) = (sz1 as u32, (sz1 >> 32) as u32);
     let x0 = and_or(w, 0x000f_000f, T::MAGIC2);
@@ -333,3 +407,15 @@ pub fn dequant_word<T: Half>(w: u32, sz0: u64, sz1: u64) -> [u32; 4] {
         T::fma2(T::fma2(x3, T::ONE2, nz1), s1, NEG_ZERO2),
     ]
 }
+
+/// One word of an 8-bit tile (four codes of one column: `k` `2t, 2t+1` in bytes 0–1, `2t+8,
+/// 2t+9` in bytes 2–3), dequantized with its decoded record `sz` ([`Half::pair_record8`]):
+/// the exact `(q − z)` pairs, then `·scale` with one rounding, as [`dequant_word`].
+#[inline(always)]
+pub fn dequant_word8<T: Half>(w: u32, sz: u64) -> [u32; 2] {
+    let d = T::centered_pairs8(w, (sz >> 32) as u32);
+    [T::fma2(d[0], sz as u32, NEG_ZERO2), T::fma2(d[1], sz as u32, NEG_ZERO2)]
+}
+
+/// `(−0, −0)`: the addend of a packed multiply by FMA that keeps the sign of a zero product.
+const NEG_ZERO2: u32 = 0x8000_8000;

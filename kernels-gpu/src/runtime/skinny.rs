@@ -38,8 +38,8 @@
 //! As documented on [`forge_kernel_abi::runtime::W4a16Args`].
 
 use super::mma::{
-    cp_async_16, cp_async_16_zfill, cp_async_16_zfill_ca, store_scale_entry, ld_stream_u32, ld_stream_u32x4,
-    ld_u32_or_zero, Half,
+    cp_async_16, cp_async_16_zfill, cp_async_16_zfill_ca, ld_stream_u32, ld_stream_u32x4, ld_u32_or_zero,
+    store_scale_entry, Half,
 };
 use super::skinny_math::{block_end, decode_group, decode_records, step_mma, warp_steps, words_mma};
 use super::{allow_dependent_grids, block_place, task_view, wait_for_prior_grids, GroupCursor};
@@ -50,10 +50,15 @@ use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape, PACK_TILE_BYTES, PA
 
 /// Compile-time ring layout of the `(tf, nt)` instance, the same for any warp count (the
 /// block's layout, which depends on it, is `sh` in [`skinny`]).
-struct Cfg<const TF: usize, const NT: usize>;
+struct Cfg<const TF: usize, const NT: usize, const BITS: usize>;
 
-impl<const TF: usize, const NT: usize> Cfg<TF, NT> {
-    const SH: W4a16SkinnyShape = W4a16SkinnyShape { nt: NT as u32, warps: 1, ..W4a16SkinnyShape::for_tf(TF as u32) };
+impl<const TF: usize, const NT: usize, const BITS: usize> Cfg<TF, NT, BITS> {
+    const SH: W4a16SkinnyShape =
+        W4a16SkinnyShape { nt: NT as u32, warps: 1, bits: BITS as u32, ..W4a16SkinnyShape::for_tf(TF as u32) };
+    /// Bytes of one packed tile.
+    const TILE_BYTES: u32 = PACK_TILE_BYTES * BITS as u32 / 4;
+    /// A lane's 16-byte code copies per step: one per tile, or the two halves of an 8-bit one.
+    const CHUNKS: usize = if BITS == 8 { 2 } else { NT };
     const STEP: u32 = Self::SH.step_bytes();
     const X_OFF: u32 = Self::SH.codes_bytes();
     const REC_OFF: u32 = Self::SH.codes_bytes() + Self::SH.x_bytes();
@@ -77,14 +82,23 @@ struct Sources {
 
 impl Sources {
     #[inline(always)]
-    unsafe fn at<const TF: usize, const NT: usize>(a: &W4a16Args, s: u32, cb: u32, m0: u32, lane: u32) -> Self {
+    unsafe fn at<const TF: usize, const NT: usize, const BITS: usize>(
+        a: &W4a16Args,
+        s: u32,
+        cb: u32,
+        m0: u32,
+        lane: u32,
+    ) -> Self {
         let kt_total = a.k_pad as usize / 16;
         let w = a.w.ptr() as *const u8;
-        let tile = |j: u32| ((cb * NT as u32 + j.min(NT as u32 - 1)) as usize * kt_total + s as usize) * PACK_TILE_BYTES as usize;
+        let tile_bytes = Cfg::<TF, NT, BITS>::TILE_BYTES as usize;
+        let tile = |j: u32| ((cb * NT as u32 + j.min(NT as u32 - 1)) as usize * kt_total + s as usize) * tile_bytes;
+        // Code copy `c`: tile `c`, or half `c` of the one 8-bit tile.
+        let code_at = |c: u32| if BITS == 8 { tile(0) + c as usize * PACK_TILE_BYTES as usize } else { tile(c) };
         let x = a.x.ptr() as *const u8;
         let chunk = |c: u32| {
             let (tok, h) = (m0 + (c / 16) * 8 + c % 8, (c / 8) % 2);
-            let row = tok < a.m && c < Cfg::<TF, NT>::X_CHUNKS;
+            let row = tok < a.m && c < Cfg::<TF, NT, BITS>::X_CHUNKS;
             let p = if row { x.add((tok as usize * a.k as usize + (s * 16 + h * 8) as usize) * 2) } else { x };
             (p, row)
         };
@@ -93,7 +107,7 @@ impl Sources {
         let (x2, r2) = chunk(lane + 64);
         let (x3, r3) = chunk(lane + 96);
         Sources {
-            codes: [w.add(tile(0) + lane as usize * 16), w.add(tile(1) + lane as usize * 16)],
+            codes: [w.add(code_at(0) + lane as usize * 16), w.add(code_at(1) + lane as usize * 16)],
             x: [x0, x1, x2, x3],
             x_row: [r0, r1, r2, r3],
             kk: s * 16 + ((lane / 8) % 2) * 8,
@@ -103,7 +117,7 @@ impl Sources {
     /// Copies the next step into ring slot `slot` (see [`Sources::copy_weights`] and
     /// [`Sources::copy_x`]) as one `cp.async` group and moves on one step.
     #[inline(always)]
-    unsafe fn issue<const TF: usize, const NT: usize, const X_L1: bool>(
+    unsafe fn issue<const TF: usize, const NT: usize, const BITS: usize, const X_L1: bool>(
         &mut self,
         a: &W4a16Args,
         slot: u32,
@@ -111,25 +125,32 @@ impl Sources {
         lane: u32,
         group: Option<u32>,
     ) {
-        self.copy_weights::<TF, NT>(a, slot, cb, lane, group);
-        self.copy_x::<TF, NT, X_L1>(a, slot, lane);
+        self.copy_weights::<TF, NT, BITS>(a, slot, cb, lane, group);
+        self.copy_x::<TF, NT, BITS, X_L1>(a, slot, lane);
         cp_async_commit();
     }
 
     /// The next step's codes, and the raw records of `group` if set, into ring slot `slot`;
     /// moves the codes on one step.
     #[inline(always)]
-    unsafe fn copy_weights<const TF: usize, const NT: usize>(&mut self, a: &W4a16Args, slot: u32, cb: u32, lane: u32, group: Option<u32>) {
+    unsafe fn copy_weights<const TF: usize, const NT: usize, const BITS: usize>(
+        &mut self,
+        a: &W4a16Args,
+        slot: u32,
+        cb: u32,
+        lane: u32,
+        group: Option<u32>,
+    ) {
         unroll!(j < 2, {
-            if j < NT {
+            if j < Cfg::<TF, NT, BITS>::CHUNKS {
                 cp_async_16(slot + j as u32 * PACK_TILE_BYTES + lane * 16, self.codes[j]);
-                self.codes[j] = self.codes[j].add(PACK_TILE_BYTES as usize);
+                self.codes[j] = self.codes[j].add(Cfg::<TF, NT, BITS>::TILE_BYTES as usize);
             }
         });
         if let Some(g) = group {
-            if lane * 4 < Cfg::<TF, NT>::NB {
-                let rec = g as usize * a.n_pad as usize + (cb * Cfg::<TF, NT>::NB + lane * 4) as usize;
-                cp_async_16(slot + Cfg::<TF, NT>::REC_OFF + lane * 16, a.meta.ptr().add(rec) as *const u8);
+            if lane * 4 < Cfg::<TF, NT, BITS>::NB {
+                let rec = g as usize * a.n_pad as usize + (cb * Cfg::<TF, NT, BITS>::NB + lane * 4) as usize;
+                cp_async_16(slot + Cfg::<TF, NT, BITS>::REC_OFF + lane * 16, a.meta.ptr().add(rec) as *const u8);
             }
         }
     }
@@ -137,7 +158,7 @@ impl Sources {
     /// The next step's `X` chunks into ring slot `slot` (zero-filled past `K` or `M`; through
     /// L1 with `X_L1`, see [`instance!`]); moves `X` on one step.
     #[inline(always)]
-    unsafe fn copy_x<const TF: usize, const NT: usize, const X_L1: bool>(
+    unsafe fn copy_x<const TF: usize, const NT: usize, const BITS: usize, const X_L1: bool>(
         &mut self,
         a: &W4a16Args,
         slot: u32,
@@ -146,9 +167,10 @@ impl Sources {
         // Chunk lane + 32c has the same k half as chunk lane (32 is a multiple of 16).
         let in_k = self.kk < a.k;
         unroll!(c < 4, {
-            if (lane + 32 * c as u32) < Cfg::<TF, NT>::X_CHUNKS {
+            if (lane + 32 * c as u32) < Cfg::<TF, NT, BITS>::X_CHUNKS {
                 let valid = self.x_row[c] && in_k;
-                let (dst, n) = (slot + Cfg::<TF, NT>::X_OFF + (lane + 32 * c as u32) * 16, if valid { 16 } else { 0 });
+                let (dst, n) =
+                    (slot + Cfg::<TF, NT, BITS>::X_OFF + (lane + 32 * c as u32) * 16, if valid { 16 } else { 0 });
                 if X_L1 {
                     cp_async_16_zfill_ca(dst, self.x[c], n);
                 } else {
@@ -164,12 +186,12 @@ impl Sources {
 /// The `X` fragments of the step in ring slot `sb`: token `8f + g`, `k` `2t, 2t+1` (b0) and
 /// `2t+8, 2t+9` (b1); the 16-byte rows of the two 8×8 matrices put the 32 lanes on 32 banks.
 #[inline(always)]
-unsafe fn x_fragments<const TF: usize, const NT: usize>(sb: u32, lane: u32) -> [[u32; 2]; TF] {
+unsafe fn x_fragments<const TF: usize, const NT: usize, const BITS: usize>(sb: u32, lane: u32) -> [[u32; 2]; TF] {
     let (g, t) = (lane / 4, lane % 4);
     let mut xb = [[0u32; 2]; TF];
     unroll!(f < 8, {
         if f < TF {
-            let at = sb + Cfg::<TF, NT>::X_OFF + ((2 * f as u32) * 8 + g) * 16 + 4 * t;
+            let at = sb + Cfg::<TF, NT, BITS>::X_OFF + ((2 * f as u32) * 8 + g) * 16 + 4 * t;
             xb[f] = [ld_shared_u32(at), ld_shared_u32(at + 128)];
         }
     });
@@ -178,10 +200,19 @@ unsafe fn x_fragments<const TF: usize, const NT: usize>(sb: u32, lane: u32) -> [
 
 /// See the module docs.
 #[inline(always)]
-pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, const GROUPED: bool, const X_L1: bool>(
+pub unsafe fn skinny<
+    T: Half,
+    const TF: usize,
+    const NT: usize,
+    const W: usize,
+    const GROUPED: bool,
+    const X_L1: bool,
+    const BITS: usize,
+>(
     a: W4a16Args,
 ) {
-    let sh = W4a16SkinnyShape { nt: NT as u32, warps: W as u32, ..W4a16SkinnyShape::for_tf(TF as u32) };
+    let sh =
+        W4a16SkinnyShape { nt: NT as u32, warps: W as u32, bits: BITS as u32, ..W4a16SkinnyShape::for_tf(TF as u32) };
     let tid = thread_x();
     let (warp, lane) = (tid / 32, tid % 32);
     let (g, t) = (lane / 4, lane % 4);
@@ -195,7 +226,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
     if GROUPED && a.m == 0 {
         return;
     }
-    let m0 = mblk * Cfg::<TF, NT>::SH.m_block();
+    let m0 = mblk * Cfg::<TF, NT, BITS>::SH.m_block();
     let (s_begin, s_end) = warp_steps(a.k_pad, split, splits, warp, W as u32, 1);
     let gs = a.gs.max(16);
 
@@ -204,7 +235,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
     let first = GroupCursor::at(s_begin * 16, gs);
 
     let mut issue_cur = first;
-    let mut src = Sources::at::<TF, NT>(&a, s_begin, cb, m0, lane);
+    let mut src = Sources::at::<TF, NT, BITS>(&a, s_begin, cb, m0, lane);
     let mut s_issue = s_begin;
     let table = block_base + sh.table();
     if cfg!(feature = "hopper") && a.overlap != 0 {
@@ -214,7 +245,13 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
         // the groups it issues, then still find each step's group complete when it is read.
         while s_issue < s_begin + SKINNY_DEPTH - 1 && s_issue < s_end {
             let group = if s_issue == s_begin || issue_cur.r == 0 { Some(issue_cur.g) } else { None };
-            src.copy_weights::<TF, NT>(&a, ring + (s_issue - s_begin) * Cfg::<TF, NT>::STEP, cb, lane, group);
+            src.copy_weights::<TF, NT, BITS>(
+                &a,
+                ring + (s_issue - s_begin) * Cfg::<TF, NT, BITS>::STEP,
+                cb,
+                lane,
+                group,
+            );
             issue_cur.advance_within(16, gs);
             s_issue += 1;
         }
@@ -225,7 +262,7 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
         wait_for_prior_grids();
         let mut s_x = s_begin;
         while s_x < s_issue {
-            src.copy_x::<TF, NT, X_L1>(&a, ring + (s_x - s_begin) * Cfg::<TF, NT>::STEP, lane);
+            src.copy_x::<TF, NT, BITS, X_L1>(&a, ring + (s_x - s_begin) * Cfg::<TF, NT, BITS>::STEP, lane);
             s_x += 1;
         }
         cp_async_commit();
@@ -236,7 +273,13 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
         while s_issue < s_begin + SKINNY_DEPTH - 1 {
             if s_issue < s_end {
                 let group = if s_issue == s_begin || issue_cur.r == 0 { Some(issue_cur.g) } else { None };
-                src.issue::<TF, NT, X_L1>(&a, ring + (s_issue - s_begin) * Cfg::<TF, NT>::STEP, cb, lane, group);
+                src.issue::<TF, NT, BITS, X_L1>(
+                    &a,
+                    ring + (s_issue - s_begin) * Cfg::<TF, NT, BITS>::STEP,
+                    cb,
+                    lane,
+                    group,
+                );
                 issue_cur.advance_within(16, gs);
             } else {
                 cp_async_commit();
@@ -263,19 +306,19 @@ pub unsafe fn skinny<T: Half, const TF: usize, const NT: usize, const W: usize, 
         // The slot step s − 1 used is free (every lane passed the warp barrier above).
         if s_issue < s_end {
             let group = if issue_cur.r == 0 { Some(issue_cur.g) } else { None };
-            src.issue::<TF, NT, X_L1>(&a, ring + slot_issue * Cfg::<TF, NT>::STEP, cb, lane, group);
+            src.issue::<TF, NT, BITS, X_L1>(&a, ring + slot_issue * Cfg::<TF, NT, BITS>::STEP, cb, lane, group);
             issue_cur.advance_within(16, gs);
         } else {
             cp_async_commit();
         }
         s_issue += 1;
         slot_issue = if slot_issue + 1 == SKINNY_DEPTH { 0 } else { slot_issue + 1 };
-        let sb = ring + slot * Cfg::<TF, NT>::STEP;
+        let sb = ring + slot * Cfg::<TF, NT, BITS>::STEP;
         if s == s_begin || cur.r == 0 {
-            decode_group::<T, NT>(sb + Cfg::<TF, NT>::REC_OFF, table, lane, &mut rec);
+            decode_group::<T, NT, BITS>(sb + Cfg::<TF, NT, BITS>::REC_OFF, table, lane, &mut rec);
         }
-        let xb = x_fragments::<TF, NT>(sb, lane);
-        step_mma::<T, TF, NT>(sb + lane * 16, PACK_TILE_BYTES, &xb, &mut acc, &rec);
+        let xb = x_fragments::<TF, NT, BITS>(sb, lane);
+        step_mma::<T, TF, NT, BITS>(sb + lane * 16, PACK_TILE_BYTES, &xb, &mut acc, &rec);
         cur.advance_within(16, gs);
         slot = if slot + 1 == SKINNY_DEPTH { 0 } else { slot + 1 };
         s += 1;
@@ -472,7 +515,7 @@ macro_rules! instance {
         forge_kernel_abi::w4a16_kernel! {
             /// See the module docs.
             $marker => fn $name(args) {
-                skinny::<$t, $tf, { $shape.nt as usize }, { $shape.warps as usize }, $grouped, $x_l1>(args)
+                skinny::<$t, $tf, { $shape.nt as usize }, { $shape.warps as usize }, $grouped, $x_l1, { $shape.bits as usize }>(args)
             }
         }
     };
@@ -508,6 +551,21 @@ instances_if! { not(feature = "hopper");
     W4a16SkinnyGroupedF16T4, w4a16_skinny_grouped_f16_t4, F16, 4, true;
     W4a16SkinnyGroupedF16T8, w4a16_skinny_grouped_f16_t8, F16, 8, true;
 }
+// 8-bit codes (5–8-bit grids), sm_80 module only: one tile per block, any M by row blocks.
+macro_rules! w8_instance {
+    ($marker:ident, $name:ident, $t:ty, $tf:literal) => {
+        #[cfg(not(feature = "hopper"))]
+        instance!($marker, $name, $t, $tf, false, W4a16SkinnyShape::w8($tf), false);
+    };
+}
+w8_instance!(W8a16SkinnyBf16T1, w8a16_skinny_bf16_t1, Bf16, 1);
+w8_instance!(W8a16SkinnyBf16T2, w8a16_skinny_bf16_t2, Bf16, 2);
+w8_instance!(W8a16SkinnyBf16T4, w8a16_skinny_bf16_t4, Bf16, 4);
+w8_instance!(W8a16SkinnyBf16T8, w8a16_skinny_bf16_t8, Bf16, 8);
+w8_instance!(W8a16SkinnyF16T1, w8a16_skinny_f16_t1, F16, 1);
+w8_instance!(W8a16SkinnyF16T2, w8a16_skinny_f16_t2, F16, 2);
+w8_instance!(W8a16SkinnyF16T4, w8a16_skinny_f16_t4, F16, 4);
+w8_instance!(W8a16SkinnyF16T8, w8a16_skinny_f16_t8, F16, 8);
 instances_if! { feature = "hopper";
     W4a16SkinnySm90Bf16T1, w4a16_skinny_sm90_bf16_t1, Bf16, 1, false;
     W4a16SkinnySm90Bf16T2, w4a16_skinny_sm90_bf16_t2, Bf16, 2, false;

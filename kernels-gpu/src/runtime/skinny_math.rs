@@ -8,8 +8,8 @@
 //! `8f + 2t + 1`.
 
 use super::epilogue::{finish_split_k, store_pair};
+use super::mma::{dequant_word, dequant_word8, Half};
 use super::{cluster_arrive, cluster_wait, ld_cluster_f32x2};
-use super::mma::{dequant_word, Half};
 use crate::device::{ld_shared_f32x2, ld_shared_u32, ld_shared_u32x4, shfl_idx_f32, st_shared_u32, sync_threads};
 use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape};
 
@@ -22,13 +22,19 @@ use forge_kernel_abi::runtime::{W4a16Args, W4a16SkinnyShape};
 /// Every lane of the warp runs it; `recs` holds the `64·nt` raw records, `table` the scale
 /// table ([`Half::frac_table`]).
 #[inline(always)]
-pub unsafe fn decode_group<T: Half, const NT: usize>(recs: u32, table: u32, lane: u32, rec: &mut [u64; 16]) {
+pub unsafe fn decode_group<T: Half, const NT: usize, const BITS: usize>(
+    recs: u32,
+    table: u32,
+    lane: u32,
+    rec: &mut [u64; 16],
+) {
     let (g, t) = (lane / 4, lane % 4);
     let mut own = [0u64; 4];
     unroll!(q < 4, {
         if q < 2 * NT {
             let col = (4 * q as u32 + t) * 8 + g;
-            own[q] = T::decode_record_shared(ld_shared_u32(recs + col * 4), table);
+            let raw = ld_shared_u32(recs + col * 4);
+            own[q] = if BITS == 8 { T::decode_record8_shared(raw, table) } else { T::decode_record_shared(raw, table) };
         }
     });
     trade_records::<NT>(&own, lane, rec);
@@ -71,14 +77,14 @@ unsafe fn trade_records<const NT: usize>(own: &[u64; 4], lane: u32, rec: &mut [u
 }
 
 /// One 16-deep step: per packed word of the `nt` tiles (the lane's 16 bytes of tile `j` at
-/// `codes + j·tile_stride`), its dequantization and `tf` mma against the `X` fragments `xb`
-/// (token `8f + g`: `k` `2t, 2t+1` and `2t+8, 2t+9`).
+/// `codes + j·tile_stride`; at 8 bits, of the one tile's half `j`), its dequantization and
+/// `tf` mma against the `X` fragments `xb` (token `8f + g`: `k` `2t, 2t+1` and `2t+8, 2t+9`).
 ///
 /// # Safety
 /// Every lane of the warp runs it (`mma.sync`); the code addresses are 16-byte aligned shared
 /// memory.
 #[inline(always)]
-pub unsafe fn step_mma<T: Half, const TF: usize, const NT: usize>(
+pub unsafe fn step_mma<T: Half, const TF: usize, const NT: usize, const BITS: usize>(
     codes: u32,
     tile_stride: u32,
     xb: &[[u32; 2]; TF],
@@ -86,9 +92,39 @@ pub unsafe fn step_mma<T: Half, const TF: usize, const NT: usize>(
     rec: &[u64; 16],
 ) {
     unroll!(j < 2, {
-        if j < NT {
+        if BITS == 8 {
+            half_tile_mma8::<T, TF>(j, ld_shared_u32x4(codes + j as u32 * tile_stride), xb, acc, rec);
+        } else if j < NT {
             words_mma::<T, TF, NT>(j, ld_shared_u32x4(codes + j as u32 * tile_stride), xb, acc, rec);
         }
+    });
+}
+
+/// [`words_mma`] for half `h` of an 8-bit tile (one tile per warp): the lane's word `2u + c`
+/// is column `16i + 8c + g`, `i = 2h + u`, its bytes 0–1 the A fragment's pair at `k` `2t,
+/// 2t+1` and bytes 2–3 at `2t+8, 2t+9` (`forge_kernel_abi::runtime` docs).
+///
+/// # Safety
+/// Every lane of the warp runs it (`mma.sync`).
+#[inline(always)]
+pub unsafe fn half_tile_mma8<T: Half, const TF: usize>(
+    h: usize,
+    words: [u32; 4],
+    xb: &[[u32; 2]; TF],
+    acc: &mut [[[f32; 4]; TF]; 8],
+    rec: &[u64; 16],
+) {
+    unroll!(u < 2, {
+        let i = 2 * h + u;
+        // Rows g and g + 8 of the mma are columns 16i + g (rec[2i]) and 16i + 8 + g.
+        let lo = dequant_word8::<T>(words[2 * u], rec[2 * i]);
+        let hi = dequant_word8::<T>(words[2 * u + 1], rec[2 * i + 1]);
+        let afrag = [lo[0], hi[0], lo[1], hi[1]];
+        unroll!(f < 8, {
+            if f < TF {
+                T::mma(&mut acc[i][f], &afrag, xb[f][0], xb[f][1]);
+            }
+        });
     });
 }
 
