@@ -33,8 +33,14 @@
 //!   in slot order, so no tolerance is needed), 1–1024 experts; a bad id writes nothing and
 //!   is reported by token and slot; the whole step replays in a CUDA graph.
 //! * matmul, realistic: heavy-tailed weights quantized on a real grid (absmax and MSE,
-//!   symmetric and asymmetric), Gaussian activations with outlier columns; against the f64
-//!   reference with the bound derived in [`tolerance`].
+//!   symmetric and asymmetric; 4, 6 and 8 bits), Gaussian activations with outlier columns;
+//!   against the f64 reference with the bound derived in [`tolerance`].
+//! * 8-bit codes (5–8-bit grids, 8-bit tiles): packing round trips and bad input as above;
+//!   the dequantization bit for bit for every group size; exactly summable cases (`|q − z| ≤
+//!   255`, so smaller scales and activations keep every partial sum exact, see
+//!   [`exact_case`]) bit for bit on every path, fixed shapes, adversarial magnitudes and
+//!   codes, and a proptest up to 300 rows; every option set must reach the 8-bit kernel; the
+//!   grouped launch refuses 8-bit experts.
 
 mod common;
 
@@ -155,7 +161,8 @@ fn packing_rejects_what_the_kernel_cannot_run() {
 fn cpu_dequant_equals_an_independent_evaluation() {
     let mut rng = StdRng::seed_from_u64(3);
     for bits in [4, 8] {
-        let (codes, grid) = random_layer_bits(70, 200, 64, bits, &mut rng, |r| r.gen_range(-40 * 256..4 * 256) as i16);
+        let (codes, grid) =
+            random_layer_bits(70, 200, 64, bits, &mut rng, |r| r.gen_range(-40 * 256..(20 - bits as i32) * 256) as i16);
         let p = pack_for_kernel(codes.view(), &grid).unwrap();
         for dt in [ActDtype::Bf16, ActDtype::F16] {
             let w = dequant_for_kernel(&p, dt).unwrap();
