@@ -128,7 +128,7 @@ fn packing_rejects_what_the_kernel_cannot_run() {
         Err(ForgeError::Config(m)) => assert!(m.contains("at most 8 bits"), "{m}"),
         other => panic!("a 9-bit grid: {:?}", other.map(|p| p.dims)),
     }
-    // a zero point above maxq at 8 bits' width is fine; above a 6-bit grid's maxq it is not
+    // a zero point above a 6-bit grid's maxq (in range for the 8-bit tiles it packs into)
     let (c6, g6) = random_layer_bits(16, 64, 32, 6, &mut rng, |_| 0);
     let mut recs6: Vec<QMetaPacked> = g6.to_u32_vec().into_iter().map(QMetaPacked::from_u32).collect();
     recs6[5].qzero = 64;
@@ -698,7 +698,7 @@ fn w8_tf(m: usize) -> u32 {
 /// fused path under every kernel choice's options (8-bit codes have one fused kernel, which
 /// every option set must reach: `w8a16_skinny_*`, row blocks of up to 64 rows, never in
 /// clusters) with `splits`, and dequantization + cuBLAS (the 8-bit dequantization kernel)
-/// whole and in two-tile chunks where cuBLAS loads.
+/// whole and in two-tile chunks where cuBLAS loads, and the default plan.
 fn check_w8_paths(
     dev: &GpuDevice,
     x: &Array2<f32>,
@@ -717,7 +717,14 @@ fn check_w8_paths(
             assert_bits_equal(&got, want, &format!("8-bit {dt:?} m {m} {}×{} {plan:?}", p.dims.n, p.dims.k));
         }
     }
-    if fourbit_forge::device::cublas::cublas_available().is_ok() {
+    // The default plan: the fused kernel up to 64 rows, dequantization + cuBLAS above where
+    // cuBLAS loads (`w8_gemm_min_m`).
+    let cublas = fourbit_forge::device::cublas::cublas_available().is_ok();
+    let (got, plan) = w4a16_matmul_host(dev, x.view(), p, dt, &W4a16Options::default()).unwrap();
+    let want_path = if cublas && m > 64 { MatmulPath::DequantGemm } else { MatmulPath::Fused };
+    assert_eq!(plan.path, want_path, "8-bit default plan, m {m}: {plan:?}");
+    assert_bits_equal(&got, want, &format!("8-bit {dt:?} m {m} default plan {plan:?}"));
+    if cublas {
         for chunk_bytes in [0, 128 * p.dims.k * 2] {
             let opts =
                 W4a16Options { path: MatmulPath::DequantGemm, gemm_chunk_bytes: chunk_bytes, ..Default::default() };
@@ -971,9 +978,14 @@ fn gpu_grouped_matmul_rejects_mismatched_inputs() {
     // 8-bit packed experts: the grouped kernels are 4-bit only.
     let (c8, g8) = random_layer_bits(64, 256, 128, 8, &mut rng, |r| r.gen_range(-2560..-1024));
     let w8 = pack_for_kernel(c8.view(), &g8).unwrap();
-    match DeviceExperts::upload(&dev, &[w8.clone(), w8]) {
-        Err(ForgeError::Config(m)) => assert!(m.contains("8-bit packed codes"), "{m}"),
+    match DeviceExperts::upload(&dev, &[w8.clone(), w8.clone()]) {
+        Err(ForgeError::Config(m)) => assert!(m.contains("expert 0 has 8-bit packed codes"), "{m}"),
         other => panic!("8-bit experts: {:?}", other.err()),
+    }
+    let (c4, g4) = random_layer(64, 256, 128, &mut rng, |r| r.gen_range(-2560..-1024));
+    match DeviceExperts::upload(&dev, &[pack_for_kernel(c4.view(), &g4).unwrap(), w8]) {
+        Err(ForgeError::Config(m)) => assert!(m.contains("expert 1 has 8-bit packed codes"), "{m}"),
+        other => panic!("an 8-bit expert after a 4-bit one: {:?}", other.err()),
     }
     let experts = DeviceExperts::upload(&dev, &[a.clone(), a]).unwrap();
     let routing = ExpertRouting::new(&dev, &[0, 1, 2, 3]).unwrap();

@@ -132,6 +132,11 @@ pub struct W4a16Options {
     pub splits: Option<u32>,
     /// Rows from which [`MatmulPath::Auto`] takes the dequantization + cuBLAS path.
     pub gemm_min_m: usize,
+    /// The same for 8-bit packed weights (default 65: their only fused kernel, the skinny one,
+    /// streams the whole weight again for every 64-row block, where dequantization + cuBLAS
+    /// moves about 5 bytes per weight once; an estimate from that traffic, not yet measured:
+    /// the bench's 8-bit table times both).
+    pub w8_gemm_min_m: usize,
     /// Rows up to which the fused path runs the skinny kernel (0: never; at most 64).
     pub skinny_max_m: usize,
     /// Rows from which the fused path runs the Hopper `wgmma` kernel on a compute-capability
@@ -186,6 +191,7 @@ impl Default for W4a16Options {
             path: MatmulPath::Auto,
             splits: None,
             gemm_min_m: 512,
+            w8_gemm_min_m: 65,
             skinny_max_m: 64,
             hopper_min_m: 33,
             hopper_min_weights: 1 << 25,
@@ -449,11 +455,21 @@ pub(crate) fn plan_layer(
     if m == 0 || m > i32::MAX as usize {
         return Err(ForgeError::Shape(format!("W4A16: M = {m} rows is out of range")));
     }
+    // 8-bit codes have one fused kernel, the skinny one, at any M (row blocks of up to 64).
+    let w8 = w.bits == 8;
+    if w8 && grouped.is_some() {
+        return Err(ForgeError::Config(
+            "W4A16 grouped (mixture-of-experts) launch: experts of 8-bit packed codes (5–8-bit grids) are not \
+             supported; launch them one by one"
+                .into(),
+        ));
+    }
+    let gemm_min_m = if w8 { opts.w8_gemm_min_m } else { opts.gemm_min_m };
     let gemm = grouped.is_none()
         && match opts.path {
             MatmulPath::Fused => false,
             MatmulPath::DequantGemm => true,
-            MatmulPath::Auto => m >= opts.gemm_min_m && crate::device::cublas::cublas_available().is_ok(),
+            MatmulPath::Auto => m >= gemm_min_m && crate::device::cublas::cublas_available().is_ok(),
         };
     let overlap = opts.overlap_prior_kernel && grouped.is_none();
     // Hopper: rows per block 8–128; skinny: 8, 16, 32 or 64; tiled: 16·mb, mb from M up to
@@ -461,14 +477,6 @@ pub(crate) fn plan_layer(
     // 4096×14336 at M = 64 took 45 and 43 µs against the skinny kernel's 64 and 59; on
     // layers of 2^24 weights or fewer it tied or lost by up to 18 %); above 64 rows it beat
     // the tiled kernel on every bench shape.
-    // 8-bit codes have one fused kernel, the skinny one, at any M (row blocks of up to 64).
-    let w8 = w.bits == 8;
-    if w8 && grouped.is_some() {
-        return Err(ForgeError::Config(
-            "W4A16 grouped (mixture-of-experts) launch: experts of 8-bit packed codes (5–8-bit grids) are not supported;              launch them one by one"
-                .into(),
-        ));
-    }
     let weights_read = grouped.map_or(w.n as u64 * w.k as u64, |g| g.weights_read);
     let large = weights_read >= opts.hopper_min_weights;
     let sm_count = dev.sm_count()?;

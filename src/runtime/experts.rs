@@ -442,15 +442,15 @@ impl DeviceExperts {
         };
         let d = first.dims;
         check_dims(d.n, d.k, d.group_size)?;
-        if d.bits != 4 {
-            return Err(ForgeError::Config(format!(
-                "grouped W4A16 launch: expert 0 has {}-bit packed codes (a 5–8-bit grid); the grouped kernels take 4-bit ones",
-                d.bits
-            )));
-        }
         let codes_per_expert = (d.n_pad / 64) * (d.k_pad / 16) * 128;
         let records_per_expert = d.g_pad * d.n_pad;
         for (e, p) in experts.iter().enumerate() {
+            if p.dims.bits != 4 {
+                return Err(ForgeError::Config(format!(
+                    "grouped W4A16 launch: expert {e} has {}-bit packed codes (a 5–8-bit grid); the grouped kernels take 4-bit ones",
+                    p.dims.bits
+                )));
+            }
             if (p.dims.n, p.dims.k, p.dims.group_size) != (d.n, d.k, d.group_size) {
                 return Err(ForgeError::Shape(format!(
                     "expert {e} is {}×{} with group size {}, expert 0 {}×{} with {}",

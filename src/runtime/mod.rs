@@ -17,7 +17,7 @@
 //! the activation type (bf16 or f16), `s_T = stored_scale(q88, T)` (the correctly rounded f32
 //! `2^(q88/256)` rounded to nearest-even into `T`, as a checkpoint with `scale_dtype = T`
 //! stores it), `w = round_T((q − z) · s_T)`. The product `(q − z)·s_T` is exact in f32
-//! (`|q − z| ≤ 15` has 4 bits, `s_T` at most 11), so there is exactly one rounding after the
+//! (`|q − z| ≤ 255` has at most 8 bits, `s_T` at most 11), so there is exactly one rounding after the
 //! scale's own: the one any 16-bit GEMM input needs. Why the scale is rounded to `T` first:
 //! the tensor cores take 16-bit operands, and packed 16-bit FMAs (`(q + M) − (z + M)` exact,
 //! then `·s_T`) dequantize two weights per instruction, where an f32 product would need an
