@@ -68,7 +68,7 @@ struct Args {
     /// Input columns per group (a multiple of 32).
     #[arg(long, default_value_t = 128)]
     group_size: usize,
-    /// Bits per weight, 2–8 (5–8 run the 8-bit kernels; the grouped launch takes 2–4).
+    /// Bits per weight, 2–8 (5–8 run the 8-bit kernels).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=8))]
     bits: u32,
     /// Asymmetric grid (a zero point per group).

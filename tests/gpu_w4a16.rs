@@ -40,7 +40,8 @@
 //!   255`, so smaller scales and activations keep every partial sum exact, see
 //!   [`exact_case`]) bit for bit on every path, fixed shapes, adversarial magnitudes and
 //!   codes, and a proptest up to 300 rows; every option set must reach the 8-bit kernel; the
-//!   grouped launch refuses 8-bit experts.
+//!   grouped launch of 8-bit experts exact on random routings (its grouped build), and one
+//!   launch of mixed widths refused.
 
 mod common;
 
@@ -828,12 +829,15 @@ fn exact_grouped_case(
     n: usize,
     k: usize,
     gs: usize,
+    bits: u32,
     rng: &mut StdRng,
 ) -> (Vec<usize>, usize, Vec<PackedWeight>, Array2<f32>) {
     let offsets = expert_offsets(rows);
     let m = offsets[rows.len()];
-    let packed: Vec<PackedWeight> = rows.iter().map(|_| exact_case(0, n, k, gs, -2, 1.0, 0, 4, rng).1).collect();
-    let x = Array2::from_shape_fn((m, k), |_| rng.gen_range(-3i32..=3) as f32);
+    let packed: Vec<PackedWeight> = rows.iter().map(|_| exact_case(0, n, k, gs, -2, 1.0, 0, bits, rng).1).collect();
+    // The activations of `exact_case` at this width.
+    let x_max = if bits > 4 { 1 } else { 3 };
+    let x = Array2::from_shape_fn((m, k), |_| rng.gen_range(-x_max..=x_max) as f32);
     (offsets, m, packed, x)
 }
 
@@ -975,16 +979,11 @@ fn gpu_grouped_matmul_rejects_mismatched_inputs() {
         other => panic!("mixed expert shapes: {:?}", other.err()),
     }
     assert!(matches!(DeviceExperts::upload::<PackedWeight>(&dev, &[]), Err(ForgeError::Shape(_))));
-    // 8-bit packed experts: the grouped kernels are 4-bit only.
+    // One launch, one code width: an 8-bit expert after 4-bit ones.
     let (c8, g8) = random_layer_bits(64, 256, 128, 8, &mut rng, |r| r.gen_range(-2560..-1024));
     let w8 = pack_for_kernel(c8.view(), &g8).unwrap();
-    match DeviceExperts::upload(&dev, &[w8.clone(), w8.clone()]) {
-        Err(ForgeError::Config(m)) => assert!(m.contains("expert 0 has 8-bit packed codes"), "{m}"),
-        other => panic!("8-bit experts: {:?}", other.err()),
-    }
-    let (c4, g4) = random_layer(64, 256, 128, &mut rng, |r| r.gen_range(-2560..-1024));
-    match DeviceExperts::upload(&dev, &[pack_for_kernel(c4.view(), &g4).unwrap(), w8]) {
-        Err(ForgeError::Config(m)) => assert!(m.contains("expert 1 has 8-bit packed codes"), "{m}"),
+    match DeviceExperts::upload(&dev, &[a.clone(), w8]) {
+        Err(ForgeError::Config(m)) => assert!(m.contains("expert 1 has 8-bit packed codes, expert 0 4-bit"), "{m}"),
         other => panic!("an 8-bit expert after a 4-bit one: {:?}", other.err()),
     }
     let experts = DeviceExperts::upload(&dev, &[a.clone(), a]).unwrap();
@@ -1033,13 +1032,50 @@ proptest::proptest! {
         let mut rng = StdRng::seed_from_u64(seed);
         let (k, gs) = (8 * k8, 32 * gs_units);
         let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
-        let (offsets, m, packed, x) = exact_grouped_case(&rows, n, k, gs, &mut rng);
+        let (offsets, m, packed, x) = exact_grouped_case(&rows, n, k, gs, 4, &mut rng);
         let experts = DeviceExperts::upload(&dev, &packed).unwrap();
         let opts = W4a16Options { overlap_prior_kernel: false, ..kernel.options(splits) };
         let (got, plan) = grouped_host(&dev, &x, &offsets, &experts, dt, &opts);
         let want = round_to_act(&w4a16_grouped_matmul_cpu(x.view(), &offsets, &packed, dt).unwrap(), dt);
         proptest::prop_assert_eq!(plan.is_none(), m == 0);
         assert_bits_equal(&got, &want, &format!("rows {rows:?} {dt:?} {n}×{k} gs {gs} {plan:?}"));
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 16, ..proptest::prelude::ProptestConfig::default() })]
+
+    /// The grouped launch of 8-bit experts (5–8-bit grids) on random exactly summable cases:
+    /// 1–9 experts of 0–150 rows (several 64-row blocks), random `n` and `k` tails, group
+    /// sizes 32–1024, both types, random split-K factors and option sets; every launch runs
+    /// the 8-bit skinny kernel's grouped build and returns `round_T(exact)` bit for bit.
+    #[test]
+    fn gpu_grouped_w8_is_exact_on_random_routings(
+        rows in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0usize), 1usize..=150], 1..=9),
+        n in 1usize..400,
+        k8 in 1usize..200,
+        gs_units in proptest::prop_oneof![1usize..=8, proptest::strategy::Just(32usize)],
+        bits in 5u32..=8,
+        f16 in proptest::bool::ANY,
+        splits in proptest::option::of(1u32..=32),
+        kernel in proptest::sample::select(GROUPED_KERNELS.to_vec()),
+        seed in proptest::num::u64::ANY,
+    ) {
+        let Some(dev) = common::gpu_or_skip("gpu_grouped_w8_is_exact_on_random_routings") else { return Ok(()) };
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (k, gs) = (8 * k8, 32 * gs_units);
+        let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
+        let (offsets, m, packed, x) = exact_grouped_case(&rows, n, k, gs, bits, &mut rng);
+        let experts = DeviceExperts::upload(&dev, &packed).unwrap();
+        let opts = W4a16Options { overlap_prior_kernel: false, ..kernel.options(splits) };
+        let (got, plan) = grouped_host(&dev, &x, &offsets, &experts, dt, &opts);
+        let want = round_to_act(&w4a16_grouped_matmul_cpu(x.view(), &offsets, &packed, dt).unwrap(), dt);
+        proptest::prop_assert_eq!(plan.is_none(), m == 0);
+        if let Some(plan) = plan {
+            let tf = ExpertTasks::new(&offsets).unwrap().rows_per_task as u32 / 8;
+            proptest::prop_assert_eq!(plan.kernel, FusedKernel::SkinnyW8 { tf });
+        }
+        assert_bits_equal(&got, &want, &format!("{bits} bits rows {rows:?} {dt:?} {n}×{k} gs {gs} {plan:?}"));
     }
 }
 
@@ -1104,7 +1140,7 @@ proptest::proptest! {
         let mut rng = StdRng::seed_from_u64(seed);
         let (k, gs) = (8 * k8, 32 * gs_units);
         let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
-        let (offsets, m, packed, x) = exact_grouped_case(&rows, n, k, gs, &mut rng);
+        let (offsets, m, packed, x) = exact_grouped_case(&rows, n, k, gs, 4, &mut rng);
         let capacity = (m + extra).max(1);
         let largest = rows.iter().copied().max().unwrap_or(0).max(1);
         let hint = (largest * hint_num / 4).max(1);

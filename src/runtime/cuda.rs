@@ -68,7 +68,9 @@ use forge_kernel_abi::{
     W4a16WgBf16T16, W4a16WgBf16T2, W4a16WgBf16T4, W4a16WgBf16T8, W4a16WgF16T1, W4a16WgF16T16, W4a16WgF16T2,
     W4a16WgF16T4, W4a16WgF16T8, W4a16WgGroupedBf16T16, W4a16WgGroupedBf16T8, W4a16WgGroupedF16T16, W4a16WgGroupedF16T8,
     W8DequantBf16, W8DequantF16, W8a16SkinnyBf16T1, W8a16SkinnyBf16T2, W8a16SkinnyBf16T4, W8a16SkinnyBf16T8,
-    W8a16SkinnyF16T1, W8a16SkinnyF16T2, W8a16SkinnyF16T4, W8a16SkinnyF16T8,
+    W8a16SkinnyF16T1, W8a16SkinnyF16T2, W8a16SkinnyF16T4, W8a16SkinnyF16T8, W8a16SkinnyGroupedBf16T1,
+    W8a16SkinnyGroupedBf16T2, W8a16SkinnyGroupedBf16T4, W8a16SkinnyGroupedBf16T8, W8a16SkinnyGroupedF16T1,
+    W8a16SkinnyGroupedF16T2, W8a16SkinnyGroupedF16T4, W8a16SkinnyGroupedF16T8,
 };
 use ndarray::{Array2, ArrayView2};
 
@@ -225,7 +227,8 @@ pub enum FusedKernel {
         tf: u32,
     },
     /// `w8a16_skinny_*`: the skinny kernel on 8-bit packed codes (5–8-bit grids; sm_80
-    /// module, one 64-column tile per block), the only fused kernel for them, at any `M`.
+    /// module, one 64-column tile per block), the only fused kernel for them, at any `M` and
+    /// in grouped launches (`w8a16_skinny_grouped_*`).
     SkinnyW8 {
         /// 8-token fragments (1, 2, 4 or 8).
         tf: u32,
@@ -301,6 +304,14 @@ macro_rules! with_fused_kernel {
             (ActDtype::F16, SkinnyW8 { tf: 2 }, false) => $then!(W8a16SkinnyF16T2),
             (ActDtype::F16, SkinnyW8 { tf: 4 }, false) => $then!(W8a16SkinnyF16T4),
             (ActDtype::F16, SkinnyW8 { .. }, false) => $then!(W8a16SkinnyF16T8),
+            (ActDtype::Bf16, SkinnyW8 { tf: 1 }, true) => $then!(W8a16SkinnyGroupedBf16T1),
+            (ActDtype::Bf16, SkinnyW8 { tf: 2 }, true) => $then!(W8a16SkinnyGroupedBf16T2),
+            (ActDtype::Bf16, SkinnyW8 { tf: 4 }, true) => $then!(W8a16SkinnyGroupedBf16T4),
+            (ActDtype::Bf16, SkinnyW8 { .. }, true) => $then!(W8a16SkinnyGroupedBf16T8),
+            (ActDtype::F16, SkinnyW8 { tf: 1 }, true) => $then!(W8a16SkinnyGroupedF16T1),
+            (ActDtype::F16, SkinnyW8 { tf: 2 }, true) => $then!(W8a16SkinnyGroupedF16T2),
+            (ActDtype::F16, SkinnyW8 { tf: 4 }, true) => $then!(W8a16SkinnyGroupedF16T4),
+            (ActDtype::F16, SkinnyW8 { .. }, true) => $then!(W8a16SkinnyGroupedF16T8),
             (ActDtype::Bf16, Skinny { tf: 1 }, false) => $then!(W4a16SkinnyBf16T1),
             (ActDtype::Bf16, Skinny { tf: 2 }, false) => $then!(W4a16SkinnyBf16T2),
             (ActDtype::Bf16, Skinny { tf: 4 }, false) => $then!(W4a16SkinnyBf16T4),
@@ -359,7 +370,7 @@ macro_rules! with_fused_kernel {
             (ActDtype::Bf16, Wgmma { tf: 16 }, true) => $then!(W4a16WgGroupedBf16T16),
             (ActDtype::F16, Wgmma { tf: 8 }, true) => $then!(W4a16WgGroupedF16T8),
             (ActDtype::F16, Wgmma { tf: 16 }, true) => $then!(W4a16WgGroupedF16T16),
-            (_, Tiled { .. } | Wgmma { .. } | SkinnyW8 { .. }, true) => $no_grouped,
+            (_, Tiled { .. } | Wgmma { .. }, true) => $no_grouped,
         }
     }};
 }
@@ -455,15 +466,9 @@ pub(crate) fn plan_layer(
     if m == 0 || m > i32::MAX as usize {
         return Err(ForgeError::Shape(format!("W4A16: M = {m} rows is out of range")));
     }
-    // 8-bit codes have one fused kernel, the skinny one, at any M (row blocks of up to 64).
+    // 8-bit codes have one fused kernel, the skinny one, at any M (row blocks of up to 64;
+    // grouped too).
     let w8 = w.bits == 8;
-    if w8 && grouped.is_some() {
-        return Err(ForgeError::Config(
-            "W4A16 grouped (mixture-of-experts) launch: experts of 8-bit packed codes (5–8-bit grids) are not \
-             supported; launch them one by one"
-                .into(),
-        ));
-    }
     let gemm_min_m = if w8 { opts.w8_gemm_min_m } else { opts.gemm_min_m };
     let gemm = grouped.is_none()
         && match opts.path {

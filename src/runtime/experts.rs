@@ -442,13 +442,17 @@ impl DeviceExperts {
         };
         let d = first.dims;
         check_dims(d.n, d.k, d.group_size)?;
-        let codes_per_expert = (d.n_pad / 64) * (d.k_pad / 16) * 128;
+        if d.bits != 4 && d.bits != 8 {
+            return Err(ForgeError::Shape(format!("expert 0 has packed codes of {} bits (4 or 8 expected)", d.bits)));
+        }
+        let codes_per_expert = (d.n_pad / 64) * (d.k_pad / 16) * super::cpu::tile_words(d.bits);
         let records_per_expert = d.g_pad * d.n_pad;
         for (e, p) in experts.iter().enumerate() {
-            if p.dims.bits != 4 {
+            if p.dims.bits != d.bits {
                 return Err(ForgeError::Config(format!(
-                    "grouped W4A16 launch: expert {e} has {}-bit packed codes (a 5–8-bit grid); the grouped kernels take 4-bit ones",
-                    p.dims.bits
+                    "grouped W4A16 launch: expert {e} has {}-bit packed codes, expert 0 {}-bit (grids of 2–4 bits pack \
+                     4-bit codes, 5–8 bits 8-bit ones); one launch takes one width",
+                    p.dims.bits, d.bits
                 )));
             }
             if (p.dims.n, p.dims.k, p.dims.group_size) != (d.n, d.k, d.group_size) {

@@ -465,6 +465,15 @@ kernels! {
     W8a16SkinnyF16T2 = "w8a16_skinny_f16_t2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
     W8a16SkinnyF16T4 = "w8a16_skinny_f16_t4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
     W8a16SkinnyF16T8 = "w8a16_skinny_f16_t8" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    // Their grouped (mixture-of-experts) builds.
+    W8a16SkinnyGroupedBf16T1 = "w8a16_skinny_grouped_bf16_t1" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W8a16SkinnyGroupedBf16T2 = "w8a16_skinny_grouped_bf16_t2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W8a16SkinnyGroupedBf16T4 = "w8a16_skinny_grouped_bf16_t4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W8a16SkinnyGroupedBf16T8 = "w8a16_skinny_grouped_bf16_t8" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W8a16SkinnyGroupedF16T1 = "w8a16_skinny_grouped_f16_t1" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W8a16SkinnyGroupedF16T2 = "w8a16_skinny_grouped_f16_t2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
+    W8a16SkinnyGroupedF16T4 = "w8a16_skinny_grouped_f16_t4" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
+    W8a16SkinnyGroupedF16T8 = "w8a16_skinny_grouped_f16_t8" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 1);
     // The same kernels for grouped (mixture-of-experts) launches: row block t is task t.
     W4a16SkinnyGroupedBf16T1 = "w4a16_skinny_grouped_bf16_t1" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);
     W4a16SkinnyGroupedBf16T2 = "w4a16_skinny_grouped_bf16_t2" (runtime::W4a16Args) bounds(runtime::W4A16_THREADS, 2);

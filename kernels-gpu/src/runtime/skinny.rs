@@ -551,21 +551,30 @@ instances_if! { not(feature = "hopper");
     W4a16SkinnyGroupedF16T4, w4a16_skinny_grouped_f16_t4, F16, 4, true;
     W4a16SkinnyGroupedF16T8, w4a16_skinny_grouped_f16_t8, F16, 8, true;
 }
-// 8-bit codes (5–8-bit grids), sm_80 module only: one tile per block, any M by row blocks.
+// 8-bit codes (5–8-bit grids), sm_80 module only: one tile per block, any M by row blocks,
+// and their grouped builds.
 macro_rules! w8_instance {
-    ($marker:ident, $name:ident, $t:ty, $tf:literal) => {
+    ($marker:ident, $name:ident, $t:ty, $tf:literal, $grouped:literal) => {
         #[cfg(not(feature = "hopper"))]
-        instance!($marker, $name, $t, $tf, false, W4a16SkinnyShape::w8($tf), false);
+        instance!($marker, $name, $t, $tf, $grouped, W4a16SkinnyShape::w8($tf), false);
     };
 }
-w8_instance!(W8a16SkinnyBf16T1, w8a16_skinny_bf16_t1, Bf16, 1);
-w8_instance!(W8a16SkinnyBf16T2, w8a16_skinny_bf16_t2, Bf16, 2);
-w8_instance!(W8a16SkinnyBf16T4, w8a16_skinny_bf16_t4, Bf16, 4);
-w8_instance!(W8a16SkinnyBf16T8, w8a16_skinny_bf16_t8, Bf16, 8);
-w8_instance!(W8a16SkinnyF16T1, w8a16_skinny_f16_t1, F16, 1);
-w8_instance!(W8a16SkinnyF16T2, w8a16_skinny_f16_t2, F16, 2);
-w8_instance!(W8a16SkinnyF16T4, w8a16_skinny_f16_t4, F16, 4);
-w8_instance!(W8a16SkinnyF16T8, w8a16_skinny_f16_t8, F16, 8);
+w8_instance!(W8a16SkinnyBf16T1, w8a16_skinny_bf16_t1, Bf16, 1, false);
+w8_instance!(W8a16SkinnyBf16T2, w8a16_skinny_bf16_t2, Bf16, 2, false);
+w8_instance!(W8a16SkinnyBf16T4, w8a16_skinny_bf16_t4, Bf16, 4, false);
+w8_instance!(W8a16SkinnyBf16T8, w8a16_skinny_bf16_t8, Bf16, 8, false);
+w8_instance!(W8a16SkinnyF16T1, w8a16_skinny_f16_t1, F16, 1, false);
+w8_instance!(W8a16SkinnyF16T2, w8a16_skinny_f16_t2, F16, 2, false);
+w8_instance!(W8a16SkinnyF16T4, w8a16_skinny_f16_t4, F16, 4, false);
+w8_instance!(W8a16SkinnyF16T8, w8a16_skinny_f16_t8, F16, 8, false);
+w8_instance!(W8a16SkinnyGroupedBf16T1, w8a16_skinny_grouped_bf16_t1, Bf16, 1, true);
+w8_instance!(W8a16SkinnyGroupedBf16T2, w8a16_skinny_grouped_bf16_t2, Bf16, 2, true);
+w8_instance!(W8a16SkinnyGroupedBf16T4, w8a16_skinny_grouped_bf16_t4, Bf16, 4, true);
+w8_instance!(W8a16SkinnyGroupedBf16T8, w8a16_skinny_grouped_bf16_t8, Bf16, 8, true);
+w8_instance!(W8a16SkinnyGroupedF16T1, w8a16_skinny_grouped_f16_t1, F16, 1, true);
+w8_instance!(W8a16SkinnyGroupedF16T2, w8a16_skinny_grouped_f16_t2, F16, 2, true);
+w8_instance!(W8a16SkinnyGroupedF16T4, w8a16_skinny_grouped_f16_t4, F16, 4, true);
+w8_instance!(W8a16SkinnyGroupedF16T8, w8a16_skinny_grouped_f16_t8, F16, 8, true);
 instances_if! { feature = "hopper";
     W4a16SkinnySm90Bf16T1, w4a16_skinny_sm90_bf16_t1, Bf16, 1, false;
     W4a16SkinnySm90Bf16T2, w4a16_skinny_sm90_bf16_t2, Bf16, 2, false;
