@@ -40,8 +40,8 @@
 //!   255`, so smaller scales and activations keep every partial sum exact, see
 //!   [`exact_case`]) bit for bit on every path, fixed shapes, adversarial magnitudes and
 //!   codes, and a proptest up to 300 rows; every option set must reach the 8-bit kernel; the
-//!   grouped launch of 8-bit experts exact on random routings (its grouped build), and one
-//!   launch of mixed widths refused.
+//!   grouped launch of 8-bit experts exact on random routings (the grouped proptest draws 4-
+//!   or 5–8-bit experts), and one launch of mixed widths refused.
 
 mod common;
 
@@ -1010,19 +1010,21 @@ fn gpu_grouped_matmul_rejects_mismatched_inputs() {
 }
 
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..proptest::prelude::ProptestConfig::default() })]
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..proptest::prelude::ProptestConfig::default() })]
 
     /// The grouped launch on random exactly summable cases (any f32 order is exact, so it must
-    /// return `round_T(exact)` bit for bit): 1–9 experts of 0–80 rows each (empty experts,
+    /// return `round_T(exact)` bit for bit): 1–9 experts of 0–150 rows each (empty experts,
     /// several row blocks per expert), random `n` and `k` tails, group sizes 32–1024, both
     /// types, random split-K factors, every skinny build and (experts of more than 64 rows,
-    /// compute capability 9.0) the `wgmma` kernel.
+    /// compute capability 9.0) the `wgmma` kernel; 4-bit experts, or 5–8-bit ones, which
+    /// every option set must run on the 8-bit skinny kernel's grouped build.
     #[test]
     fn gpu_grouped_matmul_is_exact_on_random_routings(
-        rows in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0usize), 1usize..=80], 1..=9),
+        rows in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0usize), 1usize..=150], 1..=9),
         n in 1usize..400,
         k8 in 1usize..200,
         gs_units in proptest::prop_oneof![1usize..=8, proptest::strategy::Just(32usize)],
+        bits in proptest::prop_oneof![proptest::strategy::Just(4u32), 5u32..=8],
         f16 in proptest::bool::ANY,
         splits in proptest::option::of(1u32..=32),
         kernel in proptest::sample::select(GROUPED_KERNELS.to_vec()),
@@ -1032,46 +1034,13 @@ proptest::proptest! {
         let mut rng = StdRng::seed_from_u64(seed);
         let (k, gs) = (8 * k8, 32 * gs_units);
         let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
-        let (offsets, m, packed, x) = exact_grouped_case(&rows, n, k, gs, 4, &mut rng);
-        let experts = DeviceExperts::upload(&dev, &packed).unwrap();
-        let opts = W4a16Options { overlap_prior_kernel: false, ..kernel.options(splits) };
-        let (got, plan) = grouped_host(&dev, &x, &offsets, &experts, dt, &opts);
-        let want = round_to_act(&w4a16_grouped_matmul_cpu(x.view(), &offsets, &packed, dt).unwrap(), dt);
-        proptest::prop_assert_eq!(plan.is_none(), m == 0);
-        assert_bits_equal(&got, &want, &format!("rows {rows:?} {dt:?} {n}×{k} gs {gs} {plan:?}"));
-    }
-}
-
-proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig { cases: 16, ..proptest::prelude::ProptestConfig::default() })]
-
-    /// The grouped launch of 8-bit experts (5–8-bit grids) on random exactly summable cases:
-    /// 1–9 experts of 0–150 rows (several 64-row blocks), random `n` and `k` tails, group
-    /// sizes 32–1024, both types, random split-K factors and option sets; every launch runs
-    /// the 8-bit skinny kernel's grouped build and returns `round_T(exact)` bit for bit.
-    #[test]
-    fn gpu_grouped_w8_is_exact_on_random_routings(
-        rows in proptest::collection::vec(proptest::prop_oneof![proptest::strategy::Just(0usize), 1usize..=150], 1..=9),
-        n in 1usize..400,
-        k8 in 1usize..200,
-        gs_units in proptest::prop_oneof![1usize..=8, proptest::strategy::Just(32usize)],
-        bits in 5u32..=8,
-        f16 in proptest::bool::ANY,
-        splits in proptest::option::of(1u32..=32),
-        kernel in proptest::sample::select(GROUPED_KERNELS.to_vec()),
-        seed in proptest::num::u64::ANY,
-    ) {
-        let Some(dev) = common::gpu_or_skip("gpu_grouped_w8_is_exact_on_random_routings") else { return Ok(()) };
-        let mut rng = StdRng::seed_from_u64(seed);
-        let (k, gs) = (8 * k8, 32 * gs_units);
-        let dt = if f16 { ActDtype::F16 } else { ActDtype::Bf16 };
         let (offsets, m, packed, x) = exact_grouped_case(&rows, n, k, gs, bits, &mut rng);
         let experts = DeviceExperts::upload(&dev, &packed).unwrap();
         let opts = W4a16Options { overlap_prior_kernel: false, ..kernel.options(splits) };
         let (got, plan) = grouped_host(&dev, &x, &offsets, &experts, dt, &opts);
         let want = round_to_act(&w4a16_grouped_matmul_cpu(x.view(), &offsets, &packed, dt).unwrap(), dt);
         proptest::prop_assert_eq!(plan.is_none(), m == 0);
-        if let Some(plan) = plan {
+        if let (Some(plan), true) = (plan, bits > 4) {
             let tf = ExpertTasks::new(&offsets).unwrap().rows_per_task as u32 / 8;
             proptest::prop_assert_eq!(plan.kernel, FusedKernel::SkinnyW8 { tf });
         }
