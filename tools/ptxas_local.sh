@@ -5,7 +5,7 @@
 # line per kernel. The project itself never needs them (DESIGN §6: no CUDA toolkit at build
 # time); this is a developer's check before spending device time.
 #
-#   tools/ptxas_local.sh [REGEX]           registers and spills of the kernels matching REGEX
+#   tools/ptxas_local.sh [REGEX]           registers and spills of the kernels matching REGEX (both modules)
 #   tools/ptxas_local.sh --sass KERNEL     its SASS, then its loops (tools/sass_loops.py)
 #
 # Run `cargo build --release` first (the PTX comes from its build script's OUT_DIR).
@@ -25,18 +25,25 @@ if [ ! -x "$tools/bin/ptxas" ]; then
   done
 fi
 export PATH="$PWD/$tools/bin:$PATH"
-ptx=$(ls -t target/release/build/fourbit-forge-*/out/forge_kernels_hopper.ptx 2>/dev/null | head -1)
-[ -n "$ptx" ] || { echo "no PTX: run cargo build --release first" >&2; exit 1; }
-cubin="$tools/forge_kernels_hopper.cubin"
+# Both modules: the sm_80 one (assembled for the H200's sm_90, as the driver JIT-compiles it
+# there) and the Hopper one (sm_90a).
+out=$(dirname "$(ls -t target/release/build/fourbit-forge-*/out/forge_kernels_hopper.ptx 2>/dev/null | head -1)")
+[ -f "$out/forge_kernels_hopper.ptx" ] || { echo "no PTX: run cargo build --release first" >&2; exit 1; }
+modules="forge_kernels:sm_90 forge_kernels_hopper:sm_90a"
 if [ "${1:-}" = --sass ]; then
-  ptxas -arch=sm_90a "$ptx" -o "$cubin"
   sass="$tools/$2.sass"
-  cuobjdump -sass -fun "$2" "$cubin" > "$sass"
+  for m in $modules; do
+    ptxas -arch="${m#*:}" "$out/${m%%:*}.ptx" -o "$tools/${m%%:*}.cubin"
+    cuobjdump -sass -fun "$2" "$tools/${m%%:*}.cubin" > "$sass" 2>/dev/null && grep -q "Function : $2\$" "$sass" && break
+  done
+  grep -q "Function : $2\$" "$sass" || { echo "no kernel $2 in either module" >&2; exit 1; }
   echo "SASS of $2: $sass"
   python3 tools/sass_loops.py "$sass"
   exit 0
 fi
-ptxas -arch=sm_90a -v "$ptx" -o "$cubin" 2>&1 | python3 -c '
+for m in $modules; do
+  ptxas -arch="${m#*:}" -v "$out/${m%%:*}.ptx" -o "$tools/${m%%:*}.cubin" 2>&1
+done | python3 -c '
 import re, sys
 name, rows = None, []
 for line in sys.stdin:
