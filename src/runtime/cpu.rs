@@ -143,12 +143,11 @@ pub fn pack_for_kernel(codes: ArrayView2<'_, u8>, grid: &QuantGrid) -> Result<Pa
 pub fn unpack_for_kernel(p: &PackedWeight) -> Result<(Array2<u8>, Vec<u32>)> {
     let n_groups = p.dims.k.div_ceil(p.dims.group_size);
     let kt_total = p.dims.k_pad / PACK_TILE_K as usize;
-    if p.dims.bits != 4 && p.dims.bits != 8 {
-        return Err(ForgeError::Shape(format!("packed codes of {} bits (4 or 8 expected)", p.dims.bits)));
-    }
-    let tw = tile_words(p.dims.bits);
-    let expect_words = (p.dims.n_pad / PACK_TILE_N as usize) * kt_total * tw;
-    if p.codes.len() != expect_words || p.records.len() != p.dims.g_pad * p.dims.n_pad || p.dims.g_pad < n_groups {
+    let tw = p.dims.tile_words()?;
+    if p.codes.len() != p.dims.code_words()?
+        || p.records.len() != p.dims.g_pad * p.dims.n_pad
+        || p.dims.g_pad < n_groups
+    {
         return Err(ForgeError::Shape("packed weight buffers do not match its dimensions".into()));
     }
     let codes = Array2::from_shape_fn((p.dims.n, p.dims.k), |(r, c)| {

@@ -90,9 +90,7 @@ impl DevicePackedWeight {
     /// Uploads a packed weight (checked against its own dimensions first).
     pub fn upload(dev: &GpuDevice, p: &PackedWeight) -> Result<Self> {
         check_dims(p.dims.n, p.dims.k, p.dims.group_size)?;
-        let tiles = (p.dims.n_pad / 64) * (p.dims.k_pad / 16);
-        if (p.dims.bits != 4 && p.dims.bits != 8)
-            || p.codes.len() != tiles * super::cpu::tile_words(p.dims.bits)
+        if p.codes.len() != p.dims.code_words()?
             || p.records.len() != p.dims.g_pad * p.dims.n_pad
             || p.dims.g_pad != p.dims.k_pad.div_ceil(p.dims.group_size)
         {
@@ -858,7 +856,7 @@ fn dequant_rows(
     // so a row range starts `n0` records in with the same row stride (n_pad).
     let args = W4DequantArgs {
         w: forge_kernel_abi::DevPtr::from_addr(
-            w.codes.dev_ptr().addr() + 4 * ((n0 / 64) * (d.k_pad / 16) * super::cpu::tile_words(d.bits)) as u64,
+            w.codes.dev_ptr().addr() + 4 * ((n0 / 64) * (d.k_pad / 16) * d.tile_words()?) as u64,
         ),
         meta: forge_kernel_abi::DevPtr::from_addr(w.records.dev_ptr().addr() + 4 * n0 as u64),
         wd: dense.dev_ptr_mut(),

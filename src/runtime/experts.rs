@@ -442,10 +442,7 @@ impl DeviceExperts {
         };
         let d = first.dims;
         check_dims(d.n, d.k, d.group_size)?;
-        if d.bits != 4 && d.bits != 8 {
-            return Err(ForgeError::Shape(format!("expert 0 has packed codes of {} bits (4 or 8 expected)", d.bits)));
-        }
-        let codes_per_expert = (d.n_pad / 64) * (d.k_pad / 16) * super::cpu::tile_words(d.bits);
+        let codes_per_expert = d.code_words()?;
         let records_per_expert = d.g_pad * d.n_pad;
         for (e, p) in experts.iter().enumerate() {
             if p.dims.bits != d.bits {

@@ -116,6 +116,21 @@ pub struct PackedDims {
     pub bits: u32,
 }
 
+impl PackedDims {
+    /// u32 words of one packed `16 × 64` tile of these codes.
+    pub(crate) fn tile_words(&self) -> Result<usize> {
+        match self.bits {
+            4 | 8 => Ok(cpu::tile_words(self.bits)),
+            b => Err(ForgeError::Shape(format!("packed codes of {b} bits (4 or 8 expected)"))),
+        }
+    }
+
+    /// u32 words of the packed codes: `(n_pad/64)·(k_pad/16)` tiles.
+    pub(crate) fn code_words(&self) -> Result<usize> {
+        Ok((self.n_pad / 64) * (self.k_pad / 16) * self.tile_words()?)
+    }
+}
+
 /// A weight packed for the W4A16 kernel (see docs/formats.md, "W4A16 kernel layout").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackedWeight {

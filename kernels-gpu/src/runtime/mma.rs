@@ -187,10 +187,17 @@ pub trait Half: Copy {
     /// `table` holds the 256 entries.
     #[inline(always)]
     unsafe fn decode_record_shared(rec: u32, table: u32) -> u64 {
-        Self::pair_record(
-            rec,
-            Self::scale_bits_with(rec as u16 as i16, |j| crate::device::ld_shared_u16(table + 2 * j as u32)),
-        )
+        Self::pair_record(rec, Self::scale_bits_shared(rec, table))
+    }
+
+    /// [`Half::scale_bits`] of record `rec` through the scale table at `table` in shared
+    /// memory.
+    ///
+    /// # Safety
+    /// As [`Half::decode_record_shared`].
+    #[inline(always)]
+    unsafe fn scale_bits_shared(rec: u32, table: u32) -> u16 {
+        Self::scale_bits_with(rec as u16 as i16, |j| crate::device::ld_shared_u16(table + 2 * j as u32))
     }
 
     /// The decoded record from the record and its scale's bits.
@@ -221,10 +228,7 @@ pub trait Half: Copy {
     /// As [`Half::decode_record_shared`].
     #[inline(always)]
     unsafe fn decode_record8_shared(rec: u32, table: u32) -> u64 {
-        Self::pair_record8(
-            rec,
-            Self::scale_bits_with(rec as u16 as i16, |j| crate::device::ld_shared_u16(table + 2 * j as u32)),
-        )
+        Self::pair_record8(rec, Self::scale_bits_shared(rec, table))
     }
 }
 

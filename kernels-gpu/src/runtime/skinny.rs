@@ -238,6 +238,8 @@ pub unsafe fn skinny<
     let mut src = Sources::at::<TF, NT, BITS>(&a, s_begin, cb, m0, lane);
     let mut s_issue = s_begin;
     let table = block_base + sh.table();
+    // Ring slot of prologue step `s`.
+    let slot_of = |s: u32| ring + (s - s_begin) * Cfg::<TF, NT, BITS>::STEP;
     if cfg!(feature = "hopper") && a.overlap != 0 {
         // Overlapping launch: the weight of the first depth − 1 steps, which no earlier kernel
         // writes, streams while the kernel before this one may still run; their X once that
@@ -245,13 +247,7 @@ pub unsafe fn skinny<
         // the groups it issues, then still find each step's group complete when it is read.
         while s_issue < s_begin + SKINNY_DEPTH - 1 && s_issue < s_end {
             let group = if s_issue == s_begin || issue_cur.r == 0 { Some(issue_cur.g) } else { None };
-            src.copy_weights::<TF, NT, BITS>(
-                &a,
-                ring + (s_issue - s_begin) * Cfg::<TF, NT, BITS>::STEP,
-                cb,
-                lane,
-                group,
-            );
+            src.copy_weights::<TF, NT, BITS>(&a, slot_of(s_issue), cb, lane, group);
             issue_cur.advance_within(16, gs);
             s_issue += 1;
         }
@@ -262,7 +258,7 @@ pub unsafe fn skinny<
         wait_for_prior_grids();
         let mut s_x = s_begin;
         while s_x < s_issue {
-            src.copy_x::<TF, NT, BITS, X_L1>(&a, ring + (s_x - s_begin) * Cfg::<TF, NT, BITS>::STEP, lane);
+            src.copy_x::<TF, NT, BITS, X_L1>(&a, slot_of(s_x), lane);
             s_x += 1;
         }
         cp_async_commit();
@@ -273,13 +269,7 @@ pub unsafe fn skinny<
         while s_issue < s_begin + SKINNY_DEPTH - 1 {
             if s_issue < s_end {
                 let group = if s_issue == s_begin || issue_cur.r == 0 { Some(issue_cur.g) } else { None };
-                src.issue::<TF, NT, BITS, X_L1>(
-                    &a,
-                    ring + (s_issue - s_begin) * Cfg::<TF, NT, BITS>::STEP,
-                    cb,
-                    lane,
-                    group,
-                );
+                src.issue::<TF, NT, BITS, X_L1>(&a, slot_of(s_issue), cb, lane, group);
                 issue_cur.advance_within(16, gs);
             } else {
                 cp_async_commit();

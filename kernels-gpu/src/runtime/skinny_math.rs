@@ -119,12 +119,7 @@ pub unsafe fn half_tile_mma8<T: Half, const TF: usize>(
         // Rows g and g + 8 of the mma are columns 16i + g (rec[2i]) and 16i + 8 + g.
         let lo = dequant_word8::<T>(words[2 * u], rec[2 * i]);
         let hi = dequant_word8::<T>(words[2 * u + 1], rec[2 * i + 1]);
-        let afrag = [lo[0], hi[0], lo[1], hi[1]];
-        unroll!(f < 8, {
-            if f < TF {
-                T::mma(&mut acc[i][f], &afrag, xb[f][0], xb[f][1]);
-            }
-        });
+        mma_tokens::<T, TF>(&mut acc[i], &[lo[0], hi[0], lo[1], hi[1]], xb);
     });
 }
 
@@ -144,12 +139,21 @@ pub unsafe fn words_mma<T: Half, const TF: usize, const NT: usize>(
     unroll!(i < 4, {
         // Word i: columns 16i + g (n8 half 2i) and 16i + 8 + g (half 2i + 1).
         let d = dequant_word::<T>(words[i], rec[8 * j + 2 * i], rec[8 * j + 2 * i + 1]);
-        let afrag = [d[0], d[2], d[1], d[3]];
-        unroll!(f < 8, {
-            if f < TF {
-                T::mma(&mut acc[4 * j + i][f], &afrag, xb[f][0], xb[f][1]);
-            }
-        });
+        mma_tokens::<T, TF>(&mut acc[4 * j + i], &[d[0], d[2], d[1], d[3]], xb);
+    });
+}
+
+/// One A fragment (16 columns × 16 `k`) against the `tf` token fragments `xb`, into the
+/// columns' accumulators `acc[f]`.
+///
+/// # Safety
+/// Every lane of the warp runs it (`mma.sync`).
+#[inline(always)]
+unsafe fn mma_tokens<T: Half, const TF: usize>(acc: &mut [[f32; 4]; TF], afrag: &[u32; 4], xb: &[[u32; 2]; TF]) {
+    unroll!(f < 8, {
+        if f < TF {
+            T::mma(&mut acc[f], afrag, xb[f][0], xb[f][1]);
+        }
     });
 }
 
